@@ -1,0 +1,202 @@
+//! `ftctl`: the command-line tool of the FT pair and of its lab.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lab::topology::DEFAULT_LAB;
+use lab::{images, smoke, Lab, LabError, LinkId, NodeId};
+
+#[derive(Parser)]
+#[command(name = "ftctl", about = "Control a fault-tolerant VM pair and its lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Guest and lab images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
+    /// The two-node lab on this machine.
+    Lab {
+        /// Which lab (several can run side by side).
+        #[arg(long, global = true, default_value = DEFAULT_LAB)]
+        lab: String,
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Build what is missing (cached on its inputs) and print the paths.
+    Build,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Start the lab's nodes (those not running yet).
+    Up {
+        /// Start only these nodes (default: a and b).
+        #[arg(long = "node")]
+        nodes: Vec<NodeId>,
+    },
+    /// Stop every node and remove the lab's devices and files.
+    Down,
+    /// Show nodes, links and console logs.
+    Status,
+    /// Run a command inside a node; prints its output, exits with its code.
+    Exec {
+        node: NodeId,
+        /// Seconds before the command is killed.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Power-cut a node (its QEMU is killed).
+    Pull { node: NodeId },
+    /// Cut a link (alink or biz) on both nodes.
+    Cut { link: LinkId },
+    /// Restore a cut link.
+    Heal { link: LinkId },
+    /// Boot a node, check kvm_amd in it, run a ring-0 test guest, report.
+    Smoke {
+        /// Loop turns of the test guest.
+        #[arg(long, default_value_t = 20_000_000)]
+        iterations: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ftctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, LabError> {
+    match cli.command {
+        Command::Images {
+            command: ImagesCommand::Build,
+        } => {
+            let (images, took) = images::build()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&images).expect("serialisable")
+            );
+            eprintln!("ftctl: images ready in {:.1}s", took.as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab { lab, command } => lab_command(&Lab::open(&lab)?, command),
+    }
+}
+
+fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
+    match command {
+        LabCommand::Up { nodes } => {
+            let nodes = if nodes.is_empty() {
+                NodeId::ALL.to_vec()
+            } else {
+                nodes
+            };
+            lab.up(&nodes)?;
+            print_status(lab)?;
+        }
+        LabCommand::Down => {
+            lab.down()?;
+            println!("lab {} is down", lab.topo.name);
+        }
+        LabCommand::Status => print_status(lab)?,
+        LabCommand::Exec {
+            node,
+            timeout,
+            argv,
+        } => {
+            let out = lab.exec(node, &argv, Duration::from_secs(timeout))?;
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            if out.timed_out {
+                eprintln!("ftctl: command killed after {timeout}s");
+            }
+            return Ok(ExitCode::from(out.exit_code().clamp(0, 255) as u8));
+        }
+        LabCommand::Pull { node } => {
+            lab.pull(node)?;
+            println!("node {node} pulled (power cut)");
+        }
+        LabCommand::Cut { link } => {
+            lab.set_link(link, false)?;
+            println!("link {link} cut");
+        }
+        LabCommand::Heal { link } => {
+            lab.set_link(link, true)?;
+            println!("link {link} healed");
+        }
+        LabCommand::Smoke { iterations } => {
+            let report = smoke::run(iterations)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("serialisable")
+            );
+            let selftest = report.selftest.as_ref();
+            println!(
+                "smoke: node booted in {:.1}s (kernel uptime {:.1}s), kvm module {}, nested paging {}, \
+                 ring-0 guest {} ({} ns/iteration)",
+                report.boot_secs,
+                report.kernel_uptime_secs,
+                report.kvm_module.as_deref().unwrap_or("none"),
+                report.nested_paging,
+                if report.passed() { "passed" } else { "FAILED" },
+                selftest.map_or("?".into(), |s| format!("{:.1}", s["ns_per_iteration"].as_f64().unwrap_or(f64::NAN))),
+            );
+            for failure in &report.failures {
+                eprintln!("smoke: FAILED: {failure}");
+            }
+            if !report.passed() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(lab: &Lab) -> Result<(), LabError> {
+    let status = lab.status()?;
+    let topo = &lab.topo;
+    println!("lab {} (files in {})", status.name, status.dir.display());
+    for n in &status.nodes {
+        let state = match (n.pid, &n.agent) {
+            (Some(pid), Some(agent)) => format!("running, pid {pid}, agent answers ({agent})"),
+            (Some(pid), None) => format!("running, pid {pid}, agent not answering"),
+            (None, _) => "down".into(),
+        };
+        println!(
+            "node {}: {state}; business {} A-link {}; console {}",
+            n.node,
+            topo.biz_ip(n.node),
+            topo.alink_ip(n.node),
+            n.console.display()
+        );
+    }
+    for (link, up) in &status.links {
+        let detail = match link {
+            LinkId::Alink => "UDP socket between the nodes".to_string(),
+            LinkId::Biz => format!(
+                "bridge {} with the host at {}",
+                topo.bridge(),
+                topo.host_biz_ip()
+            ),
+        };
+        println!("link {link}: {} ({detail})", if *up { "up" } else { "CUT" });
+    }
+    Ok(())
+}

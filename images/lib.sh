@@ -1,0 +1,64 @@
+# Shared helpers for the image build scripts. Source it; do not run it.
+# Every artifact lives under $FTVM_CACHE in a folder named after a hash of
+# its inputs, with a `.done` stamp written last, so an interrupted build is
+# never mistaken for a finished one and a second run is a cache hit.
+set -euo pipefail
+
+IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$IMAGES_DIR/.." && pwd)
+FTVM_CACHE=${FTVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ftvm}
+mkdir -p "$FTVM_CACHE"
+
+STEP=${STEP:-images}
+log() { printf '[%s %s] %s\n' "$(date +%H:%M:%S)" "$STEP" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# hash_inputs FILE... : a short key over the contents of the files and the
+# extra strings passed in $HASH_EXTRA.
+hash_inputs() {
+    { for f in "$@"; do printf '%s\0' "$(basename "$f")"; cat "$f"; done
+      printf '%s' "${HASH_EXTRA:-}"; } | sha256sum | cut -c1-16
+}
+
+# need_pkgs PKG... : installs the Debian packages that are not installed yet.
+need_pkgs() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    [ "$(id -u)" -eq 0 ] || die "packages missing (${missing[*]}) and not root: install them or run as root"
+    log "installing Debian packages: ${missing[*]}"
+    # Lock against parallel builds (apt takes its own lock, but fails instead of waiting).
+    (
+        flock 9
+        if [ ! -f /var/lib/apt/lists/lock ] || [ -z "$(ls /var/lib/apt/lists/*Packages* 2>/dev/null)" ] \
+            || ! apt-cache show "${missing[0]}" >/dev/null 2>&1; then
+            apt-get update -q >&2
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+    ) 9>"$FTVM_CACHE/.apt.lock"
+}
+
+# run_with_progress LABEL LOGFILE CMD... : runs CMD with its output in LOGFILE
+# and prints a progress line every 15 seconds (lines of output so far).
+run_with_progress() {
+    local label=$1 logfile=$2; shift 2
+    local start=$SECONDS
+    "$@" >"$logfile" 2>&1 &
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 1
+        if (( (SECONDS - start) % 15 == 0 )); then
+            log "$label: $(wc -l <"$logfile") lines of output, $((SECONDS - start))s"
+        fi
+    done
+    if ! wait "$pid"; then
+        tail -n 40 "$logfile" >&2
+        die "$label failed after $((SECONDS - start))s (full log: $logfile)"
+    fi
+    log "$label: done in $((SECONDS - start))s"
+}
+
+# stage_dir NAME KEY : prints the cache folder for an artifact.
+stage_dir() { printf '%s/%s/%s' "$FTVM_CACHE" "$1" "$2"; }
