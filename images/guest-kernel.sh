@@ -5,7 +5,7 @@
 STEP=guest-kernel
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-need_pkgs linux-source-6.1 flex bison libelf-dev bc make gcc xz-utils
+need_pkgs linux-source-6.1 flex bison libelf-dev libssl-dev bc make gcc xz-utils
 SRC_VER=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 HASH_EXTRA="linux-source-6.1=$SRC_VER" \
     KEY=$(hash_inputs "$IMAGES_DIR/guest-kernel.sh" "$IMAGES_DIR/guest-kernel/ftvm.config")

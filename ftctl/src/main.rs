@@ -172,6 +172,10 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
 fn print_status(lab: &Lab) -> Result<(), LabError> {
     let status = lab.status()?;
     let topo = &lab.topo;
+    if !status.dir.exists() {
+        println!("lab {} is not up (start it with `ftctl lab up`)", status.name);
+        return Ok(());
+    }
     println!("lab {} (files in {})", status.name, status.dir.display());
     for n in &status.nodes {
         let state = match (n.pid, &n.agent) {

@@ -1,1 +1,171 @@
-pub fn placeholder() {}
+//! The harness of the end-to-end tests: a lab pair that starts for a test,
+//! speaks in the test's terms (exec, send over the A-link, reach a node over
+//! the business network, pull a node) and always cleans up, also when the
+//! test fails.
+//!
+//! Lab tests need root, QEMU and the images (the harness builds what is
+//! missing). They take a host-wide lock, so only one lab runs at a time: two
+//! TCG nodes already fill the two cores of a CI machine.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lab::agent::{AgentError, EchoReport, ExecOutput};
+pub use lab::{Lab, LinkId, NodeId};
+
+const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A lab running for one test; dropped, it stops and removes everything.
+pub struct LabPair {
+    lab: Lab,
+    _lock: LabLock,
+}
+
+/// Holds the host-wide lab lock: one lab test at a time.
+pub struct LabLock {
+    _file: File,
+}
+
+impl LabLock {
+    /// Blocks until no other lab test runs.
+    pub fn acquire() -> LabLock {
+        let dir = std::env::var_os("FTLAB_DIR")
+            .map_or_else(|| PathBuf::from("/var/tmp/ftlab"), PathBuf::from);
+        std::fs::create_dir_all(&dir).expect("create the lab folder");
+        let path = dir.join(".e2e.lock");
+        let file =
+            File::create(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        // SAFETY: flock on a descriptor we own; it blocks until the lock is free.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(
+            rc,
+            0,
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        LabLock { _file: file }
+    }
+}
+
+impl LabPair {
+    /// Starts both nodes of lab `name` from a clean state.
+    pub fn start(name: &str) -> LabPair {
+        let lock = LabLock::acquire();
+        let lab = Lab::open(name).expect("lab name");
+        lab.down().expect("remove what an earlier run left");
+        let pair = LabPair { lab, _lock: lock };
+        let boots = pair
+            .lab
+            .up(&NodeId::ALL)
+            .unwrap_or_else(|e| panic!("lab up failed: {e}"));
+        for b in boots {
+            eprintln!("[e2e] node {} booted in {:.1}s", b.node, b.boot_secs);
+        }
+        pair
+    }
+
+    pub fn lab(&self) -> &Lab {
+        &self.lab
+    }
+
+    /// Runs `argv` in `node`.
+    pub fn exec(&self, node: NodeId, argv: &[&str]) -> ExecOutput {
+        self.lab
+            .exec(node, argv, EXEC_TIMEOUT)
+            .unwrap_or_else(|e| panic!("exec {argv:?} on node {node}: {e}"))
+    }
+
+    /// Runs a shell command in `node`, asserts it succeeded, returns stdout.
+    pub fn sh(&self, node: NodeId, script: &str) -> String {
+        let out = self.exec(node, &["sh", "-c", script]);
+        assert!(
+            out.success(),
+            "`{script}` on node {node} failed ({}): {}",
+            out.exit_code(),
+            out.stderr
+        );
+        out.stdout
+    }
+
+    /// From inside `from`, sends `bytes` to `to`'s agent over the A-link and
+    /// back, checked on both ends.
+    pub fn send_over_alink(
+        &self,
+        from: NodeId,
+        to: NodeId,
+        bytes: u64,
+        timeout_secs: u64,
+    ) -> Result<EchoReport, String> {
+        let addr = self.lab.topo.alink_agent_addr(to).to_string();
+        let (bytes, timeout) = (bytes.to_string(), timeout_secs.to_string());
+        let argv = [
+            "lab-agent",
+            "send",
+            "--to",
+            &addr,
+            "--bytes",
+            &bytes,
+            "--timeout-secs",
+            &timeout,
+        ];
+        let out = self.exec(from, &argv);
+        if !out.success() {
+            return Err(format!("send {from} -> {to} failed: {}", out.stderr.trim()));
+        }
+        serde_json::from_str(out.stdout.trim())
+            .map_err(|e| format!("bad report {:?}: {e}", out.stdout))
+    }
+
+    /// From the outer host, sends `bytes` to `node` over the business network.
+    pub fn send_over_biz(
+        &self,
+        node: NodeId,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<EchoReport, AgentError> {
+        self.lab
+            .biz_agent(node)
+            .with_connect_timeout(timeout)
+            .echo(bytes, 7, timeout)
+    }
+
+    pub fn pull(&self, node: NodeId) {
+        self.lab
+            .pull(node)
+            .unwrap_or_else(|e| panic!("pull {node}: {e}"));
+    }
+
+    pub fn is_running(&self, node: NodeId) -> bool {
+        self.lab.pid(node).is_some()
+    }
+
+    pub fn set_link(&self, link: LinkId, up: bool) {
+        self.lab
+            .set_link(link, up)
+            .unwrap_or_else(|e| panic!("set link {link} up={up}: {e}"));
+    }
+
+    /// The last lines of `node`'s console log.
+    pub fn console_tail(&self, node: NodeId, lines: usize) -> String {
+        lab::lab::tail(&self.lab.console_log(node), lines)
+    }
+}
+
+impl Drop for LabPair {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in NodeId::ALL {
+                eprintln!(
+                    "[e2e] console of node {node}:\n{}",
+                    self.console_tail(node, 40)
+                );
+            }
+        }
+        if let Err(e) = self.lab.down() {
+            eprintln!("[e2e] lab down failed: {e}");
+        }
+    }
+}

@@ -191,4 +191,21 @@ mod tests {
         assert_eq!(target, 9);
         assert_eq!(&code[9..12], &[0x66, 0x01, 0xc8]);
     }
+
+    /// Runs the guest on this host's /dev/kvm (hardware KVM or PVM: both
+    /// run this real-mode code). Without /dev/kvm the error must say so.
+    #[test]
+    fn the_guest_runs_on_this_hosts_kvm_or_the_error_is_clear() {
+        match run(10_000) {
+            Ok(report) => {
+                assert!(report.halted);
+                assert_eq!(report.reported, Some(expected_sum(10_000)));
+                assert!(report.passed);
+            }
+            Err(SelftestError::Host(KvmHostError::NoDevKvm)) => {
+                assert!(!std::path::Path::new("/dev/kvm").exists());
+            }
+            Err(e) => panic!("self-test failed on this host: {e}"),
+        }
+    }
 }

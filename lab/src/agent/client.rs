@@ -67,7 +67,7 @@ impl ExecOutput {
 }
 
 /// A verified round trip of a payload through an agent.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EchoReport {
     pub bytes: u64,
     pub crc32: u32,

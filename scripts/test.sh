@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The project's test command (the README's second command; .ci/run runs it).
+# Builds what the lab needs (cached), checks format and lints, then runs the
+# unit tests and the end-to-end tests in the lab. Needs root.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+start=$SECONDS
+step() { printf '\n==> %s (at %ds)\n' "$*" "$((SECONDS - start))"; }
+
+step "images (Debian packages, static binaries, guest kernel, lab node)"
+./images/build.sh >/dev/null
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+step "cargo test (unit and end-to-end)"
+cargo test --workspace --release --locked
+step "all tests passed in $((SECONDS - start))s"
