@@ -173,7 +173,10 @@ fn print_status(lab: &Lab) -> Result<(), LabError> {
     let status = lab.status()?;
     let topo = &lab.topo;
     if !status.dir.exists() {
-        println!("lab {} is not up (start it with `ftctl lab up`)", status.name);
+        println!(
+            "lab {} is not up (start it with `ftctl lab up`)",
+            status.name
+        );
         return Ok(());
     }
     println!("lab {} (files in {})", status.name, status.dir.display());
