@@ -53,13 +53,18 @@ impl LabLock {
 impl LabPair {
     /// Starts both nodes of lab `name` from a clean state.
     pub fn start(name: &str) -> LabPair {
+        Self::start_nodes(name, &NodeId::ALL)
+    }
+
+    /// Starts only `nodes` of lab `name` from a clean state.
+    pub fn start_nodes(name: &str, nodes: &[NodeId]) -> LabPair {
         let lock = LabLock::acquire();
         let lab = Lab::open(name).expect("lab name");
         lab.down().expect("remove what an earlier run left");
         let pair = LabPair { lab, _lock: lock };
         let boots = pair
             .lab
-            .up(&NodeId::ALL)
+            .up(nodes)
             .unwrap_or_else(|e| panic!("lab up failed: {e}"));
         for b in boots {
             eprintln!("[e2e] node {} booted in {:.1}s", b.node, b.boot_secs);

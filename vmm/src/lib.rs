@@ -1,10 +1,13 @@
-//! `ftvmm`: a rust-vmm based VMM.
-//!
-//! Today it holds what the lab needs to prove a node can run guests: the
-//! start-up check that says which KVM a host has ([`kvm_host`]) and a tiny
-//! ring-0 guest that exercises `KVM_RUN` ([`selftest`]). The VMM proper
-//! (Linux boot, devices, state capture, dirty tracking) comes with its issue.
+//! `ftvmm`: a rust-vmm based VMM that boots real Linux guests and that the
+//! FT engine drives (pause, capture, dirty pages, restore).
 
+pub mod boot;
+pub mod cpu;
+pub mod devices;
 pub mod guest_ram;
 pub mod kvm_host;
+pub mod layout;
+pub mod memory;
 pub mod selftest;
+pub mod vm;
+pub mod vm_event;

@@ -1,0 +1,74 @@
+//! The CPUID a guest sees: KVM's supported set, with per-vCPU topology and
+//! the hypervisor bit. The resulting table is recorded with the VM so that a
+//! restore (or a standby) can check it runs with the same features.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuidError {
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    Supported(#[source] kvm_ioctls::Error),
+}
+
+/// KVM's supported CPUID (the base every vCPU's table is derived from).
+pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::Supported)
+}
+
+/// The table for vCPU `index` of `count`.
+pub fn for_vcpu(base: &CpuId, index: u8, count: u8) -> CpuId {
+    let mut cpuid = base.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            LEAF_FEATURES => {
+                entry.ebx =
+                    (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                entry.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    entry.edx |= EDX_HTT;
+                }
+            }
+            LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => entry.edx = u32::from(index),
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn topology_and_hypervisor_bit_are_per_vcpu() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_1234,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                edx: 9,
+                ..Default::default()
+            },
+        ];
+        let base = CpuId::from_entries(&entries).unwrap();
+        let c = for_vcpu(&base, 3, 4);
+        let leaf1 = c.as_slice()[0];
+        assert_eq!(leaf1.ebx >> 24, 3);
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
+        assert_eq!(leaf1.ebx & 0xffff, 0x1234);
+        assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(c.as_slice()[1].edx, 3);
+    }
+}

@@ -1,0 +1,5 @@
+//! vCPUs: their boot state, CPUID, and the threads that run them.
+
+pub mod boot_regs;
+pub mod cpuid;
+pub mod runner;
