@@ -11,3 +11,4 @@ pub mod memory;
 pub mod selftest;
 pub mod vm;
 pub mod vm_event;
+pub mod vm_state;

@@ -2,14 +2,15 @@
 //! RAM in a memfd, the kernel loaded, devices on their buses, vCPU threads.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvm_bindings::CpuId;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,6 +18,7 @@ use crate::boot::{self, BootError, BootSource};
 use crate::cpu::boot_regs::{self, BootRegsError};
 use crate::cpu::cpuid::{self, CpuidError};
 use crate::cpu::runner::{RunnerError, Vcpus};
+use crate::cpu::state::{self as vcpu_state, VcpuStateError};
 use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{SerialDevice, SerialOutput, SERIAL_LEN};
@@ -54,6 +56,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Runner(#[from] RunnerError),
+    #[error(transparent)]
+    VcpuState(#[from] VcpuStateError),
     #[error("creating an eventfd for {what} failed: {source}")]
     EventFd {
         what: &'static str,
@@ -92,18 +96,35 @@ pub struct VmConfig {
 pub struct Vm {
     pub started: Instant,
     pub config: VmConfig,
-    pub ram: GuestRam,
     pub buses: Arc<IoBuses>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The CPUID table of each vCPU (recorded for capture and compatibility).
+    pub cpuids: Vec<CpuId>,
+    /// The MSRs captured with each vCPU.
+    pub msr_indices: Vec<u32>,
     vcpus: Option<Vcpus>,
     events: Receiver<VmEvent>,
-    _vm_fd: VmFd,
-    _kvm: Kvm,
+    // Drop order: the VM fd goes before the RAM it maps.
+    pub vm_fd: VmFd,
+    pub ram: GuestRam,
+    pub kvm: Kvm,
 }
 
-impl Vm {
-    /// Creates the VM, loads the guest and starts its vCPUs.
-    pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
-        let started = Instant::now();
+/// The parts of a VM that booting and restoring share.
+struct Machine {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    buses: Arc<IoBuses>,
+    serial: Arc<Mutex<SerialDevice>>,
+    events_tx: Sender<VmEvent>,
+    events: Receiver<VmEvent>,
+}
+
+impl Machine {
+    /// KVM VM with irqchip and PIT, guest RAM registered with dirty
+    /// logging, the legacy devices on their buses.
+    fn create(config: &VmConfig) -> Result<Machine, VmError> {
         let (kvm, host) = kvm_host::probe()?;
         if !host.flavor.runs_stock_guests() {
             return Err(VmError::SoftwareKvm(host.flavor));
@@ -142,7 +163,6 @@ impl Vm {
             unsafe { vm_fd.set_user_memory_region(mem_region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        let entry = boot::load(&ram.memory, ram.size, config.vcpus, &config.boot)?;
 
         let (events_tx, events) = channel();
         let buses = Arc::new(IoBuses::default());
@@ -166,42 +186,91 @@ impl Vm {
                     })?,
             ),
         };
-        buses.pio.insert(
-            u64::from(COM1_PORT),
-            SERIAL_LEN,
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, out))),
-        )?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+        buses
+            .pio
+            .insert(u64::from(COM1_PORT), SERIAL_LEN, serial.clone())?;
         buses.pio.insert(
             I8042_BASE,
             I8042_LEN,
             Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
         )?;
+        Ok(Machine {
+            kvm,
+            vm_fd,
+            ram,
+            buses,
+            serial,
+            events_tx,
+            events,
+        })
+    }
 
-        let base_cpuid = cpuid::supported(&kvm)?;
-        let mut vcpu_fds = Vec::new();
-        for index in 0..config.vcpus {
-            let vcpu = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, index, config.vcpus))
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            boot_regs::setup_vcpu_common(&vcpu)?;
-            if index == 0 {
-                boot_regs::setup_boot_vcpu(&vcpu, &ram.memory, &entry)?;
-            }
-            vcpu_fds.push(vcpu);
-        }
-        let vcpus = Vcpus::start(vcpu_fds, Arc::clone(&buses), events_tx)?;
+    fn create_vcpus(&self, count: u8) -> Result<Vec<VcpuFd>, VmError> {
+        (0..count)
+            .map(|index| {
+                self.vm_fd
+                    .create_vcpu(u64::from(index))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))
+            })
+            .collect()
+    }
+
+    /// Starts the vCPU threads and hands the machine over as a running VM.
+    fn start(
+        self,
+        config: VmConfig,
+        started: Instant,
+        vcpu_fds: Vec<VcpuFd>,
+        cpuids: Vec<CpuId>,
+        msr_indices: Vec<u32>,
+    ) -> Result<Vm, VmError> {
+        let vcpus = Vcpus::start(vcpu_fds, Arc::clone(&self.buses), self.events_tx)?;
         Ok(Vm {
             started,
             config,
-            ram,
-            buses,
+            buses: self.buses,
+            serial: self.serial,
+            cpuids,
+            msr_indices,
             vcpus: Some(vcpus),
-            events,
-            _vm_fd: vm_fd,
-            _kvm: kvm,
+            events: self.events,
+            vm_fd: self.vm_fd,
+            ram: self.ram,
+            kvm: self.kvm,
         })
+    }
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and starts its vCPUs.
+    pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let machine = Machine::create(&config)?;
+        // Devices that the guest finds through the command line are attached
+        // here, before the kernel and its command line are loaded.
+        let boot_source = config.boot.clone();
+        let entry = boot::load(
+            &machine.ram.memory,
+            machine.ram.size,
+            config.vcpus,
+            &boot_source,
+        )?;
+
+        let base_cpuid = cpuid::supported(&machine.kvm)?;
+        let vcpu_fds = machine.create_vcpus(config.vcpus)?;
+        let mut cpuids = Vec::new();
+        for (index, vcpu) in vcpu_fds.iter().enumerate() {
+            let table = cpuid::for_vcpu(&base_cpuid, index as u8, config.vcpus);
+            vcpu.set_cpuid2(&table).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            boot_regs::setup_vcpu_common(vcpu)?;
+            if index == 0 {
+                boot_regs::setup_boot_vcpu(vcpu, &machine.ram.memory, &entry)?;
+            }
+            cpuids.push(table);
+        }
+        let msr_indices = vcpu_state::saveable_msrs(&machine.kvm, &vcpu_fds[0])?;
+        machine.start(config, started, vcpu_fds, cpuids, msr_indices)
     }
 
     /// The running vCPUs (for pause and resume).
@@ -216,5 +285,13 @@ impl Vm {
             vcpus.stop();
         }
         event
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(vcpus) = self.vcpus.take() {
+            vcpus.stop();
+        }
     }
 }

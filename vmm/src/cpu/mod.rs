@@ -3,3 +3,4 @@
 pub mod boot_regs;
 pub mod cpuid;
 pub mod runner;
+pub mod state;

@@ -96,9 +96,14 @@ impl Gate {
     }
 }
 
+/// A vCPU shared between its thread (which holds it while in the guest)
+/// and the VMM (which uses it only while the vCPUs are paused).
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
 /// The running vCPUs of a VM.
 pub struct Vcpus {
     threads: Vec<JoinHandle<()>>,
+    fds: Vec<SharedVcpu>,
     gate: Arc<Gate>,
 }
 
@@ -113,8 +118,10 @@ impl Vcpus {
         let gate = Arc::new(Gate::default());
         gate.lock().alive = vcpus.len();
         let mut threads = Vec::new();
-        for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let fds: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+        for (index, vcpu) in fds.iter().enumerate() {
             let index = index as u8;
+            let vcpu = Arc::clone(vcpu);
             let (gate, buses, events) = (Arc::clone(&gate), Arc::clone(&buses), events.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -125,7 +132,21 @@ impl Vcpus {
                 .map_err(|source| RunnerError::Spawn { index, source })?;
             threads.push(thread);
         }
-        Ok(Vcpus { threads, gate })
+        Ok(Vcpus { threads, fds, gate })
+    }
+
+    /// Runs `f` on every vCPU while they are paused (the caller paused
+    /// them); returns what `f` returned for each, in vCPU order.
+    pub fn with_paused<T, E>(
+        &self,
+        mut f: impl FnMut(u8, &VcpuFd) -> Result<T, E>,
+    ) -> Result<Vec<T>, E> {
+        debug_assert!(self.gate.lock().pause, "vCPUs must be paused");
+        self.fds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| f(i as u8, &fd.lock().expect("vCPU lock")))
+            .collect()
     }
 
     fn kick_all(&self) {
@@ -177,9 +198,14 @@ impl Vcpus {
     }
 }
 
-fn run_vcpu(index: u8, mut vcpu: VcpuFd, gate: &Gate, buses: &IoBuses, events: &Sender<VmEvent>) {
-    KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
+fn run_vcpu(index: u8, shared: SharedVcpu, gate: &Gate, buses: &IoBuses, events: &Sender<VmEvent>) {
+    {
+        let mut vcpu = shared.lock().expect("vCPU lock");
+        KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
+    }
     while gate.checkpoint() {
+        // Held while in the guest; released while parked in the gate.
+        let mut vcpu = shared.lock().expect("vCPU lock");
         match vcpu.run() {
             Ok(exit) => {
                 if let Some(event) = handle_exit(index, exit, buses) {
