@@ -2,13 +2,17 @@
 //! FT engine drives (pause, capture, dirty pages, restore).
 
 pub mod boot;
+pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod dirty;
 pub mod guest_ram;
 pub mod kvm_host;
 pub mod layout;
 pub mod memory;
+pub mod metrics;
 pub mod selftest;
+pub mod snapshot;
 pub mod vm;
 pub mod vm_event;
 pub mod vm_state;

@@ -2,9 +2,12 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
 use vmm::boot::BootSource;
+use vmm::control::{self, ControlRequest};
 use vmm::vm::{SerialSink, Vm, VmConfig};
 use vmm::vm_event::VmEvent;
 
@@ -36,6 +39,26 @@ enum Command {
         /// Serial console to this file (default: stdout).
         #[arg(long)]
         serial_log: Option<PathBuf>,
+        /// Serve the control socket here (pause, resume, capture, harvest, counters).
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Continue a VM captured with `ftvmm ctl capture` in this process.
+    Restore {
+        /// The capture directory (state.json, memory.bin).
+        dir: PathBuf,
+        /// Serial console to this file (default: stdout).
+        #[arg(long)]
+        serial_log: Option<PathBuf>,
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
+    },
+    /// Send a request to a running ftvmm's control socket; prints the JSON answer.
+    Ctl {
+        #[arg(long)]
+        sock: PathBuf,
+        #[command(subcommand)]
+        request: CtlCommand,
     },
     /// Say which KVM serves /dev/kvm and whether it can boot stock guests.
     Host,
@@ -45,6 +68,54 @@ enum Command {
         #[arg(long, default_value_t = 2_000_000)]
         iterations: u32,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    Status,
+    Pause,
+    Resume,
+    /// Pause, capture state and memory into DIR, resume.
+    Capture {
+        dir: PathBuf,
+    },
+    /// Pause, harvest the dirty pages, resume; optionally list them in a file.
+    Harvest {
+        #[arg(long)]
+        pages_file: Option<PathBuf>,
+    },
+    Counters,
+    /// COUNT rounds of pause + state capture (no memory) + resume.
+    BenchPause {
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+    },
+}
+
+/// Runs `vm` (serving its control socket) until the guest stops.
+fn run_until_stopped(vm: Vm, api_sock: Option<PathBuf>) -> ExitCode {
+    let vm = Arc::new(vm);
+    if let Some(path) = &api_sock {
+        if let Err(e) = control::serve(path, Arc::clone(&vm)) {
+            eprintln!("ftvmm: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let event = vm.wait();
+    let secs = vm.started.elapsed().as_secs_f64();
+    if let Some(path) = &api_sock {
+        let _ = std::fs::remove_file(path);
+    }
+    match event {
+        VmEvent::Reset | VmEvent::Shutdown => {
+            eprintln!("ftvmm: guest stopped ({event:?}) after {secs:.3}s");
+            ExitCode::SUCCESS
+        }
+        VmEvent::VcpuFailed { index, reason } => {
+            eprintln!("ftvmm: vCPU {index} failed after {secs:.3}s: {reason}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -57,6 +128,7 @@ fn main() -> ExitCode {
             vcpus,
             mem_mib,
             serial_log,
+            api_sock,
         } => {
             let config = VmConfig {
                 vcpus,
@@ -68,24 +140,57 @@ fn main() -> ExitCode {
                 },
                 serial: serial_log.map_or(SerialSink::Stdout, SerialSink::File),
             };
-            let vm = match Vm::boot(config) {
-                Ok(vm) => vm,
+            match Vm::boot(config) {
+                Ok(vm) => run_until_stopped(vm, api_sock),
                 Err(e) => {
                     eprintln!("ftvmm: {e}");
-                    return ExitCode::from(2);
+                    ExitCode::from(2)
                 }
+            }
+        }
+        Command::Restore {
+            dir,
+            serial_log,
+            api_sock,
+        } => {
+            let serial = serial_log.map_or(SerialSink::Stdout, SerialSink::File);
+            match Vm::restore(&dir, serial) {
+                Ok(vm) => {
+                    eprintln!(
+                        "ftvmm: restored {} in {:.3}s",
+                        dir.display(),
+                        vm.started.elapsed().as_secs_f64()
+                    );
+                    run_until_stopped(vm, api_sock)
+                }
+                Err(e) => {
+                    eprintln!("ftvmm: cannot restore {}: {e}", dir.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Ctl { sock, request } => {
+            let request = match request {
+                CtlCommand::Status => ControlRequest::Status,
+                CtlCommand::Pause => ControlRequest::Pause,
+                CtlCommand::Resume => ControlRequest::Resume,
+                CtlCommand::Capture { dir } => ControlRequest::Capture { dir },
+                CtlCommand::Harvest { pages_file } => ControlRequest::Harvest { pages_file },
+                CtlCommand::Counters => ControlRequest::Counters,
+                CtlCommand::BenchPause { count } => ControlRequest::BenchPause { count },
             };
-            let started = vm.started;
-            let event = vm.wait();
-            let secs = started.elapsed().as_secs_f64();
-            match event {
-                VmEvent::Reset | VmEvent::Shutdown => {
-                    eprintln!("ftvmm: guest stopped ({event:?}) after {secs:.3}s");
-                    ExitCode::SUCCESS
+            match control::request(&sock, &request) {
+                Ok(answer) => {
+                    println!("{}", serde_json::to_string(&answer).expect("serialisable"));
+                    if matches!(answer, control::ControlResponse::Error { .. }) {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
-                VmEvent::VcpuFailed { index, reason } => {
-                    eprintln!("ftvmm: vCPU {index} failed after {secs:.3}s: {reason}");
-                    ExitCode::FAILURE
+                Err(e) => {
+                    eprintln!("ftvmm: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

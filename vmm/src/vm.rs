@@ -1,10 +1,10 @@
 //! Building and running a VM: KVM VM with in-kernel irqchip and PIT, guest
 //! RAM in a memfd, the kernel loaded, devices on their buses, vCPU threads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::CpuId;
 use kvm_bindings::{
@@ -21,11 +21,16 @@ use crate::cpu::runner::{RunnerError, Vcpus};
 use crate::cpu::state::{self as vcpu_state, VcpuStateError};
 use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::serial::{SerialDevice, SerialOutput, SERIAL_LEN};
+use crate::devices::serial::state::SerialDeviceState;
+use crate::devices::serial::{SerialDevice, SerialError, SerialOutput, SERIAL_LEN};
+use crate::dirty::{DirtyLog, DirtyLogError, DirtyPages};
 use crate::kvm_host::{self, KvmFlavor, KvmHostError};
 use crate::layout::{COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS};
 use crate::memory::{self, GuestRam, MemoryError};
+use crate::metrics::VmCounters;
+use crate::snapshot::{self, CaptureTimes, MachineState, SnapshotError};
 use crate::vm_event::VmEvent;
+use crate::vm_state::{self, VmStateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -58,6 +63,14 @@ pub enum VmError {
     Runner(#[from] RunnerError),
     #[error(transparent)]
     VcpuState(#[from] VcpuStateError),
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error(transparent)]
+    DirtyLog(#[from] DirtyLogError),
     #[error("creating an eventfd for {what} failed: {source}")]
     EventFd {
         what: &'static str,
@@ -70,6 +83,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Guest RAM slots: (slot, guest physical base, bytes). One slot below the
+/// MMIO hole.
+fn ram_layout(mem_mib: u64) -> Vec<(u32, u64, u64)> {
+    vec![(0, 0, mem_mib << 20)]
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -102,8 +121,10 @@ pub struct Vm {
     pub cpuids: Vec<CpuId>,
     /// The MSRs captured with each vCPU.
     pub msr_indices: Vec<u32>,
-    vcpus: Option<Vcpus>,
-    events: Receiver<VmEvent>,
+    vcpus: Vcpus,
+    events: Mutex<Receiver<VmEvent>>,
+    pub counters: VmCounters,
+    pub dirty_log: DirtyLog,
     // Drop order: the VM fd goes before the RAM it maps.
     pub vm_fd: VmFd,
     pub ram: GuestRam,
@@ -112,6 +133,7 @@ pub struct Vm {
 
 /// The parts of a VM that booting and restoring share.
 struct Machine {
+    dirty_log: DirtyLog,
     kvm: Kvm,
     vm_fd: VmFd,
     ram: GuestRam,
@@ -124,7 +146,10 @@ struct Machine {
 impl Machine {
     /// KVM VM with irqchip and PIT, guest RAM registered with dirty
     /// logging, the legacy devices on their buses.
-    fn create(config: &VmConfig) -> Result<Machine, VmError> {
+    fn create(
+        config: &VmConfig,
+        serial_state: Option<&SerialDeviceState>,
+    ) -> Result<Machine, VmError> {
         let (kvm, host) = kvm_host::probe()?;
         if !host.flavor.runs_stock_guests() {
             return Err(VmError::SoftwareKvm(host.flavor));
@@ -145,6 +170,7 @@ impl Machine {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
+        let dirty_log = DirtyLog::enable(&vm_fd, &ram_layout(config.mem_mib))?;
         let ram = memory::create(config.mem_mib)?;
         for (slot, region) in ram.memory.iter().enumerate() {
             let host_addr = ram
@@ -186,7 +212,11 @@ impl Machine {
                     })?,
             ),
         };
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+        let serial = match serial_state {
+            Some(saved) => SerialDevice::from_state(serial_irq, out, saved)?,
+            None => SerialDevice::new(serial_irq, out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         buses
             .pio
             .insert(u64::from(COM1_PORT), SERIAL_LEN, serial.clone())?;
@@ -196,6 +226,7 @@ impl Machine {
             Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
         )?;
         Ok(Machine {
+            dirty_log,
             kvm,
             vm_fd,
             ram,
@@ -233,8 +264,10 @@ impl Machine {
             serial: self.serial,
             cpuids,
             msr_indices,
-            vcpus: Some(vcpus),
-            events: self.events,
+            vcpus,
+            events: Mutex::new(self.events),
+            counters: VmCounters::default(),
+            dirty_log: self.dirty_log,
             vm_fd: self.vm_fd,
             ram: self.ram,
             kvm: self.kvm,
@@ -246,7 +279,7 @@ impl Vm {
     /// Creates the VM, loads the guest and starts its vCPUs.
     pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let machine = Machine::create(&config)?;
+        let machine = Machine::create(&config, None)?;
         // Devices that the guest finds through the command line are attached
         // here, before the kernel and its command line are loaded.
         let boot_source = config.boot.clone();
@@ -273,25 +306,126 @@ impl Vm {
         machine.start(config, started, vcpu_fds, cpuids, msr_indices)
     }
 
+    /// Continues the VM captured in `dir` (see [`Vm::capture_to_dir`]).
+    pub fn restore(dir: &Path, serial: SerialSink) -> Result<Vm, VmError> {
+        let started = Instant::now();
+        let mut state = snapshot::read_state(dir)?;
+        let config = VmConfig {
+            vcpus: state.vcpu_count,
+            mem_mib: state.mem_mib,
+            boot: BootSource {
+                kernel: PathBuf::new(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            serial,
+        };
+        let machine = Machine::create(&config, Some(&state.serial))?;
+        snapshot::read_memory(dir, &machine.ram.memfd, machine.ram.size)?;
+        let gap =
+            Duration::from_nanos(snapshot::unix_now_ns().saturating_sub(state.captured_unix_ns));
+        let vcpu_fds = machine.create_vcpus(config.vcpus)?;
+        let mut cpuids = Vec::new();
+        for (vcpu, saved) in vcpu_fds.iter().zip(state.vcpus.iter_mut()) {
+            vcpu_state::advance_tsc(saved, gap);
+            vcpu_state::restore(vcpu, saved)?;
+            cpuids.push(
+                CpuId::from_entries(&saved.cpuid)
+                    .map_err(|_| VmError::BadVcpuCount(config.vcpus))?,
+            );
+        }
+        vm_state::restore(&machine.vm_fd, &state.vm)?;
+        let msr_indices = state.msr_indices.clone();
+        machine.start(config, started, vcpu_fds, cpuids, msr_indices)
+    }
+
+    /// Captures everything but memory; the vCPUs must be paused.
+    pub fn capture_state(&self) -> Result<MachineState, VmError> {
+        let vcpus = self.vcpus().with_paused(|index, fd| {
+            vcpu_state::capture(fd, index, &self.cpuids[index as usize], &self.msr_indices)
+        })?;
+        Ok(MachineState {
+            version: snapshot::MACHINE_STATE_VERSION,
+            captured_unix_ns: snapshot::unix_now_ns(),
+            vcpu_count: self.config.vcpus,
+            mem_mib: self.config.mem_mib,
+            msr_indices: self.msr_indices.clone(),
+            vcpus,
+            vm: vm_state::capture(&self.vm_fd)?,
+            serial: self.serial.lock().expect("serial lock").state(),
+        })
+    }
+
+    /// Pauses the guest, captures its state and memory into `dir`, resumes.
+    pub fn capture_to_dir(&self, dir: &Path) -> Result<CaptureTimes, VmError> {
+        std::fs::create_dir_all(dir).map_err(|source| snapshot::SnapshotError::File {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let paused_at = Instant::now();
+        let was_paused = self.vcpus.is_paused();
+        let pause = self.pause();
+        let result = (|| {
+            let t = Instant::now();
+            let state = self.capture_state()?;
+            let state_time = t.elapsed();
+            let memory_time = snapshot::write_memory(dir, &self.ram.memfd, self.ram.size)?;
+            snapshot::write_state(dir, &state)?;
+            Ok::<_, VmError>((state_time, memory_time))
+        })();
+        if !was_paused {
+            self.resume();
+        }
+        let (state_time, memory_time) = result?;
+        self.counters.record_capture();
+        Ok(CaptureTimes {
+            pause_us: pause.as_micros() as u64,
+            state_us: state_time.as_micros() as u64,
+            memory_us: memory_time.as_micros() as u64,
+            stopped_us: paused_at.elapsed().as_micros() as u64,
+        })
+    }
+
     /// The running vCPUs (for pause and resume).
     pub fn vcpus(&self) -> &Vcpus {
-        self.vcpus.as_ref().expect("vCPUs run until the VM stops")
+        &self.vcpus
+    }
+
+    /// Pauses the guest (counted), returns how long stopping took.
+    pub fn pause(&self) -> Duration {
+        let took = self.vcpus.pause();
+        self.counters.record_pause(took);
+        took
+    }
+
+    pub fn resume(&self) {
+        self.vcpus.resume();
+    }
+
+    /// The pages written since the last harvest (the guest must be paused
+    /// for the set to be exact).
+    pub fn harvest_dirty(&self) -> Result<DirtyPages, VmError> {
+        let start = Instant::now();
+        let pages = self.dirty_log.harvest(&self.vm_fd, &self.ram.memory)?;
+        self.counters.record_harvest(pages.count(), start.elapsed());
+        Ok(pages)
     }
 
     /// Blocks until the guest resets, powers off or fails; stops the vCPUs.
-    pub fn wait(mut self) -> VmEvent {
-        let event = self.events.recv().unwrap_or(VmEvent::Shutdown);
-        if let Some(vcpus) = self.vcpus.take() {
-            vcpus.stop();
-        }
+    pub fn wait(&self) -> VmEvent {
+        let event = self
+            .events
+            .lock()
+            .expect("events lock")
+            .recv()
+            .unwrap_or(VmEvent::Shutdown);
+        self.vcpus.stop();
         event
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if let Some(vcpus) = self.vcpus.take() {
-            vcpus.stop();
-        }
+        self.vcpus.stop();
     }
 }

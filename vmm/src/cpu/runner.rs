@@ -102,7 +102,7 @@ pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
 
 /// The running vCPUs of a VM.
 pub struct Vcpus {
-    threads: Vec<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     fds: Vec<SharedVcpu>,
     gate: Arc<Gate>,
 }
@@ -132,7 +132,11 @@ impl Vcpus {
                 .map_err(|source| RunnerError::Spawn { index, source })?;
             threads.push(thread);
         }
-        Ok(Vcpus { threads, fds, gate })
+        Ok(Vcpus {
+            threads: Mutex::new(threads),
+            fds,
+            gate,
+        })
     }
 
     /// Runs `f` on every vCPU while they are paused (the caller paused
@@ -150,7 +154,7 @@ impl Vcpus {
     }
 
     fn kick_all(&self) {
-        for t in &self.threads {
+        for t in self.threads.lock().expect("vCPU threads lock").iter() {
             // A thread that already exited cannot be signalled; that is fine.
             let _ = t.kill(kick_signal());
         }
@@ -181,18 +185,23 @@ impl Vcpus {
         start.elapsed()
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.gate.lock().pause
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         self.gate.lock().pause = false;
         self.gate.changed.notify_all();
     }
 
-    /// Stops every vCPU thread and waits for them.
-    pub fn stop(self) {
+    /// Stops every vCPU thread and waits for them (idempotent).
+    pub fn stop(&self) {
         self.gate.lock().stop = true;
         self.gate.changed.notify_all();
         self.kick_all();
-        for t in self.threads {
+        let threads = std::mem::take(&mut *self.threads.lock().expect("vCPU threads lock"));
+        for t in threads {
             let _ = t.join();
         }
     }

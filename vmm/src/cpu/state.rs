@@ -164,6 +164,20 @@ pub fn capture(
     })
 }
 
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Moves the saved TSC forward by `gap` (the real time between capture and
+/// restore), so the guest's TSC keeps pace with wall-clock time.
+pub fn advance_tsc(state: &mut VcpuState, gap: std::time::Duration) {
+    if state.tsc_khz == 0 {
+        return;
+    }
+    let ticks = (gap.as_nanos() * u128::from(state.tsc_khz) / 1_000_000) as u64;
+    for msr in state.msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+        msr.data = msr.data.wrapping_add(ticks);
+    }
+}
+
 /// Restores `state` into a freshly created vCPU.
 pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VcpuStateError> {
     if state.version != VCPU_STATE_VERSION {

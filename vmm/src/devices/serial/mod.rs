@@ -9,6 +9,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use state::SerialDeviceState;
 
 pub const SERIAL_LEN: u64 = 8;
 
@@ -34,6 +35,32 @@ impl SerialDevice {
             serial: Serial::new(IrqTrigger(irq), out),
         }
     }
+
+    /// A device continuing from saved registers.
+    pub fn from_state(
+        irq: EventFd,
+        out: SerialOutput,
+        saved: &SerialDeviceState,
+    ) -> Result<Self, SerialError> {
+        let serial = Serial::from_state(
+            &saved.into(),
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        Ok(SerialDevice { serial })
+    }
+
+    pub fn state(&self) -> SerialDeviceState {
+        SerialDeviceState::from(&self.serial.state())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("restoring the serial device failed: {0}")]
+    Restore(String),
 }
 
 impl BusDevice for SerialDevice {
