@@ -4,3 +4,4 @@
 //! come with the issues that use them.
 
 pub mod dirtier;
+pub mod pagemap;

@@ -7,6 +7,8 @@
 //! missing). They take a host-wide lock, so only one lab runs at a time: two
 //! TCG nodes already fill the two cores of a CI machine.
 
+pub mod guest;
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;

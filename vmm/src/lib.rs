@@ -13,6 +13,7 @@ pub mod memory;
 pub mod metrics;
 pub mod selftest;
 pub mod snapshot;
+pub mod staging;
 pub mod vm;
 pub mod vm_event;
 pub mod vm_state;

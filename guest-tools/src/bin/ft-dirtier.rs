@@ -1,33 +1,88 @@
-//! `ft-dirtier --mib 64 --pages-per-sec 10000 --seconds 10`
+//! `ft-dirtier rate --mib 64 --pages-per-sec 10000 --seconds 10`: dirty memory
+//! at a chosen rate (for checkpoint benchmarks).
+//!
+//! `ft-dirtier known-pages --pages 256 --delay-secs 5`: fault in a buffer,
+//! print the guest frame numbers of its pages (`ft-dirtier frames a,b,...`),
+//! wait, write every page once (`ft-dirtier wrote`), then idle, so the host
+//! can check that its dirty harvest holds exactly those frames.
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use guest_tools::dirtier::Dirtier;
+use clap::{Parser, Subcommand};
+use guest_tools::dirtier::{Dirtier, PAGE_SIZE};
+use guest_tools::pagemap;
 
 #[derive(Parser)]
-#[command(about = "Dirty guest memory at a chosen rate (for checkpoint benchmarks)")]
+#[command(about = "Dirty guest memory (checkpoint benchmarks and dirty-tracking tests)")]
 struct Args {
-    /// Size of the buffer to dirty, in MiB.
-    #[arg(long, default_value_t = 64)]
-    mib: usize,
-    /// Pages written per second.
-    #[arg(long, default_value_t = 10_000)]
-    pages_per_sec: u64,
-    /// How long to run.
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    Rate {
+        /// Size of the buffer to dirty, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Pages written per second.
+        #[arg(long, default_value_t = 10_000)]
+        pages_per_sec: u64,
+        /// How long to run.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    KnownPages {
+        #[arg(long, default_value_t = 256)]
+        pages: usize,
+        #[arg(long, default_value_t = 5)]
+        delay_secs: u64,
+    },
 }
 
 fn main() {
-    let args = Args::parse();
-    let mut dirtier = Dirtier::new(args.mib);
-    let start = Instant::now();
-    let written = dirtier.run(args.pages_per_sec, Duration::from_secs_f64(args.seconds));
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{{\"pages_written\":{written},\"seconds\":{secs:.3},\"pages_per_sec\":{:.0},\"buffer_pages\":{}}}",
-        written as f64 / secs,
-        dirtier.pages()
-    );
+    match Args::parse().mode {
+        Mode::Rate {
+            mib,
+            pages_per_sec,
+            seconds,
+        } => {
+            let mut dirtier = Dirtier::new(mib);
+            let start = Instant::now();
+            let written = dirtier.run(pages_per_sec, Duration::from_secs_f64(seconds));
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{{\"pages_written\":{written},\"seconds\":{secs:.3},\"pages_per_sec\":{:.0},\"buffer_pages\":{}}}",
+                written as f64 / secs,
+                dirtier.pages()
+            );
+        }
+        Mode::KnownPages { pages, delay_secs } => {
+            // Page-aligned so that each page of the buffer is one frame.
+            let mut buf = vec![0u8; (pages + 1) * PAGE_SIZE];
+            let offset = buf.as_ptr().align_offset(PAGE_SIZE);
+            for p in 0..pages {
+                buf[offset + p * PAGE_SIZE] = 1;
+            }
+            let map = pagemap::open().expect("open pagemap");
+            let frames: Vec<String> = (0..pages)
+                .map(|p| {
+                    let addr = buf.as_ptr() as usize + offset + p * PAGE_SIZE;
+                    pagemap::frame_of(&map, addr)
+                        .expect("frame number")
+                        .to_string()
+                })
+                .collect();
+            println!("ft-dirtier frames {}", frames.join(","));
+            std::thread::sleep(Duration::from_secs(delay_secs));
+            for p in 0..pages {
+                buf[offset + p * PAGE_SIZE] = 2;
+            }
+            println!("ft-dirtier wrote {pages}");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+                std::hint::black_box(&buf);
+            }
+        }
+    }
 }

@@ -1,0 +1,119 @@
+//! A guest VM run by ftvmm inside a lab node, driven through the node's agent:
+//! start it in the background, watch its console log, talk to its control
+//! socket, kill it, restore it.
+
+use std::time::{Duration, Instant};
+
+use crate::{LabPair, NodeId};
+
+/// An ftvmm process (and the guest in it) inside a node.
+pub struct NodeGuest<'a> {
+    pub lab: &'a LabPair,
+    pub node: NodeId,
+    /// Console log of the current ftvmm process, in the node.
+    pub console: String,
+    /// Control socket of the current ftvmm process, in the node.
+    pub sock: String,
+    generation: u32,
+}
+
+impl<'a> NodeGuest<'a> {
+    /// Boots the guest kernel with `vcpus`, `mem_mib` and extra kernel
+    /// command-line words `extra`, in the background.
+    pub fn boot(
+        lab: &'a LabPair,
+        node: NodeId,
+        vcpus: u8,
+        mem_mib: u64,
+        extra: &str,
+    ) -> NodeGuest<'a> {
+        let mut guest = NodeGuest {
+            lab,
+            node,
+            console: String::new(),
+            sock: String::new(),
+            generation: 0,
+        };
+        guest.next_generation();
+        let cmdline = format!("console=ttyS0 reboot=k panic=1 quiet {extra}");
+        let script = format!(
+            "(ftvmm run --kernel /images/vmlinux --initrd /images/guest-initramfs.cpio.gz \
+             --vcpus {vcpus} --mem-mib {mem_mib} --cmdline '{cmdline}' \
+             --serial-log {} --api-sock {} > {}.out 2>&1 &)",
+            guest.console, guest.sock, guest.console
+        );
+        lab.sh(node, &script);
+        guest
+    }
+
+    fn next_generation(&mut self) {
+        self.generation += 1;
+        self.console = format!("/tmp/guest-{}.console", self.generation);
+        self.sock = format!("/tmp/guest-{}.sock", self.generation);
+    }
+
+    /// The console log so far.
+    pub fn console_text(&self) -> String {
+        self.lab.sh(
+            self.node,
+            &format!("cat {} 2>/dev/null || true", self.console),
+        )
+    }
+
+    /// Waits until a console line satisfies `pred`; returns that line.
+    pub fn wait_for_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.console_text();
+            if let Some(line) = text.lines().find(|l| pred(l)) {
+                return line.to_string();
+            }
+            if start.elapsed() > timeout {
+                let vmm = self.lab.sh(
+                    self.node,
+                    &format!("cat {}.out 2>/dev/null || true", self.console),
+                );
+                panic!(
+                    "no matching console line after {timeout:?}; console:\n{text}\nftvmm:\n{vmm}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Sends a control request (`ftvmm ctl` arguments) and returns the answer.
+    pub fn ctl(&self, args: &str) -> serde_json::Value {
+        let out = self
+            .lab
+            .sh(self.node, &format!("ftvmm ctl --sock {} {args}", self.sock));
+        let answer: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("bad ctl answer {out:?}: {e}"));
+        assert_ne!(answer["kind"], "error", "ctl {args}: {answer}");
+        answer
+    }
+
+    /// Kills the ftvmm process with SIGKILL.
+    pub fn kill(&self) {
+        self.lab.sh(
+            self.node,
+            &format!(
+                "kill -9 $(cat {}.pid 2>/dev/null || pidof ftvmm) 2>/dev/null; true",
+                self.console
+            ),
+        );
+        self.lab.sh(
+            self.node,
+            "while pidof ftvmm >/dev/null; do sleep 0.1; done",
+        );
+    }
+
+    /// Continues the VM captured in `dir` in a new ftvmm process.
+    pub fn restore(&mut self, dir: &str) {
+        self.next_generation();
+        let script = format!(
+            "(ftvmm restore {dir} --serial-log {} --api-sock {} > {}.out 2>&1 &)",
+            self.console, self.sock, self.console
+        );
+        self.lab.sh(self.node, &script);
+    }
+}
