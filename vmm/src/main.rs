@@ -8,6 +8,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use vmm::boot::BootSource;
 use vmm::control::{self, ControlRequest};
+use vmm::devices::virtio::block::DiskConfig;
+use vmm::devices::virtio::net::NetConfig;
 use vmm::vm::{SerialSink, Vm, VmConfig};
 use vmm::vm_event::VmEvent;
 
@@ -42,6 +44,14 @@ enum Command {
         /// Serve the control socket here (pause, resume, capture, harvest, counters).
         #[arg(long)]
         api_sock: Option<PathBuf>,
+        /// A virtio-blk disk backed by a raw image: PATH or PATH,ro
+        /// (repeatable; the guest sees vda, vdb, ... in this order).
+        #[arg(long = "disk", value_name = "PATH[,ro]")]
+        disks: Vec<DiskConfig>,
+        /// A virtio-net NIC backed by a TAP: tap=NAME,mac=52:54:00:12:34:56
+        /// (repeatable).
+        #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
+        nets: Vec<NetConfig>,
     },
     /// Continue a VM captured with `ftvmm ctl capture` in this process.
     Restore {
@@ -129,6 +139,8 @@ fn main() -> ExitCode {
             mem_mib,
             serial_log,
             api_sock,
+            disks,
+            nets,
         } => {
             let config = VmConfig {
                 vcpus,
@@ -139,6 +151,8 @@ fn main() -> ExitCode {
                     cmdline,
                 },
                 serial: serial_log.map_or(SerialSink::Stdout, SerialSink::File),
+                disks,
+                nets,
             };
             match Vm::boot(config) {
                 Ok(vm) => run_until_stopped(vm, api_sock),

@@ -23,6 +23,9 @@ use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::state::SerialDeviceState;
 use crate::devices::serial::{SerialDevice, SerialError, SerialOutput, SERIAL_LEN};
+use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::{VirtioDevices, VirtioError};
 use crate::dirty::{DirtyLog, DirtyLogError, DirtyPages};
 use crate::kvm_host::{self, KvmFlavor, KvmHostError};
 use crate::layout::{COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS};
@@ -71,6 +74,8 @@ pub enum VmError {
     Serial(#[from] SerialError),
     #[error(transparent)]
     DirtyLog(#[from] DirtyLogError),
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     #[error("creating an eventfd for {what} failed: {source}")]
     EventFd {
         what: &'static str,
@@ -109,6 +114,9 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub boot: BootSource,
     pub serial: SerialSink,
+    /// virtio-blk disks (vda, vdb, ... in this order), then virtio-net NICs.
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// A running VM.
@@ -125,6 +133,8 @@ pub struct Vm {
     events: Mutex<Receiver<VmEvent>>,
     pub counters: VmCounters,
     pub dirty_log: DirtyLog,
+    /// The virtio-mmio devices (also on `buses`); pause/resume/state.
+    pub virtio: VirtioDevices,
     // Drop order: the VM fd goes before the RAM it maps.
     pub vm_fd: VmFd,
     pub ram: GuestRam,
@@ -268,6 +278,7 @@ impl Machine {
             events: Mutex::new(self.events),
             counters: VmCounters::default(),
             dirty_log: self.dirty_log,
+            virtio: VirtioDevices::default(),
             vm_fd: self.vm_fd,
             ram: self.ram,
             kvm: self.kvm,
@@ -282,7 +293,17 @@ impl Vm {
         let machine = Machine::create(&config, None)?;
         // Devices that the guest finds through the command line are attached
         // here, before the kernel and its command line are loaded.
-        let boot_source = config.boot.clone();
+        let virtio = VirtioDevices::attach(
+            &machine.vm_fd,
+            &machine.ram.memory,
+            &machine.buses.mmio,
+            &config.disks,
+            &config.nets,
+        )?;
+        let boot_source = BootSource {
+            cmdline: virtio.extend_cmdline(&config.boot.cmdline),
+            ..config.boot.clone()
+        };
         let entry = boot::load(
             &machine.ram.memory,
             machine.ram.size,
@@ -303,7 +324,9 @@ impl Vm {
             cpuids.push(table);
         }
         let msr_indices = vcpu_state::saveable_msrs(&machine.kvm, &vcpu_fds[0])?;
-        machine.start(config, started, vcpu_fds, cpuids, msr_indices)
+        let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
+        vm.virtio = virtio;
+        Ok(vm)
     }
 
     /// Continues the VM captured in `dir` (see [`Vm::capture_to_dir`]).
@@ -319,6 +342,8 @@ impl Vm {
                 cmdline: String::new(),
             },
             serial,
+            disks: Vec::new(),
+            nets: Vec::new(),
         };
         let machine = Machine::create(&config, Some(&state.serial))?;
         snapshot::read_memory(dir, &machine.ram.memfd, machine.ram.size)?;

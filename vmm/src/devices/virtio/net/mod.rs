@@ -1,0 +1,263 @@
+//! virtio-net backed by a TAP interface. Features: VIRTIO_F_VERSION_1 and
+//! VIRTIO_NET_F_MAC only (no checksum or segmentation offloads, no
+//! mergeable receive buffers). Queue 0 receives, queue 1 transmits.
+//!
+//! Transmit runs in the vCPU thread that notifies queue 1. Receive runs in
+//! a thread of its own (`rx_thread`), since frames arrive at any time; the
+//! guest notifying queue 0 (buffers added) kicks it. Both work under the
+//! Mutex of [`queues::NetQueues`]; `pause()` takes it and sets a flag, so
+//! after it returns no frame is written to guest memory until `resume()`
+//! (a vCPU pause stops transmit).
+
+pub mod queues;
+pub mod rx_thread;
+pub mod state;
+pub mod tap;
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::QueueState;
+
+use self::queues::{NetCounters, NetQueues};
+use self::rx_thread::RxThread;
+use self::state::{NetState, NET_STATE_VERSION};
+use self::tap::{Tap, TapError};
+use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("net state version {found} is not supported (expected {NET_STATE_VERSION})")]
+    StateVersion { found: u32 },
+}
+
+/// A NIC of the VM: `tap=NAME,mac=52:54:00:12:34:56` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?} is not six colon-separated bytes"));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err(format!("MAC {s:?}: {part:?} is not two hex digits"));
+        }
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("MAC {s:?}: {part:?} is not two hex digits"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC {s:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut tap, mut mac) = (None, None);
+        for item in s.split(',') {
+            match item.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                _ => {
+                    return Err(format!(
+                        "unknown net option {item:?} (expected tap=NAME,mac=MAC)"
+                    ))
+                }
+            }
+        }
+        Ok(NetConfig {
+            tap: tap.ok_or("missing tap=NAME")?,
+            mac: mac.ok_or("missing mac=MAC")?,
+        })
+    }
+}
+
+/// The device while the driver runs it.
+struct ActiveNet {
+    queues: Arc<Mutex<NetQueues>>,
+    rx_thread: RxThread,
+}
+
+pub struct Net {
+    mac: [u8; 6],
+    tap: Arc<Tap>,
+    paused: bool,
+    active: Option<ActiveNet>,
+}
+
+impl Net {
+    /// Attaches to the TAP (it must exist or be creatable by this process).
+    pub fn open(config: &NetConfig) -> Result<Net, NetError> {
+        Ok(Net {
+            mac: config.mac,
+            tap: Arc::new(Tap::open(&config.tap)?),
+            paused: false,
+            active: None,
+        })
+    }
+
+    /// The device restored from `state` on the TAP of `config` (the MAC the
+    /// guest knows comes from the state).
+    pub fn from_state(config: &NetConfig, state: &NetState) -> Result<Net, NetError> {
+        if state.version != NET_STATE_VERSION {
+            return Err(NetError::StateVersion {
+                found: state.version,
+            });
+        }
+        Net::open(&NetConfig {
+            tap: config.tap.clone(),
+            mac: state.mac,
+        })
+    }
+
+    pub fn state(&self) -> NetState {
+        NetState {
+            version: NET_STATE_VERSION,
+            mac: self.mac,
+        }
+    }
+
+    /// Frame counters since activation (zero while inactive).
+    pub fn counters(&self) -> NetCounters {
+        self.active.as_ref().map_or_else(NetCounters::default, |a| {
+            a.queues.lock().expect("net queues lock").counters
+        })
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    /// The configuration space: the MAC (nothing else is offered).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        match self.mac.get(start..start + data.len()) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only for a virtio 1.x driver.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let got = activation.queues.len();
+        if got != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got,
+            });
+        }
+        let mut queues = activation.queues.into_iter();
+        let (rx, tx) = (
+            queues.next().expect("two queues"),
+            queues.next().expect("two queues"),
+        );
+        let queues = Arc::new(Mutex::new(NetQueues::new(
+            activation.mem,
+            rx,
+            tx,
+            activation.interrupt,
+            Arc::clone(&self.tap),
+            self.paused,
+        )));
+        let rx_thread = RxThread::spawn(Arc::clone(&queues), self.tap.name())?;
+        self.active = Some(ActiveNet { queues, rx_thread });
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, queue_index: u16) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        match queue_index {
+            RX_QUEUE => active.rx_thread.kick(),
+            TX_QUEUE => active.queues.lock().expect("net queues lock").transmit(),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        // Dropping the receive thread stops and joins it.
+        self.active = None;
+    }
+
+    fn queue_states(&self) -> Option<Vec<QueueState>> {
+        self.active.as_ref().map(|a| {
+            let q = a.queues.lock().expect("net queues lock");
+            vec![q.rx.state(), q.tx.state()]
+        })
+    }
+
+    fn pause(&mut self) {
+        self.paused = true;
+        if let Some(active) = &self.active {
+            // Receive passes run under this lock: once it is ours, none is
+            // in progress, and none writes guest memory until resume.
+            active.queues.lock().expect("net queues lock").paused = true;
+        }
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        if let Some(active) = &self.active {
+            active.queues.lock().expect("net queues lock").paused = false;
+            active.rx_thread.kick();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_option_parsing() {
+        assert_eq!(
+            "tap=tap0,mac=52:54:00:12:34:5a".parse::<NetConfig>(),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x5a]
+            })
+        );
+        assert!("tap=tap0".parse::<NetConfig>().is_err());
+        assert!("mac=52:54:00:12:34:56".parse::<NetConfig>().is_err());
+        assert!("tap=tap0,mac=52:54:00:12:34".parse::<NetConfig>().is_err());
+        assert!("tap=tap0,mac=53:54:00:12:34:56"
+            .parse::<NetConfig>()
+            .is_err());
+        assert!("tap=tap0,mac=52:54:00:12:34:5g"
+            .parse::<NetConfig>()
+            .is_err());
+        assert!("tap=tap0,mac=52:54:00:12:34:56,x=1"
+            .parse::<NetConfig>()
+            .is_err());
+    }
+}
