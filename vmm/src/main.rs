@@ -95,10 +95,13 @@ enum CtlCommand {
         pages_file: Option<PathBuf>,
     },
     Counters,
-    /// COUNT rounds of pause + state capture (no memory) + resume.
-    BenchPause {
+    /// COUNT checkpoint-like rounds (pause, state, harvest, copy, resume).
+    Bench {
         #[arg(long, default_value_t = 200)]
         count: u32,
+        /// Guest run time between rounds.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
     },
 }
 
@@ -191,7 +194,9 @@ fn main() -> ExitCode {
                 CtlCommand::Capture { dir } => ControlRequest::Capture { dir },
                 CtlCommand::Harvest { pages_file } => ControlRequest::Harvest { pages_file },
                 CtlCommand::Counters => ControlRequest::Counters,
-                CtlCommand::BenchPause { count } => ControlRequest::BenchPause { count },
+                CtlCommand::Bench { count, interval_ms } => {
+                    ControlRequest::Bench { count, interval_ms }
+                }
             };
             match control::request(&sock, &request) {
                 Ok(answer) => {

@@ -312,10 +312,11 @@ impl Vm {
         )?;
 
         let base_cpuid = cpuid::supported(&machine.kvm)?;
+        let tsc_deadline = cpuid::tsc_deadline_supported(&machine.kvm);
         let vcpu_fds = machine.create_vcpus(config.vcpus)?;
         let mut cpuids = Vec::new();
         for (index, vcpu) in vcpu_fds.iter().enumerate() {
-            let table = cpuid::for_vcpu(&base_cpuid, index as u8, config.vcpus);
+            let table = cpuid::for_vcpu(&base_cpuid, index as u8, config.vcpus, tsc_deadline);
             vcpu.set_cpuid2(&table).map_err(kvm_err("KVM_SET_CPUID2"))?;
             boot_regs::setup_vcpu_common(vcpu)?;
             if index == 0 {

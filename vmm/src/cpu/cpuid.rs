@@ -9,6 +9,10 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// KVM emulates the TSC-deadline LAPIC timer; with it the guest needs no
+/// LAPIC timer calibration (which fails on slow or noisy hosts and leaves
+/// the guest with "lapic is not functional").
+const ECX_TSC_DEADLINE_TIMER: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,8 +27,13 @@ pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
         .map_err(CpuidError::Supported)
 }
 
+/// Whether KVM emulates the TSC-deadline timer (KVM_CAP_TSC_DEADLINE_TIMER).
+pub fn tsc_deadline_supported(kvm: &Kvm) -> bool {
+    kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer)
+}
+
 /// The table for vCPU `index` of `count`.
-pub fn for_vcpu(base: &CpuId, index: u8, count: u8) -> CpuId {
+pub fn for_vcpu(base: &CpuId, index: u8, count: u8, tsc_deadline: bool) -> CpuId {
     let mut cpuid = base.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -32,6 +41,9 @@ pub fn for_vcpu(base: &CpuId, index: u8, count: u8) -> CpuId {
                 entry.ebx =
                     (entry.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
                 entry.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE_TIMER;
+                }
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 }
@@ -63,12 +75,17 @@ mod tests {
             },
         ];
         let base = CpuId::from_entries(&entries).unwrap();
-        let c = for_vcpu(&base, 3, 4);
+        let c = for_vcpu(&base, 3, 4, true);
         let leaf1 = c.as_slice()[0];
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
         assert_eq!(leaf1.ebx & 0xffff, 0x1234);
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(leaf1.ecx & ECX_TSC_DEADLINE_TIMER, 0);
+        assert_eq!(
+            for_vcpu(&base, 0, 1, false).as_slice()[0].ecx & ECX_TSC_DEADLINE_TIMER,
+            0
+        );
         assert_eq!(c.as_slice()[1].edx, 3);
     }
 }
