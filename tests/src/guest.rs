@@ -27,6 +27,18 @@ impl<'a> NodeGuest<'a> {
         mem_mib: u64,
         extra: &str,
     ) -> NodeGuest<'a> {
+        Self::boot_with(lab, node, vcpus, mem_mib, extra, "")
+    }
+
+    /// Like [`NodeGuest::boot`], with more ftvmm arguments (`--disk`, `--net`).
+    pub fn boot_with(
+        lab: &'a LabPair,
+        node: NodeId,
+        vcpus: u8,
+        mem_mib: u64,
+        extra: &str,
+        vmm_args: &str,
+    ) -> NodeGuest<'a> {
         let mut guest = NodeGuest {
             lab,
             node,
@@ -38,7 +50,7 @@ impl<'a> NodeGuest<'a> {
         let cmdline = format!("console=ttyS0 reboot=k panic=1 quiet {extra}");
         let script = format!(
             "(ftvmm run --kernel /images/vmlinux --initrd /images/guest-initramfs.cpio.gz \
-             --vcpus {vcpus} --mem-mib {mem_mib} --cmdline '{cmdline}' \
+             --vcpus {vcpus} --mem-mib {mem_mib} --cmdline '{cmdline}' {vmm_args} \
              --serial-log {} --api-sock {} > {}.out 2>&1 &)",
             guest.console, guest.sock, guest.console
         );

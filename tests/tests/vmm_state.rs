@@ -135,3 +135,167 @@ fn the_dirty_harvest_holds_the_pages_the_guest_wrote() {
     );
     guest.kill();
 }
+
+/// A guest counting over a TCP connection to the outer host and into a file
+/// on its virtio disk is paused, captured, its VMM killed and restored in a
+/// new process, many times: the connection stays open, the count arrives
+/// without a gap, a repeat or a restart, and the disk holds every count.
+#[test]
+fn tcp_connection_and_disk_survive_capture_kill_restore() {
+    use std::io::{BufRead, BufReader};
+    use std::net::{SocketAddr, TcpListener};
+    use std::sync::{Arc, Mutex};
+
+    let loops: u32 = std::env::var("FT_RESTORE_LOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let lab = LabPair::start_nodes("e2e", &[NodeId::A]);
+    let topo = &lab.lab().topo;
+    let (host_ip, node_ip) = (topo.host_biz_ip(), topo.biz_ip(NodeId::A));
+    let o = node_ip.octets();
+    let guest_ip = format!("{}.{}.{}.100", o[0], o[1], o[2]);
+
+    // The guest's NIC joins a bridge with the node's business NIC; ftvmm
+    // creates the TAP, a loop in the node enslaves it whenever it appears
+    // (a restored VMM creates it again).
+    lab.sh(
+        NodeId::A,
+        &format!(
+            "ip link add br0 type bridge && ip link set biz master br0 && ip addr flush dev biz && \
+             ip addr add {node_ip}/24 dev br0 && ip link set br0 up && \
+             ((while :; do ip link set tap0 master br0 up 2>/dev/null; sleep 0.2; done) >/dev/null 2>&1 &)"
+        ),
+    );
+    let listener = TcpListener::bind(SocketAddr::new(host_ip.into(), 0)).expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let received: Arc<Mutex<(Vec<u64>, bool)>> = Arc::default();
+    let sink = Arc::clone(&received);
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().expect("accept");
+        for line in BufReader::new(conn).lines() {
+            match line
+                .ok()
+                .and_then(|l| l.strip_prefix("count ")?.trim().parse().ok())
+            {
+                Some(n) => sink.lock().unwrap().0.push(n),
+                None => break,
+            }
+        }
+        sink.lock().unwrap().1 = true; // the connection ended
+    });
+    let last_received = || received.lock().unwrap().0.last().copied().unwrap_or(0);
+
+    // vda: the script (raw, read-only); vdb: the data disk, on /data.
+    let script = format!(
+        "i=0\nwhile :; do\n  i=$((i+1))\n  echo \"count $i\" >> /data/counts; sync\n  echo \"count $i\"\n  \
+         echo \"ft-count $i lines=$(wc -l < /data/counts)\" > /dev/console\n  sleep 0.2\ndone | nc {host_ip} {port}\n\
+         echo ftest: nc exited > /dev/console\nexit 0\n"
+    );
+    lab.sh(
+        NodeId::A,
+        &format!(
+            "cat > /data/script.img <<'FTEOF'\n{script}FTEOF\ntruncate -s 64K /data/script.img && \
+             cp /images/guest-rootfs.ext4 /data/vm-data.ext4 && sync"
+        ),
+    );
+    let mut guest = NodeGuest::boot_with(
+        &lab,
+        NodeId::A,
+        1,
+        128,
+        &format!("ftguest.run=/bin/sh,/dev/vda ftguest.ip={guest_ip}/24"),
+        "--disk /data/script.img,ro --disk /data/vm-data.ext4 --net tap=tap0,mac=52:54:00:12:34:56",
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while last_received() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "no counts over TCP; console:\n{}",
+            guest.console_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let mut gaps = Vec::new();
+    for round in 0..loops {
+        // Paused first, so nothing leaves the guest after the captured state.
+        guest.ctl("pause");
+        let captured = guest.ctl("capture /tmp/snap");
+        let before = last_received();
+        guest.kill();
+        let killed_at = Instant::now();
+        guest.restore("/tmp/snap");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while last_received() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no count after {before} over TCP; console:\n{}",
+                guest.console_text()
+            );
+            assert!(
+                !received.lock().unwrap().1,
+                "round {round}: the TCP connection closed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        gaps.push(killed_at.elapsed().as_secs_f64());
+        eprintln!(
+            "[e2e] round {round}: count {before} -> {}, capture stopped the guest {} ms, \
+             {:.2}s from kill to the next count on the host",
+            last_received(),
+            captured["times"]["stopped_us"].as_u64().unwrap_or(0) / 1000,
+            gaps.last().unwrap()
+        );
+    }
+
+    // Let the last restored guest run on for a while.
+    let last_round_end = last_received();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while last_received() < last_round_end + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the guest stopped counting after the last restore"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (counts, closed) = received.lock().unwrap().clone();
+    assert!(!closed, "the TCP connection closed");
+    assert_eq!(counts.first(), Some(&1));
+    for w in counts.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the count over TCP jumped or repeated: {} then {}",
+            w[0],
+            w[1]
+        );
+    }
+    // The disk holds every count exactly once: the file's line count equals
+    // the counter on the console lines the guest printed, before and after
+    // every restore (all ftvmm generations' console logs).
+    let console = lab.sh(NodeId::A, "cat /tmp/guest-*.console");
+    let disk_checks: Vec<(u64, u64)> = console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("ft-count ")?.1;
+            let (n, lines) = rest.split_once(" lines=")?;
+            Some((n.trim().parse().ok()?, lines.trim().parse().ok()?))
+        })
+        .collect();
+    assert!(
+        disk_checks.len() >= 10,
+        "too few disk checks on the console:\n{console}"
+    );
+    for (n, lines) in &disk_checks {
+        assert_eq!(n, lines, "count {n} but the disk file has {lines} lines");
+    }
+    gaps.sort_by(f64::total_cmp);
+    eprintln!(
+        "[e2e] {loops} capture/kill/restore rounds: {} counts over one TCP connection, disk consistent; \
+         kill to next count median {:.2}s",
+        counts.len(),
+        gaps.get(gaps.len() / 2).copied().unwrap_or(f64::NAN)
+    );
+    guest.kill();
+}

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cpu::state::{VcpuState, VcpuStateError};
 use crate::devices::serial::state::SerialDeviceState;
+use crate::devices::virtio::VirtioSlotState;
 use crate::vm_state::{VmState, VmStateError};
 
 pub const MACHINE_STATE_VERSION: u32 = 1;
@@ -58,6 +59,8 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialDeviceState,
+    /// virtio devices in MMIO slot order (disks, then NICs).
+    pub virtio: Vec<VirtioSlotState>,
 }
 
 /// How long each part of a capture took.

@@ -361,8 +361,16 @@ impl Vm {
             );
         }
         vm_state::restore(&machine.vm_fd, &state.vm)?;
+        let virtio = VirtioDevices::restore(
+            &machine.vm_fd,
+            &machine.ram.memory,
+            &machine.buses.mmio,
+            &state.virtio,
+        )?;
         let msr_indices = state.msr_indices.clone();
-        machine.start(config, started, vcpu_fds, cpuids, msr_indices)
+        let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
+        vm.virtio = virtio;
+        Ok(vm)
     }
 
     /// Captures everything but memory; the vCPUs must be paused.
@@ -379,6 +387,7 @@ impl Vm {
             vcpus,
             vm: vm_state::capture(&self.vm_fd)?,
             serial: self.serial.lock().expect("serial lock").state(),
+            virtio: self.virtio.state(),
         })
     }
 
@@ -417,14 +426,20 @@ impl Vm {
         &self.vcpus
     }
 
-    /// Pauses the guest (counted), returns how long stopping took.
+    /// Pauses the guest and the device work outside the vCPUs (network
+    /// receive): nothing writes guest memory until [`Vm::resume`]. Counted;
+    /// returns how long stopping took.
     pub fn pause(&self) -> Duration {
-        let took = self.vcpus.pause();
+        let start = Instant::now();
+        self.vcpus.pause();
+        self.virtio.pause();
+        let took = start.elapsed();
         self.counters.record_pause(took);
         took
     }
 
     pub fn resume(&self) {
+        self.virtio.resume();
         self.vcpus.resume();
     }
 

@@ -484,6 +484,16 @@ mod tests {
     }
 
     impl VirtioDevice for Echo {
+        fn device_state(&self) -> crate::devices::virtio::DeviceState {
+            // The test device has no state of its own; any variant will do.
+            crate::devices::virtio::DeviceState::Block(
+                crate::devices::virtio::block::state::BlockState {
+                    version: 0,
+                    read_only: false,
+                    capacity_sectors: 0,
+                },
+            )
+        }
         fn device_type(&self) -> u32 {
             42
         }

@@ -24,9 +24,12 @@ use crate::devices::bus::{Bus, BusError};
 use crate::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
 
+use self::block::state::BlockState;
 use self::block::{Block, BlockError, DiskConfig};
-use self::mmio::MmioTransport;
+use self::mmio::{MmioError, MmioTransport};
+use self::net::state::NetState;
 use self::net::{Net, NetConfig, NetError};
+use self::state::MmioTransportState;
 
 /// Feature bit: the device complies with virtio 1.0 or later (no legacy).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -110,6 +113,8 @@ pub enum ActivateError {
 
 /// A virtio device, independent of its transport.
 pub trait VirtioDevice: Send {
+    /// The device's own saved state (beyond its transport's).
+    fn device_state(&self) -> DeviceState;
     /// The virtio device ID (1: net, 2: block).
     fn device_type(&self) -> u32;
     /// The features the device offers (VIRTIO_F_VERSION_1 included).
@@ -156,6 +161,14 @@ pub enum VirtioError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error("restoring the transport of virtio device {index}: {source}")]
+    RestoreTransport {
+        index: usize,
+        #[source]
+        source: MmioError,
+    },
+    #[error("saved virtio device {index} is a {config} with the state of another kind of device")]
+    StateMismatch { index: usize, config: &'static str },
     #[error("placing virtio device {index} on the MMIO bus failed: {source}")]
     Bus {
         index: usize,
@@ -164,10 +177,36 @@ pub enum VirtioError {
     },
 }
 
+/// What backs a virtio device on the host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceConfig {
+    Disk(DiskConfig),
+    Net(NetConfig),
+}
+
+/// A device's own saved state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    Block(BlockState),
+    Net(NetState),
+}
+
+/// Everything saved about one virtio device: its backing, the device and
+/// the transport (registers, queues, ring positions).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioSlotState {
+    pub config: DeviceConfig,
+    pub device: DeviceState,
+    pub transport: MmioTransportState,
+}
+
 /// One virtio-mmio device of the VM.
 pub struct VirtioSlot {
     pub base: u64,
     pub gsi: u32,
+    pub config: DeviceConfig,
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
@@ -187,41 +226,116 @@ impl VirtioDevices {
         disks: &[DiskConfig],
         nets: &[NetConfig],
     ) -> Result<VirtioDevices, VirtioError> {
-        let count = disks.len() + nets.len();
+        let configs: Vec<DeviceConfig> = disks
+            .iter()
+            .cloned()
+            .map(DeviceConfig::Disk)
+            .chain(nets.iter().cloned().map(DeviceConfig::Net))
+            .collect();
+        Self::check_count(configs.len())?;
+        let mut devices = VirtioDevices::default();
+        for (index, config) in configs.into_iter().enumerate() {
+            let device: Box<dyn VirtioDevice> = match &config {
+                DeviceConfig::Disk(disk) => Box::new(Block::open(disk)?),
+                DeviceConfig::Net(net) => Box::new(Net::open(net)?),
+            };
+            devices.add_slot(vm_fd, mmio, index, config, |interrupt| {
+                Ok(MmioTransport::new(device, mem.clone(), interrupt))
+            })?;
+        }
+        Ok(devices)
+    }
+
+    /// Recreates saved devices (same backing files and TAPs) with their
+    /// transports at the saved ring positions.
+    pub fn restore(
+        vm_fd: &VmFd,
+        mem: &GuestMemoryMmap,
+        mmio: &Bus,
+        saved: &[VirtioSlotState],
+    ) -> Result<VirtioDevices, VirtioError> {
+        Self::check_count(saved.len())?;
+        let mut devices = VirtioDevices::default();
+        for (index, slot) in saved.iter().enumerate() {
+            let device: Box<dyn VirtioDevice> = match (&slot.config, &slot.device) {
+                (DeviceConfig::Disk(disk), DeviceState::Block(state)) => {
+                    Box::new(Block::from_state(disk, state)?)
+                }
+                (DeviceConfig::Net(net), DeviceState::Net(state)) => {
+                    Box::new(Net::from_state(net, state)?)
+                }
+                (DeviceConfig::Disk(_), _) => {
+                    return Err(VirtioError::StateMismatch {
+                        index,
+                        config: "disk",
+                    })
+                }
+                (DeviceConfig::Net(_), _) => {
+                    return Err(VirtioError::StateMismatch {
+                        index,
+                        config: "NIC",
+                    })
+                }
+            };
+            devices.add_slot(vm_fd, mmio, index, slot.config.clone(), |interrupt| {
+                MmioTransport::from_state(device, mem.clone(), interrupt, &slot.transport)
+                    .map_err(|source| VirtioError::RestoreTransport { index, source })
+            })?;
+        }
+        Ok(devices)
+    }
+
+    /// The saved state of every device (the vCPUs and devices must be paused).
+    pub fn state(&self) -> Vec<VirtioSlotState> {
+        self.slots
+            .iter()
+            .map(|slot| {
+                let transport = slot.transport.lock().expect("transport lock");
+                VirtioSlotState {
+                    config: slot.config.clone(),
+                    device: transport.device().device_state(),
+                    transport: transport.state(),
+                }
+            })
+            .collect()
+    }
+
+    fn check_count(count: usize) -> Result<(), VirtioError> {
         if count > (VIRTIO_IRQ_LAST - VIRTIO_IRQ_BASE + 1) as usize {
             return Err(VirtioError::TooManyDevices { count });
         }
-        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::with_capacity(count);
-        for disk in disks {
-            devices.push(Box::new(Block::open(disk)?));
-        }
-        for net in nets {
-            devices.push(Box::new(Net::open(net)?));
-        }
-        let mut slots = Vec::with_capacity(count);
-        for (index, device) in devices.into_iter().enumerate() {
-            let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
-            let gsi = VIRTIO_IRQ_BASE + index as u32;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|source| VirtioError::IrqEventFd { index, source })?;
-            vm_fd
-                .register_irqfd(&irqfd, gsi)
-                .map_err(|source| VirtioError::RegisterIrqfd { index, gsi, source })?;
-            let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                device,
-                mem.clone(),
-                interrupt,
-            )));
-            mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())
-                .map_err(|source| VirtioError::Bus { index, source })?;
-            slots.push(VirtioSlot {
-                base,
-                gsi,
-                transport,
-            });
-        }
-        Ok(VirtioDevices { slots })
+        Ok(())
+    }
+
+    /// Wires device `index`'s interrupt, builds its transport and places it
+    /// on the MMIO bus.
+    fn add_slot(
+        &mut self,
+        vm_fd: &VmFd,
+        mmio: &Bus,
+        index: usize,
+        config: DeviceConfig,
+        transport: impl FnOnce(Arc<VirtioInterrupt>) -> Result<MmioTransport, VirtioError>,
+    ) -> Result<(), VirtioError> {
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_IRQ_BASE + index as u32;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|source| VirtioError::IrqEventFd { index, source })?;
+        vm_fd
+            .register_irqfd(&irqfd, gsi)
+            .map_err(|source| VirtioError::RegisterIrqfd { index, gsi, source })?;
+        let transport = Arc::new(Mutex::new(transport(Arc::new(VirtioInterrupt::new(
+            irqfd,
+        )))?));
+        mmio.insert(base, VIRTIO_MMIO_SIZE, transport.clone())
+            .map_err(|source| VirtioError::Bus { index, source })?;
+        self.slots.push(VirtioSlot {
+            base,
+            gsi,
+            config,
+            transport,
+        });
+        Ok(())
     }
 
     /// The kernel command line with a `virtio_mmio.device=` entry per device.

@@ -59,7 +59,7 @@ pub enum BlockError {
 }
 
 /// A disk of the VM: `PATH` or `PATH,ro` on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -234,6 +234,10 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
+    fn device_state(&self) -> super::DeviceState {
+        super::DeviceState::Block(self.state())
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }

@@ -41,7 +41,7 @@ pub enum NetError {
 }
 
 /// A NIC of the VM: `tap=NAME,mac=52:54:00:12:34:56` on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
@@ -142,6 +142,10 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    fn device_state(&self) -> super::DeviceState {
+        super::DeviceState::Net(self.state())
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
     }
