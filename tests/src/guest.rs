@@ -77,7 +77,9 @@ impl<'a> NodeGuest<'a> {
         let start = Instant::now();
         loop {
             let text = self.console_text();
-            if let Some(line) = text.lines().find(|l| pred(l)) {
+            // Only whole lines: the guest may be half-way through one.
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            if let Some(line) = complete.lines().find(|l| pred(l)) {
                 return line.to_string();
             }
             if start.elapsed() > timeout {
