@@ -1,6 +1,14 @@
-//! The A-link: framed, authenticated messages between the two nodes of a pair.
+//! The A-link: framed messages between the two nodes of a pair.
 //!
-//! Not built yet. The fault-tolerance issue fills this crate with the frame
-//! format (type, epoch, length, crc32), the authenticated handshake,
-//! heartbeats, flow control and redundant links. Nothing here pretends to
-//! work until then: the crate exports no API.
+//! Built so far: the frame format ([`frame`]: versioned header with a kind,
+//! an epoch number, a length and a crc32 over header and payload; a decoder
+//! that rejects malformed, oversized, corrupt and truncated input) and epoch
+//! sequencing ([`sequence`]: duplicated and out-of-order epochs are refused).
+//! The TCP transport, the authenticated handshake, heartbeats, flow control
+//! and redundant links come with the fault-tolerance issue.
+
+pub mod frame;
+pub mod sequence;
+
+pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
+pub use sequence::{EpochSequencer, SequenceError};

@@ -299,3 +299,58 @@ fn tcp_connection_and_disk_survive_capture_kill_restore() {
     );
     guest.kill();
 }
+
+/// A VM records the CPU features it was given; a host that lacks one of
+/// them refuses to continue it and names the missing bits.
+#[test]
+fn restore_refuses_a_host_without_the_vms_cpu_features() {
+    let lab = LabPair::start_nodes("e2e", &[NodeId::A]);
+    let guest = NodeGuest::boot(&lab, NodeId::A, 1, 128, "ftguest.run=/bin/ft-counter");
+    guest.wait_for_line(Duration::from_secs(90), |l| !counts(l).is_empty());
+    guest.ctl("pause");
+    guest.ctl("capture /tmp/snap");
+    guest.kill();
+
+    // Pretend the VM was given AVX-512F (leaf 7 EBX bit 16), which the lab
+    // node's CPU does not have. kvm_cpuid_entry2 is saved as its raw bytes:
+    // function, index, flags, eax, ebx, ecx, edx (u32 each), padding.
+    let mut state: serde_json::Value =
+        serde_json::from_str(&lab.sh(NodeId::A, "cat /tmp/snap/state.json")).expect("state.json");
+    let mut patched = 0;
+    for vcpu in state["vcpus"].as_array_mut().expect("vcpus") {
+        for entry in vcpu["cpuid"].as_array_mut().expect("cpuid") {
+            let bytes = entry.as_array_mut().expect("raw entry");
+            let word = |b: &Vec<serde_json::Value>, at: usize| -> u32 {
+                (0..4)
+                    .map(|i| (b[at + i].as_u64().unwrap() as u32) << (8 * i))
+                    .sum()
+            };
+            if word(bytes, 0) == 7 && word(bytes, 4) == 0 {
+                let ebx = word(bytes, 16) | 1 << 16;
+                for i in 0..4 {
+                    bytes[16 + i] = serde_json::json!((ebx >> (8 * i)) & 0xff);
+                }
+                patched += 1;
+            }
+        }
+    }
+    assert!(patched > 0, "no CPUID leaf 7 in the saved state");
+    lab.sh(
+        NodeId::A,
+        &format!("cat > /tmp/snap/state.json <<'FTEOF'\n{state}\nFTEOF"),
+    );
+    let out = lab.exec(NodeId::A, &["ftvmm", "restore", "/tmp/snap"]);
+    assert_eq!(
+        out.code,
+        Some(2),
+        "restore did not refuse: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("lacks features") && out.stderr.contains("leaf 7 EBX bits 0x00010000"),
+        "unclear refusal: {}",
+        out.stderr
+    );
+    eprintln!("[e2e] refused as expected: {}", out.stderr.trim());
+}

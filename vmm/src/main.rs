@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use vmm::boot::BootSource;
 use vmm::control::{self, ControlRequest};
+use vmm::cpu::features::FeatureSet;
 use vmm::devices::virtio::block::DiskConfig;
 use vmm::devices::virtio::net::NetConfig;
 use vmm::vm::{SerialSink, Vm, VmConfig};
@@ -52,6 +53,10 @@ enum Command {
         /// (repeatable).
         #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
         nets: Vec<NetConfig>,
+        /// The CPU features the guest may use (recorded with its state; a
+        /// host lacking one refuses to restore it).
+        #[arg(long, value_enum, default_value = "x86-64-v2")]
+        cpu_features: FeatureSet,
     },
     /// Continue a VM captured with `ftvmm ctl capture` in this process.
     Restore {
@@ -144,6 +149,7 @@ fn main() -> ExitCode {
             api_sock,
             disks,
             nets,
+            cpu_features,
         } => {
             let config = VmConfig {
                 vcpus,
@@ -156,6 +162,7 @@ fn main() -> ExitCode {
                 serial: serial_log.map_or(SerialSink::Stdout, SerialSink::File),
                 disks,
                 nets,
+                cpu_features,
             };
             match Vm::boot(config) {
                 Ok(vm) => run_until_stopped(vm, api_sock),

@@ -56,6 +56,9 @@ pub struct MachineState {
     pub mem_mib: u64,
     /// The MSRs saved with each vCPU.
     pub msr_indices: Vec<u32>,
+    /// The declared CPU feature set the VM was started with (the exact
+    /// CPUID of each vCPU is in its state).
+    pub cpu_features: crate::cpu::features::FeatureSet,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialDeviceState,

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, BootSource};
 use crate::cpu::boot_regs::{self, BootRegsError};
 use crate::cpu::cpuid::{self, CpuidError};
+use crate::cpu::features::FeatureSet;
 use crate::cpu::runner::{RunnerError, Vcpus};
 use crate::cpu::state::{self as vcpu_state, VcpuStateError};
 use crate::devices::bus::{BusError, IoBuses};
@@ -58,6 +59,11 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
+    #[error("this host's CPU lacks features the VM was given (feature set {features}): {}", missing.join(", "))]
+    IncompatibleCpu {
+        features: FeatureSet,
+        missing: Vec<String>,
+    },
     #[error(transparent)]
     BootRegs(#[from] BootRegsError),
     #[error(transparent)]
@@ -117,6 +123,8 @@ pub struct VmConfig {
     /// virtio-blk disks (vda, vdb, ... in this order), then virtio-net NICs.
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
+    /// The declared CPU feature set the guest is given.
+    pub cpu_features: FeatureSet,
 }
 
 /// A running VM.
@@ -313,10 +321,17 @@ impl Vm {
 
         let base_cpuid = cpuid::supported(&machine.kvm)?;
         let tsc_deadline = cpuid::tsc_deadline_supported(&machine.kvm);
+        let feature_words = config.cpu_features.words();
         let vcpu_fds = machine.create_vcpus(config.vcpus)?;
         let mut cpuids = Vec::new();
         for (index, vcpu) in vcpu_fds.iter().enumerate() {
-            let table = cpuid::for_vcpu(&base_cpuid, index as u8, config.vcpus, tsc_deadline);
+            let table = cpuid::for_vcpu(
+                &base_cpuid,
+                &feature_words,
+                index as u8,
+                config.vcpus,
+                tsc_deadline,
+            );
             vcpu.set_cpuid2(&table).map_err(kvm_err("KVM_SET_CPUID2"))?;
             boot_regs::setup_vcpu_common(vcpu)?;
             if index == 0 {
@@ -345,11 +360,24 @@ impl Vm {
             serial,
             disks: Vec::new(),
             nets: Vec::new(),
+            cpu_features: state.cpu_features,
         };
         let machine = Machine::create(&config, Some(&state.serial))?;
         snapshot::read_memory(dir, &machine.ram.memfd, machine.ram.size)?;
         let gap =
             Duration::from_nanos(snapshot::unix_now_ns().saturating_sub(state.captured_unix_ns));
+        // Invariant: a VM runs only where every CPU feature it was given
+        // exists; otherwise say which ones are missing.
+        let host = cpuid::host_features(&cpuid::supported(&machine.kvm)?);
+        for saved in &state.vcpus {
+            let missing = crate::cpu::features::FeatureWords::of(&saved.cpuid).missing_from(&host);
+            if !missing.is_empty() {
+                return Err(VmError::IncompatibleCpu {
+                    features: state.cpu_features,
+                    missing,
+                });
+            }
+        }
         let vcpu_fds = machine.create_vcpus(config.vcpus)?;
         let mut cpuids = Vec::new();
         for (vcpu, saved) in vcpu_fds.iter().zip(state.vcpus.iter_mut()) {
@@ -384,6 +412,7 @@ impl Vm {
             vcpu_count: self.config.vcpus,
             mem_mib: self.config.mem_mib,
             msr_indices: self.msr_indices.clone(),
+            cpu_features: self.config.cpu_features,
             vcpus,
             vm: vm_state::capture(&self.vm_fd)?,
             serial: self.serial.lock().expect("serial lock").state(),

@@ -5,6 +5,8 @@
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
+use super::features::FeatureWords;
+
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
@@ -32,9 +34,31 @@ pub fn tsc_deadline_supported(kvm: &Kvm) -> bool {
     kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer)
 }
 
-/// The table for vCPU `index` of `count`.
-pub fn for_vcpu(base: &CpuId, index: u8, count: u8, tsc_deadline: bool) -> CpuId {
+/// Bits the VMM adds on top of the declared feature set (KVM provides them
+/// whatever the host CPU): hypervisor present, TSC-deadline timer, HTT.
+pub const SYNTHETIC_LEAF1_ECX: u32 = ECX_HYPERVISOR | ECX_TSC_DEADLINE_TIMER;
+pub const SYNTHETIC_LEAF1_EDX: u32 = EDX_HTT;
+
+/// The feature words this host can give a guest: KVM's supported set plus
+/// the bits the VMM adds itself.
+pub fn host_features(base: &CpuId) -> FeatureWords {
+    let mut words = FeatureWords::of(base.as_slice());
+    words.leaf1_ecx |= SYNTHETIC_LEAF1_ECX;
+    words.leaf1_edx |= SYNTHETIC_LEAF1_EDX;
+    words
+}
+
+/// The table for vCPU `index` of `count`: KVM's supported set filtered
+/// through the declared `features`, with topology and the VMM's own bits.
+pub fn for_vcpu(
+    base: &CpuId,
+    features: &FeatureWords,
+    index: u8,
+    count: u8,
+    tsc_deadline: bool,
+) -> CpuId {
     let mut cpuid = base.clone();
+    features.mask(&mut cpuid);
     for entry in cpuid.as_mut_slice() {
         match entry.function {
             LEAF_FEATURES => {
@@ -75,7 +99,8 @@ mod tests {
             },
         ];
         let base = CpuId::from_entries(&entries).unwrap();
-        let c = for_vcpu(&base, 3, 4, true);
+        let all = super::super::features::FeatureSet::Host.words();
+        let c = for_vcpu(&base, &all, 3, 4, true);
         let leaf1 = c.as_slice()[0];
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
@@ -83,7 +108,7 @@ mod tests {
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(leaf1.ecx & ECX_TSC_DEADLINE_TIMER, 0);
         assert_eq!(
-            for_vcpu(&base, 0, 1, false).as_slice()[0].ecx & ECX_TSC_DEADLINE_TIMER,
+            for_vcpu(&base, &all, 0, 1, false).as_slice()[0].ecx & ECX_TSC_DEADLINE_TIMER,
             0
         );
         assert_eq!(c.as_slice()[1].edx, 3);

@@ -2,5 +2,6 @@
 
 pub mod boot_regs;
 pub mod cpuid;
+pub mod features;
 pub mod runner;
 pub mod state;
