@@ -137,6 +137,14 @@ fn run_until_stopped(vm: Vm, api_sock: Option<PathBuf>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Structured logs to stderr; FTVMM_LOG=debug for more.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FTVMM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

@@ -342,6 +342,15 @@ impl Vm {
         let msr_indices = vcpu_state::saveable_msrs(&machine.kvm, &vcpu_fds[0])?;
         let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
         vm.virtio = virtio;
+        tracing::info!(
+            vcpus = vm.config.vcpus,
+            mem_mib = vm.config.mem_mib,
+            protocol = ?entry.protocol,
+            cpu_features = %vm.config.cpu_features,
+            virtio_devices = vm.virtio.slots.len(),
+            setup_us = started.elapsed().as_micros() as u64,
+            "guest booting"
+        );
         Ok(vm)
     }
 
@@ -398,6 +407,12 @@ impl Vm {
         let msr_indices = state.msr_indices.clone();
         let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
         vm.virtio = virtio;
+        tracing::info!(
+            dir = %dir.display(),
+            gap_ms = gap.as_millis() as u64,
+            restore_us = started.elapsed().as_micros() as u64,
+            "guest restored"
+        );
         Ok(vm)
     }
 
@@ -442,6 +457,13 @@ impl Vm {
         }
         let (state_time, memory_time) = result?;
         self.counters.record_capture();
+        tracing::info!(
+            dir = %dir.display(),
+            pause_us = pause.as_micros() as u64,
+            state_us = state_time.as_micros() as u64,
+            memory_us = memory_time.as_micros() as u64,
+            "captured"
+        );
         Ok(CaptureTimes {
             pause_us: pause.as_micros() as u64,
             state_us: state_time.as_micros() as u64,

@@ -39,6 +39,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs go to stderr (the node's console when init starts the agent).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FTLAB_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { port } => match server::serve(port) {
