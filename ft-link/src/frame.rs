@@ -41,6 +41,8 @@ pub enum FrameKind {
     Ack = 9,
     /// The peer refuses something and says why.
     Refusal = 10,
+    /// The peer checked the handshake and accepts to pair.
+    Accepted = 11,
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -58,6 +60,7 @@ impl TryFrom<u8> for FrameKind {
             8 => EpochEnd,
             9 => Ack,
             10 => Refusal,
+            11 => Accepted,
             other => return Err(FrameError::UnknownKind(other)),
         })
     }

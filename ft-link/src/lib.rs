@@ -1,14 +1,24 @@
 //! The A-link: framed messages between the two nodes of a pair.
 //!
-//! Built so far: the frame format ([`frame`]: versioned header with a kind,
-//! an epoch number, a length and a crc32 over header and payload; a decoder
-//! that rejects malformed, oversized, corrupt and truncated input) and epoch
-//! sequencing ([`sequence`]: duplicated and out-of-order epochs are refused).
-//! The TCP transport, the authenticated handshake, heartbeats, flow control
-//! and redundant links come with the fault-tolerance issue.
+//! - [`frame`]: the frame format (versioned header with a kind, an epoch
+//!   number, a length and a crc32 over header and payload; a decoder that
+//!   rejects malformed, oversized, corrupt and truncated input).
+//! - [`sequence`]: epoch sequencing (duplicated and out-of-order epochs are
+//!   refused).
+//! - [`auth`]: mutual HMAC-SHA256 challenge-response over a shared pair
+//!   secret that never goes on the wire.
+//! - [`hello`]: the Hello the nodes exchange once authenticated (protocol
+//!   version, node name, role, CPU features, VM fingerprint), the check that
+//!   refuses to pair incompatible nodes, and the Refusal sent to say why.
+//!
+//! Not built yet: the TCP transport, flow control and redundant links.
 
+pub mod auth;
 pub mod frame;
+pub mod hello;
 pub mod sequence;
 
+pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
+pub use hello::{CpuFeatureSummary, Hello, HelloError, Mismatch, Refusal, Role};
 pub use sequence::{EpochSequencer, SequenceError};
