@@ -10,15 +10,20 @@
 //! - [`hello`]: the Hello the nodes exchange once authenticated (protocol
 //!   version, node name, role, CPU features, VM fingerprint), the check that
 //!   refuses to pair incompatible nodes, and the Refusal sent to say why.
+//! - [`link`]: the transport over one TCP connection (tokio): connect or
+//!   listen, handshake (auth, then hello), checked frames, heartbeats and
+//!   silent-peer detection.
 //!
-//! Not built yet: the TCP transport, flow control and redundant links.
+//! Not built yet: flow control and redundant links (see [`link`]).
 
 pub mod auth;
 pub mod frame;
 pub mod hello;
+pub mod link;
 pub mod sequence;
 
 pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
 pub use hello::{CpuFeatureSummary, Hello, HelloError, Mismatch, Refusal, Role};
+pub use link::{Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender};
 pub use sequence::{EpochSequencer, SequenceError};
