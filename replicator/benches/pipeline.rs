@@ -1,0 +1,178 @@
+//! Benchmark: the host-side checkpoint pipeline without a guest. For each
+//! epoch: copy the dirty pages of a 256 MiB guest memory into a staging
+//! buffer (capture), encode them as A-link frames, send them over a real,
+//! authenticated A-link on loopback TCP, assemble and check them on the
+//! standby and apply them to the replica's memory. Prints pages per
+//! millisecond next to this machine's memcpy rate measured in the same run,
+//! and checks that the replica ends equal to the primary.
+//!
+//! Run: `cargo bench -p replicator --bench pipeline`.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ft_link::auth::PairSecret;
+use ft_link::hello::{CpuFeatureSummary, Hello, Role};
+use ft_link::link::{Link, LinkConfig, LinkListener};
+use ft_link::{Frame, FrameKind};
+use replicator::epoch::{encode, PAGE_SIZE};
+use replicator::standby::EpochAssembler;
+use vm_memory::{Bytes as _, GuestAddress};
+use vmm::dirty::DirtyPages;
+
+const MEM_MIB: u64 = 256;
+const EPOCHS: u64 = 60;
+const PAGES_PER_EPOCH: usize = 2000;
+
+fn config(role: Role) -> LinkConfig {
+    let hello = Hello::new(
+        format!("bench-{role}"),
+        role,
+        CpuFeatureSummary {
+            name: "x86-64-v2".into(),
+            words: vec![1, 2, 3],
+        },
+        "bench-vm",
+    );
+    LinkConfig::new(
+        PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret"),
+        hello,
+    )
+}
+
+/// A reproducible choice of distinct page numbers.
+fn dirty_set(epoch: u64, total_pages: u64) -> DirtyPages {
+    let mut words = vec![0u64; total_pages.div_ceil(64) as usize];
+    let mut x = epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut chosen = 0;
+    while chosen < PAGES_PER_EPOCH {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let page = x % total_pages;
+        let (w, b) = ((page / 64) as usize, page % 64);
+        if words[w] & (1 << b) == 0 {
+            words[w] |= 1 << b;
+            chosen += 1;
+        }
+    }
+    DirtyPages {
+        slots: vec![(0, words)],
+        ..Default::default()
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let primary = vmm::memory::create(MEM_MIB).expect("primary memory");
+    let replica = vmm::memory::create(MEM_MIB).expect("replica memory");
+    let total_pages = (MEM_MIB << 20) / PAGE_SIZE as u64;
+
+    let listener = LinkListener::bind("127.0.0.1:0", config(Role::Standby))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let standby = tokio::spawn(async move {
+        let mut link = listener.accept().await.expect("accept");
+        let mut assembler = EpochAssembler::new(1);
+        let mut applied = 0u64;
+        while applied < EPOCHS {
+            let frame = link.recv().await.expect("recv");
+            if let Some(epoch) = assembler.on_frame(frame).expect("a good epoch") {
+                assembler.apply(&epoch, &replica.memory).expect("apply");
+                link.send(&Frame::new(FrameKind::Ack, epoch.epoch, Bytes::new()))
+                    .await
+                    .expect("ack");
+                applied += 1;
+            }
+        }
+        replica
+    });
+    let mut link = Link::connect(addr, &config(Role::Primary))
+        .await
+        .expect("connect");
+
+    let mut staging = Vec::new();
+    let (mut capture, mut encode_time, mut round_trip) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut pages_sent = 0u64;
+    let start = Instant::now();
+    for epoch in 1..=EPOCHS {
+        let dirty = dirty_set(epoch, total_pages);
+        // The guest "writes" its pages.
+        for page in dirty.page_numbers() {
+            primary
+                .memory
+                .write_obj(epoch ^ page, GuestAddress(page * PAGE_SIZE as u64))
+                .expect("write");
+        }
+        let t = Instant::now();
+        vmm::staging::copy_pages(&primary.memory, &dirty, &mut staging).expect("stage");
+        capture += t.elapsed();
+        let t = Instant::now();
+        let numbers: Vec<u64> = dirty.page_numbers().collect();
+        let frames = encode(
+            epoch,
+            Bytes::from_static(b"vcpu and device state"),
+            numbers
+                .iter()
+                .zip(staging.chunks_exact(PAGE_SIZE))
+                .map(|(p, d)| (p * PAGE_SIZE as u64, d)),
+        );
+        encode_time += t.elapsed();
+        let t = Instant::now();
+        for f in &frames {
+            link.send(f).await.expect("send");
+        }
+        loop {
+            let ack = link.recv().await.expect("ack");
+            if ack.kind == FrameKind::Ack {
+                assert_eq!(ack.epoch, epoch);
+                break;
+            }
+        }
+        round_trip += t.elapsed();
+        pages_sent += numbers.len() as u64;
+    }
+    let total = start.elapsed();
+    let replica = standby.await.expect("standby");
+
+    // The replica must equal the primary.
+    let mut a = vec![0u8; PAGE_SIZE];
+    let mut b = vec![0u8; PAGE_SIZE];
+    for page in 0..total_pages {
+        let gpa = GuestAddress(page * PAGE_SIZE as u64);
+        primary.memory.read_slice(&mut a, gpa).unwrap();
+        replica.memory.read_slice(&mut b, gpa).unwrap();
+        assert_eq!(a, b, "page {page} differs between primary and replica");
+    }
+
+    let memcpy_ns = vmm::staging::memcpy_ns_per_page(256);
+    let per_ms = |d: Duration| pages_sent as f64 / (d.as_secs_f64() * 1e3);
+    let memcpy_per_ms = 1e6 / memcpy_ns;
+    println!(
+        "pipeline: {EPOCHS} epochs x {PAGES_PER_EPOCH} pages of a {MEM_MIB} MiB memory, replica verified equal"
+    );
+    println!("  memcpy (same run)            {memcpy_per_ms:>10.0} pages/ms");
+    println!(
+        "  capture (copy to staging)    {:>10.0} pages/ms  ({:.2} of memcpy)",
+        per_ms(capture),
+        per_ms(capture) / memcpy_per_ms
+    );
+    println!(
+        "  encode (frames + crc32)      {:>10.0} pages/ms  ({:.2} of memcpy)",
+        per_ms(encode_time),
+        per_ms(encode_time) / memcpy_per_ms
+    );
+    println!(
+        "  send + standby apply + ack   {:>10.0} pages/ms  ({:.2} of memcpy)",
+        per_ms(round_trip),
+        per_ms(round_trip) / memcpy_per_ms
+    );
+    println!(
+        "  whole pipeline               {:>10.0} pages/ms  ({:.2} of memcpy), {:.2} ms per epoch",
+        per_ms(capture + encode_time + round_trip),
+        per_ms(capture + encode_time + round_trip) / memcpy_per_ms,
+        total.as_secs_f64() * 1e3 / EPOCHS as f64
+    );
+}
