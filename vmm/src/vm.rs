@@ -55,6 +55,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error("guest RAM of {given} bytes given for a VM of {expected} bytes")]
+    RamSize { given: u64, expected: u64 },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -164,9 +166,12 @@ struct Machine {
 impl Machine {
     /// KVM VM with irqchip and PIT, guest RAM registered with dirty
     /// logging, the legacy devices on their buses.
+    /// `ram`: guest RAM to use as it is (a replica being promoted, a
+    /// restored memory file); fresh zeroed RAM when `None`.
     fn create(
         config: &VmConfig,
         serial_state: Option<&SerialDeviceState>,
+        ram: Option<GuestRam>,
     ) -> Result<Machine, VmError> {
         let (kvm, host) = kvm_host::probe()?;
         if !host.flavor.runs_stock_guests() {
@@ -189,7 +194,16 @@ impl Machine {
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let dirty_log = DirtyLog::enable(&vm_fd, &ram_layout(config.mem_mib))?;
-        let ram = memory::create(config.mem_mib)?;
+        let ram = match ram {
+            Some(ram) if ram.size != config.mem_mib << 20 => {
+                return Err(VmError::RamSize {
+                    given: ram.size,
+                    expected: config.mem_mib << 20,
+                })
+            }
+            Some(ram) => ram,
+            None => memory::create(config.mem_mib)?,
+        };
         for (slot, region) in ram.memory.iter().enumerate() {
             let host_addr = ram
                 .memory
@@ -298,7 +312,7 @@ impl Vm {
     /// Creates the VM, loads the guest and starts its vCPUs.
     pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let machine = Machine::create(&config, None)?;
+        let machine = Machine::create(&config, None, None)?;
         // Devices that the guest finds through the command line are attached
         // here, before the kernel and its command line are loaded.
         let virtio = VirtioDevices::attach(
@@ -357,7 +371,22 @@ impl Vm {
     /// Continues the VM captured in `dir` (see [`Vm::capture_to_dir`]).
     pub fn restore(dir: &Path, serial: SerialSink) -> Result<Vm, VmError> {
         let started = Instant::now();
-        let mut state = snapshot::read_state(dir)?;
+        let state = snapshot::read_state(dir)?;
+        let ram = memory::create(state.mem_mib)?;
+        snapshot::read_memory(dir, &ram.memfd, ram.size)?;
+        let vm = Vm::restore_from(state, ram, serial, started)?;
+        tracing::info!(dir = %dir.display(), "restored from a capture directory");
+        Ok(vm)
+    }
+
+    /// Continues a VM from its state and its memory as they are (no copy of
+    /// memory: a standby promotes its replica this way).
+    pub fn restore_from(
+        mut state: MachineState,
+        ram: GuestRam,
+        serial: SerialSink,
+        started: Instant,
+    ) -> Result<Vm, VmError> {
         let config = VmConfig {
             vcpus: state.vcpu_count,
             mem_mib: state.mem_mib,
@@ -371,8 +400,7 @@ impl Vm {
             nets: Vec::new(),
             cpu_features: state.cpu_features,
         };
-        let machine = Machine::create(&config, Some(&state.serial))?;
-        snapshot::read_memory(dir, &machine.ram.memfd, machine.ram.size)?;
+        let machine = Machine::create(&config, Some(&state.serial), Some(ram))?;
         let gap =
             Duration::from_nanos(snapshot::unix_now_ns().saturating_sub(state.captured_unix_ns));
         // Invariant: a VM runs only where every CPU feature it was given
@@ -408,7 +436,6 @@ impl Vm {
         let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
         vm.virtio = virtio;
         tracing::info!(
-            dir = %dir.display(),
             gap_ms = gap.as_millis() as u64,
             restore_us = started.elapsed().as_micros() as u64,
             "guest restored"
