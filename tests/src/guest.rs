@@ -131,3 +131,44 @@ impl<'a> NodeGuest<'a> {
         self.lab.sh(self.node, &script);
     }
 }
+
+/// Runs ftvmm in the foreground in `node` with `kernel`, the guest
+/// initramfs, 256 MiB, `vcpus` and `cmdline` (plus `extra_args`), for at
+/// most 100 s; returns the guest console (ftvmm's stdout) after checking
+/// that ftvmm exited 0 because the guest reset (its `ftguest.then=reboot`).
+pub fn run_to_reboot(
+    lab: &LabPair,
+    node: NodeId,
+    kernel: &str,
+    vcpus: u8,
+    cmdline: &str,
+    extra_args: &[&str],
+) -> String {
+    let vcpus = vcpus.to_string();
+    let mut argv = vec![
+        "timeout",
+        "100",
+        "ftvmm",
+        "run",
+        "--kernel",
+        kernel,
+        "--initrd",
+        "/images/guest-initramfs.cpio.gz",
+        "--vcpus",
+        &vcpus,
+        "--mem-mib",
+        "256",
+        "--cmdline",
+        cmdline,
+    ];
+    argv.extend_from_slice(extra_args);
+    let out = lab.exec(node, &argv);
+    assert!(
+        out.success() && out.stderr.contains("guest stopped (Reset)"),
+        "ftvmm exited with {}:\n{}\n{}",
+        out.exit_code(),
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}

@@ -1,42 +1,15 @@
 //! ftvmm boots the project's guest kernel to its init inside a lab node (real
 //! kvm_amd), with 1 and with 2 vCPUs, and the guest runs a command.
 
+use ft_tests::guest::run_to_reboot;
 use ft_tests::{LabPair, NodeId};
 
 /// Boots the guest with `vcpus` vCPUs running `program`, then rebooting;
-/// returns ftvmm's output (the guest console) after checking it exited 0.
+/// returns the guest console.
 fn boot_guest(lab: &LabPair, kernel: &str, vcpus: u8, program: &str) -> String {
     let cmdline =
         format!("console=ttyS0 reboot=k panic=1 quiet ftguest.run={program} ftguest.then=reboot");
-    let vcpus = vcpus.to_string();
-    let argv = [
-        "ftvmm",
-        "run",
-        "--kernel",
-        kernel,
-        "--initrd",
-        "/images/guest-initramfs.cpio.gz",
-        "--vcpus",
-        &vcpus,
-        "--mem-mib",
-        "256",
-        "--cmdline",
-        &cmdline,
-    ];
-    let out = lab.exec(NodeId::A, &argv);
-    assert!(
-        out.success(),
-        "ftvmm exited with {}:\n{}\n{}",
-        out.exit_code(),
-        out.stdout,
-        out.stderr
-    );
-    assert!(
-        out.stderr.contains("guest stopped (Reset)"),
-        "{}",
-        out.stderr
-    );
-    out.stdout
+    run_to_reboot(lab, NodeId::A, kernel, vcpus, &cmdline, &[])
 }
 
 /// The guest's own uptime when its init started (printed by the init).

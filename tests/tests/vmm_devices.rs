@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
+use ft_tests::guest::run_to_reboot;
 use ft_tests::{LabPair, NodeId};
 
 const SCRIPT_DISK: &str = "/data/script.img";
@@ -34,36 +35,10 @@ fn run_guest(lab: &LabPair, vcpus: u8, cmdline_extra: &str, extra_args: &[&str])
         "console=ttyS0 reboot=k panic=1 quiet ftguest.run=/bin/sh,/dev/vda \
          ftguest.then=reboot {cmdline_extra}"
     );
-    let vcpus = vcpus.to_string();
     let script_disk = format!("{SCRIPT_DISK},ro");
-    let mut argv = vec![
-        "timeout",
-        "100",
-        "ftvmm",
-        "run",
-        "--kernel",
-        "/images/vmlinux",
-        "--initrd",
-        "/images/guest-initramfs.cpio.gz",
-        "--vcpus",
-        &vcpus,
-        "--mem-mib",
-        "256",
-        "--cmdline",
-        &cmdline,
-        "--disk",
-        &script_disk,
-    ];
-    argv.extend_from_slice(extra_args);
-    let out = lab.exec(NodeId::A, &argv);
-    assert!(
-        out.success() && out.stderr.contains("guest stopped (Reset)"),
-        "ftvmm exited with {}:\n{}\n{}",
-        out.exit_code(),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+    let mut args = vec!["--disk", script_disk.as_str()];
+    args.extend_from_slice(extra_args);
+    run_to_reboot(lab, NodeId::A, "/images/vmlinux", vcpus, &cmdline, &args)
 }
 
 /// Like `run_guest` with one NIC on TAP `tap`, which ftvmm creates and
