@@ -162,7 +162,12 @@ pub fn run_to_reboot(
         cmdline,
     ];
     argv.extend_from_slice(extra_args);
-    let out = lab.exec(node, &argv);
+    guest_console_after_reset(lab.exec(node, &argv))
+}
+
+/// The guest console of a foreground ftvmm run, after checking that ftvmm
+/// exited 0 because the guest reset.
+pub fn guest_console_after_reset(out: lab::agent::ExecOutput) -> String {
     assert!(
         out.success() && out.stderr.contains("guest stopped (Reset)"),
         "ftvmm exited with {}:\n{}\n{}",

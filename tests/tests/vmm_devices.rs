@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use ft_tests::guest::run_to_reboot;
+use ft_tests::guest::{guest_console_after_reset, run_to_reboot};
 use ft_tests::{LabPair, NodeId};
 
 const SCRIPT_DISK: &str = "/data/script.img";
@@ -56,15 +56,7 @@ fn run_guest_with_tap(lab: &LabPair, guest_ip: &str, tap: &str, mac: &str) -> St
          wait\n\
          cat /data/net.out; cat /data/net.err >&2; exit $(cat /data/net.rc)"
     );
-    let out = lab.exec(NodeId::A, &["sh", "-c", &script]);
-    assert!(
-        out.success() && out.stderr.contains("guest stopped (Reset)"),
-        "ftvmm exited with {}:\n{}\n{}",
-        out.exit_code(),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
+    guest_console_after_reset(lab.exec(NodeId::A, &["sh", "-c", &script]))
 }
 
 /// The value of `key=` on a console line starting with `ftest:`.

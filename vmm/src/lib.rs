@@ -6,7 +6,6 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod dirty;
-pub mod guest_ram;
 pub mod kvm_host;
 pub mod layout;
 pub mod memory;

@@ -9,13 +9,14 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::Serialize;
 
-use crate::guest_ram::{GuestRam, GuestRamError};
 use crate::kvm_host::{self, KvmHost, KvmHostError};
+use crate::memory::{self, GuestRam, MemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Guest physical address the code is loaded at (and the initial RIP).
 const CODE_GPA: u64 = 0x1000;
-/// Size of the test guest's RAM.
-const RAM_SIZE: usize = 0x10000;
+/// Size of the test guest's RAM (the VMM's smallest).
+const RAM_MIB: u64 = 16;
 /// The port the guest reports its result on.
 pub const RESULT_PORT: u16 = 0xe9;
 /// Upper bound on exits before the run is declared runaway.
@@ -29,7 +30,9 @@ pub enum SelftestError {
     #[error("creating the VM failed: {0}")]
     CreateVm(#[source] kvm_ioctls::Error),
     #[error("guest RAM: {0}")]
-    GuestRam(#[from] GuestRamError),
+    GuestRam(#[from] MemoryError),
+    #[error("loading the test code failed: {0}")]
+    LoadCode(#[from] vm_memory::GuestMemoryError),
     #[error("registering guest RAM with KVM failed: {0}")]
     SetMemoryRegion(#[source] kvm_ioctls::Error),
     #[error("creating vCPU 0 failed: {0}")]
@@ -98,13 +101,14 @@ struct TestVm {
 
 fn build_vm(kvm: &kvm_ioctls::Kvm, iterations: u32) -> Result<TestVm, SelftestError> {
     let vm = kvm.create_vm().map_err(SelftestError::CreateVm)?;
-    let mut ram = GuestRam::new(RAM_SIZE)?;
-    ram.write(CODE_GPA as usize, &guest_code(iterations))?;
+    let ram = memory::create(RAM_MIB)?;
+    ram.memory
+        .write_slice(&guest_code(iterations), GuestAddress(CODE_GPA))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
-        memory_size: ram.size() as u64,
-        userspace_addr: ram.host_addr(),
+        memory_size: ram.size,
+        userspace_addr: ram.memory.get_host_address(GuestAddress(0))? as u64,
         flags: 0,
     };
     // SAFETY: the region describes `ram`, a live mapping of exactly

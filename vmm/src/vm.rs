@@ -422,7 +422,7 @@ impl Vm {
             vcpu_state::restore(vcpu, saved)?;
             cpuids.push(
                 CpuId::from_entries(&saved.cpuid)
-                    .map_err(|_| VmError::BadVcpuCount(config.vcpus))?,
+                    .map_err(|_| VcpuStateError::TooManyEntries { index: saved.index })?,
             );
         }
         vm_state::restore(&machine.vm_fd, &state.vm)?;
