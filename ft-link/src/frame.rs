@@ -43,6 +43,12 @@ pub enum FrameKind {
     Refusal = 10,
     /// The peer checked the handshake and accepts to pair.
     Accepted = 11,
+    /// Initial synchronisation starts: the VM's geometry follows.
+    SyncBegin = 12,
+    /// Initial synchronisation: memory pages, copied while the guest runs.
+    SyncPages = 13,
+    /// Initial synchronisation: disk contents, copied while the guest runs.
+    SyncDisk = 14,
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -61,6 +67,9 @@ impl TryFrom<u8> for FrameKind {
             9 => Ack,
             10 => Refusal,
             11 => Accepted,
+            12 => SyncBegin,
+            13 => SyncPages,
+            14 => SyncDisk,
             other => return Err(FrameError::UnknownKind(other)),
         })
     }

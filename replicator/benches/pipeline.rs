@@ -79,7 +79,9 @@ async fn main() {
         while applied < EPOCHS {
             let frame = link.recv().await.expect("recv");
             if let Some(epoch) = assembler.on_frame(frame).expect("a good epoch") {
-                assembler.apply(&epoch, &replica.memory).expect("apply");
+                assembler
+                    .apply(&epoch, &replica.memory, &[])
+                    .expect("apply");
                 link.send(&Frame::new(FrameKind::Ack, epoch.epoch, Bytes::new()))
                     .await
                     .expect("ack");

@@ -1,15 +1,26 @@
 //! The FT engine.
 //!
-//! Built so far: how an epoch (a checkpoint) travels and lands. [`epoch`]
-//! turns a checkpoint (device/vCPU state bytes and the staged dirty pages)
-//! into A-link frames, and [`standby`] assembles those frames into a staged
-//! epoch that is applied to the replica's memory only when it is complete,
-//! checked and next in sequence: a torn, corrupt, replayed or reordered
-//! epoch is refused and never applied.
-//!
-//! Not built yet (the fault-tolerance issue): the primary's epoch loop and
-//! its adaptive interval, output commit for network and disk, disk
-//! replication, failure detection, failover and re-protection.
+//! - [`epoch`]: how a checkpoint travels (state, dirty pages, disk writes,
+//!   an end record that makes a torn epoch detectable).
+//! - [`checkpoint`]: the state and synchronisation plan payloads.
+//! - [`standby`]: assembling frames into complete, checked epochs and
+//!   applying them atomically, in sequence.
+//! - [`primary`]: initial synchronisation and the epoch loop with output
+//!   commit (network frames released per acknowledged epoch, disk writes
+//!   shipped with their epoch) and the adaptive interval ([`interval`]).
+//! - [`replica`]: the standby process around the assembler; [`replica_disk`]
+//!   its disk files.
+//! - [`promote`]: turning the replica into the running VM after a failure.
+//! - [`pairing`]: what the nodes tell each other when the A-link opens.
+//! - [`status`]: the state and counters each node publishes.
 
+pub mod checkpoint;
 pub mod epoch;
+pub mod interval;
+pub mod pairing;
+pub mod primary;
+pub mod promote;
+pub mod replica;
+pub mod replica_disk;
 pub mod standby;
+pub mod status;

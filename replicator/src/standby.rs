@@ -1,5 +1,6 @@
 //! The standby side of an epoch: frames are staged until the epoch is
-//! complete and checked, then applied to the replica's memory in one go.
+//! complete and checked, then applied to the replica's memory and disks in
+//! one go.
 //! Anything else (a torn, corrupt, replayed or reordered epoch) is refused
 //! and the staged data is dropped: the replica never holds half an epoch.
 
@@ -8,7 +9,8 @@ use ft_link::{EpochSequencer, Frame, FrameKind, SequenceError};
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 use vmm::memory::GuestMemoryMmap;
 
-use crate::epoch::{page_records, EpochEnd, PAGE_SIZE};
+use crate::epoch::{disk_records, page_records, DiskRecord, EpochEnd, PAGE_SIZE};
+use crate::replica_disk::{ReplicaDisk, ReplicaDiskError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
@@ -32,6 +34,22 @@ pub enum StandbyError {
     },
     #[error("epoch {epoch}: the page frames do not match the end record's checksum (lost or reordered frames)")]
     PagesChecksum { epoch: u64 },
+    #[error("epoch {epoch} carries a malformed disk-write frame ({len} bytes)")]
+    BadDiskFrame { epoch: u64, len: usize },
+    #[error("epoch {epoch} is torn: {announced} disk writes announced, {received} received")]
+    TornWrites {
+        epoch: u64,
+        announced: u64,
+        received: u64,
+    },
+    #[error("epoch {epoch}: the disk-write frames do not match the end record's checksum")]
+    WritesChecksum { epoch: u64 },
+    #[error("epoch {epoch}: {source}")]
+    Disk {
+        epoch: u64,
+        #[source]
+        source: ReplicaDiskError,
+    },
     #[error("epoch {epoch} writes a page at {gpa:#x}, outside the replica's memory")]
     PageOutsideMemory { epoch: u64, gpa: u64 },
     #[error("applying epoch {epoch} failed: {source}")]
@@ -50,6 +68,8 @@ struct Staging {
     state: Bytes,
     pages: Vec<(u64, Bytes)>,
     crc: crc32fast::Hasher,
+    writes: Vec<DiskRecord>,
+    writes_crc: crc32fast::Hasher,
 }
 
 /// A complete, checked epoch, ready to apply.
@@ -58,6 +78,8 @@ pub struct CompleteEpoch {
     pub epoch: u64,
     pub state: Bytes,
     pub pages: Vec<(u64, Bytes)>,
+    /// Disk writes in the order the primary executed them.
+    pub writes: Vec<DiskRecord>,
 }
 
 /// Turns the frame stream into complete epochs and applies them in order.
@@ -112,6 +134,8 @@ impl EpochAssembler {
                     state: frame.payload,
                     pages: Vec::new(),
                     crc: crc32fast::Hasher::new(),
+                    writes: Vec::new(),
+                    writes_crc: crc32fast::Hasher::new(),
                 });
                 Ok(None)
             }
@@ -123,6 +147,16 @@ impl EpochAssembler {
                 })?;
                 s.pages.extend(records);
                 s.crc.update(&frame.payload);
+                Ok(None)
+            }
+            FrameKind::DiskWrites => {
+                let s = self.staged(FrameKind::DiskWrites, epoch)?;
+                let records = disk_records(&frame.payload).ok_or(StandbyError::BadDiskFrame {
+                    epoch,
+                    len: frame.payload.len(),
+                })?;
+                s.writes.extend(records);
+                s.writes_crc.update(&frame.payload);
                 Ok(None)
             }
             FrameKind::EpochEnd => {
@@ -141,10 +175,22 @@ impl EpochAssembler {
                 if end.pages_crc != s.crc.finalize() {
                     return Err(StandbyError::PagesChecksum { epoch });
                 }
+                let received = s.writes.len() as u64;
+                if end.writes != received {
+                    return Err(StandbyError::TornWrites {
+                        epoch,
+                        announced: end.writes,
+                        received,
+                    });
+                }
+                if end.writes_crc != s.writes_crc.finalize() {
+                    return Err(StandbyError::WritesChecksum { epoch });
+                }
                 Ok(Some(CompleteEpoch {
                     epoch,
                     state: s.state,
                     pages: s.pages,
+                    writes: s.writes,
                 }))
             }
             other => Err(StandbyError::Unexpected(other)),
@@ -162,15 +208,21 @@ impl EpochAssembler {
         }
     }
 
-    /// Applies a complete epoch to the replica's memory: every address is
-    /// checked first, so the epoch lands whole or not at all.
+    /// Applies a complete epoch to the replica's memory and disks: every
+    /// address and disk range is checked first, so the epoch lands whole or
+    /// not at all (short of the disk failing mid-way, which is reported).
     pub fn apply(
         &mut self,
         complete: &CompleteEpoch,
         mem: &GuestMemoryMmap,
+        disks: &[ReplicaDisk],
     ) -> Result<(), StandbyError> {
         let epoch = complete.epoch;
         self.sequencer.check(epoch)?;
+        for w in &complete.writes {
+            crate::replica_disk::check(disks, w)
+                .map_err(|source| StandbyError::Disk { epoch, source })?;
+        }
         for (gpa, _) in &complete.pages {
             let last = GuestAddress(gpa + PAGE_SIZE as u64 - 1);
             if gpa % PAGE_SIZE as u64 != 0
@@ -183,6 +235,11 @@ impl EpochAssembler {
         for (gpa, data) in &complete.pages {
             mem.write_slice(data, GuestAddress(*gpa))
                 .map_err(|source| StandbyError::Apply { epoch, source })?;
+        }
+        for w in &complete.writes {
+            disks[w.disk as usize]
+                .write(w.offset, &w.data)
+                .map_err(|source| StandbyError::Disk { epoch, source })?;
         }
         self.sequencer.applied(epoch);
         Ok(())
@@ -235,7 +292,7 @@ mod tests {
             .unwrap()
             .expect("complete");
         assert_eq!(done.state, Bytes::from_static(b"state"));
-        a.apply(&done, &ram.memory).unwrap();
+        a.apply(&done, &ram.memory, &[]).unwrap();
         assert_eq!(read(&ram.memory, 129 * 4096 + 17), 130);
         assert_eq!(a.expected(), 2);
     }
@@ -297,7 +354,7 @@ mod tests {
         let pages = vec![(0u64, page(1))];
         let mut a = EpochAssembler::new(1);
         let one = feed(&mut a, epoch_frames(1, &pages)).unwrap().unwrap();
-        a.apply(&one, &ram.memory).unwrap();
+        a.apply(&one, &ram.memory, &[]).unwrap();
         let replay = feed(&mut a, epoch_frames(1, &[(0, page(7))]));
         assert!(matches!(
             replay,
@@ -307,7 +364,7 @@ mod tests {
             }))
         ));
         assert!(
-            a.apply(&one, &ram.memory).is_err(),
+            a.apply(&one, &ram.memory, &[]).is_err(),
             "an applied epoch applies once"
         );
         let gap = feed(&mut a, epoch_frames(3, &pages));
@@ -341,7 +398,7 @@ mod tests {
         let wild = vec![(0u64, page(5)), (64 << 20, page(5))];
         let done = feed(&mut a, epoch_frames(1, &wild)).unwrap().unwrap();
         assert!(matches!(
-            a.apply(&done, &ram.memory),
+            a.apply(&done, &ram.memory, &[]),
             Err(StandbyError::PageOutsideMemory { .. })
         ));
         assert_eq!(read(&ram.memory, 0), 0);

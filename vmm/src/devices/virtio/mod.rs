@@ -25,9 +25,11 @@ use crate::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
 
 use self::block::state::BlockState;
+use self::block::write_log::WriteLog;
 use self::block::{Block, BlockError, DiskConfig};
 use self::mmio::{MmioError, MmioTransport};
 use self::net::state::NetState;
+use self::net::tx_gate::TxGate;
 use self::net::{Net, NetConfig, NetError};
 use self::state::MmioTransportState;
 
@@ -208,6 +210,25 @@ pub struct VirtioSlot {
     pub gsi: u32,
     pub config: DeviceConfig,
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// What replication reaches into: a NIC's transmit gate or a disk's
+    /// write record.
+    pub hook: DeviceHook,
+}
+
+/// The part of a device that output commit and disk mirroring drive.
+#[derive(Clone)]
+pub enum DeviceHook {
+    Disk(Arc<WriteLog>),
+    Net(Arc<TxGate>),
+}
+
+/// A device ready to be placed: the device and its hook.
+fn hooked<D: VirtioDevice + 'static>(
+    device: D,
+    hook: impl FnOnce(&D) -> DeviceHook,
+) -> (Box<dyn VirtioDevice>, DeviceHook) {
+    let hook = hook(&device);
+    (Box::new(device), hook)
 }
 
 /// The VM's virtio devices: disks first, then NICs, one MMIO window and one
@@ -235,11 +256,13 @@ impl VirtioDevices {
         Self::check_count(configs.len())?;
         let mut devices = VirtioDevices::default();
         for (index, config) in configs.into_iter().enumerate() {
-            let device: Box<dyn VirtioDevice> = match &config {
-                DeviceConfig::Disk(disk) => Box::new(Block::open(disk)?),
-                DeviceConfig::Net(net) => Box::new(Net::open(net)?),
+            let (device, hook) = match &config {
+                DeviceConfig::Disk(disk) => {
+                    hooked(Block::open(disk)?, |d| DeviceHook::Disk(d.write_log()))
+                }
+                DeviceConfig::Net(net) => hooked(Net::open(net)?, |d| DeviceHook::Net(d.tx_gate())),
             };
-            devices.add_slot(vm_fd, mmio, index, config, |interrupt| {
+            devices.add_slot(vm_fd, mmio, index, config, hook, |interrupt| {
                 Ok(MmioTransport::new(device, mem.clone(), interrupt))
             })?;
         }
@@ -257,12 +280,16 @@ impl VirtioDevices {
         Self::check_count(saved.len())?;
         let mut devices = VirtioDevices::default();
         for (index, slot) in saved.iter().enumerate() {
-            let device: Box<dyn VirtioDevice> = match (&slot.config, &slot.device) {
+            let (device, hook) = match (&slot.config, &slot.device) {
                 (DeviceConfig::Disk(disk), DeviceState::Block(state)) => {
-                    Box::new(Block::from_state(disk, state)?)
+                    hooked(Block::from_state(disk, state)?, |d| {
+                        DeviceHook::Disk(d.write_log())
+                    })
                 }
                 (DeviceConfig::Net(net), DeviceState::Net(state)) => {
-                    Box::new(Net::from_state(net, state)?)
+                    hooked(Net::from_state(net, state)?, |d| {
+                        DeviceHook::Net(d.tx_gate())
+                    })
                 }
                 (DeviceConfig::Disk(_), _) => {
                     return Err(VirtioError::StateMismatch {
@@ -277,7 +304,7 @@ impl VirtioDevices {
                     })
                 }
             };
-            devices.add_slot(vm_fd, mmio, index, slot.config.clone(), |interrupt| {
+            devices.add_slot(vm_fd, mmio, index, slot.config.clone(), hook, |interrupt| {
                 MmioTransport::from_state(device, mem.clone(), interrupt, &slot.transport)
                     .map_err(|source| VirtioError::RestoreTransport { index, source })
             })?;
@@ -315,6 +342,7 @@ impl VirtioDevices {
         mmio: &Bus,
         index: usize,
         config: DeviceConfig,
+        hook: DeviceHook,
         transport: impl FnOnce(Arc<VirtioInterrupt>) -> Result<MmioTransport, VirtioError>,
     ) -> Result<(), VirtioError> {
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
@@ -334,6 +362,7 @@ impl VirtioDevices {
             gsi,
             config,
             transport,
+            hook,
         });
         Ok(())
     }
@@ -350,6 +379,28 @@ impl VirtioDevices {
             ));
         }
         out
+    }
+
+    /// The transmit gates of the NICs, in device order.
+    pub fn tx_gates(&self) -> Vec<Arc<TxGate>> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.hook {
+                DeviceHook::Net(g) => Some(Arc::clone(g)),
+                DeviceHook::Disk(_) => None,
+            })
+            .collect()
+    }
+
+    /// The write records of the disks, in device order.
+    pub fn write_logs(&self) -> Vec<Arc<WriteLog>> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.hook {
+                DeviceHook::Disk(l) => Some(Arc::clone(l)),
+                DeviceHook::Net(_) => None,
+            })
+            .collect()
     }
 
     /// Stops device activity outside the vCPUs (network receive).

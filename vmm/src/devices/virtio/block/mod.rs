@@ -4,6 +4,7 @@
 
 pub mod request;
 pub mod state;
+pub mod write_log;
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use crate::memory::GuestMemoryMmap;
 
 use self::request::{Disk, SECTOR_SIZE};
 use self::state::{BlockState, BLOCK_STATE_VERSION};
+use self::write_log::WriteLog;
 use super::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, INTERRUPT_USED_BUFFER,
     VIRTIO_F_VERSION_1,
@@ -106,6 +108,7 @@ pub struct Block {
     capacity_sectors: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     active: Option<ActiveQueue>,
+    write_log: Arc<WriteLog>,
     pub counters: BlockCounters,
 }
 
@@ -146,6 +149,7 @@ impl Block {
             capacity_sectors,
             id,
             active: None,
+            write_log: Arc::default(),
             counters: BlockCounters::default(),
         })
     }
@@ -180,6 +184,11 @@ impl Block {
         }
     }
 
+    /// The record of this disk's writes (off until started).
+    pub fn write_log(&self) -> Arc<WriteLog> {
+        Arc::clone(&self.write_log)
+    }
+
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_sectors
     }
@@ -202,6 +211,7 @@ impl Block {
             capacity_sectors: self.capacity_sectors,
             read_only: self.config.read_only,
             id: &self.id,
+            log: Some(&self.write_log),
         };
         let mut used = false;
         while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {

@@ -12,6 +12,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::write_log::WriteLog;
 use crate::memory::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -68,6 +69,8 @@ pub struct Disk<'a> {
     pub capacity_sectors: u64,
     pub read_only: bool,
     pub id: &'a [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Where executed writes are recorded, when something mirrors the disk.
+    pub log: Option<&'a WriteLog>,
 }
 
 /// Guest buffers: (address, length) pieces in chain order.
@@ -184,7 +187,10 @@ fn run(
             }
             let data = skip_bytes(readable, HEADER_LEN);
             let offset = check_range(disk, sector, total(&data))?;
-            write_from_guest(mem, disk.file, offset, &data)?;
+            match disk.log.filter(|log| log.is_recording()) {
+                Some(log) => write_and_record(mem, disk.file, offset, &data, log)?,
+                None => write_from_guest(mem, disk.file, offset, &data)?,
+            }
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -264,6 +270,32 @@ fn read_into_guest(
             offset += n as u64;
         }
     }
+    Ok(())
+}
+
+/// Writes the guest's data through a buffer that the write log keeps.
+fn write_and_record(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    offset: u64,
+    segments: &Segments,
+    log: &WriteLog,
+) -> Result<(), RequestError> {
+    use std::os::unix::fs::FileExt;
+    let mut data = vec![0u8; total(segments) as usize];
+    let mut at = 0;
+    for &(addr, len) in segments {
+        mem.read_slice(&mut data[at..at + len], addr)
+            .map_err(mem_err(addr, len))?;
+        at += len;
+    }
+    file.write_all_at(&data, offset)
+        .map_err(|source| RequestError::File {
+            what: "write",
+            offset,
+            source,
+        })?;
+    log.record(offset, data);
     Ok(())
 }
 

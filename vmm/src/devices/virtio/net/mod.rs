@@ -13,6 +13,7 @@ pub mod queues;
 pub mod rx_thread;
 pub mod state;
 pub mod tap;
+pub mod tx_gate;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,7 @@ use self::queues::{NetCounters, NetQueues};
 use self::rx_thread::RxThread;
 use self::state::{NetState, NET_STATE_VERSION};
 use self::tap::{Tap, TapError};
+use self::tx_gate::TxGate;
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const QUEUE_SIZE: u16 = 256;
@@ -97,6 +99,7 @@ struct ActiveNet {
 pub struct Net {
     mac: [u8; 6],
     tap: Arc<Tap>,
+    gate: Arc<TxGate>,
     paused: bool,
     active: Option<ActiveNet>,
 }
@@ -104,9 +107,11 @@ pub struct Net {
 impl Net {
     /// Attaches to the TAP (it must exist or be creatable by this process).
     pub fn open(config: &NetConfig) -> Result<Net, NetError> {
+        let tap = Arc::new(Tap::open(&config.tap)?);
         Ok(Net {
             mac: config.mac,
-            tap: Arc::new(Tap::open(&config.tap)?),
+            gate: Arc::new(TxGate::new(Arc::clone(&tap))),
+            tap,
             paused: false,
             active: None,
         })
@@ -131,6 +136,11 @@ impl Net {
             version: NET_STATE_VERSION,
             mac: self.mac,
         }
+    }
+
+    /// The gate transmitted frames pass through.
+    pub fn tx_gate(&self) -> Arc<TxGate> {
+        Arc::clone(&self.gate)
     }
 
     /// Frame counters since activation (zero while inactive).
@@ -190,6 +200,7 @@ impl VirtioDevice for Net {
             tx,
             activation.interrupt,
             Arc::clone(&self.tap),
+            Arc::clone(&self.gate),
             self.paused,
         )));
         let rx_thread = RxThread::spawn(Arc::clone(&queues), self.tap.name())?;

@@ -10,6 +10,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
 use super::tap::{Tap, VNET_HDR_LEN};
+use super::tx_gate::TxGate;
 use crate::devices::virtio::{VirtioInterrupt, INTERRUPT_USED_BUFFER};
 use crate::memory::GuestMemoryMmap;
 
@@ -26,7 +27,8 @@ pub struct NetCounters {
     pub rx_dropped: u64,
     pub tx_frames: u64,
     pub tx_bytes: u64,
-    /// Frames the TAP refused (e.g. the interface is down).
+    /// Frames the guest queued malformed (the gate counts what the TAP
+    /// refused).
     pub tx_dropped: u64,
 }
 
@@ -53,6 +55,8 @@ pub struct NetQueues {
     pub tx: Queue,
     pub interrupt: Arc<VirtioInterrupt>,
     pub tap: Arc<Tap>,
+    /// Where transmitted frames go (the TAP, or held for output commit).
+    pub gate: Arc<TxGate>,
     /// While set, nothing is received (see `Net::pause`).
     pub paused: bool,
     pub counters: NetCounters,
@@ -67,6 +71,7 @@ impl NetQueues {
         tx: Queue,
         interrupt: Arc<VirtioInterrupt>,
         tap: Arc<Tap>,
+        gate: Arc<TxGate>,
         paused: bool,
     ) -> Self {
         NetQueues {
@@ -75,6 +80,7 @@ impl NetQueues {
             tx,
             interrupt,
             tap,
+            gate,
             paused,
             counters: NetCounters::default(),
             rx_frame: vec![0; MAX_FRAME_LEN],
@@ -116,10 +122,9 @@ impl NetQueues {
                     break;
                 }
             }
-            let sent = readable
-                && self.tx_frame.len() > VNET_HDR_LEN
-                && self.tap.write_frame(&self.tx_frame).is_ok();
+            let sent = readable && self.tx_frame.len() > VNET_HDR_LEN;
             if sent {
+                self.gate.transmit(&self.tx_frame);
                 self.counters.tx_frames += 1;
                 self.counters.tx_bytes += (self.tx_frame.len() - VNET_HDR_LEN) as u64;
             } else {

@@ -1,0 +1,82 @@
+//! What a checkpoint's `EpochBegin` frame and the `SyncBegin` frame carry
+//! (JSON, versioned): the VM's state, the addresses to announce after a
+//! takeover, and the geometry a standby needs before the first copy.
+
+use serde::{Deserialize, Serialize};
+use vmm::snapshot::MachineState;
+
+pub const CHECKPOINT_STATE_VERSION: u32 = 1;
+pub const SYNC_PLAN_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("encoding the checkpoint state failed: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("the checkpoint state ({len} bytes) is not valid: {source}")]
+    Decode {
+        len: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("checkpoint state version {found} is not supported (expected {expected})")]
+    Version { found: u32, expected: u32 },
+}
+
+/// The state half of a checkpoint (memory travels as pages).
+#[derive(Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub version: u32,
+    pub machine: MachineState,
+    /// IPv4 addresses the guest sent from (announced after a takeover).
+    pub guest_ipv4: Vec<[u8; 4]>,
+}
+
+/// What the primary announces before copying a VM to a new standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPlan {
+    pub version: u32,
+    pub mem_mib: u64,
+    /// Size in bytes of each disk, in device order.
+    pub disk_bytes: Vec<u64>,
+    /// Number of NICs (the standby needs a TAP for each).
+    pub nics: usize,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, CheckpointError> {
+    serde_json::from_slice(payload).map_err(|source| CheckpointError::Decode {
+        len: payload.len(),
+        source,
+    })
+}
+
+fn check_version(found: u32, expected: u32) -> Result<(), CheckpointError> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(CheckpointError::Version { found, expected })
+    }
+}
+
+impl CheckpointState {
+    pub fn to_payload(&self) -> Result<Vec<u8>, CheckpointError> {
+        serde_json::to_vec(self).map_err(CheckpointError::Encode)
+    }
+
+    pub fn from_payload(payload: &[u8]) -> Result<CheckpointState, CheckpointError> {
+        let state: CheckpointState = decode(payload)?;
+        check_version(state.version, CHECKPOINT_STATE_VERSION)?;
+        Ok(state)
+    }
+}
+
+impl SyncPlan {
+    pub fn to_payload(&self) -> Result<Vec<u8>, CheckpointError> {
+        serde_json::to_vec(self).map_err(CheckpointError::Encode)
+    }
+
+    pub fn from_payload(payload: &[u8]) -> Result<SyncPlan, CheckpointError> {
+        let plan: SyncPlan = decode(payload)?;
+        check_version(plan.version, SYNC_PLAN_VERSION)?;
+        Ok(plan)
+    }
+}

@@ -1,0 +1,61 @@
+//! When the next checkpoint is due. Between `min` and `max` (2 and 20 ms by
+//! default): as soon as `min` allows while guest output waits for a
+//! checkpoint (held output is latency a client sees), otherwise later the
+//! more a checkpoint costs, so the guest spends at most about a tenth of
+//! its time stopped.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntervalLimits {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for IntervalLimits {
+    fn default() -> Self {
+        IntervalLimits {
+            min: Duration::from_millis(2),
+            max: Duration::from_millis(20),
+        }
+    }
+}
+
+/// The guest runs at least this many times as long as it was stopped.
+const RUN_TO_STOP: u32 = 9;
+
+impl IntervalLimits {
+    /// How long after the last checkpoint's resume the next one is due.
+    /// `stopped`: how long the last checkpoint stopped the guest;
+    /// `output_waiting`: whether the guest transmitted since then.
+    pub fn next(&self, stopped: Duration, output_waiting: bool) -> Duration {
+        let by_cost = stopped * RUN_TO_STOP;
+        let wanted = if output_waiting {
+            by_cost.min(self.min.max(stopped))
+        } else {
+            by_cost
+        };
+        wanted.clamp(self.min, self.max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_shortens_and_cost_lengthens_within_limits() {
+        let l = IntervalLimits::default();
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        // Cheap checkpoints, nothing waiting: as short as cost allows.
+        assert_eq!(l.next(us(100), false), ms(2));
+        // Expensive ones: longer, capped at max.
+        assert_eq!(l.next(ms(1), false), ms(9));
+        assert_eq!(l.next(ms(5), false), ms(20));
+        // Output waiting: the minimum, whatever the cost.
+        assert_eq!(l.next(ms(1), true), ms(2));
+        assert_eq!(l.next(ms(5), true), ms(5));
+        assert_eq!(l.next(ms(50), true), ms(20));
+    }
+}

@@ -1,0 +1,270 @@
+//! Where the frames a guest transmits go: straight to the TAP ("open"), or
+//! held in numbered batches until the owner releases them. Output commit is
+//! built on this (the replicator seals a batch per epoch and releases it
+//! when the standby acknowledges the epoch); the device only sees a gate.
+//!
+//! The gate also learns the guest's IPv4 addresses from the frames it
+//! sends, so a node that takes the VM over can announce them.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::tap::{Tap, VNET_HDR_LEN};
+
+/// Held bytes beyond which further frames are dropped (and counted): the
+/// guest's protocols retransmit, memory stays bounded.
+pub const MAX_HELD_BYTES: usize = 64 << 20;
+/// How many guest addresses are remembered.
+const MAX_ADDRESSES: usize = 8;
+
+/// Counters of the gate (frames and bytes without the virtio header).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GateCounters {
+    /// Frames that went to the TAP (directly or released).
+    pub sent_frames: u64,
+    pub sent_bytes: u64,
+    /// Frames held at some point.
+    pub held_frames: u64,
+    /// Frames and bytes held right now (sealed or not).
+    pub holding_frames: u64,
+    pub holding_bytes: u64,
+    /// Frames dropped because too much was held or the TAP refused them.
+    pub dropped_frames: u64,
+}
+
+#[derive(Default)]
+struct Held {
+    holding: bool,
+    /// Frames since the last seal.
+    current: Vec<Vec<u8>>,
+    /// Sealed batches in order.
+    sealed: VecDeque<(u64, Vec<Vec<u8>>)>,
+    addresses: Vec<[u8; 4]>,
+    counters: GateCounters,
+}
+
+/// The transmit gate of one NIC.
+pub struct TxGate {
+    tap: Arc<Tap>,
+    held: Mutex<Held>,
+}
+
+/// The IPv4 source address of an Ethernet frame (IPv4 or ARP), if any.
+pub fn ipv4_source(ethernet: &[u8]) -> Option<[u8; 4]> {
+    let ethertype = u16::from_be_bytes(ethernet.get(12..14)?.try_into().ok()?);
+    let at = match ethertype {
+        0x0800 => 14 + 12,
+        0x0806 => 14 + 14,
+        _ => return None,
+    };
+    let ip: [u8; 4] = ethernet.get(at..at + 4)?.try_into().ok()?;
+    (ip != [0; 4]).then_some(ip)
+}
+
+impl TxGate {
+    pub fn new(tap: Arc<Tap>) -> TxGate {
+        TxGate {
+            tap,
+            held: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().expect("tx gate lock")
+    }
+
+    fn write(&self, frame: &[u8], counters: &mut GateCounters) {
+        if self.tap.write_frame(frame).is_ok() {
+            counters.sent_frames += 1;
+            counters.sent_bytes += frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+        } else {
+            counters.dropped_frames += 1;
+        }
+    }
+
+    /// A frame from the guest (virtio header included).
+    pub fn transmit(&self, frame: &[u8]) {
+        let mut held = self.lock();
+        let held = &mut *held;
+        if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
+            if !held.addresses.contains(&ip) && held.addresses.len() < MAX_ADDRESSES {
+                held.addresses.push(ip);
+            }
+        }
+        if !held.holding {
+            self.write(frame, &mut held.counters);
+            return;
+        }
+        if held.counters.holding_bytes as usize + frame.len() > MAX_HELD_BYTES {
+            held.counters.dropped_frames += 1;
+            return;
+        }
+        held.counters.held_frames += 1;
+        held.counters.holding_frames += 1;
+        held.counters.holding_bytes += frame.len() as u64;
+        held.current.push(frame.to_vec());
+    }
+
+    /// From now on frames are held until released.
+    pub fn hold(&self) {
+        self.lock().holding = true;
+    }
+
+    pub fn is_holding(&self) -> bool {
+        self.lock().holding
+    }
+
+    /// The frames held since the last seal become batch `batch` (call it
+    /// while the guest is paused, so the cut is exact); returns how many.
+    pub fn seal(&self, batch: u64) -> usize {
+        let mut held = self.lock();
+        let frames = std::mem::take(&mut held.current);
+        let n = frames.len();
+        if n > 0 {
+            held.sealed.push_back((batch, frames));
+        }
+        n
+    }
+
+    /// Frames held since the last seal (waiting for the next checkpoint).
+    pub fn unsealed(&self) -> usize {
+        self.lock().current.len()
+    }
+
+    /// Sends every sealed batch numbered `batch` or lower; returns the
+    /// number of frames sent.
+    pub fn release_through(&self, batch: u64) -> usize {
+        let mut held = self.lock();
+        let held = &mut *held;
+        let mut sent = 0;
+        while held.sealed.front().is_some_and(|(b, _)| *b <= batch) {
+            let (_, frames) = held.sealed.pop_front().expect("checked");
+            for frame in frames {
+                held.counters.holding_frames -= 1;
+                held.counters.holding_bytes -= frame.len() as u64;
+                self.write(&frame, &mut held.counters);
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// Stops holding: everything held (sealed or not) is sent in order and
+    /// later frames go out at once. Used when no replica remains to wait
+    /// for (this node's copy is the only one).
+    pub fn open(&self) -> usize {
+        let mut held = self.lock();
+        let held = &mut *held;
+        held.holding = false;
+        let mut frames: Vec<Vec<u8>> = held.sealed.drain(..).flat_map(|(_, f)| f).collect();
+        frames.append(&mut held.current);
+        for frame in &frames {
+            self.write(frame, &mut held.counters);
+        }
+        held.counters.holding_frames = 0;
+        held.counters.holding_bytes = 0;
+        frames.len()
+    }
+
+    /// Drops everything held (a replica that is never promoted never
+    /// releases its output: it belongs to epochs that did not commit).
+    pub fn discard(&self) -> usize {
+        let mut held = self.lock();
+        let n = held.current.len() + held.sealed.iter().map(|(_, f)| f.len()).sum::<usize>();
+        held.current.clear();
+        held.sealed.clear();
+        held.counters.holding_frames = 0;
+        held.counters.holding_bytes = 0;
+        n
+    }
+
+    /// Sends an Ethernet frame of the host's own (e.g. a gratuitous ARP) at
+    /// once, past anything held.
+    pub fn inject(&self, ethernet: &[u8]) -> std::io::Result<()> {
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend_from_slice(ethernet);
+        self.tap.write_frame(&frame).map(|_| ())
+    }
+
+    /// The IPv4 addresses the guest has sent from.
+    pub fn guest_ipv4(&self) -> Vec<[u8; 4]> {
+        self.lock().addresses.clone()
+    }
+
+    pub fn counters(&self) -> GateCounters {
+        self.lock().counters
+    }
+}
+
+/// A gratuitous ARP request announcing that `ip` is at `mac`.
+pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06]); // ARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip);
+    f.resize(60, 0);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_learned_from_ipv4_and_arp() {
+        let arp = gratuitous_arp([0x52, 0x54, 0, 1, 2, 3], [10, 77, 0, 100]);
+        assert_eq!(ipv4_source(&arp), Some([10, 77, 0, 100]));
+        let mut ip = vec![0u8; 34];
+        ip[12..14].copy_from_slice(&[0x08, 0x00]);
+        ip[26..30].copy_from_slice(&[192, 168, 1, 7]);
+        assert_eq!(ipv4_source(&ip), Some([192, 168, 1, 7]));
+        ip[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(ipv4_source(&ip), None);
+        assert_eq!(ipv4_source(&ip[..10]), None);
+    }
+
+    fn frame(n: u8) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN + 60];
+        f[VNET_HDR_LEN + 59] = n;
+        f
+    }
+
+    #[test]
+    fn held_frames_leave_only_when_their_batch_is_released() {
+        // A TAP that is down: released frames are written (and refused by
+        // the kernel, counted as dropped); either way they left the gate.
+        let tap = Arc::new(Tap::open("ftgatet0").expect("TAP (needs CAP_NET_ADMIN)"));
+        let gate = TxGate::new(tap);
+        let left = |g: &TxGate| {
+            let c = g.counters();
+            c.sent_frames + c.dropped_frames
+        };
+        gate.hold();
+        for n in 0..3 {
+            gate.transmit(&frame(n));
+        }
+        assert_eq!(gate.seal(7), 3);
+        gate.transmit(&frame(3));
+        gate.transmit(&frame(4));
+        assert_eq!(gate.counters().holding_frames, 5);
+        assert_eq!(left(&gate), 0, "nothing leaves before a release");
+        assert_eq!(gate.release_through(6), 0, "batch 7 is not released by 6");
+        assert_eq!(left(&gate), 0);
+        assert_eq!(gate.release_through(7), 3);
+        assert_eq!(left(&gate), 3);
+        assert_eq!(gate.unsealed(), 2);
+        assert_eq!(gate.seal(8), 2);
+        assert_eq!(gate.discard(), 2);
+        assert_eq!(gate.release_through(100), 0, "discarded frames never leave");
+        gate.transmit(&frame(5));
+        assert_eq!(gate.open(), 1);
+        gate.transmit(&frame(6));
+        assert_eq!(left(&gate), 5, "an open gate sends at once");
+        assert_eq!(gate.counters().holding_frames, 0);
+    }
+}
