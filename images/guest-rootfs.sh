@@ -6,7 +6,7 @@
 STEP=guest-rootfs
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BIN_DIR=${1:?usage: guest-rootfs.sh BIN_DIR}
-TOOLS=(ft-dirtier ft-counter)
+TOOLS=(ft-dirtier ft-counter ft-ledger)
 
 need_pkgs busybox-static cpio e2fsprogs gzip
 BB_VER=$(dpkg-query -W -f='${Version}' busybox-static)

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Builds the lab node image: Debian's cloud kernel, its kvm/kvm-amd, virtio,
 # tun and bridge modules, and an initramfs with busybox and the project's
-# static binaries (lab-agent, ftvmm); plus the read-only "images" disk that
+# static binaries (lab-agent, ftvmm, ftprotect); plus the read-only "images" disk that
 # every node mounts on /images (guest kernel, guest initramfs and root disk,
-# static guest binaries).
+# an empty guest data disk, static guest binaries).
 # Usage: lab-node.sh BIN_DIR GUEST_KERNEL_DIR GUEST_ROOTFS_DIR
 # Prints the artifact folder on stdout.
 STEP=lab-node
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BIN_DIR=${1:?usage}; GK=${2:?usage}; GR=${3:?usage}
-NODE_BINS=(lab-agent ftvmm)
+NODE_BINS=(lab-agent ftvmm ftprotect)
 IMAGE_BINS=(ftvmm ft-dirtier)
 MODULES=(kvm_amd kvm_intel virtio_pci virtio_net virtio_blk tun bridge)
 
@@ -90,6 +90,8 @@ cp "$GK/vmlinux" "$GK/bzImage" "$IMG/"
 cp "$GR/initramfs.cpio.gz" "$IMG/guest-initramfs.cpio.gz"
 cp "$GR/rootfs.ext4" "$IMG/guest-rootfs.ext4"
 for b in "${IMAGE_BINS[@]}"; do cp "$BIN_DIR/$b" "$IMG/bin/$b"; done
+# An empty 16 MiB ext4 data disk for protected guests (the ledger's file).
+mke2fs -q -t ext4 -L ftdata -F "$IMG/guest-data.ext4" 16M >&2
 size_mb=$(( $(du -sm "$IMG" | cut -f1) + 64 ))
 log "making images disk (${size_mb} MiB)"
 mke2fs -q -t ext4 -L ftimages -d "$IMG" -F "$OUT/images.ext4" "${size_mb}M" >&2

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use lab::topology::DEFAULT_LAB;
-use lab::{images, smoke, Lab, LabError, LinkId, NodeId};
+use lab::{drill, ft_pair, images, smoke, Lab, LabError, LinkId, NodeId};
 
 #[derive(Parser)]
 #[command(name = "ftctl", about = "Control a fault-tolerant VM pair and its lab")]
@@ -64,6 +64,25 @@ enum LabCommand {
     Cut { link: LinkId },
     /// Restore a cut link.
     Heal { link: LinkId },
+    /// Start the pair (if needed) and run the ledger VM protected at level
+    /// FT: primary on node a, standby on node b. Prints the FT status.
+    Protect {
+        /// Extra ftprotect options for both nodes (e.g. "--synchronous").
+        #[arg(long, default_value = "")]
+        ftprotect_args: String,
+    },
+    /// Show the FT status of both nodes (JSON).
+    FtStatus,
+    /// Run N failover drills on the protected ledger VM (the lab is started
+    /// afresh): pull the primary at a random moment, check the ledger,
+    /// bring the node back, re-protect. Prints a table, writes a JSON report.
+    Drill {
+        #[arg(long, default_value_t = 5)]
+        count: u32,
+        /// Where the JSON report goes (default: the lab's folder).
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+    },
     /// Boot a node, check kvm_amd in it, run a ring-0 test guest, report.
     Smoke {
         /// Loop turns of the test guest.
@@ -140,6 +159,48 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
         LabCommand::Heal { link } => {
             lab.set_link(link, true)?;
             println!("link {link} healed");
+        }
+        LabCommand::Protect { ftprotect_args } => {
+            lab.up(&NodeId::ALL)?;
+            match ft_pair::protect(lab, NodeId::A, &ftprotect_args) {
+                Ok(status) => {
+                    println!("{}", serde_json::to_string_pretty(&status).expect("json"));
+                    println!(
+                        "ledger VM protected: primary a, standby b; ledger at {} \
+                         (`ftctl lab ft-status`, `ftctl lab pull a` to fail it over)",
+                        ft_pair::ledger_addr(lab)
+                    );
+                }
+                Err(e) => {
+                    eprintln!("ftctl: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        LabCommand::FtStatus => {
+            for node in NodeId::ALL {
+                let status = ft_pair::status(lab, node).unwrap_or(serde_json::Value::Null);
+                println!(
+                    "node {node}: {}",
+                    serde_json::to_string_pretty(&status).expect("json")
+                );
+            }
+        }
+        LabCommand::Drill { count, report } => {
+            let path = report.unwrap_or_else(|| lab.topo.dir.join("drill-report.json"));
+            match drill::run(lab, count, &path) {
+                Ok(report) => {
+                    drill::print_table(&report);
+                    println!("report: {}", path.display());
+                    if !report.passed {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("ftctl: drill failed: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
         LabCommand::Smoke { iterations } => {
             let report = smoke::run(iterations)?;

@@ -1,7 +1,9 @@
 //! Programs that run inside FT guests (built static, installed in the guest
-//! images by `images/guest-rootfs.sh`). Today: `ft-dirtier`, a memory dirtier
-//! with a chosen rate for benchmarks. The ledger service and the guest agent
-//! come with the issues that use them.
+//! images by `images/guest-rootfs.sh`): `ft-dirtier`, a memory dirtier with
+//! a chosen rate for benchmarks; `ft-counter`; `ft-ledger`, the ledger
+//! service whose acknowledged operations must survive failovers, with its
+//! client and checker in [`ledger`] (used on the host by `ftctl lab drill`).
 
 pub mod dirtier;
+pub mod ledger;
 pub mod pagemap;

@@ -11,6 +11,8 @@
 //! cable between them, business network = the LAN, agent = ssh.
 
 pub mod agent;
+pub mod drill;
+pub mod ft_pair;
 pub mod host_net;
 pub mod images;
 pub mod lab;

@@ -89,8 +89,8 @@ pub struct PrimaryConfig {
 /// Protects `vm` for as long as the process runs.
 pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
     let mut last_refusal = String::new();
+    status.set_state("primary", "unprotected", None);
     loop {
-        status.set_state("primary", "unprotected", None);
         let link = loop {
             match Link::connect(config.peer.as_str(), &config.link).await {
                 Ok(link) => break link,
@@ -120,6 +120,7 @@ pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
             "unprotected",
             Some(format!("standby lost: {error}")),
         );
+        tokio::time::sleep(config.retry_every).await;
     }
 }
 

@@ -26,7 +26,7 @@ use crate::devices::serial::state::SerialDeviceState;
 use crate::devices::serial::{SerialDevice, SerialError, SerialOutput, SERIAL_LEN};
 use crate::devices::virtio::block::DiskConfig;
 use crate::devices::virtio::net::NetConfig;
-use crate::devices::virtio::{VirtioDevices, VirtioError};
+use crate::devices::virtio::{DeviceConfig, VirtioDevices, VirtioError};
 use crate::dirty::{DirtyLog, DirtyLogError, DirtyPages};
 use crate::kvm_host::{self, KvmFlavor, KvmHostError};
 use crate::layout::{COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS};
@@ -396,8 +396,22 @@ impl Vm {
                 cmdline: String::new(),
             },
             serial,
-            disks: Vec::new(),
-            nets: Vec::new(),
+            disks: state
+                .virtio
+                .iter()
+                .filter_map(|s| match &s.config {
+                    DeviceConfig::Disk(d) => Some(d.clone()),
+                    DeviceConfig::Net(_) => None,
+                })
+                .collect(),
+            nets: state
+                .virtio
+                .iter()
+                .filter_map(|s| match &s.config {
+                    DeviceConfig::Net(n) => Some(n.clone()),
+                    DeviceConfig::Disk(_) => None,
+                })
+                .collect(),
             cpu_features: state.cpu_features,
         };
         let machine = Machine::create(&config, Some(&state.serial), Some(ram))?;
