@@ -6,6 +6,9 @@
 //! APPEND <id>  ->  OK <id> <seq>      (after the id is in memory and fsync'd to the file)
 //! DUMP         ->  MEM <n> <id> ...   (the ids in memory, in order)
 //! FILE         ->  FILE <n> <id> ...  (the ids read back from the file on disk)
+//! PING         ->  PONG
+//! SPIN <ms>    ->  SPUN <loop turns>          (CPU-bound work timed in the guest)
+//! DIRTY <ms> <mib> -> DIRTIED <pages>         (memory-bound work timed in the guest)
 //! anything else -> ERR <reason>
 //! ```
 
@@ -98,6 +101,32 @@ impl LedgerClient {
                 line: line.to_string(),
             }),
         }
+    }
+
+    /// One round trip; returns how long it took.
+    pub fn ping(&mut self) -> Result<Duration, LedgerError> {
+        let start = Instant::now();
+        let line = self.request("PING", "PING")?;
+        if line != "PONG" {
+            return Err(LedgerError::Answer {
+                what: "PING",
+                line: line.to_string(),
+            });
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Runs a workload in the guest (`SPIN ms` or `DIRTY ms mib`); returns
+    /// the work count it reports.
+    pub fn workload(&mut self, request: &str) -> Result<u64, LedgerError> {
+        let line = self.request("workload", request)?;
+        line.split_ascii_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .ok_or(LedgerError::Answer {
+                what: "workload",
+                line: line.to_string(),
+            })
     }
 
     /// The ids the service holds in memory.

@@ -332,7 +332,7 @@ async fn send_pages(
 
 /// One checkpoint's capture, taken while the guest is stopped.
 struct Captured {
-    state: Vec<u8>,
+    state: CheckpointState,
     pages: (Vec<Bytes>, u64),
     writes: (Vec<Bytes>, u64),
 }
@@ -371,12 +371,12 @@ fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
         gate.seal(epoch);
         guest_ipv4.extend(gate.guest_ipv4());
     }
+    // Encoded after the guest resumes (see `epochs`).
     let state = CheckpointState {
         version: CHECKPOINT_STATE_VERSION,
         machine,
         guest_ipv4,
-    }
-    .to_payload()?;
+    };
     Ok(Captured {
         state,
         pages,
@@ -427,12 +427,16 @@ async fn epochs(
         let mut stopped = stop_start.elapsed();
         let dirty = captured.pages.1;
         let writes = captured.writes.1;
-        let frames = epoch::frames(
-            epoch,
-            Bytes::from(captured.state),
-            captured.pages,
-            captured.writes,
-        );
+        let state = match captured.state.to_payload() {
+            Ok(s) => s,
+            Err(e) => {
+                if config.synchronous {
+                    vm.resume();
+                }
+                return Err(e.into());
+            }
+        };
+        let frames = epoch::frames(epoch, Bytes::from(state), captured.pages, captured.writes);
         let sent = send_all(tx, &frames, status).await;
         let sent_at = Instant::now();
         let acked = match sent {

@@ -140,6 +140,15 @@ async fn receive(
             Ok(frame) => frame,
             Err(error) => {
                 let aborted = assembler.abort();
+                // A corrupt frame is bad input, not a dead primary: the
+                // session ends without a takeover (the primary, alive,
+                // resynchronises).
+                if matches!(
+                    error,
+                    LinkError::Corrupt { .. } | LinkError::PeerRefused { .. }
+                ) {
+                    return Err(refused(status, error.into()));
+                }
                 return match committed {
                     Some((epoch, state)) => {
                         warn!(%error, last_committed = epoch, discarded_epoch = ?aborted,

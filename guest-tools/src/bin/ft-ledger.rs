@@ -1,13 +1,18 @@
 //! `ft-ledger PORT FILE`: the ledger service (see `guest_tools::ledger`).
 //! Every APPEND is written to FILE and fsync'd before it is acknowledged;
 //! FILE requests read the file back from the disk (its cached pages are
-//! dropped first).
+//! dropped first). For benchmarks it also runs workloads on request, timed
+//! inside the guest: `PING` (round trips), `SPIN ms` (CPU-bound loop turns)
+//! and `DIRTY ms mib` (memory-bound: pages written round-robin).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use guest_tools::dirtier::Dirtier;
 
 struct Ledger {
     ids: Vec<u64>,
@@ -35,7 +40,53 @@ fn read_back(ledger: &mut Ledger) -> std::io::Result<Vec<u64>> {
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
+/// CPU-bound work for `ms` milliseconds; returns loop turns.
+fn spin(ms: u64) -> u64 {
+    let end = Instant::now() + Duration::from_millis(ms);
+    let (mut turns, mut x) = (0u64, 1u64);
+    while Instant::now() < end {
+        for _ in 0..10_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+        }
+        turns += 10_000;
+    }
+    std::hint::black_box(x);
+    turns
+}
+
+/// Memory-bound work: writes pages of a `mib` MiB buffer round-robin for
+/// `ms` milliseconds; returns pages written.
+fn dirty(ms: u64, mib: usize) -> u64 {
+    let mut d = Dirtier::new(mib);
+    let end = Instant::now() + Duration::from_millis(ms);
+    let mut pages = 0u64;
+    while Instant::now() < end {
+        d.dirty(256);
+        pages += 256;
+    }
+    std::hint::black_box(d.checksum());
+    pages
+}
+
+fn workload(request: &str) -> Option<String> {
+    let w: Vec<&str> = request.split_ascii_whitespace().collect();
+    match w.as_slice() {
+        ["PING"] => Some("PONG".into()),
+        ["SPIN", ms] => Some(format!("SPUN {}", spin(ms.parse().ok()?))),
+        ["DIRTY", ms, mib] => Some(format!(
+            "DIRTIED {}",
+            dirty(ms.parse().ok()?, mib.parse::<usize>().ok()?.clamp(1, 1024))
+        )),
+        _ => None,
+    }
+}
+
 fn answer(ledger: &Mutex<Ledger>, request: &str) -> String {
+    if let Some(reply) = workload(request) {
+        return reply;
+    }
     let mut ledger = ledger.lock().expect("ledger lock");
     let mut words = request.split_ascii_whitespace();
     match (words.next(), words.next()) {

@@ -1,0 +1,323 @@
+//! The standby process's receiving side over a real, authenticated A-link
+//! on loopback TCP (no guest needed: the replica is memory and a disk
+//! file). Each invariant on its own:
+//! - a complete epoch is applied (memory and disk) and acknowledged;
+//! - a truncated epoch (the primary dies mid-epoch) is never applied: the
+//!   replica handed over for promotion holds the previous epoch exactly;
+//! - a replayed epoch is refused, not acknowledged, and ends the session
+//!   without a takeover;
+//! - a frame corrupted on the wire is refused and causes no takeover.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ft_link::{CpuFeatureSummary, Frame, FrameKind, Hello, Link, LinkConfig, PairSecret, Role};
+use replicator::checkpoint::{
+    CheckpointState, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
+};
+use replicator::epoch::{self, DiskRecord, PAGE_SIZE};
+use replicator::replica::{stand_by, Replica, StandbyConfig};
+use replicator::status::StatusBoard;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use vm_memory::{Bytes as _, GuestAddress};
+
+const WITHIN: Duration = Duration::from_secs(10);
+const MEM_MIB: u64 = 16;
+const DISK_BYTES: u64 = 1 << 20;
+
+fn link_config(role: Role) -> LinkConfig {
+    let hello = Hello::new(
+        format!("test-{role}"),
+        role,
+        CpuFeatureSummary {
+            name: "x86-64-v2".into(),
+            words: vec![1, 2, 3],
+        },
+        "test-vm",
+    );
+    let mut c = LinkConfig::new(
+        PairSecret::new(b"standby-session-test-pair-secret".to_vec()).unwrap(),
+        hello,
+    );
+    c.heartbeat_interval = Duration::from_millis(50);
+    c.heartbeat_timeout = Duration::from_millis(400);
+    c
+}
+
+/// A machine state that decodes (no vCPUs: the standby never runs it here).
+fn state_payload() -> Bytes {
+    let json = serde_json::json!({
+        "version": CHECKPOINT_STATE_VERSION,
+        "guest_ipv4": [[10, 77, 0, 100]],
+        "machine": serde_json::to_value(minimal_machine()).unwrap(),
+    });
+    let state: CheckpointState = serde_json::from_value(json).expect("a valid checkpoint state");
+    Bytes::from(state.to_payload().unwrap())
+}
+
+fn minimal_machine() -> vmm::snapshot::MachineState {
+    vmm::snapshot::MachineState {
+        version: vmm::snapshot::MACHINE_STATE_VERSION,
+        captured_unix_ns: 0,
+        vcpu_count: 1,
+        mem_mib: MEM_MIB,
+        msr_indices: vec![],
+        cpu_features: vmm::cpu::features::FeatureSet::X86_64V2,
+        vcpus: vec![],
+        vm: vmm::vm_state::VmState {
+            version: 1,
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        serial: vmm::devices::serial::state::SerialDeviceState {
+            version: vmm::devices::serial::state::SERIAL_STATE_VERSION,
+            baud_divisor_low: 0,
+            baud_divisor_high: 0,
+            interrupt_enable: 0,
+            interrupt_identification: 0,
+            line_control: 0,
+            line_status: 0,
+            modem_control: 0,
+            modem_status: 0,
+            scratch: 0,
+            in_buffer: vec![],
+        },
+        virtio: vec![],
+    }
+}
+
+/// Epoch `n`: page 5 filled with `fill`, plus one disk write at 512.
+fn epoch_frames(n: u64, fill: u8, disk_text: &'static [u8]) -> Vec<Frame> {
+    let mut page = vec![0u8; 8 + PAGE_SIZE];
+    page[..8].copy_from_slice(&(5 * PAGE_SIZE as u64).to_le_bytes());
+    page[8..].fill(fill);
+    let writes = epoch::disk_payloads([DiskRecord {
+        disk: 0,
+        offset: 512,
+        data: Bytes::from_static(disk_text),
+    }]);
+    epoch::frames(n, state_payload(), (vec![Bytes::from(page)], 1), writes)
+}
+
+struct Standby {
+    addr: SocketAddr,
+    status: StatusBoard,
+    task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start_standby(name: &str) -> Standby {
+    let dir = std::env::temp_dir().join(format!("ft-standby-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A free port (bound and released; the standby binds it again).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = StandbyConfig {
+        listen: addr.to_string(),
+        link: link_config(Role::Standby),
+        disks: vec![dir.join("disk.img")],
+        taps: vec![],
+    };
+    let status = StatusBoard::new("test-standby", "standby", None);
+    let board = status.clone();
+    let task = tokio::spawn(async move { stand_by(&config, &board).await });
+    // Wait for it to listen.
+    for _ in 0..100 {
+        if TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Standby {
+        addr,
+        status,
+        task,
+        _dir: TempDir(dir),
+    }
+}
+
+async fn send(link: &Link, frames: &[Frame]) {
+    for f in frames {
+        link.send(f).await.expect("send");
+    }
+}
+
+/// Connects as the primary and sends the synchronisation (page 5 = 0x11).
+async fn synced_primary(addr: SocketAddr) -> Link {
+    let link = tokio::time::timeout(WITHIN, Link::connect(addr, &link_config(Role::Primary)))
+        .await
+        .expect("connect in time")
+        .expect("handshake");
+    let plan = SyncPlan {
+        version: SYNC_PLAN_VERSION,
+        mem_mib: MEM_MIB,
+        disk_bytes: vec![DISK_BYTES],
+        nics: 0,
+    };
+    let mut page = vec![0x11u8; 8 + PAGE_SIZE];
+    page[..8].copy_from_slice(&(5 * PAGE_SIZE as u64).to_le_bytes());
+    send(
+        &link,
+        &[
+            Frame::new(FrameKind::SyncBegin, 0, plan.to_payload().unwrap()),
+            Frame::new(FrameKind::SyncPages, 0, page),
+        ],
+    )
+    .await;
+    link
+}
+
+async fn expect_ack(link: &mut Link, epoch: u64) {
+    let f = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("an answer in time")
+        .expect("the link stays up");
+    assert_eq!((f.kind, f.epoch), (FrameKind::Ack, epoch));
+}
+
+fn page5(replica: &Replica) -> u8 {
+    replica
+        .ram
+        .memory
+        .read_obj::<u8>(GuestAddress(5 * PAGE_SIZE as u64 + 100))
+        .unwrap()
+}
+
+fn disk_at_512(replica: &Replica, len: usize) -> Vec<u8> {
+    let data = std::fs::read(&replica.disks[0].path).unwrap();
+    data[512..512 + len].to_vec()
+}
+
+#[tokio::test]
+async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed_over() {
+    let standby = start_standby("truncated").await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    // Epoch 2 stops before its end record: the primary dies mid-send.
+    let mut two = epoch_frames(2, 0x33, b"two");
+    two.pop();
+    send(&link, &two).await;
+    drop(link);
+    let replica = tokio::time::timeout(WITHIN, standby.task)
+        .await
+        .expect("the standby takes over in time")
+        .unwrap()
+        .expect("a replica to promote");
+    assert_eq!(replica.epoch, 1, "the last committed epoch");
+    assert_eq!(page5(&replica), 0x22, "memory of epoch 1, none of epoch 2");
+    assert_eq!(
+        disk_at_512(&replica, 3),
+        b"one",
+        "disk of epoch 1, none of epoch 2"
+    );
+    assert_eq!(replica.state.guest_ipv4, vec![[10, 77, 0, 100]]);
+    assert_eq!(standby.status.snapshot().counters.epochs_applied, 1);
+}
+
+#[tokio::test]
+async fn a_replayed_epoch_is_refused_unacknowledged_and_causes_no_takeover() {
+    let standby = start_standby("replayed").await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    send(&link, &epoch_frames(1, 0x44, b"bad")).await;
+    // No acknowledgement: the standby ends the session instead.
+    let answer = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("the session ends in time");
+    assert!(
+        answer.is_err(),
+        "the replayed epoch was answered: {answer:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !standby.task.is_finished(),
+        "no takeover after a refused epoch"
+    );
+    let status = standby.status.snapshot();
+    assert_eq!(status.counters.epochs_rejected, 1);
+    assert_eq!(status.counters.epochs_applied, 1);
+    assert_eq!(status.state, "waiting");
+    standby.task.abort();
+}
+
+/// A TCP relay that flips one bit in the next large chunk it forwards
+/// from the primary once `corrupt` is set.
+async fn corrupting_relay(to: SocketAddr, corrupt: Arc<AtomicBool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (from_primary, _) = listener.accept().await.unwrap();
+        let to_standby = TcpStream::connect(to).await.unwrap();
+        let (mut pr, mut pw) = from_primary.into_split();
+        let (mut sr, mut sw) = to_standby.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut sr, &mut pw).await;
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match pr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if n > 1000 && corrupt.swap(false, Ordering::SeqCst) {
+                buf[n / 2] ^= 0x10;
+            }
+            if sw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
+    let standby = start_standby("corrupt").await;
+    let corrupt = Arc::new(AtomicBool::new(false));
+    let relay = corrupting_relay(standby.addr, Arc::clone(&corrupt)).await;
+    let mut link = synced_primary(relay).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    corrupt.store(true, Ordering::SeqCst);
+    send(&link, &epoch_frames(2, 0x33, b"two")).await;
+    let answer = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("the session ends in time");
+    assert!(
+        answer.is_err(),
+        "a corrupted epoch was answered: {answer:?}"
+    );
+    assert!(
+        !corrupt.load(Ordering::SeqCst),
+        "the relay corrupted a frame"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !standby.task.is_finished(),
+        "no takeover after a corrupt frame"
+    );
+    let status = standby.status.snapshot();
+    assert_eq!(status.counters.epochs_rejected, 1);
+    assert_eq!(status.counters.epochs_applied, 1);
+    standby.task.abort();
+}

@@ -1,0 +1,189 @@
+//! Benchmark in the lab: the ledger VM unprotected, then protected at level
+//! FT (speculative, then synchronous mode), side by side. For each: checkpoints
+//! per second, guest stop time per checkpoint p50/p99, dirty pages per epoch,
+//! A-link bytes per second, round-trip latency to the guest (and what FT
+//! adds), and the throughput of a CPU-bound and of a memory-bound workload
+//! timed inside the guest, as ratios to unprotected.
+//!
+//! Run: `cargo bench -p ft-tests --bench ft_overhead` (needs the lab, about
+//! 5 minutes). Nested virtualization under TCG: absolute figures are far
+//! below hardware; the ratios are the point.
+
+use std::time::{Duration, Instant};
+
+use ft_tests::LabPair;
+use guest_tools::ledger::LedgerClient;
+use lab::ft_pair;
+use lab::NodeId;
+
+const WORK_MS: u64 = 4000;
+const DIRTY_MIB: usize = 32;
+const PINGS: usize = 100;
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    checkpoints_per_s: f64,
+    stop_p50_us: u64,
+    stop_p99_us: u64,
+    dirty_per_epoch: f64,
+    alink_mb_per_s: f64,
+    rtt_p50_ms: f64,
+    rtt_p99_ms: f64,
+    cpu_turns_per_s: f64,
+    mem_pages_per_s: f64,
+}
+
+fn counters(lab: &LabPair) -> serde_json::Value {
+    ft_pair::status(lab.lab(), NodeId::A).map_or(serde_json::Value::Null, |s| s["counters"].clone())
+}
+
+fn n(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(0.0)
+}
+
+fn percentile_ms(mut v: Vec<Duration>, p: f64) -> f64 {
+    v.sort();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1000.0
+}
+
+fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
+    let before = counters(lab);
+    let start = Instant::now();
+    let rtts: Vec<Duration> = (0..PINGS).map(|_| client.ping().expect("ping")).collect();
+    let cpu = client.workload(&format!("SPIN {WORK_MS}")).expect("spin");
+    let mem = client
+        .workload(&format!("DIRTY {WORK_MS} {DIRTY_MIB}"))
+        .expect("dirty");
+    let secs = start.elapsed().as_secs_f64();
+    let after = counters(lab);
+    let checkpoints = n(&after, "checkpoints") - n(&before, "checkpoints");
+    Figures {
+        checkpoints_per_s: checkpoints / secs,
+        stop_p50_us: after["stop_us_p50"].as_u64().unwrap_or(0),
+        stop_p99_us: after["stop_us_p99"].as_u64().unwrap_or(0),
+        dirty_per_epoch: if checkpoints > 0.0 {
+            (n(&after, "dirty_pages_total") - n(&before, "dirty_pages_total")) / checkpoints
+        } else {
+            0.0
+        },
+        alink_mb_per_s: (n(&after, "alink_bytes_sent") - n(&before, "alink_bytes_sent"))
+            / secs
+            / 1e6,
+        rtt_p50_ms: percentile_ms(rtts.clone(), 50.0),
+        rtt_p99_ms: percentile_ms(rtts, 99.0),
+        cpu_turns_per_s: cpu as f64 / (WORK_MS as f64 / 1000.0),
+        mem_pages_per_s: mem as f64 / (WORK_MS as f64 / 1000.0),
+    }
+}
+
+fn connect(lab: &LabPair) -> LedgerClient {
+    let addr = ft_pair::ledger_addr(lab.lab());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match LedgerClient::connect(addr, Duration::from_secs(120)) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("ledger not serving: {e}"),
+        }
+    }
+}
+
+fn run_mode(lab: &LabPair, extra: &str) -> (Figures, Figures) {
+    for node in NodeId::ALL {
+        ft_pair::prepare_node(lab.lab(), node).expect("prepare");
+        lab.sh(
+            node,
+            "pkill ftprotect; while pidof ftprotect >/dev/null; do sleep 0.1; done; true",
+        );
+    }
+    // Unprotected: no standby answers.
+    ft_pair::start_primary(lab.lab(), NodeId::A, extra).expect("primary");
+    ft_pair::wait_for(
+        lab.lab(),
+        NodeId::A,
+        "primary",
+        "unprotected",
+        Duration::from_secs(60),
+    )
+    .expect("unprotected");
+    let mut client = connect(lab);
+    client.ping().expect("warm-up");
+    let unprotected = measure(lab, &mut client);
+    ft_pair::start_standby(lab.lab(), NodeId::B, extra).expect("standby");
+    ft_pair::wait_for(
+        lab.lab(),
+        NodeId::A,
+        "primary",
+        "protected",
+        Duration::from_secs(180),
+    )
+    .expect("protected");
+    std::thread::sleep(Duration::from_secs(2));
+    let protected = measure(lab, &mut client);
+    (unprotected, protected)
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+fn main() {
+    let lab = LabPair::start("ftbench");
+    let (unprotected, ft) = run_mode(&lab, "");
+    let (_, sync) = run_mode(&lab, "--synchronous");
+    println!(
+        "\nFT overhead in the lab (nested KVM under TCG; guest 1 vCPU, {} MiB)",
+        ft_pair::GUEST_MEM_MIB
+    );
+    println!(
+        "{:<34} {:>14} {:>14} {:>14}",
+        "", "unprotected", "FT", "FT synchronous"
+    );
+    let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
+        println!(
+            "{:<34} {:>14} {:>14} {:>14}",
+            name,
+            f(&unprotected),
+            f(&ft),
+            f(&sync)
+        );
+    };
+    row("checkpoints per second", &|x| {
+        format!("{:.1}", x.checkpoints_per_s)
+    });
+    row("guest stop per checkpoint p50 us", &|x| {
+        x.stop_p50_us.to_string()
+    });
+    row("guest stop per checkpoint p99 us", &|x| {
+        x.stop_p99_us.to_string()
+    });
+    row("dirty pages per epoch", &|x| {
+        format!("{:.0}", x.dirty_per_epoch)
+    });
+    row("A-link MB/s", &|x| format!("{:.2}", x.alink_mb_per_s));
+    row("round trip p50 ms", &|x| format!("{:.2}", x.rtt_p50_ms));
+    row("round trip p99 ms", &|x| format!("{:.2}", x.rtt_p99_ms));
+    row("added round trip p50 ms", &|x| {
+        format!("{:.2}", x.rtt_p50_ms - unprotected.rtt_p50_ms)
+    });
+    row("CPU-bound loop turns/s", &|x| {
+        format!("{:.3e}", x.cpu_turns_per_s)
+    });
+    row("CPU-bound ratio to unprotected", &|x| {
+        ratio(x.cpu_turns_per_s, unprotected.cpu_turns_per_s)
+    });
+    row("memory-bound pages/s", &|x| {
+        format!("{:.0}", x.mem_pages_per_s)
+    });
+    row("memory-bound ratio to unprotected", &|x| {
+        ratio(x.mem_pages_per_s, unprotected.mem_pages_per_s)
+    });
+}
