@@ -49,6 +49,10 @@ pub enum FrameKind {
     SyncPages = 13,
     /// Initial synchronisation: disk contents, copied while the guest runs.
     SyncDisk = 14,
+    /// First frame of a second connection: a backup path of the session
+    /// (it carries heartbeats, so the standby can tell a lost path from a
+    /// lost primary).
+    Backup = 15,
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -70,6 +74,7 @@ impl TryFrom<u8> for FrameKind {
             12 => SyncBegin,
             13 => SyncPages,
             14 => SyncDisk,
+            15 => Backup,
             other => return Err(FrameError::UnknownKind(other)),
         })
     }

@@ -14,7 +14,6 @@
 //!   listen, handshake (auth, then hello), checked frames, heartbeats and
 //!   silent-peer detection.
 //!
-//! Not built yet: flow control and redundant links (see [`link`]).
 
 pub mod auth;
 pub mod frame;
@@ -25,5 +24,5 @@ pub mod sequence;
 pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
 pub use hello::{CpuFeatureSummary, Hello, HelloError, Mismatch, Refusal, Role};
-pub use link::{Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender};
+pub use link::{Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender, Liveness};
 pub use sequence::{EpochSequencer, SequenceError};

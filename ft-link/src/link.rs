@@ -18,10 +18,10 @@
 //! heartbeats and fails with [`LinkError::PeerSilent`] when nothing at all
 //! arrived for `heartbeat_timeout`. Any error from `recv` is final.
 //!
-//! Not here yet: flow control (a sender can queue as much as TCP buffers
-//! accept; the replicator must bound what it has in flight), and redundant
-//! links (this is exactly one TCP connection; a second path and failover
-//! between paths come later).
+//! Flow control is the replicator's (it keeps at most one epoch in flight);
+//! a link is exactly one TCP connection, and a redundant pair is two links
+//! that the replicator uses as an active path and a backup path (see
+//! `replicator::replica`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -503,6 +503,7 @@ impl Link {
                 rx,
                 decoder: FrameDecoder,
                 last_arrival: Instant::now(),
+                liveness: Liveness::new(),
                 silence_timeout: config.heartbeat_timeout,
                 ended: false,
             },
@@ -516,6 +517,11 @@ impl Link {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.sender.peer
+    }
+
+    /// A handle telling when the peer was last heard on this link.
+    pub fn liveness(&self) -> Liveness {
+        self.receiver.liveness()
     }
 
     pub async fn send(&self, frame: &Frame) -> Result<(), LinkError> {
@@ -608,6 +614,35 @@ impl Drop for LinkSender {
     }
 }
 
+/// When anything (heartbeats included) last arrived on a link, readable
+/// while another task is blocked receiving on it.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    base: Instant,
+    /// Microseconds after `base` of the last arrival.
+    last_us: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Liveness {
+    fn new() -> Liveness {
+        Liveness {
+            base: Instant::now(),
+            last_us: Arc::default(),
+        }
+    }
+
+    fn mark(&self) {
+        let us = self.base.elapsed().as_micros() as u64;
+        self.last_us.store(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last arrival (the link's start if nothing arrived yet).
+    pub fn last_arrival(&self) -> std::time::Instant {
+        let after = Duration::from_micros(self.last_us.load(std::sync::atomic::Ordering::Relaxed));
+        (self.base + after).into_std()
+    }
+}
+
 /// The receiving half of a link.
 pub struct LinkReceiver {
     peer: SocketAddr,
@@ -615,11 +650,17 @@ pub struct LinkReceiver {
     rx: BytesMut,
     decoder: FrameDecoder,
     last_arrival: Instant,
+    liveness: Liveness,
     silence_timeout: Duration,
     ended: bool,
 }
 
 impl LinkReceiver {
+    /// A handle telling when the peer was last heard on this link.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
+    }
+
     /// The next frame that is not a heartbeat. Fails with
     /// [`LinkError::PeerSilent`] when nothing arrived for the heartbeat
     /// timeout. Cancel-safe. Any error is final.
@@ -660,7 +701,10 @@ impl LinkReceiver {
                 }
                 Ok(Err(source)) => return Err(LinkError::Receive { peer, source }),
                 Ok(Ok(0)) => return Err(end_of_stream(peer, &self.decoder, &self.rx)),
-                Ok(Ok(_)) => self.last_arrival = Instant::now(),
+                Ok(Ok(_)) => {
+                    self.last_arrival = Instant::now();
+                    self.liveness.mark();
+                }
             }
         }
     }

@@ -15,6 +15,8 @@ const FT_DIR: &str = "/data/ft";
 const RUN_DIR: &str = "/tmp/ft";
 /// The A-link port the standby listens on.
 pub const ALINK_PORT: u16 = 7800;
+/// The port of the second (backup) path, over the business network.
+pub const BACKUP_PORT: u16 = 7801;
 /// The ledger's TCP port in the guest.
 pub const LEDGER_PORT: u16 = 7000;
 const GUEST_MAC: &str = "52:54:00:f7:00:64";
@@ -84,12 +86,22 @@ pub fn prepare_node(lab: &Lab, node: NodeId) -> Result<(), FtPairError> {
     Ok(())
 }
 
+/// The addresses where `node`'s standby listens: the A-link, then the
+/// business network as the backup path.
+fn standby_addresses(lab: &Lab, node: NodeId) -> String {
+    format!(
+        "{}:{ALINK_PORT},{}:{BACKUP_PORT}",
+        lab.topo.alink_ip(node),
+        lab.topo.biz_ip(node)
+    )
+}
+
 fn common_args(lab: &Lab, node: NodeId) -> String {
-    let peer = lab.topo.alink_ip(node.peer());
     format!(
         "--vm-name {VM_NAME} --node node-{node} --secret-file {FT_DIR}/secret \
-         --peer {peer}:{ALINK_PORT} --bridge br0 --status {RUN_DIR}/status.json \
-         --serial-log {RUN_DIR}/console.log"
+         --peer {} --bridge br0 --status {RUN_DIR}/status.json \
+         --serial-log {RUN_DIR}/console.log",
+        standby_addresses(lab, node.peer())
     )
 }
 
@@ -116,12 +128,12 @@ pub fn start_primary(lab: &Lab, node: NodeId, extra: &str) -> Result<(), FtPairE
 
 /// Starts `node` as the standby.
 pub fn start_standby(lab: &Lab, node: NodeId, extra: &str) -> Result<(), FtPairError> {
-    let listen = lab.topo.alink_ip(node);
+    let listen = standby_addresses(lab, node);
     sh(
         lab,
         node,
         &format!(
-            "(ftprotect standby {} --listen {listen}:{ALINK_PORT} --disk {FT_DIR}/disk.img \
+            "(ftprotect standby {} --listen {listen} --disk {FT_DIR}/disk.img \
               --tap {GUEST_TAP} {extra} > {RUN_DIR}/ftprotect.log 2>&1 &)",
             common_args(lab, node)
         ),

@@ -71,8 +71,11 @@ pub enum PrimaryError {
 /// How the primary protects its VM.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
-    /// The standby's A-link address.
-    pub peer: String,
+    /// The standby's addresses, one per path (the A-link first; a second
+    /// path makes a redundant pair: the session runs on one, the other
+    /// carries heartbeats so the standby can tell a lost path from a lost
+    /// primary).
+    pub peers: Vec<String>,
     pub link: LinkConfig,
     pub interval: IntervalLimits,
     /// Keep the guest paused until each epoch is acknowledged.
@@ -91,13 +94,13 @@ pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
     let mut last_refusal = String::new();
     status.set_state("primary", "unprotected", None);
     loop {
-        let link = loop {
-            match Link::connect(config.peer.as_str(), &config.link).await {
-                Ok(link) => break link,
+        let (link, active) = loop {
+            match connect_any(&config.peers, &config.link).await {
+                Ok(found) => break found,
                 Err(error) => {
                     let text = error.to_string();
                     if text != last_refusal {
-                        info!(peer = %config.peer, %error, "no standby yet; running unprotected");
+                        info!(peers = ?config.peers, %error, "no standby yet; running unprotected");
                         status.update(|s| s.message = Some(text.clone()));
                         last_refusal = text;
                     }
@@ -107,7 +110,9 @@ pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
         };
         last_refusal.clear();
         status.update(|s| s.peer = Some(link.peer_addr().to_string()));
+        let backup = spawn_backup_path(&config, active);
         let error = protect(&vm, link, &config, &status).await;
+        backup.abort();
         // The standby is gone: this copy is the only one, so output held
         // for it goes out now and the disks stop being recorded.
         let released: usize = vm.virtio.tx_gates().iter().map(|g| g.open()).sum();
@@ -122,6 +127,63 @@ pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
         );
         tokio::time::sleep(config.retry_every).await;
     }
+}
+
+/// How long one connection attempt may take (a cut path must not hold up
+/// the others).
+const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+
+async fn connect_one(addr: &str, config: &LinkConfig) -> Result<Link, String> {
+    match tokio::time::timeout(CONNECT_WITHIN, Link::connect(addr, config)).await {
+        Ok(Ok(link)) => Ok(link),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("connecting to {addr} took over {CONNECT_WITHIN:?}")),
+    }
+}
+
+/// Connects to the first peer address that answers; returns the link and
+/// the index of that address.
+async fn connect_any(peers: &[String], config: &LinkConfig) -> Result<(Link, usize), String> {
+    let mut errors = Vec::new();
+    for (index, addr) in peers.iter().enumerate() {
+        match connect_one(addr, config).await {
+            Ok(link) => return Ok((link, index)),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Keeps a backup path open to every other peer address while the session
+/// runs on `active` (reconnecting when one drops).
+fn spawn_backup_path(config: &PrimaryConfig, active: usize) -> tokio::task::JoinHandle<()> {
+    let others: Vec<String> = config
+        .peers
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != active)
+        .map(|(_, a)| a.clone())
+        .collect();
+    let link_config = config.link.clone();
+    let retry = config.retry_every;
+    tokio::spawn(async move {
+        let Some(addr) = others.first() else { return };
+        loop {
+            if let Ok(link) = connect_one(addr, &link_config).await {
+                if link
+                    .send(&Frame::new(FrameKind::Backup, 0, Bytes::new()))
+                    .await
+                    .is_ok()
+                {
+                    info!(path = %addr, "backup path to the standby is up");
+                    let (_sender, mut receiver) = link.split();
+                    while receiver.recv().await.is_ok() {}
+                    warn!(path = %addr, "backup path to the standby lost");
+                }
+            }
+            tokio::time::sleep(retry).await;
+        }
+    })
 }
 
 /// What the receiving task reports: acknowledged epochs or the end.

@@ -8,10 +8,13 @@
 //! resynchronises from scratch.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ft_link::{Frame, FrameKind, Link, LinkConfig, LinkError, LinkListener};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 use vmm::memory::{self, GuestRam};
@@ -46,6 +49,10 @@ pub enum ReplicaError {
     LateSync(FrameKind),
     #[error("epoch refused: {0}")]
     Refused(#[from] StandbyError),
+    #[error("the active A-link path failed while the primary is still heard on the backup path (no takeover): {0}")]
+    PathLost(#[source] LinkError),
+    #[error("the primary began a new session")]
+    Superseded,
     #[error("epoch {epoch} refused: its state does not decode: {source}")]
     BadState {
         epoch: u64,
@@ -57,7 +64,9 @@ pub enum ReplicaError {
 /// Where this standby keeps its replica.
 #[derive(Debug, Clone)]
 pub struct StandbyConfig {
-    pub listen: String,
+    /// Where to listen: one address per path to the primary (the first is
+    /// the A-link; a second makes a redundant pair).
+    pub listen: Vec<String>,
     pub link: LinkConfig,
     /// Replica disk files, one per disk of the VM, in device order.
     pub disks: Vec<PathBuf>,
@@ -73,40 +82,166 @@ pub struct Replica {
     pub epoch: u64,
 }
 
+/// A connection with its first frame read.
+type Arrival = (Link, Frame);
+
+/// How long a new connection has to say what it is.
+const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(5);
+
+/// Accepts connections on every listen address; each one's first frame is
+/// read here (a new session begins with SyncBegin, a backup path with
+/// Backup).
+fn spawn_acceptors(
+    listeners: Vec<LinkListener>,
+    status: &StatusBoard,
+) -> (mpsc::Receiver<Arrival>, Vec<tokio::task::JoinHandle<()>>) {
+    let (tx, arrivals) = mpsc::channel(4);
+    let tasks = listeners
+        .into_iter()
+        .map(|listener| {
+            let tx = tx.clone();
+            let status = status.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut link = match listener.accept().await {
+                        Ok(link) => link,
+                        Err(error) => {
+                            warn!(%error, "A-link connection refused");
+                            status.update(|s| s.message = Some(error.to_string()));
+                            continue;
+                        }
+                    };
+                    match tokio::time::timeout(FIRST_FRAME_WITHIN, link.recv()).await {
+                        Ok(Ok(first)) => {
+                            if tx.send((link, first)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Err(error)) => {
+                            warn!(%error, "A-link connection ended before its first frame")
+                        }
+                        Err(_) => warn!("A-link connection sent no first frame"),
+                    }
+                }
+            })
+        })
+        .collect();
+    (arrivals, tasks)
+}
+
+/// How a session ended (moved once per session: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Session {
+    /// The primary is gone; this replica holds a committed epoch.
+    Lost(Replica),
+    /// Ended without a takeover; a new session may already be waiting.
+    Ended(ReplicaError, Option<Arrival>),
+}
+
 /// Serves primaries until one is lost while this node holds a committed
 /// replica; returns that replica.
 pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Replica, LinkError> {
-    let listener = LinkListener::bind(config.listen.as_str(), config.link.clone()).await?;
-    info!(listen = %config.listen, "standby waiting for a primary");
-    loop {
-        status.set_state("standby", "waiting", None);
-        let link = match listener.accept().await {
-            Ok(link) => link,
-            Err(error) => {
-                warn!(%error, "A-link connection refused");
-                status.update(|s| s.message = Some(error.to_string()));
-                continue;
-            }
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        listeners.push(LinkListener::bind(addr.as_str(), config.link.clone()).await?);
+    }
+    info!(listen = ?config.listen, "standby waiting for a primary");
+    let (mut arrivals, acceptors) = spawn_acceptors(listeners, status);
+    let mut next = None;
+    let mut why_ended: Option<String> = None;
+    let replica = loop {
+        status.set_state("standby", "waiting", why_ended.take());
+        let arrival = match next.take() {
+            Some(a) => a,
+            None => arrivals.recv().await.expect("the acceptors run"),
         };
-        status.update(|s| s.peer = Some(link.peer_addr().to_string()));
-        match receive(link, config, status).await {
-            Ok(replica) => return Ok(replica),
-            Err(error) => {
-                warn!(%error, "standby session ended without a replica to promote");
-                status.update(|s| s.message = Some(error.to_string()));
+        match receive(arrival, &mut arrivals, config, status).await {
+            Session::Lost(replica) => break replica,
+            Session::Ended(error, waiting) => {
+                warn!(%error, "standby session ended without a takeover");
+                why_ended = Some(error.to_string());
+                next = waiting;
             }
         }
+    };
+    for task in acceptors {
+        task.abort();
+    }
+    Ok(replica)
+}
+
+/// A second path to the primary: kept open (heartbeats both ways) and
+/// watched, so a lost active path can be told from a lost primary.
+struct BackupPath {
+    _sender: ft_link::LinkSender,
+    liveness: ft_link::Liveness,
+    failed: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BackupPath {
+    fn watch(link: Link) -> BackupPath {
+        let liveness = link.liveness();
+        let (sender, mut receiver) = link.split();
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&failed);
+        let task = tokio::spawn(async move {
+            // Only heartbeats travel here; anything else is ignored.
+            while receiver.recv().await.is_ok() {}
+            flag.store(true, Ordering::SeqCst);
+        });
+        BackupPath {
+            _sender: sender,
+            liveness,
+            failed,
+            task,
+        }
+    }
+
+    /// Whether the primary is heard on this path after `since` (it lives),
+    /// waiting up to `within`. False when the path fails or stays silent.
+    async fn hears_primary_after(&self, since: Instant, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.liveness.last_arrival() > since {
+                return true;
+            }
+            if self.failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 }
 
-/// Receives from one primary. Ok: the primary was lost and the replica
-/// holds a committed epoch. Err: the session ended with nothing to promote.
+impl Drop for BackupPath {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Receives one session from a primary.
 async fn receive(
-    mut link: Link,
+    (mut link, first): Arrival,
+    arrivals: &mut mpsc::Receiver<Arrival>,
     config: &StandbyConfig,
     status: &StatusBoard,
-) -> Result<Replica, ReplicaError> {
-    let first = link.recv().await?;
+) -> Session {
+    match session(&mut link, first, arrivals, config, status).await {
+        Ok(outcome) => outcome,
+        Err(error) => Session::Ended(error, None),
+    }
+}
+
+async fn session(
+    link: &mut Link,
+    first: Frame,
+    arrivals: &mut mpsc::Receiver<Arrival>,
+    config: &StandbyConfig,
+    status: &StatusBoard,
+) -> Result<Session, ReplicaError> {
+    status.update(|s| s.peer = Some(link.peer_addr().to_string()));
     if first.kind != FrameKind::SyncBegin {
         return Err(ReplicaError::NoPlan(first.kind));
     }
@@ -135,8 +270,23 @@ async fn receive(
     let mut assembler = EpochAssembler::new(1);
     let mut committed: Option<(u64, CheckpointState)> = None;
     let mut sync_bytes = 0u64;
+    let mut backup: Option<BackupPath> = None;
     loop {
-        let frame = match link.recv().await {
+        let received = tokio::select! {
+            r = link.recv() => r,
+            arrival = arrivals.recv() => {
+                let Some((other, first)) = arrival else { continue };
+                if first.kind == FrameKind::Backup {
+                    info!(path = %other.peer_addr(), "backup path to the primary is up");
+                    backup = Some(BackupPath::watch(other));
+                    continue;
+                }
+                // The primary started over (it lost this session's path):
+                // no takeover, the new session goes on.
+                return Ok(Session::Ended(ReplicaError::Superseded, Some((other, first))));
+            }
+        };
+        let frame = match received {
             Ok(frame) => frame,
             Err(error) => {
                 let aborted = assembler.abort();
@@ -149,16 +299,27 @@ async fn receive(
                 ) {
                     return Err(refused(status, error.into()));
                 }
+                // With a second path, the primary may only have lost this
+                // one: if it is still heard there, it lives (no takeover;
+                // it reconnects and resynchronises).
+                if let Some(b) = &backup {
+                    let silence = config.link.heartbeat_timeout;
+                    if b.hears_primary_after(Instant::now(), silence + silence / 2)
+                        .await
+                    {
+                        return Err(ReplicaError::PathLost(error));
+                    }
+                }
                 return match committed {
                     Some((epoch, state)) => {
                         warn!(%error, last_committed = epoch, discarded_epoch = ?aborted,
                               "primary lost");
-                        Ok(Replica {
+                        Ok(Session::Lost(Replica {
                             ram,
                             disks,
                             state,
                             epoch,
-                        })
+                        }))
                     }
                     None => Err(error.into()),
                 };

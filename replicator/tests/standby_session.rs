@@ -6,7 +6,10 @@
 //!   replica handed over for promotion holds the previous epoch exactly;
 //! - a replayed epoch is refused, not acknowledged, and ends the session
 //!   without a takeover;
-//! - a frame corrupted on the wire is refused and causes no takeover.
+//! - a frame corrupted on the wire is refused and causes no takeover;
+//! - with a backup path, a lost active path is not a lost primary (no
+//!   takeover while the primary is heard on the backup), and a primary
+//!   silent on both paths is taken over.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,6 +111,8 @@ fn epoch_frames(n: u64, fill: u8, disk_text: &'static [u8]) -> Vec<Frame> {
 
 struct Standby {
     addr: SocketAddr,
+    /// A second listen address (the backup path).
+    addr2: SocketAddr,
     status: StatusBoard,
     task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>,
     _dir: TempDir,
@@ -123,15 +128,16 @@ impl Drop for TempDir {
 async fn start_standby(name: &str) -> Standby {
     let dir = std::env::temp_dir().join(format!("ft-standby-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // A free port (bound and released; the standby binds it again).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Free ports (bound and released; the standby binds them again).
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, addr2) = (free(), free());
     let config = StandbyConfig {
-        listen: addr.to_string(),
+        listen: vec![addr.to_string(), addr2.to_string()],
         link: link_config(Role::Standby),
         disks: vec![dir.join("disk.img")],
         taps: vec![],
@@ -148,6 +154,7 @@ async fn start_standby(name: &str) -> Standby {
     }
     Standby {
         addr,
+        addr2,
         status,
         task,
         _dir: TempDir(dir),
@@ -320,4 +327,95 @@ async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
     assert_eq!(status.counters.epochs_rejected, 1);
     assert_eq!(status.counters.epochs_applied, 1);
     standby.task.abort();
+}
+
+/// A TCP relay that forwards both ways until `cut` is set, then goes
+/// silent (holding the connections open), like an unplugged cable.
+async fn cuttable_relay(to: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (a, _) = listener.accept().await.unwrap();
+        let b = TcpStream::connect(to).await.unwrap();
+        let (ar, aw) = a.into_split();
+        let (br, bw) = b.into_split();
+        async fn pump(
+            mut r: tokio::net::tcp::OwnedReadHalf,
+            mut w: tokio::net::tcp::OwnedWriteHalf,
+            cut: Arc<AtomicBool>,
+        ) {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if cut.load(Ordering::SeqCst) {
+                    // Silent from now on; keep both ends open.
+                    std::future::pending::<()>().await;
+                }
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::join!(pump(ar, bw, Arc::clone(&cut)), pump(br, aw, cut));
+    });
+    addr
+}
+
+/// A primary whose session runs through a cuttable relay, with a backup
+/// path straight to the standby's second address.
+async fn primary_with_backup(standby: &Standby, cut: &Arc<AtomicBool>) -> (Link, Link) {
+    let relay = cuttable_relay(standby.addr, Arc::clone(cut)).await;
+    let mut link = synced_primary(relay).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    let backup = Link::connect(standby.addr2, &link_config(Role::Primary))
+        .await
+        .expect("backup path");
+    backup
+        .send(&Frame::new(FrameKind::Backup, 0, Bytes::new()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (link, backup)
+}
+
+#[tokio::test]
+async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
+    let standby = start_standby("path-lost").await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let (_link, _backup) = primary_with_backup(&standby, &cut).await;
+    cut.store(true, Ordering::SeqCst);
+    // The active path falls silent (400 ms timeout); the backup still
+    // carries the primary's heartbeats.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(
+        !standby.task.is_finished(),
+        "the standby took over while the primary was alive on the backup path"
+    );
+    let status = standby.status.snapshot();
+    assert_eq!(status.state, "waiting", "{status:?}");
+    let message = status.message.unwrap_or_default();
+    assert!(message.contains("backup path"), "{message}");
+    standby.task.abort();
+}
+
+#[tokio::test]
+async fn a_primary_silent_on_both_paths_is_taken_over() {
+    let standby = start_standby("both-lost").await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let (link, backup) = primary_with_backup(&standby, &cut).await;
+    // The primary dies: both paths go quiet at once.
+    cut.store(true, Ordering::SeqCst);
+    drop(backup);
+    let replica = tokio::time::timeout(WITHIN, standby.task)
+        .await
+        .expect("the standby takes over in time")
+        .unwrap()
+        .expect("a replica to promote");
+    drop(link);
+    assert_eq!(replica.epoch, 1);
+    assert_eq!(page5(&replica), 0x22);
 }

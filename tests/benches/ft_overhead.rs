@@ -97,7 +97,7 @@ fn run_mode(lab: &LabPair, extra: &str) -> (Figures, Figures) {
         ft_pair::prepare_node(lab.lab(), node).expect("prepare");
         lab.sh(
             node,
-            "pkill ftprotect; while pidof ftprotect >/dev/null; do sleep 0.1; done; true",
+            "kill $(pidof ftprotect) 2>/dev/null; while pidof ftprotect >/dev/null; do sleep 0.1; done; true",
         );
     }
     // Unprotected: no standby answers.

@@ -5,6 +5,9 @@
 //!   primary keeps the guest's replies held: none reaches the client on the
 //!   business network, the epoch does not advance; once the standby goes on,
 //!   the reply arrives;
+//! - a cut A-link is not a failover: the pair has a second path (the
+//!   business network) on which the standby still hears the primary, so
+//!   the standby does not promote, and the primary re-protects over it;
 //! - a standby that dies (its node pulled) leaves the primary running,
 //!   unprotected, saying so, with output released at once;
 //! - drills: the primary is pulled and the standby takes over with every
@@ -92,6 +95,38 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
         replied_at.duration_since(resumed_at).as_millis()
     );
 
+    // A cut A-link: no takeover; protection resumes over the backup path.
+    let cut_at = Instant::now();
+    lab.lab()
+        .set_link(lab::LinkId::Alink, false)
+        .expect("cut the A-link");
+    let biz_b = lab.lab().topo.biz_ip(NodeId::B).to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let reprotected = loop {
+        let b = status(&lab, NodeId::B);
+        assert_ne!(
+            b["role"], "primary",
+            "the standby took over on a cut A-link: {b}"
+        );
+        let a = status(&lab, NodeId::A);
+        if a["state"] == "protected" && a["peer"].as_str().is_some_and(|p| p.contains(&biz_b)) {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no re-protection over the backup path: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    client.append(27).expect("append over a cut A-link");
+    eprintln!(
+        "[e2e] cut A-link: no takeover, protected again over the business network after {:.1} s \
+         (heartbeat timeout 10 s): peer {}",
+        cut_at.elapsed().as_secs_f64(),
+        reprotected["peer"]
+    );
+    lab.lab().set_link(lab::LinkId::Alink, true).expect("heal");
+
     // The standby dies: the primary goes on unprotected and says so.
     lab.pull(NodeId::B);
     let pulled_at = Instant::now();
@@ -109,14 +144,15 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
         .to_string();
     assert!(message.contains("standby lost"), "{unprotected}");
     let t = Instant::now();
-    for id in 7..=26 {
+    for id in 28..=47 {
         client
             .append(id)
             .expect("the VM keeps serving without its standby");
     }
     let per_op = t.elapsed() / 20;
     let ledger = client.dump().expect("dump");
-    assert_eq!(ledger, (1..=26).collect::<Vec<u64>>());
+    let expected: Vec<u64> = (1..=6).chain(27..=47).collect();
+    assert_eq!(ledger, expected);
     eprintln!(
         "[e2e] standby lost: primary unprotected {:.1} s after the pull (heartbeat timeout 10 s), \
          ledger ops then {} ms each; message: {message}",

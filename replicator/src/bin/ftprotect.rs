@@ -54,9 +54,10 @@ struct PairOptions {
     /// File holding the pair's shared secret (at least 16 bytes).
     #[arg(long)]
     secret_file: PathBuf,
-    /// The peer's A-link address (host:port): where a standby listens.
-    #[arg(long)]
-    peer: String,
+    /// The peer's addresses (host:port) where a standby listens: the A-link,
+    /// optionally a second path (comma-separated) for a redundant pair.
+    #[arg(long, value_delimiter = ',', required = true)]
+    peer: Vec<String>,
     /// The CPU features the VM is given (both nodes must provide them).
     #[arg(long, value_enum, default_value = "x86-64-v2")]
     cpu_features: FeatureSet,
@@ -111,9 +112,10 @@ enum Command {
     Standby {
         #[command(flatten)]
         pair: PairOptions,
-        /// Where to listen for the primary's A-link (host:port).
-        #[arg(long)]
-        listen: String,
+        /// Where to listen for the primary (host:port): the A-link,
+        /// optionally a second path (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        listen: Vec<String>,
         /// Replica disk files, one per disk of the VM, in order.
         #[arg(long = "disk", value_name = "PATH")]
         disks: Vec<PathBuf>,
@@ -137,7 +139,7 @@ fn primary_config(
     disks: Vec<PathBuf>,
 ) -> PrimaryConfig {
     PrimaryConfig {
-        peer: pair.peer.clone(),
+        peers: pair.peer.clone(),
         link,
         interval: IntervalLimits {
             min: Duration::from_millis(pair.min_interval_ms),
