@@ -110,9 +110,7 @@ pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
         };
         last_refusal.clear();
         status.update(|s| s.peer = Some(link.peer_addr().to_string()));
-        let backup = spawn_backup_path(&config, active);
-        let error = protect(&vm, link, &config, &status).await;
-        backup.abort();
+        let error = protect(&vm, link, active, &config, &status).await;
         // The standby is gone: this copy is the only one, so output held
         // for it goes out now and the disks stop being recorded.
         let released: usize = vm.virtio.tx_gates().iter().map(|g| g.open()).sum();
@@ -229,16 +227,23 @@ async fn send_all(
 async fn protect(
     vm: &Arc<Vm>,
     link: Link,
+    active: usize,
     config: &PrimaryConfig,
     status: &StatusBoard,
 ) -> PrimaryError {
     let (tx, rx) = link.split();
     let mut acks = spawn_ack_reader(rx);
+    let mut backup = None;
     let result = async {
         initial_sync(vm, &tx, config, status).await?;
+        // The session exists on the standby now: add the backup path.
+        backup = Some(spawn_backup_path(config, active));
         epochs(vm, &tx, &mut acks, config, status).await
     }
     .await;
+    if let Some(task) = backup {
+        task.abort();
+    }
     tx.close().await;
     match result {
         Ok(never) => match never {},

@@ -8,7 +8,6 @@
 //! resynchronises from scratch.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,6 +84,10 @@ pub struct Replica {
 /// A connection with its first frame read.
 type Arrival = (Link, Frame);
 
+/// Life on the backup path counts only this long after the last arrival on
+/// the active path (frames already in flight when a primary dies).
+const PATH_MARGIN: Duration = Duration::from_millis(50);
+
 /// How long a new connection has to say what it is.
 const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(5);
 
@@ -155,6 +158,10 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
             Some(a) => a,
             None => arrivals.recv().await.expect("the acceptors run"),
         };
+        if arrival.1.kind == FrameKind::Backup {
+            // A backup path of a session that is over: nothing to do.
+            continue;
+        }
         match receive(arrival, &mut arrivals, config, status).await {
             Session::Lost(replica) => break replica,
             Session::Ended(error, waiting) => {
@@ -175,7 +182,9 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
 struct BackupPath {
     _sender: ft_link::LinkSender,
     liveness: ft_link::Liveness,
-    failed: Arc<AtomicBool>,
+    /// When the path ended by the primary's side closing or resetting it
+    /// (its host was alive then); a silent path leaves this empty.
+    closed_by_peer_at: Arc<std::sync::Mutex<Option<Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -183,35 +192,37 @@ impl BackupPath {
     fn watch(link: Link) -> BackupPath {
         let liveness = link.liveness();
         let (sender, mut receiver) = link.split();
-        let failed = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&failed);
+        let closed_by_peer_at = Arc::new(std::sync::Mutex::new(None));
+        let closed = Arc::clone(&closed_by_peer_at);
         let task = tokio::spawn(async move {
             // Only heartbeats travel here; anything else is ignored.
-            while receiver.recv().await.is_ok() {}
-            flag.store(true, Ordering::SeqCst);
+            let error = loop {
+                if let Err(e) = receiver.recv().await {
+                    break e;
+                }
+            };
+            if !matches!(error, LinkError::PeerSilent { .. }) {
+                *closed.lock().expect("backup lock") = Some(Instant::now());
+            }
         });
         BackupPath {
             _sender: sender,
             liveness,
-            failed,
+            closed_by_peer_at,
             task,
         }
     }
 
-    /// Whether the primary is heard on this path after `since` (it lives),
-    /// waiting up to `within`. False when the path fails or stays silent.
-    async fn hears_primary_after(&self, since: Instant, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.liveness.last_arrival() > since {
-                return true;
-            }
-            if self.failed.load(Ordering::SeqCst) {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
+    /// Whether the primary showed life on this path after `since`: a frame
+    /// or heartbeat arrived, or its side closed or reset the connection (a
+    /// host that lost power does neither).
+    fn heard_primary_after(&self, since: Instant) -> bool {
+        self.liveness.last_arrival() > since
+            || self
+                .closed_by_peer_at
+                .lock()
+                .expect("backup lock")
+                .is_some_and(|at| at > since)
     }
 }
 
@@ -289,6 +300,7 @@ async fn session(
         let frame = match received {
             Ok(frame) => frame,
             Err(error) => {
+                let active_heard = link.liveness().last_arrival();
                 let aborted = assembler.abort();
                 // A corrupt frame is bad input, not a dead primary: the
                 // session ends without a takeover (the primary, alive,
@@ -302,11 +314,10 @@ async fn session(
                 // With a second path, the primary may only have lost this
                 // one: if it is still heard there, it lives (no takeover;
                 // it reconnects and resynchronises).
+                // The window is the active path's silence: a live primary
+                // sent several heartbeats on the backup meanwhile.
                 if let Some(b) = &backup {
-                    let silence = config.link.heartbeat_timeout;
-                    if b.hears_primary_after(Instant::now(), silence + silence / 2)
-                        .await
-                    {
+                    if b.heard_primary_after(active_heard + PATH_MARGIN) {
                         return Err(ReplicaError::PathLost(error));
                     }
                 }

@@ -364,14 +364,20 @@ async fn cuttable_relay(to: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
     addr
 }
 
-/// A primary whose session runs through a cuttable relay, with a backup
-/// path straight to the standby's second address.
-async fn primary_with_backup(standby: &Standby, cut: &Arc<AtomicBool>) -> (Link, Link) {
+/// A primary whose session runs through a cuttable relay (`cut`), with a
+/// backup path through another (`cut_backup`) to the standby's second
+/// address.
+async fn primary_with_backup(
+    standby: &Standby,
+    cut: &Arc<AtomicBool>,
+    cut_backup: &Arc<AtomicBool>,
+) -> (Link, Link) {
     let relay = cuttable_relay(standby.addr, Arc::clone(cut)).await;
+    let relay2 = cuttable_relay(standby.addr2, Arc::clone(cut_backup)).await;
     let mut link = synced_primary(relay).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    let backup = Link::connect(standby.addr2, &link_config(Role::Primary))
+    let backup = Link::connect(relay2, &link_config(Role::Primary))
         .await
         .expect("backup path");
     backup
@@ -386,7 +392,8 @@ async fn primary_with_backup(standby: &Standby, cut: &Arc<AtomicBool>) -> (Link,
 async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
     let standby = start_standby("path-lost").await;
     let cut = Arc::new(AtomicBool::new(false));
-    let (_link, _backup) = primary_with_backup(&standby, &cut).await;
+    let backup_cut = Arc::new(AtomicBool::new(false));
+    let (_link, _backup) = primary_with_backup(&standby, &cut, &backup_cut).await;
     cut.store(true, Ordering::SeqCst);
     // The active path falls silent (400 ms timeout); the backup still
     // carries the primary's heartbeats.
@@ -405,17 +412,17 @@ async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
 #[tokio::test]
 async fn a_primary_silent_on_both_paths_is_taken_over() {
     let standby = start_standby("both-lost").await;
+    // One switch for both paths: the primary's host loses power, both go
+    // quiet at once (no FIN, no RST).
     let cut = Arc::new(AtomicBool::new(false));
-    let (link, backup) = primary_with_backup(&standby, &cut).await;
-    // The primary dies: both paths go quiet at once.
+    let (link, backup) = primary_with_backup(&standby, &cut, &cut).await;
     cut.store(true, Ordering::SeqCst);
-    drop(backup);
     let replica = tokio::time::timeout(WITHIN, standby.task)
         .await
         .expect("the standby takes over in time")
         .unwrap()
         .expect("a replica to promote");
-    drop(link);
+    drop((link, backup));
     assert_eq!(replica.epoch, 1);
     assert_eq!(page5(&replica), 0x22);
 }

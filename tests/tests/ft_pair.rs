@@ -87,8 +87,19 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     assert_eq!(result, Ok(6), "append 6 after the standby went on");
     assert!(replied_at >= resumed_at);
     let mut client = appender.join().unwrap();
-    let after = status(&lab, NodeId::A);
-    assert!(after["epoch"].as_u64().unwrap() > epoch_held, "{after}");
+    // The status file is rewritten a few times a second.
+    let mut after = status(&lab, NodeId::A);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while after["epoch"].as_u64().unwrap_or(0) <= epoch_held && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = status(&lab, NodeId::A);
+    }
+    assert!(
+        after["epoch"].as_u64().unwrap() > epoch_held,
+        "{after}\nnode a:\n{}\nnode b:\n{}",
+        ft_pair::log_tail(lab.lab(), NodeId::A),
+        ft_pair::log_tail(lab.lab(), NodeId::B)
+    );
     eprintln!(
         "[e2e] output commit: reply held {:.1} s while the standby was stopped, released {} ms after it went on",
         3.0,
