@@ -125,14 +125,15 @@ impl Frame {
         }
     }
 
-    /// Appends the encoded frame to `out`.
-    pub fn encode(&self, out: &mut BytesMut) -> Result<(), FrameError> {
+    /// Appends only the header (its crc covers the payload too); the
+    /// payload follows it on the wire as it is, without a copy.
+    pub fn encode_header(&self, out: &mut BytesMut) -> Result<(), FrameError> {
         let len = u32::try_from(self.payload.len())
             .ok()
             .filter(|&l| l <= MAX_PAYLOAD)
             .ok_or(FrameError::PayloadTooLarge(self.payload.len()))?;
         let start = out.len();
-        out.reserve(HEADER_LEN + self.payload.len());
+        out.reserve(HEADER_LEN);
         out.put_slice(&MAGIC);
         out.put_u8(VERSION);
         out.put_u8(self.kind as u8);
@@ -141,6 +142,13 @@ impl Frame {
         out.put_u32_le(len);
         let crc = checksum(&out[start..], &self.payload);
         out.put_u32_le(crc);
+        Ok(())
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) -> Result<(), FrameError> {
+        out.reserve(HEADER_LEN + self.payload.len());
+        self.encode_header(out)?;
         out.put_slice(&self.payload);
         Ok(())
     }

@@ -43,6 +43,9 @@ use crate::hello::{Hello, HelloError, Mismatch, Refusal};
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Payloads from this size on are written after their header without
+/// being copied into the send buffer.
+const LARGE_PAYLOAD: usize = 16 << 10;
 
 /// How a node opens and keeps its end of the A-link.
 #[derive(Debug, Clone)]
@@ -553,18 +556,26 @@ struct Writer {
 
 impl Writer {
     async fn write(&mut self, peer: SocketAddr, frame: &Frame) -> Result<(), LinkError> {
+        let encode_err = |source| LinkError::Encode {
+            peer,
+            kind: frame.kind,
+            source,
+        };
+        let send_err = |source| LinkError::Send { peer, source };
         self.tx.clear();
-        frame
-            .encode(&mut self.tx)
-            .map_err(|source| LinkError::Encode {
-                peer,
-                kind: frame.kind,
-                source,
-            })?;
-        self.half
-            .write_all(&self.tx)
-            .await
-            .map_err(|source| LinkError::Send { peer, source })?;
+        if frame.payload.len() < LARGE_PAYLOAD {
+            frame.encode(&mut self.tx).map_err(encode_err)?;
+            self.half.write_all(&self.tx).await.map_err(send_err)?;
+        } else {
+            // Large payloads (page frames) go out as they are, after the
+            // header: no copy into the send buffer.
+            frame.encode_header(&mut self.tx).map_err(encode_err)?;
+            self.half.write_all(&self.tx).await.map_err(send_err)?;
+            self.half
+                .write_all(&frame.payload)
+                .await
+                .map_err(send_err)?;
+        }
         self.last_sent = Instant::now();
         Ok(())
     }

@@ -459,6 +459,12 @@ async fn epochs(
     status: &StatusBoard,
 ) -> Result<std::convert::Infallible, PrimaryError> {
     let gates = vm.virtio.tx_gates();
+    // Held output wakes the wait for the next checkpoint.
+    let output = Arc::new(tokio::sync::Notify::new());
+    for gate in &gates {
+        let output = Arc::clone(&output);
+        gate.on_held_output(Box::new(move || output.notify_one()));
+    }
     let mut stops = Samples::default();
     let mut ack_times = Samples::default();
     let mut next_due = Instant::now();
@@ -466,17 +472,18 @@ async fn epochs(
     for epoch in 1.. {
         // Wait for the checkpoint to be due; output produced meanwhile
         // brings it forward.
+        let earliest = next_due - interval + config.interval.min;
         loop {
             let now = Instant::now();
-            if now >= next_due {
-                break;
-            }
             let waiting = gates.iter().any(|g| g.unsealed() > 0);
-            let planned_from = next_due - interval;
-            if waiting && now >= planned_from + config.interval.min {
+            if now >= next_due || (waiting && now >= earliest) {
                 break;
             }
-            tokio::time::sleep((next_due - now).min(config.interval.min / 2)).await;
+            let wake = if waiting { earliest } else { next_due };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = output.notified() => {}
+            }
         }
         let late = Instant::now().saturating_duration_since(next_due) > config.interval.max;
 

@@ -69,6 +69,11 @@ pub fn promote(
         }
     }
     let gates = vm.virtio.tx_gates();
+    for gate in &gates {
+        for ip in &replica.state.guest_ipv4 {
+            gate.remember(*ip);
+        }
+    }
     for _ in 0..ANNOUNCEMENTS {
         for (gate, mac) in gates.iter().zip(&macs) {
             for ip in &replica.state.guest_ipv4 {

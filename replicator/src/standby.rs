@@ -9,7 +9,9 @@ use ft_link::{EpochSequencer, Frame, FrameKind, SequenceError};
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 use vmm::memory::GuestMemoryMmap;
 
-use crate::epoch::{disk_records, page_records, DiskRecord, EpochEnd, PAGE_SIZE};
+use crate::epoch::{
+    disk_records, hash_page_addresses, page_records, DiskRecord, EpochEnd, PAGE_SIZE,
+};
 use crate::replica_disk::{ReplicaDisk, ReplicaDiskError};
 
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +148,7 @@ impl EpochAssembler {
                     len: frame.payload.len(),
                 })?;
                 s.pages.extend(records);
-                s.crc.update(&frame.payload);
+                hash_page_addresses(&frame.payload, &mut s.crc);
                 Ok(None)
             }
             FrameKind::DiskWrites => {

@@ -43,10 +43,20 @@ struct Held {
     counters: GateCounters,
 }
 
+/// Called when a frame starts a new batch of held output.
+pub type HeldOutputHook = Box<dyn Fn() + Send + Sync>;
+
 /// The transmit gate of one NIC.
 pub struct TxGate {
     tap: Arc<Tap>,
     held: Mutex<Held>,
+    on_held: Mutex<Option<HeldOutputHook>>,
+}
+
+fn remember(addresses: &mut Vec<[u8; 4]>, ip: [u8; 4]) {
+    if !addresses.contains(&ip) && addresses.len() < MAX_ADDRESSES {
+        addresses.push(ip);
+    }
 }
 
 /// The IPv4 source address of an Ethernet frame (IPv4 or ARP), if any.
@@ -66,6 +76,7 @@ impl TxGate {
         TxGate {
             tap,
             held: Mutex::default(),
+            on_held: Mutex::default(),
         }
     }
 
@@ -84,12 +95,10 @@ impl TxGate {
 
     /// A frame from the guest (virtio header included).
     pub fn transmit(&self, frame: &[u8]) {
-        let mut held = self.lock();
-        let held = &mut *held;
+        let mut guard = self.lock();
+        let held = &mut *guard;
         if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
-            if !held.addresses.contains(&ip) && held.addresses.len() < MAX_ADDRESSES {
-                held.addresses.push(ip);
-            }
+            remember(&mut held.addresses, ip);
         }
         if !held.holding {
             self.write(frame, &mut held.counters);
@@ -102,7 +111,20 @@ impl TxGate {
         held.counters.held_frames += 1;
         held.counters.holding_frames += 1;
         held.counters.holding_bytes += frame.len() as u64;
+        let first = held.current.is_empty();
         held.current.push(frame.to_vec());
+        drop(guard);
+        if first {
+            if let Some(hook) = self.on_held.lock().expect("tx gate hook lock").as_ref() {
+                hook();
+            }
+        }
+    }
+
+    /// Calls `hook` whenever held output starts waiting for a checkpoint
+    /// (the owner may want to checkpoint sooner).
+    pub fn on_held_output(&self, hook: HeldOutputHook) {
+        *self.on_held.lock().expect("tx gate hook lock") = Some(hook);
     }
 
     /// From now on frames are held until released.
@@ -184,6 +206,12 @@ impl TxGate {
         let mut frame = vec![0u8; VNET_HDR_LEN];
         frame.extend_from_slice(ethernet);
         self.tap.write_frame(&frame).map(|_| ())
+    }
+
+    /// Adds an address of the guest learned elsewhere (a promoted replica
+    /// keeps announcing what its previous primary learned).
+    pub fn remember(&self, ip: [u8; 4]) {
+        remember(&mut self.lock().addresses, ip);
     }
 
     /// The IPv4 addresses the guest has sent from.
