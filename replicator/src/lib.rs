@@ -10,10 +10,12 @@
 //!   shipped with their epoch) and the adaptive interval ([`interval`]).
 //! - [`replica`]: the standby process around the assembler; [`replica_disk`]
 //!   its disk files.
-//! - [`promote`]: turning the replica into the running VM after a failure.
+//! - [`promote`]: turning the replica into the running VM after a failure;
+//!   [`bridge`] puts its TAP on the node's bridge.
 //! - [`pairing`]: what the nodes tell each other when the A-link opens.
 //! - [`status`]: the state and counters each node publishes.
 
+pub mod bridge;
 pub mod checkpoint;
 pub mod epoch;
 pub mod interval;

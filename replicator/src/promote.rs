@@ -4,7 +4,6 @@
 //! real gap since the checkpoint. Then the guest's addresses are announced
 //! with gratuitous ARP so switches and clients find it on this node.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -93,15 +92,10 @@ pub fn promote(
     Ok(vm)
 }
 
-/// Puts `tap` on `bridge` and brings it up (`ip link set TAP master BRIDGE up`).
+/// Puts `tap` on `bridge` and brings it up.
 pub fn join_bridge(tap: &str, bridge: &str) {
-    let ok = Command::new("ip")
-        .args(["link", "set", tap, "master", bridge, "up"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        info!(tap, bridge, "TAP joined the bridge");
-    } else {
-        warn!(tap, bridge, "could not put the TAP on the bridge");
+    match crate::bridge::join(tap, bridge) {
+        Ok(()) => info!(tap, bridge, "TAP joined the bridge"),
+        Err(error) => warn!(tap, bridge, %error, "could not put the TAP on the bridge"),
     }
 }

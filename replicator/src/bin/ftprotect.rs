@@ -61,8 +61,9 @@ struct PairOptions {
     /// The CPU features the VM is given (both nodes must provide them).
     #[arg(long, value_enum, default_value = "x86-64-v2")]
     cpu_features: FeatureSet,
-    /// The standby declares the primary dead after this much A-link silence.
-    #[arg(long, default_value_t = 500)]
+    /// The standby declares the primary dead after this much silence on
+    /// every path (heartbeats go out at a fifth of it).
+    #[arg(long, default_value_t = 300)]
     heartbeat_timeout_ms: u64,
     /// Shortest and longest epoch (checkpoint interval).
     #[arg(long, default_value_t = 2)]
