@@ -53,6 +53,9 @@ pub enum FrameKind {
     /// (it carries heartbeats, so the standby can tell a lost path from a
     /// lost primary).
     Backup = 15,
+    /// The primary's VM stopped (shut down or reset on purpose): the
+    /// standby must not take it over.
+    Stop = 16,
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -75,6 +78,7 @@ impl TryFrom<u8> for FrameKind {
             13 => SyncPages,
             14 => SyncDisk,
             15 => Backup,
+            16 => Stop,
             other => return Err(FrameError::UnknownKind(other)),
         })
     }

@@ -73,23 +73,25 @@ pub fn stage_pages(
     mem: &GuestMemoryMmap,
     pages: impl IntoIterator<Item = u64>,
 ) -> Result<(Vec<Bytes>, u64), vm_memory::GuestMemoryError> {
+    const CHUNK: usize = PAGES_PER_FRAME * PAGE_RECORD;
     let mut payloads = Vec::new();
     let mut count = 0u64;
-    let mut chunk = BytesMut::with_capacity(PAGES_PER_FRAME * PAGE_RECORD);
+    // Appended to, never zero-filled first: one pass over each page.
+    let mut chunk: Vec<u8> = Vec::with_capacity(CHUNK);
     for page in pages {
         let gpa = page * PAGE_SIZE as u64;
-        chunk.put_u64_le(gpa);
-        let at = chunk.len();
-        chunk.resize(at + PAGE_SIZE, 0);
-        mem.read_slice(&mut chunk[at..], GuestAddress(gpa))?;
+        chunk.extend_from_slice(&gpa.to_le_bytes());
+        mem.write_all_volatile_to(GuestAddress(gpa), &mut chunk, PAGE_SIZE)?;
         count += 1;
-        if chunk.len() == PAGES_PER_FRAME * PAGE_RECORD {
-            payloads.push(chunk.split().freeze());
-            chunk.reserve(PAGES_PER_FRAME * PAGE_RECORD);
+        if chunk.len() == CHUNK {
+            payloads.push(Bytes::from(std::mem::replace(
+                &mut chunk,
+                Vec::with_capacity(CHUNK),
+            )));
         }
     }
     if !chunk.is_empty() {
-        payloads.push(chunk.split().freeze());
+        payloads.push(Bytes::from(chunk));
     }
     Ok((payloads, count))
 }

@@ -46,6 +46,8 @@ pub enum PrimaryError {
     WrongAck { got: u64, expected: u64 },
     #[error("the standby's acknowledgement stream ended")]
     AckStreamEnded,
+    #[error("the VM stopped")]
+    VmStopped,
     #[error("checkpoint {epoch}: {source}")]
     Capture {
         epoch: u64,
@@ -89,13 +91,23 @@ pub struct PrimaryConfig {
     pub disks: Vec<PathBuf>,
 }
 
-/// Protects `vm` for as long as the process runs.
-pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
+/// Protects `vm` until `stop` is notified (its guest stopped): then a
+/// standby in session is told not to take it over, and this returns.
+pub async fn run(
+    vm: Arc<Vm>,
+    config: PrimaryConfig,
+    status: StatusBoard,
+    stop: Arc<tokio::sync::Notify>,
+) {
     let mut last_refusal = String::new();
     status.set_state("primary", "unprotected", None);
     loop {
         let (link, active) = loop {
-            match connect_any(&config.peers, &config.link).await {
+            let attempt = tokio::select! {
+                a = connect_any(&config.peers, &config.link) => a,
+                _ = stop.notified() => return,
+            };
+            match attempt {
                 Ok(found) => break found,
                 Err(error) => {
                     let text = error.to_string();
@@ -110,7 +122,10 @@ pub async fn run(vm: Arc<Vm>, config: PrimaryConfig, status: StatusBoard) {
         };
         last_refusal.clear();
         status.update(|s| s.peer = Some(link.peer_addr().to_string()));
-        let error = protect(&vm, link, active, &config, &status).await;
+        let error = protect(&vm, link, active, &config, &status, &stop).await;
+        if matches!(error, PrimaryError::VmStopped) {
+            return;
+        }
         // The standby is gone: this copy is the only one, so output held
         // for it goes out now and the disks stop being recorded.
         let released: usize = vm.virtio.tx_gates().iter().map(|g| g.open()).sum();
@@ -230,6 +245,7 @@ async fn protect(
     active: usize,
     config: &PrimaryConfig,
     status: &StatusBoard,
+    stop: &tokio::sync::Notify,
 ) -> PrimaryError {
     let (tx, rx) = link.split();
     let mut acks = spawn_ack_reader(rx);
@@ -238,7 +254,7 @@ async fn protect(
         initial_sync(vm, &tx, config, status).await?;
         // The session exists on the standby now: add the backup path.
         backup = Some(spawn_backup_path(config, active));
-        epochs(vm, &tx, &mut acks, config, status).await
+        epochs(vm, &tx, &mut acks, config, status, stop).await
     }
     .await;
     if let Some(task) = backup {
@@ -457,6 +473,7 @@ async fn epochs(
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     config: &PrimaryConfig,
     status: &StatusBoard,
+    stop: &tokio::sync::Notify,
 ) -> Result<std::convert::Infallible, PrimaryError> {
     let gates = vm.virtio.tx_gates();
     // Held output wakes the wait for the next checkpoint.
@@ -483,6 +500,11 @@ async fn epochs(
             tokio::select! {
                 _ = tokio::time::sleep_until(wake.into()) => {}
                 _ = output.notified() => {}
+                _ = stop.notified() => {
+                    // The guest stopped on purpose: no takeover.
+                    let _ = tx.send(&Frame::new(FrameKind::Stop, epoch, Bytes::new())).await;
+                    return Err(PrimaryError::VmStopped);
+                }
             }
         }
         let late = Instant::now().saturating_duration_since(next_due) > config.interval.max;

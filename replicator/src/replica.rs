@@ -52,6 +52,8 @@ pub enum ReplicaError {
     PathLost(#[source] LinkError),
     #[error("the primary began a new session")]
     Superseded,
+    #[error("the primary's VM stopped on purpose (no takeover)")]
+    PrimaryStopped,
     #[error("epoch {epoch} refused: its state does not decode: {source}")]
     BadState {
         epoch: u64,
@@ -337,6 +339,7 @@ async fn session(
             }
         };
         match frame.kind {
+            FrameKind::Stop => return Err(ReplicaError::PrimaryStopped),
             FrameKind::SyncPages | FrameKind::SyncDisk if committed.is_some() => {
                 return Err(ReplicaError::LateSync(frame.kind));
             }

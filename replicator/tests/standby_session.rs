@@ -9,7 +9,8 @@
 //! - a frame corrupted on the wire is refused and causes no takeover;
 //! - with a backup path, a lost active path is not a lost primary (no
 //!   takeover while the primary is heard on the backup), and a primary
-//!   silent on both paths is taken over.
+//!   silent on both paths is taken over;
+//! - a primary whose VM stopped on purpose says so and is not taken over.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -425,4 +426,28 @@ async fn a_primary_silent_on_both_paths_is_taken_over() {
     drop((link, backup));
     assert_eq!(replica.epoch, 1);
     assert_eq!(page5(&replica), 0x22);
+}
+
+#[tokio::test]
+async fn a_primary_whose_vm_stopped_is_not_taken_over() {
+    let standby = start_standby("stopped").await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    send(&link, &[Frame::new(FrameKind::Stop, 2, Bytes::new())]).await;
+    drop(link);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !standby.task.is_finished(),
+        "the standby took over a VM that stopped on purpose"
+    );
+    let status = standby.status.snapshot();
+    assert!(
+        status
+            .message
+            .unwrap_or_default()
+            .contains("stopped on purpose"),
+        "the standby says why it did not take over"
+    );
+    standby.task.abort();
 }

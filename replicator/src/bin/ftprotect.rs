@@ -171,8 +171,17 @@ fn run_primary(
     let disks = vm.config.disks.iter().map(|d| d.path.clone()).collect();
     let config = primary_config(pair, link, disks);
     let vm = Arc::new(vm);
-    runtime.spawn(primary::run(Arc::clone(&vm), config, status.clone()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let protection = runtime.spawn(primary::run(
+        Arc::clone(&vm),
+        config,
+        status.clone(),
+        Arc::clone(&stop),
+    ));
     let event = vm.wait();
+    // Tell a standby in session not to take a stopped VM over.
+    stop.notify_one();
+    let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), protection));
     status.set_state(
         "primary",
         "stopped",
