@@ -268,32 +268,60 @@ async fn a_replayed_epoch_is_refused_unacknowledged_and_causes_no_takeover() {
     standby.task.abort();
 }
 
-/// A TCP relay that flips one bit in the next large chunk it forwards
-/// from the primary once `corrupt` is set.
-async fn corrupting_relay(to: SocketAddr, corrupt: Arc<AtomicBool>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (from_primary, _) = listener.accept().await.unwrap();
-        let to_standby = TcpStream::connect(to).await.unwrap();
-        let (mut pr, mut pw) = from_primary.into_split();
-        let (mut sr, mut sw) = to_standby.into_split();
-        tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut sr, &mut pw).await;
-        });
+/// What a relay does once its switch is set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Flip one bit in the next chunk of over 1000 bytes from the primary
+    /// (then the switch resets).
+    FlipABit,
+    /// Both directions go silent, the connections held open, like an
+    /// unplugged cable.
+    GoSilent,
+}
+
+/// A TCP relay from a primary to `to` that injects `fault` once `switch`
+/// is set.
+async fn relay(to: SocketAddr, switch: Arc<AtomicBool>, fault: Fault) -> SocketAddr {
+    async fn pump(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        switch: Arc<AtomicBool>,
+        fault: Fault,
+        from_primary: bool,
+    ) {
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            let n = match pr.read(&mut buf).await {
+            let n = match r.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if n > 1000 && corrupt.swap(false, Ordering::SeqCst) {
-                buf[n / 2] ^= 0x10;
+            match fault {
+                Fault::GoSilent if switch.load(Ordering::SeqCst) => {
+                    std::future::pending::<()>().await
+                }
+                Fault::FlipABit
+                    if from_primary && n > 1000 && switch.swap(false, Ordering::SeqCst) =>
+                {
+                    buf[n / 2] ^= 0x10
+                }
+                _ => {}
             }
-            if sw.write_all(&buf[..n]).await.is_err() {
+            if w.write_all(&buf[..n]).await.is_err() {
                 return;
             }
         }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (primary, _) = listener.accept().await.unwrap();
+        let standby = TcpStream::connect(to).await.unwrap();
+        let (pr, pw) = primary.into_split();
+        let (sr, sw) = standby.into_split();
+        tokio::join!(
+            pump(pr, sw, Arc::clone(&switch), fault, true),
+            pump(sr, pw, switch, fault, false)
+        );
     });
     addr
 }
@@ -302,7 +330,7 @@ async fn corrupting_relay(to: SocketAddr, corrupt: Arc<AtomicBool>) -> SocketAdd
 async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
     let standby = start_standby("corrupt").await;
     let corrupt = Arc::new(AtomicBool::new(false));
-    let relay = corrupting_relay(standby.addr, Arc::clone(&corrupt)).await;
+    let relay = relay(standby.addr, Arc::clone(&corrupt), Fault::FlipABit).await;
     let mut link = synced_primary(relay).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
@@ -330,41 +358,6 @@ async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
     standby.task.abort();
 }
 
-/// A TCP relay that forwards both ways until `cut` is set, then goes
-/// silent (holding the connections open), like an unplugged cable.
-async fn cuttable_relay(to: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (a, _) = listener.accept().await.unwrap();
-        let b = TcpStream::connect(to).await.unwrap();
-        let (ar, aw) = a.into_split();
-        let (br, bw) = b.into_split();
-        async fn pump(
-            mut r: tokio::net::tcp::OwnedReadHalf,
-            mut w: tokio::net::tcp::OwnedWriteHalf,
-            cut: Arc<AtomicBool>,
-        ) {
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                let n = match r.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if cut.load(Ordering::SeqCst) {
-                    // Silent from now on; keep both ends open.
-                    std::future::pending::<()>().await;
-                }
-                if w.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-        tokio::join!(pump(ar, bw, Arc::clone(&cut)), pump(br, aw, cut));
-    });
-    addr
-}
-
 /// A primary whose session runs through a cuttable relay (`cut`), with a
 /// backup path through another (`cut_backup`) to the standby's second
 /// address.
@@ -373,12 +366,12 @@ async fn primary_with_backup(
     cut: &Arc<AtomicBool>,
     cut_backup: &Arc<AtomicBool>,
 ) -> (Link, Link) {
-    let relay = cuttable_relay(standby.addr, Arc::clone(cut)).await;
-    let relay2 = cuttable_relay(standby.addr2, Arc::clone(cut_backup)).await;
-    let mut link = synced_primary(relay).await;
+    let path1 = relay(standby.addr, Arc::clone(cut), Fault::GoSilent).await;
+    let path2 = relay(standby.addr2, Arc::clone(cut_backup), Fault::GoSilent).await;
+    let mut link = synced_primary(path1).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    let backup = Link::connect(relay2, &link_config(Role::Primary))
+    let backup = Link::connect(path2, &link_config(Role::Primary))
         .await
         .expect("backup path");
     backup
