@@ -27,6 +27,8 @@ use ft_link::{Frame, FrameKind, Link, LinkConfig, LinkError, LinkSender};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use vm_memory::{Bytes as _, GuestAddress};
+use vmm::devices::virtio::block::write_log::WriteLog;
+use vmm::devices::virtio::net::tx_gate::TxGate;
 use vmm::vm::Vm;
 
 use crate::checkpoint::{
@@ -422,12 +424,18 @@ struct Captured {
 
 /// Pauses the guest and captures checkpoint `epoch`; the guest stays
 /// paused (the caller resumes it).
-fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
+/// The device hooks a checkpoint touches, looked up once per session.
+struct Hooks {
+    gates: Vec<Arc<TxGate>>,
+    logs: Vec<Arc<WriteLog>>,
+}
+
+fn capture(vm: &Vm, hooks: &Hooks, epoch: u64) -> Result<Captured, PrimaryError> {
     vm.pause();
-    let gates = vm.virtio.tx_gates();
+    let gates = &hooks.gates;
     if epoch == 1 {
         // Output is held from the first epoch on.
-        for gate in &gates {
+        for gate in gates {
             gate.hold();
         }
     }
@@ -436,9 +444,8 @@ fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
     let dirty = vm.harvest_dirty().map_err(err)?;
     let pages = epoch::stage_pages(&vm.ram.memory, dirty.page_numbers())
         .map_err(|source| PrimaryError::Stage { epoch, source })?;
-    let writes: Vec<DiskRecord> = vm
-        .virtio
-        .write_logs()
+    let writes: Vec<DiskRecord> = hooks
+        .logs
         .iter()
         .enumerate()
         .flat_map(|(disk, log)| {
@@ -450,7 +457,7 @@ fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
         })
         .collect();
     let mut guest_ipv4 = Vec::new();
-    for gate in &gates {
+    for gate in gates {
         gate.seal(epoch);
         guest_ipv4.extend(gate.guest_ipv4());
     }
@@ -475,10 +482,14 @@ async fn epochs(
     status: &StatusBoard,
     stop: &tokio::sync::Notify,
 ) -> Result<std::convert::Infallible, PrimaryError> {
-    let gates = vm.virtio.tx_gates();
+    let hooks = Hooks {
+        gates: vm.virtio.tx_gates(),
+        logs: vm.virtio.write_logs(),
+    };
+    let gates = &hooks.gates;
     // Held output wakes the wait for the next checkpoint.
     let output = Arc::new(tokio::sync::Notify::new());
-    for gate in &gates {
+    for gate in gates {
         let output = Arc::clone(&output);
         gate.on_held_output(Box::new(move || output.notify_one()));
     }
@@ -510,7 +521,7 @@ async fn epochs(
         let late = Instant::now().saturating_duration_since(next_due) > config.interval.max;
 
         let stop_start = Instant::now();
-        let captured = match capture(vm, epoch) {
+        let captured = match capture(vm, &hooks, epoch) {
             Ok(c) => c,
             Err(e) => {
                 vm.resume();
