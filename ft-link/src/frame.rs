@@ -3,59 +3,61 @@
 //! ```text
 //! offset  size  field
 //!      0     2  magic "FT"
-//!      2     1  version (1)
+//!      2     1  version (2)
 //!      3     1  kind
 //!      4     4  reserved (0)
 //!      8     8  epoch
-//!     16     4  payload length
-//!     20     4  crc32 of bytes 0..20 and the payload
-//!     24     -  payload
+//!     16     8  generation
+//!     24     4  payload length
+//!     28     4  crc32 of bytes 0..28 and the payload
+//!     32     -  payload
 //! ```
 //! All integers are little endian.
+//!
+//! The link's own frames (handshake, heartbeats, refusals) have kinds below
+//! [`MESSAGE_KIND_FIRST`]; every kind from there up is a message of the
+//! protocol the link carries (the replication protocol), opaque here: the
+//! link checks and delivers it, and knows nothing of what it means.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: [u8; 2] = *b"FT";
-pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 24;
+pub const VERSION: u8 = 2;
+pub const HEADER_LEN: usize = 32;
 /// The largest payload accepted: a frame announcing more is malformed.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// The first kind byte of a carried message.
+pub const MESSAGE_KIND_FIRST: u8 = 64;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum FrameKind {
-    Hello = 1,
-    Challenge = 2,
-    Response = 3,
-    Heartbeat = 4,
-    /// Starts epoch N: vCPU and device state follow.
-    EpochBegin = 5,
-    /// Dirty pages of the current epoch.
-    Pages = 6,
-    /// Disk writes of the current epoch.
-    DiskWrites = 7,
-    /// Ends epoch N: the standby may apply it once it checks out.
-    EpochEnd = 8,
-    /// The standby committed epoch N.
-    Ack = 9,
+    Hello,
+    Challenge,
+    Response,
+    Heartbeat,
     /// The peer refuses something and says why.
-    Refusal = 10,
+    Refusal,
     /// The peer checked the handshake and accepts to pair.
-    Accepted = 11,
-    /// Initial synchronisation starts: the VM's geometry follows.
-    SyncBegin = 12,
-    /// Initial synchronisation: memory pages, copied while the guest runs.
-    SyncPages = 13,
-    /// Initial synchronisation: disk contents, copied while the guest runs.
-    SyncDisk = 14,
-    /// First frame of a second connection: a backup path of the session
-    /// (it carries heartbeats, so the standby can tell a lost path from a
-    /// lost primary).
-    Backup = 15,
-    /// The primary's VM stopped (shut down or reset on purpose): the
-    /// standby must not take it over.
-    Stop = 16,
+    Accepted,
+    /// A message of the carried protocol, by its kind byte
+    /// (`MESSAGE_KIND_FIRST..=255`).
+    Message(u8),
+}
+
+impl FrameKind {
+    /// The kind byte on the wire.
+    pub fn code(self) -> u8 {
+        match self {
+            FrameKind::Hello => 1,
+            FrameKind::Challenge => 2,
+            FrameKind::Response => 3,
+            FrameKind::Heartbeat => 4,
+            FrameKind::Refusal => 10,
+            FrameKind::Accepted => 11,
+            FrameKind::Message(code) => code,
+        }
+    }
 }
 
 impl TryFrom<u8> for FrameKind {
@@ -67,18 +69,9 @@ impl TryFrom<u8> for FrameKind {
             2 => Challenge,
             3 => Response,
             4 => Heartbeat,
-            5 => EpochBegin,
-            6 => Pages,
-            7 => DiskWrites,
-            8 => EpochEnd,
-            9 => Ack,
             10 => Refusal,
             11 => Accepted,
-            12 => SyncBegin,
-            13 => SyncPages,
-            14 => SyncDisk,
-            15 => Backup,
-            16 => Stop,
+            code if code >= MESSAGE_KIND_FIRST => Message(code),
             other => return Err(FrameError::UnknownKind(other)),
         })
     }
@@ -88,6 +81,9 @@ impl TryFrom<u8> for FrameKind {
 pub struct Frame {
     pub kind: FrameKind,
     pub epoch: u64,
+    /// The generation of the active copy the sender acts for (0 where the
+    /// carried protocol does not use one).
+    pub generation: u64,
     pub payload: Bytes,
 }
 
@@ -111,22 +107,44 @@ pub enum FrameError {
     Truncated(usize),
     #[error("payload of {0} bytes is larger than a frame can carry")]
     PayloadTooLarge(usize),
+    #[error("kind {0} is not a message kind (they start at {MESSAGE_KIND_FIRST})")]
+    NotAMessageKind(u8),
 }
 
 fn checksum(header: &[u8], payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(&header[..20]);
+    h.update(&header[..28]);
     h.update(payload);
     h.finalize()
 }
 
 impl Frame {
+    /// A frame of the link itself (generation 0).
     pub fn new(kind: FrameKind, epoch: u64, payload: impl Into<Bytes>) -> Frame {
         Frame {
             kind,
             epoch,
+            generation: 0,
             payload: payload.into(),
         }
+    }
+
+    /// A message of the carried protocol; `code` must be a message kind.
+    pub fn message(
+        code: u8,
+        epoch: u64,
+        generation: u64,
+        payload: impl Into<Bytes>,
+    ) -> Result<Frame, FrameError> {
+        if code < MESSAGE_KIND_FIRST {
+            return Err(FrameError::NotAMessageKind(code));
+        }
+        Ok(Frame {
+            kind: FrameKind::Message(code),
+            epoch,
+            generation,
+            payload: payload.into(),
+        })
     }
 
     /// Appends only the header (its crc covers the payload too); the
@@ -140,9 +158,10 @@ impl Frame {
         out.reserve(HEADER_LEN);
         out.put_slice(&MAGIC);
         out.put_u8(VERSION);
-        out.put_u8(self.kind as u8);
+        out.put_u8(self.kind.code());
         out.put_u32_le(0);
         out.put_u64_le(self.epoch);
+        out.put_u64_le(self.generation);
         out.put_u32_le(len);
         let crc = checksum(&out[start..], &self.payload);
         out.put_u32_le(crc);
@@ -182,7 +201,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let epoch = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes"));
+        let generation = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
         if len > MAX_PAYLOAD {
             return Err(FrameError::TooLong(len));
         }
@@ -191,7 +211,7 @@ impl FrameDecoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        let carried = u32::from_le_bytes(buf[20..24].try_into().expect("4 bytes"));
+        let carried = u32::from_le_bytes(buf[28..32].try_into().expect("4 bytes"));
         let computed = checksum(&buf[..HEADER_LEN], &buf[HEADER_LEN..total]);
         if carried != computed {
             return Err(FrameError::Checksum {
@@ -205,6 +225,7 @@ impl FrameDecoder {
         Ok(Some(Frame {
             kind,
             epoch,
+            generation,
             payload,
         }))
     }
@@ -234,12 +255,12 @@ mod tests {
     #[test]
     fn frames_round_trip_even_when_split_anywhere() {
         let frames = vec![
-            Frame::new(FrameKind::EpochBegin, 7, vec![1, 2, 3]),
-            Frame::new(FrameKind::Pages, 7, vec![0xab; 9000]),
-            Frame::new(FrameKind::EpochEnd, 7, Bytes::new()),
+            Frame::message(70, 7, 3, vec![1, 2, 3]).unwrap(),
+            Frame::message(71, 7, 3, vec![0xab; 9000]).unwrap(),
+            Frame::message(72, 7, 3, Bytes::new()).unwrap(),
         ];
         let wire = encoded(&frames);
-        for split in [1, 3, 23, 24, 25, 4000, wire.len() - 1] {
+        for split in [1, 3, 23, 31, 32, 33, 4000, wire.len() - 1] {
             let mut dec = FrameDecoder;
             let mut buf = BytesMut::from(&wire[..split]);
             let mut got = Vec::new();
@@ -257,7 +278,7 @@ mod tests {
 
     #[test]
     fn every_flipped_bit_is_caught() {
-        let wire = encoded(&[Frame::new(FrameKind::Pages, 3, vec![5u8; 64])]);
+        let wire = encoded(&[Frame::message(80, 3, 9, vec![5u8; 64]).unwrap()]);
         for byte in 0..wire.len() {
             for bit in 0..8 {
                 let mut bad = wire.clone();
@@ -280,23 +301,27 @@ mod tests {
             FrameDecoder.decode(&mut junk),
             Err(FrameError::BadMagic(*b"GE"))
         );
-        let mut wire = encoded(&[Frame::new(FrameKind::Ack, 1, Bytes::new())]);
+        let mut wire = encoded(&[Frame::new(FrameKind::Heartbeat, 1, Bytes::new())]);
         wire[2] = 9;
         assert_eq!(FrameDecoder.decode(&mut wire), Err(FrameError::Version(9)));
-        let mut wire = encoded(&[Frame::new(FrameKind::Ack, 1, Bytes::new())]);
-        wire[3] = 200;
+        let mut wire = encoded(&[Frame::new(FrameKind::Heartbeat, 1, Bytes::new())]);
+        wire[3] = 20;
         assert_eq!(
             FrameDecoder.decode(&mut wire),
-            Err(FrameError::UnknownKind(200))
+            Err(FrameError::UnknownKind(20))
         );
-        let mut wire = encoded(&[Frame::new(FrameKind::Pages, 1, Bytes::new())]);
-        wire[16..20].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert_eq!(
+            Frame::message(11, 1, 0, Bytes::new()),
+            Err(FrameError::NotAMessageKind(11))
+        );
+        let mut wire = encoded(&[Frame::message(64, 1, 0, Bytes::new()).unwrap()]);
+        wire[24..28].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         assert_eq!(
             FrameDecoder.decode(&mut wire),
             Err(FrameError::TooLong(MAX_PAYLOAD + 1))
         );
         // A stream that stops inside a frame.
-        let wire = encoded(&[Frame::new(FrameKind::Pages, 1, vec![0u8; 100])]);
+        let wire = encoded(&[Frame::message(64, 1, 0, vec![0u8; 100]).unwrap()]);
         let mut torn = BytesMut::from(&wire[..60]);
         assert_eq!(FrameDecoder.decode(&mut torn), Ok(None));
         assert_eq!(FrameDecoder.finish(&torn), Err(FrameError::Truncated(60)));

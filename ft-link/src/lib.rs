@@ -1,10 +1,10 @@
 //! The A-link: framed messages between the two nodes of a pair.
 //!
 //! - [`frame`]: the frame format (versioned header with a kind, an epoch
-//!   number, a length and a crc32 over header and payload; a decoder that
-//!   rejects malformed, oversized, corrupt and truncated input).
-//! - [`sequence`]: epoch sequencing (duplicated and out-of-order epochs are
-//!   refused).
+//!   number, a generation, a length and a crc32 over header and payload; a
+//!   decoder that rejects malformed, oversized, corrupt and truncated
+//!   input). The link's own frames (handshake, heartbeats) apart, frames
+//!   carry messages of the replication protocol, opaque here.
 //! - [`auth`]: mutual HMAC-SHA256 challenge-response over a shared pair
 //!   secret that never goes on the wire.
 //! - [`hello`]: the Hello the nodes exchange once authenticated (protocol
@@ -19,10 +19,8 @@ pub mod auth;
 pub mod frame;
 pub mod hello;
 pub mod link;
-pub mod sequence;
 
 pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
 pub use hello::{CpuFeatureSummary, Hello, HelloError, Mismatch, Refusal, Role};
 pub use link::{Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender, Liveness};
-pub use sequence::{EpochSequencer, SequenceError};

@@ -1028,9 +1028,9 @@ mod tests {
         let frames: Vec<Frame> = (1..=50u64)
             .flat_map(|epoch| {
                 [
-                    Frame::new(FrameKind::EpochBegin, epoch, vec![epoch as u8; 16]),
-                    Frame::new(FrameKind::Pages, epoch, vec![epoch as u8; 70_000]),
-                    Frame::new(FrameKind::EpochEnd, epoch, Bytes::new()),
+                    Frame::message(64, epoch, 1, vec![epoch as u8; 16]).unwrap(),
+                    Frame::message(65, epoch, 1, vec![epoch as u8; 70_000]).unwrap(),
+                    Frame::message(66, epoch, 1, Bytes::new()).unwrap(),
                 ]
             })
             .collect();
@@ -1053,7 +1053,7 @@ mod tests {
         assert_eq!(got, frames);
         let primary = sending.await.unwrap();
         // And back.
-        let ack = Frame::new(FrameKind::Ack, 50, Bytes::new());
+        let ack = Frame::message(67, 50, 1, Bytes::new()).unwrap();
         standby.send(&ack).await.unwrap();
         let (_, mut primary_rx) = primary.split();
         assert_eq!(
@@ -1084,7 +1084,7 @@ mod tests {
             idle.is_err(),
             "recv returned during an idle period: {idle:?}"
         );
-        let frame = Frame::new(FrameKind::EpochBegin, 1, vec![1, 2, 3]);
+        let frame = Frame::message(64, 1, 1, vec![1, 2, 3]).unwrap();
         primary.send(&frame).await.unwrap();
         assert_eq!(
             tokio::time::timeout(WITHIN, standby.recv())
@@ -1098,7 +1098,7 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_frame_ends_the_link_with_a_checksum_error() {
         let (mut link, mut raw) = listener_with_raw_peer().await;
-        let mut wire = encoded(&Frame::new(FrameKind::Pages, 4, vec![0x55u8; 256]));
+        let mut wire = encoded(&Frame::message(65, 4, 1, vec![0x55u8; 256]).unwrap());
         wire[100] ^= 0x01;
         raw.write_all(&wire).await.unwrap();
         let err = tokio::time::timeout(WITHIN, link.recv())
@@ -1167,7 +1167,7 @@ mod tests {
     #[tokio::test]
     async fn a_stream_ending_inside_a_frame_is_truncated() {
         let (mut link, mut raw) = listener_with_raw_peer().await;
-        let wire = encoded(&Frame::new(FrameKind::Pages, 2, vec![1u8; 100]));
+        let wire = encoded(&Frame::message(65, 2, 1, vec![1u8; 100]).unwrap());
         raw.write_all(&wire[..60]).await.unwrap();
         drop(raw);
         let err = tokio::time::timeout(WITHIN, link.recv())

@@ -15,11 +15,10 @@ use bytes::Bytes;
 use ft_link::auth::PairSecret;
 use ft_link::hello::{CpuFeatureSummary, Hello, Role};
 use ft_link::link::{Link, LinkConfig, LinkListener};
-use ft_link::{Frame, FrameKind};
-use replicator::epoch::{frames, stage_pages, PAGE_SIZE};
-use replicator::standby::EpochAssembler;
-use vm_memory::{Bytes as _, GuestAddress};
-use vmm::dirty::DirtyPages;
+use replicator::assembler::EpochAssembler;
+use replicator::checkpoint_bench::memcpy_ns_per_page;
+use replicator::protocol::{epoch_frames, Message, PageStager, PAGE_SIZE};
+use vmm::replication::ReplicaRam;
 
 const MEM_MIB: u64 = 256;
 const EPOCHS: u64 = 60;
@@ -41,8 +40,9 @@ fn config(role: Role) -> LinkConfig {
     )
 }
 
-/// A reproducible choice of distinct page numbers.
-fn dirty_set(epoch: u64, total_pages: u64) -> DirtyPages {
+/// A reproducible choice of distinct page numbers, in address order (as a
+/// harvest gives them).
+fn dirty_set(epoch: u64, total_pages: u64) -> Vec<u64> {
     let mut words = vec![0u64; total_pages.div_ceil(64) as usize];
     let mut x = epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut chosen = 0;
@@ -57,16 +57,15 @@ fn dirty_set(epoch: u64, total_pages: u64) -> DirtyPages {
             chosen += 1;
         }
     }
-    DirtyPages {
-        slots: vec![(0, words)],
-        ..Default::default()
-    }
+    (0..total_pages)
+        .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0)
+        .collect()
 }
 
 #[tokio::main]
 async fn main() {
-    let primary = vmm::memory::create(MEM_MIB).expect("primary memory");
-    let replica = vmm::memory::create(MEM_MIB).expect("replica memory");
+    let primary = ReplicaRam::create(MEM_MIB).expect("primary memory");
+    let replica = ReplicaRam::create(MEM_MIB).expect("replica memory");
     let total_pages = (MEM_MIB << 20) / PAGE_SIZE as u64;
 
     let listener = LinkListener::bind("127.0.0.1:0", config(Role::Standby))
@@ -79,11 +78,10 @@ async fn main() {
         let mut applied = 0u64;
         while applied < EPOCHS {
             let frame = link.recv().await.expect("recv");
-            if let Some(epoch) = assembler.on_frame(frame).expect("a good epoch") {
-                assembler
-                    .apply(&epoch, &replica.memory, &[])
-                    .expect("apply");
-                link.send(&Frame::new(FrameKind::Ack, epoch.epoch, Bytes::new()))
+            let message = Message::from_frame(frame).expect("a good message");
+            if let Some(epoch) = assembler.on_message(message).expect("a good epoch") {
+                assembler.apply(&epoch, &replica, &[]).expect("apply");
+                link.send(&Message::Ack.into_frame(epoch.epoch, 1))
                     .await
                     .expect("ack");
                 applied += 1;
@@ -102,22 +100,26 @@ async fn main() {
     for epoch in 1..=EPOCHS {
         let dirty = dirty_set(epoch, total_pages);
         // The guest "writes" its pages.
-        for page in dirty.page_numbers() {
+        for &page in &dirty {
+            let mut contents = [0u8; PAGE_SIZE];
+            contents[..8].copy_from_slice(&(epoch ^ page).to_le_bytes());
             primary
-                .memory
-                .write_obj(epoch ^ page, GuestAddress(page * PAGE_SIZE as u64))
+                .write_page(page * PAGE_SIZE as u64, &contents)
                 .expect("write");
         }
         // Capture as the primary does while the guest is stopped: dirty
         // pages copied straight into frame payloads.
         let t = Instant::now();
-        let pages = stage_pages(&primary.memory, dirty.page_numbers()).expect("stage");
+        let mut stager = PageStager::default();
+        primary.stage_pages(dirty, &mut stager).expect("stage");
+        let pages = stager.finish();
         capture += t.elapsed();
-        let count = pages.1;
+        let count = pages.count;
         // After the guest resumes: the epoch's frames and end record.
         let t = Instant::now();
-        let frames = frames(
+        let frames = epoch_frames(
             epoch,
+            1,
             Bytes::from_static(b"vcpu and device state"),
             pages,
             (Vec::new(), 0),
@@ -128,8 +130,8 @@ async fn main() {
             link.send(f).await.expect("send");
         }
         loop {
-            let ack = link.recv().await.expect("ack");
-            if ack.kind == FrameKind::Ack {
+            let ack = Message::from_frame(link.recv().await.expect("ack")).expect("a message");
+            if ack.message == Message::Ack {
                 assert_eq!(ack.epoch, epoch);
                 break;
             }
@@ -144,13 +146,13 @@ async fn main() {
     let mut a = vec![0u8; PAGE_SIZE];
     let mut b = vec![0u8; PAGE_SIZE];
     for page in 0..total_pages {
-        let gpa = GuestAddress(page * PAGE_SIZE as u64);
-        primary.memory.read_slice(&mut a, gpa).unwrap();
-        replica.memory.read_slice(&mut b, gpa).unwrap();
+        let gpa = page * PAGE_SIZE as u64;
+        primary.read_page(gpa, &mut a).unwrap();
+        replica.read_page(gpa, &mut b).unwrap();
         assert_eq!(a, b, "page {page} differs between primary and replica");
     }
 
-    let memcpy_ns = vmm::staging::memcpy_ns_per_page(256);
+    let memcpy_ns = memcpy_ns_per_page(256);
     let per_ms = |d: Duration| pages_sent as f64 / (d.as_secs_f64() * 1e3);
     let memcpy_per_ms = 1e6 / memcpy_ns;
     println!(

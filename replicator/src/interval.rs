@@ -4,7 +4,7 @@
 //! more a checkpoint costs, so the guest spends at most about a tenth of
 //! its time stopped.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntervalLimits {
@@ -39,6 +39,49 @@ impl IntervalLimits {
     }
 }
 
+/// When the next checkpoint is due: [`IntervalLimits::next`] after the
+/// last one, brought forward to `min` after it when guest output waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    limits: IntervalLimits,
+    interval: Duration,
+    next_due: Instant,
+}
+
+impl Schedule {
+    /// The first checkpoint is due at once.
+    pub fn new(limits: IntervalLimits) -> Schedule {
+        Schedule {
+            limits,
+            interval: limits.min,
+            next_due: Instant::now(),
+        }
+    }
+
+    /// When the checkpoint is due, given whether output waits for it.
+    pub fn due_at(&self, output_waiting: bool) -> Instant {
+        if output_waiting {
+            self.next_due - self.interval + self.limits.min
+        } else {
+            self.next_due
+        }
+    }
+
+    /// Whether the checkpoint comes later than `max` after it was due (the
+    /// standby held the primary back).
+    pub fn is_late(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.next_due) > self.limits.max
+    }
+
+    /// After a checkpoint that stopped the guest `stopped`: plans the next
+    /// one; returns the interval chosen.
+    pub fn plan_next(&mut self, stopped: Duration, output_waiting: bool) -> Duration {
+        self.interval = self.limits.next(stopped, output_waiting);
+        self.next_due = Instant::now() + self.interval;
+        self.interval
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +100,22 @@ mod tests {
         assert_eq!(l.next(ms(1), true), ms(2));
         assert_eq!(l.next(ms(5), true), ms(5));
         assert_eq!(l.next(ms(50), true), ms(20));
+    }
+
+    #[test]
+    fn waiting_output_brings_the_checkpoint_forward() {
+        let l = IntervalLimits::default();
+        let mut s = Schedule::new(l);
+        let chosen = s.plan_next(Duration::from_millis(2), false);
+        assert_eq!(chosen, Duration::from_millis(18));
+        let quiet = s.due_at(false);
+        let busy = s.due_at(true);
+        assert_eq!(
+            quiet - busy,
+            Duration::from_millis(16),
+            "due at min when output waits"
+        );
+        assert!(!s.is_late(quiet));
+        assert!(s.is_late(quiet + Duration::from_millis(21)));
     }
 }

@@ -1,28 +1,43 @@
 //! The FT engine.
 //!
-//! - [`epoch`]: how a checkpoint travels (state, dirty pages, disk writes,
-//!   an end record that makes a torn epoch detectable).
-//! - [`checkpoint`]: the state and synchronisation plan payloads.
-//! - [`standby`]: assembling frames into complete, checked epochs and
-//!   applying them atomically, in sequence.
+//! - [`protocol`]: every message between primary and standby, typed, with
+//!   its codec (epoch state, dirty pages, disk writes, the end record that
+//!   makes a torn epoch detectable; the synchronisation plan).
 //! - [`primary`]: initial synchronisation and the epoch loop with output
 //!   commit (network frames released per acknowledged epoch, disk writes
 //!   shipped with their epoch) and the adaptive interval ([`interval`]).
-//! - [`replica`]: the standby process around the assembler; [`replica_disk`]
-//!   its disk files.
+//! - [`standby`]: the standby's sessions; [`assembler`] turns messages
+//!   into complete, checked epochs and applies them atomically, in
+//!   sequence ([`sequence`]).
 //! - [`promote`]: turning the replica into the running VM after a failure;
 //!   [`bridge`] puts its TAP on the node's bridge.
 //! - [`pairing`]: what the nodes tell each other when the A-link opens.
 //! - [`status`]: the state and counters each node publishes.
+//! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
+//!
+//! How a checkpoint flows (one dirty page, from harvest to apply):
+//! 1. `primary/checkpoint.rs` `capture`: with the guest paused, asks the
+//!    VMM to harvest the dirty pages into a [`protocol::PageStager`];
+//! 2. `vmm/src/replication/mod.rs` `Vm::harvest_dirty_into`: reads KVM's
+//!    dirty log merged with the VMM's own bitmap and copies each page into
+//!    the buffer the stager hands out;
+//! 3. `protocol/pages.rs` `PageStager`: writes the page record (address,
+//!    contents) into a frame payload;
+//! 4. `protocol/mod.rs` `epoch_frames`: wraps the payloads as `Pages`
+//!    messages between `EpochBegin` and the checking `EpochEnd`; the
+//!    A-link carries them; on the standby `Message::from_frame` decodes;
+//! 5. `assembler.rs` `EpochAssembler`: stages the epoch, checks it against
+//!    its end record, checks every page range, and writes the pages into
+//!    the replica's RAM.
 
+pub mod assembler;
 pub mod bridge;
-pub mod checkpoint;
-pub mod epoch;
+pub mod checkpoint_bench;
 pub mod interval;
 pub mod pairing;
 pub mod primary;
 pub mod promote;
-pub mod replica;
-pub mod replica_disk;
+pub mod protocol;
+pub mod sequence;
 pub mod standby;
 pub mod status;

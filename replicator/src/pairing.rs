@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ft_link::{CpuFeatureSummary, Hello, LinkConfig, PairSecret, Role};
-use vmm::cpu::cpuid;
-use vmm::cpu::features::FeatureSet;
+use vmm::config::FeatureSet;
+use vmm::replication::offered_cpu_features;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PairingError {
@@ -30,21 +30,9 @@ pub enum PairingError {
 
 /// The feature words `set` gives a guest on this host.
 pub fn cpu_summary(set: FeatureSet) -> Result<CpuFeatureSummary, PairingError> {
-    let (kvm, _) = vmm::kvm_host::probe().map_err(|e| PairingError::Host(e.to_string()))?;
-    let base = cpuid::supported(&kvm).map_err(|e| PairingError::Host(e.to_string()))?;
-    let host = cpuid::host_features(&base);
-    let want = set.words();
     Ok(CpuFeatureSummary {
         name: set.to_string(),
-        words: vec![
-            host.leaf1_ecx & want.leaf1_ecx,
-            host.leaf1_edx & want.leaf1_edx,
-            host.leaf7_ebx & want.leaf7_ebx,
-            host.leaf7_ecx & want.leaf7_ecx,
-            host.leaf7_edx & want.leaf7_edx,
-            host.ext1_ecx & want.ext1_ecx,
-            host.ext1_edx & want.ext1_edx,
-        ],
+        words: offered_cpu_features(set).map_err(|e| PairingError::Host(e.to_string()))?,
     })
 }
 

@@ -7,11 +7,11 @@
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use vmm::devices::virtio::net::tx_gate::gratuitous_arp;
-use vmm::devices::virtio::{DeviceConfig, DeviceState};
-use vmm::vm::{SerialSink, Vm, VmError};
+use vmm::config::SerialSink;
+use vmm::replication::{Backings, ReplicationError};
+use vmm::vm::Vm;
 
-use crate::replica::Replica;
+use crate::standby::Replica;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -19,7 +19,7 @@ pub enum PromoteError {
     Restore {
         epoch: u64,
         #[source]
-        source: VmError,
+        source: ReplicationError,
     },
 }
 
@@ -37,55 +37,34 @@ pub fn promote(
 ) -> Result<Vm, PromoteError> {
     let started = Instant::now();
     let epoch = replica.epoch;
-    let mut machine = replica.state.machine;
-    let mut macs = Vec::new();
-    let (mut disk_index, mut nic_index) = (0, 0);
-    for slot in &mut machine.virtio {
-        match &mut slot.config {
-            DeviceConfig::Disk(disk) => {
-                disk.path = replica.disks[disk_index].path.clone();
-                disk_index += 1;
-            }
-            DeviceConfig::Net(net) => {
-                net.tap = taps[nic_index].clone();
-                nic_index += 1;
-                if let DeviceState::Net(state) = &slot.device {
-                    macs.push(state.mac);
-                }
-            }
-        }
-    }
     for disk in &replica.disks {
         if let Err(error) = disk.sync() {
             warn!(%error, "replica disk sync before promotion failed");
         }
     }
-    let vm = Vm::restore_from(machine, replica.ram, serial, started)
+    let backings = Backings {
+        serial,
+        disks: replica.disks.iter().map(|d| d.path.clone()).collect(),
+        taps: taps.to_vec(),
+    };
+    let addresses = replica.state.guest_ipv4;
+    let vm = Vm::restore_replica(replica.state.machine, replica.ram, backings)
         .map_err(|source| PromoteError::Restore { epoch, source })?;
     if let Some(bridge) = bridge {
         for tap in taps {
             join_bridge(tap, bridge);
         }
     }
-    let gates = vm.virtio.tx_gates();
-    for gate in &gates {
-        for ip in &replica.state.guest_ipv4 {
-            gate.remember(*ip);
-        }
-    }
     for _ in 0..ANNOUNCEMENTS {
-        for (gate, mac) in gates.iter().zip(&macs) {
-            for ip in &replica.state.guest_ipv4 {
-                if let Err(error) = gate.inject(&gratuitous_arp(*mac, *ip)) {
-                    warn!(%error, "gratuitous ARP failed");
-                }
-            }
+        let failed = vm.output().announce(&addresses);
+        if failed > 0 {
+            warn!(failed, "gratuitous ARP failed");
         }
         std::thread::sleep(ANNOUNCE_GAP);
     }
     info!(
         epoch,
-        addresses = ?replica.state.guest_ipv4,
+        addresses = ?addresses,
         promote_ms = started.elapsed().as_millis() as u64,
         "replica promoted: the VM runs on this node"
     );

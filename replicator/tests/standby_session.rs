@@ -18,16 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ft_link::{CpuFeatureSummary, Frame, FrameKind, Hello, Link, LinkConfig, PairSecret, Role};
-use replicator::checkpoint::{
-    CheckpointState, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
+use ft_link::{CpuFeatureSummary, Frame, Hello, Link, LinkConfig, PairSecret, Role};
+use replicator::protocol::{
+    disk_payloads, epoch_frames as frames_of, CheckpointState, DiskRecord, Message, PageBatch,
+    PageStager, SyncPlan, CHECKPOINT_STATE_VERSION, PAGE_SIZE, SYNC_PLAN_VERSION,
 };
-use replicator::epoch::{self, DiskRecord, PAGE_SIZE};
-use replicator::replica::{stand_by, Replica, StandbyConfig};
+use replicator::standby::{stand_by, Replica, StandbyConfig};
 use replicator::status::StatusBoard;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use vm_memory::{Bytes as _, GuestAddress};
 
 const WITHIN: Duration = Duration::from_secs(10);
 const MEM_MIB: u64 = 16;
@@ -64,15 +63,16 @@ fn state_payload() -> Bytes {
 }
 
 fn minimal_machine() -> vmm::snapshot::MachineState {
+    use vmm::snapshot::{FeatureSet, SerialDeviceState, VmState, SERIAL_STATE_VERSION};
     vmm::snapshot::MachineState {
         version: vmm::snapshot::MACHINE_STATE_VERSION,
         captured_unix_ns: 0,
         vcpu_count: 1,
         mem_mib: MEM_MIB,
         msr_indices: vec![],
-        cpu_features: vmm::cpu::features::FeatureSet::X86_64V2,
+        cpu_features: FeatureSet::X86_64V2,
         vcpus: vec![],
-        vm: vmm::vm_state::VmState {
+        vm: VmState {
             version: 1,
             pic_master: Default::default(),
             pic_slave: Default::default(),
@@ -80,8 +80,8 @@ fn minimal_machine() -> vmm::snapshot::MachineState {
             pit: Default::default(),
             clock: Default::default(),
         },
-        serial: vmm::devices::serial::state::SerialDeviceState {
-            version: vmm::devices::serial::state::SERIAL_STATE_VERSION,
+        serial: SerialDeviceState {
+            version: SERIAL_STATE_VERSION,
             baud_divisor_low: 0,
             baud_divisor_high: 0,
             interrupt_enable: 0,
@@ -99,15 +99,15 @@ fn minimal_machine() -> vmm::snapshot::MachineState {
 
 /// Epoch `n`: page 5 filled with `fill`, plus one disk write at 512.
 fn epoch_frames(n: u64, fill: u8, disk_text: &'static [u8]) -> Vec<Frame> {
-    let mut page = vec![0u8; 8 + PAGE_SIZE];
-    page[..8].copy_from_slice(&(5 * PAGE_SIZE as u64).to_le_bytes());
-    page[8..].fill(fill);
-    let writes = epoch::disk_payloads([DiskRecord {
+    let mut stager = PageStager::default();
+    vmm::replication::PageSink::page_buffer(&mut stager, 5 * PAGE_SIZE as u64)
+        .extend_from_slice(&[fill; PAGE_SIZE]);
+    let writes = disk_payloads([DiskRecord {
         disk: 0,
         offset: 512,
         data: Bytes::from_static(disk_text),
     }]);
-    epoch::frames(n, state_payload(), (vec![Bytes::from(page)], 1), writes)
+    frames_of(n, 1, state_payload(), stager.finish(), writes)
 }
 
 struct Standby {
@@ -185,8 +185,8 @@ async fn synced_primary(addr: SocketAddr) -> Link {
     send(
         &link,
         &[
-            Frame::new(FrameKind::SyncBegin, 0, plan.to_payload().unwrap()),
-            Frame::new(FrameKind::SyncPages, 0, page),
+            Message::SyncBegin(plan).into_frame(0, 1),
+            Message::SyncPages(PageBatch::new(Bytes::from(page)).unwrap()).into_frame(0, 1),
         ],
     )
     .await;
@@ -198,15 +198,17 @@ async fn expect_ack(link: &mut Link, epoch: u64) {
         .await
         .expect("an answer in time")
         .expect("the link stays up");
-    assert_eq!((f.kind, f.epoch), (FrameKind::Ack, epoch));
+    let envelope = Message::from_frame(f).expect("a replication message");
+    assert_eq!((envelope.message, envelope.epoch), (Message::Ack, epoch));
 }
 
 fn page5(replica: &Replica) -> u8 {
+    let mut page = vec![0u8; PAGE_SIZE];
     replica
         .ram
-        .memory
-        .read_obj::<u8>(GuestAddress(5 * PAGE_SIZE as u64 + 100))
-        .unwrap()
+        .read_page(5 * PAGE_SIZE as u64, &mut page)
+        .unwrap();
+    page[100]
 }
 
 fn disk_at_512(replica: &Replica, len: usize) -> Vec<u8> {
@@ -375,7 +377,7 @@ async fn primary_with_backup(
         .await
         .expect("backup path");
     backup
-        .send(&Frame::new(FrameKind::Backup, 0, Bytes::new()))
+        .send(&Message::Backup.into_frame(0, 1))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -427,7 +429,7 @@ async fn a_primary_whose_vm_stopped_is_not_taken_over() {
     let mut link = synced_primary(standby.addr).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    send(&link, &[Frame::new(FrameKind::Stop, 2, Bytes::new())]).await;
+    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
     drop(link);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(

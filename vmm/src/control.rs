@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,13 +31,6 @@ pub enum ControlRequest {
         pages_file: Option<PathBuf>,
     },
     Counters,
-    /// `count` rounds of a checkpoint's stop-the-guest work: pause, capture
-    /// vCPU/VM/device state, harvest the dirty set, copy the dirty pages to
-    /// a staging buffer, resume; `interval_ms` of running between rounds.
-    Bench {
-        count: u32,
-        interval_ms: u64,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,9 +58,6 @@ pub enum ControlResponse {
     },
     Counters {
         counters: CountersSnapshot,
-    },
-    Bench {
-        report: BenchReport,
     },
     Error {
         message: String,
@@ -188,121 +178,7 @@ pub fn execute(vm: &Vm, request: ControlRequest) -> ControlResponse {
         ControlRequest::Counters => ControlResponse::Counters {
             counters: vm.counters.snapshot(),
         },
-        ControlRequest::Bench { count, interval_ms } => {
-            match bench(vm, count, Duration::from_millis(interval_ms)) {
-                Ok(report) => ControlResponse::Bench { report },
-                Err(e) => error(e),
-            }
-        }
     }
-}
-
-/// Percentiles of one measured step, in microseconds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Percentiles {
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub max_us: f64,
-}
-
-impl Percentiles {
-    fn of(mut samples: Vec<f64>) -> Percentiles {
-        samples.sort_by(f64::total_cmp);
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-        Percentiles {
-            p50_us: at(0.5),
-            p99_us: at(0.99),
-            max_us: at(1.0),
-        }
-    }
-}
-
-/// What a benchmark run measured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BenchReport {
-    pub rounds: u32,
-    pub mem_mib: u64,
-    pub vcpus: u8,
-    /// Pause + state capture + resume (what the guest loses without memory).
-    pub stop_without_memory: Percentiles,
-    pub pause: Percentiles,
-    pub state_capture: Percentiles,
-    pub harvest: Percentiles,
-    pub copy: Percentiles,
-    /// Pause to resume, everything included.
-    pub stop_total: Percentiles,
-    pub dirty_pages_mean: f64,
-    /// Copy cost per dirty page, and memcpy per 4 KiB page in this process.
-    pub copy_ns_per_page: f64,
-    pub memcpy_ns_per_page: f64,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum BenchError {
-    #[error(transparent)]
-    Vm(#[from] crate::vm::VmError),
-    #[error(transparent)]
-    Staging(#[from] crate::staging::StagingError),
-}
-
-fn bench(vm: &Vm, count: u32, interval: Duration) -> Result<BenchReport, BenchError> {
-    let count = count.max(1);
-    let mut staging = Vec::new();
-    let (mut stop_wo, mut pause, mut state, mut harvest, mut copy, mut total) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut pages_total, mut copy_ns_total) = (0u64, 0f64);
-    // The first harvest reports every page (the initial full copy): start
-    // the rounds from a clean slate.
-    vm.pause();
-    vm.harvest_dirty()?;
-    vm.resume();
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    for _ in 0..count {
-        std::thread::sleep(interval);
-        let start = Instant::now();
-        let p = vm.pause();
-        let t = Instant::now();
-        let captured = vm.capture_state();
-        let state_took = t.elapsed();
-        let t = Instant::now();
-        let dirty = vm.harvest_dirty();
-        let harvest_took = t.elapsed();
-        let copied = match &dirty {
-            Ok(d) => Some(crate::staging::copy_pages(&vm.ram.memory, d, &mut staging)),
-            Err(_) => None,
-        };
-        let total_took = start.elapsed();
-        vm.resume();
-        captured?;
-        let dirty = dirty?;
-        let copy_took = copied.expect("copied when harvested")?;
-        stop_wo.push(us(p + state_took));
-        pause.push(us(p));
-        state.push(us(state_took));
-        harvest.push(us(harvest_took));
-        copy.push(us(copy_took));
-        total.push(us(total_took));
-        pages_total += dirty.count();
-        copy_ns_total += copy_took.as_nanos() as f64;
-    }
-    Ok(BenchReport {
-        rounds: count,
-        mem_mib: vm.config.mem_mib,
-        vcpus: vm.config.vcpus,
-        stop_without_memory: Percentiles::of(stop_wo),
-        pause: Percentiles::of(pause),
-        state_capture: Percentiles::of(state),
-        harvest: Percentiles::of(harvest),
-        copy: Percentiles::of(copy),
-        stop_total: Percentiles::of(total),
-        dirty_pages_mean: pages_total as f64 / f64::from(count),
-        copy_ns_per_page: if pages_total == 0 {
-            0.0
-        } else {
-            copy_ns_total / pages_total as f64
-        },
-        memcpy_ns_per_page: crate::staging::memcpy_ns_per_page(64),
-    })
 }
 
 /// Sends one request to the control socket at `path`.

@@ -1,18 +1,25 @@
 //! `ftvmm`: a rust-vmm based VMM that boots real Linux guests and that the
 //! FT engine drives (pause, capture, dirty pages, restore).
+//!
+//! The public surface: [`vm::Vm`] (boot, restore, pause, capture), its
+//! description in [`config`], captured state as plain data in
+//! [`snapshot`], and the FT engine's edge in [`replication`]. `ftvmm`'s own
+//! control socket is [`control`]; [`kvm_host`] and [`selftest`] say what
+//! KVM a host has. Everything else is the VMM's inside.
 
-pub mod boot;
+mod boot;
+pub mod config;
 pub mod control;
-pub mod cpu;
-pub mod devices;
-pub mod dirty;
+mod cpu;
+mod devices;
+mod dirty;
 pub mod kvm_host;
-pub mod layout;
-pub mod memory;
-pub mod metrics;
+mod layout;
+mod memory;
+mod metrics;
+pub mod replication;
 pub mod selftest;
 pub mod snapshot;
-pub mod staging;
 pub mod vm;
-pub mod vm_event;
-pub mod vm_state;
+mod vm_event;
+mod vm_state;

@@ -6,13 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use vmm::boot::BootSource;
+use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
 use vmm::control::{self, ControlRequest};
-use vmm::cpu::features::FeatureSet;
-use vmm::devices::virtio::block::DiskConfig;
-use vmm::devices::virtio::net::NetConfig;
-use vmm::vm::{SerialSink, Vm, VmConfig};
-use vmm::vm_event::VmEvent;
+use vmm::vm::Vm;
 
 #[derive(Parser)]
 #[command(name = "ftvmm", about = "rust-vmm based VMM of the FT pair")]
@@ -100,14 +96,6 @@ enum CtlCommand {
         pages_file: Option<PathBuf>,
     },
     Counters,
-    /// COUNT checkpoint-like rounds (pause, state, harvest, copy, resume).
-    Bench {
-        #[arg(long, default_value_t = 200)]
-        count: u32,
-        /// Guest run time between rounds.
-        #[arg(long, default_value_t = 10)]
-        interval_ms: u64,
-    },
 }
 
 /// Runs `vm` (serving its control socket) until the guest stops.
@@ -120,7 +108,7 @@ fn run_until_stopped(vm: Vm, api_sock: Option<PathBuf>) -> ExitCode {
         }
     }
     let event = vm.wait();
-    let secs = vm.started.elapsed().as_secs_f64();
+    let secs = vm.uptime().as_secs_f64();
     if let Some(path) = &api_sock {
         let _ = std::fs::remove_file(path);
     }
@@ -191,7 +179,7 @@ fn main() -> ExitCode {
                     eprintln!(
                         "ftvmm: restored {} in {:.3}s",
                         dir.display(),
-                        vm.started.elapsed().as_secs_f64()
+                        vm.uptime().as_secs_f64()
                     );
                     run_until_stopped(vm, api_sock)
                 }
@@ -209,9 +197,6 @@ fn main() -> ExitCode {
                 CtlCommand::Capture { dir } => ControlRequest::Capture { dir },
                 CtlCommand::Harvest { pages_file } => ControlRequest::Harvest { pages_file },
                 CtlCommand::Counters => ControlRequest::Counters,
-                CtlCommand::Bench { count, interval_ms } => {
-                    ControlRequest::Bench { count, interval_ms }
-                }
             };
             match control::request(&sock, &request) {
                 Ok(answer) => {

@@ -9,10 +9,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpu::state::{VcpuState, VcpuStateError};
-use crate::devices::serial::state::SerialDeviceState;
-use crate::devices::virtio::VirtioSlotState;
-use crate::vm_state::{VmState, VmStateError};
+use crate::cpu::state::VcpuStateError;
+use crate::vm_state::VmStateError;
+
+// The parts of a captured VM, as plain data.
+pub use crate::cpu::features::FeatureSet;
+pub use crate::cpu::state::VcpuState;
+pub use crate::devices::serial::state::{SerialDeviceState, SERIAL_STATE_VERSION};
+pub use crate::devices::virtio::{DeviceConfig, DeviceState, VirtioSlotState};
+pub use crate::vm_state::VmState;
 
 pub const MACHINE_STATE_VERSION: u32 = 1;
 pub const STATE_FILE: &str = "state.json";

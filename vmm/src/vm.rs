@@ -32,6 +32,7 @@ use crate::kvm_host::{self, KvmFlavor, KvmHostError};
 use crate::layout::{COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::metrics::VmCounters;
+use crate::replication::{DiskWrites, Output};
 use crate::snapshot::{self, CaptureTimes, MachineState, SnapshotError};
 use crate::vm_event::VmEvent;
 use crate::vm_state::{self, VmStateError};
@@ -129,26 +130,30 @@ pub struct VmConfig {
     pub cpu_features: FeatureSet,
 }
 
-/// A running VM.
+/// A running VM. Its parts are the VMM's own; the FT engine drives it
+/// through the methods of `replication`.
 pub struct Vm {
-    pub started: Instant,
-    pub config: VmConfig,
-    pub buses: Arc<IoBuses>,
-    pub serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) started: Instant,
+    pub(crate) config: VmConfig,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
     /// The CPUID table of each vCPU (recorded for capture and compatibility).
-    pub cpuids: Vec<CpuId>,
+    pub(crate) cpuids: Vec<CpuId>,
     /// The MSRs captured with each vCPU.
-    pub msr_indices: Vec<u32>,
+    pub(crate) msr_indices: Vec<u32>,
     vcpus: Vcpus,
     events: Mutex<Receiver<VmEvent>>,
-    pub counters: VmCounters,
-    pub dirty_log: DirtyLog,
-    /// The virtio-mmio devices (also on `buses`); pause/resume/state.
-    pub virtio: VirtioDevices,
+    pub(crate) counters: VmCounters,
+    pub(crate) dirty_log: DirtyLog,
+    /// The virtio-mmio devices (also on the MMIO bus); pause/resume/state.
+    pub(crate) virtio: VirtioDevices,
+    /// The NICs' output and the disks' write records, VM-wide.
+    pub(crate) output: Output,
+    pub(crate) disk_writes: DiskWrites,
     // Drop order: the VM fd goes before the RAM it maps.
-    pub vm_fd: VmFd,
-    pub ram: GuestRam,
-    pub kvm: Kvm,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) ram: GuestRam,
+    /// Kept open for the VM's life.
+    _kvm: Kvm,
 }
 
 /// The parts of a VM that booting and restoring share.
@@ -280,6 +285,7 @@ impl Machine {
     }
 
     /// Starts the vCPU threads and hands the machine over as a running VM.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         self,
         config: VmConfig,
@@ -287,12 +293,15 @@ impl Machine {
         vcpu_fds: Vec<VcpuFd>,
         cpuids: Vec<CpuId>,
         msr_indices: Vec<u32>,
+        virtio: VirtioDevices,
     ) -> Result<Vm, VmError> {
         let vcpus = Vcpus::start(vcpu_fds, Arc::clone(&self.buses), self.events_tx)?;
+        let macs = config.nets.iter().map(|n| n.mac);
+        let output = Output::new(virtio.tx_gates().into_iter().zip(macs).collect());
+        let disk_writes = DiskWrites::new(virtio.write_logs());
         Ok(Vm {
             started,
             config,
-            buses: self.buses,
             serial: self.serial,
             cpuids,
             msr_indices,
@@ -300,10 +309,12 @@ impl Machine {
             events: Mutex::new(self.events),
             counters: VmCounters::default(),
             dirty_log: self.dirty_log,
-            virtio: VirtioDevices::default(),
+            virtio,
+            output,
+            disk_writes,
             vm_fd: self.vm_fd,
             ram: self.ram,
-            kvm: self.kvm,
+            _kvm: self.kvm,
         })
     }
 }
@@ -354,8 +365,7 @@ impl Vm {
             cpuids.push(table);
         }
         let msr_indices = vcpu_state::saveable_msrs(&machine.kvm, &vcpu_fds[0])?;
-        let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
-        vm.virtio = virtio;
+        let vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices, virtio)?;
         tracing::info!(
             vcpus = vm.config.vcpus,
             mem_mib = vm.config.mem_mib,
@@ -380,8 +390,9 @@ impl Vm {
     }
 
     /// Continues a VM from its state and its memory as they are (no copy of
-    /// memory: a standby promotes its replica this way).
-    pub fn restore_from(
+    /// memory: a standby promotes its replica this way, through
+    /// `Vm::restore_replica`).
+    pub(crate) fn restore_from(
         mut state: MachineState,
         ram: GuestRam,
         serial: SerialSink,
@@ -447,8 +458,7 @@ impl Vm {
             &state.virtio,
         )?;
         let msr_indices = state.msr_indices.clone();
-        let mut vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices)?;
-        vm.virtio = virtio;
+        let vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices, virtio)?;
         tracing::info!(
             gap_ms = gap.as_millis() as u64,
             restore_us = started.elapsed().as_micros() as u64,
@@ -513,8 +523,13 @@ impl Vm {
         })
     }
 
+    /// How long since the VM was created (booted or restored).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// The running vCPUs (for pause and resume).
-    pub fn vcpus(&self) -> &Vcpus {
+    pub(crate) fn vcpus(&self) -> &Vcpus {
         &self.vcpus
     }
 

@@ -22,15 +22,11 @@ use clap::{Args, Parser, Subcommand};
 use ft_link::Role;
 use replicator::interval::IntervalLimits;
 use replicator::primary::{self, PrimaryConfig};
-use replicator::replica::{self, StandbyConfig};
+use replicator::standby::{self, StandbyConfig};
 use replicator::status::StatusBoard;
-use replicator::{pairing, promote};
-use vmm::boot::BootSource;
-use vmm::cpu::features::FeatureSet;
-use vmm::devices::virtio::block::DiskConfig;
-use vmm::devices::virtio::net::NetConfig;
-use vmm::vm::{SerialSink, Vm, VmConfig};
-use vmm::vm_event::VmEvent;
+use replicator::{checkpoint_bench, pairing, promote};
+use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
+use vmm::vm::Vm;
 
 #[derive(Parser)]
 #[command(
@@ -109,6 +105,31 @@ enum Command {
         #[arg(long = "net", value_name = "tap=NAME,mac=MAC")]
         nets: Vec<NetConfig>,
     },
+    /// Benchmark: boot the VM here and run COUNT checkpoint captures (the
+    /// primary's own code, no standby); print the figures as JSON.
+    Bench {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long, default_value = "console=ttyS0 reboot=k panic=1 quiet")]
+        cmdline: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        #[arg(long, default_value_t = 128)]
+        mem_mib: u64,
+        /// The guest's serial console goes to this file.
+        #[arg(long)]
+        serial_log: PathBuf,
+        /// Wait for this line on the console before measuring.
+        #[arg(long, default_value = "ftguest: init reached")]
+        ready_line: String,
+        #[arg(long, default_value_t = 300)]
+        count: u32,
+        /// Guest run time between checkpoints.
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+    },
     /// Stand by for a primary; take the VM over when it is lost.
     Standby {
         #[command(flatten)]
@@ -134,11 +155,7 @@ fn node_name(pair: &PairOptions) -> String {
     })
 }
 
-fn primary_config(
-    pair: &PairOptions,
-    link: ft_link::LinkConfig,
-    disks: Vec<PathBuf>,
-) -> PrimaryConfig {
+fn primary_config(pair: &PairOptions, link: ft_link::LinkConfig) -> PrimaryConfig {
     PrimaryConfig {
         peers: pair.peer.clone(),
         link,
@@ -149,7 +166,6 @@ fn primary_config(
         synchronous: pair.synchronous,
         precopy_rounds: pair.precopy_rounds,
         retry_every: Duration::from_millis(500),
-        disks,
     }
 }
 
@@ -168,8 +184,7 @@ fn run_primary(
             return ExitCode::from(2);
         }
     };
-    let disks = vm.config.disks.iter().map(|d| d.path.clone()).collect();
-    let config = primary_config(pair, link, disks);
+    let config = primary_config(pair, link);
     let vm = Arc::new(vm);
     let stop = Arc::new(tokio::sync::Notify::new());
     let protection = runtime.spawn(primary::run(
@@ -216,6 +231,50 @@ fn link_config(
     ))
 }
 
+/// Boots the VM, waits for `ready_line` on its console (and two seconds
+/// more), runs the checkpoint benchmark and prints its report.
+fn bench(
+    config: VmConfig,
+    serial_log: &std::path::Path,
+    ready_line: &str,
+    count: u32,
+    interval_ms: u64,
+) -> ExitCode {
+    let vm = match Vm::boot(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let console = std::fs::read_to_string(serial_log).unwrap_or_default();
+        if console.contains(ready_line) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!("ftprotect: the guest did not print {ready_line:?} within 180 s");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    match checkpoint_bench::run(&vm, count, Duration::from_millis(interval_ms)) {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("a report encodes")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ftprotect: benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -250,7 +309,6 @@ fn main() -> ExitCode {
             let node = node_name(&pair);
             let status = StatusBoard::new(&node, "primary", pair.status.clone());
             status.spawn_writer(Duration::from_millis(250));
-            let taps: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
             let config = VmConfig {
                 vcpus,
                 mem_mib,
@@ -272,11 +330,37 @@ fn main() -> ExitCode {
                 }
             };
             if let Some(bridge) = &pair.bridge {
-                for tap in &taps {
+                for tap in &vm.taps() {
                     promote::join_bridge(tap, bridge);
                 }
             }
             run_primary(&runtime, vm, &pair, &node, &status)
+        }
+        Command::Bench {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            mem_mib,
+            serial_log,
+            ready_line,
+            count,
+            interval_ms,
+        } => {
+            let config = VmConfig {
+                vcpus,
+                mem_mib,
+                boot: BootSource {
+                    kernel,
+                    initrd,
+                    cmdline,
+                },
+                serial: SerialSink::File(serial_log.clone()),
+                disks: Vec::new(),
+                nets: Vec::new(),
+                cpu_features: FeatureSet::X86_64V2,
+            };
+            bench(config, &serial_log, &ready_line, count, interval_ms)
         }
         Command::Standby {
             pair,
@@ -300,7 +384,7 @@ fn main() -> ExitCode {
                 disks,
                 taps: taps.clone(),
             };
-            let replica = match runtime.block_on(replica::stand_by(&config, &status)) {
+            let replica = match runtime.block_on(standby::stand_by(&config, &status)) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("ftprotect: {e}");

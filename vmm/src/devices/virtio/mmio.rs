@@ -210,6 +210,7 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    #[cfg(test)]
     pub fn is_active(&self) -> bool {
         self.active
     }
@@ -256,7 +257,6 @@ impl MmioTransport {
             mem: self.mem.clone(),
             queues: self.queues.iter().map(copy_queue).collect(),
             interrupt: Arc::clone(&self.interrupt),
-            acked_features: self.acked_features,
         };
         self.device.activate(activation)?;
         self.active = true;

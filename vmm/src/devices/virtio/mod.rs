@@ -80,6 +80,7 @@ impl VirtioInterrupt {
     }
 
     /// The eventfd behind the interrupt (tests read it).
+    #[cfg(test)]
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
     }
@@ -91,8 +92,6 @@ pub struct Activation {
     /// The queues, configured by the driver, in the device's queue order.
     pub queues: Vec<Queue>,
     pub interrupt: Arc<VirtioInterrupt>,
-    /// The features the driver accepted.
-    pub acked_features: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

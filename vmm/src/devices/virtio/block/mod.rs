@@ -189,10 +189,6 @@ impl Block {
         Arc::clone(&self.write_log)
     }
 
-    pub fn capacity_sectors(&self) -> u64 {
-        self.capacity_sectors
-    }
-
     /// The configuration space: capacity, size_max (unused), seg_max.
     fn config_space(&self) -> [u8; 16] {
         let mut space = [0u8; 16];

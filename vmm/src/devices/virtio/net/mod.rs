@@ -22,7 +22,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::QueueState;
 
-use self::queues::{NetCounters, NetQueues};
+use self::queues::NetQueues;
 use self::rx_thread::RxThread;
 use self::state::{NetState, NET_STATE_VERSION};
 use self::tap::{Tap, TapError};
@@ -141,13 +141,6 @@ impl Net {
     /// The gate transmitted frames pass through.
     pub fn tx_gate(&self) -> Arc<TxGate> {
         Arc::clone(&self.gate)
-    }
-
-    /// Frame counters since activation (zero while inactive).
-    pub fn counters(&self) -> NetCounters {
-        self.active.as_ref().map_or_else(NetCounters::default, |a| {
-            a.queues.lock().expect("net queues lock").counters
-        })
     }
 }
 

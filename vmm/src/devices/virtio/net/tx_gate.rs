@@ -3,8 +3,6 @@
 //! built on this (the replicator seals a batch per epoch and releases it
 //! when the standby acknowledges the epoch); the device only sees a gate.
 //!
-//! The gate also learns the guest's IPv4 addresses from the frames it
-//! sends, so a node that takes the VM over can announce them.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -14,8 +12,6 @@ use super::tap::{Tap, VNET_HDR_LEN};
 /// Held bytes beyond which further frames are dropped (and counted): the
 /// guest's protocols retransmit, memory stays bounded.
 pub const MAX_HELD_BYTES: usize = 64 << 20;
-/// How many guest addresses are remembered.
-const MAX_ADDRESSES: usize = 8;
 
 /// Counters of the gate (frames and bytes without the virtio header).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -39,7 +35,6 @@ struct Held {
     current: Vec<Vec<u8>>,
     /// Sealed batches in order.
     sealed: VecDeque<(u64, Vec<Vec<u8>>)>,
-    addresses: Vec<[u8; 4]>,
     counters: GateCounters,
 }
 
@@ -51,24 +46,6 @@ pub struct TxGate {
     tap: Arc<Tap>,
     held: Mutex<Held>,
     on_held: Mutex<Option<HeldOutputHook>>,
-}
-
-fn remember(addresses: &mut Vec<[u8; 4]>, ip: [u8; 4]) {
-    if !addresses.contains(&ip) && addresses.len() < MAX_ADDRESSES {
-        addresses.push(ip);
-    }
-}
-
-/// The IPv4 source address of an Ethernet frame (IPv4 or ARP), if any.
-pub fn ipv4_source(ethernet: &[u8]) -> Option<[u8; 4]> {
-    let ethertype = u16::from_be_bytes(ethernet.get(12..14)?.try_into().ok()?);
-    let at = match ethertype {
-        0x0800 => 14 + 12,
-        0x0806 => 14 + 14,
-        _ => return None,
-    };
-    let ip: [u8; 4] = ethernet.get(at..at + 4)?.try_into().ok()?;
-    (ip != [0; 4]).then_some(ip)
 }
 
 impl TxGate {
@@ -97,9 +74,6 @@ impl TxGate {
     pub fn transmit(&self, frame: &[u8]) {
         let mut guard = self.lock();
         let held = &mut *guard;
-        if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
-            remember(&mut held.addresses, ip);
-        }
         if !held.holding {
             self.write(frame, &mut held.counters);
             return;
@@ -132,15 +106,13 @@ impl TxGate {
         self.lock().holding = true;
     }
 
-    pub fn is_holding(&self) -> bool {
-        self.lock().holding
-    }
-
     /// The frames held since the last seal become batch `batch` (call it
-    /// while the guest is paused, so the cut is exact); returns how many.
-    pub fn seal(&self, batch: u64) -> usize {
+    /// while the guest is paused, so the cut is exact); `inspect` sees each
+    /// of them. Returns how many.
+    pub fn seal(&self, batch: u64, mut inspect: impl FnMut(&[u8])) -> usize {
         let mut held = self.lock();
         let frames = std::mem::take(&mut held.current);
+        frames.iter().for_each(|f| inspect(f));
         let n = frames.len();
         if n > 0 {
             held.sealed.push_back((batch, frames));
@@ -190,6 +162,7 @@ impl TxGate {
 
     /// Drops everything held (a replica that is never promoted never
     /// releases its output: it belongs to epochs that did not commit).
+    #[cfg(test)]
     pub fn discard(&self) -> usize {
         let mut held = self.lock();
         let n = held.current.len() + held.sealed.iter().map(|(_, f)| f.len()).sum::<usize>();
@@ -208,53 +181,14 @@ impl TxGate {
         self.tap.write_frame(&frame).map(|_| ())
     }
 
-    /// Adds an address of the guest learned elsewhere (a promoted replica
-    /// keeps announcing what its previous primary learned).
-    pub fn remember(&self, ip: [u8; 4]) {
-        remember(&mut self.lock().addresses, ip);
-    }
-
-    /// The IPv4 addresses the guest has sent from.
-    pub fn guest_ipv4(&self) -> Vec<[u8; 4]> {
-        self.lock().addresses.clone()
-    }
-
     pub fn counters(&self) -> GateCounters {
         self.lock().counters
     }
 }
 
-/// A gratuitous ARP request announcing that `ip` is at `mac`.
-pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x08, 0x06]); // ARP
-    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&[0; 6]);
-    f.extend_from_slice(&ip);
-    f.resize(60, 0);
-    f
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_are_learned_from_ipv4_and_arp() {
-        let arp = gratuitous_arp([0x52, 0x54, 0, 1, 2, 3], [10, 77, 0, 100]);
-        assert_eq!(ipv4_source(&arp), Some([10, 77, 0, 100]));
-        let mut ip = vec![0u8; 34];
-        ip[12..14].copy_from_slice(&[0x08, 0x00]);
-        ip[26..30].copy_from_slice(&[192, 168, 1, 7]);
-        assert_eq!(ipv4_source(&ip), Some([192, 168, 1, 7]));
-        ip[12..14].copy_from_slice(&[0x86, 0xdd]);
-        assert_eq!(ipv4_source(&ip), None);
-        assert_eq!(ipv4_source(&ip[..10]), None);
-    }
 
     fn frame(n: u8) -> Vec<u8> {
         let mut f = vec![0u8; VNET_HDR_LEN + 60];
@@ -276,7 +210,7 @@ mod tests {
         for n in 0..3 {
             gate.transmit(&frame(n));
         }
-        assert_eq!(gate.seal(7), 3);
+        assert_eq!(gate.seal(7, |_| {}), 3);
         gate.transmit(&frame(3));
         gate.transmit(&frame(4));
         assert_eq!(gate.counters().holding_frames, 5);
@@ -286,7 +220,7 @@ mod tests {
         assert_eq!(gate.release_through(7), 3);
         assert_eq!(left(&gate), 3);
         assert_eq!(gate.unsealed(), 2);
-        assert_eq!(gate.seal(8), 2);
+        assert_eq!(gate.seal(8, |_| {}), 2);
         assert_eq!(gate.discard(), 2);
         assert_eq!(gate.release_through(100), 0, "discarded frames never leave");
         gate.transmit(&frame(5));

@@ -1,5 +1,5 @@
-//! What a checkpoint's `EpochBegin` frame and the `SyncBegin` frame carry
-//! (JSON, versioned): the VM's state, the addresses to announce after a
+//! What a checkpoint's `EpochBegin` message and the `SyncBegin` message
+//! carry (JSON, versioned): the VM's state, the addresses to announce after a
 //! takeover, and the geometry a standby needs before the first copy.
 
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ pub const CHECKPOINT_STATE_VERSION: u32 = 1;
 pub const SYNC_PLAN_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
+pub enum StateError {
     #[error("encoding the checkpoint state failed: {0}")]
     Encode(#[source] serde_json::Error),
     #[error("the checkpoint state ({len} bytes) is not valid: {source}")]
@@ -42,27 +42,27 @@ pub struct SyncPlan {
     pub nics: usize,
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, CheckpointError> {
-    serde_json::from_slice(payload).map_err(|source| CheckpointError::Decode {
+fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(payload).map_err(|source| StateError::Decode {
         len: payload.len(),
         source,
     })
 }
 
-fn check_version(found: u32, expected: u32) -> Result<(), CheckpointError> {
+fn check_version(found: u32, expected: u32) -> Result<(), StateError> {
     if found == expected {
         Ok(())
     } else {
-        Err(CheckpointError::Version { found, expected })
+        Err(StateError::Version { found, expected })
     }
 }
 
 impl CheckpointState {
-    pub fn to_payload(&self) -> Result<Vec<u8>, CheckpointError> {
-        serde_json::to_vec(self).map_err(CheckpointError::Encode)
+    pub fn to_payload(&self) -> Result<Vec<u8>, StateError> {
+        serde_json::to_vec(self).map_err(StateError::Encode)
     }
 
-    pub fn from_payload(payload: &[u8]) -> Result<CheckpointState, CheckpointError> {
+    pub fn from_payload(payload: &[u8]) -> Result<CheckpointState, StateError> {
         let state: CheckpointState = decode(payload)?;
         check_version(state.version, CHECKPOINT_STATE_VERSION)?;
         Ok(state)
@@ -70,11 +70,11 @@ impl CheckpointState {
 }
 
 impl SyncPlan {
-    pub fn to_payload(&self) -> Result<Vec<u8>, CheckpointError> {
-        serde_json::to_vec(self).map_err(CheckpointError::Encode)
+    pub fn to_payload(&self) -> bytes::Bytes {
+        bytes::Bytes::from(serde_json::to_vec(self).expect("a plan of numbers always encodes"))
     }
 
-    pub fn from_payload(payload: &[u8]) -> Result<SyncPlan, CheckpointError> {
+    pub fn from_payload(payload: &[u8]) -> Result<SyncPlan, StateError> {
         let plan: SyncPlan = decode(payload)?;
         check_version(plan.version, SYNC_PLAN_VERSION)?;
         Ok(plan)

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::epoch::DiskRecord;
+use crate::protocol::DiskRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaDiskError {

@@ -1,0 +1,81 @@
+//! One checkpoint's capture, the part of an epoch that runs while the
+//! guest is stopped: pause, vCPU and device state, the dirty pages staged
+//! straight into frame payloads, the disk writes, and the cut of the
+//! guest's output (batch N). The caller resumes the guest.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use vmm::vm::Vm;
+
+use super::PrimaryError;
+use crate::protocol::{
+    disk_payloads, CheckpointState, DiskBatch, DiskRecord, PageStager, StagedPages,
+    CHECKPOINT_STATE_VERSION,
+};
+
+/// What checkpoint N captured.
+pub struct Captured {
+    pub state: CheckpointState,
+    pub pages: StagedPages,
+    /// The disk writes packed into batches, and how many records.
+    pub writes: (Vec<DiskBatch>, u64),
+    pub times: StopTimes,
+}
+
+/// Where the stop went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopTimes {
+    /// Stopping the vCPUs and the device work.
+    pub pause: Duration,
+    /// vCPU, VM and device state.
+    pub state: Duration,
+    /// Harvesting the dirty set and staging its pages.
+    pub pages: Duration,
+    /// Pause to the end of the capture.
+    pub total: Duration,
+}
+
+/// Pauses the guest and captures checkpoint `epoch`; the guest stays
+/// paused (the caller resumes it, also on error). Output is held from
+/// epoch 1 on.
+pub fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
+    let start = Instant::now();
+    let pause = vm.pause();
+    if epoch == 1 {
+        vm.output().hold();
+    }
+    let t = Instant::now();
+    let machine = vm
+        .capture_state()
+        .map_err(|source| PrimaryError::Capture { epoch, source })?;
+    let state_took = t.elapsed();
+    let t = Instant::now();
+    let mut stager = PageStager::default();
+    vm.harvest_dirty_into(&mut stager)
+        .map_err(|source| PrimaryError::Stage { epoch, source })?;
+    let pages_took = t.elapsed();
+    let writes = vm.disk_writes().take().into_iter().map(|w| DiskRecord {
+        disk: w.disk,
+        offset: w.offset,
+        data: Bytes::from(w.data),
+    });
+    vm.output().seal(epoch);
+    // Encoded after the guest resumes (see `epochs`).
+    let state = CheckpointState {
+        version: CHECKPOINT_STATE_VERSION,
+        machine,
+        guest_ipv4: vm.output().guest_ipv4(),
+    };
+    Ok(Captured {
+        state,
+        pages: stager.finish(),
+        writes: disk_payloads(writes),
+        times: StopTimes {
+            pause,
+            state: state_took,
+            pages: pages_took,
+            total: start.elapsed(),
+        },
+    })
+}

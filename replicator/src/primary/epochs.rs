@@ -1,0 +1,185 @@
+//! The epoch loop, one checkpoint after another, in steps: wait until the
+//! checkpoint is due ([`wait_until_due`]), capture it with the guest
+//! stopped ([`super::checkpoint::capture`]), send it and wait for its
+//! acknowledgement ([`send_epoch`]), release its output (commit), and
+//! record its statistics ([`EpochStats`]).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ft_link::LinkSender;
+use tokio::sync::{mpsc, Notify};
+use tracing::debug;
+use vmm::vm::Vm;
+
+use super::checkpoint::{capture, Captured};
+use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, GENERATION};
+use crate::interval::Schedule;
+use crate::protocol::{epoch_frames, Message};
+use crate::status::{Samples, StatusBoard};
+
+pub(super) async fn epochs(
+    vm: &Arc<Vm>,
+    tx: &LinkSender,
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    config: &PrimaryConfig,
+    status: &StatusBoard,
+    stop: &Notify,
+) -> Result<Infallible, PrimaryError> {
+    // Held output wakes the wait for the next checkpoint.
+    let output = Arc::new(Notify::new());
+    let wake = Arc::clone(&output);
+    vm.output()
+        .on_held_output(Arc::new(move || wake.notify_one()));
+    let mut schedule = Schedule::new(config.interval);
+    let mut stats = EpochStats::default();
+    for epoch in 1.. {
+        if !wait_until_due(vm, &schedule, &output, stop).await {
+            // The guest stopped on purpose: no takeover.
+            let _ = tx.send(&Message::Stop.into_frame(epoch, GENERATION)).await;
+            return Err(PrimaryError::VmStopped);
+        }
+        let late = schedule.is_late(Instant::now());
+
+        let stop_start = Instant::now();
+        let captured = capture(vm, epoch);
+        if captured.is_err() || !config.synchronous {
+            vm.resume();
+        }
+        let captured = captured?;
+        let mut stopped = stop_start.elapsed();
+        let acked = send_epoch(tx, acks, epoch, captured, status).await;
+        if config.synchronous {
+            vm.resume();
+            stopped = stop_start.elapsed();
+        }
+        let sent = acked?;
+        // Output commit: batch `epoch` may leave now.
+        let released = vm.output().release_through(epoch);
+        let interval = schedule.plan_next(stopped, vm.output().has_unsealed());
+        stats.record(
+            vm,
+            status,
+            Committed {
+                epoch,
+                stopped,
+                sent,
+                released,
+                interval,
+                late,
+            },
+        );
+    }
+    unreachable!("epochs run until the link fails")
+}
+
+/// Waits until the next checkpoint is due (output produced meanwhile brings
+/// it forward); false if the guest stopped instead.
+async fn wait_until_due(vm: &Vm, schedule: &Schedule, output: &Notify, stop: &Notify) -> bool {
+    loop {
+        let due = schedule.due_at(vm.output().has_unsealed());
+        if Instant::now() >= due {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = output.notified() => {}
+            _ = stop.notified() => return false,
+        }
+    }
+}
+
+/// What sending an epoch found out.
+struct Sent {
+    dirty: u64,
+    writes: u64,
+    /// From the end of the send to the acknowledgement.
+    ack_time: Duration,
+}
+
+/// Encodes epoch `epoch` (the guest runs again, unless synchronous), sends
+/// it and waits for its acknowledgement.
+async fn send_epoch(
+    tx: &LinkSender,
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    epoch: u64,
+    captured: Captured,
+    status: &StatusBoard,
+) -> Result<Sent, PrimaryError> {
+    let dirty = captured.pages.count;
+    let writes = captured.writes.1;
+    let state = Bytes::from(captured.state.to_payload()?);
+    let frames = epoch_frames(epoch, GENERATION, state, captured.pages, captured.writes);
+    send_all(tx, &frames, status).await?;
+    let sent_at = Instant::now();
+    match acks.recv().await {
+        Some(Ok(got)) if got == epoch => Ok(Sent {
+            dirty,
+            writes,
+            ack_time: sent_at.elapsed(),
+        }),
+        Some(Ok(got)) => Err(PrimaryError::WrongAck {
+            got,
+            expected: epoch,
+        }),
+        Some(Err(e)) => Err(e),
+        None => Err(PrimaryError::AckStreamEnded),
+    }
+}
+
+/// One committed epoch, for the statistics.
+struct Committed {
+    epoch: u64,
+    stopped: Duration,
+    sent: Sent,
+    released: usize,
+    interval: Duration,
+    late: bool,
+}
+
+/// The primary's checkpoint statistics, published in the status.
+#[derive(Default)]
+struct EpochStats {
+    stops: Samples,
+    ack_times: Samples,
+}
+
+impl EpochStats {
+    fn record(&mut self, vm: &Vm, status: &StatusBoard, c: Committed) {
+        self.stops.push(c.stopped);
+        self.ack_times.push(c.sent.ack_time);
+        let held_now = vm.output().holding_frames();
+        status.update(|s| {
+            let n = &mut s.counters;
+            s.epoch = c.epoch;
+            n.checkpoints += 1;
+            n.stop_us_p50 = self.stops.percentile_us(50.0);
+            n.stop_us_p99 = self.stops.percentile_us(99.0);
+            n.stop_us_max = n.stop_us_max.max(c.stopped.as_micros() as u64);
+            n.ack_us_p50 = self.ack_times.percentile_us(50.0);
+            n.ack_us_p99 = self.ack_times.percentile_us(99.0);
+            n.interval_us_last = c.interval.as_micros() as u64;
+            n.dirty_pages_total += c.sent.dirty;
+            n.dirty_pages_last = c.sent.dirty;
+            n.disk_writes_total += c.sent.writes;
+            n.output_frames_released += c.released as u64;
+            n.output_frames_held_now = held_now;
+            if c.late {
+                n.throttled += 1;
+            }
+        });
+        if c.epoch == 1 {
+            status.set_state("primary", "protected", None);
+        }
+        debug!(
+            epoch = c.epoch,
+            stop_us = c.stopped.as_micros() as u64,
+            dirty = c.sent.dirty,
+            ack_us = c.sent.ack_time.as_micros() as u64,
+            released = c.released,
+            "epoch committed"
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! Initial synchronisation of a new standby while the guest runs: disk
+//! writes recorded from the start, the disks copied (all-zero chunks
+//! skipped), then memory (non-zero pages, then pre-copy rounds of the pages
+//! dirtied meanwhile). Whatever the copy misses is in the first epoch.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use ft_link::LinkSender;
+use tracing::info;
+use vmm::vm::Vm;
+
+use super::{send_all, PrimaryConfig, PrimaryError, GENERATION};
+use crate::protocol::{
+    disk_payloads, DiskRecord, Message, PageStager, SyncPlan, DISK_BYTES_PER_FRAME, PAGE_SIZE,
+};
+use crate::status::{StatusBoard, SyncProgress};
+
+/// Memory is scanned this many pages at a time between sends.
+const SCAN_PAGES: u64 = 1024;
+/// A pre-copy round this small ends the rounds.
+const SMALL_ROUND: u64 = 256;
+
+pub(super) async fn initial_sync(
+    vm: &Arc<Vm>,
+    tx: &LinkSender,
+    config: &PrimaryConfig,
+    status: &StatusBoard,
+) -> Result<(), PrimaryError> {
+    let started = Instant::now();
+    status.set_state("primary", "syncing", None);
+    // Record from before the copy: every write the copy might miss is
+    // replayed by the first epoch.
+    vm.disk_writes().start();
+    let disks = vm.disk_paths();
+    let mut disk_bytes = Vec::new();
+    for path in &disks {
+        let size = std::fs::metadata(path)
+            .map_err(|source| PrimaryError::ReadDisk {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        disk_bytes.push(size);
+    }
+    let plan = SyncPlan {
+        version: crate::protocol::SYNC_PLAN_VERSION,
+        mem_mib: vm.mem_mib(),
+        disk_bytes: disk_bytes.clone(),
+        nics: vm.output().nics(),
+    };
+    tx.send(&Message::SyncBegin(plan).into_frame(0, GENERATION))
+        .await?;
+    let progress = Progress {
+        status,
+        total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
+    };
+    let sent_disk = copy_disks(&disks, &disk_bytes, tx, &progress).await?;
+    let done = disk_bytes.iter().sum::<u64>();
+    let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done).await?;
+    info!(
+        disk_bytes_sent = sent_disk,
+        nonzero_pages = sent_pages,
+        precopy_rounds = ?rounds,
+        took_ms = started.elapsed().as_millis() as u64,
+        "initial synchronisation sent"
+    );
+    Ok(())
+}
+
+struct Progress<'a> {
+    status: &'a StatusBoard,
+    total: u64,
+}
+
+impl Progress<'_> {
+    fn report(&self, phase: &str, done: u64) {
+        self.status.update(|s| {
+            s.sync = Some(SyncProgress {
+                phase: phase.to_string(),
+                done_bytes: done.min(self.total),
+                total_bytes: self.total,
+            })
+        })
+    }
+}
+
+/// The disks, in 1 MiB chunks; returns the bytes sent.
+async fn copy_disks(
+    disks: &[std::path::PathBuf],
+    sizes: &[u64],
+    tx: &LinkSender,
+    progress: &Progress<'_>,
+) -> Result<u64, PrimaryError> {
+    let mut sent = 0u64;
+    let mut done = 0u64;
+    for (index, path) in disks.iter().enumerate() {
+        let read_err = |source| PrimaryError::ReadDisk {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let mut offset = 0u64;
+        let mut buf = vec![0u8; DISK_BYTES_PER_FRAME];
+        while offset < sizes[index] {
+            let n = (sizes[index] - offset).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], offset)
+                .map_err(read_err)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                let (batches, _) = disk_payloads([DiskRecord {
+                    disk: index as u32,
+                    offset,
+                    data: Bytes::copy_from_slice(&buf[..n]),
+                }]);
+                let frames: Vec<_> = batches
+                    .into_iter()
+                    .map(|b| Message::SyncDisk(b).into_frame(0, GENERATION))
+                    .collect();
+                sent += send_all(tx, &frames, progress.status).await?;
+            }
+            offset += n as u64;
+            done += n as u64;
+            progress.report("disk", done);
+        }
+    }
+    Ok(sent)
+}
+
+/// Memory: the dirty log cleared, every non-zero page copied while the
+/// guest runs, then the pages it dirtied meanwhile in pre-copy rounds.
+/// Returns the non-zero pages sent and the size of each round.
+async fn copy_memory(
+    vm: &Vm,
+    tx: &LinkSender,
+    config: &PrimaryConfig,
+    progress: &Progress<'_>,
+    mut done: u64,
+) -> Result<(u64, Vec<u64>), PrimaryError> {
+    let stage_err = |source| PrimaryError::Stage { epoch: 0, source };
+    vm.clear_dirty().map_err(stage_err)?;
+    let total_pages = vm.guest_pages();
+    let mut stager = PageStager::default();
+    let mut first = 0;
+    while first < total_pages {
+        let end = (first + SCAN_PAGES).min(total_pages);
+        vm.stage_nonzero_pages(first..end, &mut stager)
+            .map_err(stage_err)?;
+        send_pages(tx, stager.take_full(), progress).await?;
+        done += (end - first) * PAGE_SIZE as u64;
+        progress.report("memory", done);
+        first = end;
+    }
+    let nonzero = stager.count();
+    send_pages(tx, stager.finish().batches, progress).await?;
+    let mut rounds = Vec::new();
+    for _ in 0..config.precopy_rounds {
+        let mut stager = PageStager::default();
+        let pages = vm.harvest_dirty_into(&mut stager).map_err(stage_err)?;
+        rounds.push(pages);
+        send_pages(tx, stager.finish().batches, progress).await?;
+        progress.report("memory (pre-copy)", progress.total);
+        if pages < SMALL_ROUND {
+            break;
+        }
+    }
+    Ok((nonzero, rounds))
+}
+
+async fn send_pages(
+    tx: &LinkSender,
+    batches: Vec<crate::protocol::PageBatch>,
+    progress: &Progress<'_>,
+) -> Result<(), PrimaryError> {
+    let frames: Vec<_> = batches
+        .into_iter()
+        .map(|b| Message::SyncPages(b).into_frame(0, GENERATION))
+        .collect();
+    send_all(tx, &frames, progress.status).await.map(|_| ())
+}

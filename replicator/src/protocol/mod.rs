@@ -1,0 +1,347 @@
+//! The replication protocol: every message the primary and the standby
+//! exchange, as one typed enum, with its codec in both directions. The
+//! A-link carries each message as an opaque frame (kind, epoch,
+//! generation, payload); this module alone knows what the payloads hold.
+//!
+//! ```text
+//! primary -> standby                     standby -> primary
+//! SyncBegin   the VM's geometry          Ack(N)   epoch N committed
+//! SyncPages   memory, copied while the guest runs
+//! SyncDisk    disk contents, likewise
+//! Backup      first message of a second path (heartbeats only)
+//! EpochBegin(N)  the checkpoint's state (see `state`)
+//! Pages(N)       dirty pages: [gpa u64 LE][4096 bytes] ... (see `pages`)
+//! DiskWrites(N)  [disk u32][offset u64][len u32][bytes] ... (see `disk`)
+//! EpochEnd(N)    [pages u64][crc32 of the page addresses, in order]
+//!                [writes u64][crc32 of the DiskWrites payloads]
+//! Stop        the primary's VM stopped on purpose: no takeover
+//! ```
+//! Each frame carries its own crc32 over its payload (the A-link), so page
+//! contents are checked once; the end record lets the standby tell a
+//! complete epoch from a torn one and catches lost or reordered page
+//! frames (the address sequence would differ) at 8 bytes per page.
+
+mod disk;
+mod pages;
+mod state;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ft_link::{Frame, FrameKind};
+
+pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
+pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
+pub use self::state::{
+    CheckpointState, StateError, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
+};
+pub use vmm::replication::PAGE_SIZE;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("frame kind {0:?} is not a replication message")]
+    NotAMessage(FrameKind),
+    #[error("unknown replication message kind {0}")]
+    UnknownKind(u8),
+    #[error("{kind} message of epoch {epoch} is malformed ({len} bytes): {why}")]
+    Malformed {
+        kind: &'static str,
+        epoch: u64,
+        len: usize,
+        why: &'static str,
+    },
+    #[error("page at {gpa:#x} is not a page of the replica's {ram_bytes} bytes of memory")]
+    PageOutside { gpa: u64, ram_bytes: u64 },
+}
+
+/// The summary that closes an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EpochEnd {
+    pub pages: u64,
+    pub pages_crc: u32,
+    pub writes: u64,
+    pub writes_crc: u32,
+}
+
+impl EpochEnd {
+    const LEN: usize = 24;
+
+    fn to_payload(self) -> Bytes {
+        let mut b = BytesMut::with_capacity(Self::LEN);
+        b.put_u64_le(self.pages);
+        b.put_u32_le(self.pages_crc);
+        b.put_u64_le(self.writes);
+        b.put_u32_le(self.writes_crc);
+        b.freeze()
+    }
+
+    fn from_payload(p: &[u8]) -> Option<EpochEnd> {
+        (p.len() == Self::LEN).then(|| EpochEnd {
+            pages: u64::from_le_bytes(p[..8].try_into().expect("8 bytes")),
+            pages_crc: u32::from_le_bytes(p[8..12].try_into().expect("4 bytes")),
+            writes: u64::from_le_bytes(p[12..20].try_into().expect("8 bytes")),
+            writes_crc: u32::from_le_bytes(p[20..24].try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// One message of the replication protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    SyncBegin(SyncPlan),
+    SyncPages(PageBatch),
+    SyncDisk(DiskBatch),
+    Backup,
+    /// The encoded [`CheckpointState`]: decoded only once its epoch is
+    /// complete (a torn epoch costs no decode).
+    EpochBegin(Bytes),
+    Pages(PageBatch),
+    DiskWrites(DiskBatch),
+    EpochEnd(EpochEnd),
+    Ack,
+    Stop,
+}
+
+/// A message with the epoch and generation its frame carried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub epoch: u64,
+    pub generation: u64,
+    pub message: Message,
+}
+
+// Kind bytes on the wire (ft-link passes them through).
+const SYNC_BEGIN: u8 = 64;
+const SYNC_PAGES: u8 = 65;
+const SYNC_DISK: u8 = 66;
+const BACKUP: u8 = 67;
+const EPOCH_BEGIN: u8 = 68;
+const PAGES: u8 = 69;
+const DISK_WRITES: u8 = 70;
+const EPOCH_END: u8 = 71;
+const ACK: u8 = 72;
+const STOP: u8 = 73;
+
+impl Message {
+    /// The message's name (for errors and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::SyncBegin(_) => "SyncBegin",
+            Message::SyncPages(_) => "SyncPages",
+            Message::SyncDisk(_) => "SyncDisk",
+            Message::Backup => "Backup",
+            Message::EpochBegin(_) => "EpochBegin",
+            Message::Pages(_) => "Pages",
+            Message::DiskWrites(_) => "DiskWrites",
+            Message::EpochEnd(_) => "EpochEnd",
+            Message::Ack => "Ack",
+            Message::Stop => "Stop",
+        }
+    }
+
+    /// The frame that carries this message.
+    pub fn into_frame(self, epoch: u64, generation: u64) -> Frame {
+        let (code, payload) = match self {
+            Message::SyncBegin(plan) => (SYNC_BEGIN, plan.to_payload()),
+            Message::SyncPages(b) => (SYNC_PAGES, b.into_bytes()),
+            Message::SyncDisk(b) => (SYNC_DISK, b.into_bytes()),
+            Message::Backup => (BACKUP, Bytes::new()),
+            Message::EpochBegin(state) => (EPOCH_BEGIN, state),
+            Message::Pages(b) => (PAGES, b.into_bytes()),
+            Message::DiskWrites(b) => (DISK_WRITES, b.into_bytes()),
+            Message::EpochEnd(end) => (EPOCH_END, end.to_payload()),
+            Message::Ack => (ACK, Bytes::new()),
+            Message::Stop => (STOP, Bytes::new()),
+        };
+        Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
+    }
+
+    /// The message a frame carries, its structure checked (whole page and
+    /// disk records, a well-formed end record and plan).
+    pub fn from_frame(frame: Frame) -> Result<Envelope, ProtocolError> {
+        let FrameKind::Message(code) = frame.kind else {
+            return Err(ProtocolError::NotAMessage(frame.kind));
+        };
+        let (epoch, len, payload) = (frame.epoch, frame.payload.len(), frame.payload);
+        let malformed = |kind, why| ProtocolError::Malformed {
+            kind,
+            epoch,
+            len,
+            why,
+        };
+        let empty = |kind| {
+            if len == 0 {
+                Ok(())
+            } else {
+                Err(malformed(kind, "carries a payload"))
+            }
+        };
+        let message = match code {
+            SYNC_BEGIN => Message::SyncBegin(
+                SyncPlan::from_payload(&payload)
+                    .map_err(|_| malformed("SyncBegin", "not a synchronisation plan"))?,
+            ),
+            SYNC_PAGES => Message::SyncPages(
+                PageBatch::new(payload).ok_or(malformed("SyncPages", "not whole page records"))?,
+            ),
+            SYNC_DISK => Message::SyncDisk(
+                DiskBatch::parse(payload).ok_or(malformed("SyncDisk", "not whole disk records"))?,
+            ),
+            BACKUP => {
+                empty("Backup")?;
+                Message::Backup
+            }
+            EPOCH_BEGIN => Message::EpochBegin(payload),
+            PAGES => Message::Pages(
+                PageBatch::new(payload).ok_or(malformed("Pages", "not whole page records"))?,
+            ),
+            DISK_WRITES => Message::DiskWrites(
+                DiskBatch::parse(payload)
+                    .ok_or(malformed("DiskWrites", "not whole disk records"))?,
+            ),
+            EPOCH_END => Message::EpochEnd(
+                EpochEnd::from_payload(&payload).ok_or(malformed("EpochEnd", "not 24 bytes"))?,
+            ),
+            ACK => {
+                empty("Ack")?;
+                Message::Ack
+            }
+            STOP => {
+                empty("Stop")?;
+                Message::Stop
+            }
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        Ok(Envelope {
+            epoch,
+            generation: frame.generation,
+            message,
+        })
+    }
+}
+
+/// The frames of epoch `epoch`: its state, its staged pages and its disk
+/// writes, closed by the end record that checks them.
+pub fn epoch_frames(
+    epoch: u64,
+    generation: u64,
+    state: Bytes,
+    pages: StagedPages,
+    writes: (Vec<DiskBatch>, u64),
+) -> Vec<Frame> {
+    let mut out = Vec::with_capacity(pages.batches.len() + writes.0.len() + 2);
+    out.push(Message::EpochBegin(state).into_frame(epoch, generation));
+    let mut end = EpochEnd {
+        pages: pages.count,
+        writes: writes.1,
+        ..Default::default()
+    };
+    let mut crc = crc32fast::Hasher::new();
+    for batch in pages.batches {
+        batch.hash_addresses(&mut crc);
+        out.push(Message::Pages(batch).into_frame(epoch, generation));
+    }
+    end.pages_crc = crc.finalize();
+    let mut crc = crc32fast::Hasher::new();
+    for batch in writes.0 {
+        crc.update(batch.bytes());
+        out.push(Message::DiskWrites(batch).into_frame(epoch, generation));
+    }
+    end.writes_crc = crc.finalize();
+    out.push(Message::EpochEnd(end).into_frame(epoch, generation));
+    out
+}
+
+/// Epoch `epoch` from pages given as (guest physical address, contents of
+/// exactly one page), without disk writes (for tests and benchmarks).
+pub fn encode_pages<'a>(
+    epoch: u64,
+    generation: u64,
+    state: Bytes,
+    pages: impl IntoIterator<Item = (u64, &'a [u8])>,
+) -> Vec<Frame> {
+    let mut stager = PageStager::default();
+    for (gpa, data) in pages {
+        assert_eq!(data.len(), PAGE_SIZE, "a page record holds one page");
+        vmm::replication::PageSink::page_buffer(&mut stager, gpa).extend_from_slice(data);
+    }
+    epoch_frames(epoch, generation, state, stager.finish(), (Vec::new(), 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: Message) -> Message {
+        let env = Message::from_frame(m.into_frame(9, 4)).unwrap();
+        assert_eq!((env.epoch, env.generation), (9, 4));
+        env.message
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_frame() {
+        let plan = SyncPlan {
+            version: SYNC_PLAN_VERSION,
+            mem_mib: 128,
+            disk_bytes: vec![1 << 20],
+            nics: 1,
+        };
+        let mut page = vec![0u8; PAGE_RECORD];
+        page[..8].copy_from_slice(&4096u64.to_le_bytes());
+        let pages = PageBatch::new(Bytes::from(page)).unwrap();
+        let (disks, _) = disk_payloads([DiskRecord {
+            disk: 0,
+            offset: 512,
+            data: Bytes::from_static(b"x"),
+        }]);
+        let end = EpochEnd {
+            pages: 1,
+            pages_crc: 2,
+            writes: 3,
+            writes_crc: 4,
+        };
+        for m in [
+            Message::SyncBegin(plan),
+            Message::SyncPages(pages.clone()),
+            Message::SyncDisk(disks[0].clone()),
+            Message::Backup,
+            Message::EpochBegin(Bytes::from_static(b"{}")),
+            Message::Pages(pages),
+            Message::DiskWrites(disks[0].clone()),
+            Message::EpochEnd(end),
+            Message::Ack,
+            Message::Stop,
+        ] {
+            assert_eq!(round_trip(m.clone()), m);
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_with_a_reason() {
+        let frame = |code, payload: &'static [u8]| {
+            Frame::message(code, 1, 0, Bytes::from_static(payload)).unwrap()
+        };
+        for (code, payload) in [
+            (SYNC_BEGIN, &b"not json"[..]),
+            (SYNC_PAGES, &[0u8; 100][..]),
+            (PAGES, &[0u8; 4105][..]),
+            (DISK_WRITES, &[0u8; 17][..]),
+            (EPOCH_END, &[0u8; 23][..]),
+            (ACK, &b"x"[..]),
+        ] {
+            assert!(
+                matches!(
+                    Message::from_frame(frame(code, payload)),
+                    Err(ProtocolError::Malformed { .. })
+                ),
+                "kind {code}"
+            );
+        }
+        assert_eq!(
+            Message::from_frame(frame(200, b"")),
+            Err(ProtocolError::UnknownKind(200))
+        );
+        assert!(matches!(
+            Message::from_frame(Frame::new(FrameKind::Heartbeat, 0, Bytes::new())),
+            Err(ProtocolError::NotAMessage(FrameKind::Heartbeat))
+        ));
+    }
+}

@@ -1,0 +1,128 @@
+//! The standby: waits for a primary on the A-link, receives the initial
+//! copy into a replica (guest RAM in a memfd, disk files of its own), then
+//! applies each complete, checked epoch and acknowledges it. When the
+//! primary goes silent or the link drops after at least one committed
+//! epoch, the replica is handed back for promotion. A refused epoch (torn,
+//! corrupt, replayed, out of order, or not decodable) is reported, never
+//! applied, and ends the session: the primary then runs unprotected and
+//! resynchronises from scratch.
+//!
+//! - [`paths`]: accepting connections, backup paths.
+//! - [`session`]: one session with a primary, step by step.
+//! - [`replica_disk`]: the replica's disk files.
+
+mod paths;
+pub mod replica_disk;
+mod session;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ft_link::{LinkConfig, LinkError, LinkListener};
+use tracing::{info, warn};
+use vmm::replication::{ReplicaRam, ReplicationError};
+
+use self::paths::spawn_acceptors;
+use self::replica_disk::{ReplicaDisk, ReplicaDiskError};
+use self::session::Session;
+use crate::assembler::AssemblerError;
+use crate::protocol::{CheckpointState, Message, ProtocolError, StateError};
+use crate::status::StatusBoard;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    #[error("A-link: {0}")]
+    Link(#[from] LinkError),
+    #[error("A-link: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the primary began with {0} instead of the synchronisation plan")]
+    NoPlan(&'static str),
+    #[error("the primary's VM has {primary} disks, this standby was given {local}")]
+    DiskCount { primary: usize, local: usize },
+    #[error("the primary's VM has {primary} NICs, this standby was given {local} TAPs")]
+    NicCount { primary: usize, local: usize },
+    #[error("the replica: {0}")]
+    Replica(#[from] ReplicationError),
+    #[error(transparent)]
+    Disk(#[from] ReplicaDiskError),
+    #[error("{0} message after the first epoch")]
+    LateSync(&'static str),
+    #[error("epoch refused: {0}")]
+    Refused(#[from] AssemblerError),
+    #[error("the active A-link path failed while the primary is still heard on the backup path (no takeover): {0}")]
+    PathLost(#[source] LinkError),
+    #[error("the primary began a new session")]
+    Superseded,
+    #[error("the primary's VM stopped on purpose (no takeover)")]
+    PrimaryStopped,
+    #[error("epoch {epoch} refused: its state does not decode: {source}")]
+    BadState {
+        epoch: u64,
+        #[source]
+        source: StateError,
+    },
+}
+
+/// Where this standby keeps its replica.
+#[derive(Debug, Clone)]
+pub struct StandbyConfig {
+    /// Where to listen: one address per path to the primary (the first is
+    /// the A-link; a second makes a redundant pair).
+    pub listen: Vec<String>,
+    pub link: LinkConfig,
+    /// Replica disk files, one per disk of the VM, in device order.
+    pub disks: Vec<PathBuf>,
+    /// TAPs for the VM's NICs once promoted, in device order.
+    pub taps: Vec<String>,
+}
+
+/// A replica that holds a committed epoch.
+pub struct Replica {
+    pub ram: ReplicaRam,
+    pub disks: Vec<ReplicaDisk>,
+    pub state: CheckpointState,
+    pub epoch: u64,
+}
+
+/// Life on the backup path counts only this long after the last arrival on
+/// the active path (frames already in flight when a primary dies).
+const PATH_MARGIN: Duration = Duration::from_millis(50);
+
+/// How long a new connection has to say what it is.
+const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(5);
+
+/// Serves primaries until one is lost while this node holds a committed
+/// replica; returns that replica.
+pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Replica, LinkError> {
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        listeners.push(LinkListener::bind(addr.as_str(), config.link.clone()).await?);
+    }
+    info!(listen = ?config.listen, "standby waiting for a primary");
+    let (mut arrivals, acceptors) = spawn_acceptors(listeners, status);
+    let mut next = None;
+    let mut why_ended: Option<String> = None;
+    let replica = loop {
+        status.set_state("standby", "waiting", why_ended.take());
+        let arrival = match next.take() {
+            Some(a) => a,
+            None => arrivals.recv().await.expect("the acceptors run"),
+        };
+        if arrival.1.message == Message::Backup {
+            // A backup path of a session that is over: nothing to do.
+            continue;
+        }
+        match session::receive(arrival, &mut arrivals, config, status).await {
+            Session::Lost(replica) => break replica,
+            Session::Ended(error, waiting) => {
+                warn!(%error, "standby session ended without a takeover");
+                why_ended = Some(error.to_string());
+                next = waiting;
+            }
+        }
+    };
+    for task in acceptors {
+        task.abort();
+    }
+    Ok(replica)
+}

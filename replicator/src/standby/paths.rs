@@ -1,0 +1,121 @@
+//! The standby's paths to the primary: every listen address accepts
+//! connections and reads each one's first message (a new session begins
+//! with SyncBegin, a backup path with Backup); a backup path is kept open
+//! and watched, so a lost active path can be told from a lost primary.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ft_link::{Link, LinkError, LinkListener};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::FIRST_FRAME_WITHIN;
+use crate::protocol::{Envelope, Message};
+use crate::status::StatusBoard;
+
+/// A connection with its first message read.
+pub(super) type Arrival = (Link, Envelope);
+
+/// Accepts connections on every listener; each one's first message is read
+/// here (so a stalled connection holds up only itself).
+pub(super) fn spawn_acceptors(
+    listeners: Vec<LinkListener>,
+    status: &StatusBoard,
+) -> (mpsc::Receiver<Arrival>, Vec<tokio::task::JoinHandle<()>>) {
+    let (tx, arrivals) = mpsc::channel(4);
+    let tasks = listeners
+        .into_iter()
+        .map(|listener| {
+            let tx = tx.clone();
+            let status = status.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut link = match listener.accept().await {
+                        Ok(link) => link,
+                        Err(error) => {
+                            warn!(%error, "A-link connection refused");
+                            status.update(|s| s.message = Some(error.to_string()));
+                            continue;
+                        }
+                    };
+                    let first = match tokio::time::timeout(FIRST_FRAME_WITHIN, link.recv()).await {
+                        Ok(Ok(frame)) => Message::from_frame(frame),
+                        Ok(Err(error)) => {
+                            warn!(%error, "A-link connection ended before its first message");
+                            continue;
+                        }
+                        Err(_) => {
+                            warn!("A-link connection sent no first message");
+                            continue;
+                        }
+                    };
+                    match first {
+                        Ok(first) => {
+                            if tx.send((link, first)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => warn!(%error, "A-link connection began with a bad message"),
+                    }
+                }
+            })
+        })
+        .collect();
+    (arrivals, tasks)
+}
+
+/// A second path to the primary: kept open (heartbeats both ways) and
+/// watched.
+pub(super) struct BackupPath {
+    _sender: ft_link::LinkSender,
+    liveness: ft_link::Liveness,
+    /// When the path ended by the primary's side closing or resetting it
+    /// (its host was alive then); a silent path leaves this empty.
+    closed_by_peer_at: Arc<Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BackupPath {
+    pub(super) fn watch(link: Link) -> BackupPath {
+        let liveness = link.liveness();
+        let (sender, mut receiver) = link.split();
+        let closed_by_peer_at = Arc::new(Mutex::new(None));
+        let closed = Arc::clone(&closed_by_peer_at);
+        let task = tokio::spawn(async move {
+            // Only heartbeats travel here; anything else is ignored.
+            let error = loop {
+                if let Err(e) = receiver.recv().await {
+                    break e;
+                }
+            };
+            if !matches!(error, LinkError::PeerSilent { .. }) {
+                *closed.lock().expect("backup lock") = Some(Instant::now());
+            }
+        });
+        BackupPath {
+            _sender: sender,
+            liveness,
+            closed_by_peer_at,
+            task,
+        }
+    }
+
+    /// Whether the primary showed life on this path after `since`: a frame
+    /// or heartbeat arrived, or its side closed or reset the connection (a
+    /// host that lost power does neither).
+    pub(super) fn heard_primary_after(&self, since: Instant) -> bool {
+        self.liveness.last_arrival() > since
+            || self
+                .closed_by_peer_at
+                .lock()
+                .expect("backup lock")
+                .is_some_and(|at| at > since)
+    }
+}
+
+impl Drop for BackupPath {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,296 @@
+//! One session with a primary, in steps: [`begin`] (check the plan, make
+//! the replica), then for each message: [`next_message`], the initial copy
+//! ([`Receiving::sync_pages`], [`Receiving::sync_disk`]) or an epoch
+//! ([`Receiving::on_epoch_message`]: assemble, decode, apply, acknowledge,
+//! count); when the link fails, [`link_lost`] decides between a takeover
+//! and an end without one.
+
+use std::time::Instant;
+
+use ft_link::{Link, LinkError};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use vmm::replication::ReplicaRam;
+
+use super::paths::{Arrival, BackupPath};
+use super::replica_disk::{self, ReplicaDisk};
+use super::{Replica, StandbyConfig, StandbyError, PATH_MARGIN};
+use crate::assembler::{CompleteEpoch, EpochAssembler};
+use crate::protocol::{
+    CheckpointState, DiskBatch, Envelope, Message, PageBatch, ProtocolError, SyncPlan,
+};
+use crate::status::StatusBoard;
+
+/// How a session ended (moved once per session: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Session {
+    /// The primary is gone; this replica holds a committed epoch.
+    Lost(Replica),
+    /// Ended without a takeover; a new session may already be waiting.
+    Ended(StandbyError, Option<Arrival>),
+}
+
+/// Receives one session from a primary.
+pub(super) async fn receive(
+    (mut link, first): Arrival,
+    arrivals: &mut mpsc::Receiver<Arrival>,
+    config: &StandbyConfig,
+    status: &StatusBoard,
+) -> Session {
+    match run(&mut link, first, arrivals, config, status).await {
+        Ok(outcome) => outcome,
+        Err(error) => Session::Ended(error, None),
+    }
+}
+
+async fn run(
+    link: &mut Link,
+    first: Envelope,
+    arrivals: &mut mpsc::Receiver<Arrival>,
+    config: &StandbyConfig,
+    status: &StatusBoard,
+) -> Result<Session, StandbyError> {
+    status.update(|s| s.peer = Some(link.peer_addr().to_string()));
+    let mut replica = begin(first, config, status)?;
+    loop {
+        let envelope = match next_message(link, arrivals, &mut replica.backup).await {
+            Next::Message(envelope) => envelope,
+            Next::Malformed(error) => return Err(refused(status, error.into())),
+            Next::Superseded(arrival) => {
+                // The primary started over (it lost this session's path):
+                // no takeover, the new session goes on.
+                return Ok(Session::Ended(StandbyError::Superseded, Some(*arrival)));
+            }
+            Next::LinkFailed(error) => return link_lost(error, link, replica, status),
+        };
+        match envelope.message {
+            Message::Stop => return Err(StandbyError::PrimaryStopped),
+            Message::SyncPages(_) | Message::SyncDisk(_) if replica.committed.is_some() => {
+                return Err(StandbyError::LateSync(envelope.message.name()));
+            }
+            Message::SyncPages(batch) => replica.sync_pages(batch)?,
+            Message::SyncDisk(batch) => replica.sync_disk(batch)?,
+            _ => replica.on_epoch_message(envelope, link, status).await?,
+        }
+    }
+}
+
+/// The replica a session builds.
+struct Receiving {
+    ram: ReplicaRam,
+    disks: Vec<ReplicaDisk>,
+    assembler: EpochAssembler,
+    /// The last committed epoch and its state.
+    committed: Option<(u64, CheckpointState)>,
+    sync_bytes: u64,
+    started: Instant,
+    backup: Option<BackupPath>,
+}
+
+/// Checks the primary's plan against this standby and makes an empty
+/// replica for it.
+fn begin(
+    first: Envelope,
+    config: &StandbyConfig,
+    status: &StatusBoard,
+) -> Result<Receiving, StandbyError> {
+    let Message::SyncBegin(plan) = first.message else {
+        return Err(StandbyError::NoPlan(first.message.name()));
+    };
+    check_plan(&plan, config)?;
+    status.set_state("standby", "syncing", None);
+    let ram = ReplicaRam::create(plan.mem_mib)?;
+    let disks = config
+        .disks
+        .iter()
+        .zip(&plan.disk_bytes)
+        .map(|(path, &size)| ReplicaDisk::create(path, size))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Receiving {
+        ram,
+        disks,
+        assembler: EpochAssembler::new(1),
+        committed: None,
+        sync_bytes: 0,
+        started: Instant::now(),
+        backup: None,
+    })
+}
+
+fn check_plan(plan: &SyncPlan, config: &StandbyConfig) -> Result<(), StandbyError> {
+    if plan.disk_bytes.len() != config.disks.len() {
+        return Err(StandbyError::DiskCount {
+            primary: plan.disk_bytes.len(),
+            local: config.disks.len(),
+        });
+    }
+    if plan.nics != config.taps.len() {
+        return Err(StandbyError::NicCount {
+            primary: plan.nics,
+            local: config.taps.len(),
+        });
+    }
+    Ok(())
+}
+
+enum Next {
+    Message(Envelope),
+    Malformed(ProtocolError),
+    Superseded(Box<Arrival>),
+    LinkFailed(LinkError),
+}
+
+/// The next message of the session; a backup path arriving meanwhile is
+/// taken on, a new session ends this one.
+async fn next_message(
+    link: &mut Link,
+    arrivals: &mut mpsc::Receiver<Arrival>,
+    backup: &mut Option<BackupPath>,
+) -> Next {
+    loop {
+        tokio::select! {
+            received = link.recv() => {
+                return match received {
+                    Ok(frame) => match Message::from_frame(frame) {
+                        Ok(envelope) => Next::Message(envelope),
+                        Err(error) => Next::Malformed(error),
+                    },
+                    Err(error) => Next::LinkFailed(error),
+                };
+            }
+            arrival = arrivals.recv() => {
+                let Some((other, first)) = arrival else { continue };
+                if first.message == Message::Backup {
+                    info!(path = %other.peer_addr(), "backup path to the primary is up");
+                    *backup = Some(BackupPath::watch(other));
+                    continue;
+                }
+                return Next::Superseded(Box::new((other, first)));
+            }
+        }
+    }
+}
+
+/// The session's link failed: a takeover if the primary is gone and this
+/// replica holds a committed epoch, otherwise an end without one.
+fn link_lost(
+    error: LinkError,
+    link: &Link,
+    mut replica: Receiving,
+    status: &StatusBoard,
+) -> Result<Session, StandbyError> {
+    let active_heard = link.liveness().last_arrival();
+    let aborted = replica.assembler.abort();
+    // A corrupt frame is bad input, not a dead primary: the session ends
+    // without a takeover (the primary, alive, resynchronises).
+    if matches!(
+        error,
+        LinkError::Corrupt { .. } | LinkError::PeerRefused { .. }
+    ) {
+        return Err(refused(status, error.into()));
+    }
+    // With a second path, the primary may only have lost this one: if it
+    // is still heard there, it lives (no takeover; it reconnects and
+    // resynchronises). The window is the active path's silence: a live
+    // primary sent several heartbeats on the backup meanwhile.
+    if let Some(b) = &replica.backup {
+        if b.heard_primary_after(active_heard + PATH_MARGIN) {
+            return Err(StandbyError::PathLost(error));
+        }
+    }
+    match replica.committed {
+        Some((epoch, state)) => {
+            warn!(%error, last_committed = epoch, discarded_epoch = ?aborted, "primary lost");
+            Ok(Session::Lost(Replica {
+                ram: replica.ram,
+                disks: replica.disks,
+                state,
+                epoch,
+            }))
+        }
+        None => Err(error.into()),
+    }
+}
+
+impl Receiving {
+    /// Initial copy: memory pages, checked before any is written.
+    fn sync_pages(&mut self, batch: PageBatch) -> Result<(), StandbyError> {
+        batch.check_within(self.ram.bytes())?;
+        for (gpa, data) in batch.records() {
+            self.ram.write_page(gpa, data)?;
+        }
+        self.sync_bytes += (batch.len() * crate::protocol::PAGE_RECORD) as u64;
+        Ok(())
+    }
+
+    /// Initial copy: disk contents, checked before any is written.
+    fn sync_disk(&mut self, batch: DiskBatch) -> Result<(), StandbyError> {
+        for r in batch.records() {
+            replica_disk::check(&self.disks, r)?;
+        }
+        for r in batch.records() {
+            self.disks[r.disk as usize].write(r.offset, &r.data)?;
+        }
+        self.sync_bytes += batch.bytes().len() as u64;
+        Ok(())
+    }
+
+    /// A message of an epoch: when it completes the epoch, the epoch is
+    /// decoded, applied whole and acknowledged.
+    async fn on_epoch_message(
+        &mut self,
+        envelope: Envelope,
+        link: &Link,
+        status: &StatusBoard,
+    ) -> Result<(), StandbyError> {
+        let (epoch, generation) = (envelope.epoch, envelope.generation);
+        let Some(complete) = self
+            .assembler
+            .on_message(envelope)
+            .map_err(|e| refused(status, e.into()))?
+        else {
+            return Ok(());
+        };
+        let state = CheckpointState::from_payload(&complete.state)
+            .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
+        self.assembler
+            .apply(&complete, &self.ram, &self.disks)
+            .map_err(|e| refused(status, e.into()))?;
+        link.send(&Message::Ack.into_frame(epoch, generation))
+            .await?;
+        self.committed_epoch(&complete, state, status);
+        Ok(())
+    }
+
+    /// Statistics and state after epoch `complete` committed.
+    fn committed_epoch(
+        &mut self,
+        complete: &CompleteEpoch,
+        state: CheckpointState,
+        status: &StatusBoard,
+    ) {
+        if self.committed.is_none() {
+            info!(
+                sync_bytes = self.sync_bytes,
+                took_ms = self.started.elapsed().as_millis() as u64,
+                "first epoch committed: standing by"
+            );
+            status.set_state("standby", "standing-by", None);
+        }
+        status.update(|s| {
+            s.epoch = complete.epoch;
+            s.counters.epochs_applied += 1;
+            s.counters.dirty_pages_last = complete.page_count;
+            s.counters.dirty_pages_total += complete.page_count;
+            s.counters.disk_writes_total += complete.writes.len() as u64;
+        });
+        self.committed = Some((complete.epoch, state));
+    }
+}
+
+/// Counts and reports a refused epoch.
+fn refused(status: &StatusBoard, error: StandbyError) -> StandbyError {
+    warn!(%error, "epoch refused, not applied");
+    status.update(|s| s.counters.epochs_rejected += 1);
+    error
+}

@@ -1,0 +1,219 @@
+//! The VMM's edge for replication: everything the FT engine needs from a
+//! running VM, and nothing more. Device code knows nothing of it; the
+//! engine reaches the VM only through these methods and types.
+//!
+//! - Stop and go: [`Vm::pause`] stops the vCPUs and device work outside
+//!   them at one instant, [`Vm::resume`] lets them go (`vm.rs`).
+//! - State: [`Vm::capture_state`] (everything but memory, as plain data).
+//! - Memory: [`Vm::harvest_dirty_into`] copies the pages written since the
+//!   last harvest (by the guest's CPUs or by the VMM's devices) into a
+//!   [`PageSink`] the caller owns; [`Vm::stage_nonzero_pages`] feeds an
+//!   initial copy.
+//! - Output: [`Vm::output`], VM-wide control of the NICs' transmitted
+//!   frames (hold, seal a batch, release through a batch, open), the
+//!   guest's learned addresses and their announcement ([`Output`]).
+//! - Disk writes: [`Vm::disk_writes`] records every disk write, taken per
+//!   epoch ([`DiskWrites`]).
+//! - Takeover: [`Vm::restore_replica`] continues a VM on replica RAM
+//!   ([`ReplicaRam`]) with this node's own backings ([`Backings`]).
+//! - Pairing: [`offered_cpu_features`], the CPU feature words this host
+//!   gives a guest of a declared feature set.
+
+mod cpu;
+mod disk_writes;
+mod output;
+mod replica;
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use vm_memory::{Bytes as _, GuestAddress};
+
+pub use self::cpu::offered_cpu_features;
+pub use self::disk_writes::{DiskWrite, DiskWrites};
+pub use self::output::{gratuitous_arp, Output};
+pub use self::replica::{Backings, ReplicaRam};
+use crate::memory::GuestMemoryMmap;
+pub use crate::memory::PAGE_SIZE;
+use crate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("harvesting the dirty pages failed: {0}")]
+    Harvest(#[source] Box<VmError>),
+    #[error("copying guest page {gpa:#x} failed: {source}")]
+    CopyPage {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("creating the replica's memory ({mib} MiB) failed: {source}")]
+    ReplicaMemory {
+        mib: u64,
+        #[source]
+        source: crate::memory::MemoryError,
+    },
+    #[error("writing replica page {gpa:#x} ({len} bytes) failed: {reason}")]
+    WritePage {
+        gpa: u64,
+        len: usize,
+        reason: String,
+    },
+    #[error("reading replica page {gpa:#x} failed: {source}")]
+    ReadPage {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("the checkpoint has {checkpoint} {what}, this node gave {local}")]
+    BackingCount {
+        what: &'static str,
+        checkpoint: usize,
+        local: usize,
+    },
+    #[error("the replica cannot run: {0}")]
+    Restore(#[source] Box<VmError>),
+    #[error("probing this host's KVM for its CPU features failed: {0}")]
+    Host(String),
+}
+
+/// Where a harvest or a copy puts pages: for each page the sink hands out
+/// the buffer its bytes go to (after whatever record header the sink
+/// writes for `gpa`); exactly [`PAGE_SIZE`] bytes are appended to it.
+pub trait PageSink {
+    fn page_buffer(&mut self, gpa: u64) -> &mut Vec<u8>;
+}
+
+impl Vm {
+    /// Copies every page written since the last harvest into `sink`, in
+    /// address order; returns how many. The guest must be paused for the
+    /// set to be exact.
+    pub fn harvest_dirty_into(&self, sink: &mut impl PageSink) -> Result<u64, ReplicationError> {
+        let dirty = self
+            .harvest_dirty()
+            .map_err(|e| ReplicationError::Harvest(Box::new(e)))?;
+        self.stage_pages(dirty.page_numbers(), sink)
+    }
+
+    /// Forgets the pages written so far: from here on, a harvest reports
+    /// only what is written after this call.
+    pub fn clear_dirty(&self) -> Result<(), ReplicationError> {
+        self.harvest_dirty()
+            .map(|_| ())
+            .map_err(|e| ReplicationError::Harvest(Box::new(e)))
+    }
+
+    fn stage_pages(
+        &self,
+        pages: impl IntoIterator<Item = u64>,
+        sink: &mut impl PageSink,
+    ) -> Result<u64, ReplicationError> {
+        copy_pages(&self.ram.memory, pages, sink)
+    }
+
+    /// Copies the pages numbered `range` whose contents are not all zero
+    /// into `sink` (a replica starts zeroed); returns how many.
+    pub fn stage_nonzero_pages(
+        &self,
+        range: Range<u64>,
+        sink: &mut impl PageSink,
+    ) -> Result<u64, ReplicationError> {
+        let mut page = [0u8; PAGE_SIZE];
+        let mut count = 0;
+        for n in range {
+            let gpa = n * PAGE_SIZE as u64;
+            self.ram
+                .memory
+                .read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|source| ReplicationError::CopyPage { gpa, source })?;
+            if page.iter().any(|&b| b != 0) {
+                sink.page_buffer(gpa).extend_from_slice(&page);
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Guest RAM in pages.
+    pub fn guest_pages(&self) -> u64 {
+        self.ram.size / PAGE_SIZE as u64
+    }
+
+    /// Guest RAM in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.config.mem_mib
+    }
+
+    /// The disks' backing files, in device order.
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        self.config.disks.iter().map(|d| d.path.clone()).collect()
+    }
+
+    /// The TAPs of the NICs, in device order.
+    pub fn taps(&self) -> Vec<String> {
+        self.config.nets.iter().map(|n| n.tap.clone()).collect()
+    }
+
+    /// The guest's network output, VM-wide.
+    pub fn output(&self) -> &Output {
+        &self.output
+    }
+
+    /// The record of the guest's disk writes, VM-wide.
+    pub fn disk_writes(&self) -> &DiskWrites {
+        &self.disk_writes
+    }
+}
+
+/// Copies pages (by number) of `mem` into `sink`, in the given order:
+/// the one copy loop of a checkpoint.
+fn copy_pages(
+    mem: &GuestMemoryMmap,
+    pages: impl IntoIterator<Item = u64>,
+    sink: &mut impl PageSink,
+) -> Result<u64, ReplicationError> {
+    let mut count = 0;
+    for page in pages {
+        let gpa = page * PAGE_SIZE as u64;
+        let buf = sink.page_buffer(gpa);
+        mem.write_all_volatile_to(GuestAddress(gpa), buf, PAGE_SIZE)
+            .map_err(|source| ReplicationError::CopyPage { gpa, source })?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that keeps (gpa, first byte) per page.
+    #[derive(Default)]
+    struct Firsts {
+        buf: Vec<u8>,
+        gpas: Vec<u64>,
+    }
+
+    impl PageSink for Firsts {
+        fn page_buffer(&mut self, gpa: u64) -> &mut Vec<u8> {
+            self.gpas.push(gpa);
+            &mut self.buf
+        }
+    }
+
+    #[test]
+    fn replica_ram_checks_page_writes() {
+        let ram = ReplicaRam::create(16).unwrap();
+        assert_eq!(ram.bytes(), 16 << 20);
+        ram.write_page(4096, &[7u8; PAGE_SIZE]).unwrap();
+        let mut back = [0u8; PAGE_SIZE];
+        ram.read_page(4096, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 7));
+        assert!(ram.write_page(16 << 20, &[1u8; PAGE_SIZE]).is_err());
+        assert!(ram.write_page(4096, &[1u8; 100]).is_err());
+        // A sink is just a buffer provider.
+        let mut sink = Firsts::default();
+        sink.page_buffer(0).push(1);
+        assert_eq!(sink.gpas, vec![0]);
+    }
+}

@@ -1,0 +1,185 @@
+//! The guest's network output, VM-wide: the transmit gates of every NIC
+//! driven together (output commit holds what the guest sends in numbered
+//! batches, one per epoch, and releases a batch when its epoch commits),
+//! the guest's IPv4 addresses learned from what it sends, and their
+//! announcement by gratuitous ARP after a takeover.
+
+use std::sync::{Arc, Mutex};
+
+use crate::devices::virtio::net::tap::VNET_HDR_LEN;
+use crate::devices::virtio::net::tx_gate::TxGate;
+
+/// How many guest addresses are remembered.
+const MAX_ADDRESSES: usize = 8;
+
+/// The NICs' output of one VM.
+pub struct Output {
+    /// Each NIC's gate and MAC, in device order.
+    nics: Vec<(Arc<TxGate>, [u8; 6])>,
+    addresses: Mutex<Vec<[u8; 4]>>,
+}
+
+/// The IPv4 source address of an Ethernet frame (IPv4 or ARP), if any.
+fn ipv4_source(ethernet: &[u8]) -> Option<[u8; 4]> {
+    let ethertype = u16::from_be_bytes(ethernet.get(12..14)?.try_into().ok()?);
+    let at = match ethertype {
+        0x0800 => 14 + 12,
+        0x0806 => 14 + 14,
+        _ => return None,
+    };
+    let ip: [u8; 4] = ethernet.get(at..at + 4)?.try_into().ok()?;
+    (ip != [0; 4]).then_some(ip)
+}
+
+fn remember(addresses: &mut Vec<[u8; 4]>, ip: [u8; 4]) {
+    if !addresses.contains(&ip) && addresses.len() < MAX_ADDRESSES {
+        addresses.push(ip);
+    }
+}
+
+impl Output {
+    pub(crate) fn new(nics: Vec<(Arc<TxGate>, [u8; 6])>) -> Output {
+        Output {
+            nics,
+            addresses: Mutex::default(),
+        }
+    }
+
+    fn gates(&self) -> impl Iterator<Item = &TxGate> {
+        self.nics.iter().map(|(g, _)| g.as_ref())
+    }
+
+    /// How many NICs the VM has.
+    pub fn nics(&self) -> usize {
+        self.nics.len()
+    }
+
+    /// From now on transmitted frames are held until released.
+    pub fn hold(&self) {
+        self.gates().for_each(TxGate::hold);
+    }
+
+    /// The frames held since the last seal become batch `batch` (call it
+    /// while the guest is paused, so the cut is exact); the guest's source
+    /// addresses are learned from them. Returns how many frames.
+    pub fn seal(&self, batch: u64) -> usize {
+        let mut addresses = self.addresses.lock().expect("addresses lock");
+        self.gates()
+            .map(|g| {
+                g.seal(batch, |frame| {
+                    if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
+                        remember(&mut addresses, ip);
+                    }
+                })
+            })
+            .sum()
+    }
+
+    /// Whether frames wait for the next seal.
+    pub fn has_unsealed(&self) -> bool {
+        self.gates().any(|g| g.unsealed() > 0)
+    }
+
+    /// Sends every sealed batch numbered `batch` or lower; returns how many
+    /// frames went out.
+    pub fn release_through(&self, batch: u64) -> usize {
+        self.gates().map(|g| g.release_through(batch)).sum()
+    }
+
+    /// Stops holding: everything held goes out in order, later frames at
+    /// once (no replica remains to wait for). Returns how many were held.
+    pub fn open(&self) -> usize {
+        self.gates().map(TxGate::open).sum()
+    }
+
+    /// Frames held right now, sealed or not.
+    pub fn holding_frames(&self) -> u64 {
+        self.gates().map(|g| g.counters().holding_frames).sum()
+    }
+
+    /// Calls `hook` whenever held output starts waiting for a checkpoint
+    /// (the owner may want to checkpoint sooner).
+    pub fn on_held_output(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        for gate in self.gates() {
+            let hook = Arc::clone(&hook);
+            gate.on_held_output(Box::new(move || hook()));
+        }
+    }
+
+    /// The IPv4 addresses the guest has sent from in sealed output.
+    pub fn guest_ipv4(&self) -> Vec<[u8; 4]> {
+        self.addresses.lock().expect("addresses lock").clone()
+    }
+
+    /// Announces `addresses` (and remembers them as the guest's) on every
+    /// NIC with a gratuitous ARP from its MAC; returns how many could not
+    /// be sent.
+    pub fn announce(&self, addresses: &[[u8; 4]]) -> usize {
+        {
+            let mut known = self.addresses.lock().expect("addresses lock");
+            for ip in addresses {
+                remember(&mut known, *ip);
+            }
+        }
+        let mut failed = 0;
+        for (gate, mac) in &self.nics {
+            for ip in addresses {
+                if gate.inject(&gratuitous_arp(*mac, *ip)).is_err() {
+                    failed += 1;
+                }
+            }
+        }
+        failed
+    }
+}
+
+/// A gratuitous ARP request announcing that `ip` is at `mac`.
+pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06]); // ARP
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip);
+    f.resize(60, 0);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::net::tap::Tap;
+
+    #[test]
+    fn addresses_are_learned_from_ipv4_and_arp() {
+        let arp = gratuitous_arp([0x52, 0x54, 0, 1, 2, 3], [10, 77, 0, 100]);
+        assert_eq!(ipv4_source(&arp), Some([10, 77, 0, 100]));
+        let mut ip = vec![0u8; 34];
+        ip[12..14].copy_from_slice(&[0x08, 0x00]);
+        ip[26..30].copy_from_slice(&[192, 168, 1, 7]);
+        assert_eq!(ipv4_source(&ip), Some([192, 168, 1, 7]));
+        ip[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(ipv4_source(&ip), None);
+        assert_eq!(ipv4_source(&ip[..10]), None);
+    }
+
+    #[test]
+    fn sealed_output_teaches_the_guest_addresses() {
+        let tap = Arc::new(Tap::open("ftoutt0").expect("TAP (needs CAP_NET_ADMIN)"));
+        let output = Output::new(vec![(Arc::new(TxGate::new(tap)), [2, 0, 0, 0, 0, 1])]);
+        output.hold();
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        frame.extend(gratuitous_arp([2, 0, 0, 0, 0, 1], [10, 0, 0, 9]));
+        output.gates().next().unwrap().transmit(&frame);
+        assert!(output.has_unsealed());
+        assert!(output.guest_ipv4().is_empty(), "learned at the seal");
+        assert_eq!(output.seal(1), 1);
+        assert_eq!(output.guest_ipv4(), vec![[10, 0, 0, 9]]);
+        assert_eq!(output.holding_frames(), 1);
+        assert_eq!(output.release_through(1), 1);
+        assert_eq!(output.holding_frames(), 0);
+    }
+}

@@ -1,0 +1,123 @@
+//! A standby's replica: guest RAM that receives a primary's pages, and the
+//! restore that continues the VM on it (no copy of memory) with this
+//! node's own disk files and TAPs.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vm_memory::{Bytes as _, GuestAddress};
+
+use super::{ReplicationError, PAGE_SIZE};
+use crate::devices::virtio::DeviceConfig;
+use crate::memory::{self, GuestRam};
+use crate::snapshot::MachineState;
+use crate::vm::{SerialSink, Vm};
+
+/// The replica's guest RAM (a memfd, zeroed when created).
+pub struct ReplicaRam {
+    ram: GuestRam,
+}
+
+impl ReplicaRam {
+    pub fn create(mem_mib: u64) -> Result<ReplicaRam, ReplicationError> {
+        let ram = memory::create(mem_mib).map_err(|source| ReplicationError::ReplicaMemory {
+            mib: mem_mib,
+            source,
+        })?;
+        Ok(ReplicaRam { ram })
+    }
+
+    /// Its size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.ram.size
+    }
+
+    /// Writes one whole page at `gpa` (page aligned, inside the RAM).
+    pub fn write_page(&self, gpa: u64, data: &[u8]) -> Result<(), ReplicationError> {
+        let refuse = |reason: String| ReplicationError::WritePage {
+            gpa,
+            len: data.len(),
+            reason,
+        };
+        if data.len() != PAGE_SIZE || !gpa.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(refuse("not one aligned page".into()));
+        }
+        match gpa.checked_add(PAGE_SIZE as u64) {
+            Some(end) if end <= self.ram.size => {}
+            _ => return Err(refuse(format!("outside {} bytes of RAM", self.ram.size))),
+        }
+        self.ram
+            .memory
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| refuse(e.to_string()))
+    }
+
+    /// Copies pages (by number) of this RAM into `sink` with the copy loop
+    /// a checkpoint uses (for benchmarks without a guest).
+    pub fn stage_pages(
+        &self,
+        pages: impl IntoIterator<Item = u64>,
+        sink: &mut impl super::PageSink,
+    ) -> Result<u64, ReplicationError> {
+        super::copy_pages(&self.ram.memory, pages, sink)
+    }
+
+    /// Reads the page at `gpa` into `buf`.
+    pub fn read_page(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReplicationError> {
+        self.ram
+            .memory
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|source| ReplicationError::ReadPage { gpa, source })
+    }
+}
+
+/// What a promoted replica runs on, on this node: the guest console, the
+/// replica's disk files and this node's TAPs, in device order.
+#[derive(Debug, Clone)]
+pub struct Backings {
+    pub serial: SerialSink,
+    pub disks: Vec<PathBuf>,
+    pub taps: Vec<String>,
+}
+
+impl Vm {
+    /// Continues the VM of `state` on `ram` as it is (no copy of memory),
+    /// its disks and NICs backed by `backings` (counts must match the
+    /// checkpoint's devices); guest time advances by the real gap since
+    /// the checkpoint.
+    pub fn restore_replica(
+        mut state: MachineState,
+        ram: ReplicaRam,
+        backings: Backings,
+    ) -> Result<Vm, ReplicationError> {
+        let started = Instant::now();
+        let count = |disk: bool| {
+            state
+                .virtio
+                .iter()
+                .filter(|s| matches!(s.config, DeviceConfig::Disk(_)) == disk)
+                .count()
+        };
+        for (what, checkpoint, local) in [
+            ("disks", count(true), backings.disks.len()),
+            ("NICs", count(false), backings.taps.len()),
+        ] {
+            if checkpoint != local {
+                return Err(ReplicationError::BackingCount {
+                    what,
+                    checkpoint,
+                    local,
+                });
+            }
+        }
+        let (mut disks, mut taps) = (backings.disks.into_iter(), backings.taps.into_iter());
+        for slot in &mut state.virtio {
+            match &mut slot.config {
+                DeviceConfig::Disk(disk) => disk.path = disks.next().expect("counted"),
+                DeviceConfig::Net(net) => net.tap = taps.next().expect("counted"),
+            }
+        }
+        Vm::restore_from(state, ram.ram, backings.serial, started)
+            .map_err(|e| ReplicationError::Restore(Box::new(e)))
+    }
+}
