@@ -14,6 +14,7 @@
 //!   [`bridge`] puts its TAP on the node's bridge.
 //! - [`pairing`]: what the nodes tell each other when the A-link opens.
 //! - [`status`]: the state and counters each node publishes.
+//! - [`stats`]: percentiles (nearest rank) of recent samples.
 
 pub mod bridge;
 pub mod checkpoint;
@@ -25,4 +26,5 @@ pub mod promote;
 pub mod replica;
 pub mod replica_disk;
 pub mod standby;
+pub mod stats;
 pub mod status;

@@ -3,44 +3,13 @@
 //! JSON to a status file (atomically, a few times a second) and logged on
 //! every change of state.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-/// Recent samples of a duration, for percentiles.
-#[derive(Debug, Default, Clone)]
-pub struct Samples {
-    recent: VecDeque<u64>,
-}
-
-const SAMPLES_KEPT: usize = 4096;
-
-impl Samples {
-    pub fn push(&mut self, d: Duration) {
-        if self.recent.len() == SAMPLES_KEPT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(d.as_micros() as u64);
-    }
-
-    /// The `p`-th percentile in microseconds (0 with no samples).
-    pub fn percentile_us(&self, p: f64) -> u64 {
-        percentile(self.recent.iter().copied().collect(), p)
-    }
-}
-
-/// The `p`-th percentile (nearest rank) of `values`; 0 when empty.
-pub fn percentile(mut values: Vec<u64>, p: f64) -> u64 {
-    if values.is_empty() {
-        return 0;
-    }
-    values.sort_unstable();
-    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
-}
+pub use crate::stats::{percentile, Samples};
 
 /// Counters of checkpointing (primary) and applying (standby).
 #[derive(Debug, Default, Clone, Serialize)]
@@ -176,20 +145,5 @@ impl StatusBoard {
             board.write();
             std::thread::sleep(every);
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        assert_eq!(percentile(vec![], 50.0), 0);
-        assert_eq!(percentile(vec![5], 99.0), 5);
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(v.clone(), 50.0), 50);
-        assert_eq!(percentile(v.clone(), 99.0), 99);
-        assert_eq!(percentile(v, 100.0), 100);
     }
 }
