@@ -13,11 +13,13 @@
 //! - [`promote`]: turning the replica into the running VM after a failure;
 //!   [`bridge`] puts its TAP on the node's bridge.
 //! - [`pairing`]: what the nodes tell each other when the A-link opens.
-//! - [`status`]: the state and counters each node publishes.
+//! - [`status`]: the state and counters each node publishes;
+//!   [`control`] serves them (and takes a stop) on a Unix socket.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
 
 pub mod bridge;
 pub mod checkpoint;
+pub mod control;
 pub mod epoch;
 pub mod interval;
 pub mod pairing;
