@@ -102,7 +102,11 @@ pub async fn run(
     stop: Arc<tokio::sync::Notify>,
 ) {
     let mut last_refusal = String::new();
-    status.set_state("primary", "unprotected", None);
+    status.set_state(
+        crate::status::Role::Primary,
+        crate::status::FtState::Unprotected,
+        None,
+    );
     loop {
         let (link, active) = loop {
             let attempt = tokio::select! {
@@ -136,8 +140,8 @@ pub async fn run(
         }
         warn!(%error, released_frames = released, "standby lost: running unprotected");
         status.set_state(
-            "primary",
-            "unprotected",
+            crate::status::Role::Primary,
+            crate::status::FtState::Unprotected,
             Some(format!("standby lost: {error}")),
         );
         tokio::time::sleep(config.retry_every).await;
@@ -280,7 +284,11 @@ async fn initial_sync(
     status: &StatusBoard,
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
-    status.set_state("primary", "syncing", None);
+    status.set_state(
+        crate::status::Role::Primary,
+        crate::status::FtState::Syncing,
+        None,
+    );
     let logs = vm.virtio.write_logs();
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
@@ -592,7 +600,11 @@ async fn epochs(
             }
         });
         if epoch == 1 {
-            status.set_state("primary", "protected", None);
+            status.set_state(
+                crate::status::Role::Primary,
+                crate::status::FtState::Protected,
+                None,
+            );
         }
         debug!(
             epoch,

@@ -155,7 +155,11 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
     let mut next = None;
     let mut why_ended: Option<String> = None;
     let replica = loop {
-        status.set_state("standby", "waiting", why_ended.take());
+        status.set_state(
+            crate::status::Role::Standby,
+            crate::status::FtState::Waiting,
+            why_ended.take(),
+        );
         let arrival = match next.take() {
             Some(a) => a,
             None => arrivals.recv().await.expect("the acceptors run"),
@@ -271,7 +275,11 @@ async fn session(
             local: config.taps.len(),
         });
     }
-    status.set_state("standby", "syncing", None);
+    status.set_state(
+        crate::status::Role::Standby,
+        crate::status::FtState::Syncing,
+        None,
+    );
     let started = Instant::now();
     let ram = memory::create(plan.mem_mib)?;
     let disks = config
@@ -378,7 +386,11 @@ async fn session(
                         took_ms = started.elapsed().as_millis() as u64,
                         "first epoch committed: standing by"
                     );
-                    status.set_state("standby", "standing-by", None);
+                    status.set_state(
+                        crate::status::Role::Standby,
+                        crate::status::FtState::StandingBy,
+                        None,
+                    );
                 }
                 status.update(|s| {
                     s.epoch = epoch;
