@@ -23,4 +23,7 @@ pub mod link;
 pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
 pub use hello::{CpuFeatureSummary, Hello, HelloError, Mismatch, Refusal, Role};
-pub use link::{Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender, Liveness};
+pub use link::{
+    heartbeat_interval_for, Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender,
+    Liveness, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
+};

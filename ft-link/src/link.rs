@@ -40,8 +40,13 @@ use crate::auth::{self, AuthError, Nonce, PairSecret, Side};
 use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind};
 use crate::hello::{Hello, HelloError, Mismatch, Refusal};
 
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
-pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(500);
+/// The peer is declared silent after this much silence (the one default of
+/// the project: `ftprotect --heartbeat-timeout-ms` uses it too).
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(300);
+/// [`heartbeat_interval_for`] the default timeout (60 ms).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = heartbeat_interval_for(DEFAULT_HEARTBEAT_TIMEOUT);
+/// Heartbeats never go out more often than this.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Payloads from this size on are written after their header without
 /// being copied into the send buffer.
@@ -70,6 +75,26 @@ impl LinkConfig {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
+    }
+
+    /// Declares the peer silent after `timeout`, with heartbeats every
+    /// [`heartbeat_interval_for`] it.
+    pub fn with_heartbeat_timeout(mut self, timeout: Duration) -> LinkConfig {
+        self.heartbeat_timeout = timeout;
+        self.heartbeat_interval = heartbeat_interval_for(timeout);
+        self
+    }
+}
+
+/// The heartbeat interval that goes with a heartbeat timeout: a fifth of it
+/// (four heartbeats in a row may be lost before the peer is declared
+/// silent), but at least [`MIN_HEARTBEAT_INTERVAL`].
+pub const fn heartbeat_interval_for(timeout: Duration) -> Duration {
+    let fifth = Duration::from_nanos((timeout.as_nanos() / 5) as u64);
+    if fifth.as_nanos() < MIN_HEARTBEAT_INTERVAL.as_nanos() {
+        MIN_HEARTBEAT_INTERVAL
+    } else {
+        fifth
     }
 }
 
@@ -744,6 +769,25 @@ mod tests {
         config.heartbeat_interval = Duration::from_millis(50);
         config.heartbeat_timeout = Duration::from_millis(300);
         config
+    }
+
+    #[test]
+    fn heartbeat_interval_is_a_fifth_of_the_timeout_at_least_10_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(DEFAULT_HEARTBEAT_TIMEOUT, ms(300));
+        assert_eq!(DEFAULT_HEARTBEAT_INTERVAL, ms(60));
+        assert_eq!(heartbeat_interval_for(ms(1000)), ms(200));
+        assert_eq!(heartbeat_interval_for(ms(30)), ms(10));
+        let c = config("a", Role::Primary, SECRET).with_heartbeat_timeout(ms(500));
+        assert_eq!(
+            (c.heartbeat_timeout, c.heartbeat_interval),
+            (ms(500), ms(100))
+        );
+        let d = LinkConfig::new(c.secret.clone(), c.hello.clone());
+        assert_eq!(
+            (d.heartbeat_timeout, d.heartbeat_interval),
+            (DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL)
+        );
     }
 
     /// Pairs a listener with `accepting` and a connector with `connecting`;

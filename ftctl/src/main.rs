@@ -71,7 +71,8 @@ enum LabCommand {
         #[arg(long, default_value = "")]
         ftprotect_args: String,
     },
-    /// Show the FT status of both nodes (JSON).
+    /// Show the FT status of both nodes (JSON, asked on the control socket
+    /// of each node's ftprotect; null where none answers).
     FtStatus,
     /// Run N failover drills on the protected ledger VM (the lab is started
     /// afresh): pull the primary at a random moment, check the ledger,
@@ -179,7 +180,8 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
         }
         LabCommand::FtStatus => {
             for node in NodeId::ALL {
-                let status = ft_pair::status(lab, node).unwrap_or(serde_json::Value::Null);
+                // `null` when no ftprotect answers on the node's control socket.
+                let status = ft_pair::status(lab, node);
                 println!(
                     "node {node}: {}",
                     serde_json::to_string_pretty(&status).expect("json")

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_tools::ledger::{verify, LedgerClient, LedgerError, Verdict};
+use replicator::stats::percentile;
+use replicator::status::{FtState, Role};
 use serde::Serialize;
 
 use crate::ft_pair::{self, FtPairError};
@@ -126,16 +128,6 @@ fn next_random(state: &mut u64) -> u64 {
     *state
 }
 
-fn percentile(values: &[u64], p: f64) -> u64 {
-    let mut v = values.to_vec();
-    if v.is_empty() {
-        return 0;
-    }
-    v.sort_unstable();
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
-
 /// Checks memory and disk of the running ledger against what was acked.
 fn check_ledger(
     lab: &Lab,
@@ -171,8 +163,8 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
     ft_pair::wait_for(
         lab,
         primary.peer(),
-        "standby",
-        "standing-by",
+        Role::Standby,
+        FtState::StandingBy,
         Duration::from_secs(60),
     )?;
     let addr = ft_pair::ledger_addr(lab);
@@ -203,9 +195,7 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
             let protected_at = Instant::now();
             std::thread::sleep(Duration::from_millis(wait_ms));
             client_error(&log)?;
-            let committed_epoch = ft_pair::status(lab, standby)
-                .and_then(|s| s["epoch"].as_u64())
-                .unwrap_or(0);
+            let committed_epoch = ft_pair::status(lab, standby).map(|s| s.epoch).unwrap_or(0);
             let pulled_at = Instant::now();
             lab.pull(primary)?;
             let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
@@ -242,8 +232,8 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
             ft_pair::wait_for(
                 lab,
                 standby,
-                "primary",
-                "protected",
+                Role::Primary,
+                FtState::Protected,
                 Duration::from_secs(180),
             )?;
             let reprotect_ms = back.elapsed().as_millis() as u64;
@@ -272,7 +262,7 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
     let final_error = log.lock().expect("client log").error.clone();
     result?;
     let acked_total = log.lock().expect("client log").acked.len();
-    let failovers: Vec<u64> = rounds.iter().map(|r| r.failover_ms).collect();
+    let mut failovers: Vec<u64> = rounds.iter().map(|r| r.failover_ms).collect();
     let lost_total = rounds
         .iter()
         .map(|r| r.memory.lost.len() + r.disk.lost.len())
@@ -293,8 +283,8 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
         lost_total,
         duplicated_total,
         connection_survived: final_error.is_none(),
-        failover_ms_p50: percentile(&failovers, 50.0),
-        failover_ms_p99: percentile(&failovers, 99.0),
+        failover_ms_p50: percentile(&mut failovers, 50.0),
+        failover_ms_p99: percentile(&mut failovers, 99.0),
         failover_ms_max: failovers.iter().copied().max().unwrap_or(0),
     };
     let json = serde_json::to_string_pretty(&report).expect("serialisable");

@@ -1,11 +1,13 @@
 //! A protected VM across the lab pair: each node gets a bridge joining the
 //! guest's TAP to its business NIC and the pair secret; the primary runs
 //! `ftprotect run` (a guest serving the ledger on its data disk), the
-//! standby `ftprotect standby`. Their FT status is read from the status
-//! file each writes in its node.
+//! standby `ftprotect standby`. Their FT status is asked on the control
+//! socket each serves in its node (`ftprotect ctl ... status`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use replicator::status::{FtState, Role, Status};
 
 use crate::lab::{Lab, LabError};
 use crate::topology::NodeId;
@@ -13,6 +15,8 @@ use crate::topology::NodeId;
 /// Where the FT processes keep their files inside a node.
 const FT_DIR: &str = "/data/ft";
 const RUN_DIR: &str = "/tmp/ft";
+/// The control socket of the node's ftprotect (in [`RUN_DIR`]).
+const CONTROL_SOCK: &str = "/tmp/ft/ftprotect.sock";
 /// The A-link port the standby listens on.
 pub const ALINK_PORT: u16 = 7800;
 /// The port of the second (backup) path, over the business network.
@@ -99,7 +103,7 @@ fn standby_addresses(lab: &Lab, node: NodeId) -> String {
 fn common_args(lab: &Lab, node: NodeId) -> String {
     format!(
         "--vm-name {VM_NAME} --node node-{node} --secret-file {FT_DIR}/secret \
-         --peer {} --bridge br0 --status {RUN_DIR}/status.json \
+         --peer {} --bridge br0 --control-sock {CONTROL_SOCK} \
          --serial-log {RUN_DIR}/console.log",
         standby_addresses(lab, node.peer())
     )
@@ -141,15 +145,19 @@ pub fn start_standby(lab: &Lab, node: NodeId, extra: &str) -> Result<(), FtPairE
     Ok(())
 }
 
-/// The FT status `node` last wrote (None if it has none yet).
-pub fn status(lab: &Lab, node: NodeId) -> Option<serde_json::Value> {
+/// The FT status of `node`'s ftprotect, asked on its control socket (None
+/// if none answers, e.g. none runs).
+pub fn status(lab: &Lab, node: NodeId) -> Option<Status> {
     let out = lab
         .exec(
             node,
-            &["cat", &format!("{RUN_DIR}/status.json")],
+            &["ftprotect", "ctl", "--sock", CONTROL_SOCK, "status"],
             EXEC_TIMEOUT,
         )
         .ok()?;
+    if out.exit_code() != 0 {
+        return None;
+    }
     serde_json::from_str(&out.stdout).ok()
 }
 
@@ -168,25 +176,25 @@ pub fn log_tail(lab: &Lab, node: NodeId) -> String {
 pub fn wait_for(
     lab: &Lab,
     node: NodeId,
-    role: &str,
-    state: &str,
+    role: Role,
+    state: FtState,
     timeout: Duration,
-) -> Result<serde_json::Value, FtPairError> {
+) -> Result<Status, FtPairError> {
     let start = Instant::now();
-    let mut last = serde_json::Value::Null;
+    let mut last = "none".to_string();
     loop {
         if let Some(s) = status(lab, node) {
-            if s["role"] == role && s["state"] == state {
+            if s.role == role && s.state == state {
                 return Ok(s);
             }
-            last = s;
+            last = serde_json::to_string(&s).unwrap_or_else(|e| e.to_string());
         }
         if start.elapsed() > timeout {
             return Err(FtPairError::Timeout {
                 node,
                 what: format!("{role} {state}"),
                 secs: timeout.as_secs(),
-                last: last.to_string(),
+                last,
                 log: log_tail(lab, node),
             });
         }
@@ -195,7 +203,7 @@ pub fn wait_for(
 }
 
 /// Brings up the pair with the ledger VM protected: primary on `primary`.
-pub fn protect(lab: &Lab, primary: NodeId, extra: &str) -> Result<serde_json::Value, FtPairError> {
+pub fn protect(lab: &Lab, primary: NodeId, extra: &str) -> Result<Status, FtPairError> {
     for node in NodeId::ALL {
         prepare_node(lab, node)?;
     }
@@ -204,8 +212,8 @@ pub fn protect(lab: &Lab, primary: NodeId, extra: &str) -> Result<serde_json::Va
     wait_for(
         lab,
         primary,
-        "primary",
-        "protected",
+        Role::Primary,
+        FtState::Protected,
         Duration::from_secs(180),
     )
 }

@@ -25,11 +25,11 @@ pub struct Percentiles {
 
 impl Percentiles {
     fn of(samples: &[Duration]) -> Percentiles {
-        let us: Vec<u64> = samples.iter().map(|d| d.as_micros() as u64).collect();
+        let mut us: Vec<u64> = samples.iter().map(|d| d.as_micros() as u64).collect();
         Percentiles {
-            p50_us: percentile(us.clone(), 50.0),
-            p99_us: percentile(us.clone(), 99.0),
-            max_us: percentile(us, 100.0),
+            p50_us: percentile(&mut us.clone(), 50.0),
+            p99_us: percentile(&mut us.clone(), 99.0),
+            max_us: percentile(&mut us, 100.0),
         }
     }
 }

@@ -6,6 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The shortest epoch by default (`ftprotect --min-interval-ms`).
+pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_millis(2);
+/// The longest epoch by default (`ftprotect --max-interval-ms`).
+pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntervalLimits {
     pub min: Duration,
@@ -15,8 +20,8 @@ pub struct IntervalLimits {
 impl Default for IntervalLimits {
     fn default() -> Self {
         IntervalLimits {
-            min: Duration::from_millis(2),
-            max: Duration::from_millis(20),
+            min: DEFAULT_MIN_INTERVAL,
+            max: DEFAULT_MAX_INTERVAL,
         }
     }
 }

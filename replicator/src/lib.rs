@@ -12,7 +12,9 @@
 //! - [`promote`]: turning the replica into the running VM after a failure;
 //!   [`bridge`] puts its TAP on the node's bridge.
 //! - [`pairing`]: what the nodes tell each other when the A-link opens.
-//! - [`status`]: the state and counters each node publishes.
+//! - [`status`]: the state and counters each node publishes;
+//!   [`control`] serves them (and takes a stop) on a Unix socket.
+//! - [`stats`]: percentiles (nearest rank) of recent samples.
 //! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
 //!
 //! How a checkpoint flows (one dirty page, from harvest to apply):
@@ -33,6 +35,7 @@
 pub mod assembler;
 pub mod bridge;
 pub mod checkpoint_bench;
+pub mod control;
 pub mod interval;
 pub mod pairing;
 pub mod primary;
@@ -40,4 +43,5 @@ pub mod promote;
 pub mod protocol;
 pub mod sequence;
 pub mod standby;
+pub mod stats;
 pub mod status;

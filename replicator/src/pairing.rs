@@ -58,8 +58,6 @@ pub fn link_config(
     vm_name: &str,
     heartbeat_timeout: Duration,
 ) -> LinkConfig {
-    let mut config = LinkConfig::new(secret, Hello::new(node, role, cpu, vm_name));
-    config.heartbeat_timeout = heartbeat_timeout;
-    config.heartbeat_interval = (heartbeat_timeout / 5).max(Duration::from_millis(10));
-    config
+    LinkConfig::new(secret, Hello::new(node, role, cpu, vm_name))
+        .with_heartbeat_timeout(heartbeat_timeout)
 }

@@ -1,49 +1,71 @@
 //! What a node's FT process tells the world: its role and protection state,
-//! the last committed epoch and the counters a user would graph. Written as
-//! JSON to a status file (atomically, a few times a second) and logged on
-//! every change of state.
+//! the last committed epoch and the counters a user would graph. Served on
+//! the control socket ([`crate::control`]) and logged on every change of
+//! state.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Recent samples of a duration, for percentiles.
-#[derive(Debug, Default, Clone)]
-pub struct Samples {
-    recent: VecDeque<u64>,
+/// This node's role in the pair (serialized "primary" / "standby").
+pub use ft_link::Role;
+
+pub use crate::stats::{percentile, Samples};
+
+/// The version of the [`Status`] format; bumped when a field changes
+/// meaning or disappears (new fields may appear without a bump).
+pub const STATUS_VERSION: u32 = 1;
+
+/// Where a node's FT process stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FtState {
+    /// The process has just started.
+    Starting,
+    /// Primary: the VM runs without a standby.
+    Unprotected,
+    /// Primary or standby: the initial synchronisation is under way.
+    Syncing,
+    /// Primary: checkpoints are committed on the standby.
+    Protected,
+    /// Standby: waiting for a primary.
+    Waiting,
+    /// Standby: applying the primary's checkpoints.
+    StandingBy,
+    /// Standby: the primary is lost, the replica is being resumed.
+    Promoting,
+    /// The guest stopped; the process ends.
+    Stopped,
+    /// Something failed that the process cannot go on from.
+    Failed,
 }
 
-const SAMPLES_KEPT: usize = 4096;
-
-impl Samples {
-    pub fn push(&mut self, d: Duration) {
-        if self.recent.len() == SAMPLES_KEPT {
-            self.recent.pop_front();
+impl FtState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FtState::Starting => "starting",
+            FtState::Unprotected => "unprotected",
+            FtState::Syncing => "syncing",
+            FtState::Protected => "protected",
+            FtState::Waiting => "waiting",
+            FtState::StandingBy => "standing-by",
+            FtState::Promoting => "promoting",
+            FtState::Stopped => "stopped",
+            FtState::Failed => "failed",
         }
-        self.recent.push_back(d.as_micros() as u64);
-    }
-
-    /// The `p`-th percentile in microseconds (0 with no samples).
-    pub fn percentile_us(&self, p: f64) -> u64 {
-        percentile(self.recent.iter().copied().collect(), p)
     }
 }
 
-/// The `p`-th percentile (nearest rank) of `values`; 0 when empty.
-pub fn percentile(mut values: Vec<u64>, p: f64) -> u64 {
-    if values.is_empty() {
-        return 0;
+impl fmt::Display for FtState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
-    values.sort_unstable();
-    let rank = ((p / 100.0) * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
 }
 
 /// Counters of checkpointing (primary) and applying (standby).
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FtCounters {
     pub checkpoints: u64,
     pub stop_us_p50: u64,
@@ -67,26 +89,26 @@ pub struct FtCounters {
     pub failovers: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncProgress {
     pub phase: String,
     pub done_bytes: u64,
     pub total_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// [`STATUS_VERSION`] of the process that made it.
+    pub version: u32,
     pub node: String,
-    /// "primary" or "standby".
-    pub role: String,
-    /// primary: "unprotected", "syncing", "protected";
-    /// standby: "waiting", "syncing", "standing-by", "promoting".
-    pub state: String,
+    pub role: Role,
+    pub state: FtState,
     /// The last epoch the standby committed.
     pub epoch: u64,
     pub peer: Option<String>,
     /// Why the state last changed, when it was a failure.
     pub message: Option<String>,
+    /// When the status last changed.
     pub updated_unix_ms: u64,
     pub sync: Option<SyncProgress>,
     pub counters: FtCounters,
@@ -102,16 +124,16 @@ fn unix_ms() -> u64 {
 #[derive(Clone)]
 pub struct StatusBoard {
     inner: Arc<Mutex<Status>>,
-    path: Option<PathBuf>,
 }
 
 impl StatusBoard {
-    pub fn new(node: &str, role: &str, path: Option<PathBuf>) -> StatusBoard {
+    pub fn new(node: &str, role: Role) -> StatusBoard {
         StatusBoard {
             inner: Arc::new(Mutex::new(Status {
+                version: STATUS_VERSION,
                 node: node.to_string(),
-                role: role.to_string(),
-                state: "starting".into(),
+                role,
+                state: FtState::Starting,
                 epoch: 0,
                 peer: None,
                 message: None,
@@ -119,63 +141,35 @@ impl StatusBoard {
                 sync: None,
                 counters: FtCounters::default(),
             })),
-            path,
         }
     }
 
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         let mut s = self.inner.lock().expect("status lock");
         f(&mut s);
+        s.updated_unix_ms = unix_ms();
     }
 
-    /// Changes role/state (logged and written at once).
-    pub fn set_state(&self, role: &str, state: &str, message: Option<String>) {
+    /// Changes role/state (logged at once).
+    pub fn set_state(&self, role: Role, state: FtState, message: Option<String>) {
         self.update(|s| {
-            s.role = role.to_string();
-            s.state = state.to_string();
+            s.role = role;
+            s.state = state;
             s.message = message.clone();
-            if state != "syncing" {
+            if state != FtState::Syncing {
                 s.sync = None;
             }
         });
         tracing::info!(
-            role,
-            state,
+            %role,
+            %state,
             message = message.as_deref().unwrap_or(""),
             "FT state"
         );
-        self.write();
     }
 
     pub fn snapshot(&self) -> Status {
         self.inner.lock().expect("status lock").clone()
-    }
-
-    /// Writes the status file (temporary file + rename: readers never see
-    /// half of it).
-    pub fn write(&self) {
-        let Some(path) = &self.path else { return };
-        let mut status = self.snapshot();
-        status.updated_unix_ms = unix_ms();
-        let Ok(json) = serde_json::to_vec_pretty(&status) else {
-            return;
-        };
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, json)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .is_err()
-        {
-            tracing::warn!(path = %path.display(), "cannot write the status file");
-        }
-    }
-
-    /// Writes the status file every `every` from a background thread.
-    pub fn spawn_writer(&self, every: Duration) {
-        let board = self.clone();
-        std::thread::spawn(move || loop {
-            board.write();
-            std::thread::sleep(every);
-        });
     }
 }
 
@@ -184,12 +178,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_are_nearest_rank() {
-        assert_eq!(percentile(vec![], 50.0), 0);
-        assert_eq!(percentile(vec![5], 99.0), 5);
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(v.clone(), 50.0), 50);
-        assert_eq!(percentile(v.clone(), 99.0), 99);
-        assert_eq!(percentile(v, 100.0), 100);
+    fn names_are_the_strings_of_the_status_format() {
+        let all = [
+            (FtState::Starting, "starting"),
+            (FtState::Unprotected, "unprotected"),
+            (FtState::Syncing, "syncing"),
+            (FtState::Protected, "protected"),
+            (FtState::Waiting, "waiting"),
+            (FtState::StandingBy, "standing-by"),
+            (FtState::Promoting, "promoting"),
+            (FtState::Stopped, "stopped"),
+            (FtState::Failed, "failed"),
+        ];
+        for (state, name) in all {
+            assert_eq!(state.to_string(), name);
+            assert_eq!(serde_json::to_value(state).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<FtState>(name.into()).unwrap(),
+                state
+            );
+        }
+        assert_eq!(serde_json::to_value(Role::Standby).unwrap(), "standby");
+        assert_eq!(Role::Primary.to_string(), "primary");
+        assert!(serde_json::from_value::<FtState>("standing_by".into()).is_err());
+    }
+
+    #[test]
+    fn set_state_changes_role_state_and_clears_sync() {
+        let board = StatusBoard::new("n1", Role::Standby);
+        let s = board.snapshot();
+        assert_eq!(
+            (s.version, s.role, s.state),
+            (STATUS_VERSION, Role::Standby, FtState::Starting)
+        );
+        board.set_state(Role::Standby, FtState::Syncing, None);
+        board.update(|s| {
+            s.sync = Some(SyncProgress {
+                phase: "memory".into(),
+                done_bytes: 1,
+                total_bytes: 2,
+            })
+        });
+        assert!(board.snapshot().sync.is_some());
+        board.set_state(Role::Primary, FtState::Failed, Some("why".into()));
+        let s = board.snapshot();
+        assert_eq!((s.role, s.state), (Role::Primary, FtState::Failed));
+        assert_eq!(s.message.as_deref(), Some("why"));
+        assert!(s.sync.is_none());
+    }
+
+    #[test]
+    fn status_round_trips_through_json() {
+        let board = StatusBoard::new("n1", Role::Primary);
+        board.set_state(Role::Primary, FtState::Protected, None);
+        board.update(|s| {
+            s.epoch = 42;
+            s.counters.checkpoints = 7;
+        });
+        let s = board.snapshot();
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["state"], "protected");
+        assert_eq!(json["role"], "primary");
+        assert_eq!(json["version"], STATUS_VERSION);
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -143,7 +143,7 @@ async fn start_standby(name: &str) -> Standby {
         disks: vec![dir.join("disk.img")],
         taps: vec![],
     };
-    let status = StatusBoard::new("test-standby", "standby", None);
+    let status = StatusBoard::new("test-standby", replicator::status::Role::Standby);
     let board = status.clone();
     let task = tokio::spawn(async move { stand_by(&config, &board).await });
     // Wait for it to listen.
@@ -266,7 +266,7 @@ async fn a_replayed_epoch_is_refused_unacknowledged_and_causes_no_takeover() {
     let status = standby.status.snapshot();
     assert_eq!(status.counters.epochs_rejected, 1);
     assert_eq!(status.counters.epochs_applied, 1);
-    assert_eq!(status.state, "waiting");
+    assert_eq!(status.state, replicator::status::FtState::Waiting);
     standby.task.abort();
 }
 
@@ -399,7 +399,11 @@ async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
         "the standby took over while the primary was alive on the backup path"
     );
     let status = standby.status.snapshot();
-    assert_eq!(status.state, "waiting", "{status:?}");
+    assert_eq!(
+        status.state,
+        replicator::status::FtState::Waiting,
+        "{status:?}"
+    );
     let message = status.message.unwrap_or_default();
     assert!(message.contains("backup path"), "{message}");
     standby.task.abort();

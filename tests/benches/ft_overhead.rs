@@ -15,6 +15,8 @@ use ft_tests::LabPair;
 use guest_tools::ledger::LedgerClient;
 use lab::ft_pair;
 use lab::NodeId;
+use replicator::stats::percentile;
+use replicator::status::{FtCounters, FtState, Role};
 
 const WORK_MS: u64 = 4000;
 const DIRTY_MIB: usize = 32;
@@ -33,18 +35,22 @@ struct Figures {
     mem_pages_per_s: f64,
 }
 
-fn counters(lab: &LabPair) -> serde_json::Value {
-    ft_pair::status(lab.lab(), NodeId::A).map_or(serde_json::Value::Null, |s| s["counters"].clone())
+/// The primary's counters (zeros when it does not answer).
+fn counters(lab: &LabPair) -> FtCounters {
+    ft_pair::status(lab.lab(), NodeId::A)
+        .map(|s| s.counters)
+        .unwrap_or_default()
 }
 
-fn n(v: &serde_json::Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(0.0)
+/// `after - before` of a counter, as a float.
+fn delta(after: u64, before: u64) -> f64 {
+    after.saturating_sub(before) as f64
 }
 
-fn percentile_ms(mut v: Vec<Duration>, p: f64) -> f64 {
-    v.sort();
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1].as_secs_f64() * 1000.0
+/// The `p`-th percentile (nearest rank, on microseconds) in milliseconds.
+fn percentile_ms(v: &[Duration], p: f64) -> f64 {
+    let mut us: Vec<u64> = v.iter().map(|d| d.as_micros() as u64).collect();
+    percentile(&mut us, p) as f64 / 1000.0
 }
 
 fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
@@ -57,21 +63,19 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         .expect("dirty");
     let secs = start.elapsed().as_secs_f64();
     let after = counters(lab);
-    let checkpoints = n(&after, "checkpoints") - n(&before, "checkpoints");
+    let checkpoints = delta(after.checkpoints, before.checkpoints);
     Figures {
         checkpoints_per_s: checkpoints / secs,
-        stop_p50_us: after["stop_us_p50"].as_u64().unwrap_or(0),
-        stop_p99_us: after["stop_us_p99"].as_u64().unwrap_or(0),
+        stop_p50_us: after.stop_us_p50,
+        stop_p99_us: after.stop_us_p99,
         dirty_per_epoch: if checkpoints > 0.0 {
-            (n(&after, "dirty_pages_total") - n(&before, "dirty_pages_total")) / checkpoints
+            delta(after.dirty_pages_total, before.dirty_pages_total) / checkpoints
         } else {
             0.0
         },
-        alink_mb_per_s: (n(&after, "alink_bytes_sent") - n(&before, "alink_bytes_sent"))
-            / secs
-            / 1e6,
-        rtt_p50_ms: percentile_ms(rtts.clone(), 50.0),
-        rtt_p99_ms: percentile_ms(rtts, 99.0),
+        alink_mb_per_s: delta(after.alink_bytes_sent, before.alink_bytes_sent) / secs / 1e6,
+        rtt_p50_ms: percentile_ms(&rtts, 50.0),
+        rtt_p99_ms: percentile_ms(&rtts, 99.0),
         cpu_turns_per_s: cpu as f64 / (WORK_MS as f64 / 1000.0),
         mem_pages_per_s: mem as f64 / (WORK_MS as f64 / 1000.0),
     }
@@ -105,8 +109,8 @@ fn run_mode(lab: &LabPair, extra: &str) -> (Figures, Figures) {
     ft_pair::wait_for(
         lab.lab(),
         NodeId::A,
-        "primary",
-        "unprotected",
+        Role::Primary,
+        FtState::Unprotected,
         Duration::from_secs(60),
     )
     .expect("unprotected");
@@ -117,8 +121,8 @@ fn run_mode(lab: &LabPair, extra: &str) -> (Figures, Figures) {
     ft_pair::wait_for(
         lab.lab(),
         NodeId::A,
-        "primary",
-        "protected",
+        Role::Primary,
+        FtState::Protected,
         Duration::from_secs(180),
     )
     .expect("protected");

@@ -22,9 +22,11 @@ use guest_tools::ledger::LedgerClient;
 use lab::drill;
 use lab::ft_pair;
 use lab::NodeId;
+use replicator::status::{FtState, Role, Status};
 
-fn status(lab: &LabPair, node: NodeId) -> serde_json::Value {
-    ft_pair::status(lab.lab(), node).unwrap_or(serde_json::Value::Null)
+/// `node`'s FT status, asked on its control socket (None if none answers).
+fn status(lab: &LabPair, node: NodeId) -> Option<Status> {
+    ft_pair::status(lab.lab(), node)
 }
 
 #[test]
@@ -37,8 +39,8 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     ft_pair::wait_for(
         lab.lab(),
         NodeId::B,
-        "standby",
-        "standing-by",
+        Role::Standby,
+        FtState::StandingBy,
         Duration::from_secs(60),
     )
     .expect("standby ready");
@@ -60,7 +62,7 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     // Hold the acknowledgements back: stop the standby process.
     lab.sh(NodeId::B, "kill -STOP $(pidof ftprotect)");
     std::thread::sleep(Duration::from_millis(300));
-    let epoch_at_stop = status(&lab, NodeId::A)["epoch"].as_u64().expect("epoch");
+    let epoch_at_stop = status(&lab, NodeId::A).expect("status of a").epoch;
     let (tx, rx) = mpsc::channel();
     let appender = std::thread::spawn(move || {
         let result = client.append(6);
@@ -72,13 +74,13 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
         rx.recv_timeout(Duration::from_secs(3)).is_err(),
         "a reply left the primary while its epoch was unacknowledged"
     );
-    let held = status(&lab, NodeId::A);
-    let epoch_held = held["epoch"].as_u64().expect("epoch");
+    let held = status(&lab, NodeId::A).expect("status of a");
+    let epoch_held = held.epoch;
     assert!(
         epoch_held <= epoch_at_stop + 1,
         "epochs committed without a standby: {epoch_at_stop} -> {epoch_held}"
     );
-    assert_eq!(held["state"], "protected", "{held}");
+    assert_eq!(held.state, FtState::Protected, "{held:?}");
     let resumed_at = Instant::now();
     lab.sh(NodeId::B, "kill -CONT $(pidof ftprotect)");
     let (result, replied_at) = rx
@@ -87,16 +89,16 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     assert_eq!(result, Ok(6), "append 6 after the standby went on");
     assert!(replied_at >= resumed_at);
     let mut client = appender.join().unwrap();
-    // The status file is rewritten a few times a second.
+    let epoch = |s: &Option<Status>| s.as_ref().map_or(0, |s| s.epoch);
     let mut after = status(&lab, NodeId::A);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while after["epoch"].as_u64().unwrap_or(0) <= epoch_held && Instant::now() < deadline {
+    while epoch(&after) <= epoch_held && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         after = status(&lab, NodeId::A);
     }
     assert!(
-        after["epoch"].as_u64().unwrap() > epoch_held,
-        "{after}\nnode a:\n{}\nnode b:\n{}",
+        epoch(&after) > epoch_held,
+        "{after:?}\nnode a:\n{}\nnode b:\n{}",
         ft_pair::log_tail(lab.lab(), NodeId::A),
         ft_pair::log_tail(lab.lab(), NodeId::B)
     );
@@ -116,16 +118,19 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     let reprotected = loop {
         let b = status(&lab, NodeId::B);
         assert_ne!(
-            b["role"], "primary",
-            "the standby took over on a cut A-link: {b}"
+            b.as_ref().map(|b| b.role),
+            Some(Role::Primary),
+            "the standby took over on a cut A-link: {b:?}"
         );
         let a = status(&lab, NodeId::A);
-        if a["state"] == "protected" && a["peer"].as_str().is_some_and(|p| p.contains(&biz_b)) {
-            break a;
+        if let Some(a) = a.as_ref().filter(|a| {
+            a.state == FtState::Protected && a.peer.as_deref().is_some_and(|p| p.contains(&biz_b))
+        }) {
+            break a.clone();
         }
         assert!(
             Instant::now() < deadline,
-            "no re-protection over the backup path: {a}"
+            "no re-protection over the backup path: {a:?}"
         );
         std::thread::sleep(Duration::from_millis(500));
     };
@@ -134,7 +139,7 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
         "[e2e] cut A-link: no takeover, protected again over the business network after {:.1} s \
          (heartbeat timeout 10 s): peer {}",
         cut_at.elapsed().as_secs_f64(),
-        reprotected["peer"]
+        reprotected.peer.as_deref().unwrap_or("?")
     );
     lab.lab().set_link(lab::LinkId::Alink, true).expect("heal");
 
@@ -144,16 +149,13 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     let unprotected = ft_pair::wait_for(
         lab.lab(),
         NodeId::A,
-        "primary",
-        "unprotected",
+        Role::Primary,
+        FtState::Unprotected,
         Duration::from_secs(60),
     )
     .expect("the primary notices");
-    let message = unprotected["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(message.contains("standby lost"), "{unprotected}");
+    let message = unprotected.message.clone().unwrap_or_default();
+    assert!(message.contains("standby lost"), "{unprotected:?}");
     let t = Instant::now();
     for id in 28..=47 {
         client

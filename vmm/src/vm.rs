@@ -523,6 +523,12 @@ impl Vm {
         })
     }
 
+    /// Stops the guest for good (its vCPU threads end), as when it shuts
+    /// down.
+    pub fn stop(&self) {
+        self.vcpus.stop();
+    }
+
     /// How long since the VM was created (booted or restored).
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()

@@ -7,6 +7,11 @@
 //!   replica, and when the primary is lost promotes the replica and goes
 //!   on as the primary (protecting it again once a standby answers at
 //!   `--peer`).
+//! - `ftprotect ctl --sock PATH status|stop` asks a running `ftprotect`
+//!   on its control socket (`--control-sock`, served in both roles for the
+//!   whole life of the process): its FT status as JSON, or to stop (a
+//!   primary stops its VM and tells the standby not to take it over; a
+//!   standby leaves).
 //!
 //! Split-brain policy (no quorum service yet): the standby promotes when
 //! the A-link falls silent for the heartbeat timeout, whatever the cause.
@@ -18,13 +23,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use ft_link::Role;
-use replicator::interval::IntervalLimits;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use replicator::control::{self, ControlCommand, ControlRequest, ControlServer};
+use replicator::interval::{IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL};
 use replicator::primary::{self, PrimaryConfig};
 use replicator::standby::{self, StandbyConfig};
-use replicator::status::StatusBoard;
+use replicator::status::{FtState, Role, StatusBoard};
 use replicator::{checkpoint_bench, pairing, promote};
+use tokio::sync::Notify;
 use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
 use vmm::vm::Vm;
 
@@ -59,12 +65,12 @@ struct PairOptions {
     cpu_features: FeatureSet,
     /// The standby declares the primary dead after this much silence on
     /// every path (heartbeats go out at a fifth of it).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = ft_link::DEFAULT_HEARTBEAT_TIMEOUT.as_millis() as u64)]
     heartbeat_timeout_ms: u64,
     /// Shortest and longest epoch (checkpoint interval).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = DEFAULT_MIN_INTERVAL.as_millis() as u64)]
     min_interval_ms: u64,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = DEFAULT_MAX_INTERVAL.as_millis() as u64)]
     max_interval_ms: u64,
     /// Keep the guest paused until each epoch is acknowledged (for
     /// comparison with the default speculative mode).
@@ -76,9 +82,10 @@ struct PairOptions {
     /// Put the VM's TAPs on this bridge.
     #[arg(long)]
     bridge: Option<String>,
-    /// Write the FT status (JSON) here, a few times a second.
-    #[arg(long)]
-    status: Option<PathBuf>,
+    /// Serve the control interface (status, stop; `ftprotect ctl`) on this
+    /// Unix socket [default: /run/ftprotect/<vm-name>.sock].
+    #[arg(long, value_name = "PATH")]
+    control_sock: Option<PathBuf>,
     /// The guest's serial console goes to this file.
     #[arg(long)]
     serial_log: PathBuf,
@@ -145,6 +152,101 @@ enum Command {
         #[arg(long = "tap", value_name = "NAME")]
         taps: Vec<String>,
     },
+    /// Ask a running ftprotect on its control socket.
+    Ctl {
+        /// Its control socket (`--control-sock`).
+        #[arg(long, value_name = "PATH")]
+        sock: PathBuf,
+        /// Give up when it does not answer within this long.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[arg(value_enum)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CtlCommand {
+    /// Print its FT status (JSON).
+    Status,
+    /// Stop it: a primary stops its VM (no takeover), a standby leaves.
+    Stop,
+}
+
+/// `ftprotect ctl`: prints the answer; fails on a refusal or no answer.
+fn ctl(sock: &std::path::Path, timeout: Duration, command: CtlCommand) -> ExitCode {
+    let command = match command {
+        CtlCommand::Status => ControlCommand::Status,
+        CtlCommand::Stop => ControlCommand::Stop,
+    };
+    let response = match control::request(sock, &ControlRequest::new(command), timeout) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ftprotect ctl: {}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    if !response.ok {
+        eprintln!(
+            "ftprotect ctl: refused: {}",
+            response.error.as_deref().unwrap_or("no reason given")
+        );
+        return ExitCode::FAILURE;
+    }
+    let json = match &response.status {
+        Some(status) => serde_json::to_string_pretty(status),
+        None => serde_json::to_string(&response),
+    };
+    match json {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ftprotect ctl: cannot print the answer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Serves the control socket for the rest of the process's life; a `stop`
+/// asked there is notified on the returned `Notify`.
+fn serve_control(
+    runtime: &tokio::runtime::Runtime,
+    pair: &PairOptions,
+    status: &StatusBoard,
+) -> Result<Arc<Notify>, ExitCode> {
+    let path = pair
+        .control_sock
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/ftprotect/{}.sock", pair.vm_name)));
+    let server = {
+        let _runtime = runtime.enter();
+        ControlServer::bind(&path)
+    };
+    match server {
+        Ok(server) => {
+            let stop = Arc::new(Notify::new());
+            runtime.spawn(server.serve(status.clone(), Arc::clone(&stop)));
+            Ok(stop)
+        }
+        Err(e) => {
+            eprintln!("ftprotect: {}", error_chain(&e));
+            Err(ExitCode::from(2))
+        }
+    }
 }
 
 fn node_name(pair: &PairOptions) -> String {
@@ -169,13 +271,22 @@ fn primary_config(pair: &PairOptions, link: ft_link::LinkConfig) -> PrimaryConfi
     }
 }
 
-/// Runs `vm` as the primary until the guest stops.
+/// Why the primary ends.
+enum Ended {
+    Guest(VmEvent),
+    /// `stop` on the control socket.
+    Asked,
+}
+
+/// Runs `vm` as the primary until the guest stops or a stop is asked on
+/// the control socket (`control_stop`).
 fn run_primary(
     runtime: &tokio::runtime::Runtime,
     vm: Vm,
     pair: &PairOptions,
     node: &str,
     status: &StatusBoard,
+    control_stop: &Notify,
 ) -> ExitCode {
     let link = match link_config(pair, node, Role::Primary) {
         Ok(l) => l,
@@ -193,13 +304,41 @@ fn run_primary(
         status.clone(),
         Arc::clone(&stop),
     ));
-    let event = vm.wait();
+    // `Vm::wait` blocks: it gets a thread, whose answer races the control
+    // socket's stop.
+    let (event_tx, event_rx) = tokio::sync::oneshot::channel();
+    let waiting = Arc::clone(&vm);
+    std::thread::spawn(move || {
+        let _ = event_tx.send(waiting.wait());
+    });
+    let ended = runtime.block_on(async {
+        tokio::select! {
+            event = event_rx => Ended::Guest(event.unwrap_or(VmEvent::Shutdown)),
+            _ = control_stop.notified() => Ended::Asked,
+        }
+    });
+    if let Ended::Asked = ended {
+        // As when the guest stops: its vCPUs end first.
+        vm.stop();
+    }
     // Tell a standby in session not to take a stopped VM over.
     stop.notify_one();
     let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), protection));
+    let event = match ended {
+        Ended::Guest(event) => event,
+        Ended::Asked => {
+            status.set_state(
+                Role::Primary,
+                FtState::Stopped,
+                Some("stopped on the control socket".into()),
+            );
+            eprintln!("ftprotect: stopped on the control socket");
+            return ExitCode::SUCCESS;
+        }
+    };
     status.set_state(
-        "primary",
-        "stopped",
+        Role::Primary,
+        FtState::Stopped,
         Some(format!("guest stopped: {event:?}")),
     );
     match event {
@@ -284,18 +423,12 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("ftprotect: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
     match cli.command {
+        Command::Ctl {
+            sock,
+            timeout_ms,
+            command,
+        } => ctl(&sock, Duration::from_millis(timeout_ms), command),
         Command::Run {
             pair,
             kernel,
@@ -306,9 +439,6 @@ fn main() -> ExitCode {
             disks,
             nets,
         } => {
-            let node = node_name(&pair);
-            let status = StatusBoard::new(&node, "primary", pair.status.clone());
-            status.spawn_writer(Duration::from_millis(250));
             let config = VmConfig {
                 vcpus,
                 mem_mib,
@@ -322,19 +452,7 @@ fn main() -> ExitCode {
                 nets,
                 cpu_features: pair.cpu_features,
             };
-            let vm = match Vm::boot(config) {
-                Ok(vm) => vm,
-                Err(e) => {
-                    eprintln!("ftprotect: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if let Some(bridge) = &pair.bridge {
-                for tap in &vm.taps() {
-                    promote::join_bridge(tap, bridge);
-                }
-            }
-            run_primary(&runtime, vm, &pair, &node, &status)
+            with_runtime(|runtime| run(runtime, &pair, config))
         }
         Command::Bench {
             kernel,
@@ -367,46 +485,119 @@ fn main() -> ExitCode {
             listen,
             disks,
             taps,
-        } => {
-            let node = node_name(&pair);
-            let status = StatusBoard::new(&node, "standby", pair.status.clone());
-            status.spawn_writer(Duration::from_millis(250));
-            let link = match link_config(&pair, &node, Role::Standby) {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("ftprotect: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let config = StandbyConfig {
-                listen,
-                link,
-                disks,
-                taps: taps.clone(),
-            };
-            let replica = match runtime.block_on(standby::stand_by(&config, &status)) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("ftprotect: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            status.set_state("standby", "promoting", None);
-            let vm = match promote::promote(
-                replica,
-                &taps,
-                pair.bridge.as_deref(),
-                SerialSink::File(pair.serial_log.clone()),
-            ) {
-                Ok(vm) => vm,
-                Err(e) => {
-                    eprintln!("ftprotect: {e}");
-                    status.set_state("standby", "failed", Some(e.to_string()));
-                    return ExitCode::FAILURE;
-                }
-            };
-            status.update(|s| s.counters.failovers += 1);
-            run_primary(&runtime, vm, &pair, &node, &status)
+        } => with_runtime(|runtime| standby(runtime, &pair, listen, disks, taps)),
+    }
+}
+
+/// Runs `f` with the async runtime of the FT roles.
+fn with_runtime(f: impl FnOnce(&tokio::runtime::Runtime) -> ExitCode) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ftprotect: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = f(&runtime);
+    // Tasks still running (the control socket, a session's tasks) end here.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+/// `ftprotect run`: boots the VM here and runs it as the primary.
+fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) -> ExitCode {
+    let node = node_name(pair);
+    let status = StatusBoard::new(&node, Role::Primary);
+    let control_stop = match serve_control(runtime, pair, &status) {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
+    let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
+    let vm = match Vm::boot(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            status.set_state(Role::Primary, FtState::Failed, Some(e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(bridge) = &pair.bridge {
+        for tap in &taps {
+            promote::join_bridge(tap, bridge);
         }
     }
+    run_primary(runtime, vm, pair, &node, &status, &control_stop)
+}
+
+/// `ftprotect standby`: keeps the replica; promotes it when the primary is
+/// lost and goes on as the primary.
+fn standby(
+    runtime: &tokio::runtime::Runtime,
+    pair: &PairOptions,
+    listen: Vec<String>,
+    disks: Vec<PathBuf>,
+    taps: Vec<String>,
+) -> ExitCode {
+    let node = node_name(pair);
+    let status = StatusBoard::new(&node, Role::Standby);
+    let control_stop = match serve_control(runtime, pair, &status) {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
+    let link = match link_config(pair, &node, Role::Standby) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = StandbyConfig {
+        listen,
+        link,
+        disks,
+        taps: taps.clone(),
+    };
+    let standing_by = runtime.block_on(async {
+        tokio::select! {
+            replica = standby::stand_by(&config, &status) => Some(replica),
+            _ = control_stop.notified() => None,
+        }
+    });
+    let replica = match standing_by {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            eprintln!("ftprotect: {e}");
+            status.set_state(Role::Standby, FtState::Failed, Some(e.to_string()));
+            return ExitCode::from(2);
+        }
+        None => {
+            status.set_state(
+                Role::Standby,
+                FtState::Stopped,
+                Some("stopped on the control socket".into()),
+            );
+            eprintln!("ftprotect: stopped on the control socket");
+            return ExitCode::SUCCESS;
+        }
+    };
+    status.set_state(Role::Standby, FtState::Promoting, None);
+    let vm = match promote::promote(
+        replica,
+        &taps,
+        pair.bridge.as_deref(),
+        SerialSink::File(pair.serial_log.clone()),
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            status.set_state(Role::Standby, FtState::Failed, Some(e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
+    status.update(|s| s.counters.failovers += 1);
+    run_primary(runtime, vm, pair, &node, &status, &control_stop)
 }

@@ -18,7 +18,7 @@ use super::checkpoint::{capture, Captured};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, GENERATION};
 use crate::interval::Schedule;
 use crate::protocol::{epoch_frames, Message};
-use crate::status::{Samples, StatusBoard};
+use crate::status::{FtState, Role, Samples, StatusBoard};
 
 pub(super) async fn epochs(
     vm: &Arc<Vm>,
@@ -171,7 +171,7 @@ impl EpochStats {
             }
         });
         if c.epoch == 1 {
-            status.set_state("primary", "protected", None);
+            status.set_state(Role::Primary, FtState::Protected, None);
         }
         debug!(
             epoch = c.epoch,

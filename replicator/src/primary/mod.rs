@@ -36,7 +36,7 @@ use vmm::vm::Vm;
 
 use crate::interval::IntervalLimits;
 use crate::protocol::{Message, ProtocolError, StateError};
-use crate::status::StatusBoard;
+use crate::status::{FtState, Role, StatusBoard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrimaryError {
@@ -106,7 +106,7 @@ pub async fn run(
     stop: Arc<tokio::sync::Notify>,
 ) {
     let mut last_refusal = String::new();
-    status.set_state("primary", "unprotected", None);
+    status.set_state(Role::Primary, FtState::Unprotected, None);
     loop {
         let (link, active) = loop {
             let attempt = tokio::select! {
@@ -137,8 +137,8 @@ pub async fn run(
         vm.disk_writes().stop();
         warn!(%error, released_frames = released, "standby lost: running unprotected");
         status.set_state(
-            "primary",
-            "unprotected",
+            Role::Primary,
+            FtState::Unprotected,
             Some(format!("standby lost: {error}")),
         );
         tokio::time::sleep(config.retry_every).await;

@@ -16,7 +16,7 @@ use super::{send_all, PrimaryConfig, PrimaryError, GENERATION};
 use crate::protocol::{
     disk_payloads, DiskRecord, Message, PageStager, SyncPlan, DISK_BYTES_PER_FRAME, PAGE_SIZE,
 };
-use crate::status::{StatusBoard, SyncProgress};
+use crate::status::{FtState, Role, StatusBoard, SyncProgress};
 
 /// Memory is scanned this many pages at a time between sends.
 const SCAN_PAGES: u64 = 1024;
@@ -30,7 +30,7 @@ pub(super) async fn initial_sync(
     status: &StatusBoard,
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
-    status.set_state("primary", "syncing", None);
+    status.set_state(Role::Primary, FtState::Syncing, None);
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
     vm.disk_writes().start();

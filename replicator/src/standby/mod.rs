@@ -27,7 +27,7 @@ use self::replica_disk::{ReplicaDisk, ReplicaDiskError};
 use self::session::Session;
 use crate::assembler::AssemblerError;
 use crate::protocol::{CheckpointState, Message, ProtocolError, StateError};
-use crate::status::StatusBoard;
+use crate::status::{FtState, Role, StatusBoard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
@@ -103,7 +103,7 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
     let mut next = None;
     let mut why_ended: Option<String> = None;
     let replica = loop {
-        status.set_state("standby", "waiting", why_ended.take());
+        status.set_state(Role::Standby, FtState::Waiting, why_ended.take());
         let arrival = match next.take() {
             Some(a) => a,
             None => arrivals.recv().await.expect("the acceptors run"),

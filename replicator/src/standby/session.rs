@@ -19,7 +19,7 @@ use crate::assembler::{CompleteEpoch, EpochAssembler};
 use crate::protocol::{
     CheckpointState, DiskBatch, Envelope, Message, PageBatch, ProtocolError, SyncPlan,
 };
-use crate::status::StatusBoard;
+use crate::status::{FtState, Role, StatusBoard};
 
 /// How a session ended (moved once per session: its size does not matter).
 #[allow(clippy::large_enum_variant)]
@@ -98,7 +98,7 @@ fn begin(
         return Err(StandbyError::NoPlan(first.message.name()));
     };
     check_plan(&plan, config)?;
-    status.set_state("standby", "syncing", None);
+    status.set_state(Role::Standby, FtState::Syncing, None);
     let ram = ReplicaRam::create(plan.mem_mib)?;
     let disks = config
         .disks
@@ -275,7 +275,7 @@ impl Receiving {
                 took_ms = self.started.elapsed().as_millis() as u64,
                 "first epoch committed: standing by"
             );
-            status.set_state("standby", "standing-by", None);
+            status.set_state(Role::Standby, FtState::StandingBy, None);
         }
         status.update(|s| {
             s.epoch = complete.epoch;
