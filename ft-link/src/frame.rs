@@ -5,14 +5,18 @@
 //!      0     2  magic "FT"
 //!      2     1  version (2)
 //!      3     1  kind
-//!      4     4  reserved (0)
+//!      4     4  crc32 of the payload
 //!      8     8  epoch
 //!     16     8  generation
 //!     24     4  payload length
-//!     28     4  crc32 of bytes 0..28 and the payload
+//!     28     4  crc32 of bytes 0..28 (the header check)
 //!     32     -  payload
 //! ```
-//! All integers are little endian.
+//! All integers are little endian. The header has its own check, made
+//! before its length is believed: a corrupted length is refused at once,
+//! never waited for (a flipped high bit would otherwise have the reader
+//! swallow tens of MiB of later frames, heartbeats included, as payload).
+//! A length must also fit its kind (the link's own frames are small).
 //!
 //! The link's own frames (handshake, heartbeats, refusals) have kinds below
 //! [`MESSAGE_KIND_FIRST`]; every kind from there up is a message of the
@@ -26,6 +30,8 @@ pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 32;
 /// The largest payload accepted: a frame announcing more is malformed.
 pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// The largest payload of the link's own frames (handshake, refusals).
+pub const MAX_LINK_PAYLOAD: u32 = 64 << 10;
 /// The first kind byte of a carried message.
 pub const MESSAGE_KIND_FIRST: u8 = 64;
 
@@ -46,6 +52,15 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    /// The largest payload a frame of this kind may carry.
+    pub fn max_payload(self) -> u32 {
+        match self {
+            FrameKind::Heartbeat => 0,
+            FrameKind::Message(_) => MAX_PAYLOAD,
+            _ => MAX_LINK_PAYLOAD,
+        }
+    }
+
     /// The kind byte on the wire.
     pub fn code(self) -> u8 {
         match self {
@@ -95,8 +110,10 @@ pub enum FrameError {
     Version(u8),
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
-    #[error("frame announces {0} bytes of payload, more than the {MAX_PAYLOAD} allowed")]
-    TooLong(u32),
+    #[error("{kind:?} frame announces {len} bytes of payload, more than the {max} it may carry")]
+    TooLong { kind: FrameKind, len: u32, max: u32 },
+    #[error("frame header failed its checksum (carried {carried:08x}, computed {computed:08x})")]
+    HeaderChecksum { carried: u32, computed: u32 },
     #[error("frame of epoch {epoch} failed its checksum (carried {carried:08x}, computed {computed:08x})")]
     Checksum {
         epoch: u64,
@@ -111,11 +128,8 @@ pub enum FrameError {
     NotAMessageKind(u8),
 }
 
-fn checksum(header: &[u8], payload: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&header[..28]);
-    h.update(payload);
-    h.finalize()
+fn header_checksum(header: &[u8]) -> u32 {
+    crc32fast::hash(&header[..28])
 }
 
 impl Frame {
@@ -147,23 +161,23 @@ impl Frame {
         })
     }
 
-    /// Appends only the header (its crc covers the payload too); the
-    /// payload follows it on the wire as it is, without a copy.
+    /// Appends only the header (it carries the payload's crc); the payload
+    /// follows it on the wire as it is, without a copy.
     pub fn encode_header(&self, out: &mut BytesMut) -> Result<(), FrameError> {
         let len = u32::try_from(self.payload.len())
             .ok()
-            .filter(|&l| l <= MAX_PAYLOAD)
+            .filter(|&l| l <= self.kind.max_payload())
             .ok_or(FrameError::PayloadTooLarge(self.payload.len()))?;
         let start = out.len();
         out.reserve(HEADER_LEN);
         out.put_slice(&MAGIC);
         out.put_u8(VERSION);
         out.put_u8(self.kind.code());
-        out.put_u32_le(0);
+        out.put_u32_le(crc32fast::hash(&self.payload));
         out.put_u64_le(self.epoch);
         out.put_u64_le(self.generation);
         out.put_u32_le(len);
-        let crc = checksum(&out[start..], &self.payload);
+        let crc = header_checksum(&out[start..]);
         out.put_u32_le(crc);
         Ok(())
     }
@@ -196,23 +210,32 @@ impl FrameDecoder {
         if buf[2] != VERSION {
             return Err(FrameError::Version(buf[2]));
         }
-        let kind = FrameKind::try_from(buf[3])?;
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
+        let carried = u32::from_le_bytes(buf[28..32].try_into().expect("4 bytes"));
+        let computed = header_checksum(&buf[..HEADER_LEN]);
+        if carried != computed {
+            return Err(FrameError::HeaderChecksum { carried, computed });
+        }
+        let kind = FrameKind::try_from(buf[3])?;
         let epoch = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
         let generation = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
-        if len > MAX_PAYLOAD {
-            return Err(FrameError::TooLong(len));
+        if len > kind.max_payload() {
+            return Err(FrameError::TooLong {
+                kind,
+                len,
+                max: kind.max_payload(),
+            });
         }
         let total = HEADER_LEN + len as usize;
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        let carried = u32::from_le_bytes(buf[28..32].try_into().expect("4 bytes"));
-        let computed = checksum(&buf[..HEADER_LEN], &buf[HEADER_LEN..total]);
+        let carried = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+        let computed = crc32fast::hash(&buf[HEADER_LEN..total]);
         if carried != computed {
             return Err(FrameError::Checksum {
                 epoch,
@@ -276,6 +299,31 @@ mod tests {
         }
     }
 
+    /// Recomputes the header check after a test edited the header.
+    fn reseal(wire: &mut BytesMut) {
+        let crc = header_checksum(&wire[..HEADER_LEN]);
+        wire[28..32].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn a_corrupted_length_is_refused_at_once() {
+        // Before the header had its own check, a flipped high bit of the
+        // length left the reader waiting for up to 64 MiB (absorbing later
+        // frames, heartbeats included): every flip must fail at once.
+        let wire = encoded(&[Frame::message(69, 3, 1, vec![5u8; 64]).unwrap()]);
+        for bit in 0..32 {
+            let mut bad = wire.clone();
+            bad[24 + bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                matches!(
+                    FrameDecoder.decode(&mut bad),
+                    Err(FrameError::HeaderChecksum { .. })
+                ),
+                "length bit {bit}"
+            );
+        }
+    }
+
     #[test]
     fn every_flipped_bit_is_caught() {
         let wire = encoded(&[Frame::message(80, 3, 9, vec![5u8; 64]).unwrap()]);
@@ -283,11 +331,11 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = wire.clone();
                 bad[byte] ^= 1 << bit;
-                // Refused, or (a length grown by the flip) still waiting
-                // for bytes that never come: never a decoded frame.
+                // Refused at once: never a decoded frame, never a wait
+                // for bytes a flipped length made up.
                 match FrameDecoder.decode(&mut bad) {
                     Err(_) => {}
-                    Ok(None) => assert!(FrameDecoder.finish(&bad).is_err()),
+                    Ok(None) => panic!("flip of bit {bit} in byte {byte} left the reader waiting"),
                     Ok(Some(f)) => panic!("flip of bit {bit} in byte {byte} went unnoticed: {f:?}"),
                 }
             }
@@ -306,6 +354,7 @@ mod tests {
         assert_eq!(FrameDecoder.decode(&mut wire), Err(FrameError::Version(9)));
         let mut wire = encoded(&[Frame::new(FrameKind::Heartbeat, 1, Bytes::new())]);
         wire[3] = 20;
+        reseal(&mut wire);
         assert_eq!(
             FrameDecoder.decode(&mut wire),
             Err(FrameError::UnknownKind(20))
@@ -316,9 +365,30 @@ mod tests {
         );
         let mut wire = encoded(&[Frame::message(64, 1, 0, Bytes::new()).unwrap()]);
         wire[24..28].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        reseal(&mut wire);
         assert_eq!(
             FrameDecoder.decode(&mut wire),
-            Err(FrameError::TooLong(MAX_PAYLOAD + 1))
+            Err(FrameError::TooLong {
+                kind: FrameKind::Message(64),
+                len: MAX_PAYLOAD + 1,
+                max: MAX_PAYLOAD
+            })
+        );
+        // The link's own frames are small: a handshake frame announcing
+        // 1 MiB is refused before anything is reserved for it.
+        let mut wire = encoded(&[Frame::new(FrameKind::Hello, 0, vec![b'{'; 10])]);
+        wire[24..28].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        reseal(&mut wire);
+        assert!(matches!(
+            FrameDecoder.decode(&mut wire),
+            Err(FrameError::TooLong {
+                kind: FrameKind::Hello,
+                ..
+            })
+        ));
+        assert_eq!(
+            Frame::new(FrameKind::Heartbeat, 0, vec![1u8]).encode(&mut BytesMut::new()),
+            Err(FrameError::PayloadTooLarge(1))
         );
         // A stream that stops inside a frame.
         let wire = encoded(&[Frame::message(64, 1, 0, vec![0u8; 100]).unwrap()]);
