@@ -9,6 +9,8 @@ step() { printf '\n==> %s (at %ds)\n' "$*" "$((SECONDS - start))"; }
 
 step "images (Debian packages, static binaries, guest kernel, lab node)"
 ./images/build.sh >/dev/null
+step "test tools (Debian's promtool, for the metrics test)"
+(STEP=test-tools; source images/lib.sh; need_pkgs prometheus)
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"

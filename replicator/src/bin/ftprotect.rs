@@ -58,7 +58,8 @@ struct PairOptions {
     secret_file: PathBuf,
     /// The peer's addresses (host:port) where a standby listens: the A-link,
     /// optionally a second path (comma-separated) for a redundant pair.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Without one the VM runs unprotected.
+    #[arg(long, value_delimiter = ',')]
     peer: Vec<String>,
     /// The CPU features the VM is given (both nodes must provide them).
     #[arg(long, value_enum, default_value = "x86-64-v2")]

@@ -160,6 +160,9 @@ async fn connect_one(addr: &str, config: &LinkConfig) -> Result<Link, String> {
 /// Connects to the first peer address that answers; returns the link and
 /// the index of that address.
 async fn connect_any(peers: &[String], config: &LinkConfig) -> Result<(Link, usize), String> {
+    if peers.is_empty() {
+        return Err("no peer is configured".into());
+    }
     let mut errors = Vec::new();
     for (index, addr) in peers.iter().enumerate() {
         match connect_one(addr, config).await {

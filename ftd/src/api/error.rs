@@ -1,0 +1,159 @@
+//! Every error the API answers: a status and an [`ErrorBody`] saying what
+//! is wrong. Bad requests get a 4xx, never a 5xx; a 5xx means the node
+//! itself failed (its database), and says how.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::manager::ManagerError;
+use crate::model::{ErrorBody, FieldError};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{}: {}", .0.field, .0.reason)]
+    InvalidField(FieldError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidField(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidField(_) => "invalid_field",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.code().to_string(),
+            message: self.to_string(),
+            field: match self {
+                ApiError::InvalidField(f) => Some(f.field.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::error!(error = %self, "API request failed");
+        }
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> ApiError {
+        let text = rejection.body_text();
+        match rejection {
+            JsonRejection::JsonDataError(_) => ApiError::InvalidField(FieldError {
+                field: data_error_field(&text),
+                reason: text,
+            }),
+            JsonRejection::JsonSyntaxError(_) => ApiError::BadRequest(text),
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
+                "send the body as JSON (Content-Type: application/json)".into(),
+            ),
+            JsonRejection::BytesRejection(_) if rejection_is_too_large(rejection.status()) => {
+                ApiError::PayloadTooLarge(format!(
+                    "the body is larger than {} bytes",
+                    super::MAX_BODY
+                ))
+            }
+            _ => ApiError::BadRequest(text),
+        }
+    }
+}
+
+fn rejection_is_too_large(status: StatusCode) -> bool {
+    status == StatusCode::PAYLOAD_TOO_LARGE
+}
+
+/// serde_json names the field in "... at line 1 column 9" messages only
+/// by position; pull out a field named in backticks when there is one.
+fn data_error_field(text: &str) -> String {
+    text.split('`').nth(1).unwrap_or("body").to_string()
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> ApiError {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NameInUse(_) => ApiError::Conflict(e.to_string()),
+            StoreError::NoSuchVm(_) => ApiError::NotFound(e.to_string()),
+            _ => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> ApiError {
+        match e {
+            ManagerError::Store(e) => e.into(),
+            ManagerError::Invalid(f) => ApiError::InvalidField(f),
+            ManagerError::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
+            ManagerError::Running(_) | ManagerError::NotRunning(_) | ManagerError::NoPeer(_) => {
+                ApiError::Conflict(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The REST API (HTTP/JSON) on the management address.
+//!
+//! - Everything under `/api` but `/api/openapi.json` and `/api/health`
+//!   needs `Authorization: Bearer <token>` (the token file `ftd` made at
+//!   its first start); `/metrics` is open, like a node exporter's.
+//! - Every mutating request (POST, PUT, PATCH, DELETE) goes into the audit
+//!   log: who, what, when, the status answered and what came of it,
+//!   refusals included.
+//! - Errors are JSON ([`crate::model::ErrorBody`]); bodies over
+//!   [`MAX_BODY`] get a 413; nothing a client sends gets a 5xx.
+
+mod error;
+mod events;
+mod nodes;
+mod openapi;
+mod vms;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+pub use error::ApiError;
+pub use openapi::openapi_json;
+
+use crate::manager::Manager;
+use crate::metrics::Metrics;
+use crate::model::ErrorBody;
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 64 << 10;
+/// Largest error body the audit log reads back from a response.
+const MAX_AUDITED_BODY: usize = 64 << 10;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    pub manager: Manager,
+    pub metrics: Arc<Metrics>,
+    token: Arc<String>,
+}
+
+impl ApiState {
+    pub fn new(manager: Manager, metrics: Arc<Metrics>, token: String) -> ApiState {
+        ApiState {
+            manager,
+            metrics,
+            token: Arc::new(token),
+        }
+    }
+}
+
+/// The whole API.
+pub fn router(state: ApiState) -> Router {
+    let authenticated = Router::new()
+        .route("/api/nodes", get(nodes::list))
+        .route("/api/nodes/{name}", get(nodes::show))
+        .route("/api/vms", get(vms::list).post(vms::create))
+        .route("/api/vms/{name}", get(vms::show).delete(vms::delete))
+        .route("/api/vms/{name}/start", post(vms::start))
+        .route("/api/vms/{name}/stop", post(vms::stop))
+        .route("/api/vms/{name}/protect", post(vms::protect))
+        .route("/api/vms/{name}/unprotect", post(vms::unprotect))
+        .route("/api/events", get(events::list))
+        .route("/api/events/stream", get(events::stream))
+        .route("/api/audit", get(events::audit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(authenticated)
+        .route("/api/openapi.json", get(openapi::serve))
+        .route("/api/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), audit))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+}
+
+/// `GET /api/health`: the daemon answers.
+#[utoipa::path(get, path = "/api/health", tag = "node",
+    responses((status = 200, description = "The daemon answers", body = String)))]
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /metrics`: Prometheus exposition.
+async fn metrics(State(state): State<ApiState>) -> Response {
+    match state.metrics.render(&state.manager) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::Internal(format!("cannot render the metrics: {e}")).into_response(),
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no API endpoint at {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
+    let body = ErrorBody {
+        error: "method_not_allowed".into(),
+        message: format!("{method} is not served at {}", uri.path()),
+        field: None,
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let verdict = match given {
+        None => {
+            Err("this endpoint needs Authorization: Bearer <token> (the node's api-token file)")
+        }
+        Some(v) => match v.strip_prefix("Bearer ") {
+            Some(token) if same_secret(token.trim().as_bytes(), state.token.as_bytes()) => Ok(()),
+            Some(_) => Err("the bearer token is not this node's"),
+            None => Err("the Authorization header is not a bearer token"),
+        },
+    };
+    match verdict {
+        Ok(()) => next.run(request).await,
+        Err(reason) => ApiError::Unauthorized(reason.into()).into_response(),
+    }
+}
+
+/// Writes every mutating request to the audit log with its outcome.
+async fn audit(
+    State(state): State<ApiState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mutating = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if !mutating {
+        return next.run(request).await;
+    }
+    let authorized = request.headers().contains_key(header::AUTHORIZATION);
+    let action = format!("{} {}", request.method(), request.uri().path());
+    let response = next.run(request).await;
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_AUDITED_BODY)
+        .await
+        .unwrap_or_default();
+    let result = if status.is_success() {
+        "ok".to_string()
+    } else {
+        serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|e| e.message)
+            .unwrap_or_else(|_| status.to_string())
+    };
+    let who = match (authorized, status) {
+        (true, StatusCode::UNAUTHORIZED) => format!("bad-token@{}", client.ip()),
+        (true, _) => format!("admin@{}", client.ip()),
+        (false, _) => format!("anonymous@{}", client.ip()),
+    };
+    if let Err(e) = state
+        .manager
+        .store()
+        .add_audit(&who, &action, status.as_u16(), &result)
+    {
+        tracing::error!(error = %e, %action, "cannot write the audit log");
+    }
+    tracing::info!(%who, %action, status = status.as_u16(), %result, "audit");
+    Response::from_parts(parts, Body::from(bytes))
+}

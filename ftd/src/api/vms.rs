@@ -1,0 +1,129 @@
+//! `/api/vms`: define, show, start, stop, protect and delete VMs.
+
+use axum::extract::{FromRequest, Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+
+use super::{ApiError, ApiState};
+use crate::model::{ErrorBody, Level, VmCreate, VmView};
+
+/// A JSON body whose rejection is an [`ApiError`] (a JSON error answer).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct JsonBody<T>(pub T);
+
+/// Every VM of the pair.
+#[utoipa::path(get, path = "/api/vms", tag = "vms",
+    responses((status = 200, description = "The VMs, by name", body = [VmView]),
+              (status = 401, description = "No or a wrong token", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(State(state): State<ApiState>) -> Result<Json<Vec<VmView>>, ApiError> {
+    Ok(Json(state.manager.vms()?))
+}
+
+/// Define a VM (it is stopped until started).
+#[utoipa::path(post, path = "/api/vms", tag = "vms", request_body = VmCreate,
+    responses((status = 201, description = "Defined", body = VmView),
+              (status = 400, description = "Not JSON", body = ErrorBody),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 409, description = "The name is in use", body = ErrorBody),
+              (status = 413, description = "The body is too large", body = ErrorBody),
+              (status = 415, description = "Not sent as JSON", body = ErrorBody),
+              (status = 422, description = "A field is wrong (named in `field`)", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<ApiState>,
+    JsonBody(request): JsonBody<VmCreate>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    Ok((StatusCode::CREATED, Json(state.manager.create_vm(request)?)))
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/api/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, description = "The VM", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn show(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(state.manager.vm(&name)?))
+}
+
+/// Delete a stopped VM's definition (its disk files stay on the nodes).
+#[utoipa::path(delete, path = "/api/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 204, description = "Deleted"),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody),
+              (status = 409, description = "The VM is running", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.manager.delete_vm(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Start a VM on its preferred node; at level ft the peer starts its
+/// standby.
+#[utoipa::path(post, path = "/api/vms/{name}/start", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 202, description = "Starting", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody),
+              (status = 409, description = "It is running already", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn start(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(state.manager.start_vm(&name)?)))
+}
+
+/// Stop a VM on both nodes (no failover).
+#[utoipa::path(post, path = "/api/vms/{name}/stop", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 202, description = "Stopping", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody),
+              (status = 409, description = "It is not running", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn stop(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(state.manager.stop_vm(&name)?)))
+}
+
+/// Protect a VM at level ft (a running VM gets its standby).
+#[utoipa::path(post, path = "/api/vms/{name}/protect", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, description = "Level ft", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody),
+              (status = 409, description = "This node has no peer", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn protect(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(state.manager.set_level(&name, Level::Ft)?))
+}
+
+/// Run a VM unprotected (a running VM's standby stops).
+#[utoipa::path(post, path = "/api/vms/{name}/unprotect", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, description = "Level unprotected", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn unprotect(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(state.manager.set_level(&name, Level::Unprotected)?))
+}

@@ -1,0 +1,211 @@
+//! The node's configuration file (`<state dir>/ftd.toml`, written by
+//! `ftd init` / `ftd join`): who this node is, where it serves the API and
+//! the A-link, and who its peer is. Every field but the node's name has a
+//! documented default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ftvm";
+/// The default port of the REST API (management network).
+pub const DEFAULT_API_PORT: u16 = 7200;
+/// The default A-link port of a standby (first path) and of the backup
+/// path.
+pub const DEFAULT_ALINK_PORT: u16 = 7800;
+pub const DEFAULT_BACKUP_PORT: u16 = 7801;
+/// The file name of the configuration inside the state directory.
+pub const CONFIG_FILE: &str = "ftd.toml";
+/// The bearer token of the API (mode 0600), inside the state directory.
+pub const TOKEN_FILE: &str = "api-token";
+/// The pair secret (mode 0600), inside the state directory.
+pub const SECRET_FILE: &str = "pair-secret";
+/// The database, inside the state directory.
+pub const DB_FILE: &str = "ftd.sqlite";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the configuration {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("the configuration {path} is not valid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot write the configuration {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One node of the pair as the configuration names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddresses {
+    /// The node's name (unique in the pair).
+    pub name: String,
+    /// Its API (management network), host:port.
+    pub api: SocketAddr,
+    /// Where its standbys listen: the A-link first, then the backup path.
+    pub alink: Vec<SocketAddr>,
+}
+
+/// `ftd.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node.
+    pub node: NodeAddresses,
+    /// The other node of the pair (absent until `ftd join`/`ftd pair`).
+    #[serde(default)]
+    pub peer: Option<NodeAddresses>,
+    /// The bridge the VMs' TAPs join (the business network).
+    #[serde(default = "default_bridge")]
+    pub bridge: String,
+    /// The standby declares its primary dead after this much silence.
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// The `ftprotect` binary that runs each VM's role.
+    #[serde(default = "default_ftprotect")]
+    pub ftprotect: PathBuf,
+    /// Where the per-VM control sockets and logs go.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+fn default_bridge() -> String {
+    "br0".to_string()
+}
+fn default_heartbeat_timeout_ms() -> u64 {
+    ft_link::DEFAULT_HEARTBEAT_TIMEOUT.as_millis() as u64
+}
+fn default_ftprotect() -> PathBuf {
+    PathBuf::from("ftprotect")
+}
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/ftd")
+}
+
+impl Config {
+    /// A configuration with every default for `node`.
+    pub fn new(node: NodeAddresses) -> Config {
+        Config {
+            node,
+            peer: None,
+            bridge: default_bridge(),
+            heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
+            ftprotect: default_ftprotect(),
+            run_dir: default_run_dir(),
+        }
+    }
+
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(CONFIG_FILE)
+    }
+
+    pub fn load(state_dir: &Path) -> Result<Config, ConfigError> {
+        let path = Config::path(state_dir);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        config
+            .check()
+            .map_err(|reason| ConfigError::Invalid { path, reason })?;
+        Ok(config)
+    }
+
+    /// Writes the configuration (atomically: a temporary file renamed).
+    pub fn save(&self, state_dir: &Path) -> Result<(), ConfigError> {
+        let path = Config::path(state_dir);
+        let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tmp = path.with_extension("toml.new");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|source| ConfigError::Write { path, source })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        crate::model::check_node_name(&self.node.name)?;
+        if let Some(peer) = &self.peer {
+            crate::model::check_node_name(&peer.name)?;
+            if peer.name == self.node.name {
+                return Err(format!("the peer has this node's name {:?}", peer.name));
+            }
+        }
+        if self.heartbeat_timeout_ms < 50 {
+            return Err(format!(
+                "heartbeat_timeout_ms {} is below 50",
+                self.heartbeat_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// The names of the pair's nodes, this one first.
+    pub fn node_names(&self) -> Vec<String> {
+        let mut names = vec![self.node.name.clone()];
+        names.extend(self.peer.iter().map(|p| p.name.clone()));
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let text = r#"
+            [node]
+            name = "node-a"
+            api = "10.0.0.1:7200"
+            alink = ["10.9.0.1:7800"]
+        "#;
+        let config: Config = toml::from_str(text).unwrap();
+        assert_eq!(config.bridge, "br0");
+        assert_eq!(config.heartbeat_timeout_ms, 300);
+        assert!(config.peer.is_none());
+        assert!(config.check().is_ok());
+    }
+
+    #[test]
+    fn a_peer_with_this_nodes_name_is_refused() {
+        let node = NodeAddresses {
+            name: "node-a".into(),
+            api: "10.0.0.1:7200".parse().unwrap(),
+            alink: vec![],
+        };
+        let mut config = Config::new(node.clone());
+        config.peer = Some(node);
+        assert!(config.check().unwrap_err().contains("peer"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = r#"
+            bridgee = "br1"
+            [node]
+            name = "node-a"
+            api = "10.0.0.1:7200"
+            alink = []
+        "#;
+        let err = toml::from_str::<Config>(text).unwrap_err();
+        assert!(err.to_string().contains("bridgee"), "{err}");
+    }
+}

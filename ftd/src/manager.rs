@@ -1,0 +1,410 @@
+//! The node manager's core: what the API asks of the node. It checks a
+//! request against the store and the supervisor's view, changes the
+//! store, records the event, and leaves the processes to the supervisor
+//! (which reconciles what runs with what the store asks for).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, Notify};
+
+use crate::config::Config;
+use crate::model::{
+    Desired, Event, FieldError, Level, NodeState, NodeView, Severity, VmCreate, VmDefinition,
+    VmState, VmView,
+};
+use crate::store::{unix_ms, EventFilter, Store, StoreError, VmRecord};
+use crate::supervisor::{LocalRole, Runtime};
+
+/// Most VMs a pair holds (each takes two A-link ports per node).
+pub const MAX_SLOTS: u16 = 64;
+
+/// The peer counts as up while it was heard within this long.
+pub const PEER_FRESH_MS: u64 = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{}: {}", .0.field, .0.reason)]
+    Invalid(FieldError),
+    #[error("no node is named {0:?}")]
+    NoSuchNode(String),
+    #[error("VM {0:?} is running; stop it first")]
+    Running(String),
+    #[error("VM {0:?} is not running")]
+    NotRunning(String),
+    #[error("{0}")]
+    NoPeer(String),
+}
+
+/// The node manager, shared by the API, the supervisor and the pair
+/// channel.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    state_dir: PathBuf,
+    store: Store,
+    events: broadcast::Sender<Event>,
+    runtime: Runtime,
+    /// Wakes the supervisor when the store changed.
+    changed: Notify,
+}
+
+impl Manager {
+    pub fn new(config: Config, state_dir: &Path, store: Store, runtime: Runtime) -> Manager {
+        let (events, _) = broadcast::channel(1024);
+        Manager {
+            inner: Arc::new(Inner {
+                config,
+                state_dir: state_dir.to_path_buf(),
+                store,
+                events,
+                runtime,
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.runtime
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.inner.config.node.name
+    }
+
+    /// Waits until the store changes (or a wake-up is due anyway).
+    pub async fn changed(&self) {
+        self.inner.changed.notified().await
+    }
+
+    fn touch(&self) {
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Records an event: the store, the live stream, the log.
+    pub fn record(
+        &self,
+        severity: Severity,
+        alert: bool,
+        kind: &str,
+        vm: Option<&str>,
+        message: &str,
+    ) {
+        match severity {
+            Severity::Info => tracing::info!(kind, vm, alert, "{message}"),
+            Severity::Warning => tracing::warn!(kind, vm, alert, "{message}"),
+            Severity::Critical => tracing::error!(kind, vm, alert, "{message}"),
+        }
+        match self
+            .inner
+            .store
+            .add_event(severity, alert, kind, vm, message)
+        {
+            Ok(event) => {
+                // No subscriber is not an error.
+                let _ = self.inner.events.send(event);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot record an event"),
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, ManagerError> {
+        Ok(self.inner.store.events(filter)?)
+    }
+
+    pub fn create_vm(&self, request: VmCreate) -> Result<VmView, ManagerError> {
+        let used: Vec<u16> = self
+            .inner
+            .store
+            .vms()?
+            .iter()
+            .map(|r| r.definition.slot)
+            .collect();
+        let slot = (0..MAX_SLOTS).find(|s| !used.contains(s)).ok_or_else(|| {
+            ManagerError::Invalid(FieldError {
+                field: "name".into(),
+                reason: format!("this pair holds {MAX_SLOTS} VMs, its most"),
+            })
+        })?;
+        let definition = request
+            .into_definition(&self.inner.config.node_names(), self.node_name(), slot)
+            .map_err(ManagerError::Invalid)?;
+        let record = self.inner.store.create_vm(&definition)?;
+        self.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(&definition.name),
+            &format!(
+                "VM {} defined (level {}, preferred node {})",
+                definition.name,
+                definition.level.as_str(),
+                definition.preferred_node
+            ),
+        );
+        self.touch();
+        Ok(self.view(record))
+    }
+
+    pub fn vm(&self, name: &str) -> Result<VmView, ManagerError> {
+        Ok(self.view(self.inner.store.vm(name)?))
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmView>, ManagerError> {
+        Ok(self
+            .inner
+            .store
+            .vms()?
+            .into_iter()
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    pub fn delete_vm(&self, name: &str) -> Result<(), ManagerError> {
+        let record = self.inner.store.vm(name)?;
+        if record.desired == Desired::Running || self.inner.runtime.get(name).is_some() {
+            return Err(ManagerError::Running(name.to_string()));
+        }
+        self.inner.store.delete_vm(name)?;
+        self.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(name),
+            &format!("VM {name} deleted"),
+        );
+        self.touch();
+        Ok(())
+    }
+
+    /// Asks for the VM to run: on its current primary node if it has one
+    /// that is up, else on its preferred node.
+    pub fn start_vm(&self, name: &str) -> Result<VmView, ManagerError> {
+        let record = self.inner.store.vm(name)?;
+        if record.desired == Desired::Running {
+            return Err(ManagerError::Running(name.to_string()));
+        }
+        let node = record.definition.preferred_node.clone();
+        let record = self.inner.store.update_vm(name, |r| {
+            r.desired = Desired::Running;
+            r.primary_node = Some(node.clone());
+            r.generation += 1;
+        })?;
+        self.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(name),
+            &format!(
+                "VM {name} starting on {node} (generation {})",
+                record.generation
+            ),
+        );
+        self.touch();
+        Ok(self.view(record))
+    }
+
+    pub fn stop_vm(&self, name: &str) -> Result<VmView, ManagerError> {
+        let record = self.inner.store.vm(name)?;
+        if record.desired == Desired::Stopped {
+            return Err(ManagerError::NotRunning(name.to_string()));
+        }
+        let record = self
+            .inner
+            .store
+            .update_vm(name, |r| r.desired = Desired::Stopped)?;
+        self.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(name),
+            &format!("VM {name} stopping"),
+        );
+        self.touch();
+        Ok(self.view(record))
+    }
+
+    pub fn set_level(&self, name: &str, level: Level) -> Result<VmView, ManagerError> {
+        let before = self.inner.store.vm(name)?;
+        if level == Level::Ft && self.inner.config.peer.is_none() {
+            return Err(ManagerError::NoPeer(format!(
+                "VM {name} cannot be protected at level ft: this node has no peer (ftd join)"
+            )));
+        }
+        let record = self
+            .inner
+            .store
+            .update_vm(name, |r| r.definition.level = level)?;
+        if before.definition.level != level {
+            self.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name} level {} -> {}",
+                    before.definition.level.as_str(),
+                    level.as_str()
+                ),
+            );
+        }
+        self.touch();
+        Ok(self.view(record))
+    }
+
+    /// The VM's record as a user sees it, with what runs here.
+    pub fn view(&self, record: VmRecord) -> VmView {
+        let me = self.node_name();
+        let local = self.inner.runtime.get(&record.definition.name);
+        let peer = self.inner.config.peer.as_ref().map(|p| p.name.clone());
+        let (state, epoch, message) = match (&local, record.desired) {
+            (Some(local), _) => (local.vm_state(), local.epoch, local.message.clone()),
+            (None, Desired::Stopped) => (VmState::Stopped, None, None),
+            // Running elsewhere (the peer's view comes with the pair
+            // channel) or not started here yet.
+            (None, Desired::Running) if record.primary_node.as_deref() == Some(me) => {
+                (VmState::Starting, None, None)
+            }
+            (None, Desired::Running) => (VmState::Unprotected, None, None),
+        };
+        let primary_node = match record.desired {
+            Desired::Running => record.primary_node.clone(),
+            Desired::Stopped => None,
+        };
+        let standby_node = match (&primary_node, record.definition.level) {
+            (Some(p), Level::Ft) if matches!(state, VmState::Protected | VmState::Syncing) => {
+                if p == me {
+                    peer
+                } else {
+                    Some(me.to_string())
+                }
+            }
+            _ => None,
+        };
+        VmView {
+            name: record.definition.name.clone(),
+            level: record.definition.level,
+            state,
+            desired: record.desired,
+            primary_node,
+            standby_node,
+            generation: record.generation,
+            epoch,
+            message,
+            definition: record.definition,
+        }
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeView>, ManagerError> {
+        let config = &self.inner.config;
+        let vms = self.inner.store.vms()?;
+        let mut out = vec![self.node_view(&config.node, true, &vms)?];
+        if let Some(peer) = &config.peer {
+            out.push(self.node_view(peer, false, &vms)?);
+        }
+        Ok(out)
+    }
+
+    pub fn node(&self, name: &str) -> Result<NodeView, ManagerError> {
+        self.nodes()?
+            .into_iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ManagerError::NoSuchNode(name.to_string()))
+    }
+
+    fn node_view(
+        &self,
+        node: &crate::config::NodeAddresses,
+        local: bool,
+        vms: &[VmRecord],
+    ) -> Result<NodeView, ManagerError> {
+        let last_seen = if local {
+            Some(unix_ms())
+        } else {
+            self.inner.store.node_last_seen(&node.name)?
+        };
+        let state = match (local, last_seen) {
+            (true, _) => NodeState::Up,
+            (false, Some(t)) if unix_ms().saturating_sub(t) < PEER_FRESH_MS => NodeState::Up,
+            (false, Some(_)) => NodeState::Unreachable,
+            (false, None) => NodeState::Unknown,
+        };
+        let running = |r: &&VmRecord| r.desired == Desired::Running;
+        let primaries = vms
+            .iter()
+            .filter(running)
+            .filter(|r| r.primary_node.as_deref() == Some(node.name.as_str()))
+            .map(|r| r.definition.name.clone())
+            .collect();
+        let standbys = vms
+            .iter()
+            .filter(running)
+            .filter(|r| r.definition.level == Level::Ft)
+            .filter(|r| {
+                r.primary_node.is_some() && r.primary_node.as_deref() != Some(node.name.as_str())
+            })
+            .map(|r| r.definition.name.clone())
+            .collect();
+        Ok(NodeView {
+            name: node.name.clone(),
+            local,
+            api: node.api.to_string(),
+            alink: node.alink.iter().map(|a| a.to_string()).collect(),
+            state,
+            last_seen_unix_ms: last_seen,
+            primaries,
+            standbys,
+        })
+    }
+
+    /// The definitions the supervisor works from.
+    pub fn definitions(&self) -> Result<Vec<(VmDefinition, VmRecord)>, ManagerError> {
+        Ok(self
+            .inner
+            .store
+            .vms()?
+            .into_iter()
+            .map(|r| (r.definition.clone(), r))
+            .collect())
+    }
+}
+
+impl LocalRole {
+    fn vm_state(&self) -> VmState {
+        use replicator::status::{FtState, Role};
+        match (self.role, self.state) {
+            (_, FtState::Starting) => VmState::Starting,
+            (_, FtState::Syncing) => VmState::Syncing,
+            (Role::Primary, FtState::Protected) => VmState::Protected,
+            (_, FtState::Unprotected) => VmState::Unprotected,
+            (Role::Standby, FtState::StandingBy | FtState::Protected) => VmState::Protected,
+            (Role::Standby, FtState::Waiting) => VmState::Starting,
+            (_, FtState::Promoting) => VmState::FailingOver,
+            (_, FtState::Stopped) => VmState::Stopped,
+            (_, FtState::Failed) => VmState::Failed,
+            (Role::Primary, FtState::StandingBy | FtState::Waiting) => VmState::Starting,
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! What the API speaks and the store keeps: VM definitions (with their
+//! checks), VM and node views, events. The JSON field names here are the
+//! API's; the OpenAPI document is generated from these types.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Most vCPUs of a protected VM (everRun's FT limit).
+pub const MAX_VCPUS: u8 = 8;
+pub const MIN_MEMORY_MIB: u64 = 32;
+pub const MAX_MEMORY_MIB: u64 = 256 << 10;
+pub const MAX_DISKS: usize = 8;
+pub const MAX_DISK_MIB: u64 = 16 << 20;
+pub const MAX_NICS: usize = 4;
+pub const MAX_CMDLINE: usize = 2048;
+
+/// How a VM is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Fault tolerant: checkpointed to the peer, resumed there without a
+    /// reboot when this node is lost.
+    #[default]
+    Ft,
+    /// Runs on one node only.
+    Unprotected,
+}
+
+impl Level {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Level::Ft => "ft",
+            Level::Unprotected => "unprotected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Level> {
+        match s {
+            "ft" => Some(Level::Ft),
+            "unprotected" => Some(Level::Unprotected),
+            _ => None,
+        }
+    }
+}
+
+/// A disk of a VM: a file per node under the state directory, made at the
+/// first start as a copy of `image` or as an empty (sparse) file of
+/// `size_mib`. The standby's copy is filled by the initial synchronisation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Size of an empty disk (MiB); with `image`, the image's size is used.
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    /// A file to copy the disk from (absolute path on the node that first
+    /// starts the VM).
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// A NIC of a VM, on the node's bridge (the business network).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The guest's MAC (unicast, `52:54:00:..`); chosen at random when
+    /// absent, then kept.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// The body of `POST /api/vms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    /// 1-63 characters: lower-case letters, digits, '-'; a letter or digit
+    /// first.
+    pub name: String,
+    #[serde(default = "default_vcpus")]
+    #[schema(default = 1, minimum = 1, maximum = 8)]
+    pub vcpus: u8,
+    #[serde(default = "default_memory_mib")]
+    #[schema(default = 128)]
+    pub memory_mib: u64,
+    /// The guest kernel (absolute path on both nodes): PVH vmlinux or
+    /// bzImage.
+    pub kernel: String,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    #[serde(default)]
+    pub level: Level,
+    /// The node the VM starts on (default: the node that created it).
+    #[serde(default)]
+    pub preferred_node: Option<String>,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_memory_mib() -> u64 {
+    128
+}
+fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1 quiet".to_string()
+}
+
+/// A stored VM definition: a checked [`VmCreate`] with every default and
+/// MAC filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmDefinition {
+    pub name: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub disks: Vec<DiskSpec>,
+    /// MACs, one per NIC.
+    pub nics: Vec<String>,
+    pub level: Level,
+    pub preferred_node: String,
+    /// The VM's A-link slot: its standby listens on the node's A-link
+    /// ports plus this, its TAPs are named after it.
+    pub slot: u16,
+}
+
+/// A field the API refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A node's name: 1-63 characters of lower-case letters, digits and '-',
+/// a letter or digit first.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    check_name(name).map_err(|r| format!("node name {name:?}: {r}"))
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1-63 characters".into());
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("may hold only lower-case letters, digits and '-'".into());
+    }
+    if name.starts_with('-') {
+        return Err("must start with a letter or a digit".into());
+    }
+    Ok(())
+}
+
+fn check_file(field: &str, path: &str) -> Result<(), FieldError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(FieldError::new(
+            field,
+            format!("{path:?} is not an absolute path"),
+        ));
+    }
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(FieldError::new(field, format!("{path} is not a file"))),
+        Err(e) => Err(FieldError::new(field, format!("{path}: {e}"))),
+    }
+}
+
+/// Parses a MAC "aa:bb:cc:dd:ee:ff" (lower or upper case) into its
+/// canonical lower-case form; refuses multicast and all-zero addresses.
+pub fn canonical_mac(mac: &str) -> Result<String, String> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!(
+            "{mac:?} is not a MAC (six hex bytes separated by ':')"
+        ));
+    }
+    let mut bytes = [0u8; 6];
+    for (b, p) in bytes.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(format!(
+                "{mac:?} is not a MAC (six hex bytes separated by ':')"
+            ));
+        }
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| format!("{mac:?} is not a MAC (six hex bytes separated by ':')"))?;
+    }
+    if bytes[0] & 1 == 1 {
+        return Err(format!("{mac} is a multicast address"));
+    }
+    if bytes == [0; 6] {
+        return Err(format!("{mac} is all zero"));
+    }
+    Ok(bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+/// A random locally administered MAC in QEMU's 52:54:00 range.
+pub fn random_mac() -> String {
+    let mut tail = [0u8; 3];
+    // A MAC needs no cryptographic quality; fall back to the clock.
+    if getrandom::fill(&mut tail).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        tail.copy_from_slice(&nanos.to_le_bytes()[..3]);
+    }
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", tail[0], tail[1], tail[2])
+}
+
+impl VmCreate {
+    /// Checks every field (files on this node included) and fills in the
+    /// defaults; `nodes` are the pair's node names, `this_node` the
+    /// default preferred node.
+    pub fn into_definition(
+        self,
+        nodes: &[String],
+        this_node: &str,
+        slot: u16,
+    ) -> Result<VmDefinition, FieldError> {
+        check_name(&self.name).map_err(|r| FieldError::new("name", r))?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(FieldError::new(
+                "vcpus",
+                format!("{} is not in 1..={MAX_VCPUS}", self.vcpus),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(FieldError::new(
+                "memory_mib",
+                format!(
+                    "{} is not in {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}",
+                    self.memory_mib
+                ),
+            ));
+        }
+        check_file("kernel", &self.kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_file("initrd", initrd)?;
+        }
+        if self.cmdline.len() > MAX_CMDLINE || self.cmdline.contains('\0') {
+            return Err(FieldError::new(
+                "cmdline",
+                format!("longer than {MAX_CMDLINE} bytes or holds a NUL"),
+            ));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(FieldError::new(
+                "disks",
+                format!("{} disks; at most {MAX_DISKS}", self.disks.len()),
+            ));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            let field = format!("disks[{i}]");
+            match (&disk.image, disk.size_mib) {
+                (None, None) => {
+                    return Err(FieldError::new(field, "give size_mib or image"));
+                }
+                (Some(image), _) => check_file(&format!("{field}.image"), image)?,
+                (None, Some(size)) if size == 0 || size > MAX_DISK_MIB => {
+                    return Err(FieldError::new(
+                        format!("{field}.size_mib"),
+                        format!("{size} is not in 1..={MAX_DISK_MIB}"),
+                    ));
+                }
+                (None, Some(_)) => {}
+            }
+        }
+        if self.nics.len() > MAX_NICS {
+            return Err(FieldError::new(
+                "nics",
+                format!("{} NICs; at most {MAX_NICS}", self.nics.len()),
+            ));
+        }
+        let mut macs = Vec::with_capacity(self.nics.len());
+        for (i, nic) in self.nics.iter().enumerate() {
+            let mac = match &nic.mac {
+                Some(mac) => {
+                    canonical_mac(mac).map_err(|r| FieldError::new(format!("nics[{i}].mac"), r))?
+                }
+                None => random_mac(),
+            };
+            if macs.contains(&mac) {
+                return Err(FieldError::new(
+                    format!("nics[{i}].mac"),
+                    format!("{mac} is given twice"),
+                ));
+            }
+            macs.push(mac);
+        }
+        let preferred_node = match self.preferred_node {
+            Some(node) if nodes.contains(&node) => node,
+            Some(node) => {
+                return Err(FieldError::new(
+                    "preferred_node",
+                    format!("{node:?} is not a node of this pair ({})", nodes.join(", ")),
+                ));
+            }
+            None => this_node.to_string(),
+        };
+        Ok(VmDefinition {
+            name: self.name,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            disks: self.disks,
+            nics: macs,
+            level: self.level,
+            preferred_node,
+            slot,
+        })
+    }
+}
+
+/// What the user asked a VM to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+impl Desired {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Desired> {
+        match s {
+            "running" => Some(Desired::Running),
+            "stopped" => Some(Desired::Stopped),
+            _ => None,
+        }
+    }
+}
+
+/// Where a VM stands, as a user sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Not running anywhere.
+    Stopped,
+    /// Booting on its primary node.
+    Starting,
+    /// Running; the standby is being synchronised.
+    Syncing,
+    /// Running at level FT with a standby that holds every checkpoint.
+    Protected,
+    /// Running without a standby (level unprotected, or the peer is away).
+    Unprotected,
+    /// The standby is resuming the VM after its primary was lost.
+    FailingOver,
+    /// Being shut down.
+    Stopping,
+    /// It failed to run; see the events.
+    Failed,
+}
+
+/// A VM as `GET /api/vms/{name}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmView {
+    pub name: String,
+    pub level: Level,
+    pub state: VmState,
+    pub desired: Desired,
+    /// The node running the VM (None when stopped).
+    pub primary_node: Option<String>,
+    /// The node keeping its replica (None when unprotected).
+    pub standby_node: Option<String>,
+    /// Bumped at every change of the active copy (start, failover).
+    pub generation: u64,
+    /// The last committed checkpoint (epoch), when protected.
+    pub epoch: Option<u64>,
+    /// What the last change of state said (a failure's reason).
+    pub message: Option<String>,
+    pub definition: VmDefinition,
+}
+
+/// A node as `GET /api/nodes/{name}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    pub name: String,
+    /// The node answering is this one.
+    pub local: bool,
+    /// The node's API address.
+    pub api: String,
+    /// Its A-link addresses (first path, backup path).
+    pub alink: Vec<String>,
+    /// Up (this node, or the peer answered lately), unreachable or
+    /// unknown (never heard of yet).
+    pub state: NodeState,
+    /// When its daemon was last heard (ms since the Unix epoch).
+    pub last_seen_unix_ms: Option<u64>,
+    /// VMs whose primary runs here.
+    pub primaries: Vec<String>,
+    /// VMs whose standby runs here.
+    pub standbys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Up,
+    Unreachable,
+    Unknown,
+}
+
+/// How much an event matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s {
+            "info" => Some(Severity::Info),
+            "warning" => Some(Severity::Warning),
+            "critical" => Some(Severity::Critical),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the event log: a change of state, an alert, or (kind
+/// `audit`) a mutating API request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub id: u64,
+    pub unix_ms: u64,
+    /// The node that recorded it.
+    pub node: String,
+    pub severity: Severity,
+    /// An alert wants a person's attention.
+    pub alert: bool,
+    /// `vm`, `node`, `pair` or `audit`.
+    pub kind: String,
+    pub vm: Option<String>,
+    pub message: String,
+}
+
+/// A mutating API request as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub unix_ms: u64,
+    pub node: String,
+    /// Who asked: the token's holder and the client's address.
+    pub who: String,
+    /// Method and path.
+    pub action: String,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// What came of it (the error's message when refused).
+    pub result: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable code: `bad_request`, `invalid_field`, `not_found`,
+    /// `conflict`, `unauthorized`, `payload_too_large`, ...
+    pub error: String,
+    /// What is wrong, for a person.
+    pub message: String,
+    /// The field at fault, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(name: &str) -> VmCreate {
+        VmCreate {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: "/proc/self/exe".into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            disks: vec![],
+            nics: vec![NicSpec { mac: None }],
+            level: Level::Ft,
+            preferred_node: None,
+        }
+    }
+
+    fn nodes() -> Vec<String> {
+        vec!["node-a".into(), "node-b".into()]
+    }
+
+    #[test]
+    fn a_good_definition_gets_its_defaults() {
+        let kernel = std::env::current_exe().unwrap();
+        let mut c = create("ledger-vm");
+        c.kernel = kernel.to_string_lossy().into_owned();
+        let d = c.into_definition(&nodes(), "node-a", 0).unwrap();
+        assert_eq!(d.preferred_node, "node-a");
+        assert_eq!(d.nics.len(), 1);
+        assert!(d.nics[0].starts_with("52:54:00:"));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let kernel = std::env::current_exe()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        type Change = Box<dyn Fn(&mut VmCreate)>;
+        let cases: Vec<(Change, &str)> = vec![
+            (Box::new(|c| c.name = "Bad_Name".into()), "name"),
+            (Box::new(|c| c.name = "-x".into()), "name"),
+            (Box::new(|c| c.vcpus = 0), "vcpus"),
+            (Box::new(|c| c.vcpus = 9), "vcpus"),
+            (Box::new(|c| c.memory_mib = 1), "memory_mib"),
+            (Box::new(|c| c.kernel = "/no/such/kernel".into()), "kernel"),
+            (Box::new(|c| c.kernel = "relative".into()), "kernel"),
+            (Box::new(|c| c.initrd = Some("/no/such".into())), "initrd"),
+            (
+                Box::new(|c| {
+                    c.disks = vec![DiskSpec {
+                        size_mib: None,
+                        image: None,
+                    }]
+                }),
+                "disks[0]",
+            ),
+            (
+                Box::new(|c| {
+                    c.disks = vec![DiskSpec {
+                        size_mib: Some(0),
+                        image: None,
+                    }]
+                }),
+                "disks[0].size_mib",
+            ),
+            (
+                Box::new(|c| {
+                    c.nics = vec![NicSpec {
+                        mac: Some("01:00:00:00:00:01".into()),
+                    }]
+                }),
+                "nics[0].mac",
+            ),
+            (
+                Box::new(|c| {
+                    c.nics = vec![NicSpec {
+                        mac: Some("zz".into()),
+                    }]
+                }),
+                "nics[0].mac",
+            ),
+            (
+                Box::new(|c| c.preferred_node = Some("node-c".into())),
+                "preferred_node",
+            ),
+        ];
+        for (change, field) in cases {
+            let mut c = create("vm");
+            c.kernel = kernel.clone();
+            change(&mut c);
+            let err = c.into_definition(&nodes(), "node-a", 0).unwrap_err();
+            assert_eq!(err.field, field, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn macs_are_made_canonical() {
+        assert_eq!(
+            canonical_mac("52:54:00:AB:cd:0F").unwrap(),
+            "52:54:00:ab:cd:0f"
+        );
+        assert!(canonical_mac("00:00:00:00:00:00").is_err());
+        assert!(canonical_mac("52:54:00:ab:cd").is_err());
+        assert!(canonical_mac("52:54:00:ab:cd:0f0").is_err());
+    }
+}

@@ -1,0 +1,614 @@
+//! The node's persistent state in SQLite (`<state dir>/ftd.sqlite`): VM
+//! definitions with their desired state and placement, the event log and
+//! the audit log, when the peer was last heard.
+//!
+//! SQLite (through rusqlite, built in): one file, transactions that
+//! survive power loss (WAL, `synchronous=FULL`), SQL for the event log's
+//! filters, and `sqlite3` at hand for an operator who wants to look
+//! inside. Every write is one transaction; readers never see half a change.
+
+mod schema;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::model::{AuditEntry, Desired, Event, Level, Severity, VmDefinition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot migrate the database {path} to schema {version}: {source}")]
+    Migrate {
+        path: PathBuf,
+        version: usize,
+        source: rusqlite::Error,
+    },
+    #[error("the database {path} has schema {found}, newer than this ftd knows ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
+    #[error("a VM named {0:?} exists already")]
+    NameInUse(String),
+    #[error("no VM is named {0:?}")]
+    NoSuchVm(String),
+    #[error("the stored definition of VM {vm:?} is unreadable: {source}")]
+    BadDefinition {
+        vm: String,
+        source: serde_json::Error,
+    },
+    #[error("database {op} failed: {source}")]
+    Query {
+        op: &'static str,
+        source: rusqlite::Error,
+    },
+}
+
+fn query(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { op, source }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A VM as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    pub definition: VmDefinition,
+    pub desired: Desired,
+    /// The node that runs (or last ran) the VM as its primary.
+    pub primary_node: Option<String>,
+    pub generation: u64,
+    /// Bumped at every change of the record.
+    pub revision: u64,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+}
+
+/// What `events` returns.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub vm: Option<String>,
+    pub alerts_only: bool,
+    /// Only events with a larger id.
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
+/// The store, shared by the API's handlers and the supervisor.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    node: String,
+}
+
+impl Store {
+    /// Opens (creating if need be) the database at `path`, migrating its
+    /// schema; `node` is this node's name, written into every event.
+    pub fn open(path: &Path, node: &str) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            node: node.to_string(),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half transaction
+        // behind (rusqlite rolls back on drop), so a poisoned lock is
+        // still a consistent database.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Stores a new VM (desired: stopped).
+    pub fn create_vm(&self, definition: &VmDefinition) -> Result<VmRecord, StoreError> {
+        let json =
+            serde_json::to_string(definition).map_err(|source| StoreError::BadDefinition {
+                vm: definition.name.clone(),
+                source,
+            })?;
+        let now = unix_ms();
+        let conn = self.conn();
+        let inserted = conn
+            .execute(
+                "INSERT INTO vms (name, definition, desired, revision, created_unix_ms, updated_unix_ms)
+                 VALUES (?1, ?2, 'stopped', 1, ?3, ?3) ON CONFLICT (name) DO NOTHING",
+                params![definition.name, json, now as i64],
+            )
+            .map_err(query("insert vm"))?;
+        if inserted == 0 {
+            return Err(StoreError::NameInUse(definition.name.clone()));
+        }
+        drop(conn);
+        self.vm(&definition.name)
+    }
+
+    pub fn vm(&self, name: &str) -> Result<VmRecord, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT definition, desired, primary_node, generation, revision, created_unix_ms, updated_unix_ms
+                 FROM vms WHERE name = ?1",
+                params![name],
+                row_to_raw,
+            )
+            .optional()
+            .map_err(query("read vm"))?
+            .ok_or_else(|| StoreError::NoSuchVm(name.to_string()))?
+            .into_record(name)
+    }
+
+    /// Every VM, by name.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT definition, desired, primary_node, generation, revision, created_unix_ms, updated_unix_ms, name
+                 FROM vms ORDER BY name",
+            )
+            .map_err(query("list vms"))?;
+        let rows = stmt
+            .query_map([], |row| Ok((row_to_raw(row)?, row.get::<_, String>(7)?)))
+            .map_err(query("list vms"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (raw, name) = row.map_err(query("list vms"))?;
+            out.push(raw.into_record(&name)?);
+        }
+        Ok(out)
+    }
+
+    pub fn delete_vm(&self, name: &str) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM vms WHERE name = ?1", params![name])
+            .map_err(query("delete vm"))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchVm(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Changes a VM with `change` in one transaction; bumps its revision.
+    pub fn update_vm(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut VmRecord),
+    ) -> Result<VmRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(query("begin update"))?;
+        let mut record = tx
+            .query_row(
+                "SELECT definition, desired, primary_node, generation, revision, created_unix_ms, updated_unix_ms
+                 FROM vms WHERE name = ?1",
+                params![name],
+                row_to_raw,
+            )
+            .optional()
+            .map_err(query("read vm"))?
+            .ok_or_else(|| StoreError::NoSuchVm(name.to_string()))?
+            .into_record(name)?;
+        change(&mut record);
+        record.revision += 1;
+        record.updated_unix_ms = unix_ms();
+        let json = serde_json::to_string(&record.definition).map_err(|source| {
+            StoreError::BadDefinition {
+                vm: name.to_string(),
+                source,
+            }
+        })?;
+        tx.execute(
+            "UPDATE vms SET definition = ?2, desired = ?3, primary_node = ?4, generation = ?5,
+                            revision = ?6, updated_unix_ms = ?7 WHERE name = ?1",
+            params![
+                name,
+                json,
+                record.desired.as_str(),
+                record.primary_node,
+                record.generation as i64,
+                record.revision as i64,
+                record.updated_unix_ms as i64
+            ],
+        )
+        .map_err(query("update vm"))?;
+        tx.commit().map_err(query("commit update"))?;
+        Ok(record)
+    }
+
+    /// Appends an event; returns it with its id.
+    pub fn add_event(
+        &self,
+        severity: Severity,
+        alert: bool,
+        kind: &str,
+        vm: Option<&str>,
+        message: &str,
+    ) -> Result<Event, StoreError> {
+        let now = unix_ms();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (unix_ms, node, severity, alert, kind, vm, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now as i64,
+                self.node,
+                severity.as_str(),
+                alert,
+                kind,
+                vm,
+                message
+            ],
+        )
+        .map_err(query("add event"))?;
+        Ok(Event {
+            id: conn.last_insert_rowid() as u64,
+            unix_ms: now,
+            node: self.node.clone(),
+            severity,
+            alert,
+            kind: kind.to_string(),
+            vm: vm.map(str::to_string),
+            message: message.to_string(),
+        })
+    }
+
+    /// Events matching `filter`, newest last.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, unix_ms, node, severity, alert, kind, vm, message FROM (
+                     SELECT * FROM events
+                     WHERE (?1 IS NULL OR vm = ?1) AND (?2 = 0 OR alert = 1) AND id > ?3
+                     ORDER BY id DESC LIMIT ?4)
+                 ORDER BY id",
+            )
+            .map_err(query("list events"))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    filter.vm,
+                    filter.alerts_only,
+                    filter.after.unwrap_or(0) as i64,
+                    filter.limit as i64
+                ],
+                |row| {
+                    let severity: String = row.get(3)?;
+                    Ok(Event {
+                        id: row.get::<_, i64>(0)? as u64,
+                        unix_ms: row.get::<_, i64>(1)? as u64,
+                        node: row.get(2)?,
+                        severity: Severity::parse(&severity).unwrap_or(Severity::Warning),
+                        alert: row.get(4)?,
+                        kind: row.get(5)?,
+                        vm: row.get(6)?,
+                        message: row.get(7)?,
+                    })
+                },
+            )
+            .map_err(query("list events"))?;
+        rows.collect::<Result<_, _>>().map_err(query("list events"))
+    }
+
+    /// Appends an entry to the audit log.
+    pub fn add_audit(
+        &self,
+        who: &str,
+        action: &str,
+        status: u16,
+        result: &str,
+    ) -> Result<AuditEntry, StoreError> {
+        let now = unix_ms();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO audit (unix_ms, node, who, action, status, result)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now as i64, self.node, who, action, status, result],
+        )
+        .map_err(query("add audit entry"))?;
+        Ok(AuditEntry {
+            id: conn.last_insert_rowid() as u64,
+            unix_ms: now,
+            node: self.node.clone(),
+            who: who.to_string(),
+            action: action.to_string(),
+            status,
+            result: result.to_string(),
+        })
+    }
+
+    /// The last `limit` audit entries, oldest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, unix_ms, node, who, action, status, result FROM (
+                     SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            )
+            .map_err(query("list audit"))?;
+        let rows = stmt
+            .query_map(params![limit as i64], |row| {
+                Ok(AuditEntry {
+                    id: row.get::<_, i64>(0)? as u64,
+                    unix_ms: row.get::<_, i64>(1)? as u64,
+                    node: row.get(2)?,
+                    who: row.get(3)?,
+                    action: row.get(4)?,
+                    status: row.get(5)?,
+                    result: row.get(6)?,
+                })
+            })
+            .map_err(query("list audit"))?;
+        rows.collect::<Result<_, _>>().map_err(query("list audit"))
+    }
+
+    /// Records that `node`'s daemon was heard now.
+    pub fn node_seen(&self, node: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO nodes (name, last_seen_unix_ms) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET last_seen_unix_ms = excluded.last_seen_unix_ms",
+                params![node, unix_ms() as i64],
+            )
+            .map_err(query("record node seen"))?;
+        Ok(())
+    }
+
+    /// When `node`'s daemon was last heard.
+    pub fn node_last_seen(&self, node: &str) -> Result<Option<u64>, StoreError> {
+        let v: Option<Option<i64>> = self
+            .conn()
+            .query_row(
+                "SELECT last_seen_unix_ms FROM nodes WHERE name = ?1",
+                params![node],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(query("read node"))?;
+        Ok(v.flatten().map(|v| v as u64))
+    }
+}
+
+/// A vms row before its JSON is decoded.
+struct RawVm {
+    definition: String,
+    desired: String,
+    primary_node: Option<String>,
+    generation: i64,
+    revision: i64,
+    created: i64,
+    updated: i64,
+}
+
+fn row_to_raw(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
+    Ok(RawVm {
+        definition: row.get(0)?,
+        desired: row.get(1)?,
+        primary_node: row.get(2)?,
+        generation: row.get(3)?,
+        revision: row.get(4)?,
+        created: row.get(5)?,
+        updated: row.get(6)?,
+    })
+}
+
+impl RawVm {
+    fn into_record(self, name: &str) -> Result<VmRecord, StoreError> {
+        let definition: VmDefinition =
+            serde_json::from_str(&self.definition).map_err(|source| StoreError::BadDefinition {
+                vm: name.to_string(),
+                source,
+            })?;
+        Ok(VmRecord {
+            definition,
+            // The CHECK constraint admits only these two.
+            desired: Desired::parse(&self.desired).unwrap_or(Desired::Stopped),
+            primary_node: self.primary_node,
+            generation: self.generation as u64,
+            revision: self.revision as u64,
+            created_unix_ms: self.created as u64,
+            updated_unix_ms: self.updated as u64,
+        })
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: usize = conn
+        .pragma_query_value(None, "user_version", |row| row.get::<_, i64>(0))
+        .map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })? as usize;
+    let known = schema::MIGRATIONS.len();
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(found) {
+        let migrate_err = |source| StoreError::Migrate {
+            path: path.to_path_buf(),
+            version: i + 1,
+            source,
+        };
+        let tx = conn.transaction().map_err(migrate_err)?;
+        tx.execute_batch(sql).map_err(migrate_err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(migrate_err)?;
+        tx.commit().map_err(migrate_err)?;
+    }
+    Ok(())
+}
+
+/// The level a record runs at (a shorthand).
+impl VmRecord {
+    pub fn level(&self) -> Level {
+        self.definition.level
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DiskSpec;
+
+    fn definition(name: &str) -> VmDefinition {
+        VmDefinition {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: "/images/vmlinux".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            disks: vec![DiskSpec {
+                size_mib: Some(16),
+                image: None,
+            }],
+            nics: vec!["52:54:00:00:00:01".into()],
+            level: Level::Ft,
+            preferred_node: "node-a".into(),
+            slot: 0,
+        }
+    }
+
+    #[test]
+    fn a_vm_survives_reopening_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ftd.sqlite");
+        {
+            let store = Store::open(&path, "node-a").unwrap();
+            store.create_vm(&definition("vm1")).unwrap();
+            store
+                .update_vm("vm1", |r| {
+                    r.desired = Desired::Running;
+                    r.primary_node = Some("node-a".into());
+                    r.generation = 3;
+                })
+                .unwrap();
+            store
+                .add_event(Severity::Critical, true, "vm", Some("vm1"), "lost")
+                .unwrap();
+            store
+                .add_audit("admin@127.0.0.1", "POST /api/vms", 201, "created")
+                .unwrap();
+        }
+        let store = Store::open(&path, "node-a").unwrap();
+        let vm = store.vm("vm1").unwrap();
+        assert_eq!(vm.definition, definition("vm1"));
+        assert_eq!(vm.desired, Desired::Running);
+        assert_eq!(vm.primary_node.as_deref(), Some("node-a"));
+        assert_eq!(vm.generation, 3);
+        assert_eq!(vm.revision, 2);
+        let events = store
+            .events(&EventFilter {
+                alerts_only: true,
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].message, "lost");
+        assert_eq!(store.audit(10).unwrap()[0].status, 201);
+    }
+
+    #[test]
+    fn a_name_in_use_and_an_unknown_name_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), "node-a").unwrap();
+        store.create_vm(&definition("vm1")).unwrap();
+        assert!(matches!(
+            store.create_vm(&definition("vm1")),
+            Err(StoreError::NameInUse(_))
+        ));
+        assert!(matches!(store.vm("nope"), Err(StoreError::NoSuchVm(_))));
+        assert!(matches!(
+            store.delete_vm("nope"),
+            Err(StoreError::NoSuchVm(_))
+        ));
+        assert!(matches!(
+            store.update_vm("nope", |_| {}),
+            Err(StoreError::NoSuchVm(_))
+        ));
+        store.delete_vm("vm1").unwrap();
+        assert!(store.vms().unwrap().is_empty());
+    }
+
+    #[test]
+    fn events_filter_and_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), "node-a").unwrap();
+        for i in 0..10 {
+            let vm = if i % 2 == 0 { "even" } else { "odd" };
+            store
+                .add_event(Severity::Info, i == 9, "vm", Some(vm), &format!("e{i}"))
+                .unwrap();
+        }
+        let f = |vm: Option<&str>, alerts_only, after, limit| EventFilter {
+            vm: vm.map(str::to_string),
+            alerts_only,
+            after,
+            limit,
+        };
+        let msgs = |events: Vec<Event>| events.into_iter().map(|e| e.message).collect::<Vec<_>>();
+        assert_eq!(
+            msgs(store.events(&f(None, false, None, 3)).unwrap()),
+            ["e7", "e8", "e9"]
+        );
+        assert_eq!(
+            msgs(store.events(&f(Some("even"), false, None, 2)).unwrap()),
+            ["e6", "e8"]
+        );
+        assert_eq!(
+            msgs(store.events(&f(None, true, None, 10)).unwrap()),
+            ["e9"]
+        );
+        assert_eq!(
+            msgs(store.events(&f(None, false, Some(9), 10)).unwrap()),
+            ["e9"]
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        assert!(matches!(
+            Store::open(&path, "node-a"),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,47 @@
+//! The database's schema, as numbered migrations. `PRAGMA user_version`
+//! holds how many have run; each runs in its own transaction.
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE nodes (
+        name              TEXT PRIMARY KEY,
+        last_seen_unix_ms INTEGER
+    );
+    CREATE TABLE vms (
+        name            TEXT PRIMARY KEY,
+        definition      TEXT NOT NULL,      -- JSON of model::VmDefinition
+        desired         TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+        primary_node    TEXT,
+        generation      INTEGER NOT NULL DEFAULT 0,
+        revision        INTEGER NOT NULL,   -- bumped at every change
+        created_unix_ms INTEGER NOT NULL,
+        updated_unix_ms INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        unix_ms  INTEGER NOT NULL,
+        node     TEXT NOT NULL,
+        severity TEXT NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
+        alert    INTEGER NOT NULL,
+        kind     TEXT NOT NULL,
+        vm       TEXT,
+        message  TEXT NOT NULL
+    );
+    CREATE INDEX events_vm ON events (vm, id);
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        unix_ms INTEGER NOT NULL,
+        node    TEXT NOT NULL,
+        who     TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        status  INTEGER NOT NULL,
+        result  TEXT NOT NULL
+    );
+    "#,
+];

@@ -1,0 +1,348 @@
+//! Supervision of each VM's role on this node. The FT engine runs as one
+//! `ftprotect` child process per VM (`run` as the primary, `standby` as
+//! the standby), so that a VM's engine failing cannot take the manager and
+//! its API down, and `ftd` can restart (or be upgraded) without stopping
+//! the VMs: on start it adopts the processes that still answer on their
+//! control sockets.
+//!
+//! The supervisor reconciles: every half second, and at once when the
+//! store changes, it compares what the store asks for (desired state,
+//! placement, level) with what runs here, starts and stops processes,
+//! reads each one's FT status on its control socket, and reports what it
+//! sees (a promotion, a guest that stopped, a process that died) to the
+//! manager, which records it.
+
+mod process;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use replicator::status::{FtState, Role, Status};
+
+use crate::manager::Manager;
+use crate::model::{Desired, Level, Severity};
+use crate::store::VmRecord;
+
+use process::{Exit, Process};
+pub use process::{ProcessError, VmPaths};
+
+/// How often the supervisor looks when nothing changed.
+pub const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// After a role's process failed, the next start waits this long.
+pub const RESTART_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What runs here for a VM, as the API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalRole {
+    pub role: Role,
+    pub state: FtState,
+    pub epoch: Option<u64>,
+    pub message: Option<String>,
+    pub status: Option<Status>,
+}
+
+/// The supervisor's view of what runs here, shared with the manager.
+#[derive(Clone, Default)]
+pub struct Runtime(Arc<RwLock<HashMap<String, LocalRole>>>);
+
+impl Runtime {
+    pub fn get(&self, vm: &str) -> Option<LocalRole> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vm)
+            .cloned()
+    }
+
+    pub fn all(&self) -> HashMap<String, LocalRole> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, vm: &str, role: Option<LocalRole>) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match role {
+            Some(r) => {
+                map.insert(vm.to_string(), r);
+            }
+            None => {
+                map.remove(vm);
+            }
+        }
+    }
+}
+
+/// Which role this node should play for a VM, from its record.
+pub fn wanted_role(record: &VmRecord, me: &str, peer: Option<&str>) -> Option<Role> {
+    if record.desired != Desired::Running {
+        return None;
+    }
+    match record.primary_node.as_deref() {
+        Some(p) if p == me => Some(Role::Primary),
+        Some(p) if Some(p) == peer && record.definition.level == Level::Ft => Some(Role::Standby),
+        _ => None,
+    }
+}
+
+pub struct Supervisor {
+    manager: Manager,
+    processes: HashMap<String, Process>,
+    /// When a VM's role last failed (for the restart back-off).
+    failed_at: HashMap<String, Instant>,
+}
+
+impl Supervisor {
+    pub fn new(manager: Manager) -> Supervisor {
+        Supervisor {
+            manager,
+            processes: HashMap::new(),
+            failed_at: HashMap::new(),
+        }
+    }
+
+    /// Reconciles until the process ends.
+    pub async fn run(mut self) {
+        self.adopt().await;
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                _ = self.manager.changed() => {}
+                _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            }
+        }
+    }
+
+    fn paths(&self, vm: &str) -> VmPaths {
+        VmPaths::new(self.manager.config(), self.manager.state_dir(), vm)
+    }
+
+    /// Takes over the processes a previous `ftd` left running.
+    async fn adopt(&mut self) {
+        let Ok(records) = self.manager.store().vms() else {
+            return;
+        };
+        for record in records {
+            let name = record.definition.name.clone();
+            let paths = self.paths(&name);
+            if let Some(process) = Process::adopt(&name, paths).await {
+                self.manager.record(
+                    Severity::Info,
+                    false,
+                    "vm",
+                    Some(&name),
+                    &format!(
+                        "VM {name}: adopted its running {} process",
+                        role_name(process.role)
+                    ),
+                );
+                self.processes.insert(name, process);
+            }
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        let records = match self.manager.store().vms() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the VMs; supervision paused");
+                return;
+            }
+        };
+        let me = self.manager.node_name().to_string();
+        let peer = self.manager.config().peer.as_ref().map(|p| p.name.clone());
+        // Processes of VMs no longer defined.
+        let defined: Vec<String> = records.iter().map(|r| r.definition.name.clone()).collect();
+        let gone: Vec<String> = self
+            .processes
+            .keys()
+            .filter(|n| !defined.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(mut p) = self.processes.remove(&name) {
+                p.stop_now().await;
+            }
+            self.manager.runtime().set(&name, None);
+        }
+        for record in records {
+            self.reconcile_vm(record, &me, peer.as_deref()).await;
+        }
+    }
+
+    async fn reconcile_vm(&mut self, record: VmRecord, me: &str, peer: Option<&str>) {
+        let name = record.definition.name.clone();
+        if let Some(process) = self.processes.get_mut(&name) {
+            let seen = process.poll().await;
+            if let Some(status) = &seen.status {
+                self.manager.runtime().set(
+                    &name,
+                    Some(LocalRole {
+                        role: status.role,
+                        state: status.state,
+                        epoch: (status.epoch > 0).then_some(status.epoch),
+                        message: status.message.clone(),
+                        status: Some(status.clone()),
+                    }),
+                );
+            }
+            // A standby that promoted is now the primary: the VM's active
+            // copy moved here.
+            if process.role == Role::Standby
+                && seen
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.role == Role::Primary)
+            {
+                process.role = Role::Primary;
+                self.promoted(&name, me);
+                return;
+            }
+            if let Some(exit) = seen.exit {
+                let role = process.role;
+                self.processes.remove(&name);
+                self.manager.runtime().set(&name, None);
+                self.exited(&record, role, exit);
+                return;
+            }
+        }
+        let wanted = wanted_role(&record, me, peer);
+        let running = self.processes.get(&name).map(|p| p.role);
+        if running.is_some() && running != wanted {
+            let Some(mut process) = self.processes.remove(&name) else {
+                return;
+            };
+            self.manager.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(&name),
+                &format!("VM {name}: stopping its {} here", role_name(process.role)),
+            );
+            let exit = process.stop().await;
+            self.manager.runtime().set(&name, None);
+            tracing::info!(vm = %name, ?exit, "role stopped");
+            return;
+        }
+        let Some(role) = wanted else {
+            return;
+        };
+        if running.is_some() {
+            return;
+        }
+        if self
+            .failed_at
+            .get(&name)
+            .is_some_and(|t| t.elapsed() < RESTART_BACKOFF)
+        {
+            return;
+        }
+        let paths = self.paths(&name);
+        match Process::start(self.manager.config(), &record.definition, role, paths).await {
+            Ok(process) => {
+                self.manager.record(
+                    Severity::Info,
+                    false,
+                    "vm",
+                    Some(&name),
+                    &format!("VM {name}: {} started on {me}", role_name(role)),
+                );
+                self.manager.runtime().set(
+                    &name,
+                    Some(LocalRole {
+                        role,
+                        state: FtState::Starting,
+                        epoch: None,
+                        message: None,
+                        status: None,
+                    }),
+                );
+                self.processes.insert(name, process);
+            }
+            Err(e) => {
+                self.failed_at.insert(name.clone(), Instant::now());
+                self.manager.record(
+                    Severity::Critical,
+                    true,
+                    "vm",
+                    Some(&name),
+                    &format!("VM {name}: cannot start its {}: {e}", role_name(role)),
+                );
+            }
+        }
+    }
+
+    /// The standby here promoted: record the new placement and generation.
+    fn promoted(&mut self, name: &str, me: &str) {
+        let me = me.to_string();
+        match self.manager.store().update_vm(name, |r| {
+            r.primary_node = Some(me.clone());
+            r.generation += 1;
+        }) {
+            Ok(record) => self.manager.record(
+                Severity::Critical,
+                true,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name}: its primary was lost; the standby on {me} took over (generation {})",
+                    record.generation
+                ),
+            ),
+            Err(e) => tracing::error!(vm = name, error = %e, "cannot record a takeover"),
+        }
+    }
+
+    fn exited(&mut self, record: &VmRecord, role: Role, exit: Exit) {
+        let name = &record.definition.name;
+        let guest_stopped = role == Role::Primary && exit.last_state == Some(FtState::Stopped);
+        let wanted = record.desired == Desired::Running;
+        if guest_stopped && wanted {
+            // The guest shut itself down: the VM stops on both nodes.
+            if let Err(e) = self
+                .manager
+                .store()
+                .update_vm(name, |r| r.desired = Desired::Stopped)
+            {
+                tracing::error!(vm = %name, error = %e, "cannot record a stop");
+            }
+            self.manager.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(name),
+                &format!("VM {name}: the guest stopped ({})", exit.describe()),
+            );
+            return;
+        }
+        if !wanted || exit.code == Some(0) {
+            self.manager.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(name),
+                &format!("VM {name}: {} ended ({})", role_name(role), exit.describe()),
+            );
+            return;
+        }
+        self.failed_at.insert(name.clone(), Instant::now());
+        self.manager.record(
+            Severity::Critical,
+            true,
+            "vm",
+            Some(name),
+            &format!(
+                "VM {name}: its {} failed ({}); restarting in {} s",
+                role_name(role),
+                exit.describe(),
+                RESTART_BACKOFF.as_secs()
+            ),
+        );
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Primary => "primary",
+        Role::Standby => "standby",
+    }
+}

@@ -1,0 +1,392 @@
+//! One VM role's `ftprotect` process: its files, its command line, its
+//! start, its status on the control socket, its stop.
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use replicator::control::{self, ControlCommand, ControlRequest};
+use replicator::status::{FtState, Role, Status};
+use tokio::process::{Child, Command};
+
+use crate::config::{Config, SECRET_FILE};
+use crate::model::VmDefinition;
+
+/// How long a status request may take.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// An adopted process (no child handle) counts as gone after this many
+/// status requests in a row went unanswered.
+const ADOPTED_MISSES: u32 = 6;
+/// How long a stop asked on the control socket may take before the
+/// process is killed (a primary stops its guest, a standby leaves).
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot make {path}: {source}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot copy the disk image {image} to {path}: {source}")]
+    CopyImage {
+        image: PathBuf,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where a VM's files are on this node.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    /// `<state dir>/vms/<name>`: disks and logs.
+    pub dir: PathBuf,
+    /// `<run dir>/<name>.sock`: the role's control socket.
+    pub sock: PathBuf,
+    pub log: PathBuf,
+    pub console: PathBuf,
+    pub secret: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(config: &Config, state_dir: &Path, vm: &str) -> VmPaths {
+        let dir = state_dir.join("vms").join(vm);
+        VmPaths {
+            sock: config.run_dir.join(format!("{vm}.sock")),
+            log: dir.join("ftprotect.log"),
+            console: dir.join("console.log"),
+            secret: state_dir.join(SECRET_FILE),
+            dir,
+        }
+    }
+
+    pub fn disk(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("disk{index}.img"))
+    }
+}
+
+/// The TAP of NIC `index` of the VM in A-link slot `slot`.
+pub fn tap_name(slot: u16, index: usize) -> String {
+    format!("ft{slot}n{index}")
+}
+
+/// `addrs` with the VM's slot added to each port.
+fn slot_addresses(addrs: &[SocketAddr], slot: u16) -> String {
+    addrs
+        .iter()
+        .map(|a| SocketAddr::new(a.ip(), a.port().saturating_add(slot)).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What a poll saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub status: Option<Status>,
+    pub exit: Option<Exit>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exit {
+    pub code: Option<i32>,
+    /// The last FT state it reported.
+    pub last_state: Option<FtState>,
+    pub last_message: Option<String>,
+    /// The tail of its log.
+    pub log_tail: String,
+}
+
+impl Exit {
+    pub fn describe(&self) -> String {
+        let code = match self.code {
+            Some(c) => format!("exit code {c}"),
+            None => "no exit code".to_string(),
+        };
+        let mut out = code;
+        if let Some(m) = &self.last_message {
+            out.push_str(&format!("; {m}"));
+        }
+        if !self.log_tail.is_empty() {
+            out.push_str(&format!("; log: {}", self.log_tail));
+        }
+        out
+    }
+}
+
+pub struct Process {
+    pub role: Role,
+    child: Option<Child>,
+    paths: VmPaths,
+    last: Option<Status>,
+    misses: u32,
+}
+
+impl Process {
+    /// Prepares the VM's files and starts its role.
+    pub async fn start(
+        config: &Config,
+        vm: &VmDefinition,
+        role: Role,
+        paths: VmPaths,
+    ) -> Result<Process, ProcessError> {
+        for dir in [&paths.dir, &config.run_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| ProcessError::Prepare {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        if role == Role::Primary {
+            prepare_disks(vm, &paths).await?;
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.log)
+            .map_err(|source| ProcessError::Prepare {
+                path: paths.log.clone(),
+                source,
+            })?;
+        let log2 = log.try_clone().map_err(|source| ProcessError::Prepare {
+            path: paths.log.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new(&config.ftprotect);
+        cmd.arg(match role {
+            Role::Primary => "run",
+            Role::Standby => "standby",
+        });
+        cmd.args(["--vm-name", &vm.name, "--node", &config.node.name]);
+        cmd.arg("--secret-file").arg(&paths.secret);
+        if let Some(peer) = &config.peer {
+            cmd.args(["--peer", &slot_addresses(&peer.alink, vm.slot)]);
+        }
+        cmd.args(["--bridge", &config.bridge]);
+        cmd.arg("--control-sock").arg(&paths.sock);
+        cmd.arg("--serial-log").arg(&paths.console);
+        cmd.args([
+            "--heartbeat-timeout-ms",
+            &config.heartbeat_timeout_ms.to_string(),
+        ]);
+        match role {
+            Role::Primary => {
+                cmd.args(["--kernel", &vm.kernel]);
+                if let Some(initrd) = &vm.initrd {
+                    cmd.args(["--initrd", initrd]);
+                }
+                cmd.args(["--cmdline", &vm.cmdline]);
+                cmd.args(["--vcpus", &vm.vcpus.to_string()]);
+                cmd.args(["--mem-mib", &vm.memory_mib.to_string()]);
+                for i in 0..vm.disks.len() {
+                    cmd.arg("--disk").arg(paths.disk(i));
+                }
+                for (i, mac) in vm.nics.iter().enumerate() {
+                    cmd.args(["--net", &format!("tap={},mac={mac}", tap_name(vm.slot, i))]);
+                }
+            }
+            Role::Standby => {
+                cmd.args(["--listen", &slot_addresses(&config.node.alink, vm.slot)]);
+                for i in 0..vm.disks.len() {
+                    cmd.arg("--disk").arg(paths.disk(i));
+                }
+                for i in 0..vm.nics.len() {
+                    cmd.args(["--tap", &tap_name(vm.slot, i)]);
+                }
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            // Its own process group: a signal to ftd (Ctrl-C, a restart)
+            // does not reach the VMs.
+            .process_group(0)
+            .kill_on_drop(false);
+        tracing::info!(vm = %vm.name, ?role, command = ?cmd.as_std(), "starting a VM role");
+        let child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+            program: config.ftprotect.clone(),
+            source,
+        })?;
+        Ok(Process {
+            role,
+            child: Some(child),
+            paths,
+            last: None,
+            misses: 0,
+        })
+    }
+
+    /// A process a previous `ftd` started, found answering on its socket.
+    pub async fn adopt(vm: &str, paths: VmPaths) -> Option<Process> {
+        let status = status(&paths.sock).await?;
+        if matches!(status.state, FtState::Stopped | FtState::Failed) {
+            return None;
+        }
+        tracing::info!(vm, role = ?status.role, "adopting a running VM role");
+        Some(Process {
+            role: status.role,
+            child: None,
+            paths,
+            last: Some(status),
+            misses: 0,
+        })
+    }
+
+    /// Reads the status; notices an exit.
+    pub async fn poll(&mut self) -> Seen {
+        let status = status(&self.paths.sock).await;
+        if let Some(s) = &status {
+            self.last = Some(s.clone());
+            self.misses = 0;
+        } else {
+            self.misses += 1;
+        }
+        let exit = match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(code)) => Some(code.code()),
+                Ok(None) => None,
+                Err(_) => Some(None),
+            },
+            None if self.misses >= ADOPTED_MISSES => Some(None),
+            None => None,
+        };
+        Seen {
+            status,
+            exit: exit.map(|code| self.exit(code)),
+        }
+    }
+
+    fn exit(&self, code: Option<i32>) -> Exit {
+        Exit {
+            code,
+            last_state: self.last.as_ref().map(|s| s.state),
+            last_message: self.last.as_ref().and_then(|s| s.message.clone()),
+            log_tail: log_tail(&self.paths.log),
+        }
+    }
+
+    /// Asks the process to stop (a primary stops its guest and tells the
+    /// standby not to take over); kills it if it does not within
+    /// [`STOP_GRACE`].
+    pub async fn stop(&mut self) -> Option<Exit> {
+        let sock = self.paths.sock.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            control::request(
+                &sock,
+                &ControlRequest::new(ControlCommand::Stop),
+                STATUS_TIMEOUT,
+            )
+        })
+        .await;
+        let asked = matches!(asked, Ok(Ok(ref r)) if r.ok);
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        loop {
+            let seen = self.poll().await;
+            if seen.exit.is_some() {
+                return seen.exit;
+            }
+            if !asked || tokio::time::Instant::now() >= deadline {
+                self.kill().await;
+                return Some(self.exit(None));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops at once (the VM is no longer defined).
+    pub async fn stop_now(&mut self) {
+        self.kill().await;
+    }
+
+    async fn kill(&mut self) {
+        match &mut self.child {
+            Some(child) => {
+                let _ = child.kill().await;
+            }
+            None => {
+                // Adopted: only its pid, from the socket's peer, is
+                // unknown here; ask it to stop instead.
+                let sock = self.paths.sock.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    control::request(
+                        &sock,
+                        &ControlRequest::new(ControlCommand::Stop),
+                        STATUS_TIMEOUT,
+                    )
+                })
+                .await;
+            }
+        }
+    }
+}
+
+async fn status(sock: &Path) -> Option<Status> {
+    if !sock.exists() {
+        return None;
+    }
+    let sock = sock.to_path_buf();
+    let answer = tokio::task::spawn_blocking(move || {
+        control::request(
+            &sock,
+            &ControlRequest::new(ControlCommand::Status),
+            STATUS_TIMEOUT,
+        )
+    })
+    .await
+    .ok()?
+    .ok()?;
+    answer.status
+}
+
+/// The last lines of a log, on one line.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Makes the primary's disk files that do not exist yet: a copy of the
+/// image or an empty sparse file. Existing files are the VM's disks and
+/// are kept.
+async fn prepare_disks(vm: &VmDefinition, paths: &VmPaths) -> Result<(), ProcessError> {
+    for (i, disk) in vm.disks.iter().enumerate() {
+        let path = paths.disk(i);
+        if path.exists() {
+            continue;
+        }
+        let tmp = path.with_extension("img.new");
+        match (&disk.image, disk.size_mib) {
+            (Some(image), _) => {
+                let image = PathBuf::from(image);
+                let (from, to) = (image.clone(), tmp.clone());
+                let copied = tokio::task::spawn_blocking(move || std::fs::copy(from, to))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                copied.map_err(|source| ProcessError::CopyImage {
+                    image,
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            (None, size) => {
+                let size = size.unwrap_or(1) << 20;
+                let file = std::fs::File::create(&tmp).and_then(|f| f.set_len(size).map(|_| f));
+                file.map_err(|source| ProcessError::Prepare {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        std::fs::rename(&tmp, &path).map_err(|source| ProcessError::Prepare {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
