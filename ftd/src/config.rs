@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ftvm";
 /// The default port of the REST API (management network).
 pub const DEFAULT_API_PORT: u16 = 7200;
+/// The default port of the pair channel between the two daemons.
+pub const DEFAULT_PAIR_PORT: u16 = 7201;
 /// The default A-link port of a standby (first path) and of the backup
 /// path.
 pub const DEFAULT_ALINK_PORT: u16 = 7800;
@@ -54,6 +56,9 @@ pub struct NodeAddresses {
     pub name: String,
     /// Its API (management network), host:port.
     pub api: SocketAddr,
+    /// Its end of the pair channel between the daemons (management
+    /// network), host:port.
+    pub pair: SocketAddr,
     /// Where its standbys listen: the A-link first, then the backup path.
     pub alink: Vec<SocketAddr>,
 }
@@ -79,6 +84,12 @@ pub struct Config {
     /// Where the per-VM control sockets and logs go.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// A node that starts without hearing its peer starts no VM until it
+    /// does (the peer may be running them: two active copies must never
+    /// be). With this set, it starts them alone after this many seconds
+    /// of not hearing the peer. Unset by default (no quorum service yet).
+    #[serde(default)]
+    pub solo_start_after_s: Option<u64>,
 }
 
 fn default_bridge() -> String {
@@ -104,6 +115,7 @@ impl Config {
             heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
             ftprotect: default_ftprotect(),
             run_dir: default_run_dir(),
+            solo_start_after_s: None,
         }
     }
 
@@ -175,6 +187,7 @@ mod tests {
             [node]
             name = "node-a"
             api = "10.0.0.1:7200"
+            pair = "10.0.0.1:7201"
             alink = ["10.9.0.1:7800"]
         "#;
         let config: Config = toml::from_str(text).unwrap();
@@ -189,6 +202,7 @@ mod tests {
         let node = NodeAddresses {
             name: "node-a".into(),
             api: "10.0.0.1:7200".parse().unwrap(),
+            pair: "10.0.0.1:7201".parse().unwrap(),
             alink: vec![],
         };
         let mut config = Config::new(node.clone());
@@ -203,6 +217,7 @@ mod tests {
             [node]
             name = "node-a"
             api = "10.0.0.1:7200"
+            pair = "10.0.0.1:7201"
             alink = []
         "#;
         let err = toml::from_str::<Config>(text).unwrap_err();

@@ -11,6 +11,7 @@ pub mod config;
 pub mod manager;
 pub mod metrics;
 pub mod model;
+pub mod pair;
 pub mod secrets;
 pub mod store;
 pub mod supervisor;

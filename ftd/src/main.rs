@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use ftd::api::{self, ApiState};
-use ftd::config::{Config, NodeAddresses, DB_FILE, DEFAULT_STATE_DIR, SECRET_FILE, TOKEN_FILE};
+use ftd::config::{
+    Config, NodeAddresses, DB_FILE, DEFAULT_PAIR_PORT, DEFAULT_STATE_DIR, SECRET_FILE, TOKEN_FILE,
+};
 use ftd::manager::Manager;
 use ftd::metrics::Metrics;
 use ftd::model::Severity;
@@ -31,30 +33,78 @@ struct Cli {
     command: Command,
 }
 
+/// The other node of the pair, when known at `init`.
+#[derive(clap::Args)]
+struct PeerArgs {
+    /// The peer's node name.
+    #[arg(long, requires_all = ["peer_api", "peer_alink"])]
+    peer_name: Option<String>,
+    /// The peer's API address, host:port.
+    #[arg(long)]
+    peer_api: Option<SocketAddr>,
+    /// The peer's pair channel address [default: its API's address, port
+    /// 7201].
+    #[arg(long)]
+    peer_pair: Option<SocketAddr>,
+    /// Where the peer's standbys listen (comma-separated host:port).
+    #[arg(long, value_delimiter = ',')]
+    peer_alink: Vec<SocketAddr>,
+}
+
+impl PeerArgs {
+    fn addresses(&self) -> Option<NodeAddresses> {
+        let name = self.peer_name.clone()?;
+        let api = self.peer_api?;
+        Some(NodeAddresses {
+            name,
+            api,
+            pair: self.peer_pair.unwrap_or_else(|| default_pair(api)),
+            alink: self.peer_alink.clone(),
+        })
+    }
+}
+
+fn default_pair(api: SocketAddr) -> SocketAddr {
+    SocketAddr::new(api.ip(), DEFAULT_PAIR_PORT)
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// This node's name (lower-case letters, digits, '-').
+    #[arg(long)]
+    node: String,
+    /// Where the API listens (the management network), host:port.
+    #[arg(long)]
+    api: SocketAddr,
+    /// Where the pair channel to the peer's daemon listens [default:
+    /// the API's address, port 7201].
+    #[arg(long)]
+    pair: Option<SocketAddr>,
+    /// Where this node's standbys listen: the A-link, then optionally the
+    /// backup path (comma-separated host:port; each VM adds its slot).
+    #[arg(long, value_delimiter = ',', required = true)]
+    alink: Vec<SocketAddr>,
+    /// The bridge the VMs' NICs join.
+    #[arg(long, default_value = "br0")]
+    bridge: String,
+    /// The `ftprotect` binary.
+    #[arg(long, default_value = "ftprotect")]
+    ftprotect: PathBuf,
+    /// Where control sockets go.
+    #[arg(long, default_value = "/run/ftd")]
+    run_dir: PathBuf,
+    /// Use this pair secret (a copy of the other node's) instead of
+    /// making a new one.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Make this node's state directory (once, on the first node of a pair).
-    Init {
-        /// This node's name (lower-case letters, digits, '-').
-        #[arg(long)]
-        node: String,
-        /// Where the API listens (the management network), host:port.
-        #[arg(long)]
-        api: SocketAddr,
-        /// Where this node's standbys listen: the A-link, then optionally the
-        /// backup path (comma-separated host:port; each VM adds its slot).
-        #[arg(long, value_delimiter = ',', required = true)]
-        alink: Vec<SocketAddr>,
-        /// The bridge the VMs' NICs join.
-        #[arg(long, default_value = "br0")]
-        bridge: String,
-        /// The `ftprotect` binary.
-        #[arg(long, default_value = "ftprotect")]
-        ftprotect: PathBuf,
-        /// Where control sockets go.
-        #[arg(long, default_value = "/run/ftd")]
-        run_dir: PathBuf,
-    },
+    Init(Box<InitArgs>),
     /// Run the daemon.
     Serve,
     /// Print the API's OpenAPI document.
@@ -71,23 +121,29 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Init {
-            node,
-            api,
-            alink,
-            bridge,
-            ftprotect,
-            run_dir,
-        } => {
+        Command::Init(args) => {
+            let InitArgs {
+                node,
+                api,
+                pair,
+                alink,
+                bridge,
+                ftprotect,
+                run_dir,
+                secret_file,
+                peer,
+            } = *args;
             let mut config = Config::new(NodeAddresses {
                 name: node,
                 api,
+                pair: pair.unwrap_or_else(|| default_pair(api)),
                 alink,
             });
             config.bridge = bridge;
             config.ftprotect = ftprotect;
             config.run_dir = run_dir;
-            init(&cli.state_dir, &config)
+            config.peer = peer.addresses();
+            init(&cli.state_dir, &config, secret_file.as_deref())
         }
         Command::Serve => serve(&cli.state_dir),
         Command::Openapi => {
@@ -104,8 +160,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init(state_dir: &Path, config: &Config) -> Result<(), String> {
+fn init(state_dir: &Path, config: &Config, secret: Option<&Path>) -> Result<(), String> {
     ftd::model::check_node_name(&config.node.name)?;
+    if let Some(peer) = &config.peer {
+        ftd::model::check_node_name(&peer.name)?;
+        if peer.name == config.node.name {
+            return Err(format!("the peer has this node's name {:?}", peer.name));
+        }
+    }
     if Config::path(state_dir).exists() {
         return Err(format!(
             "{} exists: this node is set up already",
@@ -116,10 +178,20 @@ fn init(state_dir: &Path, config: &Config) -> Result<(), String> {
         .map_err(|e| format!("cannot make {}: {e}", state_dir.display()))?;
     for file in [SECRET_FILE, TOKEN_FILE] {
         let path = state_dir.join(file);
-        if !path.exists() {
-            secrets::write_new(&path, &secrets::random_hex().map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
+        if path.exists() {
+            continue;
         }
+        let value = match (file, secret) {
+            (SECRET_FILE, Some(from)) => std::fs::read_to_string(from)
+                .map_err(|e| format!("cannot read the pair secret {}: {e}", from.display()))?
+                .trim()
+                .to_string(),
+            _ => secrets::random_hex().map_err(|e| e.to_string())?,
+        };
+        if value.len() < 16 {
+            return Err("the pair secret must be at least 16 characters".into());
+        }
+        secrets::write_new(&path, &value).map_err(|e| e.to_string())?;
     }
     Store::open(&state_dir.join(DB_FILE), &config.node.name).map_err(|e| e.to_string())?;
     config.save(state_dir).map_err(|e| e.to_string())?;
@@ -161,6 +233,7 @@ fn serve(state_dir: &Path) -> Result<(), String> {
             ),
         );
         tokio::spawn(Supervisor::new(manager.clone()).run());
+        tokio::spawn(ftd::pair::run(manager.clone()));
         let state = ApiState::new(manager, Arc::new(Metrics::new()), token);
         tokio::select! {
             served = api::serve(listener, state) => {

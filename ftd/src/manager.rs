@@ -6,6 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
 use tokio::sync::{broadcast, Notify};
 
 use crate::config::Config;
@@ -13,8 +17,9 @@ use crate::model::{
     Desired, Event, FieldError, Level, NodeState, NodeView, Severity, VmCreate, VmDefinition,
     VmState, VmView,
 };
-use crate::store::{unix_ms, EventFilter, Store, StoreError, VmRecord};
-use crate::supervisor::{LocalRole, Runtime};
+use crate::pair::wire::{PairState, RoleReport, PAIR_VERSION};
+use crate::store::{unix_ms, EventFilter, Merged, Store, StoreError, VmRecord};
+use crate::supervisor::Runtime;
 
 /// Most VMs a pair holds (each takes two A-link ports per node).
 pub const MAX_SLOTS: u16 = 64;
@@ -53,6 +58,19 @@ struct Inner {
     runtime: Runtime,
     /// Wakes the supervisor when the store changed.
     changed: Notify,
+    peer: Mutex<PeerView>,
+    started: Instant,
+}
+
+/// What this node knows of its peer from the pair channel.
+#[derive(Debug, Default)]
+struct PeerView {
+    /// The pair channel is up.
+    connected: bool,
+    /// A state from the peer was merged since this daemon started.
+    synced: bool,
+    /// The roles running on the peer, by VM.
+    roles: HashMap<String, RoleReport>,
 }
 
 impl Manager {
@@ -66,6 +84,8 @@ impl Manager {
                 events,
                 runtime,
                 changed: Notify::new(),
+                peer: Mutex::new(PeerView::default()),
+                started: Instant::now(),
             }),
         }
     }
@@ -132,6 +152,152 @@ impl Manager {
 
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, ManagerError> {
         Ok(self.inner.store.events(filter)?)
+    }
+
+    fn peer_view(&self) -> std::sync::MutexGuard<'_, PeerView> {
+        self.inner.peer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the supervisor may start roles: not before this node
+    /// heard its peer (which may be running the VMs), unless the
+    /// configuration allows starting alone after a while.
+    pub fn may_start_roles(&self) -> bool {
+        let config = &self.inner.config;
+        if config.peer.is_none() || self.peer_view().synced {
+            return true;
+        }
+        config
+            .solo_start_after_s
+            .is_some_and(|s| self.inner.started.elapsed().as_secs() >= s)
+    }
+
+    /// Whether the pair channel to the peer is up.
+    pub fn peer_connected(&self) -> bool {
+        self.peer_view().connected
+    }
+
+    /// This node's state for the peer.
+    pub fn pair_state(&self) -> Result<PairState, ManagerError> {
+        let roles = self
+            .inner
+            .runtime
+            .all()
+            .into_iter()
+            .map(|(vm, r)| RoleReport {
+                vm,
+                role: r.role,
+                state: r.state,
+                epoch: r.epoch,
+                message: r.message,
+            })
+            .collect();
+        Ok(PairState {
+            version: PAIR_VERSION,
+            node: self.node_name().to_string(),
+            unix_ms: unix_ms(),
+            vms: self.inner.store.vms()?,
+            tombstones: self.inner.store.tombstones()?,
+            roles,
+        })
+    }
+
+    /// The pair channel came up or went down.
+    pub fn set_peer_connected(&self, connected: bool, detail: &str) {
+        let peer = self
+            .inner
+            .config
+            .peer
+            .as_ref()
+            .map_or("the peer", |p| p.name.as_str())
+            .to_string();
+        {
+            let mut view = self.peer_view();
+            if view.connected == connected {
+                return;
+            }
+            view.connected = connected;
+            if !connected {
+                view.roles.clear();
+            }
+        }
+        if connected {
+            self.record(
+                Severity::Info,
+                false,
+                "pair",
+                None,
+                &format!("pair channel to {peer} up ({detail})"),
+            );
+        } else {
+            self.record(
+                Severity::Warning,
+                true,
+                "pair",
+                None,
+                &format!("pair channel to {peer} lost: {detail}"),
+            );
+        }
+    }
+
+    /// Merges the peer's state: its newer VM records and deletes, the
+    /// roles it runs.
+    pub fn merge_peer(&self, state: PairState) -> Result<(), ManagerError> {
+        let expected = self.inner.config.peer.as_ref().map(|p| p.name.as_str());
+        if expected != Some(state.node.as_str()) {
+            return Err(ManagerError::NoPeer(format!(
+                "a state from node {:?}, not from this node's peer {expected:?}",
+                state.node
+            )));
+        }
+        let mut changed = false;
+        for record in &state.vms {
+            let outcome = self.inner.store.merge_vm(record)?;
+            if outcome != Merged::Kept {
+                changed = true;
+                let name = &record.definition.name;
+                self.record(
+                    Severity::Info,
+                    false,
+                    "pair",
+                    Some(name),
+                    &format!(
+                        "VM {name}: {} from {} (generation {}, revision {})",
+                        if outcome == Merged::Added {
+                            "definition received"
+                        } else {
+                            "update received"
+                        },
+                        state.node,
+                        record.generation,
+                        record.revision
+                    ),
+                );
+            }
+        }
+        for tomb in &state.tombstones {
+            if self.inner.store.merge_tombstone(tomb)? == Merged::Deleted {
+                changed = true;
+                self.record(
+                    Severity::Info,
+                    false,
+                    "pair",
+                    Some(&tomb.name),
+                    &format!("VM {}: deleted on {}", tomb.name, state.node),
+                );
+            }
+        }
+        self.inner.store.node_seen(&state.node)?;
+        let first = {
+            let mut view = self.peer_view();
+            view.roles = state.roles.into_iter().map(|r| (r.vm.clone(), r)).collect();
+            let first = !view.synced;
+            view.synced = true;
+            first
+        };
+        if changed || first {
+            self.touch();
+        }
+        Ok(())
     }
 
     pub fn create_vm(&self, request: VmCreate) -> Result<VmView, ManagerError> {
@@ -206,7 +372,13 @@ impl Manager {
         if record.desired == Desired::Running {
             return Err(ManagerError::Running(name.to_string()));
         }
-        let node = record.definition.preferred_node.clone();
+        let preferred = record.definition.preferred_node.clone();
+        let node = if preferred == self.node_name() || self.peer_connected() {
+            preferred
+        } else {
+            // The preferred node is not reachable: run it here.
+            self.node_name().to_string()
+        };
         let record = self.inner.store.update_vm(name, |r| {
             r.desired = Desired::Running;
             r.primary_node = Some(node.clone());
@@ -277,17 +449,37 @@ impl Manager {
     /// The VM's record as a user sees it, with what runs here.
     pub fn view(&self, record: VmRecord) -> VmView {
         let me = self.node_name();
-        let local = self.inner.runtime.get(&record.definition.name);
+        let name = record.definition.name.clone();
         let peer = self.inner.config.peer.as_ref().map(|p| p.name.clone());
-        let (state, epoch, message) = match (&local, record.desired) {
-            (Some(local), _) => (local.vm_state(), local.epoch, local.message.clone()),
-            (None, Desired::Stopped) => (VmState::Stopped, None, None),
-            // Running elsewhere (the peer's view comes with the pair
-            // channel) or not started here yet.
-            (None, Desired::Running) if record.primary_node.as_deref() == Some(me) => {
-                (VmState::Starting, None, None)
+        let primary_here = record.primary_node.as_deref() == Some(me);
+        // The state comes from the node running the primary.
+        let reported = if primary_here || record.primary_node.is_none() {
+            self.inner.runtime.get(&name).map(|l| RoleReport {
+                vm: name.clone(),
+                role: l.role,
+                state: l.state,
+                epoch: l.epoch,
+                message: l.message,
+            })
+        } else {
+            let from_peer = self.peer_view().roles.get(&name).cloned();
+            // During a takeover the promoting standby is here.
+            match self.inner.runtime.get(&name) {
+                Some(l) if l.state == replicator::status::FtState::Promoting => Some(RoleReport {
+                    vm: name.clone(),
+                    role: l.role,
+                    state: l.state,
+                    epoch: l.epoch,
+                    message: l.message,
+                }),
+                _ => from_peer,
             }
-            (None, Desired::Running) => (VmState::Unprotected, None, None),
+        };
+        let (state, epoch, message) = match (&reported, record.desired) {
+            (Some(r), _) => (vm_state(r.role, r.state), r.epoch, r.message.clone()),
+            (None, Desired::Stopped) => (VmState::Stopped, None, None),
+            (None, Desired::Running) if primary_here => (VmState::Starting, None, None),
+            (None, Desired::Running) => (VmState::Unknown, None, None),
         };
         let primary_node = match record.desired {
             Desired::Running => record.primary_node.clone(),
@@ -391,10 +583,11 @@ impl Manager {
     }
 }
 
-impl LocalRole {
-    fn vm_state(&self) -> VmState {
+/// A VM's state from what the role running its primary reports.
+fn vm_state(role: replicator::status::Role, state: replicator::status::FtState) -> VmState {
+    {
         use replicator::status::{FtState, Role};
-        match (self.role, self.state) {
+        match (role, state) {
             (_, FtState::Starting) => VmState::Starting,
             (_, FtState::Syncing) => VmState::Syncing,
             (Role::Primary, FtState::Protected) => VmState::Protected,

@@ -380,6 +380,8 @@ pub enum VmState {
     Stopping,
     /// It failed to run; see the events.
     Failed,
+    /// It runs on the peer, which is not reachable now.
+    Unknown,
 }
 
 /// A VM as `GET /api/vms/{name}` shows it.

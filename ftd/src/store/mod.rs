@@ -63,8 +63,8 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A VM as the store keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A VM as the store keeps it (and as the pair channel carries it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmRecord {
     pub definition: VmDefinition,
     pub desired: Desired,
@@ -75,6 +75,43 @@ pub struct VmRecord {
     pub revision: u64,
     pub created_unix_ms: u64,
     pub updated_unix_ms: u64,
+}
+
+impl VmRecord {
+    /// Which of two versions of a record wins: the later generation (a
+    /// failover outranks any edit made on the old primary's side), then
+    /// the later revision, then the later change.
+    pub fn precedence(&self) -> (u64, u64, u64) {
+        (self.generation, self.revision, self.updated_unix_ms)
+    }
+}
+
+/// A deleted VM, kept so that the delete reaches a peer that was away.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tombstone {
+    pub name: String,
+    pub generation: u64,
+    pub revision: u64,
+    pub unix_ms: u64,
+}
+
+impl Tombstone {
+    pub fn precedence(&self) -> (u64, u64, u64) {
+        (self.generation, self.revision, self.unix_ms)
+    }
+}
+
+/// What merging a peer's version did here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merged {
+    /// This node's version stays.
+    Kept,
+    /// The VM was new here.
+    Added,
+    /// The peer's version replaced this node's.
+    Replaced,
+    /// The VM was deleted here.
+    Deleted,
 }
 
 /// What `events` returns.
@@ -137,17 +174,35 @@ impl Store {
                 source,
             })?;
         let now = unix_ms();
-        let conn = self.conn();
-        let inserted = conn
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(query("begin create"))?;
+        // A name used before starts above its tombstone, so the new VM
+        // outranks the delete everywhere.
+        let (generation, revision) = tx
+            .query_row(
+                "SELECT generation, revision FROM tombstones WHERE name = ?1",
+                params![definition.name],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)? + 1)),
+            )
+            .optional()
+            .map_err(query("read tombstone"))?
+            .unwrap_or((0, 1));
+        let inserted = tx
             .execute(
-                "INSERT INTO vms (name, definition, desired, revision, created_unix_ms, updated_unix_ms)
-                 VALUES (?1, ?2, 'stopped', 1, ?3, ?3) ON CONFLICT (name) DO NOTHING",
-                params![definition.name, json, now as i64],
+                "INSERT INTO vms (name, definition, desired, generation, revision, created_unix_ms, updated_unix_ms)
+                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5) ON CONFLICT (name) DO NOTHING",
+                params![definition.name, json, generation, revision, now as i64],
             )
             .map_err(query("insert vm"))?;
         if inserted == 0 {
             return Err(StoreError::NameInUse(definition.name.clone()));
         }
+        tx.execute(
+            "DELETE FROM tombstones WHERE name = ?1",
+            params![definition.name],
+        )
+        .map_err(query("drop tombstone"))?;
+        tx.commit().map_err(query("commit create"))?;
         drop(conn);
         self.vm(&definition.name)
     }
@@ -186,15 +241,174 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes a VM, leaving a tombstone for the peer.
     pub fn delete_vm(&self, name: &str) -> Result<(), StoreError> {
-        let n = self
-            .conn()
-            .execute("DELETE FROM vms WHERE name = ?1", params![name])
-            .map_err(query("delete vm"))?;
-        if n == 0 {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(query("begin delete"))?;
+        let found: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT generation, revision FROM vms WHERE name = ?1",
+                params![name],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(query("read vm"))?;
+        let Some((generation, revision)) = found else {
             return Err(StoreError::NoSuchVm(name.to_string()));
+        };
+        tx.execute("DELETE FROM vms WHERE name = ?1", params![name])
+            .map_err(query("delete vm"))?;
+        tx.execute(
+            "INSERT INTO tombstones (name, generation, revision, unix_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET generation = excluded.generation,
+                 revision = excluded.revision, unix_ms = excluded.unix_ms",
+            params![name, generation, revision + 1, unix_ms() as i64],
+        )
+        .map_err(query("add tombstone"))?;
+        tx.commit().map_err(query("commit delete"))
+    }
+
+    pub fn tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, generation, revision, unix_ms FROM tombstones ORDER BY name")
+            .map_err(query("list tombstones"))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(Tombstone {
+                    name: row.get(0)?,
+                    generation: row.get::<_, i64>(1)? as u64,
+                    revision: row.get::<_, i64>(2)? as u64,
+                    unix_ms: row.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(query("list tombstones"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(query("list tombstones"))
+    }
+
+    /// Takes the peer's version of a VM if it outranks this node's (and
+    /// any tombstone here).
+    pub fn merge_vm(&self, remote: &VmRecord) -> Result<Merged, StoreError> {
+        let name = remote.definition.name.clone();
+        let json = serde_json::to_string(&remote.definition).map_err(|source| {
+            StoreError::BadDefinition {
+                vm: name.clone(),
+                source,
+            }
+        })?;
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(query("begin merge"))?;
+        let local = tx
+            .query_row(
+                "SELECT definition, desired, primary_node, generation, revision, created_unix_ms, updated_unix_ms
+                 FROM vms WHERE name = ?1",
+                params![name],
+                row_to_raw,
+            )
+            .optional()
+            .map_err(query("read vm"))?
+            .map(|raw| raw.into_record(&name))
+            .transpose()?;
+        let tomb: Option<(u64, u64, u64)> = tx
+            .query_row(
+                "SELECT generation, revision, unix_ms FROM tombstones WHERE name = ?1",
+                params![name],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)? as u64,
+                        row.get::<_, i64>(1)? as u64,
+                        row.get::<_, i64>(2)? as u64,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(query("read tombstone"))?;
+        let outcome = match (&local, tomb) {
+            (Some(l), _) if l.precedence() >= remote.precedence() => Merged::Kept,
+            (None, Some(t)) if t >= remote.precedence() => Merged::Kept,
+            (Some(_), _) => Merged::Replaced,
+            (None, _) => Merged::Added,
+        };
+        if outcome != Merged::Kept {
+            tx.execute(
+                "INSERT INTO vms (name, definition, desired, primary_node, generation, revision, created_unix_ms, updated_unix_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (name) DO UPDATE SET definition = excluded.definition,
+                     desired = excluded.desired, primary_node = excluded.primary_node,
+                     generation = excluded.generation, revision = excluded.revision,
+                     updated_unix_ms = excluded.updated_unix_ms",
+                params![
+                    name,
+                    json,
+                    remote.desired.as_str(),
+                    remote.primary_node,
+                    remote.generation as i64,
+                    remote.revision as i64,
+                    remote.created_unix_ms as i64,
+                    remote.updated_unix_ms as i64
+                ],
+            )
+            .map_err(query("merge vm"))?;
+            tx.execute("DELETE FROM tombstones WHERE name = ?1", params![name])
+                .map_err(query("drop tombstone"))?;
         }
-        Ok(())
+        tx.commit().map_err(query("commit merge"))?;
+        Ok(outcome)
+    }
+
+    /// Applies the peer's delete if it outranks this node's version.
+    pub fn merge_tombstone(&self, remote: &Tombstone) -> Result<Merged, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(query("begin merge"))?;
+        let local: Option<(u64, u64, u64)> = tx
+            .query_row(
+                "SELECT generation, revision, updated_unix_ms FROM vms WHERE name = ?1",
+                params![remote.name],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)? as u64,
+                        row.get::<_, i64>(1)? as u64,
+                        row.get::<_, i64>(2)? as u64,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(query("read vm"))?;
+        let outcome = match local {
+            Some(l) if l >= remote.precedence() => Merged::Kept,
+            Some(_) => Merged::Deleted,
+            None => Merged::Kept,
+        };
+        if outcome == Merged::Deleted {
+            tx.execute("DELETE FROM vms WHERE name = ?1", params![remote.name])
+                .map_err(query("delete vm"))?;
+        }
+        // Keep the newest tombstone either way (it travels on).
+        tx.execute(
+            "INSERT INTO tombstones (name, generation, revision, unix_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET generation = excluded.generation,
+                 revision = excluded.revision, unix_ms = excluded.unix_ms
+             WHERE (excluded.generation, excluded.revision, excluded.unix_ms)
+                 > (tombstones.generation, tombstones.revision, tombstones.unix_ms)",
+            params![
+                remote.name,
+                remote.generation as i64,
+                remote.revision as i64,
+                remote.unix_ms as i64
+            ],
+        )
+        .map_err(query("add tombstone"))?;
+        if local.is_some() && outcome == Merged::Kept {
+            // The VM lives here and outranks the delete: no tombstone.
+            tx.execute(
+                "DELETE FROM tombstones WHERE name = ?1",
+                params![remote.name],
+            )
+            .map_err(query("drop tombstone"))?;
+        }
+        tx.commit().map_err(query("commit merge"))?;
+        Ok(outcome)
     }
 
     /// Changes a VM with `change` in one transaction; bumps its revision.
@@ -596,6 +810,42 @@ mod tests {
             msgs(store.events(&f(None, false, Some(9), 10)).unwrap()),
             ["e9"]
         );
+    }
+
+    #[test]
+    fn the_later_generation_wins_a_merge_and_deletes_travel() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a"), "node-a").unwrap();
+        let b = Store::open(&dir.path().join("b"), "node-b").unwrap();
+        let created = a.create_vm(&definition("vm1")).unwrap();
+        assert_eq!(b.merge_vm(&created).unwrap(), Merged::Added);
+        assert_eq!(b.merge_vm(&created).unwrap(), Merged::Kept);
+        // a (the old primary) edits twice; b failed over once: b wins.
+        a.update_vm("vm1", |r| r.desired = Desired::Running)
+            .unwrap();
+        let a_edit = a.update_vm("vm1", |r| r.definition.vcpus = 2).unwrap();
+        let b_failover = b
+            .update_vm("vm1", |r| {
+                r.primary_node = Some("node-b".into());
+                r.generation += 1;
+            })
+            .unwrap();
+        assert!(a_edit.revision > b_failover.revision);
+        assert_eq!(a.merge_vm(&b_failover).unwrap(), Merged::Replaced);
+        assert_eq!(b.merge_vm(&a_edit).unwrap(), Merged::Kept);
+        assert_eq!(a.vm("vm1").unwrap(), b.vm("vm1").unwrap());
+        // A delete on b reaches a; a stale copy does not bring it back.
+        let stale = a.vm("vm1").unwrap();
+        b.delete_vm("vm1").unwrap();
+        let tomb = b.tombstones().unwrap().pop().unwrap();
+        assert_eq!(a.merge_tombstone(&tomb).unwrap(), Merged::Deleted);
+        assert!(matches!(a.vm("vm1"), Err(StoreError::NoSuchVm(_))));
+        assert_eq!(b.merge_vm(&stale).unwrap(), Merged::Kept);
+        assert!(b.vms().unwrap().is_empty());
+        // A new VM of the same name outranks the old delete.
+        let again = a.create_vm(&definition("vm1")).unwrap();
+        assert!(again.precedence() > tomb.precedence());
+        assert_eq!(b.merge_vm(&again).unwrap(), Merged::Added);
     }
 
     #[test]

@@ -44,4 +44,13 @@ pub const MIGRATIONS: &[&str] = &[
         result  TEXT NOT NULL
     );
     "#,
+    // 2: deleted VMs, so that a delete reaches a peer that was away.
+    r#"
+    CREATE TABLE tombstones (
+        name       TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL,
+        revision   INTEGER NOT NULL,
+        unix_ms    INTEGER NOT NULL
+    );
+    "#,
 ];

@@ -89,6 +89,8 @@ pub struct Supervisor {
     processes: HashMap<String, Process>,
     /// When a VM's role last failed (for the restart back-off).
     failed_at: HashMap<String, Instant>,
+    /// VMs whose wait for the peer was reported.
+    waiting_logged: std::collections::HashSet<String>,
 }
 
 impl Supervisor {
@@ -97,6 +99,7 @@ impl Supervisor {
             manager,
             processes: HashMap::new(),
             failed_at: HashMap::new(),
+            waiting_logged: Default::default(),
         }
     }
 
@@ -227,6 +230,23 @@ impl Supervisor {
             return;
         };
         if running.is_some() {
+            return;
+        }
+        if !self.manager.may_start_roles() {
+            // Not before the peer was heard: it may run this VM.
+            if self.waiting_logged.insert(name.clone()) {
+                self.manager.record(
+                    Severity::Warning,
+                    true,
+                    "vm",
+                    Some(&name),
+                    &format!(
+                        "VM {name}: waiting to hear the peer before starting its {} here \
+                         (the peer may be running it)",
+                        role_name(role)
+                    ),
+                );
+            }
             return;
         }
         if self

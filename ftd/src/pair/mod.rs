@@ -1,0 +1,197 @@
+//! The pair channel: the two daemons' link over the management network,
+//! authenticated like the A-link (the pair secret, HMAC challenge and
+//! response; ft-link does the handshake, framing and heartbeats). Each
+//! side sends its whole state when it changes and every second; each
+//! merges what it receives (newer VM records and deletes win, see
+//! [`crate::store::VmRecord::precedence`]), so either node's API shows
+//! and accepts the same VMs, and a node that was away catches up on its
+//! first exchange.
+//!
+//! The node whose name sorts first dials; the other listens.
+
+pub mod wire;
+
+use std::time::Duration;
+
+use ft_link::{CpuFeatureSummary, Hello, Link, LinkConfig, LinkListener, Role};
+use tokio::sync::mpsc;
+
+use crate::config::SECRET_FILE;
+use crate::manager::Manager;
+use wire::PairState;
+
+/// The peer's daemon counts as gone after this much silence.
+pub const PAIR_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Each side sends its state at least this often.
+pub const STATE_EVERY: Duration = Duration::from_secs(1);
+/// How long the dialer waits between attempts.
+pub const REDIAL_EVERY: Duration = Duration::from_secs(1);
+/// The name both daemons put where the A-link puts the VM's name.
+const PAIR_CHANNEL: &str = "ftd-pair-channel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    #[error("cannot read the pair secret: {0}")]
+    Secret(#[from] replicator::pairing::PairingError),
+    #[error("the pair channel failed: {0}")]
+    Link(#[from] ft_link::LinkError),
+    #[error("the peer's message is not valid: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("cannot merge the peer's state: {0}")]
+    Merge(#[from] crate::manager::ManagerError),
+}
+
+fn link_config(manager: &Manager, role: Role) -> Result<LinkConfig, PairError> {
+    let secret = replicator::pairing::read_secret(&manager.state_dir().join(SECRET_FILE))?;
+    let hello = Hello::new(
+        manager.node_name(),
+        role,
+        CpuFeatureSummary {
+            name: "management".into(),
+            words: vec![],
+        },
+        PAIR_CHANNEL,
+    );
+    Ok(LinkConfig::new(secret, hello).with_heartbeat_timeout(PAIR_HEARTBEAT_TIMEOUT))
+}
+
+/// Keeps the pair channel up for the life of the daemon (returns at once
+/// when this node has no peer).
+pub async fn run(manager: Manager) {
+    let Some(peer) = manager.config().peer.clone() else {
+        return;
+    };
+    let dials = manager.node_name() < peer.name.as_str();
+    // The dialer plays the link's "primary" side, the listener the
+    // "standby" side (the handshake wants two different roles).
+    let role = if dials { Role::Primary } else { Role::Standby };
+    let config = match link_config(&manager, role) {
+        Ok(c) => c,
+        Err(e) => {
+            manager.record(
+                crate::model::Severity::Critical,
+                true,
+                "pair",
+                None,
+                &format!("the pair channel cannot start: {e}"),
+            );
+            return;
+        }
+    };
+    if dials {
+        dial(&manager, peer.pair, config).await;
+        return;
+    }
+    let (links_tx, mut links) = mpsc::channel::<Link>(1);
+    tokio::spawn(listen(manager.config().node.pair, config, links_tx));
+    let mut current: Option<Link> = links.recv().await;
+    loop {
+        let Some(link) = current.take() else {
+            return;
+        };
+        let addr = link.peer_addr();
+        manager.set_peer_connected(true, &addr.to_string());
+        tokio::select! {
+            ended = session(&manager, link) => {
+                manager.set_peer_connected(false, &ended.to_string());
+                current = links.recv().await;
+            }
+            newer = links.recv() => {
+                // The peer came back on a new connection: the old one is
+                // dead even if it has not timed out yet.
+                manager.set_peer_connected(false, "replaced by a new connection");
+                current = newer;
+            }
+        }
+    }
+}
+
+/// The dialing side: one session at a time, redialing after each.
+async fn dial(manager: &Manager, addr: std::net::SocketAddr, config: LinkConfig) {
+    let mut last_error = String::new();
+    loop {
+        match Link::connect(addr, &config).await {
+            Ok(link) => {
+                last_error.clear();
+                manager.set_peer_connected(true, &addr.to_string());
+                let ended = session(manager, link).await;
+                manager.set_peer_connected(false, &ended.to_string());
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != last_error {
+                    tracing::info!(peer = %addr, error = %e, "pair channel: peer not reached");
+                    last_error = e;
+                }
+            }
+        }
+        tokio::time::sleep(REDIAL_EVERY).await;
+    }
+}
+
+async fn listen(addr: std::net::SocketAddr, config: LinkConfig, links: mpsc::Sender<Link>) {
+    let listener = loop {
+        match LinkListener::bind(addr, config.clone()).await {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "pair channel: cannot listen; retrying");
+                tokio::time::sleep(REDIAL_EVERY).await;
+            }
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok(link) => {
+                if links.send(link).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "pair channel: a connection was refused"),
+        }
+    }
+}
+
+/// Runs one session until the link fails; returns why it ended.
+async fn session(manager: &Manager, link: Link) -> PairError {
+    let (sender, mut receiver) = link.split();
+    let send_loop = async {
+        loop {
+            let state = match manager.pair_state() {
+                Ok(s) => s,
+                Err(e) => return PairError::Merge(e),
+            };
+            let frame = match state.to_frame() {
+                Ok(f) => f,
+                Err(e) => return PairError::Wire(e),
+            };
+            if let Err(e) = sender.send(&frame).await {
+                return PairError::Link(e);
+            }
+            tokio::select! {
+                _ = manager.changed() => {}
+                _ = tokio::time::sleep(STATE_EVERY) => {}
+            }
+        }
+    };
+    let recv_loop = async {
+        loop {
+            let frame = match receiver.recv().await {
+                Ok(f) => f,
+                Err(e) => return PairError::Link(e),
+            };
+            let state = match PairState::from_frame(&frame) {
+                Ok(s) => s,
+                Err(e) => return PairError::Wire(e),
+            };
+            if let Err(e) = manager.merge_peer(state) {
+                return PairError::Merge(e);
+            }
+        }
+    };
+    let ended = tokio::select! {
+        e = send_loop => e,
+        e = recv_loop => e,
+    };
+    sender.close().await;
+    ended
+}
