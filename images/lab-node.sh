@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the lab node image: Debian's cloud kernel, its kvm/kvm-amd, virtio,
 # tun and bridge modules, and an initramfs with busybox and the project's
-# static binaries (lab-agent, ftvmm, ftprotect); plus the read-only "images" disk that
+# static binaries (lab-agent, ftvmm, ftprotect, ftd); plus the read-only "images" disk that
 # every node mounts on /images (guest kernel, guest initramfs and root disk,
 # an empty guest data disk, static guest binaries).
 # Usage: lab-node.sh BIN_DIR GUEST_KERNEL_DIR GUEST_ROOTFS_DIR
@@ -9,11 +9,11 @@
 STEP=lab-node
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BIN_DIR=${1:?usage}; GK=${2:?usage}; GR=${3:?usage}
-NODE_BINS=(lab-agent ftvmm ftprotect)
+NODE_BINS=(lab-agent ftvmm ftprotect ftd)
 IMAGE_BINS=(ftvmm ft-dirtier)
 MODULES=(kvm_amd kvm_intel virtio_pci virtio_net virtio_blk tun bridge)
 
-need_pkgs busybox-static cpio e2fsprogs kmod gzip
+need_pkgs busybox-static cpio e2fsprogs kmod gzip binutils
 
 # The cloud kernel package is named by linux-image-cloud-amd64's dependency.
 pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
@@ -61,7 +61,8 @@ for a in $(/bin/busybox --list); do
 done
 ln -s ../bin/busybox "$ROOT/sbin/init"
 ln -s bin/busybox "$ROOT/init"
-for b in "${NODE_BINS[@]}"; do cp "$BIN_DIR/$b" "$ROOT/bin/$b"; done
+# Debug sections off: the initramfs is unpacked into the node's memory.
+for b in "${NODE_BINS[@]}"; do strip --strip-debug -o "$ROOT/bin/$b" "$BIN_DIR/$b"; done
 install -m 0755 "$IMAGES_DIR/node/rcS" "$ROOT/etc/init.d/rcS"
 cp "$IMAGES_DIR/node/inittab" "$ROOT/etc/inittab"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"

@@ -49,17 +49,20 @@ pub enum ConfigError {
 }
 
 /// One node of the pair as the configuration names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeAddresses {
     /// The node's name (unique in the pair).
     pub name: String,
     /// Its API (management network), host:port.
+    #[schema(value_type = String, example = "10.0.0.1:7200")]
     pub api: SocketAddr,
     /// Its end of the pair channel between the daemons (management
     /// network), host:port.
+    #[schema(value_type = String, example = "10.0.0.1:7201")]
     pub pair: SocketAddr,
     /// Where its standbys listen: the A-link first, then the backup path.
+    #[schema(value_type = Vec<String>, example = json!(["10.9.0.1:7800", "10.0.0.1:7801"]))]
     pub alink: Vec<SocketAddr>,
 }
 

@@ -97,14 +97,50 @@ struct InitArgs {
     /// making a new one.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Use this API token (the pair's: a copy of the other node's) instead
+    /// of making a new one.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     #[command(flatten)]
     peer: PeerArgs,
+}
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The first node's API, http://HOST:PORT.
+    #[arg(long)]
+    from: String,
+    /// The first node's API token (copied from its state directory).
+    #[arg(long)]
+    token_file: PathBuf,
+    /// This node's name.
+    #[arg(long)]
+    node: String,
+    /// Where this node's API listens, host:port.
+    #[arg(long)]
+    api: SocketAddr,
+    /// Where this node's pair channel listens [default: the API's
+    /// address, port 7201].
+    #[arg(long)]
+    pair: Option<SocketAddr>,
+    /// Where this node's standbys listen (comma-separated host:port).
+    #[arg(long, value_delimiter = ',', required = true)]
+    alink: Vec<SocketAddr>,
+    /// The `ftprotect` binary.
+    #[arg(long, default_value = "ftprotect")]
+    ftprotect: PathBuf,
+    /// Where control sockets go.
+    #[arg(long, default_value = "/run/ftd")]
+    run_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Make this node's state directory (once, on the first node of a pair).
     Init(Box<InitArgs>),
+    /// Set this node up as the second node of a pair: copies the pair's
+    /// secret and settings from the first node's API and becomes its peer.
+    Join(Box<JoinArgs>),
     /// Run the daemon.
     Serve,
     /// Print the API's OpenAPI document.
@@ -131,6 +167,7 @@ fn main() -> ExitCode {
                 ftprotect,
                 run_dir,
                 secret_file,
+                token_file,
                 peer,
             } = *args;
             let mut config = Config::new(NodeAddresses {
@@ -143,8 +180,14 @@ fn main() -> ExitCode {
             config.ftprotect = ftprotect;
             config.run_dir = run_dir;
             config.peer = peer.addresses();
-            init(&cli.state_dir, &config, secret_file.as_deref())
+            init(
+                &cli.state_dir,
+                &config,
+                secret_file.as_deref(),
+                token_file.as_deref(),
+            )
         }
+        Command::Join(args) => join(&cli.state_dir, &args),
         Command::Serve => serve(&cli.state_dir),
         Command::Openapi => {
             println!("{}", api::openapi_json());
@@ -160,7 +203,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init(state_dir: &Path, config: &Config, secret: Option<&Path>) -> Result<(), String> {
+fn init(
+    state_dir: &Path,
+    config: &Config,
+    secret: Option<&Path>,
+    token: Option<&Path>,
+) -> Result<(), String> {
     ftd::model::check_node_name(&config.node.name)?;
     if let Some(peer) = &config.peer {
         ftd::model::check_node_name(&peer.name)?;
@@ -181,15 +229,16 @@ fn init(state_dir: &Path, config: &Config, secret: Option<&Path>) -> Result<(), 
         if path.exists() {
             continue;
         }
-        let value = match (file, secret) {
-            (SECRET_FILE, Some(from)) => std::fs::read_to_string(from)
-                .map_err(|e| format!("cannot read the pair secret {}: {e}", from.display()))?
+        let given = if file == SECRET_FILE { secret } else { token };
+        let value = match given {
+            Some(from) => std::fs::read_to_string(from)
+                .map_err(|e| format!("cannot read {}: {e}", from.display()))?
                 .trim()
                 .to_string(),
-            _ => secrets::random_hex().map_err(|e| e.to_string())?,
+            None => secrets::random_hex().map_err(|e| e.to_string())?,
         };
         if value.len() < 16 {
-            return Err("the pair secret must be at least 16 characters".into());
+            return Err(format!("the {file} must be at least 16 characters"));
         }
         secrets::write_new(&path, &value).map_err(|e| e.to_string())?;
     }
@@ -201,6 +250,89 @@ fn init(state_dir: &Path, config: &Config, secret: Option<&Path>) -> Result<(), 
         config.node.name,
         state_dir.display(),
         state_dir.join(TOKEN_FILE).display()
+    );
+    Ok(())
+}
+
+fn join(state_dir: &Path, args: &JoinArgs) -> Result<(), String> {
+    ftd::model::check_node_name(&args.node)?;
+    if Config::path(state_dir).exists() {
+        return Err(format!(
+            "{} exists: this node is set up already",
+            Config::path(state_dir).display()
+        ));
+    }
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(|e| format!("cannot read {}: {e}", args.token_file.display()))?
+        .trim()
+        .to_string();
+    let base = args.from.trim_end_matches('/');
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
+    let bearer = format!("Bearer {token}");
+    let mut answer = agent
+        .get(format!("{base}/api/pair"))
+        .header("Authorization", &bearer)
+        .call()
+        .map_err(|e| format!("cannot reach the first node at {base}: {e}"))?;
+    let status = answer.status().as_u16();
+    let body = answer.body_mut().read_to_string().unwrap_or_default();
+    if status != 200 {
+        return Err(format!("the first node refused ({status}): {body}"));
+    }
+    let info: ftd::model::PairInfo = serde_json::from_str(&body)
+        .map_err(|e| format!("the first node's answer is not a pair description: {e}"))?;
+    if let Some(peer) = &info.peer {
+        if peer.name != args.node {
+            return Err(format!(
+                "{} is paired with {} already",
+                info.node.name, peer.name
+            ));
+        }
+    }
+    if info.node.name == args.node {
+        return Err(format!("the first node is named {:?} too", args.node));
+    }
+    let me = NodeAddresses {
+        name: args.node.clone(),
+        api: args.api,
+        pair: args.pair.unwrap_or_else(|| default_pair(args.api)),
+        alink: args.alink.clone(),
+    };
+    let mut config = Config::new(me.clone());
+    config.peer = Some(info.node.clone());
+    config.bridge = info.bridge.clone();
+    config.heartbeat_timeout_ms = info.heartbeat_timeout_ms;
+    config.ftprotect = args.ftprotect.clone();
+    config.run_dir = args.run_dir.clone();
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| format!("cannot make {}: {e}", state_dir.display()))?;
+    for (file, value) in [(SECRET_FILE, &info.pair_secret), (TOKEN_FILE, &token)] {
+        secrets::write_new(&state_dir.join(file), value).map_err(|e| e.to_string())?;
+    }
+    Store::open(&state_dir.join(DB_FILE), &me.name).map_err(|e| e.to_string())?;
+    config.save(state_dir).map_err(|e| e.to_string())?;
+    let mut answer = agent
+        .post(format!("{base}/api/pair/peer"))
+        .header("Authorization", &bearer)
+        .send_json(&me)
+        .map_err(|e| format!("cannot reach the first node at {base}: {e}"))?;
+    let status = answer.status().as_u16();
+    if status != 202 {
+        let body = answer.body_mut().read_to_string().unwrap_or_default();
+        return Err(format!(
+            "the first node did not take this node as its peer ({status}): {body}; \
+             this node's state in {} is written: remove it to try again",
+            state_dir.display()
+        ));
+    }
+    println!(
+        "node {} joined {} (the first node's daemon restarts to apply it); \
+         start this node's daemon (systemctl start ftd, or ftd serve)",
+        me.name, info.node.name
     );
     Ok(())
 }

@@ -110,6 +110,22 @@ impl Manager {
         &self.inner.config.node.name
     }
 
+    /// Restarts the daemon in a moment (after the answer went out), by
+    /// executing itself again: the configuration is read anew, the VMs'
+    /// roles keep running and are adopted.
+    pub fn restart_soon(&self) {
+        tokio::spawn(async {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            tracing::info!("restarting to apply the new configuration");
+            let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            let error = std::os::unix::process::CommandExt::exec(
+                std::process::Command::new("/proc/self/exe").args(&args[1..]),
+            );
+            tracing::error!(%error, "cannot restart; exiting for the service manager to");
+            std::process::exit(1);
+        });
+    }
+
     /// Waits until the store changes (or a wake-up is due anyway).
     pub async fn changed(&self) {
         self.inner.changed.notified().await
@@ -183,13 +199,7 @@ impl Manager {
             .runtime
             .all()
             .into_iter()
-            .map(|(vm, r)| RoleReport {
-                vm,
-                role: r.role,
-                state: r.state,
-                epoch: r.epoch,
-                message: r.message,
-            })
+            .map(|(vm, r)| r.report(&vm))
             .collect();
         Ok(PairState {
             version: PAIR_VERSION,
@@ -453,28 +463,24 @@ impl Manager {
         let peer = self.inner.config.peer.as_ref().map(|p| p.name.clone());
         let primary_here = record.primary_node.as_deref() == Some(me);
         // The state comes from the node running the primary.
+        let local = self.inner.runtime.get(&name).map(|l| l.report(&name));
+        let from_peer = self.peer_view().roles.get(&name).cloned();
         let reported = if primary_here || record.primary_node.is_none() {
-            self.inner.runtime.get(&name).map(|l| RoleReport {
-                vm: name.clone(),
-                role: l.role,
-                state: l.state,
-                epoch: l.epoch,
-                message: l.message,
-            })
+            local.clone()
         } else {
-            let from_peer = self.peer_view().roles.get(&name).cloned();
             // During a takeover the promoting standby is here.
-            match self.inner.runtime.get(&name) {
-                Some(l) if l.state == replicator::status::FtState::Promoting => Some(RoleReport {
-                    vm: name.clone(),
-                    role: l.role,
-                    state: l.state,
-                    epoch: l.epoch,
-                    message: l.message,
-                }),
-                _ => from_peer,
+            match &local {
+                Some(l) if l.state == replicator::status::FtState::Promoting => local.clone(),
+                _ => from_peer.clone(),
             }
         };
+        let mut roles = Vec::new();
+        if let Some(l) = &local {
+            roles.push(role_view(me, l));
+        }
+        if let (Some(p), Some(r)) = (&peer, &from_peer) {
+            roles.push(role_view(p, r));
+        }
         let (state, epoch, message) = match (&reported, record.desired) {
             (Some(r), _) => (vm_state(r.role, r.state), r.epoch, r.message.clone()),
             (None, Desired::Stopped) => (VmState::Stopped, None, None),
@@ -505,6 +511,7 @@ impl Manager {
             generation: record.generation,
             epoch,
             message,
+            roles,
             definition: record.definition,
         }
     }
@@ -580,6 +587,17 @@ impl Manager {
             .into_iter()
             .map(|r| (r.definition.clone(), r))
             .collect())
+    }
+}
+
+fn role_view(node: &str, r: &RoleReport) -> crate::model::RoleView {
+    crate::model::RoleView {
+        node: node.to_string(),
+        role: r.role.to_string(),
+        state: r.state.to_string(),
+        epoch: r.epoch,
+        peer: r.peer.clone(),
+        message: r.message.clone(),
     }
 }
 

@@ -70,6 +70,53 @@ pub struct NicSpec {
     pub mac: Option<String>,
 }
 
+/// Tuning of level ft (each unset field takes the node's default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FtOptions {
+    /// The standby takes over after this much silence of its primary
+    /// (ms; default the node's `heartbeat_timeout_ms`, 300).
+    #[serde(default)]
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Keep the guest paused until each checkpoint is acknowledged
+    /// (slower; for comparison with the default speculative mode).
+    #[serde(default)]
+    pub synchronous: bool,
+    /// Shortest and longest checkpoint interval (ms; defaults 2 and 20).
+    #[serde(default)]
+    pub min_interval_ms: Option<u64>,
+    #[serde(default)]
+    pub max_interval_ms: Option<u64>,
+}
+
+impl FtOptions {
+    fn check(&self) -> Result<(), FieldError> {
+        if let Some(t) = self.heartbeat_timeout_ms {
+            if !(50..=600_000).contains(&t) {
+                return Err(FieldError::new(
+                    "ft.heartbeat_timeout_ms",
+                    format!("{t} is not in 50..=600000"),
+                ));
+            }
+        }
+        let min = self.min_interval_ms.unwrap_or(2);
+        let max = self.max_interval_ms.unwrap_or(20);
+        if min == 0 || min > 10_000 {
+            return Err(FieldError::new(
+                "ft.min_interval_ms",
+                format!("{min} is not in 1..=10000"),
+            ));
+        }
+        if max < min || max > 10_000 {
+            return Err(FieldError::new(
+                "ft.max_interval_ms",
+                format!("{max} is not in {min}..=10000"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The body of `POST /api/vms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +146,8 @@ pub struct VmCreate {
     /// The node the VM starts on (default: the node that created it).
     #[serde(default)]
     pub preferred_node: Option<String>,
+    #[serde(default)]
+    pub ft: FtOptions,
 }
 
 fn default_vcpus() -> u8 {
@@ -126,6 +175,8 @@ pub struct VmDefinition {
     pub nics: Vec<String>,
     pub level: Level,
     pub preferred_node: String,
+    #[serde(default)]
+    pub ft: FtOptions,
     /// The VM's A-link slot: its standby listens on the node's A-link
     /// ports plus this, its TAPs are named after it.
     pub slot: u16,
@@ -309,6 +360,7 @@ impl VmCreate {
             }
             macs.push(mac);
         }
+        self.ft.check()?;
         let preferred_node = match self.preferred_node {
             Some(node) if nodes.contains(&node) => node,
             Some(node) => {
@@ -330,6 +382,7 @@ impl VmCreate {
             nics: macs,
             level: self.level,
             preferred_node,
+            ft: self.ft,
             slot,
         })
     }
@@ -384,6 +437,23 @@ pub enum VmState {
     Unknown,
 }
 
+/// A role of a VM on one node, as its FT engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RoleView {
+    pub node: String,
+    /// `primary` or `standby`.
+    pub role: String,
+    /// The engine's state: `starting`, `unprotected`, `syncing`,
+    /// `protected`, `waiting`, `standing-by`, `promoting`, `stopped`,
+    /// `failed`.
+    pub state: String,
+    /// The last checkpoint (epoch) committed.
+    pub epoch: Option<u64>,
+    /// The A-link address of the other side, while in session.
+    pub peer: Option<String>,
+    pub message: Option<String>,
+}
+
 /// A VM as `GET /api/vms/{name}` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmView {
@@ -401,6 +471,9 @@ pub struct VmView {
     pub epoch: Option<u64>,
     /// What the last change of state said (a failure's reason).
     pub message: Option<String>,
+    /// Its roles on the nodes (this node's, and the peer's while the pair
+    /// channel is up).
+    pub roles: Vec<RoleView>,
     pub definition: VmDefinition,
 }
 
@@ -494,6 +567,18 @@ pub struct AuditEntry {
     pub result: String,
 }
 
+/// What `GET /api/pair` tells a node that joins the pair (`ftd join`):
+/// this node's addresses and the pair's secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PairInfo {
+    pub node: crate::config::NodeAddresses,
+    pub peer: Option<crate::config::NodeAddresses>,
+    /// The pair secret (the A-link and the pair channel prove it).
+    pub pair_secret: String,
+    pub bridge: String,
+    pub heartbeat_timeout_ms: u64,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -523,6 +608,7 @@ mod tests {
             nics: vec![NicSpec { mac: None }],
             level: Level::Ft,
             preferred_node: None,
+            ft: FtOptions::default(),
         }
     }
 
@@ -594,6 +680,14 @@ mod tests {
             (
                 Box::new(|c| c.preferred_node = Some("node-c".into())),
                 "preferred_node",
+            ),
+            (
+                Box::new(|c| c.ft.heartbeat_timeout_ms = Some(10)),
+                "ft.heartbeat_timeout_ms",
+            ),
+            (
+                Box::new(|c| c.ft.max_interval_ms = Some(1)),
+                "ft.max_interval_ms",
             ),
         ];
         for (change, field) in cases {

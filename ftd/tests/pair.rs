@@ -231,3 +231,86 @@ fn a_wrong_secret_joins_nothing() {
     let (_, node) = p.a.call("GET", "/api/nodes/node-b", "-", None);
     assert_eq!(node["state"], "unknown", "{node}");
 }
+
+#[test]
+fn a_second_node_joins_with_ftd_join() {
+    // The first node alone.
+    let (api_a, pair_a) = (free_port(), free_port());
+    let a = Daemon::init_with(
+        "node-a",
+        api_a,
+        &["--pair".into(), format!("127.0.0.1:{pair_a}")],
+    );
+    let k = kernel(&a);
+    create(&a, "vm-one", &k);
+    // The second joins with the first node's token.
+    let (api_b, pair_b) = (free_port(), free_port());
+    let dir_b = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftd"))
+        .arg("--state-dir")
+        .arg(dir_b.path())
+        .args(["join", "--from", &a.url, "--token-file"])
+        .arg(a.state_dir().join("api-token"))
+        .args(["--node", "node-b", "--api", &format!("127.0.0.1:{api_b}")])
+        .args(["--pair", &format!("127.0.0.1:{pair_b}")])
+        .args([
+            "--alink",
+            "127.0.0.1:17950",
+            "--ftprotect",
+            "/nonexistent/ftprotect",
+        ])
+        .arg("--run-dir")
+        .arg(dir_b.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ftd join: {out:?}");
+    // The same secret and token on both.
+    for file in ["pair-secret", "api-token"] {
+        assert_eq!(
+            std::fs::read_to_string(a.state_dir().join(file))
+                .unwrap()
+                .trim(),
+            std::fs::read_to_string(dir_b.path().join(file))
+                .unwrap()
+                .trim(),
+            "{file}"
+        );
+    }
+    let mut b = Daemon::adopt_dir(dir_b, api_b, &a.token);
+    b.start();
+    // a restarted itself with its new peer; they pair and b gets the VM.
+    eventually(&b, "/api/vms", "vm-one reaches b", |l| {
+        names(l) == ["vm-one"]
+    });
+    eventually(&a, "/api/nodes/node-b", "a sees b", |n| n["state"] == "up");
+    // The read of the secret and the join are in a's audit log.
+    let (_, audit) = a.call("GET", "/api/audit", "-", None);
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"GET /api/pair"), "{actions:?}");
+    assert!(actions.contains(&"POST /api/pair/peer"), "{actions:?}");
+    // A third node cannot join a full pair.
+    let dir_c = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftd"))
+        .arg("--state-dir")
+        .arg(dir_c.path())
+        .args(["join", "--from", &a.url, "--token-file"])
+        .arg(a.state_dir().join("api-token"))
+        .args([
+            "--node",
+            "node-c",
+            "--api",
+            "127.0.0.1:1",
+            "--alink",
+            "127.0.0.1:2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("paired with node-b"), "{stderr}");
+}

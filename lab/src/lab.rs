@@ -130,7 +130,53 @@ pub fn progress(msg: impl std::fmt::Display) {
     eprintln!("[ftlab] {msg}");
 }
 
+/// The lab pair's secret and API token (made once per lab).
+#[derive(Debug, Clone)]
+pub struct LabSecrets {
+    pub pair_secret: String,
+    pub api_token: String,
+}
+
+/// 32 random bytes from the kernel, as hex.
+fn random_hex() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Reads a lab secret file, making it (mode 0600) when missing.
+fn secret_file(path: &Path) -> Result<String, LabError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(file_err(path)(e)),
+    }
+    let value = random_hex().map_err(file_err(path))?;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err(path))?;
+    f.write_all(value.as_bytes()).map_err(file_err(path))?;
+    Ok(value)
+}
+
 impl Lab {
+    /// The lab's pair secret and API token (made at the first `up`).
+    pub fn secrets(&self) -> Result<LabSecrets, LabError> {
+        std::fs::create_dir_all(&self.topo.dir).map_err(file_err(&self.topo.dir))?;
+        Ok(LabSecrets {
+            pair_secret: secret_file(&self.topo.pair_secret_file())?,
+            api_token: secret_file(&self.topo.api_token_file())?,
+        })
+    }
+
     pub fn open(name: &str) -> Result<Lab, LabError> {
         Ok(Lab {
             topo: Topology::new(name).map_err(LabError::Topology)?,
@@ -182,6 +228,7 @@ impl Lab {
         let (images, took) = images::build()?;
         images.check()?;
         progress(format_args!("images ready ({:.1}s)", took.as_secs_f64()));
+        let secrets = self.secrets()?;
         let bridge = self.topo.bridge();
         host_net::ensure_bridge(&bridge, &format!("{}/24", self.topo.host_biz_ip()))?;
 
@@ -201,7 +248,7 @@ impl Lab {
             }
             host_net::ensure_tap(&self.topo.tap(node), &bridge)?;
             self.ensure_disk(node)?;
-            let pid = qemu::start(&self.topo, &images, node)?;
+            let pid = qemu::start(&self.topo, &images, node, &secrets)?;
             progress(format_args!(
                 "node {node} starting (pid {pid}, console {})",
                 self.console_log(node).display()

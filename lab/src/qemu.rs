@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::AGENT_PORT;
 use crate::images::Images;
+use crate::lab::LabSecrets;
 use crate::topology::{Nic, NodeId, Topology};
 
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -24,12 +25,20 @@ pub enum QemuError {
 }
 
 /// The QEMU command line of `node`.
-pub fn command(topo: &Topology, images: &Images, node: NodeId) -> Command {
+pub fn command(topo: &Topology, images: &Images, node: NodeId, secrets: &LabSecrets) -> Command {
     let peer = node.peer();
+    // The lab's secret and token travel on the kernel command line: the
+    // node reads them once to set up its daemon (a lab is a test bed; on
+    // real servers `ftd join` copies them).
     let append = format!(
-        "console=ttyS0 quiet panic=-1 ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24",
+        "console=ttyS0 quiet panic=-1 ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24 \
+         ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={}",
         topo.alink_ip(node),
-        topo.biz_ip(node)
+        topo.biz_ip(node),
+        topo.alink_ip(peer),
+        topo.biz_ip(peer),
+        secrets.pair_secret,
+        secrets.api_token,
     );
     let mgmt = topo.mgmt_addr(node);
     let mut c = Command::new(QEMU);
@@ -111,10 +120,15 @@ pub fn command(topo: &Topology, images: &Images, node: NodeId) -> Command {
 }
 
 /// Starts `node`'s QEMU in the background and returns its pid.
-pub fn start(topo: &Topology, images: &Images, node: NodeId) -> Result<u32, QemuError> {
+pub fn start(
+    topo: &Topology,
+    images: &Images,
+    node: NodeId,
+    secrets: &LabSecrets,
+) -> Result<u32, QemuError> {
     let _ = std::fs::remove_file(topo.pid_file(node));
     let _ = std::fs::remove_file(topo.qmp_socket(node));
-    let out = command(topo, images, node)
+    let out = command(topo, images, node, secrets)
         .output()
         .map_err(QemuError::Spawn)?;
     if !out.status.success() {

@@ -128,6 +128,8 @@ pub struct Topology {
 
 /// The name of the lab that `ftctl lab` uses when none is given.
 pub const DEFAULT_LAB: &str = "lab";
+/// The port of each node's ftd API (images/node/rcS).
+pub const API_PORT: u16 = 7200;
 
 impl Topology {
     /// The topology of lab `name`, with its files under `$FTLAB_DIR/<name>`
@@ -229,6 +231,23 @@ impl Topology {
 
     pub fn pid_file(&self, node: NodeId) -> PathBuf {
         self.dir.join(format!("node-{node}.pid"))
+    }
+
+    /// The lab pair's secret (mode 0600), given to both nodes' daemons.
+    pub fn pair_secret_file(&self) -> PathBuf {
+        self.dir.join("pair-secret")
+    }
+
+    /// The bearer token of both nodes' API (mode 0600): what
+    /// `FTCTL_TOKEN_FILE` names for the lab.
+    pub fn api_token_file(&self) -> PathBuf {
+        self.dir.join("api-token")
+    }
+
+    /// The API of `node`'s daemon (on the business network, which is the
+    /// lab's management network too).
+    pub fn api_url(&self, node: NodeId) -> String {
+        format!("http://{}:{}", self.biz_ip(node), API_PORT)
     }
 
     pub fn disk(&self, node: NodeId) -> PathBuf {

@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod nodes;
 mod openapi;
+mod pair;
 mod vms;
 
 use std::net::SocketAddr;
@@ -70,6 +71,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/events", get(events::list))
         .route("/api/events/stream", get(events::stream))
         .route("/api/audit", get(events::audit))
+        .route("/api/pair", get(pair::show))
+        .route("/api/pair/peer", post(pair::set_peer))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
@@ -164,10 +167,11 @@ async fn audit(
     request: Request,
     next: Next,
 ) -> Response {
+    // The pair information carries the secret: its reads are audited too.
     let mutating = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
-    );
+    ) || request.uri().path() == "/api/pair";
     if !mutating {
         return next.run(request).await;
     }

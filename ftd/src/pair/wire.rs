@@ -38,6 +38,8 @@ pub struct RoleReport {
     pub role: Role,
     pub state: FtState,
     pub epoch: Option<u64>,
+    #[serde(default)]
+    pub peer: Option<String>,
     pub message: Option<String>,
 }
 

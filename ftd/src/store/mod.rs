@@ -711,6 +711,7 @@ mod tests {
             nics: vec!["52:54:00:00:00:01".into()],
             level: Level::Ft,
             preferred_node: "node-a".into(),
+            ft: Default::default(),
             slot: 0,
         }
     }

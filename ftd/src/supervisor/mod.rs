@@ -42,6 +42,20 @@ pub struct LocalRole {
     pub status: Option<Status>,
 }
 
+impl LocalRole {
+    /// What the pair channel and the API tell of it.
+    pub fn report(&self, vm: &str) -> crate::pair::wire::RoleReport {
+        crate::pair::wire::RoleReport {
+            vm: vm.to_string(),
+            role: self.role,
+            state: self.state,
+            epoch: self.epoch,
+            peer: self.status.as_ref().and_then(|s| s.peer.clone()),
+            message: self.message.clone(),
+        }
+    }
+}
+
 /// The supervisor's view of what runs here, shared with the manager.
 #[derive(Clone, Default)]
 pub struct Runtime(Arc<RwLock<HashMap<String, LocalRole>>>);

@@ -171,10 +171,20 @@ impl Process {
         cmd.args(["--bridge", &config.bridge]);
         cmd.arg("--control-sock").arg(&paths.sock);
         cmd.arg("--serial-log").arg(&paths.console);
-        cmd.args([
-            "--heartbeat-timeout-ms",
-            &config.heartbeat_timeout_ms.to_string(),
-        ]);
+        let ft = &vm.ft;
+        let heartbeat = ft
+            .heartbeat_timeout_ms
+            .unwrap_or(config.heartbeat_timeout_ms);
+        cmd.args(["--heartbeat-timeout-ms", &heartbeat.to_string()]);
+        if let Some(min) = ft.min_interval_ms {
+            cmd.args(["--min-interval-ms", &min.to_string()]);
+        }
+        if let Some(max) = ft.max_interval_ms {
+            cmd.args(["--max-interval-ms", &max.to_string()]);
+        }
+        if ft.synchronous {
+            cmd.arg("--synchronous");
+        }
         match role {
             Role::Primary => {
                 cmd.args(["--kernel", &vm.kernel]);

@@ -68,6 +68,22 @@ impl Daemon {
         d
     }
 
+    /// A daemon for a state directory made by other means (`ftd join`).
+    pub fn adopt_dir(dir: tempfile::TempDir, port: u16, token: &str) -> Daemon {
+        Daemon {
+            dir,
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            token: token.to_string(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into(),
+            seen: Default::default(),
+        }
+    }
+
     pub fn start(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_ftd"))
             .arg("--state-dir")
