@@ -1,4 +1,13 @@
 //! `ftctl`: the command-line tool of the FT pair and of its lab.
+//!
+//! - `ftctl node|vm|events|audit ...` speak a node manager's REST API
+//!   ([`api_commands`], [`api_client`]), like `virsh` does libvirt's.
+//! - `ftctl images ...` and `ftctl lab ...` build images and run the
+//!   two-node lab on this machine.
+
+mod api_client;
+mod api_commands;
+mod api_model;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,12 +19,16 @@ use lab::{drill, ft_pair, images, smoke, Lab, LabError, LinkId, NodeId};
 #[derive(Parser)]
 #[command(name = "ftctl", about = "Control a fault-tolerant VM pair and its lab")]
 struct Cli {
+    #[command(flatten)]
+    api: api_commands::ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Api(api_commands::ApiCommand),
     /// Guest and lab images.
     Images {
         #[command(subcommand)]
@@ -49,6 +62,13 @@ enum LabCommand {
     Down,
     /// Show nodes, links and console logs.
     Status,
+    /// Print the shell settings that point `ftctl` at the lab's API
+    /// (`eval "$(ftctl lab env)"`).
+    Env {
+        /// The node whose API to use.
+        #[arg(long, default_value = "a")]
+        node: NodeId,
+    },
     /// Run a command inside a node; prints its output, exits with its code.
     Exec {
         node: NodeId,
@@ -94,7 +114,14 @@ enum LabCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        Command::Api(command) => return api(&cli.api, command),
+        Command::Images {
+            command: ImagesCommand::Build,
+        } => build_images(),
+        Command::Lab { lab, command } => Lab::open(&lab).and_then(|lab| lab_command(&lab, command)),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ftctl: {e}");
@@ -103,21 +130,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode, LabError> {
-    match cli.command {
-        Command::Images {
-            command: ImagesCommand::Build,
-        } => {
-            let (images, took) = images::build()?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&images).expect("serialisable")
-            );
-            eprintln!("ftctl: images ready in {:.1}s", took.as_secs_f64());
-            Ok(ExitCode::SUCCESS)
+/// Runs an API command: exit 0 on success, 1 when the API refuses or
+/// cannot be reached, 2 for usage errors (as clap's).
+fn api(args: &api_commands::ApiArgs, command: api_commands::ApiCommand) -> ExitCode {
+    match api_commands::run(args, command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ftctl: error: {e}");
+            ExitCode::from(e.exit_code())
         }
-        Command::Lab { lab, command } => lab_command(&Lab::open(&lab)?, command),
     }
+}
+
+fn build_images() -> Result<ExitCode, LabError> {
+    let (images, took) = images::build()?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&images).expect("serialisable")
+    );
+    eprintln!("ftctl: images ready in {:.1}s", took.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
@@ -136,6 +168,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             println!("lab {} is down", lab.topo.name);
         }
         LabCommand::Status => print_status(lab)?,
+        LabCommand::Env { node } => print_env(lab, node),
         LabCommand::Exec {
             node,
             timeout,
@@ -230,6 +263,35 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `export` lines for FTCTL_API and FTCTL_TOKEN_FILE (the token is made
+/// at the lab's first `up`).
+fn print_env(lab: &Lab, node: NodeId) {
+    let token = lab.topo.api_token_file();
+    println!("export FTCTL_API={}", shell_quote(&lab.topo.api_url(node)));
+    println!(
+        "export FTCTL_TOKEN_FILE={}",
+        shell_quote(&token.to_string_lossy())
+    );
+    if !token.exists() {
+        eprintln!(
+            "ftctl: {} is made at the lab's first start (`ftctl lab up`)",
+            token.display()
+        );
+    }
+}
+
+/// `s` as one word for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:+@,=".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 fn print_status(lab: &Lab) -> Result<(), LabError> {
