@@ -535,6 +535,17 @@ fn nodes_events_and_the_audit_log_are_shown() {
     assert!(bad.stderr.contains("limit 0 is not in 1..=1000"), "{bad:?}");
 }
 
+/// A child process killed when dropped (a failed test leaves no
+/// `events --follow` running).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Lines `child` prints, as they come.
 fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().unwrap();
@@ -573,13 +584,14 @@ fn events_are_followed_across_a_restart_of_the_daemon() {
     let mut d = Daemon::init();
     let kernel = d.kernel();
     d.ok(&["vm", "create", "before", "--kernel", &kernel]);
-    let mut follow = d
-        .ftctl_command(&["events", "--follow", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = lines_of(&mut follow);
+    let mut follow = Killed(
+        d.ftctl_command(&["events", "--follow", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = lines_of(&mut follow.0);
     // The backlog first, then what happens.
     let before = wait_for_event(&lines, "before", "defined");
     d.ok(&["vm", "create", "streamed", "--kernel", &kernel]);
@@ -593,8 +605,7 @@ fn events_are_followed_across_a_restart_of_the_daemon() {
     d.ok(&["vm", "create", "after-restart", "--kernel", &kernel]);
     let after = wait_for_event(&lines, "after-restart", "defined");
     assert!(after["id"].as_u64() > streamed["id"].as_u64());
-    let _ = follow.kill();
-    let _ = follow.wait();
+    drop(follow);
     let rest: Vec<String> = lines.try_iter().collect();
     assert!(
         rest.iter().all(|l| !l.contains("\"after-restart\"")),
