@@ -11,8 +11,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::api_client::{ApiClient, ClientError, EventQuery, EventStream, SseMessage, MAX_EVENTS};
-use crate::api_model::{AuditEntry, DiskSpec, Event, NicSpec, NodeView, VmCreate, VmView};
+use ftd_client::client::{ApiClient, ClientError, EventQuery, EventStream, SseMessage, MAX_EVENTS};
+use ftd_client::model::{AuditEntry, DiskSpec, Event, NicSpec, NodeView, VmCreate, VmView};
 
 /// Where the API is and how `ftctl` answers (global options).
 #[derive(Args, Debug)]

@@ -1,13 +1,11 @@
 //! `ftctl`: the command-line tool of the FT pair and of its lab.
 //!
 //! - `ftctl node|vm|events|audit ...` speak a node manager's REST API
-//!   ([`api_commands`], [`api_client`]), like `virsh` does libvirt's.
+//!   ([`api_commands`], the `ftd-client` crate), like `virsh` does libvirt's.
 //! - `ftctl images ...` and `ftctl lab ...` build images and run the
 //!   two-node lab on this machine.
 
-mod api_client;
 mod api_commands;
-mod api_model;
 
 use std::process::ExitCode;
 use std::time::Duration;

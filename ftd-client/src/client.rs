@@ -12,7 +12,7 @@ use serde::Serialize;
 use ureq::http::{Method, Request};
 use ureq::Agent;
 
-use crate::api_model::ErrorBody;
+use crate::model::ErrorBody;
 
 /// How long a request (connecting, sending, answering) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
