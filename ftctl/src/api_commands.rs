@@ -12,7 +12,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use ftd_client::client::{ApiClient, ClientError, EventQuery, EventStream, SseMessage, MAX_EVENTS};
-use ftd_client::model::{AuditEntry, DiskSpec, Event, NicSpec, NodeView, VmCreate, VmView};
+use ftd_client::model::{
+    AuditEntry, DiskSpec, Event, FtOptions, NicSpec, NodeView, VmCreate, VmView,
+};
 
 /// Where the API is and how `ftctl` answers (global options).
 #[derive(Args, Debug)]
@@ -67,8 +69,8 @@ pub enum VmCommand {
     /// Show one VM.
     Show { name: String },
     /// Define a VM (it stays stopped until started).
-    Create(VmCreateArgs),
-    /// Delete a stopped VM's definition (its disk files stay on the nodes).
+    Create(Box<VmCreateArgs>),
+    /// Delete a stopped VM: its definition, and its files on both nodes.
     Delete { name: String },
     /// Start a VM on its preferred node (at level ft with its standby).
     Start { name: String },
@@ -135,6 +137,18 @@ pub struct VmCreateArgs {
     /// The node it starts on (default: the node answering).
     #[arg(long, value_name = "NODE", conflicts_with = "from_json")]
     preferred_node: Option<String>,
+    /// Level ft: the standby takes over after this much silence (ms).
+    #[arg(long, value_name = "MS", conflicts_with = "from_json")]
+    heartbeat_timeout_ms: Option<u64>,
+    /// Level ft: keep the guest paused until each checkpoint is
+    /// acknowledged.
+    #[arg(long, conflicts_with = "from_json")]
+    synchronous: bool,
+    /// Level ft: shortest and longest checkpoint interval (ms).
+    #[arg(long, value_name = "MS", conflicts_with = "from_json")]
+    min_interval_ms: Option<u64>,
+    #[arg(long, value_name = "MS", conflicts_with = "from_json")]
+    max_interval_ms: Option<u64>,
     /// A VmCreate body (JSON) instead of the options; '-' reads stdin.
     #[arg(long, value_name = "FILE")]
     from_json: Option<PathBuf>,
@@ -295,7 +309,7 @@ fn vm_command(client: &ApiClient, json: bool, command: VmCommand) -> Result<(), 
         VmCommand::Show { name } if json => print_json(&client.vm::<Value>(&name)?),
         VmCommand::Show { name } => emit(&vm_details(&client.vm(&name)?)),
         VmCommand::Create(create) => {
-            let body = create_body(create)?;
+            let body = create_body(*create)?;
             let vm: Value = client.create_vm(&body)?;
             vm_answer(json, vm, |vm| {
                 format!(
@@ -352,7 +366,7 @@ fn vm_answer(json: bool, vm: Value, say: impl Fn(&VmView) -> String) -> Result<(
 #[serde(untagged)]
 enum CreateBody {
     /// Made from the options.
-    Options(VmCreate),
+    Options(Box<VmCreate>),
     /// Read from `--from-json`, sent as it is (the name filled in).
     Json(Value),
 }
@@ -361,7 +375,7 @@ enum CreateBody {
 fn create_body(create: VmCreateArgs) -> Result<CreateBody, CommandError> {
     let Some(path) = create.from_json else {
         // clap requires the name and the kernel without --from-json.
-        return Ok(CreateBody::Options(VmCreate {
+        return Ok(CreateBody::Options(Box::new(VmCreate {
             name: create.name.unwrap_or_default(),
             kernel: create.kernel.unwrap_or_default(),
             initrd: create.initrd,
@@ -372,7 +386,14 @@ fn create_body(create: VmCreateArgs) -> Result<CreateBody, CommandError> {
             nics: create.nics,
             level: create.level.map(|l| l.as_str().to_string()),
             preferred_node: create.preferred_node,
-        }));
+            ft: Some(FtOptions {
+                heartbeat_timeout_ms: create.heartbeat_timeout_ms,
+                synchronous: create.synchronous,
+                min_interval_ms: create.min_interval_ms,
+                max_interval_ms: create.max_interval_ms,
+            })
+            .filter(|ft| *ft != FtOptions::default()),
+        })));
     };
     let text = if path.as_os_str() == "-" {
         let mut text = String::new();

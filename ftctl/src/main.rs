@@ -82,15 +82,19 @@ enum LabCommand {
     Cut { link: LinkId },
     /// Restore a cut link.
     Heal { link: LinkId },
-    /// Start the pair (if needed) and run the ledger VM protected at level
-    /// FT: primary on node a, standby on node b. Prints the FT status.
+    /// Start the pair (if needed), then through node a's API define the
+    /// ledger VM at level FT (afresh), start it (primary on node a; node
+    /// b's daemon starts the standby) and wait until it is protected.
     Protect {
-        /// Extra ftprotect options for both nodes (e.g. "--synchronous").
-        #[arg(long, default_value = "")]
-        ftprotect_args: String,
+        /// The standby takes over after this much silence (ms).
+        #[arg(long)]
+        heartbeat_timeout_ms: Option<u64>,
+        /// Keep the guest paused until each checkpoint is acknowledged.
+        #[arg(long)]
+        synchronous: bool,
     },
-    /// Show the FT status of both nodes (JSON, asked on the control socket
-    /// of each node's ftprotect; null where none answers).
+    /// Show the FT engine's status of the ledger VM on both nodes (JSON,
+    /// from each node's API; null where no role of it runs).
     FtStatus,
     /// Run N failover drills on the protected ledger VM (the lab is started
     /// afresh): pull the primary at a random moment, check the ledger,
@@ -192,15 +196,28 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             lab.set_link(link, true)?;
             println!("link {link} healed");
         }
-        LabCommand::Protect { ftprotect_args } => {
+        LabCommand::Protect {
+            heartbeat_timeout_ms,
+            synchronous,
+        } => {
             lab.up(&NodeId::ALL)?;
-            match ft_pair::protect(lab, NodeId::A, &ftprotect_args) {
+            let ft = ftd_client::model::FtOptions {
+                heartbeat_timeout_ms,
+                synchronous,
+                ..Default::default()
+            };
+            let started = std::time::Instant::now();
+            match ft_pair::protect(lab, NodeId::A, ft) {
                 Ok(status) => {
                     println!("{}", serde_json::to_string_pretty(&status).expect("json"));
                     println!(
-                        "ledger VM protected: primary a, standby b; ledger at {} \
-                         (`ftctl lab ft-status`, `ftctl lab pull a` to fail it over)",
-                        ft_pair::ledger_addr(lab)
+                        "ledger VM protected in {:.1} s: primary a, standby b; ledger at {}\n\
+                         the API: eval \"$(ftctl lab env)\"; ftctl vm show {}; \
+                         `ftctl lab pull a` to fail it over, `ftctl lab up --node a` to bring \
+                         it back (its daemon re-protects the VM by itself)",
+                        started.elapsed().as_secs_f64(),
+                        ft_pair::ledger_addr(lab),
+                        ft_pair::VM_NAME,
                     );
                 }
                 Err(e) => {

@@ -197,6 +197,12 @@ impl ApiClient {
         self.get(&vm_path(name, ""))
     }
 
+    /// `GET /api/vms/{name}/engine`: the FT engine's status of the VM's
+    /// role on the node answering.
+    pub fn vm_engine<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
+        self.get(&vm_path(name, "/engine"))
+    }
+
     /// `POST /api/vms`: defines a VM from a `VmCreate` body.
     pub fn create_vm<T: DeserializeOwned>(&self, body: &impl Serialize) -> Result<T, ClientError> {
         let action = Action {

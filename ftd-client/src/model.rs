@@ -22,6 +22,19 @@ pub struct NicSpec {
     pub mac: Option<String>,
 }
 
+/// Tuning of level ft; unset fields take the node's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FtOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub synchronous: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_interval_ms: Option<u64>,
+}
+
 /// The body of `POST /api/vms`. Fields left out take the daemon's
 /// defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -45,6 +58,8 @@ pub struct VmCreate {
     pub level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preferred_node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtOptions>,
 }
 
 /// A stored VM definition, with the daemon's defaults filled in.

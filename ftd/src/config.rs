@@ -142,16 +142,16 @@ impl Config {
         Ok(config)
     }
 
-    /// Writes the configuration (atomically: a temporary file renamed).
+    /// Writes the configuration durably and atomically: a temporary file,
+    /// synced, renamed over the old one, the folder synced (a power cut
+    /// leaves the old file or the new one, never an empty one).
     pub fn save(&self, state_dir: &Path) -> Result<(), ConfigError> {
         let path = Config::path(state_dir);
         let text = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let tmp = path.with_extension("toml.new");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
+        crate::secrets::write_durably(&path, text.as_bytes())
             .map_err(|source| ConfigError::Write { path, source })
     }
 

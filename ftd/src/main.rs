@@ -244,6 +244,9 @@ fn init(
     }
     Store::open(&state_dir.join(DB_FILE), &config.node.name).map_err(|e| e.to_string())?;
     config.save(state_dir).map_err(|e| e.to_string())?;
+    if let Some(parent) = state_dir.parent() {
+        secrets::sync_dir(parent).map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+    }
     println!(
         "node {} set up in {}; start the daemon (systemctl start ftd, or ftd serve); \
          the API token is in {}",
@@ -315,6 +318,9 @@ fn join(state_dir: &Path, args: &JoinArgs) -> Result<(), String> {
     }
     Store::open(&state_dir.join(DB_FILE), &me.name).map_err(|e| e.to_string())?;
     config.save(state_dir).map_err(|e| e.to_string())?;
+    if let Some(parent) = state_dir.parent() {
+        secrets::sync_dir(parent).map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+    }
     let mut answer = agent
         .post(format!("{base}/api/pair/peer"))
         .header("Authorization", &bearer)

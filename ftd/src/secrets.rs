@@ -25,6 +25,28 @@ pub enum SecretError {
     Empty { path: PathBuf },
 }
 
+/// Syncs a folder, so that the names made in it survive a power cut.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Replaces `path` with `bytes` durably and atomically: a temporary file
+/// (mode 0600), synced, renamed, the folder synced.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
 /// 32 random bytes as 64 hex digits.
 pub fn random_hex() -> Result<String, SecretError> {
     let mut bytes = [0u8; 32];
@@ -47,6 +69,7 @@ pub fn write_new(path: &Path, value: &str) -> Result<(), SecretError> {
         .map_err(err)?;
     file.write_all(value.as_bytes())
         .and_then(|()| file.sync_all())
+        .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))))
         .map_err(err)
 }
 

@@ -58,8 +58,17 @@ pub struct DrillRound {
     pub acked_before_check: usize,
     pub memory: Verdict,
     pub disk: Verdict,
-    /// Pulled node back -> pair protected again.
+    /// Pulled node back -> pair protected again (its boot included).
     pub reprotect_ms: u64,
+    /// The pulled node's boot (start -> its agent answers).
+    pub node_boot_ms: u64,
+    /// Node booted -> protected again, with no command from anyone: the
+    /// daemons re-protect by themselves.
+    pub boot_to_protected_ms: u64,
+    /// The VM's generation after the round (bumped by each takeover).
+    pub generation: u64,
+    /// The API showed the promoted node as the VM's primary.
+    pub placed_ok: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -159,7 +168,7 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
     lab.up(&NodeId::ALL)?;
     let mut primary = NodeId::A;
     progress("drill: protecting the ledger VM (initial synchronisation)");
-    ft_pair::protect(lab, primary, "")?;
+    ft_pair::protect(lab, primary, Default::default())?;
     ft_pair::wait_for(
         lab,
         primary.peer(),
@@ -224,20 +233,27 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
                 if memory.ok() { "ok" } else { "WRONG" },
                 if disk.ok() { "ok" } else { "WRONG" }
             ));
-            // The pulled node comes back as the new standby.
+            // The pulled node comes back; its daemon learns the new
+            // placement from the peer's and starts the standby by itself.
             let back = Instant::now();
-            lab.up(&[primary])?;
-            ft_pair::prepare_node(lab, primary)?;
-            ft_pair::start_standby(lab, primary, "")?;
+            let boots = lab.up(&[primary])?;
+            let node_boot_ms = boots.first().map_or(0, |b| (b.boot_secs * 1000.0) as u64);
+            let booted_at = Instant::now();
             ft_pair::wait_for(
                 lab,
                 standby,
                 Role::Primary,
                 FtState::Protected,
-                Duration::from_secs(180),
+                Duration::from_secs(240),
             )?;
             let reprotect_ms = back.elapsed().as_millis() as u64;
-            let ok = memory.ok() && disk.ok();
+            let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
+            let placement = ft_pair::vm(lab, standby)?;
+            let generation = placement.as_ref().map_or(0, |v| v.generation);
+            let placed_ok = placement.as_ref().is_some_and(|v| {
+                v.primary_node.as_deref() == Some(ft_pair::node_name(standby).as_str())
+            });
+            let ok = memory.ok() && disk.ok() && placed_ok;
             rounds.push(DrillRound {
                 round,
                 pulled: primary,
@@ -249,6 +265,10 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
                 memory,
                 disk,
                 reprotect_ms,
+                node_boot_ms,
+                boot_to_protected_ms,
+                generation,
+                placed_ok,
             });
             if !ok {
                 break;
@@ -276,7 +296,9 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
         count,
         seed,
         passed: rounds.len() == count as usize
-            && rounds.iter().all(|r| r.memory.ok() && r.disk.ok())
+            && rounds
+                .iter()
+                .all(|r| r.memory.ok() && r.disk.ok() && r.placed_ok)
             && final_error.is_none(),
         rounds,
         acked_total,
@@ -298,7 +320,7 @@ pub fn run(lab: &Lab, count: u32, report_path: &PathBuf) -> Result<DrillReport, 
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>6}  {:>8}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>12}",
+        "{:>5}  {:>6}  {:>8}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>12}  {:>17}",
         "drill",
         "pulled",
         "promoted",
@@ -307,12 +329,13 @@ pub fn print_table(report: &DrillReport) {
         "acked",
         "memory",
         "disk",
-        "reprotect ms"
+        "reprotect ms",
+        "boot->protect ms"
     );
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>6}  {:>8}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>12}",
+            "{:>5}  {:>6}  {:>8}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>12}  {:>17}",
             r.round,
             r.pulled.to_string(),
             r.promoted.to_string(),
@@ -321,7 +344,8 @@ pub fn print_table(report: &DrillReport) {
             r.acked_before_check,
             verdict(&r.memory),
             verdict(&r.disk),
-            r.reprotect_ms
+            r.reprotect_ms,
+            r.boot_to_protected_ms
         );
     }
     println!(

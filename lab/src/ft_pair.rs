@@ -1,44 +1,43 @@
-//! A protected VM across the lab pair: each node gets a bridge joining the
-//! guest's TAP to its business NIC and the pair secret; the primary runs
-//! `ftprotect run` (a guest serving the ledger on its data disk), the
-//! standby `ftprotect standby`. Their FT status is asked on the control
-//! socket each serves in its node (`ftprotect ctl ... status`).
+//! A protected VM across the lab pair, driven through the product's API:
+//! each lab node runs `ftd` from boot (images/node/rcS), the two daemons
+//! pair over the business network, and the lab defines and starts the
+//! ledger VM through a node's REST API like any user would (ftd starts
+//! the primary and the peer's standby, and re-protects after a pull).
+//! The engine's detailed status of a node's role is read from that node's
+//! API (`GET /api/vms/{name}/engine`).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ftd_client::model::{DiskSpec, FtOptions, NicSpec, NodeView, VmCreate, VmView};
+use ftd_client::{ApiClient, ClientError};
 use replicator::status::{FtState, Role, Status};
 
 use crate::lab::{Lab, LabError};
 use crate::topology::NodeId;
 
-/// Where the FT processes keep their files inside a node.
-const FT_DIR: &str = "/data/ft";
-const RUN_DIR: &str = "/tmp/ft";
-/// The control socket of the node's ftprotect (in [`RUN_DIR`]).
-const CONTROL_SOCK: &str = "/tmp/ft/ftprotect.sock";
-/// The A-link port the standby listens on.
-pub const ALINK_PORT: u16 = 7800;
-/// The port of the second (backup) path, over the business network.
-pub const BACKUP_PORT: u16 = 7801;
 /// The ledger's TCP port in the guest.
 pub const LEDGER_PORT: u16 = 7000;
+/// The lab's protected VM.
+pub const VM_NAME: &str = "ledger-vm";
 const GUEST_MAC: &str = "52:54:00:f7:00:64";
-const GUEST_TAP: &str = "fttap0";
-const VM_NAME: &str = "ledger-vm";
-/// The lab's pair secret (a lab is a test bed; real pairs generate theirs).
-const LAB_SECRET: &str = "ftlab-pair-secret-not-for-production";
 pub const GUEST_MEM_MIB: u64 = 128;
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the daemons may take to answer and pair after a node boots.
+const PAIR_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FtPairError {
     #[error(transparent)]
     Lab(#[from] LabError),
-    #[error("setting up node {node} failed: {detail}")]
-    Setup { node: NodeId, detail: String },
+    #[error("the API of node {node}: {source}")]
+    Api {
+        node: NodeId,
+        #[source]
+        source: ClientError,
+    },
     #[error(
-        "node {node} did not reach {what} within {secs} s; last status: {last}; log tail:\n{log}"
+        "node {node} did not reach {what} within {secs} s; last seen: {last}; log tail:\n{log}"
     )]
     Timeout {
         node: NodeId,
@@ -59,113 +58,162 @@ pub fn ledger_addr(lab: &Lab) -> SocketAddr {
     SocketAddr::new(guest_ip(lab).into(), LEDGER_PORT)
 }
 
-fn sh(lab: &Lab, node: NodeId, script: &str) -> Result<String, FtPairError> {
-    let out = lab.exec(node, &["sh", "-c", script], EXEC_TIMEOUT)?;
-    if out.exit_code() != 0 {
-        return Err(FtPairError::Setup {
-            node,
-            detail: format!(
-                "`{script}` exited {}: {}",
-                out.exit_code(),
-                out.stderr.trim()
-            ),
-        });
-    }
-    Ok(out.stdout)
+/// The lab's name of a node's daemon ("node-a").
+pub fn node_name(node: NodeId) -> String {
+    format!("node-{node}")
 }
 
-/// Bridge, TAP-less for now (ftprotect puts its TAP on it), secret, folders.
-pub fn prepare_node(lab: &Lab, node: NodeId) -> Result<(), FtPairError> {
-    let ip = lab.topo.biz_ip(node);
-    sh(
-        lab,
-        node,
-        &format!(
-            "mkdir -p {FT_DIR} {RUN_DIR} && printf %s '{LAB_SECRET}' > {FT_DIR}/secret && \
-             if ! [ -e /sys/class/net/br0 ]; then \
-               ip link add br0 type bridge && ip link set biz master br0 && ip addr flush dev biz && \
-               ip addr add {ip}/24 dev br0 && ip link set br0 up; fi"
-        ),
-    )?;
-    Ok(())
+/// A client of `node`'s API with the lab's token.
+pub fn api(lab: &Lab, node: NodeId) -> Result<ApiClient, FtPairError> {
+    let token = lab.topo.api_token_file();
+    ApiClient::new(Some(&lab.topo.api_url(node)), Some(&token))
+        .map_err(|source| FtPairError::Api { node, source })
 }
 
-/// The addresses where `node`'s standby listens: the A-link, then the
-/// business network as the backup path.
-fn standby_addresses(lab: &Lab, node: NodeId) -> String {
-    format!(
-        "{}:{ALINK_PORT},{}:{BACKUP_PORT}",
-        lab.topo.alink_ip(node),
-        lab.topo.biz_ip(node)
-    )
+fn api_err(node: NodeId) -> impl FnOnce(ClientError) -> FtPairError {
+    move |source| FtPairError::Api { node, source }
 }
 
-fn common_args(lab: &Lab, node: NodeId) -> String {
-    format!(
-        "--vm-name {VM_NAME} --node node-{node} --secret-file {FT_DIR}/secret \
-         --peer {} --bridge br0 --control-sock {CONTROL_SOCK} \
-         --serial-log {RUN_DIR}/console.log",
-        standby_addresses(lab, node.peer())
-    )
-}
-
-/// Boots the ledger guest on `node` as the primary (a fresh data disk).
-pub fn start_primary(lab: &Lab, node: NodeId, extra: &str) -> Result<(), FtPairError> {
+/// The ledger VM's definition: the guest kernel and initramfs from the
+/// images disk, the ledger on a copy of the empty data disk.
+pub fn ledger_vm(lab: &Lab, preferred: NodeId, level: &str, ft: FtOptions) -> VmCreate {
     let ip = guest_ip(lab);
-    let cmdline = format!(
-        "console=ttyS0 reboot=k panic=1 quiet ftguest.ip={ip}/24 \
-         ftguest.run=/bin/ft-ledger,{LEDGER_PORT},/data/ledger.log"
-    );
-    sh(
-        lab,
-        node,
-        &format!(
-            "cp /images/guest-data.ext4 {FT_DIR}/disk.img && \
-             (ftprotect run {} --kernel /images/vmlinux --initrd /images/guest-initramfs.cpio.gz \
-              --cmdline '{cmdline}' --mem-mib {GUEST_MEM_MIB} --disk {FT_DIR}/disk.img \
-              --net tap={GUEST_TAP},mac={GUEST_MAC} {extra} > {RUN_DIR}/ftprotect.log 2>&1 &)",
-            common_args(lab, node)
-        ),
-    )?;
-    Ok(())
-}
-
-/// Starts `node` as the standby.
-pub fn start_standby(lab: &Lab, node: NodeId, extra: &str) -> Result<(), FtPairError> {
-    let listen = standby_addresses(lab, node);
-    sh(
-        lab,
-        node,
-        &format!(
-            "(ftprotect standby {} --listen {listen} --disk {FT_DIR}/disk.img \
-              --tap {GUEST_TAP} {extra} > {RUN_DIR}/ftprotect.log 2>&1 &)",
-            common_args(lab, node)
-        ),
-    )?;
-    Ok(())
-}
-
-/// The FT status of `node`'s ftprotect, asked on its control socket (None
-/// if none answers, e.g. none runs).
-pub fn status(lab: &Lab, node: NodeId) -> Option<Status> {
-    let out = lab
-        .exec(
-            node,
-            &["ftprotect", "ctl", "--sock", CONTROL_SOCK, "status"],
-            EXEC_TIMEOUT,
-        )
-        .ok()?;
-    if out.exit_code() != 0 {
-        return None;
+    VmCreate {
+        name: VM_NAME.into(),
+        kernel: "/images/vmlinux".into(),
+        initrd: Some("/images/guest-initramfs.cpio.gz".into()),
+        cmdline: Some(format!(
+            "console=ttyS0 reboot=k panic=1 quiet ftguest.ip={ip}/24 \
+             ftguest.run=/bin/ft-ledger,{LEDGER_PORT},/data/ledger.log"
+        )),
+        vcpus: Some(1),
+        memory_mib: Some(GUEST_MEM_MIB),
+        disks: vec![DiskSpec {
+            size_mib: None,
+            image: Some("/images/guest-data.ext4".into()),
+        }],
+        nics: vec![NicSpec {
+            mac: Some(GUEST_MAC.into()),
+        }],
+        level: Some(level.into()),
+        preferred_node: Some(node_name(preferred)),
+        ft: Some(ft).filter(|ft| *ft != FtOptions::default()),
     }
-    serde_json::from_str(&out.stdout).ok()
 }
 
-/// The tail of `node`'s ftprotect log.
+/// Waits until `node`'s daemon answers and sees its peer up.
+pub fn wait_paired(lab: &Lab, node: NodeId) -> Result<(), FtPairError> {
+    let client = api(lab, node)?;
+    let start = Instant::now();
+    loop {
+        let last = match client.nodes::<Vec<NodeView>>() {
+            Ok(nodes) if nodes.len() == 2 && nodes.iter().all(|n| n.state == "up") => return Ok(()),
+            Ok(nodes) => format!("{nodes:?}"),
+            Err(e) => e.to_string(),
+        };
+        if start.elapsed() > PAIR_TIMEOUT {
+            return Err(FtPairError::Timeout {
+                node,
+                what: "its daemon paired with the peer".into(),
+                secs: PAIR_TIMEOUT.as_secs(),
+                last,
+                log: log_tail(lab, node),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The ledger VM as `node`'s API shows it (None if it is not defined).
+pub fn vm(lab: &Lab, node: NodeId) -> Result<Option<VmView>, FtPairError> {
+    match api(lab, node)?.vm::<VmView>(VM_NAME) {
+        Ok(v) => Ok(Some(v)),
+        Err(ClientError::Refused { status: 404, .. }) => Ok(None),
+        Err(e) => Err(FtPairError::Api { node, source: e }),
+    }
+}
+
+/// Stops (waiting until it is stopped everywhere) and deletes the ledger
+/// VM if it is defined.
+pub fn remove_vm(lab: &Lab, via: NodeId) -> Result<(), FtPairError> {
+    let client = api(lab, via)?;
+    let Some(view) = vm(lab, via)? else {
+        return Ok(());
+    };
+    if view.desired == "running" {
+        client.stop_vm::<VmView>(VM_NAME).map_err(api_err(via))?;
+    }
+    let start = Instant::now();
+    loop {
+        match client.delete_vm(VM_NAME) {
+            Ok(()) => return Ok(()),
+            // Still stopping on a node.
+            Err(ClientError::Refused { status: 409, .. })
+                if start.elapsed() < Duration::from_secs(60) =>
+            {
+                std::thread::sleep(Duration::from_millis(300))
+            }
+            Err(e) => {
+                return Err(FtPairError::Api {
+                    node: via,
+                    source: e,
+                })
+            }
+        }
+    }
+}
+
+/// Defines the ledger VM (afresh) and starts it on `primary`, through
+/// `primary`'s API.
+pub fn define_and_start(
+    lab: &Lab,
+    primary: NodeId,
+    level: &str,
+    ft: FtOptions,
+) -> Result<VmView, FtPairError> {
+    for node in NodeId::ALL {
+        wait_paired(lab, node)?;
+    }
+    remove_vm(lab, primary)?;
+    let client = api(lab, primary)?;
+    client
+        .create_vm::<VmView>(&ledger_vm(lab, primary, level, ft))
+        .map_err(api_err(primary))?;
+    client.start_vm::<VmView>(VM_NAME).map_err(api_err(primary))
+}
+
+/// Brings up the pair with the ledger VM protected at level FT, primary
+/// on `primary`; returns the primary's engine status once protected.
+pub fn protect(lab: &Lab, primary: NodeId, ft: FtOptions) -> Result<Status, FtPairError> {
+    define_and_start(lab, primary, "ft", ft)?;
+    wait_for(
+        lab,
+        primary,
+        Role::Primary,
+        FtState::Protected,
+        Duration::from_secs(240),
+    )
+}
+
+/// The engine status of the ledger VM's role on `node`, from that node's
+/// API (None if it does not answer or runs no role of it).
+pub fn status(lab: &Lab, node: NodeId) -> Option<Status> {
+    let client = api(lab, node).ok()?;
+    client.vm_engine::<Status>(VM_NAME).ok()
+}
+
+/// The tails of `node`'s daemon log and of its ledger VM role's log.
 pub fn log_tail(lab: &Lab, node: NodeId) -> String {
     lab.exec(
         node,
-        &["sh", "-c", &format!("tail -n 30 {RUN_DIR}/ftprotect.log")],
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "echo '--- ftd'; tail -n 15 /data/ftd/ftd.log; \
+                 echo '--- {VM_NAME}'; tail -n 20 /data/ftd/vms/{VM_NAME}/ftprotect.log"
+            ),
+        ],
         EXEC_TIMEOUT,
     )
     .map(|o| o.stdout)
@@ -200,20 +248,4 @@ pub fn wait_for(
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// Brings up the pair with the ledger VM protected: primary on `primary`.
-pub fn protect(lab: &Lab, primary: NodeId, extra: &str) -> Result<Status, FtPairError> {
-    for node in NodeId::ALL {
-        prepare_node(lab, node)?;
-    }
-    start_standby(lab, primary.peer(), extra)?;
-    start_primary(lab, primary, extra)?;
-    wait_for(
-        lab,
-        primary,
-        Role::Primary,
-        FtState::Protected,
-        Duration::from_secs(180),
-    )
 }

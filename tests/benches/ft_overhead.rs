@@ -96,16 +96,13 @@ fn connect(lab: &LabPair) -> LedgerClient {
     }
 }
 
-fn run_mode(lab: &LabPair, extra: &str) -> (Figures, Figures) {
-    for node in NodeId::ALL {
-        ft_pair::prepare_node(lab.lab(), node).expect("prepare");
-        lab.sh(
-            node,
-            "kill $(pidof ftprotect) 2>/dev/null; while pidof ftprotect >/dev/null; do sleep 0.1; done; true",
-        );
-    }
-    // Unprotected: no standby answers.
-    ft_pair::start_primary(lab.lab(), NodeId::A, extra).expect("primary");
+fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures) {
+    // Through node a's API: the VM afresh, unprotected first.
+    let ft = ftd_client::model::FtOptions {
+        synchronous,
+        ..Default::default()
+    };
+    ft_pair::define_and_start(lab.lab(), NodeId::A, "unprotected", ft).expect("started");
     ft_pair::wait_for(
         lab.lab(),
         NodeId::A,
@@ -117,7 +114,11 @@ fn run_mode(lab: &LabPair, extra: &str) -> (Figures, Figures) {
     let mut client = connect(lab);
     client.ping().expect("warm-up");
     let unprotected = measure(lab, &mut client);
-    ft_pair::start_standby(lab.lab(), NodeId::B, extra).expect("standby");
+    // Protect it: node b's daemon starts the standby.
+    ft_pair::api(lab.lab(), NodeId::A)
+        .expect("api")
+        .protect_vm::<ftd_client::model::VmView>(ft_pair::VM_NAME)
+        .expect("protect");
     ft_pair::wait_for(
         lab.lab(),
         NodeId::A,
@@ -141,8 +142,8 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn main() {
     let lab = LabPair::start("ftbench");
-    let (unprotected, ft) = run_mode(&lab, "");
-    let (_, sync) = run_mode(&lab, "--synchronous");
+    let (unprotected, ft) = run_mode(&lab, false);
+    let (_, sync) = run_mode(&lab, true);
     println!(
         "\nFT overhead in the lab (nested KVM under TCG; guest 1 vCPU, {} MiB)",
         ft_pair::GUEST_MEM_MIB

@@ -34,7 +34,10 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
     let lab = LabPair::start("ftinv");
     // A long heartbeat timeout: a stopped standby is not declared dead
     // while the test watches the held output.
-    let opts = "--heartbeat-timeout-ms 10000";
+    let opts = ftd_client::model::FtOptions {
+        heartbeat_timeout_ms: Some(10_000),
+        ..Default::default()
+    };
     ft_pair::protect(lab.lab(), NodeId::A, opts).expect("protected");
     ft_pair::wait_for(
         lab.lab(),

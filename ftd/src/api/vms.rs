@@ -52,7 +52,8 @@ pub async fn show(
     Ok(Json(state.manager.vm(&name)?))
 }
 
-/// Delete a stopped VM's definition (its disk files stay on the nodes).
+/// Delete a stopped VM: its definition, and on each node its files (disks,
+/// logs).
 #[utoipa::path(delete, path = "/api/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 204, description = "Deleted"),
@@ -126,4 +127,31 @@ pub async fn unprotect(
     Path(name): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
     Ok(Json(state.manager.set_level(&name, Level::Unprotected)?))
+}
+
+/// The FT engine's own status of the VM's role on this node (counters,
+/// sync progress; the replicator's status format, version 1).
+#[utoipa::path(get, path = "/api/vms/{name}/engine", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, description = "The engine's status", body = Object),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM, or no role of it runs on this node", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn engine(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<replicator::status::Status>, ApiError> {
+    state.manager.vm(&name)?;
+    state
+        .manager
+        .runtime()
+        .get(&name)
+        .and_then(|r| r.status)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no role of VM {name} runs on {} (or it has not reported yet)",
+                state.manager.node_name()
+            ))
+        })
 }

@@ -29,6 +29,8 @@ pub use process::{ProcessError, VmPaths};
 
 /// How often the supervisor looks when nothing changed.
 pub const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// A wait for the peer before starting a role becomes an alert after this.
+pub const WAIT_ALERT_AFTER: Duration = Duration::from_secs(30);
 /// After a role's process failed, the next start waits this long.
 pub const RESTART_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -103,8 +105,10 @@ pub struct Supervisor {
     processes: HashMap<String, Process>,
     /// When a VM's role last failed (for the restart back-off).
     failed_at: HashMap<String, Instant>,
-    /// VMs whose wait for the peer was reported.
-    waiting_logged: std::collections::HashSet<String>,
+    /// When each VM began waiting for the peer, and how often that was
+    /// said (once at once, once more as an alert when it lasts).
+    waiting_since: HashMap<String, Instant>,
+    waiting_said: HashMap<String, u8>,
 }
 
 impl Supervisor {
@@ -113,7 +117,8 @@ impl Supervisor {
             manager,
             processes: HashMap::new(),
             failed_at: HashMap::new(),
-            waiting_logged: Default::default(),
+            waiting_since: HashMap::new(),
+            waiting_said: HashMap::new(),
         }
     }
 
@@ -181,8 +186,38 @@ impl Supervisor {
             }
             self.manager.runtime().set(&name, None);
         }
+        self.remove_deleted(&defined);
         for record in records {
             self.reconcile_vm(record, &me, peer.as_deref()).await;
+        }
+    }
+
+    /// Removes the files of VMs that were deleted (here or on the peer).
+    fn remove_deleted(&mut self, defined: &[String]) {
+        let root = self.manager.state_dir().join("vms");
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if defined.contains(&name) || self.processes.contains_key(&name) {
+                continue;
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => self.manager.record(
+                    Severity::Info,
+                    false,
+                    "vm",
+                    Some(&name),
+                    &format!(
+                        "VM {name}: its files on {} are removed (the VM was deleted)",
+                        self.manager.node_name()
+                    ),
+                ),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "cannot remove a deleted VM's files")
+                }
+            }
         }
     }
 
@@ -247,17 +282,34 @@ impl Supervisor {
             return;
         }
         if !self.manager.may_start_roles() {
-            // Not before the peer was heard: it may run this VM.
-            if self.waiting_logged.insert(name.clone()) {
+            // Not before the peer was heard: it may run this VM. Said at
+            // once; an alert when it lasts.
+            let since = *self
+                .waiting_since
+                .entry(name.clone())
+                .or_insert_with(Instant::now);
+            let long = since.elapsed() >= WAIT_ALERT_AFTER;
+            let said = self.waiting_said.get(&name).copied().unwrap_or(0);
+            if said == 0 || (long && said == 1) {
+                self.waiting_said.insert(name.clone(), said + 1);
                 self.manager.record(
-                    Severity::Warning,
-                    true,
+                    if long {
+                        Severity::Warning
+                    } else {
+                        Severity::Info
+                    },
+                    long,
                     "vm",
                     Some(&name),
                     &format!(
                         "VM {name}: waiting to hear the peer before starting its {} here \
-                         (the peer may be running it)",
-                        role_name(role)
+                         (the peer may be running it){}",
+                        role_name(role),
+                        if long {
+                            format!(" for {} s already", since.elapsed().as_secs())
+                        } else {
+                            String::new()
+                        }
                     ),
                 );
             }

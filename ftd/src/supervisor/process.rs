@@ -393,10 +393,16 @@ async fn prepare_disks(vm: &VmDefinition, paths: &VmPaths) -> Result<(), Process
                 })?;
             }
         }
-        std::fs::rename(&tmp, &path).map_err(|source| ProcessError::Prepare {
-            path: path.clone(),
-            source,
-        })?;
+        // The copy is on disk before its name is (a power cut must not
+        // leave a disk that looks made but holds nothing).
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| crate::secrets::sync_dir(&paths.dir))
+            .map_err(|source| ProcessError::Prepare {
+                path: path.clone(),
+                source,
+            })?;
     }
     Ok(())
 }
