@@ -156,16 +156,17 @@ fn tcp_connection_and_disk_survive_capture_kill_restore() {
     let o = node_ip.octets();
     let guest_ip = format!("{}.{}.{}.100", o[0], o[1], o[2]);
 
-    // The guest's NIC joins a bridge with the node's business NIC; ftvmm
-    // creates the TAP, a loop in the node enslaves it whenever it appears
-    // (a restored VMM creates it again).
+    // The guest's NIC joins bridge br0, which holds the node's business NIC
+    // from boot (images/node/rcS); ftvmm creates the TAP, a loop in the
+    // node enslaves it whenever it appears (a restored VMM creates it again).
+    assert!(
+        lab.sh(NodeId::A, "ip -4 addr show br0")
+            .contains(&node_ip.to_string()),
+        "br0 does not hold the node's business address"
+    );
     lab.sh(
         NodeId::A,
-        &format!(
-            "ip link add br0 type bridge && ip link set biz master br0 && ip addr flush dev biz && \
-             ip addr add {node_ip}/24 dev br0 && ip link set br0 up && \
-             ((while :; do ip link set tap0 master br0 up 2>/dev/null; sleep 0.2; done) >/dev/null 2>&1 &)"
-        ),
+        "((while :; do ip link set tap0 master br0 up 2>/dev/null; sleep 0.2; done) >/dev/null 2>&1 &)",
     );
     let listener = TcpListener::bind(SocketAddr::new(host_ip.into(), 0)).expect("bind");
     let port = listener.local_addr().unwrap().port();
