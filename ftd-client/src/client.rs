@@ -290,6 +290,15 @@ impl ApiClient {
         )))
     }
 
+    /// `GET /metrics`: the Prometheus exposition text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let action = Action {
+            method: Method::GET,
+            path: "/metrics".to_string(),
+        };
+        self.send(&action, None)
+    }
+
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let action = Action {
             method: Method::GET,

@@ -201,6 +201,15 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_a_valid_configuration() {
+        let text = include_str!("../dist/ftd.toml.example");
+        let config: Config = toml::from_str(text).unwrap();
+        config.check().unwrap();
+        assert_eq!(config.peer.unwrap().name, "node-b");
+        assert_eq!(config.bridge, "br0");
+    }
+
+    #[test]
     fn a_peer_with_this_nodes_name_is_refused() {
         let node = NodeAddresses {
             name: "node-a".into(),

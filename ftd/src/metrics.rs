@@ -2,11 +2,14 @@
 //! come from the FT status each role's process reports; they are read at
 //! scrape time, so a scrape shows what the engine counted last.
 
+use std::sync::{Arc, Mutex};
+
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::manager::Manager;
@@ -35,6 +38,43 @@ struct VmStateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
     node: String,
+}
+
+/// A histogram whose counts the FT engine keeps (its stop-time buckets),
+/// set at scrape time.
+#[derive(Clone, Debug, Default)]
+struct EngineHistogram(Arc<Mutex<HistogramCounts>>);
+
+/// Sum, count, and (upper bound, count) per bucket.
+type HistogramCounts = (f64, u64, Vec<(f64, u64)>);
+
+impl EngineHistogram {
+    /// From the engine's per-bucket counts (µs bounds), in seconds.
+    fn set(&self, bounds_us: &[u64], counts: &[u64], sum_us: u64) {
+        let mut buckets: Vec<(f64, u64)> = bounds_us
+            .iter()
+            .zip(counts)
+            .map(|(&b, &c)| (b as f64 / 1e6, c))
+            .collect();
+        buckets.push((f64::MAX, counts.get(bounds_us.len()).copied().unwrap_or(0)));
+        let count = counts.iter().sum();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (sum_us as f64 / 1e6, count, buckets);
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for EngineHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for EngineHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// The metrics endpoint.
@@ -89,6 +129,13 @@ impl Metrics {
             &mut registry,
             "guest_stop_p99",
             "Guest stop time per checkpoint, 99th percentile of the recent checkpoints",
+        );
+        let stop_histogram = Family::<VmLabels, EngineHistogram>::default();
+        registry.register_with_unit(
+            "guest_stop",
+            "Guest stop time per checkpoint",
+            Unit::Seconds,
+            stop_histogram.clone(),
         );
         let stop_max = gauge_seconds(
             &mut registry,
@@ -216,6 +263,13 @@ impl Metrics {
             stop_p50.get_or_create(&labels).set(us(c.stop_us_p50));
             stop_p99.get_or_create(&labels).set(us(c.stop_us_p99));
             stop_max.get_or_create(&labels).set(us(c.stop_us_max));
+            if !c.stop_us_buckets.is_empty() {
+                stop_histogram.get_or_create(&labels).set(
+                    &replicator::status::STOP_BUCKETS_US,
+                    &c.stop_us_buckets,
+                    c.stop_us_sum,
+                );
+            }
             dirty.get_or_create(&labels).inc_by(c.dirty_pages_total);
             dirty_last
                 .get_or_create(&labels)

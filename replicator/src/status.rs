@@ -58,11 +58,32 @@ impl FtState {
     }
 }
 
+impl FtCounters {
+    /// Counts one checkpoint's guest stop in the histogram.
+    pub fn observe_stop(&mut self, stop_us: u64) {
+        if self.stop_us_buckets.len() != STOP_BUCKETS_US.len() + 1 {
+            self.stop_us_buckets = vec![0; STOP_BUCKETS_US.len() + 1];
+        }
+        let i = STOP_BUCKETS_US
+            .iter()
+            .position(|&bound| stop_us <= bound)
+            .unwrap_or(STOP_BUCKETS_US.len());
+        self.stop_us_buckets[i] += 1;
+        self.stop_us_sum += stop_us;
+    }
+}
+
 impl fmt::Display for FtState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
 }
+
+/// Upper bounds (µs) of the buckets of [`FtCounters::stop_us_buckets`];
+/// a last bucket counts what is above them all.
+pub const STOP_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
 
 /// Counters of checkpointing (primary) and applying (standby).
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +92,14 @@ pub struct FtCounters {
     pub stop_us_p50: u64,
     pub stop_us_p99: u64,
     pub stop_us_max: u64,
+    /// Checkpoints by guest stop time: entry i counts those that stopped
+    /// the guest more than `STOP_BUCKETS_US[i-1]` and at most
+    /// `STOP_BUCKETS_US[i]` µs; the last entry those above every bound.
+    #[serde(default)]
+    pub stop_us_buckets: Vec<u64>,
+    /// The sum of all guest stop times (µs).
+    #[serde(default)]
+    pub stop_us_sum: u64,
     pub interval_us_last: u64,
     pub dirty_pages_total: u64,
     pub dirty_pages_last: u64,
@@ -87,6 +116,24 @@ pub struct FtCounters {
     pub epochs_applied: u64,
     pub epochs_rejected: u64,
     pub failovers: u64,
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn stops_land_in_their_buckets() {
+        let mut c = FtCounters::default();
+        for us in [50, 100, 101, 2_000_000] {
+            c.observe_stop(us);
+        }
+        assert_eq!(c.stop_us_buckets.len(), STOP_BUCKETS_US.len() + 1);
+        assert_eq!(c.stop_us_buckets[0], 2);
+        assert_eq!(c.stop_us_buckets[1], 1);
+        assert_eq!(*c.stop_us_buckets.last().unwrap(), 1);
+        assert_eq!(c.stop_us_sum, 2_000_251);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -158,6 +158,7 @@ impl EpochStats {
             n.stop_us_p50 = self.stops.percentile_us(50.0);
             n.stop_us_p99 = self.stops.percentile_us(99.0);
             n.stop_us_max = n.stop_us_max.max(c.stopped.as_micros() as u64);
+            n.observe_stop(c.stopped.as_micros() as u64);
             n.ack_us_p50 = self.ack_times.percentile_us(50.0);
             n.ack_us_p99 = self.ack_times.percentile_us(99.0);
             n.interval_us_last = c.interval.as_micros() as u64;
