@@ -77,6 +77,33 @@ impl EncodeMetric for EngineHistogram {
     }
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics text: a
+/// counter family `x` is described as `x_total` (its samples' name), and
+/// the `# UNIT` and `# EOF` lines go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let name = rest.split(' ').next()?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total{}", &rest[name.len()..]))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// The metrics endpoint.
 #[derive(Default)]
 pub struct Metrics {}
@@ -305,5 +332,127 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &registry)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, NodeAddresses};
+    use crate::model::{Desired, Level, VmDefinition};
+    use crate::store::Store;
+    use crate::supervisor::{LocalRole, Runtime};
+    use replicator::status::{FtState, Role, StatusBoard};
+
+    /// A node with one protected VM whose engine reported counters.
+    fn rendered() -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db"), "node-a").unwrap();
+        store
+            .create_vm(&VmDefinition {
+                name: "vm1".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+                disks: vec![],
+                nics: vec![],
+                level: Level::Ft,
+                preferred_node: "node-a".into(),
+                ft: Default::default(),
+                slot: 0,
+            })
+            .unwrap();
+        store
+            .update_vm("vm1", |r| {
+                r.desired = Desired::Running;
+                r.primary_node = Some("node-a".into());
+            })
+            .unwrap();
+        let mut config = Config::new(NodeAddresses {
+            name: "node-a".into(),
+            api: "127.0.0.1:1".parse().unwrap(),
+            pair: "127.0.0.1:2".parse().unwrap(),
+            alink: vec![],
+        });
+        config.peer = Some(NodeAddresses {
+            name: "node-b".into(),
+            api: "127.0.0.1:3".parse().unwrap(),
+            pair: "127.0.0.1:4".parse().unwrap(),
+            alink: vec![],
+        });
+        let runtime = Runtime::default();
+        let board = StatusBoard::new("node-a", Role::Primary);
+        board.update(|s| {
+            s.state = FtState::Protected;
+            s.epoch = 42;
+            s.counters.checkpoints = 42;
+            for us in [900, 1_500, 30_000] {
+                s.counters.observe_stop(us);
+            }
+        });
+        let status = board.snapshot();
+        runtime.set(
+            "vm1",
+            Some(LocalRole {
+                role: Role::Primary,
+                state: FtState::Protected,
+                epoch: Some(42),
+                message: None,
+                status: Some(status),
+            }),
+        );
+        let manager = Manager::new(config, dir.path(), store, runtime);
+        Metrics::new().render(&manager).unwrap()
+    }
+
+    #[test]
+    fn a_protected_vm_renders_valid_classic_exposition() {
+        let open = rendered();
+        assert!(
+            open.contains("ftvm_checkpoints_total{vm=\"vm1\",role=\"primary\"} 42"),
+            "{open}"
+        );
+        assert!(
+            open.contains("ftvm_guest_stop_seconds_count{vm=\"vm1\",role=\"primary\"} 3"),
+            "{open}"
+        );
+        let classic = classic_text(&open);
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (scripts/test.sh installs Debian's prometheus package)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(classic.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{classic}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn counters_are_described_by_their_samples_name_in_the_classic_format() {
+        let open = "# HELP ftvm_checkpoints Checkpoints.\n# TYPE ftvm_checkpoints counter\n\
+                    ftvm_checkpoints_total{vm=\"x\"} 3\n# HELP ftvm_epoch The epoch.\n\
+                    # TYPE ftvm_epoch gauge\n# UNIT ftvm_epoch seconds\nftvm_epoch 2\n# EOF\n";
+        let classic = classic_text(open);
+        assert_eq!(
+            classic,
+            "# HELP ftvm_checkpoints_total Checkpoints.\n# TYPE ftvm_checkpoints_total counter\n\
+             ftvm_checkpoints_total{vm=\"x\"} 3\n# HELP ftvm_epoch The epoch.\n\
+             # TYPE ftvm_epoch gauge\nftvm_epoch 2\n"
+        );
     }
 }

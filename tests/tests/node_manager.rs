@@ -99,7 +99,7 @@ fn the_daemons_keep_the_vm_protected_through_a_pull_and_a_restart() {
     );
     assert!(
         second.contains(
-            "ftvm_guest_stop_seconds_bucket{vm=\"ledger-vm\",role=\"primary\",le=\"+Inf\"}"
+            "ftvm_guest_stop_seconds_bucket{le=\"+Inf\",vm=\"ledger-vm\",role=\"primary\"}"
         ),
         "no guest stop histogram:\n{second}"
     );

@@ -104,14 +104,28 @@ async fn health() -> &'static str {
 }
 
 /// `GET /metrics`: Prometheus exposition.
-async fn metrics(State(state): State<ApiState>) -> Response {
+/// OpenMetrics to a client that asks for it (Prometheus does), the
+/// classic text format (0.0.4) to everyone else (curl, promtool).
+async fn metrics(State(state): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
     match state.metrics.render(&state.manager) {
-        Ok(text) => (
+        Ok(text) if openmetrics => (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
             text,
+        )
+            .into_response(),
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            crate::metrics::classic_text(&text),
         )
             .into_response(),
         Err(e) => ApiError::Internal(format!("cannot render the metrics: {e}")).into_response(),

@@ -75,7 +75,7 @@ impl Runtime {
         self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn set(&self, vm: &str, role: Option<LocalRole>) {
+    pub(crate) fn set(&self, vm: &str, role: Option<LocalRole>) {
         let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
         match role {
             Some(r) => {
