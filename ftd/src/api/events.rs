@@ -24,6 +24,7 @@ pub const MAX_EVENTS: usize = 1000;
 pub struct QueryArgs<T>(pub T);
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Only this VM's events.
@@ -38,7 +39,7 @@ pub struct EventQuery {
 }
 
 /// The event log, oldest first.
-#[utoipa::path(get, path = "/api/events", tag = "events", params(EventQuery),
+#[utoipa::path(get, path = "/api/events", operation_id = "list_events", tag = "events", params(EventQuery),
     responses((status = 200, description = "Events", body = [Event]),
               (status = 400, description = "A bad query", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody)),
@@ -63,7 +64,7 @@ pub async fn list(
 
 /// Events as they happen (server-sent events, each an [`Event`] as JSON,
 /// its id as the SSE id).
-#[utoipa::path(get, path = "/api/events/stream", tag = "events",
+#[utoipa::path(get, path = "/api/events/stream", operation_id = "stream_events", tag = "events",
     responses((status = 200, description = "A text/event-stream of events", content_type = "text/event-stream", body = Event),
               (status = 401, description = "No or a wrong token", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -90,6 +91,7 @@ pub async fn stream(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// At most this many (newest), 1-1000; default 100.
@@ -97,7 +99,7 @@ pub struct AuditQuery {
 }
 
 /// The audit log: every mutating request, oldest first.
-#[utoipa::path(get, path = "/api/audit", tag = "events", params(AuditQuery),
+#[utoipa::path(get, path = "/api/audit", operation_id = "list_audit", tag = "events", params(AuditQuery),
     responses((status = 200, description = "Audit entries", body = [crate::model::AuditEntry]),
               (status = 400, description = "A bad query", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody)),

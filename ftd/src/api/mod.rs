@@ -97,7 +97,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> std::i
 }
 
 /// `GET /api/health`: the daemon answers.
-#[utoipa::path(get, path = "/api/health", tag = "node",
+#[utoipa::path(get, path = "/api/health", operation_id = "health", tag = "node",
     responses((status = 200, description = "The daemon answers", body = String)))]
 async fn health() -> &'static str {
     "ok\n"

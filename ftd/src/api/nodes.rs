@@ -7,7 +7,7 @@ use super::{ApiError, ApiState};
 use crate::model::{ErrorBody, NodeView};
 
 /// The pair's nodes, this one first.
-#[utoipa::path(get, path = "/api/nodes", tag = "nodes",
+#[utoipa::path(get, path = "/api/nodes", operation_id = "list_nodes", tag = "nodes",
     responses((status = 200, description = "The nodes", body = [NodeView]),
               (status = 401, description = "No or a wrong token", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -16,7 +16,7 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Vec<NodeView>>, 
 }
 
 /// One node.
-#[utoipa::path(get, path = "/api/nodes/{name}", tag = "nodes",
+#[utoipa::path(get, path = "/api/nodes/{name}", operation_id = "show_node", tag = "nodes",
     params(("name" = String, Path, description = "The node's name")),
     responses((status = 200, description = "The node", body = NodeView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),

@@ -12,7 +12,7 @@ use crate::model::{ErrorBody, PairInfo, Severity};
 
 /// This node's addresses and the pair secret, for `ftd join` on the other
 /// node (audited: it carries the secret).
-#[utoipa::path(get, path = "/api/pair", tag = "nodes",
+#[utoipa::path(get, path = "/api/pair", operation_id = "show_pair", tag = "nodes",
     responses((status = 200, description = "What a joining node needs", body = PairInfo),
               (status = 401, description = "No or a wrong token", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -32,7 +32,7 @@ pub async fn show(State(state): State<ApiState>) -> Result<Json<PairInfo>, ApiEr
 
 /// Take `node` as this node's peer: the configuration is written and the
 /// daemon restarts itself to apply it (the VMs' roles keep running).
-#[utoipa::path(post, path = "/api/pair/peer", tag = "nodes", request_body = NodeAddresses,
+#[utoipa::path(post, path = "/api/pair/peer", operation_id = "set_pair_peer", tag = "nodes", request_body = NodeAddresses,
     responses((status = 202, description = "Taken; the daemon restarts", body = NodeAddresses),
               (status = 400, description = "Not JSON", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),

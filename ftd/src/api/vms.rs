@@ -13,7 +13,7 @@ use crate::model::{ErrorBody, Level, VmCreate, VmView};
 pub struct JsonBody<T>(pub T);
 
 /// Every VM of the pair.
-#[utoipa::path(get, path = "/api/vms", tag = "vms",
+#[utoipa::path(get, path = "/api/vms", operation_id = "list_vms", tag = "vms",
     responses((status = 200, description = "The VMs, by name", body = [VmView]),
               (status = 401, description = "No or a wrong token", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -22,7 +22,7 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Vec<VmView>>, Ap
 }
 
 /// Define a VM (it is stopped until started).
-#[utoipa::path(post, path = "/api/vms", tag = "vms", request_body = VmCreate,
+#[utoipa::path(post, path = "/api/vms", operation_id = "create_vm", tag = "vms", request_body = VmCreate,
     responses((status = 201, description = "Defined", body = VmView),
               (status = 400, description = "Not JSON", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -39,7 +39,7 @@ pub async fn create(
 }
 
 /// One VM.
-#[utoipa::path(get, path = "/api/vms/{name}", tag = "vms",
+#[utoipa::path(get, path = "/api/vms/{name}", operation_id = "show_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "The VM", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -54,7 +54,7 @@ pub async fn show(
 
 /// Delete a stopped VM: its definition, and on each node its files (disks,
 /// logs).
-#[utoipa::path(delete, path = "/api/vms/{name}", tag = "vms",
+#[utoipa::path(delete, path = "/api/vms/{name}", operation_id = "delete_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 204, description = "Deleted"),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -71,7 +71,7 @@ pub async fn delete(
 
 /// Start a VM on its preferred node; at level ft the peer starts its
 /// standby.
-#[utoipa::path(post, path = "/api/vms/{name}/start", tag = "vms",
+#[utoipa::path(post, path = "/api/vms/{name}/start", operation_id = "start_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 202, description = "Starting", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -86,7 +86,7 @@ pub async fn start(
 }
 
 /// Stop a VM on both nodes (no failover).
-#[utoipa::path(post, path = "/api/vms/{name}/stop", tag = "vms",
+#[utoipa::path(post, path = "/api/vms/{name}/stop", operation_id = "stop_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 202, description = "Stopping", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -101,7 +101,7 @@ pub async fn stop(
 }
 
 /// Protect a VM at level ft (a running VM gets its standby).
-#[utoipa::path(post, path = "/api/vms/{name}/protect", tag = "vms",
+#[utoipa::path(post, path = "/api/vms/{name}/protect", operation_id = "protect_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "Level ft", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -116,7 +116,7 @@ pub async fn protect(
 }
 
 /// Run a VM unprotected (a running VM's standby stops).
-#[utoipa::path(post, path = "/api/vms/{name}/unprotect", tag = "vms",
+#[utoipa::path(post, path = "/api/vms/{name}/unprotect", operation_id = "unprotect_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "Level unprotected", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
@@ -131,7 +131,7 @@ pub async fn unprotect(
 
 /// The FT engine's own status of the VM's role on this node (counters,
 /// sync progress; the replicator's status format, version 1).
-#[utoipa::path(get, path = "/api/vms/{name}/engine", tag = "vms",
+#[utoipa::path(get, path = "/api/vms/{name}/engine", operation_id = "vm_engine_status", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "The engine's status", body = Object),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
