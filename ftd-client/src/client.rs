@@ -318,8 +318,24 @@ impl ApiClient {
     }
 
     /// Sends a request (with a JSON body when given); returns the body of
-    /// a 2xx answer, or the API's refusal.
+    /// a 2xx answer, or the API's refusal. A read (GET) whose pooled
+    /// connection the daemon no longer knows (it restarted, or its node
+    /// came back from a power cut) and answers with a reset is sent once
+    /// more on a new connection; other requests are not repeated (the
+    /// first may have been carried out).
     fn send(&self, action: &Action, json: Option<Vec<u8>>) -> Result<String, ClientError> {
+        match self.send_once(action, json.clone()) {
+            Err(ClientError::Unreachable {
+                source: ureq::Error::Io(ref e),
+                ..
+            }) if action.method == Method::GET && stale_connection(e) => {
+                self.send_once(action, json)
+            }
+            other => other,
+        }
+    }
+
+    fn send_once(&self, action: &Action, json: Option<Vec<u8>>) -> Result<String, ClientError> {
         let mut builder = Request::builder()
             .method(action.method.clone())
             .uri(format!("{}{}", self.base, action.path))
@@ -367,6 +383,17 @@ impl ApiClient {
             },
         }
     }
+}
+
+/// An error that a reused connection gives when its other end is gone.
+fn stale_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// An error answer: the API's [`ErrorBody`] when it sent one.
