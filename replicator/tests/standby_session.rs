@@ -450,3 +450,86 @@ async fn a_primary_whose_vm_stopped_is_not_taken_over() {
     );
     standby.task.abort();
 }
+
+/// A relay from a primary to `to` that, once `armed`, forwards the primary's
+/// bytes up to and including the end record of an epoch and then resets
+/// the standby's connection (SO_LINGER 0): the standby gets the whole
+/// epoch, then finds its socket reset when it acknowledges.
+async fn reset_after_epoch_end(to: SocketAddr, armed: Arc<AtomicBool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut primary, _) = listener.accept().await.unwrap();
+        let mut standby = TcpStream::connect(to).await.unwrap();
+        let (mut up, mut down) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+        let mut seen = bytes::BytesMut::new();
+        let mut decoder = ft_link::FrameDecoder;
+        loop {
+            tokio::select! {
+                n = primary.read(&mut up) => {
+                    let Ok(n @ 1..) = n else { return };
+                    if standby.write_all(&up[..n]).await.is_err() {
+                        return;
+                    }
+                    if !armed.load(Ordering::SeqCst) {
+                        seen.clear();
+                        continue;
+                    }
+                    seen.extend_from_slice(&up[..n]);
+                    while let Ok(Some(frame)) = decoder.decode(&mut seen) {
+                        let end = Message::from_frame(frame)
+                            .is_ok_and(|e| matches!(e.message, Message::EpochEnd(_)));
+                        if end {
+                            // Deprecated for its blocking close with a
+                            // positive linger; a zero linger resets at
+                            // once, which is the fault wanted here.
+                            #[allow(deprecated)]
+                            standby.set_linger(Some(Duration::ZERO)).unwrap();
+                            return; // both streams dropped: the standby's is reset
+                        }
+                    }
+                }
+                n = standby.read(&mut down) => {
+                    let Ok(n @ 1..) = n else { return };
+                    if primary.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// Issue 9, defect 3: a reset after epoch N arrived and before its
+/// acknowledgement left made the standby end the session without a
+/// takeover, discarding a replica that held epoch N (it failed before the
+/// fix: the task never finished).
+#[tokio::test]
+async fn an_epoch_whose_acknowledgement_cannot_be_sent_is_kept_and_taken_over() {
+    let standby = start_standby("ack-reset").await;
+    let armed = Arc::new(AtomicBool::new(false));
+    let relay = reset_after_epoch_end(standby.addr, Arc::clone(&armed)).await;
+    let mut link = synced_primary(relay).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    armed.store(true, Ordering::SeqCst);
+    send(&link, &epoch_frames(2, 0x33, b"two")).await;
+    // The primary never hears of epoch 2.
+    let answer = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("the relay ends the session in time");
+    assert!(answer.is_err(), "epoch 2 was acknowledged: {answer:?}");
+    let replica = tokio::time::timeout(WITHIN, standby.task)
+        .await
+        .expect("the standby takes over (the primary is gone from its only path)")
+        .unwrap()
+        .expect("a replica to promote");
+    assert_eq!(
+        replica.epoch, 2,
+        "epoch 2 was applied: it is the one handed over"
+    );
+    assert_eq!(page5(&replica), 0x33);
+    assert_eq!(disk_at_512(&replica, 3), b"two");
+    assert_eq!(standby.status.snapshot().counters.epochs_applied, 2);
+}

@@ -70,7 +70,14 @@ async fn run(
             }
             Message::SyncPages(batch) => replica.sync_pages(batch)?,
             Message::SyncDisk(batch) => replica.sync_disk(batch)?,
-            _ => replica.on_epoch_message(envelope, link, status).await?,
+            _ => {
+                // An acknowledgement that cannot be sent is a lost link,
+                // not a bad epoch: the epoch is committed here, and the
+                // replica may be needed.
+                if let Some(error) = replica.on_epoch_message(envelope, link, status).await? {
+                    return link_lost(error, link, replica, status);
+                }
+            }
         }
     }
 }
@@ -236,30 +243,38 @@ impl Receiving {
     }
 
     /// A message of an epoch: when it completes the epoch, the epoch is
-    /// decoded, applied whole and acknowledged.
+    /// decoded, applied whole, committed and acknowledged. The replica
+    /// holds the epoch from the moment it is applied, so it is committed
+    /// before the acknowledgement goes out: if the acknowledgement cannot
+    /// be sent (the link failed meanwhile), the link's error is returned
+    /// for the caller to judge as a lost link, with this epoch committed.
     async fn on_epoch_message(
         &mut self,
         envelope: Envelope,
         link: &Link,
         status: &StatusBoard,
-    ) -> Result<(), StandbyError> {
+    ) -> Result<Option<LinkError>, StandbyError> {
         let (epoch, generation) = (envelope.epoch, envelope.generation);
         let Some(complete) = self
             .assembler
             .on_message(envelope)
             .map_err(|e| refused(status, e.into()))?
         else {
-            return Ok(());
+            return Ok(None);
         };
         let state = CheckpointState::from_payload(&complete.state)
             .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
         self.assembler
             .apply(&complete, &self.ram, &self.disks)
             .map_err(|e| refused(status, e.into()))?;
-        link.send(&Message::Ack.into_frame(epoch, generation))
-            .await?;
         self.committed_epoch(&complete, state, status);
-        Ok(())
+        match link.send(&Message::Ack.into_frame(epoch, generation)).await {
+            Ok(()) => Ok(None),
+            Err(error) => {
+                warn!(epoch, %error, "the acknowledgement of a committed epoch could not be sent");
+                Ok(Some(error))
+            }
+        }
     }
 
     /// Statistics and state after epoch `complete` committed.
