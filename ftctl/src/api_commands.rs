@@ -20,7 +20,8 @@ use ftd_client::model::{
 #[derive(Args, Debug)]
 #[command(next_help_heading = "API options")]
 pub struct ApiArgs {
-    /// The API of a node of the pair (http://HOST:PORT).
+    /// The API of the pair (http://HOST:PORT; both nodes' separated by a
+    /// comma: the next is tried when one cannot be reached).
     #[arg(long, global = true, env = "FTCTL_API", value_name = "URL")]
     pub api: Option<String>,
     /// The file holding the API's bearer token (the node's api-token).

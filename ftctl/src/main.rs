@@ -61,9 +61,10 @@ enum LabCommand {
     /// Show nodes, links and console logs.
     Status,
     /// Print the shell settings that point `ftctl` at the lab's API
-    /// (`eval "$(ftctl lab env)"`).
+    /// (`eval "$(ftctl lab env)"`): both nodes' addresses, `--node`'s
+    /// first (ftctl uses the next when one cannot be reached).
     Env {
-        /// The node whose API to use.
+        /// The node whose API to try first.
         #[arg(long, default_value = "a")]
         node: NodeId,
     },
@@ -284,7 +285,12 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
 /// at the lab's first `up`).
 fn print_env(lab: &Lab, node: NodeId) {
     let token = lab.topo.api_token_file();
-    println!("export FTCTL_API={}", shell_quote(&lab.topo.api_url(node)));
+    let apis = format!(
+        "{},{}",
+        lab.topo.api_url(node),
+        lab.topo.api_url(node.peer())
+    );
+    println!("export FTCTL_API={}", shell_quote(&apis));
     println!(
         "export FTCTL_TOKEN_FILE={}",
         shell_quote(&token.to_string_lossy())

@@ -613,6 +613,47 @@ fn events_are_followed_across_a_restart_of_the_daemon() {
     );
 }
 
+/// With the pair's two addresses, a node that cannot be reached is passed
+/// over, for reads and for changes (a refused connection never reached
+/// the daemon, so the change cannot happen twice).
+#[test]
+fn a_node_that_cannot_be_reached_is_passed_over_for_the_other() {
+    let d = Daemon::init();
+    let kernel = d.kernel();
+    let both = format!("http://127.0.0.1:{},{}", closed_port(), d.url);
+    let with_both = |args: &[&str]| {
+        let mut c = ftctl_command(args);
+        c.env("FTCTL_API", &both)
+            .env("FTCTL_TOKEN_FILE", d.token_file());
+        Run::of(c.output().unwrap(), args)
+    };
+    let created = with_both(&[
+        "vm",
+        "create",
+        "spare",
+        "--kernel",
+        &kernel,
+        "--level",
+        "unprotected",
+    ]);
+    assert_eq!(created.code, 0, "{created:?}");
+    let listed = with_both(&["vm", "list"]);
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert!(listed.stdout.contains("spare"), "{listed:?}");
+    // Only unreachable addresses: said so, exit 1.
+    let dead = format!(
+        "http://127.0.0.1:{},http://127.0.0.1:{}",
+        closed_port(),
+        closed_port()
+    );
+    let mut c = ftctl_command(&["vm", "list"]);
+    c.env("FTCTL_API", &dead)
+        .env("FTCTL_TOKEN_FILE", d.token_file());
+    let run = Run::of(c.output().unwrap(), &["vm", "list"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("cannot reach the API"), "{run:?}");
+}
+
 #[test]
 fn lab_env_points_ftctl_at_the_lab_api() {
     // A lab folder whose path needs quoting; nothing is started.
@@ -635,10 +676,14 @@ fn lab_env_points_ftctl_at_the_lab_api() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{out:?}");
+    // Both nodes' APIs, the one asked for (b) first.
+    let apis: Vec<&str> = lines[0].split(',').collect();
+    assert_eq!(apis.len(), 2, "{out:?}");
     assert!(
-        lines[0].starts_with("http://10.77.") && lines[0].ends_with(":7200"),
+        apis[0].starts_with("http://10.77.") && apis[0].ends_with(".12:7200"),
         "{out:?}"
     );
+    assert!(apis[1].ends_with(".11:7200"), "{out:?}");
     assert_eq!(
         Path::new(lines[1]),
         root.path().join("envtest").join("api-token"),

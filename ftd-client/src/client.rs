@@ -16,6 +16,9 @@ use crate::model::ErrorBody;
 
 /// How long a request (connecting, sending, answering) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to one address may take before the next is tried
+/// (a node that lost power answers nothing).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the event stream may stay silent before it counts as dropped:
 /// the daemon sends a keep-alive every 15 s.
 pub const STREAM_SILENCE: Duration = Duration::from_secs(45);
@@ -141,19 +144,28 @@ impl EventQuery {
     }
 }
 
-/// A client of one node's API.
+/// A client of the pair's API: one node's address, or both nodes'
+/// (either answers for the pair; the next is tried when one cannot be
+/// reached, and the one that answered is kept).
 pub struct ApiClient {
-    /// `http://HOST:PORT`, without a trailing '/'.
-    base: String,
+    /// `http://HOST:PORT` each, without a trailing '/'.
+    bases: Vec<String>,
+    /// The index in `bases` of the address in use.
+    current: std::sync::atomic::AtomicUsize,
     token: String,
     agent: Agent,
 }
 
 impl ApiClient {
-    /// A client of the API at `api` (`http://HOST:PORT`, or `HOST:PORT`)
-    /// with the bearer token in `token_file`.
+    /// A client of the API at `api` (`http://HOST:PORT`, or `HOST:PORT`;
+    /// several separated by commas: the pair's nodes, tried in turn) with
+    /// the bearer token in `token_file`.
     pub fn new(api: Option<&str>, token_file: Option<&Path>) -> Result<ApiClient, ClientError> {
-        let base = api_base(api.ok_or(ClientError::NoApiAddress)?)?;
+        let bases = api
+            .ok_or(ClientError::NoApiAddress)?
+            .split(',')
+            .map(api_base)
+            .collect::<Result<Vec<_>, _>>()?;
         let token_file = token_file.ok_or(ClientError::NoTokenFile)?;
         let token =
             std::fs::read_to_string(token_file).map_err(|source| ClientError::ReadToken {
@@ -167,14 +179,46 @@ impl ApiClient {
         let agent: Agent = Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(REQUEST_TIMEOUT))
+            .timeout_connect(Some(CONNECT_TIMEOUT))
             .build()
             .into();
-        Ok(ApiClient { base, token, agent })
+        Ok(ApiClient {
+            bases,
+            current: std::sync::atomic::AtomicUsize::new(0),
+            token,
+            agent,
+        })
     }
 
-    /// The API's address, as errors show it.
+    /// The API's address in use, as errors show it.
     pub fn base(&self) -> &str {
-        &self.base
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.bases[i % self.bases.len()]
+    }
+
+    /// Runs `attempt` on the address in use, then on the others in turn
+    /// while the error says the address cannot be reached (for a request
+    /// that is not a read, only when it never got there: the connection
+    /// was refused or never made); keeps the address that answered.
+    fn with_failover<T>(
+        &self,
+        read: bool,
+        attempt: impl Fn(&str) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        use std::sync::atomic::Ordering;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..self.bases.len() {
+            let i = (first + k) % self.bases.len();
+            match attempt(&self.bases[i]) {
+                Err(e) if e.is_unreachable() && (read || never_connected(&e)) => last = Some(e),
+                other => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return other;
+                }
+            }
+        }
+        Err(last.expect("at least one API address"))
     }
 
     /// `GET /api/nodes`.
@@ -267,19 +311,20 @@ impl ApiClient {
             method: Method::GET,
             path: "/api/events/stream".to_string(),
         };
-        let mut response = self
-            .agent
-            .get(format!("{}{}", self.base, action.path))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Accept", "text/event-stream")
-            .config()
-            .timeout_global(None)
-            .timeout_connect(Some(REQUEST_TIMEOUT))
-            .timeout_recv_response(Some(REQUEST_TIMEOUT))
-            .timeout_per_read(Some(STREAM_SILENCE))
-            .build()
-            .call()
-            .map_err(|e| self.transport_error(&action, e))?;
+        let mut response = self.with_failover(true, |base| {
+            self.agent
+                .get(format!("{base}{}", action.path))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .header("Accept", "text/event-stream")
+                .config()
+                .timeout_global(None)
+                .timeout_connect(Some(CONNECT_TIMEOUT))
+                .timeout_recv_response(Some(REQUEST_TIMEOUT))
+                .timeout_per_read(Some(STREAM_SILENCE))
+                .build()
+                .call()
+                .map_err(|e| transport_error(base, &action, e))
+        })?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
             let text = response.body_mut().read_to_string().unwrap_or_default();
@@ -324,21 +369,27 @@ impl ApiClient {
     /// more on a new connection; other requests are not repeated (the
     /// first may have been carried out).
     fn send(&self, action: &Action, json: Option<Vec<u8>>) -> Result<String, ClientError> {
-        match self.send_once(action, json.clone()) {
-            Err(ClientError::Unreachable {
-                source: ureq::Error::Io(ref e),
-                ..
-            }) if action.method == Method::GET && stale_connection(e) => {
-                self.send_once(action, json)
+        let read = action.method == Method::GET;
+        self.with_failover(read, |base| {
+            match self.send_once(base, action, json.clone()) {
+                Err(ClientError::Unreachable {
+                    source: ureq::Error::Io(ref e),
+                    ..
+                }) if read && stale_connection(e) => self.send_once(base, action, json.clone()),
+                other => other,
             }
-            other => other,
-        }
+        })
     }
 
-    fn send_once(&self, action: &Action, json: Option<Vec<u8>>) -> Result<String, ClientError> {
+    fn send_once(
+        &self,
+        base: &str,
+        action: &Action,
+        json: Option<Vec<u8>>,
+    ) -> Result<String, ClientError> {
         let mut builder = Request::builder()
             .method(action.method.clone())
-            .uri(format!("{}{}", self.base, action.path))
+            .uri(format!("{base}{}", action.path))
             .header("Authorization", format!("Bearer {}", self.token))
             .header("Accept", "application/json");
         if json.is_some() {
@@ -353,35 +404,54 @@ impl ApiClient {
         let mut response = self
             .agent
             .run(request)
-            .map_err(|e| self.transport_error(action, e))?;
+            .map_err(|e| transport_error(base, action, e))?;
         let status = response.status().as_u16();
         let text = response
             .body_mut()
             .read_to_string()
-            .map_err(|e| self.transport_error(action, e))?;
+            .map_err(|e| transport_error(base, action, e))?;
         if response.status().is_success() {
             Ok(text)
         } else {
             Err(refusal(action, status, text))
         }
     }
+}
 
-    /// Sorts a failed exchange: no answer at all (connection refused,
-    /// timed out, host unknown) is [`ClientError::Unreachable`].
-    fn transport_error(&self, action: &Action, source: ureq::Error) -> ClientError {
-        match source {
-            ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
-            | ureq::Error::HostNotFound
-            | ureq::Error::ConnectionFailed => ClientError::Unreachable {
-                url: self.base.clone(),
-                source,
-            },
-            source => ClientError::Request {
-                action: action.clone(),
-                source,
-            },
-        }
+/// Sorts a failed exchange with `base`: no answer at all (connection
+/// refused, timed out, host unknown) is [`ClientError::Unreachable`].
+fn transport_error(base: &str, action: &Action, source: ureq::Error) -> ClientError {
+    match source {
+        ureq::Error::Io(_)
+        | ureq::Error::Timeout(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed => ClientError::Unreachable {
+            url: base.to_string(),
+            source,
+        },
+        source => ClientError::Request {
+            action: action.clone(),
+            source,
+        },
+    }
+}
+
+/// Whether a request surely never reached the daemon (so that sending it
+/// to the other node cannot do it twice).
+fn never_connected(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable { source, .. } => match source {
+            ureq::Error::HostNotFound | ureq::Error::ConnectionFailed => true,
+            ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
+            ureq::Error::Io(io) => matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionRefused
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            ),
+            _ => false,
+        },
+        _ => false,
     }
 }
 
