@@ -533,3 +533,26 @@ async fn an_epoch_whose_acknowledgement_cannot_be_sent_is_kept_and_taken_over() 
     assert_eq!(disk_at_512(&replica, 3), b"two");
     assert_eq!(standby.status.snapshot().counters.epochs_applied, 2);
 }
+
+/// Issue 9, defect 6 (the standby's side): a connection that proves the
+/// secret and then says nothing held the acceptor until its first-message
+/// timeout; the real primary had to wait behind it.
+#[tokio::test]
+async fn a_silent_authenticated_connection_does_not_hold_up_the_primary() {
+    let standby = start_standby("silent-first").await;
+    let _silent = Link::connect(standby.addr, &link_config(Role::Primary))
+        .await
+        .expect("handshake");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    let f = tokio::time::timeout(Duration::from_secs(2), link.recv())
+        .await
+        .expect("epoch 1 acknowledged well before the silent connection's timeout")
+        .expect("the link stays up");
+    let envelope = Message::from_frame(f).expect("a replication message");
+    assert_eq!((envelope.message, envelope.epoch), (Message::Ack, 1));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    standby.task.abort();
+}

@@ -31,6 +31,9 @@ pub(super) fn spawn_acceptors(
             let status = status.clone();
             tokio::spawn(async move {
                 loop {
+                    if tx.is_closed() {
+                        return;
+                    }
                     let mut link = match listener.accept().await {
                         Ok(link) => link,
                         Err(error) => {
@@ -39,25 +42,33 @@ pub(super) fn spawn_acceptors(
                             continue;
                         }
                     };
-                    let first = match tokio::time::timeout(FIRST_FRAME_WITHIN, link.recv()).await {
-                        Ok(Ok(frame)) => Message::from_frame(frame),
-                        Ok(Err(error)) => {
-                            warn!(%error, "A-link connection ended before its first message");
-                            continue;
-                        }
-                        Err(_) => {
-                            warn!("A-link connection sent no first message");
-                            continue;
-                        }
-                    };
-                    match first {
-                        Ok(first) => {
-                            if tx.send((link, first)).await.is_err() {
+                    // The first message is awaited in a task of its own: a
+                    // connection that authenticates and then says nothing
+                    // holds up only itself.
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let first = match tokio::time::timeout(FIRST_FRAME_WITHIN, link.recv())
+                            .await
+                        {
+                            Ok(Ok(frame)) => Message::from_frame(frame),
+                            Ok(Err(error)) => {
+                                warn!(%error, "A-link connection ended before its first message");
                                 return;
                             }
+                            Err(_) => {
+                                warn!("A-link connection sent no first message");
+                                return;
+                            }
+                        };
+                        match first {
+                            Ok(first) => {
+                                let _ = tx.send((link, first)).await;
+                            }
+                            Err(error) => {
+                                warn!(%error, "A-link connection began with a bad message")
+                            }
                         }
-                        Err(error) => warn!(%error, "A-link connection began with a bad message"),
-                    }
+                    });
                 }
             })
         })
