@@ -24,6 +24,6 @@ pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};
 pub use hello::{CpuFeatureSummary, Hello, HelloError, Mismatch, Refusal, Role};
 pub use link::{
-    heartbeat_interval_for, Link, LinkConfig, LinkError, LinkListener, LinkReceiver, LinkSender,
-    Liveness, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
+    heartbeat_interval_for, send_stall_timeout_for, Link, LinkConfig, LinkError, LinkListener,
+    LinkReceiver, LinkSender, Liveness, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
 };

@@ -64,7 +64,21 @@ pub struct LinkConfig {
     pub heartbeat_timeout: Duration,
     /// Bound on the whole handshake.
     pub handshake_timeout: Duration,
+    /// A send fails when the peer took nothing for this long (a hung peer
+    /// whose kernel still answers window probes would otherwise block it
+    /// forever); see [`send_stall_timeout_for`].
+    pub send_stall_timeout: Duration,
 }
+
+/// The send stall timeout that goes with a heartbeat timeout: four times
+/// it, at least [`MIN_SEND_STALL_TIMEOUT`] (a standby applying a large
+/// epoch may stop reading for a moment; a dead one never resumes).
+pub fn send_stall_timeout_for(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout * 4).max(MIN_SEND_STALL_TIMEOUT)
+}
+
+/// The shortest send stall timeout.
+pub const MIN_SEND_STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl LinkConfig {
     pub fn new(secret: PairSecret, hello: Hello) -> LinkConfig {
@@ -74,6 +88,7 @@ impl LinkConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            send_stall_timeout: send_stall_timeout_for(DEFAULT_HEARTBEAT_TIMEOUT),
         }
     }
 
@@ -81,6 +96,7 @@ impl LinkConfig {
     /// [`heartbeat_interval_for`] it.
     pub fn with_heartbeat_timeout(mut self, timeout: Duration) -> LinkConfig {
         self.heartbeat_timeout = timeout;
+        self.send_stall_timeout = send_stall_timeout_for(timeout);
         self.heartbeat_interval = heartbeat_interval_for(timeout);
         self
     }
@@ -169,6 +185,9 @@ pub enum LinkError {
         #[source]
         source: FrameError,
     },
+    /// The link cannot be used after this (a frame may be cut short).
+    #[error("{peer} took nothing sent to it for {after:?}: the peer is not reading")]
+    SendStalled { peer: SocketAddr, after: Duration },
     #[error("could not send to {peer}")]
     Send {
         peer: SocketAddr,
@@ -564,6 +583,7 @@ impl Link {
             half: write_half,
             last_sent: Instant::now(),
             tx: BytesMut::new(),
+            stall: config.send_stall_timeout,
         }));
         let heartbeats = tokio::spawn(send_heartbeats(
             writer.clone(),
@@ -629,6 +649,32 @@ struct Writer {
     half: OwnedWriteHalf,
     last_sent: Instant,
     tx: BytesMut,
+    /// A write that makes no progress for this long fails.
+    stall: Duration,
+}
+
+/// Writes all of `buf`, failing when no byte is taken for `stall`.
+async fn write_all_within(
+    half: &mut OwnedWriteHalf,
+    buf: &[u8],
+    stall: Duration,
+    peer: SocketAddr,
+) -> Result<(), LinkError> {
+    let mut pos = 0;
+    while pos < buf.len() {
+        match tokio::time::timeout(stall, half.write(&buf[pos..])).await {
+            Ok(Ok(0)) => {
+                return Err(LinkError::Send {
+                    peer,
+                    source: std::io::ErrorKind::WriteZero.into(),
+                })
+            }
+            Ok(Ok(n)) => pos += n,
+            Ok(Err(source)) => return Err(LinkError::Send { peer, source }),
+            Err(_) => return Err(LinkError::SendStalled { peer, after: stall }),
+        }
+    }
+    Ok(())
 }
 
 impl Writer {
@@ -638,20 +684,16 @@ impl Writer {
             kind: frame.kind,
             source,
         };
-        let send_err = |source| LinkError::Send { peer, source };
         self.tx.clear();
         if frame.payload.len() < LARGE_PAYLOAD {
             frame.encode(&mut self.tx).map_err(encode_err)?;
-            self.half.write_all(&self.tx).await.map_err(send_err)?;
+            write_all_within(&mut self.half, &self.tx, self.stall, peer).await?;
         } else {
             // Large payloads (page frames) go out as they are, after the
             // header: no copy into the send buffer.
             frame.encode_header(&mut self.tx).map_err(encode_err)?;
-            self.half.write_all(&self.tx).await.map_err(send_err)?;
-            self.half
-                .write_all(&frame.payload)
-                .await
-                .map_err(send_err)?;
+            write_all_within(&mut self.half, &self.tx, self.stall, peer).await?;
+            write_all_within(&mut self.half, &frame.payload, self.stall, peer).await?;
         }
         self.last_sent = Instant::now();
         Ok(())
@@ -939,6 +981,42 @@ mod tests {
             "node-a"
         );
         drop(connected);
+    }
+
+    /// Issue 9, defect 2: a peer that stops reading (a stopped process
+    /// whose kernel still answers window probes) blocked a send forever.
+    /// Now the send fails when nothing was taken for the stall timeout (it
+    /// hung before: the 10 s bound here ran out).
+    #[tokio::test]
+    async fn a_send_to_a_peer_that_stopped_reading_fails_in_bounded_time() {
+        let a = config("node-a", Role::Primary, SECRET);
+        let b = config("node-b", Role::Standby, SECRET);
+        let stall = a.send_stall_timeout;
+        assert_eq!(stall, Duration::from_millis(1200));
+        let listener = LinkListener::bind("127.0.0.1:0", b).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, connected) = tokio::join!(listener.accept(), Link::connect(addr, &a));
+        // The standby's side is kept, never read from.
+        let _not_reading = accepted.unwrap();
+        let connected = connected.unwrap();
+        let payload = Bytes::from(vec![0x5au8; 1 << 20]);
+        let frame = Frame::message(64, 1, 1, payload).unwrap();
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Err(e) = connected.send(&frame).await {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("the send failed instead of blocking");
+        assert!(
+            matches!(result, LinkError::SendStalled { after, .. } if after == stall),
+            "{result}"
+        );
+        // The buffers filled fast; the failure came one stall timeout later.
+        assert!(started.elapsed() < stall + Duration::from_secs(3));
     }
 
     #[tokio::test]
