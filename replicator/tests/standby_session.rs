@@ -556,3 +556,32 @@ async fn a_silent_authenticated_connection_does_not_hold_up_the_primary() {
     assert!(started.elapsed() < Duration::from_secs(2));
     standby.task.abort();
 }
+
+/// Issue 9, defect 7: a primary whose VM died of a host fault (a vCPU
+/// failed) sent Stop, and the standby let the VM go. Now it sends
+/// Handover and the standby takes over at once from its last committed
+/// epoch (before: Handover did not exist; Stop meant no takeover).
+#[tokio::test]
+async fn a_vm_handed_over_after_a_host_fault_is_taken_over_at_once() {
+    let standby = start_standby("handover").await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    // Epoch 2 is under way when the vCPU fails: it is dropped.
+    let mut two = epoch_frames(2, 0x33, b"two");
+    two.pop();
+    send(&link, &two).await;
+    let started = std::time::Instant::now();
+    send(&link, &[Message::Handover.into_frame(2, 1)]).await;
+    let replica = tokio::time::timeout(WITHIN, standby.task)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .expect("a replica to promote");
+    // At once: not after the heartbeat timeout (the link is still up).
+    assert!(started.elapsed() < Duration::from_millis(300));
+    assert_eq!(replica.epoch, 1);
+    assert_eq!(page5(&replica), 0x22);
+    assert_eq!(disk_at_512(&replica, 3), b"one");
+    drop(link);
+}

@@ -269,6 +269,7 @@ fn primary_config(pair: &PairOptions, link: ft_link::LinkConfig) -> PrimaryConfi
         synchronous: pair.synchronous,
         precopy_rounds: pair.precopy_rounds,
         retry_every: Duration::from_millis(500),
+        vm_failed: Arc::default(),
     }
 }
 
@@ -297,6 +298,7 @@ fn run_primary(
         }
     };
     let config = primary_config(pair, link);
+    let vm_failed = Arc::clone(&config.vm_failed);
     let vm = Arc::new(vm);
     let stop = Arc::new(tokio::sync::Notify::new());
     let protection = runtime.spawn(primary::run(
@@ -318,6 +320,10 @@ fn run_primary(
             _ = control_stop.notified() => Ended::Asked,
         }
     });
+    if let Ended::Guest(VmEvent::VcpuFailed { .. }) = &ended {
+        // A host fault: the standby takes the VM over.
+        vm_failed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     if let Ended::Asked = ended {
         // As when the guest stops: its vCPUs end first.
         vm.stop();

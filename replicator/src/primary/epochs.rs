@@ -37,8 +37,17 @@ pub(super) async fn epochs(
     let mut stats = EpochStats::default();
     for epoch in 1.. {
         if !wait_until_due(vm, &schedule, &output, stop).await {
-            // The guest stopped on purpose: no takeover.
-            let _ = tx.send(&Message::Stop.into_frame(epoch, GENERATION)).await;
+            // The VM ended. On purpose (the guest, or a stop asked): no
+            // takeover. By a host fault (a vCPU failed): the standby takes
+            // it over from the last epoch it committed; output not yet
+            // released stays held (it never committed).
+            let failed = config.vm_failed.load(std::sync::atomic::Ordering::SeqCst);
+            let message = if failed {
+                Message::Handover
+            } else {
+                Message::Stop
+            };
+            let _ = tx.send(&message.into_frame(epoch, GENERATION)).await;
             return Err(PrimaryError::VmStopped);
         }
         let late = schedule.is_late(Instant::now());

@@ -91,6 +91,10 @@ pub struct PrimaryConfig {
     pub precopy_rounds: u32,
     /// Wait between attempts to reach a standby.
     pub retry_every: Duration,
+    /// Set (before the stop is notified) when the VM ended by a host
+    /// fault, not on purpose: the standby is told to take it over
+    /// (Handover) instead of to let it go (Stop).
+    pub vm_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The generation of the active copy every message carries (the quorum

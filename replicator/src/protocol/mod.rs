@@ -15,6 +15,8 @@
 //! EpochEnd(N)    [pages u64][crc32 of the page addresses, in order]
 //!                [writes u64][crc32 of the DiskWrites payloads]
 //! Stop        the primary's VM stopped on purpose: no takeover
+//! Handover    the primary's VM failed on its host (a vCPU could not go
+//!             on): take over now from the last committed epoch
 //! ```
 //! Each frame carries its own crc32 over its payload (the A-link), so page
 //! contents are checked once; the end record lets the standby tell a
@@ -98,6 +100,7 @@ pub enum Message {
     EpochEnd(EpochEnd),
     Ack,
     Stop,
+    Handover,
 }
 
 /// A message with the epoch and generation its frame carried.
@@ -119,6 +122,7 @@ const DISK_WRITES: u8 = 70;
 const EPOCH_END: u8 = 71;
 const ACK: u8 = 72;
 const STOP: u8 = 73;
+const HANDOVER: u8 = 74;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -134,6 +138,7 @@ impl Message {
             Message::EpochEnd(_) => "EpochEnd",
             Message::Ack => "Ack",
             Message::Stop => "Stop",
+            Message::Handover => "Handover",
         }
     }
 
@@ -150,6 +155,7 @@ impl Message {
             Message::EpochEnd(end) => (EPOCH_END, end.to_payload()),
             Message::Ack => (ACK, Bytes::new()),
             Message::Stop => (STOP, Bytes::new()),
+            Message::Handover => (HANDOVER, Bytes::new()),
         };
         Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
     }
@@ -207,6 +213,10 @@ impl Message {
             STOP => {
                 empty("Stop")?;
                 Message::Stop
+            }
+            HANDOVER => {
+                empty("Handover")?;
+                Message::Handover
             }
             other => return Err(ProtocolError::UnknownKind(other)),
         };
@@ -309,6 +319,7 @@ mod tests {
             Message::EpochEnd(end),
             Message::Ack,
             Message::Stop,
+            Message::Handover,
         ] {
             assert_eq!(round_trip(m.clone()), m);
         }

@@ -55,6 +55,8 @@ pub enum StandbyError {
     Superseded,
     #[error("the primary's VM stopped on purpose (no takeover)")]
     PrimaryStopped,
+    #[error("the primary handed its failed VM over before the first committed epoch: nothing to take over")]
+    HandedOverUnsynced,
     #[error("epoch {epoch} refused: its state does not decode: {source}")]
     BadState {
         epoch: u64,

@@ -65,6 +65,9 @@ async fn run(
         };
         match envelope.message {
             Message::Stop => return Err(StandbyError::PrimaryStopped),
+            // The primary's VM failed on its host: the replica takes over
+            // at once (no waiting for silence).
+            Message::Handover => return handed_over(replica, status),
             Message::SyncPages(_) | Message::SyncDisk(_) if replica.committed.is_some() => {
                 return Err(StandbyError::LateSync(envelope.message.name()));
             }
@@ -216,6 +219,28 @@ fn link_lost(
             }))
         }
         None => Err(error.into()),
+    }
+}
+
+/// The primary handed its VM over: a takeover from the last committed
+/// epoch (an epoch under way is dropped), or, before the first one, an
+/// end (there is nothing to take over).
+fn handed_over(mut replica: Receiving, status: &StatusBoard) -> Result<Session, StandbyError> {
+    let aborted = replica.assembler.abort();
+    match replica.committed {
+        Some((epoch, state)) => {
+            warn!(last_committed = epoch, discarded_epoch = ?aborted, "the primary handed its VM over");
+            status.update(|s| {
+                s.message = Some("the primary's VM failed on its host: taking over".into())
+            });
+            Ok(Session::Lost(Replica {
+                ram: replica.ram,
+                disks: replica.disks,
+                state,
+                epoch,
+            }))
+        }
+        None => Err(StandbyError::HandedOverUnsynced),
     }
 }
 
