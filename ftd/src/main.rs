@@ -68,8 +68,9 @@ fn default_pair(api: SocketAddr) -> SocketAddr {
     SocketAddr::new(api.ip(), DEFAULT_PAIR_PORT)
 }
 
+/// This node, as `init` and `join` set it up.
 #[derive(clap::Args)]
-struct InitArgs {
+struct NodeArgs {
     /// This node's name (lower-case letters, digits, '-').
     #[arg(long)]
     node: String,
@@ -84,15 +85,36 @@ struct InitArgs {
     /// backup path (comma-separated host:port; each VM adds its slot).
     #[arg(long, value_delimiter = ',', required = true)]
     alink: Vec<SocketAddr>,
-    /// The bridge the VMs' NICs join.
-    #[arg(long, default_value = "br0")]
-    bridge: String,
     /// The `ftprotect` binary.
     #[arg(long, default_value = "ftprotect")]
     ftprotect: PathBuf,
     /// Where control sockets go.
     #[arg(long, default_value = "/run/ftd")]
     run_dir: PathBuf,
+}
+
+impl NodeArgs {
+    /// A configuration with every default for this node.
+    fn config(&self) -> Config {
+        let mut config = Config::new(NodeAddresses {
+            name: self.node.clone(),
+            api: self.api,
+            pair: self.pair.unwrap_or_else(|| default_pair(self.api)),
+            alink: self.alink.clone(),
+        });
+        config.ftprotect = self.ftprotect.clone();
+        config.run_dir = self.run_dir.clone();
+        config
+    }
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    #[command(flatten)]
+    this: NodeArgs,
+    /// The bridge the VMs' NICs join.
+    #[arg(long, default_value = "br0")]
+    bridge: String,
     /// Use this pair secret (a copy of the other node's) instead of
     /// making a new one.
     #[arg(long)]
@@ -113,25 +135,8 @@ struct JoinArgs {
     /// The first node's API token (copied from its state directory).
     #[arg(long)]
     token_file: PathBuf,
-    /// This node's name.
-    #[arg(long)]
-    node: String,
-    /// Where this node's API listens, host:port.
-    #[arg(long)]
-    api: SocketAddr,
-    /// Where this node's pair channel listens [default: the API's
-    /// address, port 7201].
-    #[arg(long)]
-    pair: Option<SocketAddr>,
-    /// Where this node's standbys listen (comma-separated host:port).
-    #[arg(long, value_delimiter = ',', required = true)]
-    alink: Vec<SocketAddr>,
-    /// The `ftprotect` binary.
-    #[arg(long, default_value = "ftprotect")]
-    ftprotect: PathBuf,
-    /// Where control sockets go.
-    #[arg(long, default_value = "/run/ftd")]
-    run_dir: PathBuf,
+    #[command(flatten)]
+    this: NodeArgs,
 }
 
 #[derive(Subcommand)]
@@ -158,33 +163,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(args) => {
-            let InitArgs {
-                node,
-                api,
-                pair,
-                alink,
-                bridge,
-                ftprotect,
-                run_dir,
-                secret_file,
-                token_file,
-                peer,
-            } = *args;
-            let mut config = Config::new(NodeAddresses {
-                name: node,
-                api,
-                pair: pair.unwrap_or_else(|| default_pair(api)),
-                alink,
-            });
-            config.bridge = bridge;
-            config.ftprotect = ftprotect;
-            config.run_dir = run_dir;
-            config.peer = peer.addresses();
+            let mut config = args.this.config();
+            config.bridge = args.bridge.clone();
+            config.peer = args.peer.addresses();
             init(
                 &cli.state_dir,
                 &config,
-                secret_file.as_deref(),
-                token_file.as_deref(),
+                args.secret_file.as_deref(),
+                args.token_file.as_deref(),
             )
         }
         Command::Join(args) => join(&cli.state_dir, &args),
@@ -258,7 +244,7 @@ fn init(
 }
 
 fn join(state_dir: &Path, args: &JoinArgs) -> Result<(), String> {
-    ftd::model::check_node_name(&args.node)?;
+    ftd::model::check_node_name(&args.this.node)?;
     if Config::path(state_dir).exists() {
         return Err(format!(
             "{} exists: this node is set up already",
@@ -289,28 +275,21 @@ fn join(state_dir: &Path, args: &JoinArgs) -> Result<(), String> {
     let info: ftd::model::PairInfo = serde_json::from_str(&body)
         .map_err(|e| format!("the first node's answer is not a pair description: {e}"))?;
     if let Some(peer) = &info.peer {
-        if peer.name != args.node {
+        if peer.name != args.this.node {
             return Err(format!(
                 "{} is paired with {} already",
                 info.node.name, peer.name
             ));
         }
     }
-    if info.node.name == args.node {
-        return Err(format!("the first node is named {:?} too", args.node));
+    if info.node.name == args.this.node {
+        return Err(format!("the first node is named {:?} too", args.this.node));
     }
-    let me = NodeAddresses {
-        name: args.node.clone(),
-        api: args.api,
-        pair: args.pair.unwrap_or_else(|| default_pair(args.api)),
-        alink: args.alink.clone(),
-    };
-    let mut config = Config::new(me.clone());
+    let mut config = args.this.config();
+    let me = config.node.clone();
     config.peer = Some(info.node.clone());
     config.bridge = info.bridge.clone();
     config.heartbeat_timeout_ms = info.heartbeat_timeout_ms;
-    config.ftprotect = args.ftprotect.clone();
-    config.run_dir = args.run_dir.clone();
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("cannot make {}: {e}", state_dir.display()))?;
     for (file, value) in [(SECRET_FILE, &info.pair_secret), (TOKEN_FILE, &token)] {

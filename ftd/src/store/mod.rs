@@ -310,20 +310,12 @@ impl Store {
             .map_err(query("read vm"))?
             .map(|raw| raw.into_record(&name))
             .transpose()?;
-        let tomb: Option<(u64, u64, u64)> = tx
-            .query_row(
-                "SELECT generation, revision, unix_ms FROM tombstones WHERE name = ?1",
-                params![name],
-                |row| {
-                    Ok((
-                        row.get::<_, i64>(0)? as u64,
-                        row.get::<_, i64>(1)? as u64,
-                        row.get::<_, i64>(2)? as u64,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(query("read tombstone"))?;
+        let tomb = precedence_of(
+            &tx,
+            "SELECT generation, revision, unix_ms FROM tombstones WHERE name = ?1",
+            &name,
+        )
+        .map_err(query("read tombstone"))?;
         let outcome = match (&local, tomb) {
             (Some(l), _) if l.precedence() >= remote.precedence() => Merged::Kept,
             (None, Some(t)) if t >= remote.precedence() => Merged::Kept,
@@ -361,20 +353,12 @@ impl Store {
     pub fn merge_tombstone(&self, remote: &Tombstone) -> Result<Merged, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(query("begin merge"))?;
-        let local: Option<(u64, u64, u64)> = tx
-            .query_row(
-                "SELECT generation, revision, updated_unix_ms FROM vms WHERE name = ?1",
-                params![remote.name],
-                |row| {
-                    Ok((
-                        row.get::<_, i64>(0)? as u64,
-                        row.get::<_, i64>(1)? as u64,
-                        row.get::<_, i64>(2)? as u64,
-                    ))
-                },
-            )
-            .optional()
-            .map_err(query("read vm"))?;
+        let local = precedence_of(
+            &tx,
+            "SELECT generation, revision, updated_unix_ms FROM vms WHERE name = ?1",
+            &remote.name,
+        )
+        .map_err(query("read vm"))?;
         let outcome = match local {
             Some(l) if l >= remote.precedence() => Merged::Kept,
             Some(_) => Merged::Deleted,
@@ -609,6 +593,22 @@ impl Store {
             .map_err(query("read node"))?;
         Ok(v.flatten().map(|v| v as u64))
     }
+}
+
+/// The (generation, revision, time) of the row `sql` selects for `name`.
+fn precedence_of(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    name: &str,
+) -> rusqlite::Result<Option<(u64, u64, u64)>> {
+    tx.query_row(sql, params![name], |row| {
+        Ok((
+            row.get::<_, i64>(0)? as u64,
+            row.get::<_, i64>(1)? as u64,
+            row.get::<_, i64>(2)? as u64,
+        ))
+    })
+    .optional()
 }
 
 /// A vms row before its JSON is decoded.
