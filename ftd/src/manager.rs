@@ -14,8 +14,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::config::Config;
 use crate::model::{
-    Desired, Event, FieldError, Level, NodeState, NodeView, Severity, VmCreate, VmDefinition,
-    VmState, VmView,
+    Desired, Event, FieldError, Level, NodeState, NodeView, Severity, VmCreate, VmState, VmView,
 };
 use crate::pair::wire::{PairState, RoleReport, PAIR_VERSION};
 use crate::store::{unix_ms, EventFilter, Merged, Store, StoreError, VmRecord};
@@ -576,17 +575,6 @@ impl Manager {
             primaries,
             standbys,
         })
-    }
-
-    /// The definitions the supervisor works from.
-    pub fn definitions(&self) -> Result<Vec<(VmDefinition, VmRecord)>, ManagerError> {
-        Ok(self
-            .inner
-            .store
-            .vms()?
-            .into_iter()
-            .map(|r| (r.definition.clone(), r))
-            .collect())
     }
 }
 

@@ -224,9 +224,25 @@ fn a_wrong_secret_joins_nothing() {
         "the-pair-secret-of-this-test-0001",
         "a-different-secret-entirely-0002",
     );
+    let refusals = |d: &Daemon| {
+        d.log()
+            .matches("pair channel: a connection was refused")
+            .count()
+    };
     let k = kernel(&p.a);
+    let before = refusals(&p.b);
     create(&p.a, "vm-one", &k);
-    std::thread::sleep(Duration::from_secs(3));
+    // Wait for the evidence: b refused a handshake of a's after the VM was
+    // defined (a redials every second), so a's state did not get through.
+    let start = Instant::now();
+    while refusals(&p.b) <= before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "b never refused a's handshake; b's log:\n{}",
+            p.b.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(names(&p.b.call("GET", "/api/vms", "-", None).1).is_empty());
     let (_, node) = p.a.call("GET", "/api/nodes/node-b", "-", None);
     assert_eq!(node["state"], "unknown", "{node}");

@@ -202,6 +202,15 @@ async fn expect_ack(link: &mut Link, epoch: u64) {
     assert_eq!((envelope.message, envelope.epoch), (Message::Ack, epoch));
 }
 
+/// The replica the standby hands over for promotion (within [`WITHIN`]).
+async fn taken_over(task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>) -> Replica {
+    tokio::time::timeout(WITHIN, task)
+        .await
+        .expect("the standby takes over in time")
+        .expect("the standby's task")
+        .expect("a replica to promote")
+}
+
 fn page5(replica: &Replica) -> u8 {
     let mut page = vec![0u8; PAGE_SIZE];
     replica
@@ -227,11 +236,7 @@ async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed
     two.pop();
     send(&link, &two).await;
     drop(link);
-    let replica = tokio::time::timeout(WITHIN, standby.task)
-        .await
-        .expect("the standby takes over in time")
-        .unwrap()
-        .expect("a replica to promote");
+    let replica = taken_over(standby.task).await;
     assert_eq!(replica.epoch, 1, "the last committed epoch");
     assert_eq!(page5(&replica), 0x22, "memory of epoch 1, none of epoch 2");
     assert_eq!(
@@ -417,11 +422,7 @@ async fn a_primary_silent_on_both_paths_is_taken_over() {
     let cut = Arc::new(AtomicBool::new(false));
     let (link, backup) = primary_with_backup(&standby, &cut, &cut).await;
     cut.store(true, Ordering::SeqCst);
-    let replica = tokio::time::timeout(WITHIN, standby.task)
-        .await
-        .expect("the standby takes over in time")
-        .unwrap()
-        .expect("a replica to promote");
+    let replica = taken_over(standby.task).await;
     drop((link, backup));
     assert_eq!(replica.epoch, 1);
     assert_eq!(page5(&replica), 0x22);
@@ -520,11 +521,7 @@ async fn an_epoch_whose_acknowledgement_cannot_be_sent_is_kept_and_taken_over() 
         .await
         .expect("the relay ends the session in time");
     assert!(answer.is_err(), "epoch 2 was acknowledged: {answer:?}");
-    let replica = tokio::time::timeout(WITHIN, standby.task)
-        .await
-        .expect("the standby takes over (the primary is gone from its only path)")
-        .unwrap()
-        .expect("a replica to promote");
+    let replica = taken_over(standby.task).await;
     assert_eq!(
         replica.epoch, 2,
         "epoch 2 was applied: it is the one handed over"
@@ -573,11 +570,7 @@ async fn a_vm_handed_over_after_a_host_fault_is_taken_over_at_once() {
     send(&link, &two).await;
     let started = std::time::Instant::now();
     send(&link, &[Message::Handover.into_frame(2, 1)]).await;
-    let replica = tokio::time::timeout(WITHIN, standby.task)
-        .await
-        .expect("the standby takes over")
-        .unwrap()
-        .expect("a replica to promote");
+    let replica = taken_over(standby.task).await;
     // At once: not after the heartbeat timeout (the link is still up).
     assert!(started.elapsed() < Duration::from_millis(300));
     assert_eq!(replica.epoch, 1);

@@ -81,21 +81,6 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
     }
 }
 
-fn connect(lab: &LabPair) -> LedgerClient {
-    let addr = ft_pair::ledger_addr(lab.lab());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        match LedgerClient::connect(addr, Duration::from_secs(120)) {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => panic!("ledger not serving: {e}"),
-        }
-    }
-}
-
 fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures) {
     // Through node a's API: the VM afresh, unprotected first.
     let ft = ftd_client::model::FtOptions {
@@ -111,7 +96,7 @@ fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures) {
         Duration::from_secs(60),
     )
     .expect("unprotected");
-    let mut client = connect(lab);
+    let mut client = lab.ledger_client();
     client.ping().expect("warm-up");
     let unprotected = measure(lab, &mut client);
     // Protect it: node b's daemon starts the standby.

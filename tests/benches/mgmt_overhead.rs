@@ -29,21 +29,6 @@ fn spin(client: &mut LedgerClient) -> f64 {
     turns as f64 / (WORK_MS as f64 / 1000.0)
 }
 
-fn connect(lab: &LabPair) -> LedgerClient {
-    let addr = ft_pair::ledger_addr(lab.lab());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        match LedgerClient::connect(addr, Duration::from_secs(120)) {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => panic!("ledger not serving: {e}"),
-        }
-    }
-}
-
 /// 50 API clients polling node a until `stop`; counts their requests.
 fn pollers(
     lab: &LabPair,
@@ -73,7 +58,7 @@ fn pollers(
 fn main() {
     let lab = LabPair::start("ftmgmt");
     ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
-    let mut client = connect(&lab);
+    let mut client = lab.ledger_client();
     client.ping().expect("warm-up");
     let (mut stopped, mut idle, mut busy) = (Vec::new(), Vec::new(), Vec::new());
     let mut rate = Vec::new();

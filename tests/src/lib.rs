@@ -78,6 +78,22 @@ impl LabPair {
         &self.lab
     }
 
+    /// A client of the ledger VM (the protected lab VM), retried until the
+    /// guest serves it (it starts with the guest) or 90 s pass.
+    pub fn ledger_client(&self) -> guest_tools::ledger::LedgerClient {
+        let addr = lab::ft_pair::ledger_addr(&self.lab);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            match guest_tools::ledger::LedgerClient::connect(addr, Duration::from_secs(120)) {
+                Ok(c) => return c,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(500))
+                }
+                Err(e) => panic!("the ledger at {addr} is not serving: {e}"),
+            }
+        }
+    }
+
     /// Runs `argv` in `node`.
     pub fn exec(&self, node: NodeId, argv: &[&str]) -> ExecOutput {
         self.lab

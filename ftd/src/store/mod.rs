@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::model::{AuditEntry, Desired, Event, Level, Severity, VmDefinition};
+use crate::model::{AuditEntry, Desired, Event, Severity, VmDefinition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -162,10 +162,6 @@ impl Store {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     /// Stores a new VM (desired: stopped).
     pub fn create_vm(&self, definition: &VmDefinition) -> Result<VmRecord, StoreError> {
         let json =
@@ -258,13 +254,15 @@ impl Store {
         };
         tx.execute("DELETE FROM vms WHERE name = ?1", params![name])
             .map_err(query("delete vm"))?;
-        tx.execute(
-            "INSERT INTO tombstones (name, generation, revision, unix_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (name) DO UPDATE SET generation = excluded.generation,
-                 revision = excluded.revision, unix_ms = excluded.unix_ms",
-            params![name, generation, revision + 1, unix_ms() as i64],
-        )
-        .map_err(query("add tombstone"))?;
+        put_tombstone(
+            &tx,
+            &Tombstone {
+                name: name.to_string(),
+                generation: generation as u64,
+                revision: revision as u64 + 1,
+                unix_ms: unix_ms(),
+            },
+        )?;
         tx.commit().map_err(query("commit delete"))
     }
 
@@ -369,20 +367,7 @@ impl Store {
                 .map_err(query("delete vm"))?;
         }
         // Keep the newest tombstone either way (it travels on).
-        tx.execute(
-            "INSERT INTO tombstones (name, generation, revision, unix_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (name) DO UPDATE SET generation = excluded.generation,
-                 revision = excluded.revision, unix_ms = excluded.unix_ms
-             WHERE (excluded.generation, excluded.revision, excluded.unix_ms)
-                 > (tombstones.generation, tombstones.revision, tombstones.unix_ms)",
-            params![
-                remote.name,
-                remote.generation as i64,
-                remote.revision as i64,
-                remote.unix_ms as i64
-            ],
-        )
-        .map_err(query("add tombstone"))?;
+        put_tombstone(&tx, remote)?;
         if local.is_some() && outcome == Merged::Kept {
             // The VM lives here and outranks the delete: no tombstone.
             tx.execute(
@@ -595,6 +580,26 @@ impl Store {
     }
 }
 
+/// Records a delete, keeping the newest tombstone of a name (a delete
+/// made here outranks any older one: its revision is past the record's).
+fn put_tombstone(tx: &rusqlite::Transaction<'_>, t: &Tombstone) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO tombstones (name, generation, revision, unix_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET generation = excluded.generation,
+             revision = excluded.revision, unix_ms = excluded.unix_ms
+         WHERE (excluded.generation, excluded.revision, excluded.unix_ms)
+             > (tombstones.generation, tombstones.revision, tombstones.unix_ms)",
+        params![
+            t.name,
+            t.generation as i64,
+            t.revision as i64,
+            t.unix_ms as i64
+        ],
+    )
+    .map_err(query("add tombstone"))?;
+    Ok(())
+}
+
 /// The (generation, revision, time) of the row `sql` selects for `name`.
 fn precedence_of(
     tx: &rusqlite::Transaction<'_>,
@@ -684,17 +689,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The level a record runs at (a shorthand).
-impl VmRecord {
-    pub fn level(&self) -> Level {
-        self.definition.level
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::DiskSpec;
+    use crate::model::{DiskSpec, Level};
 
     fn definition(name: &str) -> VmDefinition {
         VmDefinition {
