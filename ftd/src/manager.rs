@@ -600,7 +600,10 @@ fn vm_state(role: replicator::status::Role, state: replicator::status::FtState) 
             (_, FtState::Unprotected) => VmState::Unprotected,
             (Role::Standby, FtState::StandingBy | FtState::Protected) => VmState::Protected,
             (Role::Standby, FtState::Waiting) => VmState::Starting,
-            (_, FtState::Promoting) => VmState::FailingOver,
+            (_, FtState::Promoting | FtState::Claiming) => VmState::FailingOver,
+            (_, FtState::Fenced) => VmState::Fenced,
+            // This copy's generation is over: the VM runs on the peer.
+            (_, FtState::Superseded) => VmState::Unknown,
             (_, FtState::Stopped) => VmState::Stopped,
             (_, FtState::Failed) => VmState::Failed,
             (Role::Primary, FtState::StandingBy | FtState::Waiting) => VmState::Starting,

@@ -427,8 +427,12 @@ pub enum VmState {
     Protected,
     /// Running without a standby (level unprotected, or the peer is away).
     Unprotected,
-    /// The standby is resuming the VM after its primary was lost.
+    /// The standby is resuming the VM after its primary was lost (or
+    /// asking the witness whether it may).
     FailingOver,
+    /// Paused with its output held: it lost its standby and cannot reach
+    /// the witness (it resumes when either answers).
+    Fenced,
     /// Being shut down.
     Stopping,
     /// It failed to run; see the events.
@@ -444,8 +448,8 @@ pub struct RoleView {
     /// `primary` or `standby`.
     pub role: String,
     /// The engine's state: `starting`, `unprotected`, `syncing`,
-    /// `protected`, `waiting`, `standing-by`, `promoting`, `stopped`,
-    /// `failed`.
+    /// `protected`, `waiting`, `standing-by`, `claiming`, `promoting`,
+    /// `fenced`, `superseded`, `stopped`, `failed`.
     pub state: String,
     /// The last checkpoint (epoch) committed.
     pub epoch: Option<u64>,

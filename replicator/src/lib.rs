@@ -12,6 +12,8 @@
 //! - [`promote`]: turning the replica into the running VM after a failure;
 //!   [`bridge`] puts its TAP on the node's bridge.
 //! - [`pairing`]: what the nodes tell each other when the A-link opens.
+//! - [`quorum`]: the witness that decides which copy may run (the
+//!   primary's lease, the standby's claim).
 //! - [`status`]: the state and counters each node publishes;
 //!   [`control`] serves them (and takes a stop) on a Unix socket.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
@@ -41,6 +43,7 @@ pub mod pairing;
 pub mod primary;
 pub mod promote;
 pub mod protocol;
+pub mod quorum;
 pub mod sequence;
 pub mod standby;
 pub mod stats;

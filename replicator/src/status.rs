@@ -34,8 +34,17 @@ pub enum FtState {
     Waiting,
     /// Standby: applying the primary's checkpoints.
     StandingBy,
+    /// Standby: the primary is lost; asking the witness for the next
+    /// generation before taking over.
+    Claiming,
     /// Standby: the primary is lost, the replica is being resumed.
     Promoting,
+    /// Primary: neither the standby nor the witness can be reached; the
+    /// guest is paused and its output held until one answers.
+    Fenced,
+    /// Primary: the witness says another node runs the VM at a newer
+    /// generation; this copy stopped and its held output was dropped.
+    Superseded,
     /// The guest stopped; the process ends.
     Stopped,
     /// Something failed that the process cannot go on from.
@@ -51,7 +60,10 @@ impl FtState {
             FtState::Protected => "protected",
             FtState::Waiting => "waiting",
             FtState::StandingBy => "standing-by",
+            FtState::Claiming => "claiming",
             FtState::Promoting => "promoting",
+            FtState::Fenced => "fenced",
+            FtState::Superseded => "superseded",
             FtState::Stopped => "stopped",
             FtState::Failed => "failed",
         }
@@ -116,6 +128,12 @@ pub struct FtCounters {
     pub epochs_applied: u64,
     pub epochs_rejected: u64,
     pub failovers: u64,
+    /// Times the primary fenced itself (standby and witness unreachable).
+    #[serde(default)]
+    pub fences: u64,
+    /// Claims the witness answered with "the primary is still heard".
+    #[serde(default)]
+    pub claims_refused: u64,
 }
 
 #[cfg(test)]
@@ -159,6 +177,13 @@ pub struct Status {
     pub updated_unix_ms: u64,
     pub sync: Option<SyncProgress>,
     pub counters: FtCounters,
+    /// The generation of the active copy this process runs or replicates.
+    #[serde(default)]
+    pub generation: u64,
+    /// Where this process stands with the quorum witness (none: no
+    /// witness is configured, the split-brain policy is the pair's own).
+    #[serde(default)]
+    pub witness: Option<String>,
 }
 
 fn unix_ms() -> u64 {
@@ -187,6 +212,8 @@ impl StatusBoard {
                 updated_unix_ms: unix_ms(),
                 sync: None,
                 counters: FtCounters::default(),
+                generation: 0,
+                witness: None,
             })),
         }
     }
@@ -233,7 +260,10 @@ mod tests {
             (FtState::Protected, "protected"),
             (FtState::Waiting, "waiting"),
             (FtState::StandingBy, "standing-by"),
+            (FtState::Claiming, "claiming"),
             (FtState::Promoting, "promoting"),
+            (FtState::Fenced, "fenced"),
+            (FtState::Superseded, "superseded"),
             (FtState::Stopped, "stopped"),
             (FtState::Failed, "failed"),
         ];

@@ -13,10 +13,14 @@
 //!   primary stops its VM and tells the standby not to take it over; a
 //!   standby leaves).
 //!
-//! Split-brain policy (no quorum service yet): the standby promotes when
-//! the A-link falls silent for the heartbeat timeout, whatever the cause.
-//! A cut A-link with both nodes alive leaves two active copies; give the
-//! pair two links (or a quorum service, later) where that matters.
+//! Split-brain policy: with `--witness` (an `ftwitness` on a third
+//! machine), the standby promotes only with the witness's grant, and a
+//! primary that lost its standby goes on only once the witness confirms it
+//! (it pauses its guest, output held, while neither answers); a primary the
+//! witness says is superseded stops (exit code 3). Without a witness the
+//! standby promotes when every path falls silent for the heartbeat
+//! timeout, whatever the cause: a cut A-link with both nodes alive leaves
+//! two active copies (give the pair two paths, or a witness).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,13 +30,15 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use replicator::control::{self, ControlCommand, ControlRequest, ControlServer};
 use replicator::interval::{IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL};
-use replicator::primary::{self, PrimaryConfig};
+use replicator::primary::{self, PrimaryConfig, PrimaryEnd};
+use replicator::quorum::WitnessConfig;
 use replicator::standby::{self, StandbyConfig};
 use replicator::status::{FtState, Role, StatusBoard};
 use replicator::{checkpoint_bench, pairing, promote};
 use tokio::sync::Notify;
 use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
 use vmm::vm::Vm;
+use witness::WitnessClient;
 
 #[derive(Parser)]
 #[command(
@@ -90,6 +96,14 @@ struct PairOptions {
     /// The guest's serial console goes to this file.
     #[arg(long)]
     serial_log: PathBuf,
+    /// The quorum witness (`ftwitness`), host:port; comma-separated
+    /// addresses are tried in order. Authenticated with the pair secret.
+    #[arg(long, value_delimiter = ',')]
+    witness: Vec<String>,
+    /// The generation of the active copy this node knows (the primary runs
+    /// it; a standby refuses a primary of an older one).
+    #[arg(long, default_value_t = 1)]
+    generation: u64,
 }
 
 #[derive(Subcommand)]
@@ -258,7 +272,33 @@ fn node_name(pair: &PairOptions) -> String {
     })
 }
 
-fn primary_config(pair: &PairOptions, link: ft_link::LinkConfig) -> PrimaryConfig {
+/// The witness as this node asks it (none without `--witness`).
+fn witness_config(pair: &PairOptions, node: &str) -> Result<Option<WitnessConfig>, String> {
+    if pair.witness.is_empty() {
+        return Ok(None);
+    }
+    let secret = pairing::read_secret(&pair.secret_file).map_err(|e| e.to_string())?;
+    Ok(Some(WitnessConfig {
+        client: Arc::new(WitnessClient::new(
+            pair.witness.clone(),
+            secret,
+            node,
+            WITNESS_ANSWER_WITHIN,
+        )),
+        vm: pair.vm_name.clone(),
+    }))
+}
+
+/// How long a request to the witness may take (a claim is held open up to
+/// twice the witness's silence timeout).
+const WITNESS_ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
+fn primary_config(
+    pair: &PairOptions,
+    link: ft_link::LinkConfig,
+    generation: u64,
+    witness: Option<WitnessConfig>,
+) -> PrimaryConfig {
     PrimaryConfig {
         peers: pair.peer.clone(),
         link,
@@ -270,8 +310,13 @@ fn primary_config(pair: &PairOptions, link: ft_link::LinkConfig) -> PrimaryConfi
         precopy_rounds: pair.precopy_rounds,
         retry_every: Duration::from_millis(500),
         vm_failed: Arc::default(),
+        generation,
+        witness,
     }
 }
+
+/// The exit code of a primary the witness says is superseded.
+const EXIT_SUPERSEDED: u8 = 3;
 
 /// Why the primary ends.
 enum Ended {
@@ -287,6 +332,7 @@ fn run_primary(
     vm: Vm,
     pair: &PairOptions,
     node: &str,
+    generation: u64,
     status: &StatusBoard,
     control_stop: &Notify,
 ) -> ExitCode {
@@ -297,7 +343,14 @@ fn run_primary(
             return ExitCode::from(2);
         }
     };
-    let config = primary_config(pair, link);
+    let witness = match witness_config(pair, node) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = primary_config(pair, link, generation, witness);
     let vm_failed = Arc::clone(&config.vm_failed);
     let vm = Arc::new(vm);
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -330,7 +383,15 @@ fn run_primary(
     }
     // Tell a standby in session not to take a stopped VM over.
     stop.notify_one();
-    let _ = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), protection));
+    let end = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), protection));
+    if let Ok(Ok(PrimaryEnd::Superseded { generation, owner })) = end {
+        // The status says so already (state "superseded").
+        eprintln!(
+            "ftprotect: superseded: node {owner} runs the VM at generation {generation}; \
+             this copy stopped"
+        );
+        return ExitCode::from(EXIT_SUPERSEDED);
+    }
     let event = match ended {
         Ended::Guest(event) => event,
         Ended::Asked => {
@@ -537,7 +598,15 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
             promote::join_bridge(tap, bridge);
         }
     }
-    run_primary(runtime, vm, pair, &node, &status, &control_stop)
+    run_primary(
+        runtime,
+        vm,
+        pair,
+        &node,
+        pair.generation,
+        &status,
+        &control_stop,
+    )
 }
 
 /// `ftprotect standby`: keeps the replica; promotes it when the primary is
@@ -562,11 +631,20 @@ fn standby(
             return ExitCode::from(2);
         }
     };
+    let witness = match witness_config(pair, &node) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let config = StandbyConfig {
         listen,
         link,
         disks,
         taps: taps.clone(),
+        min_generation: pair.generation,
+        witness,
     };
     let standing_by = runtime.block_on(async {
         tokio::select! {
@@ -592,6 +670,7 @@ fn standby(
         }
     };
     status.set_state(Role::Standby, FtState::Promoting, None);
+    let generation = replica.generation;
     let vm = match promote::promote(
         replica,
         &taps,
@@ -606,5 +685,5 @@ fn standby(
         }
     };
     status.update(|s| s.counters.failovers += 1);
-    run_primary(runtime, vm, pair, &node, &status, &control_stop)
+    run_primary(runtime, vm, pair, &node, generation, &status, &control_stop)
 }

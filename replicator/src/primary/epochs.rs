@@ -15,7 +15,8 @@ use tracing::debug;
 use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
-use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, GENERATION};
+use super::lease::GateMode;
+use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::interval::Schedule;
 use crate::protocol::{epoch_frames, Message};
 use crate::status::{FtState, Role, Samples, StatusBoard};
@@ -24,10 +25,12 @@ pub(super) async fn epochs(
     vm: &Arc<Vm>,
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    session: &Session<'_>,
     config: &PrimaryConfig,
     status: &StatusBoard,
     stop: &Notify,
 ) -> Result<Infallible, PrimaryError> {
+    let generation = session.generation;
     // Held output wakes the wait for the next checkpoint.
     let output = Arc::new(Notify::new());
     let wake = Arc::clone(&output);
@@ -47,10 +50,17 @@ pub(super) async fn epochs(
             } else {
                 Message::Stop
             };
-            let _ = tx.send(&message.into_frame(epoch, GENERATION)).await;
+            let _ = tx.send(&message.into_frame(epoch, generation)).await;
             return Err(PrimaryError::VmStopped);
         }
         let late = schedule.is_late(Instant::now());
+        if epoch == 1 {
+            // From the first epoch on, output leaves by acknowledgement
+            // only (output commit), not under the witness's lease.
+            if let Some(lease) = session.lease {
+                lease.set_mode(vm, GateMode::Off);
+            }
+        }
 
         let stop_start = Instant::now();
         let captured = capture(vm, epoch);
@@ -59,7 +69,7 @@ pub(super) async fn epochs(
         }
         let captured = captured?;
         let mut stopped = stop_start.elapsed();
-        let acked = send_epoch(tx, acks, epoch, captured, status).await;
+        let acked = send_epoch(tx, acks, epoch, generation, captured, status).await;
         if config.synchronous {
             vm.resume();
             stopped = stop_start.elapsed();
@@ -114,13 +124,14 @@ async fn send_epoch(
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     epoch: u64,
+    generation: u64,
     captured: Captured,
     status: &StatusBoard,
 ) -> Result<Sent, PrimaryError> {
     let dirty = captured.pages.count;
     let writes = captured.writes.1;
     let state = Bytes::from(captured.state.to_payload()?);
-    let frames = epoch_frames(epoch, GENERATION, state, captured.pages, captured.writes);
+    let frames = epoch_frames(epoch, generation, state, captured.pages, captured.writes);
     send_all(tx, &frames, status).await?;
     let sent_at = Instant::now();
     match acks.recv().await {

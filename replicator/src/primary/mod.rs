@@ -16,12 +16,19 @@
 //!    delays the next checkpoint (counted as throttled) instead of growing
 //!    buffers. In synchronous mode the guest stays paused until the
 //!    acknowledgement.
-//! 3. Any link failure ends protection: held output is released (this copy
-//!    is the only one now), disk recording stops, and the primary goes back
-//!    to looking for a standby (which then resynchronises from scratch).
+//! 3. Any link failure ends protection: disk recording stops, and the
+//!    primary goes back to looking for a standby (which then
+//!    resynchronises from scratch). Without a witness, held output is
+//!    released at once (this copy is the only one now). With a witness
+//!    ([`lease`]), it is released only once the witness confirmed that this
+//!    copy goes on alone; meanwhile, if neither the witness nor a standby
+//!    answers, the guest is paused (fenced). Without a standby, output
+//!    leaves only under the witness's lease; a copy the witness says is
+//!    superseded stops, its held output dropped.
 
 pub mod checkpoint;
 mod epochs;
+mod lease;
 mod sync;
 
 use std::path::PathBuf;
@@ -34,8 +41,10 @@ use tracing::{info, warn};
 use vmm::replication::ReplicationError;
 use vmm::vm::Vm;
 
+use self::lease::{Alone, GateMode, Lease};
 use crate::interval::IntervalLimits;
 use crate::protocol::{Message, ProtocolError, StateError};
+use crate::quorum::WitnessConfig;
 use crate::status::{FtState, Role, StatusBoard};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +57,8 @@ pub enum PrimaryError {
     Unexpected { kind: &'static str, epoch: u64 },
     #[error("the standby acknowledged epoch {got}, epoch {expected} was in flight")]
     WrongAck { got: u64, expected: u64 },
+    #[error("the standby acknowledged generation {got}, this primary runs generation {ours}")]
+    WrongGeneration { got: u64, ours: u64 },
     #[error("the standby's acknowledgement stream ended")]
     AckStreamEnded,
     #[error("the VM stopped")]
@@ -95,11 +106,55 @@ pub struct PrimaryConfig {
     /// fault, not on purpose: the standby is told to take it over
     /// (Handover) instead of to let it go (Stop).
     pub vm_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The generation of the active copy this primary runs (every message
+    /// carries it; a standby refuses an older one).
+    pub generation: u64,
+    /// The quorum witness, if the pair has one.
+    pub witness: Option<WitnessConfig>,
 }
 
-/// The generation of the active copy every message carries (the quorum
-/// service will grant it; until then one generation).
-const GENERATION: u64 = 1;
+/// How a primary ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryEnd {
+    /// The guest stopped (or a stop was asked).
+    Stopped,
+    /// The witness says `owner` runs the VM at `generation`: this copy was
+    /// stopped and its held output dropped.
+    Superseded { generation: u64, owner: String },
+}
+
+/// Resolves when the witness says this copy is superseded (never without
+/// a witness).
+async fn superseded(lease: Option<&Lease>) {
+    match lease {
+        Some(l) => l.ended().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stops a superseded copy: its held output never leaves.
+fn stop_superseded(vm: &Vm, lease: &Lease, status: &StatusBoard) -> PrimaryEnd {
+    let (generation, owner) = lease
+        .superseded()
+        .unwrap_or((lease.generation(), "another node".into()));
+    let dropped = vm.output().discard_held();
+    vm.stop();
+    warn!(
+        generation,
+        owner,
+        dropped_frames = dropped,
+        "superseded: this copy stopped"
+    );
+    status.set_state(
+        Role::Primary,
+        FtState::Superseded,
+        Some(format!(
+            "node {owner} runs the VM at generation {generation}: this copy stopped \
+             and its {dropped} held frames were dropped"
+        )),
+    );
+    PrimaryEnd::Superseded { generation, owner }
+}
 
 /// Protects `vm` until `stop` is notified (its guest stopped): then a
 /// standby in session is told not to take it over, and this returns.
@@ -108,38 +163,95 @@ pub async fn run(
     config: PrimaryConfig,
     status: StatusBoard,
     stop: Arc<tokio::sync::Notify>,
-) {
+) -> PrimaryEnd {
+    let lease = config
+        .witness
+        .clone()
+        .map(|w| Lease::start(&vm, w, config.generation, &status));
+    let lease = lease.as_ref();
+    status.update(|s| s.generation = config.generation);
     let mut last_refusal = String::new();
     status.set_state(Role::Primary, FtState::Unprotected, None);
+    let mut answered = None;
     loop {
-        let (link, active) = loop {
-            let attempt = tokio::select! {
-                a = connect_any(&config.peers, &config.link) => a,
-                _ = stop.notified() => return,
-            };
-            match attempt {
-                Ok(found) => break found,
-                Err(error) => {
-                    if error != last_refusal {
-                        info!(peers = ?config.peers, %error, "no standby yet; running unprotected");
-                        status.update(|s| s.message = Some(error.clone()));
-                        last_refusal = error;
+        let found = match answered.take() {
+            Some(found) => found,
+            None => loop {
+                let attempt = tokio::select! {
+                    a = connect_any(&config.peers, &config.link) => a,
+                    _ = stop.notified() => return PrimaryEnd::Stopped,
+                    _ = superseded(lease) => return stop_superseded(&vm, lease.expect("a lease"), &status),
+                };
+                match attempt {
+                    Ok(found) => break found,
+                    Err(error) => {
+                        if error != last_refusal {
+                            info!(peers = ?config.peers, %error, "no standby yet; running unprotected");
+                            status.update(|s| s.message = Some(error.clone()));
+                            last_refusal = error;
+                        }
+                        tokio::time::sleep(config.retry_every).await;
                     }
-                    tokio::time::sleep(config.retry_every).await;
                 }
-            }
+            },
         };
+        let (link, active) = found;
         last_refusal.clear();
         status.update(|s| s.peer = Some(link.peer_addr().to_string()));
-        let error = protect(&vm, link, active, &config, &status, &stop).await;
-        if matches!(error, PrimaryError::VmStopped) {
-            return;
+        let generation = lease.map_or(config.generation, Lease::generation);
+        if let Some(l) = lease {
+            // Output the lease lets out keeps going during the initial
+            // copy (no pause of the guest then: a standby is coming).
+            if l.mode() != GateMode::Off {
+                l.set_mode(&vm, GateMode::Lease { fence: false });
+            }
         }
-        // The standby is gone: this copy is the only one, so output held
-        // for it goes out now and the disks stop being recorded.
-        let released = vm.output().open();
+        let session = Session {
+            generation,
+            lease,
+            active,
+        };
+        let error = tokio::select! {
+            e = protect(&vm, link, session, &config, &status, &stop) => e,
+            _ = superseded(lease) => return stop_superseded(&vm, lease.expect("a lease"), &status),
+        };
+        if matches!(error, PrimaryError::VmStopped) {
+            return PrimaryEnd::Stopped;
+        }
         vm.disk_writes().stop();
-        warn!(%error, released_frames = released, "standby lost: running unprotected");
+        match lease {
+            None => {
+                // The standby is gone: this copy is the only one, so output
+                // held for it goes out now.
+                let released = vm.output().open();
+                warn!(%error, released_frames = released, "standby lost: running unprotected");
+            }
+            Some(l) if l.mode() == GateMode::Off => {
+                // Epochs began: the lost standby may hold a replica. What
+                // it never acknowledged leaves only once the witness
+                // confirms this copy goes on alone.
+                let held = vm.output().merge_held(0);
+                warn!(%error, held_frames = held, "standby lost: asking the witness to go on alone");
+                let alone = tokio::select! {
+                    a = l.go_on_alone(&vm, &config, &status) => a,
+                    _ = stop.notified() => return PrimaryEnd::Stopped,
+                };
+                match alone {
+                    Alone::Confirmed => l.set_mode(&vm, GateMode::Lease { fence: true }),
+                    Alone::StandbyAnswered(found) => {
+                        // The held output waits for the new session's
+                        // first acknowledged epoch.
+                        answered = Some(*found);
+                        continue;
+                    }
+                    Alone::Superseded => return stop_superseded(&vm, l, &status),
+                }
+            }
+            Some(l) => {
+                warn!(%error, "standby lost before the first epoch: running unprotected under the lease");
+                l.set_mode(&vm, GateMode::Lease { fence: true });
+            }
+        }
         status.set_state(
             Role::Primary,
             FtState::Unprotected,
@@ -147,6 +259,14 @@ pub async fn run(
         );
         tokio::time::sleep(config.retry_every).await;
     }
+}
+
+/// What one session with a standby runs with.
+struct Session<'a> {
+    generation: u64,
+    lease: Option<&'a Lease>,
+    /// The index of the peer address the session runs on.
+    active: usize,
 }
 
 /// How long one connection attempt may take (a cut path must not hold up
@@ -163,7 +283,10 @@ async fn connect_one(addr: &str, config: &LinkConfig) -> Result<Link, String> {
 
 /// Connects to the first peer address that answers; returns the link and
 /// the index of that address.
-async fn connect_any(peers: &[String], config: &LinkConfig) -> Result<(Link, usize), String> {
+pub(super) async fn connect_any(
+    peers: &[String],
+    config: &LinkConfig,
+) -> Result<(Link, usize), String> {
     if peers.is_empty() {
         return Err("no peer is configured".into());
     }
@@ -179,7 +302,11 @@ async fn connect_any(peers: &[String], config: &LinkConfig) -> Result<(Link, usi
 
 /// Keeps a backup path open to every other peer address while the session
 /// runs on `active` (reconnecting when one drops).
-fn spawn_backup_path(config: &PrimaryConfig, active: usize) -> tokio::task::JoinHandle<()> {
+fn spawn_backup_path(
+    config: &PrimaryConfig,
+    active: usize,
+    generation: u64,
+) -> tokio::task::JoinHandle<()> {
     let others: Vec<String> = config
         .peers
         .iter()
@@ -193,7 +320,7 @@ fn spawn_backup_path(config: &PrimaryConfig, active: usize) -> tokio::task::Join
         let Some(addr) = others.first() else { return };
         loop {
             if let Ok(link) = connect_one(addr, &link_config).await {
-                let hello = Message::Backup.into_frame(0, GENERATION);
+                let hello = Message::Backup.into_frame(0, generation);
                 if link.send(&hello).await.is_ok() {
                     info!(path = %addr, "backup path to the standby is up");
                     let (_sender, mut receiver) = link.split();
@@ -209,11 +336,20 @@ fn spawn_backup_path(config: &PrimaryConfig, active: usize) -> tokio::task::Join
 /// What the receiving task reports: acknowledged epochs or the end.
 type AckEvent = Result<u64, PrimaryError>;
 
-fn spawn_ack_reader(mut rx: ft_link::LinkReceiver) -> mpsc::UnboundedReceiver<AckEvent> {
+fn spawn_ack_reader(
+    mut rx: ft_link::LinkReceiver,
+    generation: u64,
+) -> mpsc::UnboundedReceiver<AckEvent> {
     let (tx, acks) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let event = match rx.recv().await.map(Message::from_frame) {
+                Ok(Ok(envelope)) if envelope.generation != generation => {
+                    Err(PrimaryError::WrongGeneration {
+                        got: envelope.generation,
+                        ours: generation,
+                    })
+                }
                 Ok(Ok(envelope)) if envelope.message == Message::Ack => Ok(envelope.epoch),
                 Ok(Ok(envelope)) => Err(PrimaryError::Unexpected {
                     kind: envelope.message.name(),
@@ -250,19 +386,23 @@ async fn send_all(
 async fn protect(
     vm: &Arc<Vm>,
     link: Link,
-    active: usize,
+    session: Session<'_>,
     config: &PrimaryConfig,
     status: &StatusBoard,
     stop: &tokio::sync::Notify,
 ) -> PrimaryError {
     let (tx, rx) = link.split();
-    let mut acks = spawn_ack_reader(rx);
+    let mut acks = spawn_ack_reader(rx, session.generation);
     let mut backup = None;
     let result = async {
-        sync::initial_sync(vm, &tx, config, status).await?;
+        sync::initial_sync(vm, &tx, config, status, session.generation).await?;
         // The session exists on the standby now: add the backup path.
-        backup = Some(spawn_backup_path(config, active));
-        epochs::epochs(vm, &tx, &mut acks, config, status, stop).await
+        backup = Some(spawn_backup_path(
+            config,
+            session.active,
+            session.generation,
+        ));
+        epochs::epochs(vm, &tx, &mut acks, &session, config, status, stop).await
     }
     .await;
     if let Some(task) = backup {

@@ -12,7 +12,7 @@ use ft_link::LinkSender;
 use tracing::info;
 use vmm::vm::Vm;
 
-use super::{send_all, PrimaryConfig, PrimaryError, GENERATION};
+use super::{send_all, PrimaryConfig, PrimaryError};
 use crate::protocol::{
     disk_payloads, DiskRecord, Message, PageStager, SyncPlan, DISK_BYTES_PER_FRAME, PAGE_SIZE,
 };
@@ -28,6 +28,7 @@ pub(super) async fn initial_sync(
     tx: &LinkSender,
     config: &PrimaryConfig,
     status: &StatusBoard,
+    generation: u64,
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
@@ -51,10 +52,11 @@ pub(super) async fn initial_sync(
         disk_bytes: disk_bytes.clone(),
         nics: vm.output().nics(),
     };
-    tx.send(&Message::SyncBegin(plan).into_frame(0, GENERATION))
+    tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
         .await?;
     let progress = Progress {
         status,
+        generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
     };
     let sent_disk = copy_disks(&disks, &disk_bytes, tx, &progress).await?;
@@ -70,8 +72,10 @@ pub(super) async fn initial_sync(
     Ok(())
 }
 
+/// Where the copy stands (and the generation its frames carry).
 struct Progress<'a> {
     status: &'a StatusBoard,
+    generation: u64,
     total: u64,
 }
 
@@ -116,7 +120,7 @@ async fn copy_disks(
                 }]);
                 let frames: Vec<_> = batches
                     .into_iter()
-                    .map(|b| Message::SyncDisk(b).into_frame(0, GENERATION))
+                    .map(|b| Message::SyncDisk(b).into_frame(0, progress.generation))
                     .collect();
                 sent += send_all(tx, &frames, progress.status).await?;
             }
@@ -175,7 +179,7 @@ async fn send_pages(
 ) -> Result<(), PrimaryError> {
     let frames: Vec<_> = batches
         .into_iter()
-        .map(|b| Message::SyncPages(b).into_frame(0, GENERATION))
+        .map(|b| Message::SyncPages(b).into_frame(0, progress.generation))
         .collect();
     send_all(tx, &frames, progress.status).await.map(|_| ())
 }

@@ -2,15 +2,22 @@
 //! copy into a replica (guest RAM in a memfd, disk files of its own), then
 //! applies each complete, checked epoch and acknowledges it. When the
 //! primary goes silent or the link drops after at least one committed
-//! epoch, the replica is handed back for promotion. A refused epoch (torn,
+//! epoch, the replica is handed back for promotion: at once without a
+//! witness; with one ([`claim`]), only once the witness grants the next
+//! generation (a replica the witness says is stale is dropped, and a
+//! primary that comes back with a new session ends the claim). A session
+//! of a generation older than this standby knows is refused (a stale
+//! primary back from a partition). A refused epoch (torn,
 //! corrupt, replayed, out of order, or not decodable) is reported, never
 //! applied, and ends the session: the primary then runs unprotected and
 //! resynchronises from scratch.
 //!
 //! - [`paths`]: accepting connections, backup paths.
+//! - [`claim`]: asking the witness before a takeover.
 //! - [`session`]: one session with a primary, step by step.
 //! - [`replica_disk`]: the replica's disk files.
 
+mod claim;
 mod paths;
 pub mod replica_disk;
 mod session;
@@ -22,11 +29,13 @@ use ft_link::{LinkConfig, LinkError, LinkListener};
 use tracing::{info, warn};
 use vmm::replication::{ReplicaRam, ReplicationError};
 
+use self::claim::Claimed;
 use self::paths::spawn_acceptors;
 use self::replica_disk::{ReplicaDisk, ReplicaDiskError};
 use self::session::Session;
 use crate::assembler::AssemblerError;
 use crate::protocol::{CheckpointState, Message, ProtocolError, StateError};
+use crate::quorum::WitnessConfig;
 use crate::status::{FtState, Role, StatusBoard};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +62,14 @@ pub enum StandbyError {
     PathLost(#[source] LinkError),
     #[error("the primary began a new session")]
     Superseded,
+    #[error("a primary of generation {got} was refused: this standby knows generation {known} (a stale primary)")]
+    StaleGeneration { got: u64, known: u64 },
+    #[error("a {kind} message of generation {got} in a session of generation {session}")]
+    WrongGeneration {
+        kind: &'static str,
+        got: u64,
+        session: u64,
+    },
     #[error("the primary's VM stopped on purpose (no takeover)")]
     PrimaryStopped,
     #[error("the primary handed its failed VM over before the first committed epoch: nothing to take over")]
@@ -76,6 +93,10 @@ pub struct StandbyConfig {
     pub disks: Vec<PathBuf>,
     /// TAPs for the VM's NICs once promoted, in device order.
     pub taps: Vec<String>,
+    /// Sessions of an older generation are refused.
+    pub min_generation: u64,
+    /// The quorum witness, if the pair has one.
+    pub witness: Option<WitnessConfig>,
 }
 
 /// A replica that holds a committed epoch.
@@ -84,6 +105,10 @@ pub struct Replica {
     pub disks: Vec<ReplicaDisk>,
     pub state: CheckpointState,
     pub epoch: u64,
+    /// The generation of the session that built it; once handed back for
+    /// promotion, the generation the promoted copy runs (granted by the
+    /// witness, or the next one without a witness).
+    pub generation: u64,
 }
 
 /// Life on the backup path counts only this long after the last arrival on
@@ -96,6 +121,9 @@ const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(5);
 /// Serves primaries until one is lost while this node holds a committed
 /// replica; returns that replica.
 pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Replica, LinkError> {
+    // The oldest generation accepted rises with what the witness tells.
+    let mut config = config.clone();
+    let config = &mut config;
     let mut listeners = Vec::new();
     for addr in &config.listen {
         listeners.push(LinkListener::bind(addr.as_str(), config.link.clone()).await?);
@@ -114,8 +142,29 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
             // A backup path of a session that is over: nothing to do.
             continue;
         }
-        match session::receive(arrival, &mut arrivals, config, status).await {
-            Session::Lost(replica) => break replica,
+        match session::receive(arrival, &mut arrivals, &*config, status).await {
+            Session::Lost(mut replica) => {
+                let Some(witness) = &config.witness else {
+                    replica.generation += 1;
+                    break replica;
+                };
+                match claim::claim(witness, &replica, &mut arrivals, status).await {
+                    Claimed::Granted(generation) => {
+                        replica.generation = generation;
+                        break replica;
+                    }
+                    Claimed::Stale { why, generation } => {
+                        warn!(why, "replica dropped: no takeover");
+                        config.min_generation = config.min_generation.max(generation);
+                        status.update(|s| s.generation = config.min_generation);
+                        why_ended = Some(why);
+                    }
+                    Claimed::PrimaryBack(arrival) => {
+                        why_ended = Some("the primary came back with a new session".into());
+                        next = Some(*arrival);
+                    }
+                }
+            }
             Session::Ended(error, waiting) => {
                 warn!(%error, "standby session ended without a takeover");
                 why_ended = Some(error.to_string());

@@ -54,6 +54,16 @@ async fn run(
     let mut replica = begin(first, config, status)?;
     loop {
         let envelope = match next_message(link, arrivals, &mut replica.backup).await {
+            Next::Message(envelope) if envelope.generation != replica.generation => {
+                return Err(refused(
+                    status,
+                    StandbyError::WrongGeneration {
+                        kind: envelope.message.name(),
+                        got: envelope.generation,
+                        session: replica.generation,
+                    },
+                ));
+            }
             Next::Message(envelope) => envelope,
             Next::Malformed(error) => return Err(refused(status, error.into())),
             Next::Superseded(arrival) => {
@@ -92,6 +102,8 @@ struct Receiving {
     assembler: EpochAssembler,
     /// The last committed epoch and its state.
     committed: Option<(u64, CheckpointState)>,
+    /// The session's generation (every message carries it).
+    generation: u64,
     sync_bytes: u64,
     started: Instant,
     backup: Option<BackupPath>,
@@ -107,8 +119,15 @@ fn begin(
     let Message::SyncBegin(plan) = first.message else {
         return Err(StandbyError::NoPlan(first.message.name()));
     };
+    if first.generation < config.min_generation {
+        return Err(StandbyError::StaleGeneration {
+            got: first.generation,
+            known: config.min_generation,
+        });
+    }
     check_plan(&plan, config)?;
     status.set_state(Role::Standby, FtState::Syncing, None);
+    status.update(|s| s.generation = first.generation);
     let ram = ReplicaRam::create(plan.mem_mib)?;
     let disks = config
         .disks
@@ -121,6 +140,7 @@ fn begin(
         disks,
         assembler: EpochAssembler::new(1),
         committed: None,
+        generation: first.generation,
         sync_bytes: 0,
         started: Instant::now(),
         backup: None,
@@ -216,6 +236,7 @@ fn link_lost(
                 disks: replica.disks,
                 state,
                 epoch,
+                generation: replica.generation,
             }))
         }
         None => Err(error.into()),
@@ -238,6 +259,7 @@ fn handed_over(mut replica: Receiving, status: &StatusBoard) -> Result<Session, 
                 disks: replica.disks,
                 state,
                 epoch,
+                generation: replica.generation,
             }))
         }
         None => Err(StandbyError::HandedOverUnsynced),

@@ -92,6 +92,19 @@ impl Output {
         self.gates().map(TxGate::open).sum()
     }
 
+    /// Every held frame, sealed or not, joins one batch numbered `batch`,
+    /// in order (a session's output after the session ended, released
+    /// together once it is safe). Returns how many frames.
+    pub fn merge_held(&self, batch: u64) -> usize {
+        self.gates().map(|g| g.merge_held(batch)).sum()
+    }
+
+    /// Drops every held frame (a copy that was superseded: its output
+    /// must never leave). Returns how many.
+    pub fn discard_held(&self) -> usize {
+        self.gates().map(TxGate::discard).sum()
+    }
+
     /// Frames held right now, sealed or not.
     pub fn holding_frames(&self) -> u64 {
         self.gates().map(|g| g.counters().holding_frames).sum()

@@ -160,9 +160,23 @@ impl TxGate {
         frames.len()
     }
 
-    /// Drops everything held (a replica that is never promoted never
-    /// releases its output: it belongs to epochs that did not commit).
-    #[cfg(test)]
+    /// Every held frame, sealed or not, becomes part of one batch numbered
+    /// `batch`, in the order the guest sent them (the batches of a session
+    /// that ended are released, or not, together). Returns how many.
+    pub fn merge_held(&self, batch: u64) -> usize {
+        let mut held = self.lock();
+        let held = &mut *held;
+        let mut frames: Vec<Vec<u8>> = held.sealed.drain(..).flat_map(|(_, f)| f).collect();
+        frames.append(&mut held.current);
+        let n = frames.len();
+        if n > 0 {
+            held.sealed.push_back((batch, frames));
+        }
+        n
+    }
+
+    /// Drops everything held: output of a copy that must not run on (it
+    /// belongs to epochs that never committed anywhere that lives on).
     pub fn discard(&self) -> usize {
         let mut held = self.lock();
         let n = held.current.len() + held.sealed.iter().map(|(_, f)| f.len()).sum::<usize>();
@@ -223,10 +237,18 @@ mod tests {
         assert_eq!(gate.seal(8, |_| {}), 2);
         assert_eq!(gate.discard(), 2);
         assert_eq!(gate.release_through(100), 0, "discarded frames never leave");
+        // A session's batches merged into one: released together, in order.
+        gate.transmit(&frame(7));
+        gate.seal(9, |_| {});
+        gate.transmit(&frame(8));
+        assert_eq!(gate.merge_held(0), 2);
+        assert_eq!(gate.unsealed(), 0);
+        assert_eq!(gate.release_through(0), 2);
+        assert_eq!(left(&gate), 5);
         gate.transmit(&frame(5));
         assert_eq!(gate.open(), 1);
         gate.transmit(&frame(6));
-        assert_eq!(left(&gate), 5, "an open gate sends at once");
+        assert_eq!(left(&gate), 7, "an open gate sends at once");
         assert_eq!(gate.counters().holding_frames, 0);
     }
 }

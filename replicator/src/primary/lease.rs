@@ -1,0 +1,375 @@
+//! The primary's standing with the quorum witness (when one is configured).
+//!
+//! - The **keeper** renews a lease all the time (`Hold`, a third of the
+//!   lease apart): it keeps this copy heard by the witness, so a standby
+//!   that lost only the A-link is refused a takeover; an answer that the
+//!   generation is over (`Superseded`) ends this copy.
+//! - The **gate** decides, while no epoch of a session is under way, when
+//!   the guest's output may leave: held output is released only under a
+//!   valid lease (the lease is shorter than the silence the witness waits
+//!   for before granting a claim, so a standby can only take over once
+//!   this copy's output has stopped). A copy whose lease ran out and
+//!   stays out pauses its guest (fenced) until it is renewed.
+//! - [`Lease::go_on_alone`]: after a session whose epochs began, the
+//!   output the lost standby never acknowledged leaves only once the
+//!   witness confirmed that this copy goes on alone (which gives the
+//!   generation a new number, so the lost standby's replica can never be
+//!   promoted).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tracing::{info, warn};
+use vmm::vm::Vm;
+use witness::{Answer, Request};
+
+use crate::quorum::WitnessConfig;
+
+use crate::status::{FtState, Role, StatusBoard};
+
+/// How often the gate looks at held output (the extra latency output
+/// has without a standby, with a witness).
+const GATE_TICK: Duration = Duration::from_millis(5);
+
+/// Renewals before the first answer names the lease.
+const FIRST_RENEWAL: Duration = Duration::from_millis(50);
+
+/// What the gate does with held output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GateMode {
+    /// Epochs decide (output commit); the gate leaves output alone.
+    Off,
+    /// Output leaves under a valid lease; with `fence`, a lease that stays
+    /// out pauses the guest.
+    Lease { fence: bool },
+}
+
+struct GateState {
+    mode: GateMode,
+    /// The gate paused the guest (fenced).
+    paused: bool,
+}
+
+/// Where this copy stands with the witness.
+struct Standing {
+    generation: AtomicU64,
+    lease_until: Mutex<Option<Instant>>,
+    lease: Mutex<Duration>,
+    superseded: Mutex<Option<(u64, String)>>,
+    ended: Notify,
+}
+
+impl Standing {
+    fn lease_valid(&self, now: Instant) -> bool {
+        lock(&self.lease_until).is_some_and(|until| now < until)
+    }
+
+    fn expired_for(&self, now: Instant) -> Option<Duration> {
+        match *lock(&self.lease_until) {
+            Some(until) if now < until => None,
+            Some(until) => Some(now - until),
+            None => Some(Duration::MAX),
+        }
+    }
+
+    fn renewed(&self, generation: u64, until: Instant, lease: Duration) {
+        self.generation.fetch_max(generation, Ordering::SeqCst);
+        let mut current = lock(&self.lease_until);
+        *current = Some(current.map_or(until, |c| c.max(until)));
+        *lock(&self.lease) = lease;
+    }
+
+    fn supersede(&self, generation: u64, owner: String) {
+        *lock(&self.superseded) = Some((generation, owner));
+        *lock(&self.lease_until) = None;
+        self.ended.notify_waiters();
+        self.ended.notify_one();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What going on alone came to.
+pub(super) enum Alone {
+    /// Confirmed: the output of the lost session may leave.
+    Confirmed,
+    /// A standby answered first: the new session's first acknowledged
+    /// epoch releases what is held.
+    StandbyAnswered(Box<(ft_link::Link, usize)>),
+    /// Another node runs the VM now.
+    Superseded,
+}
+
+/// The primary's lease, its keeper and its gate.
+pub(super) struct Lease {
+    witness: WitnessConfig,
+    standing: Arc<Standing>,
+    gate: Arc<Mutex<GateState>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+impl Lease {
+    /// Starts renewing and gating: from now on output leaves only under a
+    /// lease.
+    pub(super) fn start(
+        vm: &Arc<Vm>,
+        witness: WitnessConfig,
+        generation: u64,
+        status: &StatusBoard,
+    ) -> Lease {
+        vm.output().hold();
+        let standing = Arc::new(Standing {
+            generation: AtomicU64::new(generation),
+            lease_until: Mutex::new(None),
+            lease: Mutex::new(Duration::ZERO),
+            superseded: Mutex::new(None),
+            ended: Notify::new(),
+        });
+        let gate = Arc::new(Mutex::new(GateState {
+            mode: GateMode::Lease { fence: true },
+            paused: false,
+        }));
+        status.update(|s| {
+            s.generation = generation;
+            s.witness = Some(format!("asking {}", witness.client.addrs().join(",")));
+        });
+        let tasks = vec![
+            tokio::spawn(keep(witness.clone(), Arc::clone(&standing), status.clone())),
+            tokio::spawn(gate_output(
+                Arc::clone(vm),
+                Arc::clone(&standing),
+                Arc::clone(&gate),
+                status.clone(),
+            )),
+        ];
+        Lease {
+            witness,
+            standing,
+            gate,
+            tasks,
+        }
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.standing.generation.load(Ordering::SeqCst)
+    }
+
+    /// The witness says another node runs the VM.
+    pub(super) fn superseded(&self) -> Option<(u64, String)> {
+        lock(&self.standing.superseded).clone()
+    }
+
+    /// Resolves once this copy is superseded.
+    pub(super) async fn ended(&self) {
+        loop {
+            let notified = self.standing.ended.notified();
+            if self.superseded().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(super) fn mode(&self) -> GateMode {
+        lock(&self.gate).mode
+    }
+
+    /// Sets what the gate does; a guest the gate paused resumes when
+    /// fencing ends.
+    pub(super) fn set_mode(&self, vm: &Vm, mode: GateMode) {
+        let mut gate = lock(&self.gate);
+        gate.mode = mode;
+        if gate.paused && mode != (GateMode::Lease { fence: true }) {
+            vm.resume();
+            gate.paused = false;
+        }
+    }
+
+    /// After a session whose epochs began: asks the witness to go on alone
+    /// (the guest is paused and its output held while neither it nor a
+    /// standby answers), or takes a standby that answers first.
+    pub(super) async fn go_on_alone(
+        &self,
+        vm: &Vm,
+        config: &super::PrimaryConfig,
+        status: &StatusBoard,
+    ) -> Alone {
+        let mut fenced = false;
+        loop {
+            if self.superseded().is_some() {
+                return Alone::Superseded;
+            }
+            let generation = self.generation();
+            let sent = Instant::now();
+            let request = Request::Confirm {
+                vm: self.witness.vm.clone(),
+                generation,
+            };
+            let error = match self.witness.client.ask(&request).await {
+                Ok(Answer::Confirmed {
+                    generation,
+                    lease_ms,
+                }) => {
+                    let lease = Duration::from_millis(lease_ms);
+                    self.standing.renewed(generation, sent + lease, lease);
+                    info!(generation, "the witness confirmed: going on alone");
+                    status.update(|s| {
+                        s.generation = generation;
+                        s.witness = Some(format!("confirmed alone at generation {generation}"));
+                    });
+                    if fenced {
+                        vm.resume();
+                    }
+                    return Alone::Confirmed;
+                }
+                Ok(Answer::Superseded { generation, owner }) => {
+                    self.standing.supersede(generation, owner);
+                    return Alone::Superseded;
+                }
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(e) => e.to_string(),
+            };
+            if !fenced {
+                vm.pause();
+                fenced = true;
+                warn!(%error, "standby lost and the witness unreachable: fenced (guest paused, output held)");
+                status.update(|s| s.counters.fences += 1);
+                status.set_state(
+                    Role::Primary,
+                    FtState::Fenced,
+                    Some(format!(
+                        "the standby is lost and the witness cannot be reached ({error}): \
+                         the guest is paused and its output held until one of them answers"
+                    )),
+                );
+            }
+            status.update(|s| s.witness = Some(format!("unreachable: {error}")));
+            // A standby that answers ends the fence too.
+            if let Ok((link, active)) = super::connect_any(&config.peers, &config.link).await {
+                info!("a standby answered while fenced: resynchronising it");
+                vm.resume();
+                return Alone::StandbyAnswered(Box::new((link, active)));
+            }
+            tokio::time::sleep(config.retry_every.min(Duration::from_millis(300))).await;
+        }
+    }
+}
+
+/// Renews the lease until the witness says the generation is over.
+async fn keep(witness: WitnessConfig, standing: Arc<Standing>, status: StatusBoard) {
+    let mut shown = String::new();
+    let mut every = FIRST_RENEWAL;
+    loop {
+        let generation = standing.generation.load(Ordering::SeqCst);
+        let sent = Instant::now();
+        let request = Request::Hold {
+            vm: witness.vm.clone(),
+            generation,
+        };
+        let now_shown = match witness.client.ask(&request).await {
+            Ok(Answer::Held {
+                generation,
+                lease_ms,
+            }) => {
+                let lease = Duration::from_millis(lease_ms);
+                standing.renewed(generation, sent + lease, lease);
+                every = (lease / 3).max(Duration::from_millis(10));
+                status.update(|s| s.generation = s.generation.max(generation));
+                format!("lease held at generation {generation}")
+            }
+            Ok(Answer::Superseded { generation, owner }) => {
+                warn!(
+                    generation,
+                    owner, "the witness says another node runs this VM now"
+                );
+                status.update(|s| {
+                    s.witness = Some(format!(
+                        "superseded: node {owner} runs the VM at generation {generation}"
+                    ))
+                });
+                standing.supersede(generation, owner);
+                return;
+            }
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(e) => format!("unreachable: {e}"),
+        };
+        if now_shown != shown {
+            info!(witness = now_shown, "witness");
+            status.update(|s| s.witness = Some(now_shown.clone()));
+            shown = now_shown;
+        }
+        tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
+    }
+}
+
+/// Releases held output under the lease; fences a copy whose lease stays
+/// out.
+async fn gate_output(
+    vm: Arc<Vm>,
+    standing: Arc<Standing>,
+    gate: Arc<Mutex<GateState>>,
+    status: StatusBoard,
+) {
+    let mut tick = tokio::time::interval(GATE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut gate = lock(&gate);
+        if lock(&standing.superseded).is_some() {
+            // Never released: another copy runs the VM.
+            vm.output().discard_held();
+            gate.mode = GateMode::Off;
+            continue;
+        }
+        let GateMode::Lease { fence } = gate.mode else {
+            continue;
+        };
+        if standing.lease_valid(now) {
+            vm.output().seal(0);
+            let released = vm.output().release_through(0);
+            if released > 0 {
+                status.update(|s| s.counters.output_frames_released += released as u64);
+            }
+            if gate.paused {
+                vm.resume();
+                gate.paused = false;
+                info!("lease renewed: fence lifted");
+                status.set_state(Role::Primary, FtState::Unprotected, None);
+            }
+            continue;
+        }
+        // Out of lease: output waits. Fenced once it stays out as long
+        // again as a lease lasts.
+        let lease = *lock(&standing.lease);
+        let out_for = standing.expired_for(now).unwrap_or_default();
+        if fence && !gate.paused && out_for > lease.max(GATE_TICK * 4) {
+            vm.pause();
+            gate.paused = true;
+            warn!(
+                out_ms = out_for.as_millis().min(u64::MAX as u128) as u64,
+                "no lease from the witness: fenced (guest paused, output held)"
+            );
+            status.update(|s| s.counters.fences += 1);
+            status.set_state(
+                Role::Primary,
+                FtState::Fenced,
+                Some(
+                    "no standby and no lease from the witness: the guest is paused and its \
+                     output held until the witness answers"
+                        .into(),
+                ),
+            );
+        }
+    }
+}

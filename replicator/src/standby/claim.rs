@@ -1,0 +1,116 @@
+//! Before a takeover, with a witness: the standby asks for the next
+//! generation and takes over only with the grant. The witness holds the
+//! claim while it still hears the primary (a lost A-link, not a lost
+//! primary), and refuses it for good once the primary went on alone (the
+//! replica is stale then). A primary that comes back with a new session
+//! ends the claim: it lives, and the new session starts over.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use witness::{Answer, Request};
+
+use super::paths::Arrival;
+use super::Replica;
+use crate::protocol::Message;
+use crate::quorum::WitnessConfig;
+use crate::status::{FtState, Role, StatusBoard};
+
+/// What a claim came to.
+pub(super) enum Claimed {
+    /// Take over at this generation.
+    Granted(u64),
+    /// The replica must never run: the VM runs at `generation` elsewhere.
+    Stale { why: String, generation: u64 },
+    /// The primary began a new session.
+    PrimaryBack(Box<Arrival>),
+}
+
+/// How long to wait before asking again when the witness cannot be
+/// reached (an "owner heard" answer is asked again at once: the witness
+/// waited already).
+const RETRY_UNREACHABLE: Duration = Duration::from_millis(200);
+
+pub(super) async fn claim(
+    witness: &WitnessConfig,
+    replica: &Replica,
+    arrivals: &mut mpsc::Receiver<Arrival>,
+    status: &StatusBoard,
+) -> Claimed {
+    status.set_state(
+        Role::Standby,
+        FtState::Claiming,
+        Some(format!(
+            "the primary is lost: asking the witness for the generation after {}",
+            replica.generation
+        )),
+    );
+    let request = Request::Claim {
+        vm: witness.vm.clone(),
+        generation: replica.generation,
+    };
+    let mut shown = String::new();
+    loop {
+        let (why, wait) = match witness.client.ask(&request).await {
+            Ok(Answer::Granted { generation }) => {
+                info!(
+                    generation,
+                    epoch = replica.epoch,
+                    "the witness granted the takeover"
+                );
+                status.update(|s| {
+                    s.generation = generation;
+                    s.witness = Some(format!("granted generation {generation}"));
+                });
+                return Claimed::Granted(generation);
+            }
+            Ok(Answer::Superseded { generation, owner }) => {
+                return Claimed::Stale {
+                    why: format!(
+                        "the witness says node {owner} runs the VM at generation {generation}: \
+                         this replica (generation {}) is stale",
+                        replica.generation
+                    ),
+                    generation,
+                };
+            }
+            Ok(Answer::OwnerHeard {
+                owner,
+                heard_ms_ago,
+            }) => {
+                status.update(|s| s.counters.claims_refused += 1);
+                (
+                    format!(
+                        "the witness still hears the primary (node {owner}, {heard_ms_ago} ms ago): \
+                         no takeover while it lives"
+                    ),
+                    Duration::ZERO,
+                )
+            }
+            Ok(other) => (
+                format!("the witness answered {other:?}: no takeover without its grant"),
+                RETRY_UNREACHABLE,
+            ),
+            Err(e) => (
+                format!("cannot reach the witness ({e}): no takeover without its grant"),
+                RETRY_UNREACHABLE,
+            ),
+        };
+        if why != shown {
+            warn!(why, "takeover not granted yet");
+            status.update(|s| {
+                s.message = Some(why.clone());
+                s.witness = Some(why.clone());
+            });
+            shown = why;
+        }
+        // A new session from the primary ends the claim: it lives.
+        while let Ok(arrival) = arrivals.try_recv() {
+            if arrival.1.message != Message::Backup {
+                return Claimed::PrimaryBack(Box::new(arrival));
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -1,0 +1,242 @@
+//! What the standby tests share: an authenticated A-link on loopback, a
+//! standby task with its replica in a temporary folder, epochs made of one
+//! page and one disk write, and the checks on the replica handed over.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ft_link::{CpuFeatureSummary, Frame, Hello, Link, LinkConfig, PairSecret, Role};
+use replicator::protocol::{
+    disk_payloads, epoch_frames as frames_of, CheckpointState, DiskRecord, Message, PageBatch,
+    PageStager, SyncPlan, CHECKPOINT_STATE_VERSION, PAGE_SIZE, SYNC_PLAN_VERSION,
+};
+use replicator::standby::{stand_by, Replica, StandbyConfig};
+use replicator::status::StatusBoard;
+use tokio::net::TcpStream;
+
+pub const WITHIN: Duration = Duration::from_secs(10);
+pub const MEM_MIB: u64 = 16;
+pub const DISK_BYTES: u64 = 1 << 20;
+
+pub fn pair_secret() -> PairSecret {
+    PairSecret::new(b"standby-session-test-pair-secret".to_vec()).unwrap()
+}
+
+pub fn link_config(role: Role) -> LinkConfig {
+    let hello = Hello::new(
+        format!("test-{role}"),
+        role,
+        CpuFeatureSummary {
+            name: "x86-64-v2".into(),
+            words: vec![1, 2, 3],
+        },
+        "test-vm",
+    );
+    let mut c = LinkConfig::new(pair_secret(), hello);
+    c.heartbeat_interval = Duration::from_millis(50);
+    c.heartbeat_timeout = Duration::from_millis(400);
+    c
+}
+
+/// A machine state that decodes (no vCPUs: the standby never runs it here).
+pub fn state_payload() -> Bytes {
+    let json = serde_json::json!({
+        "version": CHECKPOINT_STATE_VERSION,
+        "guest_ipv4": [[10, 77, 0, 100]],
+        "machine": serde_json::to_value(minimal_machine()).unwrap(),
+    });
+    let state: CheckpointState = serde_json::from_value(json).expect("a valid checkpoint state");
+    Bytes::from(state.to_payload().unwrap())
+}
+
+pub fn minimal_machine() -> vmm::snapshot::MachineState {
+    use vmm::snapshot::{FeatureSet, SerialDeviceState, VmState, SERIAL_STATE_VERSION};
+    vmm::snapshot::MachineState {
+        version: vmm::snapshot::MACHINE_STATE_VERSION,
+        captured_unix_ns: 0,
+        vcpu_count: 1,
+        mem_mib: MEM_MIB,
+        msr_indices: vec![],
+        cpu_features: FeatureSet::X86_64V2,
+        vcpus: vec![],
+        vm: VmState {
+            version: 1,
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        serial: SerialDeviceState {
+            version: SERIAL_STATE_VERSION,
+            baud_divisor_low: 0,
+            baud_divisor_high: 0,
+            interrupt_enable: 0,
+            interrupt_identification: 0,
+            line_control: 0,
+            line_status: 0,
+            modem_control: 0,
+            modem_status: 0,
+            scratch: 0,
+            in_buffer: vec![],
+        },
+        virtio: vec![],
+    }
+}
+
+/// Epoch `n`: page 5 filled with `fill`, plus one disk write at 512.
+pub fn epoch_frames(n: u64, fill: u8, disk_text: &'static [u8]) -> Vec<Frame> {
+    epoch_frames_of(n, 1, fill, disk_text)
+}
+
+/// [`epoch_frames`] at `generation`.
+pub fn epoch_frames_of(n: u64, generation: u64, fill: u8, disk_text: &'static [u8]) -> Vec<Frame> {
+    let mut stager = PageStager::default();
+    vmm::replication::PageSink::page_buffer(&mut stager, 5 * PAGE_SIZE as u64)
+        .extend_from_slice(&[fill; PAGE_SIZE]);
+    let writes = disk_payloads([DiskRecord {
+        disk: 0,
+        offset: 512,
+        data: Bytes::from_static(disk_text),
+    }]);
+    frames_of(n, generation, state_payload(), stager.finish(), writes)
+}
+
+pub struct Standby {
+    pub addr: SocketAddr,
+    /// A second listen address (the backup path).
+    pub addr2: SocketAddr,
+    pub status: StatusBoard,
+    pub task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub async fn start_standby(name: &str) -> Standby {
+    start_standby_with(name, 1, None).await
+}
+
+/// A standby that refuses generations below `min_generation` and asks
+/// `witness` (if any) before a takeover.
+pub async fn start_standby_with(
+    name: &str,
+    min_generation: u64,
+    witness: Option<replicator::quorum::WitnessConfig>,
+) -> Standby {
+    let dir = std::env::temp_dir().join(format!("ft-standby-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Free ports (bound and released; the standby binds them again).
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (addr, addr2) = (free(), free());
+    let config = StandbyConfig {
+        listen: vec![addr.to_string(), addr2.to_string()],
+        link: link_config(Role::Standby),
+        disks: vec![dir.join("disk.img")],
+        taps: vec![],
+        min_generation,
+        witness,
+    };
+    let status = StatusBoard::new("test-standby", replicator::status::Role::Standby);
+    let board = status.clone();
+    let task = tokio::spawn(async move { stand_by(&config, &board).await });
+    // Wait for it to listen.
+    for _ in 0..100 {
+        if TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Standby {
+        addr,
+        addr2,
+        status,
+        task,
+        _dir: TempDir(dir),
+    }
+}
+
+pub async fn send(link: &Link, frames: &[Frame]) {
+    for f in frames {
+        link.send(f).await.expect("send");
+    }
+}
+
+/// Connects as the primary and sends the synchronisation (page 5 = 0x11).
+pub async fn synced_primary(addr: SocketAddr) -> Link {
+    synced_primary_of(addr, 1).await
+}
+
+/// [`synced_primary`] at `generation`.
+pub async fn synced_primary_of(addr: SocketAddr, generation: u64) -> Link {
+    let link = primary_beginning(addr, generation).await;
+    let mut page = vec![0x11u8; 8 + PAGE_SIZE];
+    page[..8].copy_from_slice(&(5 * PAGE_SIZE as u64).to_le_bytes());
+    let pages = Message::SyncPages(PageBatch::new(Bytes::from(page)).unwrap());
+    send(&link, &[pages.into_frame(0, generation)]).await;
+    link
+}
+
+/// Connects as the primary and begins a session at `generation` (its plan
+/// only).
+pub async fn primary_beginning(addr: SocketAddr, generation: u64) -> Link {
+    let link = tokio::time::timeout(WITHIN, Link::connect(addr, &link_config(Role::Primary)))
+        .await
+        .expect("connect in time")
+        .expect("handshake");
+    let plan = SyncPlan {
+        version: SYNC_PLAN_VERSION,
+        mem_mib: MEM_MIB,
+        disk_bytes: vec![DISK_BYTES],
+        nics: 0,
+    };
+    send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
+    link
+}
+
+pub async fn expect_ack(link: &mut Link, epoch: u64) {
+    let f = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("an answer in time")
+        .expect("the link stays up");
+    let envelope = Message::from_frame(f).expect("a replication message");
+    assert_eq!((envelope.message, envelope.epoch), (Message::Ack, epoch));
+}
+
+/// The replica the standby hands over for promotion (within [`WITHIN`]).
+pub async fn taken_over(
+    task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>,
+) -> Replica {
+    tokio::time::timeout(WITHIN, task)
+        .await
+        .expect("the standby takes over in time")
+        .expect("the standby's task")
+        .expect("a replica to promote")
+}
+
+pub fn page5(replica: &Replica) -> u8 {
+    let mut page = vec![0u8; PAGE_SIZE];
+    replica
+        .ram
+        .read_page(5 * PAGE_SIZE as u64, &mut page)
+        .unwrap();
+    page[100]
+}
+
+pub fn disk_at_512(replica: &Replica, len: usize) -> Vec<u8> {
+    let data = std::fs::read(&replica.disks[0].path).unwrap();
+    data[512..512 + len].to_vec()
+}
