@@ -523,6 +523,14 @@ fn vm_details(vm: &VmView) -> String {
         ),
         ("message", or_dash(vm.message.as_deref())),
         (
+            "warning",
+            if vm.warnings.is_empty() {
+                "-".into()
+            } else {
+                vm.warnings.join("; ")
+            },
+        ),
+        (
             "roles",
             if roles.is_empty() {
                 "-".into()

@@ -94,6 +94,10 @@ pub struct VmView {
     /// Its roles on the nodes (absent from older daemons).
     #[serde(default)]
     pub roles: Vec<RoleView>,
+    /// What a user should know about its protection (absent from older
+    /// daemons).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub definition: VmDefinition,
 }
 

@@ -90,9 +90,17 @@ pub struct Config {
     /// A node that starts without hearing its peer starts no VM until it
     /// does (the peer may be running them: two active copies must never
     /// be). With this set, it starts them alone after this many seconds
-    /// of not hearing the peer. Unset by default (no quorum service yet).
+    /// of not hearing the peer. Unset by default. Not needed with a
+    /// witness (the witness decides which copy may run).
     #[serde(default)]
     pub solo_start_after_s: Option<u64>,
+    /// The quorum witness (`ftwitness`, on a third machine), host:port;
+    /// several addresses are tried in order. With one, a standby takes
+    /// over only with its grant and a primary that lost its standby runs
+    /// on only with its confirmation. Without one, a cut of every path
+    /// between two live nodes leaves both running the VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witness: Vec<String>,
 }
 
 fn default_bridge() -> String {
@@ -119,6 +127,7 @@ impl Config {
             ftprotect: default_ftprotect(),
             run_dir: default_run_dir(),
             solo_start_after_s: None,
+            witness: Vec::new(),
         }
     }
 

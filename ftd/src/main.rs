@@ -91,6 +91,11 @@ struct NodeArgs {
     /// Where control sockets go.
     #[arg(long, default_value = "/run/ftd")]
     run_dir: PathBuf,
+    /// The pair's quorum witness (`ftwitness`), host:port
+    /// (comma-separated: tried in order) [default: the first node's, on
+    /// join; none on init].
+    #[arg(long, value_delimiter = ',')]
+    witness: Vec<String>,
 }
 
 impl NodeArgs {
@@ -104,6 +109,7 @@ impl NodeArgs {
         });
         config.ftprotect = self.ftprotect.clone();
         config.run_dir = self.run_dir.clone();
+        config.witness = self.witness.clone();
         config
     }
 }
@@ -290,6 +296,9 @@ fn join(state_dir: &Path, args: &JoinArgs) -> Result<(), String> {
     config.peer = Some(info.node.clone());
     config.bridge = info.bridge.clone();
     config.heartbeat_timeout_ms = info.heartbeat_timeout_ms;
+    if config.witness.is_empty() {
+        config.witness = info.witness.clone();
+    }
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("cannot make {}: {e}", state_dir.display()))?;
     for (file, value) in [(SECRET_FILE, &info.pair_secret), (TOKEN_FILE, &token)] {

@@ -178,7 +178,9 @@ impl Manager {
     /// configuration allows starting alone after a while.
     pub fn may_start_roles(&self) -> bool {
         let config = &self.inner.config;
-        if config.peer.is_none() || self.peer_view().synced {
+        // With a witness, an engine runs a VM only with the witness's
+        // word (a copy whose generation is over stops at once).
+        if config.peer.is_none() || self.peer_view().synced || !config.witness.is_empty() {
             return true;
         }
         config
@@ -511,8 +513,24 @@ impl Manager {
             epoch,
             message,
             roles,
+            warnings: self.warnings(&record.definition),
             definition: record.definition,
         }
+    }
+
+    /// What a user should know about a VM's protection.
+    fn warnings(&self, definition: &crate::model::VmDefinition) -> Vec<String> {
+        let config = &self.inner.config;
+        let mut out = Vec::new();
+        if definition.level == Level::Ft && config.peer.is_some() && config.witness.is_empty() {
+            out.push(
+                "no quorum witness is configured: if every path between the nodes is cut \
+                 while both run, the standby takes over and both nodes run this VM \
+                 (set `witness` in ftd.toml; see ftwitness)"
+                    .to_string(),
+            );
+        }
+        out
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeView>, ManagerError> {

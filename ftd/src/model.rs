@@ -478,6 +478,10 @@ pub struct VmView {
     /// Its roles on the nodes (this node's, and the peer's while the pair
     /// channel is up).
     pub roles: Vec<RoleView>,
+    /// What a user should know about its protection (e.g. no quorum
+    /// witness: the split-brain policy that holds instead).
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub definition: VmDefinition,
 }
 
@@ -581,6 +585,9 @@ pub struct PairInfo {
     pub pair_secret: String,
     pub bridge: String,
     pub heartbeat_timeout_ms: u64,
+    /// The pair's quorum witness (empty: none).
+    #[serde(default)]
+    pub witness: Vec<String>,
 }
 
 /// The body of every error answer.

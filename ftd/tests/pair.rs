@@ -2,6 +2,10 @@
 //! TCP, authenticated with the pair secret): definitions made on either
 //! node show on both, a node that was away catches up, a daemon that
 //! never heard its peer starts no VM, and a wrong secret joins nothing.
+//! With a quorum witness (a real one, in this process): a node that comes
+//! back to find its VM running elsewhere at a newer generation becomes
+//! its standby without starting it; without one, `vm show` says what
+//! policy holds instead.
 
 mod common;
 
@@ -16,6 +20,11 @@ struct Pair {
 }
 
 fn pair_with_secrets(secret_a: &str, secret_b: &str) -> Pair {
+    pair_with(secret_a, secret_b, None)
+}
+
+/// A pair whose daemons name `witness` (host:port) as their witness.
+fn pair_with(secret_a: &str, secret_b: &str, witness: Option<&str>) -> Pair {
     let (api_a, api_b) = (free_port(), free_port());
     let (pair_a, pair_b) = (free_port(), free_port());
     let secrets = tempfile::tempdir().unwrap();
@@ -25,7 +34,8 @@ fn pair_with_secrets(secret_a: &str, secret_b: &str) -> Pair {
         p.to_string_lossy().into_owned()
     };
     let args = |me_pair: u16, peer: &str, peer_api: u16, peer_pair: u16, secret: String| {
-        vec![
+        let witness = witness.map(|w| vec!["--witness".to_string(), w.to_string()]);
+        let mut args = vec![
             "--pair".to_string(),
             format!("127.0.0.1:{me_pair}"),
             "--peer-name".into(),
@@ -38,7 +48,9 @@ fn pair_with_secrets(secret_a: &str, secret_b: &str) -> Pair {
             "127.0.0.1:17900".into(),
             "--secret-file".into(),
             secret,
-        ]
+        ];
+        args.extend(witness.into_iter().flatten());
+        args
     };
     let a = Daemon::init_with(
         "node-a",
@@ -329,4 +341,150 @@ fn a_second_node_joins_with_ftd_join() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("paired with node-b"), "{stderr}");
+}
+
+const SECRET: &str = "the-pair-secret-of-this-test-0001";
+
+/// A real witness on loopback, served by a runtime of its own.
+struct Witness {
+    addr: String,
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn witness() -> Witness {
+    use witness::registry::Timing;
+    use witness::server::{Server, ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime
+        .block_on(Server::bind(ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            secret: ft_link::PairSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
+            name: "witness".into(),
+            timing: Timing {
+                silence: Duration::from_millis(300),
+                startup_grace: Duration::ZERO,
+            },
+            database: dir.path().join("witness.sqlite"),
+        }))
+        .unwrap();
+    let addr = server.local_addr().to_string();
+    runtime.spawn(server.serve());
+    Witness {
+        addr,
+        runtime,
+        _dir: dir,
+    }
+}
+
+impl Witness {
+    /// `node` tells the witness it runs `vm` at `generation`.
+    fn hold(&self, node: &str, vm: &str, generation: u64) {
+        let client = witness::WitnessClient::new(
+            vec![self.addr.clone()],
+            ft_link::PairSecret::new(SECRET.as_bytes().to_vec()).unwrap(),
+            node,
+            Duration::from_secs(2),
+        );
+        let answer = self.runtime.block_on(client.ask(&witness::Request::Hold {
+            vm: vm.into(),
+            generation,
+        }));
+        assert!(
+            matches!(answer, Ok(witness::Answer::Held { .. })),
+            "{answer:?}"
+        );
+    }
+}
+
+#[test]
+fn with_a_witness_a_node_back_to_find_its_vm_failed_over_becomes_the_standby() {
+    let w = witness();
+    let mut p = pair_with(SECRET, SECRET, Some(&w.addr));
+    let k = kernel(&p.a);
+    create(&p.a, "vm-one", &k);
+    eventually(&p.b, "/api/vms", "replicated", |l| names(l) == ["vm-one"]);
+    let (_, vm) = p.a.call("GET", "/api/vms/vm-one", "-", None);
+    assert_eq!(vm["warnings"], json!([]), "a witness is configured: {vm}");
+    let (status, vm) = p.a.call("POST", "/api/vms/vm-one/start", "-", None);
+    assert_eq!(status, 202, "{vm}");
+    let generation = vm["generation"].as_u64().unwrap();
+    // (The role cannot run on this host: its start fails visibly.)
+    eventually(&p.a, "/api/events?alerts=true&limit=1000", "a tried", |l| {
+        l.as_array().unwrap().iter().any(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cannot start its primary"))
+        })
+    });
+    let last_id = {
+        let (_, l) = p.a.call("GET", "/api/events?limit=1", "-", None);
+        l[0]["id"].as_u64().unwrap()
+    };
+    // Both daemons go; meanwhile b took the VM over (the witness granted
+    // it a newer generation).
+    p.a.stop();
+    p.b.stop();
+    w.hold("node-b", "vm-one", generation + 5);
+    // a comes back alone: it asks the witness instead of waiting for b.
+    p.a.start();
+    let vm = eventually(&p.a, "/api/vms/vm-one", "b is the primary now", |vm| {
+        vm["primary_node"] == "node-b"
+    });
+    assert_eq!(vm["generation"].as_u64(), Some(generation + 5), "{vm}");
+    let (_, events) = p.a.call(
+        "GET",
+        &format!("/api/events?after={last_id}&limit=1000"),
+        "-",
+        None,
+    );
+    let said = |text: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["message"].as_str().unwrap().contains(text))
+    };
+    assert!(
+        said("the witness says node node-b runs it"),
+        "the takeover by the witness's word is an event: {events}"
+    );
+    assert!(
+        !said("cannot start its primary"),
+        "a started the stale primary: {events}"
+    );
+    // It goes on as the standby.
+    eventually(
+        &p.a,
+        &format!("/api/events?after={last_id}&limit=1000"),
+        "a starts the standby",
+        |l| {
+            l.as_array().unwrap().iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("cannot start its standby")
+            })
+        },
+    );
+}
+
+#[test]
+fn without_a_witness_vm_show_states_the_policy() {
+    let p = pair();
+    let k = kernel(&p.a);
+    create(&p.a, "vm-one", &k);
+    let (_, vm) = p.a.call("GET", "/api/vms/vm-one", "-", None);
+    let warnings = vm["warnings"].as_array().unwrap();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("no quorum witness")),
+        "{vm}"
+    );
 }

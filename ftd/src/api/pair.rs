@@ -27,6 +27,7 @@ pub async fn show(State(state): State<ApiState>) -> Result<Json<PairInfo>, ApiEr
         pair_secret: secret,
         bridge: config.bridge.clone(),
         heartbeat_timeout_ms: config.heartbeat_timeout_ms,
+        witness: config.witness.clone(),
     }))
 }
 

@@ -11,6 +11,13 @@
 //! reads each one's FT status on its control socket, and reports what it
 //! sees (a promotion, a guest that stopped, a process that died) to the
 //! manager, which records it.
+//!
+//! With a quorum witness configured, the witness has the last word on
+//! where a VM's active copy runs: before starting a primary here, the
+//! supervisor asks it, and a VM it says runs on the peer at a generation
+//! at least as new as the store's becomes a standby here instead (the node
+//! was away while the VM failed over). An engine the witness superseded
+//! (exit code 3) is handled the same way.
 
 mod process;
 
@@ -19,6 +26,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use replicator::status::{FtState, Role, Status};
+
+use witness::{Answer, Request, WitnessClient};
 
 use crate::manager::Manager;
 use crate::model::{Desired, Level, Severity};
@@ -109,16 +118,23 @@ pub struct Supervisor {
     /// said (once at once, once more as an alert when it lasts).
     waiting_since: HashMap<String, Instant>,
     waiting_said: HashMap<String, u8>,
+    /// The quorum witness, if the pair has one.
+    witness: Option<WitnessClient>,
 }
+
+/// The exit code of an engine the witness superseded.
+const EXIT_SUPERSEDED: i32 = 3;
 
 impl Supervisor {
     pub fn new(manager: Manager) -> Supervisor {
+        let witness = witness_client(&manager);
         Supervisor {
             manager,
             processes: HashMap::new(),
             failed_at: HashMap::new(),
             waiting_since: HashMap::new(),
             waiting_said: HashMap::new(),
+            witness,
         }
     }
 
@@ -246,8 +262,16 @@ impl Supervisor {
                     .is_some_and(|s| s.role == Role::Primary)
             {
                 process.role = Role::Primary;
-                self.promoted(&name, me);
+                let generation = seen.status.as_ref().map_or(0, |s| s.generation);
+                self.promoted(&name, me, generation);
                 return;
+            }
+            // The primary here went on alone: the witness gave it a new
+            // generation (the lost standby's replica is stale for good).
+            if let Some(status) = &seen.status {
+                if process.role == Role::Primary && status.generation > record.generation {
+                    new_generation(&self.manager, &name, me, status.generation);
+                }
             }
             if let Some(exit) = seen.exit {
                 let role = process.role;
@@ -322,8 +346,20 @@ impl Supervisor {
         {
             return;
         }
+        if role == Role::Primary && self.runs_elsewhere(&record, me).await {
+            return;
+        }
         let paths = self.paths(&name);
-        match Process::start(self.manager.config(), &record.definition, role, paths).await {
+        let generation = record.generation;
+        match Process::start(
+            self.manager.config(),
+            &record.definition,
+            generation,
+            role,
+            paths,
+        )
+        .await
+        {
             Ok(process) => {
                 self.manager.record(
                     Severity::Info,
@@ -357,12 +393,13 @@ impl Supervisor {
         }
     }
 
-    /// The standby here promoted: record the new placement and generation.
-    fn promoted(&mut self, name: &str, me: &str) {
+    /// The standby here promoted: record the new placement and generation
+    /// (the engine's, granted by the witness; or the next one).
+    fn promoted(&mut self, name: &str, me: &str, generation: u64) {
         let me = me.to_string();
         match self.manager.store().update_vm(name, |r| {
             r.primary_node = Some(me.clone());
-            r.generation += 1;
+            r.generation = (r.generation + 1).max(generation);
         }) {
             Ok(record) => self.manager.record(
                 Severity::Critical,
@@ -378,8 +415,71 @@ impl Supervisor {
         }
     }
 
+    /// Whether the witness says the VM's active copy runs on another node
+    /// at a generation at least as new as the store's; if so the store
+    /// follows (this node becomes the standby). False when there is no
+    /// witness or it cannot be asked (the engine asks it again).
+    async fn runs_elsewhere(&mut self, record: &VmRecord, me: &str) -> bool {
+        let Some(witness) = &self.witness else {
+            return false;
+        };
+        let name = &record.definition.name;
+        let records = match witness.ask(&Request::Show).await {
+            Ok(Answer::Records { records, .. }) => records,
+            Ok(other) => {
+                tracing::warn!(vm = %name, ?other, "unexpected answer from the witness");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(vm = %name, error = %e, "cannot ask the witness before starting a primary");
+                return false;
+            }
+        };
+        let Some(owned) = records.into_iter().find(|r| &r.vm == name) else {
+            return false;
+        };
+        if owned.owner == me || owned.generation < record.generation {
+            return false;
+        }
+        let owner = owned.owner.clone();
+        match self.manager.store().update_vm(name, |r| {
+            r.primary_node = Some(owner.clone());
+            r.generation = owned.generation;
+        }) {
+            Ok(_) => self.manager.record(
+                Severity::Warning,
+                true,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name}: the witness says node {owner} runs it at generation {}; \
+                     this node (generation {}) becomes its standby",
+                    owned.generation, record.generation
+                ),
+            ),
+            Err(e) => tracing::error!(vm = %name, error = %e, "cannot record the witness's owner"),
+        }
+        true
+    }
+
     fn exited(&mut self, record: &VmRecord, role: Role, exit: Exit) {
         let name = &record.definition.name;
+        if exit.code == Some(EXIT_SUPERSEDED) || exit.last_state == Some(FtState::Superseded) {
+            // Not a guest stop and not a failure: the witness says the VM
+            // runs elsewhere. The next start asks it where.
+            self.manager.record(
+                Severity::Critical,
+                true,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name}: the witness says another node runs it at a newer generation: \
+                     this node's copy stopped, its held output dropped ({})",
+                    exit.describe()
+                ),
+            );
+            return;
+        }
         let guest_stopped = role == Role::Primary && exit.last_state == Some(FtState::Stopped);
         let wanted = record.desired == Desired::Running;
         if guest_stopped && wanted {
@@ -423,6 +523,54 @@ impl Supervisor {
                 RESTART_BACKOFF.as_secs()
             ),
         );
+    }
+}
+
+/// The primary here runs a newer generation than the store knows.
+fn new_generation(manager: &Manager, name: &str, me: &str, generation: u64) {
+    let me = me.to_string();
+    match manager.store().update_vm(name, |r| {
+        r.primary_node = Some(me.clone());
+        r.generation = r.generation.max(generation);
+    }) {
+        Ok(_) => manager.record(
+            Severity::Warning,
+            true,
+            "vm",
+            Some(name),
+            &format!(
+                "VM {name}: its standby was lost; the witness confirmed the primary on {me} \
+                 runs on alone (generation {generation})"
+            ),
+        ),
+        Err(e) => tracing::error!(vm = name, error = %e, "cannot record a generation"),
+    }
+}
+
+/// A client of the pair's witness, when ftd.toml names one.
+fn witness_client(manager: &Manager) -> Option<WitnessClient> {
+    let config = manager.config();
+    if config.witness.is_empty() {
+        return None;
+    }
+    let path = manager.state_dir().join(crate::config::SECRET_FILE);
+    match replicator::pairing::read_secret(&path) {
+        Ok(secret) => Some(WitnessClient::new(
+            config.witness.clone(),
+            secret,
+            &config.node.name,
+            Duration::from_secs(2),
+        )),
+        Err(e) => {
+            manager.record(
+                Severity::Critical,
+                true,
+                "vm",
+                None,
+                &format!("the witness cannot be asked: {e}"),
+            );
+            None
+        }
     }
 }
 

@@ -134,6 +134,7 @@ impl Process {
     pub async fn start(
         config: &Config,
         vm: &VmDefinition,
+        generation: u64,
         role: Role,
         paths: VmPaths,
     ) -> Result<Process, ProcessError> {
@@ -167,7 +168,11 @@ impl Process {
         cmd.arg("--secret-file").arg(&paths.secret);
         if let Some(peer) = &config.peer {
             cmd.args(["--peer", &slot_addresses(&peer.alink, vm.slot)]);
+            if !config.witness.is_empty() && vm.level == crate::model::Level::Ft {
+                cmd.args(["--witness", &config.witness.join(",")]);
+            }
         }
+        cmd.args(["--generation", &generation.to_string()]);
         cmd.args(["--bridge", &config.bridge]);
         cmd.arg("--control-sock").arg(&paths.sock);
         cmd.arg("--serial-log").arg(&paths.console);
