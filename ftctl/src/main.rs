@@ -79,10 +79,23 @@ enum LabCommand {
     },
     /// Power-cut a node (its QEMU is killed).
     Pull { node: NodeId },
-    /// Cut a link (alink or biz) on both nodes.
-    Cut { link: LinkId },
-    /// Restore a cut link.
-    Heal { link: LinkId },
+    /// Cut a link (alink or biz) on both nodes, or on one (--node: biz
+    /// then cuts that node off the business network, witness included,
+    /// while the other keeps it; a one-node cut is not kept across that
+    /// node's reboot).
+    Cut {
+        link: LinkId,
+        #[arg(long)]
+        node: Option<NodeId>,
+    },
+    /// Restore a cut link (on both nodes, or on one).
+    Heal {
+        link: LinkId,
+        #[arg(long)]
+        node: Option<NodeId>,
+    },
+    /// Stop or start the lab's quorum witness (ftwitness on this host).
+    Witness { action: WitnessAction },
     /// Start the pair (if needed), then through node a's API define the
     /// ledger VM at level FT (afresh), start it (primary on node a; node
     /// b's daemon starts the standby) and wait until it is protected.
@@ -113,6 +126,12 @@ enum LabCommand {
         #[arg(long, default_value_t = 20_000_000)]
         iterations: u32,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WitnessAction {
+    Start,
+    Stop,
 }
 
 fn main() -> ExitCode {
@@ -189,13 +208,42 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             lab.pull(node)?;
             println!("node {node} pulled (power cut)");
         }
-        LabCommand::Cut { link } => {
+        LabCommand::Cut { link, node: None } => {
             lab.set_link(link, false)?;
             println!("link {link} cut");
         }
-        LabCommand::Heal { link } => {
+        LabCommand::Cut {
+            link,
+            node: Some(node),
+        } => {
+            lab.set_node_link(node, link, false)?;
+            println!("link {link} cut on node {node}");
+        }
+        LabCommand::Heal { link, node: None } => {
             lab.set_link(link, true)?;
             println!("link {link} healed");
+        }
+        LabCommand::Heal {
+            link,
+            node: Some(node),
+        } => {
+            lab.set_node_link(node, link, true)?;
+            println!("link {link} healed on node {node}");
+        }
+        LabCommand::Witness {
+            action: WitnessAction::Stop,
+        } => {
+            if lab.stop_witness() {
+                println!("witness stopped");
+            } else {
+                println!("the witness was not running");
+            }
+        }
+        LabCommand::Witness {
+            action: WitnessAction::Start,
+        } => {
+            let pid = lab.start_witness()?;
+            println!("witness running (pid {pid})");
         }
         LabCommand::Protect {
             heartbeat_timeout_ms,

@@ -38,6 +38,8 @@ pub enum LabError {
     },
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Witness(#[from] crate::witness::WitnessError),
     #[error("lab file {path}: {source}")]
     File {
         path: PathBuf,
@@ -231,6 +233,12 @@ impl Lab {
         let secrets = self.secrets()?;
         let bridge = self.topo.bridge();
         host_net::ensure_bridge(&bridge, &format!("{}/24", self.topo.host_biz_ip()))?;
+        let witness = crate::witness::start(&self.topo, &images.static_bin_dir)?;
+        progress(format_args!(
+            "witness on {} (pid {witness}, log {})",
+            self.topo.witness_addr(),
+            self.topo.witness_log().display()
+        ));
 
         let mut boots = Vec::new();
         let mut starting = Vec::new();
@@ -325,6 +333,9 @@ impl Lab {
 
     /// Stops every node and removes the lab's network devices and files.
     pub fn down(&self) -> Result<(), LabError> {
+        if crate::witness::stop(&self.topo) {
+            progress("witness stopped");
+        }
         for node in NodeId::ALL {
             if let Some(pid) = self.pid(node) {
                 qemu::kill(pid)?;
@@ -337,6 +348,18 @@ impl Lab {
             std::fs::remove_dir_all(&self.topo.dir).map_err(file_err(&self.topo.dir))?;
         }
         Ok(())
+    }
+
+    /// Starts the lab's witness (on the host) unless it runs; its pid.
+    pub fn start_witness(&self) -> Result<u32, LabError> {
+        host_net::require_root()?;
+        let (images, _) = images::build()?;
+        Ok(crate::witness::start(&self.topo, &images.static_bin_dir)?)
+    }
+
+    /// Stops the lab's witness; true if it ran.
+    pub fn stop_witness(&self) -> bool {
+        crate::witness::stop(&self.topo)
     }
 
     pub fn status(&self) -> Result<LabStatus, LabError> {
@@ -405,7 +428,9 @@ impl Lab {
         self.save_state(&state)
     }
 
-    fn set_node_link(&self, node: NodeId, link: LinkId, up: bool) -> Result<(), LabError> {
+    /// Cuts or heals `link` on `node` only (not remembered across that
+    /// node's reboot).
+    pub fn set_node_link(&self, node: NodeId, link: LinkId, up: bool) -> Result<(), LabError> {
         let action = if up { "heal" } else { "cut" };
         let qmp_err = |source| LabError::Qmp {
             action,

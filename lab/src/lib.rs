@@ -20,6 +20,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod smoke;
 pub mod topology;
+pub mod witness;
 
 pub use lab::{Lab, LabError};
 pub use topology::{LinkId, NodeId, Topology};

@@ -32,13 +32,15 @@ pub fn command(topo: &Topology, images: &Images, node: NodeId, secrets: &LabSecr
     // real servers `ftd join` copies them).
     let append = format!(
         "console=ttyS0 quiet panic=-1 ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24 \
-         ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={}",
+         ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={} \
+         ftlab.witness={}",
         topo.alink_ip(node),
         topo.biz_ip(node),
         topo.alink_ip(peer),
         topo.biz_ip(peer),
         secrets.pair_secret,
         secrets.api_token,
+        topo.witness_addr(),
     );
     let mgmt = topo.mgmt_addr(node);
     let mut c = Command::new(QEMU);

@@ -130,6 +130,8 @@ pub struct Topology {
 pub const DEFAULT_LAB: &str = "lab";
 /// The port of each node's ftd API (images/node/rcS).
 pub const API_PORT: u16 = 7200;
+/// The port of the lab's witness on the host's business address.
+pub const WITNESS_PORT: u16 = 7300;
 
 impl Topology {
     /// The topology of lab `name`, with its files under `$FTLAB_DIR/<name>`
@@ -248,6 +250,24 @@ impl Topology {
     /// lab's management network too).
     pub fn api_url(&self, node: NodeId) -> String {
         format!("http://{}:{}", self.biz_ip(node), API_PORT)
+    }
+
+    /// The lab's quorum witness (on the outer host, business network).
+    pub fn witness_addr(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.host_biz_ip(), WITNESS_PORT))
+    }
+
+    /// Where the witness keeps its records.
+    pub fn witness_dir(&self) -> PathBuf {
+        self.dir.join("witness")
+    }
+
+    pub fn witness_log(&self) -> PathBuf {
+        self.dir.join("witness.log")
+    }
+
+    pub fn witness_pid_file(&self) -> PathBuf {
+        self.dir.join("witness.pid")
     }
 
     pub fn disk(&self, node: NodeId) -> PathBuf {

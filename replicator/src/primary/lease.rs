@@ -36,6 +36,11 @@ const GATE_TICK: Duration = Duration::from_millis(5);
 /// Renewals before the first answer names the lease.
 const FIRST_RENEWAL: Duration = Duration::from_millis(50);
 
+/// A copy that never had a lease yet (it just started or was promoted)
+/// waits this long for the first one before it fences: the first answer
+/// needs a connection first.
+const FIRST_LEASE_WITHIN: Duration = Duration::from_secs(2);
+
 /// What the gate does with held output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum GateMode {
@@ -54,6 +59,7 @@ struct GateState {
 
 /// Where this copy stands with the witness.
 struct Standing {
+    started: Instant,
     generation: AtomicU64,
     lease_until: Mutex<Option<Instant>>,
     lease: Mutex<Duration>,
@@ -66,10 +72,14 @@ impl Standing {
         lock(&self.lease_until).is_some_and(|until| now < until)
     }
 
+    /// How long the lease has been out (none: it holds, or the first one
+    /// may still come).
     fn expired_for(&self, now: Instant) -> Option<Duration> {
         match *lock(&self.lease_until) {
             Some(until) if now < until => None,
             Some(until) => Some(now - until),
+            // No lease yet: the first may take a connection.
+            None if now < self.started + FIRST_LEASE_WITHIN => None,
             None => Some(Duration::MAX),
         }
     }
@@ -129,6 +139,7 @@ impl Lease {
     ) -> Lease {
         vm.output().hold();
         let standing = Arc::new(Standing {
+            started: Instant::now(),
             generation: AtomicU64::new(generation),
             lease_until: Mutex::new(None),
             lease: Mutex::new(Duration::ZERO),
@@ -352,7 +363,9 @@ async fn gate_output(
         // Out of lease: output waits. Fenced once it stays out as long
         // again as a lease lasts.
         let lease = *lock(&standing.lease);
-        let out_for = standing.expired_for(now).unwrap_or_default();
+        let Some(out_for) = standing.expired_for(now) else {
+            continue;
+        };
         if fence && !gate.paused && out_for > lease.max(GATE_TICK * 4) {
             vm.pause();
             gate.paused = true;
