@@ -111,11 +111,18 @@ enum LabCommand {
     /// from each node's API; null where no role of it runs).
     FtStatus,
     /// Run N failover drills on the protected ledger VM (the lab is started
-    /// afresh): pull the primary at a random moment, check the ledger,
-    /// bring the node back, re-protect. Prints a table, writes a JSON report.
+    /// afresh): at a random moment pull the primary or cut every path
+    /// between the nodes, check the ledger and that one copy ran at a
+    /// time, bring the node back or heal, re-protect. Prints a table,
+    /// writes a JSON report.
     Drill {
         #[arg(long, default_value_t = 5)]
         count: u32,
+        /// pull: power-cut the primary; partition: cut every path between
+        /// the nodes for 1-5 s (the witness stays on the host); mixed: both
+        /// at random.
+        #[arg(long, value_enum, default_value = "pull")]
+        fault: drill::Fault,
         /// Where the JSON report goes (default: the lab's folder).
         #[arg(long)]
         report: Option<std::path::PathBuf>,
@@ -285,9 +292,13 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
                 );
             }
         }
-        LabCommand::Drill { count, report } => {
+        LabCommand::Drill {
+            count,
+            fault,
+            report,
+        } => {
             let path = report.unwrap_or_else(|| lab.topo.dir.join("drill-report.json"));
-            match drill::run(lab, count, &path) {
+            match drill::run(lab, count, fault, &path) {
                 Ok(report) => {
                     drill::print_table(&report);
                     println!("report: {}", path.display());

@@ -1,0 +1,513 @@
+//! `ftctl lab drill --count N [--fault pull|partition|mixed]`: failover
+//! drills on the protected ledger VM.
+//!
+//! One ledger client (on the outer host, one TCP connection for the whole
+//! drill) appends operations without pause. Each round waits until the
+//! pair is protected, then at a random moment:
+//! - **pull**: power-cuts the primary's node; the standby must serve the
+//!   next acknowledged operation; the pulled node is brought back and its
+//!   daemon makes it the standby.
+//! - **partition**: cuts every path between the nodes (the A-link, and the
+//!   business network either on both nodes, which also takes both off the
+//!   witness, or on one node only, which isolates that node while the
+//!   other keeps the witness), heals after a random 1-5 s; exactly one
+//!   copy may go on, the other rejoins as the standby.
+//!
+//! The failover time is fault -> the first operation acknowledged after
+//! it. After each round the ledger in the VM's memory and on its disk is
+//! checked against every acknowledged operation, and the pair must be
+//! protected again. During a partition and until re-protection both
+//! nodes' engines are watched for two active copies ([`watch`]). Prints a
+//! table and writes a JSON report.
+
+mod client;
+pub mod watch;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use guest_tools::ledger::{LedgerError, Verdict};
+use replicator::stats::percentile;
+use replicator::status::{FtState, Role};
+use serde::Serialize;
+
+use self::client::Client;
+use self::watch::Watch;
+use crate::ft_pair::{self, FtPairError};
+use crate::lab::{progress, Lab};
+use crate::topology::{LinkId, NodeId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    #[error(transparent)]
+    Pair(#[from] FtPairError),
+    #[error(transparent)]
+    Lab(#[from] crate::lab::LabError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("the ledger client failed: {0}")]
+    Client(String),
+    #[error("drill {round}: no operation was acknowledged within {secs} s of the fault")]
+    NoTakeover { round: u32, secs: u64 },
+    #[error("drill {round}: no node ran the VM as the primary within {secs} s of the heal; last seen: {seen}")]
+    NoWinner { round: u32, secs: u64, seen: String },
+    #[error("writing the report {path}: {source}")]
+    Report {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which faults a drill injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    /// Power-cut the primary's node.
+    Pull,
+    /// Cut every path between the nodes, heal after 1-5 s.
+    Partition,
+    /// Pulls and partitions at random.
+    Mixed,
+}
+
+/// The fault of one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundFault {
+    Pull,
+    /// A-link and business network cut on both nodes (the witness too).
+    PartitionEverything,
+    /// A-link cut, and this node cut off the business network (and the
+    /// witness); the other node keeps them.
+    PartitionIsolating(NodeId),
+}
+
+impl std::fmt::Display for RoundFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoundFault::Pull => f.write_str("pull"),
+            RoundFault::PartitionEverything => f.write_str("cut all"),
+            RoundFault::PartitionIsolating(n) => write!(f, "isolate {n}"),
+        }
+    }
+}
+
+/// What one drill found.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillRound {
+    pub round: u32,
+    pub fault: RoundFault,
+    /// The primary before the fault (the pulled node, for a pull).
+    pub pulled: NodeId,
+    /// The primary after the round.
+    pub promoted: NodeId,
+    /// Protected run time before the fault.
+    pub pull_after_ms: u64,
+    /// Fault -> first acknowledged operation after it.
+    pub failover_ms: u64,
+    /// Partition only: how long the paths were cut.
+    pub heal_after_ms: u64,
+    /// Last epoch the standby had committed at the fault.
+    pub committed_epoch: u64,
+    pub acked_before_check: usize,
+    pub memory: Verdict,
+    pub disk: Verdict,
+    /// Fault's end (node back, paths healed) -> pair protected again.
+    pub reprotect_ms: u64,
+    /// Pull only: the pulled node's boot (start -> its agent answers).
+    pub node_boot_ms: u64,
+    /// Node booted or paths healed -> protected again, with no command
+    /// from anyone: the daemons re-protect by themselves.
+    pub boot_to_protected_ms: u64,
+    /// The VM's generation after the round.
+    pub generation: u64,
+    /// The API showed the new primary as the VM's primary.
+    pub placed_ok: bool,
+    /// Both copies were seen active at once (must be false).
+    pub two_active_seen: bool,
+    /// The first such moment, if any.
+    pub two_active: Option<String>,
+    /// Each node's engine states through the round (watched rounds).
+    pub states_a: Vec<String>,
+    pub states_b: Vec<String>,
+}
+
+impl DrillRound {
+    fn ok(&self) -> bool {
+        self.memory.ok() && self.disk.ok() && self.placed_ok && !self.two_active_seen
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    pub lab: String,
+    pub count: u32,
+    pub fault: Fault,
+    pub seed: u64,
+    pub rounds: Vec<DrillRound>,
+    pub acked_total: usize,
+    pub lost_total: usize,
+    pub duplicated_total: usize,
+    /// Rounds in which two active copies were seen (must be 0).
+    pub two_active_total: usize,
+    pub connection_survived: bool,
+    pub failover_ms_p50: u64,
+    pub failover_ms_p99: u64,
+    pub failover_ms_max: u64,
+    pub passed: bool,
+}
+
+/// xorshift64: reproducible random moments from the seed.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// How long re-protection may take (a full resync on a busy TCG node).
+const REPROTECT_WITHIN: Duration = Duration::from_secs(240);
+
+/// Runs `count` drills of `fault` on lab `lab` (brought up from scratch);
+/// writes the report to `report_path`.
+pub fn run(
+    lab: &Lab,
+    count: u32,
+    fault: Fault,
+    report_path: &PathBuf,
+) -> Result<DrillReport, DrillError> {
+    lab.down()?;
+    progress("drill: starting the lab pair");
+    lab.up(&NodeId::ALL)?;
+    let mut primary = NodeId::A;
+    progress("drill: protecting the ledger VM (initial synchronisation)");
+    ft_pair::protect(lab, primary, Default::default())?;
+    ft_pair::wait_for(
+        lab,
+        primary.peer(),
+        Role::Standby,
+        FtState::StandingBy,
+        Duration::from_secs(60),
+    )?;
+    let mut client = Client::start(lab)?;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    let mut rng = seed;
+    let mut rounds: Vec<DrillRound> = Vec::new();
+    let result = (|| -> Result<(), DrillError> {
+        for round in 1..=count {
+            let this = match fault {
+                Fault::Pull => RoundFault::Pull,
+                Fault::Partition => partition_kind(&mut rng),
+                Fault::Mixed if next_random(&mut rng).is_multiple_of(2) => RoundFault::Pull,
+                Fault::Mixed => partition_kind(&mut rng),
+            };
+            let r = match this {
+                RoundFault::Pull => pull_round(lab, &client, round, primary, &mut rng)?,
+                _ => partition_round(lab, &client, round, primary, this, &mut rng)?,
+            };
+            progress(format_args!(
+                "drill {round}/{count}: {} (primary {}) after {} ms: {} served after {} ms; \
+                 {} acked, memory {}, disk {}, two active {}",
+                r.fault,
+                r.pulled,
+                r.pull_after_ms,
+                r.promoted,
+                r.failover_ms,
+                r.acked_before_check,
+                if r.memory.ok() { "ok" } else { "WRONG" },
+                if r.disk.ok() { "ok" } else { "WRONG" },
+                if r.two_active_seen { "SEEN" } else { "never" },
+            ));
+            let ok = r.ok();
+            primary = r.promoted;
+            rounds.push(r);
+            if !ok {
+                break;
+            }
+        }
+        Ok(())
+    })();
+    let final_error = client.stop();
+    result?;
+    let acked_total = client.acked_total();
+    let mut failovers: Vec<u64> = rounds.iter().map(|r| r.failover_ms).collect();
+    let lost_total = rounds
+        .iter()
+        .map(|r| r.memory.lost.len() + r.disk.lost.len())
+        .sum();
+    let duplicated_total = rounds
+        .iter()
+        .map(|r| r.memory.duplicated.len() + r.disk.duplicated.len())
+        .sum();
+    let report = DrillReport {
+        lab: lab.topo.name.clone(),
+        count,
+        fault,
+        seed,
+        passed: rounds.len() == count as usize
+            && rounds.iter().all(DrillRound::ok)
+            && final_error.is_none(),
+        two_active_total: rounds.iter().filter(|r| r.two_active_seen).count(),
+        rounds,
+        acked_total,
+        lost_total,
+        duplicated_total,
+        connection_survived: final_error.is_none(),
+        failover_ms_p50: percentile(&mut failovers, 50.0),
+        failover_ms_p99: percentile(&mut failovers, 99.0),
+        failover_ms_max: failovers.iter().copied().max().unwrap_or(0),
+    };
+    let json = serde_json::to_string_pretty(&report).expect("serialisable");
+    std::fs::write(report_path, json).map_err(|source| DrillError::Report {
+        path: report_path.clone(),
+        source,
+    })?;
+    Ok(report)
+}
+
+fn partition_kind(rng: &mut u64) -> RoundFault {
+    match next_random(rng) % 3 {
+        0 => RoundFault::PartitionEverything,
+        1 => RoundFault::PartitionIsolating(NodeId::A),
+        _ => RoundFault::PartitionIsolating(NodeId::B),
+    }
+}
+
+/// Waits a random 1-4 s of protected running; returns when it waited from.
+fn protected_run(rng: &mut u64, client: &Client) -> Result<Instant, DrillError> {
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000 + next_random(rng) % 3000));
+    client.failed()?;
+    Ok(since)
+}
+
+/// Where the VM runs now, as `node`'s API shows it: (placed on `expected`,
+/// generation).
+fn placement(lab: &Lab, node: NodeId, expected: NodeId) -> Result<(bool, u64), DrillError> {
+    let vm = ft_pair::vm(lab, node)?;
+    let generation = vm.as_ref().map_or(0, |v| v.generation);
+    let placed = vm
+        .as_ref()
+        .is_some_and(|v| v.primary_node.as_deref() == Some(ft_pair::node_name(expected).as_str()));
+    Ok((placed, generation))
+}
+
+/// Pull the primary: the standby takes over; the node comes back as the
+/// standby.
+fn pull_round(
+    lab: &Lab,
+    client: &Client,
+    round: u32,
+    primary: NodeId,
+    rng: &mut u64,
+) -> Result<DrillRound, DrillError> {
+    let standby = primary.peer();
+    let protected_at = protected_run(rng, client)?;
+    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let pulled_at = Instant::now();
+    lab.pull(primary)?;
+    let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
+    let took_over = client.first_ack_after(pulled_at, Duration::from_secs(60), round)?;
+    let failover_ms = took_over.duration_since(pulled_at).as_millis() as u64;
+    let (acked_before_check, memory, disk) = client.check(lab)?;
+    // The pulled node comes back; its daemon learns the new placement
+    // (from the witness or the peer) and starts the standby by itself.
+    let back = Instant::now();
+    let boots = lab.up(&[primary])?;
+    let node_boot_ms = boots.first().map_or(0, |b| (b.boot_secs * 1000.0) as u64);
+    let booted_at = Instant::now();
+    ft_pair::wait_for(
+        lab,
+        standby,
+        Role::Primary,
+        FtState::Protected,
+        REPROTECT_WITHIN,
+    )?;
+    let reprotect_ms = back.elapsed().as_millis() as u64;
+    let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
+    let (placed_ok, generation) = placement(lab, standby, standby)?;
+    Ok(DrillRound {
+        round,
+        fault: RoundFault::Pull,
+        pulled: primary,
+        promoted: standby,
+        pull_after_ms,
+        failover_ms,
+        heal_after_ms: 0,
+        committed_epoch,
+        acked_before_check,
+        memory,
+        disk,
+        reprotect_ms,
+        node_boot_ms,
+        boot_to_protected_ms,
+        generation,
+        placed_ok,
+        two_active_seen: false,
+        two_active: None,
+        states_a: vec![],
+        states_b: vec![],
+    })
+}
+
+/// Cut the links of `fault` on the nodes it names (true) or heal them.
+fn cut(lab: &Lab, fault: RoundFault, up: bool) -> Result<(), DrillError> {
+    lab.set_link(LinkId::Alink, up)?;
+    match fault {
+        RoundFault::PartitionIsolating(node) => lab.set_node_link(node, LinkId::Biz, up)?,
+        _ => lab.set_link(LinkId::Biz, up)?,
+    }
+    Ok(())
+}
+
+/// Which node runs the VM as its primary once the partition healed: the
+/// one whose engine is an active primary while the other's is not.
+fn winner(lab: &Lab, round: u32) -> Result<NodeId, DrillError> {
+    let start = Instant::now();
+    let within = Duration::from_secs(60);
+    loop {
+        let statuses = NodeId::ALL.map(|n| watch::engine_status(lab, n));
+        let primary = |s: &Option<replicator::status::Status>| {
+            s.as_ref().is_some_and(|s| {
+                s.role == Role::Primary
+                    && matches!(
+                        s.state,
+                        FtState::Protected | FtState::Unprotected | FtState::Syncing
+                    )
+            })
+        };
+        match (primary(&statuses[0]), primary(&statuses[1])) {
+            (true, false) => return Ok(NodeId::A),
+            (false, true) => return Ok(NodeId::B),
+            _ => {}
+        }
+        if start.elapsed() > within {
+            return Err(DrillError::NoWinner {
+                round,
+                secs: within.as_secs(),
+                seen: format!("{statuses:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Cut every path between the nodes for 1-5 s: exactly one copy goes on,
+/// the other rejoins as the standby.
+fn partition_round(
+    lab: &Lab,
+    client: &Client,
+    round: u32,
+    primary: NodeId,
+    fault: RoundFault,
+    rng: &mut u64,
+) -> Result<DrillRound, DrillError> {
+    let standby = primary.peer();
+    let protected_at = protected_run(rng, client)?;
+    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let watch = Watch::start(lab);
+    let cut_at = Instant::now();
+    cut(lab, fault, false)?;
+    let pull_after_ms = cut_at.duration_since(protected_at).as_millis() as u64;
+    let heal_after = Duration::from_millis(1000 + next_random(rng) % 4000);
+    std::thread::sleep(heal_after.saturating_sub(cut_at.elapsed()));
+    let healed_at = Instant::now();
+    cut(lab, fault, true)?;
+    let heal_after_ms = healed_at.duration_since(cut_at).as_millis() as u64;
+    let took_over = client.first_ack_after(cut_at, Duration::from_secs(90), round)?;
+    let failover_ms = took_over.duration_since(cut_at).as_millis() as u64;
+    let (acked_before_check, memory, disk) = client.check(lab)?;
+    let winner = winner(lab, round)?;
+    ft_pair::wait_for(
+        lab,
+        winner,
+        Role::Primary,
+        FtState::Protected,
+        REPROTECT_WITHIN,
+    )?;
+    let reprotect_ms = healed_at.elapsed().as_millis() as u64;
+    let seen = watch.finish();
+    let (placed_ok, generation) = placement(lab, winner, winner)?;
+    Ok(DrillRound {
+        round,
+        fault,
+        pulled: primary,
+        promoted: winner,
+        pull_after_ms,
+        failover_ms,
+        heal_after_ms,
+        committed_epoch,
+        acked_before_check,
+        memory,
+        disk,
+        reprotect_ms,
+        node_boot_ms: 0,
+        boot_to_protected_ms: reprotect_ms,
+        generation,
+        placed_ok,
+        two_active_seen: seen.two_active > 0,
+        two_active: seen.first_two_active,
+        states_a: seen.states[0].clone(),
+        states_b: seen.states[1].clone(),
+    })
+}
+
+/// The report as a table.
+pub fn print_table(report: &DrillReport) {
+    println!(
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
+        "drill",
+        "fault",
+        "from",
+        "to",
+        "epoch",
+        "failover ms",
+        "acked",
+        "memory",
+        "disk",
+        "two active",
+        "reprotect ms",
+        "back->protect ms"
+    );
+    for r in &report.rounds {
+        let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
+        println!(
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
+            r.round,
+            r.fault.to_string(),
+            r.pulled.to_string(),
+            r.promoted.to_string(),
+            r.committed_epoch,
+            r.failover_ms,
+            r.acked_before_check,
+            verdict(&r.memory),
+            verdict(&r.disk),
+            if r.two_active_seen { "SEEN" } else { "never" },
+            r.reprotect_ms,
+            r.boot_to_protected_ms
+        );
+    }
+    println!(
+        "{} drills ({:?}), {} operations acknowledged, {} lost, {} duplicated, two active copies in {} rounds, \
+         client connection {}; failover p50 {} ms, p99 {} ms, max {} ms: {}",
+        report.rounds.len(),
+        report.fault,
+        report.acked_total,
+        report.lost_total,
+        report.duplicated_total,
+        report.two_active_total,
+        if report.connection_survived {
+            "survived every fault"
+        } else {
+            "BROKE"
+        },
+        report.failover_ms_p50,
+        report.failover_ms_p99,
+        report.failover_ms_max,
+        if report.passed { "PASSED" } else { "FAILED" }
+    );
+}
