@@ -64,6 +64,18 @@ impl PairSecret {
     }
 }
 
+/// The key of one link's pulses: both sides derive it from the pair secret
+/// and the two nonces of the link's handshake (the connecting side's
+/// first), so each link has its own and a recorded pulse is worth nothing
+/// on another.
+pub fn pulse_key(secret: &PairSecret, connecting: &Nonce, accepting: &Nonce) -> [u8; 32] {
+    let mut mac = secret.mac();
+    mac.update(b"ft-link A-link v1 pulse key");
+    mac.update(&connecting.0);
+    mac.update(&accepting.0);
+    mac.finalize().into_bytes().into()
+}
+
 impl fmt::Debug for PairSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PairSecret({} bytes, redacted)", self.0.len())

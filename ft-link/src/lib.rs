@@ -13,12 +13,15 @@
 //! - [`link`]: the transport over one TCP connection (tokio): connect or
 //!   listen, handshake (auth, then hello), checked frames, heartbeats and
 //!   silent-peer detection.
+//! - [`pulse`]: heartbeats on a UDP socket and an OS thread of each link's
+//!   own, at real-time priority, so that a busy node cannot starve them.
 //!
 
 pub mod auth;
 pub mod frame;
 pub mod hello;
 pub mod link;
+pub mod pulse;
 
 pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};

@@ -8,15 +8,19 @@
 //!    `Response` and verify it. A failed proof: `Refusal` and stop.
 //! 3. `Hello`; read the peer's `Hello` and check it pairs with ours
 //!    ([`Hello::check_pairs_with`]). A mismatch: `Refusal` naming it, stop.
-//! 4. `Accepted`; read the peer's verdict (`Accepted` or `Refusal`).
+//! 4. `Accepted` (carrying the port of this end's pulse socket, see
+//!    [`crate::pulse`]); read the peer's verdict (`Accepted` or
+//!    `Refusal`).
 //!
 //! A `Refusal` received at any step ends the handshake with
 //! [`LinkError::PeerRefused`] carrying the peer's reason.
 //!
 //! Once established, a heartbeat task sends a `Heartbeat` frame whenever
-//! nothing was sent for `heartbeat_interval`; [`Link::recv`] skips
-//! heartbeats and fails with [`LinkError::PeerSilent`] when nothing at all
-//! arrived for `heartbeat_timeout`. Any error from `recv` is final.
+//! nothing was sent for `heartbeat_interval`, and a pulse thread sends and
+//! receives pulses on the link's own UDP socket (a busy node cannot starve
+//! them); [`Link::recv`] skips heartbeats and fails with
+//! [`LinkError::PeerSilent`] when neither a byte nor a pulse arrived for
+//! `heartbeat_timeout`. Any error from `recv` is final.
 //!
 //! Flow control is the replicator's (it keeps at most one epoch in flight);
 //! a link is exactly one TCP connection, and a redundant pair is two links
@@ -39,6 +43,7 @@ use tracing::{debug, info, trace, warn};
 use crate::auth::{self, AuthError, Nonce, PairSecret, Side};
 use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind};
 use crate::hello::{Hello, HelloError, Mismatch, Refusal};
+use crate::pulse::{PulseConfig, PulseSocket, Pulses};
 
 /// The peer is declared silent after this much silence (the one default of
 /// the project: `ftprotect --heartbeat-timeout-ms` uses it too).
@@ -68,6 +73,9 @@ pub struct LinkConfig {
     /// whose kernel still answers window probes would otherwise block it
     /// forever); see [`send_stall_timeout_for`].
     pub send_stall_timeout: Duration,
+    /// Pulses (heartbeats on a socket and a thread of their own) when the
+    /// peer offers them too.
+    pub pulses: bool,
 }
 
 /// The send stall timeout that goes with a heartbeat timeout: four times
@@ -89,6 +97,7 @@ impl LinkConfig {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             send_stall_timeout: send_stall_timeout_for(DEFAULT_HEARTBEAT_TIMEOUT),
+            pulses: true,
         }
     }
 
@@ -334,11 +343,32 @@ fn end_of_stream(peer: SocketAddr, decoder: &FrameDecoder, rx: &BytesMut) -> Lin
 
 /// Runs the handshake on `stream` as `side`; returns the peer's Hello and
 /// whatever the peer already sent past the handshake.
+/// What a finished handshake gives: the peer's Hello, bytes already read
+/// past it, and the peer's pulse port with the link's pulse key (when both
+/// ends offered pulses).
+pub(crate) struct Handshaken {
+    pub hello: Hello,
+    pub rx: BytesMut,
+    pub pulse: Option<(u16, [u8; 32])>,
+}
+
+/// The handshake without pulses (a peer that offers none).
+#[cfg(test)]
 pub(crate) async fn handshake(
     stream: &mut TcpStream,
     side: Side,
     config: &LinkConfig,
 ) -> Result<(Hello, BytesMut), LinkError> {
+    let done = handshake_with(stream, side, config, None).await?;
+    Ok((done.hello, done.rx))
+}
+
+pub(crate) async fn handshake_with(
+    stream: &mut TcpStream,
+    side: Side,
+    config: &LinkConfig,
+    pulse_port: Option<u16>,
+) -> Result<Handshaken, LinkError> {
     let peer = stream
         .peer_addr()
         .map_err(|source| LinkError::PeerAddress { source })?;
@@ -351,11 +381,17 @@ pub(crate) async fn handshake(
     };
     let stopped = match tokio::time::timeout(
         config.handshake_timeout,
-        run_handshake(&mut io, side, config),
+        run_handshake(&mut io, side, config, pulse_port),
     )
     .await
     {
-        Ok(Ok(hello)) => return Ok((hello, io.rx)),
+        Ok(Ok((hello, pulse))) => {
+            return Ok(Handshaken {
+                hello,
+                rx: io.rx,
+                pulse,
+            })
+        }
         Ok(Err(stopped)) => stopped,
         Err(_) => {
             return Err(LinkError::HandshakeTimeout {
@@ -396,7 +432,8 @@ async fn run_handshake(
     io: &mut HandshakeIo<'_>,
     side: Side,
     config: &LinkConfig,
-) -> Result<Hello, HandshakeStop> {
+    pulse_port: Option<u16>,
+) -> Result<(Hello, Option<(u16, [u8; 32])>), HandshakeStop> {
     let peer = io.peer;
     let my_nonce = Nonce::fresh().map_err(|source| LinkError::AuthSetup { peer, source })?;
     io.write(FrameKind::Challenge, my_nonce.as_bytes().to_vec())
@@ -439,9 +476,24 @@ async fn run_handshake(
             refusal: Some(Refusal::Incompatible(mismatch.clone())),
             error: LinkError::Incompatible { peer, mismatch },
         })?;
-    io.write(FrameKind::Accepted, Bytes::new()).await?;
-    io.read_expecting(FrameKind::Accepted).await?;
-    Ok(their_hello)
+    let offer = pulse_port.map_or_else(Bytes::new, |p| Bytes::copy_from_slice(&p.to_be_bytes()));
+    io.write(FrameKind::Accepted, offer).await?;
+    let accepted = io.read_expecting(FrameKind::Accepted).await?;
+    // A peer that offers no pulse port (or an older one) gets none.
+    let their_port = <[u8; 2]>::try_from(&accepted[..])
+        .ok()
+        .map(u16::from_be_bytes);
+    let pulse = match (pulse_port, their_port) {
+        (Some(_), Some(port)) => {
+            let (connecting, accepting) = match side {
+                Side::Connecting => (&my_nonce, &their_nonce),
+                Side::Accepting => (&their_nonce, &my_nonce),
+            };
+            Some((port, auth::pulse_key(&config.secret, connecting, accepting)))
+        }
+        _ => None,
+    };
+    Ok((their_hello, pulse))
 }
 
 /// How many handshakes a listener runs at once; connections beyond are
@@ -571,11 +623,46 @@ impl Link {
         stream
             .set_nodelay(true)
             .map_err(|source| LinkError::NoDelay { peer, source })?;
-        let (peer_hello, rx) = handshake(&mut stream, side, config).await?;
+        // The pulse socket is bound first: its port goes to the peer in the
+        // handshake. No pulses is a degraded link, not a failed one.
+        let pulse_socket = if config.pulses {
+            let local = stream
+                .local_addr()
+                .map_err(|source| LinkError::PeerAddress { source })?;
+            PulseSocket::bind(local.ip())
+                .map_err(|error| warn!(%peer, %error, "no pulse socket: heartbeats only"))
+                .ok()
+        } else {
+            None
+        };
+        let done = handshake_with(
+            &mut stream,
+            side,
+            config,
+            pulse_socket.as_ref().map(PulseSocket::port),
+        )
+        .await?;
+        let (peer_hello, rx) = (done.hello, done.rx);
+        let liveness = Liveness::new();
+        let pulses = match (pulse_socket, done.pulse) {
+            (Some(socket), Some((port, key))) => {
+                let pulse = PulseConfig {
+                    key,
+                    side,
+                    peer: SocketAddr::new(peer.ip(), port),
+                    interval: config.heartbeat_interval,
+                };
+                Pulses::start(socket, pulse, liveness.clone())
+                    .map_err(|error| warn!(%peer, %error, "no pulse thread: heartbeats only"))
+                    .ok()
+            }
+            _ => None,
+        };
         info!(
             %peer, %side,
             peer_node = %peer_hello.node_name,
             peer_role = %peer_hello.role,
+            pulses = pulses.is_some(),
             "A-link established"
         );
         let (read_half, write_half) = stream.into_split();
@@ -596,14 +683,14 @@ impl Link {
                 peer,
                 writer,
                 heartbeats,
+                pulses: std::sync::Mutex::new(pulses),
             },
             receiver: LinkReceiver {
                 peer,
                 reader: read_half,
                 rx,
                 decoder: FrameDecoder,
-                last_arrival: Instant::now(),
-                liveness: Liveness::new(),
+                liveness,
                 silence_timeout: config.heartbeat_timeout,
                 ended: false,
             },
@@ -722,6 +809,8 @@ pub struct LinkSender {
     peer: SocketAddr,
     writer: Arc<Mutex<Writer>>,
     heartbeats: JoinHandle<()>,
+    /// The link's pulses (stopped when this half closes or goes).
+    pulses: std::sync::Mutex<Option<Pulses>>,
 }
 
 impl LinkSender {
@@ -734,6 +823,7 @@ impl LinkSender {
     /// Stops heartbeats and closes the sending direction.
     pub async fn close(&self) {
         self.heartbeats.abort();
+        self.pulses.lock().unwrap_or_else(|p| p.into_inner()).take();
         let _ = self.writer.lock().await.half.shutdown().await;
     }
 }
@@ -761,15 +851,21 @@ impl Liveness {
         }
     }
 
-    fn mark(&self) {
+    /// Something arrived now (a byte on the connection, or a pulse, from
+    /// another thread).
+    pub(crate) fn mark(&self) {
         let us = self.base.elapsed().as_micros() as u64;
-        self.last_us.store(us, std::sync::atomic::Ordering::Relaxed);
+        self.last_us
+            .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_micros(self.last_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The last arrival (the link's start if nothing arrived yet).
     pub fn last_arrival(&self) -> std::time::Instant {
-        let after = Duration::from_micros(self.last_us.load(std::sync::atomic::Ordering::Relaxed));
-        (self.base + after).into_std()
+        self.last().into_std()
     }
 }
 
@@ -779,7 +875,6 @@ pub struct LinkReceiver {
     reader: OwnedReadHalf,
     rx: BytesMut,
     decoder: FrameDecoder,
-    last_arrival: Instant,
     liveness: Liveness,
     silence_timeout: Duration,
     ended: bool,
@@ -821,20 +916,20 @@ impl LinkReceiver {
                 Some(frame) => return Ok(frame),
                 None => {}
             }
-            let deadline = self.last_arrival + self.silence_timeout;
+            // Silence is judged on bytes and pulses alike (a pulse may
+            // have come in while this waited: look again before judging).
+            let deadline = self.liveness.last() + self.silence_timeout;
             match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.rx)).await {
+                Err(_) if self.liveness.last() + self.silence_timeout > Instant::now() => {}
                 Err(_) => {
                     return Err(LinkError::PeerSilent {
                         peer,
-                        after: self.last_arrival.elapsed(),
+                        after: self.liveness.last().elapsed(),
                     })
                 }
                 Ok(Err(source)) => return Err(LinkError::Receive { peer, source }),
                 Ok(Ok(0)) => return Err(end_of_stream(peer, &self.decoder, &self.rx)),
-                Ok(Ok(_)) => {
-                    self.last_arrival = Instant::now();
-                    self.liveness.mark();
-                }
+                Ok(Ok(_)) => self.liveness.mark(),
             }
         }
     }
@@ -1392,6 +1487,88 @@ mod tests {
         assert!(
             matches!(err, LinkError::Truncated { received: 60, .. }),
             "{err}"
+        );
+    }
+
+    /// The far end of a link on a runtime that runs nothing for `busy`
+    /// after the handshake (a node whose CPUs the guest takes), then sends
+    /// one message; what the near end's `recv` gives.
+    fn recv_from_a_starved_peer(pulses: bool, busy: Duration) -> Result<Frame, LinkError> {
+        let mut near = config("node-a", Role::Standby, SECRET);
+        near.pulses = pulses;
+        let mut far = config("node-b", Role::Primary, SECRET);
+        far.pulses = pulses;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(LinkListener::bind("127.0.0.1:0", near))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let starved = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let link = Link::connect(addr, &far).await.unwrap();
+                // Busy: this runtime (its heartbeat task included) runs
+                // nothing for a while.
+                std::thread::sleep(busy);
+                let after = Frame::message(64, 1, 0, Bytes::from_static(b"after")).unwrap();
+                let _ = link.send(&after).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            });
+        });
+        let result = runtime.block_on(async {
+            let mut link = listener.accept().await.unwrap();
+            tokio::time::timeout(WITHIN, link.recv()).await.unwrap()
+        });
+        starved.join().unwrap();
+        result
+    }
+
+    /// Issue 12: heartbeats queued on a starved runtime let a live peer be
+    /// declared silent (the control below); pulses come from a thread of
+    /// their own and keep it alive.
+    #[test]
+    fn pulses_keep_a_starved_peer_alive() {
+        let busy = Duration::from_millis(1200);
+        let frame = recv_from_a_starved_peer(true, busy).expect("alive through its pulses");
+        assert_eq!(&frame.payload[..], b"after");
+        let silent = recv_from_a_starved_peer(false, busy);
+        assert!(
+            matches!(silent, Err(LinkError::PeerSilent { .. })),
+            "without pulses a starved peer is declared silent: {silent:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_peers_pulses_stop_and_it_is_declared_silent() {
+        let (accepted, connected) = pair(
+            config("node-a", Role::Primary, SECRET),
+            config("node-b", Role::Standby, SECRET),
+        )
+        .await;
+        let mut near = accepted.unwrap();
+        let far = connected.unwrap();
+        // The far end's process freezes: its pulses and heartbeats stop,
+        // its socket stays open.
+        let (far_tx, _far_rx) = far.split();
+        far_tx.heartbeats.abort();
+        far_tx.pulses.lock().unwrap().take();
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(WITHIN, near.recv())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, LinkError::PeerSilent { .. }), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
         );
     }
 }

@@ -219,6 +219,26 @@ impl Metrics {
             "failovers",
             "Takeovers by this node's standby",
         );
+        let fences = counter(
+            &mut registry,
+            "fences",
+            "Times the primary paused its guest and held its output: neither standby nor witness answered",
+        );
+        let claims_refused = counter(
+            &mut registry,
+            "claims_refused",
+            "Takeovers the witness held back because it still heard the primary",
+        );
+        let silence_ends = counter(
+            &mut registry,
+            "silence_ends",
+            "Sessions ended because the peer fell silent (false ones, between live nodes, should be none)",
+        );
+        let generation = gauge(
+            &mut registry,
+            "generation",
+            "The generation of the VM's active copy this node's engine knows",
+        );
         let sync_done = gauge(
             &mut registry,
             "sync_done_bytes",
@@ -314,6 +334,14 @@ impl Metrics {
             throttled.get_or_create(&labels).inc_by(c.throttled);
             rejected.get_or_create(&labels).inc_by(c.epochs_rejected);
             failovers.get_or_create(&labels).inc_by(c.failovers);
+            fences.get_or_create(&labels).inc_by(c.fences);
+            claims_refused
+                .get_or_create(&labels)
+                .inc_by(c.claims_refused);
+            silence_ends.get_or_create(&labels).inc_by(c.silence_ends);
+            generation
+                .get_or_create(&labels)
+                .set(status.generation as f64);
             epoch.get_or_create(&labels).set(status.epoch as f64);
             if let Some(sync) = &status.sync {
                 sync_done.get_or_create(&labels).set(sync.done_bytes as f64);

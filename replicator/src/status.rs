@@ -134,6 +134,11 @@ pub struct FtCounters {
     /// Claims the witness answered with "the primary is still heard".
     #[serde(default)]
     pub claims_refused: u64,
+    /// Sessions that ended because the peer fell silent (neither a byte
+    /// nor a pulse for the heartbeat timeout). Between two live nodes each
+    /// one is a false silence.
+    #[serde(default)]
+    pub silence_ends: u64,
 }
 
 #[cfg(test)]

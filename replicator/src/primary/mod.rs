@@ -218,6 +218,9 @@ pub async fn run(
         if matches!(error, PrimaryError::VmStopped) {
             return PrimaryEnd::Stopped;
         }
+        if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
+            status.update(|s| s.counters.silence_ends += 1);
+        }
         vm.disk_writes().stop();
         match lease {
             None => {

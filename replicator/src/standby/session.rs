@@ -210,6 +210,9 @@ fn link_lost(
     status: &StatusBoard,
 ) -> Result<Session, StandbyError> {
     let active_heard = link.liveness().last_arrival();
+    if matches!(error, LinkError::PeerSilent { .. }) {
+        status.update(|s| s.counters.silence_ends += 1);
+    }
     let aborted = replica.assembler.abort();
     // A corrupt frame is bad input, not a dead primary: the session ends
     // without a takeover (the primary, alive, resynchronises).
