@@ -68,8 +68,25 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
 
     // Hold the acknowledgements back: stop the standby process.
     lab.sh(NodeId::B, "kill -STOP $(pidof ftprotect)");
-    std::thread::sleep(Duration::from_millis(300));
-    let epoch_at_stop = status(&lab, NodeId::A).expect("status of a").epoch;
+    // The API shows the engine's status as its daemon last polled it
+    // (every 0.5 s): wait until two reads 0.6 s apart agree, so that
+    // acknowledgements sent before the stop are counted.
+    let epoch_at_stop = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = status(&lab, NodeId::A).expect("status of a").epoch;
+        loop {
+            std::thread::sleep(Duration::from_millis(600));
+            let now = status(&lab, NodeId::A).expect("status of a").epoch;
+            if now == last {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "epochs kept committing with the standby stopped: {last} -> {now}"
+            );
+            last = now;
+        }
+    };
     let (tx, rx) = mpsc::channel();
     let appender = std::thread::spawn(move || {
         let result = client.append(6);
