@@ -77,16 +77,40 @@ fn api_err(node: NodeId) -> impl FnOnce(ClientError) -> FtPairError {
 /// The ledger VM's definition: the guest kernel and initramfs from the
 /// images disk, the ledger on a copy of the empty data disk.
 pub fn ledger_vm(lab: &Lab, preferred: NodeId, level: &str, ft: FtOptions) -> VmCreate {
+    ledger_vm_with(lab, preferred, level, ft, &LedgerLoad::default())
+}
+
+/// What else the ledger VM is given: vCPUs, and a program the guest runs
+/// next to the ledger (`ftguest.also`, e.g. the memory dirtier).
+#[derive(Debug, Clone, Default)]
+pub struct LedgerLoad {
+    pub vcpus: Option<u8>,
+    /// PROGRAM,ARG,... as `ftguest.also` takes it.
+    pub also: Option<String>,
+}
+
+/// [`ledger_vm`] with more vCPUs or a second program in the guest.
+pub fn ledger_vm_with(
+    lab: &Lab,
+    preferred: NodeId,
+    level: &str,
+    ft: FtOptions,
+    load: &LedgerLoad,
+) -> VmCreate {
     let ip = guest_ip(lab);
+    let also = load
+        .also
+        .as_ref()
+        .map_or_else(String::new, |a| format!(" ftguest.also={a}"));
     VmCreate {
         name: VM_NAME.into(),
         kernel: "/images/vmlinux".into(),
         initrd: Some("/images/guest-initramfs.cpio.gz".into()),
         cmdline: Some(format!(
-            "console=ttyS0 reboot=k panic=1 quiet ftguest.ip={ip}/24 \
+            "console=ttyS0 reboot=k panic=1 quiet ftguest.ip={ip}/24{also} \
              ftguest.run=/bin/ft-ledger,{LEDGER_PORT},/data/ledger.log"
         )),
-        vcpus: Some(1),
+        vcpus: Some(load.vcpus.unwrap_or(1)),
         memory_mib: Some(GUEST_MEM_MIB),
         disks: vec![DiskSpec {
             size_mib: None,
@@ -171,13 +195,24 @@ pub fn define_and_start(
     level: &str,
     ft: FtOptions,
 ) -> Result<VmView, FtPairError> {
+    define_and_start_with(lab, primary, level, ft, &LedgerLoad::default())
+}
+
+/// [`define_and_start`] with a [`LedgerLoad`].
+pub fn define_and_start_with(
+    lab: &Lab,
+    primary: NodeId,
+    level: &str,
+    ft: FtOptions,
+    load: &LedgerLoad,
+) -> Result<VmView, FtPairError> {
     for node in NodeId::ALL {
         wait_paired(lab, node)?;
     }
     remove_vm(lab, primary)?;
     let client = api(lab, primary)?;
     client
-        .create_vm::<VmView>(&ledger_vm(lab, primary, level, ft))
+        .create_vm::<VmView>(&ledger_vm_with(lab, primary, level, ft, load))
         .map_err(api_err(primary))?;
     client.start_vm::<VmView>(VM_NAME).map_err(api_err(primary))
 }

@@ -189,6 +189,9 @@ pub struct Status {
     /// witness is configured, the split-brain policy is the pair's own).
     #[serde(default)]
     pub witness: Option<String>,
+    /// The silence after which the peer is declared lost (ms).
+    #[serde(default)]
+    pub heartbeat_timeout_ms: u64,
 }
 
 fn unix_ms() -> u64 {
@@ -219,6 +222,7 @@ impl StatusBoard {
                 counters: FtCounters::default(),
                 generation: 0,
                 witness: None,
+                heartbeat_timeout_ms: 0,
             })),
         }
     }

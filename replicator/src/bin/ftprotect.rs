@@ -580,6 +580,7 @@ fn with_runtime(f: impl FnOnce(&tokio::runtime::Runtime) -> ExitCode) -> ExitCod
 fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) -> ExitCode {
     let node = node_name(pair);
     let status = StatusBoard::new(&node, Role::Primary);
+    status.update(|s| s.heartbeat_timeout_ms = pair.heartbeat_timeout_ms);
     let control_stop = match serve_control(runtime, pair, &status) {
         Ok(stop) => stop,
         Err(code) => return code,
@@ -620,6 +621,7 @@ fn standby(
 ) -> ExitCode {
     let node = node_name(pair);
     let status = StatusBoard::new(&node, Role::Standby);
+    status.update(|s| s.heartbeat_timeout_ms = pair.heartbeat_timeout_ms);
     let control_stop = match serve_control(runtime, pair, &status) {
         Ok(stop) => stop,
         Err(code) => return code,
