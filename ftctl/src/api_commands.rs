@@ -81,6 +81,11 @@ pub enum VmCommand {
     Protect { name: String },
     /// Run a VM unprotected (its standby stops).
     Unprotect { name: String },
+    /// Force a takeover the quorum witness cannot grant (ask the node
+    /// whose standby waits for it: FTCTL_API or --api). Only when the
+    /// witness cannot be brought back and the other node is surely down:
+    /// forced while the other node runs the VM, both run it.
+    Takeover { name: String },
 }
 
 /// How a VM is protected.
@@ -343,6 +348,12 @@ fn vm_command(client: &ApiClient, json: bool, command: VmCommand) -> Result<(), 
         VmCommand::Unprotect { name } => {
             vm_answer(json, client.unprotect_vm(&name)?, level_changed)
         }
+        VmCommand::Takeover { name } => vm_answer(json, client.force_takeover(&name)?, |vm| {
+            format!(
+                "VM {}: its standby takes over without the witness's grant",
+                vm.name
+            )
+        }),
     }
 }
 

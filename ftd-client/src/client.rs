@@ -285,6 +285,12 @@ impl ApiClient {
         self.post_empty(&vm_path(name, "/protect"))
     }
 
+    /// `POST /api/vms/{name}/takeover` (the operator's override of the
+    /// witness).
+    pub fn force_takeover<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
+        self.post_empty(&vm_path(name, "/takeover"))
+    }
+
     /// `POST /api/vms/{name}/unprotect`.
     pub fn unprotect_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
         self.post_empty(&vm_path(name, "/unprotect"))

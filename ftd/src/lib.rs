@@ -12,6 +12,7 @@ pub mod manager;
 pub mod metrics;
 pub mod model;
 pub mod pair;
+pub mod quorum;
 pub mod secrets;
 pub mod store;
 pub mod supervisor;

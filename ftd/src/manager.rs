@@ -40,6 +40,8 @@ pub enum ManagerError {
     NotRunning(String),
     #[error("{0}")]
     NoPeer(String),
+    #[error("no takeover to force: {0}")]
+    NoTakeover(String),
 }
 
 /// The node manager, shared by the API, the supervisor and the pair
@@ -59,6 +61,9 @@ struct Inner {
     changed: Notify,
     peer: Mutex<PeerView>,
     started: Instant,
+    /// Whether the witness answered the last time it was asked (none: no
+    /// witness, or not asked yet).
+    witness_reachable: Mutex<Option<bool>>,
 }
 
 /// What this node knows of its peer from the pair channel.
@@ -85,12 +90,30 @@ impl Manager {
                 changed: Notify::new(),
                 peer: Mutex::new(PeerView::default()),
                 started: Instant::now(),
+                witness_reachable: Mutex::new(None),
             }),
         }
     }
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Whether the witness answered the last time it was asked.
+    pub fn witness_reachable(&self) -> Option<bool> {
+        *self
+            .inner
+            .witness_reachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_witness_reachable(&self, reachable: bool) {
+        *self
+            .inner
+            .witness_reachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reachable);
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -406,6 +429,70 @@ impl Manager {
             ),
         );
         self.touch();
+        Ok(self.view(record))
+    }
+
+    /// The operator's override: the standby of `name` on this node, which
+    /// lost its primary and waits for the witness's grant, takes over
+    /// without it. For when the witness cannot answer and the other node
+    /// is known to be down: forcing it while the other node runs the VM
+    /// makes two active copies.
+    pub async fn force_takeover(&self, name: &str) -> Result<VmView, ManagerError> {
+        let record = self.inner.store.vm(name)?;
+        let me = self.node_name().to_string();
+        let state = match self.inner.runtime.get(name) {
+            Some(r) if r.role == replicator::status::Role::Standby => r.state,
+            Some(_) => {
+                return Err(ManagerError::NoTakeover(format!(
+                    "VM {name} runs as the primary on {me}"
+                )))
+            }
+            None => {
+                return Err(ManagerError::NoTakeover(format!(
+                    "no standby of VM {name} runs on {me}"
+                )))
+            }
+        };
+        if state != replicator::status::FtState::Claiming {
+            return Err(ManagerError::NoTakeover(format!(
+                "the standby of VM {name} on {me} is {state}, not waiting for the witness's grant \
+                 (its primary lives, or it holds no replica)"
+            )));
+        }
+        let sock = crate::supervisor::VmPaths::new(&self.inner.config, self.state_dir(), name).sock;
+        let asked = tokio::task::spawn_blocking(move || {
+            replicator::control::request(
+                &sock,
+                &replicator::control::ControlRequest::new(
+                    replicator::control::ControlCommand::Takeover,
+                ),
+                std::time::Duration::from_secs(5),
+            )
+        })
+        .await
+        .map_err(|e| ManagerError::NoTakeover(format!("the request failed: {e}")))?;
+        match asked {
+            Ok(r) if r.ok => {}
+            Ok(r) => {
+                return Err(ManagerError::NoTakeover(
+                    r.error.unwrap_or_else(|| "the engine refused".into()),
+                ))
+            }
+            Err(e) => {
+                return Err(ManagerError::NoTakeover(format!(
+                    "the engine did not take the request: {e}"
+                )))
+            }
+        }
+        self.record(
+            Severity::Critical,
+            true,
+            "vm",
+            Some(name),
+            &format!(
+                "VM {name}: takeover forced by the operator on {me}, without the witness's grant"
+            ),
+        );
         Ok(self.view(record))
     }
 

@@ -272,6 +272,15 @@ impl Metrics {
             "1 while the peer's daemon answers",
             peer_up.clone(),
         );
+        let witness_up = Gauge::<i64>::default();
+        if let Some(reachable) = manager.witness_reachable() {
+            witness_up.set(i64::from(reachable));
+            registry.register(
+                "witness_reachable",
+                "1 while the pair's quorum witness answers this node (absent without a witness)",
+                witness_up.clone(),
+            );
+        }
 
         for view in manager.vms()? {
             let state_name = serde_json::to_value(view.state)

@@ -173,6 +173,31 @@ fn a_vm_is_defined_started_stopped_and_deleted() {
     assert_eq!(node["state"], "up");
     assert_eq!(node["local"], true);
 
+    // A forced takeover needs a standby here that waits for the witness.
+    let refused = d.call(
+        "POST",
+        "/api/vms/ledger-vm/takeover",
+        "/api/vms/{name}/takeover",
+        None,
+    );
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no takeover to force")),
+        "{refused:?}"
+    );
+    assert_error(&refused, 409, "conflict");
+    assert_error(
+        &d.call(
+            "POST",
+            "/api/vms/nope/takeover",
+            "/api/vms/{name}/takeover",
+            None,
+        ),
+        404,
+        "not_found",
+    );
+
     // Protect needs a peer; unprotect is accepted.
     assert_error(
         &d.call(

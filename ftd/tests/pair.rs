@@ -472,6 +472,24 @@ fn with_a_witness_a_node_back_to_find_its_vm_failed_over_becomes_the_standby() {
             })
         },
     );
+    // The witness goes away: an alert says what that means.
+    assert!(p.a.metrics().contains("ftvm_witness_reachable 1"));
+    drop(w);
+    let alert = |l: &Value| {
+        l.as_array().unwrap().iter().any(|e| {
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("a node lost now is not taken over")
+        })
+    };
+    eventually(
+        &p.a,
+        "/api/events?alerts=true&limit=1000",
+        "witness alert",
+        alert,
+    );
+    assert!(p.a.metrics().contains("ftvm_witness_reachable 0"));
 }
 
 #[test]

@@ -49,17 +49,35 @@ pub enum ControlCommand {
     /// Stop protecting and end the process: a primary stops its VM (the
     /// standby is told, so it does not take over), a standby leaves.
     Stop,
+    /// A standby whose primary is lost and that waits for the witness's
+    /// grant takes over without it (the operator's override, when the
+    /// witness cannot answer and the other node is known to be down).
+    /// Refused in any other state.
+    Takeover,
 }
 
 impl ControlCommand {
-    pub const ALL: [ControlCommand; 2] = [ControlCommand::Status, ControlCommand::Stop];
+    pub const ALL: [ControlCommand; 3] = [
+        ControlCommand::Status,
+        ControlCommand::Stop,
+        ControlCommand::Takeover,
+    ];
 
     pub const fn as_str(self) -> &'static str {
         match self {
             ControlCommand::Status => "status",
             ControlCommand::Stop => "stop",
+            ControlCommand::Takeover => "takeover",
         }
     }
+}
+
+/// What a request asks the process to do once it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    None,
+    Stop,
+    Takeover,
 }
 
 /// One request line.
@@ -195,21 +213,21 @@ pub enum ControlError {
 }
 
 /// The answer to one request line (never fails: a bad request gets
-/// `ok: false` with the reason). Returns whether it asked to stop.
-fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, bool) {
+/// `ok: false` with the reason), and what it asks for.
+fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
     let value: serde_json::Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
             return (
                 ControlResponse::refused(format!("malformed request: {e}")),
-                false,
+                Action::None,
             )
         }
     };
     let Some(fields) = value.as_object() else {
         return (
             ControlResponse::refused("malformed request: not a JSON object"),
-            false,
+            Action::None,
         );
     };
     match fields.get("version").and_then(serde_json::Value::as_u64) {
@@ -219,7 +237,7 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, bool) {
                 ControlResponse::refused(format!(
                     "unsupported control version {v} (this server speaks version {CONTROL_VERSION})"
                 )),
-                false,
+                Action::None,
             )
         }
         None => {
@@ -227,7 +245,7 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, bool) {
                 ControlResponse::refused(format!(
                     "request without a numeric \"version\" (this server speaks version {CONTROL_VERSION})"
                 )),
-                false,
+                Action::None,
             )
         }
     }
@@ -248,12 +266,22 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, bool) {
                 None => format!("request without a \"command\" (known: {})", known()),
                 Some(_) => format!("malformed request: {e}"),
             };
-            return (ControlResponse::refused(reason), false);
+            return (ControlResponse::refused(reason), Action::None);
         }
     };
     match request.command {
-        ControlCommand::Status => (ControlResponse::status(status.snapshot()), false),
-        ControlCommand::Stop => (ControlResponse::done(), true),
+        ControlCommand::Status => (ControlResponse::status(status.snapshot()), Action::None),
+        ControlCommand::Stop => (ControlResponse::done(), Action::Stop),
+        ControlCommand::Takeover => match status.snapshot().state {
+            crate::status::FtState::Claiming => (ControlResponse::done(), Action::Takeover),
+            state => (
+                ControlResponse::refused(format!(
+                    "no takeover to force: this process is {state}, not a standby claiming one \
+                     (its primary lives, or it holds no replica)"
+                )),
+                Action::None,
+            ),
+        },
     }
 }
 
@@ -279,7 +307,12 @@ async fn read_line<R: AsyncRead + Unpin>(
 
 /// Serves one connection until the client closes it, stays silent for
 /// [`REQUEST_TIMEOUT`] or sends something too long.
-async fn serve_connection(stream: UnixStream, status: StatusBoard, stop: Arc<Notify>) {
+async fn serve_connection(
+    stream: UnixStream,
+    status: StatusBoard,
+    stop: Arc<Notify>,
+    takeover: Arc<Notify>,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -303,7 +336,7 @@ async fn serve_connection(stream: UnixStream, status: StatusBoard, stop: Arc<Not
                 return;
             }
         };
-        let (response, stop_asked) = answer(&line, &status);
+        let (response, action) = answer(&line, &status);
         if !response.ok {
             warn!(
                 error = response.error.as_deref().unwrap_or(""),
@@ -312,9 +345,16 @@ async fn serve_connection(stream: UnixStream, status: StatusBoard, stop: Arc<Not
         }
         // Answer first: the process may end as soon as `stop` is notified.
         let written = write_response(&mut write, &response).await;
-        if stop_asked {
-            info!("stop asked on the control socket");
-            stop.notify_one();
+        match action {
+            Action::Stop => {
+                info!("stop asked on the control socket");
+                stop.notify_one();
+            }
+            Action::Takeover => {
+                warn!("takeover without the witness's grant forced on the control socket");
+                takeover.notify_one();
+            }
+            Action::None => {}
         }
         if written.is_err() {
             return;
@@ -339,6 +379,8 @@ async fn write_response(
 pub struct ControlServer {
     listener: UnixListener,
     file: RemoveSocket,
+    /// Notified on a forced takeover.
+    takeover: Arc<Notify>,
 }
 
 /// Removes the socket file when dropped, if it is still ours (same device
@@ -421,11 +463,18 @@ impl ControlServer {
                 path: path.to_path_buf(),
                 file_id: (meta.dev(), meta.ino()),
             },
+            takeover: Arc::new(Notify::new()),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.file.path
+    }
+
+    /// What a forced takeover (`takeover`, accepted only while claiming)
+    /// notifies.
+    pub fn takeover(&self) -> Arc<Notify> {
+        Arc::clone(&self.takeover)
     }
 
     /// Serves connections (each in its own task) for as long as the future
@@ -437,7 +486,12 @@ impl ControlServer {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, status.clone(), Arc::clone(&stop)));
+                    tokio::spawn(serve_connection(
+                        stream,
+                        status.clone(),
+                        Arc::clone(&stop),
+                        Arc::clone(&self.takeover),
+                    ));
                 }
                 Err(e) => {
                     // Out of descriptors, most likely: wait, do not spin.
@@ -573,6 +627,29 @@ async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_takeover_is_forced_only_on_a_standby_that_claims_one() {
+        let board = StatusBoard::new("n1", crate::status::Role::Standby);
+        let line = br#"{"version":1,"command":"takeover"}"#;
+        board.set_state(
+            crate::status::Role::Standby,
+            crate::status::FtState::StandingBy,
+            None,
+        );
+        let (response, action) = answer(line, &board);
+        assert!(!response.ok, "{response:?}");
+        assert!(response.error.unwrap().contains("standing-by"));
+        assert_eq!(action, Action::None);
+        board.set_state(
+            crate::status::Role::Standby,
+            crate::status::FtState::Claiming,
+            None,
+        );
+        let (response, action) = answer(line, &board);
+        assert!(response.ok, "{response:?}");
+        assert_eq!(action, Action::Takeover);
+    }
     use std::io::{BufRead, Write};
     use std::time::Instant;
 

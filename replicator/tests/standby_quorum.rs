@@ -4,7 +4,8 @@
 //!   takeover, and once the primary went on alone the replica is dropped
 //!   as stale (and the standby then refuses that older generation);
 //! - a silent primary is taken over with the generation the witness grants;
-//! - with the witness unreachable there is no takeover until it answers;
+//! - with the witness unreachable there is no takeover until it answers,
+//!   or until the operator forces one;
 //! - a primary of an older generation than the standby knows is refused;
 //! - a primary that comes back with a new session ends the claim.
 
@@ -287,4 +288,33 @@ async fn a_primary_back_with_a_new_session_ends_the_claim() {
     assert_eq!(status.state, FtState::StandingBy, "{status:?}");
     assert!(!standby.task.is_finished());
     standby.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_can_force_a_takeover_the_witness_cannot_grant() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let standby = start_standby_with("quorum-forced", 1, standby_witness(&addr)).await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    drop(link);
+    until(&standby, "a claim without a witness", |s| {
+        s.state == FtState::Claiming
+    })
+    .await;
+    standby.force.notify_one();
+    let replica = taken_over(standby.task).await;
+    assert_eq!((replica.epoch, replica.generation), (1, 2));
+    let status = standby.status.snapshot();
+    assert!(
+        status
+            .witness
+            .as_deref()
+            .is_some_and(|w| w.contains("forced by the operator")),
+        "{status:?}"
+    );
 }

@@ -151,9 +151,10 @@ impl From<ManagerError> for ApiError {
             ManagerError::Store(e) => e.into(),
             ManagerError::Invalid(f) => ApiError::InvalidField(f),
             ManagerError::NoSuchNode(_) => ApiError::NotFound(e.to_string()),
-            ManagerError::Running(_) | ManagerError::NotRunning(_) | ManagerError::NoPeer(_) => {
-                ApiError::Conflict(e.to_string())
-            }
+            ManagerError::Running(_)
+            | ManagerError::NotRunning(_)
+            | ManagerError::NoPeer(_)
+            | ManagerError::NoTakeover(_) => ApiError::Conflict(e.to_string()),
         }
     }
 }

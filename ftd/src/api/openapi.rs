@@ -23,6 +23,7 @@ use crate::model;
         super::vms::stop,
         super::vms::protect,
         super::vms::unprotect,
+        super::vms::takeover,
         super::vms::engine,
         super::events::list,
         super::events::stream,

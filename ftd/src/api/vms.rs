@@ -100,6 +100,28 @@ pub async fn stop(
     Ok((StatusCode::ACCEPTED, Json(state.manager.stop_vm(&name)?)))
 }
 
+/// Force a takeover the witness cannot grant: the VM's standby on this
+/// node, which lost its primary and waits for the witness, takes over
+/// without it. Only when the witness cannot answer and the other node is
+/// surely down: forced while the other node runs the VM, it makes two
+/// active copies. Audited; an alert says it was done.
+#[utoipa::path(post, path = "/api/vms/{name}/takeover", operation_id = "force_takeover", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 202, description = "The standby here takes over", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody),
+              (status = 409, description = "No standby here waits for the witness's grant", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn takeover(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.manager.force_takeover(&name).await?),
+    ))
+}
+
 /// Protect a VM at level ft (a running VM gets its standby).
 #[utoipa::path(post, path = "/api/vms/{name}/protect", operation_id = "protect_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),

@@ -127,7 +127,7 @@ const EXIT_SUPERSEDED: i32 = 3;
 
 impl Supervisor {
     pub fn new(manager: Manager) -> Supervisor {
-        let witness = witness_client(&manager);
+        let witness = crate::quorum::client(&manager);
         Supervisor {
             manager,
             processes: HashMap::new(),
@@ -544,33 +544,6 @@ fn new_generation(manager: &Manager, name: &str, me: &str, generation: u64) {
             ),
         ),
         Err(e) => tracing::error!(vm = name, error = %e, "cannot record a generation"),
-    }
-}
-
-/// A client of the pair's witness, when ftd.toml names one.
-fn witness_client(manager: &Manager) -> Option<WitnessClient> {
-    let config = manager.config();
-    if config.witness.is_empty() {
-        return None;
-    }
-    let path = manager.state_dir().join(crate::config::SECRET_FILE);
-    match replicator::pairing::read_secret(&path) {
-        Ok(secret) => Some(WitnessClient::new(
-            config.witness.clone(),
-            secret,
-            &config.node.name,
-            Duration::from_secs(2),
-        )),
-        Err(e) => {
-            manager.record(
-                Severity::Critical,
-                true,
-                "vm",
-                None,
-                &format!("the witness cannot be asked: {e}"),
-            );
-            None
-        }
     }
 }
 

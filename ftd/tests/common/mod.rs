@@ -182,6 +182,18 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The metrics text (unauthenticated, as Prometheus scrapes it).
+    pub fn metrics(&self) -> String {
+        let mut response = self
+            .agent
+            .get(format!("{}/metrics", self.url))
+            .call()
+            .unwrap();
+        response.body_mut().read_to_string().unwrap()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();

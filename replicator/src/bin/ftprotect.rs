@@ -242,7 +242,7 @@ fn serve_control(
     runtime: &tokio::runtime::Runtime,
     pair: &PairOptions,
     status: &StatusBoard,
-) -> Result<Arc<Notify>, ExitCode> {
+) -> Result<(Arc<Notify>, Arc<Notify>), ExitCode> {
     let path = pair
         .control_sock
         .clone()
@@ -254,8 +254,9 @@ fn serve_control(
     match server {
         Ok(server) => {
             let stop = Arc::new(Notify::new());
+            let takeover = server.takeover();
             runtime.spawn(server.serve(status.clone(), Arc::clone(&stop)));
-            Ok(stop)
+            Ok((stop, takeover))
         }
         Err(e) => {
             eprintln!("ftprotect: {}", error_chain(&e));
@@ -581,8 +582,8 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
     let node = node_name(pair);
     let status = StatusBoard::new(&node, Role::Primary);
     status.update(|s| s.heartbeat_timeout_ms = pair.heartbeat_timeout_ms);
-    let control_stop = match serve_control(runtime, pair, &status) {
-        Ok(stop) => stop,
+    let (control_stop, _) = match serve_control(runtime, pair, &status) {
+        Ok(notifies) => notifies,
         Err(code) => return code,
     };
     let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
@@ -622,8 +623,8 @@ fn standby(
     let node = node_name(pair);
     let status = StatusBoard::new(&node, Role::Standby);
     status.update(|s| s.heartbeat_timeout_ms = pair.heartbeat_timeout_ms);
-    let control_stop = match serve_control(runtime, pair, &status) {
-        Ok(stop) => stop,
+    let (control_stop, force_takeover) = match serve_control(runtime, pair, &status) {
+        Ok(notifies) => notifies,
         Err(code) => return code,
     };
     let link = match link_config(pair, &node, Role::Standby) {
@@ -647,6 +648,7 @@ fn standby(
         taps: taps.clone(),
         min_generation: pair.generation,
         witness,
+        force_takeover,
     };
     let standing_by = runtime.block_on(async {
         tokio::select! {

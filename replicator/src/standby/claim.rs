@@ -3,11 +3,14 @@
 //! claim while it still hears the primary (a lost A-link, not a lost
 //! primary), and refuses it for good once the primary went on alone (the
 //! replica is stale then). A primary that comes back with a new session
-//! ends the claim: it lives, and the new session starts over.
+//! ends the claim: it lives, and the new session starts over. The
+//! operator may force the takeover (the witness cannot answer and the
+//! other node is known to be down): the witness is told if it answers,
+//! and the replica runs at the next generation either way.
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 use witness::{Answer, Request};
 
@@ -36,6 +39,7 @@ pub(super) async fn claim(
     witness: &WitnessConfig,
     replica: &Replica,
     arrivals: &mut mpsc::Receiver<Arrival>,
+    force: &Notify,
     status: &StatusBoard,
 ) -> Claimed {
     status.set_state(
@@ -52,7 +56,11 @@ pub(super) async fn claim(
     };
     let mut shown = String::new();
     loop {
-        let (why, wait) = match witness.client.ask(&request).await {
+        let asked = tokio::select! {
+            asked = witness.client.ask(&request) => asked,
+            _ = force.notified() => return forced(witness, replica, status).await,
+        };
+        let (why, wait) = match asked {
             Ok(Answer::Granted { generation }) => {
                 info!(
                     generation,
@@ -111,6 +119,34 @@ pub(super) async fn claim(
                 return Claimed::PrimaryBack(Box::new(arrival));
             }
         }
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = force.notified() => return forced(witness, replica, status).await,
+        }
     }
+}
+
+/// How long a forced takeover waits for the witness to take note.
+const FORCE_NOTE_WITHIN: Duration = Duration::from_millis(1500);
+
+/// The operator forced the takeover: the witness records it if it
+/// answers; the replica runs at the next generation either way.
+async fn forced(witness: &WitnessConfig, replica: &Replica, status: &StatusBoard) -> Claimed {
+    let request = Request::Force {
+        vm: witness.vm.clone(),
+    };
+    let noted = tokio::time::timeout(FORCE_NOTE_WITHIN, witness.client.ask(&request)).await;
+    let (generation, how) = match noted {
+        Ok(Ok(Answer::Granted { generation })) => (generation, "recorded by the witness"),
+        _ => (
+            replica.generation + 1,
+            "without the witness (it could not be reached)",
+        ),
+    };
+    warn!(generation, how, "takeover forced by the operator");
+    status.update(|s| {
+        s.generation = generation;
+        s.witness = Some(format!("takeover forced by the operator, {how}"));
+    });
+    Claimed::Granted(generation)
 }

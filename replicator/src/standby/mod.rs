@@ -97,6 +97,9 @@ pub struct StandbyConfig {
     pub min_generation: u64,
     /// The quorum witness, if the pair has one.
     pub witness: Option<WitnessConfig>,
+    /// Notified when the operator forces a takeover without the witness's
+    /// grant (honoured only while claiming).
+    pub force_takeover: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// A replica that holds a committed epoch.
@@ -148,7 +151,8 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
                     replica.generation += 1;
                     break replica;
                 };
-                match claim::claim(witness, &replica, &mut arrivals, status).await {
+                let force = &config.force_takeover;
+                match claim::claim(witness, &replica, &mut arrivals, force, status).await {
                     Claimed::Granted(generation) => {
                         replica.generation = generation;
                         break replica;

@@ -111,6 +111,8 @@ pub struct Standby {
     pub addr2: SocketAddr,
     pub status: StatusBoard,
     pub task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>,
+    /// The operator's forced takeover.
+    pub force: std::sync::Arc<tokio::sync::Notify>,
     _dir: TempDir,
 }
 
@@ -149,7 +151,9 @@ pub async fn start_standby_with(
         taps: vec![],
         min_generation,
         witness,
+        force_takeover: Default::default(),
     };
+    let force = std::sync::Arc::clone(&config.force_takeover);
     let status = StatusBoard::new("test-standby", replicator::status::Role::Standby);
     let board = status.clone();
     let task = tokio::spawn(async move { stand_by(&config, &board).await });
@@ -165,6 +169,7 @@ pub async fn start_standby_with(
         addr2,
         status,
         task,
+        force,
         _dir: TempDir(dir),
     }
 }
