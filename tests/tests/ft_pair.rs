@@ -16,7 +16,9 @@
 //! - partitions (every path between the nodes cut for 1-5 s, the witness
 //!   on the outer host reachable by both, one or neither): one copy runs at
 //!   a time, nothing acknowledged is lost, the other rejoins as the
-//!   standby.
+//!   standby;
+//! - the witness stopped and restarted while protected: an alert, no
+//!   takeover, nothing lost.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -244,4 +246,81 @@ fn partitions_leave_one_active_copy_and_lose_nothing() {
         );
     }
     assert!(report.passed);
+}
+
+#[test]
+fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
+    use ftd_client::client::EventQuery;
+    use ftd_client::model::{Event, VmView};
+    let lab = LabPair::start("ftwit");
+    ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
+    ft_pair::wait_for(
+        lab.lab(),
+        NodeId::B,
+        Role::Standby,
+        FtState::StandingBy,
+        Duration::from_secs(60),
+    )
+    .expect("standby ready");
+    let api = ft_pair::api(lab.lab(), NodeId::A).expect("api");
+    let before: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
+    let mut client = lab.ledger_client();
+    let mut acked = Vec::new();
+    let mut id = 0;
+    let mut append_for = |d: Duration, acked: &mut Vec<u64>| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            id += 1;
+            client.append(id).expect("append");
+            acked.push(id);
+        }
+    };
+    append_for(Duration::from_secs(2), &mut acked);
+    assert!(lab.lab().stop_witness(), "the lab's witness ran");
+    // The daemons notice within their 5 s watch and say what it means.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        append_for(Duration::from_millis(500), &mut acked);
+        let alerts: Vec<Event> = api
+            .events(&EventQuery {
+                alerts: true,
+                limit: Some(100),
+                ..Default::default()
+            })
+            .expect("events");
+        if alerts
+            .iter()
+            .any(|e| e.message.contains("a node lost now is not taken over"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no alert for the lost witness: {alerts:?}"
+        );
+    }
+    lab.lab().start_witness().expect("witness back");
+    append_for(Duration::from_secs(4), &mut acked);
+    let after: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
+    assert_eq!(
+        after.generation, before.generation,
+        "a takeover happened: {after:?}"
+    );
+    assert_eq!(after.primary_node.as_deref(), Some("node-a"));
+    let a = status(&lab, NodeId::A).expect("a");
+    assert_eq!(
+        (a.role, a.state),
+        (Role::Primary, FtState::Protected),
+        "{a:?}"
+    );
+    let b = status(&lab, NodeId::B).expect("b");
+    assert_eq!(b.counters.failovers, 0, "{b:?}");
+    let memory = client.dump().expect("dump");
+    let verdict = guest_tools::ledger::verify(&acked, id, &memory);
+    assert!(verdict.ok(), "{verdict:?}");
+    eprintln!(
+        "[e2e] witness stopped and restarted while protected: no takeover (generation {}), {} operations, none lost",
+        after.generation,
+        acked.len()
+    );
 }
