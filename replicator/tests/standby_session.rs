@@ -214,6 +214,27 @@ async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
     standby.task.abort();
 }
 
+/// The paths fall one after the other (a node isolated by two cuts a
+/// moment apart): once the backup path is silent too, the primary is lost
+/// and the replica is taken over. (Before, the first cut ended the session
+/// on the strength of the backup path, and nobody took the VM over.)
+#[tokio::test]
+async fn paths_cut_one_after_the_other_are_taken_over() {
+    let standby = start_standby("paths-staggered").await;
+    let cut = Arc::new(AtomicBool::new(false));
+    let backup_cut = Arc::new(AtomicBool::new(false));
+    let (link, backup) = primary_with_backup(&standby, &cut, &backup_cut).await;
+    cut.store(true, Ordering::SeqCst);
+    // The active path's silence is judged (400 ms) while the backup lives.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!standby.task.is_finished());
+    backup_cut.store(true, Ordering::SeqCst);
+    let replica = taken_over(standby.task).await;
+    drop((link, backup));
+    assert_eq!(replica.epoch, 1);
+    assert_eq!(page5(&replica), 0x22);
+}
+
 #[tokio::test]
 async fn a_primary_silent_on_both_paths_is_taken_over() {
     let standby = start_standby("both-lost").await;

@@ -2,7 +2,8 @@
 //! copy into a replica (guest RAM in a memfd, disk files of its own), then
 //! applies each complete, checked epoch and acknowledges it. When the
 //! primary goes silent or the link drops after at least one committed
-//! epoch, the replica is handed back for promotion: at once without a
+//! epoch (with a second path: once that path is silent too, however much
+//! later), the replica is handed back for promotion: at once without a
 //! witness; with one ([`claim`]), only once the witness grants the next
 //! generation (a replica the witness says is stale is dropped, and a
 //! primary that comes back with a new session ends the claim). A session
@@ -145,27 +146,30 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
             // A backup path of a session that is over: nothing to do.
             continue;
         }
-        match session::receive(arrival, &mut arrivals, &*config, status).await {
-            Session::Lost(mut replica) => {
-                let Some(witness) = &config.witness else {
-                    replica.generation += 1;
-                    break replica;
-                };
-                let force = &config.force_takeover;
-                match claim::claim(witness, &replica, &mut arrivals, force, status).await {
-                    Claimed::Granted(generation) => {
-                        replica.generation = generation;
-                        break replica;
-                    }
-                    Claimed::Stale { why, generation } => {
-                        warn!(why, "replica dropped: no takeover");
-                        config.min_generation = config.min_generation.max(generation);
-                        status.update(|s| s.generation = config.min_generation);
-                        why_ended = Some(why);
-                    }
-                    Claimed::PrimaryBack(arrival) => {
-                        why_ended = Some("the primary came back with a new session".into());
+        let lost = match session::receive(arrival, &mut arrivals, &*config, status).await {
+            Session::Lost(replica) => replica,
+            Session::PathLost(replica, backup, error) => {
+                // The primary lives on the backup path, or did a moment
+                // ago: keep the replica while watching that path.
+                status.set_state(
+                    Role::Standby,
+                    FtState::Waiting,
+                    Some(StandbyError::PathLost(error).to_string()),
+                );
+                let silence = config.link.heartbeat_timeout;
+                match paths::watch_backup(&backup, &mut arrivals, silence).await {
+                    paths::Watched::NewSession(arrival) => {
                         next = Some(*arrival);
+                        continue;
+                    }
+                    paths::Watched::Silent => {
+                        warn!("the backup path fell silent too: the primary is lost");
+                        *replica
+                    }
+                    paths::Watched::Closed if config.witness.is_some() => *replica,
+                    paths::Watched::Closed => {
+                        why_ended = Some("the primary closed its backup path (no takeover)".into());
+                        continue;
                     }
                 }
             }
@@ -173,6 +177,29 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
                 warn!(%error, "standby session ended without a takeover");
                 why_ended = Some(error.to_string());
                 next = waiting;
+                continue;
+            }
+        };
+        let mut replica = lost;
+        let Some(witness) = &config.witness else {
+            replica.generation += 1;
+            break replica;
+        };
+        let force = &config.force_takeover;
+        match claim::claim(witness, &replica, &mut arrivals, force, status).await {
+            Claimed::Granted(generation) => {
+                replica.generation = generation;
+                break replica;
+            }
+            Claimed::Stale { why, generation } => {
+                warn!(why, "replica dropped: no takeover");
+                config.min_generation = config.min_generation.max(generation);
+                status.update(|s| s.generation = config.min_generation);
+                why_ended = Some(why);
+            }
+            Claimed::PrimaryBack(arrival) => {
+                why_ended = Some("the primary came back with a new session".into());
+                next = Some(*arrival);
             }
         }
     };

@@ -125,6 +125,58 @@ impl BackupPath {
     }
 }
 
+/// What watching the backup path after the active path failed came to.
+pub(super) enum Watched {
+    /// The primary began a new session (it lives).
+    NewSession(Box<Arrival>),
+    /// Nothing more came on the backup path for the silence timeout: the
+    /// primary is lost on every path.
+    Silent,
+    /// The primary's side closed or reset the backup path.
+    Closed,
+}
+
+/// Watches `backup` until the primary begins a new session, or the path
+/// falls silent for `silence`, or the primary's side closes it. (A cut of
+/// the paths one after the other must not leave a replica that nobody
+/// takes over: the backup path is watched until it decides.)
+pub(super) async fn watch_backup(
+    backup: &BackupPath,
+    arrivals: &mut mpsc::Receiver<Arrival>,
+    silence: std::time::Duration,
+) -> Watched {
+    let since = Instant::now();
+    loop {
+        if backup
+            .closed_by_peer_at
+            .lock()
+            .expect("backup lock")
+            .is_some()
+        {
+            return Watched::Closed;
+        }
+        let quiet_until = backup.liveness.last_arrival() + silence;
+        let now = Instant::now();
+        if now >= quiet_until && now >= since + silence {
+            return Watched::Silent;
+        }
+        let wake = quiet_until.max(since + silence).min(now + silence / 4);
+        tokio::select! {
+            arrival = arrivals.recv() => match arrival {
+                Some(arrival) if arrival.1.message != Message::Backup => {
+                    return Watched::NewSession(Box::new(arrival));
+                }
+                // A backup path of the session that ended: the primary
+                // lives (the session ends without a takeover, a new one is
+                // on its way).
+                Some(_) => {}
+                None => return Watched::Closed,
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
 impl Drop for BackupPath {
     fn drop(&mut self) {
         self.task.abort();

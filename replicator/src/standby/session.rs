@@ -26,6 +26,10 @@ use crate::status::{FtState, Role, StatusBoard};
 pub(super) enum Session {
     /// The primary is gone; this replica holds a committed epoch.
     Lost(Replica),
+    /// The active path failed while the primary was still heard on the
+    /// backup path; the replica (holding a committed epoch) is kept while
+    /// the caller watches that path.
+    PathLost(Box<Replica>, BackupPath, LinkError),
     /// Ended without a takeover; a new session may already be waiting.
     Ended(StandbyError, Option<Arrival>),
 }
@@ -226,10 +230,29 @@ fn link_lost(
     // is still heard there, it lives (no takeover; it reconnects and
     // resynchronises). The window is the active path's silence: a live
     // primary sent several heartbeats on the backup meanwhile.
-    if let Some(b) = &replica.backup {
-        if b.heard_primary_after(active_heard + PATH_MARGIN) {
-            return Err(StandbyError::PathLost(error));
-        }
+    if replica
+        .backup
+        .as_ref()
+        .is_some_and(|b| b.heard_primary_after(active_heard + PATH_MARGIN))
+    {
+        let backup = replica.backup.take().expect("checked");
+        return match replica.committed {
+            Some((epoch, state)) => {
+                warn!(%error, last_committed = epoch, "active path lost; the primary is heard on the backup path");
+                Ok(Session::PathLost(
+                    Box::new(Replica {
+                        ram: replica.ram,
+                        disks: replica.disks,
+                        state,
+                        epoch,
+                        generation: replica.generation,
+                    }),
+                    backup,
+                    error,
+                ))
+            }
+            None => Err(StandbyError::PathLost(error)),
+        };
     }
     match replica.committed {
         Some((epoch, state)) => {
