@@ -403,6 +403,7 @@ fn create_body(create: VmCreateArgs) -> Result<CreateBody, CommandError> {
                 synchronous: create.synchronous,
                 min_interval_ms: create.min_interval_ms,
                 max_interval_ms: create.max_interval_ms,
+                no_pulses: false,
             })
             .filter(|ft| *ft != FtOptions::default()),
         })));

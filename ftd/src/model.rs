@@ -87,6 +87,11 @@ pub struct FtOptions {
     pub min_interval_ms: Option<u64>,
     #[serde(default)]
     pub max_interval_ms: Option<u64>,
+    /// Judge the peer's silence on the connection alone, without pulses
+    /// (for comparison: pulses keep a busy node from being declared
+    /// silent).
+    #[serde(default)]
+    pub no_pulses: bool,
 }
 
 impl FtOptions {

@@ -6,7 +6,9 @@
 //! nodes live all along, so every session that ends because a peer fell
 //! silent is a false silence, and every takeover a false takeover. Prints
 //! the heartbeat timeout, the false-silence session ends on each side,
-//! takeovers, resynchronisations, and the ledger check.
+//! takeovers, resynchronisations, and the ledger check. FT_SOAK_PULSES=0
+//! runs the same without pulses (silence judged on the connection alone),
+//! for comparison.
 //!
 //! `cargo bench -p ft-tests --bench false_silence` (about 12 minutes).
 
@@ -60,13 +62,18 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(600),
     );
+    let pulses = std::env::var("FT_SOAK_PULSES").map_or(true, |v| v != "0");
     let lab = LabPair::start("ftsoak");
     let load = LedgerLoad {
         vcpus: Some(2),
         also: Some(DIRTIER.into()),
     };
     let started = Instant::now();
-    ft_pair::define_and_start_with(lab.lab(), NodeId::A, "ft", Default::default(), &load)
+    let ft = ftd_client::model::FtOptions {
+        no_pulses: !pulses,
+        ..Default::default()
+    };
+    ft_pair::define_and_start_with(lab.lab(), NodeId::A, "ft", ft, &load)
         .expect("ledger VM started");
     let mut seen = [Seen::default(), Seen::default()];
     // Watch from the start: the initial synchronisation runs under load.
@@ -132,9 +139,10 @@ fn main() {
     let [a, b] = &seen;
     println!(
         "false silence, {} s protected with a 2-vCPU guest running ft-dirtier (5,000 pages/s) and the \
-         ledger client ({} operations acknowledged), heartbeat timeout {timeout} ms:",
+         ledger client ({} operations acknowledged), heartbeat timeout {timeout} ms, pulses {}:",
         soak.as_secs(),
-        acked.len()
+        acked.len(),
+        if pulses { "on" } else { "off" }
     );
     println!(
         "  session ends by silence: primary (a) {}, standby (b) {} (both nodes alive: every one is false)",

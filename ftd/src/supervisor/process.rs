@@ -190,6 +190,9 @@ impl Process {
         if ft.synchronous {
             cmd.arg("--synchronous");
         }
+        if ft.no_pulses {
+            cmd.arg("--no-pulses");
+        }
         match role {
             Role::Primary => {
                 cmd.args(["--kernel", &vm.kernel]);

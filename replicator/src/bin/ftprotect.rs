@@ -83,6 +83,10 @@ struct PairOptions {
     /// comparison with the default speculative mode).
     #[arg(long)]
     synchronous: bool,
+    /// Judge the peer's silence on the connection alone, without pulses
+    /// (for comparison).
+    #[arg(long)]
+    no_pulses: bool,
     /// Pre-copy rounds of the initial synchronisation.
     #[arg(long, default_value_t = 4)]
     precopy_rounds: u32,
@@ -429,14 +433,16 @@ fn link_config(
 ) -> Result<ft_link::LinkConfig, pairing::PairingError> {
     let secret = pairing::read_secret(&pair.secret_file)?;
     let cpu = pairing::cpu_summary(pair.cpu_features)?;
-    Ok(pairing::link_config(
+    let mut link = pairing::link_config(
         secret,
         node,
         role,
         cpu,
         &pair.vm_name,
         Duration::from_millis(pair.heartbeat_timeout_ms),
-    ))
+    );
+    link.pulses = !pair.no_pulses;
+    Ok(link)
 }
 
 /// Boots the VM, waits for `ready_line` on its console (and two seconds
