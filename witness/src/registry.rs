@@ -78,6 +78,12 @@ impl Registry {
         self.timing
     }
 
+    /// Whether the witness is still in its start-up grace at `now` (it
+    /// grants nothing: the owners it has not heard yet may be alive).
+    pub fn in_startup_grace(&self, now: Instant) -> bool {
+        now < self.started + self.timing.startup_grace
+    }
+
     /// `node` was heard about `vm` at `now`; `conn` (id, liveness) keeps it
     /// heard as long as that connection carries anything.
     pub fn touch(&mut self, vm: &str, node: &str, conn: Option<(u64, &Liveness)>, now: Instant) {

@@ -164,7 +164,17 @@ async fn answer(registry: &Mutex<Registry>, node: &str, request: Request) -> Ans
             ClaimStep::WaitUntil(at) => {
                 let now = Instant::now();
                 if at > give_up {
-                    let answer = lock(registry).owner_heard(&vm, now);
+                    let registry = lock(registry);
+                    if registry.in_startup_grace(now) {
+                        return Answer::Refused {
+                            reason: format!(
+                                "the witness started moments ago: it grants no takeover in its first \
+                                 {} ms (the primaries reconnect meanwhile); ask again",
+                                registry.timing().startup_grace.as_millis()
+                            ),
+                        };
+                    }
+                    let answer = registry.owner_heard(&vm, now);
                     info!(vm, node, generation, ?answer, "claim: owner still heard");
                     return answer;
                 }

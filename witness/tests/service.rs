@@ -147,13 +147,19 @@ async fn records_survive_a_restart_and_no_claim_is_granted_in_the_grace() {
     let (addr, server) = start(dir.path(), Duration::from_secs(1)).await;
     let standby = client(&addr, "b");
     let started = Instant::now();
+    let mut told_why = false;
     let answer = loop {
         match standby.ask(&claim("db", 7)).await.unwrap() {
             Answer::OwnerHeard { .. } => continue,
+            Answer::Refused { reason } if reason.contains("started moments ago") => {
+                told_why = true;
+                continue;
+            }
             other => break other,
         }
     };
     assert_eq!(answer, Answer::Granted { generation: 8 });
+    assert!(told_why, "a claim in the grace is told why it waits");
     assert!(
         started.elapsed() >= Duration::from_millis(900),
         "granted {:?} after a restart: the owners' reconnection grace was skipped",

@@ -96,6 +96,10 @@ pub(super) async fn claim(
                     Duration::ZERO,
                 )
             }
+            Ok(Answer::Refused { reason }) => (
+                format!("the witness grants nothing yet ({reason}): no takeover without its grant"),
+                RETRY_UNREACHABLE,
+            ),
             Ok(other) => (
                 format!("the witness answered {other:?}: no takeover without its grant"),
                 RETRY_UNREACHABLE,
