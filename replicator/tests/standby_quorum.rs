@@ -119,9 +119,7 @@ async fn a_lost_link_while_the_witness_hears_the_primary_is_no_takeover() {
     let primary = client(&witness.addr, "test-primary");
     let holding = hold(&primary, 1);
     let standby = start_standby_with("quorum-heard", 1, standby_witness(&witness.addr)).await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     // The A-link closes (a FIN: the primary's socket, not its node).
     drop(link);
     until(&standby, "a claim the witness holds back", |s| {
@@ -179,9 +177,7 @@ async fn a_silent_primary_is_taken_over_with_the_granted_generation() {
     let primary = client(&witness.addr, "test-primary");
     let holding = hold(&primary, 1);
     let standby = start_standby_with("quorum-silent", 1, standby_witness(&witness.addr)).await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     // The primary's node dies: the A-link and the witness hear nothing more.
     drop(holding);
     drop(primary);
@@ -211,9 +207,7 @@ async fn without_the_witness_there_is_no_takeover_until_it_answers() {
         .unwrap()
         .to_string();
     let standby = start_standby_with("quorum-away", 1, standby_witness(&addr)).await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     drop(link);
     until(&standby, "a claim without a witness", |s| {
         s.state == FtState::Claiming
@@ -273,9 +267,7 @@ async fn a_primary_back_with_a_new_session_ends_the_claim() {
     let primary = client(&witness.addr, "test-primary");
     let _holding = hold(&primary, 1);
     let standby = start_standby_with("quorum-back", 1, standby_witness(&witness.addr)).await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     drop(link);
     until(&standby, "a claim the witness holds back", |s| {
         s.state == FtState::Claiming
@@ -298,9 +290,7 @@ async fn the_operator_can_force_a_takeover_the_witness_cannot_grant() {
         .unwrap()
         .to_string();
     let standby = start_standby_with("quorum-forced", 1, standby_witness(&addr)).await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     drop(link);
     until(&standby, "a claim without a witness", |s| {
         s.state == FtState::Claiming

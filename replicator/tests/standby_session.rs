@@ -28,9 +28,7 @@ use tokio::net::{TcpListener, TcpStream};
 #[tokio::test]
 async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed_over() {
     let standby = start_standby("truncated").await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     // Epoch 2 stops before its end record: the primary dies mid-send.
     let mut two = epoch_frames(2, 0x33, b"two");
     two.pop();
@@ -51,9 +49,7 @@ async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed
 #[tokio::test]
 async fn a_replayed_epoch_is_refused_unacknowledged_and_causes_no_takeover() {
     let standby = start_standby("replayed").await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let mut link = committed_primary(standby.addr).await;
     send(&link, &epoch_frames(1, 0x44, b"bad")).await;
     // No acknowledgement: the standby ends the session instead.
     let answer = tokio::time::timeout(WITHIN, link.recv())
@@ -252,9 +248,7 @@ async fn a_primary_silent_on_both_paths_is_taken_over() {
 #[tokio::test]
 async fn a_primary_whose_vm_stopped_is_not_taken_over() {
     let standby = start_standby("stopped").await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     send(&link, &[Message::Stop.into_frame(2, 1)]).await;
     drop(link);
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -382,9 +376,7 @@ async fn a_silent_authenticated_connection_does_not_hold_up_the_primary() {
 #[tokio::test]
 async fn a_vm_handed_over_after_a_host_fault_is_taken_over_at_once() {
     let standby = start_standby("handover").await;
-    let mut link = synced_primary(standby.addr).await;
-    send(&link, &epoch_frames(1, 0x22, b"one")).await;
-    expect_ack(&mut link, 1).await;
+    let link = committed_primary(standby.addr).await;
     // Epoch 2 is under way when the vCPU fails: it is dropped.
     let mut two = epoch_frames(2, 0x33, b"two");
     two.pop();

@@ -188,6 +188,15 @@ pub async fn synced_primary(addr: SocketAddr) -> Link {
     synced_primary_of(addr, 1).await
 }
 
+/// A synchronised primary whose epoch 1 (page 5 = 0x22, "one" on the disk
+/// at 512) the standby committed and acknowledged.
+pub async fn committed_primary(addr: SocketAddr) -> Link {
+    let mut link = synced_primary(addr).await;
+    send(&link, &epoch_frames(1, 0x22, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    link
+}
+
 /// [`synced_primary`] at `generation`.
 pub async fn synced_primary_of(addr: SocketAddr, generation: u64) -> Link {
     let link = primary_beginning(addr, generation).await;
