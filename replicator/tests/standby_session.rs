@@ -221,8 +221,20 @@ async fn paths_cut_one_after_the_other_are_taken_over() {
     let backup_cut = Arc::new(AtomicBool::new(false));
     let (link, backup) = primary_with_backup(&standby, &cut, &backup_cut).await;
     cut.store(true, Ordering::SeqCst);
-    // The active path's silence is judged (400 ms) while the backup lives.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The active path's silence is judged while the backup lives: the
+    // standby says so and keeps the replica.
+    let judged = tokio::time::timeout(WITHIN, async {
+        while !standby
+            .status
+            .snapshot()
+            .message
+            .is_some_and(|m| m.contains("backup path"))
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(judged.is_ok(), "{:?}", standby.status.snapshot());
     assert!(!standby.task.is_finished());
     backup_cut.store(true, Ordering::SeqCst);
     let replica = taken_over(standby.task).await;

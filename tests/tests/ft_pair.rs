@@ -202,12 +202,17 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
 
 #[test]
 fn drills_lose_and_duplicate_nothing() {
-    let count: u32 = std::env::var("FT_DRILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let count = count_from_env("FT_DRILLS", 3);
     let lab = LabPair::start_nodes("ftdrill", &[]);
     drill_passes(&lab, count, drill::Fault::Pull);
+}
+
+/// How many rounds `var` asks for (`default` when unset or not a number).
+fn count_from_env(var: &str, default: u32) -> u32 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Runs `count` drills of `fault` and checks the report: every round, the
@@ -235,10 +240,7 @@ fn drill_passes(lab: &LabPair, count: u32, fault: drill::Fault) {
 
 #[test]
 fn partitions_leave_one_active_copy_and_lose_nothing() {
-    let count: u32 = std::env::var("FT_PARTITION_DRILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
+    let count = count_from_env("FT_PARTITION_DRILLS", 2);
     let lab = LabPair::start_nodes("ftsplit", &[]);
     drill_passes(&lab, count, drill::Fault::Partition);
 }

@@ -236,34 +236,18 @@ fn link_lost(
         .is_some_and(|b| b.heard_primary_after(active_heard + PATH_MARGIN))
     {
         let backup = replica.backup.take().expect("checked");
-        return match replica.committed {
-            Some((epoch, state)) => {
-                warn!(%error, last_committed = epoch, "active path lost; the primary is heard on the backup path");
-                Ok(Session::PathLost(
-                    Box::new(Replica {
-                        ram: replica.ram,
-                        disks: replica.disks,
-                        state,
-                        epoch,
-                        generation: replica.generation,
-                    }),
-                    backup,
-                    error,
-                ))
+        return match replica.into_replica() {
+            Some(kept) => {
+                warn!(%error, last_committed = kept.epoch, "active path lost; the primary is heard on the backup path");
+                Ok(Session::PathLost(Box::new(kept), backup, error))
             }
             None => Err(StandbyError::PathLost(error)),
         };
     }
-    match replica.committed {
-        Some((epoch, state)) => {
-            warn!(%error, last_committed = epoch, discarded_epoch = ?aborted, "primary lost");
-            Ok(Session::Lost(Replica {
-                ram: replica.ram,
-                disks: replica.disks,
-                state,
-                epoch,
-                generation: replica.generation,
-            }))
+    match replica.into_replica() {
+        Some(kept) => {
+            warn!(%error, last_committed = kept.epoch, discarded_epoch = ?aborted, "primary lost");
+            Ok(Session::Lost(kept))
         }
         None => Err(error.into()),
     }
@@ -274,25 +258,31 @@ fn link_lost(
 /// end (there is nothing to take over).
 fn handed_over(mut replica: Receiving, status: &StatusBoard) -> Result<Session, StandbyError> {
     let aborted = replica.assembler.abort();
-    match replica.committed {
-        Some((epoch, state)) => {
-            warn!(last_committed = epoch, discarded_epoch = ?aborted, "the primary handed its VM over");
+    match replica.into_replica() {
+        Some(kept) => {
+            warn!(last_committed = kept.epoch, discarded_epoch = ?aborted, "the primary handed its VM over");
             status.update(|s| {
                 s.message = Some("the primary's VM failed on its host: taking over".into())
             });
-            Ok(Session::Lost(Replica {
-                ram: replica.ram,
-                disks: replica.disks,
-                state,
-                epoch,
-                generation: replica.generation,
-            }))
+            Ok(Session::Lost(kept))
         }
         None => Err(StandbyError::HandedOverUnsynced),
     }
 }
 
 impl Receiving {
+    /// The replica as of its last committed epoch (none before the first).
+    fn into_replica(self) -> Option<Replica> {
+        let (epoch, state) = self.committed?;
+        Some(Replica {
+            ram: self.ram,
+            disks: self.disks,
+            state,
+            epoch,
+            generation: self.generation,
+        })
+    }
+
     /// Initial copy: memory pages, checked before any is written.
     fn sync_pages(&mut self, batch: PageBatch) -> Result<(), StandbyError> {
         batch.check_within(self.ram.bytes())?;
