@@ -14,7 +14,7 @@ use crate::memory::{self, GuestRam, MemoryError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Guest physical address the code is loaded at (and the initial RIP).
-const CODE_GPA: u64 = 0x1000;
+pub(crate) const CODE_GPA: u64 = 0x1000;
 /// Size of the test guest's RAM (the VMM's smallest).
 const RAM_MIB: u64 = 16;
 /// The port the guest reports its result on.
@@ -91,19 +91,31 @@ pub fn expected_sum(iterations: u32) -> u32 {
     (n * (n + 1) / 2) as u32
 }
 
-/// The parts of the test VM; fields drop in order, so the VM is gone before
-/// the RAM it maps is unmapped.
-struct TestVm {
+/// A one-vCPU real-mode VM about to run code at [`CODE_GPA`]; fields drop
+/// in order, so the VM is gone before the RAM it maps is unmapped.
+pub(crate) struct RealModeVm {
     vcpu: VcpuFd,
     _vm: VmFd,
     _ram: GuestRam,
 }
 
-fn build_vm(kvm: &kvm_ioctls::Kvm, iterations: u32) -> Result<TestVm, SelftestError> {
+impl RealModeVm {
+    /// The vCPU (for a runner) and what must outlive it: drop the VM
+    /// before the RAM.
+    #[cfg(test)]
+    pub(crate) fn into_parts(self) -> (VcpuFd, VmFd, GuestRam) {
+        (self.vcpu, self._vm, self._ram)
+    }
+}
+
+/// Builds a VM of 16 MiB whose one vCPU starts in real mode at `code`.
+pub(crate) fn real_mode_vm(
+    kvm: &kvm_ioctls::Kvm,
+    code: &[u8],
+) -> Result<RealModeVm, SelftestError> {
     let vm = kvm.create_vm().map_err(SelftestError::CreateVm)?;
     let ram = memory::create(RAM_MIB)?;
-    ram.memory
-        .write_slice(&guest_code(iterations), GuestAddress(CODE_GPA))?;
+    ram.memory.write_slice(code, GuestAddress(CODE_GPA))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -112,7 +124,8 @@ fn build_vm(kvm: &kvm_ioctls::Kvm, iterations: u32) -> Result<TestVm, SelftestEr
         flags: 0,
     };
     // SAFETY: the region describes `ram`, a live mapping of exactly
-    // `memory_size` bytes that outlives the VM (TestVm drops the VM first).
+    // `memory_size` bytes that outlives the VM (RealModeVm drops the VM
+    // first; a caller that takes it apart keeps the RAM past the VM).
     unsafe { vm.set_user_memory_region(region) }.map_err(SelftestError::SetMemoryRegion)?;
     let vcpu = vm.create_vcpu(0).map_err(SelftestError::CreateVcpu)?;
     let mut sregs = vcpu.get_sregs().map_err(SelftestError::SetRegisters)?;
@@ -124,7 +137,7 @@ fn build_vm(kvm: &kvm_ioctls::Kvm, iterations: u32) -> Result<TestVm, SelftestEr
     regs.rip = CODE_GPA;
     regs.rflags = 0x2;
     vcpu.set_regs(&regs).map_err(SelftestError::SetRegisters)?;
-    Ok(TestVm {
+    Ok(RealModeVm {
         vcpu,
         _vm: vm,
         _ram: ram,
@@ -134,7 +147,7 @@ fn build_vm(kvm: &kvm_ioctls::Kvm, iterations: u32) -> Result<TestVm, SelftestEr
 /// Runs the self-test guest with `iterations` loop turns.
 pub fn run(iterations: u32) -> Result<SelftestReport, SelftestError> {
     let (kvm, host) = kvm_host::probe()?;
-    let mut vm = build_vm(&kvm, iterations)?;
+    let mut vm = real_mode_vm(&kvm, &guest_code(iterations))?;
     let mut reported = None;
     let mut halted = false;
     let mut exits = 0;
