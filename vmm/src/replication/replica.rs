@@ -91,33 +91,126 @@ impl Vm {
         backings: Backings,
     ) -> Result<Vm, ReplicationError> {
         let started = Instant::now();
-        let count = |disk: bool| {
-            state
-                .virtio
-                .iter()
-                .filter(|s| matches!(s.config, DeviceConfig::Disk(_)) == disk)
-                .count()
-        };
-        for (what, checkpoint, local) in [
-            ("disks", count(true), backings.disks.len()),
-            ("NICs", count(false), backings.taps.len()),
-        ] {
-            if checkpoint != local {
-                return Err(ReplicationError::BackingCount {
-                    what,
-                    checkpoint,
-                    local,
-                });
-            }
-        }
-        let (mut disks, mut taps) = (backings.disks.into_iter(), backings.taps.into_iter());
-        for slot in &mut state.virtio {
-            match &mut slot.config {
-                DeviceConfig::Disk(disk) => disk.path = disks.next().expect("counted"),
-                DeviceConfig::Net(net) => net.tap = taps.next().expect("counted"),
-            }
-        }
+        let configs = state
+            .virtio
+            .iter_mut()
+            .map(|slot| &mut slot.config)
+            .collect();
+        bind_backings(configs, backings.disks, backings.taps)?;
         Vm::restore_from(state, ram.ram, backings.serial, started)
             .map_err(|e| ReplicationError::Restore(Box::new(e)))
+    }
+}
+
+/// Points the checkpoint's devices (in slot order) at this node's disk
+/// files and TAPs. The device list comes from the peer: its counts must
+/// match this node's, or the replica is refused (never indexed past).
+fn bind_backings(
+    configs: Vec<&mut DeviceConfig>,
+    disks: Vec<PathBuf>,
+    taps: Vec<String>,
+) -> Result<(), ReplicationError> {
+    let in_checkpoint = |disk: bool| {
+        configs
+            .iter()
+            .filter(|c| matches!(c, DeviceConfig::Disk(_)) == disk)
+            .count()
+    };
+    for (what, checkpoint, local) in [
+        ("disks", in_checkpoint(true), disks.len()),
+        ("NICs", in_checkpoint(false), taps.len()),
+    ] {
+        if checkpoint != local {
+            return Err(ReplicationError::BackingCount {
+                what,
+                checkpoint,
+                local,
+            });
+        }
+    }
+    let (mut disks, mut taps) = (disks.into_iter(), taps.into_iter());
+    for config in configs {
+        match config {
+            DeviceConfig::Disk(disk) => disk.path = disks.next().expect("counted"),
+            DeviceConfig::Net(net) => net.tap = taps.next().expect("counted"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::DiskConfig;
+    use crate::devices::virtio::net::NetConfig;
+
+    fn devices() -> Vec<DeviceConfig> {
+        let disk = |p: &str| {
+            DeviceConfig::Disk(DiskConfig {
+                path: p.into(),
+                read_only: false,
+            })
+        };
+        let nic = DeviceConfig::Net(NetConfig {
+            tap: "primary-tap".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+        });
+        vec![disk("/primary/a.img"), disk("/primary/b.img"), nic]
+    }
+
+    /// A checkpoint naming more devices than this node has (peer data) is
+    /// refused with the counts; before, promotion indexed this node's list
+    /// by the checkpoint's and panicked past its end.
+    #[test]
+    fn a_checkpoint_with_other_device_counts_is_refused_not_indexed_past() {
+        let mut configs = devices();
+        let err = bind_backings(
+            configs.iter_mut().collect(),
+            vec!["/replica/a.img".into()],
+            vec!["tap0".into()],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReplicationError::BackingCount {
+                    what: "disks",
+                    checkpoint: 2,
+                    local: 1
+                }
+            ),
+            "{err}"
+        );
+        let mut configs = devices();
+        let err = bind_backings(
+            configs.iter_mut().collect(),
+            vec!["/replica/a.img".into(), "/replica/b.img".into()],
+            vec![],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ReplicationError::BackingCount { what: "NICs", .. }),
+            "{err}"
+        );
+        assert_eq!(configs, devices(), "nothing rebound on a refusal");
+    }
+
+    #[test]
+    fn matching_devices_are_bound_to_this_nodes_files_and_taps_in_order() {
+        let mut configs = devices();
+        bind_backings(
+            configs.iter_mut().collect(),
+            vec!["/replica/a.img".into(), "/replica/b.img".into()],
+            vec!["tap0".into()],
+        )
+        .unwrap();
+        let bound: Vec<String> = configs
+            .iter()
+            .map(|c| match c {
+                DeviceConfig::Disk(d) => d.path.display().to_string(),
+                DeviceConfig::Net(n) => n.tap.clone(),
+            })
+            .collect();
+        assert_eq!(bound, ["/replica/a.img", "/replica/b.img", "tap0"]);
     }
 }
