@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::write_log::WriteLog;
+use super::write_log::{DiskWrite, WriteLog};
 use crate::memory::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -74,7 +74,7 @@ pub struct Disk<'a> {
 }
 
 /// Guest buffers: (address, length) pieces in chain order.
-type Segments = Vec<(GuestAddress, usize)>;
+pub(super) type Segments = Vec<(GuestAddress, usize)>;
 
 fn total(segments: &Segments) -> u64 {
     segments.iter().map(|&(_, len)| len as u64).sum()
@@ -187,10 +187,7 @@ fn run(
             }
             let data = skip_bytes(readable, HEADER_LEN);
             let offset = check_range(disk, sector, total(&data))?;
-            match disk.log.filter(|log| log.is_recording()) {
-                Some(log) => write_and_record(mem, disk.file, offset, &data, log)?,
-                None => write_from_guest(mem, disk.file, offset, &data)?,
-            }
+            write(mem, disk, offset, &data)?;
             Ok(0)
         }
         VIRTIO_BLK_T_FLUSH => {
@@ -274,13 +271,33 @@ fn read_into_guest(
 }
 
 /// Writes the guest's data through a buffer that the write log keeps.
-fn write_and_record(
+/// Executes a guest write; a disk someone mirrors records it, decided and
+/// done under its log's lock (see [`WriteLog::write_with`]).
+pub(super) fn write(
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    offset: u64,
+    segments: &Segments,
+) -> Result<(), RequestError> {
+    match disk.log {
+        Some(log) => log.write_with(|recording| {
+            if recording {
+                write_gathered(mem, disk.file, offset, segments).map(Some)
+            } else {
+                write_from_guest(mem, disk.file, offset, segments).map(|()| None)
+            }
+        }),
+        None => write_from_guest(mem, disk.file, offset, segments),
+    }
+}
+
+/// Gathers the guest's buffers, writes them and returns them as a record.
+fn write_gathered(
     mem: &GuestMemoryMmap,
     file: &File,
     offset: u64,
     segments: &Segments,
-    log: &WriteLog,
-) -> Result<(), RequestError> {
+) -> Result<DiskWrite, RequestError> {
     use std::os::unix::fs::FileExt;
     let mut data = vec![0u8; total(segments) as usize];
     let mut at = 0;
@@ -295,8 +312,7 @@ fn write_and_record(
             offset,
             source,
         })?;
-    log.record(offset, data);
-    Ok(())
+    Ok(DiskWrite { offset, data })
 }
 
 fn write_from_guest(

@@ -33,19 +33,107 @@ impl WriteLog {
         *self.lock() = None;
     }
 
-    pub fn is_recording(&self) -> bool {
-        self.lock().is_some()
-    }
-
-    pub(crate) fn record(&self, offset: u64, data: Vec<u8>) {
-        if let Some(writes) = self.lock().as_mut() {
-            writes.push(DiskWrite { offset, data });
+    /// Runs one guest write with the recording decision held: `write`
+    /// learns whether the log records, executes the write and returns what
+    /// to record. [`WriteLog::start`] waits for a write in flight, so every
+    /// write either reached the file before recording began (a copy made
+    /// after `start` sees it) or is recorded; none falls between the two.
+    pub(crate) fn write_with<E>(
+        &self,
+        write: impl FnOnce(bool) -> Result<Option<DiskWrite>, E>,
+    ) -> Result<(), E> {
+        let mut writes = self.lock();
+        let recorded = write(writes.is_some())?;
+        if let (Some(writes), Some(recorded)) = (writes.as_mut(), recorded) {
+            writes.push(recorded);
         }
+        Ok(())
     }
 
     /// The writes recorded since the last take, in execution order
     /// (recording goes on).
     pub fn take(&self) -> Vec<DiskWrite> {
         self.lock().as_mut().map(std::mem::take).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Issue 9 defect 5: recording starts (the initial synchronisation)
+    /// while a guest write is in flight, after it was told 'not
+    /// recording'. A copy made after `start`, plus the record, must still
+    /// hold that write. Before, `start` returned at once: the copy missed
+    /// the write (not on the disk yet) and so did the record.
+    #[test]
+    fn a_write_in_flight_when_recording_starts_is_in_the_copy_or_the_record() {
+        let log = WriteLog::default();
+        let disk = Mutex::new(vec![0u8; 4]);
+        let (decided, wait_decided) = mpsc::channel();
+        let (go, wait_go) = mpsc::channel::<()>();
+        let (copied, wait_copy) = mpsc::channel();
+        std::thread::scope(|s| {
+            let (log, disk) = (&log, &disk);
+            let writer = s.spawn(move || {
+                log.write_with(|recording| {
+                    decided.send(recording).unwrap();
+                    wait_go.recv().unwrap();
+                    disk.lock().unwrap()[0] = 7;
+                    Ok::<_, ()>(recording.then(|| DiskWrite {
+                        offset: 0,
+                        data: vec![7],
+                    }))
+                })
+                .unwrap();
+            });
+            assert!(!wait_decided.recv().unwrap(), "told 'not recording'");
+            s.spawn(move || {
+                log.start();
+                copied.send(disk.lock().unwrap().clone()).unwrap();
+            });
+            // Give `start` time to return if it does not wait for the
+            // write in flight (the old behaviour), then let the write land.
+            let early = wait_copy.recv_timeout(Duration::from_millis(200)).ok();
+            go.send(()).unwrap();
+            writer.join().unwrap();
+            let mut copy = early.unwrap_or_else(|| wait_copy.recv().unwrap());
+            for w in log.take() {
+                copy[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+            }
+            assert_eq!(
+                copy,
+                *disk.lock().unwrap(),
+                "the write in flight at start is in neither the copy nor the record"
+            );
+        });
+    }
+
+    #[test]
+    fn writes_are_recorded_only_between_start_and_stop() {
+        let log = WriteLog::default();
+        let write = |at: u64| {
+            log.write_with(|recording| {
+                Ok::<_, ()>(recording.then(|| DiskWrite {
+                    offset: at,
+                    data: vec![1],
+                }))
+            })
+            .unwrap()
+        };
+        write(1);
+        log.start();
+        write(2);
+        write(3);
+        assert_eq!(
+            log.take().iter().map(|w| w.offset).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        log.stop();
+        write(4);
+        assert!(log.take().is_empty());
     }
 }
