@@ -234,6 +234,11 @@ impl Metrics {
             "silence_ends",
             "Sessions ended because the peer fell silent (false ones, between live nodes, should be none)",
         );
+        let standby_refusals = counter(
+            &mut registry,
+            "standby_refusals",
+            "Sessions the standby refused for a fault of its own (no space for the replica, a failing disk)",
+        );
         let generation = gauge(
             &mut registry,
             "generation",
@@ -348,6 +353,9 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(c.claims_refused);
             silence_ends.get_or_create(&labels).inc_by(c.silence_ends);
+            standby_refusals
+                .get_or_create(&labels)
+                .inc_by(c.standby_refusals);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);

@@ -139,6 +139,10 @@ pub struct FtCounters {
     /// one is a false silence.
     #[serde(default)]
     pub silence_ends: u64,
+    /// Sessions the standby refused for a fault of its own (no space for
+    /// the replica's disks, a failing disk); the reason is in `message`.
+    #[serde(default)]
+    pub standby_refusals: u64,
 }
 
 #[cfg(test)]

@@ -118,6 +118,8 @@ pub struct Supervisor {
     /// said (once at once, once more as an alert when it lasts).
     waiting_since: HashMap<String, Instant>,
     waiting_said: HashMap<String, u8>,
+    /// VMs whose standby refused the replica, said once until protected.
+    refused: std::collections::HashSet<String>,
     /// The quorum witness, if the pair has one.
     witness: Option<WitnessClient>,
 }
@@ -134,6 +136,7 @@ impl Supervisor {
             failed_at: HashMap::new(),
             waiting_since: HashMap::new(),
             waiting_said: HashMap::new(),
+            refused: Default::default(),
             witness,
         }
     }
@@ -240,7 +243,24 @@ impl Supervisor {
     async fn reconcile_vm(&mut self, record: VmRecord, me: &str, peer: Option<&str>) {
         let name = record.definition.name.clone();
         if let Some(process) = self.processes.get_mut(&name) {
+            let refusals_before = process.last_status().map(|s| s.counters.standby_refusals);
             let seen = process.poll().await;
+            if let Some(status) = &seen.status {
+                let refused_now =
+                    refusals_before.is_some_and(|before| status.counters.standby_refusals > before);
+                if refused_now && self.refused.insert(name.clone()) {
+                    standby_refused(&self.manager, &name, status);
+                }
+                if status.state == FtState::Protected && self.refused.remove(&name) {
+                    self.manager.record(
+                        Severity::Info,
+                        false,
+                        "vm",
+                        Some(&name),
+                        &format!("VM {name}: the standby took the replica; protected again"),
+                    );
+                }
+            }
             if let Some(status) = &seen.status {
                 self.manager.runtime().set(
                     &name,
@@ -524,6 +544,20 @@ impl Supervisor {
             ),
         );
     }
+}
+
+/// The standby refused to hold the VM's replica (its own fault: a full
+/// disk, say): the VM runs unprotected until that is mended (said once;
+/// the engine keeps asking).
+fn standby_refused(manager: &Manager, name: &str, status: &replicator::status::Status) {
+    let why = status.message.as_deref().unwrap_or("no reason given");
+    manager.record(
+        Severity::Critical,
+        true,
+        "vm",
+        Some(name),
+        &format!("VM {name} is unprotected: {why}"),
+    );
 }
 
 /// The primary here runs a newer generation than the store knows.

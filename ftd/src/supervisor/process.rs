@@ -256,6 +256,11 @@ impl Process {
         })
     }
 
+    /// The status last read.
+    pub fn last_status(&self) -> Option<&Status> {
+        self.last.as_ref()
+    }
+
     /// Reads the status; notices an exit.
     pub async fn poll(&mut self) -> Seen {
         let status = status(&self.paths.sock).await;

@@ -43,7 +43,7 @@ use vmm::vm::Vm;
 
 use self::lease::{Alone, GateMode, Lease};
 use crate::interval::IntervalLimits;
-use crate::protocol::{Message, ProtocolError, StateError};
+use crate::protocol::{Envelope, Message, ProtocolError, StateError};
 use crate::quorum::WitnessConfig;
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -61,6 +61,8 @@ pub enum PrimaryError {
     WrongGeneration { got: u64, ours: u64 },
     #[error("the standby's acknowledgement stream ended")]
     AckStreamEnded,
+    #[error("the standby refused the session: {reason}")]
+    StandbyRefused { reason: String },
     #[error("the VM stopped")]
     VmStopped,
     #[error("checkpoint {epoch}: capturing the state failed: {source}")]
@@ -221,6 +223,10 @@ pub async fn run(
         if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
             status.update(|s| s.counters.silence_ends += 1);
         }
+        let refused = matches!(error, PrimaryError::StandbyRefused { .. });
+        if refused {
+            status.update(|s| s.counters.standby_refusals += 1);
+        }
         vm.disk_writes().stop();
         match lease {
             None => {
@@ -255,14 +261,24 @@ pub async fn run(
                 l.set_mode(&vm, GateMode::Lease { fence: true });
             }
         }
-        status.set_state(
-            Role::Primary,
-            FtState::Unprotected,
-            Some(format!("standby lost: {error}")),
-        );
-        tokio::time::sleep(config.retry_every).await;
+        let (message, wait) = if refused {
+            // The standby's own fault (a full disk, say) does not clear in
+            // a second: try again less often, and say why.
+            let wait = config.retry_every.max(REFUSED_RETRY);
+            (
+                format!("{error}; trying again in {} s", wait.as_secs()),
+                wait,
+            )
+        } else {
+            (format!("standby lost: {error}"), config.retry_every)
+        };
+        status.set_state(Role::Primary, FtState::Unprotected, Some(message));
+        tokio::time::sleep(wait).await;
     }
 }
+
+/// How long a primary waits before asking a standby that refused again.
+const REFUSED_RETRY: Duration = Duration::from_secs(10);
 
 /// What one session with a standby runs with.
 struct Session<'a> {
@@ -354,6 +370,10 @@ fn spawn_ack_reader(
                     })
                 }
                 Ok(Ok(envelope)) if envelope.message == Message::Ack => Ok(envelope.epoch),
+                Ok(Ok(Envelope {
+                    message: Message::Refuse(reason),
+                    ..
+                })) => Err(PrimaryError::StandbyRefused { reason }),
                 Ok(Ok(envelope)) => Err(PrimaryError::Unexpected {
                     kind: envelope.message.name(),
                     epoch: envelope.epoch,
@@ -368,6 +388,33 @@ fn spawn_ack_reader(
         }
     });
     acks
+}
+
+/// What the standby's word during the initial copy means.
+fn during_sync(event: Option<AckEvent>) -> PrimaryError {
+    match event {
+        Some(Err(error)) => error,
+        Some(Ok(epoch)) => PrimaryError::Unexpected { kind: "Ack", epoch },
+        None => PrimaryError::AckStreamEnded,
+    }
+}
+
+/// How long a failed send waits for the standby's reason, which may be
+/// behind it on the receiving side.
+const REASON_WITHIN: Duration = Duration::from_millis(300);
+
+/// `error`, or the standby's refusal when one arrives right behind it.
+async fn refusal_behind(
+    error: PrimaryError,
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+) -> PrimaryError {
+    if !matches!(error, PrimaryError::Link(_)) {
+        return error;
+    }
+    match tokio::time::timeout(REASON_WITHIN, acks.recv()).await {
+        Ok(Some(Err(refused @ PrimaryError::StandbyRefused { .. }))) => refused,
+        _ => error,
+    }
 }
 
 /// Sends frames and counts their bytes.
@@ -398,7 +445,15 @@ async fn protect(
     let mut acks = spawn_ack_reader(rx, session.generation);
     let mut backup = None;
     let result = async {
-        sync::initial_sync(vm, &tx, config, status, session.generation).await?;
+        // The standby speaks during the copy only to refuse it; its reason
+        // outranks the closed link that follows.
+        let synced = tokio::select! {
+            synced = sync::initial_sync(vm, &tx, config, status, session.generation) => synced,
+            event = acks.recv() => Err(during_sync(event)),
+        };
+        if let Err(error) = synced {
+            return Err(refusal_behind(error, &mut acks).await);
+        }
         // The session exists on the standby now: add the backup path.
         backup = Some(spawn_backup_path(
             config,
@@ -415,5 +470,59 @@ async fn protect(
     match result {
         Ok(never) => match never {},
         Err(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> PrimaryError {
+        PrimaryError::StandbyRefused {
+            reason: "the standby on b: no space for the replica disk".into(),
+        }
+    }
+
+    #[test]
+    fn the_standby_speaking_during_the_copy_ends_it_with_its_word() {
+        assert!(matches!(
+            during_sync(Some(Err(refused()))),
+            PrimaryError::StandbyRefused { .. }
+        ));
+        assert!(matches!(
+            during_sync(Some(Ok(3))),
+            PrimaryError::Unexpected {
+                kind: "Ack",
+                epoch: 3
+            }
+        ));
+        assert!(matches!(during_sync(None), PrimaryError::AckStreamEnded));
+    }
+
+    /// A send that failed because the standby closed after refusing
+    /// reports the refusal, which arrives just behind it.
+    #[tokio::test]
+    async fn a_refusal_right_behind_a_failed_send_is_the_reason() {
+        let (tx, mut acks) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(Err(refused()));
+        });
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let closed = PrimaryError::Link(LinkError::PeerClosed { peer });
+        assert!(matches!(
+            refusal_behind(closed, &mut acks).await,
+            PrimaryError::StandbyRefused { .. }
+        ));
+        // No refusal: the link error stands.
+        let (_tx, mut acks) = mpsc::unbounded_channel::<AckEvent>();
+        assert!(matches!(
+            refusal_behind(
+                PrimaryError::Link(LinkError::PeerClosed { peer }),
+                &mut acks
+            )
+            .await,
+            PrimaryError::Link(LinkError::PeerClosed { .. })
+        ));
     }
 }

@@ -6,6 +6,8 @@
 //! ```text
 //! primary -> standby                     standby -> primary
 //! SyncBegin   the VM's geometry          Ack(N)   epoch N committed
+//!                                        Refuse   this standby cannot hold the
+//!                                                 replica (why, in UTF-8)
 //! SyncPages   memory, copied while the guest runs
 //! SyncDisk    disk contents, likewise
 //! Backup      first message of a second path (heartbeats only)
@@ -101,7 +103,14 @@ pub enum Message {
     Ack,
     Stop,
     Handover,
+    /// The standby cannot hold the replica (no space for its disks, a
+    /// disk that fails, a plan it cannot match): why, for the primary's
+    /// status and the operator. No takeover follows.
+    Refuse(String),
 }
+
+/// The longest reason a [`Message::Refuse`] carries (bytes).
+pub const REFUSE_REASON_MAX: usize = 1024;
 
 /// A message with the epoch and generation its frame carried.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,6 +132,7 @@ const EPOCH_END: u8 = 71;
 const ACK: u8 = 72;
 const STOP: u8 = 73;
 const HANDOVER: u8 = 74;
+const REFUSE: u8 = 75;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -139,6 +149,7 @@ impl Message {
             Message::Ack => "Ack",
             Message::Stop => "Stop",
             Message::Handover => "Handover",
+            Message::Refuse(_) => "Refuse",
         }
     }
 
@@ -156,6 +167,7 @@ impl Message {
             Message::Ack => (ACK, Bytes::new()),
             Message::Stop => (STOP, Bytes::new()),
             Message::Handover => (HANDOVER, Bytes::new()),
+            Message::Refuse(reason) => (REFUSE, Bytes::from(truncated(reason))),
         };
         Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
     }
@@ -218,6 +230,16 @@ impl Message {
                 empty("Handover")?;
                 Message::Handover
             }
+            REFUSE => Message::Refuse(
+                std::str::from_utf8(&payload)
+                    .ok()
+                    .filter(|r| r.len() <= REFUSE_REASON_MAX)
+                    .ok_or(malformed(
+                        "Refuse",
+                        "not a reason of at most 1 KiB of UTF-8",
+                    ))?
+                    .to_string(),
+            ),
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         Ok(Envelope {
@@ -226,6 +248,18 @@ impl Message {
             message,
         })
     }
+}
+
+/// `reason` cut to [`REFUSE_REASON_MAX`] bytes at a character boundary.
+fn truncated(mut reason: String) -> String {
+    if reason.len() > REFUSE_REASON_MAX {
+        let mut end = REFUSE_REASON_MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
 }
 
 /// The frames of epoch `epoch`: its state, its staged pages and its disk
@@ -320,9 +354,15 @@ mod tests {
             Message::Ack,
             Message::Stop,
             Message::Handover,
+            Message::Refuse("no space for the replica's disks".into()),
         ] {
             assert_eq!(round_trip(m.clone()), m);
         }
+        let long = "é".repeat(REFUSE_REASON_MAX);
+        let Message::Refuse(cut) = round_trip(Message::Refuse(long)) else {
+            panic!("a refusal")
+        };
+        assert_eq!(cut.len(), REFUSE_REASON_MAX);
     }
 
     #[test]
@@ -337,6 +377,7 @@ mod tests {
             (DISK_WRITES, &[0u8; 17][..]),
             (EPOCH_END, &[0u8; 23][..]),
             (ACK, &b"x"[..]),
+            (REFUSE, &[0xff, 0xfe][..]),
         ] {
             assert!(
                 matches!(

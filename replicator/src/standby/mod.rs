@@ -103,6 +103,20 @@ pub struct StandbyConfig {
     pub force_takeover: std::sync::Arc<tokio::sync::Notify>,
 }
 
+impl StandbyError {
+    /// Whether the session ended for a reason of this node's (its disks,
+    /// its memory, its configuration), which the primary should be told;
+    /// otherwise the primary, the link or the protocol ended it.
+    pub fn is_this_nodes_fault(&self) -> bool {
+        matches!(
+            self,
+            StandbyError::DiskCount { .. }
+                | StandbyError::NicCount { .. }
+                | StandbyError::Replica(ReplicationError::ReplicaMemory { .. })
+        ) || matches!(self, StandbyError::Disk(e) if e.is_this_nodes_fault())
+    }
+}
+
 /// A replica that holds a committed epoch.
 pub struct Replica {
     pub ram: ReplicaRam,

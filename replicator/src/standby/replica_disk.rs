@@ -16,6 +16,24 @@ pub enum ReplicaDiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "no space for the replica disk {path}: it needs {size} bytes, the filesystem has \
+         {available} bytes free ({source}); free space on this node or move its VM folder"
+    )]
+    NoSpace {
+        path: PathBuf,
+        size: u64,
+        available: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot reserve {size} bytes for the replica disk {path}: {source}")]
+    Reserve {
+        path: PathBuf,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a write names disk {disk}, the replica has {count}")]
     NoSuchDisk { disk: u32, count: usize },
     #[error("a write of {len} bytes at {offset} is beyond the end of disk {disk} ({size} bytes)")]
@@ -41,6 +59,16 @@ pub enum ReplicaDiskError {
     },
 }
 
+impl ReplicaDiskError {
+    /// The node's own disk failed (not a record the peer got wrong).
+    pub fn is_this_nodes_fault(&self) -> bool {
+        !matches!(
+            self,
+            ReplicaDiskError::NoSuchDisk { .. } | ReplicaDiskError::OutOfRange { .. }
+        )
+    }
+}
+
 pub struct ReplicaDisk {
     pub path: PathBuf,
     pub size: u64,
@@ -48,8 +76,11 @@ pub struct ReplicaDisk {
 }
 
 impl ReplicaDisk {
-    /// An all-zero (sparse) file of `size` bytes at `path`; whatever the
-    /// file held before is gone (a returning node's disk is never trusted).
+    /// An all-zero file of `size` bytes at `path`, its blocks reserved so
+    /// that no write of the session can fail for want of space (a full
+    /// disk is found here, at the plan, and refused with the sizes, not in
+    /// the middle of an epoch); whatever the file held before is gone (a
+    /// returning node's disk is never trusted).
     pub fn create(path: &Path, size: u64) -> Result<ReplicaDisk, ReplicaDiskError> {
         let err = |source| ReplicaDiskError::Create {
             path: path.to_path_buf(),
@@ -67,6 +98,7 @@ impl ReplicaDisk {
             .open(path)
             .map_err(err)?;
         file.set_len(size).map_err(err)?;
+        reserve(&file, path, size)?;
         Ok(ReplicaDisk {
             path: path.to_path_buf(),
             size,
@@ -93,6 +125,64 @@ impl ReplicaDisk {
                 source,
             })
     }
+}
+
+/// Allocates every block of the file's `size` bytes (they read as zeros).
+/// A filesystem that cannot allocate ahead (EOPNOTSUPP) is checked for
+/// free space instead.
+fn reserve(file: &File, path: &Path, size: u64) -> Result<(), ReplicaDiskError> {
+    use std::os::fd::AsRawFd;
+    if size == 0 {
+        return Ok(());
+    }
+    let len = libc::off_t::try_from(size).map_err(|_| ReplicaDiskError::Reserve {
+        path: path.to_path_buf(),
+        size,
+        source: std::io::Error::from_raw_os_error(libc::EFBIG),
+    })?;
+    // SAFETY: fallocate on a file descriptor this function borrows (open
+    // for writing); no memory is passed to the kernel.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let source = std::io::Error::last_os_error();
+    let available = free_bytes(file).unwrap_or(0);
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Err(ReplicaDiskError::NoSpace {
+            path: path.to_path_buf(),
+            size,
+            available,
+            source,
+        }),
+        Some(libc::EOPNOTSUPP) if available >= size => Ok(()),
+        Some(libc::EOPNOTSUPP) => Err(ReplicaDiskError::NoSpace {
+            path: path.to_path_buf(),
+            size,
+            available,
+            source,
+        }),
+        _ => Err(ReplicaDiskError::Reserve {
+            path: path.to_path_buf(),
+            size,
+            source,
+        }),
+    }
+}
+
+/// Bytes an unprivileged writer may still use on the file's filesystem.
+fn free_bytes(file: &File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: fstatvfs writes a statvfs into the buffer it is given, which
+    // is sized for one; it is read only when the call succeeded.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the call succeeded, so the kernel filled the struct.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// Whether `record` names a disk of `disks` and lies inside it.

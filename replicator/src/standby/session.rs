@@ -41,11 +41,33 @@ pub(super) async fn receive(
     config: &StandbyConfig,
     status: &StatusBoard,
 ) -> Session {
+    let generation = first.generation;
     match run(&mut link, first, arrivals, config, status).await {
         Ok(outcome) => outcome,
-        Err(error) => Session::Ended(error, None),
+        Err(error) => {
+            if error.is_this_nodes_fault() {
+                refuse(&link, &error, generation, &status.snapshot().node).await;
+            }
+            Session::Ended(error, None)
+        }
     }
 }
+
+/// Tells the primary why this standby ends the session (best effort: the
+/// link may be gone), so that its status and the operator see the reason
+/// instead of a closed connection.
+async fn refuse(link: &Link, error: &StandbyError, generation: u64, node: &str) {
+    let reason = format!("the standby on {node}: {error}");
+    let frame = Message::Refuse(reason).into_frame(0, generation);
+    match tokio::time::timeout(REFUSE_WITHIN, link.send(&frame)).await {
+        Ok(Ok(())) => info!(%error, "told the primary why this standby cannot hold the replica"),
+        Ok(Err(e)) => warn!(%error, send_error = %e, "could not tell the primary why"),
+        Err(_) => warn!(%error, "could not tell the primary why within {REFUSE_WITHIN:?}"),
+    }
+}
+
+/// How long telling the primary may take.
+const REFUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn run(
     link: &mut Link,

@@ -137,8 +137,20 @@ pub async fn start_standby_with(
     min_generation: u64,
     witness: Option<replicator::quorum::WitnessConfig>,
 ) -> Standby {
+    start_standby_on(name, min_generation, witness, None).await
+}
+
+/// [`start_standby_with`], its replica disk at `disk` when given (else in
+/// its temporary folder).
+pub async fn start_standby_on(
+    name: &str,
+    min_generation: u64,
+    witness: Option<replicator::quorum::WitnessConfig>,
+    disk: Option<std::path::PathBuf>,
+) -> Standby {
     let dir = std::env::temp_dir().join(format!("ft-standby-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let disk = disk.unwrap_or_else(|| dir.join("disk.img"));
     // Free ports (bound and released; the standby binds them again).
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -150,7 +162,7 @@ pub async fn start_standby_with(
     let config = StandbyConfig {
         listen: vec![addr.to_string(), addr2.to_string()],
         link: link_config(Role::Standby),
-        disks: vec![dir.join("disk.img")],
+        disks: vec![disk],
         taps: vec![],
         min_generation,
         witness,
@@ -210,6 +222,11 @@ pub async fn synced_primary_of(addr: SocketAddr, generation: u64) -> Link {
 /// Connects as the primary and begins a session at `generation` (its plan
 /// only).
 pub async fn primary_beginning(addr: SocketAddr, generation: u64) -> Link {
+    primary_planning(addr, generation, DISK_BYTES).await
+}
+
+/// [`primary_beginning`] with a disk of `disk_bytes`.
+pub async fn primary_planning(addr: SocketAddr, generation: u64, disk_bytes: u64) -> Link {
     let link = tokio::time::timeout(WITHIN, Link::connect(addr, &link_config(Role::Primary)))
         .await
         .expect("connect in time")
@@ -217,7 +234,7 @@ pub async fn primary_beginning(addr: SocketAddr, generation: u64) -> Link {
     let plan = SyncPlan {
         version: SYNC_PLAN_VERSION,
         mem_mib: MEM_MIB,
-        disk_bytes: vec![DISK_BYTES],
+        disk_bytes: vec![disk_bytes],
         nics: 0,
     };
     send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
