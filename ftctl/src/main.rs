@@ -111,8 +111,8 @@ enum LabCommand {
     /// from each node's API; null where no role of it runs).
     FtStatus,
     /// Run N failover drills on the protected ledger VM (the lab is started
-    /// afresh): at a random moment pull the primary or cut every path
-    /// between the nodes, check the ledger and that one copy ran at a
+    /// afresh): at a random moment pull the primary, cut every path
+    /// between the nodes or freeze an engine, check the ledger and that one copy ran at a
     /// time, bring the node back or heal, re-protect. Prints a table,
     /// writes a JSON report.
     Drill {
@@ -120,7 +120,8 @@ enum LabCommand {
         count: u32,
         /// pull: power-cut the primary; partition: cut every path between
         /// the nodes for 1-5 s (the witness stays on the host); mixed: both
-        /// at random.
+        /// at random; freeze-standby / freeze-primary: SIGSTOP that node's
+        /// engine for 0.2-3 s, then SIGCONT.
         #[arg(long, value_enum, default_value = "pull")]
         fault: drill::Fault,
         /// Where the JSON report goes (default: the lab's folder).

@@ -1,4 +1,4 @@
-//! `ftctl lab drill --count N [--fault pull|partition|mixed]`: failover
+//! `ftctl lab drill --count N [--fault pull|partition|mixed|freeze-standby|freeze-primary]`: failover
 //! drills on the protected ledger VM.
 //!
 //! One ledger client (on the outer host, one TCP connection for the whole
@@ -12,6 +12,9 @@
 //!   witness, or on one node only, which isolates that node while the
 //!   other keeps the witness), heals after a random 1-5 s; exactly one
 //!   copy may go on, the other rejoins as the standby.
+//! - **freeze-standby / freeze-primary**: stops that node's engine process
+//!   (SIGSTOP: a stalled host, a long pause) for a random 0.2-3 s, then
+//!   lets it go on (SIGCONT); exactly one copy may go on.
 //!
 //! The failover time is fault -> the first operation acknowledged after
 //! it. After each round the ledger in the VM's memory and on its disk is
@@ -51,6 +54,12 @@ pub enum DrillError {
     NoTakeover { round: u32, secs: u64 },
     #[error("drill {round}: no node ran the VM as the primary within {secs} s of the heal; last seen: {seen}")]
     NoWinner { round: u32, secs: u64, seen: String },
+    #[error("drill {round}: freezing the engine on {node} failed: {why}")]
+    Freeze {
+        round: u32,
+        node: NodeId,
+        why: String,
+    },
     #[error("writing the report {path}: {source}")]
     Report {
         path: PathBuf,
@@ -69,6 +78,10 @@ pub enum Fault {
     Partition,
     /// Pulls and partitions at random.
     Mixed,
+    /// SIGSTOP the standby's engine for 0.2-3 s.
+    FreezeStandby,
+    /// SIGSTOP the primary's engine (its guest too) for 0.2-3 s.
+    FreezePrimary,
 }
 
 /// The fault of one round.
@@ -81,6 +94,8 @@ pub enum RoundFault {
     /// A-link cut, and this node cut off the business network (and the
     /// witness); the other node keeps them.
     PartitionIsolating(NodeId),
+    /// The engine process of this node stopped (SIGSTOP), then continued.
+    Freeze(NodeId),
 }
 
 impl std::fmt::Display for RoundFault {
@@ -89,6 +104,7 @@ impl std::fmt::Display for RoundFault {
             RoundFault::Pull => f.write_str("pull"),
             RoundFault::PartitionEverything => f.write_str("cut all"),
             RoundFault::PartitionIsolating(n) => write!(f, "isolate {n}"),
+            RoundFault::Freeze(n) => write!(f, "freeze {n}"),
         }
     }
 }
@@ -106,7 +122,8 @@ pub struct DrillRound {
     pub pull_after_ms: u64,
     /// Fault -> first acknowledged operation after it.
     pub failover_ms: u64,
-    /// Partition only: how long the paths were cut.
+    /// Partition: how long the paths were cut; freeze: how long the
+    /// process was stopped.
     pub heal_after_ms: u64,
     /// Last epoch the standby had committed at the fault.
     pub committed_epoch: u64,
@@ -204,9 +221,14 @@ pub fn run(
                 Fault::Partition => partition_kind(&mut rng),
                 Fault::Mixed if next_random(&mut rng).is_multiple_of(2) => RoundFault::Pull,
                 Fault::Mixed => partition_kind(&mut rng),
+                Fault::FreezeStandby => RoundFault::Freeze(primary.peer()),
+                Fault::FreezePrimary => RoundFault::Freeze(primary),
             };
             let r = match this {
                 RoundFault::Pull => pull_round(lab, &client, round, primary, &mut rng)?,
+                RoundFault::Freeze(node) => {
+                    freeze_round(lab, &client, round, primary, node, &mut rng)?
+                }
                 _ => partition_round(lab, &client, round, primary, this, &mut rng)?,
             };
             progress(format_args!(
@@ -435,6 +457,82 @@ fn partition_round(
     Ok(DrillRound {
         round,
         fault,
+        pulled: primary,
+        promoted: winner,
+        pull_after_ms,
+        failover_ms,
+        heal_after_ms,
+        committed_epoch,
+        acked_before_check,
+        memory,
+        disk,
+        reprotect_ms,
+        node_boot_ms: 0,
+        boot_to_protected_ms: reprotect_ms,
+        generation,
+        placed_ok,
+        two_active_seen: seen.two_active > 0,
+        two_active: seen.first_two_active,
+        states_a: seen.states[0].clone(),
+        states_b: seen.states[1].clone(),
+    })
+}
+
+/// How long a freeze lasts at most (ms); at least [`FREEZE_MIN_MS`].
+const FREEZE_MAX_MS: u64 = 3000;
+const FREEZE_MIN_MS: u64 = 200;
+
+/// Stops `node`'s engine process for a random 0.2-3 s (SIGSTOP, then
+/// SIGCONT, timed on the node itself): exactly one copy may go on, and the
+/// pair must be protected again.
+fn freeze_round(
+    lab: &Lab,
+    client: &Client,
+    round: u32,
+    primary: NodeId,
+    node: NodeId,
+    rng: &mut u64,
+) -> Result<DrillRound, DrillError> {
+    let standby = primary.peer();
+    let protected_at = protected_run(rng, client)?;
+    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let freeze_ms = FREEZE_MIN_MS + next_random(rng) % (FREEZE_MAX_MS - FREEZE_MIN_MS);
+    let watch = Watch::start(lab);
+    let frozen_at = Instant::now();
+    // One command on the node: the stop's length does not depend on the
+    // lab's control path. Fails if no engine runs there.
+    let script = format!(
+        "set -e; p=$(pidof ftprotect); kill -STOP $p; usleep {}; kill -CONT $p",
+        freeze_ms * 1000
+    );
+    let out = lab.exec(node, &["sh", "-c", &script], Duration::from_secs(30))?;
+    if !out.success() {
+        return Err(DrillError::Freeze {
+            round,
+            node,
+            why: format!("{:?} {}", out.code, out.stderr.trim()),
+        });
+    }
+    let thawed_at = Instant::now();
+    let pull_after_ms = frozen_at.duration_since(protected_at).as_millis() as u64;
+    let heal_after_ms = thawed_at.duration_since(frozen_at).as_millis() as u64;
+    let served = client.first_ack_after(frozen_at, Duration::from_secs(90), round)?;
+    let failover_ms = served.duration_since(frozen_at).as_millis() as u64;
+    let (acked_before_check, memory, disk) = client.check(lab)?;
+    let winner = winner(lab, round)?;
+    ft_pair::wait_for(
+        lab,
+        winner,
+        Role::Primary,
+        FtState::Protected,
+        REPROTECT_WITHIN,
+    )?;
+    let reprotect_ms = thawed_at.elapsed().as_millis() as u64;
+    let seen = watch.finish();
+    let (placed_ok, generation) = placement(lab, winner, winner)?;
+    Ok(DrillRound {
+        round,
+        fault: RoundFault::Freeze(node),
         pulled: primary,
         promoted: winner,
         pull_after_ms,
