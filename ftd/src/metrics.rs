@@ -239,6 +239,11 @@ impl Metrics {
             "standby_refusals",
             "Sessions the standby refused for a fault of its own (no space for the replica, a failing disk)",
         );
+        let behind_pauses = counter(
+            &mut registry,
+            "behind_pauses",
+            "Times the guest was paused because the standby fell behind (disk writes since an unacknowledged checkpoint past the budget)",
+        );
         let generation = gauge(
             &mut registry,
             "generation",
@@ -356,6 +361,7 @@ impl Metrics {
             standby_refusals
                 .get_or_create(&labels)
                 .inc_by(c.standby_refusals);
+            behind_pauses.get_or_create(&labels).inc_by(c.behind_pauses);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);

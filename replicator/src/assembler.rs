@@ -57,6 +57,46 @@ pub enum AssemblerError {
     },
     #[error("unexpected {0} message on the epoch stream")]
     Unexpected(&'static str),
+    #[error(
+        "epoch {epoch} is larger than a replica stages: more than {limit} {what} \
+         (refused, nothing applied)"
+    )]
+    TooLarge {
+        epoch: u64,
+        what: &'static str,
+        limit: u64,
+    },
+}
+
+/// How much one epoch may stage before it is complete. An epoch holds each
+/// dirty page once, so never more pages than the guest has; its disk
+/// writes are bounded by what the primary records between two checkpoints
+/// (it pauses its guest before its record passes
+/// [`EPOCH_DISK_BYTES_MAX`] / 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingLimits {
+    pub pages: u64,
+    pub disk_bytes: u64,
+}
+
+/// The most disk-write bytes one epoch carries.
+pub const EPOCH_DISK_BYTES_MAX: u64 = 256 << 20;
+
+impl StagingLimits {
+    /// For a guest of `mem_mib` MiB.
+    pub fn for_guest(mem_mib: u64) -> StagingLimits {
+        StagingLimits {
+            pages: mem_mib.saturating_mul((1 << 20) / crate::protocol::PAGE_SIZE as u64),
+            disk_bytes: EPOCH_DISK_BYTES_MAX,
+        }
+    }
+}
+
+impl Default for StagingLimits {
+    /// The largest guest the VMM makes (the MMIO gap's start: 3 GiB).
+    fn default() -> Self {
+        StagingLimits::for_guest(3 << 10)
+    }
 }
 
 /// An epoch being received.
@@ -67,6 +107,7 @@ struct Staging {
     page_count: u64,
     crc: crc32fast::Hasher,
     writes: Vec<DiskRecord>,
+    write_bytes: u64,
     writes_crc: crc32fast::Hasher,
 }
 
@@ -87,14 +128,21 @@ pub struct CompleteEpoch {
 pub struct EpochAssembler {
     sequencer: EpochSequencer,
     staging: Option<Staging>,
+    limits: StagingLimits,
 }
 
 impl EpochAssembler {
-    /// Expects `first_epoch` next.
+    /// Expects `first_epoch` next; stages within the default limits.
     pub fn new(first_epoch: u64) -> Self {
+        EpochAssembler::with_limits(first_epoch, StagingLimits::default())
+    }
+
+    /// Expects `first_epoch` next; refuses an epoch past `limits`.
+    pub fn with_limits(first_epoch: u64, limits: StagingLimits) -> Self {
         EpochAssembler {
             sequencer: EpochSequencer::new(first_epoch),
             staging: None,
+            limits,
         }
     }
 
@@ -139,19 +187,37 @@ impl EpochAssembler {
                     page_count: 0,
                     crc: crc32fast::Hasher::new(),
                     writes: Vec::new(),
+                    write_bytes: 0,
                     writes_crc: crc32fast::Hasher::new(),
                 });
                 Ok(None)
             }
             Message::Pages(batch) => {
+                let limit = self.limits.pages;
                 let s = self.staged("Pages", epoch)?;
+                if s.page_count + batch.len() as u64 > limit {
+                    return Err(AssemblerError::TooLarge {
+                        epoch,
+                        what: "pages",
+                        limit,
+                    });
+                }
                 batch.hash_addresses(&mut s.crc);
                 s.page_count += batch.len() as u64;
                 s.pages.push(batch);
                 Ok(None)
             }
             Message::DiskWrites(batch) => {
+                let limit = self.limits.disk_bytes;
                 let s = self.staged("DiskWrites", epoch)?;
+                s.write_bytes += batch.bytes().len() as u64;
+                if s.write_bytes > limit {
+                    return Err(AssemblerError::TooLarge {
+                        epoch,
+                        what: "disk-write bytes",
+                        limit,
+                    });
+                }
                 s.writes_crc.update(batch.bytes());
                 s.writes.extend(batch.into_records());
                 Ok(None)
@@ -336,6 +402,68 @@ mod tests {
             "nothing of a refused epoch reached memory"
         );
         assert_eq!(a.expected(), 1);
+    }
+
+    /// Issue 9 defect 11: a peer that keeps sending page or disk frames
+    /// without ending its epoch is refused once the epoch passes what a
+    /// replica of this guest stages; before, everything was buffered.
+    #[test]
+    fn an_epoch_larger_than_the_guest_or_the_disk_budget_is_refused_while_staging() {
+        // A 16 MiB guest has 4096 pages: 5000 staged pages cannot be one
+        // epoch of it.
+        let limits = StagingLimits::for_guest(16);
+        assert_eq!(limits.pages, 4096);
+        let pages: Vec<(u64, Vec<u8>)> =
+            (0..5000u64).map(|i| ((i % 4096) * 4096, page(3))).collect();
+        let mut a = EpochAssembler::with_limits(1, limits);
+        let mut frames = epoch_frames(1, &pages);
+        frames.pop(); // no end record: it would be staged forever
+        assert!(matches!(
+            feed(&mut a, frames),
+            Err(AssemblerError::TooLarge {
+                epoch: 1,
+                what: "pages",
+                limit: 4096
+            })
+        ));
+        assert_eq!(a.abort(), None, "the staged data was dropped");
+        // Disk writes past the budget.
+        let mut a = EpochAssembler::with_limits(
+            1,
+            StagingLimits {
+                pages: 4096,
+                disk_bytes: 1 << 20,
+            },
+        );
+        let begin = Message::EpochBegin(Bytes::from_static(b"state")).into_frame(1, 0);
+        a.on_message(Message::from_frame(begin).unwrap()).unwrap();
+        let chunk = Bytes::from(vec![7u8; 256 << 10]);
+        let mut refused = None;
+        for n in 0..8u64 {
+            let (batches, _) = crate::protocol::disk_payloads([DiskRecord {
+                disk: 0,
+                offset: n * chunk.len() as u64,
+                data: chunk.clone(),
+            }]);
+            for b in batches {
+                let env = Message::from_frame(Message::DiskWrites(b).into_frame(1, 0)).unwrap();
+                if let Err(e) = a.on_message(env) {
+                    refused.get_or_insert((n, e));
+                }
+            }
+        }
+        let (at, error) = refused.expect("refused before 2 MiB were staged");
+        assert!(at <= 4, "refused at write {at}");
+        assert!(
+            matches!(
+                error,
+                AssemblerError::TooLarge {
+                    what: "disk-write bytes",
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 
     #[test]

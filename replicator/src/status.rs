@@ -143,6 +143,11 @@ pub struct FtCounters {
     /// the replica's disks, a failing disk); the reason is in `message`.
     #[serde(default)]
     pub standby_refusals: u64,
+    /// Times the guest was paused while an acknowledgement was awaited,
+    /// its disk writes since the checkpoint past the budget (the standby
+    /// falls behind).
+    #[serde(default)]
+    pub behind_pauses: u64,
 }
 
 #[cfg(test)]

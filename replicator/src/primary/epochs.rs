@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ft_link::LinkSender;
 use tokio::sync::{mpsc, Notify};
-use tracing::debug;
+use tracing::{debug, warn};
 use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
 use super::lease::GateMode;
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
+use crate::assembler::EPOCH_DISK_BYTES_MAX;
 use crate::interval::Schedule;
 use crate::protocol::{epoch_frames, Message};
 use crate::status::{FtState, Role, Samples, StatusBoard};
@@ -69,11 +70,13 @@ pub(super) async fn epochs(
         }
         let captured = captured?;
         let mut stopped = stop_start.elapsed();
-        let acked = send_epoch(tx, acks, epoch, generation, captured, status).await;
+        let mut behind = Behind::new(vm, status, config.synchronous);
+        let acked = send_epoch(tx, acks, epoch, generation, captured, status, &mut behind).await;
         if config.synchronous {
             vm.resume();
             stopped = stop_start.elapsed();
         }
+        behind.caught_up();
         let sent = acked?;
         // Output commit: batch `epoch` may leave now.
         let released = vm.output().release_through(epoch);
@@ -127,6 +130,7 @@ async fn send_epoch(
     generation: u64,
     captured: Captured,
     status: &StatusBoard,
+    behind: &mut Behind<'_>,
 ) -> Result<Sent, PrimaryError> {
     let dirty = captured.pages.count;
     let writes = captured.writes.1;
@@ -134,7 +138,13 @@ async fn send_epoch(
     let frames = epoch_frames(epoch, generation, state, captured.pages, captured.writes);
     send_all(tx, &frames, status).await?;
     let sent_at = Instant::now();
-    match acks.recv().await {
+    let answer = loop {
+        tokio::select! {
+            answer = acks.recv() => break answer,
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => behind.check(epoch),
+        }
+    };
+    match answer {
         Some(Ok(got)) if got == epoch => Ok(Sent {
             dirty,
             writes,
@@ -146,6 +156,70 @@ async fn send_epoch(
         }),
         Some(Err(e)) => Err(e),
         None => Err(PrimaryError::AckStreamEnded),
+    }
+}
+
+/// How often the wait for an acknowledgement looks at what the guest's
+/// disk writes hold.
+const BEHIND_CHECK_EVERY: Duration = Duration::from_millis(5);
+
+/// The guest is paused when its recorded disk writes pass this while an
+/// acknowledgement is awaited: the next epoch stays within what the
+/// standby stages ([`EPOCH_DISK_BYTES_MAX`]), and the record's memory is
+/// bounded.
+pub(super) const PAUSE_WRITES_AT: u64 = EPOCH_DISK_BYTES_MAX / 2;
+
+/// Throttles a guest whose standby falls behind: the epoch lengthens while
+/// its acknowledgement is awaited (the next checkpoint waits for it); once
+/// the guest's disk writes since the checkpoint reach [`PAUSE_WRITES_AT`],
+/// the guest pauses until the acknowledgement comes. Said in the status.
+pub(super) struct Behind<'a> {
+    vm: &'a Vm,
+    status: &'a StatusBoard,
+    /// The guest is paused anyway until the acknowledgement.
+    synchronous: bool,
+    paused: bool,
+}
+
+impl<'a> Behind<'a> {
+    pub(super) fn new(vm: &'a Vm, status: &'a StatusBoard, synchronous: bool) -> Self {
+        Behind {
+            vm,
+            status,
+            synchronous,
+            paused: false,
+        }
+    }
+
+    fn check(&mut self, epoch: u64) {
+        let held = self.vm.disk_writes().held_bytes();
+        if self.paused || self.synchronous || held < PAUSE_WRITES_AT {
+            return;
+        }
+        self.vm.pause();
+        self.paused = true;
+        warn!(
+            epoch,
+            held_mib = held >> 20,
+            "the standby falls behind: guest paused until it acknowledges"
+        );
+        self.status.update(|s| {
+            s.counters.behind_pauses += 1;
+            s.message = Some(format!(
+                "the standby falls behind: the guest wrote {} MiB to disk since checkpoint \
+                 {epoch}, which is not acknowledged yet; paused until it is",
+                held >> 20
+            ));
+        });
+    }
+
+    /// The acknowledgement came (or the session ended): a guest paused
+    /// here runs again.
+    fn caught_up(self) {
+        if self.paused {
+            self.vm.resume();
+            self.status.update(|s| s.message = None);
+        }
     }
 }
 

@@ -20,6 +20,12 @@ use crate::status::{FtState, Role, StatusBoard, SyncProgress};
 
 /// Memory is scanned this many pages at a time between sends.
 const SCAN_PAGES: u64 = 1024;
+/// The guest's disk writes recorded during the copy are sent once they
+/// hold this much (they are sent in order, after whatever copy they may
+/// overlap, so the standby ends with the newest bytes), and all of them
+/// at the end of the copy: the record's memory stays bounded however long
+/// the copy takes, and the first epoch carries only what came after.
+const DRAIN_WRITES_AT: u64 = 8 << 20;
 /// A pre-copy round this small ends the rounds.
 const SMALL_ROUND: u64 = 256;
 
@@ -55,6 +61,7 @@ pub(super) async fn initial_sync(
     tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
         .await?;
     let progress = Progress {
+        vm,
         status,
         generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
@@ -62,6 +69,7 @@ pub(super) async fn initial_sync(
     let sent_disk = copy_disks(&disks, &disk_bytes, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
     let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done).await?;
+    drain_writes(vm, tx, &progress, 0).await?;
     info!(
         disk_bytes_sent = sent_disk,
         nonzero_pages = sent_pages,
@@ -74,6 +82,7 @@ pub(super) async fn initial_sync(
 
 /// Where the copy stands (and the generation its frames carry).
 struct Progress<'a> {
+    vm: &'a Vm,
     status: &'a StatusBoard,
     generation: u64,
     total: u64,
@@ -127,6 +136,7 @@ async fn copy_disks(
             offset += n as u64;
             done += n as u64;
             progress.report("disk", done);
+            sent += drain_writes(progress.vm, tx, progress, DRAIN_WRITES_AT).await?;
         }
     }
     Ok(sent)
@@ -152,6 +162,7 @@ async fn copy_memory(
         vm.stage_nonzero_pages(first..end, &mut stager)
             .map_err(stage_err)?;
         send_pages(tx, stager.take_full(), progress).await?;
+        drain_writes(vm, tx, progress, DRAIN_WRITES_AT).await?;
         done += (end - first) * PAGE_SIZE as u64;
         progress.report("memory", done);
         first = end;
@@ -170,6 +181,31 @@ async fn copy_memory(
         }
     }
     Ok((nonzero, rounds))
+}
+
+/// Sends the disk writes recorded so far once they hold `at_least` bytes;
+/// returns the bytes sent.
+async fn drain_writes(
+    vm: &Vm,
+    tx: &LinkSender,
+    progress: &Progress<'_>,
+    at_least: u64,
+) -> Result<u64, PrimaryError> {
+    let writes = vm.disk_writes();
+    if writes.held_bytes() < at_least.max(1) {
+        return Ok(0);
+    }
+    let records = writes.take().into_iter().map(|w| DiskRecord {
+        disk: w.disk,
+        offset: w.offset,
+        data: Bytes::from(w.data),
+    });
+    let (batches, _) = disk_payloads(records);
+    let frames: Vec<_> = batches
+        .into_iter()
+        .map(|b| Message::SyncDisk(b).into_frame(0, progress.generation))
+        .collect();
+    send_all(tx, &frames, progress.status).await
 }
 
 async fn send_pages(

@@ -15,7 +15,7 @@ use vmm::replication::ReplicaRam;
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, ReplicaDisk};
 use super::{Replica, StandbyConfig, StandbyError, PATH_MARGIN};
-use crate::assembler::{CompleteEpoch, EpochAssembler};
+use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::protocol::{
     CheckpointState, DiskBatch, Envelope, Message, PageBatch, ProtocolError, SyncPlan,
 };
@@ -164,7 +164,7 @@ fn begin(
     Ok(Receiving {
         ram,
         disks,
-        assembler: EpochAssembler::new(1),
+        assembler: EpochAssembler::with_limits(1, StagingLimits::for_guest(plan.mem_mib)),
         committed: None,
         generation: first.generation,
         sync_bytes: 0,

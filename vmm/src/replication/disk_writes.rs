@@ -44,6 +44,12 @@ impl DiskWrites {
         }
     }
 
+    /// Bytes of write data recorded and not yet taken, on every disk: the
+    /// memory the records hold.
+    pub fn held_bytes(&self) -> u64 {
+        self.logs.iter().map(|log| log.held_bytes()).sum()
+    }
+
     /// The writes recorded since the last take, disk by disk, each disk's
     /// in execution order (recording goes on).
     pub fn take(&self) -> Vec<DiskWrite> {

@@ -2,6 +2,7 @@
 //! (the replicator sends each checkpoint's writes to the standby, which
 //! applies them only when that checkpoint commits). Off until started.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// One executed write: bytes at a byte offset of the disk.
@@ -16,6 +17,8 @@ pub struct DiskWrite {
 pub struct WriteLog {
     /// `None` while not recording.
     writes: Mutex<Option<Vec<DiskWrite>>>,
+    /// Bytes of data held in `writes` (read without the lock).
+    held: AtomicU64,
 }
 
 impl WriteLog {
@@ -25,12 +28,22 @@ impl WriteLog {
 
     /// Records every write from now on (anything recorded before is dropped).
     pub fn start(&self) {
-        *self.lock() = Some(Vec::new());
+        let mut writes = self.lock();
+        *writes = Some(Vec::new());
+        self.held.store(0, Ordering::Relaxed);
     }
 
     /// Stops recording and drops what was recorded.
     pub fn stop(&self) {
-        *self.lock() = None;
+        let mut writes = self.lock();
+        *writes = None;
+        self.held.store(0, Ordering::Relaxed);
+    }
+
+    /// Bytes of write data recorded and not yet taken: what the record
+    /// holds in memory.
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Runs one guest write with the recording decision held: `write`
@@ -45,6 +58,8 @@ impl WriteLog {
         let mut writes = self.lock();
         let recorded = write(writes.is_some())?;
         if let (Some(writes), Some(recorded)) = (writes.as_mut(), recorded) {
+            self.held
+                .fetch_add(recorded.data.len() as u64, Ordering::Relaxed);
             writes.push(recorded);
         }
         Ok(())
@@ -53,7 +68,9 @@ impl WriteLog {
     /// The writes recorded since the last take, in execution order
     /// (recording goes on).
     pub fn take(&self) -> Vec<DiskWrite> {
-        self.lock().as_mut().map(std::mem::take).unwrap_or_default()
+        let mut writes = self.lock();
+        self.held.store(0, Ordering::Relaxed);
+        writes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 }
 
@@ -128,12 +145,15 @@ mod tests {
         log.start();
         write(2);
         write(3);
+        assert_eq!(log.held_bytes(), 2);
         assert_eq!(
             log.take().iter().map(|w| w.offset).collect::<Vec<_>>(),
             [2, 3]
         );
+        assert_eq!(log.held_bytes(), 0);
         log.stop();
         write(4);
         assert!(log.take().is_empty());
+        assert_eq!(log.held_bytes(), 0);
     }
 }
