@@ -10,24 +10,26 @@
 //! <- {"version":1,"ok":false,"error":"unsupported control version 2 (this server speaks version 1)"}
 //! ```
 //!
-//! The socket is its owner's only (mode 0600, bound in a private folder and
-//! moved into place, so it is never reachable by others). Each connection
-//! is served in its own task, with a bound on a request's size and on the
-//! wait for it. [`request`] is the blocking client, with deadlines: a
-//! server that stopped answering makes it fail, never hang.
+//! The socket is put in place by [`vmm::control::socket::bind`]: its
+//! owner's only (mode 0600, bound in a private folder and linked into
+//! place, so it is never reachable by others), replacing nothing but a
+//! stale socket. Each connection is served in its own task, at most
+//! [`MAX_CLIENTS`] at once (one more is told it is busy), with a bound on a
+//! request's size and on the wait for it. [`request`] is the blocking
+//! client, with deadlines: a server that stopped answering makes it fail,
+//! never hang.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
+use vmm::control::socket::{self, SocketError, SocketFile};
 
 use crate::status::{Status, StatusBoard};
 
@@ -39,6 +41,8 @@ pub const MAX_REQUEST: usize = 64 << 10;
 pub const MAX_RESPONSE: usize = 1 << 20;
 /// How long the server waits for a (further) request on a connection.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; one more is answered "busy" and closed.
+pub const MAX_CLIENTS: usize = 8;
 
 /// What a client asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,36 +146,10 @@ impl ControlResponse {
 /// Everything that can fail in this module, by operation.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot create the control socket's folder {path}")]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} exists and is not a socket; it is left alone")]
-    NotASocket { path: PathBuf },
-    #[error("another process serves the control socket {path}")]
-    InUse { path: PathBuf },
-    #[error("cannot inspect {path}")]
-    Inspect {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot bind the control socket {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot restrict the control socket {path} to its owner")]
-    Permissions {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot move the control socket into place at {path}")]
-    Install {
+    #[error("cannot set up the control socket")]
+    Listen(#[source] SocketError),
+    #[error("cannot serve the control socket {path} from the I/O runtime")]
+    Register {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -374,101 +352,40 @@ async fn write_response(
 }
 
 /// A bound control socket, ready to [`serve`](ControlServer::serve). The
-/// socket file goes when it is dropped (with the future of `serve`).
+/// socket file goes when it is dropped (with the future of `serve`), if
+/// its path still names it.
 #[derive(Debug)]
 pub struct ControlServer {
     listener: UnixListener,
-    file: RemoveSocket,
+    file: SocketFile,
     /// Notified on a forced takeover.
     takeover: Arc<Notify>,
 }
 
-/// Removes the socket file when dropped, if it is still ours (same device
-/// and inode).
-#[derive(Debug)]
-struct RemoveSocket {
-    path: PathBuf,
-    file_id: (u64, u64),
-}
-
-impl Drop for RemoveSocket {
-    fn drop(&mut self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if (m.dev(), m.ino()) == self.file_id {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-static BIND_ATTEMPT: AtomicU64 = AtomicU64::new(0);
-
 impl ControlServer {
-    /// Creates the socket at `path` (and its folder): mode 0600, bound in a
-    /// private (0700) folder next to it and moved into place, so it never
-    /// exists with looser permissions. A socket left at `path` by a process
-    /// that is gone is replaced; anything else there (a file, a socket
-    /// that a live process serves) is an error. Must be called within a
-    /// tokio runtime.
+    /// Creates the socket at `path` (and its folder) with
+    /// [`vmm::control::socket::bind`]: mode 0600 from the start; a socket
+    /// left at `path` by a process that is gone is replaced, anything else
+    /// there (a file, a socket that a live process serves) is an error and
+    /// is left alone. Must be called within a tokio runtime.
     pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
+        let socket::BoundSocket { listener, file } =
+            socket::bind(path).map_err(ControlError::Listen)?;
+        let register = |source| ControlError::Register {
+            path: path.to_path_buf(),
+            source,
         };
-        std::fs::create_dir_all(&parent).map_err(|source| ControlError::CreateDir {
-            path: parent.clone(),
-            source,
-        })?;
-        check_replaceable(path)?;
-        let private = parent.join(format!(
-            ".control-bind-{}-{}",
-            std::process::id(),
-            BIND_ATTEMPT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&private)
-            .map_err(|source| ControlError::CreateDir {
-                path: private.clone(),
-                source,
-            })?;
-        let result = Self::bind_in(&private, path);
-        let _ = std::fs::remove_dir_all(&private);
-        result
-    }
-
-    fn bind_in(private: &Path, path: &Path) -> Result<ControlServer, ControlError> {
-        let staged = private.join("sock");
-        let listener = UnixListener::bind(&staged).map_err(|source| ControlError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| ControlError::Permissions {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?;
-        std::fs::rename(&staged, path).map_err(|source| ControlError::Install {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let meta = std::fs::symlink_metadata(path).map_err(|source| ControlError::Inspect {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        listener.set_nonblocking(true).map_err(register)?;
+        let listener = UnixListener::from_std(listener).map_err(register)?;
         Ok(ControlServer {
             listener,
-            file: RemoveSocket {
-                path: path.to_path_buf(),
-                file_id: (meta.dev(), meta.ino()),
-            },
+            file,
             takeover: Arc::new(Notify::new()),
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.file.path
+        self.file.path()
     }
 
     /// What a forced takeover (`takeover`, accepted only while claiming)
@@ -477,22 +394,40 @@ impl ControlServer {
         Arc::clone(&self.takeover)
     }
 
-    /// Serves connections (each in its own task) for as long as the future
-    /// is polled: `status` answers `status`, `stop` is notified (once the
-    /// answer is written) on `stop`. The socket file is removed when the
-    /// future is dropped.
+    /// Serves connections (each in its own task, at most [`MAX_CLIENTS`]
+    /// at once) for as long as the future is polled: `status` answers
+    /// `status`, `stop` is notified (once the answer is written) on
+    /// `stop`. The socket file is removed when the future is dropped.
     pub async fn serve(self, status: StatusBoard, stop: Arc<Notify>) {
         info!(path = %self.path().display(), "control socket ready");
+        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
         loop {
             match self.listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(
-                        stream,
-                        status.clone(),
-                        Arc::clone(&stop),
-                        Arc::clone(&self.takeover),
-                    ));
-                }
+                Ok((stream, _)) => match Arc::clone(&slots).try_acquire_owned() {
+                    Ok(slot) => {
+                        let (status, stop) = (status.clone(), Arc::clone(&stop));
+                        let takeover = Arc::clone(&self.takeover);
+                        tokio::spawn(async move {
+                            serve_connection(stream, status, stop, takeover).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        warn!(
+                            max_clients = MAX_CLIENTS,
+                            "control socket: a client refused, too many at once"
+                        );
+                        let (_, mut write) = stream.into_split();
+                        let busy = ControlResponse::refused(format!(
+                            "busy: {MAX_CLIENTS} clients are being served, try again"
+                        ));
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(100),
+                            write_response(&mut write, &busy),
+                        )
+                        .await;
+                    }
+                },
                 Err(e) => {
                     // Out of descriptors, most likely: wait, do not spin.
                     warn!(error = %e, "control socket: accept failed");
@@ -500,34 +435,6 @@ impl ControlServer {
                 }
             }
         }
-    }
-}
-
-/// Whether a new socket may be put at `path`: nothing there, or a socket
-/// nobody serves any more.
-fn check_replaceable(path: &Path) -> Result<(), ControlError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ControlError::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ControlError::NotASocket {
-            path: path.to_path_buf(),
-        });
-    }
-    // A live server accepts (even a stopped one: the kernel queues the
-    // connection); a stale socket refuses.
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(ControlError::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(_) => Ok(()),
     }
 }
 
@@ -651,6 +558,8 @@ mod tests {
         assert_eq!(action, Action::Takeover);
     }
     use std::io::{BufRead, Write};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Instant;
 
     use super::*;
@@ -716,7 +625,9 @@ mod tests {
     fn raw(path: &Path, bytes: &[u8]) -> ControlResponse {
         let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(bytes).unwrap();
+        // A refused client may find the connection closed before it wrote:
+        // the answer is there all the same.
+        let _ = s.write_all(bytes);
         let mut line = String::new();
         std::io::BufReader::new(s).read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
@@ -849,7 +760,7 @@ mod tests {
         let _guard = runtime.enter();
         assert!(matches!(
             ControlServer::bind(&path),
-            Err(ControlError::InUse { .. })
+            Err(ControlError::Listen(SocketError::InUse { .. }))
         ));
     }
 
@@ -877,7 +788,7 @@ mod tests {
         std::fs::write(&file, b"keep me").unwrap();
         assert!(matches!(
             ControlServer::bind(&file),
-            Err(ControlError::NotASocket { .. })
+            Err(ControlError::Listen(SocketError::NotASocket { .. }))
         ));
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
         let stale = dir.0.join("stale.sock");
@@ -899,5 +810,28 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("plain")]);
+    }
+
+    #[test]
+    fn clients_beyond_the_bound_are_told_to_wait() {
+        let s = served("busy");
+        let silent: Vec<std::os::unix::net::UnixStream> = (0..MAX_CLIENTS)
+            .map(|_| std::os::unix::net::UnixStream::connect(&s.path).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let r = raw(&s.path, b"{\"version\":1,\"command\":\"status\"}\n");
+        assert!(!r.ok, "{r:?}");
+        assert!(r.error.unwrap().starts_with("busy"));
+        // Their places come back when they leave.
+        drop(silent);
+        let deadline = Instant::now() + WITHIN;
+        loop {
+            let r = raw(&s.path, b"{\"version\":1,\"command\":\"status\"}\n");
+            if r.ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still refused: {r:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -6,6 +6,11 @@ use std::time::{Duration, Instant};
 
 use crate::{LabPair, NodeId};
 
+/// The capture folder of every ftvmm a [`NodeGuest`] starts
+/// (`--capture-dir`): `ctl("capture NAME")` writes `{CAPTURE_DIR}/NAME`,
+/// `ctl("harvest --pages-file NAME")` too.
+pub const CAPTURE_DIR: &str = "/tmp/captures";
+
 /// An ftvmm process (and the guest in it) inside a node.
 pub struct NodeGuest<'a> {
     pub lab: &'a LabPair,
@@ -51,7 +56,7 @@ impl<'a> NodeGuest<'a> {
         let script = format!(
             "(ftvmm run --kernel /images/vmlinux --initrd /images/guest-initramfs.cpio.gz \
              --vcpus {vcpus} --mem-mib {mem_mib} --cmdline '{cmdline}' {vmm_args} \
-             --serial-log {} --api-sock {} > {}.out 2>&1 &)",
+             --serial-log {} --api-sock {} --capture-dir {CAPTURE_DIR} > {}.out 2>&1 &)",
             guest.console, guest.sock, guest.console
         );
         lab.sh(node, &script);
@@ -95,7 +100,9 @@ impl<'a> NodeGuest<'a> {
         }
     }
 
-    /// Sends a control request (`ftvmm ctl` arguments) and returns the answer.
+    /// Sends a control request (`ftvmm ctl` arguments) and returns the
+    /// answer. Captures and page lists are named, and go into
+    /// [`CAPTURE_DIR`].
     pub fn ctl(&self, args: &str) -> serde_json::Value {
         let out = self
             .lab
@@ -125,7 +132,8 @@ impl<'a> NodeGuest<'a> {
     pub fn restore(&mut self, dir: &str) {
         self.next_generation();
         let script = format!(
-            "(ftvmm restore {dir} --serial-log {} --api-sock {} > {}.out 2>&1 &)",
+            "(ftvmm restore {dir} --serial-log {} --api-sock {} --capture-dir {CAPTURE_DIR} \
+             > {}.out 2>&1 &)",
             self.console, self.sock, self.console
         );
         self.lab.sh(self.node, &script);

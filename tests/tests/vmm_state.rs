@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ft_tests::guest::NodeGuest;
+use ft_tests::guest::{NodeGuest, CAPTURE_DIR};
 use ft_tests::{LabPair, NodeId};
 
 /// The counter values on the console (a line may start with the shell's prompt).
@@ -31,10 +31,10 @@ fn a_captured_guest_continues_in_a_new_process_every_time() {
         let before = *counts(&guest.console_text())
             .last()
             .expect("the counter runs");
-        let captured = guest.ctl("capture /tmp/snap");
+        let captured = guest.ctl("capture snap");
         guest.kill();
         let start = Instant::now();
-        guest.restore("/tmp/snap");
+        guest.restore(&format!("{CAPTURE_DIR}/snap"));
         let first = guest.wait_for_line(Duration::from_secs(60), |l| !counts(l).is_empty());
         restore_secs.push(start.elapsed().as_secs_f64());
         // Let it count a little, then check the sequence.
@@ -100,9 +100,9 @@ fn the_dirty_harvest_holds_the_pages_the_guest_wrote() {
         "the guest wrote before the baseline harvest"
     );
     guest.wait_for_line(Duration::from_secs(30), |l| l.contains("ft-dirtier wrote"));
-    let second = guest.ctl("harvest --pages-file /tmp/harvest.txt");
+    let second = guest.ctl("harvest --pages-file harvest.txt");
     let harvested: BTreeSet<u64> = lab
-        .sh(NodeId::A, "cat /tmp/harvest.txt")
+        .sh(NodeId::A, &format!("cat {CAPTURE_DIR}/harvest.txt"))
         .lines()
         .map(|l| l.parse().expect("page number"))
         .collect();
@@ -222,11 +222,11 @@ fn tcp_connection_and_disk_survive_capture_kill_restore() {
     for round in 0..loops {
         // Paused first, so nothing leaves the guest after the captured state.
         guest.ctl("pause");
-        let captured = guest.ctl("capture /tmp/snap");
+        let captured = guest.ctl("capture snap");
         let before = last_received();
         guest.kill();
         let killed_at = Instant::now();
-        guest.restore("/tmp/snap");
+        guest.restore(&format!("{CAPTURE_DIR}/snap"));
         let deadline = Instant::now() + Duration::from_secs(60);
         while last_received() <= before {
             assert!(
@@ -309,14 +309,16 @@ fn restore_refuses_a_host_without_the_vms_cpu_features() {
     let guest = NodeGuest::boot(&lab, NodeId::A, 1, 128, "ftguest.run=/bin/ft-counter");
     guest.wait_for_line(Duration::from_secs(90), |l| !counts(l).is_empty());
     guest.ctl("pause");
-    guest.ctl("capture /tmp/snap");
+    guest.ctl("capture snap");
     guest.kill();
+    let snap = format!("{CAPTURE_DIR}/snap");
 
     // Pretend the VM was given AVX-512F (leaf 7 EBX bit 16), which the lab
     // node's CPU does not have. kvm_cpuid_entry2 is saved as its raw bytes:
     // function, index, flags, eax, ebx, ecx, edx (u32 each), padding.
     let mut state: serde_json::Value =
-        serde_json::from_str(&lab.sh(NodeId::A, "cat /tmp/snap/state.json")).expect("state.json");
+        serde_json::from_str(&lab.sh(NodeId::A, &format!("cat {snap}/state.json")))
+            .expect("state.json");
     let mut patched = 0;
     for vcpu in state["vcpus"].as_array_mut().expect("vcpus") {
         for entry in vcpu["cpuid"].as_array_mut().expect("cpuid") {
@@ -338,9 +340,9 @@ fn restore_refuses_a_host_without_the_vms_cpu_features() {
     assert!(patched > 0, "no CPUID leaf 7 in the saved state");
     lab.sh(
         NodeId::A,
-        &format!("cat > /tmp/snap/state.json <<'FTEOF'\n{state}\nFTEOF"),
+        &format!("cat > {snap}/state.json <<'FTEOF'\n{state}\nFTEOF"),
     );
-    let out = lab.exec(NodeId::A, &["ftvmm", "restore", "/tmp/snap"]);
+    let out = lab.exec(NodeId::A, &["ftvmm", "restore", &snap]);
     assert_eq!(
         out.code,
         Some(2),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
-use vmm::control::{self, ControlRequest};
+use vmm::control::{self, BoundSocket, CaptureDir, ControlRequest};
 use vmm::vm::Vm;
 
 #[derive(Parser)]
@@ -38,9 +38,8 @@ enum Command {
         /// Serial console to this file (default: stdout).
         #[arg(long)]
         serial_log: Option<PathBuf>,
-        /// Serve the control socket here (pause, resume, capture, harvest, counters).
-        #[arg(long)]
-        api_sock: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlOptions,
         /// A virtio-blk disk backed by a raw image: PATH or PATH,ro
         /// (repeatable; the guest sees vda, vdb, ... in this order).
         #[arg(long = "disk", value_name = "PATH[,ro]")]
@@ -61,8 +60,8 @@ enum Command {
         /// Serial console to this file (default: stdout).
         #[arg(long)]
         serial_log: Option<PathBuf>,
-        #[arg(long)]
-        api_sock: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlOptions,
     },
     /// Send a request to a running ftvmm's control socket; prints the JSON answer.
     Ctl {
@@ -81,37 +80,94 @@ enum Command {
     },
 }
 
+/// The control socket of `run` and `restore`.
+#[derive(clap::Args)]
+struct ControlOptions {
+    /// Serve the control socket here (pause, resume, capture, harvest,
+    /// counters), mode 0600. A stale socket there is replaced; anything
+    /// else there is an error.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// The folder that `capture NAME` and `harvest --pages-file NAME` write
+    /// into (created, mode 0700, if missing) [default: <api-sock>.captures].
+    #[arg(long, requires = "api_sock")]
+    capture_dir: Option<PathBuf>,
+}
+
+/// A control socket bound and its capture folder, before the VM exists.
+struct Control {
+    socket: BoundSocket,
+    captures: CaptureDir,
+}
+
+impl ControlOptions {
+    /// Binds the socket and opens the capture folder (before the VM
+    /// starts: a refusal must not leave a second VM running on the same
+    /// disks as the one that serves the socket already).
+    fn prepare(self) -> Result<Option<Control>, ExitCode> {
+        let Some(path) = self.api_sock else {
+            return Ok(None);
+        };
+        let captures = self
+            .capture_dir
+            .unwrap_or_else(|| CaptureDir::default_for(&path));
+        let captures = CaptureDir::open(&captures).map_err(|e| fail(&e))?;
+        let socket = control::socket::bind(&path).map_err(|e| fail(&e))?;
+        Ok(Some(Control { socket, captures }))
+    }
+}
+
+/// Prints `e` with its causes; the exit code of a refusal to start.
+fn fail(e: &dyn std::error::Error) -> ExitCode {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        message.push_str(": ");
+        message.push_str(&c.to_string());
+        cause = c.source();
+    }
+    eprintln!("ftvmm: {message}");
+    ExitCode::from(2)
+}
+
 #[derive(Subcommand)]
 enum CtlCommand {
     Status,
     Pause,
     Resume,
-    /// Pause, capture state and memory into DIR, resume.
+    /// Pause, capture state and memory into the capture folder's entry
+    /// NAME (a simple name, not a path), resume.
     Capture {
-        dir: PathBuf,
+        name: String,
     },
-    /// Pause, harvest the dirty pages, resume; optionally list them in a file.
+    /// Pause, harvest the dirty pages, resume; optionally list them in the
+    /// capture folder's entry NAME.
     Harvest {
-        #[arg(long)]
-        pages_file: Option<PathBuf>,
+        #[arg(long, value_name = "NAME")]
+        pages_file: Option<String>,
     },
     Counters,
 }
 
 /// Runs `vm` (serving its control socket) until the guest stops.
-fn run_until_stopped(vm: Vm, api_sock: Option<PathBuf>) -> ExitCode {
+fn run_until_stopped(vm: Vm, control: Option<Control>) -> ExitCode {
     let vm = Arc::new(vm);
-    if let Some(path) = &api_sock {
-        if let Err(e) = control::serve(path, Arc::clone(&vm)) {
-            eprintln!("ftvmm: {e}");
-            return ExitCode::from(2);
+    let server = match control {
+        Some(Control { socket, captures }) => {
+            match control::serve(socket, captures, Arc::clone(&vm)) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    vm.stop();
+                    return fail(&e);
+                }
+            }
         }
-    }
+        None => None,
+    };
     let event = vm.wait();
     let secs = vm.uptime().as_secs_f64();
-    if let Some(path) = &api_sock {
-        let _ = std::fs::remove_file(path);
-    }
+    // Stops serving and removes the socket (if it is still ours).
+    drop(server);
     match event {
         VmEvent::Reset | VmEvent::Shutdown => {
             eprintln!("ftvmm: guest stopped ({event:?}) after {secs:.3}s");
@@ -142,7 +198,7 @@ fn main() -> ExitCode {
             vcpus,
             mem_mib,
             serial_log,
-            api_sock,
+            control,
             disks,
             nets,
             cpu_features,
@@ -160,8 +216,12 @@ fn main() -> ExitCode {
                 nets,
                 cpu_features,
             };
+            let control = match control.prepare() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             match Vm::boot(config) {
-                Ok(vm) => run_until_stopped(vm, api_sock),
+                Ok(vm) => run_until_stopped(vm, control),
                 Err(e) => {
                     eprintln!("ftvmm: {e}");
                     ExitCode::from(2)
@@ -171,8 +231,12 @@ fn main() -> ExitCode {
         Command::Restore {
             dir,
             serial_log,
-            api_sock,
+            control,
         } => {
+            let control = match control.prepare() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
             let serial = serial_log.map_or(SerialSink::Stdout, SerialSink::File);
             match Vm::restore(&dir, serial) {
                 Ok(vm) => {
@@ -181,7 +245,7 @@ fn main() -> ExitCode {
                         dir.display(),
                         vm.uptime().as_secs_f64()
                     );
-                    run_until_stopped(vm, api_sock)
+                    run_until_stopped(vm, control)
                 }
                 Err(e) => {
                     eprintln!("ftvmm: cannot restore {}: {e}", dir.display());
@@ -194,7 +258,7 @@ fn main() -> ExitCode {
                 CtlCommand::Status => ControlRequest::Status,
                 CtlCommand::Pause => ControlRequest::Pause,
                 CtlCommand::Resume => ControlRequest::Resume,
-                CtlCommand::Capture { dir } => ControlRequest::Capture { dir },
+                CtlCommand::Capture { name } => ControlRequest::Capture { name },
                 CtlCommand::Harvest { pages_file } => ControlRequest::Harvest { pages_file },
                 CtlCommand::Counters => ControlRequest::Counters,
             };
@@ -207,10 +271,7 @@ fn main() -> ExitCode {
                         ExitCode::SUCCESS
                     }
                 }
-                Err(e) => {
-                    eprintln!("ftvmm: {e}");
-                    ExitCode::from(2)
-                }
+                Err(e) => fail(&e),
             }
         }
         Command::Host => match vmm::kvm_host::probe() {
