@@ -68,7 +68,7 @@ pub fn run(vm: &Vm, rounds: u32, interval: Duration) -> Result<BenchReport, Prim
     cleared.map_err(|source| PrimaryError::Stage { epoch: 0, source })?;
     for epoch in 1..=u64::from(rounds) {
         std::thread::sleep(interval);
-        let captured = capture(vm, epoch);
+        let captured = capture(vm, epoch, false);
         let resumed_at = Instant::now();
         vm.resume();
         let captured = captured?;

@@ -21,6 +21,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,13 +59,18 @@ pub enum ControlCommand {
     /// witness cannot answer and the other node is known to be down).
     /// Refused in any other state.
     Takeover,
+    /// A protected primary digests its VM at its next checkpoint; the
+    /// standby compares its replica with it after applying that epoch (the
+    /// consistency oracle; the verdict is in the standby's status).
+    Verify,
 }
 
 impl ControlCommand {
-    pub const ALL: [ControlCommand; 3] = [
+    pub const ALL: [ControlCommand; 4] = [
         ControlCommand::Status,
         ControlCommand::Stop,
         ControlCommand::Takeover,
+        ControlCommand::Verify,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -72,6 +78,7 @@ impl ControlCommand {
             ControlCommand::Status => "status",
             ControlCommand::Stop => "stop",
             ControlCommand::Takeover => "takeover",
+            ControlCommand::Verify => "verify",
         }
     }
 }
@@ -82,6 +89,7 @@ enum Action {
     None,
     Stop,
     Takeover,
+    Verify,
 }
 
 /// One request line.
@@ -260,6 +268,21 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
                 Action::None,
             ),
         },
+        ControlCommand::Verify => {
+            let s = status.snapshot();
+            match (s.role, s.state) {
+                (crate::status::Role::Primary, crate::status::FtState::Protected) => {
+                    (ControlResponse::done(), Action::Verify)
+                }
+                (role, state) => (
+                    ControlResponse::refused(format!(
+                        "nothing to verify: this process is a {role} {state}, not a protected \
+                         primary"
+                    )),
+                    Action::None,
+                ),
+            }
+        }
     }
 }
 
@@ -290,6 +313,7 @@ async fn serve_connection(
     status: StatusBoard,
     stop: Arc<Notify>,
     takeover: Arc<Notify>,
+    verify: Arc<AtomicBool>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -332,6 +356,10 @@ async fn serve_connection(
                 warn!("takeover without the witness's grant forced on the control socket");
                 takeover.notify_one();
             }
+            Action::Verify => {
+                info!("consistency check asked for the next checkpoint");
+                verify.store(true, Ordering::SeqCst);
+            }
             Action::None => {}
         }
         if written.is_err() {
@@ -360,6 +388,8 @@ pub struct ControlServer {
     file: SocketFile,
     /// Notified on a forced takeover.
     takeover: Arc<Notify>,
+    /// Set by `verify`: the next checkpoint carries a digest.
+    verify: Arc<AtomicBool>,
 }
 
 impl ControlServer {
@@ -381,6 +411,7 @@ impl ControlServer {
             listener,
             file,
             takeover: Arc::new(Notify::new()),
+            verify: Arc::default(),
         })
     }
 
@@ -392,6 +423,11 @@ impl ControlServer {
     /// notifies.
     pub fn takeover(&self) -> Arc<Notify> {
         Arc::clone(&self.takeover)
+    }
+
+    /// What `verify` sets (a primary digests its next checkpoint).
+    pub fn verify(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.verify)
     }
 
     /// Serves connections (each in its own task, at most [`MAX_CLIENTS`]
@@ -407,8 +443,9 @@ impl ControlServer {
                     Ok(slot) => {
                         let (status, stop) = (status.clone(), Arc::clone(&stop));
                         let takeover = Arc::clone(&self.takeover);
+                        let verify = Arc::clone(&self.verify);
                         tokio::spawn(async move {
-                            serve_connection(stream, status, stop, takeover).await;
+                            serve_connection(stream, status, stop, takeover, verify).await;
                             drop(slot);
                         });
                     }

@@ -39,6 +39,7 @@ pub mod bridge;
 pub mod checkpoint_bench;
 pub mod control;
 pub mod interval;
+pub mod oracle;
 pub mod pairing;
 pub mod primary;
 pub mod promote;

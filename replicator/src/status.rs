@@ -148,6 +148,12 @@ pub struct FtCounters {
     /// falls behind).
     #[serde(default)]
     pub behind_pauses: u64,
+    /// Consistency checks the standby made (`verify`), and those that found
+    /// the replica different from the primary (must stay 0).
+    #[serde(default)]
+    pub oracle_checks: u64,
+    #[serde(default)]
+    pub oracle_mismatches: u64,
 }
 
 #[cfg(test)]
@@ -201,6 +207,9 @@ pub struct Status {
     /// The silence after which the peer is declared lost (ms).
     #[serde(default)]
     pub heartbeat_timeout_ms: u64,
+    /// Standby: the last consistency check's verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oracle: Option<crate::oracle::Verdict>,
 }
 
 fn unix_ms() -> u64 {
@@ -232,6 +241,7 @@ impl StatusBoard {
                 generation: 0,
                 witness: None,
                 heartbeat_timeout_ms: 0,
+                oracle: None,
             })),
         }
     }

@@ -31,6 +31,13 @@ enum Mode {
         /// How long to run.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Also write this file (16 MiB, 4 KiB blocks at varying offsets,
+        /// fdatasync every 16 writes) while dirtying memory.
+        #[arg(long)]
+        disk_file: Option<std::path::PathBuf>,
+        /// Blocks written to `--disk-file` per second.
+        #[arg(long, default_value_t = 200)]
+        disk_blocks_per_sec: u64,
     },
     KnownPages {
         #[arg(long, default_value_t = 256)]
@@ -46,7 +53,13 @@ fn main() {
             mib,
             pages_per_sec,
             seconds,
+            disk_file,
+            disk_blocks_per_sec,
         } => {
+            if let Some(path) = disk_file {
+                let duration = Duration::from_secs_f64(seconds);
+                std::thread::spawn(move || write_disk(&path, disk_blocks_per_sec, duration));
+            }
             let mut dirtier = Dirtier::new(mib);
             let start = Instant::now();
             let written = dirtier.run(pages_per_sec, Duration::from_secs_f64(seconds));
@@ -83,6 +96,38 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(3600));
                 std::hint::black_box(&buf);
             }
+        }
+    }
+}
+
+/// Writes 4 KiB blocks of a 16 MiB file at `per_sec`, each block holding
+/// its write's sequence number, with an fdatasync every 16 writes.
+fn write_disk(path: &std::path::Path, per_sec: u64, duration: Duration) {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: u64 = 4096;
+    const BLOCKS: u64 = 4096;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the disk file");
+    let start = Instant::now();
+    let mut block = vec![0u8; BLOCK as usize];
+    let mut n: u64 = 0;
+    while start.elapsed() < duration {
+        let at = (n.wrapping_mul(2_654_435_761) % BLOCKS) * BLOCK;
+        block.fill((n % 251) as u8);
+        block[..8].copy_from_slice(&n.to_le_bytes());
+        file.write_all_at(&block, at).expect("write the disk file");
+        n += 1;
+        if n.is_multiple_of(16) {
+            file.sync_data().expect("fdatasync the disk file");
+        }
+        let due = start + Duration::from_secs_f64(n as f64 / per_sec.max(1) as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
     }
 }

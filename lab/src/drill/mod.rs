@@ -500,9 +500,12 @@ fn freeze_round(
     let watch = Watch::start(lab);
     let frozen_at = Instant::now();
     // One command on the node: the stop's length does not depend on the
-    // lab's control path. Fails if no engine runs there.
+    // lab's control path. Fails if no engine runs there. The frozen engine
+    // may be gone by the end (its daemon stops a copy the other node
+    // superseded, with SIGKILL if it cannot answer): then there is nothing
+    // to continue.
     let script = format!(
-        "set -e; p=$(pidof ftprotect); kill -STOP $p; usleep {}; kill -CONT $p",
+        "set -e; p=$(pidof ftprotect); kill -STOP $p; usleep {}; kill -CONT $p 2>/dev/null || true",
         freeze_ms * 1000
     );
     let out = lab.exec(node, &["sh", "-c", &script], Duration::from_secs(30))?;

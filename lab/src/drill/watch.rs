@@ -109,6 +109,24 @@ pub fn engine_status(lab: &Lab, node: NodeId) -> Option<Status> {
     serde_json::from_str(&out.stdout).ok()
 }
 
+/// Asks the ledger VM's primary engine on `node` to digest its next
+/// checkpoint for the standby to compare (the consistency oracle).
+pub fn ask_verify(lab: &Lab, node: NodeId) -> Result<(), String> {
+    let sock = format!("/run/ftd/{VM_NAME}.sock");
+    let out = lab
+        .exec(
+            node,
+            &["/bin/ftprotect", "ctl", "--sock", &sock, "verify"],
+            SAMPLE_WITHIN,
+        )
+        .map_err(|e| e.to_string())?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(format!("{} {}", out.stdout.trim(), out.stderr.trim()))
+    }
+}
+
 fn active(status: &Status, released_before: Option<u64>) -> bool {
     let running = matches!(
         status.state,

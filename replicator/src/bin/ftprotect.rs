@@ -190,6 +190,9 @@ enum CtlCommand {
     Status,
     /// Stop it: a primary stops its VM (no takeover), a standby leaves.
     Stop,
+    /// A protected primary: digest the VM at the next checkpoint, for the
+    /// standby to compare with its replica (its status shows the verdict).
+    Verify,
 }
 
 /// `ftprotect ctl`: prints the answer; fails on a refusal or no answer.
@@ -197,6 +200,7 @@ fn ctl(sock: &std::path::Path, timeout: Duration, command: CtlCommand) -> ExitCo
     let command = match command {
         CtlCommand::Status => ControlCommand::Status,
         CtlCommand::Stop => ControlCommand::Stop,
+        CtlCommand::Verify => ControlCommand::Verify,
     };
     let response = match control::request(sock, &ControlRequest::new(command), timeout) {
         Ok(r) => r,
@@ -242,11 +246,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Serves the control socket for the rest of the process's life; a `stop`
 /// asked there is notified on the returned `Notify`.
+/// What the control socket hands the engine: `stop`, a forced takeover,
+/// and `verify` (digest the next checkpoint).
+struct Control {
+    stop: Arc<Notify>,
+    takeover: Arc<Notify>,
+    verify: Arc<std::sync::atomic::AtomicBool>,
+}
+
 fn serve_control(
     runtime: &tokio::runtime::Runtime,
     pair: &PairOptions,
     status: &StatusBoard,
-) -> Result<(Arc<Notify>, Arc<Notify>), ExitCode> {
+) -> Result<Control, ExitCode> {
     let path = pair
         .control_sock
         .clone()
@@ -258,9 +270,13 @@ fn serve_control(
     match server {
         Ok(server) => {
             let stop = Arc::new(Notify::new());
-            let takeover = server.takeover();
+            let (takeover, verify) = (server.takeover(), server.verify());
             runtime.spawn(server.serve(status.clone(), Arc::clone(&stop)));
-            Ok((stop, takeover))
+            Ok(Control {
+                stop,
+                takeover,
+                verify,
+            })
         }
         Err(e) => {
             eprintln!("ftprotect: {}", error_chain(&e));
@@ -315,6 +331,7 @@ fn primary_config(
         precopy_rounds: pair.precopy_rounds,
         retry_every: Duration::from_millis(500),
         vm_failed: Arc::default(),
+        verify_next: Arc::default(),
         generation,
         witness,
     }
@@ -331,7 +348,7 @@ enum Ended {
 }
 
 /// Runs `vm` as the primary until the guest stops or a stop is asked on
-/// the control socket (`control_stop`).
+/// the control socket (`control.stop`).
 fn run_primary(
     runtime: &tokio::runtime::Runtime,
     vm: Vm,
@@ -339,7 +356,7 @@ fn run_primary(
     node: &str,
     generation: u64,
     status: &StatusBoard,
-    control_stop: &Notify,
+    control: &Control,
 ) -> ExitCode {
     let link = match link_config(pair, node, Role::Primary) {
         Ok(l) => l,
@@ -355,7 +372,8 @@ fn run_primary(
             return ExitCode::from(2);
         }
     };
-    let config = primary_config(pair, link, generation, witness);
+    let mut config = primary_config(pair, link, generation, witness);
+    config.verify_next = Arc::clone(&control.verify);
     let vm_failed = Arc::clone(&config.vm_failed);
     let vm = Arc::new(vm);
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -375,7 +393,7 @@ fn run_primary(
     let ended = runtime.block_on(async {
         tokio::select! {
             event = event_rx => Ended::Guest(event.unwrap_or(VmEvent::Shutdown)),
-            _ = control_stop.notified() => Ended::Asked,
+            _ = control.stop.notified() => Ended::Asked,
         }
     });
     if let Ended::Guest(VmEvent::VcpuFailed { .. }) = &ended {
@@ -388,7 +406,10 @@ fn run_primary(
     }
     // Tell a standby in session not to take a stopped VM over.
     stop.notify_one();
-    let end = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), protection));
+    // The timer is made inside the runtime (made outside, it panics: no
+    // reactor, and the process ended with 101 instead of its exit code).
+    let end =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), protection).await });
     if let Ok(Ok(PrimaryEnd::Superseded { generation, owner })) = end {
         // The status says so already (state "superseded").
         eprintln!(
@@ -588,8 +609,8 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
     let node = node_name(pair);
     let status = StatusBoard::new(&node, Role::Primary);
     status.update(|s| s.heartbeat_timeout_ms = pair.heartbeat_timeout_ms);
-    let (control_stop, _) = match serve_control(runtime, pair, &status) {
-        Ok(notifies) => notifies,
+    let control = match serve_control(runtime, pair, &status) {
+        Ok(control) => control,
         Err(code) => return code,
     };
     let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
@@ -606,15 +627,7 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
             promote::join_bridge(tap, bridge);
         }
     }
-    run_primary(
-        runtime,
-        vm,
-        pair,
-        &node,
-        pair.generation,
-        &status,
-        &control_stop,
-    )
+    run_primary(runtime, vm, pair, &node, pair.generation, &status, &control)
 }
 
 /// `ftprotect standby`: keeps the replica; promotes it when the primary is
@@ -629,8 +642,8 @@ fn standby(
     let node = node_name(pair);
     let status = StatusBoard::new(&node, Role::Standby);
     status.update(|s| s.heartbeat_timeout_ms = pair.heartbeat_timeout_ms);
-    let (control_stop, force_takeover) = match serve_control(runtime, pair, &status) {
-        Ok(notifies) => notifies,
+    let control = match serve_control(runtime, pair, &status) {
+        Ok(control) => control,
         Err(code) => return code,
     };
     let link = match link_config(pair, &node, Role::Standby) {
@@ -654,12 +667,12 @@ fn standby(
         taps: taps.clone(),
         min_generation: pair.generation,
         witness,
-        force_takeover,
+        force_takeover: Arc::clone(&control.takeover),
     };
     let standing_by = runtime.block_on(async {
         tokio::select! {
             replica = standby::stand_by(&config, &status) => Some(replica),
-            _ = control_stop.notified() => None,
+            _ = control.stop.notified() => None,
         }
     });
     let replica = match standing_by {
@@ -695,5 +708,5 @@ fn standby(
         }
     };
     status.update(|s| s.counters.failovers += 1);
-    run_primary(runtime, vm, pair, &node, generation, &status, &control_stop)
+    run_primary(runtime, vm, pair, &node, generation, &status, &control)
 }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use vmm::vm::Vm;
 
 use super::PrimaryError;
+use crate::oracle;
 use crate::protocol::{
     disk_payloads, CheckpointState, DiskBatch, DiskRecord, PageStager, StagedPages,
     CHECKPOINT_STATE_VERSION,
@@ -38,8 +39,9 @@ pub struct StopTimes {
 
 /// Pauses the guest and captures checkpoint `epoch`; the guest stays
 /// paused (the caller resumes it, also on error). Output is held from
-/// epoch 1 on.
-pub fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
+/// epoch 1 on. With `verify`, the VM's memory and disks are digested while
+/// the guest is paused (the consistency oracle: a slow stop, on request).
+pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryError> {
     let start = Instant::now();
     let pause = vm.pause();
     if epoch == 1 {
@@ -61,11 +63,23 @@ pub fn capture(vm: &Vm, epoch: u64) -> Result<Captured, PrimaryError> {
         data: Bytes::from(w.data),
     });
     vm.output().seal(epoch);
+    let digest = if verify {
+        let digest = oracle::digest(
+            vm.guest_bytes(),
+            |gpa, buf| vm.read_memory(gpa, buf),
+            &vm.disk_paths(),
+        )
+        .map_err(|source| PrimaryError::Digest { epoch, source })?;
+        Some(digest)
+    } else {
+        None
+    };
     // Encoded after the guest resumes (see `epochs`).
     let state = CheckpointState {
         version: CHECKPOINT_STATE_VERSION,
         machine,
         guest_ipv4: vm.output().guest_ipv4(),
+        digest,
     };
     Ok(Captured {
         state,

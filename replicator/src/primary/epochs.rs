@@ -64,7 +64,10 @@ pub(super) async fn epochs(
         }
 
         let stop_start = Instant::now();
-        let captured = capture(vm, epoch);
+        let verify = config
+            .verify_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let captured = capture(vm, epoch, verify);
         if captured.is_err() || !config.synchronous {
             vm.resume();
         }

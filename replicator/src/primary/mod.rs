@@ -79,6 +79,12 @@ pub enum PrimaryError {
     },
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("checkpoint {epoch}: the consistency digest failed: {source}")]
+    Digest {
+        epoch: u64,
+        #[source]
+        source: crate::oracle::OracleError,
+    },
     #[error("reading disk {path} for the initial copy failed: {source}")]
     ReadDisk {
         path: PathBuf,
@@ -108,6 +114,9 @@ pub struct PrimaryConfig {
     /// fault, not on purpose: the standby is told to take it over
     /// (Handover) instead of to let it go (Stop).
     pub vm_failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the control socket's `verify`: the next checkpoint carries a
+    /// digest of the VM for the standby to compare ([`crate::oracle`]).
+    pub verify_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The generation of the active copy this primary runs (every message
     /// carries it; a standby refuses an older one).
     pub generation: u64,

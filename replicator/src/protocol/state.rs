@@ -29,6 +29,10 @@ pub struct CheckpointState {
     pub machine: MachineState,
     /// IPv4 addresses the guest sent from (announced after a takeover).
     pub guest_ipv4: Vec<[u8; 4]>,
+    /// The VM digested at this checkpoint (asked for by `verify`): the
+    /// standby compares its replica with it once the epoch is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<crate::oracle::Digest>,
 }
 
 /// What the primary announces before copying a VM to a new standby.

@@ -16,6 +16,7 @@ use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, ReplicaDisk};
 use super::{Replica, StandbyConfig, StandbyError, PATH_MARGIN};
 use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
+use crate::oracle;
 use crate::protocol::{
     CheckpointState, DiskBatch, Envelope, Message, PageBatch, ProtocolError, SyncPlan,
 };
@@ -352,6 +353,9 @@ impl Receiving {
         self.assembler
             .apply(&complete, &self.ram, &self.disks)
             .map_err(|e| refused(status, e.into()))?;
+        if let Some(digest) = &state.digest {
+            self.verify(epoch, digest, status);
+        }
         self.committed_epoch(&complete, state, status);
         match link.send(&Message::Ack.into_frame(epoch, generation)).await {
             Ok(()) => Ok(None),
@@ -360,6 +364,53 @@ impl Receiving {
                 Ok(Some(error))
             }
         }
+    }
+
+    /// The consistency oracle: the replica, right after applying `epoch`,
+    /// against the primary's digest of that checkpoint.
+    fn verify(&self, epoch: u64, primary: &oracle::Digest, status: &StatusBoard) {
+        let started = Instant::now();
+        let paths: Vec<_> = self.disks.iter().map(|d| d.path.clone()).collect();
+        let verdict = match oracle::digest(
+            self.ram.bytes(),
+            |gpa, buf| self.ram.read_page(gpa, buf),
+            &paths,
+        ) {
+            Ok(replica) => oracle::compare(
+                epoch,
+                primary,
+                &replica,
+                started.elapsed().as_millis() as u64,
+            ),
+            Err(e) => oracle::Verdict {
+                epoch,
+                equal: false,
+                digest_ms: started.elapsed().as_millis() as u64,
+                memory_differs: vec![],
+                disk_differs: vec![],
+                shape: Some(format!("the replica could not be digested: {e}")),
+            },
+        };
+        if verdict.equal {
+            info!(
+                epoch,
+                digest_ms = verdict.digest_ms,
+                "consistency check: the replica equals the primary"
+            );
+        } else {
+            warn!(
+                epoch,
+                ?verdict,
+                "consistency check: the replica DIFFERS from the primary"
+            );
+        }
+        status.update(|s| {
+            s.counters.oracle_checks += 1;
+            if !verdict.equal {
+                s.counters.oracle_mismatches += 1;
+            }
+            s.oracle = Some(verdict);
+        });
     }
 
     /// Statistics and state after epoch `complete` committed.

@@ -134,6 +134,20 @@ impl Vm {
         Ok(count)
     }
 
+    /// Reads guest memory at `gpa` into `buf` (for checks made while the
+    /// guest is paused).
+    pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReplicationError> {
+        self.ram
+            .memory
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|source| ReplicationError::ReadPage { gpa, source })
+    }
+
+    /// Guest RAM in bytes.
+    pub fn guest_bytes(&self) -> u64 {
+        self.ram.size
+    }
+
     /// Guest RAM in pages.
     pub fn guest_pages(&self) -> u64 {
         self.ram.size / PAGE_SIZE as u64
