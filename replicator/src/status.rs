@@ -195,6 +195,9 @@ pub struct Status {
     pub message: Option<String>,
     /// When the status last changed.
     pub updated_unix_ms: u64,
+    /// When the state last changed (its own clock).
+    #[serde(default)]
+    pub state_since_unix_ms: u64,
     pub sync: Option<SyncProgress>,
     pub counters: FtCounters,
     /// The generation of the active copy this process runs or replicates.
@@ -236,6 +239,7 @@ impl StatusBoard {
                 peer: None,
                 message: None,
                 updated_unix_ms: unix_ms(),
+                state_since_unix_ms: unix_ms(),
                 sync: None,
                 counters: FtCounters::default(),
                 generation: 0,
@@ -255,6 +259,9 @@ impl StatusBoard {
     /// Changes role/state (logged at once).
     pub fn set_state(&self, role: Role, state: FtState, message: Option<String>) {
         self.update(|s| {
+            if (s.role, s.state) != (role, state) {
+                s.state_since_unix_ms = unix_ms();
+            }
             s.role = role;
             s.state = state;
             s.message = message.clone();
