@@ -430,6 +430,22 @@ fn a_standby_pulled_under_a_busy_two_vcpu_guest_leaves_the_primary_serving() {
             .unwrap()
             .as_millis() as u64
     };
+    // The node's clock against the host's (busybox date with nanoseconds),
+    // to place the engine's own state-change time on the host's clock.
+    let (before, out, after) = (
+        unix_ms(),
+        lab.lab()
+            .exec(NodeId::A, &["date", "+%s%N"], Duration::from_secs(10))
+            .expect("date on node a"),
+        unix_ms(),
+    );
+    let node_ms = out
+        .stdout
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|ns| ns / 1_000_000);
+    let offset_ms = node_ms.map(|n| n as i64 - ((before + after) / 2) as i64);
     let pulled_unix_ms = unix_ms();
     let pulled_at = Instant::now();
     lab.pull(NodeId::B);
@@ -459,13 +475,17 @@ fn a_standby_pulled_under_a_busy_two_vcpu_guest_leaves_the_primary_serving() {
     }
     let per_op = t.elapsed() / 20;
     assert_eq!(client.dump().expect("dump"), (1..=25).collect::<Vec<u64>>());
+    let by_engine = offset_ms.map_or_else(
+        || "?".to_string(),
+        |o| {
+            let ms = unprotected.state_since_unix_ms as i64 - o - pulled_unix_ms as i64;
+            format!("{ms} (+-{})", (after - before).div_ceil(2))
+        },
+    );
     eprintln!(
-        "[busy] 2 vCPUs + dirtier: the primary said unprotected {} ms after the pull by its own \
-         clock ({seen_ms} ms as polled); heartbeat timeout {} ms (goal: within {} ms); ledger ops \
-         then {} ms each",
-        unprotected
-            .state_since_unix_ms
-            .saturating_sub(pulled_unix_ms),
+        "[busy] 2 vCPUs + dirtier: the primary said unprotected {by_engine} ms after the pull by \
+         its own state change ({seen_ms} ms as polled); heartbeat timeout {} ms (goal: within {} \
+         ms); ledger ops then {} ms each",
         unprotected.heartbeat_timeout_ms,
         2 * unprotected.heartbeat_timeout_ms,
         per_op.as_millis()
