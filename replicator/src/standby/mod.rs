@@ -130,8 +130,14 @@ pub struct Replica {
 }
 
 /// Life on the backup path counts only this long after the last arrival on
-/// the active path (frames already in flight when a primary dies).
-const PATH_MARGIN: Duration = Duration::from_millis(50);
+/// the active path (frames already in flight when a primary dies): one and
+/// a half heartbeat intervals, at least 50 ms. A primary that died may have
+/// sent one last heartbeat on the backup up to an interval after its last
+/// frame on the active path; a live one sends several during the silence
+/// timeout (four intervals and more).
+pub(super) fn path_margin(heartbeat_interval: Duration) -> Duration {
+    (heartbeat_interval * 3 / 2).max(Duration::from_millis(50))
+}
 
 /// How long a new connection has to say what it is.
 const FIRST_FRAME_WITHIN: Duration = Duration::from_secs(5);
@@ -221,4 +227,26 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
         task.abort();
     }
     Ok(replica)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9 defect 1: the margin was 50 ms, under the 60 ms heartbeat
+    /// interval, so a dead primary's last heartbeat on the backup path could
+    /// pass for life.
+    #[test]
+    fn the_path_margin_covers_a_heartbeat_interval() {
+        let interval = ft_link::DEFAULT_HEARTBEAT_INTERVAL;
+        assert!(
+            path_margin(interval) > interval,
+            "{:?}",
+            path_margin(interval)
+        );
+        assert_eq!(
+            path_margin(Duration::from_millis(10)),
+            Duration::from_millis(50)
+        );
+    }
 }

@@ -14,7 +14,7 @@ use vmm::replication::ReplicaRam;
 
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, ReplicaDisk};
-use super::{Replica, StandbyConfig, StandbyError, PATH_MARGIN};
+use super::{path_margin, Replica, StandbyConfig, StandbyError};
 use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::oracle;
 use crate::protocol::{
@@ -98,7 +98,7 @@ async fn run(
                 // no takeover, the new session goes on.
                 return Ok(Session::Ended(StandbyError::Superseded, Some(*arrival)));
             }
-            Next::LinkFailed(error) => return link_lost(error, link, replica, status),
+            Next::LinkFailed(error) => return link_lost(error, link, replica, config, status),
         };
         match envelope.message {
             Message::Stop => return Err(StandbyError::PrimaryStopped),
@@ -115,7 +115,7 @@ async fn run(
                 // not a bad epoch: the epoch is committed here, and the
                 // replica may be needed.
                 if let Some(error) = replica.on_epoch_message(envelope, link, status).await? {
-                    return link_lost(error, link, replica, status);
+                    return link_lost(error, link, replica, config, status);
                 }
             }
         }
@@ -234,6 +234,7 @@ fn link_lost(
     error: LinkError,
     link: &Link,
     mut replica: Receiving,
+    config: &StandbyConfig,
     status: &StatusBoard,
 ) -> Result<Session, StandbyError> {
     let active_heard = link.liveness().last_arrival();
@@ -251,12 +252,17 @@ fn link_lost(
     }
     // With a second path, the primary may only have lost this one: if it
     // is still heard there, it lives (no takeover; it reconnects and
-    // resynchronises). The window is the active path's silence: a live
-    // primary sent several heartbeats on the backup meanwhile.
+    // resynchronises). After a silence the window is the silence itself: a
+    // live primary sent several heartbeats on the backup meanwhile. After an
+    // abrupt end (a FIN or a reset: a middlebox, a restarted path, or a
+    // primary whose process ended) nothing can be judged yet: the backup
+    // path is watched for the silence timeout before anything is decided.
+    let abrupt = !matches!(error, LinkError::PeerSilent { .. });
+    let margin = path_margin(config.link.heartbeat_interval);
     if replica
         .backup
         .as_ref()
-        .is_some_and(|b| b.heard_primary_after(active_heard + PATH_MARGIN))
+        .is_some_and(|b| abrupt || b.heard_primary_after(active_heard + margin))
     {
         let backup = replica.backup.take().expect("checked");
         return match replica.into_replica() {
