@@ -352,6 +352,23 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
     )
     .expect("protected");
     let checked = |s: &Option<Status>| s.as_ref().map_or(0, |s| s.counters.oracle_checks);
+    // Both engines' logs without the per-epoch lines, for a failure.
+    let logs = || {
+        NodeId::ALL
+            .map(|n| {
+                let out = lab.lab().exec(
+                    n,
+                    &[
+                        "sh",
+                        "-c",
+                        "grep -v 'epoch committed' /data/ftd/vms/ledger-vm/ftprotect.log | tail -n 30",
+                    ],
+                    Duration::from_secs(10),
+                );
+                format!("--- node {n}:\n{}", out.map(|o| o.stdout).unwrap_or_default())
+            })
+            .join("\n")
+    };
     let mut done = checked(&drill::watch::engine_status(lab.lab(), NodeId::B));
     let mut epochs = Vec::new();
     let mut digest_ms = Vec::new();
@@ -367,19 +384,22 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
             }
             assert!(
                 asked.elapsed() < Duration::from_secs(120),
-                "check {i}: no verdict within 120 s; standby: {standby:?}"
+                "check {i}: no verdict within 120 s; standby: {standby:?}\n{}",
+                logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         };
         assert!(
             verdict.equal,
-            "check {i}: the replica differs from the primary at epoch {}: {verdict:?}",
-            verdict.epoch
+            "check {i}: the replica differs from the primary at epoch {}: {verdict:?}\n{}",
+            verdict.epoch,
+            logs()
         );
         assert!(
             epochs.last().is_none_or(|&e| verdict.epoch > e),
-            "check {i}: epoch {} after {epochs:?}",
-            verdict.epoch
+            "check {i}: epoch {} after {epochs:?}: the session started over\n{}",
+            verdict.epoch,
+            logs()
         );
         epochs.push(verdict.epoch);
         digest_ms.push(verdict.digest_ms);

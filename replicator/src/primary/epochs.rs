@@ -67,7 +67,12 @@ pub(super) async fn epochs(
         let verify = config
             .verify_next
             .swap(false, std::sync::atomic::Ordering::SeqCst);
-        let captured = capture(vm, epoch, verify);
+        let captured = if verify {
+            // A digest reads the whole VM: off the async workers.
+            crate::oracle::off_the_workers(|| capture(vm, epoch, true))
+        } else {
+            capture(vm, epoch, false)
+        };
         if captured.is_err() || !config.synchronous {
             vm.resume();
         }

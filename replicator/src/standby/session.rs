@@ -360,7 +360,8 @@ impl Receiving {
             .apply(&complete, &self.ram, &self.disks)
             .map_err(|e| refused(status, e.into()))?;
         if let Some(digest) = &state.digest {
-            self.verify(epoch, digest, status);
+            // Seconds of reading on a large VM: off the async workers.
+            oracle::off_the_workers(|| self.verify(epoch, digest, status));
         }
         self.committed_epoch(&complete, state, status);
         match link.send(&Message::Ack.into_frame(epoch, generation)).await {
