@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (the README's second command; .ci/run runs it).
 # Builds what the lab needs (cached), checks format and lints, then runs the
-# unit tests and the end-to-end tests in the lab. Needs root.
+# unit tests and the end-to-end tests in the lab, and fuzzes the decoders
+# briefly (scripts/fuzz.sh). Needs root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
@@ -17,8 +18,11 @@ step "the OpenAPI document validates (ftd/openapi.json)"
 python3 -m openapi_spec_validator ftd/openapi.json
 step "cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 step "cargo clippy"
 cargo clippy --workspace --all-targets --release --locked -- -D warnings
 step "cargo test (unit and end-to-end)"
 cargo test --workspace --release --locked
+step "fuzz (short run: each target 20 s; the long run is FUZZ_SECS=600)"
+FUZZ_SECS=20 ./scripts/fuzz.sh
 step "all tests passed in $((SECONDS - start))s"

@@ -103,7 +103,10 @@ pub fn disk_payloads(records: impl IntoIterator<Item = DiskRecord>) -> (Vec<Disk
                 offset,
                 data: piece.clone(),
             });
-            offset += piece.len() as u64;
+            // Wrapping: past the last piece of a write that ends at 2^64
+            // there is no next offset (a write that would run past it is
+            // refused by the standby's range check of its first piece).
+            offset = offset.wrapping_add(piece.len() as u64);
             count += 1;
             from = to;
         }
@@ -159,5 +162,21 @@ mod tests {
         huge.put_u64_le(0);
         huge.put_u32_le(u32::MAX);
         assert!(DiskBatch::parse(huge.freeze()).is_none());
+    }
+
+    #[test]
+    fn a_write_at_the_end_of_the_address_space_packs_without_a_panic() {
+        // Found by fuzzing (disk_records): packing a write that ends at
+        // 2^64 overflowed the offset of the piece after it, which does not
+        // exist (a panic where overflow checks are on).
+        let (batches, count) = disk_payloads([DiskRecord {
+            disk: 0,
+            offset: u64::MAX,
+            data: Bytes::from_static(b"x"),
+        }]);
+        assert_eq!(count, 1);
+        assert_eq!(batches[0].records()[0].offset, u64::MAX);
+        let parsed = DiskBatch::parse(batches[0].clone().into_bytes()).unwrap();
+        assert_eq!(parsed.records(), batches[0].records());
     }
 }
