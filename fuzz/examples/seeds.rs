@@ -424,6 +424,7 @@ fn protocol_message() {
         Message::Ack,
         Message::Stop,
         Message::Handover,
+        Message::Refuse("the standby on node-b: no space for the replica disk".into()),
     ];
     let epoch = an_epoch(2, Bytes::from(checkpoint_state(false)));
     messages.extend(
