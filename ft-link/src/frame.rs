@@ -200,6 +200,17 @@ impl FrameDecoder {
     /// needed. A malformed or corrupt frame is an error: the stream cannot
     /// be trusted past it, so the caller drops the connection.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        self.decode_within(buf, u32::MAX)
+    }
+
+    /// [`FrameDecoder::decode`], refusing any frame whose payload exceeds
+    /// `cap` as well as its kind's own maximum (before authentication: a
+    /// stranger must not make the link reserve a message's 64 MiB).
+    pub fn decode_within(
+        &mut self,
+        buf: &mut BytesMut,
+        cap: u32,
+    ) -> Result<Option<Frame>, FrameError> {
         if buf.len() < 4 {
             return Ok(None);
         }
@@ -222,12 +233,9 @@ impl FrameDecoder {
         let epoch = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
         let generation = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
-        if len > kind.max_payload() {
-            return Err(FrameError::TooLong {
-                kind,
-                len,
-                max: kind.max_payload(),
-            });
+        let max = kind.max_payload().min(cap);
+        if len > max {
+            return Err(FrameError::TooLong { kind, len, max });
         }
         let total = HEADER_LEN + len as usize;
         if buf.len() < total {

@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, trace, warn};
 
 use crate::auth::{self, AuthError, Nonce, PairSecret, Side};
-use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind};
+use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, MAX_LINK_PAYLOAD};
 use crate::hello::{Hello, HelloError, Mismatch, Refusal};
 use crate::pulse::{PulseConfig, PulseSocket, Pulses};
 
@@ -247,12 +247,16 @@ impl HandshakeIo<'_> {
             .map_err(|source| LinkError::Send { peer, source })
     }
 
+    /// A handshake frame: none is larger than the link's own frames
+    /// ([`MAX_LINK_PAYLOAD`]), messages included, until the peer proved
+    /// the pair secret.
     async fn read(&mut self) -> Result<Frame, LinkError> {
-        read_frame(
+        read_frame_within(
             &mut *self.stream,
             self.peer,
             &mut self.rx,
             &mut self.decoder,
+            MAX_LINK_PAYLOAD,
         )
         .await
     }
@@ -307,16 +311,18 @@ fn refusal_error(peer: SocketAddr, payload: &[u8]) -> LinkError {
     }
 }
 
-/// Reads until `rx` holds a whole frame (heartbeats included).
-async fn read_frame<R: AsyncRead + Unpin>(
+/// Reads until `rx` holds a whole frame (heartbeats included) whose
+/// payload is at most `cap`.
+async fn read_frame_within<R: AsyncRead + Unpin>(
     reader: &mut R,
     peer: SocketAddr,
     rx: &mut BytesMut,
     decoder: &mut FrameDecoder,
+    cap: u32,
 ) -> Result<Frame, LinkError> {
     loop {
         if let Some(frame) = decoder
-            .decode(rx)
+            .decode_within(rx, cap)
             .map_err(|source| LinkError::Corrupt { peer, source })?
         {
             return Ok(frame);
@@ -1000,6 +1006,44 @@ mod tests {
         out
     }
 
+    /// Issue 9 (defect 4's last part): a stranger that opens with the
+    /// header of a 64 MiB message is refused at once; before, the
+    /// accepting side reserved 64 MiB for it and waited for the handshake's
+    /// timeout (32 such strangers at once: 2 GiB).
+    #[tokio::test]
+    async fn a_stranger_announcing_a_huge_message_is_refused_before_anything_is_reserved() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stranger = tokio::spawn(async move {
+            let mut raw = TcpStream::connect(addr).await.unwrap();
+            let huge = Frame::message(64, 0, 0, vec![0u8; 64 << 20]).unwrap();
+            let mut header = BytesMut::new();
+            huge.encode_header(&mut header).unwrap();
+            raw.write_all(&header).await.unwrap();
+            // Stay connected, send nothing more.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let accepting = config("node-a", Role::Primary, SECRET);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(2),
+            Link::establish(stream, Side::Accepting, &accepting),
+        )
+        .await
+        .expect("refused at once, not after the handshake's timeout");
+        match outcome {
+            Err(LinkError::Corrupt {
+                source: FrameError::TooLong { len, max, .. },
+                ..
+            }) => {
+                assert_eq!((len, max), (64 << 20, MAX_LINK_PAYLOAD));
+            }
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("paired with a stranger"),
+        }
+        stranger.abort();
+    }
+
     /// A raw peer that runs the real handshake as the connecting side and
     /// then owns the bare socket.
     async fn raw_connected_peer(addr: SocketAddr) -> TcpStream {
@@ -1143,7 +1187,7 @@ mod tests {
         let mut seen = BytesMut::new();
         let mut decoder = FrameDecoder;
         let peer = raw.peer_addr().unwrap();
-        let challenge = read_frame(raw, peer, &mut seen, &mut decoder)
+        let challenge = read_frame_within(raw, peer, &mut seen, &mut decoder, u32::MAX)
             .await
             .unwrap();
         assert_eq!(challenge.kind, FrameKind::Challenge);
@@ -1290,7 +1334,9 @@ mod tests {
                 )))
                 .await
                 .unwrap();
-                let theirs = read_frame(&mut raw, peer, &mut rx, &mut dec).await.unwrap();
+                let theirs = read_frame_within(&mut raw, peer, &mut rx, &mut dec, u32::MAX)
+                    .await
+                    .unwrap();
                 let theirs = Nonce::from_wire(&theirs.payload).unwrap();
                 let proof = auth::prove(&secret, Side::Connecting, &theirs, &mine);
                 raw.write_all(&encoded(&Frame::new(
