@@ -15,15 +15,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use fault_relay::{kind, Direction, Fault, Relay};
+use ft_link::frame::HEADER_LEN;
 use ft_link::{Link, Role};
 use replicator::protocol::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test]
 async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed_over() {
@@ -71,73 +69,27 @@ async fn a_replayed_epoch_is_refused_unacknowledged_and_causes_no_takeover() {
     standby.task.abort();
 }
 
-/// What a relay does once its switch is set.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    /// Flip one bit in the next chunk of over 1000 bytes from the primary
-    /// (then the switch resets).
-    FlipABit,
-    /// Both directions go silent, the connections held open, like an
-    /// unplugged cable.
-    GoSilent,
-}
-
-/// A TCP relay from a primary to `to` that injects `fault` once `switch`
-/// is set.
-async fn relay(to: SocketAddr, switch: Arc<AtomicBool>, fault: Fault) -> SocketAddr {
-    async fn pump(
-        mut r: tokio::net::tcp::OwnedReadHalf,
-        mut w: tokio::net::tcp::OwnedWriteHalf,
-        switch: Arc<AtomicBool>,
-        fault: Fault,
-        from_primary: bool,
-    ) {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match r.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            match fault {
-                Fault::GoSilent if switch.load(Ordering::SeqCst) => {
-                    std::future::pending::<()>().await
-                }
-                Fault::FlipABit
-                    if from_primary && n > 1000 && switch.swap(false, Ordering::SeqCst) =>
-                {
-                    buf[n / 2] ^= 0x10
-                }
-                _ => {}
-            }
-            if w.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    }
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (primary, _) = listener.accept().await.unwrap();
-        let standby = TcpStream::connect(to).await.unwrap();
-        let (pr, pw) = primary.into_split();
-        let (sr, sw) = standby.into_split();
-        tokio::join!(
-            pump(pr, sw, Arc::clone(&switch), fault, true),
-            pump(sr, pw, switch, fault, false)
-        );
-    });
-    addr
+/// A fault relay from a primary to `to`.
+async fn relay(to: SocketAddr) -> Relay {
+    Relay::start("127.0.0.1:0", to).await.expect("a relay")
 }
 
 #[tokio::test]
 async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
     let standby = start_standby("corrupt").await;
-    let corrupt = Arc::new(AtomicBool::new(false));
-    let relay = relay(standby.addr, Arc::clone(&corrupt), Fault::FlipABit).await;
-    let mut link = synced_primary(relay).await;
+    let relay = relay(standby.addr).await;
+    let mut link = synced_primary(relay.local_addr()).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    corrupt.store(true, Ordering::SeqCst);
+    // One bit in the middle of epoch 2's page frame.
+    let flip = Fault::FlipByte {
+        offset: HEADER_LEN + 2000,
+        mask: 0x10,
+    };
+    relay
+        .handle()
+        .inject_on(Direction::Up, flip, kind::PAGES)
+        .unwrap();
     send(&link, &epoch_frames(2, 0x33, b"two")).await;
     let answer = tokio::time::timeout(WITHIN, link.recv())
         .await
@@ -146,8 +98,10 @@ async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
         answer.is_err(),
         "a corrupted epoch was answered: {answer:?}"
     );
-    assert!(
-        !corrupt.load(Ordering::SeqCst),
+    let counters = relay.handle().counters();
+    assert_eq!(
+        (counters.up.faults, counters.up.pending),
+        (1, 0),
         "the relay corrupted a frame"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -161,20 +115,16 @@ async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
     standby.task.abort();
 }
 
-/// A primary whose session runs through a cuttable relay (`cut`), with a
-/// backup path through another (`cut_backup`) to the standby's second
-/// address.
-async fn primary_with_backup(
-    standby: &Standby,
-    cut: &Arc<AtomicBool>,
-    cut_backup: &Arc<AtomicBool>,
-) -> (Link, Link) {
-    let path1 = relay(standby.addr, Arc::clone(cut), Fault::GoSilent).await;
-    let path2 = relay(standby.addr2, Arc::clone(cut_backup), Fault::GoSilent).await;
-    let mut link = synced_primary(path1).await;
+/// A primary whose session runs through a relay (the active path), with a
+/// backup path through another relay to the standby's second address:
+/// (session, backup, active path's relay, backup path's relay).
+async fn primary_with_backup(standby: &Standby) -> (Link, Link, Relay, Relay) {
+    let path1 = relay(standby.addr).await;
+    let path2 = relay(standby.addr2).await;
+    let mut link = synced_primary(path1.local_addr()).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    let backup = Link::connect(path2, &link_config(Role::Primary))
+    let backup = Link::connect(path2.local_addr(), &link_config(Role::Primary))
         .await
         .expect("backup path");
     backup
@@ -182,16 +132,22 @@ async fn primary_with_backup(
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    (link, backup)
+    (link, backup, path1, path2)
+}
+
+/// A path goes silent both ways, its connection held open: an unplugged
+/// cable.
+fn cut(path: &Relay) {
+    path.handle()
+        .inject(Direction::Both, Fault::Stall)
+        .expect("a stall");
 }
 
 #[tokio::test]
 async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
     let standby = start_standby("path-lost").await;
-    let cut = Arc::new(AtomicBool::new(false));
-    let backup_cut = Arc::new(AtomicBool::new(false));
-    let (_link, _backup) = primary_with_backup(&standby, &cut, &backup_cut).await;
-    cut.store(true, Ordering::SeqCst);
+    let (_link, _backup, path1, _path2) = primary_with_backup(&standby).await;
+    cut(&path1);
     // The active path falls silent (400 ms timeout); the backup still
     // carries the primary's heartbeats.
     tokio::time::sleep(Duration::from_millis(2000)).await;
@@ -217,10 +173,8 @@ async fn a_lost_path_with_the_primary_heard_on_the_backup_causes_no_takeover() {
 #[tokio::test]
 async fn paths_cut_one_after_the_other_are_taken_over() {
     let standby = start_standby("paths-staggered").await;
-    let cut = Arc::new(AtomicBool::new(false));
-    let backup_cut = Arc::new(AtomicBool::new(false));
-    let (link, backup) = primary_with_backup(&standby, &cut, &backup_cut).await;
-    cut.store(true, Ordering::SeqCst);
+    let (link, backup, path1, path2) = primary_with_backup(&standby).await;
+    cut(&path1);
     // The active path's silence is judged while the backup lives: the
     // standby says so and keeps the replica.
     let judged = tokio::time::timeout(WITHIN, async {
@@ -236,7 +190,7 @@ async fn paths_cut_one_after_the_other_are_taken_over() {
     .await;
     assert!(judged.is_ok(), "{:?}", standby.status.snapshot());
     assert!(!standby.task.is_finished());
-    backup_cut.store(true, Ordering::SeqCst);
+    cut(&path2);
     let replica = taken_over(standby.task).await;
     drop((link, backup));
     assert_eq!(replica.epoch, 1);
@@ -246,11 +200,11 @@ async fn paths_cut_one_after_the_other_are_taken_over() {
 #[tokio::test]
 async fn a_primary_silent_on_both_paths_is_taken_over() {
     let standby = start_standby("both-lost").await;
-    // One switch for both paths: the primary's host loses power, both go
-    // quiet at once (no FIN, no RST).
-    let cut = Arc::new(AtomicBool::new(false));
-    let (link, backup) = primary_with_backup(&standby, &cut, &cut).await;
-    cut.store(true, Ordering::SeqCst);
+    // The primary's host loses power: both paths go quiet at once (no
+    // FIN, no RST).
+    let (link, backup, path1, path2) = primary_with_backup(&standby).await;
+    cut(&path1);
+    cut(&path2);
     let replica = taken_over(standby.task).await;
     drop((link, backup));
     assert_eq!(replica.epoch, 1);
@@ -279,56 +233,6 @@ async fn a_primary_whose_vm_stopped_is_not_taken_over() {
     standby.task.abort();
 }
 
-/// A relay from a primary to `to` that, once `armed`, forwards the primary's
-/// bytes up to and including the end record of an epoch and then resets
-/// the standby's connection (SO_LINGER 0): the standby gets the whole
-/// epoch, then finds its socket reset when it acknowledges.
-async fn reset_after_epoch_end(to: SocketAddr, armed: Arc<AtomicBool>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut primary, _) = listener.accept().await.unwrap();
-        let mut standby = TcpStream::connect(to).await.unwrap();
-        let (mut up, mut down) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
-        let mut seen = bytes::BytesMut::new();
-        let mut decoder = ft_link::FrameDecoder;
-        loop {
-            tokio::select! {
-                n = primary.read(&mut up) => {
-                    let Ok(n @ 1..) = n else { return };
-                    if standby.write_all(&up[..n]).await.is_err() {
-                        return;
-                    }
-                    if !armed.load(Ordering::SeqCst) {
-                        seen.clear();
-                        continue;
-                    }
-                    seen.extend_from_slice(&up[..n]);
-                    while let Ok(Some(frame)) = decoder.decode(&mut seen) {
-                        let end = Message::from_frame(frame)
-                            .is_ok_and(|e| matches!(e.message, Message::EpochEnd(_)));
-                        if end {
-                            // Deprecated for its blocking close with a
-                            // positive linger; a zero linger resets at
-                            // once, which is the fault wanted here.
-                            #[allow(deprecated)]
-                            standby.set_linger(Some(Duration::ZERO)).unwrap();
-                            return; // both streams dropped: the standby's is reset
-                        }
-                    }
-                }
-                n = standby.read(&mut down) => {
-                    let Ok(n @ 1..) = n else { return };
-                    if primary.write_all(&down[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    addr
-}
-
 /// Issue 9, defect 3: a reset after epoch N arrived and before its
 /// acknowledgement left made the standby end the session without a
 /// takeover, discarding a replica that held epoch N (it failed before the
@@ -336,12 +240,16 @@ async fn reset_after_epoch_end(to: SocketAddr, armed: Arc<AtomicBool>) -> Socket
 #[tokio::test]
 async fn an_epoch_whose_acknowledgement_cannot_be_sent_is_kept_and_taken_over() {
     let standby = start_standby("ack-reset").await;
-    let armed = Arc::new(AtomicBool::new(false));
-    let relay = reset_after_epoch_end(standby.addr, Arc::clone(&armed)).await;
-    let mut link = synced_primary(relay).await;
+    let relay = relay(standby.addr).await;
+    let mut link = synced_primary(relay.local_addr()).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    armed.store(true, Ordering::SeqCst);
+    // The standby gets the whole of epoch 2, then finds its connection
+    // reset (SO_LINGER 0) when it acknowledges.
+    relay
+        .handle()
+        .inject_on(Direction::Up, Fault::Reset, kind::EPOCH_END)
+        .unwrap();
     send(&link, &epoch_frames(2, 0x33, b"two")).await;
     // The primary never hears of epoch 2.
     let answer = tokio::time::timeout(WITHIN, link.recv())
@@ -356,6 +264,7 @@ async fn an_epoch_whose_acknowledgement_cannot_be_sent_is_kept_and_taken_over() 
     assert_eq!(page5(&replica), 0x33);
     assert_eq!(disk_at_512(&replica, 3), b"two");
     assert_eq!(standby.status.snapshot().counters.epochs_applied, 2);
+    assert_eq!(relay.handle().counters().up.faults, 1, "the relay reset");
 }
 
 /// Issue 9, defect 6 (the standby's side): a connection that proves the
