@@ -140,9 +140,10 @@ pub mod kind {
     pub const STOP: FrameKind = FrameKind::Message(73);
     pub const HANDOVER: FrameKind = FrameKind::Message(74);
     pub const REFUSE: FrameKind = FrameKind::Message(75);
+    pub const SYNC_END: FrameKind = FrameKind::Message(76);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 18] = [
+    pub const NAMED: [(&str, FrameKind); 19] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
@@ -161,6 +162,7 @@ pub mod kind {
         ("Stop", STOP),
         ("Handover", HANDOVER),
         ("Refuse", REFUSE),
+        ("SyncEnd", SYNC_END),
     ];
 }
 

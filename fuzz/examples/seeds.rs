@@ -424,6 +424,12 @@ fn protocol_message() {
         Message::Ack,
         Message::Stop,
         Message::Handover,
+        Message::SyncEnd(replicator::protocol::EpochEnd {
+            pages: 1,
+            pages_crc: 2,
+            writes: 3,
+            writes_crc: 4,
+        }),
         Message::Refuse("the standby on node-b: no space for the replica disk".into()),
     ];
     let epoch = an_epoch(2, Bytes::from(checkpoint_state(false)));

@@ -14,7 +14,8 @@ use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
 use crate::protocol::{
-    disk_payloads, DiskRecord, Message, PageStager, SyncPlan, DISK_BYTES_PER_FRAME, PAGE_SIZE,
+    disk_payloads, DiskRecord, EndTally, Message, PageStager, SyncPlan, DISK_BYTES_PER_FRAME,
+    PAGE_SIZE,
 };
 use crate::status::{FtState, Role, StatusBoard, SyncProgress};
 
@@ -62,6 +63,7 @@ pub(super) async fn initial_sync(
         .await?;
     let progress = Progress {
         vm,
+        tally: Default::default(),
         status,
         generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
@@ -70,6 +72,11 @@ pub(super) async fn initial_sync(
     let done = disk_bytes.iter().sum::<u64>();
     let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done).await?;
     drain_writes(vm, tx, &progress, 0).await?;
+    // The end record: the standby checks it held every batch, once and in
+    // order, before it accepts an epoch.
+    let end = progress.tally().end();
+    tx.send(&Message::SyncEnd(end).into_frame(0, generation))
+        .await?;
     info!(
         disk_bytes_sent = sent_disk,
         nonzero_pages = sent_pages,
@@ -83,12 +90,18 @@ pub(super) async fn initial_sync(
 /// Where the copy stands (and the generation its frames carry).
 struct Progress<'a> {
     vm: &'a Vm,
+    /// What the copy sent, for its end record.
+    tally: std::sync::Mutex<EndTally>,
     status: &'a StatusBoard,
     generation: u64,
     total: u64,
 }
 
 impl Progress<'_> {
+    fn tally(&self) -> std::sync::MutexGuard<'_, EndTally> {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn report(&self, phase: &str, done: u64) {
         self.status.update(|s| {
             s.sync = Some(SyncProgress {
@@ -129,7 +142,10 @@ async fn copy_disks(
                 }]);
                 let frames: Vec<_> = batches
                     .into_iter()
-                    .map(|b| Message::SyncDisk(b).into_frame(0, progress.generation))
+                    .map(|b| {
+                        progress.tally().add_disk(&b);
+                        Message::SyncDisk(b).into_frame(0, progress.generation)
+                    })
                     .collect();
                 sent += send_all(tx, &frames, progress.status).await?;
             }
@@ -203,7 +219,10 @@ async fn drain_writes(
     let (batches, _) = disk_payloads(records);
     let frames: Vec<_> = batches
         .into_iter()
-        .map(|b| Message::SyncDisk(b).into_frame(0, progress.generation))
+        .map(|b| {
+            progress.tally().add_disk(&b);
+            Message::SyncDisk(b).into_frame(0, progress.generation)
+        })
         .collect();
     send_all(tx, &frames, progress.status).await
 }
@@ -215,7 +234,10 @@ async fn send_pages(
 ) -> Result<(), PrimaryError> {
     let frames: Vec<_> = batches
         .into_iter()
-        .map(|b| Message::SyncPages(b).into_frame(0, progress.generation))
+        .map(|b| {
+            progress.tally().add_pages(&b);
+            Message::SyncPages(b).into_frame(0, progress.generation)
+        })
         .collect();
     send_all(tx, &frames, progress.status).await.map(|_| ())
 }

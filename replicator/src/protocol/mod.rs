@@ -10,6 +10,8 @@
 //!                                                 replica (why, in UTF-8)
 //! SyncPages   memory, copied while the guest runs
 //! SyncDisk    disk contents, likewise
+//! SyncEnd     the copy's end record: [pages u64][crc32 of their addresses]
+//!             [disk records u64][crc32 of the SyncDisk payloads]
 //! Backup      first message of a second path (heartbeats only)
 //! EpochBegin(N)  the checkpoint's state (see `state`)
 //! Pages(N)       dirty pages: [gpa u64 LE][4096 bytes] ... (see `pages`)
@@ -87,12 +89,49 @@ impl EpochEnd {
     }
 }
 
+/// A running tally of page and disk batches, closed into the end record
+/// that lets the receiver tell a whole sequence from one with a batch
+/// lost, repeated or reordered (the initial copy's `SyncEnd`).
+#[derive(Default)]
+pub struct EndTally {
+    pages: u64,
+    pages_crc: crc32fast::Hasher,
+    writes: u64,
+    writes_crc: crc32fast::Hasher,
+}
+
+impl EndTally {
+    pub fn add_pages(&mut self, batch: &PageBatch) {
+        self.pages += batch.len() as u64;
+        batch.hash_addresses(&mut self.pages_crc);
+    }
+
+    pub fn add_disk(&mut self, batch: &DiskBatch) {
+        self.writes += batch.records().len() as u64;
+        self.writes_crc.update(batch.bytes());
+    }
+
+    /// The end record of what was tallied.
+    pub fn end(&self) -> EpochEnd {
+        EpochEnd {
+            pages: self.pages,
+            pages_crc: self.pages_crc.clone().finalize(),
+            writes: self.writes,
+            writes_crc: self.writes_crc.clone().finalize(),
+        }
+    }
+}
+
 /// One message of the replication protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     SyncBegin(SyncPlan),
     SyncPages(PageBatch),
     SyncDisk(DiskBatch),
+    /// The end of the initial copy: how many page and disk records it
+    /// sent, and checksums of their order (see [`EndTally`]). Epochs come
+    /// only after it.
+    SyncEnd(EpochEnd),
     Backup,
     /// The encoded [`CheckpointState`]: decoded only once its epoch is
     /// complete (a torn epoch costs no decode).
@@ -133,6 +172,7 @@ const ACK: u8 = 72;
 const STOP: u8 = 73;
 const HANDOVER: u8 = 74;
 const REFUSE: u8 = 75;
+const SYNC_END: u8 = 76;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -141,6 +181,7 @@ impl Message {
             Message::SyncBegin(_) => "SyncBegin",
             Message::SyncPages(_) => "SyncPages",
             Message::SyncDisk(_) => "SyncDisk",
+            Message::SyncEnd(_) => "SyncEnd",
             Message::Backup => "Backup",
             Message::EpochBegin(_) => "EpochBegin",
             Message::Pages(_) => "Pages",
@@ -159,6 +200,7 @@ impl Message {
             Message::SyncBegin(plan) => (SYNC_BEGIN, plan.to_payload()),
             Message::SyncPages(b) => (SYNC_PAGES, b.into_bytes()),
             Message::SyncDisk(b) => (SYNC_DISK, b.into_bytes()),
+            Message::SyncEnd(end) => (SYNC_END, end.to_payload()),
             Message::Backup => (BACKUP, Bytes::new()),
             Message::EpochBegin(state) => (EPOCH_BEGIN, state),
             Message::Pages(b) => (PAGES, b.into_bytes()),
@@ -202,6 +244,9 @@ impl Message {
             ),
             SYNC_DISK => Message::SyncDisk(
                 DiskBatch::parse(payload).ok_or(malformed("SyncDisk", "not whole disk records"))?,
+            ),
+            SYNC_END => Message::SyncEnd(
+                EpochEnd::from_payload(&payload).ok_or(malformed("SyncEnd", "not 24 bytes"))?,
             ),
             BACKUP => {
                 empty("Backup")?;
@@ -346,6 +391,7 @@ mod tests {
             Message::SyncBegin(plan),
             Message::SyncPages(pages.clone()),
             Message::SyncDisk(disks[0].clone()),
+            Message::SyncEnd(end),
             Message::Backup,
             Message::EpochBegin(Bytes::from_static(b"{}")),
             Message::Pages(pages),

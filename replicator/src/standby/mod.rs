@@ -55,8 +55,21 @@ pub enum StandbyError {
     Replica(#[from] ReplicationError),
     #[error(transparent)]
     Disk(#[from] ReplicaDiskError),
-    #[error("{0} message after the first epoch")]
+    #[error("{0} message after the initial copy ended")]
     LateSync(&'static str),
+    #[error(
+        "the initial copy is incomplete: the primary sent {pages_sent} pages and \
+         {disk_sent} disk records, this standby received {pages_received} and {disk_received} \
+         (or not in that order)"
+    )]
+    SyncIncomplete {
+        pages_sent: u64,
+        pages_received: u64,
+        disk_sent: u64,
+        disk_received: u64,
+    },
+    #[error("a {0} message before the initial copy's end record")]
+    EpochBeforeSyncEnd(&'static str),
     #[error("epoch refused: {0}")]
     Refused(#[from] AssemblerError),
     #[error("the active A-link path failed while the primary is still heard on the backup path (no takeover): {0}")]

@@ -18,7 +18,8 @@ use super::{path_margin, Replica, StandbyConfig, StandbyError};
 use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::oracle;
 use crate::protocol::{
-    CheckpointState, DiskBatch, Envelope, Message, PageBatch, ProtocolError, SyncPlan,
+    CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Message, PageBatch, ProtocolError,
+    SyncPlan,
 };
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -105,11 +106,22 @@ async fn run(
             // The primary's VM failed on its host: the replica takes over
             // at once (no waiting for silence).
             Message::Handover => return handed_over(replica, status),
-            Message::SyncPages(_) | Message::SyncDisk(_) if replica.committed.is_some() => {
+            Message::SyncPages(_) | Message::SyncDisk(_) | Message::SyncEnd(_)
+                if replica.committed.is_some() || replica.synced =>
+            {
                 return Err(StandbyError::LateSync(envelope.message.name()));
             }
             Message::SyncPages(batch) => replica.sync_pages(batch)?,
             Message::SyncDisk(batch) => replica.sync_disk(batch)?,
+            Message::SyncEnd(end) => replica.sync_end(end, status)?,
+            // An epoch over a copy not known to be whole would be promoted
+            // with whatever the copy missed.
+            other if !replica.synced => {
+                return Err(refused(
+                    status,
+                    StandbyError::EpochBeforeSyncEnd(other.name()),
+                ));
+            }
             _ => {
                 // An acknowledgement that cannot be sent is a lost link,
                 // not a bad epoch: the epoch is committed here, and the
@@ -132,6 +144,10 @@ struct Receiving {
     /// The session's generation (every message carries it).
     generation: u64,
     sync_bytes: u64,
+    /// What the initial copy brought, for its end record.
+    tally: EndTally,
+    /// The initial copy ended and its end record matched.
+    synced: bool,
     started: Instant,
     backup: Option<BackupPath>,
 }
@@ -169,6 +185,8 @@ fn begin(
         committed: None,
         generation: first.generation,
         sync_bytes: 0,
+        tally: EndTally::default(),
+        synced: false,
         started: Instant::now(),
         backup: None,
     })
@@ -315,6 +333,7 @@ impl Receiving {
     /// Initial copy: memory pages, checked before any is written.
     fn sync_pages(&mut self, batch: PageBatch) -> Result<(), StandbyError> {
         batch.check_within(self.ram.bytes())?;
+        self.tally.add_pages(&batch);
         for (gpa, data) in batch.records() {
             self.ram.write_page(gpa, data)?;
         }
@@ -322,8 +341,34 @@ impl Receiving {
         Ok(())
     }
 
+    /// The initial copy's end record: every batch it announces arrived,
+    /// once and in order, or the session ends (no takeover: the primary,
+    /// alive, copies again).
+    fn sync_end(&mut self, sent: EpochEnd, status: &StatusBoard) -> Result<(), StandbyError> {
+        let received = self.tally.end();
+        if sent != received {
+            return Err(refused(
+                status,
+                StandbyError::SyncIncomplete {
+                    pages_sent: sent.pages,
+                    pages_received: received.pages,
+                    disk_sent: sent.writes,
+                    disk_received: received.writes,
+                },
+            ));
+        }
+        self.synced = true;
+        info!(
+            pages = sent.pages,
+            disk_records = sent.writes,
+            "initial copy complete and checked"
+        );
+        Ok(())
+    }
+
     /// Initial copy: disk contents, checked before any is written.
     fn sync_disk(&mut self, batch: DiskBatch) -> Result<(), StandbyError> {
+        self.tally.add_disk(&batch);
         for r in batch.records() {
             replica_disk::check(&self.disks, r)?;
         }

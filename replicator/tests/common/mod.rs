@@ -214,9 +214,26 @@ pub async fn synced_primary_of(addr: SocketAddr, generation: u64) -> Link {
     let link = primary_beginning(addr, generation).await;
     let mut page = vec![0x11u8; 8 + PAGE_SIZE];
     page[..8].copy_from_slice(&(5 * PAGE_SIZE as u64).to_le_bytes());
-    let pages = Message::SyncPages(PageBatch::new(Bytes::from(page)).unwrap());
-    send(&link, &[pages.into_frame(0, generation)]).await;
+    let batch = PageBatch::new(Bytes::from(page)).unwrap();
+    let end = sync_end(&[&batch]);
+    send(
+        &link,
+        &[
+            Message::SyncPages(batch).into_frame(0, generation),
+            end.into_frame(0, generation),
+        ],
+    )
+    .await;
     link
+}
+
+/// The initial copy's end record for `pages` (no disk records).
+pub fn sync_end(pages: &[&PageBatch]) -> Message {
+    let mut tally = replicator::protocol::EndTally::default();
+    for batch in pages {
+        tally.add_pages(batch);
+    }
+    Message::SyncEnd(tally.end())
 }
 
 /// Connects as the primary and begins a session at `generation` (its plan
