@@ -6,8 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ft_link::{Link, Role};
-use replicator::protocol::Message;
+use ft_link::Link;
 use replicator::status::FtState;
 
 /// A primary with epoch 1 committed on its active path and a backup path
@@ -15,15 +14,7 @@ use replicator::status::FtState;
 /// themselves).
 async fn primary_on_two_paths(standby: &Standby) -> (Link, Link) {
     let link = committed_primary(standby.addr).await;
-    let backup = Link::connect(standby.addr2, &link_config(Role::Primary))
-        .await
-        .expect("backup path");
-    backup
-        .send(&Message::Backup.into_frame(0, 1))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    (link, backup)
+    (link, backup_path(standby.addr2).await)
 }
 
 /// The active path ends with a FIN while the primary lives on the backup:

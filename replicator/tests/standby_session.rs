@@ -124,14 +124,7 @@ async fn primary_with_backup(standby: &Standby) -> (Link, Link, Relay, Relay) {
     let mut link = synced_primary(path1.local_addr()).await;
     send(&link, &epoch_frames(1, 0x22, b"one")).await;
     expect_ack(&mut link, 1).await;
-    let backup = Link::connect(path2.local_addr(), &link_config(Role::Primary))
-        .await
-        .expect("backup path");
-    backup
-        .send(&Message::Backup.into_frame(0, 1))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let backup = backup_path(path2.local_addr()).await;
     (link, backup, path1, path2)
 }
 

@@ -440,10 +440,49 @@ fn partition_round(
     let healed_at = Instant::now();
     cut(lab, fault, true)?;
     let heal_after_ms = healed_at.duration_since(cut_at).as_millis() as u64;
-    let took_over = client.first_ack_after(cut_at, Duration::from_secs(90), round)?;
-    let failover_ms = took_over.duration_since(cut_at).as_millis() as u64;
+    settle(
+        lab,
+        client,
+        EndedFault {
+            round,
+            fault,
+            primary,
+            at: cut_at,
+            ended_at: healed_at,
+            pull_after_ms,
+            heal_after_ms,
+            committed_epoch,
+        },
+        watch,
+    )
+}
+
+/// A fault that happened and ended (paths healed, process continued).
+struct EndedFault {
+    round: u32,
+    fault: RoundFault,
+    /// The primary before the fault.
+    primary: NodeId,
+    at: Instant,
+    ended_at: Instant,
+    pull_after_ms: u64,
+    heal_after_ms: u64,
+    committed_epoch: u64,
+}
+
+/// After a partition or a freeze: the first acknowledged operation, the
+/// ledger checked, the one primary found and protected again, what the
+/// watch saw, where the API places the VM.
+fn settle(
+    lab: &Lab,
+    client: &Client,
+    f: EndedFault,
+    watch: Watch,
+) -> Result<DrillRound, DrillError> {
+    let served = client.first_ack_after(f.at, Duration::from_secs(90), f.round)?;
+    let failover_ms = served.duration_since(f.at).as_millis() as u64;
     let (acked_before_check, memory, disk) = client.check(lab)?;
-    let winner = winner(lab, round)?;
+    let winner = winner(lab, f.round)?;
     ft_pair::wait_for(
         lab,
         winner,
@@ -451,18 +490,18 @@ fn partition_round(
         FtState::Protected,
         REPROTECT_WITHIN,
     )?;
-    let reprotect_ms = healed_at.elapsed().as_millis() as u64;
+    let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
     let seen = watch.finish();
     let (placed_ok, generation) = placement(lab, winner, winner)?;
     Ok(DrillRound {
-        round,
-        fault,
-        pulled: primary,
+        round: f.round,
+        fault: f.fault,
+        pulled: f.primary,
         promoted: winner,
-        pull_after_ms,
+        pull_after_ms: f.pull_after_ms,
         failover_ms,
-        heal_after_ms,
-        committed_epoch,
+        heal_after_ms: f.heal_after_ms,
+        committed_epoch: f.committed_epoch,
         acked_before_check,
         memory,
         disk,
@@ -519,42 +558,21 @@ fn freeze_round(
     let thawed_at = Instant::now();
     let pull_after_ms = frozen_at.duration_since(protected_at).as_millis() as u64;
     let heal_after_ms = thawed_at.duration_since(frozen_at).as_millis() as u64;
-    let served = client.first_ack_after(frozen_at, Duration::from_secs(90), round)?;
-    let failover_ms = served.duration_since(frozen_at).as_millis() as u64;
-    let (acked_before_check, memory, disk) = client.check(lab)?;
-    let winner = winner(lab, round)?;
-    ft_pair::wait_for(
+    settle(
         lab,
-        winner,
-        Role::Primary,
-        FtState::Protected,
-        REPROTECT_WITHIN,
-    )?;
-    let reprotect_ms = thawed_at.elapsed().as_millis() as u64;
-    let seen = watch.finish();
-    let (placed_ok, generation) = placement(lab, winner, winner)?;
-    Ok(DrillRound {
-        round,
-        fault: RoundFault::Freeze(node),
-        pulled: primary,
-        promoted: winner,
-        pull_after_ms,
-        failover_ms,
-        heal_after_ms,
-        committed_epoch,
-        acked_before_check,
-        memory,
-        disk,
-        reprotect_ms,
-        node_boot_ms: 0,
-        boot_to_protected_ms: reprotect_ms,
-        generation,
-        placed_ok,
-        two_active_seen: seen.two_active > 0,
-        two_active: seen.first_two_active,
-        states_a: seen.states[0].clone(),
-        states_b: seen.states[1].clone(),
-    })
+        client,
+        EndedFault {
+            round,
+            fault: RoundFault::Freeze(node),
+            primary,
+            at: frozen_at,
+            ended_at: thawed_at,
+            pull_after_ms,
+            heal_after_ms,
+            committed_epoch,
+        },
+        watch,
+    )
 }
 
 /// The report as a table.

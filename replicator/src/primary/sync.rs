@@ -135,19 +135,12 @@ async fn copy_disks(
             file.read_exact_at(&mut buf[..n], offset)
                 .map_err(read_err)?;
             if buf[..n].iter().any(|&b| b != 0) {
-                let (batches, _) = disk_payloads([DiskRecord {
+                let chunk = DiskRecord {
                     disk: index as u32,
                     offset,
                     data: Bytes::copy_from_slice(&buf[..n]),
-                }]);
-                let frames: Vec<_> = batches
-                    .into_iter()
-                    .map(|b| {
-                        progress.tally().add_disk(&b);
-                        Message::SyncDisk(b).into_frame(0, progress.generation)
-                    })
-                    .collect();
-                sent += send_all(tx, &frames, progress.status).await?;
+                };
+                sent += send_disk(tx, [chunk], progress).await?;
             }
             offset += n as u64;
             done += n as u64;
@@ -216,6 +209,16 @@ async fn drain_writes(
         offset: w.offset,
         data: Bytes::from(w.data),
     });
+    send_disk(tx, records, progress).await
+}
+
+/// Sends disk records as SyncDisk frames (tallied for the end record);
+/// returns the bytes sent.
+async fn send_disk(
+    tx: &LinkSender,
+    records: impl IntoIterator<Item = DiskRecord>,
+    progress: &Progress<'_>,
+) -> Result<u64, PrimaryError> {
     let (batches, _) = disk_payloads(records);
     let frames: Vec<_> = batches
         .into_iter()

@@ -227,6 +227,20 @@ pub async fn synced_primary_of(addr: SocketAddr, generation: u64) -> Link {
     link
 }
 
+/// A backup path from a primary in session to `addr` (its `Backup`
+/// message sent, and a moment for the standby to take it on).
+pub async fn backup_path(addr: SocketAddr) -> Link {
+    let backup = Link::connect(addr, &link_config(Role::Primary))
+        .await
+        .expect("backup path");
+    backup
+        .send(&Message::Backup.into_frame(0, 1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    backup
+}
+
 /// The initial copy's end record for `pages` (no disk records).
 pub fn sync_end(pages: &[&PageBatch]) -> Message {
     let mut tally = replicator::protocol::EndTally::default();
