@@ -60,6 +60,12 @@ cargo fuzz build "${build[@]}"
 echo "built in $((SECONDS - start))s"
 
 mkdir -p "$target_dir/logs"
+# One run at a time per target folder: runs share its corpus and logs.
+exec 9>"$target_dir/.lock"
+if ! flock -n 9; then
+    echo "another fuzz run uses $target_dir; waiting for it"
+    flock 9
+fi
 summary=()
 failed=()
 for t in "${targets[@]}"; do
@@ -83,7 +89,7 @@ for t in "${targets[@]}"; do
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
     rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -n 1)
-    corpus=$(grep -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' "$log" | tail -n 1 | cut -d' ' -f2)
+    corpus=$(grep -a -o 'corp: [0-9]*/[0-9]*[a-zA-Z]*' "$log" | tail -n 1 | cut -d' ' -f2)
     line=$(printf '%-18s %-6s runs %-10s exec/s %-7s corpus %-12s peak RSS %s MB' \
         "$t" "$status" "${runs:-?}" "${rate:-?}" "${corpus:-?}" "${rss:-?}")
     echo "$line"
