@@ -144,7 +144,20 @@ async fn send_epoch(
     let writes = captured.writes.1;
     let state = Bytes::from(captured.state.to_payload()?);
     let frames = epoch_frames(epoch, generation, state, captured.pages, captured.writes);
-    send_all(tx, &frames, status).await?;
+    // The standby's word is heard while sending too: a silence (or any
+    // error) the acknowledgement reader found ends the epoch at once,
+    // instead of after a send that stalls on a dead peer
+    // (`send_stall_timeout`, four heartbeat timeouts).
+    tokio::select! {
+        sent = send_all(tx, &frames, status) => { sent?; }
+        event = acks.recv() => {
+            return Err(match event {
+                Some(Err(error)) => error,
+                Some(Ok(got)) => PrimaryError::WrongAck { got, expected: epoch },
+                None => PrimaryError::AckStreamEnded,
+            });
+        }
+    }
     let sent_at = Instant::now();
     let answer = loop {
         tokio::select! {
