@@ -462,29 +462,6 @@ fn a_standby_pulled_under_a_busy_two_vcpu_guest_leaves_the_primary_serving() {
     for id in 1..=5 {
         client.append(id).expect("append while protected");
     }
-    let unix_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
-    // The node's clock against the host's (busybox date with nanoseconds),
-    // to place the engine's own state-change time on the host's clock.
-    let (before, out, after) = (
-        unix_ms(),
-        lab.lab()
-            .exec(NodeId::A, &["date", "+%s%N"], Duration::from_secs(10))
-            .expect("date on node a"),
-        unix_ms(),
-    );
-    let node_ms = out
-        .stdout
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(|ns| ns / 1_000_000);
-    let offset_ms = node_ms.map(|n| n as i64 - ((before + after) / 2) as i64);
-    let pulled_unix_ms = unix_ms();
     let pulled_at = Instant::now();
     lab.pull(NodeId::B);
     let unprotected = loop {
@@ -513,19 +490,83 @@ fn a_standby_pulled_under_a_busy_two_vcpu_guest_leaves_the_primary_serving() {
     }
     let per_op = t.elapsed() / 20;
     assert_eq!(client.dump().expect("dump"), (1..=25).collect::<Vec<u64>>());
-    let by_engine = offset_ms.map_or_else(
-        || "?".to_string(),
-        |o| {
-            let ms = unprotected.state_since_unix_ms as i64 - o - pulled_unix_ms as i64;
-            format!("{ms} (+-{})", (after - before).div_ceil(2))
+    // By the engine's own log (the node's clock): the silence it waited
+    // out began with the last arrival from the standby, about the pull.
+    let log = lab.sh(
+        NodeId::A,
+        "grep -E 'nothing arrived from|unprotected' /data/ftd/vms/ledger-vm/ftprotect.log",
+    );
+    let by_engine = engine_unprotected_ms(&log).map_or_else(
+        || {
+            format!(
+                "? (log: {:?})",
+                log.lines().rev().take(4).collect::<Vec<_>>()
+            )
         },
+        |ms| ms.to_string(),
     );
     eprintln!(
-        "[busy] 2 vCPUs + dirtier: the primary said unprotected {by_engine} ms after the pull by \
-         its own state change ({seen_ms} ms as polled); heartbeat timeout {} ms (goal: within {} \
-         ms); ledger ops then {} ms each",
+        "[busy] 2 vCPUs + dirtier: the primary said unprotected {by_engine} ms after the \
+         standby's last arrival, by its own log ({seen_ms} ms as polled from the host); heartbeat \
+         timeout {} ms (goal: within {} ms); ledger ops then {} ms each",
         unprotected.heartbeat_timeout_ms,
         2 * unprotected.heartbeat_timeout_ms,
         per_op.as_millis()
     );
+}
+
+/// From an engine log (lines of `nothing arrived from ... for Xms` and the
+/// state changes to unprotected): the time from the last arrival (the
+/// start of the last silence) to the first "unprotected" after it, in ms.
+fn engine_unprotected_ms(log: &str) -> Option<i64> {
+    // Colour codes, if any, left out.
+    let plain = |line: &str| {
+        let mut out = String::new();
+        let mut escape = false;
+        for c in line.chars() {
+            match c {
+                '\x1b' => escape = true,
+                'm' if escape => escape = false,
+                _ if escape => {}
+                c => out.push(c),
+            }
+        }
+        out
+    };
+    // "2026-11-30T17:35:24.708085Z ..." -> ms since midnight.
+    let at = |line: &str| -> Option<f64> {
+        let t = line.split_whitespace().next()?.split('T').nth(1)?;
+        let mut hms = t.trim_end_matches('Z').split(':');
+        let (h, m, s): (f64, f64, f64) = (
+            hms.next()?.parse().ok()?,
+            hms.next()?.parse().ok()?,
+            hms.next()?.parse().ok()?,
+        );
+        Some(((h * 60.0 + m) * 60.0 + s) * 1000.0)
+    };
+    // The last silence, and the first "unprotected" after it (the log
+    // also holds the start-up's "unprotected" and any earlier session).
+    let mut silent = None;
+    let mut pair = None;
+    for line in log.lines().map(plain) {
+        // The state line quotes the silence: test for it first.
+        if line.contains("state=unprotected") {
+            if let Some(s) = silent.take() {
+                pair = Some((s, line));
+            }
+        } else if line.contains("nothing arrived from") {
+            silent = Some(line);
+        }
+    }
+    let (silent, unprotected) = pair?;
+    let (silent, unprotected) = (silent.as_str(), unprotected.as_str());
+    let waited: f64 = silent
+        .split(" for ")
+        .nth(1)?
+        .split("ms")
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((at(unprotected)? - (at(silent)? - waited)).round() as i64)
 }
