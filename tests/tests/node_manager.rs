@@ -117,6 +117,16 @@ fn the_daemons_keep_the_vm_protected_through_a_pull_and_a_restart() {
     assert!(audit_before
         .iter()
         .any(|e| e.action == "POST /api/vms" && e.status == 201));
+    // a has it before b goes away (the pair channel sends each change at
+    // once; on a loaded host that can take a moment).
+    eventually(
+        &lab,
+        a,
+        "before-pull",
+        "b's definition reaches a",
+        Duration::from_secs(30),
+        |_| true,
+    );
 
     // b (the standby) is pulled; a changes the definitions meanwhile.
     lab.pull(b);
