@@ -146,14 +146,7 @@ fn error(e: impl std::fmt::Display) -> ControlResponse {
 
 /// The answer to an error with its causes.
 fn error_chain(e: &dyn std::error::Error) -> ControlResponse {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    error(message)
+    error(crate::error_chain(e))
 }
 
 /// Carries out one request on `vm`; captures go into `captures`.

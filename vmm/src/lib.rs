@@ -23,3 +23,16 @@ pub mod snapshot;
 pub mod vm;
 mod vm_event;
 mod vm_state;
+
+/// `e` with its causes, joined by ": " (for a message that says all of
+/// why, on one line).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

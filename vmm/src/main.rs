@@ -119,14 +119,7 @@ impl ControlOptions {
 
 /// Prints `e` with its causes; the exit code of a refusal to start.
 fn fail(e: &dyn std::error::Error) -> ExitCode {
-    let mut message = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    eprintln!("ftvmm: {message}");
+    eprintln!("ftvmm: {}", vmm::error_chain(e));
     ExitCode::from(2)
 }
 

@@ -205,7 +205,7 @@ fn ctl(sock: &std::path::Path, timeout: Duration, command: CtlCommand) -> ExitCo
     let response = match control::request(sock, &ControlRequest::new(command), timeout) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("ftprotect ctl: {}", error_chain(&e));
+            eprintln!("ftprotect ctl: {}", vmm::error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -233,17 +233,6 @@ fn ctl(sock: &std::path::Path, timeout: Duration, command: CtlCommand) -> ExitCo
 }
 
 /// An error and its causes, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Serves the control socket for the rest of the process's life; a `stop`
 /// asked there is notified on the returned `Notify`.
 /// What the control socket hands the engine: `stop`, a forced takeover,
@@ -279,7 +268,7 @@ fn serve_control(
             })
         }
         Err(e) => {
-            eprintln!("ftprotect: {}", error_chain(&e));
+            eprintln!("ftprotect: {}", vmm::error_chain(&e));
             Err(ExitCode::from(2))
         }
     }
