@@ -18,15 +18,15 @@ need_pkgs qemu-system-x86 qemu-utils ipxe-qemu busybox-static kmod cpio e2fsprog
 
 TARGET=x86_64-unknown-linux-gnu
 STATIC_DIR="$REPO_DIR/target/static"
-log "building static binaries (lab-agent, ftvmm, ftprotect, ftd, ftwitness, guest tools)"
+log "building static binaries (lab-agent, ftvmm, ftprotect, ftd, ftwitness, ftrelay, guest tools)"
 (
     cd "$REPO_DIR"
     RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$STATIC_DIR" \
         cargo build --release --locked --target "$TARGET" \
-        -p lab --bin lab-agent -p vmm --bin ftvmm -p guest-tools --bin ft-dirtier --bin ft-counter --bin ft-ledger -p replicator --bin ftprotect -p ftd --bin ftd -p witness --bin ftwitness >&2
+        -p lab --bin lab-agent -p vmm --bin ftvmm -p guest-tools --bin ft-dirtier --bin ft-counter --bin ft-ledger -p replicator --bin ftprotect -p ftd --bin ftd -p witness --bin ftwitness -p fault-relay --bin ftrelay >&2
 )
 BIN_DIR="$STATIC_DIR/$TARGET/release"
-for b in lab-agent ftvmm ftprotect ftd ftwitness ft-dirtier ft-counter ft-ledger; do
+for b in lab-agent ftvmm ftprotect ftd ftwitness ftrelay ft-dirtier ft-counter ft-ledger; do
     [ -x "$BIN_DIR/$b" ] || die "$b was not built"
     if readelf -d "$BIN_DIR/$b" | grep -q NEEDED; then die "$b is not statically linked"; fi
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the lab node image: Debian's cloud kernel, its kvm/kvm-amd, virtio,
 # tun and bridge modules, and an initramfs with busybox and the project's
-# static binaries (lab-agent, ftvmm, ftprotect, ftd); plus the read-only "images" disk that
+# static binaries (lab-agent, ftvmm, ftprotect, ftd, ftrelay); plus the read-only "images" disk that
 # every node mounts on /images (guest kernel, guest initramfs and root disk,
 # an empty guest data disk, static guest binaries).
 # Usage: lab-node.sh BIN_DIR GUEST_KERNEL_DIR GUEST_ROOTFS_DIR
@@ -9,7 +9,7 @@
 STEP=lab-node
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BIN_DIR=${1:?usage}; GK=${2:?usage}; GR=${3:?usage}
-NODE_BINS=(lab-agent ftvmm ftprotect ftd)
+NODE_BINS=(lab-agent ftvmm ftprotect ftd ftrelay)
 IMAGE_BINS=(ftvmm ft-dirtier)
 MODULES=(kvm_amd kvm_intel virtio_pci virtio_net virtio_blk tun bridge)
 
