@@ -1,0 +1,326 @@
+//! [`LinkReceiver`], the receiving half of a link, and [`Liveness`]: frames
+//! read and checked, heartbeats skipped, a silent peer detected.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::handshake::{end_of_stream, refusal_error};
+use super::LinkError;
+use crate::frame::{Frame, FrameDecoder, FrameKind};
+
+/// When anything (heartbeats included) last arrived on a link, readable
+/// while another task is blocked receiving on it.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    base: Instant,
+    /// Microseconds after `base` of the last arrival.
+    last_us: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Liveness {
+    pub(super) fn new() -> Liveness {
+        Liveness {
+            base: Instant::now(),
+            last_us: Arc::default(),
+        }
+    }
+
+    /// Something arrived now (a byte on the connection, or a pulse, from
+    /// another thread).
+    pub(crate) fn mark(&self) {
+        let us = self.base.elapsed().as_micros() as u64;
+        self.last_us
+            .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_micros(self.last_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The last arrival (the link's start if nothing arrived yet).
+    pub fn last_arrival(&self) -> std::time::Instant {
+        self.last().into_std()
+    }
+}
+
+/// The receiving half of a link.
+pub struct LinkReceiver {
+    pub(super) peer: SocketAddr,
+    pub(super) reader: OwnedReadHalf,
+    pub(super) rx: BytesMut,
+    pub(super) decoder: FrameDecoder,
+    pub(super) liveness: Liveness,
+    pub(super) silence_timeout: Duration,
+    pub(super) ended: bool,
+}
+
+impl LinkReceiver {
+    /// A handle telling when the peer was last heard on this link.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
+    }
+
+    /// The next frame that is not a heartbeat. Fails with
+    /// [`LinkError::PeerSilent`] when nothing arrived for the heartbeat
+    /// timeout. Cancel-safe. Any error is final.
+    pub async fn recv(&mut self) -> Result<Frame, LinkError> {
+        if self.ended {
+            return Err(LinkError::Ended { peer: self.peer });
+        }
+        let result = self.next_frame().await;
+        if let Err(error) = &result {
+            warn!(peer = %self.peer, %error, "A-link ended");
+            self.ended = true;
+        }
+        result
+    }
+
+    async fn next_frame(&mut self) -> Result<Frame, LinkError> {
+        let peer = self.peer;
+        loop {
+            let decoded = self
+                .decoder
+                .decode(&mut self.rx)
+                .map_err(|source| LinkError::Corrupt { peer, source })?;
+            match decoded {
+                Some(frame) if frame.kind == FrameKind::Heartbeat => continue,
+                Some(frame) if frame.kind == FrameKind::Refusal => {
+                    return Err(refusal_error(peer, &frame.payload));
+                }
+                Some(frame) => return Ok(frame),
+                None => {}
+            }
+            // Silence is judged on bytes and pulses alike (a pulse may
+            // have come in while this waited: look again before judging).
+            let deadline = self.liveness.last() + self.silence_timeout;
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.rx)).await {
+                Err(_) if self.liveness.last() + self.silence_timeout > Instant::now() => {}
+                Err(_) => {
+                    return Err(LinkError::PeerSilent {
+                        peer,
+                        after: self.liveness.last().elapsed(),
+                    })
+                }
+                Ok(Err(source)) => return Err(LinkError::Receive { peer, source }),
+                Ok(Ok(0)) => return Err(end_of_stream(peer, &self.decoder, &self.rx)),
+                Ok(Ok(_)) => self.liveness.mark(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::auth::Side;
+    use crate::frame::FrameError;
+    use crate::hello::Role;
+    use crate::link::handshake::handshake;
+    use crate::link::tests::{config, encoded, pair, SECRET, WITHIN};
+    use crate::link::{Link, LinkListener};
+
+    /// A raw peer that runs the real handshake as the connecting side and
+    /// then owns the bare socket.
+    async fn raw_connected_peer(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        handshake(
+            &mut stream,
+            Side::Connecting,
+            &config("raw", Role::Standby, SECRET),
+        )
+        .await
+        .unwrap();
+        stream
+    }
+
+    async fn listener_with_raw_peer() -> (Link, TcpStream) {
+        let listener = LinkListener::bind("127.0.0.1:0", config("a", Role::Primary, SECRET))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (link, raw) = tokio::time::timeout(WITHIN, async {
+            tokio::join!(listener.accept(), raw_connected_peer(addr))
+        })
+        .await
+        .expect("handshake finished");
+        (link.unwrap(), raw)
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_frame_ends_the_link_with_a_checksum_error() {
+        let (mut link, mut raw) = listener_with_raw_peer().await;
+        let mut wire = encoded(&Frame::message(65, 4, 1, vec![0x55u8; 256]).unwrap());
+        wire[100] ^= 0x01;
+        raw.write_all(&wire).await.unwrap();
+        let err = tokio::time::timeout(WITHIN, link.recv())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LinkError::Corrupt {
+                    source: FrameError::Checksum { epoch: 4, .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("checksum"));
+        // Ended: the link closed its direction and refuses further use.
+        assert!(matches!(link.recv().await, Err(LinkError::Ended { .. })));
+        let mut rest = Vec::new();
+        tokio::time::timeout(WITHIN, raw.read_to_end(&mut rest))
+            .await
+            .expect("the link closed its sending direction")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_detected_within_the_timeout() {
+        let (mut link, _raw_kept_open) = listener_with_raw_peer().await;
+        let started = Instant::now();
+        let err = tokio::time::timeout(WITHIN, link.recv())
+            .await
+            .expect("silence detected within the bound")
+            .unwrap_err();
+        match err {
+            LinkError::PeerSilent { after, .. } => {
+                assert!(
+                    after >= Duration::from_millis(300),
+                    "declared silent after {after:?}"
+                );
+                assert!(started.elapsed() < Duration::from_secs(2));
+            }
+            other => panic!("wrong error {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_gives_peer_closed() {
+        let (accepted, connected) = pair(
+            config("node-a", Role::Primary, SECRET),
+            config("node-b", Role::Standby, SECRET),
+        )
+        .await;
+        let mut primary = accepted.unwrap();
+        drop(connected.unwrap());
+        let err = tokio::time::timeout(WITHIN, primary.recv())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, LinkError::PeerClosed { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_frame_is_truncated() {
+        let (mut link, mut raw) = listener_with_raw_peer().await;
+        let wire = encoded(&Frame::message(65, 2, 1, vec![1u8; 100]).unwrap());
+        raw.write_all(&wire[..60]).await.unwrap();
+        drop(raw);
+        let err = tokio::time::timeout(WITHIN, link.recv())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(err, LinkError::Truncated { received: 60, .. }),
+            "{err}"
+        );
+    }
+
+    /// The far end of a link on a runtime that runs nothing for `busy`
+    /// after the handshake (a node whose CPUs the guest takes), then sends
+    /// one message; what the near end's `recv` gives.
+    fn recv_from_a_starved_peer(pulses: bool, busy: Duration) -> Result<Frame, LinkError> {
+        let mut near = config("node-a", Role::Standby, SECRET);
+        near.pulses = pulses;
+        let mut far = config("node-b", Role::Primary, SECRET);
+        far.pulses = pulses;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(LinkListener::bind("127.0.0.1:0", near))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let starved = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let link = Link::connect(addr, &far).await.unwrap();
+                // Busy: this runtime (its heartbeat task included) runs
+                // nothing for a while.
+                std::thread::sleep(busy);
+                let after = Frame::message(64, 1, 0, Bytes::from_static(b"after")).unwrap();
+                let _ = link.send(&after).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            });
+        });
+        let result = runtime.block_on(async {
+            let mut link = listener.accept().await.unwrap();
+            tokio::time::timeout(WITHIN, link.recv()).await.unwrap()
+        });
+        starved.join().unwrap();
+        result
+    }
+
+    /// Issue 12: heartbeats queued on a starved runtime let a live peer be
+    /// declared silent (the control below); pulses come from a thread of
+    /// their own and keep it alive.
+    #[test]
+    fn pulses_keep_a_starved_peer_alive() {
+        let busy = Duration::from_millis(1200);
+        let frame = recv_from_a_starved_peer(true, busy).expect("alive through its pulses");
+        assert_eq!(&frame.payload[..], b"after");
+        let silent = recv_from_a_starved_peer(false, busy);
+        assert!(
+            matches!(silent, Err(LinkError::PeerSilent { .. })),
+            "without pulses a starved peer is declared silent: {silent:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_peers_pulses_stop_and_it_is_declared_silent() {
+        let (accepted, connected) = pair(
+            config("node-a", Role::Primary, SECRET),
+            config("node-b", Role::Standby, SECRET),
+        )
+        .await;
+        let mut near = accepted.unwrap();
+        let far = connected.unwrap();
+        // The far end's process freezes: its pulses and heartbeats stop,
+        // its socket stays open.
+        let (far_tx, _far_rx) = far.split();
+        far_tx.heartbeats.abort();
+        far_tx.pulses.lock().unwrap().take();
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(WITHIN, near.recv())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, LinkError::PeerSilent { .. }), "{err}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
