@@ -33,6 +33,41 @@ use lab::ft_pair;
 use lab::NodeId;
 use replicator::status::{FtState, Role, Status};
 
+/// A ledger client that appends ids 1, 2, ... and keeps those
+/// acknowledged, to check at the end that the ledger lost none.
+struct Appender {
+    client: LedgerClient,
+    acked: Vec<u64>,
+    sent: u64,
+}
+
+impl Appender {
+    fn new(client: LedgerClient) -> Appender {
+        Appender {
+            client,
+            acked: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Appends one id after another for `d`.
+    fn append_for(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.sent += 1;
+            self.client.append(self.sent).expect("append");
+            self.acked.push(self.sent);
+        }
+    }
+
+    /// The ledger's memory holds every acknowledged id once.
+    fn assert_nothing_lost(&mut self) {
+        let memory = self.client.dump().expect("dump");
+        let verdict = guest_tools::ledger::verify(&self.acked, self.sent, &memory);
+        assert!(verdict.ok(), "{verdict:?}");
+    }
+}
+
 /// `node`'s FT status, asked on its control socket (None if none answers).
 fn status(lab: &LabPair, node: NodeId) -> Option<Status> {
     ft_pair::status(lab.lab(), node)
@@ -264,23 +299,13 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     .expect("standby ready");
     let api = ft_pair::api(lab.lab(), NodeId::A).expect("api");
     let before: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
-    let mut client = lab.ledger_client();
-    let mut acked = Vec::new();
-    let mut id = 0;
-    let mut append_for = |d: Duration, acked: &mut Vec<u64>| {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            id += 1;
-            client.append(id).expect("append");
-            acked.push(id);
-        }
-    };
-    append_for(Duration::from_secs(2), &mut acked);
+    let mut writer = Appender::new(lab.ledger_client());
+    writer.append_for(Duration::from_secs(2));
     assert!(lab.lab().stop_witness(), "the lab's witness ran");
     // The daemons notice within their 5 s watch and say what it means.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        append_for(Duration::from_millis(500), &mut acked);
+        writer.append_for(Duration::from_millis(500));
         let alerts: Vec<Event> = api
             .events(&EventQuery {
                 alerts: true,
@@ -300,7 +325,7 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
         );
     }
     lab.lab().start_witness().expect("witness back");
-    append_for(Duration::from_secs(4), &mut acked);
+    writer.append_for(Duration::from_secs(4));
     let after: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
     assert_eq!(
         after.generation, before.generation,
@@ -315,13 +340,11 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     );
     let b = status(&lab, NodeId::B).expect("b");
     assert_eq!(b.counters.failovers, 0, "{b:?}");
-    let memory = client.dump().expect("dump");
-    let verdict = guest_tools::ledger::verify(&acked, id, &memory);
-    assert!(verdict.ok(), "{verdict:?}");
+    writer.assert_nothing_lost();
     eprintln!(
         "[e2e] witness stopped and restarted while protected: no takeover (generation {}), {} operations, none lost",
         after.generation,
-        acked.len()
+        writer.acked.len()
     );
 }
 
@@ -669,27 +692,17 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
         relay_counter(&counters, "up.frames") > 0,
         "the A-link does not run through the relay: {counters}"
     );
-    let mut client = lab.ledger_client();
-    let mut acked = Vec::new();
-    let mut id = 0;
-    let mut append_for = |d: Duration, acked: &mut Vec<u64>| {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            id += 1;
-            client.append(id).expect("append");
-            acked.push(id);
-        }
-    };
+    let mut writer = Appender::new(lab.ledger_client());
     let faults = ["up flip 20 on EpochEnd", "up reset after Pages", "up stall"];
     for (n, fault) in faults.into_iter().enumerate() {
-        append_for(Duration::from_secs(2), &mut acked);
+        writer.append_for(Duration::from_secs(2));
         let since = status(&lab, NodeId::A).expect("a").state_since_unix_ms;
         let injected = Instant::now();
         let answer = relay(&lab, fault);
         assert!(answer.starts_with("ok"), "{fault}: {answer}");
-        append_for(Duration::from_secs(2), &mut acked);
+        writer.append_for(Duration::from_secs(2));
         if fault.ends_with("stall") {
-            append_for(Duration::from_secs(1), &mut acked);
+            writer.append_for(Duration::from_secs(1));
             assert!(relay(&lab, "up resume").starts_with("ok"));
         }
         let counters = relay(&lab, "counters");
@@ -701,7 +714,7 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
         // Protected again, in a new session.
         let deadline = Instant::now() + Duration::from_secs(240);
         let a = loop {
-            append_for(Duration::from_millis(500), &mut acked);
+            writer.append_for(Duration::from_millis(500));
             let a = status(&lab, NodeId::A);
             if let Some(a) = a
                 .as_ref()
@@ -730,14 +743,12 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
             b.counters.epochs_rejected
         );
     }
-    append_for(Duration::from_secs(2), &mut acked);
-    let memory = client.dump().expect("dump");
-    let verdict = guest_tools::ledger::verify(&acked, id, &memory);
-    assert!(verdict.ok(), "{verdict:?}");
+    writer.append_for(Duration::from_secs(2));
+    writer.assert_nothing_lost();
     eprintln!(
         "[relay] {} faults on the A-link to {to} through ftrelay: no takeover, {} operations, \
          none lost",
         faults.len(),
-        acked.len()
+        writer.acked.len()
     );
 }
