@@ -3,6 +3,7 @@
 //! ```text
 //! [up|down|both] FAULT [ARGUMENTS] [on|after KIND]     (direction: both if not given)
 //!   drop | dup | reorder | flip OFFSET [MASK]         the next frame (of KIND)
+//!   rewrite OFFSET [MASK]        flip, then recompute the frame's CRCs
 //!   delay DURATION                                    every frame (0 clears; 50ms, 1s, 200us)
 //!   stall | resume                                    stop / go on
 //!   reset | fin                                       at once, or after the next KIND frame
@@ -24,7 +25,7 @@ use crate::relay::{RelayError, RelayHandle};
 pub enum CommandError {
     #[error("empty command")]
     Empty,
-    #[error("unknown command {0:?} (drop, dup, reorder, flip, delay, stall, resume, reset, fin, counters, clear)")]
+    #[error("unknown command {0:?} (drop, dup, reorder, flip, rewrite, delay, stall, resume, reset, fin, counters, clear)")]
     Unknown(String),
     #[error("{command} needs {what}")]
     Missing {
@@ -122,23 +123,27 @@ impl Command {
                 }
                 [_, rest @ ..] => return Err(CommandError::Extra(rest.join(" "))),
             },
-            "flip" => {
+            "flip" | "rewrite" => {
+                let command = if verb == "flip" { "flip" } else { "rewrite" };
                 let (offset, mask) = match args {
                     [o] => (*o, None),
                     [o, m] => (*o, Some(*m)),
                     [] => {
                         return Err(CommandError::Missing {
-                            command: "flip",
+                            command,
                             what: "a byte offset",
                         })
                     }
                     [_, _, rest @ ..] => return Err(CommandError::Extra(rest.join(" "))),
                 };
-                Fault::FlipByte {
-                    offset: offset
-                        .parse()
-                        .map_err(|_| CommandError::Offset(offset.to_string()))?,
-                    mask: mask.map_or(Ok(0x01), parse_mask)?,
+                let offset = offset
+                    .parse()
+                    .map_err(|_| CommandError::Offset(offset.to_string()))?;
+                let mask = mask.map_or(Ok(0x01), parse_mask)?;
+                if command == "flip" {
+                    Fault::FlipByte { offset, mask }
+                } else {
+                    Fault::Rewrite { offset, mask }
                 }
             }
             other => return Err(CommandError::Unknown(other.to_string())),
@@ -249,6 +254,17 @@ mod tests {
                         mask: 0x80,
                     },
                     Some(kind::PAGES),
+                ),
+            ),
+            (
+                "down rewrite 40 on Sealed",
+                inject(
+                    Down,
+                    Fault::Rewrite {
+                        offset: 40,
+                        mask: 1,
+                    },
+                    Some(kind::SEALED),
                 ),
             ),
             (

@@ -52,7 +52,7 @@ impl fmt::Display for Direction {
 ///   of that kind is forwarded (on that frame's connection), and so does
 ///   `Stall`.
 /// - Frame faults, each on the next frame (of the given kind, if any):
-///   [`FlipByte`](Fault::FlipByte), [`Drop`](Fault::Drop),
+///   [`FlipByte`](Fault::FlipByte), [`Rewrite`](Fault::Rewrite), [`Drop`](Fault::Drop),
 ///   [`Duplicate`](Fault::Duplicate), [`Reorder`](Fault::Reorder).
 ///
 /// Frame faults need a stream of frames; on a stream the relay could not
@@ -79,6 +79,11 @@ pub enum Fault {
     /// its header, so header fields can be hit; a frame too short to have
     /// that byte is not a match) is XORed with `mask`.
     FlipByte { offset: usize, mask: u8 },
+    /// As [`FlipByte`](Fault::FlipByte), then both of the frame's checks
+    /// (payload and header CRCs) are computed again: the change of an
+    /// attacker who knows the frame format, which only a cryptographic
+    /// check (a sealed link) catches.
+    Rewrite { offset: usize, mask: u8 },
     /// The next frame is not forwarded.
     Drop,
     /// The next frame is forwarded twice.
@@ -98,6 +103,7 @@ impl Fault {
             Fault::Reset => "reset",
             Fault::Fin => "fin",
             Fault::FlipByte { .. } => "flip",
+            Fault::Rewrite { .. } => "rewrite",
             Fault::Drop => "drop",
             Fault::Duplicate => "duplicate",
             Fault::Reorder => "reorder",
@@ -110,6 +116,9 @@ impl fmt::Display for Fault {
         match self {
             Fault::Delay(d) => write!(f, "delay {d:?}"),
             Fault::FlipByte { offset, mask } => write!(f, "flip byte {offset} by {mask:#04x}"),
+            Fault::Rewrite { offset, mask } => {
+                write!(f, "rewrite byte {offset} by {mask:#04x}, checks recomputed")
+            }
             other => f.write_str(other.name()),
         }
     }
@@ -128,6 +137,10 @@ pub mod kind {
     pub const HEARTBEAT: FrameKind = FrameKind::Heartbeat;
     pub const REFUSAL: FrameKind = FrameKind::Refusal;
     pub const ACCEPTED: FrameKind = FrameKind::Accepted;
+    pub const KEY_EXCHANGE: FrameKind = FrameKind::KeyExchange;
+    /// On a sealed link every frame after the key exchange is one of
+    /// these: the relay sees records, not the messages inside them.
+    pub const SEALED: FrameKind = FrameKind::Sealed;
     pub const SYNC_BEGIN: FrameKind = FrameKind::Message(64);
     pub const SYNC_PAGES: FrameKind = FrameKind::Message(65);
     pub const SYNC_DISK: FrameKind = FrameKind::Message(66);
@@ -143,13 +156,15 @@ pub mod kind {
     pub const SYNC_END: FrameKind = FrameKind::Message(76);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 19] = [
+    pub const NAMED: [(&str, FrameKind); 21] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
         ("Heartbeat", HEARTBEAT),
         ("Refusal", REFUSAL),
         ("Accepted", ACCEPTED),
+        ("KeyExchange", KEY_EXCHANGE),
+        ("Sealed", SEALED),
         ("SyncBegin", SYNC_BEGIN),
         ("SyncPages", SYNC_PAGES),
         ("SyncDisk", SYNC_DISK),

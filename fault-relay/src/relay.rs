@@ -179,7 +179,9 @@ impl DirectionState {
         self.pending().retain(|p| {
             let applies = p.only.is_none_or(|k| k.code() == code)
                 && match p.fault {
-                    Fault::FlipByte { offset, .. } => offset < frame.len(),
+                    Fault::FlipByte { offset, .. } | Fault::Rewrite { offset, .. } => {
+                        offset < frame.len()
+                    }
                     Fault::Drop | Fault::Duplicate => !fated,
                     Fault::Reorder => !fated && !holding,
                     _ => true,
@@ -374,7 +376,7 @@ impl RelayHandle {
                     fault: fault.name(),
                 })
             }
-            (Fault::FlipByte { offset, mask: 0 }, _) => {
+            (Fault::FlipByte { offset, mask: 0 } | Fault::Rewrite { offset, mask: 0 }, _) => {
                 return Err(RelayError::ZeroMask { offset })
             }
             _ => {}
@@ -583,6 +585,12 @@ impl FrameFaults {
                     let mut flipped = BytesMut::from(&frame[..]);
                     flipped[offset] ^= mask;
                     frame = flipped.freeze();
+                }
+                Fault::Rewrite { offset, mask } => {
+                    let mut rewritten = BytesMut::from(&frame[..]);
+                    rewritten[offset] ^= mask;
+                    wire::recompute_checks(&mut rewritten);
+                    frame = rewritten.freeze();
                 }
                 Fault::Drop => copies = 0,
                 Fault::Duplicate => copies = 2,

@@ -17,6 +17,7 @@ use ft_link::frame::{HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION};
 
 /// Offsets of the header fields the relay reads or reports.
 const KIND_AT: usize = 3;
+const PAYLOAD_CHECK_AT: usize = 4;
 const EPOCH_AT: usize = 8;
 const LEN_AT: usize = 24;
 const HEADER_CHECK_AT: usize = 28;
@@ -51,6 +52,15 @@ pub fn kind_code(frame: &[u8]) -> u8 {
 /// The epoch a whole frame carries.
 pub fn epoch(frame: &[u8]) -> u64 {
     u64::from_le_bytes(frame[EPOCH_AT..EPOCH_AT + 8].try_into().expect("8 bytes"))
+}
+
+/// Computes a whole frame's two checks again (the payload's CRC, then the
+/// header's own), after a change to its bytes.
+pub fn recompute_checks(frame: &mut [u8]) {
+    let payload_crc = crc32fast::hash(&frame[HEADER_LEN..]);
+    frame[PAYLOAD_CHECK_AT..PAYLOAD_CHECK_AT + 4].copy_from_slice(&payload_crc.to_le_bytes());
+    let header_crc = crc32fast::hash(&frame[..HEADER_CHECK_AT]);
+    frame[HEADER_CHECK_AT..HEADER_CHECK_AT + 4].copy_from_slice(&header_crc.to_le_bytes());
 }
 
 /// The length of the frame that starts `buf` (header included), `None`
@@ -142,6 +152,18 @@ mod tests {
             f.encode(&mut out).unwrap();
         }
         out
+    }
+
+    #[test]
+    fn a_rewritten_frame_passes_both_checks_with_the_changed_byte() {
+        let frame = Frame::message(69, 7, 1, vec![0x11u8; 100]).unwrap();
+        let mut bytes = wire(&[frame]);
+        bytes[HEADER_LEN + 40] ^= 0x80;
+        assert!(ft_link::FrameDecoder.decode(&mut bytes.clone()).is_err());
+        recompute_checks(&mut bytes);
+        let got = ft_link::FrameDecoder.decode(&mut bytes).unwrap().unwrap();
+        assert_eq!(got.payload[40], 0x91);
+        assert_eq!((got.epoch, got.generation), (7, 1));
     }
 
     fn frames() -> Vec<Frame> {

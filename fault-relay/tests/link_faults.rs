@@ -1,15 +1,24 @@
 //! Each fault of the relay between two real, authenticated A-link ends on
-//! loopback, and what the receiving end observes. The link itself catches
-//! what breaks a frame (a flipped byte anywhere, at once), a reset, a FIN
-//! and silence; a frame dropped, duplicated or reordered whole passes the
-//! link unnoticed (its frames carry no sequence number): the replication
-//! protocol catches those (`replicator/tests/relay_faults.rs`).
+//! loopback, and what the receiving end observes.
+//!
+//! On a plaintext link (the option for a dedicated cable) the link itself
+//! catches what breaks a frame (a flipped byte anywhere, at once), a reset,
+//! a FIN and silence; a frame dropped, duplicated or reordered whole passes
+//! the link unnoticed (its frames carry no sequence number): the
+//! replication protocol catches those (`replicator/tests/relay_faults.rs`);
+//! and a frame rewritten by someone who knows the format (its CRCs
+//! recomputed) passes as genuine.
+//!
+//! On a sealed link (the default, see `ft_link::seal`) each of those ends
+//! the link at the receiving end: a record dropped, repeated, reordered,
+//! rewritten or injected does not open.
 
 use std::io;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fault_relay::{Direction, Fault, Relay};
+use ft_link::seal::Protection;
 use ft_link::{
     CpuFeatureSummary, Frame, FrameError, FrameKind, Hello, Link, LinkConfig, LinkError,
     LinkListener, PairSecret, Role,
@@ -38,14 +47,25 @@ fn config(role: Role, heartbeat_timeout: Duration) -> LinkConfig {
     let mut c = LinkConfig::new(secret, hello).with_heartbeat_timeout(heartbeat_timeout);
     // Pulses (UDP, straight to the peer) would go around the TCP relay.
     c.pulses = false;
+    // The relay sees each frame (a sealed link: `sealed_config`).
+    c.protection = Protection::Plaintext;
     c
+}
+
+fn sealed_config(role: Role, heartbeat_timeout: Duration) -> LinkConfig {
+    LinkConfig {
+        protection: Protection::Sealed,
+        ..config(role, heartbeat_timeout)
+    }
 }
 
 /// A standby's listener and a relay to it.
 async fn relayed(heartbeat_timeout: Duration) -> (Relay, LinkListener) {
-    let listener = LinkListener::bind("127.0.0.1:0", config(Role::Standby, heartbeat_timeout))
-        .await
-        .unwrap();
+    relayed_with(config(Role::Standby, heartbeat_timeout)).await
+}
+
+async fn relayed_with(standby: LinkConfig) -> (Relay, LinkListener) {
+    let listener = LinkListener::bind("127.0.0.1:0", standby).await.unwrap();
     let relay = Relay::start("127.0.0.1:0", listener.local_addr().unwrap())
         .await
         .unwrap();
@@ -55,7 +75,14 @@ async fn relayed(heartbeat_timeout: Duration) -> (Relay, LinkListener) {
 /// A primary connected through `relay` and the standby's end: (primary,
 /// standby).
 async fn pair(relay: &Relay, listener: &LinkListener, heartbeat_timeout: Duration) -> (Link, Link) {
-    let primary_config = config(Role::Primary, heartbeat_timeout);
+    pair_with(relay, listener, config(Role::Primary, heartbeat_timeout)).await
+}
+
+async fn pair_with(
+    relay: &Relay,
+    listener: &LinkListener,
+    primary_config: LinkConfig,
+) -> (Link, Link) {
     let (primary, standby) = tokio::time::timeout(WITHIN, async {
         tokio::join!(
             Link::connect(relay.local_addr(), &primary_config),
@@ -382,4 +409,123 @@ async fn a_delay_adds_at_least_itself_to_a_round_trip() {
     assert!(round_trip >= up + down, "round trip {round_trip:?}");
     let counters = relay.handle().counters();
     assert_eq!((counters.up.delay, counters.down.delay), (up, down));
+}
+
+/// A plaintext link delivers a frame rewritten by someone who knows the
+/// frame format (a page's byte changed, both CRCs recomputed) as genuine:
+/// what the sealed link's tests below refuse.
+#[tokio::test]
+async fn a_plaintext_link_delivers_a_rewritten_frame_as_genuine() {
+    let timeout = Duration::from_secs(5);
+    let (relay, listener) = relayed(timeout).await;
+    let (primary, mut standby) = pair(&relay, &listener, timeout).await;
+    relay
+        .handle()
+        .inject_on(
+            Direction::Up,
+            Fault::Rewrite {
+                offset: 32 + 10,
+                mask: 0xff,
+            },
+            FrameKind::Message(FIRST),
+        )
+        .unwrap();
+    primary.send(&message(FIRST, 1, 40)).await.unwrap();
+    let got = recv(&mut standby).await.expect("delivered");
+    assert_eq!(
+        got.payload[10],
+        FIRST ^ 0xff,
+        "the rewrite reached the standby"
+    );
+}
+
+/// A sealed primary and standby through the relay, the relay told to
+/// apply `fault` to the next record the primary sends after the
+/// handshake; what the standby's end returns for three messages.
+async fn sealed_outcome(fault: Fault) -> Result<Vec<u8>, LinkError> {
+    // Heartbeats rarely (a timeout of 10 s: one each 2 s), so that the
+    // next record is the first message's.
+    let timeout = Duration::from_secs(10);
+    let (relay, listener) = relayed_with(sealed_config(Role::Standby, timeout)).await;
+    let (primary, mut standby) =
+        pair_with(&relay, &listener, sealed_config(Role::Primary, timeout)).await;
+    assert_eq!(
+        (primary.protection(), standby.protection()),
+        (Protection::Sealed, Protection::Sealed)
+    );
+    relay
+        .handle()
+        .inject_on(Direction::Up, fault, FrameKind::Sealed)
+        .unwrap();
+    for code in [FIRST, SECOND, THIRD] {
+        primary.send(&message(code, 1, 40)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while !got.contains(&THIRD) {
+        let frame = recv(&mut standby).await?;
+        let FrameKind::Message(code) = frame.kind else {
+            panic!("{frame:?}")
+        };
+        got.push(code);
+    }
+    Ok(got)
+}
+
+fn assert_refused(fault: &str, outcome: Result<Vec<u8>, LinkError>, what: fn(&LinkError) -> bool) {
+    match outcome {
+        Err(error) if what(&error) => {}
+        other => panic!("{fault} on a sealed link: {other:?}"),
+    }
+}
+
+fn unopened(error: &LinkError) -> bool {
+    matches!(
+        error,
+        LinkError::Unsealed {
+            source: ft_link::seal::SealError::Open { .. },
+            ..
+        }
+    )
+}
+
+/// Issue 14: on a sealed link a record dropped, repeated, reordered or
+/// rewritten (CRCs recomputed) does not open, and a plaintext frame put in
+/// the stream (here: a record's kind byte rewritten to `Ack`, CRCs
+/// recomputed: a forged acknowledgement) is refused as not sealed.
+#[tokio::test]
+async fn a_sealed_link_refuses_records_dropped_repeated_reordered_rewritten_or_injected() {
+    assert_refused("drop", sealed_outcome(Fault::Drop).await, unopened);
+    assert_refused(
+        "duplicate",
+        sealed_outcome(Fault::Duplicate).await,
+        unopened,
+    );
+    assert_refused("reorder", sealed_outcome(Fault::Reorder).await, unopened);
+    assert_refused(
+        "rewrite",
+        sealed_outcome(Fault::Rewrite {
+            offset: 32 + 20,
+            mask: 0x01,
+        })
+        .await,
+        unopened,
+    );
+    let to_ack = FrameKind::Sealed.code() ^ 72;
+    assert_refused(
+        "forged Ack",
+        sealed_outcome(Fault::Rewrite {
+            offset: 3,
+            mask: to_ack,
+        })
+        .await,
+        |e| {
+            matches!(
+                e,
+                LinkError::NotSealed {
+                    kind: FrameKind::Message(72),
+                    ..
+                }
+            )
+        },
+    );
 }

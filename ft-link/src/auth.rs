@@ -64,6 +64,15 @@ impl PairSecret {
     }
 }
 
+/// The pre-shared key of the A-link's key exchange ([`crate::seal`]):
+/// derived from the pair secret, so that only the two nodes of the pair
+/// complete it.
+pub(crate) fn seal_psk(secret: &PairSecret) -> [u8; 32] {
+    let mut mac = secret.mac();
+    mac.update(b"ft-link A-link v1 seal psk");
+    mac.finalize().into_bytes().into()
+}
+
 /// The key of one link's pulses: both sides derive it from the pair secret
 /// and the two nonces of the link's handshake (the connecting side's
 /// first), so each link has its own and a recorded pulse is worth nothing

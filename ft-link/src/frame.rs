@@ -46,6 +46,12 @@ pub enum FrameKind {
     Refusal,
     /// The peer checked the handshake and accepts to pair.
     Accepted,
+    /// A message of the key exchange that opens a sealed link
+    /// ([`crate::seal`]).
+    KeyExchange,
+    /// A sealed record: a piece of the link's encrypted byte stream, in
+    /// which the frames after the key exchange travel.
+    Sealed,
     /// A message of the carried protocol, by its kind byte
     /// (`MESSAGE_KIND_FIRST..=255`).
     Message(u8),
@@ -70,6 +76,8 @@ impl FrameKind {
             FrameKind::Heartbeat => 4,
             FrameKind::Refusal => 10,
             FrameKind::Accepted => 11,
+            FrameKind::KeyExchange => 12,
+            FrameKind::Sealed => 13,
             FrameKind::Message(code) => code,
         }
     }
@@ -86,6 +94,8 @@ impl TryFrom<u8> for FrameKind {
             4 => Heartbeat,
             10 => Refusal,
             11 => Accepted,
+            12 => KeyExchange,
+            13 => Sealed,
             code if code >= MESSAGE_KIND_FIRST => Message(code),
             other => return Err(FrameError::UnknownKind(other)),
         })
@@ -164,21 +174,8 @@ impl Frame {
     /// Appends only the header (it carries the payload's crc); the payload
     /// follows it on the wire as it is, without a copy.
     pub fn encode_header(&self, out: &mut BytesMut) -> Result<(), FrameError> {
-        let len = u32::try_from(self.payload.len())
-            .ok()
-            .filter(|&l| l <= self.kind.max_payload())
-            .ok_or(FrameError::PayloadTooLarge(self.payload.len()))?;
-        let start = out.len();
-        out.reserve(HEADER_LEN);
-        out.put_slice(&MAGIC);
-        out.put_u8(VERSION);
-        out.put_u8(self.kind.code());
-        out.put_u32_le(crc32fast::hash(&self.payload));
-        out.put_u64_le(self.epoch);
-        out.put_u64_le(self.generation);
-        out.put_u32_le(len);
-        let crc = header_checksum(&out[start..]);
-        out.put_u32_le(crc);
+        let header = header(self.kind, self.epoch, self.generation, &self.payload)?;
+        out.extend_from_slice(&header);
         Ok(())
     }
 
@@ -189,6 +186,30 @@ impl Frame {
         out.put_slice(&self.payload);
         Ok(())
     }
+}
+
+/// The header of a frame of `kind` carrying `payload`.
+pub(crate) fn header(
+    kind: FrameKind,
+    epoch: u64,
+    generation: u64,
+    payload: &[u8],
+) -> Result<[u8; HEADER_LEN], FrameError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= kind.max_payload())
+        .ok_or(FrameError::PayloadTooLarge(payload.len()))?;
+    let mut h = [0u8; HEADER_LEN];
+    h[0..2].copy_from_slice(&MAGIC);
+    h[2] = VERSION;
+    h[3] = kind.code();
+    h[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    h[16..24].copy_from_slice(&generation.to_le_bytes());
+    h[24..28].copy_from_slice(&len.to_le_bytes());
+    let crc = header_checksum(&h);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
+    Ok(h)
 }
 
 /// Splits a byte stream into checked frames.

@@ -22,6 +22,7 @@ pub mod frame;
 pub mod hello;
 pub mod link;
 pub mod pulse;
+pub mod seal;
 
 pub use auth::{AuthError, PairSecret};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind};

@@ -101,6 +101,13 @@ pub struct Config {
     /// between two live nodes leaves both running the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub witness: Vec<String>,
+    /// The A-link in plaintext, checked by CRCs only, instead of sealed
+    /// (authenticated and encrypted, the default). Only for a dedicated
+    /// cable between the two nodes; both nodes must say the same (a
+    /// mismatch is refused at the A-link handshake, and the engines'
+    /// status says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub alink_plaintext: bool,
 }
 
 fn default_bridge() -> String {
@@ -128,6 +135,7 @@ impl Config {
             run_dir: default_run_dir(),
             solo_start_after_s: None,
             witness: Vec::new(),
+            alink_plaintext: false,
         }
     }
 

@@ -96,6 +96,11 @@ struct NodeArgs {
     /// join; none on init].
     #[arg(long, value_delimiter = ',')]
     witness: Vec<String>,
+    /// Run the A-link in plaintext (CRC-checked only) instead of sealed:
+    /// only for a dedicated cable between the two nodes [default: the
+    /// first node's, on join; sealed on init].
+    #[arg(long)]
+    alink_plaintext: bool,
 }
 
 impl NodeArgs {
@@ -110,6 +115,7 @@ impl NodeArgs {
         config.ftprotect = self.ftprotect.clone();
         config.run_dir = self.run_dir.clone();
         config.witness = self.witness.clone();
+        config.alink_plaintext = self.alink_plaintext;
         config
     }
 }
@@ -299,6 +305,7 @@ fn join(state_dir: &Path, args: &JoinArgs) -> Result<(), String> {
     if config.witness.is_empty() {
         config.witness = info.witness.clone();
     }
+    config.alink_plaintext |= info.alink_plaintext;
     std::fs::create_dir_all(state_dir)
         .map_err(|e| format!("cannot make {}: {e}", state_dir.display()))?;
     for (file, value) in [(SECRET_FILE, &info.pair_secret), (TOKEN_FILE, &token)] {

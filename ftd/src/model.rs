@@ -593,6 +593,10 @@ pub struct PairInfo {
     /// The pair's quorum witness (empty: none).
     #[serde(default)]
     pub witness: Vec<String>,
+    /// The pair runs its A-link in plaintext (a dedicated cable) instead
+    /// of sealed.
+    #[serde(default)]
+    pub alink_plaintext: bool,
 }
 
 /// The body of every error answer.

@@ -5,7 +5,9 @@
 //! authenticated A-link on loopback TCP, assemble and check them on the
 //! standby and apply them to the replica's memory. Prints pages per
 //! millisecond next to this machine's memcpy rate measured in the same run,
-//! and checks that the replica ends equal to the primary.
+//! and checks that the replica ends equal to the primary. Runs twice: on a
+//! sealed A-link (the default) and on a plaintext one, and prints what
+//! sealing costs.
 //!
 //! Run: `cargo bench -p replicator --bench pipeline`.
 
@@ -15,6 +17,7 @@ use bytes::Bytes;
 use ft_link::auth::PairSecret;
 use ft_link::hello::{CpuFeatureSummary, Hello, Role};
 use ft_link::link::{Link, LinkConfig, LinkListener};
+use ft_link::seal::Protection;
 use replicator::assembler::EpochAssembler;
 use replicator::checkpoint_bench::memcpy_ns_per_page;
 use replicator::protocol::{epoch_frames, Message, PageStager, PAGE_SIZE};
@@ -24,7 +27,7 @@ const MEM_MIB: u64 = 256;
 const EPOCHS: u64 = 60;
 const PAGES_PER_EPOCH: usize = 2000;
 
-fn config(role: Role) -> LinkConfig {
+fn config(role: Role, protection: Protection) -> LinkConfig {
     let hello = Hello::new(
         format!("bench-{role}"),
         role,
@@ -34,10 +37,12 @@ fn config(role: Role) -> LinkConfig {
         },
         "bench-vm",
     );
-    LinkConfig::new(
+    let mut config = LinkConfig::new(
         PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret"),
         hello,
-    )
+    );
+    config.protection = protection;
+    config
 }
 
 /// A reproducible choice of distinct page numbers, in address order (as a
@@ -62,13 +67,72 @@ fn dirty_set(epoch: u64, total_pages: u64) -> Vec<u64> {
         .collect()
 }
 
+/// What one run measured.
+struct Figures {
+    pages_sent: u64,
+    capture: Duration,
+    encode: Duration,
+    round_trip: Duration,
+    total: Duration,
+}
+
+impl Figures {
+    fn per_ms(&self, d: Duration) -> f64 {
+        self.pages_sent as f64 / (d.as_secs_f64() * 1e3)
+    }
+
+    fn whole(&self) -> f64 {
+        self.per_ms(self.capture + self.encode + self.round_trip)
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    let sealed = run(Protection::Sealed).await;
+    let plaintext = run(Protection::Plaintext).await;
+    let memcpy_ns = memcpy_ns_per_page(256);
+    let memcpy_per_ms = 1e6 / memcpy_ns;
+    println!(
+        "pipeline: {EPOCHS} epochs x {PAGES_PER_EPOCH} pages of a {MEM_MIB} MiB memory, replica verified equal"
+    );
+    println!("  memcpy (same run)            {memcpy_per_ms:>10.0} pages/ms");
+    for (name, f) in [("sealed", &sealed), ("plaintext", &plaintext)] {
+        println!("  A-link {name}:");
+        println!(
+            "    capture (copy into frames)   {:>10.0} pages/ms  ({:.2} of memcpy)",
+            f.per_ms(f.capture),
+            f.per_ms(f.capture) / memcpy_per_ms
+        );
+        println!(
+            "    encode (epoch crc32, frames) {:>10.0} pages/ms  ({:.2} of memcpy)",
+            f.per_ms(f.encode),
+            f.per_ms(f.encode) / memcpy_per_ms
+        );
+        println!(
+            "    send (seal or frame crc32, TCP) + standby open/check + apply + ack {:>10.0} pages/ms  ({:.2} of memcpy)",
+            f.per_ms(f.round_trip),
+            f.per_ms(f.round_trip) / memcpy_per_ms
+        );
+        println!(
+            "    whole pipeline               {:>10.0} pages/ms  ({:.2} of memcpy), {:.2} ms per epoch",
+            f.whole(),
+            f.whole() / memcpy_per_ms,
+            f.total.as_secs_f64() * 1e3 / EPOCHS as f64
+        );
+    }
+    println!(
+        "  sealing costs {:.1}% of the pipeline's rate ({}; goal: under 15%)",
+        (1.0 - sealed.whole() / plaintext.whole()) * 100.0,
+        Protection::Sealed.describe()
+    );
+}
+
+async fn run(protection: Protection) -> Figures {
     let primary = ReplicaRam::create(MEM_MIB).expect("primary memory");
     let replica = ReplicaRam::create(MEM_MIB).expect("replica memory");
     let total_pages = (MEM_MIB << 20) / PAGE_SIZE as u64;
 
-    let listener = LinkListener::bind("127.0.0.1:0", config(Role::Standby))
+    let listener = LinkListener::bind("127.0.0.1:0", config(Role::Standby, protection))
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -89,7 +153,7 @@ async fn main() {
         }
         replica
     });
-    let mut link = Link::connect(addr, &config(Role::Primary))
+    let mut link = Link::connect(addr, &config(Role::Primary, protection))
         .await
         .expect("connect");
 
@@ -152,32 +216,11 @@ async fn main() {
         assert_eq!(a, b, "page {page} differs between primary and replica");
     }
 
-    let memcpy_ns = memcpy_ns_per_page(256);
-    let per_ms = |d: Duration| pages_sent as f64 / (d.as_secs_f64() * 1e3);
-    let memcpy_per_ms = 1e6 / memcpy_ns;
-    println!(
-        "pipeline: {EPOCHS} epochs x {PAGES_PER_EPOCH} pages of a {MEM_MIB} MiB memory, replica verified equal"
-    );
-    println!("  memcpy (same run)            {memcpy_per_ms:>10.0} pages/ms");
-    println!(
-        "  capture (copy into frames)   {:>10.0} pages/ms  ({:.2} of memcpy)",
-        per_ms(capture),
-        per_ms(capture) / memcpy_per_ms
-    );
-    println!(
-        "  encode (epoch crc32, frames) {:>10.0} pages/ms  ({:.2} of memcpy)",
-        per_ms(encode_time),
-        per_ms(encode_time) / memcpy_per_ms
-    );
-    println!(
-        "  send (frame crc32, TCP) + standby check + apply + ack {:>10.0} pages/ms  ({:.2} of memcpy)",
-        per_ms(round_trip),
-        per_ms(round_trip) / memcpy_per_ms
-    );
-    println!(
-        "  whole pipeline               {:>10.0} pages/ms  ({:.2} of memcpy), {:.2} ms per epoch",
-        per_ms(capture + encode_time + round_trip),
-        per_ms(capture + encode_time + round_trip) / memcpy_per_ms,
-        total.as_secs_f64() * 1e3 / EPOCHS as f64
-    );
+    Figures {
+        pages_sent,
+        capture,
+        encode: encode_time,
+        round_trip,
+        total,
+    }
 }

@@ -207,6 +207,10 @@ pub struct Status {
     /// witness is configured, the split-brain policy is the pair's own).
     #[serde(default)]
     pub witness: Option<String>,
+    /// How the A-link of the current (or last) session is protected:
+    /// sealed, or plaintext by the operator's choice (`--alink-plaintext`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alink: Option<String>,
     /// The silence after which the peer is declared lost (ms).
     #[serde(default)]
     pub heartbeat_timeout_ms: u64,
@@ -244,6 +248,7 @@ impl StatusBoard {
                 counters: FtCounters::default(),
                 generation: 0,
                 witness: None,
+                alink: None,
                 heartbeat_timeout_ms: 0,
                 oracle: None,
             })),

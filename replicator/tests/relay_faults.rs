@@ -5,6 +5,11 @@
 //! epoch's end record and the epoch sequence must catch each one: the
 //! epoch is refused, never applied nor acknowledged, the session ends and
 //! no takeover follows (the primary, alive, starts over).
+//!
+//! The links here are plaintext (the option for a dedicated cable), so
+//! that the relay sees the frames: on a sealed link (the default) the link
+//! itself refuses each of these faults first (`fault-relay/tests/`), and
+//! these checks are the second line.
 
 mod common;
 
@@ -62,6 +67,7 @@ fn the_relays_kind_names_are_the_replication_codes() {
 /// A standby with one committed epoch (page 5 = 0x22), its primary
 /// talking through a relay.
 async fn committed_through_relay(name: &str) -> (Standby, Relay, Link) {
+    plaintext_links();
     let standby = start_standby(name).await;
     let relay = Relay::start("127.0.0.1:0", standby.addr)
         .await
@@ -206,6 +212,7 @@ async fn a_duplicated_end_record_is_refused_after_its_epoch_is_acknowledged() {
 /// writer; the consistency oracle (`verify`) would show the difference.
 #[tokio::test]
 async fn a_page_frame_lost_from_the_initial_copy_is_never_promoted() {
+    plaintext_links();
     let standby = start_standby("relay-drop-sync").await;
     let relay = Relay::start("127.0.0.1:0", standby.addr)
         .await

@@ -76,6 +76,9 @@ async fn relay(to: SocketAddr) -> Relay {
 
 #[tokio::test]
 async fn a_frame_corrupted_on_the_wire_is_refused_and_causes_no_takeover() {
+    // The relay hits a page frame: it must see frames (a sealed link's own
+    // refusal of a flipped record: fault-relay's tests).
+    plaintext_links();
     let standby = start_standby("corrupt").await;
     let relay = relay(standby.addr).await;
     let mut link = synced_primary(relay.local_addr()).await;
@@ -232,6 +235,7 @@ async fn a_primary_whose_vm_stopped_is_not_taken_over() {
 /// fix: the task never finished).
 #[tokio::test]
 async fn an_epoch_whose_acknowledgement_cannot_be_sent_is_kept_and_taken_over() {
+    plaintext_links();
     let standby = start_standby("ack-reset").await;
     let relay = relay(standby.addr).await;
     let mut link = synced_primary(relay.local_addr()).await;

@@ -19,9 +19,10 @@
 //!   standby;
 //! - the witness stopped and restarted while protected: an alert, no
 //!   takeover, nothing lost;
-//! - faults injected on the real A-link by `ftrelay` on the primary's
-//!   node (a flipped byte, a reset in the middle of an epoch, a stall):
-//!   refused, no takeover, the primary starts over, nothing lost.
+//! - faults injected on the real, sealed A-link by `ftrelay` on the
+//!   primary's node (a record rewritten with its CRCs recomputed, a record
+//!   replayed, a reset, a stall): refused, no takeover, the primary starts
+//!   over, nothing lost.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -669,7 +670,8 @@ fn relay_counter(counters: &str, name: &str) -> u64 {
 /// The fault relay in the lab (issue 9): the A-link between the real
 /// daemons runs through `ftrelay` on the primary's node, and faults are
 /// injected into live epochs while the client writes. Each one is caught
-/// (a flipped byte by the frame check, a reset or a stall by the session),
+/// (a rewritten or replayed record by the seal, a reset or a stall by the
+/// session),
 /// the standby neither applies the damaged epoch nor takes over (the
 /// primary is alive on the backup path), the primary starts a new session
 /// and is protected again, and no acknowledged operation is lost.
@@ -692,8 +694,23 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
         relay_counter(&counters, "up.frames") > 0,
         "the A-link does not run through the relay: {counters}"
     );
+    let a = status(&lab, NodeId::A).expect("a");
+    assert!(
+        a.alink.as_deref().is_some_and(|p| p.starts_with("sealed")),
+        "the lab's A-link is not sealed: {a:?}"
+    );
     let mut writer = Appender::new(lab.ledger_client());
-    let faults = ["up flip 20 on EpochEnd", "up reset after Pages", "up stall"];
+    // The lab's A-link is sealed (the default): the relay sees records,
+    // not the messages in them. A record rewritten with its CRCs
+    // recomputed (what someone who knows the frame format could do) and a
+    // record repeated (a replay) do not open; a reset and a stall end the
+    // session.
+    let faults = [
+        "up rewrite 40 on Sealed",
+        "up dup on Sealed",
+        "up reset after Sealed",
+        "up stall",
+    ];
     for (n, fault) in faults.into_iter().enumerate() {
         writer.append_for(Duration::from_secs(2));
         let since = status(&lab, NodeId::A).expect("a").state_since_unix_ms;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::auth::PairSecret;
 use crate::hello::Hello;
+use crate::seal::Protection;
 
 /// The peer is declared silent after this much silence (the one default of
 /// the project: `ftprotect --heartbeat-timeout-ms` uses it too).
@@ -34,6 +35,10 @@ pub struct LinkConfig {
     /// Pulses (heartbeats on a socket and a thread of their own) when the
     /// peer offers them too.
     pub pulses: bool,
+    /// Sealed (the default) or, by explicit choice on both nodes for a
+    /// dedicated cable, plaintext; see [`crate::seal`]. Both ends must
+    /// agree: a mismatch is refused at the handshake, saying so.
+    pub protection: Protection,
 }
 
 /// The send stall timeout that goes with a heartbeat timeout: four times
@@ -56,6 +61,7 @@ impl LinkConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             send_stall_timeout: send_stall_timeout_for(DEFAULT_HEARTBEAT_TIMEOUT),
             pulses: true,
+            protection: Protection::Sealed,
         }
     }
 

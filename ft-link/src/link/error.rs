@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::auth::AuthError;
 use crate::frame::{FrameError, FrameKind};
 use crate::hello::{HelloError, Mismatch, Refusal};
+use crate::seal::SealError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -105,6 +106,37 @@ pub enum LinkError {
     PeerClosed { peer: SocketAddr },
     #[error("nothing arrived from {peer} for {after:?}: the peer is silent")]
     PeerSilent { peer: SocketAddr, after: Duration },
+    #[error("the key exchange with {peer} failed")]
+    KeyExchange {
+        peer: SocketAddr,
+        #[source]
+        source: SealError,
+    },
+    #[error(
+        "{peer} runs the A-link {theirs} and this node {ours}: set the same mode on both nodes \
+         (plaintext only for a dedicated cable)"
+    )]
+    ProtectionMismatch {
+        peer: SocketAddr,
+        ours: &'static str,
+        theirs: &'static str,
+    },
+    #[error("could not seal a frame for {peer}")]
+    Seal {
+        peer: SocketAddr,
+        #[source]
+        source: SealError,
+    },
+    #[error("a record from {peer} refused, the link is ended")]
+    Unsealed {
+        peer: SocketAddr,
+        #[source]
+        source: SealError,
+    },
+    #[error(
+        "a plaintext {kind:?} frame from {peer} on a sealed link (injected?): the link is ended"
+    )]
+    NotSealed { peer: SocketAddr, kind: FrameKind },
     #[error("the link to {peer} already ended with an error")]
     Ended { peer: SocketAddr },
 }

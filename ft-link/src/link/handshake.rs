@@ -8,31 +8,39 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use super::stream::{Encoded, Inbound, Outbound};
 use super::{LinkConfig, LinkError};
 use crate::auth::{self, Nonce, Side};
-use crate::frame::{Frame, FrameDecoder, FrameKind, MAX_LINK_PAYLOAD};
+use crate::frame::{Frame, FrameKind, MAX_LINK_PAYLOAD};
 use crate::hello::{Hello, Refusal};
+use crate::seal::{KeyExchange, Opener, Protection, Sealer};
 
-/// Frame I/O on the whole stream, for the handshake.
+/// Frame I/O on the whole stream, for the handshake (sealed once the key
+/// exchange is done, on a sealed link).
 struct HandshakeIo<'a> {
     stream: &'a mut TcpStream,
     peer: SocketAddr,
-    rx: BytesMut,
-    decoder: FrameDecoder,
-    tx: BytesMut,
+    inbound: Inbound,
+    outbound: Outbound,
 }
 
 impl HandshakeIo<'_> {
     async fn write(&mut self, kind: FrameKind, payload: impl Into<Bytes>) -> Result<(), LinkError> {
         let peer = self.peer;
-        self.tx.clear();
-        Frame::new(kind, 0, payload)
-            .encode(&mut self.tx)
-            .map_err(|source| LinkError::Encode { peer, kind, source })?;
+        let frame = Frame::new(kind, 0, payload);
+        let then = match self.outbound.encode(peer, &frame)? {
+            Encoded::Buffered => None,
+            Encoded::Then(payload) => Some(payload),
+        };
+        let send = |source| LinkError::Send { peer, source };
         self.stream
-            .write_all(&self.tx)
+            .write_all(&self.outbound.tx)
             .await
-            .map_err(|source| LinkError::Send { peer, source })
+            .map_err(send)?;
+        if let Some(payload) = then {
+            self.stream.write_all(payload).await.map_err(send)?;
+        }
+        Ok(())
     }
 
     /// A handshake frame: none is larger than the link's own frames
@@ -42,8 +50,7 @@ impl HandshakeIo<'_> {
         read_frame_within(
             &mut *self.stream,
             self.peer,
-            &mut self.rx,
-            &mut self.decoder,
+            &mut self.inbound,
             MAX_LINK_PAYLOAD,
         )
         .await
@@ -99,50 +106,38 @@ pub(super) fn refusal_error(peer: SocketAddr, payload: &[u8]) -> LinkError {
     }
 }
 
-/// Reads until `rx` holds a whole frame (heartbeats included) whose
+/// Reads until `inbound` holds a whole frame (heartbeats included) whose
 /// payload is at most `cap`.
 async fn read_frame_within<R: AsyncRead + Unpin>(
     reader: &mut R,
     peer: SocketAddr,
-    rx: &mut BytesMut,
-    decoder: &mut FrameDecoder,
+    inbound: &mut Inbound,
     cap: u32,
 ) -> Result<Frame, LinkError> {
     loop {
-        if let Some(frame) = decoder
-            .decode_within(rx, cap)
-            .map_err(|source| LinkError::Corrupt { peer, source })?
-        {
+        if let Some(frame) = inbound.next_frame(peer, cap)? {
             return Ok(frame);
         }
         let n = reader
-            .read_buf(rx)
+            .read_buf(&mut inbound.raw)
             .await
             .map_err(|source| LinkError::Receive { peer, source })?;
         if n == 0 {
-            return Err(end_of_stream(peer, decoder, rx));
+            return Err(inbound.end_of_stream(peer));
         }
-    }
-}
-
-pub(super) fn end_of_stream(peer: SocketAddr, decoder: &FrameDecoder, rx: &BytesMut) -> LinkError {
-    match decoder.finish(rx) {
-        Ok(()) => LinkError::PeerClosed { peer },
-        Err(_) => LinkError::Truncated {
-            peer,
-            received: rx.len(),
-        },
     }
 }
 
 /// Runs the handshake on `stream` as `side`; returns the peer's Hello and
 /// whatever the peer already sent past the handshake.
-/// What a finished handshake gives: the peer's Hello, bytes already read
-/// past it, and the peer's pulse port with the link's pulse key (when both
-/// ends offered pulses).
+/// What a finished handshake gives: the peer's Hello, the stream's state
+/// in each direction (the keys of a sealed link, bytes already read past
+/// the handshake), and the peer's pulse port with the link's pulse key
+/// (when both ends offered pulses).
 pub(super) struct Handshaken {
     pub hello: Hello,
-    pub rx: BytesMut,
+    pub inbound: Inbound,
+    pub outbound: Outbound,
     pub pulse: Option<(u16, [u8; 32])>,
 }
 
@@ -154,7 +149,7 @@ pub(super) async fn handshake(
     config: &LinkConfig,
 ) -> Result<(Hello, BytesMut), LinkError> {
     let done = handshake_with(stream, side, config, None).await?;
-    Ok((done.hello, done.rx))
+    Ok((done.hello, done.inbound.raw))
 }
 
 pub(super) async fn handshake_with(
@@ -169,9 +164,8 @@ pub(super) async fn handshake_with(
     let mut io = HandshakeIo {
         stream,
         peer,
-        rx: BytesMut::with_capacity(4096),
-        decoder: FrameDecoder,
-        tx: BytesMut::with_capacity(512),
+        inbound: Inbound::new(BytesMut::with_capacity(4096)),
+        outbound: Outbound::new(512),
     };
     let stopped = match tokio::time::timeout(
         config.handshake_timeout,
@@ -182,7 +176,8 @@ pub(super) async fn handshake_with(
         Ok(Ok((hello, pulse))) => {
             return Ok(Handshaken {
                 hello,
-                rx: io.rx,
+                inbound: io.inbound,
+                outbound: io.outbound,
                 pulse,
             })
         }
@@ -229,10 +224,32 @@ async fn run_handshake(
     pulse_port: Option<u16>,
 ) -> Result<(Hello, Option<(u16, [u8; 32])>), HandshakeStop> {
     let peer = io.peer;
+    if config.protection == Protection::Sealed {
+        let (sealer, opener) = exchange_keys(io, side, config).await?;
+        io.outbound.sealer = Some(sealer);
+        io.inbound.opener = Some(opener);
+        debug!(%peer, %side, "A-link sealed");
+    }
     let my_nonce = Nonce::fresh().map_err(|source| LinkError::AuthSetup { peer, source })?;
     io.write(FrameKind::Challenge, my_nonce.as_bytes().to_vec())
         .await?;
-    let their_nonce = io.read_expecting(FrameKind::Challenge).await?;
+    let their_nonce = match io.read().await? {
+        frame if frame.kind == FrameKind::Challenge => frame.payload,
+        frame if frame.kind == FrameKind::KeyExchange => {
+            return Err(mismatch(peer, Protection::Plaintext, Protection::Sealed))
+        }
+        frame if frame.kind == FrameKind::Refusal => {
+            return Err(refusal_error(peer, &frame.payload).into())
+        }
+        frame => {
+            return Err(LinkError::UnexpectedFrame {
+                peer,
+                expected: FrameKind::Challenge,
+                got: frame.kind,
+            }
+            .into())
+        }
+    };
     let their_nonce = Nonce::from_wire(&their_nonce).map_err(|source| HandshakeStop {
         refusal: Some(Refusal::ProtocolViolation(source.to_string())),
         error: LinkError::AuthenticationFailed { peer, source },
@@ -290,6 +307,70 @@ async fn run_handshake(
     Ok((their_hello, pulse))
 }
 
+/// Refusing a peer that protects the link otherwise.
+fn mismatch(peer: SocketAddr, ours: Protection, theirs: Protection) -> HandshakeStop {
+    let error = LinkError::ProtectionMismatch {
+        peer,
+        ours: ours.name(),
+        theirs: theirs.name(),
+    };
+    HandshakeStop {
+        refusal: Some(Refusal::ProtocolViolation(format!(
+            "this node runs the A-link {} and the peer {}: set the same mode on both nodes",
+            theirs.name(),
+            ours.name()
+        ))),
+        error,
+    }
+}
+
+/// The key exchange of a sealed link ([`crate::seal`]): the connecting
+/// side's message, the accepting side's answer. A peer without the pair
+/// secret is refused (in plaintext: there are no keys to seal a refusal
+/// with), and so is a peer that starts the plaintext handshake instead.
+async fn exchange_keys(
+    io: &mut HandshakeIo<'_>,
+    side: Side,
+    config: &LinkConfig,
+) -> Result<(Sealer, Opener), HandshakeStop> {
+    let peer = io.peer;
+    let failed = |source| HandshakeStop {
+        refusal: Some(Refusal::AuthenticationFailed),
+        error: LinkError::KeyExchange { peer, source },
+    };
+    let mut exchange = KeyExchange::new(&config.secret, side)
+        .map_err(|source| HandshakeStop::from(LinkError::KeyExchange { peer, source }))?;
+    if side == Side::Connecting {
+        let first = exchange.write().map_err(failed)?;
+        io.write(FrameKind::KeyExchange, first).await?;
+    }
+    let theirs = match io.read().await? {
+        frame if frame.kind == FrameKind::KeyExchange => frame.payload,
+        frame if frame.kind == FrameKind::Challenge => {
+            return Err(mismatch(peer, Protection::Sealed, Protection::Plaintext))
+        }
+        frame if frame.kind == FrameKind::Refusal => {
+            return Err(refusal_error(peer, &frame.payload).into())
+        }
+        frame => {
+            return Err(LinkError::UnexpectedFrame {
+                peer,
+                expected: FrameKind::KeyExchange,
+                got: frame.kind,
+            }
+            .into())
+        }
+    };
+    exchange.read(&theirs).map_err(failed)?;
+    if side == Side::Accepting {
+        let answer = exchange.write().map_err(failed)?;
+        io.write(FrameKind::KeyExchange, answer).await?;
+    }
+    exchange
+        .finish()
+        .map_err(|source| HandshakeStop::from(LinkError::KeyExchange { peer, source }))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -300,7 +381,7 @@ mod tests {
     use crate::auth::{AuthError, PairSecret};
     use crate::frame::FrameError;
     use crate::hello::{Mismatch, Role};
-    use crate::link::tests::{config, encoded, pair, SECRET, WITHIN};
+    use crate::link::tests::{config, encoded, pair, plaintext, SECRET, WITHIN};
     use crate::link::{Link, LinkListener};
 
     /// Issue 9 (defect 4's last part): a stranger that opens with the
@@ -353,11 +434,30 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_secret_is_refused_on_both_sides() {
-        let a = config("node-a", Role::Primary, SECRET);
-        let b = config("node-b", Role::Standby, b"another-secret-of-the-wrong-pair");
-        let (accepted, connected) = pair(a, b).await;
-        for (side, result) in [("accepting", accepted), ("connecting", connected)] {
+        for protection in [Protection::Sealed, Protection::Plaintext] {
+            let mut a = config("node-a", Role::Primary, SECRET);
+            let mut b = config("node-b", Role::Standby, b"another-secret-of-the-wrong-pair");
+            (a.protection, b.protection) = (protection, protection);
+            let (accepted, connected) = pair(a, b).await;
+            assert_refused_for_the_secret(protection, "accepting", accepted);
+            assert_refused_for_the_secret(protection, "connecting", connected);
+        }
+    }
+
+    fn assert_refused_for_the_secret(
+        protection: Protection,
+        side: &str,
+        result: Result<Link, LinkError>,
+    ) {
+        {
             match result {
+                // Sealed: the key exchange fails at the accepting side's
+                // first read (its message carries a tag under the key the
+                // pair secret gives), which refuses in plaintext.
+                Err(LinkError::KeyExchange {
+                    source: crate::seal::SealError::KeyExchange(_),
+                    ..
+                }) if protection == Protection::Sealed => {}
                 // Each side checks the other's proof; the refusal of the
                 // peer may also be what a side reads first.
                 Err(LinkError::AuthenticationFailed {
@@ -368,7 +468,7 @@ mod tests {
                     reason: Refusal::AuthenticationFailed,
                     ..
                 }) => {}
-                Err(other) => panic!("{side}: wrong error {other}"),
+                Err(other) => panic!("{side} ({}): wrong error {other}", protection.name()),
                 Ok(_) => panic!("{side}: paired with a wrong secret"),
             }
         }
@@ -377,10 +477,9 @@ mod tests {
     /// Plays the peer of a handshake with a raw socket that answers with a
     /// bogus proof; returns everything the real side wrote.
     async fn capture_against_bogus_prover(raw: &mut TcpStream) -> Vec<u8> {
-        let mut seen = BytesMut::new();
-        let mut decoder = FrameDecoder;
+        let mut seen = Inbound::new(BytesMut::new());
         let peer = raw.peer_addr().unwrap();
-        let challenge = read_frame_within(raw, peer, &mut seen, &mut decoder, u32::MAX)
+        let challenge = read_frame_within(raw, peer, &mut seen, u32::MAX)
             .await
             .unwrap();
         assert_eq!(challenge.kind, FrameKind::Challenge);
@@ -395,7 +494,7 @@ mod tests {
             .await
             .unwrap();
         let mut wire = encoded(&challenge).to_vec();
-        wire.extend_from_slice(&seen);
+        wire.extend_from_slice(&seen.raw);
         raw.read_to_end(&mut wire).await.unwrap();
         wire
     }
@@ -406,9 +505,10 @@ mod tests {
             "the pair secret went on the wire"
         );
         let mut buf = BytesMut::from(wire);
-        let kinds: Vec<FrameKind> = std::iter::from_fn(|| FrameDecoder.decode(&mut buf).unwrap())
-            .map(|f| f.kind)
-            .collect();
+        let kinds: Vec<FrameKind> =
+            std::iter::from_fn(|| crate::FrameDecoder.decode(&mut buf).unwrap())
+                .map(|f| f.kind)
+                .collect();
         assert_eq!(
             kinds,
             [
@@ -419,12 +519,15 @@ mod tests {
         );
     }
 
+    /// The plaintext handshake (a link for a dedicated cable): the pair
+    /// secret is proved, never sent. (On a sealed link the same handshake
+    /// runs inside the seal.)
     #[tokio::test]
     async fn the_secret_never_goes_on_the_wire() {
         // The connecting side, against a raw accepting peer.
         let raw_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = raw_listener.local_addr().unwrap();
-        let connecting = config("node-b", Role::Standby, SECRET);
+        let connecting = plaintext(config("node-b", Role::Standby, SECRET));
         let (result, wire) = tokio::time::timeout(WITHIN, async {
             tokio::join!(Link::connect(addr, &connecting), async {
                 let (mut raw, _) = raw_listener.accept().await.unwrap();
@@ -440,9 +543,12 @@ mod tests {
         assert_secret_absent_but_proof_sent(&wire);
 
         // The accepting side, against a raw connecting peer.
-        let listener = LinkListener::bind("127.0.0.1:0", config("node-a", Role::Primary, SECRET))
-            .await
-            .unwrap();
+        let listener = LinkListener::bind(
+            "127.0.0.1:0",
+            plaintext(config("node-a", Role::Primary, SECRET)),
+        )
+        .await
+        .unwrap();
         let addr = listener.local_addr().unwrap();
         let (result, wire) = tokio::time::timeout(WITHIN, async {
             tokio::join!(listener.accept(), async {
@@ -509,16 +615,19 @@ mod tests {
     async fn a_refusal_from_the_peer_is_reported_with_its_reason() {
         // The raw peer authenticates properly, then refuses instead of
         // sending its Hello: only the peer's refusal can tell the link why.
-        let listener = LinkListener::bind("127.0.0.1:0", config("node-a", Role::Primary, SECRET))
-            .await
-            .unwrap();
+        let listener = LinkListener::bind(
+            "127.0.0.1:0",
+            plaintext(config("node-a", Role::Primary, SECRET)),
+        )
+        .await
+        .unwrap();
         let addr = listener.local_addr().unwrap();
         let secret = PairSecret::new(SECRET.to_vec()).unwrap();
         let (result, ()) = tokio::time::timeout(WITHIN, async {
             tokio::join!(listener.accept(), async {
                 let mut raw = TcpStream::connect(addr).await.unwrap();
                 let peer = raw.peer_addr().unwrap();
-                let (mut rx, mut dec) = (BytesMut::new(), FrameDecoder);
+                let mut rx = Inbound::new(BytesMut::new());
                 let mine = Nonce::fresh().unwrap();
                 raw.write_all(&encoded(&Frame::new(
                     FrameKind::Challenge,
@@ -527,7 +636,7 @@ mod tests {
                 )))
                 .await
                 .unwrap();
-                let theirs = read_frame_within(&mut raw, peer, &mut rx, &mut dec, u32::MAX)
+                let theirs = read_frame_within(&mut raw, peer, &mut rx, u32::MAX)
                     .await
                     .unwrap();
                 let theirs = Nonce::from_wire(&theirs.payload).unwrap();

@@ -49,6 +49,7 @@ mod handshake;
 mod listener;
 mod receiver;
 mod sender;
+mod stream;
 
 pub use config::{
     heartbeat_interval_for, send_stall_timeout_for, LinkConfig, DEFAULT_HANDSHAKE_TIMEOUT,
@@ -63,16 +64,16 @@ pub use sender::LinkSender;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::auth::Side;
-use crate::frame::{Frame, FrameDecoder};
+use crate::frame::Frame;
 use crate::hello::Hello;
 use crate::pulse::{PulseConfig, PulseSocket, Pulses};
+use crate::seal::Protection;
 
 use handshake::handshake_with;
 use sender::{send_heartbeats, Writer};
@@ -80,6 +81,7 @@ use sender::{send_heartbeats, Writer};
 /// An established A-link.
 pub struct Link {
     peer_hello: Hello,
+    protection: Protection,
     sender: LinkSender,
     receiver: LinkReceiver,
 }
@@ -130,7 +132,12 @@ impl Link {
             pulse_socket.as_ref().map(PulseSocket::port),
         )
         .await?;
-        let (peer_hello, rx) = (done.hello, done.rx);
+        let peer_hello = done.hello;
+        let protection = if done.outbound.sealer.is_some() {
+            Protection::Sealed
+        } else {
+            Protection::Plaintext
+        };
         let liveness = Liveness::new();
         let pulses = match (pulse_socket, done.pulse) {
             (Some(socket), Some((port, key))) => {
@@ -151,13 +158,14 @@ impl Link {
             peer_node = %peer_hello.node_name,
             peer_role = %peer_hello.role,
             pulses = pulses.is_some(),
+            protection = protection.name(),
             "A-link established"
         );
         let (read_half, write_half) = stream.into_split();
         let writer = Arc::new(Mutex::new(Writer {
             half: write_half,
             last_sent: Instant::now(),
-            tx: BytesMut::new(),
+            outbound: done.outbound,
             stall: config.send_stall_timeout,
         }));
         let heartbeats = tokio::spawn(send_heartbeats(
@@ -167,6 +175,7 @@ impl Link {
         ));
         Ok(Link {
             peer_hello,
+            protection,
             sender: LinkSender {
                 peer,
                 writer,
@@ -176,13 +185,17 @@ impl Link {
             receiver: LinkReceiver {
                 peer,
                 reader: read_half,
-                rx,
-                decoder: FrameDecoder,
+                inbound: done.inbound,
                 liveness,
                 silence_timeout: config.heartbeat_timeout,
                 ended: false,
             },
         })
+    }
+
+    /// Whether the link is sealed (see [`crate::seal`]).
+    pub fn protection(&self) -> Protection {
+        self.protection
     }
 
     /// What the peer said in its Hello.

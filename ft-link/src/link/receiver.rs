@@ -5,15 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::handshake::{end_of_stream, refusal_error};
+use super::handshake::refusal_error;
+use super::stream::Inbound;
 use super::LinkError;
-use crate::frame::{Frame, FrameDecoder, FrameKind};
+use crate::frame::{Frame, FrameKind};
 
 /// When anything (heartbeats included) last arrived on a link, readable
 /// while another task is blocked receiving on it.
@@ -54,8 +54,8 @@ impl Liveness {
 pub struct LinkReceiver {
     pub(super) peer: SocketAddr,
     pub(super) reader: OwnedReadHalf,
-    pub(super) rx: BytesMut,
-    pub(super) decoder: FrameDecoder,
+    /// This direction's stream: sealed or plaintext.
+    pub(super) inbound: Inbound,
     pub(super) liveness: Liveness,
     pub(super) silence_timeout: Duration,
     pub(super) ended: bool,
@@ -85,11 +85,7 @@ impl LinkReceiver {
     async fn next_frame(&mut self) -> Result<Frame, LinkError> {
         let peer = self.peer;
         loop {
-            let decoded = self
-                .decoder
-                .decode(&mut self.rx)
-                .map_err(|source| LinkError::Corrupt { peer, source })?;
-            match decoded {
+            match self.inbound.next_frame(peer, u32::MAX)? {
                 Some(frame) if frame.kind == FrameKind::Heartbeat => continue,
                 Some(frame) if frame.kind == FrameKind::Refusal => {
                     return Err(refusal_error(peer, &frame.payload));
@@ -100,7 +96,8 @@ impl LinkReceiver {
             // Silence is judged on bytes and pulses alike (a pulse may
             // have come in while this waited: look again before judging).
             let deadline = self.liveness.last() + self.silence_timeout;
-            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.rx)).await {
+            let read = self.reader.read_buf(&mut self.inbound.raw);
+            match tokio::time::timeout_at(deadline, read).await {
                 Err(_) if self.liveness.last() + self.silence_timeout > Instant::now() => {}
                 Err(_) => {
                     return Err(LinkError::PeerSilent {
@@ -109,7 +106,7 @@ impl LinkReceiver {
                     })
                 }
                 Ok(Err(source)) => return Err(LinkError::Receive { peer, source }),
-                Ok(Ok(0)) => return Err(end_of_stream(peer, &self.decoder, &self.rx)),
+                Ok(Ok(0)) => return Err(self.inbound.end_of_stream(peer)),
                 Ok(Ok(_)) => self.liveness.mark(),
             }
         }
@@ -127,17 +124,19 @@ mod tests {
     use crate::frame::FrameError;
     use crate::hello::Role;
     use crate::link::handshake::handshake;
-    use crate::link::tests::{config, encoded, pair, SECRET, WITHIN};
+    use crate::link::tests::{config, encoded, pair, plaintext, SECRET, WITHIN};
     use crate::link::{Link, LinkListener};
 
     /// A raw peer that runs the real handshake as the connecting side and
     /// then owns the bare socket.
+    /// A peer that writes raw bytes after a plaintext handshake (these
+    /// tests are of the frames themselves; sealed links: `link::tests`).
     async fn raw_connected_peer(addr: SocketAddr) -> TcpStream {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         handshake(
             &mut stream,
             Side::Connecting,
-            &config("raw", Role::Standby, SECRET),
+            &plaintext(config("raw", Role::Standby, SECRET)),
         )
         .await
         .unwrap();
@@ -145,9 +144,10 @@ mod tests {
     }
 
     async fn listener_with_raw_peer() -> (Link, TcpStream) {
-        let listener = LinkListener::bind("127.0.0.1:0", config("a", Role::Primary, SECRET))
-            .await
-            .unwrap();
+        let listener =
+            LinkListener::bind("127.0.0.1:0", plaintext(config("a", Role::Primary, SECRET)))
+                .await
+                .unwrap();
         let addr = listener.local_addr().unwrap();
         let (link, raw) = tokio::time::timeout(WITHIN, async {
             tokio::join!(listener.accept(), raw_connected_peer(addr))

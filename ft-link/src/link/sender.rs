@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Mutex;
@@ -13,18 +13,16 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{trace, warn};
 
+use super::stream::{Encoded, Outbound};
 use super::LinkError;
 use crate::frame::{Frame, FrameKind};
 use crate::pulse::Pulses;
 
-/// Payloads from this size on are written after their header without
-/// being copied into the send buffer.
-const LARGE_PAYLOAD: usize = 16 << 10;
-
 pub(super) struct Writer {
     pub(super) half: OwnedWriteHalf,
     pub(super) last_sent: Instant,
-    pub(super) tx: BytesMut,
+    /// This direction's stream: sealed or plaintext.
+    pub(super) outbound: Outbound,
     /// A write that makes no progress for this long fails.
     pub(super) stall: Duration,
 }
@@ -55,21 +53,15 @@ async fn write_all_within(
 
 impl Writer {
     async fn write(&mut self, peer: SocketAddr, frame: &Frame) -> Result<(), LinkError> {
-        let encode_err = |source| LinkError::Encode {
-            peer,
-            kind: frame.kind,
-            source,
+        let then = match self.outbound.encode(peer, frame)? {
+            Encoded::Buffered => None,
+            // Large payloads (page frames) of a plaintext link go out as
+            // they are, after the header: no copy into the send buffer.
+            Encoded::Then(payload) => Some(payload),
         };
-        self.tx.clear();
-        if frame.payload.len() < LARGE_PAYLOAD {
-            frame.encode(&mut self.tx).map_err(encode_err)?;
-            write_all_within(&mut self.half, &self.tx, self.stall, peer).await?;
-        } else {
-            // Large payloads (page frames) go out as they are, after the
-            // header: no copy into the send buffer.
-            frame.encode_header(&mut self.tx).map_err(encode_err)?;
-            write_all_within(&mut self.half, &self.tx, self.stall, peer).await?;
-            write_all_within(&mut self.half, &frame.payload, self.stall, peer).await?;
+        write_all_within(&mut self.half, &self.outbound.tx, self.stall, peer).await?;
+        if let Some(payload) = then {
+            write_all_within(&mut self.half, payload, self.stall, peer).await?;
         }
         self.last_sent = Instant::now();
         Ok(())

@@ -8,10 +8,18 @@ use bytes::{Bytes, BytesMut};
 use super::*;
 use crate::auth::PairSecret;
 use crate::hello::{CpuFeatureSummary, Role};
+use crate::seal::Protection;
 
 pub(super) const SECRET: &[u8] = b"pair-secret-0123456789-abcdefgh";
 /// Bounds every wait for an event that must happen.
 pub(super) const WITHIN: Duration = Duration::from_secs(5);
+
+/// `config` for a link in plaintext (tests of the plaintext framing and
+/// handshake, and raw peers that speak it).
+pub(super) fn plaintext(mut config: LinkConfig) -> LinkConfig {
+    config.protection = crate::seal::Protection::Plaintext;
+    config
+}
 
 pub(super) fn config(name: &str, role: Role, secret: &[u8]) -> LinkConfig {
     let hello = Hello::new(
@@ -52,12 +60,23 @@ pub(super) fn encoded(frame: &Frame) -> BytesMut {
 
 #[tokio::test]
 async fn frames_round_trip_in_order() {
-    let (accepted, connected) = pair(
+    for protection in [Protection::Sealed, Protection::Plaintext] {
+        frames_round_trip_in_order_when(protection).await;
+    }
+}
+
+async fn frames_round_trip_in_order_when(protection: Protection) {
+    let (mut a, mut b) = (
         config("node-a", Role::Primary, SECRET),
         config("node-b", Role::Standby, SECRET),
-    )
-    .await;
+    );
+    (a.protection, b.protection) = (protection, protection);
+    let (accepted, connected) = pair(a, b).await;
     let (primary, mut standby) = (accepted.unwrap(), connected.unwrap());
+    assert_eq!(
+        (primary.protection(), standby.protection()),
+        (protection, protection)
+    );
     let frames: Vec<Frame> = (1..=50u64)
         .flat_map(|epoch| {
             [
@@ -96,4 +115,110 @@ async fn frames_round_trip_in_order() {
             .unwrap(),
         ack
     );
+}
+
+/// A TCP relay between `to` and whoever connects to the returned address,
+/// keeping a copy of every byte either way.
+async fn recording_relay(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let target = TcpStream::connect(to).await.unwrap();
+        let (cr, cw) = client.into_split();
+        let (tr, tw) = target.into_split();
+        let copy = |mut from: tokio::net::tcp::OwnedReadHalf,
+                    mut into: tokio::net::tcp::OwnedWriteHalf,
+                    seen: Arc<std::sync::Mutex<Vec<u8>>>| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = from.read(&mut buf).await {
+                if n == 0 || into.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        };
+        let up = tokio::spawn(copy(cr, tw, Arc::clone(&record)));
+        let down = tokio::spawn(copy(tr, cw, record));
+        let _ = tokio::join!(up, down);
+    });
+    (addr, seen)
+}
+
+/// Issue 14: what a sealed link carries cannot be read off the wire (a
+/// string "written in guest memory" and sent as a page frame, the peers'
+/// node names from their Hellos), while a plaintext link shows both.
+#[tokio::test]
+async fn a_capture_of_a_sealed_link_does_not_contain_what_it_carries() {
+    const GUEST: &[u8] = b"a known string the guest wrote in its memory";
+    for protection in [Protection::Sealed, Protection::Plaintext] {
+        let (mut a, mut b) = (
+            config("node-sealed-a", Role::Primary, SECRET),
+            config("node-sealed-b", Role::Standby, SECRET),
+        );
+        (a.protection, b.protection) = (protection, protection);
+        let listener = LinkListener::bind("127.0.0.1:0", a).await.unwrap();
+        let (relay, seen) = recording_relay(listener.local_addr().unwrap()).await;
+        let (accepted, connected) = tokio::time::timeout(WITHIN, async {
+            tokio::join!(listener.accept(), Link::connect(relay, &b))
+        })
+        .await
+        .expect("handshake finished");
+        let (mut accepted, connected) = (accepted.unwrap(), connected.unwrap());
+        let mut page = vec![0u8; 4096];
+        page[100..100 + GUEST.len()].copy_from_slice(GUEST);
+        connected
+            .send(&Frame::message(69, 3, 1, page).unwrap())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(WITHIN, accepted.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got.payload[100..100 + GUEST.len()], GUEST);
+        let wire = seen.lock().unwrap().clone();
+        let shows = |what: &[u8]| wire.windows(what.len()).any(|w| w == what);
+        let sealed = protection == Protection::Sealed;
+        assert_eq!(shows(GUEST), !sealed, "{}: guest memory", protection.name());
+        assert_eq!(
+            shows(b"node-sealed-b"),
+            !sealed,
+            "{}: Hello",
+            protection.name()
+        );
+    }
+}
+
+/// Both ends must protect the link the same way: a mismatch is refused
+/// on both sides, and says what to do.
+#[tokio::test]
+async fn a_sealed_node_and_a_plaintext_node_refuse_to_pair_and_say_why() {
+    for (accepting, connecting) in [
+        (Protection::Sealed, Protection::Plaintext),
+        (Protection::Plaintext, Protection::Sealed),
+    ] {
+        let (mut a, mut b) = (
+            config("node-a", Role::Primary, SECRET),
+            config("node-b", Role::Standby, SECRET),
+        );
+        (a.protection, b.protection) = (accepting, connecting);
+        let (accepted, connected) = pair(a, b).await;
+        for (side, result) in [("accepting", accepted), ("connecting", connected)] {
+            let error = result.err().unwrap_or_else(|| panic!("{side}: paired"));
+            let text = error.to_string();
+            assert!(
+                matches!(error, LinkError::ProtectionMismatch { .. })
+                    || matches!(&error, LinkError::PeerRefused { reason, .. }
+                        if reason.to_string().contains("set the same mode on both nodes")),
+                "{side} ({} against {}): {text}",
+                accepting.name(),
+                connecting.name()
+            );
+        }
+    }
 }

@@ -28,6 +28,7 @@ pub async fn show(State(state): State<ApiState>) -> Result<Json<PairInfo>, ApiEr
         bridge: config.bridge.clone(),
         heartbeat_timeout_ms: config.heartbeat_timeout_ms,
         witness: config.witness.clone(),
+        alink_plaintext: config.alink_plaintext,
     }))
 }
 

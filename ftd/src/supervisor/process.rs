@@ -193,6 +193,9 @@ impl Process {
         if ft.no_pulses {
             cmd.arg("--no-pulses");
         }
+        if config.alink_plaintext {
+            cmd.arg("--alink-plaintext");
+        }
         match role {
             Role::Primary => {
                 cmd.args(["--kernel", &vm.kernel]);

@@ -87,6 +87,11 @@ struct PairOptions {
     /// (for comparison).
     #[arg(long)]
     no_pulses: bool,
+    /// Run the A-link in plaintext, checked by CRCs only (default: sealed,
+    /// authenticated and encrypted). Only for a dedicated cable between
+    /// the two nodes; the peer must say the same. Shown in the status.
+    #[arg(long)]
+    alink_plaintext: bool,
     /// Pre-copy rounds of the initial synchronisation.
     #[arg(long, default_value_t = 4)]
     precopy_rounds: u32,
@@ -452,6 +457,9 @@ fn link_config(
         Duration::from_millis(pair.heartbeat_timeout_ms),
     );
     link.pulses = !pair.no_pulses;
+    if pair.alink_plaintext {
+        link.protection = ft_link::seal::Protection::Plaintext;
+    }
     Ok(link)
 }
 

@@ -208,7 +208,10 @@ pub async fn run(
         };
         let (link, active) = found;
         last_refusal.clear();
-        status.update(|s| s.peer = Some(link.peer_addr().to_string()));
+        status.update(|s| {
+            s.peer = Some(link.peer_addr().to_string());
+            s.alink = Some(link.protection().describe().to_string());
+        });
         let generation = lease.map_or(config.generation, Lease::generation);
         if let Some(l) = lease {
             // Output the lease lets out keeps going during the initial

@@ -78,7 +78,10 @@ async fn run(
     config: &StandbyConfig,
     status: &StatusBoard,
 ) -> Result<Session, StandbyError> {
-    status.update(|s| s.peer = Some(link.peer_addr().to_string()));
+    status.update(|s| {
+        s.peer = Some(link.peer_addr().to_string());
+        s.alink = Some(link.protection().describe().to_string());
+    });
     let mut replica = begin(first, config, status)?;
     loop {
         let envelope = match next_message(link, arrivals, &mut replica.backup).await {

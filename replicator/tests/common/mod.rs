@@ -25,6 +25,19 @@ pub fn pair_secret() -> PairSecret {
     PairSecret::new(b"standby-session-test-pair-secret".to_vec()).unwrap()
 }
 
+thread_local! {
+    /// Links made on this thread are plaintext (see [`plaintext_links`]).
+    static PLAINTEXT_LINKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The links this test makes from now on (its standby's and its
+/// primary's) are plaintext, for a relay that must see the frames (the
+/// replication protocol's own checks); sealed otherwise. Per test: a
+/// `#[tokio::test]` runs on a thread of its own, its tasks included.
+pub fn plaintext_links() {
+    PLAINTEXT_LINKS.with(|p| p.set(true));
+}
+
 pub fn link_config(role: Role) -> LinkConfig {
     let hello = Hello::new(
         format!("test-{role}"),
@@ -41,6 +54,9 @@ pub fn link_config(role: Role) -> LinkConfig {
     // These tests cut paths with TCP relays; pulses (UDP, straight to the
     // peer) would go around them. ft-link's own tests cover pulses.
     c.pulses = false;
+    if PLAINTEXT_LINKS.with(|p| p.get()) {
+        c.protection = ft_link::seal::Protection::Plaintext;
+    }
     c
 }
 

@@ -1,0 +1,402 @@
+//! Sealing: the A-link authenticated and encrypted after its first two
+//! frames.
+//!
+//! A link opens with a key exchange of the Noise protocol framework
+//! ([`NOISE_PARAMS`], through the `snow` crate): `NNpsk0` with a
+//! pre-shared key derived from the pair secret ([`crate::auth`]), so that
+//! only the two nodes of the pair complete it, and fresh ephemeral keys on
+//! both sides, so that every link has keys of its own (a recording of one
+//! link is worth nothing on the next, nor after the pair secret leaks).
+//! The two messages travel as [`FrameKind::KeyExchange`] frames; a peer
+//! without the pair secret fails at the first one.
+//!
+//! Everything after it (the rest of the handshake, then the frames of the
+//! carried protocol) is one byte stream cut into sealed records: each is a
+//! [`FrameKind::Sealed`] frame whose payload is the ciphertext of at most
+//! [`RECORD_PLAIN_MAX`] bytes of the stream under AES-256-GCM, with a
+//! nonce that counts the records of its direction. A record altered,
+//! replayed, reordered, dropped or forged does not open: the link ends.
+//! (The frame's own CRCs still tell line noise from forgery first.)
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use snow::{HandshakeState, StatelessTransportState};
+
+use crate::auth::{seal_psk, PairSecret, Side};
+use crate::frame::{header, FrameError, FrameKind, HEADER_LEN};
+
+/// The Noise protocol of the key exchange and of the records.
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
+/// Bound into the key exchange: a peer speaking another version of this
+/// link does not complete it.
+const PROLOGUE: &[u8] = b"ft-link A-link v1 sealed";
+/// A Noise message is at most 65535 bytes, its tag included.
+const RECORD_MAX: usize = 65535;
+const TAG_LEN: usize = 16;
+/// The most plaintext one record carries.
+pub const RECORD_PLAIN_MAX: usize = RECORD_MAX - TAG_LEN;
+
+/// How the frames after the handshake's first step travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protection {
+    /// Authenticated and encrypted (the default).
+    #[default]
+    Sealed,
+    /// In the clear, checked by CRCs only: for a dedicated cable between
+    /// the two nodes, by explicit choice on both.
+    Plaintext,
+}
+
+impl Protection {
+    /// As in "the peer runs the A-link {name}".
+    pub fn name(self) -> &'static str {
+        match self {
+            Protection::Sealed => "sealed",
+            Protection::Plaintext => "in plaintext",
+        }
+    }
+
+    /// What the status shows.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Protection::Sealed => "sealed (Noise NNpsk0, X25519, AES-256-GCM)",
+            Protection::Plaintext => "plaintext (CRC only; chosen for a dedicated cable)",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("the key exchange ({NOISE_PARAMS}) could not be set up")]
+    Setup(#[source] snow::Error),
+    #[error(
+        "the key exchange failed: the peer does not hold the pair secret, or its message was \
+         altered"
+    )]
+    KeyExchange(#[source] snow::Error),
+    #[error("the key exchange ended in a state that carries no keys")]
+    NoKeys(#[source] snow::Error),
+    #[error("sealing record {nonce} failed")]
+    Seal {
+        nonce: u64,
+        #[source]
+        source: snow::Error,
+    },
+    #[error(
+        "sealed record {nonce} ({len} bytes) did not open: it was altered, replayed, reordered \
+         or forged"
+    )]
+    Open { nonce: u64, len: usize },
+    #[error("a sealed record cannot carry {0} bytes")]
+    Record(#[source] FrameError),
+}
+
+/// One side's key exchange, from its first message to its keys.
+pub struct KeyExchange {
+    side: Side,
+    state: HandshakeState,
+}
+
+impl KeyExchange {
+    /// The connecting side starts the exchange (Noise's initiator).
+    pub fn new(secret: &PairSecret, side: Side) -> Result<KeyExchange, SealError> {
+        let psk = seal_psk(secret);
+        let params = NOISE_PARAMS
+            .parse()
+            .map_err(|e: snow::Error| SealError::Setup(e))?;
+        let builder = snow::Builder::new(params)
+            .prologue(PROLOGUE)
+            .map_err(SealError::Setup)?
+            .psk(0, &psk)
+            .map_err(SealError::Setup)?;
+        let state = match side {
+            Side::Connecting => builder.build_initiator(),
+            Side::Accepting => builder.build_responder(),
+        }
+        .map_err(SealError::Setup)?;
+        Ok(KeyExchange { side, state })
+    }
+
+    /// This side's next message (the connecting side's first, or the
+    /// accepting side's answer).
+    pub fn write(&mut self) -> Result<Vec<u8>, SealError> {
+        let mut message = vec![0u8; RECORD_MAX];
+        let n = self
+            .state
+            .write_message(&[], &mut message)
+            .map_err(SealError::KeyExchange)?;
+        message.truncate(n);
+        Ok(message)
+    }
+
+    /// The peer's message.
+    pub fn read(&mut self, message: &[u8]) -> Result<(), SealError> {
+        let mut payload = vec![0u8; RECORD_MAX];
+        self.state
+            .read_message(message, &mut payload)
+            .map_err(SealError::KeyExchange)?;
+        Ok(())
+    }
+
+    /// The keys, once both messages went: a sealer for this side's
+    /// direction and an opener for the peer's.
+    pub fn finish(self) -> Result<(Sealer, Opener), SealError> {
+        let transport = Arc::new(
+            self.state
+                .into_stateless_transport_mode()
+                .map_err(SealError::NoKeys)?,
+        );
+        Ok((
+            Sealer {
+                transport: Arc::clone(&transport),
+                next: 0,
+                scratch: Vec::new(),
+            },
+            Opener {
+                transport,
+                next: 0,
+                side: self.side,
+            },
+        ))
+    }
+}
+
+/// Seals this side's byte stream into records.
+pub struct Sealer {
+    transport: Arc<StatelessTransportState>,
+    /// The next record's nonce.
+    next: u64,
+    /// A record's plaintext gathered from pieces of several parts.
+    scratch: Vec<u8>,
+}
+
+impl Sealer {
+    /// Appends to `out` the records (whole [`FrameKind::Sealed`] frames)
+    /// that carry `parts`, one after the other, as one piece of the
+    /// stream. Pieces of a part that fill a record are sealed from where
+    /// they lie; only a record that straddles parts is gathered first.
+    pub fn seal_into(&mut self, parts: &[&[u8]], out: &mut BytesMut) -> Result<(), SealError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let records = total.div_ceil(RECORD_PLAIN_MAX);
+        out.reserve(total + records * (HEADER_LEN + TAG_LEN));
+        let mut pending = parts.iter().copied().filter(|p| !p.is_empty());
+        let mut current: &[u8] = pending.next().unwrap_or(&[]);
+        let mut left = total;
+        while left > 0 {
+            let size = left.min(RECORD_PLAIN_MAX);
+            left -= size;
+            if current.len() >= size {
+                let (piece, rest) = current.split_at(size);
+                self.seal_record(piece, out)?;
+                current = rest;
+            } else {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                scratch.clear();
+                while scratch.len() < size {
+                    if current.is_empty() {
+                        current = pending.next().expect("the parts hold `total` bytes");
+                    }
+                    let take = (size - scratch.len()).min(current.len());
+                    scratch.extend_from_slice(&current[..take]);
+                    current = &current[take..];
+                }
+                let sealed = self.seal_record(&scratch, out);
+                self.scratch = scratch;
+                sealed?;
+            }
+            if current.is_empty() {
+                current = pending.next().unwrap_or(&[]);
+            }
+        }
+        Ok(())
+    }
+
+    fn seal_record(&mut self, plain: &[u8], out: &mut BytesMut) -> Result<(), SealError> {
+        let nonce = self.next;
+        let start = out.len();
+        let body = start + HEADER_LEN;
+        out.resize(body + plain.len() + TAG_LEN, 0);
+        let n = self
+            .transport
+            .write_message(nonce, plain, &mut out[body..])
+            .map_err(|source| SealError::Seal { nonce, source })?;
+        out.truncate(body + n);
+        let header = header(FrameKind::Sealed, 0, 0, &out[body..]).map_err(SealError::Record)?;
+        out[start..body].copy_from_slice(&header);
+        self.next += 1;
+        Ok(())
+    }
+}
+
+/// Opens the peer's records, in order.
+pub struct Opener {
+    transport: Arc<StatelessTransportState>,
+    /// The nonce the next record must have been sealed with.
+    next: u64,
+    side: Side,
+}
+
+impl Opener {
+    /// Opens one record (a [`FrameKind::Sealed`] frame's payload) and
+    /// appends its plaintext to `plain`.
+    pub fn open_into(&mut self, record: &[u8], plain: &mut BytesMut) -> Result<(), SealError> {
+        let nonce = self.next;
+        let refused = SealError::Open {
+            nonce,
+            len: record.len(),
+        };
+        if record.len() < TAG_LEN || record.len() > RECORD_MAX {
+            return Err(refused);
+        }
+        let start = plain.len();
+        plain.resize(start + record.len() - TAG_LEN, 0);
+        match self
+            .transport
+            .read_message(nonce, record, &mut plain[start..])
+        {
+            Ok(n) => {
+                plain.truncate(start + n);
+                self.next += 1;
+                Ok(())
+            }
+            Err(_) => {
+                plain.truncate(start);
+                tracing::debug!(side = %self.side, nonce, "a sealed record did not open");
+                Err(refused)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{Frame, FrameDecoder};
+
+    fn secret(s: &[u8]) -> PairSecret {
+        PairSecret::new(s.to_vec()).unwrap()
+    }
+
+    /// One side's keys.
+    type Keys = (Sealer, Opener);
+
+    /// Both sides' keys, after the two messages.
+    fn exchanged(a: &PairSecret, b: &PairSecret) -> Result<(Keys, Keys), SealError> {
+        let mut connecting = KeyExchange::new(a, Side::Connecting)?;
+        let mut accepting = KeyExchange::new(b, Side::Accepting)?;
+        accepting.read(&connecting.write()?)?;
+        connecting.read(&accepting.write()?)?;
+        Ok((connecting.finish()?, accepting.finish()?))
+    }
+
+    const SECRET: &[u8] = b"pair-secret-0123456789-abcdefgh";
+
+    /// Every record of `sealed`, opened in order into one stream.
+    fn open_all(opener: &mut Opener, mut sealed: BytesMut) -> Result<BytesMut, SealError> {
+        let mut plain = BytesMut::new();
+        while let Some(frame) = FrameDecoder.decode(&mut sealed).unwrap() {
+            assert_eq!(frame.kind, FrameKind::Sealed);
+            opener.open_into(&frame.payload, &mut plain)?;
+        }
+        assert!(sealed.is_empty());
+        Ok(plain)
+    }
+
+    #[test]
+    fn a_stream_in_parts_of_every_size_opens_as_it_was_sealed() {
+        let ((mut seal, _), (_, mut open)) = exchanged(&secret(SECRET), &secret(SECRET)).unwrap();
+        let big: Vec<u8> = (0..3 * RECORD_PLAIN_MAX + 17)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        for cut in [
+            0,
+            1,
+            32,
+            RECORD_PLAIN_MAX - 1,
+            RECORD_PLAIN_MAX,
+            RECORD_PLAIN_MAX + 5,
+        ] {
+            let (a, b) = big.split_at(cut);
+            let mut out = BytesMut::new();
+            seal.seal_into(&[a, &[], b], &mut out).unwrap();
+            let plain = open_all(&mut open, out).unwrap();
+            assert_eq!(&plain[..], &big[..], "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn the_ciphertext_does_not_contain_the_plaintext() {
+        let ((mut seal, _), _) = exchanged(&secret(SECRET), &secret(SECRET)).unwrap();
+        let known = b"a string the guest wrote in its memory";
+        let mut out = BytesMut::new();
+        seal.seal_into(&[known], &mut out).unwrap();
+        assert!(!out.windows(known.len()).any(|w| w == known));
+    }
+
+    #[test]
+    fn a_wrong_pair_secret_fails_the_key_exchange() {
+        let err = exchanged(
+            &secret(SECRET),
+            &secret(b"another-secret-0123456789-abcdef"),
+        )
+        .err()
+        .expect("refused");
+        assert!(matches!(err, SealError::KeyExchange(_)), "{err}");
+    }
+
+    #[test]
+    fn altered_replayed_reordered_and_dropped_records_do_not_open() {
+        let ((mut seal, _), (_, mut open)) = exchanged(&secret(SECRET), &secret(SECRET)).unwrap();
+        let records: Vec<Frame> = (0..3u8)
+            .map(|i| {
+                let mut out = BytesMut::new();
+                seal.seal_into(&[&[i; 100]], &mut out).unwrap();
+                FrameDecoder.decode(&mut out).unwrap().unwrap()
+            })
+            .collect();
+        let mut plain = BytesMut::new();
+        // Altered: one bit of the ciphertext.
+        let mut altered = records[0].payload.to_vec();
+        altered[5] ^= 1;
+        assert!(matches!(
+            open.open_into(&altered, &mut plain),
+            Err(SealError::Open { nonce: 0, .. })
+        ));
+        assert!(plain.is_empty());
+        // Reordered / dropped: record 1 where record 0 is due.
+        assert!(open.open_into(&records[1].payload, &mut plain).is_err());
+        // In order it opens; replayed it does not.
+        open.open_into(&records[0].payload, &mut plain).unwrap();
+        assert!(open.open_into(&records[0].payload, &mut plain).is_err());
+        open.open_into(&records[1].payload, &mut plain).unwrap();
+        assert_eq!(&plain[..], &[[0u8; 100], [1u8; 100]].concat()[..]);
+    }
+
+    #[test]
+    fn a_record_sealed_for_another_link_does_not_open() {
+        let ((mut seal, _), _) = exchanged(&secret(SECRET), &secret(SECRET)).unwrap();
+        let (_, (_, mut other)) = exchanged(&secret(SECRET), &secret(SECRET)).unwrap();
+        let mut out = BytesMut::new();
+        seal.seal_into(&[b"epoch 7"], &mut out).unwrap();
+        let record = FrameDecoder.decode(&mut out).unwrap().unwrap();
+        assert!(other
+            .open_into(&record.payload, &mut BytesMut::new())
+            .is_err());
+    }
+
+    #[test]
+    fn a_record_reflected_back_to_its_sender_does_not_open() {
+        let ((mut seal_a, mut open_a), (_, mut open_b)) =
+            exchanged(&secret(SECRET), &secret(SECRET)).unwrap();
+        let mut out = BytesMut::new();
+        seal_a.seal_into(&[b"reflected"], &mut out).unwrap();
+        let record = FrameDecoder.decode(&mut out).unwrap().unwrap();
+        assert!(open_a
+            .open_into(&record.payload, &mut BytesMut::new())
+            .is_err());
+        open_b
+            .open_into(&record.payload, &mut BytesMut::new())
+            .unwrap();
+    }
+}
