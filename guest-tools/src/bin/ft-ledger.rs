@@ -115,16 +115,31 @@ fn answer(ledger: &Mutex<Ledger>, request: &str) -> String {
     }
 }
 
+/// Serves one client. Each connection's start and end go to the console
+/// (with the reason when it ends in an error): a test that sees a
+/// connection fail can tell whether the guest ever had it.
 fn serve(conn: TcpStream, ledger: Arc<Mutex<Ledger>>) {
+    let peer = conn
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    eprintln!("ft-ledger: connection from {peer}");
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
-    for line in BufReader::new(conn).lines() {
-        let Ok(line) = line else { return };
-        let reply = answer(&ledger, line.trim());
-        if out.write_all(format!("{reply}\n").as_bytes()).is_err() {
-            return;
+    let mut requests = 0u64;
+    let end = (|| {
+        for line in BufReader::new(conn).lines() {
+            let line = line.map_err(|e| format!("read failed: {e}"))?;
+            let reply = answer(&ledger, line.trim());
+            out.write_all(format!("{reply}\n").as_bytes())
+                .map_err(|e| format!("write failed: {e}"))?;
+            requests += 1;
         }
+        Ok::<(), String>(())
+    })();
+    match end {
+        Ok(()) => eprintln!("ft-ledger: {peer} closed after {requests} requests"),
+        Err(e) => eprintln!("ft-ledger: {peer} ended after {requests} requests: {e}"),
     }
 }
 
