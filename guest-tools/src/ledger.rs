@@ -87,6 +87,11 @@ impl LedgerClient {
     }
 
     /// Appends `id`; Ok(seq) once the ledger acknowledged it.
+    /// This end's address (to match a connection in the guest's log).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.local_addr().ok()
+    }
+
     pub fn append(&mut self, id: u64) -> Result<u64, LedgerError> {
         let line = self.request("APPEND", &format!("APPEND {id}"))?;
         let mut w = line.split_ascii_whitespace();

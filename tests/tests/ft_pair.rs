@@ -496,12 +496,16 @@ fn a_standby_pulled_under_a_busy_two_vcpu_guest_leaves_the_primary_serving() {
             )
             .and_then(|mut c| c.append(1000 + id));
             panic!(
-                "append {id} while protected: {e}; a new connection then: {again:?}\n\
+                "append {id} while protected (from {:?}): {e}; a new connection then: {again:?}\n\
                  a: {:?}\n--- a:\n{}\n--- b:\n{}\n--- a's guest console:\n{}",
+                client.local_addr(),
                 status(&lab, NodeId::A),
                 ft_pair::log_tail(lab.lab(), NodeId::A),
                 ft_pair::log_tail(lab.lab(), NodeId::B),
-                lab.sh(NodeId::A, "tail -n 40 /data/ftd/vms/ledger-vm/console.log")
+                lab.sh(
+                    NodeId::A,
+                    "sleep 5; tail -n 40 /data/ftd/vms/ledger-vm/console.log"
+                )
             );
         }
     }
