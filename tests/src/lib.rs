@@ -86,7 +86,8 @@ impl LabPair {
         loop {
             match guest_tools::ledger::LedgerClient::connect(addr, Duration::from_secs(120)) {
                 Ok(c) => return c,
-                Err(_) if std::time::Instant::now() < deadline => {
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("[e2e] the ledger at {addr} is not serving yet: {e}");
                     std::thread::sleep(Duration::from_millis(500))
                 }
                 Err(e) => panic!("the ledger at {addr} is not serving: {e}"),
