@@ -242,7 +242,12 @@ impl Metrics {
         let behind_pauses = counter(
             &mut registry,
             "behind_pauses",
-            "Times the guest was paused because the standby fell behind (disk writes since an unacknowledged checkpoint past the budget)",
+            "Times the guest was paused because the standby or the A-link fell behind (it ran too long past an unacknowledged checkpoint, or wrote too much to disk since)",
+        );
+        let behind_paused_ms = counter(
+            &mut registry,
+            "behind_paused_milliseconds",
+            "Milliseconds the guest spent paused because the standby or the A-link fell behind",
         );
         let generation = gauge(
             &mut registry,
@@ -362,6 +367,9 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(c.standby_refusals);
             behind_pauses.get_or_create(&labels).inc_by(c.behind_pauses);
+            behind_paused_ms
+                .get_or_create(&labels)
+                .inc_by(c.behind_paused_ms);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);

@@ -10,11 +10,22 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_MIN_INTERVAL: Duration = Duration::from_millis(2);
 /// The longest epoch by default (`ftprotect --max-interval-ms`).
 pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_millis(20);
+/// How long the guest may run past a checkpoint not yet acknowledged, by
+/// default (`ftprotect --max-run-ahead-ms`).
+pub const DEFAULT_MAX_RUN_AHEAD: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntervalLimits {
     pub min: Duration,
     pub max: Duration,
+    /// The guest runs at most this long past a checkpoint whose
+    /// acknowledgement has not come (it is paused then until it comes).
+    /// This bounds the next epoch when the A-link or the standby is slower
+    /// than the guest dirties memory: without it the epoch grows to the
+    /// whole time the last one took to send, and the output it holds with
+    /// it (seconds on a slow link: longer than the peers' ARP and TCP
+    /// timers wait).
+    pub max_run_ahead: Duration,
 }
 
 impl Default for IntervalLimits {
@@ -22,6 +33,7 @@ impl Default for IntervalLimits {
         IntervalLimits {
             min: DEFAULT_MIN_INTERVAL,
             max: DEFAULT_MAX_INTERVAL,
+            max_run_ahead: DEFAULT_MAX_RUN_AHEAD,
         }
     }
 }

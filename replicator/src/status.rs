@@ -143,11 +143,14 @@ pub struct FtCounters {
     /// the replica's disks, a failing disk); the reason is in `message`.
     #[serde(default)]
     pub standby_refusals: u64,
-    /// Times the guest was paused while an acknowledgement was awaited,
-    /// its disk writes since the checkpoint past the budget (the standby
-    /// falls behind).
+    /// Times the guest was paused while an acknowledgement was awaited:
+    /// it ran too long past the checkpoint, or its disk writes since then
+    /// passed the budget (the standby or the A-link falls behind).
     #[serde(default)]
     pub behind_pauses: u64,
+    /// Milliseconds the guest spent in those pauses.
+    #[serde(default)]
+    pub behind_paused_ms: u64,
     /// Consistency checks the standby made (`verify`), and those that found
     /// the replica different from the primary (must stay 0).
     #[serde(default)]

@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use replicator::control::{self, ControlCommand, ControlRequest, ControlServer};
-use replicator::interval::{IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL};
+use replicator::interval::{
+    IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MAX_RUN_AHEAD, DEFAULT_MIN_INTERVAL,
+};
 use replicator::primary::{self, PrimaryConfig, PrimaryEnd};
 use replicator::quorum::WitnessConfig;
 use replicator::standby::{self, StandbyConfig};
@@ -79,6 +81,11 @@ struct PairOptions {
     min_interval_ms: u64,
     #[arg(long, default_value_t = DEFAULT_MAX_INTERVAL.as_millis() as u64)]
     max_interval_ms: u64,
+    /// The guest is paused once it has run this long past a checkpoint
+    /// that is not acknowledged yet, until it is: bounds the next epoch,
+    /// and the output it holds, when the A-link is slower than the guest.
+    #[arg(long, default_value_t = DEFAULT_MAX_RUN_AHEAD.as_millis() as u64)]
+    max_run_ahead_ms: u64,
     /// Keep the guest paused until each epoch is acknowledged (for
     /// comparison with the default speculative mode).
     #[arg(long)]
@@ -320,6 +327,7 @@ fn primary_config(
         interval: IntervalLimits {
             min: Duration::from_millis(pair.min_interval_ms),
             max: Duration::from_millis(pair.max_interval_ms.max(pair.min_interval_ms)),
+            max_run_ahead: Duration::from_millis(pair.max_run_ahead_ms),
         },
         synchronous: pair.synchronous,
         precopy_rounds: pair.precopy_rounds,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ft_link::LinkSender;
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
@@ -39,6 +39,7 @@ pub(super) async fn epochs(
         .on_held_output(Arc::new(move || wake.notify_one()));
     let mut schedule = Schedule::new(config.interval);
     let mut stats = EpochStats::default();
+    let mut behind = Behind::new(vm, status, config);
     for epoch in 1.. {
         if !wait_until_due(vm, &schedule, &output, stop).await {
             // The VM ended. On purpose (the guest, or a stop asked): no
@@ -78,7 +79,7 @@ pub(super) async fn epochs(
         }
         let captured = captured?;
         let mut stopped = stop_start.elapsed();
-        let mut behind = Behind::new(vm, status, config.synchronous);
+        behind.start(epoch);
         let acked = send_epoch(tx, acks, epoch, generation, captured, status, &mut behind).await;
         if config.synchronous {
             vm.resume();
@@ -148,21 +149,28 @@ async fn send_epoch(
     // error) the acknowledgement reader found ends the epoch at once,
     // instead of after a send that stalls on a dead peer
     // (`send_stall_timeout`, four heartbeat timeouts).
-    tokio::select! {
-        sent = send_all(tx, &frames, status) => { sent?; }
-        event = acks.recv() => {
-            return Err(match event {
-                Some(Err(error)) => error,
-                Some(Ok(got)) => PrimaryError::WrongAck { got, expected: epoch },
-                None => PrimaryError::AckStreamEnded,
-            });
+    // The guest's run past the checkpoint is watched from the start: on a
+    // slow link the send itself takes most of the epoch.
+    let send = send_all(tx, &frames, status);
+    tokio::pin!(send);
+    loop {
+        tokio::select! {
+            sent = &mut send => { sent?; break; }
+            event = acks.recv() => {
+                return Err(match event {
+                    Some(Err(error)) => error,
+                    Some(Ok(got)) => PrimaryError::WrongAck { got, expected: epoch },
+                    None => PrimaryError::AckStreamEnded,
+                });
+            }
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => behind.check(),
         }
     }
     let sent_at = Instant::now();
     let answer = loop {
         tokio::select! {
             answer = acks.recv() => break answer,
-            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => behind.check(epoch),
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => behind.check(),
         }
     };
     match answer {
@@ -180,8 +188,8 @@ async fn send_epoch(
     }
 }
 
-/// How often the wait for an acknowledgement looks at what the guest's
-/// disk writes hold.
+/// How often the wait for an acknowledgement looks at how long the guest
+/// has run past the checkpoint and what its disk writes hold.
 const BEHIND_CHECK_EVERY: Duration = Duration::from_millis(5);
 
 /// The guest is paused when its recorded disk writes pass this while an
@@ -190,56 +198,142 @@ const BEHIND_CHECK_EVERY: Duration = Duration::from_millis(5);
 /// bounded.
 pub(super) const PAUSE_WRITES_AT: u64 = EPOCH_DISK_BYTES_MAX / 2;
 
-/// Throttles a guest whose standby falls behind: the epoch lengthens while
-/// its acknowledgement is awaited (the next checkpoint waits for it); once
-/// the guest's disk writes since the checkpoint reach [`PAUSE_WRITES_AT`],
-/// the guest pauses until the acknowledgement comes. Said in the status.
+/// Why a guest was paused while an acknowledgement was awaited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BehindBy {
+    /// Its disk writes since the checkpoint reached [`PAUSE_WRITES_AT`].
+    DiskWrites(u64),
+    /// It ran [`IntervalLimits::max_run_ahead`] past the checkpoint.
+    ///
+    /// [`IntervalLimits::max_run_ahead`]: crate::interval::IntervalLimits::max_run_ahead
+    RunAhead(Duration),
+}
+
+/// Throttles a guest whose standby (or A-link) falls behind: the epoch
+/// lengthens while its acknowledgement is awaited (the next checkpoint
+/// waits for it); once the guest has run `max_run_ahead` past the
+/// checkpoint, or its disk writes since then reach [`PAUSE_WRITES_AT`],
+/// the guest pauses until the acknowledgement comes. That bounds the next
+/// epoch (its pages, its disk writes, and so the time it takes to send)
+/// and the output held with it. Said in the status while it lasts, with a
+/// count of pauses and the time spent paused.
 pub(super) struct Behind<'a> {
     vm: &'a Vm,
     status: &'a StatusBoard,
     /// The guest is paused anyway until the acknowledgement.
     synchronous: bool,
-    paused: bool,
+    max_run_ahead: Duration,
+    /// The epoch awaited, and when the guest ran again after its capture.
+    epoch: u64,
+    resumed_at: Instant,
+    /// When the guest was paused here, if it is.
+    paused_at: Option<Instant>,
+    /// Epochs in a row that paused the guest (the first is logged as a
+    /// warning, the end of the run too).
+    streak: u64,
 }
 
 impl<'a> Behind<'a> {
-    pub(super) fn new(vm: &'a Vm, status: &'a StatusBoard, synchronous: bool) -> Self {
+    pub(super) fn new(vm: &'a Vm, status: &'a StatusBoard, config: &PrimaryConfig) -> Self {
         Behind {
             vm,
             status,
-            synchronous,
-            paused: false,
+            synchronous: config.synchronous,
+            max_run_ahead: config.interval.max_run_ahead,
+            epoch: 0,
+            resumed_at: Instant::now(),
+            paused_at: None,
+            streak: 0,
         }
     }
 
-    fn check(&mut self, epoch: u64) {
-        let held = self.vm.disk_writes().held_bytes();
-        if self.paused || self.synchronous || held < PAUSE_WRITES_AT {
+    /// Epoch `epoch` was captured and the guest runs again.
+    fn start(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.resumed_at = Instant::now();
+        self.paused_at = None;
+    }
+
+    fn check(&mut self) {
+        if self.paused_at.is_some() || self.synchronous {
             return;
         }
+        let held = self.vm.disk_writes().held_bytes();
+        let ran = self.resumed_at.elapsed();
+        let by = if held >= PAUSE_WRITES_AT {
+            BehindBy::DiskWrites(held)
+        } else if ran >= self.max_run_ahead {
+            BehindBy::RunAhead(ran)
+        } else {
+            return;
+        };
         self.vm.pause();
-        self.paused = true;
-        warn!(
-            epoch,
-            held_mib = held >> 20,
-            "the standby falls behind: guest paused until it acknowledges"
-        );
+        self.paused_at = Some(Instant::now());
+        let epoch = self.epoch;
+        let why = match by {
+            BehindBy::DiskWrites(held) => format!(
+                "the guest wrote {} MiB to disk since checkpoint {epoch}, which is not \
+                 acknowledged yet",
+                held >> 20
+            ),
+            BehindBy::RunAhead(ran) => format!(
+                "checkpoint {epoch} is not acknowledged {} ms after it was taken (the \
+                 A-link or the standby is slower than the guest dirties memory)",
+                ran.as_millis()
+            ),
+        };
+        if self.streak == 0 {
+            warn!(
+                epoch,
+                ?by,
+                "the standby falls behind: guest paused until it acknowledges"
+            );
+        } else {
+            debug!(
+                epoch,
+                ?by,
+                streak = self.streak,
+                "guest paused until the standby acknowledges"
+            );
+        }
+        self.streak += 1;
         self.status.update(|s| {
             s.counters.behind_pauses += 1;
             s.message = Some(format!(
-                "the standby falls behind: the guest wrote {} MiB to disk since checkpoint \
-                 {epoch}, which is not acknowledged yet; paused until it is",
-                held >> 20
+                "the standby falls behind: {why}; the guest is paused until it is"
             ));
         });
     }
 
     /// The acknowledgement came (or the session ended): a guest paused
     /// here runs again.
-    fn caught_up(self) {
-        if self.paused {
-            self.vm.resume();
-            self.status.update(|s| s.message = None);
+    fn caught_up(&mut self) {
+        match self.paused_at.take() {
+            Some(paused_at) => {
+                self.vm.resume();
+                let paused_ms = paused_at.elapsed().as_millis() as u64;
+                self.status
+                    .update(|s| s.counters.behind_paused_ms += paused_ms);
+            }
+            None if self.streak > 0 => {
+                info!(
+                    epoch = self.epoch,
+                    epochs_paused = self.streak,
+                    "the standby keeps up again"
+                );
+                self.streak = 0;
+                self.status.update(|s| s.message = None);
+            }
+            None => {}
+        }
+    }
+}
+
+impl Drop for Behind<'_> {
+    /// The session ended while the guest was paused here: it runs again.
+    fn drop(&mut self) {
+        if self.paused_at.is_some() {
+            self.caught_up();
         }
     }
 }
