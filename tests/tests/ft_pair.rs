@@ -687,7 +687,9 @@ fn relay_counter(counters: &str, name: &str) -> u64 {
 /// session),
 /// the standby neither applies the damaged epoch nor takes over (the
 /// primary is alive on the backup path), the primary starts a new session
-/// and is protected again, and no acknowledged operation is lost.
+/// and is protected again, and no acknowledged operation is lost. First,
+/// acknowledgements delayed on the way back pause the guest (the bound on
+/// how far it runs ahead) without ending the session.
 #[test]
 fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
     let lab = LabPair::start("ftrelay");
@@ -713,6 +715,38 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
         "the lab's A-link is not sealed: {a:?}"
     );
     let mut writer = Appender::new(lab.ledger_client());
+    // Acknowledgements that lag (250 ms added on their way back): the
+    // guest runs at most `max_run_ahead` (100 ms by default) past a
+    // checkpoint not yet acknowledged, then waits paused for it; the
+    // session goes on.
+    // (Before the faults: the first session runs through the relay; after
+    // them one may run on the backup path.)
+    let before = status(&lab, NodeId::A).expect("a");
+    assert_eq!(
+        before.peer.as_deref(),
+        Some("127.0.0.1:9800"),
+        "the session does not run through the relay: {before:?}"
+    );
+    assert!(relay(&lab, "down delay 250ms").starts_with("ok"));
+    writer.append_for(Duration::from_secs(3));
+    assert!(relay(&lab, "down delay 0").starts_with("ok"));
+    let a = status(&lab, NodeId::A).expect("a");
+    assert_eq!(
+        (a.state, a.state_since_unix_ms),
+        (FtState::Protected, before.state_since_unix_ms),
+        "lagging acknowledgements ended the session: {a:?}"
+    );
+    let pauses = a.counters.behind_pauses - before.counters.behind_pauses;
+    let paused_ms = a.counters.behind_paused_ms - before.counters.behind_paused_ms;
+    let checkpoints = a.counters.checkpoints - before.counters.checkpoints;
+    assert!(
+        pauses > 0 && paused_ms > 0,
+        "acknowledgements 250 ms late never paused the guest: {a:?}"
+    );
+    eprintln!(
+        "[relay] acknowledgements 250 ms late for 3 s: {checkpoints} checkpoints, the guest \
+         paused {pauses} times for {paused_ms} ms in all"
+    );
     // The lab's A-link is sealed (the default): the relay sees records,
     // not the messages in them. A record rewritten with its CRCs
     // recomputed (what someone who knows the frame format could do) and a
