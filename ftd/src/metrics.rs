@@ -124,6 +124,16 @@ fn gauge(
     family
 }
 
+fn counter_seconds(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<VmLabels, Counter<f64, std::sync::atomic::AtomicU64>> {
+    let family = Family::<VmLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+    family
+}
+
 fn gauge_seconds(
     registry: &mut Registry,
     name: &str,
@@ -244,10 +254,10 @@ impl Metrics {
             "behind_pauses",
             "Times the guest was paused because the standby or the A-link fell behind (it ran too long past an unacknowledged checkpoint, or wrote too much to disk since)",
         );
-        let behind_paused_ms = counter(
+        let behind_paused = counter_seconds(
             &mut registry,
-            "behind_paused_milliseconds",
-            "Milliseconds the guest spent paused because the standby or the A-link fell behind",
+            "behind_paused",
+            "Time the guest spent paused because the standby or the A-link fell behind",
         );
         let generation = gauge(
             &mut registry,
@@ -367,9 +377,9 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(c.standby_refusals);
             behind_pauses.get_or_create(&labels).inc_by(c.behind_pauses);
-            behind_paused_ms
+            behind_paused
                 .get_or_create(&labels)
-                .inc_by(c.behind_paused_ms);
+                .inc_by(c.behind_paused_ms as f64 / 1000.0);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);
