@@ -6,5 +6,6 @@ pub use crate::boot::BootSource;
 pub use crate::cpu::features::FeatureSet;
 pub use crate::devices::virtio::block::DiskConfig;
 pub use crate::devices::virtio::net::NetConfig;
+pub use crate::dirty::{DirtyMethod, DirtyTracking};
 pub use crate::vm::{SerialSink, VmConfig};
 pub use crate::vm_event::VmEvent;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dirty::DirtyMethod;
 use crate::metrics::CountersSnapshot;
 use crate::snapshot::CaptureTimes;
 use crate::vm::Vm;
@@ -62,6 +63,8 @@ pub enum ControlResponse {
         mem_mib: u64,
         uptime_ms: u64,
         manual_dirty_protect: bool,
+        /// How dirty pages are tracked: `ring` or `bitmap`.
+        dirty_tracking: DirtyMethod,
     },
     Paused {
         pause_us: u64,
@@ -158,6 +161,7 @@ pub fn execute(vm: &Vm, captures: &CaptureDir, request: ControlRequest) -> Contr
             mem_mib: vm.config.mem_mib,
             uptime_ms: vm.started.elapsed().as_millis() as u64,
             manual_dirty_protect: vm.dirty_log.manual_protect(),
+            dirty_tracking: vm.dirty_log.method(),
         },
         ControlRequest::Pause => ControlResponse::Paused {
             pause_us: vm.pause().as_micros() as u64,
@@ -210,7 +214,10 @@ pub fn execute(vm: &Vm, captures: &CaptureDir, request: ControlRequest) -> Contr
             }
         }
         ControlRequest::Counters => ControlResponse::Counters {
-            counters: vm.counters.snapshot(),
+            counters: CountersSnapshot {
+                dirty_ring_full_exits: vm.dirty_log.ring_full_exits(),
+                ..vm.counters.snapshot()
+            },
         },
     }
 }

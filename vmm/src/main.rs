@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
+use vmm::config::{
+    BootSource, DirtyTracking, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent,
+};
 use vmm::control::{self, BoundSocket, CaptureDir, ControlRequest};
 use vmm::vm::Vm;
 
@@ -52,6 +54,10 @@ enum Command {
         /// host lacking one refuses to restore it).
         #[arg(long, value_enum, default_value = "x86-64-v2")]
         cpu_features: FeatureSet,
+        /// How dirty pages are tracked: KVM's dirty ring where it has one
+        /// (auto), or always the dirty bitmap or the ring (to compare).
+        #[arg(long, value_enum, default_value = "auto")]
+        dirty_tracking: DirtyTracking,
     },
     /// Continue a VM captured with `ftvmm ctl capture` in this process.
     Restore {
@@ -195,6 +201,7 @@ fn main() -> ExitCode {
             disks,
             nets,
             cpu_features,
+            dirty_tracking,
         } => {
             let config = VmConfig {
                 vcpus,
@@ -208,6 +215,7 @@ fn main() -> ExitCode {
                 disks,
                 nets,
                 cpu_features,
+                dirty_tracking,
             };
             let control = match control.prepare() {
                 Ok(c) => c,

@@ -27,6 +27,10 @@ pub struct CountersSnapshot {
     pub harvests: u64,
     pub dirty_pages_total: u64,
     pub harvest_ns_total: u64,
+    /// Times a vCPU stopped because its dirty ring was full (an epoch
+    /// that dirtied more pages than a ring holds; 0 with the bitmap).
+    #[serde(default)]
+    pub dirty_ring_full_exits: u64,
 }
 
 impl VmCounters {
@@ -57,6 +61,7 @@ impl VmCounters {
             harvests: self.harvests.load(Relaxed),
             dirty_pages_total: self.dirty_pages_total.load(Relaxed),
             harvest_ns_total: self.harvest_ns_total.load(Relaxed),
+            dirty_ring_full_exits: 0,
         }
     }
 }

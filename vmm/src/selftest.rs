@@ -128,6 +128,16 @@ pub(crate) fn real_mode_vm(
     // first; a caller that takes it apart keeps the RAM past the VM).
     unsafe { vm.set_user_memory_region(region) }.map_err(SelftestError::SetMemoryRegion)?;
     let vcpu = vm.create_vcpu(0).map_err(SelftestError::CreateVcpu)?;
+    start_at_code(&vcpu)?;
+    Ok(RealModeVm {
+        vcpu,
+        _vm: vm,
+        _ram: ram,
+    })
+}
+
+/// Points a fresh vCPU at [`CODE_GPA`] in real mode (code segment 0).
+pub(crate) fn start_at_code(vcpu: &VcpuFd) -> Result<(), SelftestError> {
     let mut sregs = vcpu.get_sregs().map_err(SelftestError::SetRegisters)?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -136,12 +146,7 @@ pub(crate) fn real_mode_vm(
     let mut regs = vcpu.get_regs().map_err(SelftestError::SetRegisters)?;
     regs.rip = CODE_GPA;
     regs.rflags = 0x2;
-    vcpu.set_regs(&regs).map_err(SelftestError::SetRegisters)?;
-    Ok(RealModeVm {
-        vcpu,
-        _vm: vm,
-        _ram: ram,
-    })
+    vcpu.set_regs(&regs).map_err(SelftestError::SetRegisters)
 }
 
 /// Runs the self-test guest with `iterations` loop turns.

@@ -27,7 +27,7 @@ use crate::devices::serial::{SerialDevice, SerialError, SerialOutput, SERIAL_LEN
 use crate::devices::virtio::block::DiskConfig;
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::{DeviceConfig, VirtioDevices, VirtioError};
-use crate::dirty::{DirtyLog, DirtyLogError, DirtyPages};
+use crate::dirty::{DirtyLog, DirtyLogError, DirtyMethod, DirtyPages, DirtyTracking};
 use crate::kvm_host::{self, KvmFlavor, KvmHostError};
 use crate::layout::{COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS};
 use crate::memory::{self, GuestRam, MemoryError};
@@ -128,6 +128,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The declared CPU feature set the guest is given.
     pub cpu_features: FeatureSet,
+    /// How dirty pages are tracked (the ring where KVM has it, by default).
+    pub dirty_tracking: DirtyTracking,
 }
 
 /// A running VM. Its parts are the VMM's own; the FT engine drives it
@@ -198,7 +200,8 @@ impl Machine {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let dirty_log = DirtyLog::enable(&vm_fd, &ram_layout(config.mem_mib))?;
+        let dirty_log =
+            DirtyLog::enable(&vm_fd, &ram_layout(config.mem_mib), config.dirty_tracking)?;
         let ram = match ram {
             Some(ram) if ram.size != config.mem_mib << 20 => {
                 return Err(VmError::RamSize {
@@ -274,14 +277,17 @@ impl Machine {
         })
     }
 
+    /// Creates the vCPUs (and maps their dirty rings, if the VM has them).
     fn create_vcpus(&self, count: u8) -> Result<Vec<VcpuFd>, VmError> {
-        (0..count)
+        let fds = (0..count)
             .map(|index| {
                 self.vm_fd
                     .create_vcpu(u64::from(index))
                     .map_err(kvm_err("KVM_CREATE_VCPU"))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.dirty_log.attach_vcpus(&fds)?;
+        Ok(fds)
     }
 
     /// Starts the vCPU threads and hands the machine over as a running VM.
@@ -295,7 +301,12 @@ impl Machine {
         msr_indices: Vec<u32>,
         virtio: VirtioDevices,
     ) -> Result<Vm, VmError> {
-        let vcpus = Vcpus::start(vcpu_fds, Arc::clone(&self.buses), self.events_tx)?;
+        let vcpus = Vcpus::start(
+            vcpu_fds,
+            Arc::clone(&self.buses),
+            self.events_tx,
+            self.dirty_log.ring().cloned(),
+        )?;
         let macs = config.nets.iter().map(|n| n.mac);
         let output = Output::new(virtio.tx_gates().into_iter().zip(macs).collect());
         let disk_writes = DiskWrites::new(virtio.write_logs());
@@ -372,6 +383,7 @@ impl Vm {
             protocol = ?entry.protocol,
             cpu_features = %vm.config.cpu_features,
             virtio_devices = vm.virtio.slots.len(),
+            dirty_tracking = %vm.dirty_log.method(),
             setup_us = started.elapsed().as_micros() as u64,
             "guest booting"
         );
@@ -424,6 +436,8 @@ impl Vm {
                 })
                 .collect(),
             cpu_features: state.cpu_features,
+            // A restored VM tracks as any VM does by default.
+            dirty_tracking: DirtyTracking::default(),
         };
         let machine = Machine::create(&config, Some(&state.serial), Some(ram))?;
         let gap =
@@ -554,6 +568,11 @@ impl Vm {
     pub fn resume(&self) {
         self.virtio.resume();
         self.vcpus.resume();
+    }
+
+    /// How this VM's dirty pages are tracked.
+    pub fn dirty_tracking(&self) -> DirtyMethod {
+        self.dirty_log.method()
     }
 
     /// The pages written since the last harvest (the guest must be paused

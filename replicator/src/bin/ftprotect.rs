@@ -38,7 +38,9 @@ use replicator::standby::{self, StandbyConfig};
 use replicator::status::{FtState, Role, StatusBoard};
 use replicator::{checkpoint_bench, pairing, promote};
 use tokio::sync::Notify;
-use vmm::config::{BootSource, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent};
+use vmm::config::{
+    BootSource, DirtyTracking, DiskConfig, FeatureSet, NetConfig, SerialSink, VmConfig, VmEvent,
+};
 use vmm::vm::Vm;
 use witness::WitnessClient;
 
@@ -167,6 +169,10 @@ enum Command {
         /// Guest run time between checkpoints.
         #[arg(long, default_value_t = 10)]
         interval_ms: u64,
+        /// Dirty page tracking: KVM's dirty ring where it has one (auto),
+        /// or always the bitmap or the ring (to compare their stop times).
+        #[arg(long, value_enum, default_value = "auto")]
+        dirty_tracking: DirtyTracking,
     },
     /// Stand by for a primary; take the VM over when it is lost.
     Standby {
@@ -552,6 +558,7 @@ fn main() -> ExitCode {
                 disks,
                 nets,
                 cpu_features: pair.cpu_features,
+                dirty_tracking: DirtyTracking::Auto,
             };
             with_runtime(|runtime| run(runtime, &pair, config))
         }
@@ -565,6 +572,7 @@ fn main() -> ExitCode {
             ready_line,
             count,
             interval_ms,
+            dirty_tracking,
         } => {
             let config = VmConfig {
                 vcpus,
@@ -578,6 +586,7 @@ fn main() -> ExitCode {
                 disks: Vec::new(),
                 nets: Vec::new(),
                 cpu_features: FeatureSet::X86_64V2,
+                dirty_tracking,
             };
             bench(config, &serial_log, &ready_line, count, interval_ms)
         }

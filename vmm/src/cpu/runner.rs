@@ -2,6 +2,8 @@
 //! the I/O buses. The VMM can pause all of them promptly (a real-time signal
 //! kicks a vCPU out of the guest; the handler sets `immediate_exit`, so a
 //! kick that lands just before `KVM_RUN` is not lost), and resume them.
+//! A vCPU whose dirty ring fills up has its ring emptied by its own thread
+//! and runs on.
 
 use std::cell::Cell;
 use std::sync::mpsc::Sender;
@@ -9,11 +11,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::IoBuses;
+use crate::dirty::RingLog;
 use crate::vm_event::VmEvent;
 
 #[derive(Debug, thiserror::Error)]
@@ -125,11 +128,13 @@ pub struct Vcpus {
 }
 
 impl Vcpus {
-    /// Starts one thread per vCPU.
+    /// Starts one thread per vCPU; `rings`: the VM's dirty rings, if it
+    /// tracks dirty pages with them.
     pub fn start(
         vcpus: Vec<VcpuFd>,
         buses: Arc<IoBuses>,
         events: Sender<VmEvent>,
+        rings: Option<Arc<RingLog>>,
     ) -> Result<Vcpus, RunnerError> {
         register_signal_handler(kick_signal(), kick_handler).map_err(RunnerError::SignalHandler)?;
         let gate = Arc::new(Gate::default());
@@ -139,11 +144,16 @@ impl Vcpus {
         for (index, vcpu) in fds.iter().enumerate() {
             let index = index as u8;
             let vcpu = Arc::clone(vcpu);
-            let (gate, buses, events) = (Arc::clone(&gate), Arc::clone(&buses), events.clone());
+            let (gate, events) = (Arc::clone(&gate), events.clone());
+            let exits = Exits {
+                index,
+                buses: Arc::clone(&buses),
+                rings: rings.clone(),
+            };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    run_vcpu(index, vcpu, &gate, &buses, &events);
+                    run_vcpu(&exits, vcpu, &gate, &events);
                     gate.thread_exited();
                 })
                 .map_err(|source| RunnerError::Spawn { index, source })?;
@@ -224,7 +234,15 @@ impl Vcpus {
     }
 }
 
-fn run_vcpu(index: u8, shared: SharedVcpu, gate: &Gate, buses: &IoBuses, events: &Sender<VmEvent>) {
+/// What a vCPU thread needs to handle its exits.
+struct Exits {
+    index: u8,
+    buses: Arc<IoBuses>,
+    rings: Option<Arc<RingLog>>,
+}
+
+fn run_vcpu(exits: &Exits, shared: SharedVcpu, gate: &Gate, events: &Sender<VmEvent>) {
+    let index = exits.index;
     {
         let mut vcpu = shared.lock().expect("vCPU lock");
         KVM_RUN.with(|run| run.set(vcpu.get_kvm_run() as *mut kvm_run));
@@ -238,7 +256,7 @@ fn run_vcpu(index: u8, shared: SharedVcpu, gate: &Gate, buses: &IoBuses, events:
             GateAction::CompleteIo => {
                 io_pending = false;
                 let mut vcpu = shared.lock().expect("vCPU lock");
-                if let Some(event) = complete_pending_io(index, &mut vcpu, buses) {
+                if let Some(event) = complete_pending_io(exits, &mut vcpu) {
                     let _ = events.send(event);
                     break;
                 }
@@ -251,7 +269,7 @@ fn run_vcpu(index: u8, shared: SharedVcpu, gate: &Gate, buses: &IoBuses, events:
         match vcpu.run() {
             Ok(exit) => {
                 io_pending = completes_on_next_run(&exit);
-                if let Some(event) = handle_exit(index, exit, buses) {
+                if let Some(event) = exits.handle(exit) {
                     let _ = events.send(event);
                     break;
                 }
@@ -289,12 +307,13 @@ fn completes_on_next_run(exit: &VcpuExit<'_>) -> bool {
 /// handled the same way until KVM says `EINTR`. Without this, a capture
 /// taken at the pause shows the instruction undone, and a replica resumed
 /// from it runs the access a second time.
-fn complete_pending_io(index: u8, vcpu: &mut VcpuFd, buses: &IoBuses) -> Option<VmEvent> {
+fn complete_pending_io(exits: &Exits, vcpu: &mut VcpuFd) -> Option<VmEvent> {
+    let index = exits.index;
     vcpu.set_kvm_immediate_exit(1);
     let event = loop {
         match vcpu.run() {
             Ok(exit) => {
-                if let Some(event) = handle_exit(index, exit, buses) {
+                if let Some(event) = exits.handle(exit) {
                     break Some(event);
                 }
             }
@@ -311,41 +330,61 @@ fn complete_pending_io(index: u8, vcpu: &mut VcpuFd, buses: &IoBuses) -> Option<
     event
 }
 
-/// Handles one exit; returns an event when the VM must stop.
-fn handle_exit(index: u8, exit: VcpuExit<'_>, buses: &IoBuses) -> Option<VmEvent> {
-    match exit {
-        VcpuExit::IoIn(port, data) => buses.pio.read(u64::from(port), data),
-        VcpuExit::IoOut(port, data) => buses.pio.write(u64::from(port), data),
-        VcpuExit::MmioRead(addr, data) => buses.mmio.read(addr, data),
-        VcpuExit::MmioWrite(addr, data) => buses.mmio.write(addr, data),
-        VcpuExit::Hlt => {}
-        VcpuExit::Shutdown => return Some(VmEvent::Reset),
-        VcpuExit::SystemEvent(kind, _) => {
-            return Some(match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
-                _ => VmEvent::Shutdown,
-            })
+impl Exits {
+    /// Handles one exit; returns an event when the VM must stop.
+    fn handle(&self, exit: VcpuExit<'_>) -> Option<VmEvent> {
+        let (index, buses) = (self.index, &*self.buses);
+        match exit {
+            VcpuExit::IoIn(port, data) => buses.pio.read(u64::from(port), data),
+            VcpuExit::IoOut(port, data) => buses.pio.write(u64::from(port), data),
+            VcpuExit::MmioRead(addr, data) => buses.mmio.read(addr, data),
+            VcpuExit::MmioWrite(addr, data) => buses.mmio.write(addr, data),
+            VcpuExit::Hlt => {}
+            VcpuExit::Shutdown => return Some(VmEvent::Reset),
+            VcpuExit::SystemEvent(kind, _) => {
+                return Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
+                    _ => VmEvent::Shutdown,
+                })
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                return Some(VmEvent::VcpuFailed {
+                    index,
+                    reason: format!("VM entry failed (reason {reason:#x}, cpu {cpu})"),
+                })
+            }
+            VcpuExit::InternalError => {
+                return Some(VmEvent::VcpuFailed {
+                    index,
+                    reason: "KVM internal error (emulation failure)".into(),
+                })
+            }
+            // kvm-ioctls does not know this exit: the vCPU's dirty ring is
+            // (nearly) full. Its entries go to the ring's pending list; KVM
+            // lets the vCPU run again once they are reset.
+            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                let result = match &self.rings {
+                    Some(rings) => rings
+                        .ring_full(usize::from(index))
+                        .map_err(|e| e.to_string()),
+                    None => Err("the VM has no dirty rings".to_string()),
+                };
+                if let Err(e) = result {
+                    return Some(VmEvent::VcpuFailed {
+                        index,
+                        reason: format!("emptying the full dirty ring failed: {e}"),
+                    });
+                }
+            }
+            other => {
+                return Some(VmEvent::VcpuFailed {
+                    index,
+                    reason: format!("unexpected exit {other:?}"),
+                })
+            }
         }
-        VcpuExit::FailEntry(reason, cpu) => {
-            return Some(VmEvent::VcpuFailed {
-                index,
-                reason: format!("VM entry failed (reason {reason:#x}, cpu {cpu})"),
-            })
-        }
-        VcpuExit::InternalError => {
-            return Some(VmEvent::VcpuFailed {
-                index,
-                reason: "KVM internal error (emulation failure)".into(),
-            })
-        }
-        other => {
-            return Some(VmEvent::VcpuFailed {
-                index,
-                reason: format!("unexpected exit {other:?}"),
-            })
-        }
+        None
     }
-    None
 }
 
 #[cfg(test)]
@@ -406,7 +445,7 @@ mod tests {
             )
             .expect("port free");
         let (events, stopped) = std::sync::mpsc::channel();
-        let vcpus = Vcpus::start(vec![vcpu], buses, events).expect("vCPU thread");
+        let vcpus = Vcpus::start(vec![vcpu], buses, events, None).expect("vCPU thread");
         // Pauses start once the guest is in its loop.
         let started = Instant::now();
         while {

@@ -1,0 +1,308 @@
+//! Dirty-page tracking: which guest pages were written since the previous
+//! harvest. KVM reports the pages the guest's CPUs wrote, in one of two
+//! ways, and the VMM's own bitmap (vm-memory's, see `memory.rs`) reports
+//! the pages its devices wrote; a harvest merges both.
+//!
+//! - [`bitmap`]: `KVM_GET_DIRTY_LOG` (+ `KVM_CLEAR_DIRTY_LOG` with manual
+//!   protect), one bit per page of every slot: a harvest costs in
+//!   proportion to the guest's memory, however little was written.
+//! - [`ring`]: `KVM_CAP_DIRTY_LOG_RING`, one ring of written pages per
+//!   vCPU: a harvest costs in proportion to the pages written (issue 14).
+//!
+//! The ring is used when KVM has it, unless the VM's configuration says
+//! otherwise ([`DirtyTracking`]); both report the same set.
+
+mod bitmap;
+mod ring;
+
+use std::fmt;
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
+
+use self::bitmap::{BitmapError, BitmapLog};
+pub(crate) use self::ring::RingLog;
+use self::ring::{RingError, RING_ENTRIES};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    #[error("dirty tracking with the dirty ring was asked for, but this KVM lacks KVM_CAP_DIRTY_LOG_RING")]
+    NoRing,
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error("guest memory has no region at {base:#x} for slot {slot}")]
+    NoRegion { base: u64, slot: u32 },
+}
+
+/// How a VM's dirty pages are to be tracked (its configuration).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyTracking {
+    /// The dirty ring when KVM has it, else the bitmap.
+    #[default]
+    Auto,
+    /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG`), even where the ring exists.
+    Bitmap,
+    /// The dirty ring; the VM does not start without it.
+    Ring,
+}
+
+/// How a VM's dirty pages are tracked (what [`DirtyTracking`] came to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirtyMethod {
+    Bitmap,
+    Ring,
+}
+
+impl fmt::Display for DirtyMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DirtyMethod::Bitmap => "bitmap",
+            DirtyMethod::Ring => "ring",
+        })
+    }
+}
+
+/// One memory slot's geometry.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    slot: u32,
+    base: u64,
+    pages: u64,
+}
+
+impl Slot {
+    fn first_page(&self) -> u64 {
+        self.base / PAGE_SIZE as u64
+    }
+}
+
+/// The dirty log of a VM's RAM slots, by whichever method it uses.
+#[derive(Debug)]
+pub struct DirtyLog {
+    slots: Vec<Slot>,
+    method: Method,
+}
+
+#[derive(Debug)]
+enum Method {
+    Bitmap(BitmapLog),
+    Ring(Arc<RingLog>),
+}
+
+/// Pages dirtied since the previous harvest, as guest page numbers in
+/// ascending order, each once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyPages {
+    pages: Vec<u64>,
+    /// Pages only the guest's CPUs dirtied, only the VMM dirtied (the rest
+    /// both did).
+    pub by_guest: u64,
+    pub by_vmm: u64,
+}
+
+impl DirtyPages {
+    /// Merges the pages the guest wrote with those the VMM wrote (each
+    /// ascending, no repeats) and counts who wrote what.
+    fn merge(guest: &[u64], vmm: &[u64]) -> DirtyPages {
+        let mut pages = Vec::with_capacity(guest.len() + vmm.len());
+        let (mut by_guest, mut by_vmm) = (0, 0);
+        let (mut g, mut v) = (guest.iter().peekable(), vmm.iter().peekable());
+        loop {
+            let next = match (g.peek(), v.peek()) {
+                (Some(&&a), Some(&&b)) if a == b => {
+                    g.next();
+                    v.next();
+                    a
+                }
+                (Some(&&a), Some(&&b)) if a < b => {
+                    by_guest += 1;
+                    g.next();
+                    a
+                }
+                (Some(_), Some(&&b)) => {
+                    by_vmm += 1;
+                    v.next();
+                    b
+                }
+                (Some(&&a), None) => {
+                    by_guest += 1;
+                    g.next();
+                    a
+                }
+                (None, Some(&&b)) => {
+                    by_vmm += 1;
+                    v.next();
+                    b
+                }
+                (None, None) => break,
+            };
+            pages.push(next);
+        }
+        DirtyPages {
+            pages,
+            by_guest,
+            by_vmm,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.pages.len() as u64
+    }
+
+    /// Guest physical page numbers, in ascending order.
+    pub fn page_numbers(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pages.iter().copied()
+    }
+}
+
+/// Appends the page numbers of the bits set in `words` (bit n of word w is
+/// page `first_page + 64*w + n`), in ascending order; skips empty words.
+fn push_set_bits(first_page: u64, words: &[u64], out: &mut Vec<u64>) {
+    for (w, &word) in words.iter().enumerate() {
+        let mut rest = word;
+        while rest != 0 {
+            let bit = u64::from(rest.trailing_zeros());
+            out.push(first_page + w as u64 * 64 + bit);
+            rest &= rest - 1;
+        }
+    }
+}
+
+/// Takes (and clears) the pages the VMM wrote in `s`, ascending.
+fn take_vmm_pages(
+    mem: &GuestMemoryMmap,
+    s: &Slot,
+    out: &mut Vec<u64>,
+) -> Result<(), DirtyLogError> {
+    let region = mem
+        .find_region(GuestAddress(s.base))
+        .ok_or(DirtyLogError::NoRegion {
+            base: s.base,
+            slot: s.slot,
+        })?;
+    debug_assert_eq!(region.len(), s.pages * PAGE_SIZE as u64);
+    push_set_bits(
+        s.first_page(),
+        &region.get_mmap().bitmap().get_and_reset(),
+        out,
+    );
+    Ok(())
+}
+
+impl DirtyLog {
+    /// Sets up dirty tracking on `vm` as `tracking` asks: before the slots
+    /// and the vCPUs are created (KVM takes the ring only before the
+    /// vCPUs; manual protect only before the slots, so the first harvest
+    /// reports every page: the first checkpoint is a full copy). Slots are
+    /// given as (slot, guest base, bytes).
+    pub fn enable(
+        vm: &VmFd,
+        slots: &[(u32, u64, u64)],
+        tracking: DirtyTracking,
+    ) -> Result<DirtyLog, DirtyLogError> {
+        Self::enable_sized(vm, slots, tracking, RING_ENTRIES)
+    }
+
+    /// [`DirtyLog::enable`] with rings of `ring_entries` (a power of two;
+    /// tests use small rings to fill them).
+    pub(crate) fn enable_sized(
+        vm: &VmFd,
+        slots: &[(u32, u64, u64)],
+        tracking: DirtyTracking,
+        ring_entries: u32,
+    ) -> Result<DirtyLog, DirtyLogError> {
+        let mut slots: Vec<Slot> = slots
+            .iter()
+            .map(|&(slot, base, bytes)| Slot {
+                slot,
+                base,
+                pages: bytes / PAGE_SIZE as u64,
+            })
+            .collect();
+        // Harvests walk the slots in this order and must yield ascending
+        // page numbers.
+        slots.sort_by_key(|s| s.base);
+        let ring = match tracking {
+            DirtyTracking::Bitmap => None,
+            DirtyTracking::Auto | DirtyTracking::Ring => RingLog::enable(vm, &slots, ring_entries)?,
+        };
+        let method = match (ring, tracking) {
+            (Some(ring), _) => Method::Ring(Arc::new(ring)),
+            (None, DirtyTracking::Ring) => return Err(DirtyLogError::NoRing),
+            (None, _) => Method::Bitmap(BitmapLog::enable(vm)?),
+        };
+        let log = DirtyLog { slots, method };
+        tracing::info!(
+            dirty_tracking = %log.method(),
+            asked = ?tracking,
+            ring_entries = log.ring().map(|r| r.entries()),
+            manual_dirty_protect = log.manual_protect(),
+            "dirty page tracking"
+        );
+        Ok(log)
+    }
+
+    /// Maps the vCPUs' rings (ring method; nothing to do otherwise). Call
+    /// once, with every vCPU of the VM, before they first run.
+    pub fn attach_vcpus(&self, vcpus: &[VcpuFd]) -> Result<(), DirtyLogError> {
+        if let Method::Ring(ring) = &self.method {
+            ring.attach_vcpus(vcpus)?;
+        }
+        Ok(())
+    }
+
+    /// The rings, for the vCPU threads to empty when one fills up.
+    pub(crate) fn ring(&self) -> Option<&Arc<RingLog>> {
+        match &self.method {
+            Method::Ring(ring) => Some(ring),
+            Method::Bitmap(_) => None,
+        }
+    }
+
+    /// How many times a vCPU found its ring full (0 with the bitmap).
+    pub fn ring_full_exits(&self) -> u64 {
+        self.ring().map_or(0, |r| r.full_exits())
+    }
+
+    pub fn method(&self) -> DirtyMethod {
+        match self.method {
+            Method::Bitmap(_) => DirtyMethod::Bitmap,
+            Method::Ring(_) => DirtyMethod::Ring,
+        }
+    }
+
+    /// Whether KVM's manual protect mode is on (bitmap method only).
+    pub fn manual_protect(&self) -> bool {
+        match &self.method {
+            Method::Bitmap(log) => log.manual_protect(),
+            Method::Ring(_) => false,
+        }
+    }
+
+    /// Takes the pages written since the previous harvest (by the guest's
+    /// CPUs or the VMM) and re-arms tracking. Exact when the vCPUs are
+    /// paused.
+    pub fn harvest(&self, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<DirtyPages, DirtyLogError> {
+        let mut guest = Vec::new();
+        match &self.method {
+            Method::Bitmap(log) => log.harvest(vm, &self.slots, &mut guest)?,
+            Method::Ring(ring) => guest = ring.harvest()?,
+        }
+        let mut vmm = Vec::new();
+        for s in &self.slots {
+            take_vmm_pages(mem, s, &mut vmm)?;
+        }
+        Ok(DirtyPages::merge(&guest, &vmm))
+    }
+}
+
+#[cfg(test)]
+mod tests;
