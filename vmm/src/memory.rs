@@ -4,16 +4,16 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress};
 
+use crate::dirty::VmmBitmap;
 use crate::layout::MMIO_GAP_START;
 
 /// Guest memory with a VMM-side dirty bitmap: every write the VMM makes
 /// through vm-memory (virtio rings, block reads, received packets) marks its
 /// page, so such pages are not missed by a checkpoint (KVM's dirty log sees
 /// only writes by the guest's CPUs).
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<VmmBitmap>;
 
 pub const PAGE_SIZE: usize = 4096;
 

@@ -14,6 +14,7 @@
 
 mod bitmap;
 mod ring;
+mod vmm_bitmap;
 
 use std::fmt;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
 use self::bitmap::{BitmapError, BitmapLog};
 pub(crate) use self::ring::RingLog;
 use self::ring::{RingError, RING_ENTRIES};
+pub use self::vmm_bitmap::VmmBitmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyLogError {
@@ -189,11 +191,7 @@ fn take_vmm_pages(
             slot: s.slot,
         })?;
     debug_assert_eq!(region.len(), s.pages * PAGE_SIZE as u64);
-    push_set_bits(
-        s.first_page(),
-        &region.get_mmap().bitmap().get_and_reset(),
-        out,
-    );
+    region.get_mmap().bitmap().take(s.first_page(), out);
     Ok(())
 }
 
