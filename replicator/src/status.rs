@@ -214,6 +214,11 @@ pub struct Status {
     /// sealed, or plaintext by the operator's choice (`--alink-plaintext`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alink: Option<String>,
+    /// Primary: how the guest's dirty pages are found at each checkpoint:
+    /// `ring` (KVM's dirty ring: the cost follows the pages written) or
+    /// `bitmap` (the fallback: the cost grows with the guest's memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_tracking: Option<String>,
     /// The silence after which the peer is declared lost (ms).
     #[serde(default)]
     pub heartbeat_timeout_ms: u64,
@@ -252,6 +257,7 @@ impl StatusBoard {
                 generation: 0,
                 witness: None,
                 alink: None,
+                dirty_tracking: None,
                 heartbeat_timeout_ms: 0,
                 oracle: None,
             })),

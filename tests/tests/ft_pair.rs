@@ -378,6 +378,14 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
         Duration::from_secs(300),
     )
     .expect("protected");
+    // The lab nodes' kvm_amd (Linux 6.1) has the dirty ring: the checks
+    // below are of that path.
+    let primary = drill::watch::engine_status(lab.lab(), NodeId::A).expect("a's status");
+    assert_eq!(
+        primary.dirty_tracking.as_deref(),
+        Some("ring"),
+        "the primary does not take dirty pages from KVM's dirty ring: {primary:?}"
+    );
     let checked = |s: &Option<Status>| s.as_ref().map_or(0, |s| s.counters.oracle_checks);
     // Both engines' logs without the per-epoch lines, for a failure.
     let logs = || {

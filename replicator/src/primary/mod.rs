@@ -211,6 +211,7 @@ pub async fn run(
         status.update(|s| {
             s.peer = Some(link.peer_addr().to_string());
             s.alink = Some(link.protection().describe().to_string());
+            s.dirty_tracking = Some(vm.dirty_tracking().to_string());
         });
         let generation = lease.map_or(config.generation, Lease::generation);
         if let Some(l) = lease {
