@@ -5,7 +5,8 @@
 //!      0     2  magic "FT"
 //!      2     1  version (2)
 //!      3     1  kind
-//!      4     4  crc32 of the payload
+//!      4     4  crc32 of the payload (0 where the payload is
+//!                 authenticated instead: see below)
 //!      8     8  epoch
 //!     16     8  generation
 //!     24     4  payload length
@@ -17,6 +18,13 @@
 //! never waited for (a flipped high bit would otherwise have the reader
 //! swallow tens of MiB of later frames, heartbeats included, as payload).
 //! A length must also fit its kind (the link's own frames are small).
+//!
+//! On a sealed link the payload crc32 is left out (0, and not checked) in
+//! two places where the AEAD tag already covers every byte: a
+//! [`FrameKind::Sealed`] record's payload (its ciphertext and tag), and
+//! the frames inside the opened stream ([`PayloadCheck::Sealed`]). A crc
+//! there would only repeat a stronger check, at a pass over every byte on
+//! each side.
 //!
 //! The link's own frames (handshake, heartbeats, refusals) have kinds below
 //! [`MESSAGE_KIND_FIRST`]; every kind from there up is a message of the
@@ -138,6 +146,26 @@ pub enum FrameError {
     NotAMessageKind(u8),
 }
 
+/// How the payload of a frame is checked against corruption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PayloadCheck {
+    /// By the crc32 in its header: frames on the wire (a
+    /// [`FrameKind::Sealed`] record's payload excepted, which its tag
+    /// authenticates).
+    Crc32,
+    /// By the AEAD tags of the sealed records that carried it: frames
+    /// inside a sealed link's opened stream. Their header's crc field is 0
+    /// and is not checked.
+    Sealed,
+}
+
+impl PayloadCheck {
+    /// Whether a frame of `kind` carries and is checked by a crc32.
+    fn crc32(self, kind: FrameKind) -> bool {
+        self == PayloadCheck::Crc32 && kind != FrameKind::Sealed
+    }
+}
+
 fn header_checksum(header: &[u8]) -> u32 {
     crc32fast::hash(&header[..28])
 }
@@ -174,7 +202,13 @@ impl Frame {
     /// Appends only the header (it carries the payload's crc); the payload
     /// follows it on the wire as it is, without a copy.
     pub fn encode_header(&self, out: &mut BytesMut) -> Result<(), FrameError> {
-        let header = header(self.kind, self.epoch, self.generation, &self.payload)?;
+        let header = header(
+            self.kind,
+            self.epoch,
+            self.generation,
+            &self.payload,
+            PayloadCheck::Crc32,
+        )?;
         out.extend_from_slice(&header);
         Ok(())
     }
@@ -188,12 +222,13 @@ impl Frame {
     }
 }
 
-/// The header of a frame of `kind` carrying `payload`.
+/// The header of a frame of `kind` carrying `payload`, checked by `check`.
 pub(crate) fn header(
     kind: FrameKind,
     epoch: u64,
     generation: u64,
     payload: &[u8],
+    check: PayloadCheck,
 ) -> Result<[u8; HEADER_LEN], FrameError> {
     let len = u32::try_from(payload.len())
         .ok()
@@ -203,7 +238,9 @@ pub(crate) fn header(
     h[0..2].copy_from_slice(&MAGIC);
     h[2] = VERSION;
     h[3] = kind.code();
-    h[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    if check.crc32(kind) {
+        h[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    }
     h[8..16].copy_from_slice(&epoch.to_le_bytes());
     h[16..24].copy_from_slice(&generation.to_le_bytes());
     h[24..28].copy_from_slice(&len.to_le_bytes());
@@ -231,6 +268,17 @@ impl FrameDecoder {
         &mut self,
         buf: &mut BytesMut,
         cap: u32,
+    ) -> Result<Option<Frame>, FrameError> {
+        self.decode_checked(buf, cap, PayloadCheck::Crc32)
+    }
+
+    /// [`FrameDecoder::decode_within`] for a stream whose bytes were
+    /// checked by `check`.
+    pub(crate) fn decode_checked(
+        &mut self,
+        buf: &mut BytesMut,
+        cap: u32,
+        check: PayloadCheck,
     ) -> Result<Option<Frame>, FrameError> {
         if buf.len() < 4 {
             return Ok(None);
@@ -263,14 +311,16 @@ impl FrameDecoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        let carried = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
-        let computed = crc32fast::hash(&buf[HEADER_LEN..total]);
-        if carried != computed {
-            return Err(FrameError::Checksum {
-                epoch,
-                carried,
-                computed,
-            });
+        if check.crc32(kind) {
+            let carried = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+            let computed = crc32fast::hash(&buf[HEADER_LEN..total]);
+            if carried != computed {
+                return Err(FrameError::Checksum {
+                    epoch,
+                    carried,
+                    computed,
+                });
+            }
         }
         buf.advance(HEADER_LEN);
         let payload = buf.split_to(len as usize).freeze();
@@ -369,6 +419,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sealed_payloads_carry_no_crc_but_their_headers_are_still_checked() {
+        let frame = Frame::message(70, 4, 2, vec![0x5a; 300]).unwrap();
+        // A frame inside an opened stream: crc field 0, payload passed as
+        // it is (its record's tag checked it).
+        let h = header(
+            frame.kind,
+            frame.epoch,
+            frame.generation,
+            &frame.payload,
+            PayloadCheck::Sealed,
+        )
+        .unwrap();
+        assert_eq!(h[4..8], [0; 4]);
+        let mut inner = BytesMut::from(&h[..]);
+        inner.extend_from_slice(&frame.payload);
+        let decoded = FrameDecoder
+            .decode_checked(&mut inner.clone(), u32::MAX, PayloadCheck::Sealed)
+            .unwrap();
+        assert_eq!(decoded, Some(frame.clone()));
+        // The same bytes on the wire of a plaintext link are refused.
+        assert!(matches!(
+            FrameDecoder.decode(&mut inner.clone()),
+            Err(FrameError::Checksum { .. })
+        ));
+        // A flipped length is still refused at once inside the stream.
+        inner[25] ^= 1;
+        assert!(matches!(
+            FrameDecoder.decode_checked(&mut inner, u32::MAX, PayloadCheck::Sealed),
+            Err(FrameError::HeaderChecksum { .. })
+        ));
+        // A sealed record on the wire: no crc of its ciphertext, whose tag
+        // is its check; its header check stays.
+        let record = Frame::new(FrameKind::Sealed, 0, vec![0xc3; 100]);
+        let mut wire = encoded(std::slice::from_ref(&record));
+        assert_eq!(wire[4..8], [0; 4]);
+        assert_eq!(FrameDecoder.decode(&mut wire.clone()), Ok(Some(record)));
+        wire[3] = FrameKind::Heartbeat.code();
+        assert!(matches!(
+            FrameDecoder.decode(&mut wire),
+            Err(FrameError::HeaderChecksum { .. })
+        ));
     }
 
     #[test]

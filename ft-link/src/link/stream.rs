@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 
 use super::LinkError;
-use crate::frame::{header, Frame, FrameDecoder, FrameKind, MAX_LINK_PAYLOAD};
+use crate::frame::{header, Frame, FrameDecoder, FrameKind, PayloadCheck, MAX_LINK_PAYLOAD};
 use crate::seal::{Opener, Sealer};
 
 /// What this side sends, as the bytes that go on the connection.
@@ -56,8 +56,14 @@ impl Outbound {
             frame.encode_header(&mut self.tx).map_err(encode_err)?;
             return Ok(Encoded::Then(&frame.payload));
         };
-        let header =
-            header(kind, frame.epoch, frame.generation, &frame.payload).map_err(encode_err)?;
+        let header = header(
+            kind,
+            frame.epoch,
+            frame.generation,
+            &frame.payload,
+            PayloadCheck::Sealed,
+        )
+        .map_err(encode_err)?;
         sealer
             .seal_into(&[&header, &frame.payload], &mut self.tx)
             .map_err(|source| LinkError::Seal { peer, source })?;
@@ -105,7 +111,7 @@ impl Inbound {
         loop {
             if let Some(frame) = self
                 .decoder
-                .decode_within(&mut self.plain, cap)
+                .decode_checked(&mut self.plain, cap, PayloadCheck::Sealed)
                 .map_err(corrupt)?
             {
                 return Ok(Some(frame));
