@@ -30,7 +30,7 @@ pub fn command(topo: &Topology, images: &Images, node: NodeId, secrets: &LabSecr
     // The lab's secret and token travel on the kernel command line: the
     // node reads them once to set up its daemon (a lab is a test bed; on
     // real servers `ftd join` copies them).
-    let append = format!(
+    let mut append = format!(
         "console=ttyS0 quiet panic=-1 ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24 \
          ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={} \
          ftlab.witness={}",
@@ -42,6 +42,9 @@ pub fn command(topo: &Topology, images: &Images, node: NodeId, secrets: &LabSecr
         secrets.api_token,
         topo.witness_addr(),
     );
+    if topo.alink_plaintext {
+        append.push_str(" ftlab.alink_plaintext=1");
+    }
     let mgmt = topo.mgmt_addr(node);
     let mut c = Command::new(QEMU);
     c.arg("-name")

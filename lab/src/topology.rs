@@ -124,6 +124,10 @@ pub struct Topology {
     pub dir: PathBuf,
     pub node_mem_mib: u32,
     pub disk_size_mib: u64,
+    /// The nodes' daemons are set up with the A-link in plaintext (`ftd
+    /// init --alink-plaintext`, as for a dedicated cable) instead of
+    /// sealed. Read when a node first boots on a fresh disk.
+    pub alink_plaintext: bool,
 }
 
 /// The name of the lab that `ftctl lab` uses when none is given.
@@ -160,6 +164,7 @@ impl Topology {
             dir: root.join(name),
             node_mem_mib: 1536,
             disk_size_mib: 4096,
+            alink_plaintext: false,
         })
     }
 

@@ -1,5 +1,7 @@
 //! Benchmark in the lab: the ledger VM unprotected, then protected at level
-//! FT (speculative, then synchronous mode), side by side. For each: checkpoints
+//! FT (speculative, then synchronous mode) on the default sealed A-link, then
+//! FT on a lab whose A-link runs in plaintext (what sealing costs, where AES
+//! runs emulated under TCG), side by side. For each: checkpoints
 //! per second, guest stop time per checkpoint p50/p99, dirty pages per epoch,
 //! A-link bytes per second, round-trip latency to the guest (and what FT
 //! adds), the latency of a ledger APPEND (written and fsync'd in the guest
@@ -7,7 +9,7 @@
 //! timed inside the guest, as ratios to unprotected.
 //!
 //! Run: `cargo bench -p ft-tests --bench ft_overhead` (needs the lab, about
-//! 5 minutes). Nested virtualization under TCG: absolute figures are far
+//! 6 minutes). Nested virtualization under TCG: absolute figures are far
 //! below hardware; the ratios are the point.
 
 use std::time::{Duration, Instant};
@@ -97,7 +99,9 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
     }
 }
 
-fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures) {
+/// The ledger VM unprotected, then protected (`synchronous` or not), and
+/// the A-link protection the engine reported.
+fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures, String) {
     // Through node a's API: the VM afresh, unprotected first.
     let ft = ftd_client::model::FtOptions {
         synchronous,
@@ -129,8 +133,13 @@ fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures) {
     )
     .expect("protected");
     std::thread::sleep(Duration::from_secs(2));
+    let alink = ft_pair::status(lab.lab(), NodeId::A)
+        .expect("status")
+        .alink
+        .unwrap_or_default();
+    eprintln!("[bench] A-link: {alink}");
     let protected = measure(lab, &mut client);
-    (unprotected, protected)
+    (unprotected, protected, alink)
 }
 
 fn ratio(a: f64, b: f64) -> String {
@@ -143,23 +152,37 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn main() {
     let lab = LabPair::start("ftbench");
-    let (unprotected, ft) = run_mode(&lab, false);
-    let (_, sync) = run_mode(&lab, true);
+    let (unprotected, ft, sealed) = run_mode(&lab, false);
+    assert!(
+        sealed.starts_with("sealed"),
+        "the lab's A-link is {sealed:?}"
+    );
+    let (_, sync, _) = run_mode(&lab, true);
+    drop(lab);
+    let plain_lab =
+        LabPair::start_configured("ftbench", &NodeId::ALL, |topo| topo.alink_plaintext = true);
+    let (_, plaintext, plain) = run_mode(&plain_lab, false);
+    assert!(
+        plain.starts_with("plaintext"),
+        "the lab set up with a plaintext A-link runs it {plain:?}"
+    );
+    drop(plain_lab);
     println!(
         "\nFT overhead in the lab (nested KVM under TCG; guest 1 vCPU, {} MiB)",
         ft_pair::GUEST_MEM_MIB
     );
     println!(
-        "{:<34} {:>14} {:>14} {:>14}",
-        "", "unprotected", "FT", "FT synchronous"
+        "{:<34} {:>14} {:>14} {:>14} {:>14}",
+        "", "unprotected", "FT", "FT synchronous", "FT plaintext"
     );
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
         println!(
-            "{:<34} {:>14} {:>14} {:>14}",
+            "{:<34} {:>14} {:>14} {:>14} {:>14}",
             name,
             f(&unprotected),
             f(&ft),
-            f(&sync)
+            f(&sync),
+            f(&plaintext)
         );
     };
     row("checkpoints per second", &|x| {

@@ -60,8 +60,19 @@ impl LabPair {
 
     /// Starts only `nodes` of lab `name` from a clean state.
     pub fn start_nodes(name: &str, nodes: &[NodeId]) -> LabPair {
+        Self::start_configured(name, nodes, |_| {})
+    }
+
+    /// Starts `nodes` of lab `name` from a clean state, its topology
+    /// changed by `configure` first (memory, disk size, A-link protection).
+    pub fn start_configured(
+        name: &str,
+        nodes: &[NodeId],
+        configure: impl FnOnce(&mut lab::topology::Topology),
+    ) -> LabPair {
         let lock = LabLock::acquire();
-        let lab = Lab::open(name).expect("lab name");
+        let mut lab = Lab::open(name).expect("lab name");
+        configure(&mut lab.topo);
         lab.down().expect("remove what an earlier run left");
         let pair = LabPair { lab, _lock: lock };
         let boots = pair
