@@ -88,6 +88,11 @@ impl Figures {
 
 #[tokio::main]
 async fn main() {
+    // As the engine's process does (`ftprotect`).
+    assert!(
+        replicator::heap::keep_freed_memory(),
+        "the allocator's settings"
+    );
     let sealed = run(Protection::Sealed).await;
     let plaintext = run(Protection::Plaintext).await;
     let memcpy_ns = memcpy_ns_per_page(256);

@@ -18,6 +18,8 @@
 //!   [`control`] serves them (and takes a stop) on a Unix socket.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
 //! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
+//! - [`heap`]: the allocator kept from faulting in fresh pages for every
+//!   epoch's buffers.
 //!
 //! How a checkpoint flows (one dirty page, from harvest to apply):
 //! 1. `primary/checkpoint.rs` `capture`: with the guest paused, asks the
@@ -38,6 +40,7 @@ pub mod assembler;
 pub mod bridge;
 pub mod checkpoint_bench;
 pub mod control;
+pub mod heap;
 pub mod interval;
 pub mod oracle;
 pub mod pairing;

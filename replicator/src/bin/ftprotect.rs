@@ -529,6 +529,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
+    if !replicator::heap::keep_freed_memory() {
+        tracing::warn!("the allocator did not take its settings: epoch buffers fault in afresh");
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Ctl {
