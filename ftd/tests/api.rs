@@ -415,6 +415,23 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
         413,
         "payload_too_large",
     );
+    // ... and the connection, whose body was not read, is said to close
+    // (a client reusing it raced the close).
+    let response = d
+        .agent
+        .post(format!("{}/api/vms", d.url))
+        .header("Authorization", format!("Bearer {}", d.token))
+        .header("Content-Type", "application/json")
+        .send(vec![b' '; 300 << 10])
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    assert_eq!(
+        response
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     // Unknown names.
     for (method, path, template) in [
         ("GET", "/api/vms/nope", "/api/vms/{name}"),

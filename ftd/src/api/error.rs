@@ -86,6 +86,16 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
+        if matches!(self, ApiError::PayloadTooLarge(_)) {
+            // The body was not read to its end: the connection cannot carry
+            // another request. Saying so keeps a client from reusing it (a
+            // pooled client's next request otherwise raced the close and
+            // failed with "peer disconnected").
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         response
     }
 }
