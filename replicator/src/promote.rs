@@ -1,16 +1,19 @@
 //! Promotion: the standby's replica becomes the running VM. Its memory is
 //! used where it is (no copy), its disks are the replica's files, its NICs
 //! this node's TAPs with the guest's own MACs; guest time advances by the
-//! real gap since the checkpoint. Then the guest's addresses are announced
-//! with gratuitous ARP so switches and clients find it on this node.
+//! real gap since the checkpoint. Its TAPs are up on the bridge before its
+//! vCPUs start; then the guest's addresses are announced with gratuitous
+//! ARP (the first round at once, the repeats from a thread of their own)
+//! so switches and clients find it on this node.
 
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 use vmm::config::SerialSink;
-use vmm::replication::{Backings, ReplicationError};
+use vmm::replication::{Announcer, Backings, ReplicationError};
 use vmm::vm::Vm;
 
+use crate::standby::replica_disk::ReplicaDisk;
 use crate::standby::Replica;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,30 +40,38 @@ pub fn promote(
 ) -> Result<Vm, PromoteError> {
     let started = Instant::now();
     let epoch = replica.epoch;
-    for disk in &replica.disks {
-        if let Err(error) = disk.sync() {
-            warn!(%error, "replica disk sync before promotion failed");
-        }
-    }
     let backings = Backings {
         serial,
         disks: replica.disks.iter().map(|d| d.path.clone()).collect(),
         taps: taps.to_vec(),
     };
+    sync_in_background(replica.disks);
     let addresses = replica.state.guest_ipv4;
-    let vm = Vm::restore_replica(replica.state.machine, replica.ram, backings)
-        .map_err(|source| PromoteError::Restore { epoch, source })?;
-    if let Some(bridge) = bridge {
-        for tap in taps {
-            join_bridge(tap, bridge);
+    // The TAPs go up on the bridge before the guest runs: a reply whose
+    // retransmission timer is overdue (guest time jumped by the gap) leaves
+    // at once, and a TAP that is down or off the bridge would lose it.
+    let vm = Vm::restore_replica(replica.state.machine, replica.ram, backings, || {
+        if let Some(bridge) = bridge {
+            for tap in taps {
+                join_bridge(tap, bridge);
+            }
         }
-    }
-    for _ in 0..ANNOUNCEMENTS {
-        let failed = vm.output().announce(&addresses);
-        if failed > 0 {
-            warn!(failed, "gratuitous ARP failed");
-        }
-        std::thread::sleep(ANNOUNCE_GAP);
+    })
+    .map_err(|source| PromoteError::Restore { epoch, source })?;
+    // The first announcement now, the repeats apart from promotion (which
+    // they used to hold up by their gaps).
+    let announcer = vm.output().announcer(&addresses);
+    announce_round(&announcer);
+    let repeats = std::thread::Builder::new()
+        .name("ft-announce".into())
+        .spawn(move || {
+            for _ in 1..ANNOUNCEMENTS {
+                std::thread::sleep(ANNOUNCE_GAP);
+                announce_round(&announcer);
+            }
+        });
+    if let Err(error) = repeats {
+        warn!(%error, "could not start the thread that repeats the ARP announcements");
     }
     info!(
         epoch,
@@ -69,6 +80,40 @@ pub fn promote(
         "replica promoted: the VM runs on this node"
     );
     Ok(vm)
+}
+
+/// Brings the replica's disk writes to stable storage apart from
+/// promotion. The guest runs on the files as they are (its reads see every
+/// applied write; its own flushes sync the files again): waiting for this
+/// sync held promotion up by 5-100 ms. Until it ends, the writes are where
+/// they were while this node stood by: applied, in the page cache.
+fn sync_in_background(disks: Vec<ReplicaDisk>) {
+    let sync = move || {
+        let started = Instant::now();
+        for disk in &disks {
+            if let Err(error) = disk.sync() {
+                warn!(%error, "replica disk sync after promotion failed");
+            }
+        }
+        info!(
+            disks = disks.len(),
+            sync_ms = started.elapsed().as_millis() as u64,
+            "replica disks synced"
+        );
+    };
+    if let Err(error) = std::thread::Builder::new()
+        .name("ft-replica-sync".into())
+        .spawn(sync)
+    {
+        warn!(%error, "could not start the replica disk sync thread");
+    }
+}
+
+fn announce_round(announcer: &Announcer) {
+    let failed = announcer.announce();
+    if failed > 0 {
+        warn!(failed, "gratuitous ARP failed");
+    }
 }
 
 /// Puts `tap` on `bridge` and brings it up.

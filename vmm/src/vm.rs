@@ -396,19 +396,21 @@ impl Vm {
         let state = snapshot::read_state(dir)?;
         let ram = memory::create(state.mem_mib)?;
         snapshot::read_memory(dir, &ram.memfd, ram.size)?;
-        let vm = Vm::restore_from(state, ram, serial, started)?;
+        let vm = Vm::restore_from(state, ram, serial, started, || {})?;
         tracing::info!(dir = %dir.display(), "restored from a capture directory");
         Ok(vm)
     }
 
     /// Continues a VM from its state and its memory as they are (no copy of
     /// memory: a standby promotes its replica this way, through
-    /// `Vm::restore_replica`).
+    /// `Vm::restore_replica`). `before_run` is called once every device
+    /// and its backing (TAPs included) exists, just before the vCPUs start.
     pub(crate) fn restore_from(
         mut state: MachineState,
         ram: GuestRam,
         serial: SerialSink,
         started: Instant,
+        before_run: impl FnOnce(),
     ) -> Result<Vm, VmError> {
         let config = VmConfig {
             vcpus: state.vcpu_count,
@@ -472,6 +474,7 @@ impl Vm {
             &state.virtio,
         )?;
         let msr_indices = state.msr_indices.clone();
+        before_run();
         let vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices, virtio)?;
         tracing::info!(
             gap_ms = gap.as_millis() as u64,

@@ -31,7 +31,7 @@ use vm_memory::{Bytes as _, GuestAddress};
 
 pub use self::cpu::offered_cpu_features;
 pub use self::disk_writes::{DiskWrite, DiskWrites};
-pub use self::output::{gratuitous_arp, Output};
+pub use self::output::{gratuitous_arp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};
 use crate::memory::GuestMemoryMmap;
 pub use crate::memory::PAGE_SIZE;

@@ -128,15 +128,35 @@ impl Output {
     /// NIC with a gratuitous ARP from its MAC; returns how many could not
     /// be sent.
     pub fn announce(&self, addresses: &[[u8; 4]]) -> usize {
-        {
-            let mut known = self.addresses.lock().expect("addresses lock");
-            for ip in addresses {
-                remember(&mut known, *ip);
-            }
+        self.announcer(addresses).announce()
+    }
+
+    /// What announces `addresses` (remembered as the guest's) on every
+    /// NIC, apart from the VM: for repeats from another thread.
+    pub fn announcer(&self, addresses: &[[u8; 4]]) -> Announcer {
+        let mut known = self.addresses.lock().expect("addresses lock");
+        for ip in addresses {
+            remember(&mut known, *ip);
         }
+        Announcer {
+            nics: self.nics.clone(),
+            addresses: addresses.to_vec(),
+        }
+    }
+}
+
+/// Gratuitous ARPs for a set of the guest's addresses, on every NIC.
+pub struct Announcer {
+    nics: Vec<(Arc<TxGate>, [u8; 6])>,
+    addresses: Vec<[u8; 4]>,
+}
+
+impl Announcer {
+    /// Sends one round; returns how many frames could not be sent.
+    pub fn announce(&self) -> usize {
         let mut failed = 0;
         for (gate, mac) in &self.nics {
-            for ip in addresses {
+            for ip in &self.addresses {
                 if gate.inject(&gratuitous_arp(*mac, *ip)).is_err() {
                     failed += 1;
                 }

@@ -84,11 +84,15 @@ impl Vm {
     /// Continues the VM of `state` on `ram` as it is (no copy of memory),
     /// its disks and NICs backed by `backings` (counts must match the
     /// checkpoint's devices); guest time advances by the real gap since
-    /// the checkpoint.
+    /// the checkpoint. `before_run` is called when the TAPs exist and
+    /// before the vCPUs start: what the guest's first frames need on this
+    /// node (its TAPs up on the bridge) is done there, so that the frames
+    /// an overdue timer sends at once are not lost.
     pub fn restore_replica(
         mut state: MachineState,
         ram: ReplicaRam,
         backings: Backings,
+        before_run: impl FnOnce(),
     ) -> Result<Vm, ReplicationError> {
         let started = Instant::now();
         let configs = state
@@ -97,7 +101,7 @@ impl Vm {
             .map(|slot| &mut slot.config)
             .collect();
         bind_backings(configs, backings.disks, backings.taps)?;
-        Vm::restore_from(state, ram.ram, backings.serial, started)
+        Vm::restore_from(state, ram.ram, backings.serial, started, before_run)
             .map_err(|e| ReplicationError::Restore(Box::new(e)))
     }
 }
