@@ -79,6 +79,13 @@ impl WitnessClient {
         &self.addrs
     }
 
+    /// Opens the connection ahead of the first request (a standby does, so
+    /// that its claim at a takeover waits for no connection and handshake);
+    /// a request reconnects by itself if it has ended since.
+    pub async fn connect(&self) -> Result<(), WitnessError> {
+        self.connected().await.map(|_| ())
+    }
+
     /// Asks `request` and waits for its answer.
     pub async fn ask(&self, request: &Request) -> Result<Answer, WitnessError> {
         let connection = self.connected().await?;

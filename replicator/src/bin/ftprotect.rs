@@ -357,24 +357,22 @@ enum Ended {
 
 /// Runs `vm` as the primary until the guest stops or a stop is asked on
 /// the control socket (`control.stop`).
+/// Protects `vm` as the primary. `witness`: the witness as this node
+/// already asks it (a promoted standby hands on its connection, so that
+/// the first lease, which holds the guest's output, needs no new one).
+#[allow(clippy::too_many_arguments)]
 fn run_primary(
     runtime: &tokio::runtime::Runtime,
     vm: Vm,
     pair: &PairOptions,
     node: &str,
     generation: u64,
+    witness: Option<WitnessConfig>,
     status: &StatusBoard,
     control: &Control,
 ) -> ExitCode {
     let link = match link_config(pair, node, Role::Primary) {
         Ok(l) => l,
-        Err(e) => {
-            eprintln!("ftprotect: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let witness = match witness_config(pair, node) {
-        Ok(w) => w,
         Err(e) => {
             eprintln!("ftprotect: {e}");
             return ExitCode::from(2);
@@ -644,7 +642,23 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
             promote::join_bridge(tap, bridge);
         }
     }
-    run_primary(runtime, vm, pair, &node, pair.generation, &status, &control)
+    let witness = match witness_config(pair, &node) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("ftprotect: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    run_primary(
+        runtime,
+        vm,
+        pair,
+        &node,
+        pair.generation,
+        witness,
+        &status,
+        &control,
+    )
 }
 
 /// `ftprotect standby`: keeps the replica; promotes it when the primary is
@@ -677,13 +691,23 @@ fn standby(
             return ExitCode::from(2);
         }
     };
+    // Connected while standing by: a claim at a takeover then waits for
+    // the witness's decision only, not for a connection and handshake.
+    if let Some(w) = &witness {
+        let client = Arc::clone(&w.client);
+        runtime.spawn(async move {
+            if let Err(error) = client.connect().await {
+                tracing::warn!(%error, "the witness is not reachable now; the standby connects again when it needs it");
+            }
+        });
+    }
     let config = StandbyConfig {
         listen,
         link,
         disks,
         taps: taps.clone(),
         min_generation: pair.generation,
-        witness,
+        witness: witness.clone(),
         force_takeover: Arc::clone(&control.takeover),
     };
     let standing_by = runtime.block_on(async {
@@ -725,5 +749,7 @@ fn standby(
         }
     };
     status.update(|s| s.counters.failovers += 1);
-    run_primary(runtime, vm, pair, &node, generation, &status, &control)
+    run_primary(
+        runtime, vm, pair, &node, generation, witness, &status, &control,
+    )
 }
