@@ -154,9 +154,10 @@ pub mod kind {
     pub const HANDOVER: FrameKind = FrameKind::Message(74);
     pub const REFUSE: FrameKind = FrameKind::Message(75);
     pub const SYNC_END: FrameKind = FrameKind::Message(76);
+    pub const INBOUND: FrameKind = FrameKind::Message(77);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 21] = [
+    pub const NAMED: [(&str, FrameKind); 22] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
@@ -178,6 +179,7 @@ pub mod kind {
         ("Handover", HANDOVER),
         ("Refuse", REFUSE),
         ("SyncEnd", SYNC_END),
+        ("Inbound", INBOUND),
     ];
 }
 

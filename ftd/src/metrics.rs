@@ -259,6 +259,16 @@ impl Metrics {
             "behind_paused",
             "Time the guest spent paused because the standby or the A-link fell behind",
         );
+        let inbound_forwarded = counter(
+            &mut registry,
+            "inbound_forwarded_frames",
+            "Frames the guest received that the primary forwarded to the standby as they arrived (replayed into the guest if the standby takes over past its last checkpoint)",
+        );
+        let inbound_replayed = counter(
+            &mut registry,
+            "inbound_replayed_frames",
+            "Frames a promoted replica was given that its last checkpoint had not received (its peers did not have to send them again)",
+        );
         let generation = gauge(
             &mut registry,
             "generation",
@@ -380,6 +390,12 @@ impl Metrics {
             behind_paused
                 .get_or_create(&labels)
                 .inc_by(c.behind_paused_ms as f64 / 1000.0);
+            inbound_forwarded
+                .get_or_create(&labels)
+                .inc_by(c.inbound_forwarded);
+            inbound_replayed
+                .get_or_create(&labels)
+                .inc_by(c.inbound_replayed);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);

@@ -4,7 +4,11 @@
 //! real gap since the checkpoint. Its TAPs are up on the bridge before its
 //! vCPUs start; then the guest's addresses are announced with gratuitous
 //! ARP (the first round at once, the repeats from a thread of their own)
-//! so switches and clients find it on this node.
+//! so switches and clients find it on this node. The frames the primary's
+//! guest received after the checkpoint (forwarded as they arrived) are
+//! delivered to the promoted guest before anything else, so that requests
+//! it had not answered are answered now, not after the clients' own
+//! retransmission timers.
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +34,13 @@ pub enum PromoteError {
 const ANNOUNCEMENTS: u32 = 3;
 const ANNOUNCE_GAP: Duration = Duration::from_millis(50);
 
+/// A promoted replica, running.
+pub struct Promoted {
+    pub vm: Vm,
+    /// Frames received after the checkpoint, given to the guest again.
+    pub replayed_frames: u64,
+}
+
 /// Starts the replica as the VM on this node. `taps`: this node's TAPs for
 /// the NICs; `bridge`: a bridge to put them on (as `ip link` does).
 pub fn promote(
@@ -37,7 +48,7 @@ pub fn promote(
     taps: &[String],
     bridge: Option<&str>,
     serial: SerialSink,
-) -> Result<Vm, PromoteError> {
+) -> Result<Promoted, PromoteError> {
     let started = Instant::now();
     let epoch = replica.epoch;
     let backings = Backings {
@@ -47,6 +58,7 @@ pub fn promote(
     };
     sync_in_background(replica.disks);
     let addresses = replica.state.guest_ipv4;
+    let inbound = replica.inbound;
     // The TAPs go up on the bridge before the guest runs: a reply whose
     // retransmission timer is overdue (guest time jumped by the gap) leaves
     // at once, and a TAP that is down or off the bridge would lose it.
@@ -62,6 +74,12 @@ pub fn promote(
     // they used to hold up by their gaps).
     let announcer = vm.output().announcer(&addresses);
     announce_round(&announcer);
+    let mut replayed_frames = 0;
+    for (nic, frames) in inbound.into_iter().enumerate() {
+        replayed_frames += vm
+            .input()
+            .replay(nic, frames.into_iter().map(|f| f.to_vec())) as u64;
+    }
     let repeats = std::thread::Builder::new()
         .name("ft-announce".into())
         .spawn(move || {
@@ -76,10 +94,14 @@ pub fn promote(
     info!(
         epoch,
         addresses = ?addresses,
+        replayed_frames,
         promote_ms = started.elapsed().as_millis() as u64,
         "replica promoted: the VM runs on this node"
     );
-    Ok(vm)
+    Ok(Promoted {
+        vm,
+        replayed_frames,
+    })
 }
 
 /// Brings the replica's disk writes to stable storage apart from

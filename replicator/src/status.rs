@@ -157,6 +157,16 @@ pub struct FtCounters {
     pub oracle_checks: u64,
     #[serde(default)]
     pub oracle_mismatches: u64,
+    /// Frames the guest received that the primary forwarded to the
+    /// standby, and copies it dropped because the A-link fell behind.
+    #[serde(default)]
+    pub inbound_forwarded: u64,
+    #[serde(default)]
+    pub inbound_dropped: u64,
+    /// Frames a promoted replica was given that its checkpoint had not
+    /// received (the guest's peers did not have to send them again).
+    #[serde(default)]
+    pub inbound_replayed: u64,
 }
 
 #[cfg(test)]

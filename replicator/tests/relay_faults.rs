@@ -52,6 +52,14 @@ fn the_relays_kind_names_are_the_replication_codes() {
         Message::Pages(page),
         Message::DiskWrites(writes.remove(0)),
         Message::EpochEnd(EpochEnd::default()),
+        Message::Inbound(
+            replicator::protocol::inbound_payloads([vmm::replication::InboundFrame {
+                nic: 0,
+                seq: 0,
+                frame: vec![0; 60],
+            }])
+            .remove(0),
+        ),
         Message::Ack,
         Message::Stop,
         Message::Handover,

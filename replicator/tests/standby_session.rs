@@ -309,3 +309,56 @@ async fn a_vm_handed_over_after_a_host_fault_is_taken_over_at_once() {
     assert_eq!(disk_at_512(&replica, 3), b"one");
     drop(link);
 }
+
+/// Inbound frames `seqs` of NIC 0 (each frame's bytes are its number).
+fn inbound(seqs: &[u64]) -> ft_link::Frame {
+    let frames = seqs.iter().map(|&seq| vmm::replication::InboundFrame {
+        nic: 0,
+        seq,
+        frame: vec![seq as u8; 60],
+    });
+    let mut batches = replicator::protocol::inbound_payloads(frames);
+    Message::Inbound(batches.remove(0)).into_frame(0, 1)
+}
+
+/// Epoch `n` (page 5 = `fill`) whose checkpoint holds the first `through`
+/// frames its guest received.
+fn epoch_through(n: u64, fill: u8, through: u64) -> Vec<ft_link::Frame> {
+    let mut state: serde_json::Value = serde_json::from_slice(&state_payload()).unwrap();
+    state["inbound_through"] = serde_json::json!([through]);
+    let mut stager = replicator::protocol::PageStager::default();
+    vmm::replication::PageSink::page_buffer(&mut stager, 5 * 4096).extend_from_slice(&[fill; 4096]);
+    replicator::protocol::epoch_frames(
+        n,
+        1,
+        bytes::Bytes::from(serde_json::to_vec(&state).unwrap()),
+        stager.finish(),
+        (Vec::new(), 0),
+    )
+}
+
+/// The frames the primary's guest received after the last committed
+/// checkpoint are handed over with the replica (the promoted guest gets
+/// them), in order; those the checkpoint holds are not.
+#[tokio::test]
+async fn frames_received_past_the_committed_checkpoint_are_handed_over_in_order() {
+    let standby = start_standby("inbound").await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &[inbound(&[0, 1])]).await;
+    send(&link, &epoch_through(1, 0x22, 1)).await;
+    expect_ack(&mut link, 1).await;
+    send(&link, &[inbound(&[2, 3])]).await;
+    send(&link, &epoch_through(2, 0x33, 3)).await;
+    expect_ack(&mut link, 2).await;
+    // Frame 4 arrives; epoch 3 (which would hold it) is cut short.
+    send(&link, &[inbound(&[4])]).await;
+    let mut three = epoch_through(3, 0x44, 5);
+    three.pop();
+    send(&link, &three).await;
+    drop(link);
+    let replica = taken_over(standby.task).await;
+    assert_eq!(replica.epoch, 2);
+    assert_eq!(page5(&replica), 0x33);
+    let replay: Vec<u8> = replica.inbound[0].iter().map(|f| f[0]).collect();
+    assert_eq!(replay, vec![3, 4], "what checkpoint 2 lacks, in order");
+}

@@ -32,7 +32,7 @@ use crate::kvm_host::{self, KvmFlavor, KvmHostError};
 use crate::layout::{COM1_IRQ, COM1_PORT, KVM_TSS_ADDRESS};
 use crate::memory::{self, GuestRam, MemoryError};
 use crate::metrics::VmCounters;
-use crate::replication::{DiskWrites, Output};
+use crate::replication::{DiskWrites, Input, Output};
 use crate::snapshot::{self, CaptureTimes, MachineState, SnapshotError};
 use crate::vm_event::VmEvent;
 use crate::vm_state::{self, VmStateError};
@@ -150,6 +150,7 @@ pub struct Vm {
     pub(crate) virtio: VirtioDevices,
     /// The NICs' output and the disks' write records, VM-wide.
     pub(crate) output: Output,
+    pub(crate) input: Input,
     pub(crate) disk_writes: DiskWrites,
     // Drop order: the VM fd goes before the RAM it maps.
     pub(crate) vm_fd: VmFd,
@@ -309,6 +310,7 @@ impl Machine {
         )?;
         let macs = config.nets.iter().map(|n| n.mac);
         let output = Output::new(virtio.tx_gates().into_iter().zip(macs).collect());
+        let input = Input::new(virtio.rx_logs());
         let disk_writes = DiskWrites::new(virtio.write_logs());
         Ok(Vm {
             started,
@@ -322,6 +324,7 @@ impl Machine {
             dirty_log: self.dirty_log,
             virtio,
             output,
+            input,
             disk_writes,
             vm_fd: self.vm_fd,
             ram: self.ram,

@@ -741,7 +741,10 @@ fn standby(
         pair.bridge.as_deref(),
         SerialSink::File(pair.serial_log.clone()),
     ) {
-        Ok(vm) => vm,
+        Ok(promoted) => {
+            status.update(|s| s.counters.inbound_replayed += promoted.replayed_frames);
+            promoted.vm
+        }
         Err(e) => {
             eprintln!("ftprotect: {e}");
             status.set_state(Role::Standby, FtState::Failed, Some(e.to_string()));

@@ -46,6 +46,9 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
     let pause = vm.pause();
     if epoch == 1 {
         vm.output().hold();
+        // From here on what the guest receives is forwarded as it arrives
+        // (`inbound`), numbered against what each checkpoint holds.
+        vm.input().start();
     }
     let t = Instant::now();
     let machine = vm
@@ -80,6 +83,7 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
         machine,
         guest_ipv4: vm.output().guest_ipv4(),
         digest,
+        inbound_through: vm.input().delivered(),
     };
     Ok(Captured {
         state,

@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 mod epochs;
+mod inbound;
 mod lease;
 mod sync;
 
@@ -241,6 +242,7 @@ pub async fn run(
             status.update(|s| s.counters.standby_refusals += 1);
         }
         vm.disk_writes().stop();
+        vm.input().stop();
         match lease {
             None => {
                 // The standby is gone: this copy is the only one, so output
@@ -473,7 +475,11 @@ async fn protect(
             session.active,
             session.generation,
         ));
-        epochs::epochs(vm, &tx, &mut acks, &session, config, status, stop).await
+        // What the guest receives goes to the standby beside the epochs.
+        tokio::select! {
+            e = epochs::epochs(vm, &tx, &mut acks, &session, config, status, stop) => e,
+            e = inbound::forward(vm, &tx, session.generation, status) => Err(e),
+        }
     }
     .await;
     if let Some(task) = backup {

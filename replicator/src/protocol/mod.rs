@@ -18,6 +18,8 @@
 //! DiskWrites(N)  [disk u32][offset u64][len u32][bytes] ... (see `disk`)
 //! EpochEnd(N)    [pages u64][crc32 of the page addresses, in order]
 //!                [writes u64][crc32 of the DiskWrites payloads]
+//! Inbound     frames the guest received, as they arrive (see `inbound`):
+//!             replayed by a standby that takes over, past its checkpoint
 //! Stop        the primary's VM stopped on purpose: no takeover
 //! Handover    the primary's VM failed on its host (a vCPU could not go
 //!             on): take over now from the last committed epoch
@@ -28,6 +30,7 @@
 //! frames (the address sequence would differ) at 8 bytes per page.
 
 mod disk;
+mod inbound;
 mod pages;
 mod state;
 
@@ -35,6 +38,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ft_link::{Frame, FrameKind};
 
 pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
+pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
     CheckpointState, StateError, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
@@ -139,6 +143,9 @@ pub enum Message {
     Pages(PageBatch),
     DiskWrites(DiskBatch),
     EpochEnd(EpochEnd),
+    /// Frames the guest received, forwarded as they arrive (the frame's
+    /// epoch means nothing).
+    Inbound(InboundBatch),
     Ack,
     Stop,
     Handover,
@@ -173,6 +180,7 @@ const STOP: u8 = 73;
 const HANDOVER: u8 = 74;
 const REFUSE: u8 = 75;
 const SYNC_END: u8 = 76;
+const INBOUND: u8 = 77;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -187,6 +195,7 @@ impl Message {
             Message::Pages(_) => "Pages",
             Message::DiskWrites(_) => "DiskWrites",
             Message::EpochEnd(_) => "EpochEnd",
+            Message::Inbound(_) => "Inbound",
             Message::Ack => "Ack",
             Message::Stop => "Stop",
             Message::Handover => "Handover",
@@ -206,6 +215,7 @@ impl Message {
             Message::Pages(b) => (PAGES, b.into_bytes()),
             Message::DiskWrites(b) => (DISK_WRITES, b.into_bytes()),
             Message::EpochEnd(end) => (EPOCH_END, end.to_payload()),
+            Message::Inbound(b) => (INBOUND, b.into_bytes()),
             Message::Ack => (ACK, Bytes::new()),
             Message::Stop => (STOP, Bytes::new()),
             Message::Handover => (HANDOVER, Bytes::new()),
@@ -262,6 +272,10 @@ impl Message {
             ),
             EPOCH_END => Message::EpochEnd(
                 EpochEnd::from_payload(&payload).ok_or(malformed("EpochEnd", "not 24 bytes"))?,
+            ),
+            INBOUND => Message::Inbound(
+                InboundBatch::parse(payload)
+                    .ok_or(malformed("Inbound", "not whole inbound records"))?,
             ),
             ACK => {
                 empty("Ack")?;
@@ -397,6 +411,14 @@ mod tests {
             Message::Pages(pages),
             Message::DiskWrites(disks[0].clone()),
             Message::EpochEnd(end),
+            Message::Inbound(
+                inbound_payloads([vmm::replication::InboundFrame {
+                    nic: 1,
+                    seq: 7,
+                    frame: vec![9; 60],
+                }])
+                .remove(0),
+            ),
             Message::Ack,
             Message::Stop,
             Message::Handover,
@@ -422,6 +444,7 @@ mod tests {
             (PAGES, &[0u8; 4105][..]),
             (DISK_WRITES, &[0u8; 17][..]),
             (EPOCH_END, &[0u8; 23][..]),
+            (INBOUND, &[0u8; 17][..]),
             (ACK, &b"x"[..]),
             (REFUSE, &[0xff, 0xfe][..]),
         ] {

@@ -33,6 +33,11 @@ pub struct CheckpointState {
     /// standby compares its replica with it once the epoch is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<crate::oracle::Digest>,
+    /// Per NIC, the frames the guest had received at this checkpoint
+    /// (inbound frames numbered from here on are not in it). Empty from a
+    /// primary that does not forward what its guest receives.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_through: Vec<u64>,
 }
 
 /// What the primary announces before copying a VM to a new standby.

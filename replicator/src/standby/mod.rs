@@ -19,6 +19,7 @@
 //! - [`replica_disk`]: the replica's disk files.
 
 mod claim;
+mod inbound;
 mod paths;
 pub mod replica_disk;
 mod session;
@@ -136,6 +137,9 @@ pub struct Replica {
     pub disks: Vec<ReplicaDisk>,
     pub state: CheckpointState,
     pub epoch: u64,
+    /// Per NIC, the frames the primary's guest received after this
+    /// checkpoint, in order (replayed into the guest if it is promoted).
+    pub inbound: Vec<Vec<bytes::Bytes>>,
     /// The generation of the session that built it; once handed back for
     /// promotion, the generation the promoted copy runs (granted by the
     /// witness, or the next one without a witness).

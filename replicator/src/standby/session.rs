@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vmm::replication::ReplicaRam;
 
+use super::inbound::InboundFrames;
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, ReplicaDisk};
 use super::{path_margin, Replica, StandbyConfig, StandbyError};
@@ -117,6 +118,7 @@ async fn run(
             Message::SyncPages(batch) => replica.sync_pages(batch)?,
             Message::SyncDisk(batch) => replica.sync_disk(batch)?,
             Message::SyncEnd(end) => replica.sync_end(end, status)?,
+            Message::Inbound(batch) => replica.inbound.add(batch),
             // An epoch over a copy not known to be whole would be promoted
             // with whatever the copy missed.
             other if !replica.synced => {
@@ -144,6 +146,8 @@ struct Receiving {
     assembler: EpochAssembler,
     /// The last committed epoch and its state.
     committed: Option<(u64, CheckpointState)>,
+    /// What the primary's guest received past the committed epoch.
+    inbound: InboundFrames,
     /// The session's generation (every message carries it).
     generation: u64,
     sync_bytes: u64,
@@ -186,6 +190,7 @@ fn begin(
         disks,
         assembler: EpochAssembler::with_limits(1, StagingLimits::for_guest(plan.mem_mib)),
         committed: None,
+        inbound: InboundFrames::new(plan.nics),
         generation: first.generation,
         sync_bytes: 0,
         tally: EndTally::default(),
@@ -324,11 +329,18 @@ impl Receiving {
     /// The replica as of its last committed epoch (none before the first).
     fn into_replica(self) -> Option<Replica> {
         let (epoch, state) = self.committed?;
+        if self.inbound.dropped() > 0 {
+            warn!(
+                dropped = self.inbound.dropped(),
+                "some frames the primary's guest received were not kept"
+            );
+        }
         Some(Replica {
             ram: self.ram,
             disks: self.disks,
             state,
             epoch,
+            inbound: self.inbound.into_replay(),
             generation: self.generation,
         })
     }
@@ -490,6 +502,7 @@ impl Receiving {
             s.counters.dirty_pages_total += complete.page_count;
             s.counters.disk_writes_total += complete.writes.len() as u64;
         });
+        self.inbound.commit(&state.inbound_through);
         self.committed = Some((complete.epoch, state));
     }
 }

@@ -179,7 +179,9 @@ pub async fn start_standby_on(
         listen: vec![addr.to_string(), addr2.to_string()],
         link: link_config(Role::Standby),
         disks: vec![disk],
-        taps: vec![],
+        // One NIC (its TAP is used only by a promotion, which these tests
+        // do not run).
+        taps: vec!["ftt-unused0".into()],
         min_generation,
         witness,
         force_takeover: Default::default(),
@@ -282,7 +284,7 @@ pub async fn primary_planning(addr: SocketAddr, generation: u64, disk_bytes: u64
         version: SYNC_PLAN_VERSION,
         mem_mib: MEM_MIB,
         disk_bytes: vec![disk_bytes],
-        nics: 0,
+        nics: 1,
     };
     send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
     link

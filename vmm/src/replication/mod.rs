@@ -12,6 +12,9 @@
 //! - Output: [`Vm::output`], VM-wide control of the NICs' transmitted
 //!   frames (hold, seal a batch, release through a batch, open), the
 //!   guest's learned addresses and their announcement ([`Output`]).
+//! - Input: [`Vm::input`], the frames the guest received, numbered per
+//!   NIC, copied as they arrive while recording, and replayed into a
+//!   promoted replica ([`Input`]).
 //! - Disk writes: [`Vm::disk_writes`] records every disk write, taken per
 //!   epoch ([`DiskWrites`]).
 //! - Takeover: [`Vm::restore_replica`] continues a VM on replica RAM
@@ -21,6 +24,7 @@
 
 mod cpu;
 mod disk_writes;
+mod input;
 mod output;
 mod replica;
 
@@ -31,8 +35,11 @@ use vm_memory::{Bytes as _, GuestAddress};
 
 pub use self::cpu::offered_cpu_features;
 pub use self::disk_writes::{DiskWrite, DiskWrites};
+pub use self::input::{InboundFrame, Input};
 pub use self::output::{gratuitous_arp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};
+/// The longest frame (virtio header included) a NIC delivers or replays.
+pub use crate::devices::virtio::net::queues::MAX_FRAME_LEN as MAX_RECEIVED_FRAME_LEN;
 use crate::memory::GuestMemoryMmap;
 pub use crate::memory::PAGE_SIZE;
 use crate::vm::{Vm, VmError};
@@ -171,6 +178,11 @@ impl Vm {
     /// The guest's network output, VM-wide.
     pub fn output(&self) -> &Output {
         &self.output
+    }
+
+    /// The guest's network input, VM-wide.
+    pub fn input(&self) -> &Input {
+        &self.input
     }
 
     /// The record of the guest's disk writes, VM-wide.

@@ -28,6 +28,7 @@ use self::block::state::BlockState;
 use self::block::write_log::WriteLog;
 use self::block::{Block, BlockError, DiskConfig};
 use self::mmio::{MmioError, MmioTransport};
+use self::net::rx_log::RxLog;
 use self::net::state::NetState;
 use self::net::tx_gate::TxGate;
 use self::net::{Net, NetConfig, NetError};
@@ -209,8 +210,8 @@ pub struct VirtioSlot {
     pub gsi: u32,
     pub config: DeviceConfig,
     pub transport: Arc<Mutex<MmioTransport>>,
-    /// What replication reaches into: a NIC's transmit gate or a disk's
-    /// write record.
+    /// What replication reaches into: a NIC's transmit gate and receive
+    /// log, or a disk's write record.
     pub hook: DeviceHook,
 }
 
@@ -218,7 +219,7 @@ pub struct VirtioSlot {
 #[derive(Clone)]
 pub enum DeviceHook {
     Disk(Arc<WriteLog>),
-    Net(Arc<TxGate>),
+    Net(Arc<TxGate>, Arc<RxLog>),
 }
 
 /// A device ready to be placed: the device and its hook.
@@ -259,7 +260,9 @@ impl VirtioDevices {
                 DeviceConfig::Disk(disk) => {
                     hooked(Block::open(disk)?, |d| DeviceHook::Disk(d.write_log()))
                 }
-                DeviceConfig::Net(net) => hooked(Net::open(net)?, |d| DeviceHook::Net(d.tx_gate())),
+                DeviceConfig::Net(net) => hooked(Net::open(net)?, |d| {
+                    DeviceHook::Net(d.tx_gate(), d.rx_log())
+                }),
             };
             devices.add_slot(vm_fd, mmio, index, config, hook, |interrupt| {
                 Ok(MmioTransport::new(device, mem.clone(), interrupt))
@@ -287,7 +290,7 @@ impl VirtioDevices {
                 }
                 (DeviceConfig::Net(net), DeviceState::Net(state)) => {
                     hooked(Net::from_state(net, state)?, |d| {
-                        DeviceHook::Net(d.tx_gate())
+                        DeviceHook::Net(d.tx_gate(), d.rx_log())
                     })
                 }
                 (DeviceConfig::Disk(_), _) => {
@@ -385,7 +388,18 @@ impl VirtioDevices {
         self.slots
             .iter()
             .filter_map(|s| match &s.hook {
-                DeviceHook::Net(g) => Some(Arc::clone(g)),
+                DeviceHook::Net(g, _) => Some(Arc::clone(g)),
+                DeviceHook::Disk(_) => None,
+            })
+            .collect()
+    }
+
+    /// The receive logs of the NICs, in device order.
+    pub fn rx_logs(&self) -> Vec<Arc<RxLog>> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.hook {
+                DeviceHook::Net(_, l) => Some(Arc::clone(l)),
                 DeviceHook::Disk(_) => None,
             })
             .collect()
@@ -397,7 +411,7 @@ impl VirtioDevices {
             .iter()
             .filter_map(|s| match &s.hook {
                 DeviceHook::Disk(l) => Some(Arc::clone(l)),
-                DeviceHook::Net(_) => None,
+                DeviceHook::Net(..) => None,
             })
             .collect()
     }

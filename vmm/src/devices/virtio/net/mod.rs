@@ -10,6 +10,7 @@
 //! (a vCPU pause stops transmit).
 
 pub mod queues;
+pub mod rx_log;
 pub mod rx_thread;
 pub mod state;
 pub mod tap;
@@ -22,7 +23,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::QueueState;
 
-use self::queues::NetQueues;
+use self::queues::{NetBackend, NetQueues};
+use self::rx_log::RxLog;
 use self::rx_thread::RxThread;
 use self::state::{NetState, NET_STATE_VERSION};
 use self::tap::{Tap, TapError};
@@ -40,6 +42,8 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("net state version {found} is not supported (expected {NET_STATE_VERSION})")]
     StateVersion { found: u32 },
+    #[error("creating the receive log's eventfd failed: {0}")]
+    RxLog(#[source] std::io::Error),
 }
 
 /// A NIC of the VM: `tap=NAME,mac=52:54:00:12:34:56` on the command line.
@@ -100,6 +104,7 @@ pub struct Net {
     mac: [u8; 6],
     tap: Arc<Tap>,
     gate: Arc<TxGate>,
+    rx_log: Arc<RxLog>,
     paused: bool,
     active: Option<ActiveNet>,
 }
@@ -111,6 +116,7 @@ impl Net {
         Ok(Net {
             mac: config.mac,
             gate: Arc::new(TxGate::new(Arc::clone(&tap))),
+            rx_log: Arc::new(RxLog::new().map_err(NetError::RxLog)?),
             tap,
             paused: false,
             active: None,
@@ -141,6 +147,12 @@ impl Net {
     /// The gate transmitted frames pass through.
     pub fn tx_gate(&self) -> Arc<TxGate> {
         Arc::clone(&self.gate)
+    }
+
+    /// The log of the frames delivered to the guest (and of those to
+    /// replay).
+    pub fn rx_log(&self) -> Arc<RxLog> {
+        Arc::clone(&self.rx_log)
     }
 }
 
@@ -192,8 +204,11 @@ impl VirtioDevice for Net {
             rx,
             tx,
             activation.interrupt,
-            Arc::clone(&self.tap),
-            Arc::clone(&self.gate),
+            NetBackend {
+                tap: Arc::clone(&self.tap),
+                gate: Arc::clone(&self.gate),
+                rx_log: Arc::clone(&self.rx_log),
+            },
             self.paused,
         )));
         let rx_thread = RxThread::spawn(Arc::clone(&queues), self.tap.name())?;
@@ -245,6 +260,75 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frames to replay reach the guest's receive buffers in order, before
+    /// anything else, and are numbered and copied like frames from the TAP.
+    #[test]
+    fn replayed_frames_are_delivered_numbered_and_recorded() {
+        use std::time::{Duration, Instant};
+
+        use vm_memory::{Bytes, GuestAddress};
+        use vmm_sys_util::eventfd::EventFd;
+
+        use super::tap::VNET_HDR_LEN;
+        use crate::devices::virtio::mmio::driver::bring_up;
+        use crate::devices::virtio::mmio::MmioTransport;
+        use crate::devices::virtio::test_queue::{test_memory, TestQueue};
+        use crate::devices::virtio::VirtioInterrupt;
+
+        let net = Net::open(&NetConfig {
+            tap: "ftrxlogt0".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+        })
+        .expect("TAP (needs CAP_NET_ADMIN)");
+        let log = net.rx_log();
+        log.start();
+        let mem = test_memory();
+        let irq = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut transport = MmioTransport::new(Box::new(net), mem.clone(), irq);
+        let rx = TestQueue::new(&mem, 0x1_0000, 16);
+        let tx = TestQueue::new(&mem, 0x2_0000, 16);
+        let features = transport.device().features();
+        bring_up(&mut transport, features, &[&rx, &tx]);
+        assert!(transport.is_active());
+        let frame = |n: u8| {
+            let mut f = vec![0u8; VNET_HDR_LEN + 60];
+            f[VNET_HDR_LEN..].fill(n);
+            f
+        };
+        assert_eq!(log.replay([frame(1), frame(2)]), 2);
+        // Buffers come after the replay was queued: the guest's
+        // notification restarts the receive pass.
+        for i in 0..2u64 {
+            rx.add_chain(&mem, &[(0x30_0000 + i * 0x1000, 2048, true)]);
+        }
+        crate::devices::virtio::mmio::driver::notify(&mut transport, u32::from(RX_QUEUE));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rx.used_idx(&mem) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the replayed frames never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for i in 0..2u16 {
+            let (_, len) = rx.used_elem(&mem, i);
+            assert_eq!(len as usize, VNET_HDR_LEN + 60);
+            let mut body = [0u8; 60];
+            mem.read_slice(
+                &mut body,
+                GuestAddress(0x30_0000 + u64::from(i) * 0x1000 + VNET_HDR_LEN as u64),
+            )
+            .unwrap();
+            assert!(body.iter().all(|&b| b == i as u8 + 1), "frame {i} in order");
+        }
+        assert_eq!(log.delivered(), 2);
+        let copies = log.take();
+        assert_eq!(copies.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(copies[1].frame[VNET_HDR_LEN], 2);
+    }
 
     #[test]
     fn net_option_parsing() {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
+use super::rx_log::RxLog;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::tx_gate::TxGate;
 use crate::devices::virtio::{VirtioInterrupt, INTERRUPT_USED_BUFFER};
@@ -57,11 +58,22 @@ pub struct NetQueues {
     pub tap: Arc<Tap>,
     /// Where transmitted frames go (the TAP, or held for output commit).
     pub gate: Arc<TxGate>,
+    /// Counts (and, while recording, copies) delivered frames; holds
+    /// frames to replay before the TAP's.
+    pub rx_log: Arc<RxLog>,
     /// While set, nothing is received (see `Net::pause`).
     pub paused: bool,
     pub counters: NetCounters,
     rx_frame: Vec<u8>,
     tx_frame: Vec<u8>,
+}
+
+/// What a NIC's frames pass through outside the guest: its TAP, the gate
+/// of what it transmits and the log of what it receives.
+pub struct NetBackend {
+    pub tap: Arc<Tap>,
+    pub gate: Arc<TxGate>,
+    pub rx_log: Arc<RxLog>,
 }
 
 impl NetQueues {
@@ -70,10 +82,10 @@ impl NetQueues {
         rx: Queue,
         tx: Queue,
         interrupt: Arc<VirtioInterrupt>,
-        tap: Arc<Tap>,
-        gate: Arc<TxGate>,
+        backend: NetBackend,
         paused: bool,
     ) -> Self {
+        let NetBackend { tap, gate, rx_log } = backend;
         NetQueues {
             mem,
             rx,
@@ -81,6 +93,7 @@ impl NetQueues {
             interrupt,
             tap,
             gate,
+            rx_log,
             paused,
             counters: NetCounters::default(),
             rx_frame: vec![0; MAX_FRAME_LEN],
@@ -139,8 +152,9 @@ impl NetQueues {
         }
     }
 
-    /// Moves frames from the TAP into the guest's receive buffers until the
-    /// TAP is empty, the guest has no buffers left or the device is paused.
+    /// Moves frames into the guest's receive buffers (those waiting to be
+    /// replayed first, then the TAP's) until the TAP is empty, the guest
+    /// has no buffers left or the device is paused.
     pub fn receive(&mut self) -> RxStop {
         let mut used = false;
         let stop = loop {
@@ -157,7 +171,8 @@ impl NetQueues {
                 .filter(|d| d.is_write_only())
                 .map(|d| (d.addr(), d.len() as usize))
                 .collect();
-            let len = match self.tap.read_frame(&mut self.rx_frame) {
+            let replayed = self.rx_log.next_replay(&mut self.rx_frame);
+            let len = match replayed.map_or_else(|| self.tap.read_frame(&mut self.rx_frame), Ok) {
                 Ok(len) => len,
                 Err(e) => {
                     self.rx.go_to_previous_position();
@@ -198,6 +213,7 @@ impl NetQueues {
                 written += n;
             }
             let used_len = if ok {
+                self.rx_log.delivered_frame(&self.rx_frame[..len]);
                 self.counters.rx_frames += 1;
                 self.counters.rx_bytes += (len - VNET_HDR_LEN) as u64;
                 len as u32

@@ -1,7 +1,8 @@
 //! The receive thread of a virtio-net device: it waits for frames on the
-//! TAP, for the guest adding receive buffers (the receive queue's
-//! notification, forwarded as a kick) and for a stop request, and moves
-//! frames into the guest under the device's queue Mutex.
+//! TAP, for frames to replay (the receive log), for the guest adding
+//! receive buffers (the receive queue's notification, forwarded as a kick)
+//! and for a stop request, and moves frames into the guest under the
+//! device's queue Mutex.
 //!
 //! The TAP is watched edge-triggered: a receive pass always reads until the
 //! TAP is empty, or stops early (no buffers, paused) and is restarted by a
@@ -15,11 +16,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queues::{NetQueues, RxStop};
+use super::rx_log::RxLog;
 use crate::devices::virtio::ActivateError;
 
 const TOKEN_TAP: u64 = 0;
 const TOKEN_KICK: u64 = 1;
 const TOKEN_STOP: u64 = 2;
+const TOKEN_REPLAY: u64 = 3;
 
 /// The running receive thread; dropped, it stops and is joined.
 pub struct RxThread {
@@ -37,9 +40,17 @@ impl RxThread {
         let kick = Arc::new(eventfd("the receive kick")?);
         let stop = eventfd("the receive thread's stop")?;
         let epoll = Epoll::new().map_err(ActivateError::Epoll)?;
-        let tap_fd = queues.lock().expect("net queues lock").tap.as_raw_fd();
+        let (tap_fd, rx_log) = {
+            let q = queues.lock().expect("net queues lock");
+            (q.tap.as_raw_fd(), Arc::clone(&q.rx_log))
+        };
         for (fd, token, events) in [
             (tap_fd, TOKEN_TAP, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (
+                rx_log.replay_ready().as_raw_fd(),
+                TOKEN_REPLAY,
+                EventSet::IN,
+            ),
             (kick.as_raw_fd(), TOKEN_KICK, EventSet::IN),
             (stop.as_raw_fd(), TOKEN_STOP, EventSet::IN),
         ] {
@@ -54,7 +65,7 @@ impl RxThread {
         let thread_kick = Arc::clone(&kick);
         let handle = std::thread::Builder::new()
             .name(format!("net-rx-{name}"))
-            .spawn(move || run(epoll, queues, thread_kick, stop_fd))
+            .spawn(move || run(epoll, queues, thread_kick, rx_log, stop_fd))
             .map_err(ActivateError::SpawnThread)?;
         Ok(RxThread {
             kick,
@@ -80,7 +91,13 @@ impl Drop for RxThread {
 }
 
 /// The thread's loop; `_stop` keeps the stop eventfd open while it waits.
-fn run(epoll: Epoll, queues: Arc<Mutex<NetQueues>>, kick: Arc<EventFd>, _stop: EventFd) {
+fn run(
+    epoll: Epoll,
+    queues: Arc<Mutex<NetQueues>>,
+    kick: Arc<EventFd>,
+    rx_log: Arc<RxLog>,
+    _stop: EventFd,
+) {
     let mut events = [EpollEvent::default(); 4];
     loop {
         let n = match epoll.wait(-1, &mut events) {
@@ -94,6 +111,9 @@ fn run(epoll: Epoll, queues: Arc<Mutex<NetQueues>>, kick: Arc<EventFd>, _stop: E
                 TOKEN_STOP => return,
                 TOKEN_KICK => {
                     let _ = kick.read();
+                }
+                TOKEN_REPLAY => {
+                    let _ = rx_log.replay_ready().read();
                 }
                 _ => {}
             }
