@@ -445,6 +445,7 @@ impl Vm {
             dirty_tracking: DirtyTracking::default(),
         };
         let machine = Machine::create(&config, Some(&state.serial), Some(ram))?;
+        let created_us = started.elapsed().as_micros() as u64;
         let gap =
             Duration::from_nanos(snapshot::unix_now_ns().saturating_sub(state.captured_unix_ns));
         // Invariant: a VM runs only where every CPU feature it was given
@@ -470,6 +471,7 @@ impl Vm {
             );
         }
         vm_state::restore(&machine.vm_fd, &state.vm)?;
+        let cpus_us = started.elapsed().as_micros() as u64;
         let virtio = VirtioDevices::restore(
             &machine.vm_fd,
             &machine.ram.memory,
@@ -477,10 +479,18 @@ impl Vm {
             &state.virtio,
         )?;
         let msr_indices = state.msr_indices.clone();
+        let devices_us = started.elapsed().as_micros() as u64;
         before_run();
+        let before_run_us = started.elapsed().as_micros() as u64;
         let vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices, virtio)?;
+        // Each step's end, from the start of the restore: where a slow
+        // promotion spends its time.
         tracing::info!(
             gap_ms = gap.as_millis() as u64,
+            created_us,
+            cpus_us,
+            devices_us,
+            before_run_us,
             restore_us = started.elapsed().as_micros() as u64,
             "guest restored"
         );

@@ -122,6 +122,10 @@ pub struct DrillRound {
     pub pull_after_ms: u64,
     /// Fault -> first acknowledged operation after it.
     pub failover_ms: u64,
+    /// Frames the promoted copy's guest was given again: received by the
+    /// old primary after its last committed checkpoint (0 where no
+    /// promotion happened, or nothing arrived after the checkpoint).
+    pub replayed_frames: u64,
     /// Partition: how long the paths were cut; freeze: how long the
     /// process was stopped.
     pub heal_after_ms: u64,
@@ -335,6 +339,7 @@ fn pull_round(
     let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
     let took_over = client.first_ack_after(pulled_at, Duration::from_secs(60), round)?;
     let failover_ms = took_over.duration_since(pulled_at).as_millis() as u64;
+    let replayed_frames = replayed_frames(lab, standby);
     let (acked_before_check, memory, disk) = client.check(lab)?;
     // The pulled node comes back; its daemon learns the new placement
     // (from the witness or the peer) and starts the standby by itself.
@@ -359,6 +364,7 @@ fn pull_round(
         promoted: standby,
         pull_after_ms,
         failover_ms,
+        replayed_frames,
         heal_after_ms: 0,
         committed_epoch,
         acked_before_check,
@@ -457,6 +463,12 @@ fn partition_round(
     )
 }
 
+/// What the engine on `node` replayed into its guest when it promoted (its
+/// counter belongs to the engine process, which a promotion keeps).
+fn replayed_frames(lab: &Lab, node: NodeId) -> u64 {
+    ft_pair::status(lab, node).map_or(0, |s| s.counters.inbound_replayed)
+}
+
 /// A fault that happened and ended (paths healed, process continued).
 struct EndedFault {
     round: u32,
@@ -483,6 +495,11 @@ fn settle(
     let failover_ms = served.duration_since(f.at).as_millis() as u64;
     let (acked_before_check, memory, disk) = client.check(lab)?;
     let winner = winner(lab, f.round)?;
+    let replayed_frames = if winner == f.primary {
+        0
+    } else {
+        replayed_frames(lab, winner)
+    };
     ft_pair::wait_for(
         lab,
         winner,
@@ -500,6 +517,7 @@ fn settle(
         promoted: winner,
         pull_after_ms: f.pull_after_ms,
         failover_ms,
+        replayed_frames,
         heal_after_ms: f.heal_after_ms,
         committed_epoch: f.committed_epoch,
         acked_before_check,
@@ -578,13 +596,14 @@ fn freeze_round(
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
         "drill",
         "fault",
         "from",
         "to",
         "epoch",
         "failover ms",
+        "replayed",
         "acked",
         "memory",
         "disk",
@@ -595,13 +614,14 @@ pub fn print_table(report: &DrillReport) {
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
             r.promoted.to_string(),
             r.committed_epoch,
             r.failover_ms,
+            r.replayed_frames,
             r.acked_before_check,
             verdict(&r.memory),
             verdict(&r.disk),
