@@ -493,6 +493,9 @@ impl Receiving {
                 took_ms = self.started.elapsed().as_millis() as u64,
                 "first epoch committed: standing by"
             );
+            // The KVM VM a promotion runs the replica in is made now, not
+            // after the primary is lost.
+            self.ram.prepare_vm(state.machine.vcpu_count);
             status.set_state(Role::Standby, FtState::StandingBy, None);
         }
         status.update(|s| {
