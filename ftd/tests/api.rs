@@ -330,6 +330,23 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
         415,
         "unsupported_media_type",
     );
+    // ... its body unread, the connection is said to close (a client that
+    // reused it raced the close).
+    let response = d
+        .agent
+        .post(format!("{}/api/vms", d.url))
+        .header("Authorization", format!("Bearer {}", d.token))
+        .header("Content-Type", "text/plain")
+        .send(&b"{}"[..])
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 415);
+    assert_eq!(
+        response
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     // Wrong types, missing and unknown fields.
     let mut wrong_type = vm_body(&d, "x");
     wrong_type["vcpus"] = json!("two");

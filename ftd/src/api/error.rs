@@ -86,11 +86,13 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
-        if matches!(self, ApiError::PayloadTooLarge(_)) {
-            // The body was not read to its end: the connection cannot carry
-            // another request. Saying so keeps a client from reusing it (a
-            // pooled client's next request otherwise raced the close and
-            // failed with "peer disconnected").
+        if self.status().is_client_error() {
+            // A request refused may not have had its body read to the end
+            // (a 413, a 415 or a 401 is decided before it is): such a
+            // connection cannot carry another request. Saying so on every
+            // refusal keeps a client from reusing it (a pooled client's
+            // next request otherwise raced the close and failed with "peer
+            // disconnected", after a 413 and after a 415).
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
                 axum::http::HeaderValue::from_static("close"),
