@@ -332,21 +332,7 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
     );
     // ... its body unread, the connection is said to close (a client that
     // reused it raced the close).
-    let response = d
-        .agent
-        .post(format!("{}/api/vms", d.url))
-        .header("Authorization", format!("Bearer {}", d.token))
-        .header("Content-Type", "text/plain")
-        .send(&b"{}"[..])
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 415);
-    assert_eq!(
-        response
-            .headers()
-            .get("connection")
-            .and_then(|v| v.to_str().ok()),
-        Some("close")
-    );
+    assert_refused_and_closed(&d, "text/plain", b"{}".to_vec(), 415);
     // Wrong types, missing and unknown fields.
     let mut wrong_type = vm_body(&d, "x");
     wrong_type["vcpus"] = json!("two");
@@ -434,21 +420,7 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
     );
     // ... and the connection, whose body was not read, is said to close
     // (a client reusing it raced the close).
-    let response = d
-        .agent
-        .post(format!("{}/api/vms", d.url))
-        .header("Authorization", format!("Bearer {}", d.token))
-        .header("Content-Type", "application/json")
-        .send(vec![b' '; 300 << 10])
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 413);
-    assert_eq!(
-        response
-            .headers()
-            .get("connection")
-            .and_then(|v| v.to_str().ok()),
-        Some("close")
-    );
+    assert_refused_and_closed(&d, "application/json", vec![b' '; 300 << 10], 413);
     // Unknown names.
     for (method, path, template) in [
         ("GET", "/api/vms/nope", "/api/vms/{name}"),
@@ -686,4 +658,25 @@ fn check_answers_are_documented(d: &Daemon) {
             "{method} {template} answered {status}, documented {codes:?}"
         );
     }
+}
+
+/// POSTs `body` as `content_type` to /api/vms: refused with `status`, and
+/// the response says the connection closes (its body may be unread; a
+/// client reusing it raced the close).
+fn assert_refused_and_closed(d: &Daemon, content_type: &str, body: Vec<u8>, status: u16) {
+    let response = d
+        .agent
+        .post(format!("{}/api/vms", d.url))
+        .header("Authorization", format!("Bearer {}", d.token))
+        .header("Content-Type", content_type)
+        .send(body)
+        .unwrap();
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(
+        response
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
 }
