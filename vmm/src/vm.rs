@@ -290,9 +290,11 @@ impl Machine {
         };
         let made_ahead = shell.as_ref().is_some_and(|s| s.fits(config));
         let shell = match shell {
-            Some(shell) if shell.fits(config) => shell,
-            Some(_) => {
-                tracing::warn!("the VM made ahead does not fit the checkpoint: making another");
+            Some(shell) if made_ahead => shell,
+            other => {
+                if other.is_some() {
+                    tracing::warn!("the VM made ahead does not fit the checkpoint: making another");
+                }
                 VmShell::create(
                     &ram.memory,
                     config.mem_mib,
@@ -300,12 +302,6 @@ impl Machine {
                     config.dirty_tracking,
                 )?
             }
-            None => VmShell::create(
-                &ram.memory,
-                config.mem_mib,
-                config.vcpus,
-                config.dirty_tracking,
-            )?,
         };
         let VmShell {
             dirty_log,
