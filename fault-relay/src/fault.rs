@@ -155,9 +155,10 @@ pub mod kind {
     pub const REFUSE: FrameKind = FrameKind::Message(75);
     pub const SYNC_END: FrameKind = FrameKind::Message(76);
     pub const INBOUND: FrameKind = FrameKind::Message(77);
+    pub const SWITCHOVER: FrameKind = FrameKind::Message(78);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 22] = [
+    pub const NAMED: [(&str, FrameKind); 23] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
@@ -180,6 +181,7 @@ pub mod kind {
         ("Refuse", REFUSE),
         ("SyncEnd", SYNC_END),
         ("Inbound", INBOUND),
+        ("Switchover", SWITCHOVER),
     ];
 }
 

@@ -86,6 +86,10 @@ pub enum VmCommand {
     /// witness cannot be brought back and the other node is surely down:
     /// forced while the other node runs the VM, both run it.
     Takeover { name: String },
+    /// Move a protected FT VM's primary role to its standby (a planned
+    /// switchover: nothing lost, no heartbeat timeout; the node it leaves
+    /// becomes its standby). Sent to the node running the primary.
+    Switchover { name: String },
 }
 
 /// How a VM is protected.
@@ -348,6 +352,14 @@ fn vm_command(client: &ApiClient, json: bool, command: VmCommand) -> Result<(), 
         VmCommand::Unprotect { name } => {
             vm_answer(json, client.unprotect_vm(&name)?, level_changed)
         }
+        VmCommand::Switchover { name } => vm_answer(json, client.switchover_vm(&name)?, |vm| {
+            format!(
+                "VM {}: switched over; its primary runs on {} (generation {})",
+                vm.name,
+                or_dash(vm.primary_node.as_deref()),
+                vm.generation
+            )
+        }),
         VmCommand::Takeover { name } => vm_answer(json, client.force_takeover(&name)?, |vm| {
             format!(
                 "VM {}: its standby takes over without the witness's grant",

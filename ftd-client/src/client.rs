@@ -292,6 +292,32 @@ impl ApiClient {
     }
 
     /// `POST /api/vms/{name}/unprotect`.
+    /// `POST /api/vms/{name}/switchover`, sent to the node that runs the
+    /// VM's primary (found from the VM's record and the nodes' API
+    /// addresses); to the address in use when that node is not known or
+    /// cannot be reached at its own address (its answer then says why).
+    pub fn switchover_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
+        let vm: crate::model::VmView = self.vm(name)?;
+        let nodes: Vec<crate::model::NodeView> = self.nodes()?;
+        let action = Action {
+            method: Method::POST,
+            path: vm_path(name, "/switchover"),
+        };
+        let primary = vm
+            .primary_node
+            .as_deref()
+            .and_then(|p| nodes.iter().find(|n| n.name == p))
+            .and_then(|n| api_base(&n.api).ok());
+        let text = match primary {
+            Some(base) => match self.send_once(&base, &action, None) {
+                Err(e) if e.is_unreachable() => self.send(&action, None)?,
+                other => other?,
+            },
+            None => self.send(&action, None)?,
+        };
+        decode(&action, &text)
+    }
+
     pub fn unprotect_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
         self.post_empty(&vm_path(name, "/unprotect"))
     }

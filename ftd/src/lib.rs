@@ -16,3 +16,4 @@ pub mod quorum;
 pub mod secrets;
 pub mod store;
 pub mod supervisor;
+pub mod switchover;

@@ -42,6 +42,10 @@ pub enum ManagerError {
     NoPeer(String),
     #[error("no takeover to force: {0}")]
     NoTakeover(String),
+    #[error("no switchover: {0}")]
+    NoSwitchover(String),
+    #[error("the switchover did not happen: {0}")]
+    SwitchoverFailed(String),
 }
 
 /// The node manager, shared by the API, the supervisor and the pair
@@ -153,7 +157,7 @@ impl Manager {
         self.inner.changed.notified().await
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.inner.changed.notify_waiters();
     }
 
@@ -709,6 +713,8 @@ fn vm_state(role: replicator::status::Role, state: replicator::status::FtState) 
             (_, FtState::Fenced) => VmState::Fenced,
             // This copy's generation is over: the VM runs on the peer.
             (_, FtState::Superseded) => VmState::Unknown,
+            // Handed to the peer, which runs it now.
+            (_, FtState::SwitchedOver) => VmState::SwitchingOver,
             (_, FtState::Stopped) => VmState::Stopped,
             (_, FtState::Failed) => VmState::Failed,
             (Role::Primary, FtState::StandingBy | FtState::Waiting) => VmState::Starting,

@@ -435,6 +435,8 @@ pub enum VmState {
     /// The standby is resuming the VM after its primary was lost (or
     /// asking the witness whether it may).
     FailingOver,
+    /// A planned switchover moves its primary role to the peer.
+    SwitchingOver,
     /// Paused with its output held: it lost its standby and cannot reach
     /// the witness (it resumes when either answers).
     Fenced,
@@ -454,7 +456,7 @@ pub struct RoleView {
     pub role: String,
     /// The engine's state: `starting`, `unprotected`, `syncing`,
     /// `protected`, `waiting`, `standing-by`, `claiming`, `promoting`,
-    /// `fenced`, `superseded`, `stopped`, `failed`.
+    /// `fenced`, `superseded`, `switched-over`, `stopped`, `failed`.
     pub state: String,
     /// The last checkpoint (epoch) committed.
     pub epoch: Option<u64>,

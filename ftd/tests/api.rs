@@ -198,6 +198,32 @@ fn a_vm_is_defined_started_stopped_and_deleted() {
         "not_found",
     );
 
+    // A switchover needs an FT VM protected by a standby: this one is
+    // unprotected, on a node without a peer.
+    let refused = d.call(
+        "POST",
+        "/api/vms/ledger-vm/switchover",
+        "/api/vms/{name}/switchover",
+        None,
+    );
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no switchover") && m.contains("level unprotected")),
+        "{refused:?}"
+    );
+    assert_error(&refused, 409, "conflict");
+    assert_error(
+        &d.call(
+            "POST",
+            "/api/vms/nope/switchover",
+            "/api/vms/{name}/switchover",
+            None,
+        ),
+        404,
+        "not_found",
+    );
+
     // Protect needs a peer; unprotect is accepted.
     assert_error(
         &d.call(

@@ -424,6 +424,7 @@ fn protocol_message() {
         Message::Ack,
         Message::Stop,
         Message::Handover,
+        Message::Switchover,
         Message::SyncEnd(replicator::protocol::EpochEnd {
             pages: 1,
             pages_crc: 2,

@@ -30,6 +30,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufRead
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
+
+use crate::primary::SwitchoverRequest;
 use vmm::control::socket::{self, SocketError, SocketFile};
 
 use crate::status::{Status, StatusBoard};
@@ -63,14 +65,20 @@ pub enum ControlCommand {
     /// standby compares its replica with it after applying that epoch (the
     /// consistency oracle; the verdict is in the standby's status).
     Verify,
+    /// A protected primary hands its VM to the standby at once (a planned
+    /// switchover: final checkpoint, the standby takes over from it, this
+    /// copy stops). The outcome is in the status: state `switched-over`,
+    /// or `switchovers_called_off` counted with the reason in `message`.
+    Switchover,
 }
 
 impl ControlCommand {
-    pub const ALL: [ControlCommand; 4] = [
+    pub const ALL: [ControlCommand; 5] = [
         ControlCommand::Status,
         ControlCommand::Stop,
         ControlCommand::Takeover,
         ControlCommand::Verify,
+        ControlCommand::Switchover,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -79,6 +87,7 @@ impl ControlCommand {
             ControlCommand::Stop => "stop",
             ControlCommand::Takeover => "takeover",
             ControlCommand::Verify => "verify",
+            ControlCommand::Switchover => "switchover",
         }
     }
 }
@@ -90,6 +99,7 @@ enum Action {
     Stop,
     Takeover,
     Verify,
+    Switchover,
 }
 
 /// One request line.
@@ -268,6 +278,21 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
                 Action::None,
             ),
         },
+        ControlCommand::Switchover => {
+            let s = status.snapshot();
+            match (s.role, s.state) {
+                (crate::status::Role::Primary, crate::status::FtState::Protected) => {
+                    (ControlResponse::done(), Action::Switchover)
+                }
+                (role, state) => (
+                    ControlResponse::refused(format!(
+                        "no switchover: this process is a {role} {state}, not a protected \
+                         primary (its standby must hold a committed checkpoint)"
+                    )),
+                    Action::None,
+                ),
+            }
+        }
         ControlCommand::Verify => {
             let s = status.snapshot();
             match (s.role, s.state) {
@@ -312,8 +337,7 @@ async fn serve_connection(
     stream: UnixStream,
     status: StatusBoard,
     stop: Arc<Notify>,
-    takeover: Arc<Notify>,
-    verify: Arc<AtomicBool>,
+    hooks: Hooks,
 ) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -354,11 +378,15 @@ async fn serve_connection(
             }
             Action::Takeover => {
                 warn!("takeover without the witness's grant forced on the control socket");
-                takeover.notify_one();
+                hooks.takeover.notify_one();
             }
             Action::Verify => {
                 info!("consistency check asked for the next checkpoint");
-                verify.store(true, Ordering::SeqCst);
+                hooks.verify.store(true, Ordering::SeqCst);
+            }
+            Action::Switchover => {
+                info!("planned switchover asked on the control socket");
+                hooks.switchover.ask();
             }
             Action::None => {}
         }
@@ -386,10 +414,18 @@ async fn write_response(
 pub struct ControlServer {
     listener: UnixListener,
     file: SocketFile,
+    hooks: Hooks,
+}
+
+/// What requests hand the engine.
+#[derive(Debug, Clone, Default)]
+struct Hooks {
     /// Notified on a forced takeover.
     takeover: Arc<Notify>,
     /// Set by `verify`: the next checkpoint carries a digest.
     verify: Arc<AtomicBool>,
+    /// Asked by `switchover`.
+    switchover: Arc<SwitchoverRequest>,
 }
 
 impl ControlServer {
@@ -410,8 +446,7 @@ impl ControlServer {
         Ok(ControlServer {
             listener,
             file,
-            takeover: Arc::new(Notify::new()),
-            verify: Arc::default(),
+            hooks: Hooks::default(),
         })
     }
 
@@ -422,12 +457,17 @@ impl ControlServer {
     /// What a forced takeover (`takeover`, accepted only while claiming)
     /// notifies.
     pub fn takeover(&self) -> Arc<Notify> {
-        Arc::clone(&self.takeover)
+        Arc::clone(&self.hooks.takeover)
     }
 
     /// What `verify` sets (a primary digests its next checkpoint).
     pub fn verify(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.verify)
+        Arc::clone(&self.hooks.verify)
+    }
+
+    /// What `switchover` asks (a protected primary hands its VM over).
+    pub fn switchover(&self) -> Arc<SwitchoverRequest> {
+        Arc::clone(&self.hooks.switchover)
     }
 
     /// Serves connections (each in its own task, at most [`MAX_CLIENTS`]
@@ -442,10 +482,9 @@ impl ControlServer {
                 Ok((stream, _)) => match Arc::clone(&slots).try_acquire_owned() {
                     Ok(slot) => {
                         let (status, stop) = (status.clone(), Arc::clone(&stop));
-                        let takeover = Arc::clone(&self.takeover);
-                        let verify = Arc::clone(&self.verify);
+                        let hooks = self.hooks.clone();
                         tokio::spawn(async move {
-                            serve_connection(stream, status, stop, takeover, verify).await;
+                            serve_connection(stream, status, stop, hooks).await;
                             drop(slot);
                         });
                     }
@@ -593,6 +632,27 @@ mod tests {
         let (response, action) = answer(line, &board);
         assert!(response.ok, "{response:?}");
         assert_eq!(action, Action::Takeover);
+    }
+
+    #[test]
+    fn a_switchover_is_taken_only_by_a_protected_primary() {
+        let line = br#"{"version":1,"command":"switchover"}"#;
+        let board = StatusBoard::new("n1", Role::Primary);
+        for (role, state) in [
+            (Role::Primary, FtState::Unprotected),
+            (Role::Primary, FtState::Syncing),
+            (Role::Standby, FtState::StandingBy),
+        ] {
+            board.set_state(role, state, None);
+            let (response, action) = answer(line, &board);
+            assert!(!response.ok, "{role} {state}: {response:?}");
+            assert!(response.error.unwrap().contains(state.as_str()));
+            assert_eq!(action, Action::None);
+        }
+        board.set_state(Role::Primary, FtState::Protected, None);
+        let (response, action) = answer(line, &board);
+        assert!(response.ok, "{response:?}");
+        assert_eq!(action, Action::Switchover);
     }
     use std::io::{BufRead, Write};
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -45,6 +45,9 @@ pub enum FtState {
     /// Primary: the witness says another node runs the VM at a newer
     /// generation; this copy stopped and its held output was dropped.
     Superseded,
+    /// Primary: a planned switchover handed the VM to the standby (its
+    /// final epoch acknowledged); this copy stopped, the process ends.
+    SwitchedOver,
     /// The guest stopped; the process ends.
     Stopped,
     /// Something failed that the process cannot go on from.
@@ -64,6 +67,7 @@ impl FtState {
             FtState::Promoting => "promoting",
             FtState::Fenced => "fenced",
             FtState::Superseded => "superseded",
+            FtState::SwitchedOver => "switched-over",
             FtState::Stopped => "stopped",
             FtState::Failed => "failed",
         }
@@ -128,6 +132,14 @@ pub struct FtCounters {
     pub epochs_applied: u64,
     pub epochs_rejected: u64,
     pub failovers: u64,
+    /// Planned switchovers: on a primary, the VM handed to the standby; on
+    /// a promoted standby, the VM taken over from its primary that way.
+    #[serde(default)]
+    pub switchovers: u64,
+    /// Switchovers asked of a primary that it called off (the witness
+    /// could not release the VM); the reason is in `message`.
+    #[serde(default)]
+    pub switchovers_called_off: u64,
     /// Times the primary fenced itself (standby and witness unreachable).
     #[serde(default)]
     pub fences: u64,
@@ -323,6 +335,7 @@ mod tests {
             (FtState::Promoting, "promoting"),
             (FtState::Fenced, "fenced"),
             (FtState::Superseded, "superseded"),
+            (FtState::SwitchedOver, "switched-over"),
             (FtState::Stopped, "stopped"),
             (FtState::Failed, "failed"),
         ];

@@ -362,3 +362,51 @@ async fn frames_received_past_the_committed_checkpoint_are_handed_over_in_order(
     let replay: Vec<u8> = replica.inbound[0].iter().map(|f| f[0]).collect();
     assert_eq!(replay, vec![3, 4], "what checkpoint 2 lacks, in order");
 }
+
+/// A planned switchover: once the primary's final epoch is acknowledged,
+/// its word hands the replica over at once, while the link is alive (no
+/// silence to wait for), marked as a switchover.
+#[tokio::test]
+async fn a_switchover_after_the_final_epoch_is_taken_over_while_the_primary_lives() {
+    let standby = start_standby("switchover").await;
+    let mut link = committed_primary(standby.addr).await;
+    send(&link, &epoch_frames(2, 0x33, b"two")).await;
+    expect_ack(&mut link, 2).await;
+    send(&link, &[Message::Switchover.into_frame(2, 1)]).await;
+    // The link stays up (heartbeats) while the standby takes over.
+    let replica = taken_over(standby.task).await;
+    assert!(replica.switchover, "handed over by a switchover");
+    assert_eq!(replica.epoch, 2, "the final epoch");
+    assert_eq!(page5(&replica), 0x33, "memory of the final epoch");
+    assert_eq!(disk_at_512(&replica, 3), b"two");
+    drop(link);
+}
+
+/// A switchover naming an epoch this standby has not committed (it was
+/// never acknowledged) is refused: no takeover, the session ends.
+#[tokio::test]
+async fn a_switchover_past_the_committed_epoch_is_refused_without_a_takeover() {
+    let standby = start_standby("switchover-early").await;
+    let mut link = committed_primary(standby.addr).await;
+    send(&link, &[Message::Switchover.into_frame(2, 1)]).await;
+    let answer = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("the session ends in time");
+    assert!(answer.is_err(), "the session went on: {answer:?}");
+    let status = standby.status.snapshot();
+    assert_eq!(status.counters.epochs_rejected, 1);
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("switchover after epoch 2"),
+        "the standby says why: {:?}",
+        status.message
+    );
+    assert!(
+        !standby.task.is_finished(),
+        "no takeover after a refused switchover"
+    );
+    standby.task.abort();
+}

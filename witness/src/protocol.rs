@@ -69,6 +69,13 @@ pub enum Request {
     /// node at once (when the witness cannot hear the owner but the owner
     /// is known to be dead, e.g. after the witness lost its records).
     Force { vm: String },
+    /// "I hand `vm` over to my standby" (a planned switchover): the owner
+    /// of `generation`, its output of that generation all acknowledged by
+    /// its standby and its guest stopped for good, lets the standby's claim
+    /// be granted at once instead of after the owner's silence. A `Hold`
+    /// at the same generation by the owner takes it back (the switchover
+    /// failed before the standby claimed).
+    Release { vm: String, generation: u64 },
     /// Every record, and how long a claim waits for silence.
     Show,
 }
@@ -80,6 +87,7 @@ impl Request {
             Request::Hold { vm, .. }
             | Request::Confirm { vm, .. }
             | Request::Claim { vm, .. }
+            | Request::Release { vm, .. }
             | Request::Force { vm } => Some(vm),
             Request::Show => None,
         }
@@ -109,6 +117,8 @@ pub enum Answer {
     Confirmed { generation: u64, lease_ms: u64 },
     /// Claim or Force: the asking node owns `generation` now.
     Granted { generation: u64 },
+    /// Release: the next claim over `generation` is granted at once.
+    Released { generation: u64 },
     /// Claim: the owner is still heard (`heard_ms_ago` ago); ask again.
     OwnerHeard { owner: String, heard_ms_ago: u64 },
     /// The asking node's generation is over: `owner` runs the VM at
@@ -199,6 +209,10 @@ mod tests {
                 generation: 3,
             },
             Request::Force { vm: "db".into() },
+            Request::Release {
+                vm: "db".into(),
+                generation: 7,
+            },
             Request::Show,
         ];
         for (id, r) in requests.iter().enumerate() {

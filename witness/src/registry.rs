@@ -55,6 +55,10 @@ pub struct Registry {
     timing: Timing,
     started: Instant,
     heard: HashMap<(String, String), Heard>,
+    /// VMs whose owner handed them over (a planned switchover), with the
+    /// generation it released: a claim over it is granted at once. Kept in
+    /// memory only: after a restart a claim waits for silence again.
+    released: HashMap<String, u64>,
 }
 
 fn refused(error: StoreError) -> Answer {
@@ -71,6 +75,7 @@ impl Registry {
             timing,
             started: now,
             heard: HashMap::new(),
+            released: HashMap::new(),
         }
     }
 
@@ -145,6 +150,13 @@ impl Registry {
             Err(e) => return refused(e),
         };
         let lease_ms = self.lease_ms();
+        if record
+            .as_ref()
+            .is_some_and(|r| r.owner == node && r.generation == generation)
+            && self.released.remove(vm).is_some()
+        {
+            info!(vm, node, generation, "the owner took its release back");
+        }
         match record {
             Some(r) if r.owner == node && r.generation >= generation => Answer::Held {
                 generation: r.generation,
@@ -204,6 +216,10 @@ impl Registry {
             // The primary went on alone or another claim won: this
             // replica is stale for good.
             Some(r) if r.generation > generation => return ClaimStep::Decided(Self::superseded(r)),
+            // Handed over by its owner: no silence to wait for.
+            Some(r) if r.owner != node && self.released.get(vm) == Some(&r.generation) => {
+                r.generation.max(generation) + 1
+            }
             Some(r) if r.owner != node => {
                 let heard = self.heard_at(vm, &r.owner).unwrap_or(self.started);
                 let free_at = (heard + self.timing.silence).max(not_before);
@@ -220,9 +236,34 @@ impl Registry {
             }
         };
         ClaimStep::Decided(match self.set(vm, next, node, "a standby took over") {
-            Ok(()) => Answer::Granted { generation: next },
+            Ok(()) => {
+                self.released.remove(vm);
+                Answer::Granted { generation: next }
+            }
             Err(e) => refused(e),
         })
+    }
+
+    /// The owner hands `vm` over to its standby (a planned switchover).
+    pub fn release(&mut self, node: &str, vm: &str, generation: u64) -> Answer {
+        match self.store.get(vm) {
+            Ok(Some(r)) if r.owner == node && r.generation == generation => {
+                self.released.insert(vm.to_string(), generation);
+                Answer::Released { generation }
+            }
+            Ok(Some(r)) if r.generation >= generation => Self::superseded(&r),
+            Ok(Some(r)) => Answer::Refused {
+                reason: format!(
+                    "node {node} cannot release generation {generation} of VM {vm:?}: the witness \
+                     knows generation {} of node {}",
+                    r.generation, r.owner
+                ),
+            },
+            Ok(None) => Answer::Refused {
+                reason: format!("no record of VM {vm:?} yet"),
+            },
+            Err(e) => refused(e),
+        }
     }
 
     /// How long ago the owner of `vm` was heard (for an OwnerHeard answer).
@@ -338,6 +379,38 @@ mod tests {
         assert!(matches!(r.confirm("a", "db", 1), Answer::Superseded { .. }));
         // Asking again gives the same grant.
         assert_eq!(granted(r.claim("b", "db", 1, heard + SILENCE)), 2);
+    }
+
+    #[test]
+    fn a_released_vm_is_granted_to_the_claimant_at_once_and_a_hold_takes_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = Instant::now();
+        let mut r = registry(&dir, t0);
+        r.hold("a", "db", 3);
+        let after_grace = t0 + Duration::from_secs(3);
+        r.touch("db", "a", None, after_grace);
+        // Only the owner of that generation may release it.
+        assert!(matches!(r.release("b", "db", 3), Answer::Superseded { .. }));
+        assert!(matches!(r.release("a", "db", 2), Answer::Superseded { .. }));
+        assert!(matches!(r.release("a", "db", 9), Answer::Refused { .. }));
+        assert!(matches!(r.release("a", "nope", 3), Answer::Refused { .. }));
+        // Released, then taken back by a hold: the claim waits again.
+        assert_eq!(r.release("a", "db", 3), Answer::Released { generation: 3 });
+        r.hold("a", "db", 3);
+        assert_eq!(
+            r.claim("b", "db", 3, after_grace),
+            ClaimStep::WaitUntil(after_grace + SILENCE)
+        );
+        // Released for good: granted while the owner was heard just now.
+        assert_eq!(r.release("a", "db", 3), Answer::Released { generation: 3 });
+        assert_eq!(granted(r.claim("b", "db", 3, after_grace)), 4);
+        assert!(matches!(r.hold("a", "db", 3), Answer::Superseded { .. }));
+        // The release was used up: the next owner's silence counts again.
+        r.touch("db", "b", None, after_grace);
+        assert_eq!(
+            r.claim("a", "db", 4, after_grace),
+            ClaimStep::WaitUntil(after_grace + SILENCE)
+        );
     }
 
     #[test]

@@ -150,6 +150,11 @@ async fn answer(registry: &Mutex<Registry>, node: &str, request: Request) -> Ans
             return answer;
         }
         Request::Force { vm } => return lock(registry).force(node, &vm),
+        Request::Release { vm, generation } => {
+            let answer = lock(registry).release(node, &vm, generation);
+            info!(vm, node, generation, ?answer, "release");
+            return answer;
+        }
         Request::Show => return lock(registry).show(Instant::now()),
         Request::Claim { vm, generation } => (vm, generation),
     };

@@ -166,7 +166,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::Running(_)
             | ManagerError::NotRunning(_)
             | ManagerError::NoPeer(_)
-            | ManagerError::NoTakeover(_) => ApiError::Conflict(e.to_string()),
+            | ManagerError::NoTakeover(_)
+            | ManagerError::NoSwitchover(_)
+            | ManagerError::SwitchoverFailed(_) => ApiError::Conflict(e.to_string()),
         }
     }
 }

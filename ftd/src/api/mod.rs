@@ -69,6 +69,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/vms/{name}/protect", post(vms::protect))
         .route("/api/vms/{name}/unprotect", post(vms::unprotect))
         .route("/api/vms/{name}/takeover", post(vms::takeover))
+        .route("/api/vms/{name}/switchover", post(vms::switchover))
         .route("/api/vms/{name}/engine", get(vms::engine))
         .route("/api/events", get(events::list))
         .route("/api/events/stream", get(events::stream))

@@ -24,6 +24,7 @@ use crate::model;
         super::vms::protect,
         super::vms::unprotect,
         super::vms::takeover,
+        super::vms::switchover,
         super::vms::engine,
         super::events::list,
         super::events::stream,

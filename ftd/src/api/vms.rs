@@ -122,6 +122,25 @@ pub async fn takeover(
     ))
 }
 
+/// A planned switchover: the FT VM's primary role moves to its standby
+/// with nothing lost (a final checkpoint with the guest stopped, then the
+/// standby takes over at once, without a heartbeat timeout); this node
+/// becomes its standby. Asked of the node that runs the primary; answers
+/// once the standby was told to take over.
+#[utoipa::path(post, path = "/api/vms/{name}/switchover", operation_id = "switchover_vm", tag = "vms",
+    params(("name" = String, Path, description = "The VM's name")),
+    responses((status = 200, description = "Switched over: the peer runs the primary", body = VmView),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 404, description = "No such VM", body = ErrorBody),
+              (status = 409, description = "Not possible now (not running, not protected, its primary runs on the other node), or called off (the VM runs on here); the reason says which", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn switchover(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(state.manager.switchover(&name).await?))
+}
+
 /// Protect a VM at level ft (a running VM gets its standby).
 #[utoipa::path(post, path = "/api/vms/{name}/protect", operation_id = "protect_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),

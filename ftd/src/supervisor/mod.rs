@@ -126,6 +126,8 @@ pub struct Supervisor {
 
 /// The exit code of an engine the witness superseded.
 const EXIT_SUPERSEDED: i32 = 3;
+/// The exit code of a primary that handed its VM to the standby.
+const EXIT_SWITCHED_OVER: i32 = 4;
 
 impl Supervisor {
     pub fn new(manager: Manager) -> Supervisor {
@@ -283,7 +285,11 @@ impl Supervisor {
             {
                 process.role = Role::Primary;
                 let generation = seen.status.as_ref().map_or(0, |s| s.generation);
-                self.promoted(&name, me, generation);
+                let planned = seen
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.counters.switchovers > 0);
+                self.promoted(&name, me, generation, planned);
                 return;
             }
             // The primary here went on alone: the witness gave it a new
@@ -303,7 +309,11 @@ impl Supervisor {
         }
         let wanted = wanted_role(&record, me, peer);
         let running = self.processes.get(&name).map(|p| p.role);
-        if running.is_some() && running != wanted {
+        // A standby here that the store already names the primary is
+        // taking over (a switchover recorded by the other node before this
+        // engine promoted): it becomes the primary by itself.
+        let taking_over = running == Some(Role::Standby) && wanted == Some(Role::Primary);
+        if running.is_some() && running != wanted && !taking_over {
             let Some(mut process) = self.processes.remove(&name) else {
                 return;
             };
@@ -414,13 +424,27 @@ impl Supervisor {
     }
 
     /// The standby here promoted: record the new placement and generation
-    /// (the engine's, granted by the witness; or the next one).
-    fn promoted(&mut self, name: &str, me: &str, generation: u64) {
+    /// (the engine's, granted by the witness; or the next one). `planned`:
+    /// by a switchover, which the other node may have recorded already.
+    fn promoted(&mut self, name: &str, me: &str, generation: u64, planned: bool) {
         let me = me.to_string();
         match self.manager.store().update_vm(name, |r| {
+            if r.primary_node.as_deref() != Some(me.as_str()) {
+                r.generation += 1;
+            }
             r.primary_node = Some(me.clone());
-            r.generation = (r.generation + 1).max(generation);
+            r.generation = r.generation.max(generation);
         }) {
+            Ok(record) if planned => self.manager.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name}: planned switchover: the standby on {me} took over (generation {})",
+                    record.generation
+                ),
+            ),
             Ok(record) => self.manager.record(
                 Severity::Critical,
                 true,
@@ -484,6 +508,15 @@ impl Supervisor {
 
     fn exited(&mut self, record: &VmRecord, role: Role, exit: Exit) {
         let name = &record.definition.name;
+        if exit.code == Some(EXIT_SWITCHED_OVER) || exit.last_state == Some(FtState::SwitchedOver) {
+            // A planned switchover: the peer runs the VM now, and this
+            // node becomes its standby (at once: no back-off).
+            if let Some(peer) = &self.manager.config().peer {
+                self.manager
+                    .switched_over(name, &peer.name, record.generation, None, None);
+            }
+            return;
+        }
         if exit.code == Some(EXIT_SUPERSEDED) || exit.last_state == Some(FtState::Superseded) {
             // Not a guest stop and not a failure: the witness says the VM
             // runs elsewhere. The next start asks it where.

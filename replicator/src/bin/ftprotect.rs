@@ -211,6 +211,9 @@ enum CtlCommand {
     /// A protected primary: digest the VM at the next checkpoint, for the
     /// standby to compare with its replica (its status shows the verdict).
     Verify,
+    /// A protected primary: hand the VM to the standby now (a planned
+    /// switchover; the status shows the outcome).
+    Switchover,
 }
 
 /// `ftprotect ctl`: prints the answer; fails on a refusal or no answer.
@@ -219,6 +222,7 @@ fn ctl(sock: &std::path::Path, timeout: Duration, command: CtlCommand) -> ExitCo
         CtlCommand::Status => ControlCommand::Status,
         CtlCommand::Stop => ControlCommand::Stop,
         CtlCommand::Verify => ControlCommand::Verify,
+        CtlCommand::Switchover => ControlCommand::Switchover,
     };
     let response = match control::request(sock, &ControlRequest::new(command), timeout) {
         Ok(r) => r,
@@ -259,6 +263,7 @@ struct Control {
     stop: Arc<Notify>,
     takeover: Arc<Notify>,
     verify: Arc<std::sync::atomic::AtomicBool>,
+    switchover: Arc<replicator::primary::SwitchoverRequest>,
 }
 
 fn serve_control(
@@ -278,11 +283,13 @@ fn serve_control(
         Ok(server) => {
             let stop = Arc::new(Notify::new());
             let (takeover, verify) = (server.takeover(), server.verify());
+            let switchover = server.switchover();
             runtime.spawn(server.serve(status.clone(), Arc::clone(&stop)));
             Ok(Control {
                 stop,
                 takeover,
                 verify,
+                switchover,
             })
         }
         Err(e) => {
@@ -342,11 +349,15 @@ fn primary_config(
         verify_next: Arc::default(),
         generation,
         witness,
+        switchover: Arc::default(),
     }
 }
 
 /// The exit code of a primary the witness says is superseded.
 const EXIT_SUPERSEDED: u8 = 3;
+/// The exit code of a primary that handed its VM to the standby (a
+/// planned switchover).
+const EXIT_SWITCHED_OVER: u8 = 4;
 
 /// Why the primary ends.
 enum Ended {
@@ -380,6 +391,7 @@ fn run_primary(
     };
     let mut config = primary_config(pair, link, generation, witness);
     config.verify_next = Arc::clone(&control.verify);
+    config.switchover = Arc::clone(&control.switchover);
     let vm_failed = Arc::clone(&config.vm_failed);
     let vm = Arc::new(vm);
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -423,6 +435,11 @@ fn run_primary(
              this copy stopped"
         );
         return ExitCode::from(EXIT_SUPERSEDED);
+    }
+    if let Ok(Ok(PrimaryEnd::SwitchedOver { epoch })) = end {
+        // The status says so already (state "switched-over").
+        eprintln!("ftprotect: switched over: the standby took the VM over from checkpoint {epoch}");
+        return ExitCode::from(EXIT_SWITCHED_OVER);
     }
     let event = match ended {
         Ended::Guest(event) => event,
@@ -735,6 +752,7 @@ fn standby(
     };
     status.set_state(Role::Standby, FtState::Promoting, None);
     let generation = replica.generation;
+    let switchover = replica.switchover;
     let vm = match promote::promote(
         replica,
         &taps,
@@ -751,7 +769,13 @@ fn standby(
             return ExitCode::FAILURE;
         }
     };
-    status.update(|s| s.counters.failovers += 1);
+    status.update(|s| {
+        if switchover {
+            s.counters.switchovers += 1;
+        } else {
+            s.counters.failovers += 1;
+        }
+    });
     run_primary(
         runtime, vm, pair, &node, generation, witness, &status, &control,
     )

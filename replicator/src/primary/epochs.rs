@@ -16,6 +16,7 @@ use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
 use super::lease::GateMode;
+use super::switchover::{hand_over, Outcome, SwitchoverRequest};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
 use crate::interval::Schedule;
@@ -40,8 +41,26 @@ pub(super) async fn epochs(
     let mut schedule = Schedule::new(config.interval);
     let mut stats = EpochStats::default();
     let mut behind = Behind::new(vm, status, config);
+    // A switchover asked before this session is not for it.
+    config.switchover.take();
     for epoch in 1.. {
-        if !wait_until_due(vm, &schedule, &output, stop).await {
+        let wake = wait_until_due(vm, &schedule, &output, stop, &config.switchover).await;
+        // Not before the first epoch: the standby holds nothing to run yet.
+        if wake == Wake::Switchover && epoch > 1 {
+            let outcome = hand_over(vm, tx, acks, epoch, generation, session.lease, status).await?;
+            match outcome {
+                Outcome::HandedOver { epoch } => return Err(PrimaryError::SwitchedOver { epoch }),
+                Outcome::CalledOff(why) => {
+                    warn!(epoch, why, "switchover called off: the VM runs on here");
+                    status.update(|s| {
+                        s.counters.switchovers_called_off += 1;
+                        s.message = Some(format!("switchover called off: {why}"));
+                    });
+                    continue;
+                }
+            }
+        }
+        if wake == Wake::Stopped {
             // The VM ended. On purpose (the guest, or a stop asked): no
             // takeover. By a host fault (a vCPU failed): the standby takes
             // it over from the last epoch it committed; output not yet
@@ -106,24 +125,44 @@ pub(super) async fn epochs(
     unreachable!("epochs run until the link fails")
 }
 
+/// What ends the wait for the next checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Due,
+    /// The guest stopped.
+    Stopped,
+    /// The operator asked for a planned switchover.
+    Switchover,
+}
+
 /// Waits until the next checkpoint is due (output produced meanwhile brings
-/// it forward); false if the guest stopped instead.
-async fn wait_until_due(vm: &Vm, schedule: &Schedule, output: &Notify, stop: &Notify) -> bool {
+/// it forward), the guest stopped or a switchover is asked.
+async fn wait_until_due(
+    vm: &Vm,
+    schedule: &Schedule,
+    output: &Notify,
+    stop: &Notify,
+    switchover: &SwitchoverRequest,
+) -> Wake {
     loop {
+        if switchover.take() {
+            return Wake::Switchover;
+        }
         let due = schedule.due_at(vm.output().has_unsealed());
         if Instant::now() >= due {
-            return true;
+            return Wake::Due;
         }
         tokio::select! {
             _ = tokio::time::sleep_until(due.into()) => {}
             _ = output.notified() => {}
-            _ = stop.notified() => return false,
+            _ = switchover.asked() => {}
+            _ = stop.notified() => return Wake::Stopped,
         }
     }
 }
 
 /// What sending an epoch found out.
-struct Sent {
+pub(super) struct Sent {
     dirty: u64,
     writes: u64,
     /// From the end of the send to the acknowledgement.
@@ -132,7 +171,7 @@ struct Sent {
 
 /// Encodes epoch `epoch` (the guest runs again, unless synchronous), sends
 /// it and waits for its acknowledgement.
-async fn send_epoch(
+pub(super) async fn send_epoch(
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     epoch: u64,
@@ -240,6 +279,21 @@ impl<'a> Behind<'a> {
             status,
             synchronous: config.synchronous,
             max_run_ahead: config.interval.max_run_ahead,
+            epoch: 0,
+            resumed_at: Instant::now(),
+            paused_at: None,
+            streak: 0,
+        }
+    }
+
+    /// For an epoch whose guest stays stopped until it is acknowledged
+    /// (nothing to throttle).
+    pub(super) fn stopped(vm: &'a Vm, status: &'a StatusBoard) -> Self {
+        Behind {
+            vm,
+            status,
+            synchronous: true,
+            max_run_ahead: Duration::MAX,
             epoch: 0,
             resumed_at: Instant::now(),
             paused_at: None,

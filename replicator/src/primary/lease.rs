@@ -33,6 +33,9 @@ use crate::status::{FtState, Role, StatusBoard};
 /// has without a standby, with a witness).
 const GATE_TICK: Duration = Duration::from_millis(5);
 
+/// How long a switchover waits for the witness's answer.
+const WITNESS_WITHIN: Duration = Duration::from_secs(2);
+
 /// Renewals before the first answer names the lease.
 const FIRST_RENEWAL: Duration = Duration::from_millis(50);
 
@@ -65,6 +68,10 @@ struct Standing {
     lease: Mutex<Duration>,
     superseded: Mutex<Option<(u64, String)>>,
     ended: Notify,
+    /// Whether the keeper renews the lease (not once the VM was released
+    /// to the standby). The keeper holds it while it asks, so a release
+    /// is never overtaken by a renewal that would take it back.
+    keeping: tokio::sync::Mutex<bool>,
 }
 
 impl Standing {
@@ -145,6 +152,7 @@ impl Lease {
             lease: Mutex::new(Duration::ZERO),
             superseded: Mutex::new(None),
             ended: Notify::new(),
+            keeping: tokio::sync::Mutex::new(true),
         });
         let gate = Arc::new(Mutex::new(GateState {
             mode: GateMode::Lease { fence: true },
@@ -203,6 +211,65 @@ impl Lease {
         if gate.paused && mode != (GateMode::Lease { fence: true }) {
             vm.resume();
             gate.paused = false;
+        }
+    }
+
+    /// A planned switchover: stops renewing and tells the witness this
+    /// copy hands the VM to its standby, whose claim is then granted at
+    /// once. Err: why not (renewing goes on; nothing was handed over).
+    pub(super) async fn release(&self) -> Result<(), String> {
+        let mut keeping = self.standing.keeping.lock().await;
+        let generation = self.generation();
+        let request = Request::Release {
+            vm: self.witness.vm.clone(),
+            generation,
+        };
+        let why =
+            match tokio::time::timeout(WITNESS_WITHIN, self.witness.client.ask(&request)).await {
+                Ok(Ok(Answer::Released { .. })) => {
+                    *keeping = false;
+                    info!(generation, "the witness lets the standby take over at once");
+                    return Ok(());
+                }
+                Ok(Ok(Answer::Superseded { generation, owner })) => {
+                    self.standing.supersede(generation, owner.clone());
+                    format!("node {owner} runs the VM at generation {generation}")
+                }
+                Ok(Ok(other)) => format!("the witness answered {other:?}"),
+                Ok(Err(e)) => format!("the witness cannot be reached: {e}"),
+                Err(_) => format!("the witness did not answer within {WITNESS_WITHIN:?}"),
+            };
+        Err(why)
+    }
+
+    /// The switchover failed after [`Lease::release`] but before the
+    /// standby was told: takes the VM back (a renewal at this generation
+    /// undoes the release, unless the standby claimed meanwhile). True
+    /// when this copy still owns the VM.
+    pub(super) async fn take_back(&self) -> bool {
+        let mut keeping = self.standing.keeping.lock().await;
+        let generation = self.generation();
+        let request = Request::Hold {
+            vm: self.witness.vm.clone(),
+            generation,
+        };
+        let sent = Instant::now();
+        match tokio::time::timeout(WITNESS_WITHIN, self.witness.client.ask(&request)).await {
+            Ok(Ok(Answer::Held {
+                generation,
+                lease_ms,
+            })) => {
+                let lease = Duration::from_millis(lease_ms);
+                self.standing.renewed(generation, sent + lease, lease);
+                *keeping = true;
+                true
+            }
+            Ok(Ok(Answer::Superseded { generation, owner })) => {
+                self.standing.supersede(generation, owner);
+                false
+            }
+            // Unknown: this copy cannot tell whether the standby claimed.
+            _ => false,
         }
     }
 
@@ -281,13 +348,22 @@ async fn keep(witness: WitnessConfig, standing: Arc<Standing>, status: StatusBoa
     let mut shown = String::new();
     let mut every = FIRST_RENEWAL;
     loop {
+        let keeping = standing.keeping.lock().await;
+        if !*keeping {
+            // Released to the standby: this copy holds nothing any more.
+            drop(keeping);
+            tokio::time::sleep(every).await;
+            continue;
+        }
         let generation = standing.generation.load(Ordering::SeqCst);
         let sent = Instant::now();
         let request = Request::Hold {
             vm: witness.vm.clone(),
             generation,
         };
-        let now_shown = match witness.client.ask(&request).await {
+        let asked = witness.client.ask(&request).await;
+        drop(keeping);
+        let now_shown = match asked {
             Ok(Answer::Held {
                 generation,
                 lease_ms,

@@ -30,7 +30,10 @@ pub mod checkpoint;
 mod epochs;
 mod inbound;
 mod lease;
+mod switchover;
 mod sync;
+
+pub use switchover::SwitchoverRequest;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +69,8 @@ pub enum PrimaryError {
     StandbyRefused { reason: String },
     #[error("the VM stopped")]
     VmStopped,
+    #[error("a planned switchover handed the VM to the standby after epoch {epoch}")]
+    SwitchedOver { epoch: u64 },
     #[error("checkpoint {epoch}: capturing the state failed: {source}")]
     Capture {
         epoch: u64,
@@ -123,6 +128,9 @@ pub struct PrimaryConfig {
     pub generation: u64,
     /// The quorum witness, if the pair has one.
     pub witness: Option<WitnessConfig>,
+    /// Asked by the control socket's `switchover`: the VM moves to the
+    /// standby at the next checkpoint ([`switchover`]).
+    pub switchover: Arc<SwitchoverRequest>,
 }
 
 /// How a primary ends.
@@ -133,6 +141,30 @@ pub enum PrimaryEnd {
     /// The witness says `owner` runs the VM at `generation`: this copy was
     /// stopped and its held output dropped.
     Superseded { generation: u64, owner: String },
+    /// A planned switchover handed the VM to the standby, which took over
+    /// from `epoch`; this copy stopped.
+    SwitchedOver { epoch: u64 },
+}
+
+/// Stops a copy that handed its VM to the standby: its guest has been
+/// stopped since the final checkpoint, and all its output left with it.
+fn stop_switched_over(vm: &Vm, epoch: u64, status: &StatusBoard) -> PrimaryEnd {
+    let dropped = vm.output().discard_held();
+    vm.stop();
+    info!(
+        epoch,
+        dropped_frames = dropped,
+        "switched over: this copy stopped"
+    );
+    status.update(|s| s.counters.switchovers += 1);
+    status.set_state(
+        Role::Primary,
+        FtState::SwitchedOver,
+        Some(format!(
+            "switched over: the standby took the VM over from checkpoint {epoch}"
+        )),
+    );
+    PrimaryEnd::SwitchedOver { epoch }
 }
 
 /// Resolves when the witness says this copy is superseded (never without
@@ -233,6 +265,9 @@ pub async fn run(
         };
         if matches!(error, PrimaryError::VmStopped) {
             return PrimaryEnd::Stopped;
+        }
+        if let PrimaryError::SwitchedOver { epoch } = error {
+            return stop_switched_over(&vm, epoch, &status);
         }
         if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
             status.update(|s| s.counters.silence_ends += 1);

@@ -149,6 +149,10 @@ pub enum Message {
     Ack,
     Stop,
     Handover,
+    /// A planned switchover: the epoch just acknowledged is the last one,
+    /// the primary's guest stays stopped for good; the standby takes over
+    /// from it at once (its frame carries that epoch).
+    Switchover,
     /// The standby cannot hold the replica (no space for its disks, a
     /// disk that fails, a plan it cannot match): why, for the primary's
     /// status and the operator. No takeover follows.
@@ -181,6 +185,7 @@ const HANDOVER: u8 = 74;
 const REFUSE: u8 = 75;
 const SYNC_END: u8 = 76;
 const INBOUND: u8 = 77;
+const SWITCHOVER: u8 = 78;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -199,6 +204,7 @@ impl Message {
             Message::Ack => "Ack",
             Message::Stop => "Stop",
             Message::Handover => "Handover",
+            Message::Switchover => "Switchover",
             Message::Refuse(_) => "Refuse",
         }
     }
@@ -219,6 +225,7 @@ impl Message {
             Message::Ack => (ACK, Bytes::new()),
             Message::Stop => (STOP, Bytes::new()),
             Message::Handover => (HANDOVER, Bytes::new()),
+            Message::Switchover => (SWITCHOVER, Bytes::new()),
             Message::Refuse(reason) => (REFUSE, Bytes::from(truncated(reason))),
         };
         Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
@@ -288,6 +295,10 @@ impl Message {
             HANDOVER => {
                 empty("Handover")?;
                 Message::Handover
+            }
+            SWITCHOVER => {
+                empty("Switchover")?;
+                Message::Switchover
             }
             REFUSE => Message::Refuse(
                 std::str::from_utf8(&payload)
@@ -422,6 +433,7 @@ mod tests {
             Message::Ack,
             Message::Stop,
             Message::Handover,
+            Message::Switchover,
             Message::Refuse("no space for the replica's disks".into()),
         ] {
             assert_eq!(round_trip(m.clone()), m);
@@ -446,6 +458,7 @@ mod tests {
             (EPOCH_END, &[0u8; 23][..]),
             (INBOUND, &[0u8; 17][..]),
             (ACK, &b"x"[..]),
+            (SWITCHOVER, &b"x"[..]),
             (REFUSE, &[0xff, 0xfe][..]),
         ] {
             assert!(

@@ -89,6 +89,10 @@ pub enum StandbyError {
     PrimaryStopped,
     #[error("the primary handed its failed VM over before the first committed epoch: nothing to take over")]
     HandedOverUnsynced,
+    #[error(
+        "a switchover after epoch {last}, but this standby committed {committed:?}: no takeover"
+    )]
+    SwitchoverNotCommitted { last: u64, committed: Option<u64> },
     #[error("epoch {epoch} refused: its state does not decode: {source}")]
     BadState {
         epoch: u64,
@@ -144,6 +148,9 @@ pub struct Replica {
     /// promotion, the generation the promoted copy runs (granted by the
     /// witness, or the next one without a witness).
     pub generation: u64,
+    /// Handed back by a planned switchover (not because the primary was
+    /// lost).
+    pub switchover: bool,
 }
 
 /// Life on the backup path counts only this long after the last arrival on

@@ -110,6 +110,9 @@ async fn run(
             // The primary's VM failed on its host: the replica takes over
             // at once (no waiting for silence).
             Message::Handover => return handed_over(replica, status),
+            // A planned switchover: the epoch just acknowledged is the
+            // last; take over from it now.
+            Message::Switchover => return switched_over(replica, envelope.epoch, status),
             Message::SyncPages(_) | Message::SyncDisk(_) | Message::SyncEnd(_)
                 if replica.committed.is_some() || replica.synced =>
             {
@@ -325,6 +328,32 @@ fn handed_over(mut replica: Receiving, status: &StatusBoard) -> Result<Session, 
     }
 }
 
+/// The primary switched over to this standby: a takeover from its final
+/// epoch, which must be the one committed here (anything else is refused:
+/// the primary's guest stays stopped, so it does not resume on a replica
+/// that missed its last epoch; the primary then takes the VM back).
+fn switched_over(
+    replica: Receiving,
+    last: u64,
+    status: &StatusBoard,
+) -> Result<Session, StandbyError> {
+    let committed = replica.committed.as_ref().map(|(epoch, _)| *epoch);
+    if committed != Some(last) {
+        return Err(refused(
+            status,
+            StandbyError::SwitchoverNotCommitted { last, committed },
+        ));
+    }
+    let mut kept = replica.into_replica().expect("an epoch is committed");
+    kept.switchover = true;
+    info!(
+        epoch = kept.epoch,
+        "planned switchover: taking over from the primary's final epoch"
+    );
+    status.update(|s| s.message = Some("planned switchover: taking over".into()));
+    Ok(Session::Lost(kept))
+}
+
 impl Receiving {
     /// The replica as of its last committed epoch (none before the first).
     fn into_replica(self) -> Option<Replica> {
@@ -342,6 +371,7 @@ impl Receiving {
             epoch,
             inbound: self.inbound.into_replay(),
             generation: self.generation,
+            switchover: false,
         })
     }
 
