@@ -157,6 +157,15 @@ pub fn vm(lab: &Lab, node: NodeId) -> Result<Option<VmView>, FtPairError> {
     }
 }
 
+/// A planned switchover of the ledger VM, asked of `node`'s API (the
+/// client sends it on to the node running the primary); the VM as the
+/// answer shows it.
+pub fn switchover(lab: &Lab, node: NodeId) -> Result<VmView, FtPairError> {
+    api(lab, node)?
+        .switchover_vm::<VmView>(VM_NAME)
+        .map_err(api_err(node))
+}
+
 /// Stops (waiting until it is stopped everywhere) and deletes the ledger
 /// VM if it is defined.
 pub fn remove_vm(lab: &Lab, via: NodeId) -> Result<(), FtPairError> {

@@ -277,6 +277,16 @@ fn drill_passes(lab: &LabPair, count: u32, fault: drill::Fault) {
     assert!(report.passed);
 }
 
+/// Planned switchovers through the API, a to b and back, while the client
+/// writes: nothing lost or duplicated, one active copy, the old primary
+/// protected again as the standby (issue 13).
+#[test]
+fn switchovers_move_the_vm_and_lose_nothing() {
+    let count = count_from_env("FT_SWITCHOVER_DRILLS", 2);
+    let lab = LabPair::start_nodes("ftswitch", &[]);
+    drill_passes(&lab, count, drill::Fault::Switchover);
+}
+
 #[test]
 fn partitions_leave_one_active_copy_and_lose_nothing() {
     let count = count_from_env("FT_PARTITION_DRILLS", 2);

@@ -113,6 +113,20 @@ impl Client {
         }
     }
 
+    /// The client-visible pause around `from..=to`: the longest time
+    /// between two consecutive acknowledgements where the later came at or
+    /// after `from` and the earlier at or before `to` (the client appends
+    /// without pause, so any other gap is one round trip).
+    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+        let log = self.log.lock().expect("client log");
+        log.acked
+            .windows(2)
+            .filter(|w| w[1].1 >= from && w[0].1 <= to)
+            .map(|w| w[1].1.duration_since(w[0].1))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Checks memory and disk of the running ledger against what was
     /// acknowledged: (operations acknowledged, memory, disk).
     pub fn check(&self, lab: &Lab) -> Result<(usize, Verdict, Verdict), DrillError> {

@@ -1,5 +1,5 @@
-//! `ftctl lab drill --count N [--fault pull|partition|mixed|freeze-standby|freeze-primary]`: failover
-//! drills on the protected ledger VM.
+//! `ftctl lab drill --count N [--fault pull|partition|mixed|freeze-standby|freeze-primary|switchover]`:
+//! failover drills on the protected ledger VM.
 //!
 //! One ledger client (on the outer host, one TCP connection for the whole
 //! drill) appends operations without pause. Each round waits until the
@@ -15,6 +15,11 @@
 //! - **freeze-standby / freeze-primary**: stops that node's engine process
 //!   (SIGSTOP: a stalled host, a long pause) for a random 0.2-3 s, then
 //!   lets it go on (SIGCONT); exactly one copy may go on.
+//! - **switchover**: a planned switchover through the API (`POST
+//!   /api/vms/{name}/switchover`): the standby must take over with nothing
+//!   lost, the old primary becomes the standby. Its `failover_ms` is the
+//!   client-visible pause: the longest time between two consecutive
+//!   acknowledgements around the switchover.
 //!
 //! The failover time is fault -> the first operation acknowledged after
 //! it. After each round the ledger in the VM's memory and on its disk is
@@ -54,6 +59,13 @@ pub enum DrillError {
     NoTakeover { round: u32, secs: u64 },
     #[error("drill {round}: no node ran the VM as the primary within {secs} s of the heal; last seen: {seen}")]
     NoWinner { round: u32, secs: u64, seen: String },
+    #[error("drill {round}: the switchover asked of {node} failed: {source}")]
+    Switchover {
+        round: u32,
+        node: NodeId,
+        #[source]
+        source: FtPairError,
+    },
     #[error("drill {round}: freezing the engine on {node} failed: {why}")]
     Freeze {
         round: u32,
@@ -82,6 +94,8 @@ pub enum Fault {
     FreezeStandby,
     /// SIGSTOP the primary's engine (its guest too) for 0.2-3 s.
     FreezePrimary,
+    /// A planned switchover through the API.
+    Switchover,
 }
 
 /// The fault of one round.
@@ -96,6 +110,8 @@ pub enum RoundFault {
     PartitionIsolating(NodeId),
     /// The engine process of this node stopped (SIGSTOP), then continued.
     Freeze(NodeId),
+    /// A planned switchover asked through the API.
+    Switchover,
 }
 
 impl std::fmt::Display for RoundFault {
@@ -105,6 +121,7 @@ impl std::fmt::Display for RoundFault {
             RoundFault::PartitionEverything => f.write_str("cut all"),
             RoundFault::PartitionIsolating(n) => write!(f, "isolate {n}"),
             RoundFault::Freeze(n) => write!(f, "freeze {n}"),
+            RoundFault::Switchover => f.write_str("switchover"),
         }
     }
 }
@@ -227,12 +244,14 @@ pub fn run(
                 Fault::Mixed => partition_kind(&mut rng),
                 Fault::FreezeStandby => RoundFault::Freeze(primary.peer()),
                 Fault::FreezePrimary => RoundFault::Freeze(primary),
+                Fault::Switchover => RoundFault::Switchover,
             };
             let r = match this {
                 RoundFault::Pull => pull_round(lab, &client, round, primary, &mut rng)?,
                 RoundFault::Freeze(node) => {
                     freeze_round(lab, &client, round, primary, node, &mut rng)?
                 }
+                RoundFault::Switchover => switchover_round(lab, &client, round, primary, &mut rng)?,
                 _ => partition_round(lab, &client, round, primary, this, &mut rng)?,
             };
             progress(format_args!(
@@ -591,6 +610,50 @@ fn freeze_round(
         },
         watch,
     )
+}
+
+/// A planned switchover at a random moment: the standby takes over with
+/// nothing lost, the old primary becomes its standby and the pair is
+/// protected again. The round's `failover_ms` is the client-visible pause.
+fn switchover_round(
+    lab: &Lab,
+    client: &Client,
+    round: u32,
+    primary: NodeId,
+    rng: &mut u64,
+) -> Result<DrillRound, DrillError> {
+    let standby = primary.peer();
+    let protected_at = protected_run(rng, client)?;
+    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let watch = Watch::start(lab);
+    let asked_at = Instant::now();
+    ft_pair::switchover(lab, primary).map_err(|source| DrillError::Switchover {
+        round,
+        node: primary,
+        source,
+    })?;
+    let answered_at = Instant::now();
+    let served = client.first_ack_after(answered_at, Duration::from_secs(60), round)?;
+    let pause = client.longest_gap(asked_at, served);
+    let mut r = settle(
+        lab,
+        client,
+        EndedFault {
+            round,
+            fault: RoundFault::Switchover,
+            primary,
+            at: asked_at,
+            ended_at: answered_at,
+            pull_after_ms: asked_at.duration_since(protected_at).as_millis() as u64,
+            heal_after_ms: answered_at.duration_since(asked_at).as_millis() as u64,
+            committed_epoch,
+        },
+        watch,
+    )?;
+    r.failover_ms = pause.as_millis() as u64;
+    // The VM must have moved.
+    r.placed_ok &= r.promoted == standby;
+    Ok(r)
 }
 
 /// The report as a table.
