@@ -156,9 +156,10 @@ pub mod kind {
     pub const SYNC_END: FrameKind = FrameKind::Message(76);
     pub const INBOUND: FrameKind = FrameKind::Message(77);
     pub const SWITCHOVER: FrameKind = FrameKind::Message(78);
+    pub const FINAL_OUTPUT: FrameKind = FrameKind::Message(79);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 23] = [
+    pub const NAMED: [(&str, FrameKind); 24] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
@@ -182,6 +183,7 @@ pub mod kind {
         ("SyncEnd", SYNC_END),
         ("Inbound", INBOUND),
         ("Switchover", SWITCHOVER),
+        ("FinalOutput", FINAL_OUTPUT),
     ];
 }
 

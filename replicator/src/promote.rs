@@ -59,6 +59,7 @@ pub fn promote(
     sync_in_background(replica.disks);
     let addresses = replica.state.guest_ipv4;
     let inbound = replica.inbound;
+    let final_output = replica.final_output;
     // The TAPs go up on the bridge before the guest runs: a reply whose
     // retransmission timer is overdue (guest time jumped by the gap) leaves
     // at once, and a TAP that is down or off the bridge would lose it.
@@ -74,6 +75,16 @@ pub fn promote(
     // they used to hold up by their gaps).
     let announcer = vm.output().announcer(&addresses);
     announce_round(&announcer);
+    // A switchover's final output leaves from here, after the announcement:
+    // the answers it draws come to this node.
+    let handed_over_frames: usize = final_output
+        .into_iter()
+        .enumerate()
+        .map(|(nic, frames)| {
+            vm.output()
+                .send_handed_over(nic, frames.into_iter().map(|f| f.to_vec()))
+        })
+        .sum();
     let mut replayed_frames = 0;
     for (nic, frames) in inbound.into_iter().enumerate() {
         replayed_frames += vm
@@ -95,6 +106,7 @@ pub fn promote(
         epoch,
         addresses = ?addresses,
         replayed_frames,
+        handed_over_frames,
         promote_ms = started.elapsed().as_millis() as u64,
         "replica promoted: the VM runs on this node"
     );

@@ -372,13 +372,33 @@ async fn a_switchover_after_the_final_epoch_is_taken_over_while_the_primary_live
     let mut link = committed_primary(standby.addr).await;
     send(&link, &epoch_frames(2, 0x33, b"two")).await;
     expect_ack(&mut link, 2).await;
-    send(&link, &[Message::Switchover.into_frame(2, 1)]).await;
+    // Epoch 2's output, which the primary did not send.
+    let reply = vec![0x5a; 80];
+    let batch = replicator::protocol::inbound_payloads([vmm::replication::InboundFrame {
+        nic: 0,
+        seq: 0,
+        frame: reply.clone(),
+    }])
+    .remove(0);
+    send(
+        &link,
+        &[
+            Message::FinalOutput(batch).into_frame(2, 1),
+            Message::Switchover.into_frame(2, 1),
+        ],
+    )
+    .await;
     // The link stays up (heartbeats) while the standby takes over.
     let replica = taken_over(standby.task).await;
     assert!(replica.switchover, "handed over by a switchover");
     assert_eq!(replica.epoch, 2, "the final epoch");
     assert_eq!(page5(&replica), 0x33, "memory of the final epoch");
     assert_eq!(disk_at_512(&replica, 3), b"two");
+    assert_eq!(
+        replica.final_output,
+        vec![vec![bytes::Bytes::from(reply)]],
+        "the final output, to be sent from the standby's port"
+    );
     drop(link);
 }
 

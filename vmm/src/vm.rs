@@ -384,7 +384,8 @@ impl Machine {
         )?;
         let macs = config.nets.iter().map(|n| n.mac);
         let output = Output::new(virtio.tx_gates().into_iter().zip(macs).collect());
-        let input = Input::new(virtio.rx_logs());
+        let taps = virtio.tx_gates().iter().map(|g| g.tap()).collect();
+        let input = Input::new(virtio.rx_logs(), taps);
         let disk_writes = DiskWrites::new(virtio.write_logs());
         Ok(Vm {
             started,

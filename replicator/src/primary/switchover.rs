@@ -3,16 +3,27 @@
 //!
 //! 1. The final checkpoint is captured at once, and the guest stays
 //!    stopped from then on (its output up to that cut is batch N).
-//! 2. Epoch N is sent; once the standby acknowledges it, batch N leaves
-//!    (output commit, as for any epoch) - nothing else is held.
+//! 2. Epoch N is sent and acknowledged by the standby.
 //! 3. With a witness, this copy stops renewing its lease and releases the
 //!    VM ([`Lease::release`]), so the standby's claim is granted at once.
-//! 4. The standby is told `Switchover` (epoch N): it promotes its replica
+//! 4. Batch N (output of the committed epoch N) does not leave from here:
+//!    it goes to the standby (`FinalOutput`), which sends it from its own
+//!    port right after announcing the guest's addresses there. The peers'
+//!    answers (a client's next request, sent once it has its reply) then
+//!    reach the new copy instead of this stopped one, where they would be
+//!    lost until their sender's retransmission timer.
+//!    Likewise the frames that reached this node's TAPs while the guest
+//!    was stopped go to the standby (`Inbound`, numbered after those
+//!    epoch N holds), which delivers them to the promoted guest: a request
+//!    that arrived during the switchover is answered there at once, not
+//!    after its sender's retransmission timer.
+//! 5. The standby is told `Switchover` (epoch N): it promotes its replica
 //!    of epoch N, which is this guest as it stopped.
 //!
 //! Until step 4 the switchover can be called off and the guest runs on
-//! here, protected; a failure after the release takes the VM back at the
-//! witness, or stops this copy if the standby may have claimed it.
+//! here, protected, batch N released here; a failure after the release
+//! takes the VM back at the witness (batch N then leaves here), or stops
+//! this copy if the standby may have claimed it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,9 +36,10 @@ use vmm::vm::Vm;
 use super::checkpoint::capture;
 use super::epochs::{send_epoch, Behind};
 use super::lease::Lease;
-use super::{AckEvent, PrimaryError};
-use crate::protocol::Message;
+use super::{send_all, AckEvent, PrimaryError};
+use crate::protocol::{inbound_payloads, Message};
 use crate::status::StatusBoard;
+use vmm::replication::InboundFrame;
 
 /// An operator's request for a switchover, shared by the control socket
 /// and the epoch loop.
@@ -93,21 +105,31 @@ pub(super) async fn hand_over(
         vm.resume();
         return Err(e);
     }
-    let released = vm.output().release_through(epoch);
     status.update(|s| {
         s.epoch = epoch;
         s.counters.checkpoints += 1;
-        s.counters.output_frames_released += released as u64;
     });
     if let Some(lease) = lease {
         if let Err(why) = lease.release().await {
+            release_here(vm, epoch, status);
             vm.resume();
             return Ok(Outcome::CalledOff(why));
         }
     }
-    let told = tx
-        .send(&Message::Switchover.into_frame(epoch, generation))
-        .await;
+    let final_output = vm.output().take_through(epoch);
+    let handed_frames: usize = final_output.iter().map(Vec::len).sum();
+    let waiting = vm.input().take_waiting();
+    let waiting_frames = waiting.len();
+    let mut messages: Vec<_> = final_output_batches(&final_output)
+        .map(|batch| Message::FinalOutput(batch).into_frame(epoch, generation))
+        .collect();
+    messages.extend(
+        inbound_payloads(waiting.iter().cloned())
+            .into_iter()
+            .map(|batch| Message::Inbound(batch).into_frame(0, generation)),
+    );
+    messages.push(Message::Switchover.into_frame(epoch, generation));
+    let told = send_all(tx, &messages, status).await;
     if let Err(error) = told {
         let Some(lease) = lease else {
             // The standby holds epoch N and lost the link: without a
@@ -118,16 +140,63 @@ pub(super) async fn hand_over(
         };
         if lease.take_back().await {
             warn!(epoch, %error, "the switchover could not be told: the VM runs on here");
+            send_here(vm, final_output, status);
+            give_back(vm, waiting);
             vm.resume();
-            return Err(error.into());
+            return Err(error);
         }
         warn!(epoch, %error, "the switchover could not be told and the VM could not be taken back: this copy stops");
         return Ok(Outcome::HandedOver { epoch });
     }
     info!(
         epoch,
+        handed_frames,
+        waiting_frames,
         stopped_ms = stopped_at.elapsed().as_millis() as u64,
         "planned switchover: the standby takes over from the final epoch"
     );
     Ok(Outcome::HandedOver { epoch })
+}
+
+/// Batch `epoch` leaves from here after all (the switchover was called
+/// off).
+fn release_here(vm: &Vm, epoch: u64, status: &StatusBoard) {
+    let released = vm.output().release_through(epoch);
+    status.update(|s| s.counters.output_frames_released += released as u64);
+}
+
+/// Frames taken for the standby leave from here after all (the VM was
+/// taken back).
+fn send_here(vm: &Vm, final_output: Vec<Vec<Vec<u8>>>, status: &StatusBoard) {
+    let sent: usize = final_output
+        .into_iter()
+        .enumerate()
+        .map(|(nic, frames)| vm.output().send_handed_over(nic, frames))
+        .sum();
+    status.update(|s| s.counters.output_frames_released += sent as u64);
+}
+
+/// Frames taken from the TAPs for the standby reach this guest after all
+/// (the VM was taken back), before anything the TAPs got since.
+fn give_back(vm: &Vm, waiting: Vec<InboundFrame>) {
+    for frame in waiting {
+        vm.input().replay(frame.nic as usize, [frame.frame]);
+    }
+}
+
+/// The final epoch's output (per NIC, in order) as `FinalOutput` payloads.
+fn final_output_batches(
+    per_nic: &[Vec<Vec<u8>>],
+) -> impl Iterator<Item = crate::protocol::InboundBatch> {
+    let frames = per_nic.iter().enumerate().flat_map(|(nic, frames)| {
+        frames
+            .iter()
+            .enumerate()
+            .map(move |(seq, frame)| InboundFrame {
+                nic: nic as u32,
+                seq: seq as u64,
+                frame: frame.clone(),
+            })
+    });
+    inbound_payloads(frames.collect::<Vec<_>>()).into_iter()
 }

@@ -153,6 +153,11 @@ pub enum Message {
     /// the primary's guest stays stopped for good; the standby takes over
     /// from it at once (its frame carries that epoch).
     Switchover,
+    /// The output of a switchover's final epoch (inbound records: NIC,
+    /// order, frame with its virtio header), which the primary did not
+    /// send: the standby sends it once it runs the VM, from its own port,
+    /// so that the guest's peers answer it there.
+    FinalOutput(InboundBatch),
     /// The standby cannot hold the replica (no space for its disks, a
     /// disk that fails, a plan it cannot match): why, for the primary's
     /// status and the operator. No takeover follows.
@@ -186,6 +191,7 @@ const REFUSE: u8 = 75;
 const SYNC_END: u8 = 76;
 const INBOUND: u8 = 77;
 const SWITCHOVER: u8 = 78;
+const FINAL_OUTPUT: u8 = 79;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -205,6 +211,7 @@ impl Message {
             Message::Stop => "Stop",
             Message::Handover => "Handover",
             Message::Switchover => "Switchover",
+            Message::FinalOutput(_) => "FinalOutput",
             Message::Refuse(_) => "Refuse",
         }
     }
@@ -226,6 +233,7 @@ impl Message {
             Message::Stop => (STOP, Bytes::new()),
             Message::Handover => (HANDOVER, Bytes::new()),
             Message::Switchover => (SWITCHOVER, Bytes::new()),
+            Message::FinalOutput(b) => (FINAL_OUTPUT, b.into_bytes()),
             Message::Refuse(reason) => (REFUSE, Bytes::from(truncated(reason))),
         };
         Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
@@ -300,6 +308,10 @@ impl Message {
                 empty("Switchover")?;
                 Message::Switchover
             }
+            FINAL_OUTPUT => Message::FinalOutput(
+                InboundBatch::parse(payload)
+                    .ok_or(malformed("FinalOutput", "not whole inbound records"))?,
+            ),
             REFUSE => Message::Refuse(
                 std::str::from_utf8(&payload)
                     .ok()
@@ -434,6 +446,14 @@ mod tests {
             Message::Stop,
             Message::Handover,
             Message::Switchover,
+            Message::FinalOutput(
+                inbound_payloads([vmm::replication::InboundFrame {
+                    nic: 0,
+                    seq: 0,
+                    frame: vec![3; 70],
+                }])
+                .remove(0),
+            ),
             Message::Refuse("no space for the replica's disks".into()),
         ] {
             assert_eq!(round_trip(m.clone()), m);
@@ -459,6 +479,7 @@ mod tests {
             (INBOUND, &[0u8; 17][..]),
             (ACK, &b"x"[..]),
             (SWITCHOVER, &b"x"[..]),
+            (FINAL_OUTPUT, &[0u8; 17][..]),
             (REFUSE, &[0xff, 0xfe][..]),
         ] {
             assert!(

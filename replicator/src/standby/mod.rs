@@ -144,6 +144,9 @@ pub struct Replica {
     /// Per NIC, the frames the primary's guest received after this
     /// checkpoint, in order (replayed into the guest if it is promoted).
     pub inbound: Vec<Vec<bytes::Bytes>>,
+    /// Per NIC, output of the committed epoch that the primary handed over
+    /// with a switchover instead of sending it (sent when promoted).
+    pub final_output: Vec<Vec<bytes::Bytes>>,
     /// The generation of the session that built it; once handed back for
     /// promotion, the generation the promoted copy runs (granted by the
     /// witness, or the next one without a witness).

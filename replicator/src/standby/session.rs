@@ -122,6 +122,7 @@ async fn run(
             Message::SyncDisk(batch) => replica.sync_disk(batch)?,
             Message::SyncEnd(end) => replica.sync_end(end, status)?,
             Message::Inbound(batch) => replica.inbound.add(batch),
+            Message::FinalOutput(batch) => replica.final_output(batch, envelope.epoch, status)?,
             // An epoch over a copy not known to be whole would be promoted
             // with whatever the copy missed.
             other if !replica.synced => {
@@ -151,6 +152,9 @@ struct Receiving {
     committed: Option<(u64, CheckpointState)>,
     /// What the primary's guest received past the committed epoch.
     inbound: InboundFrames,
+    /// A switchover's final output (of the committed epoch), per NIC.
+    final_output: Vec<Vec<bytes::Bytes>>,
+    final_output_bytes: usize,
     /// The session's generation (every message carries it).
     generation: u64,
     sync_bytes: u64,
@@ -194,6 +198,8 @@ fn begin(
         assembler: EpochAssembler::with_limits(1, StagingLimits::for_guest(plan.mem_mib)),
         committed: None,
         inbound: InboundFrames::new(plan.nics),
+        final_output: vec![Vec::new(); plan.nics],
+        final_output_bytes: 0,
         generation: first.generation,
         sync_bytes: 0,
         tally: EndTally::default(),
@@ -370,9 +376,43 @@ impl Receiving {
             state,
             epoch,
             inbound: self.inbound.into_replay(),
+            final_output: self.final_output,
             generation: self.generation,
             switchover: false,
         })
+    }
+
+    /// Output of the committed epoch `epoch` that the primary handed over
+    /// with a switchover (sent from here once this node runs the VM).
+    fn final_output(
+        &mut self,
+        batch: crate::protocol::InboundBatch,
+        epoch: u64,
+        status: &StatusBoard,
+    ) -> Result<(), StandbyError> {
+        let committed = self.committed.as_ref().map(|(e, _)| *e);
+        if committed != Some(epoch) {
+            return Err(refused(
+                status,
+                StandbyError::SwitchoverNotCommitted {
+                    last: epoch,
+                    committed,
+                },
+            ));
+        }
+        for record in batch.into_records() {
+            let fits = self.final_output_bytes + record.frame.len() <= FINAL_OUTPUT_MAX;
+            match self.final_output.get_mut(record.nic as usize) {
+                Some(frames) if fits => {
+                    self.final_output_bytes += record.frame.len();
+                    frames.push(record.frame);
+                }
+                // Too much, or a NIC the replica does not have: a frame
+                // its peer sends again.
+                _ => warn!(nic = record.nic, "a frame of the final output was dropped"),
+            }
+        }
+        Ok(())
     }
 
     /// Initial copy: memory pages, checked before any is written.
@@ -539,6 +579,9 @@ impl Receiving {
         self.committed = Some((complete.epoch, state));
     }
 }
+
+/// The most output a switchover hands over (what one NIC's gate holds).
+const FINAL_OUTPUT_MAX: usize = vmm::replication::MAX_HELD_BYTES;
 
 /// Counts and reports a refused epoch.
 fn refused(status: &StatusBoard, error: StandbyError) -> StandbyError {

@@ -7,7 +7,12 @@
 
 use std::sync::Arc;
 
+use crate::devices::virtio::net::queues::MAX_FRAME_LEN;
 use crate::devices::virtio::net::rx_log::RxLog;
+use crate::devices::virtio::net::tap::Tap;
+
+/// Most frames [`Input::take_waiting`] takes from one TAP.
+const MAX_WAITING_FRAMES: usize = 1024;
 
 /// A frame the guest received on NIC `nic` (virtio header included), with
 /// its sequence number on that NIC.
@@ -21,11 +26,44 @@ pub struct InboundFrame {
 /// The receive logs of every NIC of a VM.
 pub struct Input {
     logs: Vec<Arc<RxLog>>,
+    /// Each NIC's TAP, in device order.
+    taps: Vec<Arc<Tap>>,
 }
 
 impl Input {
-    pub(crate) fn new(logs: Vec<Arc<RxLog>>) -> Input {
-        Input { logs }
+    pub(crate) fn new(logs: Vec<Arc<RxLog>>, taps: Vec<Arc<Tap>>) -> Input {
+        Input { logs, taps }
+    }
+
+    /// Only while the VM is paused (its receive threads read no TAP then):
+    /// the frames waiting at each NIC's TAP, not delivered to the guest,
+    /// numbered after the delivered ones, NIC by NIC in arrival order (at
+    /// most 1024 per NIC). They must reach a copy of the guest: this one
+    /// ([`Input::replay`]) or the replica that takes it over.
+    pub fn take_waiting(&self) -> Vec<InboundFrame> {
+        let mut buf = vec![0u8; MAX_FRAME_LEN];
+        let mut out = Vec::new();
+        for (nic, (log, tap)) in self.logs.iter().zip(&self.taps).enumerate() {
+            let mut seq = log.delivered();
+            let mut taken = 0;
+            while taken < MAX_WAITING_FRAMES {
+                match tap.read_frame(&mut buf) {
+                    Ok(len) => {
+                        out.push(InboundFrame {
+                            nic: nic as u32,
+                            seq,
+                            frame: buf[..len].to_vec(),
+                        });
+                        seq += 1;
+                        taken += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // Empty (WouldBlock), or the TAP went away.
+                    Err(_) => break,
+                }
+            }
+        }
+        out
     }
 
     /// Copies every frame delivered from now on (anything copied before is

@@ -86,6 +86,23 @@ impl Output {
         self.gates().map(|g| g.release_through(batch)).sum()
     }
 
+    /// Takes every sealed batch numbered `batch` or lower out unsent (the
+    /// node that takes the VM over sends them): per NIC, in order, each
+    /// frame with its virtio header.
+    pub fn take_through(&self, batch: u64) -> Vec<Vec<Vec<u8>>> {
+        self.gates().map(|g| g.take_through(batch)).collect()
+    }
+
+    /// Sends frames another node's copy of this VM held (taken with
+    /// [`Output::take_through`] there) on NIC `nic`, at once; returns how
+    /// many (none for a NIC this VM does not have).
+    pub fn send_handed_over(&self, nic: usize, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+        let Some((gate, _)) = self.nics.get(nic) else {
+            return 0;
+        };
+        frames.into_iter().map(|f| gate.send_now(&f)).count()
+    }
+
     /// Stops holding: everything held goes out in order, later frames at
     /// once (no replica remains to wait for). Returns how many were held.
     pub fn open(&self) -> usize {

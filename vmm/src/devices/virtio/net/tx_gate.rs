@@ -57,6 +57,11 @@ impl TxGate {
         }
     }
 
+    /// The TAP the gate writes to.
+    pub(crate) fn tap(&self) -> Arc<Tap> {
+        Arc::clone(&self.tap)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().expect("tx gate lock")
     }
@@ -141,6 +146,31 @@ impl TxGate {
             }
         }
         sent
+    }
+
+    /// Takes every sealed batch numbered `batch` or lower out of the gate
+    /// without sending it (another gate, elsewhere, sends those frames);
+    /// returns the frames in order, virtio header included.
+    pub fn take_through(&self, batch: u64) -> Vec<Vec<u8>> {
+        let mut held = self.lock();
+        let held = &mut *held;
+        let mut taken = Vec::new();
+        while held.sealed.front().is_some_and(|(b, _)| *b <= batch) {
+            let (_, frames) = held.sealed.pop_front().expect("checked");
+            for frame in frames {
+                held.counters.holding_frames -= 1;
+                held.counters.holding_bytes -= frame.len() as u64;
+                taken.push(frame);
+            }
+        }
+        taken
+    }
+
+    /// Sends a frame of the guest's (virtio header included) at once, past
+    /// anything held: output another gate held and handed over.
+    pub fn send_now(&self, frame: &[u8]) {
+        let mut held = self.lock();
+        self.write(frame, &mut held.counters);
     }
 
     /// Stops holding: everything held (sealed or not) is sent in order and
@@ -245,6 +275,20 @@ mod tests {
         assert_eq!(gate.unsealed(), 0);
         assert_eq!(gate.release_through(0), 2);
         assert_eq!(left(&gate), 5);
+        // Handed over: taken out unsent, in order, and sent by another gate.
+        gate.transmit(&frame(9));
+        gate.transmit(&frame(10));
+        gate.seal(10, |_| {});
+        gate.transmit(&frame(11));
+        gate.seal(11, |_| {});
+        let taken = gate.take_through(10);
+        assert_eq!(taken, vec![frame(9), frame(10)]);
+        assert_eq!(left(&gate), 5, "taken frames did not leave this gate");
+        assert_eq!(gate.counters().holding_frames, 1);
+        let other = TxGate::new(Arc::new(Tap::open("ftgatet1").expect("TAP")));
+        taken.iter().for_each(|f| other.send_now(f));
+        assert_eq!(left(&other), 2);
+        assert_eq!(gate.discard(), 1);
         gate.transmit(&frame(5));
         assert_eq!(gate.open(), 1);
         gate.transmit(&frame(6));
