@@ -229,6 +229,11 @@ impl Metrics {
             "failovers",
             "Takeovers by this node's standby",
         );
+        let switchovers = counter(
+            &mut registry,
+            "switchovers",
+            "Planned switchovers: the VM handed to the standby (on the primary) or taken over that way",
+        );
         let fences = counter(
             &mut registry,
             "fences",
@@ -378,6 +383,7 @@ impl Metrics {
             throttled.get_or_create(&labels).inc_by(c.throttled);
             rejected.get_or_create(&labels).inc_by(c.epochs_rejected);
             failovers.get_or_create(&labels).inc_by(c.failovers);
+            switchovers.get_or_create(&labels).inc_by(c.switchovers);
             fences.get_or_create(&labels).inc_by(c.fences);
             claims_refused
                 .get_or_create(&labels)
