@@ -5,8 +5,31 @@
 //! the standby takes over when the primary falls silent on every path.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use witness::WitnessClient;
+
+/// A lease the witness gave with its grant of a takeover: the promoted
+/// copy's output may leave until `until` (the request's sending plus the
+/// lease) without waiting for its first renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantedLease {
+    pub until: Instant,
+    pub length: Duration,
+}
+
+impl GrantedLease {
+    /// The lease of a grant asked at `sent` (none for `lease_ms` 0).
+    pub fn from_grant(sent: Instant, lease_ms: u64) -> Option<GrantedLease> {
+        (lease_ms > 0).then(|| {
+            let length = Duration::from_millis(lease_ms);
+            GrantedLease {
+                until: sent + length,
+                length,
+            }
+        })
+    }
+}
 
 /// The witness and the name of the VM there.
 #[derive(Clone)]

@@ -35,6 +35,9 @@ impl Drop for Witness {
     }
 }
 
+/// How long the test witness waits for an owner's silence.
+const SILENCE: Duration = Duration::from_millis(300);
+
 async fn witness_at(listen: &str) -> Witness {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::bind(ServerConfig {
@@ -42,7 +45,7 @@ async fn witness_at(listen: &str) -> Witness {
         secret: pair_secret(),
         name: "witness".into(),
         timing: Timing {
-            silence: Duration::from_millis(300),
+            silence: SILENCE,
             startup_grace: Duration::ZERO,
         },
         database: dir.path().join("witness.sqlite"),
@@ -185,6 +188,11 @@ async fn a_silent_primary_is_taken_over_with_the_granted_generation() {
     let replica = taken_over(standby.task).await;
     assert_eq!((replica.epoch, replica.generation), (1, 2));
     assert_eq!(page5(&replica), 0x22);
+    // The grant is the promoted copy's first lease (its output need not
+    // wait for a renewal): half the witness's silence, from the claim.
+    let lease = replica.granted_lease.expect("the grant carries a lease");
+    assert_eq!(lease.length, SILENCE / 2);
+    assert!(lease.until <= std::time::Instant::now() + lease.length);
     let shown = client(&witness.addr, "observer")
         .ask(&Request::Show)
         .await
@@ -299,6 +307,10 @@ async fn the_operator_can_force_a_takeover_the_witness_cannot_grant() {
     standby.force.notify_one();
     let replica = taken_over(standby.task).await;
     assert_eq!((replica.epoch, replica.generation), (1, 2));
+    assert_eq!(
+        replica.granted_lease, None,
+        "a forced takeover has no lease"
+    );
     let status = standby.status.snapshot();
     assert!(
         status

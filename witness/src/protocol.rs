@@ -115,8 +115,16 @@ pub enum Answer {
     Held { generation: u64, lease_ms: u64 },
     /// Confirm: go on alone at `generation` (a new one), under a lease.
     Confirmed { generation: u64, lease_ms: u64 },
-    /// Claim or Force: the asking node owns `generation` now.
-    Granted { generation: u64 },
+    /// Claim or Force: the asking node owns `generation` now. A claim's
+    /// grant is also the new owner's first lease: it may release output
+    /// without a standby for `lease_ms` from when it sent the request (0:
+    /// no lease, as from a forced grant or an older witness; the first
+    /// `Hold` gives one).
+    Granted {
+        generation: u64,
+        #[serde(default)]
+        lease_ms: u64,
+    },
     /// Release: the next claim over `generation` is granted at once.
     Released { generation: u64 },
     /// Claim: the owner is still heard (`heard_ms_ago` ago); ask again.

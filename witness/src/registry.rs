@@ -211,6 +211,7 @@ impl Registry {
             Some(r) if r.owner == node && r.generation == generation + 1 => {
                 return ClaimStep::Decided(Answer::Granted {
                     generation: r.generation,
+                    lease_ms: self.lease_ms(),
                 })
             }
             // The primary went on alone or another claim won: this
@@ -238,7 +239,10 @@ impl Registry {
         ClaimStep::Decided(match self.set(vm, next, node, "a standby took over") {
             Ok(()) => {
                 self.released.remove(vm);
-                Answer::Granted { generation: next }
+                Answer::Granted {
+                    generation: next,
+                    lease_ms: self.lease_ms(),
+                }
             }
             Err(e) => refused(e),
         })
@@ -295,7 +299,11 @@ impl Registry {
             "forced grant, without waiting for silence"
         );
         match self.set(vm, next, node, "forced by the operator") {
-            Ok(()) => Answer::Granted { generation: next },
+            // No lease: the owner it overrides may still hold one.
+            Ok(()) => Answer::Granted {
+                generation: next,
+                lease_ms: 0,
+            },
             Err(e) => refused(e),
         }
     }
@@ -339,7 +347,13 @@ mod tests {
 
     fn granted(step: ClaimStep) -> u64 {
         match step {
-            ClaimStep::Decided(Answer::Granted { generation }) => generation,
+            ClaimStep::Decided(Answer::Granted {
+                generation,
+                lease_ms,
+            }) => {
+                assert_eq!(lease_ms, 150, "a claim's grant is a lease");
+                generation
+            }
             other => panic!("expected a grant, got {other:?}"),
         }
     }
@@ -485,7 +499,14 @@ mod tests {
         // A hold at an equal generation by another node does not take it.
         assert!(matches!(r.hold("a", "db", 5), Answer::Superseded { .. }));
         // The operator's override moves it at once.
-        assert_eq!(r.force("a", "db"), Answer::Granted { generation: 6 });
+        assert_eq!(
+            r.force("a", "db"),
+            Answer::Granted {
+                generation: 6,
+                lease_ms: 0
+            },
+            "a forced grant is no lease"
+        );
         assert!(matches!(r.hold("a", "db", 6), Answer::Held { .. }));
     }
 }

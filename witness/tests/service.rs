@@ -91,7 +91,14 @@ async fn a_claim_is_refused_while_the_primary_is_heard_and_granted_after_its_sil
         }
     };
     let waited = last_heard.elapsed();
-    assert_eq!(answer, Answer::Granted { generation: 2 });
+    assert_eq!(
+        answer,
+        Answer::Granted {
+            generation: 2,
+            lease_ms: 150
+        },
+        "a claim's grant is the new owner's first lease (half the silence)"
+    );
     assert!(
         waited >= SILENCE - Duration::from_millis(60),
         "granted {waited:?} after the owner's last hold: a close is not a death, the silence must pass"
@@ -128,7 +135,7 @@ async fn a_confirm_and_a_claim_race_and_exactly_one_wins() {
         let confirm = confirm.unwrap();
         let granted = granted.unwrap();
         let primary_won = matches!(confirm, Answer::Confirmed { generation: 2, .. });
-        let standby_won = matches!(granted, Answer::Granted { generation: 2 });
+        let standby_won = matches!(granted, Answer::Granted { generation: 2, .. });
         assert!(
             primary_won != standby_won,
             "round {round}: exactly one may run on: {confirm:?} / {granted:?}"
@@ -158,7 +165,10 @@ async fn records_survive_a_restart_and_no_claim_is_granted_in_the_grace() {
             other => break other,
         }
     };
-    assert_eq!(answer, Answer::Granted { generation: 8 });
+    assert!(
+        matches!(answer, Answer::Granted { generation: 8, lease_ms } if lease_ms > 0),
+        "{answer:?}"
+    );
     assert!(told_why, "a claim in the grace is told why it waits");
     assert!(
         started.elapsed() >= Duration::from_millis(900),
@@ -224,6 +234,13 @@ async fn a_waiting_claim_does_not_hold_up_another_nodes_requests() {
         "the claim should still be waiting: the hold was answered behind it"
     );
     let answer = claiming.await.unwrap().unwrap();
-    assert_eq!(answer, Answer::Granted { generation: 2 });
+    assert_eq!(
+        answer,
+        Answer::Granted {
+            generation: 2,
+            lease_ms: 150
+        },
+        "a claim's grant is the new owner's first lease (half the silence)"
+    );
     server.abort();
 }

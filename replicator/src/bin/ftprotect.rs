@@ -350,6 +350,7 @@ fn primary_config(
         generation,
         witness,
         switchover: Arc::default(),
+        first_lease: None,
     }
 }
 
@@ -370,7 +371,8 @@ enum Ended {
 /// the control socket (`control.stop`).
 /// Protects `vm` as the primary. `witness`: the witness as this node
 /// already asks it (a promoted standby hands on its connection, so that
-/// the first lease, which holds the guest's output, needs no new one).
+/// the first lease, which holds the guest's output, needs no new one);
+/// `first_lease`: the lease the witness gave with its grant of a takeover.
 #[allow(clippy::too_many_arguments)]
 fn run_primary(
     runtime: &tokio::runtime::Runtime,
@@ -379,6 +381,7 @@ fn run_primary(
     node: &str,
     generation: u64,
     witness: Option<WitnessConfig>,
+    first_lease: Option<replicator::quorum::GrantedLease>,
     status: &StatusBoard,
     control: &Control,
 ) -> ExitCode {
@@ -390,6 +393,7 @@ fn run_primary(
         }
     };
     let mut config = primary_config(pair, link, generation, witness);
+    config.first_lease = first_lease;
     config.verify_next = Arc::clone(&control.verify);
     config.switchover = Arc::clone(&control.switchover);
     let vm_failed = Arc::clone(&config.vm_failed);
@@ -673,6 +677,7 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
         &node,
         pair.generation,
         witness,
+        None,
         &status,
         &control,
     )
@@ -753,6 +758,7 @@ fn standby(
     status.set_state(Role::Standby, FtState::Promoting, None);
     let generation = replica.generation;
     let switchover = replica.switchover;
+    let first_lease = replica.granted_lease;
     let vm = match promote::promote(
         replica,
         &taps,
@@ -777,6 +783,14 @@ fn standby(
         }
     });
     run_primary(
-        runtime, vm, pair, &node, generation, witness, &status, &control,
+        runtime,
+        vm,
+        pair,
+        &node,
+        generation,
+        witness,
+        first_lease,
+        &status,
+        &control,
     )
 }

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use vmm::vm::Vm;
 use witness::{Answer, Request};
 
-use crate::quorum::WitnessConfig;
+use crate::quorum::{GrantedLease, WitnessConfig};
 
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -142,6 +142,7 @@ impl Lease {
         vm: &Arc<Vm>,
         witness: WitnessConfig,
         generation: u64,
+        first: Option<GrantedLease>,
         status: &StatusBoard,
     ) -> Lease {
         vm.output().hold();
@@ -154,6 +155,11 @@ impl Lease {
             ended: Notify::new(),
             keeping: tokio::sync::Mutex::new(true),
         });
+        if let Some(first) = first {
+            // The grant of the takeover counts as the first renewal: output
+            // leaves at once, not after a round trip to the witness.
+            standing.renewed(generation, first.until, first.length);
+        }
         let gate = Arc::new(Mutex::new(GateState {
             mode: GateMode::Lease { fence: true },
             paused: false,

@@ -131,6 +131,9 @@ pub struct PrimaryConfig {
     /// Asked by the control socket's `switchover`: the VM moves to the
     /// standby at the next checkpoint ([`switchover`]).
     pub switchover: Arc<SwitchoverRequest>,
+    /// A promoted copy's first lease: the one the witness gave with its
+    /// grant of the takeover.
+    pub first_lease: Option<crate::quorum::GrantedLease>,
 }
 
 /// How a primary ends.
@@ -211,7 +214,7 @@ pub async fn run(
     let lease = config
         .witness
         .clone()
-        .map(|w| Lease::start(&vm, w, config.generation, &status));
+        .map(|w| Lease::start(&vm, w, config.generation, config.first_lease, &status));
     let lease = lease.as_ref();
     status.update(|s| s.generation = config.generation);
     let mut last_refusal = String::new();

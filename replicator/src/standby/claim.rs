@@ -17,13 +17,13 @@ use witness::{Answer, Request};
 use super::paths::Arrival;
 use super::Replica;
 use crate::protocol::Message;
-use crate::quorum::WitnessConfig;
+use crate::quorum::{GrantedLease, WitnessConfig};
 use crate::status::{FtState, Role, StatusBoard};
 
 /// What a claim came to.
 pub(super) enum Claimed {
-    /// Take over at this generation.
-    Granted(u64),
+    /// Take over at this generation, with the grant's lease if it gave one.
+    Granted(u64, Option<GrantedLease>),
     /// The replica must never run: the VM runs at `generation` elsewhere.
     Stale { why: String, generation: u64 },
     /// The primary began a new session.
@@ -56,14 +56,19 @@ pub(super) async fn claim(
     };
     let mut shown = String::new();
     loop {
+        let sent = std::time::Instant::now();
         let asked = tokio::select! {
             asked = witness.client.ask(&request) => asked,
             _ = force.notified() => return forced(witness, replica, status).await,
         };
         let (why, wait) = match asked {
-            Ok(Answer::Granted { generation }) => {
+            Ok(Answer::Granted {
+                generation,
+                lease_ms,
+            }) => {
                 info!(
                     generation,
+                    lease_ms,
                     epoch = replica.epoch,
                     "the witness granted the takeover"
                 );
@@ -71,7 +76,7 @@ pub(super) async fn claim(
                     s.generation = generation;
                     s.witness = Some(format!("granted generation {generation}"));
                 });
-                return Claimed::Granted(generation);
+                return Claimed::Granted(generation, GrantedLease::from_grant(sent, lease_ms));
             }
             Ok(Answer::Superseded { generation, owner }) => {
                 return Claimed::Stale {
@@ -141,7 +146,7 @@ async fn forced(witness: &WitnessConfig, replica: &Replica, status: &StatusBoard
     };
     let noted = tokio::time::timeout(FORCE_NOTE_WITHIN, witness.client.ask(&request)).await;
     let (generation, how) = match noted {
-        Ok(Ok(Answer::Granted { generation })) => (generation, "recorded by the witness"),
+        Ok(Ok(Answer::Granted { generation, .. })) => (generation, "recorded by the witness"),
         _ => (
             replica.generation + 1,
             "without the witness (it could not be reached)",
@@ -152,5 +157,5 @@ async fn forced(witness: &WitnessConfig, replica: &Replica, status: &StatusBoard
         s.generation = generation;
         s.witness = Some(format!("takeover forced by the operator, {how}"));
     });
-    Claimed::Granted(generation)
+    Claimed::Granted(generation, None)
 }

@@ -154,6 +154,9 @@ pub struct Replica {
     /// Handed back by a planned switchover (not because the primary was
     /// lost).
     pub switchover: bool,
+    /// The lease the witness gave with its grant of the takeover (the
+    /// promoted copy's first).
+    pub granted_lease: Option<crate::quorum::GrantedLease>,
 }
 
 /// Life on the backup path counts only this long after the last arrival on
@@ -234,8 +237,9 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
         };
         let force = &config.force_takeover;
         match claim::claim(witness, &replica, &mut arrivals, force, status).await {
-            Claimed::Granted(generation) => {
+            Claimed::Granted(generation, lease) => {
                 replica.generation = generation;
+                replica.granted_lease = lease;
                 break replica;
             }
             Claimed::Stale { why, generation } => {

@@ -379,6 +379,7 @@ impl Receiving {
             final_output: self.final_output,
             generation: self.generation,
             switchover: false,
+            granted_lease: None,
         })
     }
 
