@@ -140,7 +140,7 @@ impl RxLog {
     }
 
     /// `frame` was delivered into guest memory.
-    pub(super) fn delivered_frame(&self, frame: &[u8]) {
+    pub(crate) fn delivered_frame(&self, frame: &[u8]) {
         let mut inner = self.lock();
         let seq = inner.delivered;
         inner.delivered += 1;
