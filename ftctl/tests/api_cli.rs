@@ -414,6 +414,18 @@ fn api_refusals_exit_1_with_the_api_message() {
         "{run:?}"
     );
 
+    // A switchover of a VM that is not running is refused with the
+    // API's reason (ftctl looks the VM up first: an unknown one is a 404).
+    let run = d.ftctl(&["vm", "switchover", "nope"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stderr, "ftctl: error: no VM is named \"nope\"\n");
+    let kernel = d.kernel();
+    d.ok(&["vm", "create", "idle", "--kernel", &kernel]);
+    let run = d.ftctl(&["vm", "switchover", "idle"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("is not running"), "{run:?}");
+    d.ok(&["vm", "delete", "idle"]);
+
     // A bad usage is clap's exit 2.
     let run = d.ftctl(&["vm", "create", "no-kernel"]);
     assert_eq!(run.code, 2, "{run:?}");
