@@ -295,7 +295,9 @@ impl ApiClient {
     /// `POST /api/vms/{name}/switchover`, sent to the node that runs the
     /// VM's primary (found from the VM's record and the nodes' API
     /// addresses); to the address in use when that node is not known or
-    /// cannot be reached at its own address (its answer then says why).
+    /// its address was never reached (its answer then says why). A request
+    /// that may have arrived is never sent again: a second one would move
+    /// the VM back.
     pub fn switchover_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
         let vm: crate::model::VmView = self.vm(name)?;
         let nodes: Vec<crate::model::NodeView> = self.nodes()?;
@@ -310,7 +312,7 @@ impl ApiClient {
             .and_then(|n| api_base(&n.api).ok());
         let text = match primary {
             Some(base) => match self.send_once(&base, &action, None) {
-                Err(e) if e.is_unreachable() => self.send(&action, None)?,
+                Err(e) if never_connected(&e) => self.send(&action, None)?,
                 other => other?,
             },
             None => self.send(&action, None)?,

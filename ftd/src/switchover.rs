@@ -16,14 +16,16 @@ use crate::model::{Desired, Level, Severity, VmView};
 
 /// How long the engine has to hand its VM over (a final checkpoint and a
 /// word to the standby; the witness's release with one).
-/// Within a client's request timeout.
-pub const SWITCHOVER_WITHIN: Duration = Duration::from_secs(8);
+/// With the last status request ([`ASK_WITHIN`]), within a client's
+/// request timeout (10 s), so that no client sends it again for want of
+/// an answer.
+pub const SWITCHOVER_WITHIN: Duration = Duration::from_secs(6);
 
 /// How often the engine's status is read while waiting.
 const LOOK_EVERY: Duration = Duration::from_millis(20);
 
 /// How long one control request may take.
-const ASK_WITHIN: Duration = Duration::from_secs(3);
+const ASK_WITHIN: Duration = Duration::from_secs(2);
 
 impl Manager {
     /// Moves the primary role of `name` from this node to its standby on
@@ -75,6 +77,7 @@ impl Manager {
             None => return refuse(format!("no primary of VM {name} runs on {me} yet")),
         };
         let sock = crate::supervisor::VmPaths::new(self.config(), self.state_dir(), name).sock;
+        let started = Instant::now();
         let asked = ask(&sock, ControlCommand::Switchover).await;
         match asked {
             Ok(r) if r.ok => {}
@@ -86,7 +89,6 @@ impl Manager {
             }
             Err(e) => return refuse(format!("the engine did not take the request: {e}")),
         }
-        let started = Instant::now();
         self.record(
             Severity::Info,
             false,
