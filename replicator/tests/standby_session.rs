@@ -388,6 +388,9 @@ async fn a_switchover_after_the_final_epoch_is_taken_over_while_the_primary_live
         ],
     )
     .await;
+    // It says it takes over: the final epoch acknowledged again (the
+    // primary stops only on this word).
+    expect_ack(&mut link, 2).await;
     // The link stays up (heartbeats) while the standby takes over.
     let replica = taken_over(standby.task).await;
     assert!(replica.switchover, "handed over by a switchover");
@@ -409,6 +412,16 @@ async fn a_switchover_past_the_committed_epoch_is_refused_without_a_takeover() {
     let standby = start_standby("switchover-early").await;
     let mut link = committed_primary(standby.addr).await;
     send(&link, &[Message::Switchover.into_frame(2, 1)]).await;
+    // The standby refuses (the primary then runs on), and ends the session.
+    let answer = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("the standby answers in time")
+        .expect("a refusal");
+    let refusal = Message::from_frame(answer).expect("a message").message;
+    assert!(
+        matches!(&refusal, Message::Refuse(why) if why.contains("switchover after epoch 2")),
+        "{refusal:?}"
+    );
     let answer = tokio::time::timeout(WITHIN, link.recv())
         .await
         .expect("the session ends in time");

@@ -71,6 +71,11 @@ pub enum PrimaryError {
     VmStopped,
     #[error("a planned switchover handed the VM to the standby after epoch {epoch}")]
     SwitchedOver { epoch: u64 },
+    #[error("the standby did not answer the switchover after epoch {epoch} within {within:?}")]
+    SwitchoverUnconfirmed {
+        epoch: u64,
+        within: std::time::Duration,
+    },
     #[error("checkpoint {epoch}: capturing the state failed: {source}")]
     Capture {
         epoch: u64,

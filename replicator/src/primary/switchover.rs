@@ -17,17 +17,19 @@
 //!    epoch N holds), which delivers them to the promoted guest: a request
 //!    that arrived during the switchover is answered there at once, not
 //!    after its sender's retransmission timer.
-//! 5. The standby is told `Switchover` (epoch N): it promotes its replica
-//!    of epoch N, which is this guest as it stopped.
+//! 5. The standby is told `Switchover` (epoch N). It answers by
+//!    acknowledging epoch N again and promotes its replica of epoch N,
+//!    which is this guest as it stopped; or it refuses.
 //!
 //! Until step 4 the switchover can be called off and the guest runs on
-//! here, protected, batch N released here; a failure after the release
-//! takes the VM back at the witness (batch N then leaves here), or stops
-//! this copy if the standby may have claimed it.
+//! here, protected, batch N released here. Without the standby's answer
+//! the VM is taken back at the witness (batch N then leaves here), or
+//! this copy stops if the standby may have claimed it; without a witness,
+//! only the standby's refusal lets the VM run on here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
@@ -129,23 +131,31 @@ pub(super) async fn hand_over(
             .map(|batch| Message::Inbound(batch).into_frame(0, generation)),
     );
     messages.push(Message::Switchover.into_frame(epoch, generation));
-    let told = send_all(tx, &messages, status).await;
-    if let Err(error) = told {
-        let Some(lease) = lease else {
-            // The standby holds epoch N and lost the link: without a
-            // witness it takes over when the link falls silent, so this
-            // copy must not run on.
-            warn!(epoch, %error, "the switchover could not be told; the standby takes over on the link's silence");
-            return Ok(Outcome::HandedOver { epoch });
+    // The standby's word: it takes the VM over (the final epoch's
+    // acknowledgement, again) or refuses.
+    let word = match send_all(tx, &messages, status).await {
+        Ok(_) => confirmation(acks, epoch).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = word {
+        let refused = matches!(error, PrimaryError::StandbyRefused { .. });
+        let runs_on_here = match lease {
+            // The witness decides: the standby claimed, or this copy
+            // holds the VM again (then no claim can be granted to it).
+            Some(lease) => lease.take_back().await,
+            // Without a witness only the standby's refusal says it will
+            // not take over; otherwise it may have, or may on the link's
+            // silence, so this copy must not run on.
+            None => refused,
         };
-        if lease.take_back().await {
-            warn!(epoch, %error, "the switchover could not be told: the VM runs on here");
+        if runs_on_here {
+            warn!(epoch, %error, "the standby did not take the VM over: it runs on here");
             send_here(vm, final_output, status);
             give_back(vm, waiting);
             vm.resume();
             return Err(error);
         }
-        warn!(epoch, %error, "the switchover could not be told and the VM could not be taken back: this copy stops");
+        warn!(epoch, %error, "the standby's word did not come and the VM cannot be taken back: this copy stops");
         return Ok(Outcome::HandedOver { epoch });
     }
     info!(
@@ -156,6 +166,30 @@ pub(super) async fn hand_over(
         "planned switchover: the standby takes over from the final epoch"
     );
     Ok(Outcome::HandedOver { epoch })
+}
+
+/// How long the standby has to say it takes the VM over.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(2);
+
+/// The standby's answer to `Switchover` after epoch `epoch`: Ok when it
+/// takes the VM over (it acknowledges that epoch again).
+async fn confirmation(
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    epoch: u64,
+) -> Result<(), PrimaryError> {
+    match tokio::time::timeout(CONFIRM_WITHIN, acks.recv()).await {
+        Ok(Some(Ok(got))) if got == epoch => Ok(()),
+        Ok(Some(Ok(got))) => Err(PrimaryError::WrongAck {
+            got,
+            expected: epoch,
+        }),
+        Ok(Some(Err(error))) => Err(error),
+        Ok(None) => Err(PrimaryError::AckStreamEnded),
+        Err(_) => Err(PrimaryError::SwitchoverUnconfirmed {
+            epoch,
+            within: CONFIRM_WITHIN,
+        }),
+    }
 }
 
 /// Batch `epoch` leaves from here after all (the switchover was called
@@ -199,4 +233,42 @@ fn final_output_batches(
             })
     });
     inbound_payloads(frames.collect::<Vec<_>>()).into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the final epoch acknowledged again is a yes; a refusal, another
+    /// epoch or the end of the stream is a no, with its reason.
+    #[tokio::test]
+    async fn the_standby_s_word_on_a_switchover_is_read_strictly() {
+        let answer = |event: Option<AckEvent>| async move {
+            let (tx, mut acks) = mpsc::unbounded_channel();
+            if let Some(event) = event {
+                tx.send(event).unwrap();
+            }
+            drop(tx);
+            confirmation(&mut acks, 7).await
+        };
+        assert!(answer(Some(Ok(7))).await.is_ok());
+        assert!(matches!(
+            answer(Some(Ok(6))).await,
+            Err(PrimaryError::WrongAck {
+                got: 6,
+                expected: 7
+            })
+        ));
+        let refused = PrimaryError::StandbyRefused {
+            reason: "a switchover after epoch 7, but this standby committed Some(6)".into(),
+        };
+        assert!(matches!(
+            answer(Some(Err(refused))).await,
+            Err(PrimaryError::StandbyRefused { .. })
+        ));
+        assert!(matches!(
+            answer(None).await,
+            Err(PrimaryError::AckStreamEnded)
+        ));
+    }
 }

@@ -112,7 +112,23 @@ async fn run(
             Message::Handover => return handed_over(replica, status),
             // A planned switchover: the epoch just acknowledged is the
             // last; take over from it now.
-            Message::Switchover => return switched_over(replica, envelope.epoch, status),
+            Message::Switchover => {
+                let (epoch, generation) = (envelope.epoch, replica.generation);
+                let outcome = switched_over(replica, epoch, status);
+                match &outcome {
+                    // The primary waits for this word before it stops.
+                    Ok(_) => {
+                        let ack = Message::Ack.into_frame(epoch, generation);
+                        if let Ok(Err(error)) =
+                            tokio::time::timeout(REFUSE_WITHIN, link.send(&ack)).await
+                        {
+                            warn!(%error, "the switchover could not be acknowledged; taking over anyway");
+                        }
+                    }
+                    Err(error) => refuse(link, error, generation, &status.snapshot().node).await,
+                }
+                return outcome;
+            }
             Message::SyncPages(_) | Message::SyncDisk(_) | Message::SyncEnd(_)
                 if replica.committed.is_some() || replica.synced =>
             {
@@ -339,7 +355,7 @@ fn handed_over(mut replica: Receiving, status: &StatusBoard) -> Result<Session, 
 /// the primary's guest stays stopped, so it does not resume on a replica
 /// that missed its last epoch; the primary then takes the VM back).
 fn switched_over(
-    replica: Receiving,
+    mut replica: Receiving,
     last: u64,
     status: &StatusBoard,
 ) -> Result<Session, StandbyError> {
@@ -350,8 +366,10 @@ fn switched_over(
             StandbyError::SwitchoverNotCommitted { last, committed },
         ));
     }
+    let final_output = std::mem::take(&mut replica.final_output);
     let mut kept = replica.into_replica().expect("an epoch is committed");
     kept.switchover = true;
+    kept.final_output = final_output;
     info!(
         epoch = kept.epoch,
         "planned switchover: taking over from the primary's final epoch"
@@ -376,7 +394,9 @@ impl Receiving {
             state,
             epoch,
             inbound: self.inbound.into_replay(),
-            final_output: self.final_output,
+            // Sent only by a switchover's takeover: otherwise the primary
+            // may have sent it itself (it took the VM back).
+            final_output: vec![Vec::new(); self.final_output.len()],
             generation: self.generation,
             switchover: false,
             granted_lease: None,
