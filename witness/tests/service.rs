@@ -13,6 +13,15 @@ use witness::{Answer, Request, WitnessClient, WitnessError};
 
 const SILENCE: Duration = Duration::from_millis(300);
 
+/// A claim's grant of `generation`: the new owner's first lease, half the
+/// silence.
+fn granted_with_lease(generation: u64) -> Answer {
+    Answer::Granted {
+        generation,
+        lease_ms: SILENCE.as_millis() as u64 / 2,
+    }
+}
+
 fn secret() -> PairSecret {
     PairSecret::new(b"witness-test-secret-0123456789".to_vec()).unwrap()
 }
@@ -93,10 +102,7 @@ async fn a_claim_is_refused_while_the_primary_is_heard_and_granted_after_its_sil
     let waited = last_heard.elapsed();
     assert_eq!(
         answer,
-        Answer::Granted {
-            generation: 2,
-            lease_ms: 150
-        },
+        granted_with_lease(2),
         "a claim's grant is the new owner's first lease (half the silence)"
     );
     assert!(
@@ -236,10 +242,7 @@ async fn a_waiting_claim_does_not_hold_up_another_nodes_requests() {
     let answer = claiming.await.unwrap().unwrap();
     assert_eq!(
         answer,
-        Answer::Granted {
-            generation: 2,
-            lease_ms: 150
-        },
+        granted_with_lease(2),
         "a claim's grant is the new owner's first lease (half the silence)"
     );
     server.abort();

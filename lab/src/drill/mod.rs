@@ -330,6 +330,19 @@ fn protected_run(rng: &mut u64, client: &Client) -> Result<Instant, DrillError> 
     Ok(since)
 }
 
+/// A round's start: a random 1-4 s of protected running, then the epoch
+/// `standby` has committed; returns when the run began and that epoch.
+fn before_fault(
+    lab: &Lab,
+    client: &Client,
+    standby: NodeId,
+    rng: &mut u64,
+) -> Result<(Instant, u64), DrillError> {
+    let protected_at = protected_run(rng, client)?;
+    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    Ok((protected_at, committed_epoch))
+}
+
 /// Where the VM runs now, as `node`'s API shows it: (placed on `expected`,
 /// generation).
 fn placement(lab: &Lab, node: NodeId, expected: NodeId) -> Result<(bool, u64), DrillError> {
@@ -351,8 +364,7 @@ fn pull_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let protected_at = protected_run(rng, client)?;
-    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
     let pulled_at = Instant::now();
     lab.pull(primary)?;
     let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
@@ -454,8 +466,7 @@ fn partition_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let protected_at = protected_run(rng, client)?;
-    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
     let watch = Watch::start(lab);
     let cut_at = Instant::now();
     cut(lab, fault, false)?;
@@ -570,8 +581,7 @@ fn freeze_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let protected_at = protected_run(rng, client)?;
-    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
     let freeze_ms = FREEZE_MIN_MS + next_random(rng) % (FREEZE_MAX_MS - FREEZE_MIN_MS);
     let watch = Watch::start(lab);
     let frozen_at = Instant::now();
@@ -623,8 +633,7 @@ fn switchover_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let protected_at = protected_run(rng, client)?;
-    let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
+    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
     let watch = Watch::start(lab);
     let asked_at = Instant::now();
     ft_pair::switchover(lab, primary).map_err(|source| DrillError::Switchover {
