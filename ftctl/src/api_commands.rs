@@ -61,6 +61,12 @@ pub enum NodeCommand {
     List,
     /// Show one node.
     Show { name: String },
+    /// Take a node out of service and bring it back (its VMs move to the
+    /// peer and return); follows the step until it is done.
+    Maintenance {
+        #[command(subcommand)]
+        command: crate::maintenance::MaintenanceCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +210,20 @@ pub enum CommandError {
     /// The API sent an event that is not one as `ftctl` knows it.
     #[error("the API sent an event ftctl cannot read: {0}")]
     DecodeEvent(#[source] serde_json::Error),
+    /// The API's answer is not what `ftctl` knows.
+    #[error("the API's answer is not one ftctl can read: {0}")]
+    DecodeAnswer(#[source] serde_json::Error),
+    /// A maintenance step did not end while followed.
+    #[error(
+        "node {node} did not reach maintenance {target} within {secs} s (it is {state}); \
+         the step goes on: see `ftctl node show {node}`"
+    )]
+    StepTimeout {
+        node: String,
+        target: String,
+        secs: u64,
+        state: String,
+    },
     /// The output cannot be written (a closed pipe).
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
@@ -263,13 +283,21 @@ fn node_command(client: &ApiClient, json: bool, command: NodeCommand) -> Result<
                         n.name.clone(),
                         n.state.clone(),
                         yes_no(n.local).to_string(),
+                        n.maintenance.clone(),
                         names(&n.primaries),
                         names(&n.standbys),
                     ]
                 })
                 .collect::<Vec<_>>();
             emit(&table(
-                &["NAME", "STATE", "LOCAL", "PRIMARIES", "STANDBYS"],
+                &[
+                    "NAME",
+                    "STATE",
+                    "LOCAL",
+                    "MAINTENANCE",
+                    "PRIMARIES",
+                    "STANDBYS",
+                ],
                 &rows,
             ))
         }
@@ -288,8 +316,24 @@ fn node_command(client: &ApiClient, json: bool, command: NodeCommand) -> Result<
                 ),
                 ("primaries", names(&node.primaries)),
                 ("standbys", names(&node.standbys)),
+                ("maintenance", node.maintenance.clone()),
+                ("maintenance by", or_dash(node.maintenance_by.as_deref())),
+                (
+                    "maintenance since",
+                    node.maintenance_since_unix_ms
+                        .map_or_else(|| "-".into(), utc_time),
+                ),
+                (
+                    "waiting for",
+                    if node.maintenance_waiting.is_empty() {
+                        "-".to_string()
+                    } else {
+                        node.maintenance_waiting.join("; ")
+                    },
+                ),
             ]))
         }
+        NodeCommand::Maintenance { command } => crate::maintenance::run(client, json, command),
     }
 }
 
@@ -894,13 +938,13 @@ fn civil_date(days: u64) -> (u64, u64, u64) {
 }
 
 /// Prints JSON for scripts (pretty, one document).
-fn print_json(value: &Value) -> Result<(), CommandError> {
+pub(crate) fn print_json(value: &Value) -> Result<(), CommandError> {
     let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
     emit(&format!("{text}\n"))
 }
 
 /// Writes to stdout at once (and flushes, for --follow).
-fn emit(text: &str) -> Result<(), CommandError> {
+pub(crate) fn emit(text: &str) -> Result<(), CommandError> {
     let mut out = io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())

@@ -6,6 +6,7 @@
 //!   two-node lab on this machine.
 
 mod api_commands;
+mod maintenance;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -319,7 +319,7 @@ fn a_vm_is_created_listed_started_stopped_and_deleted() {
     let nodes = d.ok(&["node", "list"]);
     assert_eq!(
         nodes.table()[1],
-        ["node-a", "up", "yes", "ledger-vm", "-"],
+        ["node-a", "up", "yes", "off", "ledger-vm", "-"],
         "{nodes:?}"
     );
     let refused = d.ftctl(&["vm", "delete", "ledger-vm"]);
@@ -426,6 +426,31 @@ fn api_refusals_exit_1_with_the_api_message() {
     assert!(run.stderr.contains("is not running"), "{run:?}");
     d.ok(&["vm", "delete", "idle"]);
 
+    // Maintenance of a node without a peer (its VMs would have nowhere to
+    // go), of an unknown node, and the end of one never begun: refused with
+    // the API's reason.
+    let run = d.ftctl(&["node", "maintenance", "enter", "node-a"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("node node-a has no peer: its VMs have nowhere to go"),
+        "{run:?}"
+    );
+    let run = d.ftctl(&["node", "maintenance", "enter", "node-x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("no node is named \"node-x\""),
+        "{run:?}"
+    );
+    let run = d.ftctl(&["node", "maintenance", "exit", "node-a", "--no-wait"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("node node-a is not in maintenance"),
+        "{run:?}"
+    );
+    let shown = d.ok(&["node", "show", "node-a"]);
+    assert!(shown.stdout.contains("maintenance"), "{shown:?}");
+
     // A bad usage is clap's exit 2.
     let run = d.ftctl(&["vm", "create", "no-kernel"]);
     assert_eq!(run.code, 2, "{run:?}");
@@ -493,8 +518,15 @@ fn nodes_events_and_the_audit_log_are_shown() {
     assert_eq!(
         run.table(),
         [
-            vec!["NAME", "STATE", "LOCAL", "PRIMARIES", "STANDBYS"],
-            vec!["node-a", "up", "yes", "-", "-"],
+            vec![
+                "NAME",
+                "STATE",
+                "LOCAL",
+                "MAINTENANCE",
+                "PRIMARIES",
+                "STANDBYS"
+            ],
+            vec!["node-a", "up", "yes", "off", "-", "-"],
         ],
         "{run:?}"
     );

@@ -231,6 +231,25 @@ impl ApiClient {
         self.get(&format!("/api/nodes/{}", encode_component(name)))
     }
 
+    /// `POST /api/nodes/{name}/maintenance/enter`: the node's VMs switch
+    /// over to the peer (the answer comes at once; the node shows the
+    /// progress).
+    pub fn enter_maintenance<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
+        self.post_empty(&format!(
+            "/api/nodes/{}/maintenance/enter",
+            encode_component(name)
+        ))
+    }
+
+    /// `POST /api/nodes/{name}/maintenance/exit`: the node's standbys
+    /// start and the VMs that prefer it return.
+    pub fn exit_maintenance<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
+        self.post_empty(&format!(
+            "/api/nodes/{}/maintenance/exit",
+            encode_component(name)
+        ))
+    }
+
     /// `GET /api/vms`.
     pub fn vms<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
         self.get("/api/vms")

@@ -133,6 +133,21 @@ pub struct NodeView {
     pub primaries: Vec<String>,
     #[serde(default)]
     pub standbys: Vec<String>,
+    /// `off`, `entering`, `on` or `leaving` (absent from an older daemon:
+    /// `off`).
+    #[serde(default = "in_service")]
+    pub maintenance: String,
+    #[serde(default)]
+    pub maintenance_by: Option<String>,
+    #[serde(default)]
+    pub maintenance_since_unix_ms: Option<u64>,
+    /// What an unfinished maintenance step waits for.
+    #[serde(default)]
+    pub maintenance_waiting: Vec<String>,
+}
+
+fn in_service() -> String {
+    "off".to_string()
 }
 
 /// One entry of the event log.

@@ -367,6 +367,7 @@ fn serve(state_dir: &Path) -> Result<(), String> {
         );
         tokio::spawn(Supervisor::new(manager.clone()).run());
         tokio::spawn(ftd::pair::run(manager.clone()));
+        tokio::spawn(ftd::maintenance::run(manager.clone()));
         tokio::spawn(ftd::quorum::watch(manager.clone()));
         let state = ApiState::new(manager, Arc::new(Metrics::new()), token);
         tokio::select! {

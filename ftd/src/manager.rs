@@ -46,6 +46,8 @@ pub enum ManagerError {
     NoSwitchover(String),
     #[error("the switchover did not happen: {0}")]
     SwitchoverFailed(String),
+    #[error("no maintenance change: {0}")]
+    NoMaintenance(String),
 }
 
 /// The node manager, shared by the API, the supervisor and the pair
@@ -236,6 +238,7 @@ impl Manager {
             vms: self.inner.store.vms()?,
             tombstones: self.inner.store.tombstones()?,
             roles,
+            nodes: self.inner.store.node_records()?,
         })
     }
 
@@ -321,6 +324,23 @@ impl Manager {
                     "pair",
                     Some(&tomb.name),
                     &format!("VM {}: deleted on {}", tomb.name, state.node),
+                );
+            }
+        }
+        for node in &state.nodes {
+            if self.inner.store.merge_node(node)? != Merged::Kept {
+                changed = true;
+                self.record(
+                    Severity::Info,
+                    false,
+                    "maintenance",
+                    None,
+                    &format!(
+                        "node {}: maintenance {} (from {})",
+                        node.name,
+                        node.maintenance.as_str(),
+                        state.node
+                    ),
                 );
             }
         }
@@ -411,11 +431,34 @@ impl Manager {
             return Err(ManagerError::Running(name.to_string()));
         }
         let preferred = record.definition.preferred_node.clone();
-        let node = if preferred == self.node_name() || self.peer_connected() {
+        let me = self.node_name().to_string();
+        let in_maintenance = self
+            .inner
+            .store
+            .node_record(&preferred)?
+            .maintenance
+            .keeps_no_vm();
+        let node = if in_maintenance {
+            // Its preferred node is in maintenance: the other one runs it.
+            let other = self
+                .inner
+                .config
+                .node_names()
+                .into_iter()
+                .find(|n| *n != preferred)
+                .unwrap_or_else(|| me.clone());
+            if other != me && !self.peer_connected() {
+                return Err(ManagerError::NoPeer(format!(
+                    "VM {name} cannot start: its preferred node {preferred} is in maintenance \
+                     and node {other} is not reachable"
+                )));
+            }
+            other
+        } else if preferred == me || self.peer_connected() {
             preferred
         } else {
             // The preferred node is not reachable: run it here.
-            self.node_name().to_string()
+            me
         };
         let record = self.inner.store.update_vm(name, |r| {
             r.desired = Desired::Running;
@@ -658,6 +701,9 @@ impl Manager {
             (false, Some(_)) => NodeState::Unreachable,
             (false, None) => NodeState::Unknown,
         };
+        let maintenance = self.inner.store.node_record(&node.name)?;
+        let maintenance_waiting =
+            self.maintenance_waiting(&node.name, maintenance.maintenance, vms);
         let running = |r: &&VmRecord| r.desired == Desired::Running;
         let primaries = vms
             .iter()
@@ -683,6 +729,10 @@ impl Manager {
             last_seen_unix_ms: last_seen,
             primaries,
             standbys,
+            maintenance: maintenance.maintenance,
+            maintenance_by: maintenance.maintenance_by,
+            maintenance_since_unix_ms: maintenance.maintenance_since_unix_ms,
+            maintenance_waiting,
         })
     }
 }

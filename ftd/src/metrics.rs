@@ -13,7 +13,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::manager::Manager;
-use crate::model::NodeState;
+use crate::model::{Maintenance, NodeState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -38,6 +38,12 @@ struct VmStateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
     node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeStateLabels {
+    node: String,
+    state: String,
 }
 
 /// A histogram whose counts the FT engine keeps (its stop-time buckets),
@@ -312,6 +318,12 @@ impl Metrics {
             "1 while the peer's daemon answers",
             peer_up.clone(),
         );
+        let maintenance = Family::<NodeStateLabels, Gauge>::default();
+        registry.register(
+            "node_maintenance",
+            "1 for the maintenance state each node is in (off, entering, on, leaving)",
+            maintenance.clone(),
+        );
         let witness_up = Gauge::<i64>::default();
         if let Some(reachable) = manager.witness_reachable() {
             witness_up.set(i64::from(reachable));
@@ -414,6 +426,19 @@ impl Metrics {
             }
         }
         for node in manager.nodes()? {
+            for state in [
+                Maintenance::Off,
+                Maintenance::Entering,
+                Maintenance::On,
+                Maintenance::Leaving,
+            ] {
+                maintenance
+                    .get_or_create(&NodeStateLabels {
+                        node: node.name.clone(),
+                        state: state.as_str().to_string(),
+                    })
+                    .set(i64::from(node.maintenance == state));
+            }
             if !node.local {
                 peer_up
                     .get_or_create(&NodeLabels { node: node.name })
@@ -507,6 +532,14 @@ mod tests {
         );
         assert!(
             open.contains("ftvm_guest_stop_seconds_count{vm=\"vm1\",role=\"primary\"} 3"),
+            "{open}"
+        );
+        assert!(
+            open.contains("ftvm_node_maintenance{node=\"node-a\",state=\"off\"} 1"),
+            "{open}"
+        );
+        assert!(
+            open.contains("ftvm_node_maintenance{node=\"node-b\",state=\"on\"} 0"),
             "{open}"
         );
         let classic = classic_text(&open);

@@ -511,6 +511,64 @@ pub struct NodeView {
     pub primaries: Vec<String>,
     /// VMs whose standby runs here.
     pub standbys: Vec<String>,
+    /// Whether the node is in maintenance (`off`, `entering`, `on`,
+    /// `leaving`).
+    #[serde(default)]
+    pub maintenance: Maintenance,
+    /// Who asked for the node's maintenance to begin or end, and when
+    /// (ms since the Unix epoch).
+    #[serde(default)]
+    pub maintenance_by: Option<String>,
+    #[serde(default)]
+    pub maintenance_since_unix_ms: Option<u64>,
+    /// What an unfinished maintenance step waits for (the VMs still to
+    /// move or to be protected again).
+    #[serde(default)]
+    pub maintenance_waiting: Vec<String>,
+}
+
+/// A node's maintenance: its VMs moved to the peer while a person works on
+/// it (pulls it, upgrades it), and back when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Maintenance {
+    /// In service.
+    #[default]
+    Off,
+    /// Its VMs are switching over to the peer; it starts no standby.
+    Entering,
+    /// No VM runs on it (the VMs run unprotected on the peer): pulling or
+    /// rebooting it affects no VM.
+    On,
+    /// Its standbys are synchronising and the VMs that prefer it move
+    /// back to it.
+    Leaving,
+}
+
+impl Maintenance {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Maintenance::Off => "off",
+            Maintenance::Entering => "entering",
+            Maintenance::On => "on",
+            Maintenance::Leaving => "leaving",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Maintenance> {
+        match s {
+            "off" => Some(Maintenance::Off),
+            "entering" => Some(Maintenance::Entering),
+            "on" => Some(Maintenance::On),
+            "leaving" => Some(Maintenance::Leaving),
+            _ => None,
+        }
+    }
+
+    /// The node runs no role: its VMs have left it (or are leaving).
+    pub const fn keeps_no_vm(self) -> bool {
+        matches!(self, Maintenance::Entering | Maintenance::On)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -560,7 +618,7 @@ pub struct Event {
     pub severity: Severity,
     /// An alert wants a person's attention.
     pub alert: bool,
-    /// `vm`, `node`, `pair` or `audit`.
+    /// `vm`, `node`, `pair`, `maintenance` or `audit`.
     pub kind: String,
     pub vm: Option<String>,
     pub message: String,

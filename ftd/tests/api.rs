@@ -62,6 +62,16 @@ fn every_endpoint_needs_the_token() {
     let protected = [
         ("GET", "/api/nodes", "/api/nodes"),
         ("GET", "/api/nodes/node-a", "/api/nodes/{name}"),
+        (
+            "POST",
+            "/api/nodes/node-a/maintenance/enter",
+            "/api/nodes/{name}/maintenance/enter",
+        ),
+        (
+            "POST",
+            "/api/nodes/node-a/maintenance/exit",
+            "/api/nodes/{name}/maintenance/exit",
+        ),
         ("GET", "/api/vms", "/api/vms"),
         ("POST", "/api/vms", "/api/vms"),
         ("GET", "/api/vms/x", "/api/vms/{name}"),
@@ -479,6 +489,38 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
         "bad_request",
     );
     assert_error(&d.call("GET", "/api/nothing", "-", None), 404, "not_found");
+    // Maintenance: a node without a peer has nowhere to move its VMs; an
+    // unknown node is not found; a node in service has no maintenance to
+    // end.
+    let enter = "/api/nodes/{name}/maintenance/enter";
+    let exit = "/api/nodes/{name}/maintenance/exit";
+    let refused = d.call("POST", "/api/nodes/node-a/maintenance/enter", enter, None);
+    assert_error(&refused, 409, "conflict");
+    assert!(
+        refused.1["message"].as_str().unwrap().contains("no peer"),
+        "{}",
+        refused.1
+    );
+    assert_error(
+        &d.call("POST", "/api/nodes/node-x/maintenance/enter", enter, None),
+        404,
+        "not_found",
+    );
+    let refused = d.call("POST", "/api/nodes/node-a/maintenance/exit", exit, None);
+    assert_error(&refused, 409, "conflict");
+    assert!(
+        refused.1["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in maintenance"),
+        "{}",
+        refused.1
+    );
+    assert_eq!(
+        d.call("GET", "/api/nodes/node-a", "/api/nodes/{name}", None)
+            .1["maintenance"],
+        "off"
+    );
     assert_error(
         &d.call("PUT", "/api/vms", "-", None),
         405,

@@ -506,3 +506,184 @@ fn without_a_witness_vm_show_states_the_policy() {
         "{vm}"
     );
 }
+
+/// `d`'s view of `node`'s maintenance.
+fn maintenance(d: &Daemon, node: &str) -> Value {
+    d.call("GET", &format!("/api/nodes/{node}"), "-", None).1["maintenance"].clone()
+}
+
+/// Asks `d` to move `node`'s maintenance (`enter` or `exit`).
+fn maintenance_step(d: &Daemon, node: &str, step: &str) -> (u16, Value) {
+    d.call(
+        "POST",
+        &format!("/api/nodes/{node}/maintenance/{step}"),
+        "-",
+        None,
+    )
+}
+
+#[test]
+fn node_maintenance_travels_between_the_nodes_and_is_refused_when_it_cannot_hold() {
+    let mut p = pair();
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes", "the peer is up", |nodes| {
+            nodes.as_array().unwrap().iter().all(|n| n["state"] == "up")
+        });
+    }
+    let k = kernel(&p.a);
+    create(&p.a, "vm-one", &k);
+    // An unprotected VM on node-a could leave only by a reboot: refused,
+    // named.
+    let (status, _) = p.a.call("POST", "/api/vms/vm-one/unprotect", "-", None);
+    assert_eq!(status, 200);
+    let (status, vm) = p.a.call("POST", "/api/vms/vm-one/start", "-", None);
+    assert_eq!(
+        (status, &vm["primary_node"]),
+        (202, &json!("node-a")),
+        "{vm}"
+    );
+    eventually(&p.b, "/api/vms/vm-one", "b knows vm-one runs", |v| {
+        v["desired"] == "running"
+    });
+    let (status, refused) = maintenance_step(&p.b, "node-a", "enter");
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["message"].as_str().unwrap().contains("vm-one"),
+        "{refused}"
+    );
+    let (status, _) = p.a.call("POST", "/api/vms/vm-one/stop", "-", None);
+    assert_eq!(status, 202);
+
+    // Asked of node-b for node-a: both nodes see it; with no VM running
+    // there it is on maintenance at once.
+    let (status, node) = maintenance_step(&p.b, "node-a", "enter");
+    assert_eq!(status, 202, "{node}");
+    // (With nothing to move, the step may be over before the answer.)
+    assert!(
+        node["maintenance"] == "entering" || node["maintenance"] == "on",
+        "{node}"
+    );
+    assert!(node["maintenance_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("admin@127.0.0.1"));
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes/node-a", "node-a on maintenance", |n| {
+            n["maintenance"] == "on" && n["maintenance_waiting"] == json!([])
+        });
+    }
+    let metrics = p.a.metrics();
+    assert!(
+        metrics.contains("ftvm_node_maintenance{node=\"node-a\",state=\"on\"} 1"),
+        "{metrics}"
+    );
+    // Twice, or the other node as well: refused with the reason.
+    let (status, refused) = maintenance_step(&p.a, "node-a", "enter");
+    assert_eq!(status, 409);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("in maintenance already"),
+        "{refused}"
+    );
+    let (status, refused) = maintenance_step(&p.a, "node-b", "enter");
+    assert_eq!(status, 409);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("node node-a is in maintenance"),
+        "{refused}"
+    );
+    // A VM that prefers node-a starts on node-b meanwhile; at level ft the
+    // node leaves maintenance only once it is protected (it cannot be
+    // here: the kernel is not one) or stopped.
+    let (status, _) = p.a.call("POST", "/api/vms/vm-one/protect", "-", None);
+    assert_eq!(status, 200);
+    let (status, vm) = p.a.call("POST", "/api/vms/vm-one/start", "-", None);
+    assert_eq!(
+        (status, &vm["primary_node"]),
+        (202, &json!("node-b")),
+        "{vm}"
+    );
+    let (status, node) = maintenance_step(&p.a, "node-a", "exit");
+    assert_eq!(
+        (status, &node["maintenance"]),
+        (202, &json!("leaving")),
+        "{node}"
+    );
+    let leaving = eventually(&p.b, "/api/nodes/node-a", "node-a leaving", |n| {
+        n["maintenance"] == "leaving"
+            && n["maintenance_waiting"]
+                .as_array()
+                .is_some_and(|w| w.iter().any(|l| l.as_str().unwrap().contains("vm-one")))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(maintenance(&p.a, "node-a"), "leaving", "{leaving}");
+    let (status, _) = p.a.call("POST", "/api/vms/vm-one/stop", "-", None);
+    assert_eq!(status, 202);
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes/node-a", "node-a back in service", |n| {
+            n["maintenance"] == "off"
+        });
+    }
+    let (status, refused) = maintenance_step(&p.b, "node-a", "exit");
+    assert_eq!(status, 409);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in maintenance"),
+        "{refused}"
+    );
+    // Every step is in the event log (of the node that did it), and the
+    // requests in the audit log with who asked.
+    let events: Vec<Value> = [&p.a, &p.b]
+        .iter()
+        .flat_map(|d| {
+            let (_, events) = d.call("GET", "/api/events?limit=1000", "-", None);
+            events.as_array().unwrap().clone()
+        })
+        .collect();
+    let events = Value::Array(events);
+    for said in [
+        "node node-a entering maintenance (asked by admin@127.0.0.1",
+        "node node-a is in maintenance",
+        "node node-a leaving maintenance (asked by admin@127.0.0.1",
+        "node node-a is back in service",
+    ] {
+        assert!(
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["message"].as_str().unwrap().contains(said)),
+            "no event {said:?}: {events}"
+        );
+    }
+    let (_, audit) = p.b.call("GET", "/api/audit?limit=1000", "-", None);
+    assert!(
+        audit.as_array().unwrap().iter().any(|e| e["action"]
+            == "POST /api/nodes/node-a/maintenance/enter"
+            && e["status"] == 202
+            && e["who"].as_str().unwrap().starts_with("admin@")),
+        "{audit}"
+    );
+    // The state survives a restart; a node whose peer is away cannot
+    // enter maintenance (nothing would take its VMs).
+    p.b.stop();
+    eventually(&p.a, "/api/nodes/node-b", "b unreachable", |n| {
+        n["state"] == "unreachable"
+    });
+    let (status, refused) = maintenance_step(&p.a, "node-a", "enter");
+    assert_eq!(status, 409);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("node node-b is not reachable"),
+        "{refused}"
+    );
+    assert_eq!(maintenance(&p.a, "node-a"), "off");
+}

@@ -12,7 +12,7 @@ pub mod guest;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lab::agent::{AgentError, EchoReport, ExecOutput};
 pub use lab::{Lab, LinkId, NodeId};
@@ -202,5 +202,41 @@ impl Drop for LabPair {
         if let Err(e) = self.lab.down() {
             eprintln!("[e2e] lab down failed: {e}");
         }
+    }
+}
+
+/// A ledger client that appends ids 1, 2, ... and keeps those
+/// acknowledged, to check at the end that the ledger lost none.
+pub struct Appender {
+    client: guest_tools::ledger::LedgerClient,
+    /// The ids acknowledged, in order.
+    pub acked: Vec<u64>,
+    sent: u64,
+}
+
+impl Appender {
+    pub fn new(client: guest_tools::ledger::LedgerClient) -> Appender {
+        Appender {
+            client,
+            acked: Vec::new(),
+            sent: 0,
+        }
+    }
+
+    /// Appends one id after another for `d`.
+    pub fn append_for(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            self.sent += 1;
+            self.client.append(self.sent).expect("append");
+            self.acked.push(self.sent);
+        }
+    }
+
+    /// The ledger's memory holds every acknowledged id once.
+    pub fn assert_nothing_lost(&mut self) {
+        let memory = self.client.dump().expect("dump");
+        let verdict = guest_tools::ledger::verify(&self.acked, self.sent, &memory);
+        assert!(verdict.ok(), "{verdict:?}");
     }
 }

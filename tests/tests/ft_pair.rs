@@ -27,47 +27,12 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ft_tests::LabPair;
+use ft_tests::{Appender, LabPair};
 use guest_tools::ledger::LedgerClient;
 use lab::drill;
 use lab::ft_pair;
 use lab::NodeId;
 use replicator::status::{FtState, Role, Status};
-
-/// A ledger client that appends ids 1, 2, ... and keeps those
-/// acknowledged, to check at the end that the ledger lost none.
-struct Appender {
-    client: LedgerClient,
-    acked: Vec<u64>,
-    sent: u64,
-}
-
-impl Appender {
-    fn new(client: LedgerClient) -> Appender {
-        Appender {
-            client,
-            acked: Vec::new(),
-            sent: 0,
-        }
-    }
-
-    /// Appends one id after another for `d`.
-    fn append_for(&mut self, d: Duration) {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            self.sent += 1;
-            self.client.append(self.sent).expect("append");
-            self.acked.push(self.sent);
-        }
-    }
-
-    /// The ledger's memory holds every acknowledged id once.
-    fn assert_nothing_lost(&mut self) {
-        let memory = self.client.dump().expect("dump");
-        let verdict = guest_tools::ledger::verify(&self.acked, self.sent, &memory);
-        assert!(verdict.ok(), "{verdict:?}");
-    }
-}
 
 /// `node`'s FT status, asked on its control socket (None if none answers).
 fn status(lab: &LabPair, node: NodeId) -> Option<Status> {

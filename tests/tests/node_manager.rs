@@ -4,14 +4,17 @@
 //! the other changes the definitions, and back: its store (definitions,
 //! audit log) intact, the change received, the VM protected again with no
 //! command from anyone; a daemon restarted while the VM runs: the engine
-//! keeps running and is adopted.
+//! keeps running and is adopted. Node maintenance: the VM moves off the
+//! node and back with the client writing, a pull of the node in
+//! maintenance changes nothing.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ft_tests::LabPair;
-use ftd_client::model::{AuditEntry, VmView};
+use ft_tests::{Appender, LabPair};
+use ftd_client::client::EventQuery;
+use ftd_client::model::{AuditEntry, Event, NodeView, VmView};
 use lab::ft_pair;
 use lab::NodeId;
 use replicator::status::{FtState, Role};
@@ -207,5 +210,245 @@ fn the_daemons_keep_the_vm_protected_through_a_pull_and_a_restart() {
         "[e2e] ftd on a restarted: engine pid {engine_pid} kept, adopted and shown protected after {:.1} s (epoch {})",
         adopted.elapsed().as_secs_f64(),
         status.epoch
+    );
+}
+
+/// Polls `via`'s view of `node` until its maintenance is `target`, the
+/// client writing all along; returns the node and how long it took.
+fn follow_maintenance(
+    lab: &LabPair,
+    via: NodeId,
+    node: &str,
+    target: &str,
+    writer: &mut Appender,
+    timeout: Duration,
+) -> (NodeView, Duration) {
+    let start = Instant::now();
+    let api = ft_pair::api(lab.lab(), via).unwrap();
+    let mut last: Option<NodeView> = None;
+    loop {
+        writer.append_for(Duration::from_millis(250));
+        if let Ok(view) = api.node::<NodeView>(node) {
+            if last
+                .as_ref()
+                .is_none_or(|l| l.maintenance_waiting != view.maintenance_waiting)
+            {
+                eprintln!(
+                    "[e2e] node {node}: maintenance {} {:?}",
+                    view.maintenance, view.maintenance_waiting
+                );
+            }
+            if view.maintenance == target {
+                return (view, start.elapsed());
+            }
+            last = Some(view);
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "node {node} not in maintenance {target} within {timeout:?}: {last:?}\n{}",
+            ft_pair::log_tail(lab.lab(), via)
+        );
+    }
+}
+
+/// Node maintenance with the ledger client writing (issue 13): entering it
+/// on the primary's node switches the VM over to the peer and leaves no
+/// role on the node (the VM runs unprotected, an alert says so); pulling
+/// the node then changes nothing for the VM; it boots again still in
+/// maintenance and starts nothing; leaving maintenance protects the VM
+/// again and switches it back to its preferred node. Nothing acknowledged
+/// is lost, and the audit logs name every step with who asked.
+#[test]
+fn maintenance_moves_the_vm_off_a_node_and_back_and_loses_nothing() {
+    let lab = LabPair::start("ftmaint");
+    let (a, b) = (NodeId::A, NodeId::B);
+    ft_pair::protect(lab.lab(), a, Default::default()).expect("protected through the API");
+    ft_pair::wait_for(
+        lab.lab(),
+        b,
+        Role::Standby,
+        FtState::StandingBy,
+        Duration::from_secs(60),
+    )
+    .expect("standby ready");
+    let api_a = ft_pair::api(lab.lab(), a).unwrap();
+    let api_b = ft_pair::api(lab.lab(), b).unwrap();
+    let mut writer = Appender::new(lab.ledger_client());
+    writer.append_for(Duration::from_secs(2));
+
+    // Enter, asked of node b: the VM moves to b; a keeps no role.
+    let asked: NodeView = api_b.enter_maintenance("node-a").expect("enter");
+    assert_eq!(asked.maintenance, "entering", "{asked:?}");
+    let (_, entering) = follow_maintenance(
+        &lab,
+        b,
+        "node-a",
+        "on",
+        &mut writer,
+        Duration::from_secs(120),
+    );
+    let moved = eventually(
+        &lab,
+        b,
+        ft_pair::VM_NAME,
+        "the VM runs on b",
+        Duration::from_secs(30),
+        |v| v.primary_node.as_deref() == Some("node-b") && v.state == "unprotected",
+    );
+    let gone = Instant::now();
+    while ft_pair::status(lab.lab(), a).is_some() {
+        writer.append_for(Duration::from_millis(250));
+        assert!(
+            gone.elapsed() < Duration::from_secs(30),
+            "a role still runs on a in maintenance: {:?}",
+            ft_pair::status(lab.lab(), a)
+        );
+    }
+    let alerts: Vec<Event> = api_b
+        .events(&EventQuery {
+            alerts: true,
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .expect("b's alerts");
+    let alerts_a: Vec<Event> = api_a
+        .events(&EventQuery {
+            alerts: true,
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .expect("a's alerts");
+    assert!(
+        alerts
+            .iter()
+            .chain(&alerts_a)
+            .any(|e| e.kind == "maintenance"
+                && e.message.contains("ledger-vm")
+                && e.message.contains("unprotected")),
+        "no alert says the VM runs unprotected: {alerts:?} {alerts_a:?}"
+    );
+
+    // Pull a: nothing happens to the VM.
+    lab.pull(a);
+    writer.append_for(Duration::from_secs(5));
+    let after_pull = eventually(
+        &lab,
+        b,
+        ft_pair::VM_NAME,
+        "the VM runs on b",
+        Duration::from_secs(10),
+        |_| true,
+    );
+    assert_eq!(after_pull.primary_node.as_deref(), Some("node-b"));
+    assert_eq!(
+        after_pull.generation, moved.generation,
+        "pulling a node in maintenance changed the VM's generation"
+    );
+    let promoted = ft_pair::status(lab.lab(), b).expect("b's engine");
+    assert_eq!(
+        (promoted.role, promoted.state),
+        (Role::Primary, FtState::Unprotected),
+        "{promoted:?}"
+    );
+
+    // a boots again still in maintenance: it starts no standby.
+    lab.lab().up(&[a]).expect("a back");
+    let back = Instant::now();
+    loop {
+        writer.append_for(Duration::from_millis(250));
+        // Both nodes up as a sees them, and a still in maintenance.
+        let seen = ft_pair::api(lab.lab(), a)
+            .ok()
+            .and_then(|api| api.nodes::<Vec<NodeView>>().ok());
+        if seen.is_some_and(|nodes| {
+            nodes.iter().all(|n| n.state == "up")
+                && nodes
+                    .iter()
+                    .any(|n| n.name == "node-a" && n.maintenance == "on")
+        }) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(120),
+            "a's daemon did not come back"
+        );
+    }
+    writer.append_for(Duration::from_secs(3));
+    assert!(
+        ft_pair::status(lab.lab(), a).is_none(),
+        "a node in maintenance started a role: {:?}",
+        ft_pair::status(lab.lab(), a)
+    );
+
+    // Exit, asked of node a: the VM is protected again and returns to a.
+    let api_a = ft_pair::api(lab.lab(), a).unwrap();
+    let asked: NodeView = api_a.exit_maintenance("node-a").expect("exit");
+    assert_eq!(asked.maintenance, "leaving", "{asked:?}");
+    let (_, leaving) = follow_maintenance(
+        &lab,
+        a,
+        "node-a",
+        "off",
+        &mut writer,
+        Duration::from_secs(300),
+    );
+    let home = eventually(
+        &lab,
+        a,
+        ft_pair::VM_NAME,
+        "the VM protected on a",
+        Duration::from_secs(10),
+        |v| v.state == "protected",
+    );
+    assert_eq!(home.primary_node.as_deref(), Some("node-a"));
+    assert_eq!(home.standby_node.as_deref(), Some("node-b"));
+    writer.append_for(Duration::from_secs(2));
+    writer.assert_nothing_lost();
+
+    // The audit logs: the requests with who asked, each switchover done on
+    // their behalf.
+    let audit_a: Vec<AuditEntry> = api_a.audit(Some(1000)).expect("a's audit");
+    let audit_b: Vec<AuditEntry> = api_b.audit(Some(1000)).expect("b's audit");
+    let has = |log: &[AuditEntry], who: &str, action: &str| {
+        log.iter()
+            .any(|e| e.who.starts_with(who) && e.action.contains(action) && e.status < 300)
+    };
+    assert!(
+        has(
+            &audit_b,
+            "admin@",
+            "POST /api/nodes/node-a/maintenance/enter"
+        ),
+        "{audit_b:?}"
+    );
+    assert!(
+        has(
+            &audit_a,
+            "admin@",
+            "POST /api/nodes/node-a/maintenance/exit"
+        ),
+        "{audit_a:?}"
+    );
+    assert!(
+        has(
+            &audit_a,
+            "ftd@node-a for admin@",
+            "switchover of VM ledger-vm from node-a to node-b"
+        ),
+        "{audit_a:?}"
+    );
+    assert!(
+        has(
+            &audit_b,
+            "ftd@node-b for admin@",
+            "switchover of VM ledger-vm from node-b to node-a"
+        ),
+        "{audit_b:?}"
+    );
+    eprintln!(
+        "[e2e] maintenance of node-a: entered in {:.1} s, left (protected, back on a) in {:.1} s; {} operations, none lost",
+        entering.as_secs_f64(),
+        leaving.as_secs_f64(),
+        writer.acked.len()
     );
 }

@@ -168,7 +168,8 @@ impl From<ManagerError> for ApiError {
             | ManagerError::NoPeer(_)
             | ManagerError::NoTakeover(_)
             | ManagerError::NoSwitchover(_)
-            | ManagerError::SwitchoverFailed(_) => ApiError::Conflict(e.to_string()),
+            | ManagerError::SwitchoverFailed(_)
+            | ManagerError::NoMaintenance(_) => ApiError::Conflict(e.to_string()),
         }
     }
 }

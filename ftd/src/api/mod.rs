@@ -62,6 +62,14 @@ pub fn router(state: ApiState) -> Router {
     let authenticated = Router::new()
         .route("/api/nodes", get(nodes::list))
         .route("/api/nodes/{name}", get(nodes::show))
+        .route(
+            "/api/nodes/{name}/maintenance/enter",
+            post(nodes::enter_maintenance),
+        )
+        .route(
+            "/api/nodes/{name}/maintenance/exit",
+            post(nodes::exit_maintenance),
+        )
         .route("/api/vms", get(vms::list).post(vms::create))
         .route("/api/vms/{name}", get(vms::show).delete(vms::delete))
         .route("/api/vms/{name}/start", post(vms::start))
@@ -177,6 +185,11 @@ async fn authenticate(State(state): State<ApiState>, request: Request, next: Nex
     }
 }
 
+/// The audit log's name of an authenticated client.
+pub(crate) fn admin(client: SocketAddr) -> String {
+    format!("admin@{}", client.ip())
+}
+
 /// Writes every mutating request to the audit log with its outcome.
 async fn audit(
     State(state): State<ApiState>,
@@ -209,7 +222,7 @@ async fn audit(
     };
     let who = match (authorized, status) {
         (true, StatusCode::UNAUTHORIZED) => format!("bad-token@{}", client.ip()),
-        (true, _) => format!("admin@{}", client.ip()),
+        (true, _) => admin(client),
         (false, _) => format!("anonymous@{}", client.ip()),
     };
     if let Err(e) = state

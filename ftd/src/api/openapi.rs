@@ -15,6 +15,8 @@ use crate::model;
         super::health,
         super::nodes::list,
         super::nodes::show,
+        super::nodes::enter_maintenance,
+        super::nodes::exit_maintenance,
         super::vms::list,
         super::vms::create,
         super::vms::show,
@@ -45,6 +47,7 @@ use crate::model;
         model::RoleView,
         model::NodeView,
         model::NodeState,
+        model::Maintenance,
         model::Severity,
         model::Event,
         model::AuditEntry,
@@ -55,7 +58,7 @@ use crate::model;
     modifiers(&BearerToken),
     tags(
         (name = "vms", description = "VM definitions and their life"),
-        (name = "nodes", description = "The pair's nodes"),
+        (name = "nodes", description = "The pair's nodes and their maintenance"),
         (name = "events", description = "Events, alerts and the audit log"),
         (name = "node", description = "This daemon"),
     )

@@ -1,5 +1,6 @@
 //! What the two daemons tell each other on the pair channel: each side's
-//! whole state (VM records, tombstones, the roles running on it), sent
+//! whole state (VM records, tombstones, the roles running on it, the
+//! nodes' maintenance), sent
 //! when it changes and every second. JSON in A-link message frames.
 
 use bytes::Bytes;
@@ -7,7 +8,7 @@ use ft_link::{Frame, FrameKind};
 use replicator::status::{FtState, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Tombstone, VmRecord};
+use crate::store::{NodeRecord, Tombstone, VmRecord};
 
 /// The pair channel's protocol version.
 pub const PAIR_VERSION: u32 = 1;
@@ -52,6 +53,9 @@ pub struct PairState {
     pub vms: Vec<VmRecord>,
     pub tombstones: Vec<Tombstone>,
     pub roles: Vec<RoleReport>,
+    /// The nodes' maintenance records (absent from an older daemon).
+    #[serde(default)]
+    pub nodes: Vec<NodeRecord>,
 }
 
 impl PairState {

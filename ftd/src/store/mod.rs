@@ -1,13 +1,17 @@
 //! The node's persistent state in SQLite (`<state dir>/ftd.sqlite`): VM
 //! definitions with their desired state and placement, the event log and
-//! the audit log, when the peer was last heard.
+//! the audit log, when the peer was last heard and whether a node is in
+//! maintenance.
 //!
 //! SQLite (through rusqlite, built in): one file, transactions that
 //! survive power loss (WAL, `synchronous=FULL`), SQL for the event log's
 //! filters, and `sqlite3` at hand for an operator who wants to look
 //! inside. Every write is one transaction; readers never see half a change.
 
+mod nodes;
 mod schema;
+
+pub use nodes::NodeRecord;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -53,4 +53,13 @@ pub const MIGRATIONS: &[&str] = &[
         unix_ms    INTEGER NOT NULL
     );
     "#,
+    // 3: node maintenance, a record that travels between the nodes.
+    r#"
+    ALTER TABLE nodes ADD COLUMN maintenance TEXT NOT NULL DEFAULT 'off'
+        CHECK (maintenance IN ('off', 'entering', 'on', 'leaving'));
+    ALTER TABLE nodes ADD COLUMN maintenance_by TEXT;
+    ALTER TABLE nodes ADD COLUMN maintenance_since_unix_ms INTEGER;
+    ALTER TABLE nodes ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN updated_unix_ms INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];

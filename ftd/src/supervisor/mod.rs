@@ -97,14 +97,23 @@ impl Runtime {
     }
 }
 
-/// Which role this node should play for a VM, from its record.
-pub fn wanted_role(record: &VmRecord, me: &str, peer: Option<&str>) -> Option<Role> {
+/// Which role this node should play for a VM, from its record; a node in
+/// maintenance (`keeps_no_vm`) keeps no standby (its primaries leave by
+/// switchovers).
+pub fn wanted_role(
+    record: &VmRecord,
+    me: &str,
+    peer: Option<&str>,
+    keeps_no_vm: bool,
+) -> Option<Role> {
     if record.desired != Desired::Running {
         return None;
     }
     match record.primary_node.as_deref() {
         Some(p) if p == me => Some(Role::Primary),
-        Some(p) if Some(p) == peer && record.definition.level == Level::Ft => Some(Role::Standby),
+        Some(p) if Some(p) == peer && record.definition.level == Level::Ft && !keeps_no_vm => {
+            Some(Role::Standby)
+        }
         _ => None,
     }
 }
@@ -307,7 +316,12 @@ impl Supervisor {
                 return;
             }
         }
-        let wanted = wanted_role(&record, me, peer);
+        let keeps_no_vm = self
+            .manager
+            .store()
+            .node_record(me)
+            .is_ok_and(|n| n.maintenance.keeps_no_vm());
+        let wanted = wanted_role(&record, me, peer, keeps_no_vm);
         let running = self.processes.get(&name).map(|p| p.role);
         // A standby here that the store already names the primary is
         // taking over (a switchover recorded by the other node before this

@@ -1,0 +1,409 @@
+//! Node maintenance (`POST /api/nodes/{name}/maintenance/enter|exit`):
+//! a person takes a node out of service to work on it, and brings it back.
+//!
+//! - Entering: the node's FT VMs switch over to the peer (planned
+//!   switchovers, nothing lost), and the node starts no standby. Once no VM
+//!   runs there, the node is `on` maintenance: its VMs run unprotected on
+//!   the peer (an alert says so), and pulling or rebooting the node affects
+//!   no VM.
+//! - Leaving: the node's standbys start again (each VM is re-protected),
+//!   and each VM that prefers the node switches back to it once protected.
+//!   When every running FT VM is protected and where it prefers to be, the
+//!   node is back in service (`off`).
+//!
+//! The state is a node record in the store that travels over the pair
+//! channel, so either node's API shows and changes it. Each step is done by
+//! the daemon that can do it: the switchovers by the node running the
+//! primaries, the end of a step by either node that sees it done. Every
+//! step goes into the event log and the audit log, with who asked.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use replicator::status::{FtState, Role};
+
+use crate::manager::{Manager, ManagerError};
+use crate::model::{Desired, Level, Maintenance, NodeView, Severity, VmState, VmView};
+use crate::store::{unix_ms, NodeRecord, VmRecord};
+
+/// How often the driver looks when nothing changed.
+pub const STEP_EVERY: Duration = Duration::from_millis(500);
+/// After a switchover of one VM failed, the next try waits this long.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+impl Manager {
+    /// The maintenance record of `node` (a node of this pair).
+    pub fn maintenance(&self, node: &str) -> Result<NodeRecord, ManagerError> {
+        if !self.config().node_names().iter().any(|n| n == node) {
+            return Err(ManagerError::NoSuchNode(node.to_string()));
+        }
+        Ok(self.store().node_record(node)?)
+    }
+
+    /// The other node of the pair.
+    fn other_node(&self, node: &str) -> Option<String> {
+        self.config().node_names().into_iter().find(|n| n != node)
+    }
+
+    /// Takes `node` out of service: its VMs switch over to the peer.
+    /// Refused while the peer is down or in maintenance, and while an
+    /// unprotected VM runs on `node` (it could move only by a reboot).
+    pub fn enter_maintenance(&self, node: &str, who: &str) -> Result<NodeView, ManagerError> {
+        let refuse = |why: String| Err(ManagerError::NoMaintenance(why));
+        let record = self.maintenance(node)?;
+        let Some(other) = self.other_node(node) else {
+            return refuse(format!(
+                "node {node} has no peer: its VMs have nowhere to go (ftd join)"
+            ));
+        };
+        if record.maintenance.keeps_no_vm() {
+            return refuse(format!(
+                "node {node} is in maintenance already ({})",
+                record.maintenance.as_str()
+            ));
+        }
+        let theirs = self.store().node_record(&other)?;
+        if theirs.maintenance != Maintenance::Off {
+            return refuse(format!(
+                "node {other} is in maintenance ({}): one node must stay in service to run \
+                 the VMs",
+                theirs.maintenance.as_str()
+            ));
+        }
+        if !self.peer_connected() {
+            let peer = self.other_node(self.node_name()).unwrap_or_default();
+            return refuse(format!(
+                "node {peer} is not reachable (the pair channel is down): maintenance needs \
+                 both nodes up, {other} to take the VMs"
+            ));
+        }
+        let stuck: Vec<String> = self
+            .store()
+            .vms()?
+            .into_iter()
+            .filter(|r| runs_on(r, node) && r.definition.level != Level::Ft)
+            .map(|r| r.definition.name)
+            .collect();
+        if !stuck.is_empty() {
+            return refuse(format!(
+                "VM(s) {} run on {node} at level unprotected and cannot move without a \
+                 reboot: stop them or protect them at level ft first",
+                stuck.join(", ")
+            ));
+        }
+        let moving: Vec<String> = self
+            .store()
+            .vms()?
+            .into_iter()
+            .filter(|r| runs_on(r, node))
+            .map(|r| r.definition.name)
+            .collect();
+        self.set_maintenance(node, Maintenance::Entering, Some(who))?;
+        self.record(
+            Severity::Info,
+            false,
+            "maintenance",
+            None,
+            &format!(
+                "node {node} entering maintenance (asked by {who}): {}",
+                if moving.is_empty() {
+                    "no VM runs there".to_string()
+                } else {
+                    format!("VM(s) {} switch over to {other}", moving.join(", "))
+                }
+            ),
+        );
+        self.node(node)
+    }
+
+    /// Brings `node` back into service: its standbys start, and the VMs
+    /// that prefer it return once protected. From `entering`, this calls
+    /// the maintenance off (the VMs that moved come back the same way).
+    pub fn exit_maintenance(&self, node: &str, who: &str) -> Result<NodeView, ManagerError> {
+        let record = self.maintenance(node)?;
+        match record.maintenance {
+            Maintenance::Off => {
+                return Err(ManagerError::NoMaintenance(format!(
+                    "node {node} is not in maintenance"
+                )))
+            }
+            Maintenance::Leaving => {
+                return Err(ManagerError::NoMaintenance(format!(
+                    "node {node} is leaving maintenance already"
+                )))
+            }
+            Maintenance::Entering | Maintenance::On => {}
+        }
+        self.set_maintenance(node, Maintenance::Leaving, Some(who))?;
+        self.record(
+            Severity::Info,
+            false,
+            "maintenance",
+            None,
+            &format!(
+                "node {node} leaving maintenance (asked by {who}): its standbys start, and \
+                 the VMs that prefer it return once protected"
+            ),
+        );
+        self.node(node)
+    }
+
+    fn set_maintenance(
+        &self,
+        node: &str,
+        state: Maintenance,
+        who: Option<&str>,
+    ) -> Result<NodeRecord, ManagerError> {
+        let record = self.store().update_node(node, |n| {
+            n.maintenance = state;
+            if let Some(who) = who {
+                n.maintenance_by = Some(who.to_string());
+            }
+            n.maintenance_since_unix_ms = Some(unix_ms());
+        })?;
+        self.touch();
+        Ok(record)
+    }
+
+    /// What the maintenance step of `node` still waits for, one line per
+    /// VM (empty: the step is done).
+    pub fn maintenance_waiting(
+        &self,
+        node: &str,
+        state: Maintenance,
+        records: &[VmRecord],
+    ) -> Vec<String> {
+        let other = self.other_node(node).unwrap_or_default();
+        let running = records.iter().filter(|r| r.desired == Desired::Running);
+        match state {
+            Maintenance::Off | Maintenance::On => vec![],
+            Maintenance::Entering => running
+                .filter(|r| runs_on(r, node))
+                .map(|r| {
+                    let name = &r.definition.name;
+                    if r.definition.level != Level::Ft {
+                        return format!(
+                            "VM {name} runs at level unprotected: it cannot move without a \
+                             reboot (stop it, or protect it at level ft)"
+                        );
+                    }
+                    let view = self.view(r.clone());
+                    match view.state {
+                        VmState::Protected => format!("VM {name}: switching over to {other}"),
+                        state => format!(
+                            "VM {name}: waiting until it is protected to switch over to \
+                             {other} (now {})",
+                            state_name(state)
+                        ),
+                    }
+                })
+                .collect(),
+            Maintenance::Leaving => running
+                .filter(|r| r.definition.level == Level::Ft)
+                .filter_map(|r| {
+                    let name = &r.definition.name;
+                    let view = self.view(r.clone());
+                    if view.state != VmState::Protected {
+                        return Some(format!(
+                            "VM {name}: being protected again (now {})",
+                            state_name(view.state)
+                        ));
+                    }
+                    (r.definition.preferred_node == node && !runs_on(r, node))
+                        .then(|| format!("VM {name}: switching back to {node}, its preferred node"))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Whether the record names `node` as the running VM's primary.
+fn runs_on(record: &VmRecord, node: &str) -> bool {
+    record.desired == Desired::Running && record.primary_node.as_deref() == Some(node)
+}
+
+fn state_name(state: VmState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{state:?}"))
+}
+
+/// Carries out the maintenance steps this node can do, for the life of
+/// the daemon (returns at once when the node has no peer).
+pub async fn run(manager: Manager) {
+    let Some(peer) = manager.config().peer.as_ref().map(|p| p.name.clone()) else {
+        return;
+    };
+    let mut driver = Driver {
+        manager,
+        peer,
+        tried: HashMap::new(),
+    };
+    loop {
+        if let Err(e) = driver.step().await {
+            tracing::error!(error = %e, "maintenance: a step failed; trying again");
+        }
+        tokio::select! {
+            _ = driver.manager.changed() => {}
+            _ = tokio::time::sleep(STEP_EVERY) => {}
+        }
+    }
+}
+
+struct Driver {
+    manager: Manager,
+    peer: String,
+    /// When a switchover of each VM was last tried (for the retry pause).
+    tried: HashMap<String, Instant>,
+}
+
+impl Driver {
+    async fn step(&mut self) -> Result<(), ManagerError> {
+        let me = self.manager.node_name().to_string();
+        let peer = self.peer.clone();
+        let mine = self.manager.store().node_record(&me)?;
+        let theirs = self.manager.store().node_record(&peer)?;
+        // This node is entering: its primaries switch over to the peer.
+        if mine.maintenance == Maintenance::Entering {
+            self.move_primaries(&mine, &peer, |_| true).await?;
+        }
+        // The peer is leaving: the VMs that prefer it switch back.
+        if theirs.maintenance == Maintenance::Leaving {
+            self.move_primaries(&theirs, &peer, |r| r.definition.preferred_node == peer)
+                .await?;
+        }
+        for node in [&mine, &theirs] {
+            self.end_step(node)?;
+        }
+        Ok(())
+    }
+
+    /// Switches over each protected FT VM this node runs (that `wanted`
+    /// picks) to `to`; one at a time, each after its pause.
+    async fn move_primaries(
+        &mut self,
+        asked: &NodeRecord,
+        to: &str,
+        wanted: impl Fn(&VmRecord) -> bool,
+    ) -> Result<(), ManagerError> {
+        let me = self.manager.node_name().to_string();
+        for record in self.manager.store().vms()? {
+            let name = record.definition.name.clone();
+            if !runs_on(&record, &me) || record.definition.level != Level::Ft || !wanted(&record) {
+                continue;
+            }
+            let protected = self
+                .manager
+                .runtime()
+                .get(&name)
+                .is_some_and(|l| l.role == Role::Primary && l.state == FtState::Protected);
+            let paused = self
+                .tried
+                .get(&name)
+                .is_some_and(|t| t.elapsed() < RETRY_AFTER);
+            if !protected || paused {
+                continue;
+            }
+            self.tried.insert(name.clone(), Instant::now());
+            let why = match asked.maintenance {
+                Maintenance::Leaving => format!("node {} leaves maintenance", asked.name),
+                _ => format!("node {} enters maintenance", asked.name),
+            };
+            let outcome = self.manager.switchover(&name).await;
+            self.audit(
+                asked,
+                &format!("maintenance: switchover of VM {name} from {me} to {to} ({why})"),
+                &outcome,
+            );
+            if outcome.is_ok() {
+                self.tried.remove(&name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the step of `node` when nothing is left to wait for.
+    fn end_step(&mut self, node: &NodeRecord) -> Result<(), ManagerError> {
+        let next = match node.maintenance {
+            Maintenance::Entering => Maintenance::On,
+            Maintenance::Leaving => Maintenance::Off,
+            Maintenance::On | Maintenance::Off => return Ok(()),
+        };
+        let records = self.manager.store().vms()?;
+        if !self
+            .manager
+            .maintenance_waiting(&node.name, node.maintenance, &records)
+            .is_empty()
+        {
+            return Ok(());
+        }
+        // Both nodes may see it done; the first to write says it.
+        let current = self.manager.store().node_record(&node.name)?;
+        if current.maintenance != node.maintenance {
+            return Ok(());
+        }
+        self.manager.set_maintenance(&node.name, next, None)?;
+        let other = self.manager.other_node(&node.name).unwrap_or_default();
+        let by = node.maintenance_by.as_deref().unwrap_or("an operator");
+        if next == Maintenance::On {
+            let unprotected: Vec<String> = records
+                .iter()
+                .filter(|r| runs_on(r, &other) && r.definition.level == Level::Ft)
+                .map(|r| r.definition.name.clone())
+                .collect();
+            self.manager.record(
+                Severity::Warning,
+                !unprotected.is_empty(),
+                "maintenance",
+                None,
+                &format!(
+                    "node {} is in maintenance (asked by {by}): no VM runs there; {}",
+                    node.name,
+                    if unprotected.is_empty() {
+                        "it may be pulled or rebooted".to_string()
+                    } else {
+                        format!(
+                            "VM(s) {} run unprotected on {other} until it leaves maintenance",
+                            unprotected.join(", ")
+                        )
+                    }
+                ),
+            );
+        } else {
+            self.manager.record(
+                Severity::Info,
+                false,
+                "maintenance",
+                None,
+                &format!(
+                    "node {} is back in service (maintenance ended by {by}): every FT VM \
+                     protected, each on its preferred node where it can be",
+                    node.name
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// One step in the audit log, in the name of who asked for the
+    /// maintenance.
+    fn audit(&self, asked: &NodeRecord, action: &str, outcome: &Result<VmView, ManagerError>) {
+        let who = format!(
+            "ftd@{} for {}",
+            self.manager.node_name(),
+            asked.maintenance_by.as_deref().unwrap_or("an operator")
+        );
+        let (status, result) = match outcome {
+            Ok(_) => (200, "ok".to_string()),
+            Err(e) => (409, e.to_string()),
+        };
+        if let Err(e) = self
+            .manager
+            .store()
+            .add_audit(&who, action, status, &result)
+        {
+            tracing::error!(error = %e, action, "cannot write the audit log");
+        }
+    }
+}
