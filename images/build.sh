@@ -4,7 +4,8 @@
 #   2. the project's static binaries (cargo, into target/static)
 #   3. the guest kernel            (guest-kernel.sh)
 #   4. the guest initramfs and disk (guest-rootfs.sh)
-#   5. the lab node image          (lab-node.sh)
+#   5. the web console's charting library (console-vendor.sh, npm registry)
+#   6. the lab node image          (lab-node.sh)
 # Progress goes to stderr; the artifact paths go to stdout as KEY=PATH lines.
 STEP=build
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -33,7 +34,8 @@ done
 
 GK=$("$IMAGES_DIR/guest-kernel.sh")
 GR=$("$IMAGES_DIR/guest-rootfs.sh" "$BIN_DIR")
-LN=$("$IMAGES_DIR/lab-node.sh" "$BIN_DIR" "$GK" "$GR")
+CV=$("$IMAGES_DIR/console-vendor.sh")
+LN=$("$IMAGES_DIR/lab-node.sh" "$BIN_DIR" "$GK" "$GR" "$CV")
 
 log "all images ready in $((SECONDS - start))s"
 cat <<OUT
@@ -45,4 +47,5 @@ NODE_KERNEL=$LN/vmlinuz
 NODE_INITRAMFS=$LN/initramfs.cpio.gz
 NODE_IMAGES_DISK=$LN/images.ext4
 STATIC_BIN_DIR=$BIN_DIR
+CONSOLE_DIR=$CV
 OUT

@@ -4,11 +4,12 @@
 # static binaries (lab-agent, ftvmm, ftprotect, ftd, ftrelay); plus the read-only "images" disk that
 # every node mounts on /images (guest kernel, guest initramfs and root disk,
 # an empty guest data disk, static guest binaries).
-# Usage: lab-node.sh BIN_DIR GUEST_KERNEL_DIR GUEST_ROOTFS_DIR
+# Usage: lab-node.sh BIN_DIR GUEST_KERNEL_DIR GUEST_ROOTFS_DIR CONSOLE_DIR
+#   (CONSOLE_DIR: console-vendor.sh's output, installed as ftd's console_dir)
 # Prints the artifact folder on stdout.
 STEP=lab-node
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-BIN_DIR=${1:?usage}; GK=${2:?usage}; GR=${3:?usage}
+BIN_DIR=${1:?usage}; GK=${2:?usage}; GR=${3:?usage}; CV=${4:?usage}
 NODE_BINS=(lab-agent ftvmm ftprotect ftd ftrelay)
 IMAGE_BINS=(ftvmm ft-dirtier)
 MODULES=(kvm_amd kvm_intel virtio_pci virtio_net virtio_blk tun bridge)
@@ -38,7 +39,8 @@ fi
 KVER=$(ls "$KDIR/root/lib/modules")
 
 inputs=("$IMAGES_DIR/lab-node.sh" "$IMAGES_DIR/node/rcS" "$IMAGES_DIR/node/inittab"
-        "$GK/vmlinux" "$GK/bzImage" "$GR/initramfs.cpio.gz" "$GR/rootfs.ext4")
+        "$GK/vmlinux" "$GK/bzImage" "$GR/initramfs.cpio.gz" "$GR/rootfs.ext4"
+        "$CV"/vendor/*)
 for b in "${NODE_BINS[@]}" "${IMAGE_BINS[@]}"; do
     [ -x "$BIN_DIR/$b" ] || die "static binary $BIN_DIR/$b is missing"
     inputs+=("$BIN_DIR/$b")
@@ -64,6 +66,9 @@ ln -s bin/busybox "$ROOT/init"
 # Debug sections off: the initramfs is unpacked into the node's memory.
 for b in "${NODE_BINS[@]}"; do strip --strip-debug -o "$ROOT/bin/$b" "$BIN_DIR/$b"; done
 install -m 0755 "$IMAGES_DIR/node/rcS" "$ROOT/etc/init.d/rcS"
+# The web console's charting library, where ftd looks for it by default.
+mkdir -p "$ROOT/usr/share/ftvm/console/vendor"
+cp "$CV"/vendor/* "$ROOT/usr/share/ftvm/console/vendor/"
 cp "$IMAGES_DIR/node/inittab" "$ROOT/etc/inittab"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"
 

@@ -108,6 +108,11 @@ pub struct Config {
     /// status says so).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub alink_plaintext: bool,
+    /// Where the web console's third-party assets are (its charting
+    /// library, installed by `images/console-vendor.sh INSTALL_DIR`); the console's
+    /// own pages are built into `ftd`.
+    #[serde(default = "default_console_dir")]
+    pub console_dir: PathBuf,
 }
 
 fn default_bridge() -> String {
@@ -121,6 +126,9 @@ fn default_ftprotect() -> PathBuf {
 }
 fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/ftd")
+}
+fn default_console_dir() -> PathBuf {
+    PathBuf::from("/usr/share/ftvm/console")
 }
 
 impl Config {
@@ -136,6 +144,7 @@ impl Config {
             solo_start_after_s: None,
             witness: Vec::new(),
             alink_plaintext: false,
+            console_dir: default_console_dir(),
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod maintenance;
 pub mod manager;
 pub mod metrics;

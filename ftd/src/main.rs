@@ -101,6 +101,10 @@ struct NodeArgs {
     /// first node's, on join; sealed on init].
     #[arg(long)]
     alink_plaintext: bool,
+    /// Where the web console's charting library is installed
+    /// (`images/console-vendor.sh INSTALL_DIR`).
+    #[arg(long, default_value = "/usr/share/ftvm/console")]
+    console_dir: PathBuf,
 }
 
 impl NodeArgs {
@@ -116,6 +120,7 @@ impl NodeArgs {
         config.run_dir = self.run_dir.clone();
         config.witness = self.witness.clone();
         config.alink_plaintext = self.alink_plaintext;
+        config.console_dir = self.console_dir.clone();
         config
     }
 }

@@ -652,6 +652,55 @@ impl Manager {
         }
     }
 
+    /// A sample of the checkpointing of `name` from the engine running its
+    /// primary: this node's, else the peer's last report.
+    pub fn vm_sample(&self, name: &str) -> Result<crate::model::VmSample, ManagerError> {
+        use replicator::status::Role;
+        let record = self.inner.store.vm(name)?;
+        let local = self
+            .inner
+            .runtime
+            .get(name)
+            .filter(|l| l.role == Role::Primary)
+            .map(|l| (self.node_name().to_string(), l.report(name)));
+        let peer = self.inner.config.peer.as_ref().map(|p| p.name.clone());
+        let remote = || {
+            let report = self.peer_view().roles.get(name).cloned()?;
+            (report.role == Role::Primary).then(|| (peer.clone().unwrap_or_default(), report))
+        };
+        let running = record.desired == Desired::Running;
+        let primary = if running { local.or_else(remote) } else { None };
+        let counters = primary
+            .as_ref()
+            .and_then(|(_, r)| r.counters.clone())
+            .unwrap_or_default();
+        Ok(crate::model::VmSample {
+            unix_ms: unix_ms(),
+            vm: name.to_string(),
+            node: primary.as_ref().map(|(n, _)| n.clone()),
+            state: primary.as_ref().map(|(_, r)| r.state.to_string()),
+            epoch: primary.as_ref().and_then(|(_, r)| r.epoch),
+            generation: primary.as_ref().and_then(|(_, r)| r.generation),
+            checkpoints: counters.checkpoints,
+            stop_us_p50: counters.stop_us_p50,
+            stop_us_p99: counters.stop_us_p99,
+            dirty_pages_total: counters.dirty_pages_total,
+            dirty_pages_last: counters.dirty_pages_last,
+            alink_bytes_sent: counters.alink_bytes_sent,
+            ack_us_p50: counters.ack_us_p50,
+            ack_us_p99: counters.ack_us_p99,
+            output_frames_held_now: counters.output_frames_held_now,
+            output_frames_released: counters.output_frames_released,
+            sync: primary.as_ref().and_then(|(_, r)| r.sync.clone()).map(|s| {
+                crate::model::SyncView {
+                    phase: s.phase,
+                    done_bytes: s.done_bytes,
+                    total_bytes: s.total_bytes,
+                }
+            }),
+        })
+    }
+
     /// What a user should know about a VM's protection.
     fn warnings(&self, definition: &crate::model::VmDefinition) -> Vec<String> {
         let config = &self.inner.config;

@@ -659,6 +659,62 @@ pub struct PairInfo {
     pub alink_plaintext: bool,
 }
 
+/// The body of `POST /api/session`: the console's login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionLogin {
+    /// The node's API token (its api-token file).
+    pub token: String,
+}
+
+/// A console session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionView {
+    /// The request carried a live session (or the API token).
+    pub logged_in: bool,
+    pub user: String,
+    /// The node that serves the console.
+    pub node: String,
+    /// Seconds until the session ends if unused (0: the request carried
+    /// a token, not a session).
+    pub expires_in_s: u64,
+}
+
+/// One sample of a VM's checkpointing, from the engine running its
+/// primary (`GET /api/vms/{name}/stats`). Counters are totals since that
+/// engine started: rates come from two samples.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmSample {
+    pub unix_ms: u64,
+    pub vm: String,
+    /// The node running the primary (none: the VM runs nowhere known).
+    pub node: Option<String>,
+    /// The primary engine's state (`protected`, `syncing`, ...).
+    pub state: Option<String>,
+    pub epoch: Option<u64>,
+    pub generation: Option<u64>,
+    pub checkpoints: u64,
+    pub stop_us_p50: u64,
+    pub stop_us_p99: u64,
+    pub dirty_pages_total: u64,
+    pub dirty_pages_last: u64,
+    pub alink_bytes_sent: u64,
+    pub ack_us_p50: u64,
+    pub ack_us_p99: u64,
+    pub output_frames_held_now: u64,
+    pub output_frames_released: u64,
+    /// The standby's synchronisation, while it runs.
+    pub sync: Option<SyncView>,
+}
+
+/// A synchronisation's progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SyncView {
+    pub phase: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

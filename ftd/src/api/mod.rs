@@ -14,6 +14,8 @@ mod events;
 mod nodes;
 mod openapi;
 mod pair;
+mod session;
+mod stats;
 mod vms;
 
 use std::net::SocketAddr;
@@ -30,6 +32,7 @@ use axum::{Json, Router};
 pub use error::ApiError;
 pub use openapi::openapi_json;
 
+use crate::console::sessions::{session_cookie, Sessions};
 use crate::manager::Manager;
 use crate::metrics::Metrics;
 use crate::model::ErrorBody;
@@ -45,7 +48,14 @@ pub struct ApiState {
     pub manager: Manager,
     pub metrics: Arc<Metrics>,
     token: Arc<String>,
+    /// The web console's login sessions.
+    sessions: Arc<Sessions>,
 }
+
+/// Who made a request, as the audit log names them (set by the
+/// authentication, read by handlers and the audit log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller(pub String);
 
 impl ApiState {
     pub fn new(manager: Manager, metrics: Arc<Metrics>, token: String) -> ApiState {
@@ -53,6 +63,7 @@ impl ApiState {
             manager,
             metrics,
             token: Arc::new(token),
+            sessions: Arc::new(Sessions::default()),
         }
     }
 }
@@ -84,9 +95,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/audit", get(events::audit))
         .route("/api/pair", get(pair::show))
         .route("/api/pair/peer", post(pair::set_peer))
+        .route("/api/vms/{name}/stats", get(stats::stream_vm))
+        .route("/api/session", axum::routing::delete(session::log_out))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
+        .route("/api/session", post(session::log_in).get(session::show))
+        .merge(crate::console::router())
         .route("/api/openapi.json", get(openapi::serve))
         .route("/api/health", get(health))
         .route("/metrics", get(metrics))
@@ -163,26 +178,80 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// The header a console session's changes must carry (a page of another
+/// site cannot send it: a forged cross-site request is refused).
+pub const CONSOLE_HEADER: &str = "x-ftd-console";
+
+async fn authenticate(
+    State(state): State<ApiState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
     let verdict = match given {
-        None => {
-            Err("this endpoint needs Authorization: Bearer <token> (the node's api-token file)")
-        }
         Some(v) => match v.strip_prefix("Bearer ") {
-            Some(token) if same_secret(token.trim().as_bytes(), state.token.as_bytes()) => Ok(()),
-            Some(_) => Err("the bearer token is not this node's"),
-            None => Err("the Authorization header is not a bearer token"),
+            Some(token) if same_secret(token.trim().as_bytes(), state.token.as_bytes()) => {
+                Ok(Caller(admin(client)))
+            }
+            Some(_) => Err(ApiError::Unauthorized(
+                "the bearer token is not this node's".into(),
+            )),
+            None => Err(ApiError::Unauthorized(
+                "the Authorization header is not a bearer token".into(),
+            )),
+        },
+        None => match session_cookie(request.headers()) {
+            None => Err(ApiError::Unauthorized(
+                "this endpoint needs Authorization: Bearer <token> (the node's api-token file) \
+                 or a console session"
+                    .into(),
+            )),
+            Some(id) => match state.sessions.touch(&id) {
+                None => Err(ApiError::Unauthorized(
+                    "the console session ended (idle, or too old): log in again".into(),
+                )),
+                Some(_) if mutating(&request) && !from_console(&request) => {
+                    Err(ApiError::Forbidden(format!(
+                        "a change made with a console session must carry the header \
+                         {CONSOLE_HEADER}: 1 (a cross-site request is refused)"
+                    )))
+                }
+                Some(session) => Ok(Caller(format!(
+                    "{}@{} (console)",
+                    session.user,
+                    client.ip()
+                ))),
+            },
         },
     };
     match verdict {
-        Ok(()) => next.run(request).await,
-        Err(reason) => ApiError::Unauthorized(reason.into()).into_response(),
+        Ok(caller) => {
+            request.extensions_mut().insert(caller.clone());
+            let mut response = next.run(request).await;
+            response.extensions_mut().insert(caller);
+            response
+        }
+        Err(refusal) => refusal.into_response(),
     }
+}
+
+fn mutating(request: &Request) -> bool {
+    !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    )
+}
+
+fn from_console(request: &Request) -> bool {
+    request
+        .headers()
+        .get(CONSOLE_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1")
 }
 
 /// The audit log's name of an authenticated client.
@@ -198,11 +267,8 @@ async fn audit(
     next: Next,
 ) -> Response {
     // The pair information carries the secret: its reads are audited too.
-    let mutating = !matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    ) || request.uri().path() == "/api/pair";
-    if !mutating {
+    let audited = mutating(&request) || request.uri().path() == "/api/pair";
+    if !audited {
         return next.run(request).await;
     }
     let authorized = request.headers().contains_key(header::AUTHORIZATION);
@@ -220,10 +286,11 @@ async fn audit(
             .map(|e| e.message)
             .unwrap_or_else(|_| status.to_string())
     };
-    let who = match (authorized, status) {
-        (true, StatusCode::UNAUTHORIZED) => format!("bad-token@{}", client.ip()),
-        (true, _) => admin(client),
-        (false, _) => format!("anonymous@{}", client.ip()),
+    let who = match (parts.extensions.get::<Caller>(), authorized, status) {
+        (Some(caller), _, _) => caller.0.clone(),
+        (None, true, StatusCode::UNAUTHORIZED) => format!("bad-token@{}", client.ip()),
+        (None, true, _) => admin(client),
+        (None, false, _) => format!("anonymous@{}", client.ip()),
     };
     if let Err(e) = state
         .manager

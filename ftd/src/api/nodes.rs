@@ -1,12 +1,10 @@
 //! `/api/nodes`: the pair's two nodes, and their maintenance.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, Caller};
 use crate::model::{ErrorBody, NodeView};
 
 /// The pair's nodes, this one first.
@@ -46,12 +44,10 @@ pub async fn show(
     security(("bearer" = [])))]
 pub async fn enter_maintenance(
     State(state): State<ApiState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    let node = state
-        .manager
-        .enter_maintenance(&name, &super::admin(client))?;
+    let node = state.manager.enter_maintenance(&name, &caller.0)?;
     Ok((StatusCode::ACCEPTED, Json(node)))
 }
 
@@ -68,11 +64,9 @@ pub async fn enter_maintenance(
     security(("bearer" = [])))]
 pub async fn exit_maintenance(
     State(state): State<ApiState>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<NodeView>), ApiError> {
-    let node = state
-        .manager
-        .exit_maintenance(&name, &super::admin(client))?;
+    let node = state.manager.exit_maintenance(&name, &caller.0)?;
     Ok((StatusCode::ACCEPTED, Json(node)))
 }

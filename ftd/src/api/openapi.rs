@@ -33,6 +33,10 @@ use crate::model;
         super::events::audit,
         super::pair::show,
         super::pair::set_peer,
+        super::session::log_in,
+        super::session::show,
+        super::session::log_out,
+        super::stats::stream_vm,
     ),
     components(schemas(
         model::Level,
@@ -53,6 +57,10 @@ use crate::model;
         model::AuditEntry,
         model::ErrorBody,
         model::PairInfo,
+        model::SessionLogin,
+        model::SessionView,
+        model::VmSample,
+        model::SyncView,
         crate::config::NodeAddresses,
     )),
     modifiers(&BearerToken),
@@ -61,6 +69,7 @@ use crate::model;
         (name = "nodes", description = "The pair's nodes and their maintenance"),
         (name = "events", description = "Events, alerts and the audit log"),
         (name = "node", description = "This daemon"),
+        (name = "console", description = "The web console's login"),
     )
 )]
 struct ApiDoc;

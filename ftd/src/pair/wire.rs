@@ -42,6 +42,13 @@ pub struct RoleReport {
     #[serde(default)]
     pub peer: Option<String>,
     pub message: Option<String>,
+    /// The engine's counters (for the console's charts on either node).
+    #[serde(default)]
+    pub counters: Option<replicator::status::FtCounters>,
+    #[serde(default)]
+    pub sync: Option<replicator::status::SyncProgress>,
+    #[serde(default)]
+    pub generation: Option<u64>,
 }
 
 /// One side's state.

@@ -63,6 +63,9 @@ impl LocalRole {
             epoch: self.epoch,
             peer: self.status.as_ref().and_then(|s| s.peer.clone()),
             message: self.message.clone(),
+            counters: self.status.as_ref().map(|s| s.counters.clone()),
+            sync: self.status.as_ref().and_then(|s| s.sync.clone()),
+            generation: self.status.as_ref().map(|s| s.generation),
         }
     }
 }

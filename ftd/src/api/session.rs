@@ -1,0 +1,112 @@
+//! `/api/session`: the web console's login. The API token (the same one
+//! `Authorization: Bearer` carries) opens a session whose id travels in
+//! an HttpOnly, SameSite=Strict cookie; every API endpoint then accepts
+//! the cookie instead of the header. A request that changes something
+//! must also carry `X-Ftd-Console: 1` (a page of another site cannot send
+//! it without the API's consent), so a session cannot be used by a
+//! forged cross-site request.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::vms::JsonBody;
+use super::{ApiError, ApiState, Caller};
+
+use crate::console::sessions::{clear_cookie, session_cookie, set_cookie};
+use crate::model::{ErrorBody, SessionLogin, SessionView};
+
+/// How long a wrong token makes its sender wait (a guess costs time).
+const WRONG_TOKEN_PAUSE: Duration = Duration::from_millis(300);
+
+/// Log in with the API token: opens a console session (cookie
+/// `ftd_session`).
+#[utoipa::path(post, path = "/api/session", operation_id = "log_in", tag = "console", request_body = SessionLogin,
+    responses((status = 200, description = "Logged in; the session cookie is set", body = SessionView),
+              (status = 400, description = "Not JSON", body = ErrorBody),
+              (status = 401, description = "A wrong token", body = ErrorBody),
+              (status = 415, description = "Not sent as JSON", body = ErrorBody),
+              (status = 422, description = "A field is wrong", body = ErrorBody)))]
+pub async fn log_in(
+    State(state): State<ApiState>,
+    axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    JsonBody(login): JsonBody<SessionLogin>,
+) -> Result<Response, ApiError> {
+    if !super::same_secret(login.token.trim().as_bytes(), state.token.as_bytes()) {
+        tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
+        return Err(ApiError::Unauthorized(
+            "the token is not this node's API token (the api-token file)".into(),
+        ));
+    }
+    let user = "admin";
+    let id = state
+        .sessions
+        .open(user)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let session = state
+        .sessions
+        .touch(&id)
+        .ok_or_else(|| ApiError::Internal("the new session is gone".into()))?;
+    let view = SessionView {
+        logged_in: true,
+        user: user.to_string(),
+        node: state.manager.node_name().to_string(),
+        expires_in_s: session.ends_in(Instant::now()).as_secs(),
+    };
+    let mut response = ([(header::SET_COOKIE, set_cookie(&id))], Json(view)).into_response();
+    response
+        .extensions_mut()
+        .insert(Caller(format!("{user}@{} (console login)", client.ip())));
+    Ok(response)
+}
+
+/// Whether the request carries a live console session (or the API
+/// token): the console asks on load, and shows its login page if not.
+#[utoipa::path(get, path = "/api/session", operation_id = "show_session", tag = "console",
+    responses((status = 200, description = "The session, or logged_in false", body = SessionView)))]
+pub async fn show(State(state): State<ApiState>, headers: HeaderMap) -> Json<SessionView> {
+    let node = state.manager.node_name().to_string();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("Bearer "))
+        .is_some_and(|t| super::same_secret(t.trim().as_bytes(), state.token.as_bytes()));
+    let session = session_cookie(&headers).and_then(|id| state.sessions.touch(&id));
+    Json(match session {
+        Some(s) => SessionView {
+            logged_in: true,
+            user: s.user.clone(),
+            node,
+            expires_in_s: s.ends_in(Instant::now()).as_secs(),
+        },
+        None => SessionView {
+            logged_in: bearer,
+            user: if bearer {
+                "admin".into()
+            } else {
+                String::new()
+            },
+            node,
+            expires_in_s: 0,
+        },
+    })
+}
+
+/// Log out: the session ends and its cookie is removed.
+#[utoipa::path(delete, path = "/api/session", operation_id = "log_out", tag = "console",
+    responses((status = 204, description = "Logged out"),
+              (status = 401, description = "No session", body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn log_out(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(id) = session_cookie(&headers) {
+        state.sessions.close(&id);
+    }
+    (
+        StatusCode::NO_CONTENT,
+        [(header::SET_COOKIE, clear_cookie())],
+    )
+        .into_response()
+}

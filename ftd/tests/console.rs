@@ -1,0 +1,299 @@
+//! The web console's side of `ftd`, on loopback with the real daemon: its
+//! pages and their security headers, the charting library read from the
+//! console_dir, the session login (a wrong token refused, the cookie
+//! accepted by the API, a change without the console's header refused as
+//! a cross-site request, the logout ending the session), the audit log
+//! naming console users, and the live stats stream of a VM.
+//! The pages in a real browser are tested in the lab
+//! (`tests/tests/console.rs`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::Duration;
+
+use common::{free_port, Daemon};
+use serde_json::{json, Value};
+
+/// A request with optional cookie and console header; (status, headers,
+/// body text).
+fn send(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    console: bool,
+    body: Option<Value>,
+) -> (u16, ureq::http::HeaderMap, String) {
+    let mut builder = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", d.url));
+    if let Some(c) = cookie {
+        builder = builder.header("Cookie", format!("ftd_session={c}"));
+    }
+    if console {
+        builder = builder.header("X-Ftd-Console", "1");
+    }
+    let bytes = match &body {
+        Some(b) => {
+            builder = builder.header("Content-Type", "application/json");
+            serde_json::to_vec(b).unwrap()
+        }
+        None => vec![],
+    };
+    let mut response = d.agent.run(builder.body(bytes).unwrap()).unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    (status, headers, text)
+}
+
+fn session_id(headers: &ureq::http::HeaderMap) -> String {
+    let cookie = headers
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()
+        .unwrap();
+    assert!(cookie.contains("HttpOnly"), "{cookie}");
+    assert!(cookie.contains("SameSite=Strict"), "{cookie}");
+    cookie
+        .strip_prefix("ftd_session=")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn the_console_pages_are_served_with_their_library_and_a_strict_policy() {
+    let vendor = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(vendor.path().join("vendor")).unwrap();
+    std::fs::write(
+        vendor.path().join("vendor/uPlot.iife.min.js"),
+        "var uPlot = function(){};",
+    )
+    .unwrap();
+    let d = Daemon::init_with(
+        "node-a",
+        free_port(),
+        &[
+            "--console-dir".to_string(),
+            vendor.path().to_string_lossy().into_owned(),
+        ],
+    );
+    // / leads to the console.
+    let direct: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let answer = direct.get(format!("{}/", d.url)).call().unwrap();
+    assert_eq!(answer.status(), 303);
+    assert_eq!(answer.headers().get("location").unwrap(), "/console/");
+    let (status, headers, page) = send(&d, "GET", "/console/", None, false, None);
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<script type=\"module\" src=\"console.js\">"),
+        "{page}"
+    );
+    let policy = headers
+        .get("content-security-policy")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(policy.contains("script-src 'self'"), "{policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    let (status, headers, script) = send(&d, "GET", "/console/console.js", None, false, None);
+    assert_eq!(status, 200);
+    assert!(headers
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert!(script.contains("/api/session"));
+    // The library from the console_dir; what it lacks is a 404 that says
+    // how to install it; names outside the list are not looked up.
+    let (status, _, lib) = send(
+        &d,
+        "GET",
+        "/console/vendor/uPlot.iife.min.js",
+        None,
+        false,
+        None,
+    );
+    assert_eq!((status, lib.as_str()), (200, "var uPlot = function(){};"));
+    let (status, _, missing) = send(
+        &d,
+        "GET",
+        "/console/vendor/uPlot.min.css",
+        None,
+        false,
+        None,
+    );
+    assert_eq!(status, 404);
+    assert!(missing.contains("images/console-vendor.sh"), "{missing}");
+    let (status, _, _) = send(
+        &d,
+        "GET",
+        "/console/vendor/..%2Fapi-token",
+        None,
+        false,
+        None,
+    );
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_console_session_opens_with_the_token_and_guards_changes() {
+    let d = Daemon::init();
+    // No session: the console is told to show its login (no error).
+    let (status, _, text) = send(&d, "GET", "/api/session", None, false, None);
+    assert_eq!(status, 200);
+    let session: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(session["logged_in"], false);
+    // A wrong token is refused; the attempt is audited.
+    let (status, _, text) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"token": "not-the-token"})),
+    );
+    assert_eq!(status, 401, "{text}");
+    // A bad body is a 4xx with a reason.
+    let (status, _, _) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"tok": 1})),
+    );
+    assert_eq!(status, 422);
+    // The token opens a session.
+    let (status, headers, text) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"token": d.token})),
+    );
+    assert_eq!(status, 200, "{text}");
+    let id = session_id(&headers);
+    let view: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (view["logged_in"].clone(), view["node"].clone()),
+        (json!(true), json!("node-a"))
+    );
+    assert!(view["expires_in_s"].as_u64().unwrap() > 60);
+    // The cookie is accepted by the API...
+    let (status, _, text) = send(&d, "GET", "/api/nodes", Some(&id), false, None);
+    assert_eq!(status, 200, "{text}");
+    let (status, _, text) = send(&d, "GET", "/api/session", Some(&id), false, None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["logged_in"],
+        true
+    );
+    // ... but a change without the console's header is a cross-site
+    // request: refused, and nothing changes.
+    let kernel = d.state_dir().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let body = json!({"name": "from-console", "kernel": kernel.to_string_lossy()});
+    let (status, _, text) = send(&d, "POST", "/api/vms", Some(&id), false, Some(body.clone()));
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("X-Ftd-Console") || text.contains("x-ftd-console"),
+        "{text}"
+    );
+    assert_eq!(d.call("GET", "/api/vms", "-", None).1, json!([]));
+    let (status, _, text) = send(&d, "POST", "/api/vms", Some(&id), true, Some(body));
+    assert_eq!(status, 201, "{text}");
+    // The audit log names the console user.
+    let (_, audit) = d.call("GET", "/api/audit?limit=100", "-", None);
+    let entries = audit.as_array().unwrap();
+    let who = |action: &str, status: u64| {
+        entries
+            .iter()
+            .filter(|e| e["action"] == action && e["status"] == status)
+            .map(|e| e["who"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        who("POST /api/vms", 201)[0].contains("(console)"),
+        "{audit}"
+    );
+    assert!(
+        who("POST /api/session", 200)[0].contains("(console login)"),
+        "{audit}"
+    );
+    assert!(
+        who("POST /api/session", 401)[0].starts_with("anonymous@"),
+        "{audit}"
+    );
+    // Logout ends it.
+    let (status, headers, _) = send(&d, "DELETE", "/api/session", Some(&id), true, None);
+    assert_eq!(status, 204);
+    assert!(headers
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let (status, _, text) = send(&d, "GET", "/api/nodes", Some(&id), false, None);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("session ended"), "{text}");
+    // An unknown session id is no session.
+    let (status, _, _) = send(&d, "GET", "/api/nodes", Some("00ff"), false, None);
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn the_stats_stream_sends_a_sample_of_the_vm() {
+    let d = Daemon::init();
+    let kernel = d.state_dir().join("vmlinux");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let (status, _) = d.call(
+        "POST",
+        "/api/vms",
+        "-",
+        Some(json!({"name": "charted", "kernel": kernel.to_string_lossy()})),
+    );
+    assert_eq!(status, 201);
+    let (status, body) = d.call("GET", "/api/vms/nope/stats", "-", None);
+    assert_eq!(status, 404, "{body}");
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET /api/vms/charted/stats HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+        d.token
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("200"), "{line}");
+    let mut samples = Vec::new();
+    while samples.len() < 2 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the stream ended");
+        if let Some(data) = line.trim_end().strip_prefix("data: ") {
+            samples.push(serde_json::from_str::<Value>(data).unwrap());
+        }
+    }
+    // A stopped VM runs nowhere: no node, zero counters; one a second.
+    assert_eq!(samples[0]["vm"], "charted");
+    assert_eq!(samples[0]["node"], Value::Null);
+    assert_eq!(samples[0]["checkpoints"], 0);
+    let gap = samples[1]["unix_ms"].as_u64().unwrap() - samples[0]["unix_ms"].as_u64().unwrap();
+    assert!((500..3000).contains(&gap), "{gap} ms between samples");
+}
