@@ -10,8 +10,8 @@ step() { printf '\n==> %s (at %ds)\n' "$*" "$((SECONDS - start))"; }
 
 step "images (Debian packages, static binaries, guest kernel, lab node)"
 ./images/build.sh >/dev/null
-step "test tools (Debian's promtool for the metrics tests, openapi-spec-validator)"
-(STEP=test-tools; source images/lib.sh; need_pkgs prometheus)
+step "test tools (Debian's promtool for the metrics tests, Debian's chromium for the web console tests, openapi-spec-validator)"
+(STEP=test-tools; source images/lib.sh; need_pkgs prometheus chromium)
 python3 -m openapi_spec_validator --help >/dev/null 2>&1 ||
     python3 -m pip install --quiet --disable-pip-version-check openapi-spec-validator
 step "the OpenAPI document validates (ftd/openapi.json)"

@@ -6,7 +6,10 @@
 //! Lab tests need root, QEMU and the images (the harness builds what is
 //! missing). They take a host-wide lock, so only one lab runs at a time: two
 //! TCG nodes already fill the two cores of a CI machine.
+//!
+//! [`browser`] drives a real headless Chromium for the tests of web pages.
 
+pub mod browser;
 pub mod guest;
 
 use std::fs::File;
