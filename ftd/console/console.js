@@ -205,31 +205,65 @@ async function refresh() {
 
 // --- the dashboard -------------------------------------------------------
 
+// Updates a table's rows in place: a row per item (by its key), each cell
+// rebuilt only when what it shows changed, so that a button under the
+// pointer is not replaced by the periodic refresh in the middle of a click.
+function syncRows(tbody, keyAttr, items, rowOf) {
+  const existing = new Map([...tbody.children].map((tr) => [tr.getAttribute(keyAttr), tr]));
+  const rows = items.map((item) => {
+    const { key, cells } = rowOf(item);
+    const tr = existing.get(key) || el('tr', { [keyAttr]: key });
+    cells.forEach((cell, i) => {
+      let td = tr.children[i];
+      if (!td) {
+        td = el('td');
+        tr.append(td);
+      }
+      if (td.className !== cell.class) td.className = cell.class;
+      const sig = JSON.stringify(cell.show);
+      if (td.dataset.sig !== sig) {
+        td.dataset.sig = sig;
+        td.replaceChildren(...[cell.build ? cell.build(cell.show) : String(cell.show)].flat());
+      }
+    });
+    return tr;
+  });
+  rows.forEach((tr, i) => {
+    if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
+  });
+  while (tbody.children.length > rows.length) tbody.lastElementChild.remove();
+}
+
+function buttons(list) {
+  return list.map(([label, action, target]) => button(label, action, target));
+}
+
 function renderNodes() {
-  const body = $('#nodes tbody');
-  body.replaceChildren(
-    ...state.nodes.map((n) => {
-      const actions = [];
-      if (n.maintenance === 'off' || n.maintenance === 'leaving') {
-        actions.push(button('Enter maintenance', 'enter-maintenance', { node: n.name }));
-      }
-      if (n.maintenance === 'on' || n.maintenance === 'entering') {
-        actions.push(button('Leave maintenance', 'exit-maintenance', { node: n.name }));
-      }
-      const waiting = (n.maintenance_waiting || []).map((line) => el('div', { class: 'muted' }, line));
-      return el(
-        'tr',
-        { 'data-node': n.name },
-        el('td', { class: 'name' }, n.name, n.local ? el('span', { class: 'muted' }, ' (this node)') : null),
-        el('td', { class: `state state-${n.state}` }, n.state),
-        el('td', { class: `maintenance maintenance-${n.maintenance}` }, n.maintenance, waiting),
-        el('td', { class: 'alink' }, list(n.alink)),
-        el('td', { class: 'primaries' }, list(n.primaries)),
-        el('td', { class: 'standbys' }, list(n.standbys)),
-        el('td', { class: 'actions' }, actions),
-      );
-    }),
-  );
+  syncRows($('#nodes tbody'), 'data-node', state.nodes, (n) => {
+    const actions = [];
+    if (n.maintenance === 'off' || n.maintenance === 'leaving') {
+      actions.push(['Enter maintenance', 'enter-maintenance', { node: n.name }]);
+    }
+    if (n.maintenance === 'on' || n.maintenance === 'entering') {
+      actions.push(['Leave maintenance', 'exit-maintenance', { node: n.name }]);
+    }
+    return {
+      key: n.name,
+      cells: [
+        { class: 'name', show: [n.name, n.local], build: ([name, local]) => [name, local ? el('span', { class: 'muted' }, ' (this node)') : ''] },
+        { class: `state state-${n.state}`, show: n.state },
+        {
+          class: `maintenance maintenance-${n.maintenance}`,
+          show: [n.maintenance, n.maintenance_waiting || []],
+          build: ([m, waiting]) => [m, ...waiting.map((line) => el('div', { class: 'muted' }, line))],
+        },
+        { class: 'alink', show: list(n.alink) },
+        { class: 'primaries', show: list(n.primaries) },
+        { class: 'standbys', show: list(n.standbys) },
+        { class: 'actions', show: actions, build: buttons },
+      ],
+    };
+  });
 }
 
 function standbyState(vm) {
@@ -238,29 +272,27 @@ function standbyState(vm) {
 }
 
 function renderVms() {
-  const body = $('#vms tbody');
-  body.replaceChildren(
-    ...state.vms.map((vm) => {
-      const actions = [];
-      if (vm.desired === 'stopped') actions.push(button('Start', 'start', { vm: vm.name }));
-      if (vm.desired === 'running') actions.push(button('Stop', 'stop', { vm: vm.name }));
-      if (vm.level === 'unprotected') actions.push(button('Protect (FT)', 'protect', { vm: vm.name }));
-      if (vm.level === 'ft') actions.push(button('Unprotect', 'unprotect', { vm: vm.name }));
-      if (vm.state === 'protected') actions.push(button('Switch over', 'switchover', { vm: vm.name }));
-      return el(
-        'tr',
-        { 'data-vm': vm.name },
-        el('td', { class: 'name' }, el('a', { href: `#/vm/${encodeURIComponent(vm.name)}` }, vm.name)),
-        el('td', { class: `state state-${vm.state}` }, vm.state),
-        el('td', { class: 'level' }, vm.level),
-        el('td', { class: 'primary' }, vm.primary_node || '-'),
-        el('td', { class: 'standby' }, standbyState(vm)),
-        el('td', { class: 'generation' }, vm.generation),
-        el('td', { class: 'epoch' }, vm.epoch ?? '-'),
-        el('td', { class: 'actions' }, actions),
-      );
-    }),
-  );
+  syncRows($('#vms tbody'), 'data-vm', state.vms, (vm) => {
+    const actions = [];
+    if (vm.desired === 'stopped') actions.push(['Start', 'start', { vm: vm.name }]);
+    if (vm.desired === 'running') actions.push(['Stop', 'stop', { vm: vm.name }]);
+    if (vm.level === 'unprotected') actions.push(['Protect (FT)', 'protect', { vm: vm.name }]);
+    if (vm.level === 'ft') actions.push(['Unprotect', 'unprotect', { vm: vm.name }]);
+    if (vm.state === 'protected') actions.push(['Switch over', 'switchover', { vm: vm.name }]);
+    return {
+      key: vm.name,
+      cells: [
+        { class: 'name', show: vm.name, build: (name) => el('a', { href: `#/vm/${encodeURIComponent(name)}` }, name) },
+        { class: `state state-${vm.state}`, show: vm.state },
+        { class: 'level', show: vm.level },
+        { class: 'primary', show: vm.primary_node || '-' },
+        { class: 'standby', show: standbyState(vm) },
+        { class: 'generation', show: vm.generation },
+        { class: 'epoch', show: vm.epoch ?? '-' },
+        { class: 'actions', show: actions, build: buttons },
+      ],
+    };
+  });
 }
 
 function renderAlerts() {

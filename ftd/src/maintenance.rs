@@ -14,7 +14,7 @@
 //! The state is a node record in the store that travels over the pair
 //! channel, so either node's API shows and changes it. Each step is done by
 //! the daemon that can do it: the switchovers by the node running the
-//! primaries, the end of a step by either node that sees it done. Every
+//! primaries, the end of a step by the node in maintenance. Every
 //! step goes into the event log and the audit log, with who asked.
 
 use std::collections::HashMap;
@@ -273,9 +273,9 @@ impl Driver {
             self.move_primaries(&theirs, &peer, |r| r.definition.preferred_node == peer)
                 .await?;
         }
-        for node in [&mine, &theirs] {
-            self.end_step(node)?;
-        }
+        // Only the node in maintenance ends its step: two nodes writing the
+        // same record at once could undo a request made meanwhile.
+        self.end_step(&mine)?;
         Ok(())
     }
 
@@ -338,7 +338,7 @@ impl Driver {
         {
             return Ok(());
         }
-        // Both nodes may see it done; the first to write says it.
+        // A request may have changed it since it was read.
         let current = self.manager.store().node_record(&node.name)?;
         if current.maintenance != node.maintenance {
             return Ok(());

@@ -330,18 +330,7 @@ impl Manager {
         for node in &state.nodes {
             if self.inner.store.merge_node(node)? != Merged::Kept {
                 changed = true;
-                self.record(
-                    Severity::Info,
-                    false,
-                    "maintenance",
-                    None,
-                    &format!(
-                        "node {}: maintenance {} (from {})",
-                        node.name,
-                        node.maintenance.as_str(),
-                        state.node
-                    ),
-                );
+                self.maintenance_merged(node, &state.node)?;
             }
         }
         self.inner.store.node_seen(&state.node)?;
@@ -354,6 +343,56 @@ impl Manager {
         };
         if changed || first {
             self.touch();
+        }
+        Ok(())
+    }
+
+    /// Says what the peer's change of a node's maintenance means here: the
+    /// peer in maintenance leaves this node's FT VMs unprotected (an
+    /// alert on this node, whose console and API the operator watches).
+    fn maintenance_merged(
+        &self,
+        node: &crate::store::NodeRecord,
+        from: &str,
+    ) -> Result<(), ManagerError> {
+        let me = self.node_name();
+        let unprotected: Vec<String> = self
+            .inner
+            .store
+            .vms()?
+            .into_iter()
+            .filter(|r| r.desired == Desired::Running && r.definition.level == Level::Ft)
+            .filter(|r| r.primary_node.as_deref() == Some(me))
+            .map(|r| r.definition.name)
+            .collect();
+        if node.name != me
+            && node.maintenance == crate::model::Maintenance::On
+            && !unprotected.is_empty()
+        {
+            self.record(
+                Severity::Warning,
+                true,
+                "maintenance",
+                None,
+                &format!(
+                    "node {} is in maintenance: VM(s) {} run unprotected on {me} until it \
+                     leaves maintenance",
+                    node.name,
+                    unprotected.join(", ")
+                ),
+            );
+        } else {
+            self.record(
+                Severity::Info,
+                false,
+                "maintenance",
+                None,
+                &format!(
+                    "node {}: maintenance {} (from {from})",
+                    node.name,
+                    node.maintenance.as_str()
+                ),
+            );
         }
         Ok(())
     }
@@ -760,9 +799,12 @@ impl Manager {
             .filter(|r| r.primary_node.as_deref() == Some(node.name.as_str()))
             .map(|r| r.definition.name.clone())
             .collect();
+        // A node in maintenance keeps no standby.
+        let keeps_standbys = !maintenance.maintenance.keeps_no_vm();
         let standbys = vms
             .iter()
             .filter(running)
+            .filter(|_| keeps_standbys)
             .filter(|r| r.definition.level == Level::Ft)
             .filter(|r| {
                 r.primary_node.is_some() && r.primary_node.as_deref() != Some(node.name.as_str())

@@ -1,0 +1,287 @@
+//! The web console in real headless Chromium (Debian's `chromium`, driven
+//! over the DevTools protocol) against the lab pair, with the ledger client
+//! writing (issue 13): log in with the API token; see both nodes and the
+//! protected ledger VM, and its live charts; enter maintenance on the
+//! primary's node and watch the VM move; pull that node and see that
+//! nothing happens to the VM; bring it back, leave maintenance and watch
+//! the VM return to protected on its node; pull the primary and see the
+//! takeover and its alert appear without a reload. Each step's screenshot
+//! goes under the test's output folder (`target/tmp/console/`); the page's
+//! console must stay free of errors; `ftctl node show`'s view (the API)
+//! agrees with the page at each step; nothing acknowledged is lost.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ft_tests::browser::Browser;
+use ft_tests::{Appender, LabPair};
+use ftd_client::model::{NodeView, VmView};
+use lab::ft_pair;
+use lab::NodeId;
+use replicator::status::{FtState, Role};
+
+/// Polls the text of `selector` (the client writing meanwhile) until
+/// `want` holds; returns it.
+fn until(
+    browser: &Browser,
+    writer: &mut Appender,
+    selector: &str,
+    what: &str,
+    timeout: Duration,
+    want: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Ok(text) = browser.text(selector) {
+            if want(&text) {
+                return text;
+            }
+            last = text;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: {selector} shows {last:?} after {timeout:?}; console errors: {:?}",
+            browser.console_errors()
+        );
+        writer.append_for(Duration::from_millis(300));
+    }
+}
+
+/// The API's view of node-a's maintenance (what `ftctl node show` prints).
+fn api_maintenance(lab: &LabPair, via: NodeId) -> String {
+    let api = ft_pair::api(lab.lab(), via).expect("api");
+    api.node::<NodeView>("node-a").expect("node-a").maintenance
+}
+
+const VM_ROW: &str = "#vms tr[data-vm=\"ledger-vm\"]";
+const NODE_A_ROW: &str = "#nodes tr[data-node=\"node-a\"]";
+
+#[test]
+fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
+    let lab = LabPair::start("ftconsole");
+    let (a, b) = (NodeId::A, NodeId::B);
+    ft_pair::protect(lab.lab(), a, Default::default()).expect("protected through the API");
+    ft_pair::wait_for(
+        lab.lab(),
+        b,
+        Role::Standby,
+        FtState::StandingBy,
+        Duration::from_secs(60),
+    )
+    .expect("standby ready");
+    let mut writer = Appender::new(lab.ledger_client());
+    writer.append_for(Duration::from_secs(1));
+
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
+    let _ = std::fs::remove_dir_all(&out);
+    let browser = Browser::launch(&out).expect("headless chromium");
+    // The console of node b: the node that stays up through every step.
+    let url = format!("{}/console/", lab.lab().topo.api_url(b));
+    let token = std::fs::read_to_string(lab.lab().topo.api_token_file()).expect("token");
+
+    // Log in.
+    browser.goto(&url).expect("the console loads");
+    browser
+        .wait_for("#login-token", Duration::from_secs(20))
+        .expect("the login form");
+    browser.screenshot("login").expect("screenshot");
+    browser
+        .type_into("#login-token", token.trim())
+        .expect("type the token");
+    browser.click("#login-submit").expect("log in");
+
+    // Both nodes, the protected VM.
+    until(
+        &browser,
+        &mut writer,
+        "#nodes tbody",
+        "both nodes",
+        Duration::from_secs(30),
+        |t| t.contains("node-a") && t.contains("node-b"),
+    );
+    until(
+        &browser,
+        &mut writer,
+        VM_ROW,
+        "the VM protected on a",
+        Duration::from_secs(30),
+        |t| t.contains("protected") && t.contains("node-a"),
+    );
+    browser.screenshot("dashboard").expect("screenshot");
+    // Live charts on the VM's page (a few samples), then back.
+    browser.click(&format!("{VM_ROW} a")).expect("open the VM");
+    until(
+        &browser,
+        &mut writer,
+        "#vm-title",
+        "the VM page",
+        Duration::from_secs(10),
+        |t| t.starts_with("ledger-vm"),
+    );
+    let charts = browser
+        .eval("document.querySelectorAll('#vm-charts canvas').length")
+        .expect("charts");
+    assert!(
+        charts.as_u64().unwrap_or(0) >= 6,
+        "the charts are not drawn: {charts}"
+    );
+    writer.append_for(Duration::from_secs(4));
+    browser.screenshot("vm-charts").expect("screenshot");
+    browser.click("#nav a[data-route=\"\"]").expect("dashboard");
+    // A mark that a reload would erase.
+    browser.eval("window.__consoleTestMark = 7").expect("mark");
+
+    // Enter maintenance on node a (the primary's node).
+    browser
+        .click("button[data-action=\"enter-maintenance\"][data-node=\"node-a\"]")
+        .expect("the enter button");
+    browser
+        .wait_for("#confirm[open]", Duration::from_secs(5))
+        .expect("the confirmation");
+    browser
+        .screenshot("confirm-maintenance")
+        .expect("screenshot");
+    browser.click("#confirm-ok").expect("confirm");
+    let entered = Instant::now();
+    until(
+        &browser,
+        &mut writer,
+        NODE_A_ROW,
+        "node-a in maintenance",
+        Duration::from_secs(120),
+        |t| t.contains("\ton"),
+    );
+    let row = until(
+        &browser,
+        &mut writer,
+        VM_ROW,
+        "the VM on b",
+        Duration::from_secs(60),
+        |t| t.contains("node-b") && t.contains("unprotected"),
+    );
+    let enter_s = entered.elapsed().as_secs_f64();
+    assert_eq!(api_maintenance(&lab, b), "on");
+    until(
+        &browser,
+        &mut writer,
+        "#activity",
+        "the step's result",
+        Duration::from_secs(10),
+        |t| t.contains("node-a is in maintenance"),
+    );
+    until(
+        &browser,
+        &mut writer,
+        "#alerts",
+        "the alert that the VM runs unprotected",
+        Duration::from_secs(30),
+        |t| t.contains("run unprotected on node-b"),
+    );
+    assert_eq!(
+        browser
+            .text(&format!("{NODE_A_ROW} .standbys"))
+            .expect("node-a's standbys"),
+        "-",
+        "a node in maintenance keeps no standby"
+    );
+    browser.screenshot("in-maintenance").expect("screenshot");
+    let generation = ft_pair::api(lab.lab(), b)
+        .unwrap()
+        .vm::<VmView>(ft_pair::VM_NAME)
+        .unwrap()
+        .generation;
+
+    // Pull node a: the page shows it unreachable, the VM untouched.
+    lab.pull(a);
+    until(
+        &browser,
+        &mut writer,
+        NODE_A_ROW,
+        "node-a unreachable",
+        Duration::from_secs(30),
+        |t| t.contains("unreachable"),
+    );
+    writer.append_for(Duration::from_secs(3));
+    let row_after = browser.text(VM_ROW).expect("the VM row");
+    assert!(
+        row_after.contains("node-b") && row_after.contains(&format!("\t{generation}\t")),
+        "the VM changed after the pull of a node in maintenance: {row:?} -> {row_after:?}"
+    );
+    browser
+        .screenshot("maintenance-node-pulled")
+        .expect("screenshot");
+
+    // Node a comes back (still in maintenance), then leaves it.
+    lab.lab().up(&[a]).expect("a back");
+    until(
+        &browser,
+        &mut writer,
+        NODE_A_ROW,
+        "node-a up",
+        Duration::from_secs(120),
+        |t| t.contains("\tup\t"),
+    );
+    browser.screenshot("node-back").expect("screenshot");
+    browser
+        .click("button[data-action=\"exit-maintenance\"][data-node=\"node-a\"]")
+        .expect("the exit button");
+    browser
+        .wait_for("#confirm[open]", Duration::from_secs(5))
+        .expect("the confirmation");
+    browser.click("#confirm-ok").expect("confirm");
+    let left = Instant::now();
+    until(
+        &browser,
+        &mut writer,
+        NODE_A_ROW,
+        "node-a back in service",
+        Duration::from_secs(300),
+        |t| t.contains("\toff"),
+    );
+    until(
+        &browser,
+        &mut writer,
+        VM_ROW,
+        "the VM protected on a",
+        Duration::from_secs(60),
+        |t| t.contains("protected") && t.contains("node-a"),
+    );
+    let leave_s = left.elapsed().as_secs_f64();
+    assert_eq!(api_maintenance(&lab, b), "off");
+    browser
+        .screenshot("out-of-maintenance")
+        .expect("screenshot");
+
+    // Pull the primary: the takeover and its alert appear without a reload.
+    lab.pull(a);
+    until(
+        &browser,
+        &mut writer,
+        VM_ROW,
+        "the VM taken over by b",
+        Duration::from_secs(60),
+        |t| t.contains("node-b"),
+    );
+    until(
+        &browser,
+        &mut writer,
+        "#alerts",
+        "the takeover's alert",
+        Duration::from_secs(30),
+        |t| t.contains("took over"),
+    );
+    browser.screenshot("takeover").expect("screenshot");
+    let mark = browser.eval("window.__consoleTestMark").expect("mark");
+    assert_eq!(mark, serde_json::json!(7), "the page was reloaded");
+
+    let errors = browser.console_errors();
+    assert!(errors.is_empty(), "the page logged errors: {errors:?}");
+    writer.assert_nothing_lost();
+    eprintln!(
+        "[e2e] console: maintenance entered in {enter_s:.1} s, left in {leave_s:.1} s; takeover shown live; \
+         {} operations, none lost; screenshots in {}",
+        writer.acked.len(),
+        out.display()
+    );
+}
