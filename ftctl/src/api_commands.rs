@@ -47,6 +47,11 @@ pub enum ApiCommand {
     },
     /// The event log (alerts flagged), or its live stream with --follow.
     Events(EventsArgs),
+    /// The web console's users.
+    User {
+        #[command(subcommand)]
+        command: crate::user_commands::UserCommand,
+    },
     /// The audit log: every mutating API request.
     Audit {
         /// At most this many (the newest), 1-1000.
@@ -224,6 +229,12 @@ pub enum CommandError {
         secs: u64,
         state: String,
     },
+    /// The password cannot be read.
+    #[error("cannot read the password: {0}")]
+    Password(#[source] io::Error),
+    /// The password was not typed the same twice.
+    #[error("the two passwords differ")]
+    PasswordsDiffer,
     /// The output cannot be written (a closed pipe).
     #[error("cannot write the output: {0}")]
     Output(#[source] io::Error),
@@ -247,6 +258,7 @@ pub fn run(args: &ApiArgs, command: ApiCommand) -> Result<(), CommandError> {
     match command {
         ApiCommand::Node { command } => node_command(&client, json, command),
         ApiCommand::Vm { command } => vm_command(&client, json, command),
+        ApiCommand::User { command } => crate::user_commands::run(&client, json, command),
         ApiCommand::Events(events) if events.follow => follow_events(&client, json, &events),
         ApiCommand::Events(events) => {
             let query = EventQuery {

@@ -7,6 +7,7 @@
 
 mod api_commands;
 mod maintenance;
+mod user_commands;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -451,6 +451,35 @@ fn api_refusals_exit_1_with_the_api_message() {
     let shown = d.ok(&["node", "show", "node-a"]);
     assert!(shown.stdout.contains("maintenance"), "{shown:?}");
 
+    // Console users: the password from standard input; a short one is
+    // refused with the API's reason.
+    let set = |args: &[&str], password: &str| {
+        use std::io::Write;
+        let mut child = d
+            .ftctl_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+        Run::of(child.wait_with_output().unwrap(), args)
+    };
+    let run = set(
+        &["user", "set", "alice", "--password-stdin"],
+        "correct horse battery",
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "console user alice set\n");
+    let run = set(&["user", "set", "bob", "--password-stdin"], "short");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("password"), "{run:?}");
+    assert_eq!(d.ok(&["user", "list"]).stdout, "alice\n");
+    d.ok(&["user", "delete", "alice"]);
+    let run = d.ftctl(&["user", "delete", "alice"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("no user is named"), "{run:?}");
+
     // A bad usage is clap's exit 2.
     let run = d.ftctl(&["vm", "create", "no-kernel"]);
     assert_eq!(run.code, 2, "{run:?}");

@@ -289,6 +289,42 @@ impl ApiClient {
         self.send(&action, None).map(drop)
     }
 
+    /// `GET /api/users`: the web console's users.
+    pub fn users<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        self.get("/api/users")
+    }
+
+    /// `PUT /api/users/{name}`: makes a console user or gives them a new
+    /// password.
+    pub fn set_user<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<T, ClientError> {
+        let action = Action {
+            method: Method::PUT,
+            path: format!("/api/users/{}", encode_component(name)),
+        };
+        let body =
+            serde_json::to_vec(&serde_json::json!({ "password": password })).map_err(|source| {
+                ClientError::EncodeRequest {
+                    action: action.clone(),
+                    source,
+                }
+            })?;
+        let text = self.send(&action, Some(body))?;
+        decode(&action, &text)
+    }
+
+    /// `DELETE /api/users/{name}`.
+    pub fn delete_user(&self, name: &str) -> Result<(), ClientError> {
+        let action = Action {
+            method: Method::DELETE,
+            path: format!("/api/users/{}", encode_component(name)),
+        };
+        self.send(&action, None).map(drop)
+    }
+
     /// `POST /api/vms/{name}/start`.
     pub fn start_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
         self.post_empty(&vm_path(name, "/start"))

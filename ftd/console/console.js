@@ -96,15 +96,23 @@ function showLogin(message) {
   $('#logout').hidden = true;
   $('#login').hidden = false;
   $('#login-error').textContent = message || '';
-  $('#login-token').focus();
+  $('#login-user').focus();
 }
 
 async function logIn(event) {
   event.preventDefault();
   $('#login-error').textContent = '';
+  const token = $('#login-token').value;
+  const login = token
+    ? { token }
+    : { user: $('#login-user').value.trim(), password: $('#login-password').value };
+  if (!token && (!login.user || !login.password)) {
+    $('#login-error').textContent = 'Give a user and a password, or the API token.';
+    return;
+  }
   try {
-    state.session = await api('POST', '/api/session', { token: $('#login-token').value });
-    $('#login-token').value = '';
+    state.session = await api('POST', '/api/session', login);
+    for (const id of ['login-token', 'login-password']) $(`#${id}`).value = '';
     started();
   } catch (e) {
     $('#login-error').textContent = e.message;
@@ -125,7 +133,7 @@ function started() {
   $('#nav').hidden = false;
   $('#logout').hidden = false;
   $('#activity-panel').hidden = false;
-  $('#serving').textContent = `served by ${state.session.node}`;
+  $('#serving').textContent = `${state.session.user} on ${state.session.node}`;
   startStream();
   route();
   refresh();

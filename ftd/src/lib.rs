@@ -19,3 +19,4 @@ pub mod secrets;
 pub mod store;
 pub mod supervisor;
 pub mod switchover;
+pub mod users;

@@ -48,6 +48,10 @@ pub enum ManagerError {
     SwitchoverFailed(String),
     #[error("no maintenance change: {0}")]
     NoMaintenance(String),
+    #[error("no user is named {0:?}")]
+    NoSuchUser(String),
+    #[error("cannot hash the password: {0}")]
+    Password(String),
 }
 
 /// The node manager, shared by the API, the supervisor and the pair
@@ -239,6 +243,7 @@ impl Manager {
             tombstones: self.inner.store.tombstones()?,
             roles,
             nodes: self.inner.store.node_records()?,
+            users: self.inner.store.user_records()?,
         })
     }
 
@@ -324,6 +329,28 @@ impl Manager {
                     "pair",
                     Some(&tomb.name),
                     &format!("VM {}: deleted on {}", tomb.name, state.node),
+                );
+            }
+        }
+        for user in &state.users {
+            let merged = self.inner.store.merge_user(user)?;
+            if merged != Merged::Kept {
+                changed = true;
+                self.record(
+                    Severity::Info,
+                    false,
+                    "user",
+                    None,
+                    &format!(
+                        "console user {}: {} from {}",
+                        user.name,
+                        if merged == Merged::Deleted {
+                            "deleted"
+                        } else {
+                            "received"
+                        },
+                        state.node
+                    ),
                 );
             }
         }

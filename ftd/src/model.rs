@@ -659,12 +659,36 @@ pub struct PairInfo {
     pub alink_plaintext: bool,
 }
 
-/// The body of `POST /api/session`: the console's login.
+/// The body of `POST /api/session`: the console's login, with the API
+/// token or with a user's name and password.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionLogin {
     /// The node's API token (its api-token file).
-    pub token: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A console user (`PUT /api/users/{name}`) ...
+    #[serde(default)]
+    pub user: Option<String>,
+    /// ... and their password.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// A console user (the password's hash is never shown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub name: String,
+    /// When the user was made or last given a password.
+    pub updated_unix_ms: u64,
+}
+
+/// The body of `PUT /api/users/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserPassword {
+    /// 10 to 1024 characters.
+    pub password: String,
 }
 
 /// A console session.

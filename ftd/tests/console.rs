@@ -297,3 +297,112 @@ fn the_stats_stream_sends_a_sample_of_the_vm() {
     let gap = samples[1]["unix_ms"].as_u64().unwrap() - samples[0]["unix_ms"].as_u64().unwrap();
     assert!((500..3000).contains(&gap), "{gap} ms between samples");
 }
+
+#[test]
+fn console_users_log_in_with_their_password_until_deleted() {
+    let d = Daemon::init();
+    // Made with the token; bad names and short passwords refused.
+    let (status, body) = d.call(
+        "PUT",
+        "/api/users/alice",
+        "-",
+        Some(json!({"password": "correct horse battery"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["name"], "alice");
+    assert!(body.get("password_hash").is_none(), "{body}");
+    for (path, password, field) in [
+        ("/api/users/Alice", "correct horse battery", "name"),
+        ("/api/users/bob", "short", "password"),
+    ] {
+        let (status, body) = d.call("PUT", path, "-", Some(json!({ "password": password })));
+        assert_eq!(
+            (status, body["field"].clone()),
+            (422, json!(field)),
+            "{body}"
+        );
+    }
+    let (_, users) = d.call("GET", "/api/users", "-", None);
+    assert_eq!(users.as_array().unwrap().len(), 1, "{users}");
+    assert!(
+        !users.to_string().contains("argon2"),
+        "a hash is shown: {users}"
+    );
+    // The store keeps a hash, never the password.
+    let db = std::fs::read(d.state_dir().join("ftd.sqlite")).unwrap();
+    let text = String::from_utf8_lossy(&db);
+    assert!(!text.contains("correct horse battery"));
+
+    // A wrong password, an unknown user, or a token and a password at once
+    // are refused.
+    for (login, status) in [
+        (
+            json!({"user": "alice", "password": "wrong horse battery"}),
+            401,
+        ),
+        (
+            json!({"user": "mallory", "password": "correct horse battery"}),
+            401,
+        ),
+        (json!({"user": "alice"}), 422),
+        (
+            json!({"user": "alice", "password": "correct horse battery", "token": d.token}),
+            422,
+        ),
+    ] {
+        let (got, _, text) = send(&d, "POST", "/api/session", None, true, Some(login.clone()));
+        assert_eq!(got, status, "{login}: {text}");
+    }
+    // The password opens a session in the user's name.
+    let (status, headers, text) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"user": "alice", "password": "correct horse battery"})),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["user"],
+        "alice"
+    );
+    let id = session_id(&headers);
+    let (status, _, _) = send(
+        &d,
+        "PUT",
+        "/api/users/bob",
+        Some(&id),
+        true,
+        Some(json!({"password": "0123456789ab"})),
+    );
+    assert_eq!(status, 200);
+    let (_, audit) = d.call("GET", "/api/audit?limit=100", "-", None);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "PUT /api/users/bob"
+                && e["who"].as_str().unwrap().starts_with("alice@")),
+        "{audit}"
+    );
+    // Deleted: the next request of the session is refused, the password
+    // no longer opens one.
+    let (status, _) = d.call("DELETE", "/api/users/alice", "-", None);
+    assert_eq!(status, 204);
+    let (status, _) = d.call("DELETE", "/api/users/alice", "-", None);
+    assert_eq!(status, 404);
+    let (status, _, text) = send(&d, "GET", "/api/nodes", Some(&id), false, None);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("alice was deleted"), "{text}");
+    let (status, _, _) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"user": "alice", "password": "correct horse battery"})),
+    );
+    assert_eq!(status, 401);
+}

@@ -687,3 +687,47 @@ fn node_maintenance_travels_between_the_nodes_and_is_refused_when_it_cannot_hold
     );
     assert_eq!(maintenance(&p.a, "node-a"), "off");
 }
+
+#[test]
+fn a_console_user_made_on_one_node_logs_in_on_both() {
+    let p = pair();
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes", "the peer is up", |nodes| {
+            nodes.as_array().unwrap().iter().all(|n| n["state"] == "up")
+        });
+    }
+    let (status, body) = p.a.call(
+        "PUT",
+        "/api/users/alice",
+        "-",
+        Some(json!({"password": "correct horse battery"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    eventually(&p.b, "/api/users", "alice reaches b", |users| {
+        users
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["name"] == "alice")
+    });
+    let login = json!({"user": "alice", "password": "correct horse battery"});
+    let (status, body) = p.b.raw(
+        "POST",
+        "/api/session",
+        "-",
+        None,
+        Some("application/json"),
+        Some(login.to_string().as_bytes()),
+    );
+    assert_eq!(
+        (status, body["user"].clone()),
+        (200, json!("alice")),
+        "{body}"
+    );
+    // Deleted on b: gone from a too.
+    let (status, _) = p.b.call("DELETE", "/api/users/alice", "-", None);
+    assert_eq!(status, 204);
+    eventually(&p.a, "/api/users", "the delete reaches a", |users| {
+        users.as_array().unwrap().is_empty()
+    });
+}

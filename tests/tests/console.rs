@@ -1,11 +1,13 @@
 //! The web console in real headless Chromium (Debian's `chromium`, driven
 //! over the DevTools protocol) against the lab pair, with the ledger client
-//! writing (issue 13): log in with the API token; see both nodes and the
+//! writing (issue 13): log in as a console user (made through the API on the
+//! other node); see both nodes and the
 //! protected ledger VM, and its live charts; enter maintenance on the
 //! primary's node and watch the VM move; pull that node and see that
 //! nothing happens to the VM; bring it back, leave maintenance and watch
 //! the VM return to protected on its node; pull the primary and see the
-//! takeover and its alert appear without a reload. Each step's screenshot
+//! takeover and its alert appear without a reload; the audit log page names
+//! the user for each request. Each step's screenshot
 //! goes under the test's output folder (`target/tmp/console/`); the page's
 //! console must stay free of errors; `ftctl node show`'s view (the API)
 //! agrees with the page at each step; nothing acknowledged is lost.
@@ -78,17 +80,25 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     let browser = Browser::launch(&out).expect("headless chromium");
     // The console of node b: the node that stays up through every step.
     let url = format!("{}/console/", lab.lab().topo.api_url(b));
-    let token = std::fs::read_to_string(lab.lab().topo.api_token_file()).expect("token");
+    // A console user, made through the API (as `ftctl user set` does).
+    let password = "maintenance-night-42";
+    ft_pair::api(lab.lab(), a)
+        .unwrap()
+        .set_user::<serde_json::Value>("operator", password)
+        .expect("a console user");
 
-    // Log in.
+    // Log in as that user (on the other node: users travel).
     browser.goto(&url).expect("the console loads");
     browser
-        .wait_for("#login-token", Duration::from_secs(20))
+        .wait_for("#login-user", Duration::from_secs(20))
         .expect("the login form");
     browser.screenshot("login").expect("screenshot");
     browser
-        .type_into("#login-token", token.trim())
-        .expect("type the token");
+        .type_into("#login-user", "operator")
+        .expect("type the user");
+    browser
+        .type_into("#login-password", password)
+        .expect("type the password");
     browser.click("#login-submit").expect("log in");
 
     // Both nodes, the protected VM.
@@ -274,6 +284,32 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     browser.screenshot("takeover").expect("screenshot");
     let mark = browser.eval("window.__consoleTestMark").expect("mark");
     assert_eq!(mark, serde_json::json!(7), "the page was reloaded");
+
+    // The audit log names the user for each request made from the page.
+    browser
+        .click("#nav a[data-route=\"audit\"]")
+        .expect("the audit log");
+    let audit = until(
+        &browser,
+        &mut writer,
+        "#audit tbody",
+        "the audit log",
+        Duration::from_secs(20),
+        |t| t.contains("POST /api/nodes/node-a/maintenance/exit"),
+    );
+    for action in [
+        "POST /api/nodes/node-a/maintenance/enter",
+        "POST /api/nodes/node-a/maintenance/exit",
+        "POST /api/session",
+    ] {
+        assert!(
+            audit
+                .lines()
+                .any(|l| l.contains(action) && l.contains("operator@")),
+            "no audit entry of operator for {action}: {audit}"
+        );
+    }
+    browser.screenshot("audit").expect("screenshot");
 
     let errors = browser.console_errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");

@@ -174,6 +174,8 @@ impl From<ManagerError> for ApiError {
             | ManagerError::NoSwitchover(_)
             | ManagerError::SwitchoverFailed(_)
             | ManagerError::NoMaintenance(_) => ApiError::Conflict(e.to_string()),
+            ManagerError::NoSuchUser(_) => ApiError::NotFound(e.to_string()),
+            ManagerError::Password(_) => ApiError::Internal(e.to_string()),
         }
     }
 }

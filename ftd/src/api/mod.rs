@@ -16,6 +16,7 @@ mod openapi;
 mod pair;
 mod session;
 mod stats;
+mod users;
 mod vms;
 
 use std::net::SocketAddr;
@@ -97,6 +98,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/pair/peer", post(pair::set_peer))
         .route("/api/vms/{name}/stats", get(stats::stream_vm))
         .route("/api/session", axum::routing::delete(session::log_out))
+        .route("/api/users", get(users::list))
+        .route(
+            "/api/users/{name}",
+            axum::routing::put(users::set).delete(users::delete),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
@@ -215,6 +221,13 @@ async fn authenticate(
                 None => Err(ApiError::Unauthorized(
                     "the console session ended (idle, or too old): log in again".into(),
                 )),
+                Some(session) if !session.by_token && !user_lives(&state, &session.user) => {
+                    state.sessions.close(&id);
+                    Err(ApiError::Unauthorized(format!(
+                        "console user {} was deleted: the session ended",
+                        session.user
+                    )))
+                }
                 Some(_) if mutating(&request) && !from_console(&request) => {
                     Err(ApiError::Forbidden(format!(
                         "a change made with a console session must carry the header \
@@ -238,6 +251,12 @@ async fn authenticate(
         }
         Err(refusal) => refusal.into_response(),
     }
+}
+
+/// Whether console user `name` still exists (a deleted user's sessions
+/// end at their next request).
+fn user_lives(state: &ApiState, name: &str) -> bool {
+    state.manager.store().user(name).is_ok_and(|u| u.is_some())
 }
 
 fn mutating(request: &Request) -> bool {

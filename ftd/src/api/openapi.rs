@@ -37,6 +37,9 @@ use crate::model;
         super::session::show,
         super::session::log_out,
         super::stats::stream_vm,
+        super::users::list,
+        super::users::set,
+        super::users::delete,
     ),
     components(schemas(
         model::Level,
@@ -61,6 +64,8 @@ use crate::model;
         model::SessionView,
         model::VmSample,
         model::SyncView,
+        model::UserView,
+        model::UserPassword,
         crate::config::NodeAddresses,
     )),
     modifiers(&BearerToken),
@@ -69,7 +74,7 @@ use crate::model;
         (name = "nodes", description = "The pair's nodes and their maintenance"),
         (name = "events", description = "Events, alerts and the audit log"),
         (name = "node", description = "This daemon"),
-        (name = "console", description = "The web console's login"),
+        (name = "console", description = "The web console's login and users"),
     )
 )]
 struct ApiDoc;

@@ -1,5 +1,6 @@
 //! `/api/session`: the web console's login. The API token (the same one
-//! `Authorization: Bearer` carries) opens a session whose id travels in
+//! `Authorization: Bearer` carries), or a console user's name and password
+//! (`/api/users`), opens a session whose id travels in
 //! an HttpOnly, SameSite=Strict cookie; every API endpoint then accepts
 //! the cookie instead of the header. A request that changes something
 //! must also carry `X-Ftd-Console: 1` (a page of another site cannot send
@@ -19,32 +20,58 @@ use super::{ApiError, ApiState, Caller};
 use crate::console::sessions::{clear_cookie, session_cookie, set_cookie};
 use crate::model::{ErrorBody, SessionLogin, SessionView};
 
-/// How long a wrong token makes its sender wait (a guess costs time).
-const WRONG_TOKEN_PAUSE: Duration = Duration::from_millis(300);
+/// How long a wrong token or password makes its sender wait (a guess
+/// costs time).
+const WRONG_LOGIN_PAUSE: Duration = Duration::from_millis(300);
 
-/// Log in with the API token: opens a console session (cookie
-/// `ftd_session`).
+/// Log in with the API token, or with a console user's name and
+/// password: opens a console session (cookie `ftd_session`).
 #[utoipa::path(post, path = "/api/session", operation_id = "log_in", tag = "console", request_body = SessionLogin,
     responses((status = 200, description = "Logged in; the session cookie is set", body = SessionView),
               (status = 400, description = "Not JSON", body = ErrorBody),
-              (status = 401, description = "A wrong token", body = ErrorBody),
+              (status = 401, description = "A wrong token, or a wrong user or password", body = ErrorBody),
               (status = 415, description = "Not sent as JSON", body = ErrorBody),
-              (status = 422, description = "A field is wrong", body = ErrorBody)))]
+              (status = 422, description = "Neither a token nor a user and password, or both", body = ErrorBody)))]
 pub async fn log_in(
     State(state): State<ApiState>,
     axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
     JsonBody(login): JsonBody<SessionLogin>,
 ) -> Result<Response, ApiError> {
-    if !super::same_secret(login.token.trim().as_bytes(), state.token.as_bytes()) {
-        tokio::time::sleep(WRONG_TOKEN_PAUSE).await;
-        return Err(ApiError::Unauthorized(
-            "the token is not this node's API token (the api-token file)".into(),
-        ));
-    }
-    let user = "admin";
+    let (user, by_token) = match (login.token, login.user, login.password) {
+        (Some(token), None, None) => {
+            if !super::same_secret(token.trim().as_bytes(), state.token.as_bytes()) {
+                tokio::time::sleep(WRONG_LOGIN_PAUSE).await;
+                return Err(ApiError::Unauthorized(
+                    "the token is not this node's API token (the api-token file)".into(),
+                ));
+            }
+            ("admin".to_string(), true)
+        }
+        (None, Some(user), Some(password)) => {
+            let manager = state.manager.clone();
+            let name = user.clone();
+            // Hashing takes tens of ms of CPU: off the async workers.
+            let matches = tokio::task::spawn_blocking(move || manager.user_login(&name, &password))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))??;
+            if !matches {
+                tokio::time::sleep(WRONG_LOGIN_PAUSE).await;
+                return Err(ApiError::Unauthorized(
+                    "no such user, or a wrong password".into(),
+                ));
+            }
+            (user, false)
+        }
+        _ => {
+            return Err(ApiError::InvalidField(crate::model::FieldError {
+                field: "token".into(),
+                reason: "give the API token, or a user and a password".into(),
+            }))
+        }
+    };
     let id = state
         .sessions
-        .open(user)
+        .open(&user, by_token)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let session = state
         .sessions
@@ -52,7 +79,7 @@ pub async fn log_in(
         .ok_or_else(|| ApiError::Internal("the new session is gone".into()))?;
     let view = SessionView {
         logged_in: true,
-        user: user.to_string(),
+        user: user.clone(),
         node: state.manager.node_name().to_string(),
         expires_in_s: session.ends_in(Instant::now()).as_secs(),
     };

@@ -8,7 +8,7 @@ use ft_link::{Frame, FrameKind};
 use replicator::status::{FtState, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{NodeRecord, Tombstone, VmRecord};
+use crate::store::{NodeRecord, Tombstone, UserRecord, VmRecord};
 
 /// The pair channel's protocol version.
 pub const PAIR_VERSION: u32 = 1;
@@ -63,6 +63,10 @@ pub struct PairState {
     /// The nodes' maintenance records (absent from an older daemon).
     #[serde(default)]
     pub nodes: Vec<NodeRecord>,
+    /// The console's users (their password hashes; absent from an older
+    /// daemon).
+    #[serde(default)]
+    pub users: Vec<UserRecord>,
 }
 
 impl PairState {

@@ -10,8 +10,10 @@
 
 mod nodes;
 mod schema;
+mod users;
 
 pub use nodes::NodeRecord;
+pub use users::UserRecord;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

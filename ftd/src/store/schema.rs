@@ -62,4 +62,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE nodes ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE nodes ADD COLUMN updated_unix_ms INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4: the web console's users (their passwords hashed; a deleted user
+    // keeps its row, without a hash, so that the delete travels).
+    r#"
+    CREATE TABLE users (
+        name            TEXT PRIMARY KEY,
+        password_hash   TEXT,
+        revision        INTEGER NOT NULL,
+        updated_unix_ms INTEGER NOT NULL
+    );
+    "#,
 ];
