@@ -203,7 +203,7 @@ impl Manager {
                 .filter_map(|r| {
                     let name = &r.definition.name;
                     let view = self.view(r.clone());
-                    if view.state != VmState::Protected {
+                    if !protected_now(&view) {
                         return Some(format!(
                             "VM {name}: being protected again (now {})",
                             state_name(view.state)
@@ -215,6 +215,18 @@ impl Manager {
                 .collect(),
         }
     }
+}
+
+/// Whether the VM runs protected now: its state, and the engine of the
+/// node the store names its primary is a primary that says so (not a
+/// standby the role is still moving to).
+fn protected_now(view: &VmView) -> bool {
+    view.state == VmState::Protected
+        && view.roles.iter().any(|r| {
+            Some(r.node.as_str()) == view.primary_node.as_deref()
+                && r.role == "primary"
+                && r.state == "protected"
+        })
 }
 
 /// Whether the record names `node` as the running VM's primary.
@@ -405,5 +417,93 @@ impl Driver {
         {
             tracing::error!(error = %e, action, "cannot write the audit log");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, NodeAddresses};
+    use crate::model::{VmDefinition, VmState};
+    use crate::store::Store;
+    use crate::supervisor::{LocalRole, Runtime};
+
+    fn addresses(name: &str, port: u16) -> NodeAddresses {
+        NodeAddresses {
+            name: name.into(),
+            api: format!("127.0.0.1:{port}").parse().unwrap(),
+            pair: format!("127.0.0.1:{}", port + 1).parse().unwrap(),
+            alink: vec![],
+        }
+    }
+
+    /// node-a's manager with VM vm1 running, its primary named node-a in
+    /// the store, and `role`/`state` as node-a's engine reports.
+    fn manager_with(dir: &std::path::Path, role: Role, state: FtState) -> Manager {
+        let store = Store::open(&dir.join("db"), "node-a").unwrap();
+        store
+            .create_vm(&VmDefinition {
+                name: "vm1".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+                disks: vec![],
+                nics: vec![],
+                level: Level::Ft,
+                preferred_node: "node-a".into(),
+                ft: Default::default(),
+                slot: 0,
+            })
+            .unwrap();
+        store
+            .update_vm("vm1", |r| {
+                r.desired = Desired::Running;
+                r.primary_node = Some("node-a".into());
+            })
+            .unwrap();
+        let mut config = Config::new(addresses("node-a", 1));
+        config.peer = Some(addresses("node-b", 3));
+        let runtime = Runtime::default();
+        runtime.set(
+            "vm1",
+            Some(LocalRole {
+                role,
+                state,
+                epoch: Some(7),
+                message: None,
+                status: None,
+            }),
+        );
+        store
+            .update_node("node-a", |n| n.maintenance = Maintenance::Leaving)
+            .unwrap();
+        Manager::new(config, dir, store, runtime)
+    }
+
+    #[test]
+    fn a_role_still_moving_here_is_no_protection() {
+        // The store names node-a the primary (a switchover back was
+        // recorded) while its engine is still the standby: not protected,
+        // so node-a's maintenance does not end yet.
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager_with(dir.path(), Role::Standby, FtState::StandingBy);
+        let records = m.store().vms().unwrap();
+        let view = m.view(records[0].clone());
+        assert_eq!(view.state, VmState::SwitchingOver);
+        assert!(!protected_now(&view));
+        assert_eq!(
+            m.maintenance_waiting("node-a", Maintenance::Leaving, &records),
+            vec!["VM vm1: being protected again (now switching-over)".to_string()]
+        );
+        // Once its engine is a protected primary, the step is done.
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager_with(dir.path(), Role::Primary, FtState::Protected);
+        let records = m.store().vms().unwrap();
+        assert!(protected_now(&m.view(records[0].clone())));
+        assert!(m
+            .maintenance_waiting("node-a", Maintenance::Leaving, &records)
+            .is_empty());
     }
 }

@@ -683,6 +683,20 @@ impl Manager {
             roles.push(role_view(p, r));
         }
         let (state, epoch, message) = match (&reported, record.desired) {
+            // The store names as the primary a node whose engine is still
+            // the standby: the role is moving there (a switchover recorded
+            // before the engine promoted). Its replica is not the VM's
+            // protection: the new primary has no standby yet.
+            (Some(r), Desired::Running)
+                if r.role == replicator::status::Role::Standby
+                    && !matches!(
+                        r.state,
+                        replicator::status::FtState::Promoting
+                            | replicator::status::FtState::Claiming
+                    ) =>
+            {
+                (VmState::SwitchingOver, r.epoch, r.message.clone())
+            }
             (Some(r), _) => (vm_state(r.role, r.state), r.epoch, r.message.clone()),
             (None, Desired::Stopped) => (VmState::Stopped, None, None),
             (None, Desired::Running) if primary_here => (VmState::Starting, None, None),

@@ -228,12 +228,28 @@ impl Appender {
 
     /// Appends one id after another for `d`.
     pub fn append_for(&mut self, d: Duration) {
+        if let Err(e) = self.try_append_for(d) {
+            panic!("append: {e}");
+        }
+    }
+
+    /// Appends one id after another for `d`; the first failure (an id
+    /// the ledger did not acknowledge in time) ends it.
+    pub fn try_append_for(&mut self, d: Duration) -> Result<(), String> {
         let until = Instant::now() + d;
         while Instant::now() < until {
             self.sent += 1;
-            self.client.append(self.sent).expect("append");
+            let asked = Instant::now();
+            self.client.append(self.sent).map_err(|e| {
+                format!(
+                    "id {} not acknowledged after {:.1} s: {e}",
+                    self.sent,
+                    asked.elapsed().as_secs_f64()
+                )
+            })?;
             self.acked.push(self.sent);
         }
+        Ok(())
     }
 
     /// The ledger's memory holds every acknowledged id once.

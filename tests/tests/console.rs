@@ -23,8 +23,10 @@ use lab::NodeId;
 use replicator::status::{FtState, Role};
 
 /// Polls the text of `selector` (the client writing meanwhile) until
-/// `want` holds; returns it.
+/// `want` holds; returns it. A write the ledger does not acknowledge ends
+/// the test with both nodes' logs.
 fn until(
+    lab: &LabPair,
     browser: &Browser,
     writer: &mut Appender,
     selector: &str,
@@ -46,8 +48,31 @@ fn until(
             "{what}: {selector} shows {last:?} after {timeout:?}; console errors: {:?}",
             browser.console_errors()
         );
-        writer.append_for(Duration::from_millis(300));
+        if let Err(e) = writer.try_append_for(Duration::from_millis(300)) {
+            panic!(
+                "{what}: the ledger client failed: {e}\n--- node a:\n{}\n--- node b:\n{}",
+                logs(lab, NodeId::A),
+                logs(lab, NodeId::B)
+            );
+        }
     }
+}
+
+/// A node's daemon log and its engine's log without the per-epoch lines.
+fn logs(lab: &LabPair, node: NodeId) -> String {
+    lab.lab()
+        .exec(
+            node,
+            &[
+                "sh",
+                "-c",
+                "tail -n 25 /data/ftd/ftd.log; echo '--- engine'; \
+                 grep -v 'epoch committed' /data/ftd/vms/ledger-vm/ftprotect.log | tail -n 60",
+            ],
+            Duration::from_secs(30),
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_else(|e| format!("(cannot read: {e})"))
 }
 
 /// The API's view of node-a's maintenance (what `ftctl node show` prints).
@@ -57,6 +82,9 @@ fn api_maintenance(lab: &LabPair, via: NodeId) -> String {
 }
 
 const VM_ROW: &str = "#vms tr[data-vm=\"ledger-vm\"]";
+const VM_STATE: &str = "#vms tr[data-vm=\"ledger-vm\"] td.state";
+const VM_PRIMARY: &str = "#vms tr[data-vm=\"ledger-vm\"] td.primary";
+const VM_GENERATION: &str = "#vms tr[data-vm=\"ledger-vm\"] td.generation";
 const NODE_A_ROW: &str = "#nodes tr[data-node=\"node-a\"]";
 
 #[test]
@@ -103,6 +131,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
 
     // Both nodes, the protected VM.
     until(
+        &lab,
         &browser,
         &mut writer,
         "#nodes tbody",
@@ -111,17 +140,20 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         |t| t.contains("node-a") && t.contains("node-b"),
     );
     until(
+        &lab,
         &browser,
         &mut writer,
-        VM_ROW,
-        "the VM protected on a",
+        VM_STATE,
+        "the VM protected",
         Duration::from_secs(30),
-        |t| t.contains("protected") && t.contains("node-a"),
+        |t| t == "protected",
     );
+    assert_eq!(browser.text(VM_PRIMARY).expect("primary"), "node-a");
     browser.screenshot("dashboard").expect("screenshot");
     // Live charts on the VM's page (a few samples), then back.
     browser.click(&format!("{VM_ROW} a")).expect("open the VM");
     until(
+        &lab,
         &browser,
         &mut writer,
         "#vm-title",
@@ -155,6 +187,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     browser.click("#confirm-ok").expect("confirm");
     let entered = Instant::now();
     until(
+        &lab,
         &browser,
         &mut writer,
         NODE_A_ROW,
@@ -163,16 +196,27 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         |t| t.contains("\ton"),
     );
     let row = until(
+        &lab,
         &browser,
         &mut writer,
-        VM_ROW,
+        VM_PRIMARY,
         "the VM on b",
         Duration::from_secs(60),
-        |t| t.contains("node-b") && t.contains("unprotected"),
+        |t| t == "node-b",
+    );
+    until(
+        &lab,
+        &browser,
+        &mut writer,
+        VM_STATE,
+        "the VM unprotected on b",
+        Duration::from_secs(60),
+        |t| t == "unprotected",
     );
     let enter_s = entered.elapsed().as_secs_f64();
     assert_eq!(api_maintenance(&lab, b), "on");
     until(
+        &lab,
         &browser,
         &mut writer,
         "#activity",
@@ -181,6 +225,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         |t| t.contains("node-a is in maintenance"),
     );
     until(
+        &lab,
         &browser,
         &mut writer,
         "#alerts",
@@ -205,6 +250,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     // Pull node a: the page shows it unreachable, the VM untouched.
     lab.pull(a);
     until(
+        &lab,
         &browser,
         &mut writer,
         NODE_A_ROW,
@@ -214,8 +260,12 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     );
     writer.append_for(Duration::from_secs(3));
     let row_after = browser.text(VM_ROW).expect("the VM row");
-    assert!(
-        row_after.contains("node-b") && row_after.contains(&format!("\t{generation}\t")),
+    assert_eq!(
+        (
+            browser.text(VM_PRIMARY).expect("primary"),
+            browser.text(VM_GENERATION).expect("generation"),
+        ),
+        ("node-b".to_string(), generation.to_string()),
         "the VM changed after the pull of a node in maintenance: {row:?} -> {row_after:?}"
     );
     browser
@@ -225,6 +275,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     // Node a comes back (still in maintenance), then leaves it.
     lab.lab().up(&[a]).expect("a back");
     until(
+        &lab,
         &browser,
         &mut writer,
         NODE_A_ROW,
@@ -242,6 +293,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     browser.click("#confirm-ok").expect("confirm");
     let left = Instant::now();
     until(
+        &lab,
         &browser,
         &mut writer,
         NODE_A_ROW,
@@ -250,12 +302,22 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         |t| t.contains("\toff"),
     );
     until(
+        &lab,
         &browser,
         &mut writer,
-        VM_ROW,
-        "the VM protected on a",
+        VM_PRIMARY,
+        "the VM back on a",
         Duration::from_secs(60),
-        |t| t.contains("protected") && t.contains("node-a"),
+        |t| t == "node-a",
+    );
+    until(
+        &lab,
+        &browser,
+        &mut writer,
+        VM_STATE,
+        "the VM protected again",
+        Duration::from_secs(60),
+        |t| t == "protected",
     );
     let leave_s = left.elapsed().as_secs_f64();
     assert_eq!(api_maintenance(&lab, b), "off");
@@ -266,14 +328,16 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     // Pull the primary: the takeover and its alert appear without a reload.
     lab.pull(a);
     until(
+        &lab,
         &browser,
         &mut writer,
-        VM_ROW,
+        VM_PRIMARY,
         "the VM taken over by b",
         Duration::from_secs(60),
-        |t| t.contains("node-b"),
+        |t| t == "node-b",
     );
     until(
+        &lab,
         &browser,
         &mut writer,
         "#alerts",
@@ -290,6 +354,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         .click("#nav a[data-route=\"audit\"]")
         .expect("the audit log");
     let audit = until(
+        &lab,
         &browser,
         &mut writer,
         "#audit tbody",
