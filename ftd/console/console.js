@@ -5,6 +5,7 @@
 
 const REFRESH_MS = 2000;
 const CHART_POINTS = 300;
+const MAX_EVENTS = 2000;
 
 const state = {
   session: null,
@@ -152,7 +153,9 @@ function startStream() {
       return;
     }
     state.events.push(event);
+    if (state.events.length > MAX_EVENTS) state.events.splice(0, state.events.length - MAX_EVENTS);
     if (event.alert) state.alerts.push(event);
+    if (state.alerts.length > MAX_EVENTS) state.alerts.splice(0, state.alerts.length - MAX_EVENTS);
     setLive(true);
     renderEvents();
     renderAlerts();
@@ -421,6 +424,12 @@ function followTracked() {
     if (node.maintenance === t.target) {
       const secs = ((Date.now() - t.started) / 1000).toFixed(1);
       t.entry.update(`${t.done} (${secs} s)`, 'done');
+      return false;
+    }
+    // Called off meanwhile (the opposite step was asked, here or elsewhere).
+    const opposite = t.target === 'on' ? ['off', 'leaving'] : ['entering', 'on'];
+    if (opposite.includes(node.maintenance)) {
+      t.entry.update(`${t.node}: called off (maintenance is ${node.maintenance} now)`, 'failed');
       return false;
     }
     return true;

@@ -165,6 +165,32 @@ impl Manager {
         Ok(record)
     }
 
+    /// Moves `node` from `from` to `to` in one transaction; none when it
+    /// is no longer `from` (a request changed it meanwhile).
+    fn set_maintenance_if(
+        &self,
+        node: &str,
+        from: Maintenance,
+        to: Maintenance,
+        who: Option<&str>,
+    ) -> Result<Option<NodeRecord>, ManagerError> {
+        let record = self.store().update_node_if(
+            node,
+            |n| n.maintenance == from,
+            |n| {
+                n.maintenance = to;
+                if let Some(who) = who {
+                    n.maintenance_by = Some(who.to_string());
+                }
+                n.maintenance_since_unix_ms = Some(unix_ms());
+            },
+        )?;
+        if record.is_some() {
+            self.touch();
+        }
+        Ok(record)
+    }
+
     /// What the maintenance step of `node` still waits for, one line per
     /// VM (empty: the step is done).
     pub fn maintenance_waiting(
@@ -276,6 +302,32 @@ impl Driver {
         let peer = self.peer.clone();
         let mine = self.manager.store().node_record(&me)?;
         let theirs = self.manager.store().node_record(&peer)?;
+        // Both nodes asked into maintenance at once (each request checked
+        // the other before either record travelled): one must stay in
+        // service. This one gives way if the peer is on already, or if
+        // both are entering and its name sorts last.
+        if mine.maintenance == Maintenance::Entering
+            && (theirs.maintenance == Maintenance::On
+                || (theirs.maintenance == Maintenance::Entering && me > peer))
+        {
+            if self
+                .manager
+                .set_maintenance_if(&me, Maintenance::Entering, Maintenance::Off, None)?
+                .is_some()
+            {
+                self.manager.record(
+                    Severity::Warning,
+                    true,
+                    "maintenance",
+                    None,
+                    &format!(
+                        "node {me}'s maintenance is called off: node {peer} entered maintenance \
+                         at the same time, and one node must stay in service to run the VMs"
+                    ),
+                );
+            }
+            return Ok(());
+        }
         // This node is entering: its primaries switch over to the peer.
         if mine.maintenance == Maintenance::Entering {
             self.move_primaries(&mine, &peer, |_| true).await?;
@@ -350,12 +402,14 @@ impl Driver {
         {
             return Ok(());
         }
-        // A request may have changed it since it was read.
-        let current = self.manager.store().node_record(&node.name)?;
-        if current.maintenance != node.maintenance {
+        // Only if no request changed it since it was read.
+        if self
+            .manager
+            .set_maintenance_if(&node.name, node.maintenance, next, None)?
+            .is_none()
+        {
             return Ok(());
         }
-        self.manager.set_maintenance(&node.name, next, None)?;
         let other = self.manager.other_node(&node.name).unwrap_or_default();
         let by = node.maintenance_by.as_deref().unwrap_or("an operator");
         if next == Maintenance::On {
@@ -505,5 +559,41 @@ mod tests {
         assert!(m
             .maintenance_waiting("node-a", Maintenance::Leaving, &records)
             .is_empty());
+    }
+
+    #[tokio::test]
+    async fn of_two_nodes_entering_at_once_one_gives_way() {
+        // node-a's view: node-b on maintenance already; node-a, entering,
+        // calls its own maintenance off with an alert.
+        let dir = tempfile::tempdir().unwrap();
+        let m = manager_with(dir.path(), Role::Standby, FtState::StandingBy);
+        m.store()
+            .update_node("node-a", |n| n.maintenance = Maintenance::Entering)
+            .unwrap();
+        m.store()
+            .update_node("node-b", |n| n.maintenance = Maintenance::On)
+            .unwrap();
+        let mut driver = Driver {
+            manager: m.clone(),
+            peer: "node-b".into(),
+            tried: HashMap::new(),
+        };
+        driver.step().await.unwrap();
+        assert_eq!(
+            m.maintenance("node-a").unwrap().maintenance,
+            Maintenance::Off
+        );
+        // Both entering: the node whose name sorts first goes on.
+        m.store()
+            .update_node("node-a", |n| n.maintenance = Maintenance::Entering)
+            .unwrap();
+        m.store()
+            .update_node("node-b", |n| n.maintenance = Maintenance::Entering)
+            .unwrap();
+        driver.step().await.unwrap();
+        assert_eq!(
+            m.maintenance("node-a").unwrap().maintenance,
+            Maintenance::Entering
+        );
     }
 }

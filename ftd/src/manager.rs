@@ -522,6 +522,11 @@ impl Manager {
             other
         } else if preferred == me || self.peer_connected() {
             preferred
+        } else if self.inner.store.node_record(&me)?.maintenance.keeps_no_vm() {
+            return Err(ManagerError::NoPeer(format!(
+                "VM {name} cannot start: its preferred node {preferred} is not reachable and \
+                 this node ({me}) is in maintenance"
+            )));
         } else {
             // The preferred node is not reachable: run it here.
             me
@@ -689,10 +694,11 @@ impl Manager {
             // protection: the new primary has no standby yet.
             (Some(r), Desired::Running)
                 if r.role == replicator::status::Role::Standby
-                    && !matches!(
+                    && matches!(
                         r.state,
-                        replicator::status::FtState::Promoting
-                            | replicator::status::FtState::Claiming
+                        replicator::status::FtState::StandingBy
+                            | replicator::status::FtState::Protected
+                            | replicator::status::FtState::Waiting
                     ) =>
             {
                 (VmState::SwitchingOver, r.epoch, r.message.clone())
@@ -840,8 +846,8 @@ impl Manager {
             .filter(|r| r.primary_node.as_deref() == Some(node.name.as_str()))
             .map(|r| r.definition.name.clone())
             .collect();
-        // A node in maintenance keeps no standby.
-        let keeps_standbys = !maintenance.maintenance.keeps_no_vm();
+        // A node on maintenance keeps no standby.
+        let keeps_standbys = maintenance.maintenance != crate::model::Maintenance::On;
         let standbys = vms
             .iter()
             .filter(running)

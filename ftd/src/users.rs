@@ -9,6 +9,11 @@ use argon2::Argon2;
 
 use crate::manager::{Manager, ManagerError};
 use crate::model::{FieldError, Severity, UserView};
+use crate::store::UserRecord;
+
+/// The name the API token logs in as: no user may take it (the audit log
+/// would not tell them apart).
+pub const TOKEN_USER: &str = "admin";
 
 /// Shortest password taken.
 pub const MIN_PASSWORD: usize = 10;
@@ -23,6 +28,12 @@ pub fn check_user_name(name: &str) -> Result<(), FieldError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if name == TOKEN_USER {
+        return Err(FieldError {
+            field: "name".into(),
+            reason: format!("{TOKEN_USER:?} is the API token's name in the console"),
+        });
+    }
     if ok {
         Ok(())
     } else {
@@ -131,14 +142,19 @@ impl Manager {
         }
     }
 
-    /// Whether `name` is a user whose password is `password`. An unknown
-    /// name costs a hash too, so that the time does not tell names apart.
-    pub fn user_login(&self, name: &str, password: &str) -> Result<bool, ManagerError> {
-        match self.store().user(name)?.and_then(|u| u.password_hash) {
-            Some(hash) => Ok(password_matches(password, &hash)),
-            None => {
+    /// The revision of user `name` if `password` is theirs (none: no
+    /// such user, or another password). An unknown name costs a hash too,
+    /// so that the time does not tell names apart.
+    pub fn user_login(&self, name: &str, password: &str) -> Result<Option<u64>, ManagerError> {
+        match self.store().user(name)? {
+            Some(UserRecord {
+                password_hash: Some(hash),
+                revision,
+                ..
+            }) => Ok(password_matches(password, &hash).then_some(revision)),
+            _ => {
                 let _ = hash_password(password);
-                Ok(false)
+                Ok(None)
             }
         }
     }
@@ -166,7 +182,14 @@ mod tests {
     fn names_and_passwords_are_checked() {
         assert!(check_user_name("alice").is_ok());
         assert!(check_user_name("ops.team-2").is_ok());
-        for bad in ["", "Alice", "1alice", "al ice", "a".repeat(33).as_str()] {
+        for bad in [
+            "",
+            "Alice",
+            "1alice",
+            "al ice",
+            "admin",
+            "a".repeat(33).as_str(),
+        ] {
             assert_eq!(check_user_name(bad).unwrap_err().field, "name", "{bad:?}");
         }
         assert!(check_password("0123456789").is_ok());

@@ -387,6 +387,39 @@ fn console_users_log_in_with_their_password_until_deleted() {
                 && e["who"].as_str().unwrap().starts_with("alice@")),
         "{audit}"
     );
+    // A new password ends the sessions opened with the old one.
+    let (status, headers, _) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"user": "bob", "password": "0123456789ab"})),
+    );
+    assert_eq!(status, 200);
+    let bob = session_id(&headers);
+    let (status, _) = d.call(
+        "PUT",
+        "/api/users/bob",
+        "-",
+        Some(json!({"password": "a-new-password-12"})),
+    );
+    assert_eq!(status, 200);
+    let (status, _, text) = send(&d, "GET", "/api/nodes", Some(&bob), false, None);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("new password"), "{text}");
+    // The API token's name is not a user's.
+    let (status, body) = d.call(
+        "PUT",
+        "/api/users/admin",
+        "-",
+        Some(json!({"password": "correct horse battery"})),
+    );
+    assert_eq!(
+        (status, body["field"].clone()),
+        (422, json!("name")),
+        "{body}"
+    );
     // Deleted: the next request of the session is refused, the password
     // no longer opens one.
     let (status, _) = d.call("DELETE", "/api/users/alice", "-", None);

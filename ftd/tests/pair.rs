@@ -670,12 +670,41 @@ fn node_maintenance_travels_between_the_nodes_and_is_refused_when_it_cannot_hold
             && e["who"].as_str().unwrap().starts_with("admin@")),
         "{audit}"
     );
-    // The state survives a restart; a node whose peer is away cannot
-    // enter maintenance (nothing would take its VMs).
+    // Node a in maintenance and node b away: a VM that prefers b does not
+    // start on a (the node said safe to pull).
+    let (status, node) = maintenance_step(&p.a, "node-a", "enter");
+    assert_eq!(status, 202, "{node}");
+    eventually(&p.a, "/api/nodes/node-a", "node-a on maintenance", |n| {
+        n["maintenance"] == "on"
+    });
+    let (status, vm) = p.a.call(
+        "POST",
+        "/api/vms",
+        "-",
+        Some(json!({"name": "vm-b", "kernel": k, "preferred_node": "node-b"})),
+    );
+    assert_eq!(status, 201, "{vm}");
     p.b.stop();
     eventually(&p.a, "/api/nodes/node-b", "b unreachable", |n| {
         n["state"] == "unreachable"
     });
+    let (status, refused) = p.a.call("POST", "/api/vms/vm-b/start", "-", None);
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("this node (node-a) is in maintenance"),
+        "{refused}"
+    );
+    // Leaving needs no peer (nothing runs to protect): back in service.
+    let (status, _) = maintenance_step(&p.a, "node-a", "exit");
+    assert_eq!(status, 202);
+    eventually(&p.a, "/api/nodes/node-a", "node-a back", |n| {
+        n["maintenance"] == "off"
+    });
+    // A node whose peer is away cannot enter maintenance (nothing would
+    // take its VMs).
     let (status, refused) = maintenance_step(&p.a, "node-a", "enter");
     assert_eq!(status, 409);
     assert!(

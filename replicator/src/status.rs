@@ -101,8 +101,11 @@ pub const STOP_BUCKETS_US: [u64; 12] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
 ];
 
-/// Counters of checkpointing (primary) and applying (standby).
+/// Counters of checkpointing (primary) and applying (standby). Each field
+/// missing from a status (an older engine's, or one relayed by an older
+/// daemon) reads as zero.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FtCounters {
     pub checkpoints: u64,
     pub stop_us_p50: u64,

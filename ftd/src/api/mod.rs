@@ -51,7 +51,14 @@ pub struct ApiState {
     token: Arc<String>,
     /// The web console's login sessions.
     sessions: Arc<Sessions>,
+    /// Password hashes (argon2: 19 MiB and tens of ms each) running at
+    /// once; a login beyond them is refused (429), so that a flood of
+    /// logins cannot take the node's memory and CPU.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most password hashes at once.
+pub const MAX_HASHING: usize = 2;
 
 /// Who made a request, as the audit log names them (set by the
 /// authentication, read by handlers and the audit log).
@@ -65,6 +72,7 @@ impl ApiState {
             metrics,
             token: Arc::new(token),
             sessions: Arc::new(Sessions::default()),
+            hashing: Arc::new(tokio::sync::Semaphore::new(MAX_HASHING)),
         }
     }
 }
@@ -221,10 +229,10 @@ async fn authenticate(
                 None => Err(ApiError::Unauthorized(
                     "the console session ended (idle, or too old): log in again".into(),
                 )),
-                Some(session) if !session.by_token && !user_lives(&state, &session.user) => {
+                Some(session) if !session.by_token && !user_unchanged(&state, &session) => {
                     state.sessions.close(&id);
                     Err(ApiError::Unauthorized(format!(
-                        "console user {} was deleted: the session ended",
+                        "console user {} was deleted or given a new password: the session ended",
                         session.user
                     )))
                 }
@@ -253,10 +261,18 @@ async fn authenticate(
     }
 }
 
-/// Whether console user `name` still exists (a deleted user's sessions
-/// end at their next request).
-fn user_lives(state: &ApiState, name: &str) -> bool {
-    state.manager.store().user(name).is_ok_and(|u| u.is_some())
+/// Whether the session's user still exists with the password it logged
+/// in with (a deleted user's sessions, and those opened before a new
+/// password, end at their next request).
+pub(super) fn user_unchanged(
+    state: &ApiState,
+    session: &crate::console::sessions::Session,
+) -> bool {
+    state
+        .manager
+        .store()
+        .user(&session.user)
+        .is_ok_and(|u| u.is_some_and(|u| u.revision == session.user_revision))
 }
 
 fn mutating(request: &Request) -> bool {

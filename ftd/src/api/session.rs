@@ -31,13 +31,14 @@ const WRONG_LOGIN_PAUSE: Duration = Duration::from_millis(300);
               (status = 400, description = "Not JSON", body = ErrorBody),
               (status = 401, description = "A wrong token, or a wrong user or password", body = ErrorBody),
               (status = 415, description = "Not sent as JSON", body = ErrorBody),
-              (status = 422, description = "Neither a token nor a user and password, or both", body = ErrorBody)))]
+              (status = 422, description = "Neither a token nor a user and password, or both", body = ErrorBody),
+              (status = 429, description = "Too many logins at once", body = ErrorBody)))]
 pub async fn log_in(
     State(state): State<ApiState>,
     axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
     JsonBody(login): JsonBody<SessionLogin>,
 ) -> Result<Response, ApiError> {
-    let (user, by_token) = match (login.token, login.user, login.password) {
+    let (user, by_token, user_revision) = match (login.token, login.user, login.password) {
         (Some(token), None, None) => {
             if !super::same_secret(token.trim().as_bytes(), state.token.as_bytes()) {
                 tokio::time::sleep(WRONG_LOGIN_PAUSE).await;
@@ -45,22 +46,28 @@ pub async fn log_in(
                     "the token is not this node's API token (the api-token file)".into(),
                 ));
             }
-            ("admin".to_string(), true)
+            (crate::users::TOKEN_USER.to_string(), true, 0)
         }
         (None, Some(user), Some(password)) => {
+            let Ok(_permit) = state.hashing.clone().try_acquire_owned() else {
+                return Err(ApiError::TooManyRequests(
+                    "too many logins at once: try again in a moment".into(),
+                ));
+            };
             let manager = state.manager.clone();
             let name = user.clone();
             // Hashing takes tens of ms of CPU: off the async workers.
-            let matches = tokio::task::spawn_blocking(move || manager.user_login(&name, &password))
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))??;
-            if !matches {
+            let revision =
+                tokio::task::spawn_blocking(move || manager.user_login(&name, &password))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))??;
+            let Some(revision) = revision else {
                 tokio::time::sleep(WRONG_LOGIN_PAUSE).await;
                 return Err(ApiError::Unauthorized(
                     "no such user, or a wrong password".into(),
                 ));
-            }
-            (user, false)
+            };
+            (user, false, revision)
         }
         _ => {
             return Err(ApiError::InvalidField(crate::model::FieldError {
@@ -71,7 +78,7 @@ pub async fn log_in(
     };
     let id = state
         .sessions
-        .open(&user, by_token)
+        .open(&user, by_token, user_revision)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let session = state
         .sessions
@@ -101,7 +108,9 @@ pub async fn show(State(state): State<ApiState>, headers: HeaderMap) -> Json<Ses
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().strip_prefix("Bearer "))
         .is_some_and(|t| super::same_secret(t.trim().as_bytes(), state.token.as_bytes()));
-    let session = session_cookie(&headers).and_then(|id| state.sessions.touch(&id));
+    let session = session_cookie(&headers)
+        .and_then(|id| state.sessions.touch(&id))
+        .filter(|s| s.by_token || super::user_unchanged(&state, s));
     Json(match session {
         Some(s) => SessionView {
             logged_in: true,

@@ -28,6 +28,9 @@ pub struct Session {
     pub user: String,
     /// Opened with the API token (not a user's password).
     pub by_token: bool,
+    /// The user's record revision at the login (a new password or a
+    /// delete changes it, which ends the session).
+    pub user_revision: u64,
     created: Instant,
     last_used: Instant,
 }
@@ -52,7 +55,12 @@ pub struct Sessions {
 
 impl Sessions {
     /// Opens a session for `user`; returns its id.
-    pub fn open(&self, user: &str, by_token: bool) -> Result<String, SessionError> {
+    pub fn open(
+        &self,
+        user: &str,
+        by_token: bool,
+        user_revision: u64,
+    ) -> Result<String, SessionError> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(SessionError::Random)?;
         let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
@@ -73,6 +81,7 @@ impl Sessions {
             Session {
                 user: user.to_string(),
                 by_token,
+                user_revision,
                 created: now,
                 last_used: now,
             },
@@ -140,7 +149,7 @@ mod tests {
     #[test]
     fn a_session_lives_while_used_and_ends_idle_or_old() {
         let sessions = Sessions::default();
-        let id = sessions.open("admin", true).unwrap();
+        let id = sessions.open("admin", true, 0).unwrap();
         assert_eq!(id.len(), 64);
         let start = Instant::now();
         assert_eq!(sessions.touch_at(&id, start).unwrap().user, "admin");
@@ -156,7 +165,7 @@ mod tests {
             .is_none());
         assert!(sessions.touch_at(&id, t).is_none());
         // Never past its lifetime, however used.
-        let id = sessions.open("admin", true).unwrap();
+        let id = sessions.open("admin", true, 0).unwrap();
         let created = Instant::now();
         let mut t = created;
         while t < created + LIFETIME - Duration::from_secs(60) {
@@ -170,7 +179,7 @@ mod tests {
             .touch_at(&id, created + LIFETIME + Duration::from_secs(1))
             .is_none());
         // Logout ends it; an unknown id is no session.
-        let id = sessions.open("admin", true).unwrap();
+        let id = sessions.open("admin", true, 0).unwrap();
         assert!(sessions.close(&id));
         assert!(sessions.touch(&id).is_none());
         assert!(sessions.touch("nope").is_none());

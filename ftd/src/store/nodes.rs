@@ -36,9 +36,14 @@ impl NodeRecord {
     }
 
     /// Which of two versions wins: the later revision, then the later
-    /// change.
-    pub fn precedence(&self) -> (u64, u64) {
-        (self.revision, self.updated_unix_ms)
+    /// change, then (two nodes that wrote in the same ms) the state's
+    /// name, so that both nodes pick the same one.
+    pub fn precedence(&self) -> (u64, u64, &'static str) {
+        (
+            self.revision,
+            self.updated_unix_ms,
+            self.maintenance.as_str(),
+        )
     }
 }
 
@@ -114,6 +119,18 @@ impl Store {
         name: &str,
         change: impl FnOnce(&mut NodeRecord),
     ) -> Result<NodeRecord, StoreError> {
+        self.update_node_if(name, |_| true, change)
+            .map(|n| n.expect("an unconditional update is made"))
+    }
+
+    /// Like [`Store::update_node`], only if `when` holds for the record as
+    /// it is in the same transaction (none: it did not, nothing changed).
+    pub fn update_node_if(
+        &self,
+        name: &str,
+        when: impl FnOnce(&NodeRecord) -> bool,
+        change: impl FnOnce(&mut NodeRecord),
+    ) -> Result<Option<NodeRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(query("begin node update"))?;
         let mut node = tx
@@ -125,12 +142,15 @@ impl Store {
             .optional()
             .map_err(query("read node"))?
             .unwrap_or_else(|| NodeRecord::new(name));
+        if !when(&node) {
+            return Ok(None);
+        }
         change(&mut node);
         node.revision += 1;
         node.updated_unix_ms = unix_ms().max(node.updated_unix_ms + 1);
         put_node(&tx, &node)?;
         tx.commit().map_err(query("commit node update"))?;
-        Ok(node)
+        Ok(Some(node))
     }
 
     /// Takes the peer's version of a node's record if it outranks this
@@ -204,6 +224,33 @@ mod tests {
         other.maintenance = Maintenance::Leaving;
         assert_eq!(store.merge_node(&other).unwrap(), Merged::Added);
         assert_eq!(store.node_record("node-c").unwrap(), other);
+        // A conditional update changes nothing when its condition fails.
+        let before = store.node_record("node-b").unwrap();
+        assert_eq!(
+            store
+                .update_node_if(
+                    "node-b",
+                    |n| n.maintenance == Maintenance::Off,
+                    |n| { n.maintenance = Maintenance::Leaving }
+                )
+                .unwrap(),
+            None
+        );
+        assert_eq!(store.node_record("node-b").unwrap(), before);
+        // Two nodes that wrote the same revision in the same ms keep the
+        // same version: the state's name decides.
+        let mut tie = before.clone();
+        tie.maintenance = Maintenance::Off;
+        let (winner, loser) = if tie.precedence() > before.precedence() {
+            (tie.clone(), before.clone())
+        } else {
+            (before.clone(), tie.clone())
+        };
+        assert_ne!(winner.precedence(), loser.precedence());
+        let other = Store::open(&dir.path().join("db-b"), "node-b").unwrap();
+        other.merge_node(&loser).unwrap();
+        other.merge_node(&winner).unwrap();
+        assert_eq!(other.node_record("node-b").unwrap(), winner);
         // An update bumps past the merged version.
         let off = store
             .update_node("node-b", |n| n.maintenance = Maintenance::Off)

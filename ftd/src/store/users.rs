@@ -18,8 +18,15 @@ pub struct UserRecord {
 }
 
 impl UserRecord {
-    pub fn precedence(&self) -> (u64, u64) {
-        (self.revision, self.updated_unix_ms)
+    /// Which of two versions wins: the later revision, then the later
+    /// change, then (the same ms on both nodes) the hash, so that both
+    /// nodes pick the same one.
+    pub fn precedence(&self) -> (u64, u64, &str) {
+        (
+            self.revision,
+            self.updated_unix_ms,
+            self.password_hash.as_deref().unwrap_or(""),
+        )
     }
 }
 

@@ -30,7 +30,7 @@ use replicator::status::{FtState, Role, Status};
 use witness::{Answer, Request, WitnessClient};
 
 use crate::manager::Manager;
-use crate::model::{Desired, Level, Severity};
+use crate::model::{Desired, Level, Maintenance, Severity};
 use crate::store::VmRecord;
 
 use process::{Exit, Process};
@@ -319,13 +319,22 @@ impl Supervisor {
                 return;
             }
         }
-        let keeps_no_vm = self
+        let maintenance = self
             .manager
             .store()
             .node_record(me)
-            .is_ok_and(|n| n.maintenance.keeps_no_vm());
-        let wanted = wanted_role(&record, me, peer, keeps_no_vm);
+            .map(|n| n.maintenance)
+            .unwrap_or_default();
         let running = self.processes.get(&name).map(|p| p.role);
+        // A node entering maintenance keeps the standbys it has (its peer's
+        // VMs stay protected while its own move) and starts no new one; on
+        // maintenance it keeps none.
+        let keeps_no_vm = match maintenance {
+            Maintenance::On => true,
+            Maintenance::Entering => running != Some(Role::Standby),
+            Maintenance::Off | Maintenance::Leaving => false,
+        };
+        let wanted = wanted_role(&record, me, peer, keeps_no_vm);
         // A standby here that the store already names the primary is
         // taking over (a switchover recorded by the other node before this
         // engine promoted): it becomes the primary by itself.
