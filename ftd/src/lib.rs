@@ -9,6 +9,8 @@
 pub mod api;
 pub mod config;
 pub mod console;
+#[cfg(test)]
+mod fixtures;
 pub mod maintenance;
 pub mod manager;
 pub mod metrics;

@@ -477,48 +477,14 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, NodeAddresses};
-    use crate::model::{VmDefinition, VmState};
-    use crate::store::Store;
+    use crate::model::VmState;
     use crate::supervisor::{LocalRole, Runtime};
-
-    fn addresses(name: &str, port: u16) -> NodeAddresses {
-        NodeAddresses {
-            name: name.into(),
-            api: format!("127.0.0.1:{port}").parse().unwrap(),
-            pair: format!("127.0.0.1:{}", port + 1).parse().unwrap(),
-            alink: vec![],
-        }
-    }
 
     /// node-a's manager with VM vm1 running, its primary named node-a in
     /// the store, and `role`/`state` as node-a's engine reports.
     fn manager_with(dir: &std::path::Path, role: Role, state: FtState) -> Manager {
-        let store = Store::open(&dir.join("db"), "node-a").unwrap();
-        store
-            .create_vm(&VmDefinition {
-                name: "vm1".into(),
-                vcpus: 1,
-                memory_mib: 128,
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: String::new(),
-                disks: vec![],
-                nics: vec![],
-                level: Level::Ft,
-                preferred_node: "node-a".into(),
-                ft: Default::default(),
-                slot: 0,
-            })
-            .unwrap();
-        store
-            .update_vm("vm1", |r| {
-                r.desired = Desired::Running;
-                r.primary_node = Some("node-a".into());
-            })
-            .unwrap();
-        let mut config = Config::new(addresses("node-a", 1));
-        config.peer = Some(addresses("node-b", 3));
+        let store = crate::fixtures::store_with_vm(dir);
+        let config = crate::fixtures::pair_config();
         let runtime = Runtime::default();
         runtime.set(
             "vm1",

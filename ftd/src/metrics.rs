@@ -454,50 +454,14 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, NodeAddresses};
-    use crate::model::{Desired, Level, VmDefinition};
-    use crate::store::Store;
     use crate::supervisor::{LocalRole, Runtime};
     use replicator::status::{FtState, Role, StatusBoard};
 
     /// A node with one protected VM whose engine reported counters.
     fn rendered() -> String {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db"), "node-a").unwrap();
-        store
-            .create_vm(&VmDefinition {
-                name: "vm1".into(),
-                vcpus: 1,
-                memory_mib: 128,
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: String::new(),
-                disks: vec![],
-                nics: vec![],
-                level: Level::Ft,
-                preferred_node: "node-a".into(),
-                ft: Default::default(),
-                slot: 0,
-            })
-            .unwrap();
-        store
-            .update_vm("vm1", |r| {
-                r.desired = Desired::Running;
-                r.primary_node = Some("node-a".into());
-            })
-            .unwrap();
-        let mut config = Config::new(NodeAddresses {
-            name: "node-a".into(),
-            api: "127.0.0.1:1".parse().unwrap(),
-            pair: "127.0.0.1:2".parse().unwrap(),
-            alink: vec![],
-        });
-        config.peer = Some(NodeAddresses {
-            name: "node-b".into(),
-            api: "127.0.0.1:3".parse().unwrap(),
-            pair: "127.0.0.1:4".parse().unwrap(),
-            alink: vec![],
-        });
+        let store = crate::fixtures::store_with_vm(dir.path());
+        let config = crate::fixtures::pair_config();
         let runtime = Runtime::default();
         let board = StatusBoard::new("node-a", Role::Primary);
         board.update(|s| {

@@ -58,6 +58,35 @@ fn until(
     }
 }
 
+/// The page under test, with the ledger client that writes while it is
+/// watched.
+struct Page<'a> {
+    lab: &'a LabPair,
+    browser: &'a Browser,
+    writer: &'a mut Appender,
+}
+
+impl Page<'_> {
+    /// Waits (at most `secs`) until the text of `selector` satisfies `want`.
+    fn until(
+        &mut self,
+        selector: &str,
+        what: &str,
+        secs: u64,
+        want: impl Fn(&str) -> bool,
+    ) -> String {
+        until(
+            self.lab,
+            self.browser,
+            self.writer,
+            selector,
+            what,
+            Duration::from_secs(secs),
+            want,
+        )
+    }
+}
+
 /// A node's daemon log and its engine's log without the per-epoch lines.
 fn logs(lab: &LabPair, node: NodeId) -> String {
     lab.lab()
@@ -106,6 +135,11 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
     let _ = std::fs::remove_dir_all(&out);
     let browser = Browser::launch(&out).expect("headless chromium");
+    let mut page = Page {
+        lab: &lab,
+        browser: &browser,
+        writer: &mut writer,
+    };
     // The console of node b: the node that stays up through every step.
     let url = format!("{}/console/", lab.lab().topo.api_url(b));
     // A console user, made through the API (as `ftctl user set` does).
@@ -130,37 +164,17 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     browser.click("#login-submit").expect("log in");
 
     // Both nodes, the protected VM.
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        "#nodes tbody",
-        "both nodes",
-        Duration::from_secs(30),
-        |t| t.contains("node-a") && t.contains("node-b"),
-    );
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        VM_STATE,
-        "the VM protected",
-        Duration::from_secs(30),
-        |t| t == "protected",
-    );
+    page.until("#nodes tbody", "both nodes", 30, |t| {
+        t.contains("node-a") && t.contains("node-b")
+    });
+    page.until(VM_STATE, "the VM protected", 30, |t| t == "protected");
     assert_eq!(browser.text(VM_PRIMARY).expect("primary"), "node-a");
     browser.screenshot("dashboard").expect("screenshot");
     // Live charts on the VM's page (a few samples), then back.
     browser.click(&format!("{VM_ROW} a")).expect("open the VM");
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        "#vm-title",
-        "the VM page",
-        Duration::from_secs(10),
-        |t| t.starts_with("ledger-vm"),
-    );
+    page.until("#vm-title", "the VM page", 10, |t| {
+        t.starts_with("ledger-vm")
+    });
     let charts = browser
         .eval("document.querySelectorAll('#vm-charts canvas').length")
         .expect("charts");
@@ -168,7 +182,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         charts.as_u64().unwrap_or(0) >= 6,
         "the charts are not drawn: {charts}"
     );
-    writer.append_for(Duration::from_secs(4));
+    page.writer.append_for(Duration::from_secs(4));
     browser.screenshot("vm-charts").expect("screenshot");
     browser.click("#nav a[data-route=\"\"]").expect("dashboard");
     // A mark that a reload would erase.
@@ -186,51 +200,22 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         .expect("screenshot");
     browser.click("#confirm-ok").expect("confirm");
     let entered = Instant::now();
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        NODE_A_ROW,
-        "node-a in maintenance",
-        Duration::from_secs(120),
-        |t| t.contains("\ton"),
-    );
-    let row = until(
-        &lab,
-        &browser,
-        &mut writer,
-        VM_PRIMARY,
-        "the VM on b",
-        Duration::from_secs(60),
-        |t| t == "node-b",
-    );
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        VM_STATE,
-        "the VM unprotected on b",
-        Duration::from_secs(60),
-        |t| t == "unprotected",
-    );
+    page.until(NODE_A_ROW, "node-a in maintenance", 120, |t| {
+        t.contains("\ton")
+    });
+    let row = page.until(VM_PRIMARY, "the VM on b", 60, |t| t == "node-b");
+    page.until(VM_STATE, "the VM unprotected on b", 60, |t| {
+        t == "unprotected"
+    });
     let enter_s = entered.elapsed().as_secs_f64();
     assert_eq!(api_maintenance(&lab, b), "on");
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        "#activity",
-        "the step's result",
-        Duration::from_secs(10),
-        |t| t.contains("node-a is in maintenance"),
-    );
-    until(
-        &lab,
-        &browser,
-        &mut writer,
+    page.until("#activity", "the step's result", 10, |t| {
+        t.contains("node-a is in maintenance")
+    });
+    page.until(
         "#alerts",
         "the alert that the VM runs unprotected",
-        Duration::from_secs(30),
+        30,
         |t| t.contains("run unprotected on node-b"),
     );
     assert_eq!(
@@ -249,16 +234,10 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
 
     // Pull node a: the page shows it unreachable, the VM untouched.
     lab.pull(a);
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        NODE_A_ROW,
-        "node-a unreachable",
-        Duration::from_secs(30),
-        |t| t.contains("unreachable"),
-    );
-    writer.append_for(Duration::from_secs(3));
+    page.until(NODE_A_ROW, "node-a unreachable", 30, |t| {
+        t.contains("unreachable")
+    });
+    page.writer.append_for(Duration::from_secs(3));
     let row_after = browser.text(VM_ROW).expect("the VM row");
     assert_eq!(
         (
@@ -274,15 +253,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
 
     // Node a comes back (still in maintenance), then leaves it.
     lab.lab().up(&[a]).expect("a back");
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        NODE_A_ROW,
-        "node-a up",
-        Duration::from_secs(120),
-        |t| t.contains("\tup\t"),
-    );
+    page.until(NODE_A_ROW, "node-a up", 120, |t| t.contains("\tup\t"));
     browser.screenshot("node-back").expect("screenshot");
     browser
         .click("button[data-action=\"exit-maintenance\"][data-node=\"node-a\"]")
@@ -292,33 +263,11 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         .expect("the confirmation");
     browser.click("#confirm-ok").expect("confirm");
     let left = Instant::now();
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        NODE_A_ROW,
-        "node-a back in service",
-        Duration::from_secs(300),
-        |t| t.contains("\toff"),
-    );
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        VM_PRIMARY,
-        "the VM back on a",
-        Duration::from_secs(60),
-        |t| t == "node-a",
-    );
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        VM_STATE,
-        "the VM protected again",
-        Duration::from_secs(60),
-        |t| t == "protected",
-    );
+    page.until(NODE_A_ROW, "node-a back in service", 300, |t| {
+        t.contains("\toff")
+    });
+    page.until(VM_PRIMARY, "the VM back on a", 60, |t| t == "node-a");
+    page.until(VM_STATE, "the VM protected again", 60, |t| t == "protected");
     let leave_s = left.elapsed().as_secs_f64();
     assert_eq!(api_maintenance(&lab, b), "off");
     browser
@@ -327,24 +276,10 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
 
     // Pull the primary: the takeover and its alert appear without a reload.
     lab.pull(a);
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        VM_PRIMARY,
-        "the VM taken over by b",
-        Duration::from_secs(60),
-        |t| t == "node-b",
-    );
-    until(
-        &lab,
-        &browser,
-        &mut writer,
-        "#alerts",
-        "the takeover's alert",
-        Duration::from_secs(30),
-        |t| t.contains("took over"),
-    );
+    page.until(VM_PRIMARY, "the VM taken over by b", 60, |t| t == "node-b");
+    page.until("#alerts", "the takeover's alert", 30, |t| {
+        t.contains("took over")
+    });
     browser.screenshot("takeover").expect("screenshot");
     let mark = browser.eval("window.__consoleTestMark").expect("mark");
     assert_eq!(mark, serde_json::json!(7), "the page was reloaded");
@@ -353,15 +288,9 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     browser
         .click("#nav a[data-route=\"audit\"]")
         .expect("the audit log");
-    let audit = until(
-        &lab,
-        &browser,
-        &mut writer,
-        "#audit tbody",
-        "the audit log",
-        Duration::from_secs(20),
-        |t| t.contains("POST /api/nodes/node-a/maintenance/exit"),
-    );
+    let audit = page.until("#audit tbody", "the audit log", 20, |t| {
+        t.contains("POST /api/nodes/node-a/maintenance/exit")
+    });
     for action in [
         "POST /api/nodes/node-a/maintenance/enter",
         "POST /api/nodes/node-a/maintenance/exit",
@@ -378,11 +307,11 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
 
     let errors = browser.console_errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");
-    writer.assert_nothing_lost();
+    page.writer.assert_nothing_lost();
     eprintln!(
         "[e2e] console: maintenance entered in {enter_s:.1} s, left in {leave_s:.1} s; takeover shown live; \
          {} operations, none lost; screenshots in {}",
-        writer.acked.len(),
+        page.writer.acked.len(),
         out.display()
     );
 }
