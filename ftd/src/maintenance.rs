@@ -98,7 +98,8 @@ impl Manager {
             .filter(|r| runs_on(r, node))
             .map(|r| r.definition.name)
             .collect();
-        self.set_maintenance(node, Maintenance::Entering, Some(who))?;
+        self.set_maintenance_if(node, record.maintenance, Maintenance::Entering, Some(who))?
+            .ok_or_else(|| changed_meanwhile(node))?;
         self.record(
             Severity::Info,
             false,
@@ -134,7 +135,8 @@ impl Manager {
             }
             Maintenance::Entering | Maintenance::On => {}
         }
-        self.set_maintenance(node, Maintenance::Leaving, Some(who))?;
+        self.set_maintenance_if(node, record.maintenance, Maintenance::Leaving, Some(who))?
+            .ok_or_else(|| changed_meanwhile(node))?;
         self.record(
             Severity::Info,
             false,
@@ -146,23 +148,6 @@ impl Manager {
             ),
         );
         self.node(node)
-    }
-
-    fn set_maintenance(
-        &self,
-        node: &str,
-        state: Maintenance,
-        who: Option<&str>,
-    ) -> Result<NodeRecord, ManagerError> {
-        let record = self.store().update_node(node, |n| {
-            n.maintenance = state;
-            if let Some(who) = who {
-                n.maintenance_by = Some(who.to_string());
-            }
-            n.maintenance_since_unix_ms = Some(unix_ms());
-        })?;
-        self.touch();
-        Ok(record)
     }
 
     /// Moves `node` from `from` to `to` in one transaction; none when it
@@ -241,6 +226,14 @@ impl Manager {
                 .collect(),
         }
     }
+}
+
+/// A request that found the node's maintenance changed between its check
+/// and its write (a step ended, or the other node's request arrived).
+fn changed_meanwhile(node: &str) -> ManagerError {
+    ManagerError::NoMaintenance(format!(
+        "node {node}'s maintenance changed while this request was checked: ask again"
+    ))
 }
 
 /// Whether the VM runs protected now: its state, and the engine of the
