@@ -18,6 +18,7 @@ done
 KEY=$(HASH_EXTRA="busybox-static=$BB_VER" hash_inputs "${inputs[@]}")
 OUT=$(stage_dir guest-rootfs "$KEY")
 if [ -f "$OUT/.done" ]; then
+    stage_keep guest-rootfs "$OUT"
     log "cached: $OUT"; echo "$OUT"; exit 0
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -35,6 +36,6 @@ log "packing initramfs"
 log "making ext4 root disk (mke2fs -d)"
 mke2fs -q -t ext4 -L ftguest -d "$ROOT" -F "$OUT/rootfs.ext4" 128M >&2
 rm -rf "$ROOT"
-touch "$OUT/.done"
+stage_keep guest-rootfs "$OUT"
 log "built: $OUT"
 echo "$OUT"

@@ -48,6 +48,7 @@ done
 KEY=$(HASH_EXTRA="$pkg=$ver busybox=$(dpkg-query -W -f='${Version}' busybox-static)" hash_inputs "${inputs[@]}")
 OUT=$(stage_dir lab-node "$KEY")
 if [ -f "$OUT/.done" ]; then
+    stage_keep lab-node "$OUT"
     log "cached: $OUT"; echo "$OUT"; exit 0
 fi
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -102,6 +103,6 @@ size_mb=$(( $(du -sm "$IMG" | cut -f1) + 64 ))
 log "making images disk (${size_mb} MiB)"
 mke2fs -q -t ext4 -L ftimages -d "$IMG" -F "$OUT/images.ext4" "${size_mb}M" >&2
 rm -rf "$IMG"
-touch "$OUT/.done"
+stage_keep lab-node "$OUT"
 log "built: $OUT"
 echo "$OUT"

@@ -62,3 +62,15 @@ run_with_progress() {
 
 # stage_dir NAME KEY : prints the cache folder for an artifact.
 stage_dir() { printf '%s/%s/%s' "$FTVM_CACHE" "$1" "$2"; }
+
+# stage_keep NAME OUT : marks the artifact OUT as just used and removes all
+# but the $FTVM_CACHE_KEEP (default 3) most recently used versions of NAME,
+# so that a cache that sees every change of the sources stays bounded.
+stage_keep() {
+    local name=$1 out=$2 keep=${FTVM_CACHE_KEEP:-3} old
+    touch "$out/.done"
+    ls -1dt "$FTVM_CACHE/$name"/*/ 2>/dev/null | tail -n +"$((keep + 1))" | while read -r old; do
+        log "removing an older $name from the cache: $old"
+        rm -rf "$old"
+    done
+}

@@ -8,6 +8,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 start=$SECONDS
 step() { printf '\n==> %s (at %ds)\n' "$*" "$((SECONDS - start))"; }
 
+# The build (target/, about 4 GB) and the cache (images, the fuzz build) need
+# room; a full disk shows up late and oddly (a linker's bus error), so say so now.
+free_gb=$(df -P --block-size=1G . | awk 'NR == 2 { print $4 }')
+echo "free disk space where the build goes: ${free_gb} GB"
+[ "$free_gb" -ge 8 ] || echo "warning: under 8 GB free: the build may fail for want of space (cargo clean, or free some)" >&2
 step "images (Debian packages, static binaries, guest kernel, lab node)"
 ./images/build.sh >/dev/null
 step "test tools (Debian's promtool for the metrics tests, Debian's chromium for the web console tests, openapi-spec-validator)"
