@@ -280,6 +280,11 @@ impl Metrics {
             "inbound_replayed_frames",
             "Frames a promoted replica was given that its last checkpoint had not received (its peers did not have to send them again)",
         );
+        let in_flight = gauge(
+            &mut registry,
+            "epochs_in_flight",
+            "Epochs the primary sent that the standby has not acknowledged yet (their output is held)",
+        );
         let generation = gauge(
             &mut registry,
             "generation",
@@ -414,6 +419,9 @@ impl Metrics {
             inbound_replayed
                 .get_or_create(&labels)
                 .inc_by(c.inbound_replayed);
+            in_flight
+                .get_or_create(&labels)
+                .set(c.epochs_in_flight_now as f64);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);

@@ -166,6 +166,11 @@ pub struct FtCounters {
     /// Milliseconds the guest spent in those pauses.
     #[serde(default)]
     pub behind_paused_ms: u64,
+    /// Epochs sent and not yet acknowledged, now and at most so far.
+    #[serde(default)]
+    pub epochs_in_flight_now: u64,
+    #[serde(default)]
+    pub epochs_in_flight_max: u64,
     /// Consistency checks the standby made (`verify`), and those that found
     /// the replica different from the primary (must stay 0).
     #[serde(default)]

@@ -45,6 +45,30 @@ async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed
 }
 
 #[tokio::test]
+async fn pipelined_epochs_are_acknowledged_in_order_and_a_takeover_keeps_the_last_whole_one() {
+    let standby = start_standby("pipelined").await;
+    let mut link = committed_primary(standby.addr).await;
+    // Epochs 2, 3 and 4 sent back to back, none waiting for an
+    // acknowledgement (a pipelining primary); epoch 5 stops before its end.
+    let mut frames = epoch_frames(2, 0x33, b"two");
+    frames.extend(epoch_frames(3, 0x44, b"three"));
+    frames.extend(epoch_frames(4, 0x55, b"four"));
+    let mut five = epoch_frames(5, 0x66, b"five");
+    five.pop();
+    frames.extend(five);
+    send(&link, &frames).await;
+    for epoch in 2..=4 {
+        expect_ack(&mut link, epoch).await;
+    }
+    drop(link);
+    let replica = taken_over(standby.task).await;
+    assert_eq!(replica.epoch, 4, "the last whole epoch");
+    assert_eq!(page5(&replica), 0x55, "memory of epoch 4, none of epoch 5");
+    assert_eq!(disk_at_512(&replica, 4), b"four", "disk of epoch 4");
+    assert_eq!(standby.status.snapshot().counters.epochs_applied, 4);
+}
+
+#[tokio::test]
 async fn a_replayed_epoch_is_refused_unacknowledged_and_causes_no_takeover() {
     let standby = start_standby("replayed").await;
     let mut link = committed_primary(standby.addr).await;

@@ -32,7 +32,7 @@ use replicator::control::{self, ControlCommand, ControlRequest, ControlServer};
 use replicator::interval::{
     IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MAX_RUN_AHEAD, DEFAULT_MIN_INTERVAL,
 };
-use replicator::primary::{self, PrimaryConfig, PrimaryEnd};
+use replicator::primary::{self, PrimaryConfig, PrimaryEnd, DEFAULT_EPOCHS_IN_FLIGHT};
 use replicator::quorum::WitnessConfig;
 use replicator::standby::{self, StandbyConfig};
 use replicator::status::{FtState, Role, StatusBoard};
@@ -92,6 +92,11 @@ struct PairOptions {
     /// comparison with the default speculative mode).
     #[arg(long)]
     synchronous: bool,
+    /// Epochs sent and not yet acknowledged, at most: the next checkpoint
+    /// may be taken while this many await the standby (1: each waits for
+    /// the last one's acknowledgement).
+    #[arg(long, default_value_t = DEFAULT_EPOCHS_IN_FLIGHT, value_parser = clap::value_parser!(usize))]
+    epochs_in_flight: usize,
     /// Judge the peer's silence on the connection alone, without pulses
     /// (for comparison).
     #[arg(long)]
@@ -343,6 +348,7 @@ fn primary_config(
             max_run_ahead: Duration::from_millis(pair.max_run_ahead_ms),
         },
         synchronous: pair.synchronous,
+        epochs_in_flight: pair.epochs_in_flight,
         precopy_rounds: pair.precopy_rounds,
         retry_every: Duration::from_millis(500),
         vm_failed: Arc::default(),

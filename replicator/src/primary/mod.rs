@@ -12,10 +12,12 @@
 //!    dirty pages into frame payloads, takes the disk writes, seals the
 //!    transmitted frames as batch N; the guest resumes (speculative mode),
 //!    epoch N is sent, and batch N is released when the standby
-//!    acknowledges it. At most one epoch is in flight, so a slow standby
-//!    delays the next checkpoint (counted as throttled) instead of growing
-//!    buffers. In synchronous mode the guest stays paused until the
-//!    acknowledgement.
+//!    acknowledges it. Epochs are pipelined ([`in_flight`]): checkpoint
+//!    N+1 may be taken while N awaits its acknowledgement, up to a few in
+//!    flight; a slow standby then delays the next checkpoint (counted as
+//!    throttled), and a guest that runs too far past the oldest epoch not
+//!    acknowledged is paused, instead of buffers growing. In synchronous
+//!    mode the guest stays paused until each acknowledgement.
 //! 3. Any link failure ends protection: disk recording stops, and the
 //!    primary goes back to looking for a standby (which then
 //!    resynchronises from scratch). Without a witness, held output is
@@ -28,11 +30,13 @@
 
 pub mod checkpoint;
 mod epochs;
+mod in_flight;
 mod inbound;
 mod lease;
 mod switchover;
 mod sync;
 
+pub use in_flight::DEFAULT_EPOCHS_IN_FLIGHT;
 pub use switchover::SwitchoverRequest;
 
 use std::path::PathBuf;
@@ -61,6 +65,8 @@ pub enum PrimaryError {
     Unexpected { kind: &'static str, epoch: u64 },
     #[error("the standby acknowledged epoch {got}, epoch {expected} was in flight")]
     WrongAck { got: u64, expected: u64 },
+    #[error("the standby acknowledged epoch {got}, no epoch was in flight")]
+    AckNothingInFlight { got: u64 },
     #[error("the standby acknowledged generation {got}, this primary runs generation {ours}")]
     WrongGeneration { got: u64, ours: u64 },
     #[error("the standby's acknowledgement stream ended")]
@@ -116,6 +122,9 @@ pub struct PrimaryConfig {
     pub interval: IntervalLimits,
     /// Keep the guest paused until each epoch is acknowledged.
     pub synchronous: bool,
+    /// Epochs sent and not yet acknowledged, at most (1: each checkpoint
+    /// waits for the last one's acknowledgement).
+    pub epochs_in_flight: usize,
     /// Pre-copy rounds after the first full copy (fewer when the dirty set
     /// gets small).
     pub precopy_rounds: u32,

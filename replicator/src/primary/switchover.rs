@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use vmm::vm::Vm;
 
 use super::checkpoint::capture;
-use super::epochs::{send_epoch, Behind};
+use super::epochs::send_final_epoch;
 use super::lease::Lease;
 use super::{send_all, AckEvent, PrimaryError};
 use crate::protocol::{inbound_payloads, Message};
@@ -102,8 +102,7 @@ pub(super) async fn hand_over(
         }
     };
     // The guest stays stopped: nothing the standby has not got may run.
-    let mut behind = Behind::stopped(vm, status);
-    if let Err(e) = send_epoch(tx, acks, epoch, generation, captured, status, &mut behind).await {
+    if let Err(e) = send_final_epoch(tx, acks, epoch, generation, captured, status).await {
         vm.resume();
         return Err(e);
     }
