@@ -200,6 +200,11 @@ impl Metrics {
             "alink_sent_bytes",
             "Bytes sent on the A-link",
         );
+        let sync_sent = counter(
+            &mut registry,
+            "sync_sent_bytes",
+            "Bytes the initial synchronisations sent on the A-link (the copies that protect a VM again)",
+        );
         let ack_p50 = gauge_seconds(
             &mut registry,
             "ack_latency_p50",
@@ -390,6 +395,9 @@ impl Metrics {
             alink_bytes
                 .get_or_create(&labels)
                 .inc_by(c.alink_bytes_sent);
+            sync_sent
+                .get_or_create(&labels)
+                .inc_by(c.sync_sent_bytes_total);
             ack_p50.get_or_create(&labels).set(us(c.ack_us_p50));
             ack_p99.get_or_create(&labels).set(us(c.ack_us_p99));
             released

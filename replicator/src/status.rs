@@ -124,6 +124,13 @@ pub struct FtCounters {
     pub dirty_pages_last: u64,
     pub disk_writes_total: u64,
     pub alink_bytes_sent: u64,
+    /// Bytes the primary's initial synchronisations sent (the copy that
+    /// protects the VM again after a standby returns), the last one and
+    /// in all.
+    #[serde(default)]
+    pub sync_sent_bytes_last: u64,
+    #[serde(default)]
+    pub sync_sent_bytes_total: u64,
     /// From the end of sending an epoch to its acknowledgement.
     pub ack_us_p50: u64,
     pub ack_us_p99: u64,

@@ -153,6 +153,9 @@ pub struct DrillRound {
     pub disk: Verdict,
     /// Fault's end (node back, paths healed) -> pair protected again.
     pub reprotect_ms: u64,
+    /// Bytes the primary's initial synchronisations sent to protect the VM
+    /// again (0 if the session survived the fault).
+    pub resync_bytes: u64,
     /// Pull only: the pulled node's boot (start -> its agent answers).
     pub node_boot_ms: u64,
     /// Node booted or paths healed -> protected again, with no command
@@ -331,16 +334,40 @@ fn protected_run(rng: &mut u64, client: &Client) -> Result<Instant, DrillError> 
 }
 
 /// A round's start: a random 1-4 s of protected running, then the epoch
-/// `standby` has committed; returns when the run began and that epoch.
+/// `standby` has committed; returns when the run began, that epoch and
+/// what each node's engine had sent in initial synchronisations so far.
 fn before_fault(
     lab: &Lab,
     client: &Client,
     standby: NodeId,
     rng: &mut u64,
-) -> Result<(Instant, u64), DrillError> {
+) -> Result<(Instant, u64, SyncSent), DrillError> {
     let protected_at = protected_run(rng, client)?;
     let committed_epoch = ft_pair::status(lab, standby).map_or(0, |s| s.epoch);
-    Ok((protected_at, committed_epoch))
+    Ok((protected_at, committed_epoch, SyncSent::read(lab)))
+}
+
+/// Bytes each node's engine sent in initial synchronisations (its
+/// `sync_sent_bytes_total`), by node index.
+#[derive(Debug, Clone, Copy)]
+struct SyncSent([u64; 2]);
+
+impl SyncSent {
+    fn read(lab: &Lab) -> SyncSent {
+        SyncSent(
+            NodeId::ALL.map(|node| {
+                ft_pair::status(lab, node).map_or(0, |s| s.counters.sync_sent_bytes_total)
+            }),
+        )
+    }
+
+    /// What `node`'s engine sent since `self` (all it sent, if it is a new
+    /// engine process since).
+    fn since(self, lab: &Lab, node: NodeId) -> u64 {
+        let before = self.0[node.index() as usize];
+        let now = SyncSent::read(lab).0[node.index() as usize];
+        now.checked_sub(before).unwrap_or(now)
+    }
 }
 
 /// Where the VM runs now, as `node`'s API shows it: (placed on `expected`,
@@ -364,7 +391,7 @@ fn pull_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
+    let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
     let pulled_at = Instant::now();
     lab.pull(primary)?;
     let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
@@ -387,6 +414,7 @@ fn pull_round(
     )?;
     let reprotect_ms = back.elapsed().as_millis() as u64;
     let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
+    let resync_bytes = sync_before.since(lab, standby);
     let (placed_ok, generation) = placement(lab, standby, standby)?;
     Ok(DrillRound {
         round,
@@ -402,6 +430,7 @@ fn pull_round(
         memory,
         disk,
         reprotect_ms,
+        resync_bytes,
         node_boot_ms,
         boot_to_protected_ms,
         generation,
@@ -466,7 +495,7 @@ fn partition_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
+    let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
     let watch = Watch::start(lab);
     let cut_at = Instant::now();
     cut(lab, fault, false)?;
@@ -488,6 +517,7 @@ fn partition_round(
             pull_after_ms,
             heal_after_ms,
             committed_epoch,
+            sync_before,
         },
         watch,
     )
@@ -510,6 +540,7 @@ struct EndedFault {
     pull_after_ms: u64,
     heal_after_ms: u64,
     committed_epoch: u64,
+    sync_before: SyncSent,
 }
 
 /// After a partition or a freeze: the first acknowledged operation, the
@@ -538,6 +569,7 @@ fn settle(
         REPROTECT_WITHIN,
     )?;
     let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
+    let resync_bytes = f.sync_before.since(lab, winner);
     let seen = watch.finish();
     let (placed_ok, generation) = placement(lab, winner, winner)?;
     Ok(DrillRound {
@@ -554,6 +586,7 @@ fn settle(
         memory,
         disk,
         reprotect_ms,
+        resync_bytes,
         node_boot_ms: 0,
         boot_to_protected_ms: reprotect_ms,
         generation,
@@ -581,7 +614,7 @@ fn freeze_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
+    let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
     let freeze_ms = FREEZE_MIN_MS + next_random(rng) % (FREEZE_MAX_MS - FREEZE_MIN_MS);
     let watch = Watch::start(lab);
     let frozen_at = Instant::now();
@@ -617,6 +650,7 @@ fn freeze_round(
             pull_after_ms,
             heal_after_ms,
             committed_epoch,
+            sync_before,
         },
         watch,
     )
@@ -633,7 +667,7 @@ fn switchover_round(
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
-    let (protected_at, committed_epoch) = before_fault(lab, client, standby, rng)?;
+    let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
     let watch = Watch::start(lab);
     let asked_at = Instant::now();
     ft_pair::switchover(lab, primary).map_err(|source| DrillError::Switchover {
@@ -656,6 +690,7 @@ fn switchover_round(
             pull_after_ms: asked_at.duration_since(protected_at).as_millis() as u64,
             heal_after_ms: answered_at.duration_since(asked_at).as_millis() as u64,
             committed_epoch,
+            sync_before,
         },
         watch,
     )?;
@@ -668,7 +703,7 @@ fn switchover_round(
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}",
         "drill",
         "fault",
         "from",
@@ -681,12 +716,13 @@ pub fn print_table(report: &DrillReport) {
         "disk",
         "two active",
         "reprotect ms",
-        "back->protect ms"
+        "back->protect ms",
+        "resync MB"
     );
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
@@ -699,7 +735,8 @@ pub fn print_table(report: &DrillReport) {
             verdict(&r.disk),
             if r.two_active_seen { "SEEN" } else { "never" },
             r.reprotect_ms,
-            r.boot_to_protected_ms
+            r.boot_to_protected_ms,
+            r.resync_bytes as f64 / 1e6
         );
     }
     println!(

@@ -4,6 +4,7 @@
 //! dirtied meanwhile). Whatever the copy misses is in the first epoch.
 
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,6 +65,7 @@ pub(super) async fn initial_sync(
     let progress = Progress {
         vm,
         tally: Default::default(),
+        sent: Default::default(),
         status,
         generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
@@ -77,7 +79,13 @@ pub(super) async fn initial_sync(
     let end = progress.tally().end();
     tx.send(&Message::SyncEnd(end).into_frame(0, generation))
         .await?;
+    let sent = progress.sent.load(Ordering::Relaxed);
+    status.update(|s| {
+        s.counters.sync_sent_bytes_last = sent;
+        s.counters.sync_sent_bytes_total += sent;
+    });
     info!(
+        sent_bytes = sent,
         disk_bytes_sent = sent_disk,
         nonzero_pages = sent_pages,
         precopy_rounds = ?rounds,
@@ -92,6 +100,8 @@ struct Progress<'a> {
     vm: &'a Vm,
     /// What the copy sent, for its end record.
     tally: std::sync::Mutex<EndTally>,
+    /// Bytes the copy put on the A-link (frame headers included).
+    sent: AtomicU64,
     status: &'a StatusBoard,
     generation: u64,
     total: u64,
@@ -227,7 +237,9 @@ async fn send_disk(
             Message::SyncDisk(b).into_frame(0, progress.generation)
         })
         .collect();
-    send_all(tx, &frames, progress.status).await
+    let bytes = send_all(tx, &frames, progress.status).await?;
+    progress.sent.fetch_add(bytes, Ordering::Relaxed);
+    Ok(bytes)
 }
 
 async fn send_pages(
@@ -242,5 +254,7 @@ async fn send_pages(
             Message::SyncPages(b).into_frame(0, progress.generation)
         })
         .collect();
-    send_all(tx, &frames, progress.status).await.map(|_| ())
+    let bytes = send_all(tx, &frames, progress.status).await?;
+    progress.sent.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
