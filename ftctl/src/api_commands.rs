@@ -170,6 +170,10 @@ pub struct VmCreateArgs {
     min_interval_ms: Option<u64>,
     #[arg(long, value_name = "MS", conflicts_with = "from_json")]
     max_interval_ms: Option<u64>,
+    /// Level ft: checkpoints sent and not yet acknowledged, at most (1-64;
+    /// default 4; 1: each waits for the last one's acknowledgement).
+    #[arg(long, value_name = "N", conflicts_with = "from_json")]
+    epochs_in_flight: Option<u32>,
     /// A VmCreate body (JSON) instead of the options; '-' reads stdin.
     #[arg(long, value_name = "FILE")]
     from_json: Option<PathBuf>,
@@ -471,6 +475,7 @@ fn create_body(create: VmCreateArgs) -> Result<CreateBody, CommandError> {
                 synchronous: create.synchronous,
                 min_interval_ms: create.min_interval_ms,
                 max_interval_ms: create.max_interval_ms,
+                epochs_in_flight: create.epochs_in_flight,
                 no_pulses: false,
             })
             .filter(|ft| *ft != FtOptions::default()),

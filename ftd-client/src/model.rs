@@ -33,6 +33,8 @@ pub struct FtOptions {
     pub min_interval_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs_in_flight: Option<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_pulses: bool,
 }

@@ -87,6 +87,12 @@ pub struct FtOptions {
     pub min_interval_ms: Option<u64>,
     #[serde(default)]
     pub max_interval_ms: Option<u64>,
+    /// Checkpoints sent and not yet acknowledged, at most (1-64; default
+    /// 4): the next checkpoint may be taken while this many await the
+    /// standby. 1 makes each wait for the last one's acknowledgement.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 64)]
+    pub epochs_in_flight: Option<u32>,
     /// Judge the peer's silence on the connection alone, without pulses
     /// (for comparison: pulses keep a busy node from being declared
     /// silent).
@@ -117,6 +123,14 @@ impl FtOptions {
                 "ft.max_interval_ms",
                 format!("{max} is not in {min}..=10000"),
             ));
+        }
+        if let Some(n) = self.epochs_in_flight {
+            if !(1..=64).contains(&n) {
+                return Err(FieldError::new(
+                    "ft.epochs_in_flight",
+                    format!("{n} is not in 1..=64"),
+                ));
+            }
         }
         Ok(())
     }
@@ -848,6 +862,14 @@ mod tests {
             (
                 Box::new(|c| c.ft.max_interval_ms = Some(1)),
                 "ft.max_interval_ms",
+            ),
+            (
+                Box::new(|c| c.ft.epochs_in_flight = Some(0)),
+                "ft.epochs_in_flight",
+            ),
+            (
+                Box::new(|c| c.ft.epochs_in_flight = Some(65)),
+                "ft.epochs_in_flight",
             ),
         ];
         for (change, field) in cases {

@@ -1,5 +1,6 @@
 //! Benchmark in the lab: the ledger VM unprotected, then protected at level
-//! FT (speculative, then synchronous mode) on the default sealed A-link, then
+//! FT (speculative with pipelined epochs, the default; speculative with one
+//! epoch in flight; synchronous mode) on the default sealed A-link, then
 //! FT on a lab whose A-link runs in plaintext (what sealing costs, where AES
 //! runs emulated under TCG), side by side. For each: checkpoints
 //! per second, guest stop time per checkpoint p50/p99, dirty pages per epoch,
@@ -15,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use ft_tests::LabPair;
+use ftd_client::model::FtOptions;
 use guest_tools::ledger::LedgerClient;
 use lab::ft_pair;
 use lab::NodeId;
@@ -99,14 +101,10 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
     }
 }
 
-/// The ledger VM unprotected, then protected (`synchronous` or not), and
+/// The ledger VM unprotected, then protected with the options `ft`, and
 /// the A-link protection the engine reported.
-fn run_mode(lab: &LabPair, synchronous: bool) -> (Figures, Figures, String) {
+fn run_mode(lab: &LabPair, ft: FtOptions) -> (Figures, Figures, String) {
     // Through node a's API: the VM afresh, unprotected first.
-    let ft = ftd_client::model::FtOptions {
-        synchronous,
-        ..Default::default()
-    };
     ft_pair::define_and_start(lab.lab(), NodeId::A, "unprotected", ft).expect("started");
     ft_pair::wait_for(
         lab.lab(),
@@ -152,16 +150,25 @@ fn ratio(a: f64, b: f64) -> String {
 
 fn main() {
     let lab = LabPair::start("ftbench");
-    let (unprotected, ft, sealed) = run_mode(&lab, false);
+    let (unprotected, ft, sealed) = run_mode(&lab, FtOptions::default());
     assert!(
         sealed.starts_with("sealed"),
         "the lab's A-link is {sealed:?}"
     );
-    let (_, sync, _) = run_mode(&lab, true);
+    let one_in_flight = FtOptions {
+        epochs_in_flight: Some(1),
+        ..Default::default()
+    };
+    let (_, one, _) = run_mode(&lab, one_in_flight);
+    let synchronous = FtOptions {
+        synchronous: true,
+        ..Default::default()
+    };
+    let (_, sync, _) = run_mode(&lab, synchronous);
     drop(lab);
     let plain_lab =
         LabPair::start_configured("ftbench", &NodeId::ALL, |topo| topo.alink_plaintext = true);
-    let (_, plaintext, plain) = run_mode(&plain_lab, false);
+    let (_, plaintext, plain) = run_mode(&plain_lab, FtOptions::default());
     assert!(
         plain.starts_with("plaintext"),
         "the lab set up with a plaintext A-link runs it {plain:?}"
@@ -172,15 +179,16 @@ fn main() {
         ft_pair::GUEST_MEM_MIB
     );
     println!(
-        "{:<34} {:>14} {:>14} {:>14} {:>14}",
-        "", "unprotected", "FT", "FT synchronous", "FT plaintext"
+        "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14}",
+        "", "unprotected", "FT", "FT 1 in flight", "FT synchronous", "FT plaintext"
     );
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
         println!(
-            "{:<34} {:>14} {:>14} {:>14} {:>14}",
+            "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14}",
             name,
             f(&unprotected),
             f(&ft),
+            f(&one),
             f(&sync),
             f(&plaintext)
         );

@@ -190,6 +190,9 @@ impl Process {
         if ft.synchronous {
             cmd.arg("--synchronous");
         }
+        if let Some(n) = ft.epochs_in_flight {
+            cmd.args(["--epochs-in-flight", &n.to_string()]);
+        }
         if ft.no_pulses {
             cmd.arg("--no-pulses");
         }
