@@ -74,6 +74,20 @@ pub(super) async fn epochs(
             let message = if failed {
                 Message::Handover
             } else {
+                // The guest's last words: the epochs in flight are
+                // committed before the standby lets the VM go, and their
+                // output leaves (a while at most: the VM is ending).
+                match tokio::time::timeout(DRAIN_AT_STOP, in_flight.drain(acks)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => warn!(
+                        %error,
+                        "epochs in flight at the VM's stop were not acknowledged: their output is dropped"
+                    ),
+                    Err(_) => warn!(
+                        within_ms = DRAIN_AT_STOP.as_millis() as u64,
+                        "epochs in flight at the VM's stop were not acknowledged in time: their output is dropped"
+                    ),
+                }
                 Message::Stop
             };
             let _ = tx.send(&message.into_frame(epoch, generation)).await;
@@ -134,6 +148,10 @@ pub(super) async fn epochs(
     }
     unreachable!("epochs run until the link fails")
 }
+
+/// How long a VM that stops on purpose waits for its epochs in flight to
+/// be acknowledged.
+const DRAIN_AT_STOP: Duration = Duration::from_secs(1);
 
 /// After a checkpoint that stopped the guest `stopped`: when the next one
 /// is due.
