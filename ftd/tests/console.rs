@@ -3,7 +3,8 @@
 //! console_dir, the session login (a wrong token refused, the cookie
 //! accepted by the API, a change without the console's header refused as
 //! a cross-site request, the logout ending the session), the audit log
-//! naming console users, and the live stats stream of a VM.
+//! naming console users, the live stats stream of a VM, and a stream
+//! opened by a console session ending at its logout.
 //! The pages in a real browser are tested in the lab
 //! (`tests/tests/console.rs`).
 
@@ -438,4 +439,57 @@ fn console_users_log_in_with_their_password_until_deleted() {
         Some(json!({"user": "alice", "password": "correct horse battery"})),
     );
     assert_eq!(status, 401);
+}
+
+#[test]
+fn a_stream_opened_by_a_console_session_ends_with_the_session() {
+    let d = Daemon::init();
+    let (status, headers, text) = send(
+        &d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"token": d.token})),
+    );
+    assert_eq!(status, 200, "{text}");
+    let id = session_id(&headers);
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET /api/events/stream HTTP/1.1\r\nHost: {addr}\r\nCookie: ftd_session={id}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("200"), "{line}");
+    // The stream is open (headers read) before the logout.
+    while line != "\r\n" {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    let (status, _, _) = send(&d, "DELETE", "/api/session", Some(&id), true, None);
+    assert_eq!(status, 204);
+    let logged_out = std::time::Instant::now();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!(
+                "the stream outlived the logout by {:?}: {e}",
+                logged_out.elapsed()
+            ),
+        }
+        assert!(
+            logged_out.elapsed() < Duration::from_secs(10),
+            "the stream outlived the logout"
+        );
+    }
 }

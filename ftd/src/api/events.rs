@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use axum::extract::{FromRequestParts, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::Json;
+use axum::{Extension, Json};
 use futures_util::stream::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio_stream::wrappers::BroadcastStream;
 use utoipa::IntoParams;
 
-use super::{ApiError, ApiState};
+use super::{session_ended, ApiError, ApiState, ConsoleSession};
 use crate::model::{ErrorBody, Event};
 use crate::store::EventFilter;
 
@@ -70,23 +70,28 @@ pub async fn list(
     security(("bearer" = [])))]
 pub async fn stream(
     State(state): State<ApiState>,
+    session: Option<Extension<ConsoleSession>>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let events = BroadcastStream::new(state.manager.subscribe()).filter_map(|item| async move {
-        match item {
-            Ok(event) => {
-                let data = serde_json::to_string(&event).ok()?;
-                Some(Ok(SseEvent::default()
-                    .id(event.id.to_string())
-                    .event(if event.alert { "alert" } else { "event" })
-                    .data(data)))
+    // Opened by a console session: it ends with the session.
+    let ended = Box::pin(session_ended(state.clone(), session.map(|s| s.0)));
+    let events = BroadcastStream::new(state.manager.subscribe())
+        .filter_map(|item| async move {
+            match item {
+                Ok(event) => {
+                    let data = serde_json::to_string(&event).ok()?;
+                    Some(Ok(SseEvent::default()
+                        .id(event.id.to_string())
+                        .event(if event.alert { "alert" } else { "event" })
+                        .data(data)))
+                }
+                // A slow reader missed some: say so; it can read them from
+                // /api/events?after=<last id>.
+                Err(_) => Some(Ok(SseEvent::default()
+                    .event("lagged")
+                    .data("events were missed; read /api/events?after=<last id>"))),
             }
-            // A slow reader missed some: say so; it can read them from
-            // /api/events?after=<last id>.
-            Err(_) => Some(Ok(SseEvent::default()
-                .event("lagged")
-                .data("events were missed; read /api/events?after=<last id>"))),
-        }
-    });
+        })
+        .take_until(ended);
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 

@@ -21,6 +21,7 @@ mod vms;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
@@ -64,6 +65,34 @@ pub const MAX_HASHING: usize = 2;
 /// authentication, read by handlers and the audit log).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller(pub String);
+
+/// The console session a request came with (none for the bearer token):
+/// a stream it opens ends with the session ([`session_ended`]).
+#[derive(Debug, Clone)]
+pub struct ConsoleSession(pub String);
+
+/// How often a stream opened by a console session looks whether the
+/// session still is.
+const SESSION_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Resolves once `session` is over: logged out, expired, or its user
+/// deleted or given a new password (never, for a request made with the
+/// token). A stream opened with the session ends then.
+pub(crate) async fn session_ended(state: ApiState, session: Option<ConsoleSession>) {
+    let Some(ConsoleSession(id)) = session else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(SESSION_CHECK_EVERY).await;
+        let live = state
+            .sessions
+            .peek(&id)
+            .is_some_and(|s| s.by_token || user_unchanged(&state, &s));
+        if !live {
+            return;
+        }
+    }
+}
 
 impl ApiState {
     pub fn new(manager: Manager, metrics: Arc<Metrics>, token: String) -> ApiState {
@@ -250,8 +279,15 @@ async fn authenticate(
             },
         },
     };
+    let console_session = match (&verdict, given) {
+        (Ok(_), None) => session_cookie(request.headers()).map(ConsoleSession),
+        _ => None,
+    };
     match verdict {
         Ok(caller) => {
+            if let Some(session) = console_session {
+                request.extensions_mut().insert(session);
+            }
             request.extensions_mut().insert(caller.clone());
             let mut response = next.run(request).await;
             response.extensions_mut().insert(caller);

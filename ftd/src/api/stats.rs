@@ -2,16 +2,18 @@
 //! second, as server-sent events, for the console's live charts. The
 //! figures are the counters of the engine running the VM's primary (this
 //! node's, or the peer's as its last pair-channel report has them); a
-//! reader derives rates from two samples.
+//! reader derives rates from two samples. A stream a console session
+//! opened ends with the session.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures_util::stream::{self, Stream};
+use axum::Extension;
+use futures_util::stream::{self, Stream, StreamExt};
 
-use super::{ApiError, ApiState};
+use super::{session_ended, ApiError, ApiState, ConsoleSession};
 use crate::model::ErrorBody;
 
 /// How often a sample is sent.
@@ -27,10 +29,13 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
     security(("bearer" = [])))]
 pub async fn stream_vm(
     State(state): State<ApiState>,
+    session: Option<Extension<ConsoleSession>>,
     Path(name): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     state.manager.vm(&name)?;
     let manager = state.manager.clone();
+    // Opened by a console session: it ends with the session.
+    let ended = Box::pin(session_ended(state, session.map(|s| s.0)));
     // The state: the VM still to sample (none once it is gone), and
     // whether the next sample is the first (sent at once).
     let samples = stream::unfold(
@@ -53,6 +58,7 @@ pub async fn stream_vm(
             };
             Some((Ok(event), (manager, next, false)))
         },
-    );
+    )
+    .take_until(ended);
     Ok(Sse::new(samples).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

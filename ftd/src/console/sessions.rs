@@ -106,6 +106,13 @@ impl Sessions {
         Some(session.clone())
     }
 
+    /// The session `id` if it is live, its idle time not restarted (a
+    /// stream it opened asks this, not the user).
+    pub fn peek(&self, id: &str) -> Option<Session> {
+        let now = Instant::now();
+        self.lock().get(id).filter(|s| !s.expired(now)).cloned()
+    }
+
     /// Ends the session `id` (logout).
     pub fn close(&self, id: &str) -> bool {
         self.lock().remove(id).is_some()
