@@ -66,6 +66,45 @@ fn session_id(headers: &ureq::http::HeaderMap) -> String {
         .to_string()
 }
 
+/// Logs in with the node's token: (the session id, the session view).
+fn token_session(d: &Daemon) -> (String, Value) {
+    let (status, headers, text) = send(
+        d,
+        "POST",
+        "/api/session",
+        None,
+        true,
+        Some(json!({"token": d.token})),
+    );
+    assert_eq!(status, 200, "{text}");
+    (session_id(&headers), serde_json::from_str(&text).unwrap())
+}
+
+/// Opens the event stream `path` with the header line `auth` (and
+/// `Connection: close`, so that its end closes the connection); returns it
+/// past its headers, read with a 10 s timeout.
+fn open_stream(d: &Daemon, path: &str, auth: &str) -> BufReader<std::net::TcpStream> {
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("200"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    reader
+}
+
 #[test]
 fn the_console_pages_are_served_with_their_library_and_a_strict_policy() {
     let vendor = tempfile::tempdir().unwrap();
@@ -175,17 +214,7 @@ fn a_console_session_opens_with_the_token_and_guards_changes() {
     );
     assert_eq!(status, 422);
     // The token opens a session.
-    let (status, headers, text) = send(
-        &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"token": d.token})),
-    );
-    assert_eq!(status, 200, "{text}");
-    let id = session_id(&headers);
-    let view: Value = serde_json::from_str(&text).unwrap();
+    let (id, view) = token_session(&d);
     assert_eq!(
         (view["logged_in"].clone(), view["node"].clone()),
         (json!(true), json!("node-a"))
@@ -267,21 +296,9 @@ fn the_stats_stream_sends_a_sample_of_the_vm() {
     assert_eq!(status, 201);
     let (status, body) = d.call("GET", "/api/vms/nope/stats", "-", None);
     assert_eq!(status, 404, "{body}");
-    let addr = d.url.trim_start_matches("http://").to_string();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        stream,
-        "GET /api/vms/charted/stats HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
-        d.token
-    )
-    .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(stream);
+    let auth = format!("Authorization: Bearer {}", d.token);
+    let mut reader = open_stream(&d, "/api/vms/charted/stats", &auth);
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.contains("200"), "{line}");
     let mut samples = Vec::new();
     while samples.len() < 2 {
         line.clear();
@@ -444,36 +461,13 @@ fn console_users_log_in_with_their_password_until_deleted() {
 #[test]
 fn a_stream_opened_by_a_console_session_ends_with_the_session() {
     let d = Daemon::init();
-    let (status, headers, text) = send(
+    let (id, _) = token_session(&d);
+    let mut reader = open_stream(
         &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"token": d.token})),
+        "/api/events/stream",
+        &format!("Cookie: ftd_session={id}"),
     );
-    assert_eq!(status, 200, "{text}");
-    let id = session_id(&headers);
-    let addr = d.url.trim_start_matches("http://").to_string();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    write!(
-        stream,
-        "GET /api/events/stream HTTP/1.1\r\nHost: {addr}\r\nCookie: ftd_session={id}\r\n\
-         Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.contains("200"), "{line}");
-    // The stream is open (headers read) before the logout.
-    while line != "\r\n" {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
     let (status, _, _) = send(&d, "DELETE", "/api/session", Some(&id), true, None);
     assert_eq!(status, 204);
     let logged_out = std::time::Instant::now();
