@@ -171,8 +171,9 @@ enum Wake {
 }
 
 /// Waits until the next checkpoint is due (output produced meanwhile brings
-/// it forward) and an epoch may be sent, the guest stopped or a switchover
-/// is asked. Acknowledgements are taken meanwhile (each releases its
+/// it forward) and an epoch may be sent (with output waiting, while
+/// earlier ones are in flight; without, once none is), the guest stopped
+/// or a switchover is asked. Acknowledgements are taken meanwhile (each releases its
 /// epoch's output); a guest the throttle paused is not checkpointed until
 /// the acknowledgement that lets it run again.
 async fn wait_until_due(
@@ -189,8 +190,16 @@ async fn wait_until_due(
         if switchover.take() {
             return Ok(Wake::Switchover);
         }
-        let due = schedule.due_at(vm.output().has_unsealed());
-        let ready = in_flight.has_room() && !in_flight.guest_paused();
+        let output_waiting = vm.output().has_unsealed();
+        let due = schedule.due_at(output_waiting);
+        // Epochs pipeline for output only: without output waiting, a
+        // checkpoint waits until none is in flight. Taken sooner it would
+        // only queue behind them (the A-link's backlog, the standby's
+        // work, and held output after it), and each harvest costs the
+        // guest its write-protect faults again.
+        let ready = in_flight.has_room()
+            && !in_flight.guest_paused()
+            && (output_waiting || in_flight.is_empty());
         if ready && Instant::now() >= due {
             return Ok(Wake::Due);
         }

@@ -12,11 +12,13 @@
 //!    dirty pages into frame payloads, takes the disk writes, seals the
 //!    transmitted frames as batch N; the guest resumes (speculative mode),
 //!    epoch N is sent, and batch N is released when the standby
-//!    acknowledges it. Epochs are pipelined ([`in_flight`]): checkpoint
-//!    N+1 may be taken while N awaits its acknowledgement, up to a few in
-//!    flight; a slow standby then delays the next checkpoint (counted as
-//!    throttled), and a guest that runs too far past the oldest epoch not
-//!    acknowledged is paused, instead of buffers growing. In synchronous
+//!    acknowledges it. Epochs are pipelined for output ([`in_flight`]):
+//!    when the guest transmitted, checkpoint N+1 may be taken while N
+//!    awaits its acknowledgement, up to a few in flight (otherwise the
+//!    next checkpoint waits until none is); a slow standby then delays the
+//!    next checkpoint (counted as throttled), and a guest that runs too far
+//!    past the oldest epoch not acknowledged is paused, instead of buffers
+//!    growing. In synchronous
 //!    mode the guest stays paused until each acknowledgement.
 //! 3. Any link failure ends protection: disk recording stops, and the
 //!    primary goes back to looking for a standby (which then
