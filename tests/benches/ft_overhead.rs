@@ -7,7 +7,9 @@
 //! A-link bytes per second, round-trip latency to the guest (and what FT
 //! adds), the latency of a ledger APPEND (written and fsync'd in the guest
 //! before it answers), and the throughput of a CPU-bound and of a memory-bound workload
-//! timed inside the guest, as ratios to unprotected.
+//! timed inside the guest, as ratios to unprotected, and the guest's write
+//! faults per second (what harvesting dirty pages costs it: under the
+//! lab's nested TCG most of FT's overhead).
 //!
 //! Run: `cargo bench -p ft-tests --bench ft_overhead` (needs the lab, about
 //! 6 minutes). Nested virtualization under TCG: absolute figures are far
@@ -43,6 +45,7 @@ struct Figures {
     append_p99_ms: f64,
     cpu_turns_per_s: f64,
     mem_pages_per_s: f64,
+    write_faults_per_s: f64,
 }
 
 /// The primary's counters (zeros when it does not answer).
@@ -50,6 +53,21 @@ fn counters(lab: &LabPair) -> FtCounters {
     ft_pair::status(lab.lab(), NodeId::A)
         .map(|s| s.counters)
         .unwrap_or_default()
+}
+
+/// KVM's count of write faults fixed on its fast path (`pf_fast`) on node
+/// a, where the VM's primary runs: each harvest of the dirty pages
+/// write-protects them again, so a protected guest takes a fault at its
+/// first write to each; under the lab's nested TCG one costs it a few
+/// hundred microseconds (1-2 on hardware). 0 when it cannot be read.
+fn write_faults(lab: &LabPair) -> u64 {
+    let script = "mount -t debugfs none /sys/kernel/debug 2>/dev/null; \
+                  cat /sys/kernel/debug/kvm/pf_fast";
+    lab.lab()
+        .exec(NodeId::A, &["sh", "-c", script], Duration::from_secs(10))
+        .ok()
+        .and_then(|o| o.stdout.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// `after - before` of a counter, as a float.
@@ -65,6 +83,7 @@ fn percentile_ms(v: &[Duration], p: f64) -> f64 {
 
 fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
     let before = counters(lab);
+    let faults_before = write_faults(lab);
     let start = Instant::now();
     let rtts: Vec<Duration> = (0..PINGS).map(|_| client.ping().expect("ping")).collect();
     let appends: Vec<Duration> = (0..APPENDS)
@@ -81,6 +100,7 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         .expect("dirty");
     let secs = start.elapsed().as_secs_f64();
     let after = counters(lab);
+    let faults = delta(write_faults(lab), faults_before);
     let checkpoints = delta(after.checkpoints, before.checkpoints);
     Figures {
         checkpoints_per_s: checkpoints / secs,
@@ -98,6 +118,7 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         append_p99_ms: percentile_ms(&appends, 99.0),
         cpu_turns_per_s: cpu as f64 / (WORK_MS as f64 / 1000.0),
         mem_pages_per_s: mem as f64 / (WORK_MS as f64 / 1000.0),
+        write_faults_per_s: faults / secs,
     }
 }
 
@@ -231,6 +252,9 @@ fn main() {
     });
     row("memory-bound ratio to unprotected", &|x| {
         ratio(x.mem_pages_per_s, unprotected.mem_pages_per_s)
+    });
+    row("guest write faults/s (KVM pf_fast)", &|x| {
+        format!("{:.0}", x.write_faults_per_s)
     });
     println!(
         "QEMU COLO (Debian's 7.2) in the same kind of lab (DESIGN.md: two TCG nodes, idle \
