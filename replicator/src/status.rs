@@ -119,6 +119,8 @@ pub struct FtCounters {
     /// The sum of all guest stop times (µs).
     #[serde(default)]
     pub stop_us_sum: u64,
+    /// The interval planned after the last checkpoint, by its cost (output
+    /// that waits brings the next checkpoint forward to `min` after it).
     pub interval_us_last: u64,
     pub dirty_pages_total: u64,
     pub dirty_pages_last: u64,

@@ -44,6 +44,11 @@ use vmm::config::{
 use vmm::vm::Vm;
 use witness::WitnessClient;
 
+/// How long the protection gets to end once the VM stopped: the epochs in
+/// flight drained ([`replicator::primary::DRAIN_AT_STOP`]) and `Stop` sent,
+/// with room to spare.
+const SESSION_END_WITHIN: Duration = Duration::from_secs(2);
+
 #[derive(Parser)]
 #[command(
     name = "ftprotect",
@@ -436,8 +441,10 @@ fn run_primary(
     stop.notify_one();
     // The timer is made inside the runtime (made outside, it panics: no
     // reactor, and the process ended with 101 instead of its exit code).
+    // The session's end: the epochs in flight drained (at most
+    // `DRAIN_AT_STOP`), then `Stop` sent to the standby.
     let end =
-        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), protection).await });
+        runtime.block_on(async { tokio::time::timeout(SESSION_END_WITHIN, protection).await });
     if let Ok(Ok(PrimaryEnd::Superseded { generation, owner })) = end {
         // The status says so already (state "superseded").
         eprintln!(

@@ -130,7 +130,7 @@ pub(super) async fn epochs(
             writes: captured.writes.1,
             late,
         });
-        send_epoch(
+        let sent = send_epoch(
             tx,
             acks,
             epoch,
@@ -139,19 +139,31 @@ pub(super) async fn epochs(
             status,
             &mut in_flight,
         )
-        .await?;
+        .await;
         if config.synchronous {
-            in_flight.drain(acks).await?;
+            // The guest stayed stopped for the acknowledgement; it runs
+            // again also when the session ended meanwhile (then it goes on
+            // alone, or the lease fences it).
+            let acked = match sent {
+                Ok(()) => in_flight.drain(acks).await,
+                Err(error) => Err(error),
+            };
             vm.resume();
+            acked?;
             plan_next(&mut schedule, stop_start.elapsed(), vm, status);
+        } else {
+            sent?;
         }
     }
     unreachable!("epochs run until the link fails")
 }
 
 /// How long a VM that stops on purpose waits for its epochs in flight to
-/// be acknowledged.
-const DRAIN_AT_STOP: Duration = Duration::from_secs(1);
+/// be acknowledged: well inside the time `ftprotect` gives the session to
+/// end once the VM stopped (2 s), so that `Stop` reaches the standby
+/// before the link closes (a link that just closes is a lost primary: the
+/// standby would take over a VM stopped on purpose).
+pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 
 /// After a checkpoint that stopped the guest `stopped`: when the next one
 /// is due.

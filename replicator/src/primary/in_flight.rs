@@ -259,9 +259,14 @@ impl<'a> InFlight<'a> {
     /// Statistics of a committed epoch, published in the status.
     fn record(&mut self, c: Pending, released: usize) {
         let stopped = c.stopped.unwrap_or_else(|| c.stop_start.elapsed());
-        let ack_time = c.sent_at.map(|t| t.elapsed()).unwrap_or_default();
+        // An acknowledgement taken before its own send was seen to end has
+        // no ack time (not a zero one).
+        let ack_time = c.sent_at.map(|t| t.elapsed());
         self.stops.push(stopped);
-        self.ack_times.push(ack_time);
+        if let Some(ack_time) = ack_time {
+            self.ack_times.push(ack_time);
+        }
+        let ack_time = ack_time.unwrap_or_default();
         let held_now = self.vm.output().holding_frames();
         let in_flight = self.queue.len() as u64;
         let (stops, ack_times) = (&self.stops, &self.ack_times);
@@ -302,8 +307,10 @@ impl<'a> InFlight<'a> {
 }
 
 impl Drop for InFlight<'_> {
-    /// The session ended while the guest was paused here: it runs again.
+    /// The session ended: nothing is in flight any more, and a guest
+    /// paused here runs again.
     fn drop(&mut self) {
+        self.status.update(|s| s.counters.epochs_in_flight_now = 0);
         if let Some(paused_at) = self.paused_at.take() {
             self.vm.resume();
             let paused_ms = paused_at.elapsed().as_millis() as u64;

@@ -38,6 +38,7 @@ mod lease;
 mod switchover;
 mod sync;
 
+pub use epochs::DRAIN_AT_STOP;
 pub use in_flight::DEFAULT_EPOCHS_IN_FLIGHT;
 pub use switchover::SwitchoverRequest;
 
