@@ -66,16 +66,14 @@ fn session_id(headers: &ureq::http::HeaderMap) -> String {
         .to_string()
 }
 
+/// `POST /api/session` with `body`, as the console sends it.
+fn log_in(d: &Daemon, body: Value) -> (u16, ureq::http::HeaderMap, String) {
+    send(d, "POST", "/api/session", None, true, Some(body))
+}
+
 /// Logs in with the node's token: (the session id, the session view).
 fn token_session(d: &Daemon) -> (String, Value) {
-    let (status, headers, text) = send(
-        d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"token": d.token})),
-    );
+    let (status, headers, text) = log_in(d, json!({"token": d.token}));
     assert_eq!(status, 200, "{text}");
     (session_id(&headers), serde_json::from_str(&text).unwrap())
 }
@@ -194,24 +192,10 @@ fn a_console_session_opens_with_the_token_and_guards_changes() {
     let session: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(session["logged_in"], false);
     // A wrong token is refused; the attempt is audited.
-    let (status, _, text) = send(
-        &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"token": "not-the-token"})),
-    );
+    let (status, _, text) = log_in(&d, json!({"token": "not-the-token"}));
     assert_eq!(status, 401, "{text}");
     // A bad body is a 4xx with a reason.
-    let (status, _, _) = send(
-        &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"tok": 1})),
-    );
+    let (status, _, _) = log_in(&d, json!({"tok": 1}));
     assert_eq!(status, 422);
     // The token opens a session.
     let (id, view) = token_session(&d);
@@ -372,13 +356,9 @@ fn console_users_log_in_with_their_password_until_deleted() {
         assert_eq!(got, status, "{login}: {text}");
     }
     // The password opens a session in the user's name.
-    let (status, headers, text) = send(
+    let (status, headers, text) = log_in(
         &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"user": "alice", "password": "correct horse battery"})),
+        json!({"user": "alice", "password": "correct horse battery"}),
     );
     assert_eq!(status, 200, "{text}");
     assert_eq!(
@@ -406,14 +386,7 @@ fn console_users_log_in_with_their_password_until_deleted() {
         "{audit}"
     );
     // A new password ends the sessions opened with the old one.
-    let (status, headers, _) = send(
-        &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"user": "bob", "password": "0123456789ab"})),
-    );
+    let (status, headers, _) = log_in(&d, json!({"user": "bob", "password": "0123456789ab"}));
     assert_eq!(status, 200);
     let bob = session_id(&headers);
     let (status, _) = d.call(
@@ -447,13 +420,9 @@ fn console_users_log_in_with_their_password_until_deleted() {
     let (status, _, text) = send(&d, "GET", "/api/nodes", Some(&id), false, None);
     assert_eq!(status, 401, "{text}");
     assert!(text.contains("alice was deleted"), "{text}");
-    let (status, _, _) = send(
+    let (status, _, _) = log_in(
         &d,
-        "POST",
-        "/api/session",
-        None,
-        true,
-        Some(json!({"user": "alice", "password": "correct horse battery"})),
+        json!({"user": "alice", "password": "correct horse battery"}),
     );
     assert_eq!(status, 401);
 }

@@ -284,20 +284,23 @@ pub(super) async fn send_final_epoch(
     let send = send_all(tx, &frames, status);
     tokio::pin!(send);
     tokio::select! {
-        sent = &mut send => { sent?; }
-        event = acks.recv() => return Err(match event {
-            Some(Err(error)) => error,
-            Some(Ok(got)) => PrimaryError::WrongAck { got, expected: epoch },
-            None => PrimaryError::AckStreamEnded,
-        }),
-    }
-    match acks.recv().await {
+        sent = &mut send => sent?,
+        // Nothing else is in flight: a word before the send was seen to
+        // end is a failure, or this epoch's acknowledgement already.
+        event = acks.recv() => return acknowledges(event, epoch),
+    };
+    acknowledges(acks.recv().await, epoch)
+}
+
+/// Whether the standby's word `event` acknowledges `epoch`.
+fn acknowledges(event: Option<AckEvent>, epoch: u64) -> Result<(), PrimaryError> {
+    match event {
         Some(Ok(got)) if got == epoch => Ok(()),
         Some(Ok(got)) => Err(PrimaryError::WrongAck {
             got,
             expected: epoch,
         }),
-        Some(Err(e)) => Err(e),
+        Some(Err(error)) => Err(error),
         None => Err(PrimaryError::AckStreamEnded),
     }
 }

@@ -18,8 +18,8 @@
 //!    next checkpoint waits until none is); a slow standby then delays the
 //!    next checkpoint (counted as throttled), and a guest that runs too far
 //!    past the oldest epoch not acknowledged is paused, instead of buffers
-//!    growing. In synchronous
-//!    mode the guest stays paused until each acknowledgement.
+//!    growing. In synchronous mode the guest stays paused until each
+//!    acknowledgement.
 //! 3. Any link failure ends protection: disk recording stops, and the
 //!    primary goes back to looking for a standby (which then
 //!    resynchronises from scratch). Without a witness, held output is

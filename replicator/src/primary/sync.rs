@@ -4,7 +4,6 @@
 //! dirtied meanwhile). Whatever the copy misses is in the first epoch.
 
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,12 +59,12 @@ pub(super) async fn initial_sync(
         disk_bytes: disk_bytes.clone(),
         nics: vm.output().nics(),
     };
+    let sent_before = status.snapshot().counters.alink_bytes_sent;
     tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
         .await?;
     let progress = Progress {
         vm,
         tally: Default::default(),
-        sent: Default::default(),
         status,
         generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
@@ -79,7 +78,9 @@ pub(super) async fn initial_sync(
     let end = progress.tally().end();
     tx.send(&Message::SyncEnd(end).into_frame(0, generation))
         .await?;
-    let sent = progress.sent.load(Ordering::Relaxed);
+    // Only the copy sends on this link so far: what it sent is what the
+    // A-link counter gained since the plan.
+    let sent = status.snapshot().counters.alink_bytes_sent - sent_before;
     status.update(|s| {
         s.counters.sync_sent_bytes_last = sent;
         s.counters.sync_sent_bytes_total += sent;
@@ -100,8 +101,6 @@ struct Progress<'a> {
     vm: &'a Vm,
     /// What the copy sent, for its end record.
     tally: std::sync::Mutex<EndTally>,
-    /// Bytes the copy put on the A-link (frame headers included).
-    sent: AtomicU64,
     status: &'a StatusBoard,
     generation: u64,
     total: u64,
@@ -237,9 +236,7 @@ async fn send_disk(
             Message::SyncDisk(b).into_frame(0, progress.generation)
         })
         .collect();
-    let bytes = send_all(tx, &frames, progress.status).await?;
-    progress.sent.fetch_add(bytes, Ordering::Relaxed);
-    Ok(bytes)
+    send_all(tx, &frames, progress.status).await
 }
 
 async fn send_pages(
@@ -254,7 +251,5 @@ async fn send_pages(
             Message::SyncPages(b).into_frame(0, progress.generation)
         })
         .collect();
-    let bytes = send_all(tx, &frames, progress.status).await?;
-    progress.sent.fetch_add(bytes, Ordering::Relaxed);
-    Ok(())
+    send_all(tx, &frames, progress.status).await.map(|_| ())
 }
