@@ -157,9 +157,10 @@ pub mod kind {
     pub const INBOUND: FrameKind = FrameKind::Message(77);
     pub const SWITCHOVER: FrameKind = FrameKind::Message(78);
     pub const FINAL_OUTPUT: FrameKind = FrameKind::Message(79);
+    pub const SYNC_HELD: FrameKind = FrameKind::Message(80);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 24] = [
+    pub const NAMED: [(&str, FrameKind); 25] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
@@ -184,6 +185,7 @@ pub mod kind {
         ("Inbound", INBOUND),
         ("Switchover", SWITCHOVER),
         ("FinalOutput", FINAL_OUTPUT),
+        ("SyncHeld", SYNC_HELD),
     ];
 }
 

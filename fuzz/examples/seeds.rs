@@ -38,6 +38,7 @@ fn plan() -> SyncPlan {
         mem_mib: 128,
         disk_bytes: vec![64 << 10, 256 << 10],
         nics: 1,
+        content_key: "5a".repeat(32),
     }
 }
 
@@ -403,7 +404,11 @@ fn sync_plan() {
     write(
         "sync_plan",
         "spaced",
-        b"{ \"version\": 1, \"mem_mib\": 18446744073709551615, \"disk_bytes\": [0, 1e3], \"nics\": 2 }",
+        concat!(
+            "{ \"version\": 2, \"mem_mib\": 18446744073709551615, \"disk_bytes\": [0, 1e3], ",
+            "\"nics\": 2, \"content_key\": \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\" }"
+        )
+        .as_bytes(),
     );
 }
 
@@ -432,6 +437,13 @@ fn protocol_message() {
             writes_crc: 4,
         }),
         Message::Refuse("the standby on node-b: no space for the replica disk".into()),
+        Message::SyncHeld(replicator::protocol::DiskHeld {
+            disk: 1,
+            part: replicator::protocol::HeldPart::Digests {
+                first_chunk: 0,
+                digests: vec![[7; 16]; 4],
+            },
+        }),
     ];
     let epoch = an_epoch(2, Bytes::from(checkpoint_state(false)));
     messages.extend(

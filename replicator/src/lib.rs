@@ -16,6 +16,8 @@
 //!   primary's lease, the standby's claim).
 //! - [`status`]: the state and counters each node publishes;
 //!   [`control`] serves them (and takes a stop) on a Unix socket.
+//! - [`content`]: keyed digests of disk chunks, so that a resynchronisation
+//!   moves only what a returning standby does not already hold.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
 //! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
 //! - [`heap`]: the allocator kept from faulting in fresh pages for every
@@ -39,6 +41,7 @@
 pub mod assembler;
 pub mod bridge;
 pub mod checkpoint_bench;
+pub mod content;
 pub mod control;
 pub mod heap;
 pub mod interval;

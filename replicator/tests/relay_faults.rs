@@ -35,6 +35,7 @@ fn the_relays_kind_names_are_the_replication_codes() {
         mem_mib: MEM_MIB,
         disk_bytes: vec![DISK_BYTES],
         nics: 0,
+        content_key: "00".repeat(32),
     };
     let page = PageBatch::new(Bytes::from(vec![0u8; 8 + PAGE_SIZE])).unwrap();
     let (mut writes, _) = disk_payloads([DiskRecord {
@@ -64,6 +65,10 @@ fn the_relays_kind_names_are_the_replication_codes() {
         Message::Stop,
         Message::Handover,
         Message::Refuse("why".into()),
+        Message::SyncHeld(replicator::protocol::DiskHeld {
+            disk: 0,
+            part: replicator::protocol::HeldPart::Zeroed,
+        }),
     ];
     for message in every {
         let name = message.name();
@@ -227,6 +232,7 @@ async fn a_page_frame_lost_from_the_initial_copy_is_never_promoted() {
         .expect("a relay");
     inject_on(&relay, Fault::Drop, kind::SYNC_PAGES);
     let mut link = primary_beginning(relay.local_addr(), 1).await;
+    expect_held(&mut link).await;
     let mut page = vec![0x77u8; 8 + PAGE_SIZE];
     page[..8].copy_from_slice(&(7 * PAGE_SIZE as u64).to_le_bytes());
     let batch = PageBatch::new(Bytes::from(page)).unwrap();

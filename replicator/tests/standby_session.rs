@@ -10,7 +10,9 @@
 //! - with a backup path, a lost active path is not a lost primary (no
 //!   takeover while the primary is heard on the backup), and a primary
 //!   silent on both paths is taken over;
-//! - a primary whose VM stopped on purpose says so and is not taken over.
+//! - a primary whose VM stopped on purpose says so and is not taken over;
+//! - a replica disk kept from an earlier session is described to the next
+//!   primary by its digests, and what the copy sends replaces it.
 
 mod common;
 
@@ -465,5 +467,95 @@ async fn a_switchover_past_the_committed_epoch_is_refused_without_a_takeover() {
         !standby.task.is_finished(),
         "no takeover after a refused switchover"
     );
+    standby.task.abort();
+}
+
+/// Resynchronisation by content (issue 11): a standby whose session ended
+/// keeps its replica disk, and the next session's primary learns what it
+/// holds as digests under the key of that session's plan (so that the
+/// copy brings only what differs); a disk of another size is made new and
+/// said to be all zeros. A kept disk's stale bytes are replaced by what
+/// the copy sends: the survivor's content wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_differs() {
+    use replicator::content::{ContentKey, DISK_CHUNK};
+    use replicator::protocol::HeldPart;
+    let standby = start_standby("kept-disk").await;
+    // The first session: a new disk (all zeros), then epoch 1 writes
+    // "one" at 512, and the VM stops on purpose.
+    let mut link = primary_beginning(standby.addr, 1).await;
+    assert_eq!(expect_held(&mut link).await, HeldPart::Zeroed);
+    drop(link);
+    let link = committed_primary(standby.addr).await;
+    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
+    drop(link);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next session: the disk is kept, each chunk digested under this
+    // plan's key.
+    let mut link = primary_beginning(standby.addr, 1).await;
+    let HeldPart::Digests {
+        first_chunk: 0,
+        digests,
+    } = expect_held(&mut link).await
+    else {
+        panic!("the kept disk is not described by its digests")
+    };
+    let mut expected = vec![0u8; DISK_BYTES as usize];
+    expected[512..515].copy_from_slice(b"one");
+    let chunks: Vec<_> = expected
+        .chunks(DISK_CHUNK)
+        .map(|c| test_key().digest(c))
+        .collect();
+    assert_eq!(digests, chunks, "the digests describe the kept bytes");
+    assert_ne!(
+        digests[0],
+        ContentKey([1; 32]).digest(&expected[..DISK_CHUNK]),
+        "another key gives other digests"
+    );
+    // The primary's disk differs in chunk 0 (no "one" at 512, 0xab at
+    // 2000): it sends that chunk, which replaces the kept one whole.
+    let mut survivor = vec![0u8; DISK_CHUNK];
+    survivor[2000..2010].copy_from_slice(&[0xab; 10]);
+    let (disk, _) = replicator::protocol::disk_payloads([replicator::protocol::DiskRecord {
+        disk: 0,
+        offset: 0,
+        data: bytes::Bytes::from(survivor),
+    }]);
+    let mut tally = replicator::protocol::EndTally::default();
+    tally.add_disk(&disk[0]);
+    send(
+        &link,
+        &[
+            Message::SyncDisk(disk[0].clone()).into_frame(0, 1),
+            Message::SyncEnd(tally.end()).into_frame(0, 1),
+        ],
+    )
+    .await;
+    send(&link, &epoch_frames(1, 0x33, b"two")).await;
+    expect_ack(&mut link, 1).await;
+    drop(link);
+    let replica = taken_over(standby.task).await;
+    let data = std::fs::read(&replica.disks[0].path).unwrap();
+    assert_eq!(&data[512..515], b"two", "the first epoch after the copy");
+    assert_eq!(&data[2000..2010], &[0xab; 10], "the copied chunk");
+    assert_eq!(
+        &data[DISK_CHUNK..],
+        &expected[DISK_CHUNK..],
+        "the kept chunks"
+    );
+}
+
+/// A kept file of another size than the primary's disk is not compared:
+/// it is made new, and the standby says it holds zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_disk_of_another_size_is_made_new() {
+    use replicator::protocol::HeldPart;
+    let standby = start_standby("resized-disk").await;
+    let link = committed_primary(standby.addr).await;
+    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
+    drop(link);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut link = primary_planning(standby.addr, 1, 2 * DISK_BYTES).await;
+    assert_eq!(expect_held(&mut link).await, HeldPart::Zeroed);
     standby.task.abort();
 }

@@ -2,11 +2,11 @@
 //!
 //! Without a standby the VM runs unprotected (output goes out at once) and
 //! the primary keeps trying to reach the peer. Once an A-link is up:
-//! 1. [`sync`]: initial synchronisation while the guest runs: disk writes
-//!    start being recorded, every disk is copied (all-zero chunks skipped:
-//!    the replica starts zeroed), then memory in pre-copy rounds (all
-//!    non-zero pages, then the pages dirtied meanwhile) with progress in
-//!    the status.
+//! 1. [`sync`]: initial synchronisation while the guest runs: the standby
+//!    says what it holds of each disk, disk writes start being recorded,
+//!    every disk is copied (only the chunks the standby does not hold),
+//!    then memory in pre-copy rounds (all non-zero pages, then the pages
+//!    dirtied meanwhile) with progress in the status.
 //! 2. [`epochs`]: checkpoints. Each one ([`checkpoint::capture`]) pauses
 //!    the vCPUs and device work, captures vCPU/device state, harvests the
 //!    dirty pages into frame payloads, takes the disk writes, seals the
@@ -105,6 +105,10 @@ pub enum PrimaryError {
         #[source]
         source: crate::oracle::OracleError,
     },
+    #[error("no random content key for the initial copy: {0}")]
+    ContentKey(String),
+    #[error("the standby's word on what it holds of disk {disk} is wrong: {why}")]
+    BadHolding { disk: u32, why: String },
     #[error("reading disk {path} for the initial copy failed: {source}")]
     ReadDisk {
         path: PathBuf,
@@ -425,9 +429,12 @@ fn spawn_backup_path(
 /// What the receiving task reports: acknowledged epochs or the end.
 type AckEvent = Result<u64, PrimaryError>;
 
+/// Reads the standby's word: acknowledgements and refusals (returned), and
+/// what it holds of each disk before the copy (sent to `held`).
 fn spawn_ack_reader(
     mut rx: ft_link::LinkReceiver,
     generation: u64,
+    held: mpsc::UnboundedSender<crate::protocol::DiskHeld>,
 ) -> mpsc::UnboundedReceiver<AckEvent> {
     let (tx, acks) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -440,6 +447,14 @@ fn spawn_ack_reader(
                     })
                 }
                 Ok(Ok(envelope)) if envelope.message == Message::Ack => Ok(envelope.epoch),
+                Ok(Ok(Envelope {
+                    message: Message::SyncHeld(part),
+                    ..
+                })) => {
+                    // Read only during the copy (later, nothing listens).
+                    let _ = held.send(part);
+                    continue;
+                }
                 Ok(Ok(Envelope {
                     message: Message::Refuse(reason),
                     ..
@@ -512,13 +527,14 @@ async fn protect(
     stop: &tokio::sync::Notify,
 ) -> PrimaryError {
     let (tx, rx) = link.split();
-    let mut acks = spawn_ack_reader(rx, session.generation);
+    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let mut acks = spawn_ack_reader(rx, session.generation, held_tx);
     let mut backup = None;
     let result = async {
         // The standby speaks during the copy only to refuse it; its reason
         // outranks the closed link that follows.
         let synced = tokio::select! {
-            synced = sync::initial_sync(vm, &tx, config, status, session.generation) => synced,
+            synced = sync::initial_sync(vm, (&tx, &mut held), config, status, session.generation) => synced,
             event = acks.recv() => Err(during_sync(event)),
         };
         if let Err(error) = synced {

@@ -1,7 +1,10 @@
-//! Initial synchronisation of a new standby while the guest runs: disk
-//! writes recorded from the start, the disks copied (all-zero chunks
-//! skipped), then memory (non-zero pages, then pre-copy rounds of the pages
-//! dirtied meanwhile). Whatever the copy misses is in the first epoch.
+//! Initial synchronisation of a new standby while the guest runs: the plan
+//! (with a fresh content key), the standby's word on what it holds of each
+//! disk ([`crate::content`]), disk writes recorded from then on, the disks
+//! copied (only the chunks the standby does not hold: all-zero ones for a
+//! new file, those whose digest differs for a kept one), then memory
+//! (non-zero pages, then pre-copy rounds of the pages dirtied meanwhile).
+//! Whatever the copy misses is in the first epoch.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -9,13 +12,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ft_link::LinkSender;
+use tokio::sync::mpsc;
 use tracing::info;
 use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
+use crate::content::{disk_chunks, missing_ranges, ContentKey, DiskHolding};
 use crate::protocol::{
-    disk_payloads, DiskRecord, EndTally, Message, PageStager, SyncPlan, DISK_BYTES_PER_FRAME,
-    PAGE_SIZE,
+    disk_payloads, DiskHeld, DiskRecord, EndTally, HeldPart, Message, PageStager, SyncPlan,
+    DISK_BYTES_PER_FRAME, PAGE_SIZE,
 };
 use crate::status::{FtState, Role, StatusBoard, SyncProgress};
 
@@ -32,16 +37,14 @@ const SMALL_ROUND: u64 = 256;
 
 pub(super) async fn initial_sync(
     vm: &Arc<Vm>,
-    tx: &LinkSender,
+    (tx, held): (&LinkSender, &mut mpsc::UnboundedReceiver<DiskHeld>),
     config: &PrimaryConfig,
     status: &StatusBoard,
     generation: u64,
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
-    // Record from before the copy: every write the copy might miss is
-    // replayed by the first epoch.
-    vm.disk_writes().start();
+    let key = ContentKey::random().map_err(|e| PrimaryError::ContentKey(e.to_string()))?;
     let disks = vm.disk_paths();
     let mut disk_bytes = Vec::new();
     for path in &disks {
@@ -58,6 +61,7 @@ pub(super) async fn initial_sync(
         mem_mib: vm.mem_mib(),
         disk_bytes: disk_bytes.clone(),
         nics: vm.output().nics(),
+        content_key: key.to_hex(),
     };
     let sent_before = status.snapshot().counters.alink_bytes_sent;
     tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
@@ -69,7 +73,13 @@ pub(super) async fn initial_sync(
         generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
     };
-    let sent_disk = copy_disks(&disks, &disk_bytes, tx, &progress).await?;
+    // A standby that kept its disks reads them all first.
+    progress.report("standby comparing its disks", 0);
+    let holdings = receive_holdings(held, &disk_bytes).await?;
+    // Record from before the copy: every write the copy might miss is
+    // replayed by the first epoch.
+    vm.disk_writes().start();
+    let copied = copy_disks(&disks, &disk_bytes, &holdings, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
     let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done).await?;
     drain_writes(vm, tx, &progress, 0).await?;
@@ -87,7 +97,9 @@ pub(super) async fn initial_sync(
     });
     info!(
         sent_bytes = sent,
-        disk_bytes_sent = sent_disk,
+        disk_bytes_sent = copied.sent,
+        disk_bytes_held = copied.held,
+        kept_disks = holdings.iter().filter(|h| matches!(h, DiskHolding::Kept(_))).count(),
         nonzero_pages = sent_pages,
         precopy_rounds = ?rounds,
         took_ms = started.elapsed().as_millis() as u64,
@@ -122,14 +134,79 @@ impl Progress<'_> {
     }
 }
 
-/// The disks, in 1 MiB chunks; returns the bytes sent.
+/// What the standby holds of each disk, from its `SyncHeld` messages:
+/// one `Zeroed`, or the digests of every chunk in order.
+async fn receive_holdings(
+    held: &mut mpsc::UnboundedReceiver<DiskHeld>,
+    sizes: &[u64],
+) -> Result<Vec<DiskHolding>, PrimaryError> {
+    let mut holdings: Vec<Option<DiskHolding>> = vec![None; sizes.len()];
+    let complete = |h: &[Option<DiskHolding>]| {
+        h.iter().zip(sizes).all(|(h, &size)| match h {
+            Some(DiskHolding::Zeroed) => true,
+            Some(DiskHolding::Kept(d)) => d.len() as u64 == disk_chunks(size),
+            None => false,
+        })
+    };
+    while !complete(&holdings) {
+        let Some(DiskHeld { disk, part }) = held.recv().await else {
+            return Err(PrimaryError::AckStreamEnded);
+        };
+        let bad = |why: String| PrimaryError::BadHolding { disk, why };
+        let (Some(holding), Some(&size)) =
+            (holdings.get_mut(disk as usize), sizes.get(disk as usize))
+        else {
+            return Err(bad(format!("the VM has {} disks", sizes.len())));
+        };
+        match (holding.as_mut(), part) {
+            (None, HeldPart::Zeroed) => *holding = Some(DiskHolding::Zeroed),
+            (
+                None,
+                HeldPart::Digests {
+                    first_chunk: 0,
+                    digests,
+                },
+            ) => *holding = Some(DiskHolding::Kept(digests)),
+            (
+                Some(DiskHolding::Kept(known)),
+                HeldPart::Digests {
+                    first_chunk,
+                    digests,
+                },
+            ) if first_chunk == known.len() as u64 => known.extend(digests),
+            (_, part) => return Err(bad(format!("{part:?} does not follow what it said before"))),
+        }
+        if let Some(DiskHolding::Kept(d)) = holding {
+            if d.len() as u64 > disk_chunks(size) {
+                return Err(bad(format!(
+                    "{} digests for a disk of {} chunks",
+                    d.len(),
+                    disk_chunks(size)
+                )));
+            }
+        }
+    }
+    Ok(holdings.into_iter().map(|h| h.expect("complete")).collect())
+}
+
+/// Disk bytes the copy sent and found the standby already held.
+struct Copied {
+    sent: u64,
+    held: u64,
+}
+
+/// The disks, read 1 MiB at a time; only the chunks the standby does not
+/// hold are sent.
 async fn copy_disks(
     disks: &[std::path::PathBuf],
     sizes: &[u64],
+    holdings: &[DiskHolding],
+    key: &ContentKey,
     tx: &LinkSender,
     progress: &Progress<'_>,
-) -> Result<u64, PrimaryError> {
+) -> Result<Copied, PrimaryError> {
     let mut sent = 0u64;
+    let mut held = 0u64;
     let mut done = 0u64;
     for (index, path) in disks.iter().enumerate() {
         let read_err = |source| PrimaryError::ReadDisk {
@@ -143,13 +220,17 @@ async fn copy_disks(
             let n = (sizes[index] - offset).min(buf.len() as u64) as usize;
             file.read_exact_at(&mut buf[..n], offset)
                 .map_err(read_err)?;
-            if buf[..n].iter().any(|&b| b != 0) {
-                let chunk = DiskRecord {
+            let missing = missing_ranges(&holdings[index], key, offset, &buf[..n]);
+            let missing_bytes: usize = missing.iter().map(|(s, e)| e - s).sum();
+            held += (n - missing_bytes) as u64;
+            if !missing.is_empty() {
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                let records = missing.into_iter().map(|(start, end)| DiskRecord {
                     disk: index as u32,
-                    offset,
-                    data: Bytes::copy_from_slice(&buf[..n]),
-                };
-                sent += send_disk(tx, [chunk], progress).await?;
+                    offset: offset + start as u64,
+                    data: data.slice(start..end),
+                });
+                sent += send_disk(tx, records, progress).await?;
             }
             offset += n as u64;
             done += n as u64;
@@ -157,7 +238,7 @@ async fn copy_disks(
             sent += drain_writes(progress.vm, tx, progress, DRAIN_WRITES_AT).await?;
         }
     }
-    Ok(sent)
+    Ok(Copied { sent, held })
 }
 
 /// Memory: the dirty log cleared, every non-zero page copied while the

@@ -30,6 +30,7 @@
 //! frames (the address sequence would differ) at 8 bytes per page.
 
 mod disk;
+mod held;
 mod inbound;
 mod pages;
 mod state;
@@ -38,6 +39,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ft_link::{Frame, FrameKind};
 
 pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
+pub use self::held::{DiskHeld, HeldPart, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
@@ -162,6 +164,9 @@ pub enum Message {
     /// disk that fails, a plan it cannot match): why, for the primary's
     /// status and the operator. No takeover follows.
     Refuse(String),
+    /// What the standby holds of a disk before the copy (after the plan,
+    /// before anything is copied): the primary copies only what differs.
+    SyncHeld(DiskHeld),
 }
 
 /// The longest reason a [`Message::Refuse`] carries (bytes).
@@ -192,6 +197,7 @@ const SYNC_END: u8 = 76;
 const INBOUND: u8 = 77;
 const SWITCHOVER: u8 = 78;
 const FINAL_OUTPUT: u8 = 79;
+const SYNC_HELD: u8 = 80;
 
 impl Message {
     /// The message's name (for errors and logs).
@@ -213,6 +219,7 @@ impl Message {
             Message::Switchover => "Switchover",
             Message::FinalOutput(_) => "FinalOutput",
             Message::Refuse(_) => "Refuse",
+            Message::SyncHeld(_) => "SyncHeld",
         }
     }
 
@@ -235,6 +242,7 @@ impl Message {
             Message::Switchover => (SWITCHOVER, Bytes::new()),
             Message::FinalOutput(b) => (FINAL_OUTPUT, b.into_bytes()),
             Message::Refuse(reason) => (REFUSE, Bytes::from(truncated(reason))),
+            Message::SyncHeld(held) => (SYNC_HELD, held.to_payload()),
         };
         Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
     }
@@ -321,6 +329,10 @@ impl Message {
                         "not a reason of at most 1 KiB of UTF-8",
                     ))?
                     .to_string(),
+            ),
+            SYNC_HELD => Message::SyncHeld(
+                DiskHeld::from_payload(&payload)
+                    .ok_or(malformed("SyncHeld", "not a disk's holding"))?,
             ),
             other => return Err(ProtocolError::UnknownKind(other)),
         };
@@ -409,6 +421,7 @@ mod tests {
             mem_mib: 128,
             disk_bytes: vec![1 << 20],
             nics: 1,
+            content_key: crate::content::ContentKey([1; 32]).to_hex(),
         };
         let mut page = vec![0u8; PAGE_RECORD];
         page[..8].copy_from_slice(&4096u64.to_le_bytes());
@@ -455,6 +468,13 @@ mod tests {
                 .remove(0),
             ),
             Message::Refuse("no space for the replica's disks".into()),
+            Message::SyncHeld(DiskHeld {
+                disk: 0,
+                part: HeldPart::Digests {
+                    first_chunk: 4,
+                    digests: vec![[5; 16]; 3],
+                },
+            }),
         ] {
             assert_eq!(round_trip(m.clone()), m);
         }
@@ -481,6 +501,7 @@ mod tests {
             (SWITCHOVER, &b"x"[..]),
             (FINAL_OUTPUT, &[0u8; 17][..]),
             (REFUSE, &[0xff, 0xfe][..]),
+            (SYNC_HELD, &[0, 0, 0, 0, 1, 0][..]),
         ] {
             assert!(
                 matches!(

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use vmm::snapshot::MachineState;
 
 pub const CHECKPOINT_STATE_VERSION: u32 = 1;
-pub const SYNC_PLAN_VERSION: u32 = 1;
+pub const SYNC_PLAN_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -18,6 +18,8 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the synchronisation plan's content key is not 64 hex digits")]
+    ContentKey,
     #[error("checkpoint state version {found} is not supported (expected {expected})")]
     Version { found: u32, expected: u32 },
 }
@@ -49,6 +51,9 @@ pub struct SyncPlan {
     pub disk_bytes: Vec<u64>,
     /// Number of NICs (the standby needs a TAP for each).
     pub nics: usize,
+    /// The key of this session's content digests, 64 hex digits (see
+    /// [`crate::content`]): the standby digests what it kept with it.
+    pub content_key: String,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, StateError> {
@@ -79,6 +84,11 @@ impl CheckpointState {
 }
 
 impl SyncPlan {
+    /// The session's content key (checked when the plan is decoded).
+    pub fn key(&self) -> Option<crate::content::ContentKey> {
+        crate::content::ContentKey::from_hex(&self.content_key)
+    }
+
     pub fn to_payload(&self) -> bytes::Bytes {
         bytes::Bytes::from(serde_json::to_vec(self).expect("a plan of numbers always encodes"))
     }
@@ -86,6 +96,9 @@ impl SyncPlan {
     pub fn from_payload(payload: &[u8]) -> Result<SyncPlan, StateError> {
         let plan: SyncPlan = decode(payload)?;
         check_version(plan.version, SYNC_PLAN_VERSION)?;
+        if plan.key().is_none() {
+            return Err(StateError::ContentKey);
+        }
         Ok(plan)
     }
 }

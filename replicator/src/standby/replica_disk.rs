@@ -1,5 +1,8 @@
 //! A disk of the standby's replica: a file of the primary disk's size that
-//! receives the initial copy and then each committed epoch's writes.
+//! receives the initial copy and then each committed epoch's writes. A
+//! file of the right size kept from before (an earlier session, or the
+//! disk this node ran the VM from) is kept: the initial copy then brings
+//! only the chunks whose content differs ([`crate::content`]).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -51,6 +54,12 @@ pub enum ReplicaDiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading {path} to digest what it holds failed: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("syncing {path} failed: {source}")]
     Sync {
         path: PathBuf,
@@ -75,12 +84,72 @@ pub struct ReplicaDisk {
     file: File,
 }
 
+/// Why a file found at a replica disk's path was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fresh {
+    /// There was none.
+    Absent,
+    /// It had another size (`had` bytes).
+    OtherSize { had: u64 },
+}
+
 impl ReplicaDisk {
+    /// The file at `path` if it is a regular file of `size` bytes (kept,
+    /// its contents to be compared), else a new all-zero one ([`create`])
+    /// and why.
+    ///
+    /// [`create`]: ReplicaDisk::create
+    pub fn open_or_create(
+        path: &Path,
+        size: u64,
+    ) -> Result<(ReplicaDisk, Option<Fresh>), ReplicaDiskError> {
+        let fresh = match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && m.len() == size => None,
+            Ok(m) => Some(Fresh::OtherSize { had: m.len() }),
+            Err(_) => Some(Fresh::Absent),
+        };
+        if fresh.is_some() {
+            return Ok((ReplicaDisk::create(path, size)?, fresh));
+        }
+        let err = |source| ReplicaDiskError::Create {
+            path: path.to_path_buf(),
+            size,
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        // Blocks for the holes of a sparse file (what it holds stays).
+        reserve(&file, path, size)?;
+        Ok((
+            ReplicaDisk {
+                path: path.to_path_buf(),
+                size,
+                file,
+            },
+            None,
+        ))
+    }
+
+    /// The digest of each of its chunks under `key`.
+    pub fn digests(
+        &self,
+        key: &crate::content::ContentKey,
+    ) -> Result<Vec<crate::content::ChunkDigest>, ReplicaDiskError> {
+        crate::content::digest_disk(&self.file, self.size, key).map_err(|source| {
+            ReplicaDiskError::Read {
+                path: self.path.clone(),
+                source,
+            }
+        })
+    }
+
     /// An all-zero file of `size` bytes at `path`, its blocks reserved so
     /// that no write of the session can fail for want of space (a full
     /// disk is found here, at the plan, and refused with the sizes, not in
-    /// the middle of an epoch); whatever the file held before is gone (a
-    /// returning node's disk is never trusted).
+    /// the middle of an epoch); whatever the file held before is gone.
     pub fn create(path: &Path, size: u64) -> Result<ReplicaDisk, ReplicaDiskError> {
         let err = |source| ReplicaDiskError::Create {
             path: path.to_path_buf(),

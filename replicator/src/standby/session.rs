@@ -14,13 +14,14 @@ use vmm::replication::ReplicaRam;
 
 use super::inbound::InboundFrames;
 use super::paths::{Arrival, BackupPath};
-use super::replica_disk::{self, ReplicaDisk};
+use super::replica_disk::{self, Fresh, ReplicaDisk};
 use super::{path_margin, Replica, StandbyConfig, StandbyError};
 use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
+use crate::content::ContentKey;
 use crate::oracle;
 use crate::protocol::{
-    CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Message, PageBatch, ProtocolError,
-    SyncPlan,
+    CheckpointState, DiskBatch, DiskHeld, EndTally, Envelope, EpochEnd, HeldPart, Message,
+    PageBatch, ProtocolError, SyncPlan,
 };
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -83,7 +84,8 @@ async fn run(
         s.peer = Some(link.peer_addr().to_string());
         s.alink = Some(link.protection().describe().to_string());
     });
-    let mut replica = begin(first, config, status)?;
+    let (mut replica, key, fresh) = begin(first, config, status)?;
+    tell_holdings(link, &replica, &key, &fresh, status).await?;
     loop {
         let envelope = match next_message(link, arrivals, &mut replica.backup).await {
             Next::Message(envelope) if envelope.generation != replica.generation => {
@@ -182,13 +184,14 @@ struct Receiving {
     backup: Option<BackupPath>,
 }
 
-/// Checks the primary's plan against this standby and makes an empty
-/// replica for it.
+/// Checks the primary's plan against this standby and makes the replica
+/// for it: disks kept from before where they fit (with why not where they
+/// do not), memory empty. Returns the session's content key.
 fn begin(
     first: Envelope,
     config: &StandbyConfig,
     status: &StatusBoard,
-) -> Result<Receiving, StandbyError> {
+) -> Result<(Receiving, ContentKey, Vec<Option<Fresh>>), StandbyError> {
     let Message::SyncBegin(plan) = first.message else {
         return Err(StandbyError::NoPlan(first.message.name()));
     };
@@ -201,14 +204,24 @@ fn begin(
     check_plan(&plan, config)?;
     status.set_state(Role::Standby, FtState::Syncing, None);
     status.update(|s| s.generation = first.generation);
+    let key = plan
+        .key()
+        .ok_or(StandbyError::Protocol(ProtocolError::Malformed {
+            kind: "SyncBegin",
+            epoch: 0,
+            len: 0,
+            why: "no content key",
+        }))?;
     let ram = ReplicaRam::create(plan.mem_mib)?;
-    let disks = config
+    let (disks, fresh): (Vec<_>, Vec<_>) = config
         .disks
         .iter()
         .zip(&plan.disk_bytes)
-        .map(|(path, &size)| ReplicaDisk::create(path, size))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Receiving {
+        .map(|(path, &size)| ReplicaDisk::open_or_create(path, size))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    let receiving = Receiving {
         ram,
         disks,
         assembler: EpochAssembler::with_limits(1, StagingLimits::for_guest(plan.mem_mib)),
@@ -222,7 +235,58 @@ fn begin(
         synced: false,
         started: Instant::now(),
         backup: None,
-    })
+    };
+    Ok((receiving, key, fresh))
+}
+
+/// Tells the primary what the replica holds of each disk: a new file is
+/// all zeros; a kept one is read whole and digested under the session's
+/// key (seconds for a large disk: off the async workers), so that the
+/// copy brings only the chunks that differ.
+async fn tell_holdings(
+    link: &Link,
+    replica: &Receiving,
+    key: &ContentKey,
+    fresh: &[Option<Fresh>],
+    status: &StatusBoard,
+) -> Result<(), StandbyError> {
+    let started = Instant::now();
+    let mut kept_bytes = 0u64;
+    for (index, (disk, fresh)) in replica.disks.iter().zip(fresh).enumerate() {
+        let parts = match fresh {
+            Some(why) => {
+                info!(disk = %disk.path.display(), ?why, "replica disk made new: the copy brings all of it");
+                vec![DiskHeld {
+                    disk: index as u32,
+                    part: HeldPart::Zeroed,
+                }]
+            }
+            None => {
+                status.update(|s| {
+                    s.message = Some(format!(
+                        "reading the kept replica disk {} to compare it with the primary's",
+                        disk.path.display()
+                    ))
+                });
+                let digests = oracle::off_the_workers(|| disk.digests(key))?;
+                kept_bytes += disk.size;
+                DiskHeld::kept(index as u32, &digests)
+            }
+        };
+        for part in parts {
+            link.send(&Message::SyncHeld(part).into_frame(0, replica.generation))
+                .await?;
+        }
+    }
+    if kept_bytes > 0 {
+        status.update(|s| s.message = None);
+        info!(
+            kept_bytes,
+            took_ms = started.elapsed().as_millis() as u64,
+            "kept replica disks digested: the copy brings only what differs"
+        );
+    }
+    Ok(())
 }
 
 fn check_plan(plan: &SyncPlan, config: &StandbyConfig) -> Result<(), StandbyError> {

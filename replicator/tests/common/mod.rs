@@ -229,7 +229,8 @@ pub async fn committed_primary(addr: SocketAddr) -> Link {
 
 /// [`synced_primary`] at `generation`.
 pub async fn synced_primary_of(addr: SocketAddr, generation: u64) -> Link {
-    let link = primary_beginning(addr, generation).await;
+    let mut link = primary_beginning(addr, generation).await;
+    expect_held(&mut link).await;
     let mut page = vec![0x11u8; 8 + PAGE_SIZE];
     page[..8].copy_from_slice(&(5 * PAGE_SIZE as u64).to_le_bytes());
     let batch = PageBatch::new(Bytes::from(page)).unwrap();
@@ -285,9 +286,34 @@ pub async fn primary_planning(addr: SocketAddr, generation: u64, disk_bytes: u64
         mem_mib: MEM_MIB,
         disk_bytes: vec![disk_bytes],
         nics: 1,
+        content_key: test_key().to_hex(),
     };
     send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
     link
+}
+
+/// The content key of the test primaries' sessions.
+pub fn test_key() -> replicator::content::ContentKey {
+    replicator::content::ContentKey([0x5a; 32])
+}
+
+/// The standby's word on what it holds of the (one) disk, which follows
+/// the plan.
+pub async fn expect_held(link: &mut Link) -> replicator::protocol::HeldPart {
+    let f = tokio::time::timeout(WITHIN, link.recv())
+        .await
+        .expect("the standby says what it holds in time")
+        .expect("the link stays up");
+    match Message::from_frame(f)
+        .expect("a replication message")
+        .message
+    {
+        Message::SyncHeld(held) => {
+            assert_eq!(held.disk, 0);
+            held.part
+        }
+        other => panic!("{} instead of what the standby holds", other.name()),
+    }
 }
 
 pub async fn expect_ack(link: &mut Link, epoch: u64) {
