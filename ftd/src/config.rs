@@ -87,6 +87,15 @@ pub struct Config {
     /// Where the per-VM control sockets and logs go.
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Where each VM's guest RAM lives while this node runs it or holds
+    /// its replica (`<ram_dir>/<vm>.ram`; a tmpfs, such as /dev/shm). It
+    /// outlives the VM's process, so that after a switchover, or a copy
+    /// superseded by the witness, this node's next standby receives only
+    /// the pages that differ instead of all of memory. `null`: anonymous
+    /// memory, and a full copy of memory at every re-protection. The
+    /// tmpfs must hold every VM's memory (it is allocated up front).
+    #[serde(default = "default_ram_dir")]
+    pub ram_dir: Option<PathBuf>,
     /// A node that starts without hearing its peer starts no VM until it
     /// does (the peer may be running them: two active copies must never
     /// be). With this set, it starts them alone after this many seconds
@@ -127,6 +136,9 @@ fn default_ftprotect() -> PathBuf {
 fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/ftd")
 }
+fn default_ram_dir() -> Option<PathBuf> {
+    Some(PathBuf::from("/dev/shm/ftd"))
+}
 fn default_console_dir() -> PathBuf {
     PathBuf::from("/usr/share/ftvm/console")
 }
@@ -141,6 +153,7 @@ impl Config {
             heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
             ftprotect: default_ftprotect(),
             run_dir: default_run_dir(),
+            ram_dir: default_ram_dir(),
             solo_start_after_s: None,
             witness: Vec::new(),
             alink_plaintext: false,

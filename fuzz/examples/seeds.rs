@@ -437,8 +437,8 @@ fn protocol_message() {
             writes_crc: 4,
         }),
         Message::Refuse("the standby on node-b: no space for the replica disk".into()),
-        Message::SyncHeld(replicator::protocol::DiskHeld {
-            disk: 1,
+        Message::SyncHeld(replicator::protocol::Held {
+            region: replicator::protocol::Region::Disk(1),
             part: replicator::protocol::HeldPart::Digests {
                 first_chunk: 0,
                 digests: vec![[7; 16]; 4],

@@ -17,6 +17,8 @@ use std::os::unix::fs::FileExt;
 /// one chunk, and the digests are 16 bytes per 64 KiB (0.025 % of the
 /// disk: 256 KiB for 1 GiB).
 pub const DISK_CHUNK: usize = 64 << 10;
+use vmm::replication::PAGE_SIZE;
+
 /// Bytes of a chunk's digest (a truncated keyed BLAKE3).
 pub const DIGEST_LEN: usize = 16;
 
@@ -86,33 +88,50 @@ pub fn digest_disk(file: &File, size: u64, key: &ContentKey) -> std::io::Result<
     Ok(digests)
 }
 
-/// What a standby holds of one disk before the copy.
+/// What a standby holds of one disk (in [`DISK_CHUNK`]s) or of memory (in
+/// pages) before the copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiskHolding {
-    /// A new file: all zeros (the primary skips its all-zero chunks).
+pub enum Holding {
+    /// New: all zeros (the primary skips its all-zero chunks).
     Zeroed,
-    /// A file kept from before: the digest of each chunk under the
-    /// session's key (the primary skips the chunks that match).
+    /// Kept from before: the digest of each chunk under the session's key
+    /// (the primary skips the chunks that match).
     Kept(Vec<ChunkDigest>),
 }
 
-impl DiskHolding {
+impl Holding {
     /// Whether the standby already holds `data`, the chunk at `index`.
     pub fn holds(&self, key: &ContentKey, index: u64, data: &[u8]) -> bool {
         match self {
-            DiskHolding::Zeroed => data.iter().all(|&b| b == 0),
-            DiskHolding::Kept(digests) => digests
+            Holding::Zeroed => data.iter().all(|&b| b == 0),
+            Holding::Kept(digests) => digests
                 .get(index as usize)
                 .is_some_and(|d| *d == key.digest(data)),
         }
     }
 }
 
+/// The digest of each of `pages` pages of memory, read through `read`
+/// (guest physical address, page buffer).
+pub fn digest_pages<E>(
+    pages: u64,
+    key: &ContentKey,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<Vec<ChunkDigest>, E> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    (0..pages)
+        .map(|n| {
+            read(n * PAGE_SIZE as u64, &mut page)?;
+            Ok(key.digest(&page))
+        })
+        .collect()
+}
+
 /// The byte ranges of `data` (read at `offset` of a disk, `offset` a
 /// multiple of [`DISK_CHUNK`]) that the standby does not hold, as
 /// (start within `data`, end within `data`), neighbouring chunks merged.
 pub fn missing_ranges(
-    holding: &DiskHolding,
+    holding: &Holding,
     key: &ContentKey,
     offset: u64,
     data: &[u8],
@@ -173,7 +192,7 @@ mod tests {
         primary[5 * DISK_CHUNK + 99] = 9;
         let file = tempfile::tempfile().unwrap();
         file.write_all_at(&standby, 0).unwrap();
-        let kept = DiskHolding::Kept(digest_disk(&file, standby.len() as u64, &k).unwrap());
+        let kept = Holding::Kept(digest_disk(&file, standby.len() as u64, &k).unwrap());
         assert_eq!(
             missing_ranges(&kept, &k, 0, &primary),
             vec![
@@ -191,14 +210,14 @@ mod tests {
         assert_eq!(missing_ranges(&kept, &key(4), 0, &standby).len(), 1);
         // A zeroed standby misses every chunk that is not all zeros.
         assert_eq!(
-            missing_ranges(&DiskHolding::Zeroed, &k, 0, &primary),
+            missing_ranges(&Holding::Zeroed, &k, 0, &primary),
             vec![
                 (DISK_CHUNK, 4 * DISK_CHUNK),
                 (5 * DISK_CHUNK, 5 * DISK_CHUNK + 100)
             ]
         );
         // Fewer digests than chunks: the chunks past them are missing.
-        let short = DiskHolding::Kept(vec![k.digest(&standby[..DISK_CHUNK])]);
+        let short = Holding::Kept(vec![k.digest(&standby[..DISK_CHUNK])]);
         assert_eq!(
             missing_ranges(&short, &k, 0, &standby),
             vec![(DISK_CHUNK, 5 * DISK_CHUNK + 100)]

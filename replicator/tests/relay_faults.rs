@@ -65,8 +65,8 @@ fn the_relays_kind_names_are_the_replication_codes() {
         Message::Stop,
         Message::Handover,
         Message::Refuse("why".into()),
-        Message::SyncHeld(replicator::protocol::DiskHeld {
-            disk: 0,
+        Message::SyncHeld(replicator::protocol::Held {
+            region: replicator::protocol::Region::Disk(0),
             part: replicator::protocol::HeldPart::Zeroed,
         }),
     ];

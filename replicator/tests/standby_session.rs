@@ -11,8 +11,9 @@
 //!   takeover while the primary is heard on the backup), and a primary
 //!   silent on both paths is taken over;
 //! - a primary whose VM stopped on purpose says so and is not taken over;
-//! - a replica disk kept from an earlier session is described to the next
-//!   primary by its digests, and what the copy sends replaces it.
+//! - a replica disk and memory kept from an earlier session are described
+//!   to the next primary by their digests, and what the copy sends
+//!   replaces them.
 
 mod common;
 
@@ -471,11 +472,11 @@ async fn a_switchover_past_the_committed_epoch_is_refused_without_a_takeover() {
 }
 
 /// Resynchronisation by content (issue 11): a standby whose session ended
-/// keeps its replica disk, and the next session's primary learns what it
-/// holds as digests under the key of that session's plan (so that the
-/// copy brings only what differs); a disk of another size is made new and
-/// said to be all zeros. A kept disk's stale bytes are replaced by what
-/// the copy sends: the survivor's content wins.
+/// keeps its replica disk and memory (its RAM file), and the next
+/// session's primary learns what they hold as digests under the key of
+/// that session's plan (so that the copy brings only what differs). A
+/// kept disk's stale bytes are replaced by what the copy sends: the
+/// survivor's content wins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_differs() {
     use replicator::content::{ContentKey, DISK_CHUNK};
@@ -484,7 +485,10 @@ async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_d
     // The first session: a new disk (all zeros), then epoch 1 writes
     // "one" at 512, and the VM stops on purpose.
     let mut link = primary_beginning(standby.addr, 1).await;
-    assert_eq!(expect_held(&mut link).await, HeldPart::Zeroed);
+    assert_eq!(
+        expect_held(&mut link).await,
+        (HeldPart::Zeroed, HeldPart::Zeroed)
+    );
     drop(link);
     let link = committed_primary(standby.addr).await;
     send(&link, &[Message::Stop.into_frame(2, 1)]).await;
@@ -493,13 +497,30 @@ async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_d
     // The next session: the disk is kept, each chunk digested under this
     // plan's key.
     let mut link = primary_beginning(standby.addr, 1).await;
-    let HeldPart::Digests {
-        first_chunk: 0,
-        digests,
-    } = expect_held(&mut link).await
+    let (
+        HeldPart::Digests {
+            first_chunk: 0,
+            digests,
+        },
+        HeldPart::Digests {
+            first_chunk: 0,
+            digests: pages,
+        },
+    ) = expect_held(&mut link).await
     else {
-        panic!("the kept disk is not described by its digests")
+        panic!("the kept disk and memory are not described by their digests")
     };
+    // Memory as epoch 1 left it: page 5 filled with 0x22, the rest zeros.
+    let page_size = replicator::protocol::PAGE_SIZE;
+    assert_eq!(pages.len() as u64, (MEM_MIB << 20) / page_size as u64);
+    for (n, digest) in pages.iter().enumerate() {
+        let fill = if n == 5 { 0x22 } else { 0 };
+        assert_eq!(
+            *digest,
+            test_key().digest(&vec![fill; page_size]),
+            "page {n}"
+        );
+    }
     let mut expected = vec![0u8; DISK_BYTES as usize];
     expected[512..515].copy_from_slice(b"one");
     let chunks: Vec<_> = expected
@@ -556,6 +577,6 @@ async fn a_replica_disk_of_another_size_is_made_new() {
     drop(link);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut link = primary_planning(standby.addr, 1, 2 * DISK_BYTES).await;
-    assert_eq!(expect_held(&mut link).await, HeldPart::Zeroed);
+    assert_eq!(expect_held(&mut link).await.0, HeldPart::Zeroed);
     standby.task.abort();
 }

@@ -216,6 +216,7 @@ fn main() -> ExitCode {
                 nets,
                 cpu_features,
                 dirty_tracking,
+                ram_file: None,
             };
             let control = match control.prepare() {
                 Ok(c) => c,

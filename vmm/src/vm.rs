@@ -130,6 +130,9 @@ pub struct VmConfig {
     pub cpu_features: FeatureSet,
     /// How dirty pages are tracked (the ring where KVM has it, by default).
     pub dirty_tracking: DirtyTracking,
+    /// Guest RAM in this file (on a tmpfs), made new at boot, instead of
+    /// an anonymous memfd: it outlives the process ([`memory::open_file`]).
+    pub ram_file: Option<std::path::PathBuf>,
 }
 
 /// A running VM. Its parts are the VMM's own; the FT engine drives it
@@ -286,7 +289,10 @@ impl Machine {
                 })
             }
             Some(ram) => ram,
-            None => memory::create(config.mem_mib)?,
+            None => match &config.ram_file {
+                Some(path) => memory::open_file(path, config.mem_mib, false)?.0,
+                None => memory::create(config.mem_mib)?,
+            },
         };
         let made_ahead = shell.as_ref().is_some_and(|s| s.fits(config));
         let shell = match shell {
@@ -519,6 +525,8 @@ impl Vm {
             cpu_features: state.cpu_features,
             // A restored VM tracks as any VM does by default.
             dirty_tracking: DirtyTracking::default(),
+            // Its RAM is given.
+            ram_file: None,
         };
         let mut machine = Machine::create(&config, Some(&state.serial), Some(ram), shell)?;
         let created_us = started.elapsed().as_micros() as u64;

@@ -236,6 +236,10 @@ impl Supervisor {
             if defined.contains(&name) || self.processes.contains_key(&name) {
                 continue;
             }
+            let paths = VmPaths::new(self.manager.config(), self.manager.state_dir(), &name);
+            if let Some(ram) = &paths.ram {
+                let _ = std::fs::remove_file(ram);
+            }
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => self.manager.record(
                     Severity::Info,

@@ -53,6 +53,8 @@ pub struct VmPaths {
     pub log: PathBuf,
     pub console: PathBuf,
     pub secret: PathBuf,
+    /// `<ram dir>/<name>.ram`: the guest's RAM, if kept in a file.
+    pub ram: Option<PathBuf>,
 }
 
 impl VmPaths {
@@ -63,6 +65,7 @@ impl VmPaths {
             log: dir.join("ftprotect.log"),
             console: dir.join("console.log"),
             secret: state_dir.join(SECRET_FILE),
+            ram: config.ram_dir.as_ref().map(|d| d.join(format!("{vm}.ram"))),
             dir,
         }
     }
@@ -176,6 +179,9 @@ impl Process {
         cmd.args(["--bridge", &config.bridge]);
         cmd.arg("--control-sock").arg(&paths.sock);
         cmd.arg("--serial-log").arg(&paths.console);
+        if let Some(ram) = &paths.ram {
+            cmd.arg("--ram-file").arg(ram);
+        }
         let ft = &vm.ft;
         let heartbeat = ft
             .heartbeat_timeout_ms

@@ -124,6 +124,13 @@ struct PairOptions {
     /// The guest's serial console goes to this file.
     #[arg(long)]
     serial_log: PathBuf,
+    /// Keep guest RAM in this file (on a tmpfs, such as /dev/shm) instead
+    /// of anonymous memory. It outlives the process: after a switchover or
+    /// a superseded copy, this node's next standby finds the VM's memory
+    /// there, and the primary resends only the pages that differ. Removed
+    /// when the VM stops on purpose. Costs the guest's memory up front.
+    #[arg(long, value_name = "PATH")]
+    ram_file: Option<PathBuf>,
     /// The quorum witness (`ftwitness`), host:port; comma-separated
     /// addresses are tried in order. Authenticated with the pair secret.
     #[arg(long, value_delimiter = ',')]
@@ -461,6 +468,7 @@ fn run_primary(
     let event = match ended {
         Ended::Guest(event) => event,
         Ended::Asked => {
+            forget_ram(pair);
             status.set_state(
                 Role::Primary,
                 FtState::Stopped,
@@ -477,12 +485,23 @@ fn run_primary(
     );
     match event {
         VmEvent::Reset | VmEvent::Shutdown => {
+            forget_ram(pair);
             eprintln!("ftprotect: guest stopped ({event:?})");
             ExitCode::SUCCESS
         }
         VmEvent::VcpuFailed { index, reason } => {
             eprintln!("ftprotect: vCPU {index} failed: {reason}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Removes the RAM file of a VM that stopped on purpose (no later standby
+/// can use what it held).
+fn forget_ram(pair: &PairOptions) {
+    if let Some(path) = &pair.ram_file {
+        if let Err(error) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), %error, "the stopped VM's RAM file could not be removed");
         }
     }
 }
@@ -594,6 +613,7 @@ fn main() -> ExitCode {
                 nets,
                 cpu_features: pair.cpu_features,
                 dirty_tracking: DirtyTracking::Auto,
+                ram_file: pair.ram_file.clone(),
             };
             with_runtime(|runtime| run(runtime, &pair, config))
         }
@@ -622,6 +642,7 @@ fn main() -> ExitCode {
                 nets: Vec::new(),
                 cpu_features: FeatureSet::X86_64V2,
                 dirty_tracking,
+                ram_file: None,
             };
             bench(config, &serial_log, &ready_line, count, interval_ms)
         }
@@ -740,6 +761,7 @@ fn standby(
         listen,
         link,
         disks,
+        ram_file: pair.ram_file.clone(),
         taps: taps.clone(),
         min_generation: pair.generation,
         witness: witness.clone(),

@@ -107,8 +107,8 @@ pub enum PrimaryError {
     },
     #[error("no random content key for the initial copy: {0}")]
     ContentKey(String),
-    #[error("the standby's word on what it holds of disk {disk} is wrong: {why}")]
-    BadHolding { disk: u32, why: String },
+    #[error("the standby's word on what it holds of {region} is wrong: {why}")]
+    BadHolding { region: String, why: String },
     #[error("reading disk {path} for the initial copy failed: {source}")]
     ReadDisk {
         path: PathBuf,
@@ -434,7 +434,7 @@ type AckEvent = Result<u64, PrimaryError>;
 fn spawn_ack_reader(
     mut rx: ft_link::LinkReceiver,
     generation: u64,
-    held: mpsc::UnboundedSender<crate::protocol::DiskHeld>,
+    held: mpsc::UnboundedSender<crate::protocol::Held>,
 ) -> mpsc::UnboundedReceiver<AckEvent> {
     let (tx, acks) = mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -17,9 +17,9 @@ use tracing::info;
 use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
-use crate::content::{disk_chunks, missing_ranges, ContentKey, DiskHolding};
+use crate::content::{disk_chunks, missing_ranges, ContentKey, Holding};
 use crate::protocol::{
-    disk_payloads, DiskHeld, DiskRecord, EndTally, HeldPart, Message, PageStager, SyncPlan,
+    disk_payloads, DiskRecord, EndTally, Held, HeldPart, Message, PageStager, Region, SyncPlan,
     DISK_BYTES_PER_FRAME, PAGE_SIZE,
 };
 use crate::status::{FtState, Role, StatusBoard, SyncProgress};
@@ -37,7 +37,7 @@ const SMALL_ROUND: u64 = 256;
 
 pub(super) async fn initial_sync(
     vm: &Arc<Vm>,
-    (tx, held): (&LinkSender, &mut mpsc::UnboundedReceiver<DiskHeld>),
+    (tx, held): (&LinkSender, &mut mpsc::UnboundedReceiver<Held>),
     config: &PrimaryConfig,
     status: &StatusBoard,
     generation: u64,
@@ -73,15 +73,16 @@ pub(super) async fn initial_sync(
         generation,
         total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
     };
-    // A standby that kept its disks reads them all first.
-    progress.report("standby comparing its disks", 0);
-    let holdings = receive_holdings(held, &disk_bytes).await?;
+    // A standby that kept its disks or memory reads them all first.
+    progress.report("standby comparing what it kept", 0);
+    let held = receive_holdings(held, &disk_bytes, vm.guest_pages()).await?;
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
     vm.disk_writes().start();
-    let copied = copy_disks(&disks, &disk_bytes, &holdings, &key, tx, &progress).await?;
+    let copied = copy_disks(&disks, &disk_bytes, &held.disks, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
-    let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done).await?;
+    let memory = (&held.memory, &key);
+    let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done, memory).await?;
     drain_writes(vm, tx, &progress, 0).await?;
     // The end record: the standby checks it held every batch, once and in
     // order, before it accepts an epoch.
@@ -99,8 +100,9 @@ pub(super) async fn initial_sync(
         sent_bytes = sent,
         disk_bytes_sent = copied.sent,
         disk_bytes_held = copied.held,
-        kept_disks = holdings.iter().filter(|h| matches!(h, DiskHolding::Kept(_))).count(),
-        nonzero_pages = sent_pages,
+        kept_disks = held.disks.iter().filter(|h| matches!(h, Holding::Kept(_))).count(),
+        kept_memory = matches!(held.memory, Holding::Kept(_)),
+        pages_sent = sent_pages,
         precopy_rounds = ?rounds,
         took_ms = started.elapsed().as_millis() as u64,
         "initial synchronisation sent"
@@ -134,59 +136,83 @@ impl Progress<'_> {
     }
 }
 
-/// What the standby holds of each disk, from its `SyncHeld` messages:
-/// one `Zeroed`, or the digests of every chunk in order.
+/// What the standby holds before the copy.
+struct Holdings {
+    disks: Vec<Holding>,
+    memory: Holding,
+}
+
+/// What the standby holds of each disk and of memory, from its `SyncHeld`
+/// messages: one `Zeroed`, or the digests of every chunk in order.
 async fn receive_holdings(
-    held: &mut mpsc::UnboundedReceiver<DiskHeld>,
-    sizes: &[u64],
-) -> Result<Vec<DiskHolding>, PrimaryError> {
-    let mut holdings: Vec<Option<DiskHolding>> = vec![None; sizes.len()];
-    let complete = |h: &[Option<DiskHolding>]| {
-        h.iter().zip(sizes).all(|(h, &size)| match h {
-            Some(DiskHolding::Zeroed) => true,
-            Some(DiskHolding::Kept(d)) => d.len() as u64 == disk_chunks(size),
+    held: &mut mpsc::UnboundedReceiver<Held>,
+    disk_sizes: &[u64],
+    pages: u64,
+) -> Result<Holdings, PrimaryError> {
+    // Chunks per region: the disks, then memory.
+    let chunks: Vec<u64> = disk_sizes
+        .iter()
+        .map(|&size| disk_chunks(size))
+        .chain([pages])
+        .collect();
+    let mut holdings: Vec<Option<Holding>> = vec![None; chunks.len()];
+    let complete = |h: &[Option<Holding>]| {
+        h.iter().zip(&chunks).all(|(h, &count)| match h {
+            Some(Holding::Zeroed) => true,
+            Some(Holding::Kept(d)) => d.len() as u64 == count,
             None => false,
         })
     };
     while !complete(&holdings) {
-        let Some(DiskHeld { disk, part }) = held.recv().await else {
+        let Some(Held { region, part }) = held.recv().await else {
             return Err(PrimaryError::AckStreamEnded);
         };
-        let bad = |why: String| PrimaryError::BadHolding { disk, why };
-        let (Some(holding), Some(&size)) =
-            (holdings.get_mut(disk as usize), sizes.get(disk as usize))
-        else {
-            return Err(bad(format!("the VM has {} disks", sizes.len())));
+        let bad = |why: String| PrimaryError::BadHolding {
+            region: region.to_string(),
+            why,
         };
+        let index = match region {
+            Region::Disk(disk) if (disk as usize) < disk_sizes.len() => disk as usize,
+            Region::Disk(_) => return Err(bad(format!("the VM has {} disks", disk_sizes.len()))),
+            Region::Memory => disk_sizes.len(),
+        };
+        let holding = &mut holdings[index];
         match (holding.as_mut(), part) {
-            (None, HeldPart::Zeroed) => *holding = Some(DiskHolding::Zeroed),
+            (None, HeldPart::Zeroed) => *holding = Some(Holding::Zeroed),
             (
                 None,
                 HeldPart::Digests {
                     first_chunk: 0,
                     digests,
                 },
-            ) => *holding = Some(DiskHolding::Kept(digests)),
+            ) => *holding = Some(Holding::Kept(digests)),
             (
-                Some(DiskHolding::Kept(known)),
+                Some(Holding::Kept(known)),
                 HeldPart::Digests {
                     first_chunk,
                     digests,
                 },
             ) if first_chunk == known.len() as u64 => known.extend(digests),
-            (_, part) => return Err(bad(format!("{part:?} does not follow what it said before"))),
-        }
-        if let Some(DiskHolding::Kept(d)) = holding {
-            if d.len() as u64 > disk_chunks(size) {
+            (_, HeldPart::Zeroed) => return Err(bad("all zeros after digests".into())),
+            (_, HeldPart::Digests { first_chunk, .. }) => {
                 return Err(bad(format!(
-                    "{} digests for a disk of {} chunks",
+                    "digests from chunk {first_chunk} out of order"
+                )))
+            }
+        }
+        if let Some(Holding::Kept(d)) = holding {
+            if d.len() as u64 > chunks[index] {
+                return Err(bad(format!(
+                    "{} digests for {} chunks",
                     d.len(),
-                    disk_chunks(size)
+                    chunks[index]
                 )));
             }
         }
     }
-    Ok(holdings.into_iter().map(|h| h.expect("complete")).collect())
+    let mut all: Vec<Holding> = holdings.into_iter().map(|h| h.expect("complete")).collect();
+    let memory = all.pop().expect("memory's holding");
+    Ok(Holdings { disks: all, memory })
 }
 
 /// Disk bytes the copy sent and found the standby already held.
@@ -200,7 +226,7 @@ struct Copied {
 async fn copy_disks(
     disks: &[std::path::PathBuf],
     sizes: &[u64],
-    holdings: &[DiskHolding],
+    holdings: &[Holding],
     key: &ContentKey,
     tx: &LinkSender,
     progress: &Progress<'_>,
@@ -241,15 +267,17 @@ async fn copy_disks(
     Ok(Copied { sent, held })
 }
 
-/// Memory: the dirty log cleared, every non-zero page copied while the
+/// Memory: the dirty log cleared, every page the standby does not hold
+/// (non-zero, or whose digest differs from what it kept) copied while the
 /// guest runs, then the pages it dirtied meanwhile in pre-copy rounds.
-/// Returns the non-zero pages sent and the size of each round.
+/// Returns the pages sent by the first pass and the size of each round.
 async fn copy_memory(
     vm: &Vm,
     tx: &LinkSender,
     config: &PrimaryConfig,
     progress: &Progress<'_>,
     mut done: u64,
+    (held, key): (&Holding, &ContentKey),
 ) -> Result<(u64, Vec<u64>), PrimaryError> {
     let stage_err = |source| PrimaryError::Stage { epoch: 0, source };
     vm.clear_dirty().map_err(stage_err)?;
@@ -258,7 +286,7 @@ async fn copy_memory(
     let mut first = 0;
     while first < total_pages {
         let end = (first + SCAN_PAGES).min(total_pages);
-        vm.stage_nonzero_pages(first..end, &mut stager)
+        vm.stage_pages_where(first..end, &mut stager, |n, page| !held.holds(key, n, page))
             .map_err(stage_err)?;
         send_pages(tx, stager.take_full(), progress).await?;
         drain_writes(vm, tx, progress, DRAIN_WRITES_AT).await?;
@@ -266,7 +294,7 @@ async fn copy_memory(
         progress.report("memory", done);
         first = end;
     }
-    let nonzero = stager.count();
+    let first_pass = stager.count();
     send_pages(tx, stager.finish().batches, progress).await?;
     let mut rounds = Vec::new();
     for _ in 0..config.precopy_rounds {
@@ -279,7 +307,7 @@ async fn copy_memory(
             break;
         }
     }
-    Ok((nonzero, rounds))
+    Ok((first_pass, rounds))
 }
 
 /// Sends the disk writes recorded so far once they hold `at_least` bytes;

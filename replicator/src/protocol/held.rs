@@ -1,8 +1,10 @@
-//! What a standby holds of a disk before the copy (`SyncHeld`, standby to
-//! primary): `[disk: u32 LE][kind: u8]`, then for kind 1 (a file kept from
-//! before) `[first chunk: u64 LE][digest: 16 bytes] ...`, the digests of
-//! consecutive chunks from the first; kind 0 (a new, all-zero file) has
-//! nothing more. A large disk's digests take several messages, in order.
+//! What a standby holds of a disk or of memory before the copy
+//! (`SyncHeld`, standby to primary): `[region: u32 LE][kind: u8]`, the
+//! region a disk's index or `u32::MAX` for memory; then for kind 1 (kept
+//! from before) `[first chunk: u64 LE][digest: 16 bytes] ...`, the digests
+//! of consecutive chunks from the first (64 KiB of a disk, a 4 KiB page of
+//! memory); kind 0 (new, all zeros) has nothing more. A large region's
+//! digests take several messages, in order.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -13,11 +15,46 @@ pub const DIGESTS_PER_FRAME: usize = 1 << 20;
 
 const ZEROED: u8 = 0;
 const DIGESTS: u8 = 1;
+const MEMORY: u32 = u32::MAX;
 
-/// Part of what the standby holds of disk `disk`.
+/// What a holding is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// The disk of this index.
+    Disk(u32),
+    /// Guest memory.
+    Memory,
+}
+
+impl Region {
+    fn code(self) -> u32 {
+        match self {
+            Region::Disk(index) => index,
+            Region::Memory => MEMORY,
+        }
+    }
+
+    fn from_code(code: u32) -> Region {
+        match code {
+            MEMORY => Region::Memory,
+            index => Region::Disk(index),
+        }
+    }
+}
+
+impl std::fmt::Display for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Region::Disk(index) => write!(f, "disk {index}"),
+            Region::Memory => f.write_str("memory"),
+        }
+    }
+}
+
+/// Part of what the standby holds of `region`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskHeld {
-    pub disk: u32,
+pub struct Held {
+    pub region: Region,
     pub part: HeldPart,
 }
 
@@ -32,13 +69,13 @@ pub enum HeldPart {
     },
 }
 
-impl DiskHeld {
-    /// The messages that say a kept disk's `digests` (one for an empty
-    /// disk).
-    pub fn kept(disk: u32, digests: &[ChunkDigest]) -> Vec<DiskHeld> {
+impl Held {
+    /// The messages that say a kept region's `digests` (one for an empty
+    /// one).
+    pub fn kept(region: Region, digests: &[ChunkDigest]) -> Vec<Held> {
         if digests.is_empty() {
-            return vec![DiskHeld {
-                disk,
+            return vec![Held {
+                region,
                 part: HeldPart::Digests {
                     first_chunk: 0,
                     digests: Vec::new(),
@@ -48,8 +85,8 @@ impl DiskHeld {
         digests
             .chunks(DIGESTS_PER_FRAME)
             .enumerate()
-            .map(|(i, part)| DiskHeld {
-                disk,
+            .map(|(i, part)| Held {
+                region,
                 part: HeldPart::Digests {
                     first_chunk: (i * DIGESTS_PER_FRAME) as u64,
                     digests: part.to_vec(),
@@ -60,7 +97,7 @@ impl DiskHeld {
 
     pub fn to_payload(&self) -> Bytes {
         let mut b = BytesMut::new();
-        b.put_u32_le(self.disk);
+        b.put_u32_le(self.region.code());
         match &self.part {
             HeldPart::Zeroed => b.put_u8(ZEROED),
             HeldPart::Digests {
@@ -79,8 +116,8 @@ impl DiskHeld {
     }
 
     /// `None` if `p` is malformed.
-    pub fn from_payload(p: &[u8]) -> Option<DiskHeld> {
-        let disk = u32::from_le_bytes(p.get(..4)?.try_into().ok()?);
+    pub fn from_payload(p: &[u8]) -> Option<Held> {
+        let region = Region::from_code(u32::from_le_bytes(p.get(..4)?.try_into().ok()?));
         let part = match *p.get(4)? {
             ZEROED if p.len() == 5 => HeldPart::Zeroed,
             DIGESTS => {
@@ -102,7 +139,7 @@ impl DiskHeld {
             }
             _ => return None,
         };
-        Some(DiskHeld { disk, part })
+        Some(Held { region, part })
     }
 }
 
@@ -112,19 +149,19 @@ mod tests {
 
     #[test]
     fn both_kinds_round_trip_and_a_large_disk_takes_several_messages() {
-        let zeroed = DiskHeld {
-            disk: 2,
+        let zeroed = Held {
+            region: Region::Disk(2),
             part: HeldPart::Zeroed,
         };
-        assert_eq!(DiskHeld::from_payload(&zeroed.to_payload()), Some(zeroed));
+        assert_eq!(Held::from_payload(&zeroed.to_payload()), Some(zeroed));
         let digests: Vec<ChunkDigest> = (0..DIGESTS_PER_FRAME + 3)
             .map(|i| [(i % 251) as u8; DIGEST_LEN])
             .collect();
-        let parts = DiskHeld::kept(1, &digests);
+        let parts = Held::kept(Region::Memory, &digests);
         assert_eq!(parts.len(), 2);
         for part in &parts {
             assert_eq!(
-                DiskHeld::from_payload(&part.to_payload()).as_ref(),
+                Held::from_payload(&part.to_payload()).as_ref(),
                 Some(part)
             );
         }
@@ -136,7 +173,7 @@ mod tests {
             panic!("digests")
         };
         assert_eq!((*first_chunk, tail.len()), (DIGESTS_PER_FRAME as u64, 3));
-        assert_eq!(DiskHeld::kept(0, &[]).len(), 1);
+        assert_eq!(Held::kept(Region::Disk(0), &[]).len(), 1);
     }
 
     #[test]
@@ -150,7 +187,7 @@ mod tests {
             &[0, 0, 0, 0, 1, 0, 0, 0][..],
             &[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 7][..],
         ] {
-            assert_eq!(DiskHeld::from_payload(bad), None, "{bad:?}");
+            assert_eq!(Held::from_payload(bad), None, "{bad:?}");
         }
     }
 }

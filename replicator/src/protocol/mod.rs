@@ -39,7 +39,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ft_link::{Frame, FrameKind};
 
 pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
-pub use self::held::{DiskHeld, HeldPart, DIGESTS_PER_FRAME};
+pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
@@ -164,9 +164,10 @@ pub enum Message {
     /// disk that fails, a plan it cannot match): why, for the primary's
     /// status and the operator. No takeover follows.
     Refuse(String),
-    /// What the standby holds of a disk before the copy (after the plan,
-    /// before anything is copied): the primary copies only what differs.
-    SyncHeld(DiskHeld),
+    /// What the standby holds of a disk or of memory before the copy
+    /// (after the plan, before anything is copied): the primary copies
+    /// only what differs.
+    SyncHeld(Held),
 }
 
 /// The longest reason a [`Message::Refuse`] carries (bytes).
@@ -331,7 +332,7 @@ impl Message {
                     .to_string(),
             ),
             SYNC_HELD => Message::SyncHeld(
-                DiskHeld::from_payload(&payload)
+                Held::from_payload(&payload)
                     .ok_or(malformed("SyncHeld", "not a disk's holding"))?,
             ),
             other => return Err(ProtocolError::UnknownKind(other)),
@@ -468,8 +469,8 @@ mod tests {
                 .remove(0),
             ),
             Message::Refuse("no space for the replica's disks".into()),
-            Message::SyncHeld(DiskHeld {
-                disk: 0,
+            Message::SyncHeld(Held {
+                region: Region::Memory,
                 part: HeldPart::Digests {
                     first_chunk: 4,
                     digests: vec![[5; 16]; 3],

@@ -110,6 +110,9 @@ pub struct StandbyConfig {
     pub link: LinkConfig,
     /// Replica disk files, one per disk of the VM, in device order.
     pub disks: Vec<PathBuf>,
+    /// The replica's RAM in this file (kept from an earlier copy of the VM
+    /// on this node where it fits), else in anonymous memory.
+    pub ram_file: Option<PathBuf>,
     /// TAPs for the VM's NICs once promoted, in device order.
     pub taps: Vec<String>,
     /// Sessions of an older generation are refused.

@@ -20,8 +20,8 @@ use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::content::ContentKey;
 use crate::oracle;
 use crate::protocol::{
-    CheckpointState, DiskBatch, DiskHeld, EndTally, Envelope, EpochEnd, HeldPart, Message,
-    PageBatch, ProtocolError, SyncPlan,
+    CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Held, HeldPart, Message, PageBatch,
+    ProtocolError, Region, SyncPlan,
 };
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -84,8 +84,8 @@ async fn run(
         s.peer = Some(link.peer_addr().to_string());
         s.alink = Some(link.protection().describe().to_string());
     });
-    let (mut replica, key, fresh) = begin(first, config, status)?;
-    tell_holdings(link, &replica, &key, &fresh, status).await?;
+    let (mut replica, key, kept) = begin(first, config, status)?;
+    tell_holdings(link, &replica, &key, &kept, status).await?;
     loop {
         let envelope = match next_message(link, arrivals, &mut replica.backup).await {
             Next::Message(envelope) if envelope.generation != replica.generation => {
@@ -184,14 +184,21 @@ struct Receiving {
     backup: Option<BackupPath>,
 }
 
+/// What `begin` kept of an earlier replica on this node.
+struct Kept {
+    /// Per disk: why it was made new, if it was.
+    disks: Vec<Option<Fresh>>,
+    memory: bool,
+}
+
 /// Checks the primary's plan against this standby and makes the replica
-/// for it: disks kept from before where they fit (with why not where they
-/// do not), memory empty. Returns the session's content key.
+/// for it: disks and memory kept from before where they fit (with why not
+/// where they do not). Returns the session's content key.
 fn begin(
     first: Envelope,
     config: &StandbyConfig,
     status: &StatusBoard,
-) -> Result<(Receiving, ContentKey, Vec<Option<Fresh>>), StandbyError> {
+) -> Result<(Receiving, ContentKey, Kept), StandbyError> {
     let Message::SyncBegin(plan) = first.message else {
         return Err(StandbyError::NoPlan(first.message.name()));
     };
@@ -212,7 +219,10 @@ fn begin(
             len: 0,
             why: "no content key",
         }))?;
-    let ram = ReplicaRam::create(plan.mem_mib)?;
+    let (ram, kept_memory) = match &config.ram_file {
+        Some(path) => ReplicaRam::open_file(path, plan.mem_mib)?,
+        None => (ReplicaRam::create(plan.mem_mib)?, false),
+    };
     let (disks, fresh): (Vec<_>, Vec<_>) = config
         .disks
         .iter()
@@ -236,28 +246,34 @@ fn begin(
         started: Instant::now(),
         backup: None,
     };
-    Ok((receiving, key, fresh))
+    let kept = Kept {
+        disks: fresh,
+        memory: kept_memory,
+    };
+    Ok((receiving, key, kept))
 }
 
-/// Tells the primary what the replica holds of each disk: a new file is
-/// all zeros; a kept one is read whole and digested under the session's
+/// Tells the primary what the replica holds of each disk and of memory:
+/// new is all zeros; kept is read whole and digested under the session's
 /// key (seconds for a large disk: off the async workers), so that the
 /// copy brings only the chunks that differ.
 async fn tell_holdings(
     link: &Link,
     replica: &Receiving,
     key: &ContentKey,
-    fresh: &[Option<Fresh>],
+    kept: &Kept,
     status: &StatusBoard,
 ) -> Result<(), StandbyError> {
     let started = Instant::now();
     let mut kept_bytes = 0u64;
-    for (index, (disk, fresh)) in replica.disks.iter().zip(fresh).enumerate() {
-        let parts = match fresh {
+    let mut messages = Vec::new();
+    for (index, (disk, fresh)) in replica.disks.iter().zip(&kept.disks).enumerate() {
+        let region = Region::Disk(index as u32);
+        messages.extend(match fresh {
             Some(why) => {
                 info!(disk = %disk.path.display(), ?why, "replica disk made new: the copy brings all of it");
-                vec![DiskHeld {
-                    disk: index as u32,
+                vec![Held {
+                    region,
                     part: HeldPart::Zeroed,
                 }]
             }
@@ -270,20 +286,34 @@ async fn tell_holdings(
                 });
                 let digests = oracle::off_the_workers(|| disk.digests(key))?;
                 kept_bytes += disk.size;
-                DiskHeld::kept(index as u32, &digests)
+                Held::kept(region, &digests)
             }
-        };
-        for part in parts {
-            link.send(&Message::SyncHeld(part).into_frame(0, replica.generation))
-                .await?;
-        }
+        });
+    }
+    messages.extend(if kept.memory {
+        let ram = &replica.ram;
+        let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
+        let digests = oracle::off_the_workers(|| {
+            crate::content::digest_pages(pages, key, |gpa, page| ram.read_page(gpa, page))
+        })?;
+        kept_bytes += ram.bytes();
+        Held::kept(Region::Memory, &digests)
+    } else {
+        vec![Held {
+            region: Region::Memory,
+            part: HeldPart::Zeroed,
+        }]
+    });
+    for held in messages {
+        link.send(&Message::SyncHeld(held).into_frame(0, replica.generation))
+            .await?;
     }
     if kept_bytes > 0 {
         status.update(|s| s.message = None);
         info!(
             kept_bytes,
             took_ms = started.elapsed().as_millis() as u64,
-            "kept replica disks digested: the copy brings only what differs"
+            "kept replica digested: the copy brings only what differs"
         );
     }
     Ok(())

@@ -179,6 +179,8 @@ pub async fn start_standby_on(
         listen: vec![addr.to_string(), addr2.to_string()],
         link: link_config(Role::Standby),
         disks: vec![disk],
+        // Kept across sessions, as on a node.
+        ram_file: Some(dir.join("guest.ram")),
         // One NIC (its TAP is used only by a promotion, which these tests
         // do not run).
         taps: vec!["ftt-unused0".into()],
@@ -297,9 +299,23 @@ pub fn test_key() -> replicator::content::ContentKey {
     replicator::content::ContentKey([0x5a; 32])
 }
 
-/// The standby's word on what it holds of the (one) disk, which follows
-/// the plan.
-pub async fn expect_held(link: &mut Link) -> replicator::protocol::HeldPart {
+/// The standby's word on what it holds of the (one) disk and of memory,
+/// which follows the plan.
+pub async fn expect_held(
+    link: &mut Link,
+) -> (
+    replicator::protocol::HeldPart,
+    replicator::protocol::HeldPart,
+) {
+    use replicator::protocol::Region;
+    let disk = next_held(link).await;
+    assert_eq!(disk.region, Region::Disk(0));
+    let memory = next_held(link).await;
+    assert_eq!(memory.region, Region::Memory);
+    (disk.part, memory.part)
+}
+
+async fn next_held(link: &mut Link) -> replicator::protocol::Held {
     let f = tokio::time::timeout(WITHIN, link.recv())
         .await
         .expect("the standby says what it holds in time")
@@ -308,10 +324,7 @@ pub async fn expect_held(link: &mut Link) -> replicator::protocol::HeldPart {
         .expect("a replication message")
         .message
     {
-        Message::SyncHeld(held) => {
-            assert_eq!(held.disk, 0);
-            held.part
-        }
+        Message::SyncHeld(held) => held,
         other => panic!("{} instead of what the standby holds", other.name()),
     }
 }

@@ -126,6 +126,17 @@ impl Vm {
         range: Range<u64>,
         sink: &mut impl PageSink,
     ) -> Result<u64, ReplicationError> {
+        self.stage_pages_where(range, sink, |_, page| page.iter().any(|&b| b != 0))
+    }
+
+    /// Copies the pages numbered `range` that `wanted` (page number,
+    /// contents) picks into `sink`; returns how many.
+    pub fn stage_pages_where(
+        &self,
+        range: Range<u64>,
+        sink: &mut impl PageSink,
+        mut wanted: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<u64, ReplicationError> {
         let mut page = [0u8; PAGE_SIZE];
         let mut count = 0;
         for n in range {
@@ -134,7 +145,7 @@ impl Vm {
                 .memory
                 .read_slice(&mut page, GuestAddress(gpa))
                 .map_err(|source| ReplicationError::CopyPage { gpa, source })?;
-            if page.iter().any(|&b| b != 0) {
+            if wanted(n, &page) {
                 sink.page_buffer(gpa).extend_from_slice(&page);
                 count += 1;
             }

@@ -32,6 +32,22 @@ impl ReplicaRam {
         Ok(ReplicaRam { vm: None, ram })
     }
 
+    /// The replica's RAM in the file at `path` ([`memory::open_file`]):
+    /// what an earlier copy of the VM on this node left there is kept when
+    /// the file fits (returns true: compare it before trusting any of it).
+    pub fn open_file(
+        path: &std::path::Path,
+        mem_mib: u64,
+    ) -> Result<(ReplicaRam, bool), ReplicationError> {
+        let (ram, kept) = memory::open_file(path, mem_mib, true).map_err(|source| {
+            ReplicationError::ReplicaMemory {
+                mib: mem_mib,
+                source,
+            }
+        })?;
+        Ok((ReplicaRam { vm: None, ram }, kept))
+    }
+
     /// Starts making, on a thread of its own, the KVM VM this RAM would
     /// run in with `vcpus` vCPUs (the slow half of a promotion: about 185
     /// ms of a 290 ms restore on a lab node), so that a promotion finds it
