@@ -91,11 +91,11 @@ pub struct Config {
     /// its replica (`<ram_dir>/<vm>.ram`; a tmpfs, such as /dev/shm). It
     /// outlives the VM's process, so that after a switchover, or a copy
     /// superseded by the witness, this node's next standby receives only
-    /// the pages that differ instead of all of memory. `null`: anonymous
+    /// the pages that differ instead of all of memory. Empty: anonymous
     /// memory, and a full copy of memory at every re-protection. The
     /// tmpfs must hold every VM's memory (it is allocated up front).
     #[serde(default = "default_ram_dir")]
-    pub ram_dir: Option<PathBuf>,
+    pub ram_dir: PathBuf,
     /// A node that starts without hearing its peer starts no VM until it
     /// does (the peer may be running them: two active copies must never
     /// be). With this set, it starts them alone after this many seconds
@@ -136,8 +136,8 @@ fn default_ftprotect() -> PathBuf {
 fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/ftd")
 }
-fn default_ram_dir() -> Option<PathBuf> {
-    Some(PathBuf::from("/dev/shm/ftd"))
+fn default_ram_dir() -> PathBuf {
+    PathBuf::from("/dev/shm/ftd")
 }
 fn default_console_dir() -> PathBuf {
     PathBuf::from("/usr/share/ftvm/console")
@@ -235,6 +235,7 @@ mod tests {
         let config: Config = toml::from_str(text).unwrap();
         assert_eq!(config.bridge, "br0");
         assert_eq!(config.heartbeat_timeout_ms, 300);
+        assert_eq!(config.ram_dir, PathBuf::from("/dev/shm/ftd"));
         assert!(config.peer.is_none());
         assert!(config.check().is_ok());
     }

@@ -65,7 +65,8 @@ impl VmPaths {
             log: dir.join("ftprotect.log"),
             console: dir.join("console.log"),
             secret: state_dir.join(SECRET_FILE),
-            ram: config.ram_dir.as_ref().map(|d| d.join(format!("{vm}.ram"))),
+            ram: (!config.ram_dir.as_os_str().is_empty())
+                .then(|| config.ram_dir.join(format!("{vm}.ram"))),
             dir,
         }
     }

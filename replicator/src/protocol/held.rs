@@ -160,10 +160,7 @@ mod tests {
         let parts = Held::kept(Region::Memory, &digests);
         assert_eq!(parts.len(), 2);
         for part in &parts {
-            assert_eq!(
-                Held::from_payload(&part.to_payload()).as_ref(),
-                Some(part)
-            );
+            assert_eq!(Held::from_payload(&part.to_payload()).as_ref(), Some(part));
         }
         let HeldPart::Digests {
             first_chunk,
