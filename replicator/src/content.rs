@@ -1,7 +1,9 @@
 //! Resynchronisation by content: a standby that kept an older replica (a
-//! disk file from before, even the one this node ran the VM from) tells
-//! the primary what each of its chunks holds as a keyed digest, and the
-//! primary sends only the chunks whose content differs. Nothing on the
+//! disk file from before, even the one this node ran the VM from; the
+//! guest's RAM file of an earlier copy on this node) tells the primary
+//! what each of its chunks (64 KiB of a disk, a page of memory) holds as a
+//! keyed digest, and the primary sends only the chunks whose content
+//! differs. Nothing on the
 //! returning node is trusted: a chunk is skipped only when its digest
 //! equals the digest of the primary's own bytes, under a key the primary
 //! drew for this session (BLAKE3 keyed: a guest cannot write a page that
@@ -13,11 +15,12 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use vmm::replication::PAGE_SIZE;
+
 /// Bytes per digested disk chunk: a scattered 4 KiB write costs at most
 /// one chunk, and the digests are 16 bytes per 64 KiB (0.025 % of the
 /// disk: 256 KiB for 1 GiB).
 pub const DISK_CHUNK: usize = 64 << 10;
-use vmm::replication::PAGE_SIZE;
 
 /// Bytes of a chunk's digest (a truncated keyed BLAKE3).
 pub const DIGEST_LEN: usize = 16;

@@ -16,8 +16,9 @@
 //!   primary's lease, the standby's claim).
 //! - [`status`]: the state and counters each node publishes;
 //!   [`control`] serves them (and takes a stop) on a Unix socket.
-//! - [`content`]: keyed digests of disk chunks, so that a resynchronisation
-//!   moves only what a returning standby does not already hold.
+//! - [`content`]: keyed digests of disk chunks and memory pages, so that a
+//!   resynchronisation moves only what a returning standby does not
+//!   already hold.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
 //! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
 //! - [`heap`]: the allocator kept from faulting in fresh pages for every

@@ -483,19 +483,17 @@ async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_d
     use replicator::protocol::HeldPart;
     let standby = start_standby("kept-disk").await;
     // The first session: a new disk (all zeros), then epoch 1 writes
-    // "one" at 512, and the VM stops on purpose.
+    // "one" at 512; the primary starts over with a new session (as after
+    // losing its path), which ends this one without a takeover.
     let mut link = primary_beginning(standby.addr, 1).await;
     assert_eq!(
         expect_held(&mut link).await,
         (HeldPart::Zeroed, HeldPart::Zeroed)
     );
     drop(link);
-    let link = committed_primary(standby.addr).await;
-    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
-    drop(link);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The next session: the disk is kept, each chunk digested under this
-    // plan's key.
+    let old = committed_primary(standby.addr).await;
+    // The next session: the disk and memory are kept, each chunk digested
+    // under this plan's key.
     let mut link = primary_beginning(standby.addr, 1).await;
     let (
         HeldPart::Digests {
@@ -510,6 +508,9 @@ async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_d
     else {
         panic!("the kept disk and memory are not described by their digests")
     };
+    // The old session is over (closed only now: closed before the new
+    // one began, it would be a lost primary, taken over).
+    drop(old);
     // Memory as epoch 1 left it: page 5 filled with 0x22, the rest zeros.
     let page_size = replicator::protocol::PAGE_SIZE;
     assert_eq!(pages.len() as u64, (MEM_MIB << 20) / page_size as u64);
@@ -567,7 +568,8 @@ async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_d
 }
 
 /// A kept file of another size than the primary's disk is not compared:
-/// it is made new, and the standby says it holds zeros.
+/// it is made new, and the standby says it holds zeros. A VM stopped on
+/// purpose takes the replica's RAM file with it (it boots anew).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_disk_of_another_size_is_made_new() {
     use replicator::protocol::HeldPart;
@@ -577,6 +579,10 @@ async fn a_replica_disk_of_another_size_is_made_new() {
     drop(link);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut link = primary_planning(standby.addr, 1, 2 * DISK_BYTES).await;
-    assert_eq!(expect_held(&mut link).await.0, HeldPart::Zeroed);
+    assert_eq!(
+        expect_held(&mut link).await,
+        (HeldPart::Zeroed, HeldPart::Zeroed),
+        "the disk is made new, and the RAM file went with the VM that stopped on purpose"
+    );
     standby.task.abort();
 }

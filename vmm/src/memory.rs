@@ -94,7 +94,10 @@ const KEPT_FILE_WAIT: Duration = Duration::from_secs(5);
 /// held. Otherwise the RAM is new and zeroed (a file still held elsewhere
 /// is unlinked first: that process keeps its own copy). The file's blocks
 /// are allocated at once, so that a full tmpfs is an error here rather
-/// than a fault in the running guest.
+/// than a fault in the running guest. The file and its folder must be
+/// this user's own and private (guest memory is in them): a symbolic
+/// link, a file of another user's or a folder others may write to is
+/// refused, never followed or truncated.
 pub fn open_file(path: &Path, mib: u64, keep: bool) -> Result<(GuestRam, bool), MemoryError> {
     let size = check_size(mib)?;
     let err = |source| MemoryError::RamFile {
@@ -102,31 +105,9 @@ pub fn open_file(path: &Path, mib: u64, keep: bool) -> Result<(GuestRam, bool), 
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+        private_dir(dir).map_err(err)?;
     }
-    let open = || {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-    };
-    let mut file = open().map_err(err)?;
-    let kept = keep && file.metadata().map_err(err)?.len() == size && lock(&file, KEPT_FILE_WAIT);
-    if !kept {
-        if !lock(&file, Duration::ZERO) {
-            std::fs::remove_file(path).map_err(err)?;
-            file = open().map_err(err)?;
-            if !lock(&file, Duration::ZERO) {
-                return Err(err(std::io::Error::from_raw_os_error(libc::EWOULDBLOCK)));
-            }
-        }
-        file.set_len(0).map_err(err)?;
-        file.set_len(size).map_err(err)?;
-    }
+    let (file, kept) = locked_file(path, size, keep).map_err(err)?;
     let len = libc::off_t::try_from(size)
         .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
     // SAFETY: fallocate on a descriptor this function owns; no memory is
@@ -145,18 +126,118 @@ pub fn open_file(path: &Path, mib: u64, keep: bool) -> Result<(GuestRam, bool), 
     Ok((map(file, size)?, kept))
 }
 
-/// Takes an exclusive `flock` on `file`, trying for up to `wait`.
-fn lock(file: &File, wait: Duration) -> bool {
+/// An error that says why a RAM file or its folder is refused.
+fn refused(why: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)
+}
+
+/// This process's effective user.
+fn euid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes `dir` (mode 0700) if it is missing; refuses one that is a
+/// symbolic link, is another user's, or that others may write to.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(refused(format!("{} is not a folder", dir.display())));
+    }
+    if meta.uid() != euid() || meta.mode() & 0o022 != 0 {
+        return Err(refused(format!(
+            "the folder {} is not this user's alone (owner {}, mode {:o}): guest memory \
+             must not be where others can replace it",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Opens `path` without following a symbolic link (creating it, mode
+/// 0600, `exclusive`: only if it does not exist); refuses anything but a
+/// regular file of this user's.
+fn open_private(path: &Path, exclusive: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(!exclusive)
+        .create_new(exclusive)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.uid() != euid() {
+        return Err(refused(format!(
+            "{} is not a regular file of this user's",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Whether `file` is still the file at `path` (not unlinked or replaced
+/// since it was opened).
+fn is_at(file: &File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (open, named) = (file.metadata()?, std::fs::symlink_metadata(path)?);
+    Ok(open.dev() == named.dev() && open.ino() == named.ino())
+}
+
+/// The RAM file at `path`, locked: kept (true) when `keep` and it has
+/// `size` bytes, else emptied to `size` zero bytes.
+fn locked_file(path: &Path, size: u64, keep: bool) -> std::io::Result<(File, bool)> {
+    let mut file = open_private(path, false)?;
+    if keep && file.metadata()?.len() == size && lock(&file, KEPT_FILE_WAIT)? && is_at(&file, path)?
+    {
+        return Ok((file, true));
+    }
+    if !(lock(&file, Duration::ZERO)? && is_at(&file, path)?) {
+        // Another process holds it (or it was replaced): that process
+        // keeps its inode, this one makes its own.
+        std::fs::remove_file(path)?;
+        file = open_private(path, true)?;
+        if !lock(&file, Duration::ZERO)? {
+            return Err(std::io::Error::from_raw_os_error(libc::EWOULDBLOCK));
+        }
+    }
+    file.set_len(0)?;
+    file.set_len(size)?;
+    Ok((file, false))
+}
+
+/// Takes an exclusive `flock` on `file`, trying for up to `wait`: false
+/// if another holder kept it that long.
+fn lock(file: &File, wait: Duration) -> std::io::Result<bool> {
     let until = Instant::now() + wait;
     loop {
         // SAFETY: flock on a descriptor the caller owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return true;
+            return Ok(true);
         }
-        if Instant::now() >= until {
-            return false;
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::EWOULDBLOCK) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => {}
+            _ => return Err(error),
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -197,5 +278,71 @@ mod tests {
         assert!(region.bitmap().dirty_at(0x3000));
         assert!(!region.bitmap().dirty_at(0x2000));
         assert!(matches!(create(8), Err(MemoryError::BadSize { mib: 8 })));
+    }
+
+    fn ram_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvm-ram-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("ram")
+    }
+
+    fn byte_at(ram: &GuestRam, gpa: u64) -> u8 {
+        ram.memory.read_obj(GuestAddress(gpa)).unwrap()
+    }
+
+    #[test]
+    fn a_ram_file_keeps_what_it_held_only_when_asked_and_free() {
+        let dir = ram_dir("keep");
+        let path = dir.join("vm.ram");
+        let (ram, kept) = open_file(&path, 16, true).unwrap();
+        assert!(!kept, "a new file holds nothing");
+        ram.memory.write_obj(7u8, GuestAddress(0x5000)).unwrap();
+        drop(ram);
+        let (ram, kept) = open_file(&path, 16, true).unwrap();
+        assert!(kept);
+        assert_eq!(byte_at(&ram, 0x5000), 7, "kept across processes' lives");
+        // Another size: made new.
+        drop(ram);
+        let (ram, kept) = open_file(&path, 32, true).unwrap();
+        assert!(!kept);
+        assert_eq!(byte_at(&ram, 0x5000), 0);
+        // Held by another (open file description): a VM that boots gets
+        // its own file, zeroed; the holder keeps its copy.
+        let (ram2, kept) = open_file(&path, 32, false).unwrap();
+        assert!(!kept);
+        ram.memory.write_obj(9u8, GuestAddress(0x5000)).unwrap();
+        assert_eq!(byte_at(&ram2, 0x5000), 0);
+        drop((ram, ram2));
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+
+    #[test]
+    fn a_symbolic_link_or_a_folder_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = ram_dir("unsafe");
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = dir.join("vm.ram");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(matches!(
+            open_file(&link, 16, false),
+            Err(MemoryError::RamFile { .. })
+        ));
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            b"precious",
+            "never truncated"
+        );
+        std::fs::remove_file(&link).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let Err(MemoryError::RamFile { source, .. }) = open_file(&link, 16, false) else {
+            panic!("a folder others may write to was used")
+        };
+        assert!(
+            source.to_string().contains("not this user's alone"),
+            "{source}"
+        );
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
     }
 }

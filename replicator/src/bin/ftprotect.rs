@@ -128,7 +128,9 @@ struct PairOptions {
     /// of anonymous memory. It outlives the process: after a switchover or
     /// a superseded copy, this node's next standby finds the VM's memory
     /// there, and the primary resends only the pages that differ. Removed
-    /// when the VM stops on purpose. Costs the guest's memory up front.
+    /// when the VM stops on purpose (a standby: when its primary says so,
+    /// or when it is stopped on the control socket). Reserves the guest's
+    /// memory in full when the VM (or its replica) starts.
     #[arg(long, value_name = "PATH")]
     ram_file: Option<PathBuf>,
     /// The quorum witness (`ftwitness`), host:port; comma-separated
@@ -781,6 +783,7 @@ fn standby(
             return ExitCode::from(2);
         }
         None => {
+            standby::forget_ram(&config);
             status.set_state(
                 Role::Standby,
                 FtState::Stopped,

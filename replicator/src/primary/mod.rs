@@ -5,8 +5,8 @@
 //! 1. [`sync`]: initial synchronisation while the guest runs: the standby
 //!    says what it holds of each disk, disk writes start being recorded,
 //!    every disk is copied (only the chunks the standby does not hold),
-//!    then memory in pre-copy rounds (all non-zero pages, then the pages
-//!    dirtied meanwhile) with progress in the status.
+//!    then memory in pre-copy rounds (every page the standby does not
+//!    hold, then the pages dirtied meanwhile) with progress in the status.
 //! 2. [`epochs`]: checkpoints. Each one ([`checkpoint::capture`]) pauses
 //!    the vCPUs and device work, captures vCPU/device state, harvests the
 //!    dirty pages into frame payloads, takes the disk writes, seals the
@@ -106,7 +106,7 @@ pub enum PrimaryError {
         source: crate::oracle::OracleError,
     },
     #[error("no random content key for the initial copy: {0}")]
-    ContentKey(String),
+    ContentKey(#[source] getrandom::Error),
     #[error("the standby's word on what it holds of {region} is wrong: {why}")]
     BadHolding { region: String, why: String },
     #[error("reading disk {path} for the initial copy failed: {source}")]
@@ -430,7 +430,8 @@ fn spawn_backup_path(
 type AckEvent = Result<u64, PrimaryError>;
 
 /// Reads the standby's word: acknowledgements and refusals (returned), and
-/// what it holds of each disk before the copy (sent to `held`).
+/// what it holds of each disk and of memory before the copy (sent to
+/// `held`).
 fn spawn_ack_reader(
     mut rx: ft_link::LinkReceiver,
     generation: u64,
@@ -449,12 +450,17 @@ fn spawn_ack_reader(
                 Ok(Ok(envelope)) if envelope.message == Message::Ack => Ok(envelope.epoch),
                 Ok(Ok(Envelope {
                     message: Message::SyncHeld(part),
+                    epoch,
                     ..
-                })) => {
-                    // Read only during the copy (later, nothing listens).
-                    let _ = held.send(part);
-                    continue;
-                }
+                })) => match held.send(part) {
+                    Ok(()) => continue,
+                    // The copy is over (its receiver is gone): a standby
+                    // that says what it holds now breaks the protocol.
+                    Err(_) => Err(PrimaryError::Unexpected {
+                        kind: "SyncHeld",
+                        epoch,
+                    }),
+                },
                 Ok(Ok(Envelope {
                     message: Message::Refuse(reason),
                     ..
@@ -527,14 +533,15 @@ async fn protect(
     stop: &tokio::sync::Notify,
 ) -> PrimaryError {
     let (tx, rx) = link.split();
-    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let (held_tx, held) = mpsc::unbounded_channel();
     let mut acks = spawn_ack_reader(rx, session.generation, held_tx);
     let mut backup = None;
     let result = async {
-        // The standby speaks during the copy only to refuse it; its reason
-        // outranks the closed link that follows.
+        // The standby speaks during the copy to say what it holds (before
+        // anything is copied) or to refuse it; its reason outranks the
+        // closed link that follows. `held` ends with the copy.
         let synced = tokio::select! {
-            synced = sync::initial_sync(vm, (&tx, &mut held), config, status, session.generation) => synced,
+            synced = sync::initial_sync(vm, (&tx, held), config, status, session.generation) => synced,
             event = acks.recv() => Err(during_sync(event)),
         };
         if let Err(error) = synced {

@@ -37,14 +37,14 @@ const SMALL_ROUND: u64 = 256;
 
 pub(super) async fn initial_sync(
     vm: &Arc<Vm>,
-    (tx, held): (&LinkSender, &mut mpsc::UnboundedReceiver<Held>),
+    (tx, mut held): (&LinkSender, mpsc::UnboundedReceiver<Held>),
     config: &PrimaryConfig,
     status: &StatusBoard,
     generation: u64,
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
-    let key = ContentKey::random().map_err(|e| PrimaryError::ContentKey(e.to_string()))?;
+    let key = ContentKey::random().map_err(PrimaryError::ContentKey)?;
     let disks = vm.disk_paths();
     let mut disk_bytes = Vec::new();
     for path in &disks {
@@ -75,7 +75,7 @@ pub(super) async fn initial_sync(
     };
     // A standby that kept its disks or memory reads them all first.
     progress.report("standby comparing what it kept", 0);
-    let held = receive_holdings(held, &disk_bytes, vm.guest_pages()).await?;
+    let held = receive_holdings(&mut held, &disk_bytes, vm.guest_pages()).await?;
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
     vm.disk_writes().start();
@@ -193,7 +193,9 @@ async fn receive_holdings(
                     digests,
                 },
             ) if first_chunk == known.len() as u64 => known.extend(digests),
-            (_, HeldPart::Zeroed) => return Err(bad("all zeros after digests".into())),
+            (Some(_), HeldPart::Zeroed) => {
+                return Err(bad("all zeros, after it said what it holds".into()))
+            }
             (_, HeldPart::Digests { first_chunk, .. }) => {
                 return Err(bad(format!(
                     "digests from chunk {first_chunk} out of order"
@@ -361,4 +363,111 @@ async fn send_pages(
         })
         .collect();
     send_all(tx, &frames, progress.status).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::DISK_CHUNK;
+
+    fn digests(n: usize) -> HeldPart {
+        HeldPart::Digests {
+            first_chunk: 0,
+            digests: vec![[1; 16]; n],
+        }
+    }
+
+    async fn holdings(
+        sizes: &[u64],
+        pages: u64,
+        messages: Vec<Held>,
+    ) -> Result<Holdings, PrimaryError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for m in messages {
+            tx.send(m).unwrap();
+        }
+        drop(tx);
+        receive_holdings(&mut rx, sizes, pages).await
+    }
+
+    fn held(region: Region, part: HeldPart) -> Held {
+        Held { region, part }
+    }
+
+    #[tokio::test]
+    async fn holdings_in_several_parts_in_any_region_order_are_assembled() {
+        let size = 3 * DISK_CHUNK as u64 + 1;
+        let got = holdings(
+            &[size, 5],
+            4,
+            vec![
+                held(Region::Memory, digests(4)),
+                held(Region::Disk(1), HeldPart::Zeroed),
+                held(Region::Disk(0), digests(2)),
+                held(
+                    Region::Disk(0),
+                    HeldPart::Digests {
+                        first_chunk: 2,
+                        digests: vec![[2; 16]; 2],
+                    },
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            got.disks[0],
+            Holding::Kept([[1; 16], [1; 16], [2; 16], [2; 16]].to_vec())
+        );
+        assert_eq!(got.disks[1], Holding::Zeroed);
+        assert_eq!(got.memory, Holding::Kept(vec![[1; 16]; 4]));
+    }
+
+    #[tokio::test]
+    async fn wrong_holdings_end_the_session_with_the_region_and_why() {
+        let bad = |result: Result<Holdings, PrimaryError>| match result {
+            Err(PrimaryError::BadHolding { region, why }) => format!("{region}: {why}"),
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("accepted"),
+        };
+        let chunk = DISK_CHUNK as u64;
+        // A disk the VM does not have.
+        let why = bad(holdings(&[chunk], 1, vec![held(Region::Disk(1), HeldPart::Zeroed)]).await);
+        assert!(why.contains("disk 1") && why.contains("1 disks"), "{why}");
+        // More digests than chunks.
+        let why = bad(holdings(&[chunk], 1, vec![held(Region::Memory, digests(2))]).await);
+        assert!(
+            why.contains("memory") && why.contains("2 digests for 1"),
+            "{why}"
+        );
+        // Digests out of order, or not from the first chunk.
+        let gap = HeldPart::Digests {
+            first_chunk: 3,
+            digests: vec![[0; 16]],
+        };
+        let why = bad(holdings(
+            &[4 * chunk],
+            1,
+            vec![
+                held(Region::Disk(0), digests(1)),
+                held(Region::Disk(0), gap.clone()),
+            ],
+        )
+        .await);
+        assert!(why.contains("from chunk 3 out of order"), "{why}");
+        let why = bad(holdings(&[4 * chunk], 1, vec![held(Region::Disk(0), gap)]).await);
+        assert!(why.contains("out of order"), "{why}");
+        // Said twice.
+        let twice = vec![
+            held(Region::Disk(0), HeldPart::Zeroed),
+            held(Region::Disk(0), HeldPart::Zeroed),
+        ];
+        let why = bad(holdings(&[chunk], 1, twice).await);
+        assert!(why.contains("after it said what it holds"), "{why}");
+        // The standby goes away before it said everything.
+        assert!(matches!(
+            holdings(&[chunk], 1, vec![held(Region::Disk(0), HeldPart::Zeroed)]).await,
+            Err(PrimaryError::AckStreamEnded)
+        ));
+    }
 }

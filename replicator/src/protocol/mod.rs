@@ -331,10 +331,10 @@ impl Message {
                     ))?
                     .to_string(),
             ),
-            SYNC_HELD => Message::SyncHeld(
-                Held::from_payload(&payload)
-                    .ok_or(malformed("SyncHeld", "not a disk's holding"))?,
-            ),
+            SYNC_HELD => Message::SyncHeld(Held::from_payload(&payload).ok_or(malformed(
+                "SyncHeld",
+                "not a holding of a disk or of memory",
+            ))?),
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         Ok(Envelope {

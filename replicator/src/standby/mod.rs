@@ -228,6 +228,11 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
             }
             Session::Ended(error, waiting) => {
                 warn!(%error, "standby session ended without a takeover");
+                if matches!(error, StandbyError::PrimaryStopped) {
+                    // A VM stopped on purpose boots anew: what the replica
+                    // held is of no use, and its memory is freed.
+                    forget_ram(config);
+                }
                 why_ended = Some(error.to_string());
                 next = waiting;
                 continue;
@@ -261,6 +266,19 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
         task.abort();
     }
     Ok(replica)
+}
+
+/// Removes the replica's RAM file, if it has one.
+pub fn forget_ram(config: &StandbyConfig) {
+    if let Some(path) = &config.ram_file {
+        match std::fs::remove_file(path) {
+            Ok(()) => info!(path = %path.display(), "the replica's RAM file is removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                warn!(path = %path.display(), %error, "the replica's RAM file could not be removed")
+            }
+        }
+    }
 }
 
 #[cfg(test)]

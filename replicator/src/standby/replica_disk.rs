@@ -106,7 +106,14 @@ impl ReplicaDisk {
         let fresh = match std::fs::metadata(path) {
             Ok(m) if m.is_file() && m.len() == size => None,
             Ok(m) => Some(Fresh::OtherSize { had: m.len() }),
-            Err(_) => Some(Fresh::Absent),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Fresh::Absent),
+            Err(source) => {
+                return Err(ReplicaDiskError::Create {
+                    path: path.to_path_buf(),
+                    size,
+                    source,
+                })
+            }
         };
         if fresh.is_some() {
             return Ok((ReplicaDisk::create(path, size)?, fresh));

@@ -219,10 +219,12 @@ fn begin(
             len: 0,
             why: "no content key",
         }))?;
-    let (ram, kept_memory) = match &config.ram_file {
-        Some(path) => ReplicaRam::open_file(path, plan.mem_mib)?,
-        None => (ReplicaRam::create(plan.mem_mib)?, false),
-    };
+    // Waits for an earlier holder of the RAM file and allocates it:
+    // off the async workers.
+    let (ram, kept_memory) = oracle::off_the_workers(|| match &config.ram_file {
+        Some(path) => ReplicaRam::open_file(path, plan.mem_mib),
+        None => ReplicaRam::create(plan.mem_mib).map(|ram| (ram, false)),
+    })?;
     let (disks, fresh): (Vec<_>, Vec<_>) = config
         .disks
         .iter()

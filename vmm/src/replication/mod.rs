@@ -7,8 +7,8 @@
 //! - State: [`Vm::capture_state`] (everything but memory, as plain data).
 //! - Memory: [`Vm::harvest_dirty_into`] copies the pages written since the
 //!   last harvest (by the guest's CPUs or by the VMM's devices) into a
-//!   [`PageSink`] the caller owns; [`Vm::stage_nonzero_pages`] feeds an
-//!   initial copy.
+//!   [`PageSink`] the caller owns; [`Vm::stage_pages_where`] feeds an
+//!   initial copy (the pages the standby does not hold).
 //! - Output: [`Vm::output`], VM-wide control of the NICs' transmitted
 //!   frames (hold, seal a batch, release through a batch, open), the
 //!   guest's learned addresses and their announcement ([`Output`]).
@@ -117,16 +117,6 @@ impl Vm {
         sink: &mut impl PageSink,
     ) -> Result<u64, ReplicationError> {
         copy_pages(&self.ram.memory, pages, sink)
-    }
-
-    /// Copies the pages numbered `range` whose contents are not all zero
-    /// into `sink` (a replica starts zeroed); returns how many.
-    pub fn stage_nonzero_pages(
-        &self,
-        range: Range<u64>,
-        sink: &mut impl PageSink,
-    ) -> Result<u64, ReplicationError> {
-        self.stage_pages_where(range, sink, |_, page| page.iter().any(|&b| b != 0))
     }
 
     /// Copies the pages numbered `range` that `wanted` (page number,

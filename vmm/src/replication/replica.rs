@@ -16,7 +16,8 @@ use crate::memory::{self, GuestRam};
 use crate::snapshot::MachineState;
 use crate::vm::{SerialSink, Vm, VmError, VmShell};
 
-/// The replica's guest RAM (a memfd, zeroed when created), and the KVM VM
+/// The replica's guest RAM (a memfd, zeroed when created, or a RAM file
+/// that may hold an earlier copy's memory), and the KVM VM
 /// being made for it ahead of a promotion.
 pub struct ReplicaRam {
     vm: Option<JoinHandle<Result<VmShell, VmError>>>,
