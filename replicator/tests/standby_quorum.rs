@@ -12,7 +12,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use replicator::quorum::WitnessConfig;
@@ -98,22 +98,6 @@ fn hold(primary: &Arc<WitnessClient>, generation: u64) -> Holding {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }))
-}
-
-/// Waits until the standby's status satisfies `check`.
-async fn until(standby: &Standby, what: &str, check: impl Fn(&replicator::status::Status) -> bool) {
-    let start = Instant::now();
-    loop {
-        let status = standby.status.snapshot();
-        if check(&status) {
-            return;
-        }
-        assert!(
-            start.elapsed() < WITHIN,
-            "the standby never got to: {what}; its status: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

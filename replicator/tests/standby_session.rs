@@ -237,9 +237,8 @@ async fn a_primary_silent_on_both_paths_is_taken_over() {
 #[tokio::test]
 async fn a_primary_whose_vm_stopped_is_not_taken_over() {
     let standby = start_standby("stopped").await;
-    let link = committed_primary(standby.addr).await;
-    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
-    drop(link);
+    stopped_session(&standby).await;
+    // Nothing happens afterwards either (a takeover would end the task).
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
         !standby.task.is_finished(),
@@ -574,10 +573,7 @@ async fn a_kept_replica_disk_is_described_by_its_digests_and_replaced_where_it_d
 async fn a_replica_disk_of_another_size_is_made_new() {
     use replicator::protocol::HeldPart;
     let standby = start_standby("resized-disk").await;
-    let link = committed_primary(standby.addr).await;
-    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
-    drop(link);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    stopped_session(&standby).await;
     let mut link = primary_planning(standby.addr, 1, 2 * DISK_BYTES).await;
     assert_eq!(
         expect_held(&mut link).await,

@@ -252,11 +252,11 @@ async fn copy_disks(
             let missing_bytes: usize = missing.iter().map(|(s, e)| e - s).sum();
             held += (n - missing_bytes) as u64;
             if !missing.is_empty() {
-                let data = Bytes::copy_from_slice(&buf[..n]);
+                // Only the missing ranges are copied out of the buffer.
                 let records = missing.into_iter().map(|(start, end)| DiskRecord {
                     disk: index as u32,
                     offset: offset + start as u64,
-                    data: data.slice(start..end),
+                    data: Bytes::copy_from_slice(&buf[start..end]),
                 });
                 sent += send_disk(tx, records, progress).await?;
             }

@@ -338,6 +338,40 @@ pub async fn expect_ack(link: &mut Link, epoch: u64) {
     assert_eq!((envelope.message, envelope.epoch), (Message::Ack, epoch));
 }
 
+/// Waits until the standby's status satisfies `check`.
+pub async fn until(
+    standby: &Standby,
+    what: &str,
+    check: impl Fn(&replicator::status::Status) -> bool,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let status = standby.status.snapshot();
+        if check(&status) {
+            return;
+        }
+        assert!(
+            start.elapsed() < WITHIN,
+            "the standby never got to: {what}; its status: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A session whose epoch 1 the standby committed, ended by the primary's
+/// `Stop` (its VM stopped on purpose): returns once the standby says so.
+pub async fn stopped_session(standby: &Standby) {
+    let link = committed_primary(standby.addr).await;
+    send(&link, &[Message::Stop.into_frame(2, 1)]).await;
+    drop(link);
+    until(standby, "the session ended by Stop", |s| {
+        s.message
+            .as_deref()
+            .is_some_and(|m| m.contains("stopped on purpose"))
+    })
+    .await;
+}
+
 /// The replica the standby hands over for promotion (within [`WITHIN`]).
 pub async fn taken_over(
     task: tokio::task::JoinHandle<Result<Replica, ft_link::LinkError>>,
