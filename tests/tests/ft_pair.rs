@@ -348,7 +348,7 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
         vcpus: None,
         also: Some(
             "/bin/ft-dirtier,rate,--mib,32,--pages-per-sec,2000,--seconds,100000,\
-             --disk-file,/data/churn,--disk-blocks-per-sec,100"
+             --disk-file,/data/churn,--disk-file-mib,4,--disk-blocks-per-sec,100"
                 .into(),
         ),
     };

@@ -31,10 +31,14 @@ enum Mode {
         /// How long to run.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
-        /// Also write this file (16 MiB, 4 KiB blocks at varying offsets,
+        /// Also write this file (4 KiB blocks at varying offsets,
         /// fdatasync every 16 writes) while dirtying memory.
         #[arg(long)]
         disk_file: Option<std::path::PathBuf>,
+        /// Size of `--disk-file` in MiB: its blocks are rewritten over and
+        /// over, so it must fit the guest's disk (the lab's is 16 MiB).
+        #[arg(long, default_value_t = 4)]
+        disk_file_mib: u64,
         /// Blocks written to `--disk-file` per second.
         #[arg(long, default_value_t = 200)]
         disk_blocks_per_sec: u64,
@@ -54,11 +58,14 @@ fn main() {
             pages_per_sec,
             seconds,
             disk_file,
+            disk_file_mib,
             disk_blocks_per_sec,
         } => {
             if let Some(path) = disk_file {
                 let duration = Duration::from_secs_f64(seconds);
-                std::thread::spawn(move || write_disk(&path, disk_blocks_per_sec, duration));
+                std::thread::spawn(move || {
+                    write_disk(&path, disk_file_mib, disk_blocks_per_sec, duration)
+                });
             }
             let mut dirtier = Dirtier::new(mib);
             let start = Instant::now();
@@ -100,12 +107,13 @@ fn main() {
     }
 }
 
-/// Writes 4 KiB blocks of a 16 MiB file at `per_sec`, each block holding
-/// its write's sequence number, with an fdatasync every 16 writes.
-fn write_disk(path: &std::path::Path, per_sec: u64, duration: Duration) {
+/// Writes 4 KiB blocks of a `mib` MiB file at `per_sec`, each block holding
+/// its write's sequence number, with an fdatasync every 16 writes. A file
+/// that does not fit the disk ends the writer with ENOSPC, loudly.
+fn write_disk(path: &std::path::Path, mib: u64, per_sec: u64, duration: Duration) {
     use std::os::unix::fs::FileExt;
     const BLOCK: u64 = 4096;
-    const BLOCKS: u64 = 4096;
+    let blocks = (mib.max(1) << 20) / BLOCK;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -117,7 +125,7 @@ fn write_disk(path: &std::path::Path, per_sec: u64, duration: Duration) {
     let mut block = vec![0u8; BLOCK as usize];
     let mut n: u64 = 0;
     while start.elapsed() < duration {
-        let at = (n.wrapping_mul(2_654_435_761) % BLOCKS) * BLOCK;
+        let at = (n.wrapping_mul(2_654_435_761) % blocks) * BLOCK;
         block.fill((n % 251) as u8);
         block[..8].copy_from_slice(&n.to_le_bytes());
         file.write_all_at(&block, at).expect("write the disk file");
