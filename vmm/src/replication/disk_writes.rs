@@ -2,8 +2,9 @@
 //! taken and stopped together, each write tagged with its disk.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::devices::virtio::block::write_log::WriteLog;
+use crate::devices::virtio::block::write_log::{Doorbell, WriteLog};
 
 /// One executed write: bytes at a byte offset of disk `disk` (device
 /// order).
@@ -17,11 +18,21 @@ pub struct DiskWrite {
 /// The write records of every disk of a VM.
 pub struct DiskWrites {
     logs: Vec<Arc<WriteLog>>,
+    /// Rung by every disk's recorded write.
+    doorbell: Arc<Doorbell>,
 }
+
+/// Per disk (device order), the number of the last write taken: what a
+/// synchronous mirror settles once the peer holds them.
+pub type WritesThrough = Vec<u64>;
 
 impl DiskWrites {
     pub(crate) fn new(logs: Vec<Arc<WriteLog>>) -> DiskWrites {
-        DiskWrites { logs }
+        let doorbell = Arc::new(Doorbell::default());
+        for log in &logs {
+            log.ring_on_write(Arc::clone(&doorbell));
+        }
+        DiskWrites { logs, doorbell }
     }
 
     /// How many disks the VM has.
@@ -37,7 +48,55 @@ impl DiskWrites {
         }
     }
 
-    /// Stops recording and drops what was recorded.
+    /// Whether each write's completion to the guest waits until
+    /// [`DiskWrites::settle`] says the peer holds it (a synchronous mirror,
+    /// level HA). Only while recording; off, every waiting write completes.
+    pub fn set_synchronous(&self, on: bool) {
+        for log in &self.logs {
+            log.set_synchronous(on);
+        }
+    }
+
+    /// The writes recorded since the last take, as [`DiskWrites::take`],
+    /// with the number of each disk's last write taken.
+    pub fn take_numbered(&self) -> (Vec<DiskWrite>, WritesThrough) {
+        let mut through = Vec::with_capacity(self.logs.len());
+        let mut writes = Vec::new();
+        for (disk, log) in self.logs.iter().enumerate() {
+            let (taken, last) = log.take_numbered();
+            through.push(last);
+            writes.extend(taken.into_iter().map(|w| DiskWrite {
+                disk: disk as u32,
+                offset: w.offset,
+                data: w.data,
+            }));
+        }
+        (writes, through)
+    }
+
+    /// The peer holds every write through `through` (from
+    /// [`DiskWrites::take_numbered`]): their completions go to the guest.
+    pub fn settle(&self, through: &[u64]) {
+        for (log, &last) in self.logs.iter().zip(through) {
+            log.settle(last);
+        }
+    }
+
+    /// Waits until a write was recorded on any disk since the record rang
+    /// `seen` times, at most `within`; returns the count to pass next time
+    /// (start with [`DiskWrites::rings`]).
+    pub fn wait_for_writes(&self, seen: u64, within: Duration) -> u64 {
+        self.doorbell.wait_past(seen, within)
+    }
+
+    /// How many writes were recorded so far, counted for
+    /// [`DiskWrites::wait_for_writes`].
+    pub fn rings(&self) -> u64 {
+        self.doorbell.rings()
+    }
+
+    /// Stops recording and drops what was recorded (writes waiting for a
+    /// synchronous mirror complete).
     pub fn stop(&self) {
         for log in &self.logs {
             log.stop();

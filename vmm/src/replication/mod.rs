@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use vm_memory::{Bytes as _, GuestAddress};
 
 pub use self::cpu::offered_cpu_features;
-pub use self::disk_writes::{DiskWrite, DiskWrites};
+pub use self::disk_writes::{DiskWrite, DiskWrites, WritesThrough};
 pub use self::input::{InboundFrame, Input};
 pub use self::output::{gratuitous_arp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};

@@ -1,6 +1,8 @@
 //! virtio-blk backed by a raw image file: read, write, flush (fdatasync),
 //! get-id; optionally read-only. Requests run synchronously in the vCPU
-//! thread that notifies the queue.
+//! thread that notifies the queue; a synchronous mirror of the disk holds
+//! their completion until the peer has the batch's writes (see
+//! [`write_log`]).
 
 pub mod request;
 pub mod state;
@@ -209,7 +211,7 @@ impl Block {
             id: &self.id,
             log: Some(&self.write_log),
         };
-        let mut used = false;
+        let mut done = Vec::new();
         while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
             let head = chain.head_index();
             let descriptors: Vec<_> = chain.collect();
@@ -227,6 +229,15 @@ impl Block {
                     0
                 }
             };
+            done.push((head, used_len));
+        }
+        // A synchronous mirror holds the batch's completions until the
+        // peer has its writes (at once otherwise).
+        if !done.is_empty() {
+            self.write_log.wait_settled();
+        }
+        let mut used = false;
+        for (head, used_len) in done {
             // A used ring outside guest memory was refused at activation.
             if active.queue.add_used(&active.mem, head, used_len).is_ok() {
                 used = true;

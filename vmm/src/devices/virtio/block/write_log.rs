@@ -1,9 +1,18 @@
 //! A record of the writes a disk executes, for whoever mirrors the disk
 //! (the replicator sends each checkpoint's writes to the standby, which
 //! applies them only when that checkpoint commits). Off until started.
+//!
+//! A synchronous mirror (level HA: a write completes only once the peer
+//! has it) also holds each write's completion: writes are numbered as they
+//! are recorded, the mirror says which are settled (on the peer's disk),
+//! and the device waits for its writes before it tells the guest they are
+//! done ([`WriteLog::wait_settled`]). Stopping the record, or the mirror
+//! going back to asynchronous, lets every waiting write complete: the disk
+//! runs unprotected then, which the mirror reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 /// One executed write: bytes at a byte offset of the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,32 +21,100 @@ pub struct DiskWrite {
     pub data: Vec<u8>,
 }
 
+/// Rung whenever a write is recorded on any disk that shares it: wakes the
+/// mirror that sends them.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    rings: Mutex<u64>,
+    rung: Condvar,
+}
+
+impl Doorbell {
+    fn ring(&self) {
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        *rings += 1;
+        self.rung.notify_all();
+    }
+
+    /// How many times it rang so far.
+    pub fn rings(&self) -> u64 {
+        *self.rings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until it rang more than `seen` times, at most `within`;
+    /// returns how many times it rang.
+    pub fn wait_past(&self, seen: u64, within: Duration) -> u64 {
+        let rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        let (rings, _) = self
+            .rung
+            .wait_timeout_while(rings, within, |r| *r <= seen)
+            .unwrap_or_else(|e| e.into_inner());
+        *rings
+    }
+}
+
+/// What the lock guards.
+#[derive(Debug, Default)]
+struct Record {
+    /// `None` while not recording.
+    writes: Option<Vec<DiskWrite>>,
+    /// Writes recorded since the record started (the last one's number).
+    recorded: u64,
+    /// Writes the mirror says the peer holds, counted like `recorded`.
+    settled: u64,
+    /// Completions wait for settlement.
+    synchronous: bool,
+}
+
 /// The write record of one disk.
 #[derive(Debug, Default)]
 pub struct WriteLog {
-    /// `None` while not recording.
-    writes: Mutex<Option<Vec<DiskWrite>>>,
+    record: Mutex<Record>,
+    /// Signalled when `settled` grows or waiting ends.
+    settled: Condvar,
     /// Bytes of data held in `writes` (read without the lock).
     held: AtomicU64,
+    /// Rung on every recorded write (set once by whoever mirrors).
+    doorbell: OnceLock<Arc<Doorbell>>,
 }
 
 impl WriteLog {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<DiskWrite>>> {
-        self.writes.lock().expect("write log lock")
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records every write from now on (anything recorded before is dropped).
+    /// Rings `doorbell` on every recorded write from now on (the first
+    /// doorbell given stays).
+    pub fn ring_on_write(&self, doorbell: Arc<Doorbell>) {
+        let _ = self.doorbell.set(doorbell);
+    }
+
+    /// Records every write from now on (anything recorded before is
+    /// dropped, and the numbering starts again).
     pub fn start(&self) {
-        let mut writes = self.lock();
-        *writes = Some(Vec::new());
+        let mut record = self.lock();
+        record.writes = Some(Vec::new());
+        record.recorded = 0;
+        record.settled = 0;
         self.held.store(0, Ordering::Relaxed);
     }
 
-    /// Stops recording and drops what was recorded.
+    /// Stops recording and drops what was recorded; writes waiting for
+    /// settlement complete.
     pub fn stop(&self) {
-        let mut writes = self.lock();
-        *writes = None;
+        let mut record = self.lock();
+        record.writes = None;
+        record.synchronous = false;
         self.held.store(0, Ordering::Relaxed);
+        self.settled.notify_all();
+    }
+
+    /// Whether completions wait for the mirror (only while recording).
+    /// Turning it off lets every waiting write complete.
+    pub fn set_synchronous(&self, on: bool) {
+        let mut record = self.lock();
+        record.synchronous = on && record.writes.is_some();
+        self.settled.notify_all();
     }
 
     /// Bytes of write data recorded and not yet taken: what the record
@@ -55,12 +132,19 @@ impl WriteLog {
         &self,
         write: impl FnOnce(bool) -> Result<Option<DiskWrite>, E>,
     ) -> Result<(), E> {
-        let mut writes = self.lock();
-        let recorded = write(writes.is_some())?;
-        if let (Some(writes), Some(recorded)) = (writes.as_mut(), recorded) {
-            self.held
-                .fetch_add(recorded.data.len() as u64, Ordering::Relaxed);
-            writes.push(recorded);
+        let mut record = self.lock();
+        let recorded = write(record.writes.is_some())?;
+        if let Some(recorded) = recorded {
+            if let Some(writes) = record.writes.as_mut() {
+                self.held
+                    .fetch_add(recorded.data.len() as u64, Ordering::Relaxed);
+                writes.push(recorded);
+                record.recorded += 1;
+                drop(record);
+                if let Some(doorbell) = self.doorbell.get() {
+                    doorbell.ring();
+                }
+            }
         }
         Ok(())
     }
@@ -68,9 +152,41 @@ impl WriteLog {
     /// The writes recorded since the last take, in execution order
     /// (recording goes on).
     pub fn take(&self) -> Vec<DiskWrite> {
-        let mut writes = self.lock();
+        self.take_numbered().0
+    }
+
+    /// Like [`WriteLog::take`], with the number of the last write taken
+    /// (what [`WriteLog::settle`] is told once the peer holds them).
+    pub fn take_numbered(&self) -> (Vec<DiskWrite>, u64) {
+        let mut record = self.lock();
         self.held.store(0, Ordering::Relaxed);
-        writes.as_mut().map(std::mem::take).unwrap_or_default()
+        let through = record.recorded;
+        let writes = record
+            .writes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        (writes, through)
+    }
+
+    /// The mirror's word: the peer holds every write through number
+    /// `through`; their completions go to the guest.
+    pub fn settle(&self, through: u64) {
+        let mut record = self.lock();
+        record.settled = record.settled.max(through);
+        self.settled.notify_all();
+    }
+
+    /// Waits, while the mirror is synchronous, until every write recorded
+    /// so far is settled (the device calls it before it completes a batch
+    /// of requests to the guest). Returns at once otherwise.
+    pub fn wait_settled(&self) {
+        let record = self.lock();
+        let through = record.recorded;
+        let _record = self
+            .settled
+            .wait_while(record, |r| r.synchronous && r.settled < through)
+            .unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -155,5 +271,66 @@ mod tests {
         write(4);
         assert!(log.take().is_empty());
         assert_eq!(log.held_bytes(), 0);
+    }
+
+    fn record(log: &WriteLog, at: u64) {
+        log.write_with(|recording| {
+            Ok::<_, ()>(recording.then(|| DiskWrite {
+                offset: at,
+                data: vec![1],
+            }))
+        })
+        .unwrap();
+    }
+
+    /// Level HA: a synchronous mirror holds a write's completion until it
+    /// settles the write's number; stopping the record lets a waiting
+    /// write complete (the disk runs unprotected), and so does turning
+    /// the mirror asynchronous.
+    #[test]
+    fn a_synchronous_mirror_holds_completions_until_the_peer_has_the_writes() {
+        let log = Arc::new(WriteLog::default());
+        let doorbell = Arc::new(Doorbell::default());
+        log.ring_on_write(Arc::clone(&doorbell));
+        log.start();
+        log.set_synchronous(true);
+        record(&log, 1);
+        assert_eq!(doorbell.wait_past(0, Duration::from_secs(5)), 1, "rung");
+        let (done_tx, done) = mpsc::channel();
+        let waiter = {
+            let (log, done_tx) = (Arc::clone(&log), done_tx.clone());
+            std::thread::spawn(move || {
+                log.wait_settled();
+                done_tx.send(()).unwrap();
+            })
+        };
+        assert!(
+            done.recv_timeout(Duration::from_millis(200)).is_err(),
+            "completed before the peer had the write"
+        );
+        let (writes, through) = log.take_numbered();
+        assert_eq!((writes.len(), through), (1, 1));
+        log.settle(through);
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("completed once settled");
+        waiter.join().unwrap();
+        // A second write, then the mirror fails: the record stops.
+        record(&log, 2);
+        let waiter = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.wait_settled();
+                done_tx.send(()).unwrap();
+            })
+        };
+        assert!(done.recv_timeout(Duration::from_millis(200)).is_err());
+        log.stop();
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("completed once the record stopped");
+        waiter.join().unwrap();
+        // Not recording: synchronous cannot be turned on, nothing waits.
+        log.set_synchronous(true);
+        record(&log, 3);
+        log.wait_settled();
     }
 }
