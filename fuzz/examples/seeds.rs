@@ -39,6 +39,8 @@ fn plan() -> SyncPlan {
         disk_bytes: vec![64 << 10, 256 << 10],
         nics: 1,
         content_key: "5a".repeat(32),
+        level: Default::default(),
+        boot: None,
     }
 }
 
@@ -405,7 +407,7 @@ fn sync_plan() {
         "sync_plan",
         "spaced",
         concat!(
-            "{ \"version\": 2, \"mem_mib\": 18446744073709551615, \"disk_bytes\": [0, 1e3], ",
+            "{ \"version\": 3, \"mem_mib\": 18446744073709551615, \"disk_bytes\": [0, 1e3], ",
             "\"nics\": 2, \"content_key\": \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\" }"
         )
         .as_bytes(),

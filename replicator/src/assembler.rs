@@ -55,6 +55,10 @@ pub enum AssemblerError {
         #[source]
         source: vmm::replication::ReplicationError,
     },
+    #[error(
+        "epoch {epoch} carries {pages} memory pages, but this replica is a disk mirror (level HA)"
+    )]
+    PagesInMirror { epoch: u64, pages: u64 },
     #[error("unexpected {0} message on the epoch stream")]
     Unexpected(&'static str),
     #[error(
@@ -253,10 +257,7 @@ impl EpochAssembler {
     ) -> Result<(), AssemblerError> {
         let epoch = complete.epoch;
         self.sequencer.check(epoch)?;
-        for w in &complete.writes {
-            crate::standby::replica_disk::check(disks, w)
-                .map_err(|source| AssemblerError::Disk { epoch, source })?;
-        }
+        check_writes(complete, disks)?;
         for batch in &complete.pages {
             batch
                 .check_within(ram.bytes())
@@ -268,14 +269,57 @@ impl EpochAssembler {
                     .map_err(|source| AssemblerError::Apply { epoch, source })?;
             }
         }
-        for w in &complete.writes {
-            disks[w.disk as usize]
-                .write(w.offset, &w.data)
+        write_all(complete, disks)?;
+        self.sequencer.applied(epoch);
+        Ok(())
+    }
+
+    /// Level HA: applies a complete epoch of disk writes to a mirror,
+    /// which holds no memory (an epoch with pages is refused whole), and
+    /// makes the writes durable before it returns.
+    pub fn apply_writes(
+        &mut self,
+        complete: &CompleteEpoch,
+        disks: &[ReplicaDisk],
+    ) -> Result<(), AssemblerError> {
+        let epoch = complete.epoch;
+        self.sequencer.check(epoch)?;
+        if complete.page_count > 0 {
+            return Err(AssemblerError::PagesInMirror {
+                epoch,
+                pages: complete.page_count,
+            });
+        }
+        check_writes(complete, disks)?;
+        write_all(complete, disks)?;
+        for disk in disks {
+            disk.sync()
                 .map_err(|source| AssemblerError::Disk { epoch, source })?;
         }
         self.sequencer.applied(epoch);
         Ok(())
     }
+}
+
+/// Every write of `complete` within its disk (before any is applied).
+fn check_writes(complete: &CompleteEpoch, disks: &[ReplicaDisk]) -> Result<(), AssemblerError> {
+    let epoch = complete.epoch;
+    for w in &complete.writes {
+        crate::standby::replica_disk::check(disks, w)
+            .map_err(|source| AssemblerError::Disk { epoch, source })?;
+    }
+    Ok(())
+}
+
+/// Writes `complete`'s disk writes in order.
+fn write_all(complete: &CompleteEpoch, disks: &[ReplicaDisk]) -> Result<(), AssemblerError> {
+    let epoch = complete.epoch;
+    for w in &complete.writes {
+        disks[w.disk as usize]
+            .write(w.offset, &w.data)
+            .map_err(|source| AssemblerError::Disk { epoch, source })?;
+    }
+    Ok(())
 }
 
 /// Checks a staged epoch against its end record.

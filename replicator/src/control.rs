@@ -281,6 +281,15 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
         ControlCommand::Switchover => {
             let s = status.snapshot();
             match (s.role, s.state) {
+                _ if s.level == crate::level::Level::Ha => (
+                    ControlResponse::refused(
+                        "no switchover at level HA: an HA VM moves by live migration, \
+                         which is not built yet (stop it and start it on the peer, or \
+                         protect it at level FT)"
+                            .to_string(),
+                    ),
+                    Action::None,
+                ),
                 (crate::status::Role::Primary, crate::status::FtState::Protected) => {
                     (ControlResponse::done(), Action::Switchover)
                 }
@@ -296,6 +305,14 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
         ControlCommand::Verify => {
             let s = status.snapshot();
             match (s.role, s.state) {
+                _ if s.level == crate::level::Level::Ha => (
+                    ControlResponse::refused(
+                        "no consistency check at level HA: the standby holds no memory to \
+                         compare"
+                            .to_string(),
+                    ),
+                    Action::None,
+                ),
                 (crate::status::Role::Primary, crate::status::FtState::Protected) => {
                     (ControlResponse::done(), Action::Verify)
                 }

@@ -3,6 +3,8 @@
 //! - [`protocol`]: every message between primary and standby, typed, with
 //!   its codec (epoch state, dirty pages, disk writes, the end record that
 //!   makes a torn epoch detectable; the synchronisation plan).
+//! - [`level`]: the protection levels (ft: checkpoints; ha: disks
+//!   mirrored synchronously, the VM rebooted on the survivor).
 //! - [`primary`]: initial synchronisation and the epoch loop with output
 //!   commit (network frames released per acknowledged epoch, disk writes
 //!   shipped with their epoch) and the adaptive interval ([`interval`]).
@@ -46,6 +48,7 @@ pub mod content;
 pub mod control;
 pub mod heap;
 pub mod interval;
+pub mod level;
 pub mod oracle;
 pub mod pairing;
 pub mod primary;

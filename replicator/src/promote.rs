@@ -18,7 +18,7 @@ use vmm::replication::{Announcer, Backings, ReplicationError};
 use vmm::vm::Vm;
 
 use crate::standby::replica_disk::ReplicaDisk;
-use crate::standby::Replica;
+use crate::standby::{Checkpointed, Machine, Replica};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -27,6 +27,18 @@ pub enum PromoteError {
         epoch: u64,
         #[source]
         source: ReplicationError,
+    },
+    #[error("the replica of epoch {epoch} is a disk mirror (level HA): it is booted, not resumed")]
+    NoCheckpoint { epoch: u64 },
+    #[error(
+        "the replica of epoch {epoch} holds a checkpoint (level FT): it is resumed, not booted"
+    )]
+    NoBootPlan { epoch: u64 },
+    #[error("the VM cannot boot from its mirror (epoch {epoch}): {source}")]
+    Boot {
+        epoch: u64,
+        #[source]
+        source: vmm::vm::VmError,
     },
 }
 
@@ -51,19 +63,26 @@ pub fn promote(
 ) -> Result<Promoted, PromoteError> {
     let started = Instant::now();
     let epoch = replica.epoch;
+    let Machine::Checkpoint(checkpoint) = replica.machine else {
+        return Err(PromoteError::NoCheckpoint { epoch });
+    };
     let backings = Backings {
         serial,
         disks: replica.disks.iter().map(|d| d.path.clone()).collect(),
         taps: taps.to_vec(),
     };
     sync_in_background(replica.disks);
-    let addresses = replica.state.guest_ipv4;
-    let inbound = replica.inbound;
-    let final_output = replica.final_output;
+    let Checkpointed {
+        ram,
+        state,
+        inbound,
+        final_output,
+    } = *checkpoint;
+    let addresses = state.guest_ipv4;
     // The TAPs go up on the bridge before the guest runs: a reply whose
     // retransmission timer is overdue (guest time jumped by the gap) leaves
     // at once, and a TAP that is down or off the bridge would lose it.
-    let vm = Vm::restore_replica(replica.state.machine, replica.ram, backings, || {
+    let vm = Vm::restore_replica(state.machine, ram, backings, || {
         if let Some(bridge) = bridge {
             for tap in taps {
                 join_bridge(tap, bridge);
@@ -156,4 +175,71 @@ pub fn join_bridge(tap: &str, bridge: &str) {
         Ok(()) => info!(tap, bridge, "TAP joined the bridge"),
         Err(error) => warn!(tap, bridge, %error, "could not put the TAP on the bridge"),
     }
+}
+
+/// What a VM booted from its mirror runs with that the mirror does not
+/// say: this node's own serial sink, CPU feature set and RAM file.
+pub struct BootHere {
+    pub serial: SerialSink,
+    pub cpu_features: vmm::config::FeatureSet,
+    pub ram_file: Option<std::path::PathBuf>,
+}
+
+/// Level HA: boots the VM from the replica's mirrored disks (a reboot: the
+/// guest's memory was not replicated), with its own MACs on this node's
+/// TAPs, on the bridge before its vCPUs start. The guest announces itself
+/// as it boots.
+pub fn boot_from_mirror(
+    replica: Replica,
+    taps: &[String],
+    bridge: Option<&str>,
+    here: BootHere,
+) -> Result<Vm, PromoteError> {
+    let started = Instant::now();
+    let epoch = replica.epoch;
+    let Machine::Boot(plan) = replica.machine else {
+        return Err(PromoteError::NoBootPlan { epoch });
+    };
+    let config = vmm::config::VmConfig {
+        vcpus: plan.vcpus,
+        mem_mib: plan.mem_mib,
+        boot: vmm::config::BootSource {
+            kernel: plan.kernel,
+            initrd: plan.initrd,
+            cmdline: plan.cmdline,
+        },
+        serial: here.serial,
+        disks: replica
+            .disks
+            .iter()
+            .map(|d| vmm::config::DiskConfig {
+                path: d.path.clone(),
+                read_only: false,
+            })
+            .collect(),
+        nets: taps
+            .iter()
+            .zip(&plan.macs)
+            .map(|(tap, &mac)| vmm::config::NetConfig {
+                tap: tap.clone(),
+                mac,
+            })
+            .collect(),
+        cpu_features: here.cpu_features,
+        dirty_tracking: vmm::config::DirtyTracking::Auto,
+        ram_file: here.ram_file,
+    };
+    drop(replica.disks);
+    let vm = Vm::boot(config).map_err(|source| PromoteError::Boot { epoch, source })?;
+    if let Some(bridge) = bridge {
+        for tap in taps {
+            join_bridge(tap, bridge);
+        }
+    }
+    info!(
+        epoch,
+        took_ms = started.elapsed().as_millis() as u64,
+        "booted the VM from its mirror (level HA)"
+    );
+    Ok(vm)
 }

@@ -264,6 +264,10 @@ pub struct Status {
     /// Standby: the last consistency check's verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oracle: Option<crate::oracle::Verdict>,
+    /// The protection level: `ft` (checkpoints) or `ha` (the disks
+    /// mirrored; epochs are batches of disk writes, no memory).
+    #[serde(default)]
+    pub level: crate::level::Level,
 }
 
 fn unix_ms() -> u64 {
@@ -298,6 +302,7 @@ impl StatusBoard {
                 alink: None,
                 dirty_tracking: None,
                 heartbeat_timeout_ms: 0,
+                level: crate::level::Level::Ft,
                 oracle: None,
             })),
         }

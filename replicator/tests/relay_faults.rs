@@ -36,6 +36,8 @@ fn the_relays_kind_names_are_the_replication_codes() {
         disk_bytes: vec![DISK_BYTES],
         nics: 0,
         content_key: "00".repeat(32),
+        level: Default::default(),
+        boot: None,
     };
     let page = PageBatch::new(Bytes::from(vec![0u8; 8 + PAGE_SIZE])).unwrap();
     let (mut writes, _) = disk_payloads([DiskRecord {
@@ -257,6 +259,8 @@ async fn a_page_frame_lost_from_the_initial_copy_is_never_promoted() {
     let replica = taken_over(standby.task).await;
     let mut page7 = vec![0u8; PAGE_SIZE];
     replica
+        .checkpoint()
+        .expect("a checkpoint")
         .ram
         .read_page(7 * PAGE_SIZE as u64, &mut page7)
         .unwrap();

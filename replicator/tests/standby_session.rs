@@ -43,7 +43,10 @@ async fn a_truncated_epoch_is_never_applied_and_the_last_committed_one_is_handed
         b"one",
         "disk of epoch 1, none of epoch 2"
     );
-    assert_eq!(replica.state.guest_ipv4, vec![[10, 77, 0, 100]]);
+    assert_eq!(
+        replica.checkpoint().unwrap().state.guest_ipv4,
+        vec![[10, 77, 0, 100]]
+    );
     assert_eq!(standby.status.snapshot().counters.epochs_applied, 1);
 }
 
@@ -385,7 +388,10 @@ async fn frames_received_past_the_committed_checkpoint_are_handed_over_in_order(
     let replica = taken_over(standby.task).await;
     assert_eq!(replica.epoch, 2);
     assert_eq!(page5(&replica), 0x33);
-    let replay: Vec<u8> = replica.inbound[0].iter().map(|f| f[0]).collect();
+    let replay: Vec<u8> = replica.checkpoint().unwrap().inbound[0]
+        .iter()
+        .map(|f| f[0])
+        .collect();
     assert_eq!(replay, vec![3, 4], "what checkpoint 2 lacks, in order");
 }
 
@@ -424,7 +430,7 @@ async fn a_switchover_after_the_final_epoch_is_taken_over_while_the_primary_live
     assert_eq!(page5(&replica), 0x33, "memory of the final epoch");
     assert_eq!(disk_at_512(&replica, 3), b"two");
     assert_eq!(
-        replica.final_output,
+        replica.checkpoint().unwrap().final_output,
         vec![vec![bytes::Bytes::from(reply)]],
         "the final output, to be sent from the standby's port"
     );

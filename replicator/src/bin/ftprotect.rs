@@ -1,4 +1,5 @@
-//! `ftprotect`: runs a VM protected at level FT across a node pair.
+//! `ftprotect`: runs a VM protected at level FT (or HA, `--level ha`)
+//! across a node pair.
 //!
 //! - `ftprotect run ...` boots the VM on this node as the primary; it
 //!   protects it whenever a standby answers at `--peer` and runs it
@@ -32,8 +33,10 @@ use replicator::control::{self, ControlCommand, ControlRequest, ControlServer};
 use replicator::interval::{
     IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MAX_RUN_AHEAD, DEFAULT_MIN_INTERVAL,
 };
+use replicator::level::Level;
 use replicator::primary::{self, PrimaryConfig, PrimaryEnd, DEFAULT_EPOCHS_IN_FLIGHT};
 use replicator::quorum::WitnessConfig;
+use replicator::standby::Machine;
 use replicator::standby::{self, StandbyConfig};
 use replicator::status::{FtState, Role, StatusBoard};
 use replicator::{checkpoint_bench, pairing, promote};
@@ -52,7 +55,7 @@ const SESSION_END_WITHIN: Duration = Duration::from_secs(2);
 #[derive(Parser)]
 #[command(
     name = "ftprotect",
-    about = "Run a VM protected at level FT across a node pair"
+    about = "Run a VM protected at level FT or HA across a node pair"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -141,6 +144,13 @@ struct PairOptions {
     /// it; a standby refuses a primary of an older one).
     #[arg(long, default_value_t = 1)]
     generation: u64,
+    /// The protection level the primary runs: `ft` (checkpoints: the
+    /// standby resumes the VM without a reboot) or `ha` (the disks alone
+    /// mirrored synchronously: the standby reboots the VM from its
+    /// mirror). A standby follows its primary's plan, and a copy it takes
+    /// over runs at the level it was replicated at.
+    #[arg(long, default_value = "ft")]
+    level: Level,
 }
 
 #[derive(Subcommand)]
@@ -352,8 +362,10 @@ fn primary_config(
     link: ft_link::LinkConfig,
     generation: u64,
     witness: Option<WitnessConfig>,
+    level: Level,
 ) -> PrimaryConfig {
     PrimaryConfig {
+        level,
         peers: pair.peer.clone(),
         link,
         interval: IntervalLimits {
@@ -398,6 +410,7 @@ fn run_primary(
     runtime: &tokio::runtime::Runtime,
     vm: Vm,
     pair: &PairOptions,
+    level: Level,
     node: &str,
     generation: u64,
     witness: Option<WitnessConfig>,
@@ -412,7 +425,7 @@ fn run_primary(
             return ExitCode::from(2);
         }
     };
-    let mut config = primary_config(pair, link, generation, witness);
+    let mut config = primary_config(pair, link, generation, witness, level);
     config.first_lease = first_lease;
     config.verify_next = Arc::clone(&control.verify);
     config.switchover = Arc::clone(&control.switchover);
@@ -710,6 +723,7 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
         runtime,
         vm,
         pair,
+        pair.level,
         &node,
         pair.generation,
         witness,
@@ -797,16 +811,38 @@ fn standby(
     let generation = replica.generation;
     let switchover = replica.switchover;
     let first_lease = replica.granted_lease;
-    let vm = match promote::promote(
-        replica,
-        &taps,
-        pair.bridge.as_deref(),
-        SerialSink::File(pair.serial_log.clone()),
-    ) {
-        Ok(promoted) => {
-            status.update(|s| s.counters.inbound_replayed += promoted.replayed_frames);
-            promoted.vm
-        }
+    // Level FT resumes the replica's checkpoint; level HA boots the VM
+    // from its mirrored disks.
+    let (taken_over, level) = match replica.machine {
+        Machine::Checkpoint(_) => (
+            promote::promote(
+                replica,
+                &taps,
+                pair.bridge.as_deref(),
+                SerialSink::File(pair.serial_log.clone()),
+            )
+            .map(|promoted| {
+                status.update(|s| s.counters.inbound_replayed += promoted.replayed_frames);
+                promoted.vm
+            }),
+            Level::Ft,
+        ),
+        Machine::Boot(_) => (
+            promote::boot_from_mirror(
+                replica,
+                &taps,
+                pair.bridge.as_deref(),
+                promote::BootHere {
+                    serial: SerialSink::File(pair.serial_log.clone()),
+                    cpu_features: pair.cpu_features,
+                    ram_file: pair.ram_file.clone(),
+                },
+            ),
+            Level::Ha,
+        ),
+    };
+    let vm = match taken_over {
+        Ok(vm) => vm,
         Err(e) => {
             eprintln!("ftprotect: {e}");
             status.set_state(Role::Standby, FtState::Failed, Some(e.to_string()));
@@ -824,6 +860,7 @@ fn standby(
         runtime,
         vm,
         pair,
+        level,
         &node,
         generation,
         witness,

@@ -7,7 +7,8 @@
 //!    every disk is copied (only the chunks the standby does not hold),
 //!    then memory in pre-copy rounds (every page the standby does not
 //!    hold, then the pages dirtied meanwhile) with progress in the status.
-//! 2. [`epochs`]: checkpoints. Each one ([`checkpoint::capture`]) pauses
+//! 2. [`epochs`]: checkpoints (level HA: [`mirror`], batches of disk
+//!    writes acknowledged before the guest sees them complete). Each one ([`checkpoint::capture`]) pauses
 //!    the vCPUs and device work, captures vCPU/device state, harvests the
 //!    dirty pages into frame payloads, takes the disk writes, seals the
 //!    transmitted frames as batch N; the guest resumes (speculative mode),
@@ -35,6 +36,7 @@ mod epochs;
 mod in_flight;
 mod inbound;
 mod lease;
+mod mirror;
 mod switchover;
 mod sync;
 
@@ -120,6 +122,8 @@ pub enum PrimaryError {
 /// How the primary protects its VM.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
+    /// FT (checkpoints) or HA (the disks mirrored synchronously).
+    pub level: crate::level::Level,
     /// The standby's addresses, one per path (the A-link first; a second
     /// path makes a redundant pair: the session runs on one, the other
     /// carries heartbeats so the standby can tell a lost path from a lost
@@ -237,7 +241,10 @@ pub async fn run(
         .clone()
         .map(|w| Lease::start(&vm, w, config.generation, config.first_lease, &status));
     let lease = lease.as_ref();
-    status.update(|s| s.generation = config.generation);
+    status.update(|s| {
+        s.generation = config.generation;
+        s.level = config.level;
+    });
     let mut last_refusal = String::new();
     status.set_state(Role::Primary, FtState::Unprotected, None);
     let mut answered = None;
@@ -553,6 +560,9 @@ async fn protect(
             session.active,
             session.generation,
         ));
+        if config.level == crate::level::Level::Ha {
+            return mirror::mirror(vm, &tx, &mut acks, &session, config, status, stop).await;
+        }
         // What the guest receives goes to the standby beside the epochs.
         tokio::select! {
             e = epochs::epochs(vm, &tx, &mut acks, &session, config, status, stop) => e,

@@ -18,9 +18,10 @@ use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
 use crate::content::{disk_chunks, missing_ranges, ContentKey, Holding};
+use crate::level::Level;
 use crate::protocol::{
-    disk_payloads, DiskRecord, EndTally, Held, HeldPart, Message, PageStager, Region, SyncPlan,
-    DISK_BYTES_PER_FRAME, PAGE_SIZE,
+    disk_payloads, BootPlan, DiskRecord, EndTally, Held, HeldPart, Message, PageStager, Region,
+    SyncPlan, DISK_BYTES_PER_FRAME, PAGE_SIZE,
 };
 use crate::status::{FtState, Role, StatusBoard, SyncProgress};
 
@@ -56,12 +57,15 @@ pub(super) async fn initial_sync(
             .len();
         disk_bytes.push(size);
     }
+    let ha = config.level == Level::Ha;
     let plan = SyncPlan {
         version: crate::protocol::SYNC_PLAN_VERSION,
         mem_mib: vm.mem_mib(),
         disk_bytes: disk_bytes.clone(),
         nics: vm.output().nics(),
         content_key: key.to_hex(),
+        level: config.level,
+        boot: ha.then(|| boot_plan(vm)),
     };
     let sent_before = status.snapshot().counters.alink_bytes_sent;
     tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
@@ -71,18 +75,27 @@ pub(super) async fn initial_sync(
         tally: Default::default(),
         status,
         generation,
-        total: disk_bytes.iter().sum::<u64>() + vm.guest_pages() * PAGE_SIZE as u64,
+        total: disk_bytes.iter().sum::<u64>()
+            + if ha {
+                0
+            } else {
+                vm.guest_pages() * PAGE_SIZE as u64
+            },
     };
     // A standby that kept its disks or memory reads them all first.
     progress.report("standby comparing what it kept", 0);
-    let held = receive_holdings(&mut held, &disk_bytes, vm.guest_pages()).await?;
+    // Level HA copies no memory, and the standby says nothing of it.
+    let pages = (!ha).then(|| vm.guest_pages());
+    let held = receive_holdings(&mut held, &disk_bytes, pages).await?;
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
     vm.disk_writes().start();
     let copied = copy_disks(&disks, &disk_bytes, &held.disks, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
-    let memory = (&held.memory, &key);
-    let (sent_pages, rounds) = copy_memory(vm, tx, config, &progress, done, memory).await?;
+    let (sent_pages, rounds) = match &held.memory {
+        Some(memory) => copy_memory(vm, tx, config, &progress, done, (memory, &key)).await?,
+        None => (0, Vec::new()),
+    };
     drain_writes(vm, tx, &progress, 0).await?;
     // The end record: the standby checks it held every batch, once and in
     // order, before it accepts an epoch.
@@ -101,7 +114,8 @@ pub(super) async fn initial_sync(
         disk_bytes_sent = copied.sent,
         disk_bytes_held = copied.held,
         kept_disks = held.disks.iter().filter(|h| matches!(h, Holding::Kept(_))).count(),
-        kept_memory = matches!(held.memory, Holding::Kept(_)),
+        kept_memory = matches!(held.memory, Some(Holding::Kept(_))),
+        level = %config.level,
         pages_sent = sent_pages,
         precopy_rounds = ?rounds,
         took_ms = started.elapsed().as_millis() as u64,
@@ -139,21 +153,36 @@ impl Progress<'_> {
 /// What the standby holds before the copy.
 struct Holdings {
     disks: Vec<Holding>,
-    memory: Holding,
+    /// None at level HA (memory is not copied).
+    memory: Option<Holding>,
+}
+
+/// How a standby at level HA boots this VM from its mirror.
+fn boot_plan(vm: &Vm) -> BootPlan {
+    let config = vm.config();
+    BootPlan {
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        kernel: config.boot.kernel.clone(),
+        initrd: config.boot.initrd.clone(),
+        cmdline: config.boot.cmdline.clone(),
+        macs: config.nets.iter().map(|n| n.mac).collect(),
+    }
 }
 
 /// What the standby holds of each disk and of memory, from its `SyncHeld`
-/// messages: one `Zeroed`, or the digests of every chunk in order.
+/// messages: one `Zeroed`, or the digests of every chunk in order. Memory
+/// only where `pages` is given (not at level HA).
 async fn receive_holdings(
     held: &mut mpsc::UnboundedReceiver<Held>,
     disk_sizes: &[u64],
-    pages: u64,
+    pages: Option<u64>,
 ) -> Result<Holdings, PrimaryError> {
     // Chunks per region: the disks, then memory.
     let chunks: Vec<u64> = disk_sizes
         .iter()
         .map(|&size| disk_chunks(size))
-        .chain([pages])
+        .chain(pages)
         .collect();
     let mut holdings: Vec<Option<Holding>> = vec![None; chunks.len()];
     let complete = |h: &[Option<Holding>]| {
@@ -174,7 +203,8 @@ async fn receive_holdings(
         let index = match region {
             Region::Disk(disk) if (disk as usize) < disk_sizes.len() => disk as usize,
             Region::Disk(_) => return Err(bad(format!("the VM has {} disks", disk_sizes.len()))),
-            Region::Memory => disk_sizes.len(),
+            Region::Memory if pages.is_some() => disk_sizes.len(),
+            Region::Memory => return Err(bad("memory is not copied at level HA".into())),
         };
         let holding = &mut holdings[index];
         match (holding.as_mut(), part) {
@@ -213,7 +243,7 @@ async fn receive_holdings(
         }
     }
     let mut all: Vec<Holding> = holdings.into_iter().map(|h| h.expect("complete")).collect();
-    let memory = all.pop().expect("memory's holding");
+    let memory = pages.map(|_| all.pop().expect("memory's holding"));
     Ok(Holdings { disks: all, memory })
 }
 
@@ -387,7 +417,7 @@ mod tests {
             tx.send(m).unwrap();
         }
         drop(tx);
-        receive_holdings(&mut rx, sizes, pages).await
+        receive_holdings(&mut rx, sizes, Some(pages)).await
     }
 
     fn held(region: Region, part: HeldPart) -> Held {
@@ -420,7 +450,26 @@ mod tests {
             Holding::Kept([[1; 16], [1; 16], [2; 16], [2; 16]].to_vec())
         );
         assert_eq!(got.disks[1], Holding::Zeroed);
-        assert_eq!(got.memory, Holding::Kept(vec![[1; 16]; 4]));
+        assert_eq!(got.memory, Some(Holding::Kept(vec![[1; 16]; 4])));
+    }
+
+    /// Level HA: the standby says what it holds of its disks alone; a word
+    /// on memory breaks the protocol.
+    #[tokio::test]
+    async fn at_level_ha_holdings_are_of_the_disks_alone() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(held(Region::Disk(0), HeldPart::Zeroed)).unwrap();
+        let got = receive_holdings(&mut rx, &[5], None).await.unwrap();
+        assert_eq!((got.disks, got.memory), (vec![Holding::Zeroed], None));
+        tx.send(held(Region::Memory, HeldPart::Zeroed)).unwrap();
+        tx.send(held(Region::Disk(0), HeldPart::Zeroed)).unwrap();
+        match receive_holdings(&mut rx, &[5], None).await {
+            Err(PrimaryError::BadHolding { why, .. }) => {
+                assert!(why.contains("level HA"), "{why}")
+            }
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
     }
 
     #[tokio::test]

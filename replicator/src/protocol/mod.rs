@@ -43,7 +43,7 @@ pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
-    CheckpointState, StateError, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
+    BootPlan, CheckpointState, StateError, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
 };
 pub use vmm::replication::PAGE_SIZE;
 
@@ -423,6 +423,8 @@ mod tests {
             disk_bytes: vec![1 << 20],
             nics: 1,
             content_key: crate::content::ContentKey([1; 32]).to_hex(),
+            level: Default::default(),
+            boot: None,
         };
         let mut page = vec![0u8; PAGE_RECORD];
         page[..8].copy_from_slice(&4096u64.to_le_bytes());

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use vmm::snapshot::MachineState;
 
 pub const CHECKPOINT_STATE_VERSION: u32 = 1;
-pub const SYNC_PLAN_VERSION: u32 = 2;
+pub const SYNC_PLAN_VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -20,6 +20,8 @@ pub enum StateError {
     },
     #[error("the synchronisation plan's content key is not 64 hex digits")]
     ContentKey,
+    #[error("a synchronisation plan at level HA without the VM's boot plan")]
+    NoBootPlan,
     #[error("checkpoint state version {found} is not supported (expected {expected})")]
     Version { found: u32, expected: u32 },
 }
@@ -54,6 +56,28 @@ pub struct SyncPlan {
     /// The key of this session's content digests, 64 hex digits (see
     /// [`crate::content`]): the standby digests what it kept with it.
     pub content_key: String,
+    /// How the VM is protected: `ha` copies no memory and sends disk
+    /// writes alone, each acknowledged before the guest sees it complete.
+    #[serde(default)]
+    pub level: crate::level::Level,
+    /// Level HA: how the standby boots the VM if the primary is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootPlan>,
+}
+
+/// What a standby at level HA needs to boot the VM from its mirror: the
+/// primary's boot source (the same paths on both nodes) and machine, with
+/// the NICs' MAC addresses (the guest keeps its identity); disks and TAPs
+/// are the standby's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootPlan {
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub kernel: std::path::PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<std::path::PathBuf>,
+    pub cmdline: String,
+    pub macs: Vec<[u8; 6]>,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, StateError> {
@@ -98,6 +122,9 @@ impl SyncPlan {
         check_version(plan.version, SYNC_PLAN_VERSION)?;
         if plan.key().is_none() {
             return Err(StateError::ContentKey);
+        }
+        if plan.level == crate::level::Level::Ha && plan.boot.is_none() {
+            return Err(StateError::NoBootPlan);
         }
         Ok(plan)
     }

@@ -36,7 +36,7 @@ use self::paths::spawn_acceptors;
 use self::replica_disk::{ReplicaDisk, ReplicaDiskError};
 use self::session::Session;
 use crate::assembler::AssemblerError;
-use crate::protocol::{CheckpointState, Message, ProtocolError, StateError};
+use crate::protocol::{BootPlan, CheckpointState, Message, ProtocolError, StateError};
 use crate::quorum::WitnessConfig;
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -93,6 +93,10 @@ pub enum StandbyError {
         "a switchover after epoch {last}, but this standby committed {committed:?}: no takeover"
     )]
     SwitchoverNotCommitted { last: u64, committed: Option<u64> },
+    #[error(
+        "mirror epoch {epoch} refused: it carries a checkpoint state ({len} bytes) at level HA"
+    )]
+    StateInMirror { epoch: u64, len: usize },
     #[error("epoch {epoch} refused: its state does not decode: {source}")]
     BadState {
         epoch: u64,
@@ -140,16 +144,8 @@ impl StandbyError {
 
 /// A replica that holds a committed epoch.
 pub struct Replica {
-    pub ram: ReplicaRam,
     pub disks: Vec<ReplicaDisk>,
-    pub state: CheckpointState,
     pub epoch: u64,
-    /// Per NIC, the frames the primary's guest received after this
-    /// checkpoint, in order (replayed into the guest if it is promoted).
-    pub inbound: Vec<Vec<bytes::Bytes>>,
-    /// Per NIC, output of the committed epoch that the primary handed over
-    /// with a switchover instead of sending it (sent when promoted).
-    pub final_output: Vec<Vec<bytes::Bytes>>,
     /// The generation of the session that built it; once handed back for
     /// promotion, the generation the promoted copy runs (granted by the
     /// witness, or the next one without a witness).
@@ -160,6 +156,39 @@ pub struct Replica {
     /// The lease the witness gave with its grant of the takeover (the
     /// promoted copy's first).
     pub granted_lease: Option<crate::quorum::GrantedLease>,
+    /// How the VM runs here: resumed from the checkpoint (level FT), or
+    /// booted from the mirrored disks (level HA).
+    pub machine: Machine,
+}
+
+/// What a replica holds beside its disks.
+pub enum Machine {
+    /// Level FT: memory and state of the committed checkpoint.
+    Checkpoint(Box<Checkpointed>),
+    /// Level HA: nothing but how to boot the VM.
+    Boot(BootPlan),
+}
+
+/// A committed checkpoint (level FT).
+pub struct Checkpointed {
+    pub ram: ReplicaRam,
+    pub state: CheckpointState,
+    /// Per NIC, the frames the primary's guest received after this
+    /// checkpoint, in order (replayed into the guest if it is promoted).
+    pub inbound: Vec<Vec<bytes::Bytes>>,
+    /// Per NIC, output of the committed epoch that the primary handed over
+    /// with a switchover instead of sending it (sent when promoted).
+    pub final_output: Vec<Vec<bytes::Bytes>>,
+}
+
+impl Replica {
+    /// The checkpoint (level FT), if this replica holds one.
+    pub fn checkpoint(&self) -> Option<&Checkpointed> {
+        match &self.machine {
+            Machine::Checkpoint(c) => Some(c),
+            Machine::Boot(_) => None,
+        }
+    }
 }
 
 /// Life on the backup path counts only this long after the last arrival on

@@ -15,13 +15,14 @@ use vmm::replication::ReplicaRam;
 use super::inbound::InboundFrames;
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, Fresh, ReplicaDisk};
-use super::{path_margin, Replica, StandbyConfig, StandbyError};
+use super::{path_margin, Checkpointed, Machine, Replica, StandbyConfig, StandbyError};
 use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::content::ContentKey;
+use crate::level::Level;
 use crate::oracle;
 use crate::protocol::{
-    CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Held, HeldPart, Message, PageBatch,
-    ProtocolError, Region, SyncPlan,
+    BootPlan, CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Held, HeldPart, Message,
+    PageBatch, ProtocolError, Region, SyncPlan,
 };
 use crate::status::{FtState, Role, StatusBoard};
 
@@ -163,11 +164,15 @@ async fn run(
 
 /// The replica a session builds.
 struct Receiving {
-    ram: ReplicaRam,
+    /// The replica's memory (none at level HA).
+    ram: Option<ReplicaRam>,
     disks: Vec<ReplicaDisk>,
+    /// Level HA: how the VM boots from the mirror (the replica is its
+    /// disks alone; epochs are batches of disk writes).
+    mirror: Option<BootPlan>,
     assembler: EpochAssembler,
-    /// The last committed epoch and its state.
-    committed: Option<(u64, CheckpointState)>,
+    /// The last committed epoch and its state (none at level HA).
+    committed: Option<(u64, Option<CheckpointState>)>,
     /// What the primary's guest received past the committed epoch.
     inbound: InboundFrames,
     /// A switchover's final output (of the committed epoch), per NIC.
@@ -220,11 +225,18 @@ fn begin(
             why: "no content key",
         }))?;
     // Waits for an earlier holder of the RAM file and allocates it:
-    // off the async workers.
-    let (ram, kept_memory) = oracle::off_the_workers(|| match &config.ram_file {
-        Some(path) => ReplicaRam::open_file(path, plan.mem_mib),
-        None => ReplicaRam::create(plan.mem_mib).map(|ram| (ram, false)),
-    })?;
+    // off the async workers. A mirror (level HA) holds no memory.
+    let (ram, kept_memory) = match plan.level {
+        Level::Ha => (None, false),
+        Level::Ft => {
+            let (ram, kept) = oracle::off_the_workers(|| match &config.ram_file {
+                Some(path) => ReplicaRam::open_file(path, plan.mem_mib),
+                None => ReplicaRam::create(plan.mem_mib).map(|ram| (ram, false)),
+            })?;
+            (Some(ram), kept)
+        }
+    };
+    status.update(|s| s.level = plan.level);
     let (disks, fresh): (Vec<_>, Vec<_>) = config
         .disks
         .iter()
@@ -236,6 +248,7 @@ fn begin(
     let receiving = Receiving {
         ram,
         disks,
+        mirror: plan.boot.clone().filter(|_| plan.level == Level::Ha),
         assembler: EpochAssembler::with_limits(1, StagingLimits::for_guest(plan.mem_mib)),
         committed: None,
         inbound: InboundFrames::new(plan.nics),
@@ -292,19 +305,21 @@ async fn tell_holdings(
             }
         });
     }
-    messages.extend(if kept.memory {
-        let ram = &replica.ram;
-        let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
-        let digests = oracle::off_the_workers(|| {
-            crate::content::digest_pages(pages, key, |gpa, page| ram.read_page(gpa, page))
-        })?;
-        kept_bytes += ram.bytes();
-        Held::kept(Region::Memory, &digests)
-    } else {
-        vec![Held {
+    // A mirror (level HA) holds no memory and says nothing of it.
+    messages.extend(match (&replica.ram, kept.memory) {
+        (None, _) => Vec::new(),
+        (Some(ram), true) => {
+            let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
+            let digests = oracle::off_the_workers(|| {
+                crate::content::digest_pages(pages, key, |gpa, page| ram.read_page(gpa, page))
+            })?;
+            kept_bytes += ram.bytes();
+            Held::kept(Region::Memory, &digests)
+        }
+        (Some(_), false) => vec![Held {
             region: Region::Memory,
             part: HeldPart::Zeroed,
-        }]
+        }],
     });
     for held in messages {
         link.send(&Message::SyncHeld(held).into_frame(0, replica.generation))
@@ -465,7 +480,9 @@ fn switched_over(
     let final_output = std::mem::take(&mut replica.final_output);
     let mut kept = replica.into_replica().expect("an epoch is committed");
     kept.switchover = true;
-    kept.final_output = final_output;
+    if let Machine::Checkpoint(checkpoint) = &mut kept.machine {
+        checkpoint.final_output = final_output;
+    }
     info!(
         epoch = kept.epoch,
         "planned switchover: taking over from the primary's final epoch"
@@ -478,24 +495,35 @@ impl Receiving {
     /// The replica as of its last committed epoch (none before the first).
     fn into_replica(self) -> Option<Replica> {
         let (epoch, state) = self.committed?;
-        if self.inbound.dropped() > 0 {
-            warn!(
-                dropped = self.inbound.dropped(),
-                "some frames the primary's guest received were not kept"
-            );
-        }
+        let machine = match (self.ram, state, self.mirror) {
+            (Some(ram), Some(state), _) => {
+                if self.inbound.dropped() > 0 {
+                    warn!(
+                        dropped = self.inbound.dropped(),
+                        "some frames the primary's guest received were not kept"
+                    );
+                }
+                Machine::Checkpoint(Box::new(Checkpointed {
+                    ram,
+                    state,
+                    inbound: self.inbound.into_replay(),
+                    // Sent only by a switchover's takeover: otherwise the
+                    // primary may have sent it itself (it took the VM back).
+                    final_output: vec![Vec::new(); self.final_output.len()],
+                }))
+            }
+            (None, None, Some(boot)) => Machine::Boot(boot),
+            _ => unreachable!(
+                "a checkpoint commits with its memory, a mirror epoch with a boot plan"
+            ),
+        };
         Some(Replica {
-            ram: self.ram,
             disks: self.disks,
-            state,
             epoch,
-            inbound: self.inbound.into_replay(),
-            // Sent only by a switchover's takeover: otherwise the primary
-            // may have sent it itself (it took the VM back).
-            final_output: vec![Vec::new(); self.final_output.len()],
             generation: self.generation,
             switchover: false,
             granted_lease: None,
+            machine,
         })
     }
 
@@ -534,10 +562,13 @@ impl Receiving {
 
     /// Initial copy: memory pages, checked before any is written.
     fn sync_pages(&mut self, batch: PageBatch) -> Result<(), StandbyError> {
-        batch.check_within(self.ram.bytes())?;
+        // A mirror (level HA) has no memory: not one page is within it.
+        let ram_bytes = self.ram.as_ref().map_or(0, |ram| ram.bytes());
+        batch.check_within(ram_bytes)?;
+        let ram = self.ram.as_ref().expect("pages are within memory");
         self.tally.add_pages(&batch);
         for (gpa, data) in batch.records() {
-            self.ram.write_page(gpa, data)?;
+            ram.write_page(gpa, data)?;
         }
         self.sync_bytes += (batch.len() * crate::protocol::PAGE_RECORD) as u64;
         Ok(())
@@ -601,15 +632,33 @@ impl Receiving {
         else {
             return Ok(None);
         };
-        let state = CheckpointState::from_payload(&complete.state)
-            .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
-        self.assembler
-            .apply(&complete, &self.ram, &self.disks)
-            .map_err(|e| refused(status, e.into()))?;
-        if let Some(digest) = &state.digest {
-            // Seconds of reading on a large VM: off the async workers.
-            oracle::off_the_workers(|| self.verify(epoch, digest, status));
-        }
+        let state = match &self.ram {
+            Some(ram) => {
+                let state = CheckpointState::from_payload(&complete.state)
+                    .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
+                self.assembler
+                    .apply(&complete, ram, &self.disks)
+                    .map_err(|e| refused(status, e.into()))?;
+                if let Some(digest) = &state.digest {
+                    // Seconds of reading on a large VM: off the async workers.
+                    oracle::off_the_workers(|| self.verify(ram, epoch, digest, status));
+                }
+                Some(state)
+            }
+            None => {
+                // Level HA: disk writes alone, durable before the
+                // acknowledgement lets the primary's guest see them done.
+                if !complete.state.is_empty() {
+                    let len = complete.state.len();
+                    return Err(refused(status, StandbyError::StateInMirror { epoch, len }));
+                }
+                let disks = &self.disks;
+                let assembler = &mut self.assembler;
+                oracle::off_the_workers(|| assembler.apply_writes(&complete, disks))
+                    .map_err(|e| refused(status, e.into()))?;
+                None
+            }
+        };
         self.committed_epoch(&complete, state, status);
         match link.send(&Message::Ack.into_frame(epoch, generation)).await {
             Ok(()) => Ok(None),
@@ -622,14 +671,11 @@ impl Receiving {
 
     /// The consistency oracle: the replica, right after applying `epoch`,
     /// against the primary's digest of that checkpoint.
-    fn verify(&self, epoch: u64, primary: &oracle::Digest, status: &StatusBoard) {
+    fn verify(&self, ram: &ReplicaRam, epoch: u64, primary: &oracle::Digest, status: &StatusBoard) {
         let started = Instant::now();
         let paths: Vec<_> = self.disks.iter().map(|d| d.path.clone()).collect();
-        let verdict = match oracle::digest(
-            self.ram.bytes(),
-            |gpa, buf| self.ram.read_page(gpa, buf),
-            &paths,
-        ) {
+        let verdict = match oracle::digest(ram.bytes(), |gpa, buf| ram.read_page(gpa, buf), &paths)
+        {
             Ok(replica) => oracle::compare(
                 epoch,
                 primary,
@@ -671,7 +717,7 @@ impl Receiving {
     fn committed_epoch(
         &mut self,
         complete: &CompleteEpoch,
-        state: CheckpointState,
+        state: Option<CheckpointState>,
         status: &StatusBoard,
     ) {
         if self.committed.is_none() {
@@ -682,7 +728,9 @@ impl Receiving {
             );
             // The KVM VM a promotion runs the replica in is made now, not
             // after the primary is lost.
-            self.ram.prepare_vm(state.machine.vcpu_count);
+            if let (Some(ram), Some(state)) = (&mut self.ram, &state) {
+                ram.prepare_vm(state.machine.vcpu_count);
+            }
             status.set_state(Role::Standby, FtState::StandingBy, None);
         }
         status.update(|s| {
@@ -692,7 +740,9 @@ impl Receiving {
             s.counters.dirty_pages_total += complete.page_count;
             s.counters.disk_writes_total += complete.writes.len() as u64;
         });
-        self.inbound.commit(&state.inbound_through);
+        if let Some(state) = &state {
+            self.inbound.commit(&state.inbound_through);
+        }
         self.committed = Some((complete.epoch, state));
     }
 }

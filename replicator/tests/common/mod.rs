@@ -279,6 +279,28 @@ pub async fn primary_beginning(addr: SocketAddr, generation: u64) -> Link {
 
 /// [`primary_beginning`] with a disk of `disk_bytes`.
 pub async fn primary_planning(addr: SocketAddr, generation: u64, disk_bytes: u64) -> Link {
+    primary_planning_at(addr, generation, disk_bytes, None).await
+}
+
+/// The boot plan of the test primaries at level HA.
+pub fn test_boot_plan() -> replicator::protocol::BootPlan {
+    replicator::protocol::BootPlan {
+        vcpus: 1,
+        mem_mib: MEM_MIB,
+        kernel: "/images/vmlinux".into(),
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        macs: vec![[0x52, 0x54, 0, 0x12, 0x34, 0x56]],
+    }
+}
+
+/// [`primary_planning`] at level HA when `boot` is given.
+pub async fn primary_planning_at(
+    addr: SocketAddr,
+    generation: u64,
+    disk_bytes: u64,
+    boot: Option<replicator::protocol::BootPlan>,
+) -> Link {
     let link = tokio::time::timeout(WITHIN, Link::connect(addr, &link_config(Role::Primary)))
         .await
         .expect("connect in time")
@@ -289,6 +311,12 @@ pub async fn primary_planning(addr: SocketAddr, generation: u64, disk_bytes: u64
         disk_bytes: vec![disk_bytes],
         nics: 1,
         content_key: test_key().to_hex(),
+        level: if boot.is_some() {
+            replicator::level::Level::Ha
+        } else {
+            replicator::level::Level::Ft
+        },
+        boot,
     };
     send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
     link
@@ -315,7 +343,7 @@ pub async fn expect_held(
     (disk.part, memory.part)
 }
 
-async fn next_held(link: &mut Link) -> replicator::protocol::Held {
+pub async fn next_held(link: &mut Link) -> replicator::protocol::Held {
     let f = tokio::time::timeout(WITHIN, link.recv())
         .await
         .expect("the standby says what it holds in time")
@@ -386,6 +414,8 @@ pub async fn taken_over(
 pub fn page5(replica: &Replica) -> u8 {
     let mut page = vec![0u8; PAGE_SIZE];
     replica
+        .checkpoint()
+        .expect("a checkpoint")
         .ram
         .read_page(5 * PAGE_SIZE as u64, &mut page)
         .unwrap();

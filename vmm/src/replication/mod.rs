@@ -162,6 +162,12 @@ impl Vm {
         self.ram.size / PAGE_SIZE as u64
     }
 
+    /// What the VM was booted from and with (its boot source, vCPUs and
+    /// NICs: what a mirror needs to boot it elsewhere).
+    pub fn config(&self) -> &crate::vm::VmConfig {
+        &self.config
+    }
+
     /// Guest RAM in MiB.
     pub fn mem_mib(&self) -> u64 {
         self.config.mem_mib

@@ -1,0 +1,211 @@
+//! Level HA after the initial copy: the disks mirrored synchronously
+//! (DRBD's protocol C). Each batch of guest writes goes to the standby as
+//! an epoch of disk writes alone (no memory, no CPU state, an empty
+//! `EpochBegin`); the standby writes it to its mirror, makes it durable
+//! and acknowledges it; only then does the guest see those writes
+//! complete ([`vmm::replication::DiskWrites::settle`]). Network output is
+//! not held: a lost primary's VM is rebooted from the mirror, not resumed.
+//!
+//! Whatever ends the mirror (a lost standby, a stop) turns it
+//! asynchronous first, so that writes waiting for the standby complete:
+//! the VM runs on unprotected, which the status says.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ft_link::LinkSender;
+use tokio::sync::{mpsc, Notify};
+use tracing::{info, warn};
+use vmm::replication::WritesThrough;
+use vmm::vm::Vm;
+
+use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session, DRAIN_AT_STOP};
+use crate::protocol::{disk_payloads, epoch_frames, DiskRecord, Message, StagedPages};
+use crate::stats::Samples;
+use crate::status::{FtState, Role, StatusBoard};
+
+/// A mirror epoch sent and not yet acknowledged.
+struct Pending {
+    epoch: u64,
+    through: WritesThrough,
+    writes: u64,
+    sent_at: Instant,
+}
+
+/// Turns the mirror asynchronous when dropped, and ends the doorbell's
+/// watcher: writes waiting for the standby complete.
+struct Unmirror<'a> {
+    vm: &'a Vm,
+    watching: Arc<AtomicBool>,
+}
+
+impl Drop for Unmirror<'_> {
+    fn drop(&mut self) {
+        self.vm.disk_writes().set_synchronous(false);
+        self.watching.store(false, Ordering::SeqCst);
+    }
+}
+
+/// How long the doorbell's watcher waits at a time (it checks whether it
+/// is still wanted in between).
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// Wakes `wake` whenever the guest records a disk write, on a thread of
+/// its own (the wait blocks), until `watching` is cleared.
+fn watch_doorbell(vm: &Arc<Vm>, wake: Arc<Notify>, watching: Arc<AtomicBool>) {
+    let vm = Arc::clone(vm);
+    let spawned = std::thread::Builder::new()
+        .name("ha-doorbell".into())
+        .spawn(move || {
+            let mut seen = vm.disk_writes().rings();
+            while watching.load(Ordering::SeqCst) {
+                let rings = vm.disk_writes().wait_for_writes(seen, WATCH_EVERY);
+                if rings != seen {
+                    seen = rings;
+                    wake.notify_one();
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        // Without the watcher the mirror still sends at every
+        // acknowledgement and every WATCH_EVERY.
+        warn!(%error, "the disk-write watcher could not start: writes wait up to 100 ms");
+    }
+}
+
+pub(super) async fn mirror(
+    vm: &Arc<Vm>,
+    tx: &LinkSender,
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    session: &Session<'_>,
+    config: &PrimaryConfig,
+    status: &StatusBoard,
+    stop: &Notify,
+) -> Result<Infallible, PrimaryError> {
+    let generation = session.generation;
+    let writes = vm.disk_writes();
+    let watching = Arc::new(AtomicBool::new(true));
+    let _unmirror = Unmirror {
+        vm,
+        watching: Arc::clone(&watching),
+    };
+    let wake = Arc::new(Notify::new());
+    watch_doorbell(vm, Arc::clone(&wake), watching);
+    // From here on a write completes to the guest only once the standby
+    // has it; what was recorded during the copy goes in epoch 1.
+    writes.set_synchronous(true);
+    let mut in_flight: VecDeque<Pending> = VecDeque::new();
+    let mut ack_times = Samples::default();
+    let mut epoch = 1u64;
+    loop {
+        let (taken, through) = writes.take_numbered();
+        // Epoch 1 goes out even without writes: its acknowledgement says
+        // the mirror is whole.
+        if !taken.is_empty() || epoch == 1 {
+            let count = taken.len() as u64;
+            let frames = mirror_frames(epoch, generation, taken);
+            send_all(tx, &frames, status).await?;
+            in_flight.push_back(Pending {
+                epoch,
+                through,
+                writes: count,
+                sent_at: Instant::now(),
+            });
+            epoch += 1;
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+            event = acks.recv() => acked(event, &mut in_flight, vm, status, &mut ack_times)?,
+            _ = stop.notified() => {
+                // The VM ended. By a host fault: the standby boots it from
+                // its mirror now. On purpose: the writes in flight are
+                // committed first (a while at most), then no takeover.
+                let failed = config.vm_failed.load(Ordering::SeqCst);
+                let message = if failed {
+                    Message::Handover
+                } else {
+                    let drained = tokio::time::timeout(DRAIN_AT_STOP, async {
+                        while !in_flight.is_empty() {
+                            acked(acks.recv().await, &mut in_flight, vm, status, &mut ack_times)?;
+                        }
+                        Ok::<(), PrimaryError>(())
+                    })
+                    .await;
+                    if !matches!(drained, Ok(Ok(()))) {
+                        warn!("disk writes in flight at the VM's stop were not acknowledged");
+                    }
+                    Message::Stop
+                };
+                let _ = tx.send(&message.into_frame(epoch, generation)).await;
+                return Err(PrimaryError::VmStopped);
+            }
+        }
+    }
+}
+
+/// The frames of mirror epoch `epoch`: an empty state, the writes, the end
+/// record that checks them.
+pub(crate) fn mirror_frames(
+    epoch: u64,
+    generation: u64,
+    writes: Vec<vmm::replication::DiskWrite>,
+) -> Vec<ft_link::Frame> {
+    let records = writes.into_iter().map(|w| DiskRecord {
+        disk: w.disk,
+        offset: w.offset,
+        data: Bytes::from(w.data),
+    });
+    epoch_frames(
+        epoch,
+        generation,
+        Bytes::new(),
+        StagedPages::default(),
+        disk_payloads(records),
+    )
+}
+
+/// The standby's word: the oldest epoch in flight acknowledged settles its
+/// writes (the guest sees them complete).
+fn acked(
+    event: Option<AckEvent>,
+    in_flight: &mut VecDeque<Pending>,
+    vm: &Vm,
+    status: &StatusBoard,
+    ack_times: &mut Samples,
+) -> Result<(), PrimaryError> {
+    let got = match event {
+        Some(Ok(got)) => got,
+        Some(Err(error)) => return Err(error),
+        None => return Err(PrimaryError::AckStreamEnded),
+    };
+    let Some(oldest) = in_flight.pop_front() else {
+        return Err(PrimaryError::AckNothingInFlight { got });
+    };
+    if got != oldest.epoch {
+        return Err(PrimaryError::WrongAck {
+            got,
+            expected: oldest.epoch,
+        });
+    }
+    vm.disk_writes().settle(&oldest.through);
+    ack_times.push(oldest.sent_at.elapsed());
+    status.update(|s| {
+        let n = &mut s.counters;
+        s.epoch = got;
+        n.checkpoints += 1;
+        n.disk_writes_total += oldest.writes;
+        n.ack_us_p50 = ack_times.percentile_us(50.0);
+        n.ack_us_p99 = ack_times.percentile_us(99.0);
+        n.epochs_in_flight_now = in_flight.len() as u64;
+    });
+    if got == 1 {
+        status.set_state(Role::Primary, FtState::Protected, None);
+        info!("the standby's mirror is whole: disk writes complete once both nodes have them");
+    }
+    Ok(())
+}
