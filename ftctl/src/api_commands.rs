@@ -88,8 +88,14 @@ pub enum VmCommand {
     Start { name: String },
     /// Stop a VM on both nodes.
     Stop { name: String },
-    /// Protect a VM at level ft.
-    Protect { name: String },
+    /// Protect a VM at level ft (checkpoints: resumed on the peer without
+    /// a reboot) or ha (disks mirrored: rebooted on the peer). A running
+    /// VM's level changes to or from ha only once it is stopped.
+    Protect {
+        name: String,
+        #[arg(long, value_enum, default_value = "ft")]
+        level: ProtectLevelArg,
+    },
     /// Run a VM unprotected (its standby stops).
     Unprotect { name: String },
     /// Force a takeover the quorum witness cannot grant (ask the node
@@ -108,6 +114,9 @@ pub enum VmCommand {
 pub enum LevelArg {
     /// Fault tolerant: a standby on the peer holds every checkpoint.
     Ft,
+    /// High availability: the disks mirrored to the peer, which reboots
+    /// the VM from its mirror when this node is lost.
+    Ha,
     /// On one node only.
     Unprotected,
 }
@@ -116,7 +125,26 @@ impl LevelArg {
     fn as_str(self) -> &'static str {
         match self {
             LevelArg::Ft => "ft",
+            LevelArg::Ha => "ha",
             LevelArg::Unprotected => "unprotected",
+        }
+    }
+}
+
+/// The levels `vm protect` sets.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ProtectLevelArg {
+    /// Fault tolerant (checkpoints).
+    Ft,
+    /// High availability (mirrored disks, reboot on the peer).
+    Ha,
+}
+
+impl ProtectLevelArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            ProtectLevelArg::Ft => "ft",
+            ProtectLevelArg::Ha => "ha",
         }
     }
 }
@@ -408,7 +436,11 @@ fn vm_command(client: &ApiClient, json: bool, command: VmCommand) -> Result<(), 
         VmCommand::Stop { name } => vm_answer(json, client.stop_vm(&name)?, |vm| {
             format!("VM {}: {}", vm.name, vm.state)
         }),
-        VmCommand::Protect { name } => vm_answer(json, client.protect_vm(&name)?, level_changed),
+        VmCommand::Protect { name, level } => vm_answer(
+            json,
+            client.protect_vm(&name, level.as_str())?,
+            level_changed,
+        ),
         VmCommand::Unprotect { name } => {
             vm_answer(json, client.unprotect_vm(&name)?, level_changed)
         }

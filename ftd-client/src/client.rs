@@ -335,9 +335,14 @@ impl ApiClient {
         self.post_empty(&vm_path(name, "/stop"))
     }
 
-    /// `POST /api/vms/{name}/protect`.
-    pub fn protect_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
-        self.post_empty(&vm_path(name, "/protect"))
+    /// `POST /api/vms/{name}/protect?level=LEVEL` (`ft` or `ha`).
+    pub fn protect_vm<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        level: &str,
+    ) -> Result<T, ClientError> {
+        let tail = format!("/protect?level={}", encode_component(level));
+        self.post_empty(&vm_path(name, &tail))
     }
 
     /// `POST /api/vms/{name}/takeover` (the operator's override of the

@@ -288,8 +288,9 @@ function renderVms() {
     if (vm.desired === 'stopped') actions.push(['Start', 'start', { vm: vm.name }]);
     if (vm.desired === 'running') actions.push(['Stop', 'stop', { vm: vm.name }]);
     if (vm.level === 'unprotected') actions.push(['Protect (FT)', 'protect', { vm: vm.name }]);
+    // A running VM's level changes to or from ha only once it is stopped.
     if (vm.level === 'ft') actions.push(['Unprotect', 'unprotect', { vm: vm.name }]);
-    if (vm.state === 'protected') actions.push(['Switch over', 'switchover', { vm: vm.name }]);
+    if (vm.state === 'protected' && vm.level === 'ft') actions.push(['Switch over', 'switchover', { vm: vm.name }]);
     return {
       key: vm.name,
       cells: [

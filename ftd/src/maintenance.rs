@@ -82,12 +82,19 @@ impl Manager {
             .vms()?
             .into_iter()
             .filter(|r| runs_on(r, node) && r.definition.level != Level::Ft)
-            .map(|r| r.definition.name)
+            .map(|r| {
+                format!(
+                    "{} (level {})",
+                    r.definition.name,
+                    r.definition.level.as_str()
+                )
+            })
             .collect();
         if !stuck.is_empty() {
             return refuse(format!(
-                "VM(s) {} run on {node} at level unprotected and cannot move without a \
-                 reboot: stop them or protect them at level ft first",
+                "VM(s) {} run on {node} and cannot move without a reboot (only an FT VM \
+                 switches over; an HA VM's live migration is not built yet): stop them or \
+                 protect them at level ft first",
                 stuck.join(", ")
             ));
         }
@@ -194,8 +201,10 @@ impl Manager {
                     let name = &r.definition.name;
                     if r.definition.level != Level::Ft {
                         return format!(
-                            "VM {name} runs at level unprotected: it cannot move without a \
-                             reboot (stop it, or protect it at level ft)"
+                            "VM {name} runs at level {}: it cannot move without a reboot \
+                             (stop it, or protect it at level ft; an HA VM's live migration \
+                             is not built yet)",
+                            r.definition.level.as_str()
                         );
                     }
                     let view = self.view(r.clone());

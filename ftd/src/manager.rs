@@ -42,6 +42,8 @@ pub enum ManagerError {
     NoPeer(String),
     #[error("no takeover to force: {0}")]
     NoTakeover(String),
+    #[error("no level change: {0}")]
+    LevelWhileRunning(String),
     #[error("no switchover: {0}")]
     NoSwitchover(String),
     #[error("the switchover did not happen: {0}")]
@@ -388,7 +390,7 @@ impl Manager {
             .store
             .vms()?
             .into_iter()
-            .filter(|r| r.desired == Desired::Running && r.definition.level == Level::Ft)
+            .filter(|r| r.desired == Desired::Running && r.definition.level.has_standby())
             .filter(|r| r.primary_node.as_deref() == Some(me))
             .map(|r| r.definition.name)
             .collect();
@@ -636,9 +638,22 @@ impl Manager {
 
     pub fn set_level(&self, name: &str, level: Level) -> Result<VmView, ManagerError> {
         let before = self.inner.store.vm(name)?;
-        if level == Level::Ft && self.inner.config.peer.is_none() {
+        if level.has_standby() && self.inner.config.peer.is_none() {
             return Err(ManagerError::NoPeer(format!(
-                "VM {name} cannot be protected at level ft: this node has no peer (ftd join)"
+                "VM {name} cannot be protected at level {}: this node has no peer (ftd join)",
+                level.as_str()
+            )));
+        }
+        let (from, to) = (before.definition.level, level);
+        if before.desired == Desired::Running
+            && from != to
+            && (from == Level::Ha || to == Level::Ha)
+        {
+            return Err(ManagerError::LevelWhileRunning(format!(
+                "VM {name} runs at level {}: changing a running VM's level to or from ha \
+                 restarts its engine, which is not built yet; stop the VM, set the level, \
+                 start it",
+                from.as_str()
             )));
         }
         let record = self
@@ -713,7 +728,9 @@ impl Manager {
             Desired::Stopped => None,
         };
         let standby_node = match (&primary_node, record.definition.level) {
-            (Some(p), Level::Ft) if matches!(state, VmState::Protected | VmState::Syncing) => {
+            (Some(p), Level::Ft | Level::Ha)
+                if matches!(state, VmState::Protected | VmState::Syncing) =>
+            {
                 if p == me {
                     peer
                 } else {
@@ -791,7 +808,7 @@ impl Manager {
     fn warnings(&self, definition: &crate::model::VmDefinition) -> Vec<String> {
         let config = &self.inner.config;
         let mut out = Vec::new();
-        if definition.level == Level::Ft && config.peer.is_some() && config.witness.is_empty() {
+        if definition.level.has_standby() && config.peer.is_some() && config.witness.is_empty() {
             out.push(
                 "no quorum witness is configured: if every path between the nodes is cut \
                  while both run, the standby takes over and both nodes run this VM \
@@ -852,7 +869,7 @@ impl Manager {
             .iter()
             .filter(running)
             .filter(|_| keeps_standbys)
-            .filter(|r| r.definition.level == Level::Ft)
+            .filter(|r| r.definition.level.has_standby())
             .filter(|r| {
                 r.primary_node.is_some() && r.primary_node.as_deref() != Some(node.name.as_str())
             })

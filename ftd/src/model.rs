@@ -24,6 +24,10 @@ pub enum Level {
     /// reboot when this node is lost.
     #[default]
     Ft,
+    /// High availability: the disks mirrored synchronously to the peer
+    /// (a write completes once both nodes have it); rebooted there from
+    /// the mirror when this node is lost.
+    Ha,
     /// Runs on one node only.
     Unprotected,
 }
@@ -32,13 +36,20 @@ impl Level {
     pub const fn as_str(self) -> &'static str {
         match self {
             Level::Ft => "ft",
+            Level::Ha => "ha",
             Level::Unprotected => "unprotected",
         }
+    }
+
+    /// Whether the VM has a standby on the peer (levels ft and ha).
+    pub const fn has_standby(self) -> bool {
+        matches!(self, Level::Ft | Level::Ha)
     }
 
     pub fn parse(s: &str) -> Option<Level> {
         match s {
             "ft" => Some(Level::Ft),
+            "ha" => Some(Level::Ha),
             "unprotected" => Some(Level::Unprotected),
             _ => None,
         }

@@ -245,6 +245,19 @@ fn a_vm_is_defined_started_stopped_and_deleted() {
         409,
         "conflict",
     );
+    let ha = d.call(
+        "POST",
+        "/api/vms/ledger-vm/protect?level=ha",
+        "/api/vms/{name}/protect",
+        None,
+    );
+    assert_error(&ha, 409, "conflict");
+    assert!(
+        ha.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("level ha") && m.contains("no peer")),
+        "{ha:?}"
+    );
     let (status, un) = d.call(
         "POST",
         "/api/vms/ledger-vm/unprotect",
@@ -473,6 +486,19 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
         assert_error(&d.call(method, path, template, None), 404, "not_found");
     }
     // Bad queries, unknown endpoints and methods.
+    let gold = d.call(
+        "POST",
+        "/api/vms/nope/protect?level=gold",
+        "/api/vms/{name}/protect",
+        None,
+    );
+    assert_error(&gold, 400, "bad_request");
+    assert!(
+        gold.1["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"gold\"") && m.contains("ft or ha")),
+        "{gold:?}"
+    );
     assert_error(
         &d.call("GET", "/api/events?limit=0", "/api/events", None),
         400,

@@ -760,3 +760,44 @@ fn a_console_user_made_on_one_node_logs_in_on_both() {
         users.as_array().unwrap().is_empty()
     });
 }
+
+/// Level HA through the API: a stopped VM is protected at ha (the level
+/// reaches the peer); while it runs, a change to or from ha is refused
+/// with the reason (it needs its engine restarted); stopped, it changes.
+#[test]
+fn a_vm_is_protected_at_level_ha_and_its_level_changes_only_when_stopped() {
+    let p = pair();
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes", "the peer is up", |nodes| {
+            nodes.as_array().unwrap().iter().all(|n| n["state"] == "up")
+        });
+    }
+    let k = kernel(&p.a);
+    create(&p.a, "vm-ha", &k);
+    let (status, vm) =
+        p.a.call("POST", "/api/vms/vm-ha/protect?level=ha", "-", None);
+    assert_eq!((status, &vm["level"]), (200, &json!("ha")), "{vm}");
+    eventually(&p.b, "/api/vms/vm-ha", "level ha on b", |v| {
+        v["level"] == "ha"
+    });
+    let (status, started) = p.a.call("POST", "/api/vms/vm-ha/start", "-", None);
+    assert_eq!(status, 202, "{started}");
+    for path in ["/api/vms/vm-ha/protect", "/api/vms/vm-ha/unprotect"] {
+        let (status, refused) = p.a.call("POST", path, "-", None);
+        assert_eq!(
+            (status, &refused["error"]),
+            (409, &json!("conflict")),
+            "{refused}"
+        );
+        assert!(
+            refused["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("level ha") && m.contains("stop the VM")),
+            "{refused}"
+        );
+    }
+    let (status, _) = p.a.call("POST", "/api/vms/vm-ha/stop", "-", None);
+    assert_eq!(status, 202);
+    let (status, vm) = p.a.call("POST", "/api/vms/vm-ha/protect", "-", None);
+    assert_eq!((status, &vm["level"]), (200, &json!("ft")), "{vm}");
+}

@@ -141,7 +141,7 @@ fn run_mode(lab: &LabPair, ft: FtOptions) -> (Figures, Figures, String) {
     // Protect it: node b's daemon starts the standby.
     ft_pair::api(lab.lab(), NodeId::A)
         .expect("api")
-        .protect_vm::<ftd_client::model::VmView>(ft_pair::VM_NAME)
+        .protect_vm::<ftd_client::model::VmView>(ft_pair::VM_NAME, "ft")
         .expect("protect");
     ft_pair::wait_for(
         lab.lab(),

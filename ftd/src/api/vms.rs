@@ -1,6 +1,6 @@
 //! `/api/vms`: define, show, start, stop, protect and delete VMs.
 
-use axum::extract::{FromRequest, Path, State};
+use axum::extract::{FromRequest, Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 
@@ -141,19 +141,40 @@ pub async fn switchover(
     Ok(Json(state.manager.switchover(&name).await?))
 }
 
-/// Protect a VM at level ft (a running VM gets its standby).
+/// Which level `protect` sets.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProtectQuery {
+    /// `ft` (the default) or `ha`.
+    pub level: Option<String>,
+}
+
+/// Protect a VM at level ft (a running VM gets its standby), or at level
+/// ha with `?level=ha` (its disks mirrored; a running VM's level changes
+/// to or from ha only once it is stopped).
 #[utoipa::path(post, path = "/api/vms/{name}/protect", operation_id = "protect_vm", tag = "vms",
-    params(("name" = String, Path, description = "The VM's name")),
-    responses((status = 200, description = "Level ft", body = VmView),
+    params(("name" = String, Path, description = "The VM's name"), ProtectQuery),
+    responses((status = 200, description = "The VM at the level asked", body = VmView),
+              (status = 400, description = "A level other than ft or ha", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
-              (status = 409, description = "This node has no peer", body = ErrorBody)),
+              (status = 409, description = "This node has no peer, or the VM runs and the change involves level ha", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn protect(
     State(state): State<ApiState>,
     Path(name): Path<String>,
+    Query(query): Query<ProtectQuery>,
 ) -> Result<Json<VmView>, ApiError> {
-    Ok(Json(state.manager.set_level(&name, Level::Ft)?))
+    let level = match query.level.as_deref() {
+        None | Some("ft") => Level::Ft,
+        Some("ha") => Level::Ha,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "level {other:?}: protect takes ft or ha (unprotect runs a VM unprotected)"
+            )))
+        }
+    };
+    Ok(Json(state.manager.set_level(&name, level)?))
 }
 
 /// Run a VM unprotected (a running VM's standby stops).

@@ -30,7 +30,7 @@ use replicator::status::{FtState, Role, Status};
 use witness::{Answer, Request, WitnessClient};
 
 use crate::manager::Manager;
-use crate::model::{Desired, Level, Maintenance, Severity};
+use crate::model::{Desired, Maintenance, Severity};
 use crate::store::VmRecord;
 
 use process::{Exit, Process};
@@ -114,7 +114,7 @@ pub fn wanted_role(
     }
     match record.primary_node.as_deref() {
         Some(p) if p == me => Some(Role::Primary),
-        Some(p) if Some(p) == peer && record.definition.level == Level::Ft && !keeps_no_vm => {
+        Some(p) if Some(p) == peer && record.definition.level.has_standby() && !keeps_no_vm => {
             Some(Role::Standby)
         }
         _ => None,

@@ -172,11 +172,14 @@ impl Process {
         cmd.arg("--secret-file").arg(&paths.secret);
         if let Some(peer) = &config.peer {
             cmd.args(["--peer", &slot_addresses(&peer.alink, vm.slot)]);
-            if !config.witness.is_empty() && vm.level == crate::model::Level::Ft {
+            if !config.witness.is_empty() && vm.level.has_standby() {
                 cmd.args(["--witness", &config.witness.join(",")]);
             }
         }
         cmd.args(["--generation", &generation.to_string()]);
+        if vm.level == crate::model::Level::Ha {
+            cmd.args(["--level", "ha"]);
+        }
         cmd.args(["--bridge", &config.bridge]);
         cmd.arg("--control-sock").arg(&paths.sock);
         cmd.arg("--serial-log").arg(&paths.console);
