@@ -141,7 +141,7 @@ pub enum ProtectLevelArg {
 }
 
 impl ProtectLevelArg {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ProtectLevelArg::Ft => "ft",
             ProtectLevelArg::Ha => "ha",

@@ -102,6 +102,10 @@ enum LabCommand {
     /// ledger VM at level FT (afresh), start it (primary on node a; node
     /// b's daemon starts the standby) and wait until it is protected.
     Protect {
+        /// ft: checkpoints (the standby resumes the VM); ha: the disks
+        /// mirrored (the standby reboots the VM from its mirror).
+        #[arg(long, value_enum, default_value = "ft")]
+        level: api_commands::ProtectLevelArg,
         /// The standby takes over after this much silence (ms).
         #[arg(long)]
         heartbeat_timeout_ms: Option<u64>,
@@ -129,6 +133,10 @@ enum LabCommand {
         /// Where the JSON report goes (default: the lab's folder).
         #[arg(long)]
         report: Option<std::path::PathBuf>,
+        /// The ledger VM's protection level: ft (resumed on the survivor)
+        /// or ha (rebooted there from its mirror; pull faults only).
+        #[arg(long, value_enum, default_value = "ft")]
+        level: api_commands::ProtectLevelArg,
     },
     /// Boot a node, check kvm_amd in it, run a ring-0 test guest, report.
     Smoke {
@@ -256,6 +264,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             println!("witness running (pid {pid})");
         }
         LabCommand::Protect {
+            level,
             heartbeat_timeout_ms,
             synchronous,
         } => {
@@ -266,14 +275,15 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
                 ..Default::default()
             };
             let started = std::time::Instant::now();
-            match ft_pair::protect(lab, NodeId::A, ft) {
+            match ft_pair::protect_at(lab, NodeId::A, level.as_str(), ft) {
                 Ok(status) => {
                     println!("{}", serde_json::to_string_pretty(&status).expect("json"));
                     println!(
-                        "ledger VM protected in {:.1} s: primary a, standby b; ledger at {}\n\
+                        "ledger VM protected at level {} in {:.1} s: primary a, standby b; ledger at {}\n\
                          the API: eval \"$(ftctl lab env)\"; ftctl vm show {}; \
                          `ftctl lab pull a` to fail it over, `ftctl lab up --node a` to bring \
                          it back (its daemon re-protects the VM by itself)",
+                        level.as_str(),
                         started.elapsed().as_secs_f64(),
                         ft_pair::ledger_addr(lab),
                         ft_pair::VM_NAME,
@@ -299,9 +309,14 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             count,
             fault,
             report,
+            level,
         } => {
             let path = report.unwrap_or_else(|| lab.topo.dir.join("drill-report.json"));
-            match drill::run(lab, count, fault, &path) {
+            let level = match level {
+                api_commands::ProtectLevelArg::Ft => drill::Level::Ft,
+                api_commands::ProtectLevelArg::Ha => drill::Level::Ha,
+            };
+            match drill::run_at(lab, count, fault, level, &path) {
                 Ok(report) => {
                     drill::print_table(&report);
                     println!("report: {}", path.display());

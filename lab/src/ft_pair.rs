@@ -107,7 +107,7 @@ pub fn ledger_vm_with(
         kernel: "/images/vmlinux".into(),
         initrd: Some("/images/guest-initramfs.cpio.gz".into()),
         cmdline: Some(format!(
-            "console=ttyS0 reboot=k panic=1 quiet ftguest.ip={ip}/24{also} \
+            "console=ttyS0 reboot=k panic=1 quiet ftguest.ip={ip}/24{also} ftguest.fsck=1 \
              ftguest.run=/bin/ft-ledger,{LEDGER_PORT},/data/ledger.log"
         )),
         vcpus: Some(load.vcpus.unwrap_or(1)),
@@ -229,7 +229,18 @@ pub fn define_and_start_with(
 /// Brings up the pair with the ledger VM protected at level FT, primary
 /// on `primary`; returns the primary's engine status once protected.
 pub fn protect(lab: &Lab, primary: NodeId, ft: FtOptions) -> Result<Status, FtPairError> {
-    define_and_start(lab, primary, "ft", ft)?;
+    protect_at(lab, primary, "ft", ft)
+}
+
+/// [`protect`] at `level` (`ft` or `ha`: at ha, "protected" means the
+/// standby's mirror is whole).
+pub fn protect_at(
+    lab: &Lab,
+    primary: NodeId,
+    level: &str,
+    ft: FtOptions,
+) -> Result<Status, FtPairError> {
+    define_and_start(lab, primary, level, ft)?;
     wait_for(
         lab,
         primary,

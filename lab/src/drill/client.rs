@@ -1,6 +1,7 @@
 //! The drill's ledger client: one TCP connection from the outer host for
-//! the whole drill, appending operations without pause; every
-//! acknowledged id is kept with the time its acknowledgement came.
+//! the whole drill (at level HA, a new one after each reboot of the VM),
+//! appending operations without pause; every acknowledged id is kept with
+//! the time its acknowledgement came.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,26 @@ pub struct ClientLog {
     pub acked: Vec<(u64, Instant)>,
     pub sent_max: u64,
     pub error: Option<String>,
+    /// Connections made again after one failed (level HA: the VM rebooted
+    /// on the survivor).
+    pub reconnects: u64,
 }
+
+/// Whether the client connects again when its connection fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconnect {
+    /// Level FT: the connection must survive every failover.
+    Never,
+    /// Level HA: the VM reboots, its connections with it; the client
+    /// connects again (each answer within [`HA_ANSWER_WITHIN`]) and goes
+    /// on with the next id (the one in flight was never acknowledged).
+    AfterReboot,
+}
+
+/// Level HA: how long an answer may take before the connection counts as
+/// lost, and how long the ledger may stay away.
+const HA_ANSWER_WITHIN: Duration = Duration::from_secs(2);
+const HA_BACK_WITHIN: Duration = Duration::from_secs(300);
 
 /// The running client.
 pub struct Client {
@@ -30,12 +50,17 @@ pub struct Client {
 
 impl Client {
     /// Connects (retrying until the ledger serves, up to a minute) and
-    /// starts appending.
-    pub fn start(lab: &Lab) -> Result<Client, DrillError> {
+    /// starts appending; connects again after a failure if `reconnect`
+    /// says so.
+    pub fn start_with(lab: &Lab, reconnect: Reconnect) -> Result<Client, DrillError> {
         let addr = ft_pair::ledger_addr(lab);
+        let answer_within = match reconnect {
+            Reconnect::Never => Duration::from_secs(90),
+            Reconnect::AfterReboot => HA_ANSWER_WITHIN,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut ledger = loop {
-            match LedgerClient::connect(addr, Duration::from_secs(90)) {
+            match LedgerClient::connect(addr, answer_within) {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
                     progress(format_args!("drill: ledger not serving yet ({e})"));
@@ -58,6 +83,22 @@ impl Client {
                         .expect("client log")
                         .acked
                         .push((id, Instant::now())),
+                    Err(e) if reconnect == Reconnect::AfterReboot => {
+                        match connect_again(addr, &stopping) {
+                            Some(again) => {
+                                ledger = again;
+                                writer.lock().expect("client log").reconnects += 1;
+                            }
+                            None if stopping.load(Ordering::Relaxed) => return,
+                            None => {
+                                writer.lock().expect("client log").error = Some(format!(
+                                    "{e}; the ledger did not serve again within {} s",
+                                    HA_BACK_WITHIN.as_secs()
+                                ));
+                                return;
+                            }
+                        }
+                    }
                     Err(e) => {
                         writer.lock().expect("client log").error = Some(e.to_string());
                         return;
@@ -70,6 +111,11 @@ impl Client {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Connections made again so far.
+    pub fn reconnects(&self) -> u64 {
+        self.log.lock().expect("client log").reconnects
     }
 
     /// The client's error, if it failed.
@@ -168,4 +214,17 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Level HA: connects to the ledger again, trying every 100 ms until it
+/// serves (at most [`HA_BACK_WITHIN`]) or the client is stopped.
+fn connect_again(addr: std::net::SocketAddr, stopping: &AtomicBool) -> Option<LedgerClient> {
+    let deadline = Instant::now() + HA_BACK_WITHIN;
+    while Instant::now() < deadline && !stopping.load(Ordering::Relaxed) {
+        if let Ok(again) = LedgerClient::connect(addr, HA_ANSWER_WITHIN) {
+            return Some(again);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
 }

@@ -39,11 +39,12 @@ use replicator::stats::percentile;
 use replicator::status::{FtState, Role};
 use serde::Serialize;
 
-use self::client::Client;
+use self::client::{Client, Reconnect};
 use self::watch::Watch;
 use crate::ft_pair::{self, FtPairError};
 use crate::lab::{progress, Lab};
 use crate::topology::{LinkId, NodeId};
+pub use replicator::level::Level;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DrillError {
@@ -72,6 +73,10 @@ pub enum DrillError {
         node: NodeId,
         why: String,
     },
+    #[error("a drill of {fault:?} faults at level HA is not built: level HA drills pull the primary (--fault pull)")]
+    NotAtHa { fault: Fault },
+    #[error("drill {round}: the VM booted on {node}, but its console never said how the data disk's check (e2fsck) went within {secs} s")]
+    NoFsck { round: u32, node: NodeId, secs: u64 },
     #[error("writing the report {path}: {source}")]
     Report {
         path: PathBuf,
@@ -172,11 +177,19 @@ pub struct DrillRound {
     /// Each node's engine states through the round (watched rounds).
     pub states_a: Vec<String>,
     pub states_b: Vec<String>,
+    /// Level HA: the VM rebooted on the survivor found its data disk's
+    /// ext4 clean (`e2fsck -fn` after the journal replay); None at FT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsck_clean: Option<bool>,
 }
 
 impl DrillRound {
     fn ok(&self) -> bool {
-        self.memory.ok() && self.disk.ok() && self.placed_ok && !self.two_active_seen
+        self.memory.ok()
+            && self.disk.ok()
+            && self.placed_ok
+            && !self.two_active_seen
+            && self.fsck_clean != Some(false)
     }
 }
 
@@ -185,6 +198,10 @@ pub struct DrillReport {
     pub lab: String,
     pub count: u32,
     pub fault: Fault,
+    /// The VM's protection level (`ft` or `ha`).
+    pub level: Level,
+    /// Level HA: connections the client made again (the VM rebooted).
+    pub reconnects: u64,
     pub seed: u64,
     pub rounds: Vec<DrillRound>,
     pub acked_total: usize,
@@ -218,12 +235,30 @@ pub fn run(
     fault: Fault,
     report_path: &PathBuf,
 ) -> Result<DrillReport, DrillError> {
+    run_at(lab, count, fault, Level::Ft, report_path)
+}
+
+/// [`run`] with the ledger VM protected at `level`. At level HA the only
+/// fault is the pull: the survivor reboots the VM from its mirror, the
+/// client connects again, and each round checks the data disk's ext4.
+pub fn run_at(
+    lab: &Lab,
+    count: u32,
+    fault: Fault,
+    level: Level,
+    report_path: &PathBuf,
+) -> Result<DrillReport, DrillError> {
+    if level == Level::Ha && fault != Fault::Pull {
+        return Err(DrillError::NotAtHa { fault });
+    }
     lab.down()?;
     progress("drill: starting the lab pair");
     lab.up(&NodeId::ALL)?;
     let mut primary = NodeId::A;
-    progress("drill: protecting the ledger VM (initial synchronisation)");
-    ft_pair::protect(lab, primary, Default::default())?;
+    progress(format_args!(
+        "drill: protecting the ledger VM at level {level} (initial synchronisation)"
+    ));
+    ft_pair::protect_at(lab, primary, level.as_str(), Default::default())?;
     ft_pair::wait_for(
         lab,
         primary.peer(),
@@ -231,7 +266,13 @@ pub fn run(
         FtState::StandingBy,
         Duration::from_secs(60),
     )?;
-    let mut client = Client::start(lab)?;
+    let mut client = Client::start_with(
+        lab,
+        match level {
+            Level::Ft => Reconnect::Never,
+            Level::Ha => Reconnect::AfterReboot,
+        },
+    )?;
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
@@ -250,6 +291,9 @@ pub fn run(
                 Fault::Switchover => RoundFault::Switchover,
             };
             let r = match this {
+                RoundFault::Pull if level == Level::Ha => {
+                    ha_pull_round(lab, &client, round, primary, &mut rng)?
+                }
                 RoundFault::Pull => pull_round(lab, &client, round, primary, &mut rng)?,
                 RoundFault::Freeze(node) => {
                     freeze_round(lab, &client, round, primary, node, &mut rng)?
@@ -291,10 +335,13 @@ pub fn run(
         .iter()
         .map(|r| r.memory.duplicated.len() + r.disk.duplicated.len())
         .sum();
+    let reconnects = client.reconnects();
     let report = DrillReport {
         lab: lab.topo.name.clone(),
         count,
         fault,
+        level,
+        reconnects,
         seed,
         passed: rounds.len() == count as usize
             && rounds.iter().all(DrillRound::ok)
@@ -439,7 +486,116 @@ fn pull_round(
         two_active: None,
         states_a: vec![],
         states_b: vec![],
+        fsck_clean: None,
     })
+}
+
+/// Level HA: how long the survivor may take to reboot the VM and serve.
+const HA_RESTART_WITHIN: Duration = Duration::from_secs(180);
+
+/// Level HA: pull the primary; the standby boots the VM from its mirror
+/// (a reboot: the client connects again), its data disk's ext4 must check
+/// clean, nothing acknowledged may be missing; the pulled node comes back
+/// as the standby and its mirror is resynchronised.
+fn ha_pull_round(
+    lab: &Lab,
+    client: &Client,
+    round: u32,
+    primary: NodeId,
+    rng: &mut u64,
+) -> Result<DrillRound, DrillError> {
+    let standby = primary.peer();
+    let fscks_before = fsck_lines(lab, standby).len();
+    let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
+    let pulled_at = Instant::now();
+    lab.pull(primary)?;
+    let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
+    let served_again = client.first_ack_after(pulled_at, HA_RESTART_WITHIN, round)?;
+    let failover_ms = served_again.duration_since(pulled_at).as_millis() as u64;
+    let fsck_clean = fsck_after(lab, standby, fscks_before, round)?;
+    let (acked_before_check, memory, disk) = client.check(lab)?;
+    let back = Instant::now();
+    let boots = lab.up(&[primary])?;
+    let node_boot_ms = boots.first().map_or(0, |b| (b.boot_secs * 1000.0) as u64);
+    let booted_at = Instant::now();
+    ft_pair::wait_for(
+        lab,
+        standby,
+        Role::Primary,
+        FtState::Protected,
+        REPROTECT_WITHIN,
+    )?;
+    let reprotect_ms = back.elapsed().as_millis() as u64;
+    let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
+    let resync_bytes = sync_before.since(lab, standby);
+    let (placed_ok, generation) = placement(lab, standby, standby)?;
+    Ok(DrillRound {
+        round,
+        fault: RoundFault::Pull,
+        pulled: primary,
+        promoted: standby,
+        pull_after_ms,
+        failover_ms,
+        replayed_frames: 0,
+        heal_after_ms: 0,
+        committed_epoch,
+        acked_before_check,
+        memory,
+        disk,
+        reprotect_ms,
+        resync_bytes,
+        node_boot_ms,
+        boot_to_protected_ms,
+        generation,
+        placed_ok,
+        two_active_seen: false,
+        two_active: None,
+        states_a: vec![],
+        states_b: vec![],
+        fsck_clean: Some(fsck_clean),
+    })
+}
+
+/// The ledger VM's console lines on `node` that say how its data disk's
+/// check went (`ftguest.fsck`; the console log is appended to, boot after
+/// boot).
+fn fsck_lines(lab: &Lab, node: NodeId) -> Vec<String> {
+    let console = format!("/data/ftd/vms/{}/console.log", ft_pair::VM_NAME);
+    lab.exec(
+        node,
+        &[
+            "sh",
+            "-c",
+            &format!("grep -a 'ftguest: e2fsck' {console} || true"),
+        ],
+        Duration::from_secs(10),
+    )
+    .map(|o| o.stdout.lines().map(str::to_string).collect())
+    .unwrap_or_default()
+}
+
+/// Whether the first check of the data disk `node`'s console reports past
+/// its first `before` ones said clean (waits for it).
+fn fsck_after(lab: &Lab, node: NodeId, before: usize, round: u32) -> Result<bool, DrillError> {
+    let within = Duration::from_secs(30);
+    let start = Instant::now();
+    loop {
+        if let Some(line) = fsck_lines(lab, node).get(before) {
+            let clean = line.trim_end().ends_with(": clean");
+            if !clean {
+                progress(format_args!("drill {round}: {}", line.trim_end()));
+            }
+            return Ok(clean);
+        }
+        if start.elapsed() > within {
+            return Err(DrillError::NoFsck {
+                round,
+                node,
+                secs: within.as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// Cut the links of `fault` on the nodes it names (true) or heal them.
@@ -595,6 +751,7 @@ fn settle(
         two_active: seen.first_two_active,
         states_a: seen.states[0].clone(),
         states_b: seen.states[1].clone(),
+        fsck_clean: None,
     })
 }
 
@@ -739,19 +896,38 @@ pub fn print_table(report: &DrillReport) {
             r.resync_bytes as f64 / 1e6
         );
     }
+    if report.level == Level::Ha {
+        let fsck: Vec<&str> = report
+            .rounds
+            .iter()
+            .map(|r| match r.fsck_clean {
+                Some(true) => "clean",
+                Some(false) => "NOT CLEAN",
+                None => "-",
+            })
+            .collect();
+        println!(
+            "level ha: the VM rebooted on the survivor each round (failover = pull -> first \
+             operation acknowledged by the rebooted VM); data disk e2fsck per round: {}; \
+             client reconnected {} times",
+            fsck.join(", "),
+            report.reconnects
+        );
+    }
     println!(
-        "{} drills ({:?}), {} operations acknowledged, {} lost, {} duplicated, two active copies in {} rounds, \
+        "{} drills ({:?}, level {}), {} operations acknowledged, {} lost, {} duplicated, two active copies in {} rounds, \
          client connection {}; failover p50 {} ms, p99 {} ms, max {} ms: {}",
         report.rounds.len(),
         report.fault,
+        report.level,
         report.acked_total,
         report.lost_total,
         report.duplicated_total,
         report.two_active_total,
-        if report.connection_survived {
-            "survived every fault"
-        } else {
-            "BROKE"
+        match (report.connection_survived, report.level) {
+            (false, _) => "BROKE",
+            (true, Level::Ft) => "survived every fault",
+            (true, Level::Ha) => "reconnected after every reboot",
         },
         report.failover_ms_p50,
         report.failover_ms_p99,
