@@ -211,6 +211,51 @@ fn drills_lose_and_duplicate_nothing() {
     drill_passes(&lab, count, drill::Fault::Pull);
 }
 
+/// Level HA (issue 11): the primary pulled while the client appends; the
+/// survivor reboots the VM from its disk mirror, nothing acknowledged is
+/// lost (the ledger fsyncs before it answers, and a write completes only
+/// once both nodes have it), the rebooted guest's ext4 checks clean, and
+/// the pulled node is resynchronised as the mirror.
+#[test]
+fn at_level_ha_a_pulled_primary_is_rebooted_on_the_survivor_with_nothing_lost() {
+    let count = count_from_env("FT_HA_DRILLS", 2);
+    let lab = LabPair::start_nodes("ftha", &[]);
+    let path = lab.lab().topo.dir.join("drill-report.json");
+    let report = drill::run_at(
+        lab.lab(),
+        count,
+        drill::Fault::Pull,
+        drill::Level::Ha,
+        &path,
+    )
+    .unwrap_or_else(|e| panic!("drill: {e}"));
+    drill::print_table(&report);
+    assert_eq!(report.rounds.len(), count as usize);
+    assert_eq!(report.lost_total, 0);
+    assert_eq!(report.duplicated_total, 0);
+    assert_eq!(report.two_active_total, 0, "two active copies were seen");
+    assert!(report.connection_survived, "the client gave up");
+    assert!(
+        report.reconnects >= u64::from(count),
+        "the VM was not rebooted each round (the client reconnected {} times)",
+        report.reconnects
+    );
+    for r in &report.rounds {
+        assert_eq!(r.fsck_clean, Some(true), "round {}: {r:?}", r.round);
+        assert!(
+            r.memory.ok() && r.disk.ok() && r.placed_ok,
+            "round {}: {r:?}",
+            r.round
+        );
+        assert!(
+            r.resync_bytes > 0,
+            "round {}: no resynchronisation: {r:?}",
+            r.round
+        );
+    }
+    assert!(report.passed);
+}
+
 /// How many rounds `var` asks for (`default` when unset or not a number).
 fn count_from_env(var: &str, default: u32) -> u32 {
     std::env::var(var)

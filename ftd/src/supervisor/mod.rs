@@ -475,6 +475,19 @@ impl Supervisor {
                     record.generation
                 ),
             ),
+            Ok(record) if record.definition.level == crate::model::Level::Ha => {
+                self.manager.record(
+                    Severity::Critical,
+                    true,
+                    "vm",
+                    Some(name),
+                    &format!(
+                        "VM {name}: its primary was lost; node {me} rebooted it from its disk \
+                         mirror (level ha, generation {})",
+                        record.generation
+                    ),
+                )
+            }
             Ok(record) => self.manager.record(
                 Severity::Critical,
                 true,
