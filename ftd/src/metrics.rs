@@ -205,6 +205,11 @@ impl Metrics {
             "sync_sent_bytes",
             "Bytes the initial synchronisations sent on the A-link (the copies that protect a VM again)",
         );
+        let sync_last = gauge_seconds(
+            &mut registry,
+            "sync_duration_last",
+            "How long the last initial synchronisation took (its rate: the bytes it sent over this)",
+        );
         let ack_p50 = gauge_seconds(
             &mut registry,
             "ack_latency_p50",
@@ -398,6 +403,9 @@ impl Metrics {
             sync_sent
                 .get_or_create(&labels)
                 .inc_by(c.sync_sent_bytes_total);
+            sync_last
+                .get_or_create(&labels)
+                .set(c.sync_ms_last as f64 / 1e3);
             ack_p50.get_or_create(&labels).set(us(c.ack_us_p50));
             ack_p99.get_or_create(&labels).set(us(c.ack_us_p99));
             released

@@ -133,6 +133,11 @@ pub struct FtCounters {
     pub sync_sent_bytes_last: u64,
     #[serde(default)]
     pub sync_sent_bytes_total: u64,
+    /// How long the last initial synchronisation took: from its plan to
+    /// the standby's acknowledgement of the first epoch, when it holds the
+    /// whole copy (its rate: `sync_sent_bytes_last` over this).
+    #[serde(default)]
+    pub sync_ms_last: u64,
     /// From the end of sending an epoch to its acknowledgement.
     pub ack_us_p50: u64,
     pub ack_us_p99: u64,

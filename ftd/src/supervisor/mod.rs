@@ -347,6 +347,10 @@ impl Supervisor {
             let Some(mut process) = self.processes.remove(&name) else {
                 return;
             };
+            if let Some(why) = split_brain(process.role, process.last_status(), &record, me) {
+                self.manager
+                    .record(Severity::Critical, true, "vm", Some(&name), &why);
+            }
             self.manager.record(
                 Severity::Info,
                 false,
@@ -636,6 +640,60 @@ fn standby_refused(manager: &Manager, name: &str, status: &replicator::status::S
     );
 }
 
+/// Whether stopping this node's `role` of a VM ends a split brain: a
+/// primary still active here (its engine's last word) while the store
+/// names another node the primary at a newer generation, which that node
+/// took without this one stepping down (no witness decided: every path
+/// between the nodes was cut). Both copies ran and wrote; the policy keeps
+/// the newer generation's, and this copy's work since the split is
+/// discarded, not merged. Returns the alert.
+pub fn split_brain(
+    role: Role,
+    last: Option<&Status>,
+    record: &VmRecord,
+    me: &str,
+) -> Option<String> {
+    let status = last?;
+    let other = record.primary_node.as_deref()?;
+    let active = matches!(
+        status.state,
+        FtState::Protected | FtState::Unprotected | FtState::Syncing
+    );
+    if role != Role::Primary
+        || status.role != Role::Primary
+        || !active
+        || other == me
+        || record.desired != Desired::Running
+        || status.generation >= record.generation
+    {
+        return None;
+    }
+    let name = &record.definition.name;
+    let alone = if status.state == FtState::Unprotected {
+        let since = status.state_since_unix_ms;
+        let secs = unix_ms().saturating_sub(since) as f64 / 1000.0;
+        format!(", running alone for {secs:.1} s")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "VM {name}: split brain: this node ({me}) ran it as the primary at generation {} \
+         (level {}{alone}) while node {other} took it over at generation {}: both copies ran \
+         and wrote (no witness decided). By the policy the newer generation wins: node \
+         {other}'s copy goes on, this one stops and is resynchronised from it; what this \
+         copy did since the nodes lost each other is discarded, not merged",
+        status.generation,
+        record.definition.level.as_str(),
+        record.generation
+    ))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The primary here runs a newer generation than the store knows.
 fn new_generation(manager: &Manager, name: &str, me: &str, generation: u64) {
     let me = me.to_string();
@@ -661,5 +719,69 @@ fn role_name(role: Role) -> &'static str {
     match role {
         Role::Primary => "primary",
         Role::Standby => "standby",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replicator::status::StatusBoard;
+
+    /// The store after node-b took vm1 over at generation 2, and the last
+    /// word of this node's (node-a's) primary engine.
+    fn split(state: FtState, engine_generation: u64) -> (VmRecord, Status) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::fixtures::store_with_vm(dir.path());
+        let record = store
+            .update_vm("vm1", |r| {
+                r.primary_node = Some("node-b".into());
+                r.generation = 2;
+            })
+            .unwrap();
+        let board = StatusBoard::new("node-a", Role::Primary);
+        board.set_state(Role::Primary, state, None);
+        board.update(|s| s.generation = engine_generation);
+        (record, board.snapshot())
+    }
+
+    /// Issue 11: both copies ran while the nodes could not hear each other
+    /// (no witness): the one stopped here is said to be a split brain, with
+    /// the winner by the policy; not when this copy had stepped down, had
+    /// the newer generation itself, or was the standby.
+    #[test]
+    fn a_primary_stopped_because_the_peer_took_over_meanwhile_is_a_split_brain() {
+        let (record, alone) = split(FtState::Unprotected, 1);
+        let why =
+            split_brain(Role::Primary, Some(&alone), &record, "node-a").expect("a split brain");
+        assert!(
+            why.contains("split brain")
+                && why.contains("node node-b took it over at generation 2")
+                && why.contains("running alone for")
+                && why.contains("discarded, not merged"),
+            "{why}"
+        );
+        let (record, protected) = split(FtState::Protected, 1);
+        assert!(split_brain(Role::Primary, Some(&protected), &record, "node-a").is_some());
+        // Not a split brain:
+        let (record, stopped) = split(FtState::SwitchedOver, 1);
+        assert_eq!(
+            split_brain(Role::Primary, Some(&stopped), &record, "node-a"),
+            None
+        );
+        let (record, newer) = split(FtState::Unprotected, 2);
+        assert_eq!(
+            split_brain(Role::Primary, Some(&newer), &record, "node-a"),
+            None
+        );
+        let (record, alone) = split(FtState::Unprotected, 1);
+        assert_eq!(
+            split_brain(Role::Standby, Some(&alone), &record, "node-a"),
+            None
+        );
+        assert_eq!(split_brain(Role::Primary, None, &record, "node-a"), None);
+        assert_eq!(
+            split_brain(Role::Primary, Some(&alone), &record, "node-b"),
+            None
+        );
     }
 }

@@ -70,10 +70,86 @@ fn dirty(ms: u64, mib: usize) -> u64 {
     pages
 }
 
+/// The folder of the ledger file, where the disk workloads write.
+static DISK_DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// `n` writes of 4 KiB, each `pwrite` + `fdatasync`, round-robin over the
+/// first MiB of a file of their own: "DISKLAT p50_us p99_us n".
+fn disk_latency(n: usize) -> std::io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let path = DISK_DIR
+        .get()
+        .map_or("/tmp".into(), Clone::clone)
+        .join("bench-latency");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let mut block = [0u8; 4096];
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        let start = Instant::now();
+        file.write_all_at(&block, (i as u64 % 256) * 4096)?;
+        file.sync_data()?;
+        took.push(start.elapsed().as_micros() as u64);
+    }
+    took.sort_unstable();
+    let at = |p: usize| took.get((took.len() * p / 100).min(took.len().saturating_sub(1)));
+    Ok(format!(
+        "DISKLAT {} {} {n}",
+        at(50).copied().unwrap_or(0),
+        at(99).copied().unwrap_or(0)
+    ))
+}
+
+/// `mib` MiB written sequentially in 1 MiB writes, then `fdatasync`, into
+/// a new file, removed after unless `keep` (then it is data for a copy
+/// to move): "DISKSEQ bytes micros".
+fn disk_throughput(mib: usize, keep: bool) -> std::io::Result<String> {
+    let name = if keep {
+        "bench-kept"
+    } else {
+        "bench-sequential"
+    };
+    let path = DISK_DIR
+        .get()
+        .map_or("/tmp".into(), Clone::clone)
+        .join(name);
+    let mut file = File::create(&path)?;
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    let start = Instant::now();
+    let written = (|| {
+        for _ in 0..mib {
+            file.write_all(&chunk)?;
+        }
+        file.sync_data()
+    })();
+    let micros = start.elapsed().as_micros();
+    drop(file);
+    if !keep || written.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    written?;
+    Ok(format!("DISKSEQ {} {micros}", mib << 20))
+}
+
 fn workload(request: &str) -> Option<String> {
     let w: Vec<&str> = request.split_ascii_whitespace().collect();
+    let io = |r: std::io::Result<String>| r.unwrap_or_else(|e| format!("ERR disk workload: {e}"));
     match w.as_slice() {
         ["PING"] => Some("PONG".into()),
+        ["DISKLAT", n] => Some(io(disk_latency(n.parse::<usize>().ok()?.clamp(1, 100_000)))),
+        ["DISKSEQ", mib] => Some(io(disk_throughput(
+            mib.parse::<usize>().ok()?.clamp(1, 1024),
+            false,
+        ))),
+        ["DISKSEQ", mib, "keep"] => Some(io(disk_throughput(
+            mib.parse::<usize>().ok()?.clamp(1, 1024),
+            true,
+        ))),
         ["SPIN", ms] => Some(format!("SPUN {}", spin(ms.parse().ok()?))),
         ["DIRTY", ms, mib] => Some(format!(
             "DIRTIED {}",
@@ -161,6 +237,14 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let dir = std::path::Path::new(path)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(
+            || std::path::PathBuf::from("."),
+            std::path::Path::to_path_buf,
+        );
+    let _ = DISK_DIR.set(dir);
     let mut ledger = Ledger {
         ids: Vec::new(),
         file,

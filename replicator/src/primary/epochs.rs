@@ -43,6 +43,7 @@ pub(super) async fn epochs(
         .on_held_output(Arc::new(move || wake.notify_one()));
     let mut schedule = Schedule::new(config.interval);
     let mut in_flight = InFlight::new(vm, status, config);
+    in_flight.sync_started = Some(session.sync_started);
     // A switchover asked before this session is not for it.
     config.switchover.take();
     for epoch in 1.. {

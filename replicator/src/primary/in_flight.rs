@@ -66,6 +66,9 @@ pub(super) struct InFlight<'a> {
     max_run_ahead: Duration,
     /// When the guest was paused here, if it is.
     paused_at: Option<Instant>,
+    /// When this session's initial synchronisation began (its duration is
+    /// counted at the first acknowledgement).
+    pub(super) sync_started: Option<Instant>,
     /// Acknowledgements in a row that found the guest paused (the first
     /// pause is logged as a warning, the end of the run too).
     streak: u64,
@@ -87,6 +90,7 @@ impl<'a> InFlight<'a> {
             synchronous: config.synchronous,
             max_run_ahead: config.interval.max_run_ahead,
             paused_at: None,
+            sync_started: None,
             streak: 0,
             stops: Samples::default(),
             ack_times: Samples::default(),
@@ -291,6 +295,10 @@ impl<'a> InFlight<'a> {
             }
         });
         if c.epoch == 1 {
+            if let Some(started) = self.sync_started {
+                let took = started.elapsed().as_millis() as u64;
+                self.status.update(|s| s.counters.sync_ms_last = took);
+            }
             self.status
                 .set_state(Role::Primary, FtState::Protected, None);
         }

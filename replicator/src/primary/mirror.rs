@@ -120,7 +120,7 @@ pub(super) async fn mirror(
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(WATCH_EVERY) => {}
-            event = acks.recv() => acked(event, &mut in_flight, vm, status, &mut ack_times)?,
+            event = acks.recv() => acked(event, &mut in_flight, vm, status, &mut ack_times, session)?,
             _ = stop.notified() => {
                 // The VM ended. By a host fault: the standby boots it from
                 // its mirror now. On purpose: the writes in flight are
@@ -131,7 +131,7 @@ pub(super) async fn mirror(
                 } else {
                     let drained = tokio::time::timeout(DRAIN_AT_STOP, async {
                         while !in_flight.is_empty() {
-                            acked(acks.recv().await, &mut in_flight, vm, status, &mut ack_times)?;
+                            acked(acks.recv().await, &mut in_flight, vm, status, &mut ack_times, session)?;
                         }
                         Ok::<(), PrimaryError>(())
                     })
@@ -177,6 +177,7 @@ fn acked(
     vm: &Vm,
     status: &StatusBoard,
     ack_times: &mut Samples,
+    session: &Session<'_>,
 ) -> Result<(), PrimaryError> {
     let got = match event {
         Some(Ok(got)) => got,
@@ -204,6 +205,10 @@ fn acked(
         n.epochs_in_flight_now = in_flight.len() as u64;
     });
     if got == 1 {
+        // The standby holds the whole copy: the initial synchronisation
+        // is over.
+        let took = session.sync_started.elapsed().as_millis() as u64;
+        status.update(|s| s.counters.sync_ms_last = took);
         status.set_state(Role::Primary, FtState::Protected, None);
         info!("the standby's mirror is whole: disk writes complete once both nodes have them");
     }

@@ -287,6 +287,7 @@ pub async fn run(
         }
         let session = Session {
             generation,
+            sync_started: std::time::Instant::now(),
             lease,
             active,
         };
@@ -364,6 +365,8 @@ const REFUSED_RETRY: Duration = Duration::from_secs(10);
 /// What one session with a standby runs with.
 struct Session<'a> {
     generation: u64,
+    /// When the initial synchronisation began.
+    sync_started: std::time::Instant,
     lease: Option<&'a Lease>,
     /// The index of the peer address the session runs on.
     active: usize,
