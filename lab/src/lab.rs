@@ -233,12 +233,16 @@ impl Lab {
         let secrets = self.secrets()?;
         let bridge = self.topo.bridge();
         host_net::ensure_bridge(&bridge, &format!("{}/24", self.topo.host_biz_ip()))?;
-        let witness = crate::witness::start(&self.topo, &images.static_bin_dir)?;
-        progress(format_args!(
-            "witness on {} (pid {witness}, log {})",
-            self.topo.witness_addr(),
-            self.topo.witness_log().display()
-        ));
+        if self.topo.witness {
+            let witness = crate::witness::start(&self.topo, &images.static_bin_dir)?;
+            progress(format_args!(
+                "witness on {} (pid {witness}, log {})",
+                self.topo.witness_addr(),
+                self.topo.witness_log().display()
+            ));
+        } else {
+            progress("no witness: the nodes decide takeovers by silence alone");
+        }
 
         let mut boots = Vec::new();
         let mut starting = Vec::new();

@@ -32,16 +32,17 @@ pub fn command(topo: &Topology, images: &Images, node: NodeId, secrets: &LabSecr
     // real servers `ftd join` copies them).
     let mut append = format!(
         "console=ttyS0 quiet panic=-1 ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24 \
-         ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={} \
-         ftlab.witness={}",
+         ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={}",
         topo.alink_ip(node),
         topo.biz_ip(node),
         topo.alink_ip(peer),
         topo.biz_ip(peer),
         secrets.pair_secret,
         secrets.api_token,
-        topo.witness_addr(),
     );
+    if topo.witness {
+        append.push_str(&format!(" ftlab.witness={}", topo.witness_addr()));
+    }
     if topo.alink_plaintext {
         append.push_str(" ftlab.alink_plaintext=1");
     }

@@ -128,6 +128,11 @@ pub struct Topology {
     /// init --alink-plaintext`, as for a dedicated cable) instead of
     /// sealed. Read when a node first boots on a fresh disk.
     pub alink_plaintext: bool,
+    /// The nodes' daemons are given the lab's quorum witness (on the host).
+    /// Without one, a takeover is decided by silence alone: a partition
+    /// leaves two active copies (the split-brain tests). Read when a node
+    /// first boots on a fresh disk.
+    pub witness: bool,
 }
 
 /// The name of the lab that `ftctl lab` uses when none is given.
@@ -165,6 +170,7 @@ impl Topology {
             node_mem_mib: 1536,
             disk_size_mib: 4096,
             alink_plaintext: false,
+            witness: true,
         })
     }
 

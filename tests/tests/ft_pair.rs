@@ -313,6 +313,136 @@ fn partitions_leave_one_active_copy_and_lose_nothing() {
     drill_passes(&lab, count, drill::Fault::Partition);
 }
 
+/// Issue 11: a pair without a witness, at level HA, partitioned so that
+/// both copies run and write: node b (isolated: its A-link and business
+/// network cut) boots the VM from its mirror and writes its disk, node a
+/// goes on alone serving the client. When the paths heal, the divergence
+/// is detected: node a's daemon raises the split-brain alert, the copy of
+/// the newer generation (b's) wins by the policy, a's stops and becomes
+/// the mirror again, resynchronised from b; nothing is merged.
+#[test]
+fn without_a_witness_both_copies_writing_in_a_partition_is_a_split_brain_alert() {
+    use ftd_client::client::EventQuery;
+    use ftd_client::model::Event;
+    let lab = LabPair::start_configured("ftdiverge", &NodeId::ALL, |t| t.witness = false);
+    let l = lab.lab();
+    ft_pair::protect_at(l, NodeId::A, "ha", Default::default()).expect("protected at ha");
+    let mut client = Appender::new(lab.ledger_client());
+    client.append_for(Duration::from_secs(2));
+    let b_checks_before = lab
+        .sh(
+            NodeId::B,
+            "grep -ac 'ftguest: e2fsck' /data/ftd/vms/ledger-vm/console.log || true",
+        )
+        .trim()
+        .parse::<u32>()
+        .unwrap_or(0);
+    // Isolate b: its standby hears nothing on any path and boots the VM.
+    l.set_link(lab::topology::LinkId::Alink, false)
+        .expect("cut the A-link");
+    l.set_node_link(NodeId::B, lab::topology::LinkId::Biz, false)
+        .expect("cut b's business network");
+    let start = Instant::now();
+    loop {
+        let booted = lab
+            .sh(
+                NodeId::B,
+                "grep -ac 'ftguest: e2fsck' /data/ftd/vms/ledger-vm/console.log || true",
+            )
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0);
+        // Its guest mounted the mirror (the journal written) and checked it.
+        if booted > b_checks_before {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "b never booted the VM from its mirror: {:?}",
+            drill::watch::engine_status(l, NodeId::B)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Meanwhile a serves the client alone: its disk is written too.
+    client.append_for(Duration::from_secs(2));
+    let a = drill::watch::engine_status(l, NodeId::A).expect("a's engine");
+    assert_eq!(
+        (a.role, a.state),
+        (Role::Primary, FtState::Unprotected),
+        "{a:?}"
+    );
+    let b = drill::watch::engine_status(l, NodeId::B).expect("b's engine");
+    assert_eq!(b.role, Role::Primary, "{b:?}");
+    assert!(b.generation > a.generation, "a: {a:?}\nb: {b:?}");
+    drop(client);
+    let last_id = ft_pair::api(l, NodeId::A)
+        .expect("api")
+        .events::<Vec<Event>>(&EventQuery {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .expect("events")
+        .first()
+        .map_or(0, |e| e.id);
+    // Heal: the daemons hear each other again.
+    l.set_node_link(NodeId::B, lab::topology::LinkId::Biz, true)
+        .expect("heal b's business network");
+    l.set_link(lab::topology::LinkId::Alink, true)
+        .expect("heal the A-link");
+    let alert = (|| {
+        let start = Instant::now();
+        loop {
+            let events = ft_pair::api(l, NodeId::A)
+                .ok()
+                .and_then(|api| {
+                    api.events::<Vec<Event>>(&EventQuery {
+                        alerts: true,
+                        after: Some(last_id),
+                        limit: Some(1000),
+                        ..Default::default()
+                    })
+                    .ok()
+                })
+                .unwrap_or_default();
+            if let Some(e) = events
+                .into_iter()
+                .find(|e| e.message.contains("split brain"))
+            {
+                return e;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no split-brain alert on a; a: {:?}",
+                drill::watch::engine_status(l, NodeId::A)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })();
+    assert_eq!(alert.severity, "critical", "{alert:?}");
+    assert!(
+        alert.message.contains("node node-b took it over")
+            && alert.message.contains("level ha")
+            && alert.message.contains("discarded, not merged"),
+        "{alert:?}"
+    );
+    // The policy's winner goes on; a becomes its mirror again.
+    ft_pair::wait_for(
+        l,
+        NodeId::B,
+        Role::Primary,
+        FtState::Protected,
+        Duration::from_secs(240),
+    )
+    .expect("b protected by a's new mirror");
+    let a = drill::watch::engine_status(l, NodeId::A).expect("a's engine");
+    assert_eq!(
+        (a.role, a.state),
+        (Role::Standby, FtState::StandingBy),
+        "{a:?}"
+    );
+    eprintln!("[split] {}", alert.message);
+}
+
 #[test]
 fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     use ftd_client::client::EventQuery;
