@@ -6,47 +6,9 @@
 
 mod common;
 
-use bytes::Bytes;
 use common::*;
 use replicator::level::Level;
-use replicator::protocol::{disk_payloads, DiskRecord, EndTally, Message, Region};
 use replicator::standby::Machine;
-
-/// Mirror epoch `n`: `text` written at `offset` of disk 0, no state, no
-/// pages.
-fn mirror_epoch(n: u64, offset: u64, text: &'static [u8]) -> Vec<ft_link::Frame> {
-    let writes = disk_payloads([DiskRecord {
-        disk: 0,
-        offset,
-        data: Bytes::from_static(text),
-    }]);
-    replicator::protocol::epoch_frames(n, 1, Bytes::new(), Default::default(), writes)
-}
-
-/// A primary at level HA whose initial copy (one disk record at 0) the
-/// standby accepted.
-async fn mirrored_primary(standby: &Standby) -> ft_link::Link {
-    let mut link = primary_planning_at(standby.addr, 1, DISK_BYTES, Some(test_boot_plan())).await;
-    // Its disk alone: nothing about memory follows.
-    let held = next_held(&mut link).await;
-    assert_eq!(held.region, Region::Disk(0));
-    let (batches, _) = disk_payloads([DiskRecord {
-        disk: 0,
-        offset: 0,
-        data: Bytes::from_static(b"copied"),
-    }]);
-    let mut tally = EndTally::default();
-    for batch in &batches {
-        tally.add_disk(batch);
-    }
-    let mut frames: Vec<_> = batches
-        .into_iter()
-        .map(|b| Message::SyncDisk(b).into_frame(0, 1))
-        .collect();
-    frames.push(Message::SyncEnd(tally.end()).into_frame(0, 1));
-    send(&link, &frames).await;
-    link
-}
 
 fn disk_bytes(replica_disk: &std::path::Path, offset: usize, len: usize) -> Vec<u8> {
     std::fs::read(replica_disk).unwrap()[offset..offset + len].to_vec()

@@ -139,6 +139,13 @@ impl StandbyError {
                 | StandbyError::NicCount { .. }
                 | StandbyError::Replica(ReplicationError::ReplicaMemory { .. })
         ) || matches!(self, StandbyError::Disk(e) if e.is_this_nodes_fault())
+            // Applying an epoch failed on this node's disk (a write or its
+            // sync): an I/O error here, not a bad epoch.
+            || matches!(
+                self,
+                StandbyError::Refused(AssemblerError::Disk { source, .. })
+                    if source.is_this_nodes_fault()
+            )
     }
 }
 

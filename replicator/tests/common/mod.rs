@@ -426,3 +426,39 @@ pub fn disk_at_512(replica: &Replica, len: usize) -> Vec<u8> {
     let data = std::fs::read(&replica.disks[0].path).unwrap();
     data[512..512 + len].to_vec()
 }
+
+/// Mirror epoch `n`: `text` written at `offset` of disk 0, no state, no
+/// pages.
+pub fn mirror_epoch(n: u64, offset: u64, text: &'static [u8]) -> Vec<Frame> {
+    let writes = disk_payloads([DiskRecord {
+        disk: 0,
+        offset,
+        data: Bytes::from_static(text),
+    }]);
+    frames_of(n, 1, Bytes::new(), Default::default(), writes)
+}
+
+/// A primary at level HA whose initial copy (one disk record at 0) the
+/// standby accepted.
+pub async fn mirrored_primary(standby: &Standby) -> Link {
+    let mut link = primary_planning_at(standby.addr, 1, DISK_BYTES, Some(test_boot_plan())).await;
+    // Its disk alone: nothing about memory follows.
+    let held = next_held(&mut link).await;
+    assert_eq!(held.region, replicator::protocol::Region::Disk(0));
+    let (batches, _) = disk_payloads([DiskRecord {
+        disk: 0,
+        offset: 0,
+        data: Bytes::from_static(b"copied"),
+    }]);
+    let mut tally = replicator::protocol::EndTally::default();
+    for batch in &batches {
+        tally.add_disk(batch);
+    }
+    let mut frames: Vec<_> = batches
+        .into_iter()
+        .map(|b| Message::SyncDisk(b).into_frame(0, 1))
+        .collect();
+    frames.push(Message::SyncEnd(tally.end()).into_frame(0, 1));
+    send(&link, &frames).await;
+    link
+}
