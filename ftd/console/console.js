@@ -552,7 +552,9 @@ function renderSync(sample) {
   box.hidden = false;
   const done = sample.sync.done_bytes / sample.sync.total_bytes;
   $('#vm-sync-bar').value = done;
-  $('#vm-sync-text').textContent = `Synchronising the standby (${sample.sync.phase}): ${(100 * done).toFixed(0)}% of ${(sample.sync.total_bytes / 1e6).toFixed(0)} MB`;
+  const rate = sample.sync.rate_bytes_per_s ? `, ${(sample.sync.rate_bytes_per_s / 1e6).toFixed(1)} MB/s` : '';
+  const left = sample.sync.eta_s !== undefined ? `, about ${sample.sync.eta_s} s left` : '';
+  $('#vm-sync-text').textContent = `Synchronising the standby (${sample.sync.phase}): ${(100 * done).toFixed(0)}% of ${(sample.sync.total_bytes / 1e6).toFixed(0)} MB${rate}${left}`;
 }
 
 function renderVmFacts() {

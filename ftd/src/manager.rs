@@ -799,6 +799,8 @@ impl Manager {
                     phase: s.phase,
                     done_bytes: s.done_bytes,
                     total_bytes: s.total_bytes,
+                    rate_bytes_per_s: s.rate_bytes_per_s,
+                    eta_s: s.eta_s,
                 }
             }),
         })

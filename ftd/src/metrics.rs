@@ -310,6 +310,16 @@ impl Metrics {
             "sync_total_bytes",
             "Bytes of the initial synchronisation in all",
         );
+        let sync_rate = gauge(
+            &mut registry,
+            "sync_rate_bytes_per_second",
+            "Bytes of the VM the initial synchronisation goes through per second, so far",
+        );
+        let sync_left = gauge_seconds(
+            &mut registry,
+            "sync_remaining",
+            "Time the initial synchronisation needs at its rate so far",
+        );
         let epoch = gauge(
             &mut registry,
             "epoch",
@@ -447,6 +457,12 @@ impl Metrics {
                 sync_total
                     .get_or_create(&labels)
                     .set(sync.total_bytes as f64);
+                sync_rate
+                    .get_or_create(&labels)
+                    .set(sync.rate_bytes_per_s as f64);
+                if let Some(eta) = sync.eta_s {
+                    sync_left.get_or_create(&labels).set(eta as f64);
+                }
             }
         }
         for node in manager.nodes()? {

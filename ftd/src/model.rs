@@ -762,6 +762,12 @@ pub struct SyncView {
     pub phase: String,
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// Bytes gone through per second so far.
+    #[serde(default)]
+    pub rate_bytes_per_s: u64,
+    /// Seconds left at that rate (absent before a rate is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
 }
 
 /// The body of every error answer.

@@ -226,6 +226,13 @@ pub struct SyncProgress {
     pub phase: String,
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// Bytes of the VM gone through per second so far (compared or sent).
+    #[serde(default)]
+    pub rate_bytes_per_s: u64,
+    /// At that rate, seconds until the copy is through (none before a
+    /// rate is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +400,8 @@ mod tests {
                 phase: "memory".into(),
                 done_bytes: 1,
                 total_bytes: 2,
+                rate_bytes_per_s: 1,
+                eta_s: Some(1),
             })
         });
         assert!(board.snapshot().sync.is_some());

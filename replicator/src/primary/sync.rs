@@ -72,6 +72,7 @@ pub(super) async fn initial_sync(
         .await?;
     let progress = Progress {
         vm,
+        started: Instant::now(),
         tally: Default::default(),
         status,
         generation,
@@ -127,6 +128,7 @@ pub(super) async fn initial_sync(
 /// Where the copy stands (and the generation its frames carry).
 struct Progress<'a> {
     vm: &'a Vm,
+    started: Instant,
     /// What the copy sent, for its end record.
     tally: std::sync::Mutex<EndTally>,
     status: &'a StatusBoard,
@@ -140,14 +142,27 @@ impl Progress<'_> {
     }
 
     fn report(&self, phase: &str, done: u64) {
+        let done = done.min(self.total);
+        let (rate, eta_s) = rate_and_time_left(done, self.total, self.started.elapsed());
         self.status.update(|s| {
             s.sync = Some(SyncProgress {
                 phase: phase.to_string(),
-                done_bytes: done.min(self.total),
+                done_bytes: done,
                 total_bytes: self.total,
+                rate_bytes_per_s: rate,
+                eta_s,
             })
         })
     }
+}
+
+/// A copy's rate so far (bytes per second) and the seconds it still needs
+/// at that rate (none before a rate is known).
+fn rate_and_time_left(done: u64, total: u64, took: std::time::Duration) -> (u64, Option<u64>) {
+    let secs = took.as_secs_f64();
+    let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+    let left = (rate >= 1.0).then(|| (total.saturating_sub(done) as f64 / rate).ceil() as u64);
+    (rate as u64, left)
 }
 
 /// What the standby holds before the copy.
@@ -422,6 +437,18 @@ mod tests {
 
     fn held(region: Region, part: HeldPart) -> Held {
         Held { region, part }
+    }
+
+    #[test]
+    fn the_rate_and_time_left_follow_the_copy_so_far() {
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(rate_and_time_left(0, 100, second), (0, None));
+        assert_eq!(rate_and_time_left(25, 100, second * 5), (5, Some(15)));
+        assert_eq!(rate_and_time_left(100, 100, second), (100, Some(0)));
+        assert_eq!(
+            rate_and_time_left(10, 100, std::time::Duration::ZERO),
+            (0, None)
+        );
     }
 
     #[tokio::test]
