@@ -42,8 +42,6 @@ pub enum ManagerError {
     NoPeer(String),
     #[error("no takeover to force: {0}")]
     NoTakeover(String),
-    #[error("no level change: {0}")]
-    LevelWhileRunning(String),
     #[error("no switchover: {0}")]
     NoSwitchover(String),
     #[error("the switchover did not happen: {0}")]
@@ -642,18 +640,6 @@ impl Manager {
             return Err(ManagerError::NoPeer(format!(
                 "VM {name} cannot be protected at level {}: this node has no peer (ftd join)",
                 level.as_str()
-            )));
-        }
-        let (from, to) = (before.definition.level, level);
-        if before.desired == Desired::Running
-            && from != to
-            && (from == Level::Ha || to == Level::Ha)
-        {
-            return Err(ManagerError::LevelWhileRunning(format!(
-                "VM {name} runs at level {}: changing a running VM's level to or from ha \
-                 restarts its engine, which is not built yet; stop the VM, set the level, \
-                 start it",
-                from.as_str()
             )));
         }
         let record = self

@@ -761,11 +761,11 @@ fn a_console_user_made_on_one_node_logs_in_on_both() {
     });
 }
 
-/// Level HA through the API: a stopped VM is protected at ha (the level
-/// reaches the peer); while it runs, a change to or from ha is refused
-/// with the reason (it needs its engine restarted); stopped, it changes.
+/// Level HA through the API: a VM is protected at ha (the level reaches
+/// the peer) and changes level while it runs (its engine goes on at the
+/// new one without a reboot: the lab's tests run that part).
 #[test]
-fn a_vm_is_protected_at_level_ha_and_its_level_changes_only_when_stopped() {
+fn a_vm_is_protected_at_level_ha_and_changes_level_while_it_runs() {
     let p = pair();
     for d in [&p.a, &p.b] {
         eventually(d, "/api/nodes", "the peer is up", |nodes| {
@@ -782,22 +782,15 @@ fn a_vm_is_protected_at_level_ha_and_its_level_changes_only_when_stopped() {
     });
     let (status, started) = p.a.call("POST", "/api/vms/vm-ha/start", "-", None);
     assert_eq!(status, 202, "{started}");
-    for path in ["/api/vms/vm-ha/protect", "/api/vms/vm-ha/unprotect"] {
-        let (status, refused) = p.a.call("POST", path, "-", None);
-        assert_eq!(
-            (status, &refused["error"]),
-            (409, &json!("conflict")),
-            "{refused}"
-        );
-        assert!(
-            refused["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("level ha") && m.contains("stop the VM")),
-            "{refused}"
-        );
+    for (path, level) in [
+        ("/api/vms/vm-ha/protect", "ft"),
+        ("/api/vms/vm-ha/protect?level=ha", "ha"),
+        ("/api/vms/vm-ha/unprotect", "unprotected"),
+    ] {
+        let (status, vm) = p.a.call("POST", path, "-", None);
+        assert_eq!((status, &vm["level"]), (200, &json!(level)), "{vm}");
+        eventually(&p.b, "/api/vms/vm-ha", "the level on b", |v| {
+            v["level"] == level
+        });
     }
-    let (status, _) = p.a.call("POST", "/api/vms/vm-ha/stop", "-", None);
-    assert_eq!(status, 202);
-    let (status, vm) = p.a.call("POST", "/api/vms/vm-ha/protect", "-", None);
-    assert_eq!((status, &vm["level"]), (200, &json!("ft")), "{vm}");
 }

@@ -70,15 +70,23 @@ pub enum ControlCommand {
     /// copy stops). The outcome is in the status: state `switched-over`,
     /// or `switchovers_called_off` counted with the reason in `message`.
     Switchover,
+    /// A primary goes on at level FT (checkpoints), or HA (the disks
+    /// mirrored), without a reboot: its session at the old level ends
+    /// cleanly and a new one begins (`level_changes` counted; the level in
+    /// the status). A standby follows its primary's plan: refused there.
+    LevelFt,
+    LevelHa,
 }
 
 impl ControlCommand {
-    pub const ALL: [ControlCommand; 5] = [
+    pub const ALL: [ControlCommand; 7] = [
         ControlCommand::Status,
         ControlCommand::Stop,
         ControlCommand::Takeover,
         ControlCommand::Verify,
         ControlCommand::Switchover,
+        ControlCommand::LevelFt,
+        ControlCommand::LevelHa,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -88,6 +96,8 @@ impl ControlCommand {
             ControlCommand::Takeover => "takeover",
             ControlCommand::Verify => "verify",
             ControlCommand::Switchover => "switchover",
+            ControlCommand::LevelFt => "level_ft",
+            ControlCommand::LevelHa => "level_ha",
         }
     }
 }
@@ -100,6 +110,7 @@ enum Action {
     Takeover,
     Verify,
     Switchover,
+    Level(crate::level::Level),
 }
 
 /// One request line.
@@ -278,6 +289,24 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
                 Action::None,
             ),
         },
+        ControlCommand::LevelFt | ControlCommand::LevelHa => {
+            let to = if request.command == ControlCommand::LevelFt {
+                crate::level::Level::Ft
+            } else {
+                crate::level::Level::Ha
+            };
+            let s = status.snapshot();
+            match s.role {
+                crate::status::Role::Primary => (ControlResponse::done(), Action::Level(to)),
+                role => (
+                    ControlResponse::refused(format!(
+                        "no level change here: this process is a {role}; a standby follows \
+                         its primary's plan (ask the primary's node)"
+                    )),
+                    Action::None,
+                ),
+            }
+        }
         ControlCommand::Switchover => {
             let s = status.snapshot();
             match (s.role, s.state) {
@@ -405,6 +434,10 @@ async fn serve_connection(
                 info!("planned switchover asked on the control socket");
                 hooks.switchover.ask();
             }
+            Action::Level(to) => {
+                info!(level = %to, "protection level change asked on the control socket");
+                hooks.relevel.ask(to);
+            }
             Action::None => {}
         }
         if written.is_err() {
@@ -443,6 +476,8 @@ struct Hooks {
     verify: Arc<AtomicBool>,
     /// Asked by `switchover`.
     switchover: Arc<SwitchoverRequest>,
+    /// Asked by `level_ft` / `level_ha`.
+    relevel: Arc<crate::primary::LevelChange>,
 }
 
 impl ControlServer {
@@ -483,6 +518,11 @@ impl ControlServer {
     }
 
     /// What `switchover` asks (a protected primary hands its VM over).
+    /// What `level_ft` / `level_ha` ask (a primary changes its level).
+    pub fn relevel(&self) -> Arc<crate::primary::LevelChange> {
+        Arc::clone(&self.hooks.relevel)
+    }
+
     pub fn switchover(&self) -> Arc<SwitchoverRequest> {
         Arc::clone(&self.hooks.switchover)
     }
@@ -670,6 +710,41 @@ mod tests {
         let (response, action) = answer(line, &board);
         assert!(response.ok, "{response:?}");
         assert_eq!(action, Action::Switchover);
+        // At level HA there is no switchover (no live migration yet).
+        board.update(|s| s.level = crate::level::Level::Ha);
+        let (response, action) = answer(line, &board);
+        assert!(response.error.unwrap().contains("level HA"));
+        assert_eq!(action, Action::None);
+    }
+
+    /// A level change is taken by a primary in any state (an unprotected
+    /// one protects at the new level once its standby answers), never by a
+    /// standby, which follows its primary's plan.
+    #[test]
+    fn a_level_change_is_taken_by_a_primary_only() {
+        let board = StatusBoard::new("n1", Role::Primary);
+        for (line, level) in [
+            (
+                &br#"{"version":1,"command":"level_ha"}"#[..],
+                crate::level::Level::Ha,
+            ),
+            (
+                &br#"{"version":1,"command":"level_ft"}"#[..],
+                crate::level::Level::Ft,
+            ),
+        ] {
+            board.set_state(Role::Primary, FtState::Unprotected, None);
+            let (response, action) = answer(line, &board);
+            assert!(response.ok, "{response:?}");
+            assert_eq!(action, Action::Level(level));
+            board.set_state(Role::Standby, FtState::StandingBy, None);
+            let (response, action) = answer(line, &board);
+            assert!(response
+                .error
+                .unwrap()
+                .contains("follows its primary's plan"));
+            assert_eq!(action, Action::None);
+        }
     }
     use std::io::{BufRead, Write};
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -138,6 +138,9 @@ pub struct FtCounters {
     /// whole copy (its rate: `sync_sent_bytes_last` over this).
     #[serde(default)]
     pub sync_ms_last: u64,
+    /// Changes of the protection level while the VM ran (FT <-> HA).
+    #[serde(default)]
+    pub level_changes: u64,
     /// From the end of sending an epoch to its acknowledgement.
     pub ack_us_p50: u64,
     pub ack_us_p99: u64,

@@ -313,6 +313,62 @@ fn partitions_leave_one_active_copy_and_lose_nothing() {
     drill_passes(&lab, count, drill::Fault::Partition);
 }
 
+/// Issue 11: a running VM's protection level changes between ft and ha
+/// without a reboot while the client writes over one connection: the
+/// session at the old level ends cleanly (no takeover), a new one begins at
+/// the new level, the connection survives and nothing is lost.
+#[test]
+fn a_running_vm_changes_level_between_ft_and_ha_without_a_reboot() {
+    let lab = LabPair::start("ftlevel");
+    let l = lab.lab();
+    ft_pair::protect(l, NodeId::A, Default::default()).expect("protected at ft");
+    let mut client = Appender::new(lab.ledger_client());
+    client.append_for(Duration::from_secs(2));
+    let api = ft_pair::api(l, NodeId::A).expect("api");
+    for level in ["ha", "ft"] {
+        let vm = api
+            .protect_vm::<ftd_client::model::VmView>(ft_pair::VM_NAME, level)
+            .expect("level change");
+        assert_eq!(vm.level, level);
+        let want = if level == "ha" {
+            replicator::level::Level::Ha
+        } else {
+            replicator::level::Level::Ft
+        };
+        let start = Instant::now();
+        loop {
+            // The client keeps writing throughout.
+            client.append_for(Duration::from_millis(300));
+            let s = ft_pair::status(l, NodeId::A);
+            if s.as_ref().is_some_and(|s| {
+                s.level == want && s.state == FtState::Protected && s.counters.level_changes > 0
+            }) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "never protected at level {level}: {s:?}"
+            );
+        }
+        client.append_for(Duration::from_secs(1));
+    }
+    let a = ft_pair::status(l, NodeId::A).expect("a's engine");
+    assert_eq!(a.counters.level_changes, 2, "{a:?}");
+    assert_eq!(a.counters.failovers, 0, "{a:?}");
+    let b = ft_pair::status(l, NodeId::B).expect("b's engine");
+    assert_eq!(
+        (b.role, b.state),
+        (Role::Standby, FtState::StandingBy),
+        "{b:?}"
+    );
+    // One connection throughout: the guest never rebooted.
+    client.assert_nothing_lost();
+    eprintln!(
+        "[level] ft -> ha -> ft with {} operations acknowledged, none lost",
+        client.acked.len()
+    );
+}
+
 /// Issue 11: a pair without a witness, at level HA, partitioned so that
 /// both copies run and write: node b (isolated: its A-link and business
 /// network cut) boots the VM from its mirror and writes its disk, node a

@@ -175,7 +175,6 @@ impl From<ManagerError> for ApiError {
             | ManagerError::NotRunning(_)
             | ManagerError::NoPeer(_)
             | ManagerError::NoTakeover(_)
-            | ManagerError::LevelWhileRunning(_)
             | ManagerError::NoSwitchover(_)
             | ManagerError::SwitchoverFailed(_)
             | ManagerError::NoMaintenance(_) => ApiError::Conflict(e.to_string()),

@@ -308,6 +308,40 @@ impl Supervisor {
                 self.promoted(&name, me, generation, planned);
                 return;
             }
+            // The VM's level changed while it runs (ft <-> ha): the primary
+            // here goes on at the new one without a reboot.
+            if let Some(status) = &seen.status {
+                let wanted = match record.definition.level {
+                    crate::model::Level::Ha => Some(replicator::level::Level::Ha),
+                    crate::model::Level::Ft => Some(replicator::level::Level::Ft),
+                    crate::model::Level::Unprotected => None,
+                };
+                if let Some(to) = wanted.filter(|&to| {
+                    process.role == Role::Primary
+                        && status.role == Role::Primary
+                        && status.level != to
+                        && process.level_asked != Some(to)
+                }) {
+                    match process.ask_level(record.definition.level).await {
+                        Ok(()) => {
+                            process.level_asked = Some(to);
+                            self.manager.record(
+                                Severity::Info,
+                                false,
+                                "vm",
+                                Some(&name),
+                                &format!(
+                                    "VM {name}: its primary goes on at level {to} without a \
+                                     reboot (the standby is synchronised again)"
+                                ),
+                            );
+                        }
+                        Err(why) => {
+                            tracing::warn!(vm = %name, %why, "the level change was refused")
+                        }
+                    }
+                }
+            }
             // The primary here went on alone: the witness gave it a new
             // generation (the lost standby's replica is stale for good).
             if let Some(status) = &seen.status {

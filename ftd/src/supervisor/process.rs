@@ -131,6 +131,9 @@ pub struct Process {
     paths: VmPaths,
     last: Option<Status>,
     misses: u32,
+    /// The protection level this process was last asked to go on at (not
+    /// asked again while it changes).
+    pub level_asked: Option<replicator::level::Level>,
 }
 
 impl Process {
@@ -253,6 +256,7 @@ impl Process {
             paths,
             last: None,
             misses: 0,
+            level_asked: None,
         })
     }
 
@@ -269,6 +273,7 @@ impl Process {
             paths,
             last: Some(status),
             misses: 0,
+            level_asked: None,
         })
     }
 
@@ -339,6 +344,26 @@ impl Process {
     }
 
     /// Stops at once (the VM is no longer defined).
+    /// Asks the engine to go on at another protection level (a primary:
+    /// FT <-> HA without a reboot); the answer's refusal, if any.
+    pub async fn ask_level(&self, level: crate::model::Level) -> Result<(), String> {
+        let command = match level {
+            crate::model::Level::Ha => ControlCommand::LevelHa,
+            _ => ControlCommand::LevelFt,
+        };
+        let sock = self.paths.sock.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            control::request(&sock, &ControlRequest::new(command), STATUS_TIMEOUT)
+        })
+        .await;
+        match asked {
+            Ok(Ok(r)) if r.ok => Ok(()),
+            Ok(Ok(r)) => Err(r.error.unwrap_or_else(|| "refused".into())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub async fn stop_now(&mut self) {
         self.kill().await;
     }

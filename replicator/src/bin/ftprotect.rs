@@ -243,6 +243,10 @@ enum CtlCommand {
     /// A protected primary: hand the VM to the standby now (a planned
     /// switchover; the status shows the outcome).
     Switchover,
+    /// A primary: go on at level FT (checkpoints) without a reboot.
+    LevelFt,
+    /// A primary: go on at level HA (the disks mirrored) without a reboot.
+    LevelHa,
 }
 
 /// `ftprotect ctl`: prints the answer; fails on a refusal or no answer.
@@ -252,6 +256,8 @@ fn ctl(sock: &std::path::Path, timeout: Duration, command: CtlCommand) -> ExitCo
         CtlCommand::Stop => ControlCommand::Stop,
         CtlCommand::Verify => ControlCommand::Verify,
         CtlCommand::Switchover => ControlCommand::Switchover,
+        CtlCommand::LevelFt => ControlCommand::LevelFt,
+        CtlCommand::LevelHa => ControlCommand::LevelHa,
     };
     let response = match control::request(sock, &ControlRequest::new(command), timeout) {
         Ok(r) => r,
@@ -293,6 +299,7 @@ struct Control {
     takeover: Arc<Notify>,
     verify: Arc<std::sync::atomic::AtomicBool>,
     switchover: Arc<replicator::primary::SwitchoverRequest>,
+    relevel: Arc<replicator::primary::LevelChange>,
 }
 
 fn serve_control(
@@ -313,12 +320,14 @@ fn serve_control(
             let stop = Arc::new(Notify::new());
             let (takeover, verify) = (server.takeover(), server.verify());
             let switchover = server.switchover();
+            let relevel = server.relevel();
             runtime.spawn(server.serve(status.clone(), Arc::clone(&stop)));
             Ok(Control {
                 stop,
                 takeover,
                 verify,
                 switchover,
+                relevel,
             })
         }
         Err(e) => {
@@ -366,6 +375,7 @@ fn primary_config(
 ) -> PrimaryConfig {
     PrimaryConfig {
         level,
+        relevel: Arc::default(),
         peers: pair.peer.clone(),
         link,
         interval: IntervalLimits {
@@ -429,6 +439,7 @@ fn run_primary(
     config.first_lease = first_lease;
     config.verify_next = Arc::clone(&control.verify);
     config.switchover = Arc::clone(&control.switchover);
+    config.relevel = Arc::clone(&control.relevel);
     let vm_failed = Arc::clone(&config.vm_failed);
     let vm = Arc::new(vm);
     let stop = Arc::new(tokio::sync::Notify::new());

@@ -66,6 +66,14 @@ pub(super) async fn epochs(
                 }
             }
         }
+        if let Wake::Relevel(to) = wake {
+            // Everything in flight acknowledged (its output released),
+            // then the standby lets go without a takeover.
+            in_flight.drain(acks).await?;
+            tx.send(&Message::Stop.into_frame(epoch, generation))
+                .await?;
+            return Err(PrimaryError::Relevel { to });
+        }
         if wake == Wake::Stopped {
             // The VM ended. On purpose (the guest, or a stop asked): no
             // takeover. By a host fault (a vCPU failed): the standby takes
@@ -181,6 +189,8 @@ enum Wake {
     Stopped,
     /// The operator asked for a planned switchover.
     Switchover,
+    /// The operator asked for another protection level.
+    Relevel(crate::level::Level),
 }
 
 /// Waits until the next checkpoint is due (output produced meanwhile brings
@@ -203,6 +213,13 @@ async fn wait_until_due(
         if switchover.take() {
             return Ok(Wake::Switchover);
         }
+        if let Some(to) = config.relevel.pending() {
+            if to != crate::level::Level::Ft {
+                return Ok(Wake::Relevel(to));
+            }
+            // Already at FT: nothing to change.
+            config.relevel.take();
+        }
         let output_waiting = vm.output().has_unsealed();
         let due = schedule.due_at(output_waiting);
         // Epochs pipeline for output only: without output waiting, a
@@ -221,6 +238,7 @@ async fn wait_until_due(
             _ = tokio::time::sleep_until(due.into()), if ready => {}
             _ = output.notified() => {}
             _ = switchover.asked() => {}
+            _ = config.relevel.asked() => {}
             _ = stop.notified() => return Ok(Wake::Stopped),
             event = acks.recv() => in_flight.acked(event)?,
             _ = tokio::time::sleep(BEHIND_CHECK_EVERY), if watching => in_flight.check(),

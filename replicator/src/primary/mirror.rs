@@ -102,6 +102,21 @@ pub(super) async fn mirror(
     let mut ack_times = Samples::default();
     let mut epoch = 1u64;
     loop {
+        if let Some(to) = config.relevel.pending() {
+            if to != crate::level::Level::Ha {
+                // Every batch acknowledged (their writes completed to the
+                // guest), then the standby lets go without a takeover.
+                while !in_flight.is_empty() {
+                    let event = acks.recv().await;
+                    acked(event, &mut in_flight, vm, status, &mut ack_times, session)?;
+                }
+                tx.send(&Message::Stop.into_frame(epoch, generation))
+                    .await?;
+                return Err(PrimaryError::Relevel { to });
+            }
+            // Already at HA: nothing to change.
+            config.relevel.take();
+        }
         let (taken, through) = writes.take_numbered();
         // Epoch 1 goes out even without writes: its acknowledgement says
         // the mirror is whole.
@@ -120,6 +135,7 @@ pub(super) async fn mirror(
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(WATCH_EVERY) => {}
+            _ = config.relevel.asked() => {}
             event = acks.recv() => acked(event, &mut in_flight, vm, status, &mut ack_times, session)?,
             _ = stop.notified() => {
                 // The VM ended. By a host fault: the standby boots it from

@@ -37,11 +37,13 @@ mod in_flight;
 mod inbound;
 mod lease;
 mod mirror;
+mod relevel;
 mod switchover;
 mod sync;
 
 pub use epochs::DRAIN_AT_STOP;
 pub use in_flight::DEFAULT_EPOCHS_IN_FLIGHT;
+pub use relevel::LevelChange;
 pub use switchover::SwitchoverRequest;
 
 use std::path::PathBuf;
@@ -80,6 +82,8 @@ pub enum PrimaryError {
     StandbyRefused { reason: String },
     #[error("the VM stopped")]
     VmStopped,
+    #[error("the protection level changes to {to}: the session at the old level ended cleanly")]
+    Relevel { to: crate::level::Level },
     #[error("a planned switchover handed the VM to the standby after epoch {epoch}")]
     SwitchedOver { epoch: u64 },
     #[error("the standby did not answer the switchover after epoch {epoch} within {within:?}")]
@@ -122,8 +126,12 @@ pub enum PrimaryError {
 /// How the primary protects its VM.
 #[derive(Debug, Clone)]
 pub struct PrimaryConfig {
-    /// FT (checkpoints) or HA (the disks mirrored synchronously).
+    /// FT (checkpoints) or HA (the disks mirrored synchronously), at the
+    /// start; [`PrimaryConfig::relevel`] changes it while the VM runs.
     pub level: crate::level::Level,
+    /// Asked by the control socket's `level-ft` / `level-ha`: the session
+    /// ends cleanly and the next one runs at the new level ([`relevel`]).
+    pub relevel: Arc<LevelChange>,
     /// The standby's addresses, one per path (the A-link first; a second
     /// path makes a redundant pair: the session runs on one, the other
     /// carries heartbeats so the standby can tell a lost path from a lost
@@ -241,9 +249,10 @@ pub async fn run(
         .clone()
         .map(|w| Lease::start(&vm, w, config.generation, config.first_lease, &status));
     let lease = lease.as_ref();
+    let mut level = config.level;
     status.update(|s| {
         s.generation = config.generation;
-        s.level = config.level;
+        s.level = level;
     });
     let mut last_refusal = String::new();
     status.set_state(Role::Primary, FtState::Unprotected, None);
@@ -285,8 +294,13 @@ pub async fn run(
                 l.set_mode(&vm, GateMode::Lease { fence: false });
             }
         }
+        if let Some(to) = config.relevel.take() {
+            level = to;
+        }
+        status.update(|s| s.level = level);
         let session = Session {
             generation,
+            level,
             sync_started: std::time::Instant::now(),
             lease,
             active,
@@ -300,6 +314,34 @@ pub async fn run(
         }
         if let PrimaryError::SwitchedOver { epoch } = error {
             return stop_switched_over(&vm, epoch, &status);
+        }
+        if let PrimaryError::Relevel { to } = error {
+            config.relevel.take();
+            // Everything in flight was acknowledged and the standby told
+            // to let go: no held output is owed to anyone, and the next
+            // session, at the new level, begins at once.
+            level = to;
+            vm.disk_writes().stop();
+            vm.input().stop();
+            match lease {
+                None => {
+                    vm.output().open();
+                }
+                Some(l) => l.set_mode(&vm, GateMode::Lease { fence: false }),
+            }
+            status.update(|s| {
+                s.level = to;
+                s.counters.level_changes += 1;
+            });
+            status.set_state(
+                Role::Primary,
+                FtState::Unprotected,
+                Some(format!(
+                    "protecting at level {to} from now on: resynchronising"
+                )),
+            );
+            info!(level = %to, "protection level changed; a new session begins");
+            continue;
         }
         if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
             status.update(|s| s.counters.silence_ends += 1);
@@ -365,6 +407,8 @@ const REFUSED_RETRY: Duration = Duration::from_secs(10);
 /// What one session with a standby runs with.
 struct Session<'a> {
     generation: u64,
+    /// The level this session protects the VM at.
+    level: crate::level::Level,
     /// When the initial synchronisation began.
     sync_started: std::time::Instant,
     lease: Option<&'a Lease>,
@@ -551,7 +595,7 @@ async fn protect(
         // anything is copied) or to refuse it; its reason outranks the
         // closed link that follows. `held` ends with the copy.
         let synced = tokio::select! {
-            synced = sync::initial_sync(vm, (&tx, held), config, status, session.generation) => synced,
+            synced = sync::initial_sync(vm, (&tx, held), config, status, (session.generation, session.level)) => synced,
             event = acks.recv() => Err(during_sync(event)),
         };
         if let Err(error) = synced {
@@ -563,7 +607,7 @@ async fn protect(
             session.active,
             session.generation,
         ));
-        if config.level == crate::level::Level::Ha {
+        if session.level == crate::level::Level::Ha {
             return mirror::mirror(vm, &tx, &mut acks, &session, config, status, stop).await;
         }
         // What the guest receives goes to the standby beside the epochs.

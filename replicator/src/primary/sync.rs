@@ -41,7 +41,7 @@ pub(super) async fn initial_sync(
     (tx, mut held): (&LinkSender, mpsc::UnboundedReceiver<Held>),
     config: &PrimaryConfig,
     status: &StatusBoard,
-    generation: u64,
+    (generation, level): (u64, Level),
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
@@ -57,14 +57,14 @@ pub(super) async fn initial_sync(
             .len();
         disk_bytes.push(size);
     }
-    let ha = config.level == Level::Ha;
+    let ha = level == Level::Ha;
     let plan = SyncPlan {
         version: crate::protocol::SYNC_PLAN_VERSION,
         mem_mib: vm.mem_mib(),
         disk_bytes: disk_bytes.clone(),
         nics: vm.output().nics(),
         content_key: key.to_hex(),
-        level: config.level,
+        level,
         boot: ha.then(|| boot_plan(vm)),
     };
     let sent_before = status.snapshot().counters.alink_bytes_sent;
@@ -116,7 +116,7 @@ pub(super) async fn initial_sync(
         disk_bytes_held = copied.held,
         kept_disks = held.disks.iter().filter(|h| matches!(h, Holding::Kept(_))).count(),
         kept_memory = matches!(held.memory, Some(Holding::Kept(_))),
-        level = %config.level,
+        level = %level,
         pages_sent = sent_pages,
         precopy_rounds = ?rounds,
         took_ms = started.elapsed().as_millis() as u64,
