@@ -287,9 +287,9 @@ function renderVms() {
     const actions = [];
     if (vm.desired === 'stopped') actions.push(['Start', 'start', { vm: vm.name }]);
     if (vm.desired === 'running') actions.push(['Stop', 'stop', { vm: vm.name }]);
-    if (vm.level === 'unprotected') actions.push(['Protect (FT)', 'protect', { vm: vm.name }]);
-    // A running VM's level changes to or from ha only once it is stopped.
-    if (vm.level === 'ft') actions.push(['Unprotect', 'unprotect', { vm: vm.name }]);
+    if (vm.level !== 'ft') actions.push(['Protect (FT)', 'protect', { vm: vm.name }]);
+    if (vm.level !== 'ha') actions.push(['Protect (HA)', 'protect_ha', { vm: vm.name }]);
+    if (vm.level !== 'unprotected') actions.push(['Unprotect', 'unprotect', { vm: vm.name }]);
     if (vm.state === 'protected' && vm.level === 'ft') actions.push(['Switch over', 'switchover', { vm: vm.name }]);
     return {
       key: vm.name,
@@ -359,6 +359,10 @@ const ACTIONS = {
   protect: (t) => ({
     question: `Protect ${t.vm} at level FT? A standby on the peer is synchronised.`,
     request: () => api('POST', `/api/vms/${encodeURIComponent(t.vm)}/protect`),
+  }),
+  protect_ha: (t) => ({
+    question: `Protect ${t.vm} at level HA? Its disks are mirrored to the peer, which reboots it there if this node is lost (a running VM changes level without a reboot).`,
+    request: () => api('POST', `/api/vms/${encodeURIComponent(t.vm)}/protect?level=ha`),
   }),
   unprotect: (t) => ({
     question: `Run ${t.vm} unprotected? Its standby stops: losing its node then stops the VM.`,
