@@ -553,6 +553,11 @@ fn node_maintenance_travels_between_the_nodes_and_is_refused_when_it_cannot_hold
     );
     let (status, _) = p.a.call("POST", "/api/vms/vm-one/stop", "-", None);
     assert_eq!(status, 202);
+    // node-b must know of the stop before it is asked (the records travel
+    // on the pair channel: asked at once, it may still see vm-one running).
+    eventually(&p.b, "/api/vms/vm-one", "b knows vm-one stopped", |v| {
+        v["desired"] == "stopped"
+    });
 
     // Asked of node-b for node-a: both nodes see it; with no VM running
     // there it is on maintenance at once.
