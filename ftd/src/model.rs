@@ -41,9 +41,18 @@ impl Level {
         }
     }
 
+    /// The level its engine runs at (none unprotected: no standby).
+    pub const fn engine_level(self) -> Option<replicator::level::Level> {
+        match self {
+            Level::Ft => Some(replicator::level::Level::Ft),
+            Level::Ha => Some(replicator::level::Level::Ha),
+            Level::Unprotected => None,
+        }
+    }
+
     /// Whether the VM has a standby on the peer (levels ft and ha).
     pub const fn has_standby(self) -> bool {
-        matches!(self, Level::Ft | Level::Ha)
+        self.engine_level().is_some()
     }
 
     pub fn parse(s: &str) -> Option<Level> {

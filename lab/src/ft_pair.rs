@@ -275,6 +275,24 @@ pub fn log_tail(lab: &Lab, node: NodeId) -> String {
     .unwrap_or_default()
 }
 
+/// The ledger VM's console lines on `node` that say how its data disk's
+/// check went at each boot (`ftguest.fsck`: "ftguest: e2fsck DEV: clean"
+/// or "... NOT clean"); the console log is appended to, boot after boot.
+pub fn disk_checks(lab: &Lab, node: NodeId) -> Vec<String> {
+    let console = format!("/data/ftd/vms/{VM_NAME}/console.log");
+    lab.exec(
+        node,
+        &[
+            "sh",
+            "-c",
+            &format!("grep -a 'ftguest: e2fsck' {console} || true"),
+        ],
+        EXEC_TIMEOUT,
+    )
+    .map(|o| o.stdout.lines().map(str::to_string).collect())
+    .unwrap_or_default()
+}
+
 /// Waits until `node` reports `role` in `state`; returns its status.
 pub fn wait_for(
     lab: &Lab,

@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use ft_tests::LabPair;
+use ft_tests::{ratio, LabPair};
 use ftd_client::model::FtOptions;
 use guest_tools::ledger::LedgerClient;
 use lab::ft_pair;
@@ -159,14 +159,6 @@ fn run_mode(lab: &LabPair, ft: FtOptions) -> (Figures, Figures, String) {
     eprintln!("[bench] A-link: {alink}");
     let protected = measure(lab, &mut client);
     (unprotected, protected, alink)
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "-".into()
-    }
 }
 
 fn main() {

@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use ft_tests::LabPair;
+use ft_tests::{ratio, LabPair};
 use guest_tools::ledger::LedgerClient;
 use lab::ft_pair;
 use lab::NodeId;
@@ -98,14 +98,6 @@ fn wait(lab: &LabPair, state: FtState) -> replicator::status::Status {
         Duration::from_secs(240),
     )
     .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "-".into()
-    }
 }
 
 fn main() {

@@ -259,3 +259,13 @@ impl Appender {
         assert!(verdict.ok(), "{verdict:?}");
     }
 }
+
+/// `a / b` with two decimals for a benchmark's table ("-" without a
+/// denominator).
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}

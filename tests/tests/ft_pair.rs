@@ -385,14 +385,7 @@ fn without_a_witness_both_copies_writing_in_a_partition_is_a_split_brain_alert()
     ft_pair::protect_at(l, NodeId::A, "ha", Default::default()).expect("protected at ha");
     let mut client = Appender::new(lab.ledger_client());
     client.append_for(Duration::from_secs(2));
-    let b_checks_before = lab
-        .sh(
-            NodeId::B,
-            "grep -ac 'ftguest: e2fsck' /data/ftd/vms/ledger-vm/console.log || true",
-        )
-        .trim()
-        .parse::<u32>()
-        .unwrap_or(0);
+    let b_checks_before = ft_pair::disk_checks(l, NodeId::B).len();
     // Isolate b: its standby hears nothing on any path and boots the VM.
     l.set_link(lab::topology::LinkId::Alink, false)
         .expect("cut the A-link");
@@ -400,16 +393,8 @@ fn without_a_witness_both_copies_writing_in_a_partition_is_a_split_brain_alert()
         .expect("cut b's business network");
     let start = Instant::now();
     loop {
-        let booted = lab
-            .sh(
-                NodeId::B,
-                "grep -ac 'ftguest: e2fsck' /data/ftd/vms/ledger-vm/console.log || true",
-            )
-            .trim()
-            .parse::<u32>()
-            .unwrap_or(0);
         // Its guest mounted the mirror (the journal written) and checked it.
-        if booted > b_checks_before {
+        if ft_pair::disk_checks(l, NodeId::B).len() > b_checks_before {
             break;
         }
         assert!(

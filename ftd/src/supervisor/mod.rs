@@ -308,39 +308,8 @@ impl Supervisor {
                 self.promoted(&name, me, generation, planned);
                 return;
             }
-            // The VM's level changed while it runs (ft <-> ha): the primary
-            // here goes on at the new one without a reboot.
             if let Some(status) = &seen.status {
-                let wanted = match record.definition.level {
-                    crate::model::Level::Ha => Some(replicator::level::Level::Ha),
-                    crate::model::Level::Ft => Some(replicator::level::Level::Ft),
-                    crate::model::Level::Unprotected => None,
-                };
-                if let Some(to) = wanted.filter(|&to| {
-                    process.role == Role::Primary
-                        && status.role == Role::Primary
-                        && status.level != to
-                        && process.level_asked != Some(to)
-                }) {
-                    match process.ask_level(record.definition.level).await {
-                        Ok(()) => {
-                            process.level_asked = Some(to);
-                            self.manager.record(
-                                Severity::Info,
-                                false,
-                                "vm",
-                                Some(&name),
-                                &format!(
-                                    "VM {name}: its primary goes on at level {to} without a \
-                                     reboot (the standby is synchronised again)"
-                                ),
-                            );
-                        }
-                        Err(why) => {
-                            tracing::warn!(vm = %name, %why, "the level change was refused")
-                        }
-                    }
-                }
+                follow_level(&self.manager, process, status, &record).await;
             }
             // The primary here went on alone: the witness gave it a new
             // generation (the lost standby's replica is stale for good).
@@ -674,6 +643,43 @@ fn standby_refused(manager: &Manager, name: &str, status: &replicator::status::S
     );
 }
 
+/// The VM's level changed while it runs (ft <-> ha): the primary here is
+/// asked to go on at the store's level, without a reboot (once per level).
+async fn follow_level(
+    manager: &Manager,
+    process: &mut Process,
+    status: &Status,
+    record: &VmRecord,
+) {
+    let Some(to) = record.definition.level.engine_level() else {
+        return;
+    };
+    if process.role != Role::Primary
+        || status.role != Role::Primary
+        || status.level == to
+        || process.level_asked == Some(to)
+    {
+        return;
+    }
+    let name = &record.definition.name;
+    match process.ask_level(to).await {
+        Ok(()) => {
+            process.level_asked = Some(to);
+            manager.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name}: its primary goes on at level {to} without a reboot (the \
+                     standby is synchronised again)"
+                ),
+            );
+        }
+        Err(why) => tracing::warn!(vm = %name, %why, "the level change was refused"),
+    }
+}
+
 /// Whether stopping this node's `role` of a VM ends a split brain: a
 /// primary still active here (its engine's last word) while the store
 /// names another node the primary at a newer generation, which that node
@@ -705,7 +711,7 @@ pub fn split_brain(
     let name = &record.definition.name;
     let alone = if status.state == FtState::Unprotected {
         let since = status.state_since_unix_ms;
-        let secs = unix_ms().saturating_sub(since) as f64 / 1000.0;
+        let secs = crate::store::unix_ms().saturating_sub(since) as f64 / 1000.0;
         format!(", running alone for {secs:.1} s")
     } else {
         String::new()
@@ -720,12 +726,6 @@ pub fn split_brain(
         record.definition.level.as_str(),
         record.generation
     ))
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The primary here runs a newer generation than the store knows.

@@ -346,10 +346,10 @@ impl Process {
     /// Stops at once (the VM is no longer defined).
     /// Asks the engine to go on at another protection level (a primary:
     /// FT <-> HA without a reboot); the answer's refusal, if any.
-    pub async fn ask_level(&self, level: crate::model::Level) -> Result<(), String> {
+    pub async fn ask_level(&self, level: replicator::level::Level) -> Result<(), String> {
         let command = match level {
-            crate::model::Level::Ha => ControlCommand::LevelHa,
-            _ => ControlCommand::LevelFt,
+            replicator::level::Level::Ha => ControlCommand::LevelHa,
+            replicator::level::Level::Ft => ControlCommand::LevelFt,
         };
         let sock = self.paths.sock.clone();
         let asked = tokio::task::spawn_blocking(move || {

@@ -291,10 +291,7 @@ pub fn run_at(
                 Fault::Switchover => RoundFault::Switchover,
             };
             let r = match this {
-                RoundFault::Pull if level == Level::Ha => {
-                    ha_pull_round(lab, &client, round, primary, &mut rng)?
-                }
-                RoundFault::Pull => pull_round(lab, &client, round, primary, &mut rng)?,
+                RoundFault::Pull => pull_round(lab, &client, round, primary, level, &mut rng)?,
                 RoundFault::Freeze(node) => {
                     freeze_round(lab, &client, round, primary, node, &mut rng)?
                 }
@@ -429,22 +426,35 @@ fn placement(lab: &Lab, node: NodeId, expected: NodeId) -> Result<(bool, u64), D
 }
 
 /// Pull the primary: the standby takes over; the node comes back as the
-/// standby.
+/// standby. At level HA the standby boots the VM from its mirror (a
+/// reboot: the client connects again) and its data disk's ext4 must check
+/// clean; the pulled node's mirror is then resynchronised.
 fn pull_round(
     lab: &Lab,
     client: &Client,
     round: u32,
     primary: NodeId,
+    level: Level,
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
+    // Level HA: the survivor's console says how each boot's disk check went.
+    let fscks_before = (level == Level::Ha).then(|| ft_pair::disk_checks(lab, standby).len());
     let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
     let pulled_at = Instant::now();
     lab.pull(primary)?;
     let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
-    let took_over = client.first_ack_after(pulled_at, Duration::from_secs(60), round)?;
+    let within = match level {
+        Level::Ft => Duration::from_secs(60),
+        Level::Ha => HA_RESTART_WITHIN,
+    };
+    let took_over = client.first_ack_after(pulled_at, within, round)?;
     let failover_ms = took_over.duration_since(pulled_at).as_millis() as u64;
     let replayed_frames = replayed_frames(lab, standby);
+    let fsck_clean = match fscks_before {
+        None => None,
+        Some(before) => Some(fsck_after(lab, standby, before, round)?),
+    };
     let (acked_before_check, memory, disk) = client.check(lab)?;
     // The pulled node comes back; its daemon learns the new placement
     // (from the witness or the peer) and starts the standby by itself.
@@ -486,93 +496,12 @@ fn pull_round(
         two_active: None,
         states_a: vec![],
         states_b: vec![],
-        fsck_clean: None,
+        fsck_clean,
     })
 }
 
 /// Level HA: how long the survivor may take to reboot the VM and serve.
 const HA_RESTART_WITHIN: Duration = Duration::from_secs(180);
-
-/// Level HA: pull the primary; the standby boots the VM from its mirror
-/// (a reboot: the client connects again), its data disk's ext4 must check
-/// clean, nothing acknowledged may be missing; the pulled node comes back
-/// as the standby and its mirror is resynchronised.
-fn ha_pull_round(
-    lab: &Lab,
-    client: &Client,
-    round: u32,
-    primary: NodeId,
-    rng: &mut u64,
-) -> Result<DrillRound, DrillError> {
-    let standby = primary.peer();
-    let fscks_before = fsck_lines(lab, standby).len();
-    let (protected_at, committed_epoch, sync_before) = before_fault(lab, client, standby, rng)?;
-    let pulled_at = Instant::now();
-    lab.pull(primary)?;
-    let pull_after_ms = pulled_at.duration_since(protected_at).as_millis() as u64;
-    let served_again = client.first_ack_after(pulled_at, HA_RESTART_WITHIN, round)?;
-    let failover_ms = served_again.duration_since(pulled_at).as_millis() as u64;
-    let fsck_clean = fsck_after(lab, standby, fscks_before, round)?;
-    let (acked_before_check, memory, disk) = client.check(lab)?;
-    let back = Instant::now();
-    let boots = lab.up(&[primary])?;
-    let node_boot_ms = boots.first().map_or(0, |b| (b.boot_secs * 1000.0) as u64);
-    let booted_at = Instant::now();
-    ft_pair::wait_for(
-        lab,
-        standby,
-        Role::Primary,
-        FtState::Protected,
-        REPROTECT_WITHIN,
-    )?;
-    let reprotect_ms = back.elapsed().as_millis() as u64;
-    let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
-    let resync_bytes = sync_before.since(lab, standby);
-    let (placed_ok, generation) = placement(lab, standby, standby)?;
-    Ok(DrillRound {
-        round,
-        fault: RoundFault::Pull,
-        pulled: primary,
-        promoted: standby,
-        pull_after_ms,
-        failover_ms,
-        replayed_frames: 0,
-        heal_after_ms: 0,
-        committed_epoch,
-        acked_before_check,
-        memory,
-        disk,
-        reprotect_ms,
-        resync_bytes,
-        node_boot_ms,
-        boot_to_protected_ms,
-        generation,
-        placed_ok,
-        two_active_seen: false,
-        two_active: None,
-        states_a: vec![],
-        states_b: vec![],
-        fsck_clean: Some(fsck_clean),
-    })
-}
-
-/// The ledger VM's console lines on `node` that say how its data disk's
-/// check went (`ftguest.fsck`; the console log is appended to, boot after
-/// boot).
-fn fsck_lines(lab: &Lab, node: NodeId) -> Vec<String> {
-    let console = format!("/data/ftd/vms/{}/console.log", ft_pair::VM_NAME);
-    lab.exec(
-        node,
-        &[
-            "sh",
-            "-c",
-            &format!("grep -a 'ftguest: e2fsck' {console} || true"),
-        ],
-        Duration::from_secs(10),
-    )
-    .map(|o| o.stdout.lines().map(str::to_string).collect())
-    .unwrap_or_default()
-}
 
 /// Whether the first check of the data disk `node`'s console reports past
 /// its first `before` ones said clean (waits for it).
@@ -580,7 +509,7 @@ fn fsck_after(lab: &Lab, node: NodeId, before: usize, round: u32) -> Result<bool
     let within = Duration::from_secs(30);
     let start = Instant::now();
     loop {
-        if let Some(line) = fsck_lines(lab, node).get(before) {
+        if let Some(line) = ft_pair::disk_checks(lab, node).get(before) {
             let clean = line.trim_end().ends_with(": clean");
             if !clean {
                 progress(format_args!("drill {round}: {}", line.trim_end()));

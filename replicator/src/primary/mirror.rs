@@ -106,10 +106,7 @@ pub(super) async fn mirror(
             if to != crate::level::Level::Ha {
                 // Every batch acknowledged (their writes completed to the
                 // guest), then the standby lets go without a takeover.
-                while !in_flight.is_empty() {
-                    let event = acks.recv().await;
-                    acked(event, &mut in_flight, vm, status, &mut ack_times, session)?;
-                }
+                drain(acks, &mut in_flight, vm, status, &mut ack_times, session).await?;
                 tx.send(&Message::Stop.into_frame(epoch, generation))
                     .await?;
                 return Err(PrimaryError::Relevel { to });
@@ -145,12 +142,10 @@ pub(super) async fn mirror(
                 let message = if failed {
                     Message::Handover
                 } else {
-                    let drained = tokio::time::timeout(DRAIN_AT_STOP, async {
-                        while !in_flight.is_empty() {
-                            acked(acks.recv().await, &mut in_flight, vm, status, &mut ack_times, session)?;
-                        }
-                        Ok::<(), PrimaryError>(())
-                    })
+                    let drained = tokio::time::timeout(
+                        DRAIN_AT_STOP,
+                        drain(acks, &mut in_flight, vm, status, &mut ack_times, session),
+                    )
                     .await;
                     if !matches!(drained, Ok(Ok(()))) {
                         warn!("disk writes in flight at the VM's stop were not acknowledged");
@@ -183,6 +178,21 @@ pub(crate) fn mirror_frames(
         StagedPages::default(),
         disk_payloads(records),
     )
+}
+
+/// Takes the standby's word until every batch in flight is acknowledged.
+async fn drain(
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    in_flight: &mut VecDeque<Pending>,
+    vm: &Vm,
+    status: &StatusBoard,
+    ack_times: &mut Samples,
+    session: &Session<'_>,
+) -> Result<(), PrimaryError> {
+    while !in_flight.is_empty() {
+        acked(acks.recv().await, in_flight, vm, status, ack_times, session)?;
+    }
+    Ok(())
 }
 
 /// The standby's word: the oldest epoch in flight acknowledged settles its
