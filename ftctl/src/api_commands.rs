@@ -90,7 +90,8 @@ pub enum VmCommand {
     Stop { name: String },
     /// Protect a VM at level ft (checkpoints: resumed on the peer without
     /// a reboot) or ha (disks mirrored: rebooted on the peer). A running
-    /// VM's level changes to or from ha only once it is stopped.
+    /// VM changes level without a reboot (unprotected until its standby is
+    /// synchronised at the new level).
     Protect {
         name: String,
         #[arg(long, value_enum, default_value = "ft")]

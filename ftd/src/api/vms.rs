@@ -150,15 +150,15 @@ pub struct ProtectQuery {
 }
 
 /// Protect a VM at level ft (a running VM gets its standby), or at level
-/// ha with `?level=ha` (its disks mirrored; a running VM's level changes
-/// to or from ha only once it is stopped).
+/// ha with `?level=ha` (its disks mirrored). A running VM changes level
+/// without a reboot.
 #[utoipa::path(post, path = "/api/vms/{name}/protect", operation_id = "protect_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name"), ProtectQuery),
     responses((status = 200, description = "The VM at the level asked", body = VmView),
               (status = 400, description = "A level other than ft or ha", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
-              (status = 409, description = "This node has no peer, or the VM runs and the change involves level ha", body = ErrorBody)),
+              (status = 409, description = "This node has no peer", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn protect(
     State(state): State<ApiState>,
