@@ -205,6 +205,11 @@ impl Metrics {
             "sync_sent_bytes",
             "Bytes the initial synchronisations sent on the A-link (the copies that protect a VM again)",
         );
+        let sync_uncompressed_last = gauge(
+            &mut registry,
+            "sync_uncompressed_bytes_last",
+            "What the last initial synchronisation's memory and disk frames held before compression (against the bytes it sent: the compression ratio)",
+        );
         let sync_last = gauge_seconds(
             &mut registry,
             "sync_duration_last",
@@ -416,6 +421,9 @@ impl Metrics {
             sync_last
                 .get_or_create(&labels)
                 .set(c.sync_ms_last as f64 / 1e3);
+            sync_uncompressed_last
+                .get_or_create(&labels)
+                .set(c.sync_uncompressed_bytes_last as f64);
             ack_p50.get_or_create(&labels).set(us(c.ack_us_p50));
             ack_p99.get_or_create(&labels).set(us(c.ack_us_p99));
             released

@@ -461,6 +461,27 @@ fn protocol_message() {
         input.extend(&f.payload[..]);
         write("protocol_message", &format!("{i:02}"), &input);
     }
+    // The copy's compressed frames: a page of a repeated byte and a disk
+    // chunk of one, which zstd shrinks.
+    let mut compressor = replicator::protocol::compressed::Compressor::new(3).unwrap();
+    let (chunk, _) = disk_payloads([DiskRecord {
+        disk: 0,
+        offset: 1 << 16,
+        data: Bytes::from(vec![9u8; 4096]),
+    }]);
+    let compressed = [
+        Message::SyncPages(PageBatch::new(pages_payload(&[(8192, 5)])).unwrap()),
+        Message::SyncDisk(chunk[0].clone()),
+    ];
+    for (i, m) in compressed.into_iter().enumerate() {
+        let f = m.into_compressed_frame(0, 1, &mut compressor);
+        assert!(Message::is_compressed_kind(f.kind.code()), "compressed");
+        let mut input = vec![f.kind.code()];
+        input.extend(f.epoch.to_le_bytes());
+        input.extend(f.generation.to_le_bytes());
+        input.extend(&f.payload[..]);
+        write("protocol_message", &format!("z{i}"), &input);
+    }
     let mut link = vec![FrameKind::Heartbeat.code()];
     link.extend([0u8; 16]);
     write("protocol_message", "link-frame", &link);

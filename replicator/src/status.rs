@@ -133,6 +133,11 @@ pub struct FtCounters {
     pub sync_sent_bytes_last: u64,
     #[serde(default)]
     pub sync_sent_bytes_total: u64,
+    /// What the last initial synchronisation's memory and disk frames
+    /// held before compression (`sync_sent_bytes_last` is what went on
+    /// the A-link).
+    #[serde(default)]
+    pub sync_uncompressed_bytes_last: u64,
     /// How long the last initial synchronisation took: from its plan to
     /// the standby's acknowledgement of the first epoch, when it holds the
     /// whole copy (its rate: `sync_sent_bytes_last` over this).

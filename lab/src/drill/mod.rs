@@ -161,6 +161,11 @@ pub struct DrillRound {
     /// Bytes the primary's initial synchronisations sent to protect the VM
     /// again (0 if the session survived the fault).
     pub resync_bytes: u64,
+    /// What the last of those copies' memory and disk frames held before
+    /// compression (the engine's `sync_uncompressed_bytes_last`; 0 if the
+    /// session survived).
+    #[serde(default)]
+    pub resync_uncompressed_bytes: u64,
     /// Pull only: the pulled node's boot (start -> its agent answers).
     pub node_boot_ms: u64,
     /// Node booted or paths healed -> protected again, with no command
@@ -391,6 +396,15 @@ fn before_fault(
     Ok((protected_at, committed_epoch, SyncSent::read(lab)))
 }
 
+/// What `node`'s last initial synchronisation held before compression, if
+/// the round made one (`resync_bytes` > 0).
+fn uncompressed_last(lab: &Lab, node: NodeId, resync_bytes: u64) -> u64 {
+    if resync_bytes == 0 {
+        return 0;
+    }
+    ft_pair::status(lab, node).map_or(0, |s| s.counters.sync_uncompressed_bytes_last)
+}
+
 /// Bytes each node's engine sent in initial synchronisations (its
 /// `sync_sent_bytes_total`), by node index.
 #[derive(Debug, Clone, Copy)]
@@ -472,6 +486,7 @@ fn pull_round(
     let reprotect_ms = back.elapsed().as_millis() as u64;
     let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
     let resync_bytes = sync_before.since(lab, standby);
+    let resync_uncompressed_bytes = uncompressed_last(lab, standby, resync_bytes);
     let (placed_ok, generation) = placement(lab, standby, standby)?;
     Ok(DrillRound {
         round,
@@ -488,6 +503,7 @@ fn pull_round(
         disk,
         reprotect_ms,
         resync_bytes,
+        resync_uncompressed_bytes,
         node_boot_ms,
         boot_to_protected_ms,
         generation,
@@ -655,6 +671,7 @@ fn settle(
     )?;
     let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
     let resync_bytes = f.sync_before.since(lab, winner);
+    let resync_uncompressed_bytes = uncompressed_last(lab, winner, resync_bytes);
     let seen = watch.finish();
     let (placed_ok, generation) = placement(lab, winner, winner)?;
     Ok(DrillRound {
@@ -672,6 +689,7 @@ fn settle(
         disk,
         reprotect_ms,
         resync_bytes,
+        resync_uncompressed_bytes,
         node_boot_ms: 0,
         boot_to_protected_ms: reprotect_ms,
         generation,
@@ -789,7 +807,7 @@ fn switchover_round(
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}",
         "drill",
         "fault",
         "from",
@@ -803,12 +821,13 @@ pub fn print_table(report: &DrillReport) {
         "two active",
         "reprotect ms",
         "back->protect ms",
-        "resync MB"
+        "resync MB",
+        "uncompressed MB"
     );
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.1}  {:>15.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
@@ -822,7 +841,8 @@ pub fn print_table(report: &DrillReport) {
             if r.two_active_seen { "SEEN" } else { "never" },
             r.reprotect_ms,
             r.boot_to_protected_ms,
-            r.resync_bytes as f64 / 1e6
+            r.resync_bytes as f64 / 1e6,
+            r.resync_uncompressed_bytes as f64 / 1e6
         );
     }
     if report.level == Level::Ha {

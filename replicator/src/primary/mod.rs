@@ -147,6 +147,8 @@ pub struct PrimaryConfig {
     /// Pre-copy rounds after the first full copy (fewer when the dirty set
     /// gets small).
     pub precopy_rounds: u32,
+    /// zstd level of the initial copy's frames (0: uncompressed).
+    pub copy_compression: i32,
     /// Wait between attempts to reach a standby.
     pub retry_every: Duration,
     /// Set (before the stop is notified) when the VM ended by a host

@@ -4,7 +4,8 @@
 //! copied (only the chunks the standby does not hold: all-zero ones for a
 //! new file, those whose digest differs for a kept one), then memory
 //! (non-zero pages, then pre-copy rounds of the pages dirtied meanwhile).
-//! Whatever the copy misses is in the first epoch.
+//! Whatever the copy misses is in the first epoch. Pages and disk chunks
+//! go zstd-compressed unless the level is 0 ([`crate::protocol::compressed`]).
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use vmm::vm::Vm;
 use super::{send_all, PrimaryConfig, PrimaryError};
 use crate::content::{disk_chunks, missing_ranges, ContentKey, Holding};
 use crate::level::Level;
+use crate::protocol::compressed::Compressor;
 use crate::protocol::{
     disk_payloads, BootPlan, DiskRecord, EndTally, Held, HeldPart, Message, PageStager, Region,
     SyncPlan, DISK_BYTES_PER_FRAME, PAGE_SIZE,
@@ -74,6 +76,8 @@ pub(super) async fn initial_sync(
         vm,
         started: Instant::now(),
         tally: Default::default(),
+        compressor: std::sync::Mutex::new(Compressor::new(config.copy_compression)),
+        copied_bytes: Default::default(),
         status,
         generation,
         total: disk_bytes.iter().sum::<u64>()
@@ -106,12 +110,18 @@ pub(super) async fn initial_sync(
     // Only the copy sends on this link so far: what it sent is what the
     // A-link counter gained since the plan.
     let sent = status.snapshot().counters.alink_bytes_sent - sent_before;
+    let raw = progress
+        .copied_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     status.update(|s| {
         s.counters.sync_sent_bytes_last = sent;
         s.counters.sync_sent_bytes_total += sent;
+        s.counters.sync_uncompressed_bytes_last = raw;
     });
     info!(
         sent_bytes = sent,
+        uncompressed_bytes = raw,
+        compression = config.copy_compression,
         disk_bytes_sent = copied.sent,
         disk_bytes_held = copied.held,
         kept_disks = held.disks.iter().filter(|h| matches!(h, Holding::Kept(_))).count(),
@@ -131,6 +141,11 @@ struct Progress<'a> {
     started: Instant,
     /// What the copy sent, for its end record.
     tally: std::sync::Mutex<EndTally>,
+    /// Compresses the copy's frames (none at level 0).
+    compressor: std::sync::Mutex<Option<Compressor>>,
+    /// Payload bytes of the copy's page and disk frames before
+    /// compression.
+    copied_bytes: std::sync::atomic::AtomicU64,
     status: &'a StatusBoard,
     generation: u64,
     total: u64,
@@ -139,6 +154,18 @@ struct Progress<'a> {
 impl Progress<'_> {
     fn tally(&self) -> std::sync::MutexGuard<'_, EndTally> {
         self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The frame of one of the copy's page or disk messages, compressed
+    /// if the copy compresses.
+    fn frame(&self, message: Message, payload_len: usize) -> ft_link::Frame {
+        self.copied_bytes
+            .fetch_add(payload_len as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut compressor = self.compressor.lock().unwrap_or_else(|e| e.into_inner());
+        match compressor.as_mut() {
+            Some(c) => message.into_compressed_frame(0, self.generation, c),
+            None => message.into_frame(0, self.generation),
+        }
     }
 
     fn report(&self, phase: &str, done: u64) {
@@ -389,7 +416,8 @@ async fn send_disk(
         .into_iter()
         .map(|b| {
             progress.tally().add_disk(&b);
-            Message::SyncDisk(b).into_frame(0, progress.generation)
+            let len = b.bytes().len();
+            progress.frame(Message::SyncDisk(b), len)
         })
         .collect();
     send_all(tx, &frames, progress.status).await
@@ -404,7 +432,8 @@ async fn send_pages(
         .into_iter()
         .map(|b| {
             progress.tally().add_pages(&b);
-            Message::SyncPages(b).into_frame(0, progress.generation)
+            let len = b.bytes().len();
+            progress.frame(Message::SyncPages(b), len)
         })
         .collect();
     send_all(tx, &frames, progress.status).await.map(|_| ())

@@ -10,6 +10,7 @@
 //!                                                 replica (why, in UTF-8)
 //! SyncPages   memory, copied while the guest runs
 //! SyncDisk    disk contents, likewise
+//! SyncPagesZ, SyncDiskZ   the same, zstd-compressed (see `compressed`)
 //! SyncEnd     the copy's end record: [pages u64][crc32 of their addresses]
 //!             [disk records u64][crc32 of the SyncDisk payloads]
 //! Backup      first message of a second path (heartbeats only)
@@ -29,6 +30,7 @@
 //! complete epoch from a torn one and catches lost or reordered page
 //! frames (the address sequence would differ) at 8 bytes per page.
 
+pub mod compressed;
 mod disk;
 mod held;
 mod inbound;
@@ -62,6 +64,13 @@ pub enum ProtocolError {
     },
     #[error("page at {gpa:#x} is not a page of the replica's {ram_bytes} bytes of memory")]
     PageOutside { gpa: u64, ram_bytes: u64 },
+    #[error("compressed {kind} message of epoch {epoch} ({len} bytes) is refused: {source}")]
+    Decompress {
+        kind: &'static str,
+        epoch: u64,
+        len: usize,
+        source: compressed::DecompressError,
+    },
 }
 
 /// The summary that closes an epoch.
@@ -199,8 +208,16 @@ const INBOUND: u8 = 77;
 const SWITCHOVER: u8 = 78;
 const FINAL_OUTPUT: u8 = 79;
 const SYNC_HELD: u8 = 80;
+const SYNC_PAGES_Z: u8 = 81;
+const SYNC_DISK_Z: u8 = 82;
 
 impl Message {
+    /// Whether frames of kind `code` carry a compressed copy payload
+    /// (which decodes to `SyncPages` or `SyncDisk`).
+    pub fn is_compressed_kind(code: u8) -> bool {
+        matches!(code, SYNC_PAGES_Z | SYNC_DISK_Z)
+    }
+
     /// The message's name (for errors and logs).
     pub fn name(&self) -> &'static str {
         match self {
@@ -248,6 +265,27 @@ impl Message {
         Frame::message(code, epoch, generation, payload).expect("replication kinds are messages")
     }
 
+    /// Like [`Message::into_frame`], with a copy's pages or disk contents
+    /// compressed where that makes them smaller (every other message, and
+    /// any payload compression does not shrink, goes as it is).
+    pub fn into_compressed_frame(
+        self,
+        epoch: u64,
+        generation: u64,
+        compressor: &mut compressed::Compressor,
+    ) -> Frame {
+        let (code, payload) = match &self {
+            Message::SyncPages(b) => (SYNC_PAGES_Z, compressor.compress(b.bytes())),
+            Message::SyncDisk(b) => (SYNC_DISK_Z, compressor.compress(b.bytes())),
+            _ => (0, None),
+        };
+        match payload {
+            Some(payload) => Frame::message(code, epoch, generation, payload)
+                .expect("replication kinds are messages"),
+            None => self.into_frame(epoch, generation),
+        }
+    }
+
     /// The message a frame carries, its structure checked (whole page and
     /// disk records, a well-formed end record and plan).
     pub fn from_frame(frame: Frame) -> Result<Envelope, ProtocolError> {
@@ -268,6 +306,14 @@ impl Message {
                 Err(malformed(kind, "carries a payload"))
             }
         };
+        let decompressed = |kind| {
+            compressed::decompress(&payload).map_err(|source| ProtocolError::Decompress {
+                kind,
+                epoch,
+                len,
+                source,
+            })
+        };
         let message = match code {
             SYNC_BEGIN => Message::SyncBegin(
                 SyncPlan::from_payload(&payload)
@@ -278,6 +324,14 @@ impl Message {
             ),
             SYNC_DISK => Message::SyncDisk(
                 DiskBatch::parse(payload).ok_or(malformed("SyncDisk", "not whole disk records"))?,
+            ),
+            SYNC_PAGES_Z => Message::SyncPages(
+                PageBatch::new(decompressed("SyncPagesZ")?)
+                    .ok_or(malformed("SyncPagesZ", "not whole page records"))?,
+            ),
+            SYNC_DISK_Z => Message::SyncDisk(
+                DiskBatch::parse(decompressed("SyncDiskZ")?)
+                    .ok_or(malformed("SyncDiskZ", "not whole disk records"))?,
             ),
             SYNC_END => Message::SyncEnd(
                 EpochEnd::from_payload(&payload).ok_or(malformed("SyncEnd", "not 24 bytes"))?,
@@ -486,6 +540,101 @@ mod tests {
             panic!("a refusal")
         };
         assert_eq!(cut.len(), REFUSE_REASON_MAX);
+    }
+
+    /// The copy's pages and disk contents travel compressed and arrive as
+    /// the same messages; messages without bulk data, and a payload that
+    /// would not shrink, go as they are.
+    #[test]
+    fn compressed_copy_frames_round_trip_and_other_messages_go_plain() {
+        let mut compressor = compressed::Compressor::new(compressed::DEFAULT_LEVEL).unwrap();
+        let mut stager = PageStager::default();
+        for n in 0..PAGES_PER_FRAME as u64 {
+            vmm::replication::PageSink::page_buffer(&mut stager, n * 4096)
+                .extend_from_slice(&[n as u8; PAGE_SIZE]);
+        }
+        let pages = stager.finish().batches.remove(0);
+        let (disks, _) = disk_payloads([DiskRecord {
+            disk: 1,
+            offset: 1 << 20,
+            data: Bytes::from(vec![7u8; 64 << 10]),
+        }]);
+        for m in [
+            Message::SyncPages(pages.clone()),
+            Message::SyncDisk(disks[0].clone()),
+        ] {
+            let frame = m.clone().into_compressed_frame(0, 3, &mut compressor);
+            assert!(
+                matches!(frame.kind, FrameKind::Message(SYNC_PAGES_Z | SYNC_DISK_Z)),
+                "{}: {:?}",
+                m.name(),
+                frame.kind
+            );
+            assert!(frame.payload.len() < 4096, "{}: not compressed", m.name());
+            let env = Message::from_frame(frame).unwrap();
+            assert_eq!((env.epoch, env.generation), (0, 3));
+            assert_eq!(env.message, m);
+        }
+        let frame = Message::Ack.into_compressed_frame(5, 3, &mut compressor);
+        assert_eq!(frame.kind, FrameKind::Message(ACK));
+        // One page of noise does not shrink: it goes uncompressed.
+        let mut state = 1u64;
+        let mut record = vec![0u8; PAGE_RECORD];
+        for b in &mut record[8..] {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (state >> 56) as u8;
+        }
+        let noise = Message::SyncPages(PageBatch::new(Bytes::from(record)).unwrap());
+        let frame = noise.clone().into_compressed_frame(0, 3, &mut compressor);
+        assert_eq!(frame.kind, FrameKind::Message(SYNC_PAGES));
+        assert_eq!(Message::from_frame(frame).unwrap().message, noise);
+    }
+
+    /// A compressed frame that is not zstd, or that decompresses to
+    /// something other than whole records, is refused before anything
+    /// reaches the replica.
+    #[test]
+    fn bad_compressed_copy_frames_are_refused_with_a_reason() {
+        let frame =
+            |code, payload: Vec<u8>| Frame::message(code, 0, 0, Bytes::from(payload)).unwrap();
+        assert!(matches!(
+            Message::from_frame(frame(SYNC_PAGES_Z, vec![0x10, 0, 0, 0, 1, 2, 3])),
+            Err(ProtocolError::Decompress {
+                kind: "SyncPagesZ",
+                source: compressed::DecompressError::Corrupt,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Message::from_frame(frame(SYNC_DISK_Z, vec![1, 2])),
+            Err(ProtocolError::Decompress {
+                kind: "SyncDiskZ",
+                source: compressed::DecompressError::NoLength,
+                ..
+            })
+        ));
+        // Well compressed, but 100 bytes are not page records, and 17
+        // bytes of zeros are not a disk record.
+        let mut compressor = compressed::Compressor::new(1).unwrap();
+        for (code, raw) in [(SYNC_PAGES_Z, vec![0u8; 100]), (SYNC_DISK_Z, vec![0u8; 17])] {
+            let packed = compressor
+                .compress(&raw)
+                .map(|b| b.to_vec())
+                .unwrap_or_else(|| {
+                    let mut p = (raw.len() as u32).to_le_bytes().to_vec();
+                    p.extend(zstd::bulk::compress(&raw, 1).unwrap());
+                    p
+                });
+            assert!(
+                matches!(
+                    Message::from_frame(frame(code, packed)),
+                    Err(ProtocolError::Malformed { .. })
+                ),
+                "kind {code}"
+            );
+        }
     }
 
     #[test]

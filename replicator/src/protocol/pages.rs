@@ -85,6 +85,11 @@ impl PageBatch {
         self.0
     }
 
+    /// The payload: the records as they go on the wire.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// Records in the batch.
     pub fn len(&self) -> usize {
         self.0.len() / PAGE_RECORD
