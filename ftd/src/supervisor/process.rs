@@ -212,6 +212,8 @@ impl Process {
         if config.alink_plaintext {
             cmd.arg("--alink-plaintext");
         }
+        // A standby passes it on to the primary it becomes at a takeover.
+        cmd.args(["--copy-compression", &config.copy_compression.to_string()]);
         match role {
             Role::Primary => {
                 cmd.args(["--kernel", &vm.kernel]);
