@@ -106,7 +106,10 @@ pub enum VmCommand {
     Takeover { name: String },
     /// Move a protected FT VM's primary role to its standby (a planned
     /// switchover: nothing lost, no heartbeat timeout; the node it leaves
-    /// becomes its standby). Sent to the node running the primary.
+    /// becomes its standby). An HA VM moves by live migration (its memory
+    /// copied while it runs, then the switchover): this returns once it
+    /// began (`ftctl events` says when it moved). Sent to the node running
+    /// the primary.
     Switchover { name: String },
 }
 
@@ -446,6 +449,14 @@ fn vm_command(client: &ApiClient, json: bool, command: VmCommand) -> Result<(), 
             vm_answer(json, client.unprotect_vm(&name)?, level_changed)
         }
         VmCommand::Switchover { name } => vm_answer(json, client.switchover_vm(&name)?, |vm| {
+            if vm.level == "ha" {
+                return format!(
+                    "VM {}: live migration from {} begun (memory is copied while it runs, then \
+                     it switches over; `ftctl events` says when it moved)",
+                    vm.name,
+                    or_dash(vm.primary_node.as_deref())
+                );
+            }
             format!(
                 "VM {}: switched over; its primary runs on {} (generation {})",
                 vm.name,

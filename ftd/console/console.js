@@ -291,6 +291,7 @@ function renderVms() {
     if (vm.level !== 'ha') actions.push(['Protect (HA)', 'protect_ha', { vm: vm.name }]);
     if (vm.level !== 'unprotected') actions.push(['Unprotect', 'unprotect', { vm: vm.name }]);
     if (vm.state === 'protected' && vm.level === 'ft') actions.push(['Switch over', 'switchover', { vm: vm.name }]);
+    if (vm.state === 'protected' && vm.level === 'ha') actions.push(['Migrate', 'migrate', { vm: vm.name }]);
     return {
       key: vm.name,
       cells: [
@@ -370,6 +371,10 @@ const ACTIONS = {
   }),
   switchover: (t) => ({
     question: `Switch ${t.vm} over to its standby? Nothing is lost; its clients pause briefly.`,
+    request: () => switchover(t.vm),
+  }),
+  migrate: (t) => ({
+    question: `Move ${t.vm} to its standby by live migration? Its memory is copied while it runs (protected at FT meanwhile), then it switches over and goes back to HA.`,
     request: () => switchover(t.vm),
   }),
 };

@@ -81,7 +81,7 @@ impl Manager {
             .store()
             .vms()?
             .into_iter()
-            .filter(|r| runs_on(r, node) && r.definition.level != Level::Ft)
+            .filter(|r| runs_on(r, node) && !r.definition.level.has_standby())
             .map(|r| {
                 format!(
                     "{} (level {})",
@@ -92,9 +92,9 @@ impl Manager {
             .collect();
         if !stuck.is_empty() {
             return refuse(format!(
-                "VM(s) {} run on {node} and cannot move without a reboot (only an FT VM \
-                 switches over; an HA VM's live migration is not built yet): stop them or \
-                 protect them at level ft first",
+                "VM(s) {} run on {node} and cannot move without a reboot (an FT VM \
+                 switches over, an HA VM migrates, an unprotected one has no standby): stop \
+                 them or protect them first",
                 stuck.join(", ")
             ));
         }
@@ -199,27 +199,39 @@ impl Manager {
                 .filter(|r| runs_on(r, node))
                 .map(|r| {
                     let name = &r.definition.name;
-                    if r.definition.level != Level::Ft {
+                    if !r.definition.level.has_standby() {
                         return format!(
                             "VM {name} runs at level {}: it cannot move without a reboot \
-                             (stop it, or protect it at level ft; an HA VM's live migration \
-                             is not built yet)",
+                             (stop it, or protect it)",
                             r.definition.level.as_str()
                         );
                     }
+                    let moves = if r.definition.level == Level::Ha {
+                        "migrate"
+                    } else {
+                        "switch over"
+                    };
+                    let migrating = self
+                        .runtime()
+                        .get(name)
+                        .and_then(|l| l.status)
+                        .is_some_and(|s| s.migrating);
+                    if migrating {
+                        return format!("VM {name}: migrating to {other} (memory being copied)");
+                    }
                     let view = self.view(r.clone());
                     match view.state {
-                        VmState::Protected => format!("VM {name}: switching over to {other}"),
+                        VmState::Protected => format!("VM {name}: moving to {other}"),
                         state => format!(
-                            "VM {name}: waiting until it is protected to switch over to \
-                             {other} (now {})",
+                            "VM {name}: waiting until it is protected to {moves} to {other} \
+                             (now {})",
                             state_name(state)
                         ),
                     }
                 })
                 .collect(),
             Maintenance::Leaving => running
-                .filter(|r| r.definition.level == Level::Ft)
+                .filter(|r| r.definition.level.has_standby())
                 .filter_map(|r| {
                     let name = &r.definition.name;
                     let view = self.view(r.clone());
@@ -356,7 +368,8 @@ impl Driver {
         let me = self.manager.node_name().to_string();
         for record in self.manager.store().vms()? {
             let name = record.definition.name.clone();
-            if !runs_on(&record, &me) || record.definition.level != Level::Ft || !wanted(&record) {
+            if !runs_on(&record, &me) || !record.definition.level.has_standby() || !wanted(&record)
+            {
                 continue;
             }
             let protected = self
@@ -417,7 +430,7 @@ impl Driver {
         if next == Maintenance::On {
             let unprotected: Vec<String> = records
                 .iter()
-                .filter(|r| runs_on(r, &other) && r.definition.level == Level::Ft)
+                .filter(|r| runs_on(r, &other) && r.definition.level.has_standby())
                 .map(|r| r.definition.name.clone())
                 .collect();
             self.manager.record(

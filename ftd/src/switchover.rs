@@ -5,6 +5,12 @@
 //! from it at once, and this node's copy stops; the store then names the
 //! peer as the primary node, and the supervisor here starts this node's
 //! standby, which the new primary synchronises.
+//!
+//! An HA VM moves by live migration: its engine goes to level FT (memory
+//! copied while the guest runs), switches over after the first epoch, and
+//! the new primary goes back to HA (its daemon asks). That takes the copy's
+//! time, so the request answers once the engine took it; the events say
+//! when the VM moved.
 
 use std::time::{Duration, Instant};
 
@@ -37,12 +43,14 @@ impl Manager {
         if record.desired != Desired::Running {
             return Err(ManagerError::NotRunning(name.to_string()));
         }
-        if record.definition.level != Level::Ft {
+        if !record.definition.level.has_standby() {
             return refuse(format!(
-                "VM {name} runs at level {}: only an FT VM switches over",
+                "VM {name} runs at level {}: only an FT VM switches over (and an HA VM \
+                 migrates)",
                 record.definition.level.as_str()
             ));
         }
+        let migration = record.definition.level == Level::Ha;
         let Some(peer) = self.config().peer.as_ref().map(|p| p.name.clone()) else {
             return refuse(format!("{me} has no peer to switch VM {name} over to"));
         };
@@ -88,6 +96,19 @@ impl Manager {
                 ))
             }
             Err(e) => return refuse(format!("the engine did not take the request: {e}")),
+        }
+        if migration {
+            self.record(
+                Severity::Info,
+                false,
+                "vm",
+                Some(name),
+                &format!(
+                    "VM {name}: live migration from {me} to {peer} asked: its memory is \
+                     copied while it runs (level ft for the move), then it switches over"
+                ),
+            );
+            return Ok(self.view(self.store().vm(name)?));
         }
         self.record(
             Severity::Info,

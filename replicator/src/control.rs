@@ -110,6 +110,8 @@ enum Action {
     Takeover,
     Verify,
     Switchover,
+    /// A switchover at level HA: a live migration.
+    Migrate,
     Level(crate::level::Level),
 }
 
@@ -310,15 +312,17 @@ fn answer(line: &[u8], status: &StatusBoard) -> (ControlResponse, Action) {
         ControlCommand::Switchover => {
             let s = status.snapshot();
             match (s.role, s.state) {
-                _ if s.level == crate::level::Level::Ha => (
+                _ if s.migrating => (
                     ControlResponse::refused(
-                        "no switchover at level HA: an HA VM moves by live migration, \
-                         which is not built yet (stop it and start it on the peer, or \
-                         protect it at level FT)"
-                            .to_string(),
+                        "a live migration of this VM is under way already".to_string(),
                     ),
                     Action::None,
                 ),
+                (crate::status::Role::Primary, crate::status::FtState::Protected)
+                    if s.level == crate::level::Level::Ha =>
+                {
+                    (ControlResponse::done(), Action::Migrate)
+                }
                 (crate::status::Role::Primary, crate::status::FtState::Protected) => {
                     (ControlResponse::done(), Action::Switchover)
                 }
@@ -433,6 +437,12 @@ async fn serve_connection(
             Action::Switchover => {
                 info!("planned switchover asked on the control socket");
                 hooks.switchover.ask();
+            }
+            Action::Migrate => {
+                info!("live migration asked on the control socket: memory is copied at level FT, then the VM switches over");
+                status.update(|s| s.migrating = true);
+                hooks.switchover.ask_migration();
+                hooks.relevel.ask(crate::level::Level::Ft);
             }
             Action::Level(to) => {
                 info!(level = %to, "protection level change asked on the control socket");
@@ -710,10 +720,14 @@ mod tests {
         let (response, action) = answer(line, &board);
         assert!(response.ok, "{response:?}");
         assert_eq!(action, Action::Switchover);
-        // At level HA there is no switchover (no live migration yet).
+        // At level HA a switchover is a live migration; one at a time.
         board.update(|s| s.level = crate::level::Level::Ha);
         let (response, action) = answer(line, &board);
-        assert!(response.error.unwrap().contains("level HA"));
+        assert!(response.ok, "{response:?}");
+        assert_eq!(action, Action::Migrate);
+        board.update(|s| s.migrating = true);
+        let (response, action) = answer(line, &board);
+        assert!(response.error.unwrap().contains("under way"));
         assert_eq!(action, Action::None);
     }
 

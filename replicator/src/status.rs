@@ -288,6 +288,11 @@ pub struct Status {
     /// mirrored; epochs are batches of disk writes, no memory).
     #[serde(default)]
     pub level: crate::level::Level,
+    /// Primary: a live migration of this HA VM to its standby is under
+    /// way (the level is FT while memory is copied and the VM switches
+    /// over; the new primary goes back to HA).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migrating: bool,
 }
 
 fn unix_ms() -> u64 {
@@ -323,6 +328,7 @@ impl StatusBoard {
                 dirty_tracking: None,
                 heartbeat_timeout_ms: 0,
                 level: crate::level::Level::Ft,
+                migrating: false,
                 oracle: None,
             })),
         }

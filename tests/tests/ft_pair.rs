@@ -369,6 +369,75 @@ fn a_running_vm_changes_level_between_ft_and_ha_without_a_reboot() {
     );
 }
 
+/// Issue 13: an HA VM moves to its standby by live migration while the
+/// client writes over one connection: its engine goes to level FT (memory
+/// copied while the guest runs), switches over after the first epoch, and
+/// the new primary goes back to HA; nothing lost, and the connection
+/// survives (the guest never rebooted).
+#[test]
+fn an_ha_vm_moves_to_its_standby_by_live_migration_without_a_reboot() {
+    let lab = LabPair::start("ftmigrate");
+    let l = lab.lab();
+    ft_pair::protect_at(l, NodeId::A, "ha", Default::default()).expect("protected at ha");
+    let mut client = Appender::new(lab.ledger_client());
+    client.append_for(Duration::from_secs(2));
+    let before = ft_pair::status(l, NodeId::A).expect("a's engine");
+    let vm: ftd_client::model::VmView = ft_pair::api(l, NodeId::A)
+        .expect("api")
+        .switchover_vm(ft_pair::VM_NAME)
+        .expect("live migration asked");
+    assert_eq!(vm.level, "ha");
+    let start = Instant::now();
+    let migrated = Instant::now();
+    let mut seen_migrating = false;
+    loop {
+        // The client keeps writing throughout.
+        client.append_for(Duration::from_millis(300));
+        seen_migrating |= ft_pair::status(l, NodeId::A).is_some_and(|s| s.migrating);
+        let b = ft_pair::status(l, NodeId::B);
+        if b.as_ref().is_some_and(|b| {
+            b.role == Role::Primary
+                && b.level == replicator::level::Level::Ha
+                && b.state == FtState::Protected
+        }) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "b never ran the VM protected at ha: {b:?}\n{}",
+            ft_pair::log_tail(l, NodeId::A)
+        );
+    }
+    let took = migrated.elapsed();
+    client.append_for(Duration::from_secs(1));
+    assert!(seen_migrating, "a's engine never said it was migrating");
+    let b = ft_pair::status(l, NodeId::B).expect("b's engine");
+    assert!(b.generation > before.generation, "b: {b:?}");
+    assert_eq!(
+        b.counters.failovers, 0,
+        "a switchover, not a failover: {b:?}"
+    );
+    let a = ft_pair::wait_for(
+        l,
+        NodeId::A,
+        Role::Standby,
+        FtState::StandingBy,
+        Duration::from_secs(120),
+    )
+    .expect("a is b's mirror");
+    assert_eq!(a.level, replicator::level::Level::Ha, "{a:?}");
+    let view = ft_pair::vm(l, NodeId::B).expect("api").expect("the VM");
+    assert_eq!(view.primary_node, Some(ft_pair::node_name(NodeId::B)));
+    // One connection throughout: the guest never rebooted.
+    client.assert_nothing_lost();
+    eprintln!(
+        "[migrate] a -> b by live migration, back at ha in {} ms, with {} operations \
+         acknowledged, none lost",
+        took.as_millis(),
+        client.acked.len()
+    );
+}
+
 /// Issue 11: a pair without a witness, at level HA, partitioned so that
 /// both copies run and write: node b (isolated: its A-link and business
 /// network cut) boots the VM from its mirror and writes its disk, node a

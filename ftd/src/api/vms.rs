@@ -126,19 +126,30 @@ pub async fn takeover(
 /// with nothing lost (a final checkpoint with the guest stopped, then the
 /// standby takes over at once, without a heartbeat timeout); this node
 /// becomes its standby. Asked of the node that runs the primary; answers
-/// once the standby was told to take over.
+/// once the standby was told to take over. An HA VM moves by live
+/// migration (memory copied while it runs, at level ft for the move, then
+/// the switchover; the new primary goes back to ha): that takes the copy's
+/// time, so the answer is 202 once the engine took the request, and the
+/// events say when the VM moved.
 #[utoipa::path(post, path = "/api/vms/{name}/switchover", operation_id = "switchover_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "Switched over: the peer runs the primary", body = VmView),
+              (status = 202, description = "An HA VM's live migration began", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
-              (status = 409, description = "Not possible now (not running, not protected, its primary runs on the other node), or called off (the VM runs on here); the reason says which", body = ErrorBody)),
+              (status = 409, description = "Not possible now (not running, not protected, unprotected, its primary runs on the other node, a migration under way), or called off (the VM runs on here); the reason says which", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn switchover(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-) -> Result<Json<VmView>, ApiError> {
-    Ok(Json(state.manager.switchover(&name).await?))
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let view = state.manager.switchover(&name).await?;
+    let code = if view.level == Level::Ha {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(view)))
 }
 
 /// Which level `protect` sets.

@@ -654,8 +654,10 @@ async fn follow_level(
     let Some(to) = record.definition.level.engine_level() else {
         return;
     };
+    // A live migration runs at FT until the VM moved.
     if process.role != Role::Primary
         || status.role != Role::Primary
+        || status.migrating
         || status.level == to
         || process.level_asked == Some(to)
     {

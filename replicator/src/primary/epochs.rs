@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ft_link::{Frame, LinkSender};
 use tokio::sync::{mpsc, Notify};
-use tracing::warn;
+use tracing::{info, warn};
 use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
@@ -44,9 +44,17 @@ pub(super) async fn epochs(
     let mut schedule = Schedule::new(config.interval);
     let mut in_flight = InFlight::new(vm, status, config);
     in_flight.sync_started = Some(session.sync_started);
-    // A switchover asked before this session is not for it.
+    // A switchover asked before this session is not for it; a live
+    // migration asked before it is (it began with the change to FT).
     config.switchover.take();
+    let migrating = config.switchover.take_migration();
     for epoch in 1.. {
+        if migrating && epoch == 2 {
+            // Epoch 1 holds the rest of the copy: once it is
+            // acknowledged the standby can run the VM.
+            info!(epoch, "live migration: memory copied; switching over");
+            config.switchover.ask();
+        }
         let wake =
             wait_until_due(vm, &schedule, &output, stop, config, acks, &mut in_flight).await?;
         // Not before the first epoch: the standby holds nothing to run yet.
@@ -59,6 +67,7 @@ pub(super) async fn epochs(
                 Outcome::CalledOff(why) => {
                     warn!(epoch, why, "switchover called off: the VM runs on here");
                     status.update(|s| {
+                        s.migrating = false;
                         s.counters.switchovers_called_off += 1;
                         s.message = Some(format!("switchover called off: {why}"));
                     });

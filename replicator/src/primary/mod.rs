@@ -317,6 +317,23 @@ pub async fn run(
         if let PrimaryError::SwitchedOver { epoch } = error {
             return stop_switched_over(&vm, epoch, &status);
         }
+        // A live migration goes on only from the HA session into the FT
+        // one it asked for; anything else ends it (the VM stays here, and
+        // its daemon asks for HA again).
+        let migration_goes_on = matches!(
+            error,
+            PrimaryError::Relevel {
+                to: crate::level::Level::Ft
+            }
+        );
+        if !migration_goes_on && status.snapshot().migrating {
+            config.switchover.take_migration();
+            warn!(%error, "live migration called off: the VM runs on here");
+            status.update(|s| {
+                s.migrating = false;
+                s.message = Some(format!("live migration called off: {error}"));
+            });
+        }
         if let PrimaryError::Relevel { to } = error {
             config.relevel.take();
             // Everything in flight was acknowledged and the standby told

@@ -49,6 +49,9 @@ use vmm::replication::InboundFrame;
 pub struct SwitchoverRequest {
     asked: AtomicBool,
     wake: Notify,
+    /// A live migration (level HA) is asked: the next FT session switches
+    /// over once its first epoch is acknowledged.
+    migration: AtomicBool,
 }
 
 impl SwitchoverRequest {
@@ -62,6 +65,18 @@ impl SwitchoverRequest {
     /// Takes the request, if one is pending.
     pub(super) fn take(&self) -> bool {
         self.asked.swap(false, Ordering::SeqCst)
+    }
+
+    /// Asks for a live migration of an HA VM: with a level change to FT
+    /// asked beside it, the session at FT that follows copies memory while
+    /// the guest runs and switches over after its first epoch.
+    pub fn ask_migration(&self) {
+        self.migration.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the migration request, if one is pending.
+    pub(super) fn take_migration(&self) -> bool {
+        self.migration.swap(false, Ordering::SeqCst)
     }
 
     /// Resolves when a request may have arrived.
