@@ -18,8 +18,8 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Subcommand, Debug)]
 pub enum MaintenanceCommand {
-    /// Take the node out of service: its FT VMs switch over to the peer
-    /// (nothing lost) and it keeps no standby; then pulling or rebooting
+    /// Take the node out of service: its FT VMs switch over to the peer,
+    /// its HA VMs migrate there (nothing lost), and it keeps no standby; then pulling or rebooting
     /// it affects no VM. Refused while the peer is down or in maintenance.
     Enter(StepArgs),
     /// Bring the node back into service: its standbys start, and the VMs

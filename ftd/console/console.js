@@ -384,7 +384,7 @@ async function switchover(vm) {
   const view = state.vms.find((v) => v.name === vm);
   const node = view && state.nodes.find((n) => n.name === view.primary_node);
   if (node && !node.local) {
-    throw new ApiError(409, `the primary of ${vm} runs on ${node.name}: open the console of ${node.name} (http://${node.api}/console/) to switch it over`);
+    throw new ApiError(409, `the primary of ${vm} runs on ${node.name}: open the console of ${node.name} (http://${node.api}/console/) to move it`);
   }
   return api('POST', `/api/vms/${encodeURIComponent(vm)}/switchover`);
 }

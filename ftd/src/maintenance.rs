@@ -2,13 +2,14 @@
 //! a person takes a node out of service to work on it, and brings it back.
 //!
 //! - Entering: the node's FT VMs switch over to the peer (planned
-//!   switchovers, nothing lost), and the node starts no standby. Once no VM
+//!   switchovers, nothing lost) and its HA VMs migrate there (live
+//!   migration), and the node starts no standby. Once no VM
 //!   runs there, the node is `on` maintenance: its VMs run unprotected on
 //!   the peer (an alert says so), and pulling or rebooting the node affects
 //!   no VM.
 //! - Leaving: the node's standbys start again (each VM is re-protected),
 //!   and each VM that prefers the node switches back to it once protected.
-//!   When every running FT VM is protected and where it prefers to be, the
+//!   When every running protected VM is protected and where it prefers to be, the
 //!   node is back in service (`off`).
 //!
 //! The state is a node record in the store that travels over the pair
@@ -357,7 +358,7 @@ impl Driver {
         Ok(())
     }
 
-    /// Switches over each protected FT VM this node runs (that `wanted`
+    /// Switches over each protected FT VM (migrates each HA VM) this node runs (that `wanted`
     /// picks) to `to`; one at a time, each after its pause.
     async fn move_primaries(
         &mut self,
@@ -372,11 +373,11 @@ impl Driver {
             {
                 continue;
             }
-            let protected = self
-                .manager
-                .runtime()
-                .get(&name)
-                .is_some_and(|l| l.role == Role::Primary && l.state == FtState::Protected);
+            let protected = self.manager.runtime().get(&name).is_some_and(|l| {
+                l.role == Role::Primary
+                    && l.state == FtState::Protected
+                    && !l.status.as_ref().is_some_and(|s| s.migrating)
+            });
             let paused = self
                 .tried
                 .get(&name)
@@ -458,7 +459,7 @@ impl Driver {
                 "maintenance",
                 None,
                 &format!(
-                    "node {} is back in service (maintenance ended by {by}): every FT VM \
+                    "node {} is back in service (maintenance ended by {by}): every FT or HA VM \
                      protected, each on its preferred node where it can be",
                     node.name
                 ),

@@ -18,7 +18,7 @@ use replicator::control::{self, ControlCommand, ControlRequest};
 use replicator::status::{FtState, Role};
 
 use crate::manager::{Manager, ManagerError};
-use crate::model::{Desired, Level, Severity, VmView};
+use crate::model::{Desired, Severity, VmView};
 
 /// How long the engine has to hand its VM over (a final checkpoint and a
 /// word to the standby; the witness's release with one).
@@ -37,6 +37,13 @@ impl Manager {
     /// Moves the primary role of `name` from this node to its standby on
     /// the peer; answers once the standby was told to take over.
     pub async fn switchover(&self, name: &str) -> Result<VmView, ManagerError> {
+        self.move_to_peer(name).await.map(|(view, _)| view)
+    }
+
+    /// [`Manager::switchover`], saying whether the move is a live
+    /// migration (the engine runs at HA: it answers once the migration
+    /// began) rather than a switchover done.
+    pub async fn move_to_peer(&self, name: &str) -> Result<(VmView, bool), ManagerError> {
         let record = self.store().vm(name)?;
         let me = self.node_name().to_string();
         let refuse = |why: String| Err(ManagerError::NoSwitchover(why));
@@ -50,7 +57,7 @@ impl Manager {
                 record.definition.level.as_str()
             ));
         }
-        let migration = record.definition.level == Level::Ha;
+
         let Some(peer) = self.config().peer.as_ref().map(|p| p.name.clone()) else {
             return refuse(format!("{me} has no peer to switch VM {name} over to"));
         };
@@ -71,9 +78,15 @@ impl Manager {
             }
             None => return Err(ManagerError::NotRunning(name.to_string())),
         }
-        let before = match self.runtime().get(name) {
+        // The engine's level decides (the store's may be changing).
+        let (before, migration) = match self.runtime().get(name) {
             Some(local) if local.role == Role::Primary && local.state == FtState::Protected => {
-                local.status.map(|s| s.counters).unwrap_or_default()
+                let migration = local
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.level == replicator::level::Level::Ha);
+                let counters = local.status.map(|s| s.counters).unwrap_or_default();
+                (counters, migration)
             }
             Some(local) => {
                 return refuse(format!(
@@ -108,7 +121,7 @@ impl Manager {
                      copied while it runs (level ft for the move), then it switches over"
                 ),
             );
-            return Ok(self.view(self.store().vm(name)?));
+            return Ok((self.view(self.store().vm(name)?), true));
         }
         self.record(
             Severity::Info,
@@ -154,7 +167,7 @@ impl Manager {
         let engine_generation = handed.as_ref().map_or(0, |s| s.generation);
         let epoch = handed.as_ref().map(|s| s.epoch);
         self.switched_over(name, &peer, engine_generation, epoch, Some(took_ms));
-        Ok(self.view(self.store().vm(name)?))
+        Ok((self.view(self.store().vm(name)?), false))
     }
 
     fn switchover_failed(&self, name: &str, why: String) -> ManagerError {

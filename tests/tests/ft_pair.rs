@@ -388,7 +388,6 @@ fn an_ha_vm_moves_to_its_standby_by_live_migration_without_a_reboot() {
         .expect("live migration asked");
     assert_eq!(vm.level, "ha");
     let start = Instant::now();
-    let migrated = Instant::now();
     let mut seen_migrating = false;
     loop {
         // The client keeps writing throughout.
@@ -408,7 +407,7 @@ fn an_ha_vm_moves_to_its_standby_by_live_migration_without_a_reboot() {
             ft_pair::log_tail(l, NodeId::A)
         );
     }
-    let took = migrated.elapsed();
+    let took = start.elapsed();
     client.append_for(Duration::from_secs(1));
     assert!(seen_migrating, "a's engine never said it was migrating");
     let b = ft_pair::status(l, NodeId::B).expect("b's engine");

@@ -30,8 +30,8 @@ pub async fn show(
     Ok(Json(state.manager.node(&name)?))
 }
 
-/// Take a node out of service: its FT VMs switch over to the peer (nothing
-/// lost), it starts no standby, and once no VM runs there it is `on`
+/// Take a node out of service: its FT VMs switch over to the peer and its
+/// HA VMs migrate there (nothing lost), it starts no standby, and once no VM runs there it is `on`
 /// maintenance (pulling or rebooting it affects no VM; the VMs run
 /// unprotected on the peer). Answers at once; the node's `maintenance` and
 /// `maintenance_waiting` show the progress.
@@ -53,7 +53,7 @@ pub async fn enter_maintenance(
 
 /// Bring a node back into service: its standbys start (each VM is
 /// protected again) and the VMs that prefer it switch back to it. Answers
-/// at once; the node is `leaving` until every FT VM is protected and where
+/// at once; the node is `leaving` until every FT or HA VM is protected and where
 /// it prefers to be, then `off`.
 #[utoipa::path(post, path = "/api/nodes/{name}/maintenance/exit", operation_id = "exit_maintenance", tag = "nodes",
     params(("name" = String, Path, description = "The node's name")),

@@ -143,8 +143,8 @@ pub async fn switchover(
     State(state): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
-    let view = state.manager.switchover(&name).await?;
-    let code = if view.level == Level::Ha {
+    let (view, migration) = state.manager.move_to_peer(&name).await?;
+    let code = if migration {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK

@@ -644,17 +644,35 @@ fn standby_refused(manager: &Manager, name: &str, status: &replicator::status::S
 }
 
 /// The VM's level changed while it runs (ft <-> ha): the primary here is
-/// asked to go on at the store's level, without a reboot (once per level).
+/// asked to go on at the store's level, without a reboot (once per level,
+/// asked again once the engine got there or a live migration it ran was
+/// called off). A live migration runs at FT until the VM moved; one called
+/// off is said in the events.
 async fn follow_level(
     manager: &Manager,
     process: &mut Process,
     status: &Status,
     record: &VmRecord,
 ) {
+    let name = &record.definition.name;
+    if process.was_migrating && !status.migrating && status.role == Role::Primary {
+        let why = status.message.as_deref().unwrap_or("no reason given");
+        manager.record(
+            Severity::Warning,
+            true,
+            "vm",
+            Some(name),
+            &format!("VM {name}: live migration called off ({why}); it runs on here"),
+        );
+        process.level_asked = None;
+    }
+    process.was_migrating = status.migrating;
     let Some(to) = record.definition.level.engine_level() else {
         return;
     };
-    // A live migration runs at FT until the VM moved.
+    if status.level == to {
+        process.level_asked = None;
+    }
     if process.role != Role::Primary
         || status.role != Role::Primary
         || status.migrating
@@ -663,7 +681,6 @@ async fn follow_level(
     {
         return;
     }
-    let name = &record.definition.name;
     match process.ask_level(to).await {
         Ok(()) => {
             process.level_asked = Some(to);

@@ -134,6 +134,8 @@ pub struct Process {
     /// The protection level this process was last asked to go on at (not
     /// asked again while it changes).
     pub level_asked: Option<replicator::level::Level>,
+    /// Its engine said a live migration was under way, last it was read.
+    pub was_migrating: bool,
 }
 
 impl Process {
@@ -259,6 +261,7 @@ impl Process {
             last: None,
             misses: 0,
             level_asked: None,
+            was_migrating: false,
         })
     }
 
@@ -276,6 +279,7 @@ impl Process {
             last: Some(status),
             misses: 0,
             level_asked: None,
+            was_migrating: false,
         })
     }
 

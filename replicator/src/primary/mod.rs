@@ -238,6 +238,28 @@ fn stop_superseded(vm: &Vm, lease: &Lease, status: &StatusBoard) -> PrimaryEnd {
     PrimaryEnd::Superseded { generation, owner }
 }
 
+/// How long a live migration's session at FT may take to reach its
+/// standby before the migration is called off.
+const MIGRATION_FINDS_ITS_STANDBY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Ends a live migration under way, if one is (the VM stays here): its
+/// request and the change to FT it asked, if not taken yet, are dropped;
+/// the status says why, and the daemon puts the VM back at its level.
+fn call_off_migration(config: &PrimaryConfig, status: &StatusBoard, why: &dyn std::fmt::Display) {
+    if !status.snapshot().migrating {
+        return;
+    }
+    config.switchover.take_migration();
+    if config.relevel.pending() == Some(crate::level::Level::Ft) {
+        config.relevel.take();
+    }
+    warn!(%why, "live migration called off: the VM runs on here");
+    status.update(|s| {
+        s.migrating = false;
+        s.message = Some(format!("live migration called off: {why}"));
+    });
+}
+
 /// Protects `vm` until `stop` is notified (its guest stopped): then a
 /// standby in session is told not to take it over, and this returns.
 pub async fn run(
@@ -262,24 +284,32 @@ pub async fn run(
     loop {
         let found = match answered.take() {
             Some(found) => found,
-            None => loop {
-                let attempt = tokio::select! {
-                    a = connect_any(&config.peers, &config.link) => a,
-                    _ = stop.notified() => return PrimaryEnd::Stopped,
-                    _ = superseded(lease) => return stop_superseded(&vm, lease.expect("a lease"), &status),
-                };
-                match attempt {
-                    Ok(found) => break found,
-                    Err(error) => {
-                        if error != last_refusal {
-                            info!(peers = ?config.peers, %error, "no standby yet; running unprotected");
-                            status.update(|s| s.message = Some(error.clone()));
-                            last_refusal = error;
+            None => {
+                let looking_since = std::time::Instant::now();
+                loop {
+                    let attempt = tokio::select! {
+                        a = connect_any(&config.peers, &config.link) => a,
+                        _ = stop.notified() => return PrimaryEnd::Stopped,
+                        _ = superseded(lease) => return stop_superseded(&vm, lease.expect("a lease"), &status),
+                    };
+                    match attempt {
+                        Ok(found) => break found,
+                        Err(error) => {
+                            // A migration does not wait long for its standby: it
+                            // moves the VM to one that is there.
+                            if looking_since.elapsed() > MIGRATION_FINDS_ITS_STANDBY_WITHIN {
+                                call_off_migration(&config, &status, &error);
+                            }
+                            if error != last_refusal {
+                                info!(peers = ?config.peers, %error, "no standby yet; running unprotected");
+                                status.update(|s| s.message = Some(error.clone()));
+                                last_refusal = error;
+                            }
+                            tokio::time::sleep(config.retry_every).await;
                         }
-                        tokio::time::sleep(config.retry_every).await;
                     }
                 }
-            },
+            }
         };
         let (link, active) = found;
         last_refusal.clear();
@@ -326,13 +356,8 @@ pub async fn run(
                 to: crate::level::Level::Ft
             }
         );
-        if !migration_goes_on && status.snapshot().migrating {
-            config.switchover.take_migration();
-            warn!(%error, "live migration called off: the VM runs on here");
-            status.update(|s| {
-                s.migrating = false;
-                s.message = Some(format!("live migration called off: {error}"));
-            });
+        if !migration_goes_on {
+            call_off_migration(&config, &status, &error);
         }
         if let PrimaryError::Relevel { to } = error {
             config.relevel.take();

@@ -6,7 +6,11 @@ use serde::{Deserialize, Serialize};
 use vmm::snapshot::MachineState;
 
 pub const CHECKPOINT_STATE_VERSION: u32 = 1;
-pub const SYNC_PLAN_VERSION: u32 = 3;
+/// The plan's version, raised whenever what follows a plan changes: 3 the
+/// level and boot plan (HA); 4 the copy's frames may come compressed
+/// (`SyncPagesZ`, `SyncDiskZ`), which a standby of version 3 would take for
+/// malformed frames: it refuses the plan instead.
+pub const SYNC_PLAN_VERSION: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
