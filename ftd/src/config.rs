@@ -239,16 +239,18 @@ impl Config {
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_fill_what_the_file_leaves_out() {
-        let text = r#"
+    /// An `ftd.toml` with only its `[node]` table.
+    const NODE_ONLY: &str = r#"
             [node]
             name = "node-a"
             api = "10.0.0.1:7200"
             pair = "10.0.0.1:7201"
             alink = ["10.9.0.1:7800"]
-        "#;
-        let config: Config = toml::from_str(text).unwrap();
+"#;
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let config: Config = toml::from_str(NODE_ONLY).unwrap();
         assert_eq!(config.bridge, "br0");
         assert_eq!(config.heartbeat_timeout_ms, 300);
         assert_eq!(config.ram_dir, PathBuf::from("/dev/shm/ftd"));
@@ -268,17 +270,12 @@ mod tests {
 
     #[test]
     fn a_copy_compression_outside_zstds_levels_is_refused() {
-        let text = r#"
-            copy_compression = 23
-            [node]
-            name = "node-a"
-            api = "10.0.0.1:7200"
-            pair = "10.0.0.1:7201"
-            alink = ["10.9.0.1:7800"]
-        "#;
-        let config: Config = toml::from_str(text).unwrap();
+        let with = |level: &str| -> Config {
+            toml::from_str(&format!("copy_compression = {level}\n{NODE_ONLY}")).unwrap()
+        };
+        let config = with("23");
         assert!(config.check().unwrap_err().contains("copy_compression 23"));
-        let off: Config = toml::from_str(&text.replace("23", "0")).unwrap();
+        let off = with("0");
         assert!(off.check().is_ok());
     }
 
