@@ -41,6 +41,8 @@ fn plan() -> SyncPlan {
         content_key: "5a".repeat(32),
         level: Default::default(),
         boot: None,
+        written: Vec::new(),
+        next_common: None,
     }
 }
 

@@ -91,6 +91,25 @@ pub fn digest_disk(file: &File, size: u64, key: &ContentKey) -> std::io::Result<
     Ok(digests)
 }
 
+/// The digest of each chunk of `chunks` (in [`DISK_CHUNK`]s) of a disk
+/// of `size` bytes in `file`.
+pub fn digest_disk_chunks(
+    file: &File,
+    size: u64,
+    key: &ContentKey,
+    chunks: std::ops::Range<u64>,
+) -> std::io::Result<Vec<ChunkDigest>> {
+    let mut digests = Vec::with_capacity((chunks.end - chunks.start) as usize);
+    let mut buf = vec![0u8; DISK_CHUNK];
+    for chunk in chunks {
+        let offset = chunk * DISK_CHUNK as u64;
+        let n = size.saturating_sub(offset).min(DISK_CHUNK as u64) as usize;
+        file.read_exact_at(&mut buf[..n], offset)?;
+        digests.push(key.digest(&buf[..n]));
+    }
+    Ok(digests)
+}
+
 /// What a standby holds of one disk (in [`DISK_CHUNK`]s) or of memory (in
 /// pages) before the copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +119,10 @@ pub enum Holding {
     /// Kept from before: the digest of each chunk under the session's key
     /// (the primary skips the chunks that match).
     Kept(Vec<ChunkDigest>),
+    /// A kept disk compared by the written maps ([`crate::written`]): per
+    /// chunk its digest, or `None` where neither map names the chunk (the
+    /// same on both, not read on either).
+    Mapped(Vec<Option<ChunkDigest>>),
 }
 
 impl Holding {
@@ -110,6 +133,31 @@ impl Holding {
             Holding::Kept(digests) => digests
                 .get(index as usize)
                 .is_some_and(|d| *d == key.digest(data)),
+            Holding::Mapped(digests) => match digests.get(index as usize) {
+                Some(None) => true,
+                Some(Some(d)) => *d == key.digest(data),
+                None => false,
+            },
+        }
+    }
+
+    /// Whether the standby holds chunks `chunks` by the written maps
+    /// alone: then they need not even be read.
+    pub fn same_by_map(&self, chunks: std::ops::Range<u64>) -> bool {
+        match self {
+            Holding::Mapped(digests) => digests
+                .get(chunks.start as usize..chunks.end as usize)
+                .is_some_and(|c| c.iter().all(Option::is_none)),
+            _ => false,
+        }
+    }
+
+    /// How many chunks it says something of.
+    pub fn chunks_said(&self) -> Option<u64> {
+        match self {
+            Holding::Zeroed => None,
+            Holding::Kept(d) => Some(d.len() as u64),
+            Holding::Mapped(d) => Some(d.len() as u64),
         }
     }
 }

@@ -20,7 +20,8 @@
 //!   [`control`] serves them (and takes a stop) on a Unix socket.
 //! - [`content`]: keyed digests of disk chunks and memory pages, so that a
 //!   resynchronisation moves only what a returning standby does not
-//!   already hold.
+//!   already hold; [`written`]: the written maps that let it compare only
+//!   the extents either node wrote since the two last matched.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
 //! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
 //! - [`heap`]: the allocator kept from faulting in fresh pages for every
@@ -59,3 +60,4 @@ pub mod sequence;
 pub mod standby;
 pub mod stats;
 pub mod status;
+pub mod written;

@@ -215,6 +215,7 @@ pub fn boot_from_mirror(
             .map(|d| vmm::config::DiskConfig {
                 path: d.path.clone(),
                 read_only: false,
+                written_map: true,
             })
             .collect(),
         nets: taps

@@ -38,6 +38,8 @@ fn the_relays_kind_names_are_the_replication_codes() {
         content_key: "00".repeat(32),
         level: Default::default(),
         boot: None,
+        written: Vec::new(),
+        next_common: None,
     };
     let page = PageBatch::new(Bytes::from(vec![0u8; 8 + PAGE_SIZE])).unwrap();
     let (mut writes, _) = disk_payloads([DiskRecord {

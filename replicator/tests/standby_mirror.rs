@@ -83,6 +83,8 @@ fn a_plan_at_level_ha_needs_its_boot_plan() {
         content_key: test_key().to_hex(),
         level: Level::Ha,
         boot: None,
+        written: Vec::new(),
+        next_common: None,
     };
     assert!(matches!(
         replicator::protocol::SyncPlan::from_payload(&plan.to_payload()),

@@ -588,3 +588,153 @@ async fn a_replica_disk_of_another_size_is_made_new() {
     );
     standby.task.abort();
 }
+
+/// The frames of FT epoch `n` (generation 1) writing `data` at `offset`.
+fn epoch_writing(n: u64, offset: u64, data: &'static [u8]) -> Vec<ft_link::Frame> {
+    let (writes, _) = replicator::protocol::disk_payloads([replicator::protocol::DiskRecord {
+        disk: 0,
+        offset,
+        data: bytes::Bytes::from_static(data),
+    }]);
+    replicator::protocol::epoch_frames(n, 1, state_payload(), Default::default(), (writes, 1))
+}
+
+/// Resynchronisation by written maps (issue 11): after a session whose
+/// first epoch committed, the standby's replica disk and its written map
+/// name that session's common point, and the map keeps the extents of
+/// later epochs. The next primary whose own map names the same point gets
+/// the digests of only the extents either map names (its own extent 1,
+/// the standby's extent 3), every other chunk "the same", unread. A
+/// primary whose map names another point gets the whole disk's digests,
+/// and the standby's map then names none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::single_range_in_vec_init)] // ranges of extents
+async fn a_kept_disk_whose_map_shares_the_primarys_common_point_is_compared_only_where_either_wrote(
+) {
+    use replicator::content::DISK_CHUNK;
+    use replicator::protocol::{HeldPart, WrittenPlan};
+    use replicator::written::{common_to_hex, CHUNKS_PER_EXTENT};
+    use vmm::replication::written_map::{WrittenMap, EXTENT_BYTES};
+    const DISK: u64 = 4 * EXTENT_BYTES;
+    let dir = std::env::temp_dir().join(format!("ft-written-map-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    let standby = start_standby_on("written-map", 1, None, Some(disk.clone())).await;
+    let (first, second) = ([0x11u8; 16], [0x22u8; 16]);
+    // Session 1: a new disk; epoch 1 writes extent 0, epoch 2 extent 3.
+    let mut link = primary_planning_mapped(
+        standby.addr,
+        1,
+        DISK,
+        None,
+        (vec![None], Some(common_to_hex(first))),
+    )
+    .await;
+    assert_eq!(
+        expect_held(&mut link).await,
+        (HeldPart::Zeroed, HeldPart::Zeroed)
+    );
+    send(
+        &link,
+        &[Message::SyncEnd(replicator::protocol::EndTally::default().end()).into_frame(0, 1)],
+    )
+    .await;
+    send(&link, &epoch_writing(1, 512, b"one")).await;
+    expect_ack(&mut link, 1).await;
+    send(&link, &epoch_writing(2, 3 * EXTENT_BYTES + 100, b"three")).await;
+    expect_ack(&mut link, 2).await;
+    let old = link;
+    // Session 2: the primary's map names the same point and extent 1.
+    let mut link = primary_planning_mapped(
+        standby.addr,
+        1,
+        DISK,
+        None,
+        (
+            vec![Some(WrittenPlan {
+                common: Some(common_to_hex(first)),
+                extents: vec![(1, 2)],
+            })],
+            Some(common_to_hex(second)),
+        ),
+    )
+    .await;
+    let mut parts = Vec::new();
+    loop {
+        let held = next_held(&mut link).await;
+        if held.region == replicator::protocol::Region::Memory {
+            break;
+        }
+        parts.push(held.part);
+    }
+    drop(old);
+    let kept = std::fs::read(&disk).unwrap();
+    let digests = |extent: u64| -> Vec<_> {
+        let at = (extent * EXTENT_BYTES) as usize;
+        kept[at..at + EXTENT_BYTES as usize]
+            .chunks(DISK_CHUNK)
+            .map(|c| test_key().digest(c))
+            .collect()
+    };
+    let c = CHUNKS_PER_EXTENT;
+    assert_eq!(
+        parts,
+        vec![
+            HeldPart::Same {
+                first_chunk: 0,
+                count: c
+            },
+            HeldPart::Digests {
+                first_chunk: c,
+                digests: digests(1)
+            },
+            HeldPart::Same {
+                first_chunk: 2 * c,
+                count: c
+            },
+            HeldPart::Digests {
+                first_chunk: 3 * c,
+                digests: digests(3)
+            },
+        ],
+        "only the extents either map names are digested"
+    );
+    assert_eq!(&kept[3 * EXTENT_BYTES as usize + 100..][..5], b"three");
+    // The standby's map still names the first point, with both extents
+    // set until the new point is named.
+    let (map, _) = WrittenMap::open(&WrittenMap::path_for(&disk), DISK).unwrap();
+    assert_eq!(map.common(), Some(first));
+    assert_eq!(map.written(), vec![1..2, 3..4]);
+    drop(map);
+    // Session 3: a primary whose map names another point.
+    let mut link = primary_planning_mapped(
+        standby.addr,
+        1,
+        DISK,
+        None,
+        (
+            vec![Some(WrittenPlan {
+                common: Some(common_to_hex([0x33; 16])),
+                extents: vec![],
+            })],
+            Some(common_to_hex(second)),
+        ),
+    )
+    .await;
+    let HeldPart::Digests {
+        first_chunk: 0,
+        digests: all,
+    } = next_held(&mut link).await.part
+    else {
+        panic!("the whole disk is not described by its digests")
+    };
+    assert_eq!(all.len() as u64, DISK / DISK_CHUNK as u64);
+    let (map, _) = WrittenMap::open(&WrittenMap::path_for(&disk), DISK).unwrap();
+    assert_eq!(
+        map.common(),
+        None,
+        "a disk the copy overwrites matches nothing known"
+    );
+    standby.task.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -642,7 +642,16 @@ fn main() -> ExitCode {
                     cmdline,
                 },
                 serial: SerialSink::File(pair.serial_log.clone()),
-                disks,
+                // Every writable disk keeps a written map beside it, from
+                // the first write on: a resynchronisation compares only
+                // the extents it names (`replicator::written`).
+                disks: disks
+                    .into_iter()
+                    .map(|d| DiskConfig {
+                        written_map: !d.read_only,
+                        ..d
+                    })
+                    .collect(),
                 nets,
                 cpu_features: pair.cpu_features,
                 dirty_tracking: DirtyTracking::Auto,

@@ -21,6 +21,9 @@ pub struct Captured {
     pub pages: StagedPages,
     /// The disk writes packed into batches, and how many records.
     pub writes: (Vec<DiskBatch>, u64),
+    /// The written maps' clock just before the writes were taken
+    /// ([`crate::written`]).
+    pub written_mark: u64,
     pub times: StopTimes,
 }
 
@@ -60,6 +63,7 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
     vm.harvest_dirty_into(&mut stager)
         .map_err(|source| PrimaryError::Stage { epoch, source })?;
     let pages_took = t.elapsed();
+    let written_mark = vmm::replication::written_map::mark();
     let writes = vm.disk_writes().take().into_iter().map(|w| DiskRecord {
         disk: w.disk,
         offset: w.offset,
@@ -89,6 +93,7 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
         state,
         pages: stager.finish(),
         writes: disk_payloads(writes),
+        written_mark,
         times: StopTimes {
             pause,
             state: state_took,

@@ -30,7 +30,7 @@ pub(super) async fn epochs(
     vm: &Arc<Vm>,
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    session: &Session<'_>,
+    (session, forgetter): (&Session<'_>, super::forget::Forgetter),
     config: &PrimaryConfig,
     status: &StatusBoard,
     stop: &Notify,
@@ -44,6 +44,7 @@ pub(super) async fn epochs(
     let mut schedule = Schedule::new(config.interval);
     let mut in_flight = InFlight::new(vm, status, config);
     in_flight.sync_started = Some(session.sync_started);
+    in_flight.forgetter = Some(forgetter);
     // A switchover asked before this session is not for it; a live
     // migration asked before it is (it began with the change to FT).
     config.switchover.take();
@@ -146,6 +147,7 @@ pub(super) async fn epochs(
             sent_at: None,
             dirty: captured.pages.count,
             writes: captured.writes.1,
+            written_mark: captured.written_mark,
             late,
         });
         let sent = send_epoch(

@@ -38,6 +38,8 @@ pub(super) struct Pending {
     pub sent_at: Option<Instant>,
     pub dirty: u64,
     pub writes: u64,
+    /// The written maps' clock before its writes were taken.
+    pub written_mark: u64,
     /// It came later than `max` after it was due.
     pub late: bool,
 }
@@ -69,6 +71,8 @@ pub(super) struct InFlight<'a> {
     /// When this session's initial synchronisation began (its duration is
     /// counted at the first acknowledgement).
     pub(super) sync_started: Option<Instant>,
+    /// The written maps, told of each acknowledgement.
+    pub(super) forgetter: Option<super::forget::Forgetter>,
     /// Acknowledgements in a row that found the guest paused (the first
     /// pause is logged as a warning, the end of the run too).
     streak: u64,
@@ -91,6 +95,7 @@ impl<'a> InFlight<'a> {
             max_run_ahead: config.interval.max_run_ahead,
             paused_at: None,
             sync_started: None,
+            forgetter: None,
             streak: 0,
             stops: Samples::default(),
             ack_times: Samples::default(),
@@ -147,6 +152,9 @@ impl<'a> InFlight<'a> {
             });
         }
         let committed = self.queue.pop_front().expect("the oldest is there");
+        if let Some(forgetter) = self.forgetter.as_mut() {
+            forgetter.acked(committed.written_mark);
+        }
         // Output commit: batch `epoch` (and nothing newer) may leave now.
         let released = self.vm.output().release_through(got);
         self.caught_up(got);

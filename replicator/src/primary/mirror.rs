@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use vmm::replication::WritesThrough;
 use vmm::vm::Vm;
 
+use super::forget::Forgetter;
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session, DRAIN_AT_STOP};
 use crate::protocol::{disk_payloads, epoch_frames, DiskRecord, Message, StagedPages};
 use crate::stats::Samples;
@@ -34,6 +35,8 @@ struct Pending {
     through: WritesThrough,
     writes: u64,
     sent_at: Instant,
+    /// The written maps' clock before its writes were taken.
+    written_mark: u64,
 }
 
 /// Turns the mirror asynchronous when dropped, and ends the doorbell's
@@ -81,11 +84,12 @@ pub(super) async fn mirror(
     vm: &Arc<Vm>,
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    session: &Session<'_>,
+    (session, mut forgetter): (&Session<'_>, Forgetter),
     config: &PrimaryConfig,
     status: &StatusBoard,
     stop: &Notify,
 ) -> Result<Infallible, PrimaryError> {
+    let forgetter = &mut forgetter;
     let generation = session.generation;
     let writes = vm.disk_writes();
     let watching = Arc::new(AtomicBool::new(true));
@@ -106,7 +110,15 @@ pub(super) async fn mirror(
             if to != crate::level::Level::Ha {
                 // Every batch acknowledged (their writes completed to the
                 // guest), then the standby lets go without a takeover.
-                drain(acks, &mut in_flight, vm, status, &mut ack_times, session).await?;
+                drain(
+                    acks,
+                    (&mut in_flight, forgetter),
+                    vm,
+                    status,
+                    &mut ack_times,
+                    session,
+                )
+                .await?;
                 tx.send(&Message::Stop.into_frame(epoch, generation))
                     .await?;
                 return Err(PrimaryError::Relevel { to });
@@ -114,6 +126,7 @@ pub(super) async fn mirror(
             // Already at HA: nothing to change.
             config.relevel.take();
         }
+        let written_mark = vmm::replication::written_map::mark();
         let (taken, through) = writes.take_numbered();
         // Epoch 1 goes out even without writes: its acknowledgement says
         // the mirror is whole.
@@ -126,6 +139,7 @@ pub(super) async fn mirror(
                 through,
                 writes: count,
                 sent_at: Instant::now(),
+                written_mark,
             });
             epoch += 1;
         }
@@ -133,7 +147,7 @@ pub(super) async fn mirror(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(WATCH_EVERY) => {}
             _ = config.relevel.asked() => {}
-            event = acks.recv() => acked(event, &mut in_flight, vm, status, &mut ack_times, session)?,
+            event = acks.recv() => acked(event, (&mut in_flight, forgetter), vm, status, &mut ack_times, session)?,
             _ = stop.notified() => {
                 // The VM ended. By a host fault: the standby boots it from
                 // its mirror now. On purpose: the writes in flight are
@@ -144,7 +158,7 @@ pub(super) async fn mirror(
                 } else {
                     let drained = tokio::time::timeout(
                         DRAIN_AT_STOP,
-                        drain(acks, &mut in_flight, vm, status, &mut ack_times, session),
+                        drain(acks, (&mut in_flight, forgetter), vm, status, &mut ack_times, session),
                     )
                     .await;
                     if !matches!(drained, Ok(Ok(()))) {
@@ -183,14 +197,21 @@ pub(crate) fn mirror_frames(
 /// Takes the standby's word until every batch in flight is acknowledged.
 async fn drain(
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    in_flight: &mut VecDeque<Pending>,
+    (in_flight, forgetter): (&mut VecDeque<Pending>, &mut Forgetter),
     vm: &Vm,
     status: &StatusBoard,
     ack_times: &mut Samples,
     session: &Session<'_>,
 ) -> Result<(), PrimaryError> {
     while !in_flight.is_empty() {
-        acked(acks.recv().await, in_flight, vm, status, ack_times, session)?;
+        acked(
+            acks.recv().await,
+            (in_flight, forgetter),
+            vm,
+            status,
+            ack_times,
+            session,
+        )?;
     }
     Ok(())
 }
@@ -199,7 +220,7 @@ async fn drain(
 /// writes (the guest sees them complete).
 fn acked(
     event: Option<AckEvent>,
-    in_flight: &mut VecDeque<Pending>,
+    (in_flight, forgetter): (&mut VecDeque<Pending>, &mut Forgetter),
     vm: &Vm,
     status: &StatusBoard,
     ack_times: &mut Samples,
@@ -220,6 +241,7 @@ fn acked(
         });
     }
     vm.disk_writes().settle(&oldest.through);
+    forgetter.acked(oldest.written_mark);
     ack_times.push(oldest.sent_at.elapsed());
     status.update(|s| {
         let n = &mut s.counters;

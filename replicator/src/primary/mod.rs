@@ -33,6 +33,7 @@
 
 pub mod checkpoint;
 mod epochs;
+mod forget;
 mod in_flight;
 mod inbound;
 mod lease;
@@ -111,7 +112,7 @@ pub enum PrimaryError {
         #[source]
         source: crate::oracle::OracleError,
     },
-    #[error("no random content key for the initial copy: {0}")]
+    #[error("no random content key or common point for the initial copy: {0}")]
     ContentKey(#[source] getrandom::Error),
     #[error("the standby's word on what it holds of {region} is wrong: {why}")]
     BadHolding { region: String, why: String },
@@ -635,11 +636,13 @@ async fn protect(
     let mut acks = spawn_ack_reader(rx, session.generation, held_tx);
     let mut backup = None;
     let result = async {
+        let common = crate::written::random_common().map_err(PrimaryError::ContentKey)?;
+        let forgetter = forget::Forgetter::new(vm.disk_writes().written_maps(), common);
         // The standby speaks during the copy to say what it holds (before
         // anything is copied) or to refuse it; its reason outranks the
         // closed link that follows. `held` ends with the copy.
         let synced = tokio::select! {
-            synced = sync::initial_sync(vm, (&tx, held), config, status, (session.generation, session.level)) => synced,
+            synced = sync::initial_sync(vm, (&tx, held), config, status, (session.generation, session.level), &forgetter) => synced,
             event = acks.recv() => Err(during_sync(event)),
         };
         if let Err(error) = synced {
@@ -652,11 +655,12 @@ async fn protect(
             session.generation,
         ));
         if session.level == crate::level::Level::Ha {
-            return mirror::mirror(vm, &tx, &mut acks, &session, config, status, stop).await;
+            return mirror::mirror(vm, &tx, &mut acks, (&session, forgetter), config, status, stop)
+                .await;
         }
         // What the guest receives goes to the standby beside the epochs.
         tokio::select! {
-            e = epochs::epochs(vm, &tx, &mut acks, &session, config, status, stop) => e,
+            e = epochs::epochs(vm, &tx, &mut acks, (&session, forgetter), config, status, stop) => e,
             e = inbound::forward(vm, &tx, session.generation, status) => Err(e),
         }
     }

@@ -15,10 +15,11 @@ use bytes::Bytes;
 use ft_link::LinkSender;
 use tokio::sync::mpsc;
 use tracing::info;
+use vmm::replication::written_map::{extents_of, Extents};
 use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
-use crate::content::{disk_chunks, missing_ranges, ContentKey, Holding};
+use crate::content::{disk_chunks, missing_ranges, ChunkDigest, ContentKey, Holding, DISK_CHUNK};
 use crate::level::Level;
 use crate::protocol::compressed::Compressor;
 use crate::protocol::{
@@ -44,6 +45,7 @@ pub(super) async fn initial_sync(
     config: &PrimaryConfig,
     status: &StatusBoard,
     (generation, level): (u64, Level),
+    forgetter: &super::forget::Forgetter,
 ) -> Result<(), PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
@@ -60,6 +62,18 @@ pub(super) async fn initial_sync(
         disk_bytes.push(size);
     }
     let ha = level == Level::Ha;
+    let (written, next_common) = forgetter.plan();
+    // The extents the primary's maps name now: a standby that says a chunk
+    // of them is the same by the maps is wrong.
+    let own_written: Vec<Vec<Extents>> = written
+        .iter()
+        .zip(&disk_bytes)
+        .map(|(plan, &size)| {
+            plan.as_ref()
+                .and_then(|p| crate::written::plan_extents(p, extents_of(size)))
+                .unwrap_or_default()
+        })
+        .collect();
     let plan = SyncPlan {
         version: crate::protocol::SYNC_PLAN_VERSION,
         mem_mib: vm.mem_mib(),
@@ -68,6 +82,8 @@ pub(super) async fn initial_sync(
         content_key: key.to_hex(),
         level,
         boot: ha.then(|| boot_plan(vm)),
+        written,
+        next_common: Some(next_common),
     };
     let sent_before = status.snapshot().counters.alink_bytes_sent;
     tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
@@ -92,6 +108,7 @@ pub(super) async fn initial_sync(
     // Level HA copies no memory, and the standby says nothing of it.
     let pages = (!ha).then(|| vm.guest_pages());
     let held = receive_holdings(&mut held, &disk_bytes, pages).await?;
+    check_mapped(&held.disks, &disk_bytes, &own_written)?;
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
     vm.disk_writes().start();
@@ -124,7 +141,9 @@ pub(super) async fn initial_sync(
         compression = config.copy_compression,
         disk_bytes_sent = copied.sent,
         disk_bytes_held = copied.held,
-        kept_disks = held.disks.iter().filter(|h| matches!(h, Holding::Kept(_))).count(),
+        kept_disks = held.disks.iter().filter(|h| !matches!(h, Holding::Zeroed)).count(),
+        mapped_disks = held.disks.iter().filter(|h| matches!(h, Holding::Mapped(_))).count(),
+        disk_bytes_unread = copied.unread,
         kept_memory = matches!(held.memory, Some(Holding::Kept(_))),
         level = %level,
         pages_sent = sent_pages,
@@ -230,7 +249,7 @@ async fn receive_holdings(
     let complete = |h: &[Option<Holding>]| {
         h.iter().zip(&chunks).all(|(h, &count)| match h {
             Some(Holding::Zeroed) => true,
-            Some(Holding::Kept(d)) => d.len() as u64 == count,
+            Some(h) => h.chunks_said() == Some(count),
             None => false,
         })
     };
@@ -265,22 +284,58 @@ async fn receive_holdings(
                     digests,
                 },
             ) if first_chunk == known.len() as u64 => known.extend(digests),
+            (
+                Some(Holding::Mapped(known)),
+                HeldPart::Digests {
+                    first_chunk,
+                    digests,
+                },
+            ) if first_chunk == known.len() as u64 => known.extend(digests.into_iter().map(Some)),
+            (_, HeldPart::Same { .. }) if matches!(region, Region::Memory) => {
+                return Err(bad("memory has no written map".into()))
+            }
+            (_, HeldPart::Same { first_chunk, count })
+                if first_chunk
+                    .checked_add(count)
+                    .is_none_or(|end| end > chunks[index]) =>
+            {
+                return Err(bad(format!(
+                    "chunks {first_chunk}+{count} the same, of {} chunks",
+                    chunks[index]
+                )))
+            }
+            (
+                None,
+                HeldPart::Same {
+                    first_chunk: 0,
+                    count,
+                },
+            ) => *holding = Some(Holding::Mapped(vec![None; count as usize])),
+            (Some(Holding::Kept(known)), HeldPart::Same { first_chunk, count })
+                if first_chunk == known.len() as u64 =>
+            {
+                let mut mapped: Vec<Option<ChunkDigest>> =
+                    std::mem::take(known).into_iter().map(Some).collect();
+                mapped.resize(mapped.len() + count as usize, None);
+                *holding = Some(Holding::Mapped(mapped));
+            }
+            (Some(Holding::Mapped(known)), HeldPart::Same { first_chunk, count })
+                if first_chunk == known.len() as u64 =>
+            {
+                known.resize(known.len() + count as usize, None)
+            }
             (Some(_), HeldPart::Zeroed) => {
                 return Err(bad("all zeros, after it said what it holds".into()))
             }
-            (_, HeldPart::Digests { first_chunk, .. }) => {
+            (_, HeldPart::Digests { first_chunk, .. } | HeldPart::Same { first_chunk, .. }) => {
                 return Err(bad(format!(
                     "digests from chunk {first_chunk} out of order"
                 )))
             }
         }
-        if let Some(Holding::Kept(d)) = holding {
-            if d.len() as u64 > chunks[index] {
-                return Err(bad(format!(
-                    "{} digests for {} chunks",
-                    d.len(),
-                    chunks[index]
-                )));
+        if let Some(said) = holding.as_ref().and_then(Holding::chunks_said) {
+            if said > chunks[index] {
+                return Err(bad(format!("{said} digests for {} chunks", chunks[index])));
             }
         }
     }
@@ -289,10 +344,37 @@ async fn receive_holdings(
     Ok(Holdings { disks: all, memory })
 }
 
-/// Disk bytes the copy sent and found the standby already held.
+/// Disk bytes the copy sent and found the standby already held, and of
+/// those held how many it did not read (the same by the written maps).
 struct Copied {
     sent: u64,
     held: u64,
+    unread: u64,
+}
+
+/// Refuses a standby that says a chunk is the same by the written maps
+/// where the primary's own map named it in the plan.
+fn check_mapped(
+    holdings: &[Holding],
+    sizes: &[u64],
+    own_written: &[Vec<Extents>],
+) -> Result<(), PrimaryError> {
+    for (index, holding) in holdings.iter().enumerate() {
+        let Holding::Mapped(digests) = holding else {
+            continue;
+        };
+        for chunks in crate::written::chunks_of(&own_written[index], sizes[index]) {
+            if let Some(chunk) = chunks.clone().find(|&c| digests[c as usize].is_none()) {
+                return Err(PrimaryError::BadHolding {
+                    region: Region::Disk(index as u32).to_string(),
+                    why: format!(
+                        "chunk {chunk} the same by the written maps, where the primary's map names it"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The disks, read 1 MiB at a time; only the chunks the standby does not
@@ -307,6 +389,7 @@ async fn copy_disks(
 ) -> Result<Copied, PrimaryError> {
     let mut sent = 0u64;
     let mut held = 0u64;
+    let mut unread = 0u64;
     let mut done = 0u64;
     for (index, path) in disks.iter().enumerate() {
         let read_err = |source| PrimaryError::ReadDisk {
@@ -318,6 +401,15 @@ async fn copy_disks(
         let mut buf = vec![0u8; DISK_BYTES_PER_FRAME];
         while offset < sizes[index] {
             let n = (sizes[index] - offset).min(buf.len() as u64) as usize;
+            let first = offset / DISK_CHUNK as u64;
+            let chunks = first..first + (n as u64).div_ceil(DISK_CHUNK as u64);
+            if holdings[index].same_by_map(chunks) {
+                held += n as u64;
+                unread += n as u64;
+                offset += n as u64;
+                done += n as u64;
+                continue;
+            }
             file.read_exact_at(&mut buf[..n], offset)
                 .map_err(read_err)?;
             let missing = missing_ranges(&holdings[index], key, offset, &buf[..n]);
@@ -338,7 +430,8 @@ async fn copy_disks(
             sent += drain_writes(progress.vm, tx, progress, DRAIN_WRITES_AT).await?;
         }
     }
-    Ok(Copied { sent, held })
+    progress.report("disk", done);
+    Ok(Copied { sent, held, unread })
 }
 
 /// Memory: the dirty log cleared, every page the standby does not hold
@@ -440,6 +533,7 @@ async fn send_pages(
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // ranges of extents
 mod tests {
     use super::*;
     use crate::content::DISK_CHUNK;
@@ -574,5 +668,62 @@ mod tests {
             holdings(&[chunk], 1, vec![held(Region::Disk(0), HeldPart::Zeroed)]).await,
             Err(PrimaryError::AckStreamEnded)
         ));
+    }
+
+    /// Resynchronisation by written maps: runs of chunks "the same" and of
+    /// digests, in order, make one mapped holding; a run past the disk, a
+    /// run of memory, and "the same" where the primary's own map names the
+    /// chunk are refused.
+    #[tokio::test]
+    async fn mapped_holdings_are_assembled_and_checked_against_the_primarys_map() {
+        let per = crate::written::CHUNKS_PER_EXTENT;
+        let size = 3 * vmm::replication::written_map::EXTENT_BYTES;
+        let same = |first_chunk, count| HeldPart::Same { first_chunk, count };
+        let got = holdings(
+            &[size],
+            1,
+            vec![
+                held(Region::Disk(0), same(0, per)),
+                held(
+                    Region::Disk(0),
+                    HeldPart::Digests {
+                        first_chunk: per,
+                        digests: vec![[3; 16]; per as usize],
+                    },
+                ),
+                held(Region::Disk(0), same(2 * per, per)),
+                held(Region::Memory, digests(1)),
+            ],
+        )
+        .await
+        .unwrap();
+        let Holding::Mapped(mapped) = &got.disks[0] else {
+            panic!("not mapped: {:?}", got.disks[0])
+        };
+        assert_eq!(mapped.len() as u64, 3 * per);
+        assert!(got.disks[0].same_by_map(0..per));
+        assert!(!got.disks[0].same_by_map(per - 1..per + 1));
+        assert!(got.disks[0].same_by_map(2 * per..3 * per));
+        assert_eq!(mapped[per as usize], Some([3; 16]));
+        // The primary's map names extent 1 (digested: fine) or extent 2
+        // (said the same: refused).
+        check_mapped(&got.disks, &[size], &[vec![1..2]]).unwrap();
+        match check_mapped(&got.disks, &[size], &[vec![2..3]]) {
+            Err(PrimaryError::BadHolding { why, .. }) => {
+                assert!(why.contains("the primary's map names it"), "{why}")
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+        let bad = |result: Result<Holdings, PrimaryError>| match result {
+            Err(PrimaryError::BadHolding { why, .. }) => why,
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("accepted"),
+        };
+        let why = bad(holdings(&[size], 1, vec![held(Region::Disk(0), same(0, 4 * per))]).await);
+        assert!(why.contains("the same, of"), "{why}");
+        let why = bad(holdings(&[size], 1, vec![held(Region::Disk(0), same(0, u64::MAX))]).await);
+        assert!(why.contains("the same, of"), "{why}");
+        let why = bad(holdings(&[size], 1, vec![held(Region::Memory, same(0, 1))]).await);
+        assert!(why.contains("no written map"), "{why}");
     }
 }

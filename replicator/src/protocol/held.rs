@@ -3,8 +3,10 @@
 //! region a disk's index or `u32::MAX` for memory; then for kind 1 (kept
 //! from before) `[first chunk: u64 LE][digest: 16 bytes] ...`, the digests
 //! of consecutive chunks from the first (64 KiB of a disk, a 4 KiB page of
-//! memory); kind 0 (new, all zeros) has nothing more. A large region's
-//! digests take several messages, in order.
+//! memory); kind 0 (new, all zeros) has nothing more; kind 2 (a disk's
+//! chunks the same as the primary's by the written maps, not read)
+//! `[first chunk: u64 LE][count: u64 LE]`. A large region's digests take
+//! several messages, in order.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -15,6 +17,7 @@ pub const DIGESTS_PER_FRAME: usize = 1 << 20;
 
 const ZEROED: u8 = 0;
 const DIGESTS: u8 = 1;
+const SAME: u8 = 2;
 const MEMORY: u32 = u32::MAX;
 
 /// What a holding is of.
@@ -67,6 +70,9 @@ pub enum HeldPart {
         first_chunk: u64,
         digests: Vec<ChunkDigest>,
     },
+    /// Chunks `first_chunk..first_chunk + count` of a kept disk are the
+    /// same as the primary's: neither written map names them.
+    Same { first_chunk: u64, count: u64 },
 }
 
 impl Held {
@@ -111,6 +117,11 @@ impl Held {
                     b.put_slice(d);
                 }
             }
+            HeldPart::Same { first_chunk, count } => {
+                b.put_u8(SAME);
+                b.put_u64_le(*first_chunk);
+                b.put_u64_le(*count);
+            }
         }
         b.freeze()
     }
@@ -137,6 +148,10 @@ impl Held {
                     digests,
                 }
             }
+            SAME if p.len() == 21 => HeldPart::Same {
+                first_chunk: u64::from_le_bytes(p.get(5..13)?.try_into().ok()?),
+                count: u64::from_le_bytes(p.get(13..21)?.try_into().ok()?),
+            },
             _ => return None,
         };
         Some(Held { region, part })
@@ -171,6 +186,14 @@ mod tests {
         };
         assert_eq!((*first_chunk, tail.len()), (DIGESTS_PER_FRAME as u64, 3));
         assert_eq!(Held::kept(Region::Disk(0), &[]).len(), 1);
+        let same = Held {
+            region: Region::Disk(1),
+            part: HeldPart::Same {
+                first_chunk: 16,
+                count: 48,
+            },
+        };
+        assert_eq!(Held::from_payload(&same.to_payload()), Some(same));
     }
 
     #[test]
@@ -183,6 +206,8 @@ mod tests {
             &[0, 0, 0, 0, 2][..],
             &[0, 0, 0, 0, 1, 0, 0, 0][..],
             &[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 7][..],
+            &[0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0][..],
+            &[0, 0, 0, 0, 3][..],
         ] {
             assert_eq!(Held::from_payload(bad), None, "{bad:?}");
         }

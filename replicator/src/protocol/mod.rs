@@ -45,7 +45,8 @@ pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
-    BootPlan, CheckpointState, StateError, SyncPlan, CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
+    BootPlan, CheckpointState, StateError, SyncPlan, WrittenPlan, CHECKPOINT_STATE_VERSION,
+    SYNC_PLAN_VERSION,
 };
 pub use vmm::replication::PAGE_SIZE;
 
@@ -479,6 +480,11 @@ mod tests {
             content_key: crate::content::ContentKey([1; 32]).to_hex(),
             level: Default::default(),
             boot: None,
+            written: vec![Some(WrittenPlan {
+                common: Some("ab".repeat(16)),
+                extents: vec![(0, 2), (7, 8)],
+            })],
+            next_common: Some("cd".repeat(16)),
         };
         let mut page = vec![0u8; PAGE_RECORD];
         page[..8].copy_from_slice(&4096u64.to_le_bytes());

@@ -9,8 +9,10 @@ pub const CHECKPOINT_STATE_VERSION: u32 = 1;
 /// The plan's version, raised whenever what follows a plan changes: 3 the
 /// level and boot plan (HA); 4 the copy's frames may come compressed
 /// (`SyncPagesZ`, `SyncDiskZ`), which a standby of version 3 would take for
-/// malformed frames: it refuses the plan instead.
-pub const SYNC_PLAN_VERSION: u32 = 4;
+/// malformed frames: it refuses the plan instead; 5 the written maps
+/// (`written`, `next_common`) and the standby's word that chunks are the
+/// same by them (`SyncHeld` kind 2).
+pub const SYNC_PLAN_VERSION: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -67,6 +69,24 @@ pub struct SyncPlan {
     /// Level HA: how the standby boots the VM if the primary is lost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootPlan>,
+    /// Per disk, the primary's written map ([`crate::written`]), if it
+    /// keeps one: a standby whose own map counts from the same common
+    /// point compares only the extents either map names.
+    #[serde(default)]
+    pub written: Vec<Option<WrittenPlan>>,
+    /// The common point both maps name once the first epoch is durable on
+    /// the standby (32 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_common: Option<String>,
+}
+
+/// The primary's written map of one disk, in a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrittenPlan {
+    /// The common point its bits count from (32 hex digits), if any.
+    pub common: Option<String>,
+    /// The extents it names, as `[start, end)` ranges of extent indexes.
+    pub extents: Vec<(u64, u64)>,
 }
 
 /// What a standby at level HA needs to boot the VM from its mirror: the

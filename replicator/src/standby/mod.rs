@@ -19,6 +19,7 @@
 //! - [`replica_disk`]: the replica's disk files.
 
 mod claim;
+mod durable;
 mod inbound;
 mod paths;
 pub mod replica_disk;

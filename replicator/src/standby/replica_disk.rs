@@ -2,11 +2,16 @@
 //! receives the initial copy and then each committed epoch's writes. A
 //! file of the right size kept from before (an earlier session, or the
 //! disk this node ran the VM from) is kept: the initial copy then brings
-//! only the chunks whose content differs ([`crate::content`]).
+//! only the chunks whose content differs ([`crate::content`]), or only
+//! those the written maps name ([`crate::written`]): each replica disk
+//! keeps one beside it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vmm::replication::written_map::{WrittenMap, WrittenMapError};
 
 use crate::protocol::DiskRecord;
 
@@ -66,6 +71,12 @@ pub enum ReplicaDiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the written map of the replica disk {path}: {source}")]
+    WrittenMap {
+        path: PathBuf,
+        #[source]
+        source: WrittenMapError,
+    },
 }
 
 impl ReplicaDiskError {
@@ -82,6 +93,7 @@ pub struct ReplicaDisk {
     pub path: PathBuf,
     pub size: u64,
     file: File,
+    map: Arc<WrittenMap>,
 }
 
 /// Why a file found at a replica disk's path was not kept.
@@ -130,14 +142,60 @@ impl ReplicaDisk {
             .map_err(err)?;
         // Blocks for the holes of a sparse file (what it holds stays).
         reserve(&file, path, size)?;
+        let map = open_map(path, size)?;
         Ok((
             ReplicaDisk {
                 path: path.to_path_buf(),
                 size,
                 file,
+                map,
             },
             None,
         ))
+    }
+
+    /// Its written map.
+    pub fn map(&self) -> &Arc<WrittenMap> {
+        &self.map
+    }
+
+    /// Notes in its map that `len` bytes at `offset` are about to be
+    /// written (durable before this returns).
+    pub fn note(&self, offset: u64, len: u64) -> Result<(), ReplicaDiskError> {
+        self.map
+            .note(offset, len)
+            .map_err(|source| self.map_err(source))
+    }
+
+    pub fn map_err(&self, source: WrittenMapError) -> ReplicaDiskError {
+        ReplicaDiskError::WrittenMap {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Another handle on the file, to sync it from another thread.
+    pub fn sync_handle(&self) -> Result<File, ReplicaDiskError> {
+        self.file
+            .try_clone()
+            .map_err(|source| ReplicaDiskError::Sync {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// The digests of chunks `chunks` under `key`.
+    pub fn digests_of(
+        &self,
+        key: &crate::content::ContentKey,
+        chunks: std::ops::Range<u64>,
+    ) -> Result<Vec<crate::content::ChunkDigest>, ReplicaDiskError> {
+        crate::content::digest_disk_chunks(&self.file, self.size, key, chunks).map_err(|source| {
+            ReplicaDiskError::Read {
+                path: self.path.clone(),
+                source,
+            }
+        })
     }
 
     /// The digest of each of its chunks under `key`.
@@ -175,10 +233,18 @@ impl ReplicaDisk {
             .map_err(err)?;
         file.set_len(size).map_err(err)?;
         reserve(&file, path, size)?;
+        // A new disk matches no other copy.
+        let map = open_map(path, size)?;
+        map.set_common(None, u64::MAX)
+            .map_err(|source| ReplicaDiskError::WrittenMap {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(ReplicaDisk {
             path: path.to_path_buf(),
             size,
             file,
+            map,
         })
     }
 
@@ -201,6 +267,20 @@ impl ReplicaDisk {
                 source,
             })
     }
+}
+
+/// The written map beside the replica disk at `path`.
+fn open_map(path: &Path, size: u64) -> Result<Arc<WrittenMap>, ReplicaDiskError> {
+    let map_path = WrittenMap::path_for(path);
+    let (map, fresh) =
+        WrittenMap::open(&map_path, size).map_err(|source| ReplicaDiskError::WrittenMap {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if let Some(why) = fresh {
+        tracing::info!(map = %map_path.display(), %why, "a new written map: the disk matches no other copy");
+    }
+    Ok(Arc::new(map))
 }
 
 /// Allocates every block of the file's `size` bytes (they read as zeros).

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vmm::replication::ReplicaRam;
 
+use super::durable::Durable;
 use super::inbound::InboundFrames;
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, Fresh, ReplicaDisk};
@@ -22,9 +23,11 @@ use crate::level::Level;
 use crate::oracle;
 use crate::protocol::{
     BootPlan, CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Held, HeldPart, Message,
-    PageBatch, ProtocolError, Region, SyncPlan,
+    PageBatch, ProtocolError, Region, SyncPlan, WrittenPlan,
 };
 use crate::status::{FtState, Role, StatusBoard};
+use crate::written;
+use vmm::replication::written_map::extents_of;
 
 /// How a session ended (moved once per session: its size does not matter).
 #[allow(clippy::large_enum_variant)]
@@ -187,6 +190,8 @@ struct Receiving {
     synced: bool,
     started: Instant,
     backup: Option<BackupPath>,
+    /// The written maps' side of the session.
+    durable: Durable,
 }
 
 /// What `begin` kept of an earlier replica on this node.
@@ -194,6 +199,8 @@ struct Kept {
     /// Per disk: why it was made new, if it was.
     disks: Vec<Option<Fresh>>,
     memory: bool,
+    /// The primary's written maps, per disk, from its plan.
+    written: Vec<Option<WrittenPlan>>,
 }
 
 /// Checks the primary's plan against this standby and makes the replica
@@ -260,10 +267,16 @@ fn begin(
         synced: false,
         started: Instant::now(),
         backup: None,
+        durable: Durable::new(
+            plan.next_common
+                .as_deref()
+                .and_then(written::common_from_hex),
+        ),
     };
     let kept = Kept {
         disks: fresh,
         memory: kept_memory,
+        written: plan.written.clone(),
     };
     Ok((receiving, key, kept))
 }
@@ -293,15 +306,45 @@ async fn tell_holdings(
                 }]
             }
             None => {
-                status.update(|s| {
-                    s.message = Some(format!(
-                        "reading the kept replica disk {} to compare it with the primary's",
-                        disk.path.display()
-                    ))
-                });
-                let digests = oracle::off_the_workers(|| disk.digests(key))?;
-                kept_bytes += disk.size;
-                Held::kept(region, &digests)
+                let primary = kept.written.get(index).cloned().flatten();
+                match by_map(disk, primary.as_ref()) {
+                    Ok(union) => {
+                        // Whatever the copy brings lies in these extents:
+                        // they stay set until the new common point.
+                        for range in &union {
+                            disk.map()
+                                .note_extents(range.clone())
+                                .map_err(|e| disk.map_err(e))?;
+                        }
+                        let chunks = written::chunks_of(&union, disk.size);
+                        let read: u64 = chunks.iter().map(|c| c.end - c.start).sum();
+                        info!(
+                            disk = %disk.path.display(),
+                            extents = union.iter().map(|r| r.end - r.start).sum::<u64>(),
+                            chunks_read = read,
+                            "kept replica disk compared by the written maps: only the extents either node wrote are read"
+                        );
+                        kept_bytes += (read * crate::content::DISK_CHUNK as u64).min(disk.size);
+                        oracle::off_the_workers(|| mapped_holdings(region, disk, key, &chunks))?
+                    }
+                    Err(why) => {
+                        info!(disk = %disk.path.display(), %why, "kept replica disk compared whole");
+                        // The copy overwrites it: it matches nothing known
+                        // until the new common point.
+                        disk.map()
+                            .set_common(None, u64::MAX)
+                            .map_err(|e| disk.map_err(e))?;
+                        status.update(|s| {
+                            s.message = Some(format!(
+                                "reading the kept replica disk {} to compare it with the primary's",
+                                disk.path.display()
+                            ))
+                        });
+                        let digests = oracle::off_the_workers(|| disk.digests(key))?;
+                        kept_bytes += disk.size;
+                        Held::kept(region, &digests)
+                    }
+                }
             }
         });
     }
@@ -334,6 +377,69 @@ async fn tell_holdings(
         );
     }
     Ok(())
+}
+
+/// The extents to compare of a kept disk by the written maps (those its
+/// own map or the primary's names), or why the whole disk is compared.
+fn by_map(
+    disk: &ReplicaDisk,
+    primary: Option<&WrittenPlan>,
+) -> Result<Vec<written::Extents>, String> {
+    if let Some(why) = written::why_not_by_map(disk.map().common(), primary) {
+        return Err(why);
+    }
+    let primary = primary.expect("checked");
+    let theirs = written::plan_extents(primary, extents_of(disk.size))
+        .ok_or_else(|| "the primary's written map in the plan is malformed".to_string())?;
+    Ok(written::union(&disk.map().written(), &theirs))
+}
+
+/// What a kept disk holds by the maps: the digests of `chunks` (chunk
+/// ranges in order), every other chunk the same as the primary's.
+fn mapped_holdings(
+    region: Region,
+    disk: &ReplicaDisk,
+    key: &ContentKey,
+    chunks: &[std::ops::Range<u64>],
+) -> Result<Vec<Held>, StandbyError> {
+    let total = crate::content::disk_chunks(disk.size);
+    let mut held = Vec::new();
+    let mut next = 0u64;
+    for range in chunks {
+        if range.start > next {
+            held.push(Held {
+                region,
+                part: HeldPart::Same {
+                    first_chunk: next,
+                    count: range.start - next,
+                },
+            });
+        }
+        let digests = disk.digests_of(key, range.clone())?;
+        for (i, part) in digests
+            .chunks(crate::protocol::DIGESTS_PER_FRAME)
+            .enumerate()
+        {
+            held.push(Held {
+                region,
+                part: HeldPart::Digests {
+                    first_chunk: range.start + (i * crate::protocol::DIGESTS_PER_FRAME) as u64,
+                    digests: part.to_vec(),
+                },
+            });
+        }
+        next = range.end;
+    }
+    if next < total || held.is_empty() {
+        held.push(Held {
+            region,
+            part: HeldPart::Same {
+                first_chunk: next,
+                count: total - next,
+            },
+        });
+    }
+    Ok(held)
 }
 
 fn check_plan(plan: &SyncPlan, config: &StandbyConfig) -> Result<(), StandbyError> {
@@ -636,6 +742,8 @@ impl Receiving {
             Some(ram) => {
                 let state = CheckpointState::from_payload(&complete.state)
                     .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
+                Durable::note(&self.disks, &complete.writes)
+                    .map_err(|e| refused(status, e.into()))?;
                 self.assembler
                     .apply(&complete, ram, &self.disks)
                     .map_err(|e| refused(status, e.into()))?;
@@ -652,6 +760,8 @@ impl Receiving {
                     let len = complete.state.len();
                     return Err(refused(status, StandbyError::StateInMirror { epoch, len }));
                 }
+                Durable::note(&self.disks, &complete.writes)
+                    .map_err(|e| refused(status, e.into()))?;
                 let disks = &self.disks;
                 let assembler = &mut self.assembler;
                 oracle::off_the_workers(|| assembler.apply_writes(&complete, disks))
@@ -744,6 +854,7 @@ impl Receiving {
             self.inbound.commit(&state.inbound_through);
         }
         self.committed = Some((complete.epoch, state));
+        self.durable.committed(&self.disks);
     }
 }
 

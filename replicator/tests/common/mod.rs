@@ -301,6 +301,25 @@ pub async fn primary_planning_at(
     disk_bytes: u64,
     boot: Option<replicator::protocol::BootPlan>,
 ) -> Link {
+    primary_planning_mapped(addr, generation, disk_bytes, boot, (Vec::new(), None)).await
+}
+
+/// The primary's written maps and the session's next common point, in a
+/// plan.
+pub type PlanMaps = (
+    Vec<Option<replicator::protocol::WrittenPlan>>,
+    Option<String>,
+);
+
+/// [`primary_planning_at`] with the primary's written maps and the
+/// session's next common point in the plan.
+pub async fn primary_planning_mapped(
+    addr: SocketAddr,
+    generation: u64,
+    disk_bytes: u64,
+    boot: Option<replicator::protocol::BootPlan>,
+    (written, next_common): PlanMaps,
+) -> Link {
     let link = tokio::time::timeout(WITHIN, Link::connect(addr, &link_config(Role::Primary)))
         .await
         .expect("connect in time")
@@ -317,6 +336,8 @@ pub async fn primary_planning_at(
             replicator::level::Level::Ft
         },
         boot,
+        written,
+        next_common,
     };
     send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
     link

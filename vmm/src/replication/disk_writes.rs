@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::devices::virtio::block::write_log::{Doorbell, WriteLog};
+use crate::devices::virtio::block::written_map::WrittenMap;
 
 /// One executed write: bytes at a byte offset of disk `disk` (device
 /// order).
@@ -33,6 +34,14 @@ impl DiskWrites {
             log.ring_on_write(Arc::clone(&doorbell));
         }
         DiskWrites { logs, doorbell }
+    }
+
+    /// Each disk's written map (device order; `None` for a disk without).
+    pub fn written_maps(&self) -> Vec<Option<Arc<WrittenMap>>> {
+        self.logs
+            .iter()
+            .map(|log| log.written_map().cloned())
+            .collect()
     }
 
     /// How many disks the VM has.

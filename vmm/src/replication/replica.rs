@@ -219,6 +219,7 @@ mod tests {
             DeviceConfig::Disk(DiskConfig {
                 path: p.into(),
                 read_only: false,
+                written_map: false,
             })
         };
         let nic = DeviceConfig::Net(NetConfig {

@@ -7,6 +7,7 @@
 pub mod request;
 pub mod state;
 pub mod write_log;
+pub mod written_map;
 
 use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use crate::memory::GuestMemoryMmap;
 use self::request::{Disk, SECTOR_SIZE};
 use self::state::{BlockState, BLOCK_STATE_VERSION};
 use self::write_log::WriteLog;
+use self::written_map::WrittenMap;
 use super::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, INTERRUPT_USED_BUFFER,
     VIRTIO_F_VERSION_1,
@@ -60,6 +62,12 @@ pub enum BlockError {
         found: u64,
         saved: u64,
     },
+    #[error("disk image {path}: {source}")]
+    WrittenMap {
+        path: PathBuf,
+        #[source]
+        source: written_map::WrittenMapError,
+    },
 }
 
 /// A disk of the VM: `PATH` or `PATH,ro` on the command line.
@@ -67,6 +75,10 @@ pub enum BlockError {
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Keep a written map beside the image ([`written_map`]; not for a
+    /// read-only disk).
+    #[serde(default)]
+    pub written_map: bool,
 }
 
 impl FromStr for DiskConfig {
@@ -86,6 +98,7 @@ impl FromStr for DiskConfig {
         Ok(DiskConfig {
             path: PathBuf::from(path),
             read_only,
+            written_map: false,
         })
     }
 }
@@ -145,13 +158,26 @@ impl Block {
             .unwrap_or_default();
         let n = name.len().min(id.len());
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let write_log = Arc::new(WriteLog::default());
+        if config.written_map && !config.read_only {
+            let map_path = WrittenMap::path_for(&path);
+            let (map, fresh) =
+                WrittenMap::open(&map_path, bytes).map_err(|source| BlockError::WrittenMap {
+                    path: path.clone(),
+                    source,
+                })?;
+            if let Some(why) = fresh {
+                tracing::info!(map = %map_path.display(), %why, "a new written map: it matches no other copy");
+            }
+            write_log.note_writes_in(Arc::new(map));
+        }
         Ok(Block {
             config: config.clone(),
             file,
             capacity_sectors,
             id,
             active: None,
-            write_log: Arc::default(),
+            write_log,
             counters: BlockCounters::default(),
         })
     }
@@ -167,6 +193,7 @@ impl Block {
         let block = Block::open(&DiskConfig {
             path: config.path.clone(),
             read_only: state.read_only,
+            written_map: config.written_map,
         })?;
         if block.capacity_sectors != state.capacity_sectors {
             return Err(BlockError::CapacityChanged {

@@ -51,6 +51,8 @@ pub enum RequestError {
     },
     #[error("request type {0} is not supported")]
     Unsupported(u32),
+    #[error(transparent)]
+    NoteWritten(#[from] super::written_map::WrittenMapError),
 }
 
 impl RequestError {
@@ -280,7 +282,7 @@ pub(super) fn write(
     segments: &Segments,
 ) -> Result<(), RequestError> {
     match disk.log {
-        Some(log) => log.write_with(|recording| {
+        Some(log) => log.write_with((offset, total(segments)), |recording| {
             if recording {
                 write_gathered(mem, disk.file, offset, segments).map(Some)
             } else {

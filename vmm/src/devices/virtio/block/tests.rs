@@ -33,6 +33,10 @@ struct Rig {
 }
 
 fn rig(read_only: bool) -> Rig {
+    rig_with(read_only, false)
+}
+
+fn rig_with(read_only: bool, written_map: bool) -> Rig {
     let image = TempFile::new_with_prefix("/tmp/ftvmm-blk-test").unwrap();
     image.as_file().set_len(SECTORS * SECTOR_SIZE).unwrap();
     // Sector 3 holds a pattern.
@@ -41,6 +45,7 @@ fn rig(read_only: bool) -> Rig {
     let config = DiskConfig {
         path: image.as_path().to_path_buf(),
         read_only,
+        written_map,
     };
     let block = Block::open(&config).unwrap();
     let mem = test_memory();
@@ -207,6 +212,7 @@ fn state_restores_only_onto_an_image_of_the_same_size() {
     let config = DiskConfig {
         path: r.image.as_path().to_path_buf(),
         read_only: false,
+        written_map: false,
     };
     let block = Block::open(&config).unwrap();
     let state = block.state();
@@ -227,7 +233,8 @@ fn disk_option_parsing() {
         "/a/b.img".parse::<DiskConfig>(),
         Ok(DiskConfig {
             path: "/a/b.img".into(),
-            read_only: false
+            read_only: false,
+            written_map: false,
         })
     );
     assert_eq!(
@@ -236,4 +243,32 @@ fn disk_option_parsing() {
     );
     assert!("/a/b.img,xx".parse::<DiskConfig>().is_err());
     assert!(",ro".parse::<DiskConfig>().is_err());
+}
+
+/// A disk with a written map notes a guest write's extent in the map file
+/// before the write reaches the image; reads note nothing.
+#[test]
+#[allow(clippy::single_range_in_vec_init)] // ranges of extents
+fn a_guest_write_is_noted_in_the_written_map() {
+    let mut r = rig_with(false, true);
+    let map_path = written_map::WrittenMap::path_for(r.image.as_path());
+    let _remove = RemoveOnDrop(map_path.clone());
+    let open = || written_map::WrittenMap::open(&map_path, SECTORS * SECTOR_SIZE).unwrap();
+    assert!(open().0.written().is_empty());
+    let (status, _) = r.request(VIRTIO_BLK_T_IN, 3, &[(DATA, 512, true)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    assert!(open().0.written().is_empty(), "a read is not a write");
+    let (status, _) = r.request(VIRTIO_BLK_T_OUT, 5, &[(DATA, 512, false)]);
+    assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+    let (map, fresh) = open();
+    assert_eq!(fresh, None);
+    assert_eq!(map.written(), vec![0..1]);
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

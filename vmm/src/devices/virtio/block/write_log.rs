@@ -9,10 +9,16 @@
 //! done ([`WriteLog::wait_settled`]). Stopping the record, or the mirror
 //! going back to asynchronous, lets every waiting write complete: the disk
 //! runs unprotected then, which the mirror reports.
+//!
+//! A disk with a [`WrittenMap`] notes each write's extents in it first,
+//! under the same lock as the record: a write is in the map before it is
+//! on the disk, and before any take that misses it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
+
+use super::written_map::{WrittenMap, WrittenMapError};
 
 /// One executed write: bytes at a byte offset of the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +82,8 @@ pub struct WriteLog {
     held: AtomicU64,
     /// Rung on every recorded write (set once by whoever mirrors).
     doorbell: OnceLock<Arc<Doorbell>>,
+    /// Where each write is noted before it is executed, if anywhere.
+    map: OnceLock<Arc<WrittenMap>>,
 }
 
 impl WriteLog {
@@ -87,6 +95,17 @@ impl WriteLog {
     /// doorbell given stays).
     pub fn ring_on_write(&self, doorbell: Arc<Doorbell>) {
         let _ = self.doorbell.set(doorbell);
+    }
+
+    /// Notes every write in `map` before it is executed, from now on (the
+    /// first map given stays).
+    pub fn note_writes_in(&self, map: Arc<WrittenMap>) {
+        let _ = self.map.set(map);
+    }
+
+    /// The map writes are noted in, if any.
+    pub fn written_map(&self) -> Option<&Arc<WrittenMap>> {
+        self.map.get()
     }
 
     /// Records every write from now on (anything recorded before is
@@ -123,16 +142,23 @@ impl WriteLog {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// Runs one guest write with the recording decision held: `write`
-    /// learns whether the log records, executes the write and returns what
-    /// to record. [`WriteLog::start`] waits for a write in flight, so every
-    /// write either reached the file before recording began (a copy made
-    /// after `start` sees it) or is recorded; none falls between the two.
-    pub(crate) fn write_with<E>(
+    /// Runs one guest write of `len` bytes at `offset` with the recording
+    /// decision held: the write is noted in the written map (if any), then
+    /// `write` learns whether the log records, executes the write and
+    /// returns what to record. [`WriteLog::start`] waits for a write in
+    /// flight, so every write either reached the file before recording
+    /// began (a copy made after `start` sees it) or is recorded; none
+    /// falls between the two. A write that cannot be noted is not
+    /// executed.
+    pub(crate) fn write_with<E: From<WrittenMapError>>(
         &self,
+        (offset, len): (u64, u64),
         write: impl FnOnce(bool) -> Result<Option<DiskWrite>, E>,
     ) -> Result<(), E> {
         let mut record = self.lock();
+        if let Some(map) = self.map.get() {
+            map.note(offset, len)?;
+        }
         let recorded = write(record.writes.is_some())?;
         if let Some(recorded) = recorded {
             if let Some(writes) = record.writes.as_mut() {
@@ -212,11 +238,11 @@ mod tests {
         std::thread::scope(|s| {
             let (log, disk) = (&log, &disk);
             let writer = s.spawn(move || {
-                log.write_with(|recording| {
+                log.write_with((0, 1), |recording| {
                     decided.send(recording).unwrap();
                     wait_go.recv().unwrap();
                     disk.lock().unwrap()[0] = 7;
-                    Ok::<_, ()>(recording.then(|| DiskWrite {
+                    Ok::<_, WrittenMapError>(recording.then(|| DiskWrite {
                         offset: 0,
                         data: vec![7],
                     }))
@@ -249,8 +275,8 @@ mod tests {
     fn writes_are_recorded_only_between_start_and_stop() {
         let log = WriteLog::default();
         let write = |at: u64| {
-            log.write_with(|recording| {
-                Ok::<_, ()>(recording.then(|| DiskWrite {
+            log.write_with((at, 1), |recording| {
+                Ok::<_, WrittenMapError>(recording.then(|| DiskWrite {
                     offset: at,
                     data: vec![1],
                 }))
@@ -274,8 +300,8 @@ mod tests {
     }
 
     fn record(log: &WriteLog, at: u64) {
-        log.write_with(|recording| {
-            Ok::<_, ()>(recording.then(|| DiskWrite {
+        log.write_with((at, 1), |recording| {
+            Ok::<_, WrittenMapError>(recording.then(|| DiskWrite {
                 offset: at,
                 data: vec![1],
             }))

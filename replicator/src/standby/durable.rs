@@ -1,0 +1,135 @@
+//! The standby's written maps in a session ([`crate::written`]): every
+//! epoch's writes are noted in the replica disk's map before they are
+//! applied (the primary clears its own bits once the epoch is
+//! acknowledged, so until they are durable here, this map keeps them).
+//! The first committed epoch, once synced, is the session's common point;
+//! later, every [`SWEEP_EVERY`], the disks are synced on a thread of their
+//! own and the extents noted before the sync (and not since the last
+//! sweep) are cleared.
+
+use std::time::Instant;
+
+use tracing::{info, warn};
+use vmm::replication::written_map::{mark, CommonId};
+
+use super::replica_disk::{ReplicaDisk, ReplicaDiskError};
+use crate::protocol::DiskRecord;
+use crate::written::{common_to_hex, SWEEP_EVERY};
+
+pub(super) struct Durable {
+    /// The common point the primary named for this session.
+    next_common: Option<CommonId>,
+    named: bool,
+    last_sweep: Instant,
+    /// The clock at the last sweep.
+    sweep_mark: u64,
+    sweeping: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Durable {
+    pub(super) fn new(next_common: Option<CommonId>) -> Durable {
+        Durable {
+            next_common,
+            named: false,
+            last_sweep: Instant::now(),
+            sweep_mark: mark(),
+            sweeping: None,
+        }
+    }
+
+    /// Notes an epoch's writes in the maps, before they are applied.
+    pub(super) fn note(
+        disks: &[ReplicaDisk],
+        writes: &[DiskRecord],
+    ) -> Result<(), ReplicaDiskError> {
+        for w in writes {
+            if let Some(disk) = disks.get(w.disk as usize) {
+                disk.note(w.offset, w.data.len() as u64)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An epoch was applied and committed.
+    pub(super) fn committed(&mut self, disks: &[ReplicaDisk]) {
+        if !self.named {
+            self.named = true;
+            self.sweep_mark = mark();
+            self.last_sweep = Instant::now();
+            let Some(common) = self.next_common else {
+                return;
+            };
+            // The copy and the first epoch are durable, then the maps
+            // name the common point (with nothing set: this disk is the
+            // primary's as of that checkpoint).
+            let named = crate::oracle::off_the_workers(|| -> Result<(), ReplicaDiskError> {
+                let now = mark();
+                for disk in disks {
+                    disk.sync()?;
+                }
+                for disk in disks {
+                    disk.map()
+                        .set_common(Some(common), now)
+                        .map_err(|e| disk.map_err(e))?;
+                }
+                Ok(())
+            });
+            match named {
+                Ok(()) => info!(
+                    common = %common_to_hex(common),
+                    "written maps: the replica holds the primary's disks; a new common point"
+                ),
+                Err(error) => {
+                    warn!(%error, "written maps: the new common point could not be named (the next resynchronisation compares whole disks)")
+                }
+            }
+            return;
+        }
+        if self.last_sweep.elapsed() < SWEEP_EVERY
+            || self.sweeping.as_ref().is_some_and(|t| !t.is_finished())
+        {
+            return;
+        }
+        let now = mark();
+        let before = now.min(self.sweep_mark);
+        self.sweep_mark = now;
+        self.last_sweep = Instant::now();
+        let handles: Result<Vec<_>, _> = disks
+            .iter()
+            .map(|d| {
+                Ok((
+                    d.sync_handle()?,
+                    std::sync::Arc::clone(d.map()),
+                    d.path.clone(),
+                ))
+            })
+            .collect();
+        let handles = match handles {
+            Ok(h) => h,
+            Err(error) => {
+                let error: ReplicaDiskError = error;
+                warn!(%error, "written maps: no sweep (the extents stay set)");
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("written-sweep".into())
+            .spawn(move || {
+                for (file, _, path) in &handles {
+                    if let Err(error) = file.sync_data() {
+                        warn!(path = %path.display(), %error, "written maps: syncing the replica failed; the extents stay set");
+                        return;
+                    }
+                }
+                for (_, map, _) in &handles {
+                    if let Err(error) = map.forget_written_before(before) {
+                        warn!(%error, "written maps: clearing durable extents failed (they stay set)");
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => self.sweeping = Some(thread),
+            Err(error) => warn!(%error, "written maps: no sweep thread (the extents stay set)"),
+        }
+    }
+}
