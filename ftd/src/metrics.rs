@@ -210,6 +210,11 @@ impl Metrics {
             "sync_uncompressed_bytes_last",
             "What the last initial synchronisation's memory and disk frames held before compression (against the bytes it sent: the compression ratio)",
         );
+        let sync_unread_last = gauge(
+            &mut registry,
+            "sync_disk_unread_bytes_last",
+            "Disk bytes the last initial synchronisation did not read: the same on both nodes by their written maps",
+        );
         let sync_last = gauge_seconds(
             &mut registry,
             "sync_duration_last",
@@ -424,6 +429,9 @@ impl Metrics {
             sync_uncompressed_last
                 .get_or_create(&labels)
                 .set(c.sync_uncompressed_bytes_last as f64);
+            sync_unread_last
+                .get_or_create(&labels)
+                .set(c.sync_disk_unread_bytes_last as f64);
             ack_p50.get_or_create(&labels).set(us(c.ack_us_p50));
             ack_p99.get_or_create(&labels).set(us(c.ack_us_p99));
             released

@@ -399,6 +399,18 @@ fn checkpoint_state_seeds() {
 
 fn sync_plan() {
     write("sync_plan", "plan", &plan().to_payload());
+    let mapped = SyncPlan {
+        written: vec![
+            Some(replicator::protocol::WrittenPlan {
+                common: Some("11".repeat(16)),
+                extents: vec![(0, 1), (3, 9)],
+            }),
+            None,
+        ],
+        next_common: Some("22".repeat(16)),
+        ..plan()
+    };
+    write("sync_plan", "written-maps", &mapped.to_payload());
     let none = SyncPlan {
         disk_bytes: vec![],
         nics: 0,
@@ -449,12 +461,21 @@ fn protocol_message() {
             },
         }),
     ];
+    // Appended, so that the seeds before keep their names.
+    let mapped = Message::SyncHeld(replicator::protocol::Held {
+        region: replicator::protocol::Region::Disk(0),
+        part: replicator::protocol::HeldPart::Same {
+            first_chunk: 16,
+            count: 32,
+        },
+    });
     let epoch = an_epoch(2, Bytes::from(checkpoint_state(false)));
     messages.extend(
         epoch
             .into_iter()
             .map(|f| Message::from_frame(f).unwrap().message),
     );
+    messages.push(mapped);
     for (i, m) in messages.into_iter().enumerate() {
         let f = m.into_frame(2 + i as u64, 1);
         let mut input = vec![f.kind.code()];

@@ -138,6 +138,10 @@ pub struct FtCounters {
     /// the A-link).
     #[serde(default)]
     pub sync_uncompressed_bytes_last: u64,
+    /// Disk bytes the last initial synchronisation did not even read:
+    /// the same on both nodes by the written maps ([`crate::written`]).
+    #[serde(default)]
+    pub sync_disk_unread_bytes_last: u64,
     /// How long the last initial synchronisation took: from its plan to
     /// the standby's acknowledgement of the first epoch, when it holds the
     /// whole copy (its rate: `sync_sent_bytes_last` over this).

@@ -166,6 +166,10 @@ pub struct DrillRound {
     /// session survived).
     #[serde(default)]
     pub resync_uncompressed_bytes: u64,
+    /// Disk bytes that copy did not read, the same on both nodes by their
+    /// written maps (the engine's `sync_disk_unread_bytes_last`).
+    #[serde(default)]
+    pub resync_disk_unread_bytes: u64,
     /// Pull only: the pulled node's boot (start -> its agent answers).
     pub node_boot_ms: u64,
     /// Node booted or paths healed -> protected again, with no command
@@ -396,13 +400,19 @@ fn before_fault(
     Ok((protected_at, committed_epoch, SyncSent::read(lab)))
 }
 
-/// What `node`'s last initial synchronisation held before compression, if
-/// the round made one (`resync_bytes` > 0).
-fn uncompressed_last(lab: &Lab, node: NodeId, resync_bytes: u64) -> u64 {
+/// What `node`'s last initial synchronisation held before compression,
+/// and the disk bytes it did not read, if the round made one
+/// (`resync_bytes` > 0).
+fn copy_last(lab: &Lab, node: NodeId, resync_bytes: u64) -> (u64, u64) {
     if resync_bytes == 0 {
-        return 0;
+        return (0, 0);
     }
-    ft_pair::status(lab, node).map_or(0, |s| s.counters.sync_uncompressed_bytes_last)
+    ft_pair::status(lab, node).map_or((0, 0), |s| {
+        (
+            s.counters.sync_uncompressed_bytes_last,
+            s.counters.sync_disk_unread_bytes_last,
+        )
+    })
 }
 
 /// Bytes each node's engine sent in initial synchronisations (its
@@ -486,7 +496,8 @@ fn pull_round(
     let reprotect_ms = back.elapsed().as_millis() as u64;
     let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
     let resync_bytes = sync_before.since(lab, standby);
-    let resync_uncompressed_bytes = uncompressed_last(lab, standby, resync_bytes);
+    let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
+        copy_last(lab, standby, resync_bytes);
     let (placed_ok, generation) = placement(lab, standby, standby)?;
     Ok(DrillRound {
         round,
@@ -504,6 +515,7 @@ fn pull_round(
         reprotect_ms,
         resync_bytes,
         resync_uncompressed_bytes,
+        resync_disk_unread_bytes,
         node_boot_ms,
         boot_to_protected_ms,
         generation,
@@ -671,7 +683,8 @@ fn settle(
     )?;
     let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
     let resync_bytes = f.sync_before.since(lab, winner);
-    let resync_uncompressed_bytes = uncompressed_last(lab, winner, resync_bytes);
+    let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
+        copy_last(lab, winner, resync_bytes);
     let seen = watch.finish();
     let (placed_ok, generation) = placement(lab, winner, winner)?;
     Ok(DrillRound {
@@ -690,6 +703,7 @@ fn settle(
         reprotect_ms,
         resync_bytes,
         resync_uncompressed_bytes,
+        resync_disk_unread_bytes,
         node_boot_ms: 0,
         boot_to_protected_ms: reprotect_ms,
         generation,
@@ -807,7 +821,7 @@ fn switchover_round(
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}",
         "drill",
         "fault",
         "from",
@@ -822,12 +836,13 @@ pub fn print_table(report: &DrillReport) {
         "reprotect ms",
         "back->protect ms",
         "resync MB",
-        "uncompressed MB"
+        "uncompressed MB",
+        "unread MB"
     );
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.1}  {:>15.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.1}  {:>15.1}  {:>9.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
@@ -842,7 +857,8 @@ pub fn print_table(report: &DrillReport) {
             r.reprotect_ms,
             r.boot_to_protected_ms,
             r.resync_bytes as f64 / 1e6,
-            r.resync_uncompressed_bytes as f64 / 1e6
+            r.resync_uncompressed_bytes as f64 / 1e6,
+            r.resync_disk_unread_bytes as f64 / 1e6
         );
     }
     if report.level == Level::Ha {

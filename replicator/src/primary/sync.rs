@@ -134,6 +134,7 @@ pub(super) async fn initial_sync(
         s.counters.sync_sent_bytes_last = sent;
         s.counters.sync_sent_bytes_total += sent;
         s.counters.sync_uncompressed_bytes_last = raw;
+        s.counters.sync_disk_unread_bytes_last = copied.unread;
     });
     info!(
         sent_bytes = sent,

@@ -24,6 +24,17 @@ pub(super) struct Durable {
     /// The clock at the last sweep.
     sweep_mark: u64,
     sweeping: Option<std::thread::JoinHandle<()>>,
+    /// Set when the session ends: a sweep still syncing then writes
+    /// nothing (a promoted VM opens the same maps anew, and a stale copy
+    /// of the bits must not overwrite its own). Held while a sweep clears.
+    ended: std::sync::Arc<std::sync::Mutex<bool>>,
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        // Waits for a clear under way (microseconds), not for a sync.
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
 }
 
 impl Durable {
@@ -34,6 +45,7 @@ impl Durable {
             last_sweep: Instant::now(),
             sweep_mark: mark(),
             sweeping: None,
+            ended: Default::default(),
         }
     }
 
@@ -112,6 +124,7 @@ impl Durable {
                 return;
             }
         };
+        let ended = std::sync::Arc::clone(&self.ended);
         let spawned = std::thread::Builder::new()
             .name("written-sweep".into())
             .spawn(move || {
@@ -120,6 +133,10 @@ impl Durable {
                         warn!(path = %path.display(), %error, "written maps: syncing the replica failed; the extents stay set");
                         return;
                     }
+                }
+                let ended = ended.lock().unwrap_or_else(|e| e.into_inner());
+                if *ended {
+                    return;
                 }
                 for (_, map, _) in &handles {
                     if let Err(error) = map.forget_written_before(before) {
