@@ -215,6 +215,11 @@ impl Metrics {
             "sync_disk_unread_bytes_last",
             "Disk bytes the last initial synchronisation did not read: the same on both nodes by their written maps",
         );
+        let sync_yielded_last = gauge_seconds(
+            &mut registry,
+            "sync_disk_yielded_last",
+            "How long the last initial synchronisation's disk reads waited for the guest's writes (the copy yields half the disk to a writing guest)",
+        );
         let sync_last = gauge_seconds(
             &mut registry,
             "sync_duration_last",
@@ -432,6 +437,9 @@ impl Metrics {
             sync_unread_last
                 .get_or_create(&labels)
                 .set(c.sync_disk_unread_bytes_last as f64);
+            sync_yielded_last
+                .get_or_create(&labels)
+                .set(c.sync_yielded_ms_last as f64 / 1e3);
             ack_p50.get_or_create(&labels).set(us(c.ack_us_p50));
             ack_p99.get_or_create(&labels).set(us(c.ack_us_p99));
             released

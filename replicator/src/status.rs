@@ -142,6 +142,10 @@ pub struct FtCounters {
     /// the same on both nodes by the written maps ([`crate::written`]).
     #[serde(default)]
     pub sync_disk_unread_bytes_last: u64,
+    /// How long the last initial synchronisation's disk reads waited for
+    /// the guest's writes (it yields half the disk to a writing guest).
+    #[serde(default)]
+    pub sync_yielded_ms_last: u64,
     /// How long the last initial synchronisation took: from its plan to
     /// the standby's acknowledgement of the first epoch, when it holds the
     /// whole copy (its rate: `sync_sent_bytes_last` over this).

@@ -135,6 +135,7 @@ pub(super) async fn initial_sync(
         s.counters.sync_sent_bytes_total += sent;
         s.counters.sync_uncompressed_bytes_last = raw;
         s.counters.sync_disk_unread_bytes_last = copied.unread;
+        s.counters.sync_yielded_ms_last = copied.yielded.as_millis() as u64;
     });
     info!(
         sent_bytes = sent,
@@ -351,6 +352,8 @@ struct Copied {
     sent: u64,
     held: u64,
     unread: u64,
+    /// How long its reads yielded to the guest's writes.
+    yielded: std::time::Duration,
 }
 
 /// Refuses a standby that says a chunk is the same by the written maps
@@ -392,6 +395,7 @@ async fn copy_disks(
     let mut held = 0u64;
     let mut unread = 0u64;
     let mut done = 0u64;
+    let mut share = DiskShare::new(progress.vm.disk_writes().rings());
     for (index, path) in disks.iter().enumerate() {
         let read_err = |source| PrimaryError::ReadDisk {
             path: path.clone(),
@@ -411,8 +415,13 @@ async fn copy_disks(
                 done += n as u64;
                 continue;
             }
+            let read_at = Instant::now();
             file.read_exact_at(&mut buf[..n], offset)
                 .map_err(read_err)?;
+            let wait = share.after_read(progress.vm.disk_writes().rings(), read_at.elapsed());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             let missing = missing_ranges(&holdings[index], key, offset, &buf[..n]);
             let missing_bytes: usize = missing.iter().map(|(s, e)| e - s).sum();
             held += (n - missing_bytes) as u64;
@@ -432,7 +441,50 @@ async fn copy_disks(
         }
     }
     progress.report("disk", done);
-    Ok(Copied { sent, held, unread })
+    if !share.waited.is_zero() {
+        info!(
+            yielded_ms = share.waited.as_millis() as u64,
+            "the copy's disk reads yielded to the guest's writes"
+        );
+    }
+    Ok(Copied {
+        sent,
+        held,
+        unread,
+        yielded: share.waited,
+    })
+}
+
+/// The copy's share of the disk while the guest writes: after a read that
+/// found the guest writing since the one before, the copy waits as long as
+/// the read took, so a busy guest keeps at least half the disk's time
+/// (DRBD's resync controller backs off on application I/O the same way).
+/// An idle guest's disk is read at full speed.
+struct DiskShare {
+    /// The write record's rings at the last read.
+    seen: u64,
+    /// How long the copy waited in all.
+    waited: std::time::Duration,
+}
+
+impl DiskShare {
+    fn new(rings: u64) -> DiskShare {
+        DiskShare {
+            seen: rings,
+            waited: std::time::Duration::ZERO,
+        }
+    }
+
+    /// How long to wait after a read that took `took`, the write record
+    /// having rung `rings` times by its end.
+    fn after_read(&mut self, rings: u64, took: std::time::Duration) -> std::time::Duration {
+        if rings == self.seen {
+            return std::time::Duration::ZERO;
+        }
+        self.seen = rings;
+        self.waited += took;
+        took
+    }
 }
 
 /// Memory: the dirty log cleared, every page the standby does not hold
@@ -726,5 +778,18 @@ mod tests {
         assert!(why.contains("the same, of"), "{why}");
         let why = bad(holdings(&[size], 1, vec![held(Region::Memory, same(0, 1))]).await);
         assert!(why.contains("no written map"), "{why}");
+    }
+
+    /// The copy yields the disk only after a read during which the guest
+    /// wrote, and then for as long as that read took.
+    #[test]
+    fn the_copy_yields_the_disk_to_a_writing_guest_for_as_long_as_it_read() {
+        let ms = std::time::Duration::from_millis;
+        let mut share = DiskShare::new(7);
+        assert_eq!(share.after_read(7, ms(4)), ms(0), "an idle guest");
+        assert_eq!(share.after_read(9, ms(5)), ms(5), "the guest wrote");
+        assert_eq!(share.after_read(9, ms(6)), ms(0), "not since");
+        assert_eq!(share.after_read(10, ms(3)), ms(3));
+        assert_eq!(share.waited, ms(8));
     }
 }
