@@ -119,10 +119,21 @@ pub enum Holding {
     /// Kept from before: the digest of each chunk under the session's key
     /// (the primary skips the chunks that match).
     Kept(Vec<ChunkDigest>),
-    /// A kept disk compared by the written maps ([`crate::written`]): per
-    /// chunk its digest, or `None` where neither map names the chunk (the
-    /// same on both, not read on either).
-    Mapped(Vec<Option<ChunkDigest>>),
+    /// A kept disk compared by the written maps ([`crate::written`]): what
+    /// the standby said of each chunk.
+    Mapped(Vec<MappedChunk>),
+}
+
+/// A chunk of a disk compared by the written maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MappedChunk {
+    /// Neither map named it: the same on both, read on neither.
+    Same,
+    /// Its digest on the standby.
+    Digest(ChunkDigest),
+    /// Said the same, but the primary wrote it after its plan and before
+    /// its copy recorded writes: sent whole.
+    Send,
 }
 
 impl Holding {
@@ -133,10 +144,10 @@ impl Holding {
             Holding::Kept(digests) => digests
                 .get(index as usize)
                 .is_some_and(|d| *d == key.digest(data)),
-            Holding::Mapped(digests) => match digests.get(index as usize) {
-                Some(None) => true,
-                Some(Some(d)) => *d == key.digest(data),
-                None => false,
+            Holding::Mapped(chunks) => match chunks.get(index as usize) {
+                Some(MappedChunk::Same) => true,
+                Some(MappedChunk::Digest(d)) => *d == key.digest(data),
+                Some(MappedChunk::Send) | None => false,
             },
         }
     }
@@ -145,11 +156,29 @@ impl Holding {
     /// alone: then they need not even be read.
     pub fn same_by_map(&self, chunks: std::ops::Range<u64>) -> bool {
         match self {
-            Holding::Mapped(digests) => digests
+            Holding::Mapped(said) => said
                 .get(chunks.start as usize..chunks.end as usize)
-                .is_some_and(|c| c.iter().all(Option::is_none)),
+                .is_some_and(|c| c.iter().all(|c| *c == MappedChunk::Same)),
             _ => false,
         }
+    }
+
+    /// Chunks `chunks` of a mapped holding said the same are sent whole
+    /// instead (the primary wrote there after its plan); returns how many.
+    pub fn send_instead_of_same(&mut self, chunks: std::ops::Range<u64>) -> u64 {
+        let Holding::Mapped(said) = self else {
+            return 0;
+        };
+        let end = (chunks.end as usize).min(said.len());
+        let start = (chunks.start as usize).min(end);
+        let mut changed = 0;
+        for c in &mut said[start..end] {
+            if *c == MappedChunk::Same {
+                *c = MappedChunk::Send;
+                changed += 1;
+            }
+        }
+        changed
     }
 
     /// How many chunks it says something of.

@@ -48,8 +48,9 @@ pub fn common_to_hex(id: CommonId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The common point of 32 hex digits (`None` for anything else).
 pub fn common_from_hex(hex: &str) -> Option<CommonId> {
-    if hex.len() != 32 || !hex.is_ascii() {
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut id = [0u8; 16];
@@ -110,23 +111,35 @@ pub fn chunks_of(extents: &[Extents], disk_bytes: u64) -> Vec<std::ops::Range<u6
         .collect()
 }
 
+/// Why a kept disk is compared whole instead of by the written maps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotByMap {
+    #[error("the primary keeps no written map of it")]
+    NoPrimaryMap,
+    #[error("this node's written map names no common point (new, or a copy was under way)")]
+    NoCommonHere,
+    #[error("the primary's written map names no common point")]
+    NoCommonThere,
+    #[error("the written maps name different common points (here {here}, the primary {there})")]
+    Different { here: String, there: String },
+    #[error("the primary's written map in the plan is malformed")]
+    Malformed,
+}
+
 /// Why a kept disk is compared whole instead of by the maps, if it is.
-pub fn why_not_by_map(own: Option<CommonId>, primary: Option<&WrittenPlan>) -> Option<String> {
+pub fn why_not_by_map(own: Option<CommonId>, primary: Option<&WrittenPlan>) -> Option<NotByMap> {
     let Some(primary) = primary else {
-        return Some("the primary keeps no written map of it".into());
+        return Some(NotByMap::NoPrimaryMap);
     };
     let Some(own) = own else {
-        return Some(
-            "this node's written map names no common point (new, or a copy was under way)".into(),
-        );
+        return Some(NotByMap::NoCommonHere);
     };
     match primary.common.as_deref().and_then(common_from_hex) {
-        None => Some("the primary's written map names no common point".into()),
-        Some(theirs) if theirs != own => Some(format!(
-            "the written maps name different common points (here {}, the primary {})",
-            common_to_hex(own),
-            common_to_hex(theirs)
-        )),
+        None => Some(NotByMap::NoCommonThere),
+        Some(theirs) if theirs != own => Some(NotByMap::Different {
+            here: common_to_hex(own),
+            there: common_to_hex(theirs),
+        }),
         Some(_) => None,
     }
 }
@@ -144,6 +157,7 @@ mod tests {
         let id = random_common().unwrap();
         assert_eq!(common_from_hex(&common_to_hex(id)), Some(id));
         assert_eq!(common_from_hex("00"), None);
+        assert_eq!(common_from_hex(&format!("+f{}", "00".repeat(15))), None);
         assert_eq!(common_from_hex(&"g0".repeat(16)), None);
     }
 

@@ -20,8 +20,10 @@ pub(super) struct Forgetter {
     maps: Maps,
     /// The common point of this session.
     common: CommonId,
-    /// The maps name it (the first epoch was acknowledged).
+    /// The maps were told to name it (the first epoch was acknowledged).
     named: bool,
+    /// ... and all of them did.
+    named_ok: bool,
     last_sweep: Instant,
     /// The clock at the last sweep.
     sweep_mark: u64,
@@ -33,6 +35,7 @@ impl Forgetter {
             maps,
             common,
             named: false,
+            named_ok: false,
             last_sweep: Instant::now(),
             sweep_mark: mark(),
         }
@@ -53,6 +56,7 @@ impl Forgetter {
     pub(super) fn acked(&mut self, epoch_mark: u64) {
         if !self.named {
             self.named = true;
+            self.named_ok = true;
             for map in self.maps.iter().flatten() {
                 match map.set_common(Some(self.common), epoch_mark) {
                     Ok(()) => info!(
@@ -64,6 +68,7 @@ impl Forgetter {
                     // The map then names no common point: the next
                     // resynchronisation compares the whole disk.
                     Err(error) => {
+                        self.named_ok = false;
                         warn!(%error, "written map: the new common point could not be named")
                     }
                 }
@@ -71,7 +76,8 @@ impl Forgetter {
             self.swept();
             return;
         }
-        if self.last_sweep.elapsed() < SWEEP_EVERY {
+        // A map that could not name the point keeps every extent set.
+        if !self.named_ok || self.last_sweep.elapsed() < SWEEP_EVERY {
             return;
         }
         let before = epoch_mark.min(self.sweep_mark);

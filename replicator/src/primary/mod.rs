@@ -112,8 +112,10 @@ pub enum PrimaryError {
         #[source]
         source: crate::oracle::OracleError,
     },
-    #[error("no random content key or common point for the initial copy: {0}")]
+    #[error("no random content key for the initial copy: {0}")]
     ContentKey(#[source] getrandom::Error),
+    #[error("no random common point for the session's written maps: {0}")]
+    CommonPoint(#[source] getrandom::Error),
     #[error("the standby's word on what it holds of {region} is wrong: {why}")]
     BadHolding { region: String, why: String },
     #[error("reading disk {path} for the initial copy failed: {source}")]
@@ -636,7 +638,7 @@ async fn protect(
     let mut acks = spawn_ack_reader(rx, session.generation, held_tx);
     let mut backup = None;
     let result = async {
-        let common = crate::written::random_common().map_err(PrimaryError::ContentKey)?;
+        let common = crate::written::random_common().map_err(PrimaryError::CommonPoint)?;
         let forgetter = forget::Forgetter::new(vm.disk_writes().written_maps(), common);
         // The standby speaks during the copy to say what it holds (before
         // anything is copied) or to refuse it; its reason outranks the

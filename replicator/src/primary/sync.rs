@@ -19,7 +19,7 @@ use vmm::replication::written_map::{extents_of, Extents};
 use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
-use crate::content::{disk_chunks, missing_ranges, ChunkDigest, ContentKey, Holding, DISK_CHUNK};
+use crate::content::{disk_chunks, missing_ranges, ContentKey, Holding, MappedChunk, DISK_CHUNK};
 use crate::level::Level;
 use crate::protocol::compressed::Compressor;
 use crate::protocol::{
@@ -63,15 +63,16 @@ pub(super) async fn initial_sync(
     }
     let ha = level == Level::Ha;
     let (written, next_common) = forgetter.plan();
-    // The extents the primary's maps name now: a standby that says a chunk
-    // of them is the same by the maps is wrong.
-    let own_written: Vec<Vec<Extents>> = written
+    // The extents the primary's maps name now (for the disks whose map
+    // names a common point): a standby that says a chunk of them is the
+    // same by the maps, or says so of another disk, is wrong.
+    let own_written: Vec<Option<Vec<Extents>>> = written
         .iter()
         .zip(&disk_bytes)
         .map(|(plan, &size)| {
             plan.as_ref()
+                .filter(|p| p.common.is_some())
                 .and_then(|p| crate::written::plan_extents(p, extents_of(size)))
-                .unwrap_or_default()
         })
         .collect();
     let plan = SyncPlan {
@@ -107,11 +108,16 @@ pub(super) async fn initial_sync(
     progress.report("standby comparing what it kept", 0);
     // Level HA copies no memory, and the standby says nothing of it.
     let pages = (!ha).then(|| vm.guest_pages());
-    let held = receive_holdings(&mut held, &disk_bytes, pages).await?;
+    let mut held = receive_holdings(&mut held, &disk_bytes, pages).await?;
     check_mapped(&held.disks, &disk_bytes, &own_written)?;
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
     vm.disk_writes().start();
+    // The guest wrote on while the standby compared: those writes are on
+    // the disk and in the maps (noted before they were executed, and
+    // `start` waited for any in flight), not in the plan nor the record.
+    // Where the standby said "the same", the copy sends them whole.
+    send_what_the_plan_missed(vm, &mut held.disks, &disk_bytes);
     let copied = copy_disks(&disks, &disk_bytes, &held.disks, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
     let (sent_pages, rounds) = match &held.memory {
@@ -292,7 +298,9 @@ async fn receive_holdings(
                     first_chunk,
                     digests,
                 },
-            ) if first_chunk == known.len() as u64 => known.extend(digests.into_iter().map(Some)),
+            ) if first_chunk == known.len() as u64 => {
+                known.extend(digests.into_iter().map(MappedChunk::Digest))
+            }
             (_, HeldPart::Same { .. }) if matches!(region, Region::Memory) => {
                 return Err(bad("memory has no written map".into()))
             }
@@ -312,19 +320,21 @@ async fn receive_holdings(
                     first_chunk: 0,
                     count,
                 },
-            ) => *holding = Some(Holding::Mapped(vec![None; count as usize])),
+            ) => *holding = Some(Holding::Mapped(vec![MappedChunk::Same; count as usize])),
             (Some(Holding::Kept(known)), HeldPart::Same { first_chunk, count })
                 if first_chunk == known.len() as u64 =>
             {
-                let mut mapped: Vec<Option<ChunkDigest>> =
-                    std::mem::take(known).into_iter().map(Some).collect();
-                mapped.resize(mapped.len() + count as usize, None);
+                let mut mapped: Vec<MappedChunk> = std::mem::take(known)
+                    .into_iter()
+                    .map(MappedChunk::Digest)
+                    .collect();
+                mapped.resize(mapped.len() + count as usize, MappedChunk::Same);
                 *holding = Some(Holding::Mapped(mapped));
             }
             (Some(Holding::Mapped(known)), HeldPart::Same { first_chunk, count })
                 if first_chunk == known.len() as u64 =>
             {
-                known.resize(known.len() + count as usize, None)
+                known.resize(known.len() + count as usize, MappedChunk::Same)
             }
             (Some(_), HeldPart::Zeroed) => {
                 return Err(bad("all zeros, after it said what it holds".into()))
@@ -357,28 +367,61 @@ struct Copied {
 }
 
 /// Refuses a standby that says a chunk is the same by the written maps
-/// where the primary's own map named it in the plan.
+/// where the primary's own map named it in the plan, or of a disk whose
+/// map in the plan named no common point.
 fn check_mapped(
     holdings: &[Holding],
     sizes: &[u64],
-    own_written: &[Vec<Extents>],
+    own_written: &[Option<Vec<Extents>>],
 ) -> Result<(), PrimaryError> {
     for (index, holding) in holdings.iter().enumerate() {
-        let Holding::Mapped(digests) = holding else {
+        let Holding::Mapped(said) = holding else {
             continue;
         };
-        for chunks in crate::written::chunks_of(&own_written[index], sizes[index]) {
-            if let Some(chunk) = chunks.clone().find(|&c| digests[c as usize].is_none()) {
-                return Err(PrimaryError::BadHolding {
-                    region: Region::Disk(index as u32).to_string(),
-                    why: format!(
-                        "chunk {chunk} the same by the written maps, where the primary's map names it"
-                    ),
-                });
+        let bad = |why: String| PrimaryError::BadHolding {
+            region: Region::Disk(index as u32).to_string(),
+            why,
+        };
+        let Some(own) = own_written.get(index).and_then(Option::as_ref) else {
+            return Err(bad(
+                "compared by the written maps, where the primary's plan named no common point"
+                    .into(),
+            ));
+        };
+        for chunks in crate::written::chunks_of(own, sizes[index]) {
+            if let Some(chunk) = chunks
+                .clone()
+                .find(|&c| said[c as usize] == MappedChunk::Same)
+            {
+                return Err(bad(format!(
+                    "chunk {chunk} the same by the written maps, where the primary's map names it"
+                )));
             }
         }
     }
     Ok(())
+}
+
+/// Marks for sending whole every chunk a disk's map names now that the
+/// standby said was the same (written between the plan and the record's
+/// start); logs how many.
+fn send_what_the_plan_missed(vm: &Vm, holdings: &mut [Holding], sizes: &[u64]) {
+    for (index, map) in vm.disk_writes().written_maps().iter().enumerate() {
+        let (Some(map), Some(holding)) = (map, holdings.get_mut(index)) else {
+            continue;
+        };
+        let late: u64 = crate::written::chunks_of(&map.written(), sizes[index])
+            .into_iter()
+            .map(|chunks| holding.send_instead_of_same(chunks))
+            .sum();
+        if late > 0 {
+            info!(
+                disk = index,
+                chunks = late,
+                "chunks written while the standby compared: sent whole"
+            );
+        }
+    }
 }
 
 /// The disks, read 1 MiB at a time; only the chunks the standby does not
@@ -757,16 +800,29 @@ mod tests {
         assert!(got.disks[0].same_by_map(0..per));
         assert!(!got.disks[0].same_by_map(per - 1..per + 1));
         assert!(got.disks[0].same_by_map(2 * per..3 * per));
-        assert_eq!(mapped[per as usize], Some([3; 16]));
+        assert_eq!(mapped[per as usize], MappedChunk::Digest([3; 16]));
         // The primary's map names extent 1 (digested: fine) or extent 2
-        // (said the same: refused).
-        check_mapped(&got.disks, &[size], &[vec![1..2]]).unwrap();
-        match check_mapped(&got.disks, &[size], &[vec![2..3]]) {
-            Err(PrimaryError::BadHolding { why, .. }) => {
-                assert!(why.contains("the primary's map names it"), "{why}")
+        // (said the same: refused); a plan without a common point takes
+        // no word by the maps.
+        check_mapped(&got.disks, &[size], &[Some(vec![1..2])]).unwrap();
+        for (own, expected) in [
+            (Some(vec![2..3]), "the primary's map names it"),
+            (None, "named no common point"),
+        ] {
+            match check_mapped(&got.disks, &[size], &[own]) {
+                Err(PrimaryError::BadHolding { why, .. }) => {
+                    assert!(why.contains(expected), "{why}")
+                }
+                other => panic!("accepted: {other:?}"),
             }
-            other => panic!("accepted: {other:?}"),
         }
+        // Written after the plan: chunks said the same are sent whole,
+        // digested ones are compared as before.
+        let mut late = got.disks[0].clone();
+        assert_eq!(late.send_instead_of_same(0..2 * per), per);
+        assert!(!late.same_by_map(0..1));
+        assert!(!late.holds(&ContentKey([0; 32]), 0, &[0u8; 16]));
+        assert!(late.same_by_map(2 * per..3 * per));
         let bad = |result: Result<Holdings, PrimaryError>| match result {
             Err(PrimaryError::BadHolding { why, .. }) => why,
             Err(other) => panic!("another error: {other}"),

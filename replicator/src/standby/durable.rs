@@ -20,6 +20,8 @@ pub(super) struct Durable {
     /// The common point the primary named for this session.
     next_common: Option<CommonId>,
     named: bool,
+    /// The maps name the session's common point.
+    named_ok: bool,
     last_sweep: Instant,
     /// The clock at the last sweep.
     sweep_mark: u64,
@@ -42,6 +44,7 @@ impl Durable {
         Durable {
             next_common,
             named: false,
+            named_ok: false,
             last_sweep: Instant::now(),
             sweep_mark: mark(),
             sweeping: None,
@@ -54,12 +57,22 @@ impl Durable {
         disks: &[ReplicaDisk],
         writes: &[DiskRecord],
     ) -> Result<(), ReplicaDiskError> {
-        for w in writes {
-            if let Some(disk) = disks.get(w.disk as usize) {
-                disk.note(w.offset, w.data.len() as u64)?;
-            }
+        if writes.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        // One sync per disk at most, none when every extent is set
+        // already; off the async workers (it may wait for the disk).
+        crate::oracle::off_the_workers(|| {
+            for (index, disk) in disks.iter().enumerate() {
+                let of_disk: Vec<(u64, u64)> = writes
+                    .iter()
+                    .filter(|w| w.disk as usize == index)
+                    .map(|w| (w.offset, w.data.len() as u64))
+                    .collect();
+                disk.map().note_all(&of_disk).map_err(|e| disk.map_err(e))?;
+            }
+            Ok(())
+        })
     }
 
     /// An epoch was applied and committed.
@@ -86,6 +99,7 @@ impl Durable {
                 }
                 Ok(())
             });
+            self.named_ok = named.is_ok();
             match named {
                 Ok(()) => info!(
                     common = %common_to_hex(common),
@@ -97,7 +111,10 @@ impl Durable {
             }
             return;
         }
-        if self.last_sweep.elapsed() < SWEEP_EVERY
+        // Maps that could not name the session's point keep every extent
+        // set (they count from an older point).
+        if !self.named_ok
+            || self.last_sweep.elapsed() < SWEEP_EVERY
             || self.sweeping.as_ref().is_some_and(|t| !t.is_finished())
         {
             return;

@@ -159,14 +159,6 @@ impl ReplicaDisk {
         &self.map
     }
 
-    /// Notes in its map that `len` bytes at `offset` are about to be
-    /// written (durable before this returns).
-    pub fn note(&self, offset: u64, len: u64) -> Result<(), ReplicaDiskError> {
-        self.map
-            .note(offset, len)
-            .map_err(|source| self.map_err(source))
-    }
-
     pub fn map_err(&self, source: WrittenMapError) -> ReplicaDiskError {
         ReplicaDiskError::WrittenMap {
             path: self.path.clone(),

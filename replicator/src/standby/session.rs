@@ -311,11 +311,8 @@ async fn tell_holdings(
                     Ok(union) => {
                         // Whatever the copy brings lies in these extents:
                         // they stay set until the new common point.
-                        for range in &union {
-                            disk.map()
-                                .note_extents(range.clone())
-                                .map_err(|e| disk.map_err(e))?;
-                        }
+                        oracle::off_the_workers(|| disk.map().note_extents(&union))
+                            .map_err(|e| disk.map_err(e))?;
                         let chunks = written::chunks_of(&union, disk.size);
                         let read: u64 = chunks.iter().map(|c| c.end - c.start).sum();
                         info!(
@@ -384,13 +381,13 @@ async fn tell_holdings(
 fn by_map(
     disk: &ReplicaDisk,
     primary: Option<&WrittenPlan>,
-) -> Result<Vec<written::Extents>, String> {
+) -> Result<Vec<written::Extents>, written::NotByMap> {
     if let Some(why) = written::why_not_by_map(disk.map().common(), primary) {
         return Err(why);
     }
     let primary = primary.expect("checked");
     let theirs = written::plan_extents(primary, extents_of(disk.size))
-        .ok_or_else(|| "the primary's written map in the plan is malformed".to_string())?;
+        .ok_or(written::NotByMap::Malformed)?;
     Ok(written::union(&disk.map().written(), &theirs))
 }
 

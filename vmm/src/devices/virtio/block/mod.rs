@@ -170,6 +170,18 @@ impl Block {
                 tracing::info!(map = %map_path.display(), %why, "a new written map: it matches no other copy");
             }
             write_log.note_writes_in(Arc::new(map));
+        } else if !config.read_only {
+            // Written without its map, the disk no longer matches what a
+            // map beside it says: that map names no common point any more.
+            let map_path = WrittenMap::path_for(&path);
+            if map_path.exists() {
+                let map_err = |source| BlockError::WrittenMap {
+                    path: path.clone(),
+                    source,
+                };
+                let (map, _) = WrittenMap::open(&map_path, bytes).map_err(map_err)?;
+                map.set_common(None, u64::MAX).map_err(map_err)?;
+            }
         }
         Ok(Block {
             config: config.clone(),

@@ -265,6 +265,26 @@ fn a_guest_write_is_noted_in_the_written_map() {
     assert_eq!(map.written(), vec![0..1]);
 }
 
+/// A disk opened without its map (by `ftvmm` alone, say) may be written
+/// without it: the map beside it then names no common point.
+#[test]
+fn a_disk_opened_without_its_map_drops_the_maps_common_point() {
+    let r = rig(false);
+    let map_path = written_map::WrittenMap::path_for(r.image.as_path());
+    let _remove = RemoveOnDrop(map_path.clone());
+    let (map, _) = written_map::WrittenMap::open(&map_path, SECTORS * SECTOR_SIZE).unwrap();
+    map.set_common(Some([9; 16]), 0).unwrap();
+    drop(map);
+    let config = DiskConfig {
+        path: r.image.as_path().to_path_buf(),
+        read_only: false,
+        written_map: false,
+    };
+    drop(Block::open(&config).unwrap());
+    let (map, _) = written_map::WrittenMap::open(&map_path, SECTORS * SECTOR_SIZE).unwrap();
+    assert_eq!(map.common(), None);
+}
+
 struct RemoveOnDrop(std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {

@@ -53,7 +53,7 @@ pub fn mark() -> u64 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WrittenMapError {
-    #[error("cannot read the written map {path}: {source}")]
+    #[error("cannot read or create the written map {path}: {source}")]
     Read {
         path: PathBuf,
         #[source]
@@ -79,13 +79,12 @@ pub enum WrittenMapError {
 /// of loaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fresh {
+    /// There was no map.
     Absent,
     /// The file is not a map of this version, or its header is damaged.
     Unreadable(String),
     /// It is the map of a disk of another size.
-    OtherSize {
-        had: u64,
-    },
+    OtherSize { had: u64 },
 }
 
 impl std::fmt::Display for Fresh {
@@ -248,25 +247,45 @@ impl WrittenMap {
             })
     }
 
-    /// Sets the extents of `range` as written now (durably).
-    pub fn note_extents(&self, range: Extents) -> Result<(), WrittenMapError> {
-        self.set_extents(range)
+    /// Sets the extents of `ranges` as written now, durably, with at most
+    /// one sync.
+    pub fn note_extents(&self, ranges: &[Extents]) -> Result<(), WrittenMapError> {
+        self.set_all(ranges.iter().cloned())
+            .map_err(|source| self.write_err(source))
+    }
+
+    /// Notes writes of (offset, length) about to be executed, durably,
+    /// with at most one sync.
+    pub fn note_all(&self, writes: &[(u64, u64)]) -> Result<(), WrittenMapError> {
+        let extents = writes
+            .iter()
+            .filter(|&&(_, len)| len > 0)
+            .map(|&(offset, len)| {
+                offset >> EXTENT_SHIFT..(offset.saturating_add(len - 1) >> EXTENT_SHIFT) + 1
+            });
+        self.set_all(extents)
             .map_err(|source| self.write_err(source))
     }
 
     fn set_extents(&self, range: Extents) -> std::io::Result<()> {
+        self.set_all(std::iter::once(range))
+    }
+
+    fn set_all(&self, ranges: impl Iterator<Item = Extents>) -> std::io::Result<()> {
         let now = CLOCK.load(Ordering::SeqCst);
         let mut bits = self.lock();
-        let end = range.end.min(bits.last.len() as u64);
+        let count = bits.last.len() as u64;
         let mut new = Vec::new();
-        for extent in range.start..end {
-            bits.last[extent as usize] = now;
-            if !bits.is_set(extent) {
-                bits.set(extent);
-                new.push(extent);
+        for range in ranges {
+            for extent in range.start.min(count)..range.end.min(count) {
+                bits.last[extent as usize] = now;
+                if !bits.is_set(extent) {
+                    bits.set(extent);
+                    new.push(extent);
+                }
             }
         }
-        let (Some(&first), Some(&last)) = (new.first(), new.last()) else {
+        let (Some(&first), Some(&last)) = (new.iter().min(), new.iter().max()) else {
             return Ok(());
         };
         let (first, last) = ((first / 8) as usize, (last / 8) as usize);
@@ -508,6 +527,16 @@ mod tests {
         let (map, fresh) = open(&dir);
         assert_eq!(fresh, None);
         assert_eq!((map.common(), map.written()), (None, vec![]));
+    }
+
+    #[test]
+    fn writes_and_ranges_are_noted_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (map, _) = open(&dir);
+        map.note_all(&[(0, 1), (10 * EXTENT_BYTES - 1, 2), (20 * EXTENT_BYTES, 0)])
+            .unwrap();
+        map.note_extents(&[30..32, 39..45]).unwrap();
+        assert_eq!(map.written(), vec![0..1, 9..11, 30..32, 39..41]);
     }
 
     #[test]
