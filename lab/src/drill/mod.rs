@@ -842,7 +842,7 @@ pub fn print_table(report: &DrillReport) {
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.1}  {:>15.1}  {:>9.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
