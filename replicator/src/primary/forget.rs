@@ -41,6 +41,11 @@ impl Forgetter {
         }
     }
 
+    /// The session's maps, per disk.
+    pub(super) fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
     /// What the plan says of each disk's map, and the next common point.
     pub(super) fn plan(&self) -> (Vec<Option<crate::protocol::WrittenPlan>>, String) {
         let plans = self

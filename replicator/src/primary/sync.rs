@@ -117,7 +117,7 @@ pub(super) async fn initial_sync(
     // the disk and in the maps (noted before they were executed, and
     // `start` waited for any in flight), not in the plan nor the record.
     // Where the standby said "the same", the copy sends them whole.
-    send_what_the_plan_missed(vm, &mut held.disks, &disk_bytes);
+    send_what_the_plan_missed(forgetter.maps(), &mut held.disks, &disk_bytes);
     let copied = copy_disks(&disks, &disk_bytes, &held.disks, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
     let (sent_pages, rounds) = match &held.memory {
@@ -405,8 +405,8 @@ fn check_mapped(
 /// Marks for sending whole every chunk a disk's map names now that the
 /// standby said was the same (written between the plan and the record's
 /// start); logs how many.
-fn send_what_the_plan_missed(vm: &Vm, holdings: &mut [Holding], sizes: &[u64]) {
-    for (index, map) in vm.disk_writes().written_maps().iter().enumerate() {
+fn send_what_the_plan_missed(maps: &crate::written::Maps, holdings: &mut [Holding], sizes: &[u64]) {
+    for (index, map) in maps.iter().enumerate() {
         let (Some(map), Some(holding)) = (map, holdings.get_mut(index)) else {
             continue;
         };

@@ -263,16 +263,12 @@ impl ReplicaDisk {
 
 /// The written map beside the replica disk at `path`.
 fn open_map(path: &Path, size: u64) -> Result<Arc<WrittenMap>, ReplicaDiskError> {
-    let map_path = WrittenMap::path_for(path);
-    let (map, fresh) =
-        WrittenMap::open(&map_path, size).map_err(|source| ReplicaDiskError::WrittenMap {
+    WrittenMap::open_beside(path, size)
+        .map(Arc::new)
+        .map_err(|source| ReplicaDiskError::WrittenMap {
             path: path.to_path_buf(),
             source,
-        })?;
-    if let Some(why) = fresh {
-        tracing::info!(map = %map_path.display(), %why, "a new written map: the disk matches no other copy");
-    }
-    Ok(Arc::new(map))
+        })
 }
 
 /// Allocates every block of the file's `size` bytes (they read as zeros).

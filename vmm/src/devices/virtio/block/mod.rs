@@ -159,29 +159,19 @@ impl Block {
         let n = name.len().min(id.len());
         id[..n].copy_from_slice(&name.as_bytes()[..n]);
         let write_log = Arc::new(WriteLog::default());
+        let map_err = |source| BlockError::WrittenMap {
+            path: path.clone(),
+            source,
+        };
         if config.written_map && !config.read_only {
-            let map_path = WrittenMap::path_for(&path);
-            let (map, fresh) =
-                WrittenMap::open(&map_path, bytes).map_err(|source| BlockError::WrittenMap {
-                    path: path.clone(),
-                    source,
-                })?;
-            if let Some(why) = fresh {
-                tracing::info!(map = %map_path.display(), %why, "a new written map: it matches no other copy");
-            }
+            let map = WrittenMap::open_beside(&path, bytes).map_err(map_err)?;
             write_log.note_writes_in(Arc::new(map));
-        } else if !config.read_only {
+        } else if !config.read_only && WrittenMap::path_for(&path).exists() {
             // Written without its map, the disk no longer matches what a
             // map beside it says: that map names no common point any more.
-            let map_path = WrittenMap::path_for(&path);
-            if map_path.exists() {
-                let map_err = |source| BlockError::WrittenMap {
-                    path: path.clone(),
-                    source,
-                };
-                let (map, _) = WrittenMap::open(&map_path, bytes).map_err(map_err)?;
-                map.set_common(None, u64::MAX).map_err(map_err)?;
-            }
+            WrittenMap::open_beside(&path, bytes)
+                .and_then(|map| map.set_common(None, u64::MAX))
+                .map_err(map_err)?;
         }
         Ok(Block {
             config: config.clone(),

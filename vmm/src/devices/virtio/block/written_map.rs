@@ -210,12 +210,19 @@ impl WrittenMap {
         Ok((map, fresh))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// [`WrittenMap::open`] at the map's place beside the disk image at
+    /// `disk` (`path_for`); a fresh map is logged with why.
+    pub fn open_beside(disk: &Path, disk_bytes: u64) -> Result<WrittenMap, WrittenMapError> {
+        let path = WrittenMap::path_for(disk);
+        let (map, fresh) = WrittenMap::open(&path, disk_bytes)?;
+        if let Some(why) = fresh {
+            tracing::info!(map = %path.display(), %why, "a new written map: the disk matches no other copy");
+        }
+        Ok(map)
     }
 
-    pub fn disk_bytes(&self) -> u64 {
-        self.disk_bytes
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Bits> {
