@@ -379,13 +379,9 @@ const ACTIONS = {
   }),
 };
 
-// A switchover is asked of the node running the primary.
-async function switchover(vm) {
-  const view = state.vms.find((v) => v.name === vm);
-  const node = view && state.nodes.find((n) => n.name === view.primary_node);
-  if (node && !node.local) {
-    throw new ApiError(409, `the primary of ${vm} runs on ${node.name}: open the console of ${node.name} (http://${node.api}/console/) to move it`);
-  }
+// A switchover may be asked of either node: the one without the primary
+// passes it to the one with it.
+function switchover(vm) {
   return api('POST', `/api/vms/${encodeURIComponent(vm)}/switchover`);
 }
 

@@ -44,6 +44,14 @@ pub enum ManagerError {
     NoTakeover(String),
     #[error("no switchover: {0}")]
     NoSwitchover(String),
+    #[error("cannot ask the node that runs the primary: {0}")]
+    Forward(#[from] crate::pair::forward::ForwardError),
+    #[error("{peer} answered: {reason}")]
+    PeerRefused { peer: String, reason: String },
+    #[error("{peer} answered: {reason}")]
+    PeerNotFound { peer: String, reason: String },
+    #[error("{peer} failed: {reason}")]
+    PeerFailed { peer: String, reason: String },
     #[error("the switchover did not happen: {0}")]
     SwitchoverFailed(String),
     #[error("no maintenance change: {0}")]
@@ -74,6 +82,8 @@ struct Inner {
     /// Whether the witness answered the last time it was asked (none: no
     /// witness, or not asked yet).
     witness_reachable: Mutex<Option<bool>>,
+    /// VM moves asked of the peer over the pair channel.
+    forwards: crate::pair::forward::Forwards,
 }
 
 /// What this node knows of its peer from the pair channel.
@@ -101,6 +111,7 @@ impl Manager {
                 peer: Mutex::new(PeerView::default()),
                 started: Instant::now(),
                 witness_reachable: Mutex::new(None),
+                forwards: Default::default(),
             }),
         }
     }
@@ -219,6 +230,11 @@ impl Manager {
         config
             .solo_start_after_s
             .is_some_and(|s| self.inner.started.elapsed().as_secs() >= s)
+    }
+
+    /// The VM moves asked of the peer over the pair channel.
+    pub fn forwards(&self) -> &crate::pair::forward::Forwards {
+        &self.inner.forwards
     }
 
     /// Whether the pair channel to the peer is up.

@@ -666,7 +666,7 @@ pub struct AuditEntry {
     pub node: String,
     /// Who asked: the token's holder and the client's address.
     pub who: String,
-    /// Method and path.
+    /// Method and path, with the query (`POST /api/vms/x/protect?level=ha`).
     pub action: String,
     /// The HTTP status answered.
     pub status: u16,

@@ -6,6 +6,10 @@
 //! peer as the primary node, and the supervisor here starts this node's
 //! standby, which the new primary synchronises.
 //!
+//! Asked on the other node, the request goes over the pair channel to the
+//! node that runs the primary, and its answer is the answer
+//! ([`Manager::move_asked`]): either node's API and console move any VM.
+//!
 //! An HA VM moves by live migration: its engine goes to level FT (memory
 //! copied while the guest runs), switches over after the first epoch, and
 //! the new primary goes back to HA (its daemon asks). That takes the copy's
@@ -19,6 +23,8 @@ use replicator::status::{FtState, Role};
 
 use crate::manager::{Manager, ManagerError};
 use crate::model::{Desired, Severity, VmView};
+use crate::pair::wire::{MoveAnswer, MoveAsk, MoveOutcome};
+use crate::store::StoreError;
 
 /// How long the engine has to hand its VM over (a final checkpoint and a
 /// word to the standby; the witness's release with one).
@@ -33,7 +39,76 @@ const LOOK_EVERY: Duration = Duration::from_millis(20);
 /// How long one control request may take.
 const ASK_WITHIN: Duration = Duration::from_secs(2);
 
+/// How long a move asked of the peer may take to be answered: its own
+/// switchover's time and a status request, within a client's request
+/// timeout (10 s).
+pub const FORWARDED_WITHIN: Duration = Duration::from_secs(9);
+
 impl Manager {
+    /// A move asked through this node's API by `by`: done here when the
+    /// primary runs here, asked of the peer when it runs there.
+    pub async fn move_asked(&self, name: &str, by: &str) -> Result<(VmView, bool), ManagerError> {
+        let record = self.store().vm(name)?;
+        let peer = self.config().peer.as_ref().map(|p| p.name.clone());
+        match (record.primary_node, peer) {
+            (Some(p), Some(peer)) if p == peer => {}
+            _ => return self.move_to_peer(name).await,
+        }
+        let peer = self.config().peer.as_ref().map_or("", |p| p.name.as_str());
+        let outcome = self
+            .forwards()
+            .ask(peer, name, by, FORWARDED_WITHIN)
+            .await?;
+        let peer = peer.to_string();
+        match outcome {
+            MoveOutcome::Moved { view, migration } => Ok((*view, migration)),
+            MoveOutcome::NotFound { reason } => Err(ManagerError::PeerNotFound { peer, reason }),
+            MoveOutcome::Refused { reason } => Err(ManagerError::PeerRefused { peer, reason }),
+            MoveOutcome::Failed { reason } => Err(ManagerError::PeerFailed { peer, reason }),
+        }
+    }
+
+    /// The peer's ask to move a VM whose primary runs here (asked through
+    /// its API): done as if asked here, answered as this API would.
+    pub async fn move_asked_by_peer(&self, ask: MoveAsk) -> MoveAnswer {
+        let from = self
+            .config()
+            .peer
+            .as_ref()
+            .map_or("the peer", |p| p.name.as_str());
+        self.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(&ask.vm),
+            &format!(
+                "VM {}: a move asked through {from}'s API by {}",
+                ask.vm, ask.by
+            ),
+        );
+        let outcome = match self.move_to_peer(&ask.vm).await {
+            Ok((view, migration)) => MoveOutcome::Moved {
+                view: Box::new(view),
+                migration,
+            },
+            Err(e) => {
+                let reason = e.to_string();
+                match e {
+                    ManagerError::Store(StoreError::NoSuchVm(_))
+                    | ManagerError::PeerNotFound { .. } => MoveOutcome::NotFound { reason },
+                    ManagerError::Store(_) | ManagerError::PeerFailed { .. } => {
+                        MoveOutcome::Failed { reason }
+                    }
+                    _ => MoveOutcome::Refused { reason },
+                }
+            }
+        };
+        MoveAnswer {
+            id: ask.id,
+            outcome,
+        }
+    }
+
     /// Moves the primary role of `name` from this node to its standby on
     /// the peer; answers once the standby was told to take over.
     pub async fn switchover(&self, name: &str) -> Result<VmView, ManagerError> {

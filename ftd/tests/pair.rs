@@ -799,3 +799,81 @@ fn a_vm_is_protected_at_level_ha_and_changes_level_while_it_runs() {
         });
     }
 }
+
+#[test]
+fn a_switchover_asked_on_the_node_without_the_primary_is_asked_of_the_node_with_it() {
+    let p = pair();
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes", "the peer is up", |nodes| {
+            nodes.as_array().unwrap().iter().all(|n| n["state"] == "up")
+        });
+    }
+    let k = kernel(&p.a);
+    create(&p.a, "vm-moved", &k);
+    let (status, vm) = p.a.call("POST", "/api/vms/vm-moved/protect", "-", None);
+    assert_eq!(status, 200, "{vm}");
+    let (status, started) = p.a.call("POST", "/api/vms/vm-moved/start", "-", None);
+    assert_eq!(status, 202, "{started}");
+    eventually(
+        &p.b,
+        "/api/vms/vm-moved",
+        "the primary on a, seen by b",
+        |v| v["primary_node"] == "node-a",
+    );
+    // Node b passes the request to node a, whose engine is no protected
+    // primary here (no guest boots on this host): a's refusal, with a's
+    // reason, is b's answer.
+    let (status, body) = p.b.call(
+        "POST",
+        "/api/vms/vm-moved/switchover",
+        "/api/vms/{name}/switchover",
+        None,
+    );
+    let message = body["message"].as_str().unwrap_or_default().to_string();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        message.starts_with("node-a answered: no switchover: ") && message.contains("VM vm-moved"),
+        "{body}"
+    );
+    eventually(
+        &p.a,
+        "/api/events?vm=vm-moved",
+        "a's event of the ask",
+        |events| {
+            events.as_array().unwrap().iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("a move asked through node-b's API by admin"))
+            })
+        },
+    );
+    // Node a refuses what only its own checks can tell: a VM it runs
+    // nowhere yet is refused by b itself (no primary node).
+    let (status, body) = p.b.call(
+        "POST",
+        "/api/vms/nope/switchover",
+        "/api/vms/{name}/switchover",
+        None,
+    );
+    assert_eq!(status, 404, "{body}");
+
+    // With a's daemon gone, b says the pair channel is down.
+    let mut a = p.a;
+    a.stop();
+    eventually(&p.b, "/api/nodes", "a unreachable", |nodes| {
+        nodes.as_array().unwrap().iter().any(|n| n["state"] != "up")
+    });
+    let (status, body) = p.b.call(
+        "POST",
+        "/api/vms/vm-moved/switchover",
+        "/api/vms/{name}/switchover",
+        None,
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the pair channel to node-a is down")),
+        "{body}"
+    );
+}

@@ -2,7 +2,10 @@
 //! over the DevTools protocol) against the lab pair, with the ledger client
 //! writing (issue 13): log in as a console user (made through the API on the
 //! other node); see both nodes and the
-//! protected ledger VM, and its live charts; enter maintenance on the
+//! protected ledger VM, and its live charts; protect it at HA and move it
+//! by live migration from the console of the node that does not run its
+//! primary, then back to FT and back to its node by a switchover (the
+//! Protect, Migrate and Switch over buttons); enter maintenance on the
 //! primary's node and watch the VM move; pull that node and see that
 //! nothing happens to the VM; bring it back, leave maintenance and watch
 //! the VM return to protected on its node; pull the primary and see the
@@ -20,7 +23,8 @@ use ft_tests::{Appender, LabPair};
 use ftd_client::model::{NodeView, VmView};
 use lab::ft_pair;
 use lab::NodeId;
-use replicator::status::{FtState, Role};
+use replicator::level::Level;
+use replicator::status::{FtState, Role, Status};
 
 /// Polls the text of `selector` (the client writing meanwhile) until
 /// `want` holds; returns it. A write the ledger does not acknowledge ends
@@ -85,6 +89,49 @@ impl Page<'_> {
             want,
         )
     }
+
+    /// Waits (at most `secs`, the client writing) until `node`'s engine
+    /// says what `want` asks; returns its status.
+    fn engine(
+        &mut self,
+        node: NodeId,
+        what: &str,
+        secs: u64,
+        want: impl Fn(&Status) -> bool,
+    ) -> Status {
+        let start = Instant::now();
+        loop {
+            let status = ft_pair::status(self.lab.lab(), node);
+            if let Some(s) = status.as_ref().filter(|s| want(s)) {
+                return s.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{what}: {node:?}'s engine says {status:?}\n{}",
+                logs(self.lab, node)
+            );
+            if let Err(e) = self.writer.try_append_for(Duration::from_millis(300)) {
+                panic!(
+                    "{what}: the ledger client failed: {e}\n{}",
+                    logs(self.lab, node)
+                );
+            }
+        }
+    }
+
+    /// Clicks the button at `selector` and confirms the question it asks.
+    fn act(&mut self, selector: &str) {
+        self.browser.click(selector).expect("the button");
+        self.browser
+            .wait_for("#confirm[open]", Duration::from_secs(5))
+            .expect("the confirmation");
+        self.browser.click("#confirm-ok").expect("confirm");
+    }
+}
+
+/// Whether `s` is a primary protected at `level`.
+fn protected_primary(s: &Status, level: Level) -> bool {
+    s.role == Role::Primary && s.level == level && s.state == FtState::Protected
 }
 
 /// A node's daemon log and its engine's log without the per-epoch lines.
@@ -113,6 +160,7 @@ fn api_maintenance(lab: &LabPair, via: NodeId) -> String {
 const VM_ROW: &str = "#vms tr[data-vm=\"ledger-vm\"]";
 const VM_STATE: &str = "#vms tr[data-vm=\"ledger-vm\"] td.state";
 const VM_PRIMARY: &str = "#vms tr[data-vm=\"ledger-vm\"] td.primary";
+const VM_LEVEL: &str = "#vms tr[data-vm=\"ledger-vm\"] td.level";
 const VM_GENERATION: &str = "#vms tr[data-vm=\"ledger-vm\"] td.generation";
 const NODE_A_ROW: &str = "#nodes tr[data-node=\"node-a\"]";
 
@@ -188,6 +236,53 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     // A mark that a reload would erase.
     browser.eval("window.__consoleTestMark = 7").expect("mark");
 
+    // Level HA, then a live migration asked on this node's console while
+    // the primary runs on node a: node b passes it to node a.
+    page.act(&format!("{VM_ROW} button[data-action=\"protect_ha\"]"));
+    page.until(VM_LEVEL, "level ha", 30, |t| t == "ha");
+    let before = page.engine(a, "a's engine at ha", 120, |s| {
+        protected_primary(s, Level::Ha)
+    });
+    page.until(VM_STATE, "protected at ha", 60, |t| t == "protected");
+    browser.screenshot("protected-ha").expect("screenshot");
+    page.act(&format!("{VM_ROW} button[data-action=\"migrate\"]"));
+    let migrated = Instant::now();
+    page.until(VM_PRIMARY, "the VM migrated to b", 240, |t| t == "node-b");
+    let moved = page.engine(b, "b's engine at ha", 240, |s| {
+        protected_primary(s, Level::Ha)
+    });
+    let migrate_s = migrated.elapsed().as_secs_f64();
+    assert!(
+        moved.generation > before.generation && moved.counters.failovers == 0,
+        "a live migration, not a failover: {moved:?}"
+    );
+    page.until(VM_STATE, "protected at ha on b", 120, |t| t == "protected");
+    page.until("#activity", "the migration's answer", 10, |t| {
+        t.contains("by live migration: done")
+    });
+    browser.screenshot("migrated").expect("screenshot");
+
+    // Back to level FT, and back to node a by a switchover (the primary
+    // now runs on this node).
+    page.act(&format!("{VM_ROW} button[data-action=\"protect\"]"));
+    page.until(VM_LEVEL, "level ft", 30, |t| t == "ft");
+    page.engine(b, "b's engine at ft", 180, |s| {
+        protected_primary(s, Level::Ft)
+    });
+    page.until(VM_STATE, "protected at ft on b", 60, |t| t == "protected");
+    page.act(&format!("{VM_ROW} button[data-action=\"switchover\"]"));
+    page.until(VM_PRIMARY, "the VM switched back to a", 60, |t| {
+        t == "node-a"
+    });
+    page.engine(a, "a's engine protected again", 180, |s| {
+        protected_primary(s, Level::Ft)
+    });
+    page.until(VM_STATE, "protected on a", 60, |t| t == "protected");
+    page.until("#activity", "the switchover's answer", 10, |t| {
+        t.contains("Switch ledger-vm over to its standby: done")
+    });
+    browser.screenshot("switched-back").expect("screenshot");
+
     // Enter maintenance on node a (the primary's node).
     browser
         .click("button[data-action=\"enter-maintenance\"][data-node=\"node-a\"]")
@@ -255,13 +350,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     lab.lab().up(&[a]).expect("a back");
     page.until(NODE_A_ROW, "node-a up", 120, |t| t.contains("\tup\t"));
     browser.screenshot("node-back").expect("screenshot");
-    browser
-        .click("button[data-action=\"exit-maintenance\"][data-node=\"node-a\"]")
-        .expect("the exit button");
-    browser
-        .wait_for("#confirm[open]", Duration::from_secs(5))
-        .expect("the confirmation");
-    browser.click("#confirm-ok").expect("confirm");
+    page.act("button[data-action=\"exit-maintenance\"][data-node=\"node-a\"]");
     let left = Instant::now();
     page.until(NODE_A_ROW, "node-a back in service", 300, |t| {
         t.contains("\toff")
@@ -292,6 +381,9 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         t.contains("POST /api/nodes/node-a/maintenance/exit")
     });
     for action in [
+        "POST /api/vms/ledger-vm/protect?level=ha",
+        "POST /api/vms/ledger-vm/switchover",
+        "POST /api/vms/ledger-vm/protect",
         "POST /api/nodes/node-a/maintenance/enter",
         "POST /api/nodes/node-a/maintenance/exit",
         "POST /api/session",
@@ -309,7 +401,8 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     assert!(errors.is_empty(), "the page logged errors: {errors:?}");
     page.writer.assert_nothing_lost();
     eprintln!(
-        "[e2e] console: maintenance entered in {enter_s:.1} s, left in {leave_s:.1} s; takeover shown live; \
+        "[e2e] console: migrated a -> b (asked on b) in {migrate_s:.1} s; maintenance entered in \
+         {enter_s:.1} s, left in {leave_s:.1} s; takeover shown live; \
          {} operations, none lost; screenshots in {}",
         page.writer.acked.len(),
         out.display()

@@ -177,7 +177,11 @@ impl From<ManagerError> for ApiError {
             | ManagerError::NoTakeover(_)
             | ManagerError::NoSwitchover(_)
             | ManagerError::SwitchoverFailed(_)
+            | ManagerError::Forward(_)
+            | ManagerError::PeerRefused { .. }
             | ManagerError::NoMaintenance(_) => ApiError::Conflict(e.to_string()),
+            ManagerError::PeerNotFound { .. } => ApiError::NotFound(e.to_string()),
+            ManagerError::PeerFailed { .. } => ApiError::Internal(e.to_string()),
             ManagerError::NoSuchUser(_) => ApiError::NotFound(e.to_string()),
             ManagerError::Password(_) => ApiError::Internal(e.to_string()),
         }

@@ -343,7 +343,11 @@ async fn audit(
         return next.run(request).await;
     }
     let authorized = request.headers().contains_key(header::AUTHORIZATION);
-    let action = format!("{} {}", request.method(), request.uri().path());
+    // With the query: it can say what was asked (`protect?level=ha`).
+    let action = match request.uri().path_and_query() {
+        Some(pq) => format!("{} {pq}", request.method()),
+        None => format!("{} {}", request.method(), request.uri().path()),
+    };
     let response = next.run(request).await;
     let status = response.status();
     let (parts, body) = response.into_parts();

@@ -2,9 +2,9 @@
 
 use axum::extract::{FromRequest, Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, Caller};
 use crate::model::{ErrorBody, Level, VmCreate, VmView};
 
 /// A JSON body whose rejection is an [`ApiError`] (a JSON error answer).
@@ -124,26 +124,28 @@ pub async fn takeover(
 
 /// A planned switchover: the FT VM's primary role moves to its standby
 /// with nothing lost (a final checkpoint with the guest stopped, then the
-/// standby takes over at once, without a heartbeat timeout); this node
-/// becomes its standby. Asked of the node that runs the primary; answers
-/// once the standby was told to take over. An HA VM moves by live
-/// migration (memory copied while it runs, at level ft for the move, then
-/// the switchover; the new primary goes back to ha): that takes the copy's
-/// time, so the answer is 202 once the engine took the request, and the
-/// events say when the VM moved.
+/// standby takes over at once, without a heartbeat timeout); the node that
+/// ran the primary becomes its standby. Either node may be asked: the one
+/// without the primary passes the request to the one with it over the
+/// pair channel and gives its answer. Answers once the standby was told to
+/// take over. An HA VM moves by live migration (memory copied while it
+/// runs, at level ft for the move, then the switchover; the new primary
+/// goes back to ha): that takes the copy's time, so the answer is 202 once
+/// the engine took the request, and the events say when the VM moved.
 #[utoipa::path(post, path = "/api/vms/{name}/switchover", operation_id = "switchover_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "Switched over: the peer runs the primary", body = VmView),
               (status = 202, description = "An HA VM's live migration began", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
-              (status = 409, description = "Not possible now (not running, not protected, unprotected, its primary runs on the other node, a migration under way), or called off (the VM runs on here); the reason says which", body = ErrorBody)),
+              (status = 409, description = "Not possible now (not running, not protected, unprotected, a migration under way, the other node, which runs the primary, cannot be reached or did not answer), or called off (the VM runs on where it ran); the reason says which", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn switchover(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
-    let (view, migration) = state.manager.move_to_peer(&name).await?;
+    let (view, migration) = state.manager.move_asked(&name, &caller.0).await?;
     let code = if migration {
         StatusCode::ACCEPTED
     } else {

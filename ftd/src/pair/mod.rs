@@ -7,8 +7,12 @@
 //! and accepts the same VMs, and a node that was away catches up on its
 //! first exchange.
 //!
+//! A VM move asked through the API of the node that does not run the VM's
+//! primary goes over the channel to the node that does ([`forward`]).
+//!
 //! The node whose name sorts first dials; the other listens.
 
+pub mod forward;
 pub mod wire;
 
 use std::time::Duration;
@@ -18,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::config::SECRET_FILE;
 use crate::manager::Manager;
-use wire::PairState;
+use wire::PairMessage;
 
 /// The peer's daemon counts as gone after this much silence.
 pub const PAIR_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -154,22 +158,40 @@ async fn listen(addr: std::net::SocketAddr, config: LinkConfig, links: mpsc::Sen
 /// Runs one session until the link fails; returns why it ended.
 async fn session(manager: &Manager, link: Link) -> PairError {
     let (sender, mut receiver) = link.split();
+    let forwards = manager.forwards();
+    let number = forwards.begin();
     let send_loop = async {
         loop {
             let state = match manager.pair_state() {
                 Ok(s) => s,
                 Err(e) => return PairError::Merge(e),
             };
-            let frame = match state.to_frame() {
+            let frame = match PairMessage::State(state).to_frame() {
                 Ok(f) => f,
                 Err(e) => return PairError::Wire(e),
             };
             if let Err(e) = sender.send(&frame).await {
                 return PairError::Link(e);
             }
-            tokio::select! {
-                _ = manager.changed() => {}
-                _ = tokio::time::sleep(STATE_EVERY) => {}
+            // Asks and answers go out as they come; the state when it
+            // changes, and every second.
+            let next_state = tokio::time::sleep(STATE_EVERY);
+            tokio::pin!(next_state);
+            loop {
+                tokio::select! {
+                    _ = manager.changed() => break,
+                    _ = &mut next_state => break,
+                    message = forwards.next_outgoing(number) => {
+                        let Some(message) = message else { continue };
+                        let frame = match message.to_frame() {
+                            Ok(f) => f,
+                            Err(e) => return PairError::Wire(e),
+                        };
+                        if let Err(e) = sender.send(&frame).await {
+                            return PairError::Link(e);
+                        }
+                    }
+                }
             }
         }
     };
@@ -179,12 +201,21 @@ async fn session(manager: &Manager, link: Link) -> PairError {
                 Ok(f) => f,
                 Err(e) => return PairError::Link(e),
             };
-            let state = match PairState::from_frame(&frame) {
-                Ok(s) => s,
+            match PairMessage::from_frame(&frame) {
+                Ok(PairMessage::State(state)) => {
+                    if let Err(e) = manager.merge_peer(state) {
+                        return PairError::Merge(e);
+                    }
+                }
+                Ok(PairMessage::MoveAsk(ask)) => {
+                    let manager = manager.clone();
+                    tokio::spawn(async move {
+                        let answer = manager.move_asked_by_peer(ask).await;
+                        manager.forwards().answer(answer);
+                    });
+                }
+                Ok(PairMessage::MoveAnswer(answer)) => forwards.answered(answer),
                 Err(e) => return PairError::Wire(e),
-            };
-            if let Err(e) = manager.merge_peer(state) {
-                return PairError::Merge(e);
             }
         }
     };
@@ -192,6 +223,7 @@ async fn session(manager: &Manager, link: Link) -> PairError {
         e = send_loop => e,
         e = recv_loop => e,
     };
+    forwards.end(number);
     sender.close().await;
     ended
 }

@@ -1,29 +1,36 @@
 //! What the two daemons tell each other on the pair channel: each side's
 //! whole state (VM records, tombstones, the roles running on it, the
 //! nodes' maintenance), sent
-//! when it changes and every second. JSON in A-link message frames.
+//! when it changes and every second; and a VM move asked through one
+//! node's API of the node that runs its primary, with that node's answer.
+//! JSON in A-link message frames.
 
 use bytes::Bytes;
 use ft_link::{Frame, FrameKind};
 use replicator::status::{FtState, Role};
 use serde::{Deserialize, Serialize};
 
+use crate::model::VmView;
 use crate::store::{NodeRecord, Tombstone, UserRecord, VmRecord};
 
 /// The pair channel's protocol version.
 pub const PAIR_VERSION: u32 = 1;
 /// The message code of a [`PairState`] frame.
 pub const STATE_CODE: u8 = 64;
+/// The message code of a [`MoveAsk`] frame.
+pub const MOVE_ASK_CODE: u8 = 65;
+/// The message code of a [`MoveAnswer`] frame.
+pub const MOVE_ANSWER_CODE: u8 = 66;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("cannot encode this node's state: {0}")]
+    #[error("cannot encode this node's message: {0}")]
     Encode(serde_json::Error),
-    #[error("cannot frame this node's state: {0}")]
+    #[error("cannot frame this node's message: {0}")]
     Frame(ft_link::FrameError),
-    #[error("the peer sent a {0:?} frame, not a state")]
+    #[error("the peer sent a {0:?} frame, not a pair message")]
     UnexpectedFrame(FrameKind),
-    #[error("the peer's state ({len} bytes) is not valid: {source}")]
+    #[error("the peer's message ({len} bytes) is not valid: {source}")]
     Decode {
         len: usize,
         source: serde_json::Error,
@@ -69,24 +76,79 @@ pub struct PairState {
     pub users: Vec<UserRecord>,
 }
 
-impl PairState {
+/// A switchover (or an HA VM's live migration) asked through the API of
+/// the node that does not run the VM's primary, of the node that does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveAsk {
+    /// Names the answer (unique on the asking node).
+    pub id: u64,
+    pub vm: String,
+    /// Who asked, as the asking node's audit log names them.
+    pub by: String,
+}
+
+/// What became of a [`MoveAsk`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoveAnswer {
+    pub id: u64,
+    pub outcome: MoveOutcome,
+}
+
+/// The answering node's result, as its own API would have given it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum MoveOutcome {
+    /// Switched over, or (`migration`) an HA VM's live migration began.
+    Moved { view: Box<VmView>, migration: bool },
+    /// No such VM there.
+    NotFound { reason: String },
+    /// Not possible now, or called off; the reason says which.
+    Refused { reason: String },
+    /// The answering node failed (its store).
+    Failed { reason: String },
+}
+
+/// Any message of the pair channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PairMessage {
+    State(PairState),
+    MoveAsk(MoveAsk),
+    MoveAnswer(MoveAnswer),
+}
+
+fn frame_of(code: u8, value: &impl Serialize) -> Result<Frame, WireError> {
+    let payload = serde_json::to_vec(value).map_err(WireError::Encode)?;
+    Frame::message(code, 0, 0, Bytes::from(payload)).map_err(WireError::Frame)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(frame: &Frame) -> Result<T, WireError> {
+    serde_json::from_slice(&frame.payload).map_err(|source| WireError::Decode {
+        len: frame.payload.len(),
+        source,
+    })
+}
+
+impl PairMessage {
     pub fn to_frame(&self) -> Result<Frame, WireError> {
-        let payload = serde_json::to_vec(self).map_err(WireError::Encode)?;
-        Frame::message(STATE_CODE, 0, 0, Bytes::from(payload)).map_err(WireError::Frame)
+        match self {
+            PairMessage::State(s) => frame_of(STATE_CODE, s),
+            PairMessage::MoveAsk(a) => frame_of(MOVE_ASK_CODE, a),
+            PairMessage::MoveAnswer(a) => frame_of(MOVE_ANSWER_CODE, a),
+        }
     }
 
-    pub fn from_frame(frame: &Frame) -> Result<PairState, WireError> {
-        if frame.kind != FrameKind::Message(STATE_CODE) {
-            return Err(WireError::UnexpectedFrame(frame.kind));
+    pub fn from_frame(frame: &Frame) -> Result<PairMessage, WireError> {
+        match frame.kind {
+            FrameKind::Message(STATE_CODE) => {
+                let state: PairState = decode(frame)?;
+                if state.version != PAIR_VERSION {
+                    return Err(WireError::Version(state.version));
+                }
+                Ok(PairMessage::State(state))
+            }
+            FrameKind::Message(MOVE_ASK_CODE) => decode(frame).map(PairMessage::MoveAsk),
+            FrameKind::Message(MOVE_ANSWER_CODE) => decode(frame).map(PairMessage::MoveAnswer),
+            other => Err(WireError::UnexpectedFrame(other)),
         }
-        let state: PairState =
-            serde_json::from_slice(&frame.payload).map_err(|source| WireError::Decode {
-                len: frame.payload.len(),
-                source,
-            })?;
-        if state.version != PAIR_VERSION {
-            return Err(WireError::Version(state.version));
-        }
-        Ok(state)
     }
 }
