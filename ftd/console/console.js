@@ -134,7 +134,7 @@ function started() {
   $('#nav').hidden = false;
   $('#logout').hidden = false;
   $('#activity-panel').hidden = false;
-  $('#serving').textContent = `${state.session.user} on ${state.session.node}`;
+  $('#serving').textContent = `${state.session.user}${state.session.role ? ` (${state.session.role})` : ''} on ${state.session.node}`;
   startStream();
   route();
   refresh();
@@ -376,6 +376,8 @@ const ACTIONS = {
   migrate: (t) => ({
     question: `Move ${t.vm} to its standby by live migration? Its memory is copied while it runs (protected at FT meanwhile), then it switches over and goes back to HA.`,
     request: () => switchover(t.vm),
+    // The answer comes once the copy began: the move shows in the VM's row.
+    track: { vm: t.vm, from: state.vms.find((v) => v.name === t.vm)?.primary_node, underway: 'its memory is being copied' },
   }),
 };
 
@@ -406,7 +408,7 @@ async function act(action, target) {
   try {
     const answer = await request();
     if (track) {
-      entry.update(`${question.split('?')[0]}: under way (${answer.maintenance})`, 'running');
+      entry.update(`${question.split('?')[0]}: under way (${track.underway || answer.maintenance})`, 'running');
       state.tracking.push({ ...track, entry, started: Date.now(), said: new Set() });
     } else {
       entry.update(`${question.split('?')[0]}: done${answer && answer.state ? ` (${answer.name} ${answer.state}, primary ${answer.primary_node || '-'})` : ''}`, 'done');
@@ -417,8 +419,27 @@ async function act(action, target) {
   refresh();
 }
 
+// A VM move asked (a live migration): done once the VM runs protected on
+// another node; given up on after a while (the events say why).
+const MOVE_SEEN_WITHIN_MS = 10 * 60 * 1000;
+
+function followMove(t) {
+  const vm = state.vms.find((v) => v.name === t.vm);
+  const secs = ((Date.now() - t.started) / 1000).toFixed(1);
+  if (vm && vm.primary_node && vm.primary_node !== t.from && vm.state === 'protected') {
+    t.entry.update(`${t.vm} moved to ${vm.primary_node} and is protected (${secs} s)`, 'done');
+    return false;
+  }
+  if (Date.now() - t.started > MOVE_SEEN_WITHIN_MS) {
+    t.entry.update(`${t.vm}: no move seen in ${secs} s; see its events`, 'failed');
+    return false;
+  }
+  return true;
+}
+
 function followTracked() {
   state.tracking = state.tracking.filter((t) => {
+    if (t.vm) return followMove(t);
     const node = state.nodes.find((n) => n.name === t.node);
     if (!node) return true;
     for (const line of node.maintenance_waiting || []) {

@@ -736,6 +736,11 @@ pub struct SessionView {
     /// Seconds until the session ends if unused (0: the request carried
     /// a token, not a session).
     pub expires_in_s: u64,
+    /// `administrator` (the API token: everything) or `operator` (a
+    /// console user: the VMs and the nodes, but not the pair secret nor
+    /// the console's users).
+    #[serde(default)]
+    pub role: String,
 }
 
 /// One sample of a VM's checkpointing, from the engine running its

@@ -361,30 +361,55 @@ fn console_users_log_in_with_their_password_until_deleted() {
         json!({"user": "alice", "password": "correct horse battery"}),
     );
     assert_eq!(status, 200, "{text}");
+    let view: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
-        serde_json::from_str::<Value>(&text).unwrap()["user"],
-        "alice"
+        (&view["user"], &view["role"]),
+        (&json!("alice"), &json!("operator"))
     );
     let id = session_id(&headers);
-    let (status, _, _) = send(
-        &d,
-        "PUT",
-        "/api/users/bob",
-        Some(&id),
-        true,
-        Some(json!({"password": "0123456789ab"})),
-    );
-    assert_eq!(status, 200);
+    // An operator: the VMs, the nodes and the logs, but not the pair
+    // secret nor the users (refused, and audited with who tried).
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/api/users/bob",
+            Some(json!({"password": "0123456789ab"})),
+        ),
+        ("DELETE", "/api/users/alice", None),
+        ("GET", "/api/pair", None),
+        ("POST", "/api/pair/peer", Some(json!({}))),
+    ] {
+        let (status, _, text) = send(&d, method, path, Some(&id), true, body);
+        assert_eq!(status, 403, "{method} {path}: {text}");
+        assert!(text.contains("alice is an operator"), "{text}");
+    }
+    for path in ["/api/users", "/api/nodes", "/api/audit"] {
+        let (status, _, text) = send(&d, "GET", path, Some(&id), false, None);
+        assert_eq!(status, 200, "{path}: {text}");
+    }
     let (_, audit) = d.call("GET", "/api/audit?limit=100", "-", None);
     assert!(
         audit
             .as_array()
             .unwrap()
             .iter()
-            .any(|e| e["action"] == "PUT /api/users/bob"
+            .any(|e| e["action"] == "GET /api/pair"
+                && e["status"] == 403
                 && e["who"].as_str().unwrap().starts_with("alice@")),
         "{audit}"
     );
+    // The administrator (the token, here in a console session) may.
+    let (admin, view) = token_session(&d);
+    assert_eq!(view["role"], "administrator");
+    let (status, _, text) = send(
+        &d,
+        "PUT",
+        "/api/users/bob",
+        Some(&admin),
+        true,
+        Some(json!({"password": "0123456789ab"})),
+    );
+    assert_eq!(status, 200, "{text}");
     // A new password ends the sessions opened with the old one.
     let (status, headers, _) = log_in(&d, json!({"user": "bob", "password": "0123456789ab"}));
     assert_eq!(status, 200);

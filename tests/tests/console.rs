@@ -120,11 +120,41 @@ impl Page<'_> {
     }
 
     /// Clicks the button at `selector` and confirms the question it asks.
+    /// A row whose state changes is drawn again, and its buttons may move
+    /// under the pointer between finding one and clicking it: a click that
+    /// opened no confirmation is made again on the button found anew
+    /// (a click that missed asked nothing).
     fn act(&mut self, selector: &str) {
-        self.browser.click(selector).expect("the button");
-        self.browser
-            .wait_for("#confirm[open]", Duration::from_secs(5))
-            .expect("the confirmation");
+        // Nothing covers the button: a user could click it.
+        let uncovered = self
+            .browser
+            .eval(&format!(
+                "(() => {{ const b = document.querySelector({sel}); if (!b) return 'missing'; \
+                 b.scrollIntoView({{block: 'center', inline: 'center'}}); \
+                 const r = b.getBoundingClientRect(); \
+                 const at = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2); \
+                 return at === b || b.contains(at) ? 'clear' : `covered by ${{at && at.outerHTML.slice(0, 80)}}`; }})()",
+                sel = serde_json::to_string(selector).unwrap()
+            ))
+            .expect("the button's place");
+        if uncovered != serde_json::json!("clear") {
+            let _ = self.browser.screenshot("button-covered");
+            panic!("{selector}: {uncovered}");
+        }
+        for attempt in 1..=3 {
+            self.browser.click(selector).expect("the button");
+            match self
+                .browser
+                .wait_for("#confirm[open]", Duration::from_secs(3))
+            {
+                Ok(_) => break,
+                Err(e) if attempt == 3 => {
+                    let _ = self.browser.screenshot("no-confirmation");
+                    panic!("{selector}: no confirmation after {attempt} clicks: {e:?}")
+                }
+                Err(_) => {}
+            }
+        }
         self.browser.click("#confirm-ok").expect("confirm");
     }
 }
@@ -258,7 +288,7 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     );
     page.until(VM_STATE, "protected at ha on b", 120, |t| t == "protected");
     page.until("#activity", "the migration's answer", 10, |t| {
-        t.contains("by live migration: done")
+        t.contains("ledger-vm moved to node-b and is protected")
     });
     browser.screenshot("migrated").expect("screenshot");
 

@@ -236,6 +236,8 @@ async fn authenticate(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
+    // Who a refused session is (the audit log names who tried).
+    let mut refused_caller = None;
     let verdict = match given {
         Some(v) => match v.strip_prefix("Bearer ") {
             Some(token) if same_secret(token.trim().as_bytes(), state.token.as_bytes()) => {
@@ -265,17 +267,22 @@ async fn authenticate(
                         session.user
                     )))
                 }
-                Some(_) if mutating(&request) && !from_console(&request) => {
+                Some(session) if !session.by_token && administrator_only(&request) => {
+                    refused_caller = Some(session_caller(&session.user, client));
+                    Err(ApiError::Forbidden(format!(
+                        "console user {} is an operator: the pair secret and the console's \
+                         users are for the administrator (the API token)",
+                        session.user
+                    )))
+                }
+                Some(session) if mutating(&request) && !from_console(&request) => {
+                    refused_caller = Some(session_caller(&session.user, client));
                     Err(ApiError::Forbidden(format!(
                         "a change made with a console session must carry the header \
                          {CONSOLE_HEADER}: 1 (a cross-site request is refused)"
                     )))
                 }
-                Some(session) => Ok(Caller(format!(
-                    "{}@{} (console)",
-                    session.user,
-                    client.ip()
-                ))),
+                Some(session) => Ok(session_caller(&session.user, client)),
             },
         },
     };
@@ -293,8 +300,19 @@ async fn authenticate(
             response.extensions_mut().insert(caller);
             response
         }
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            let mut response = refusal.into_response();
+            if let Some(caller) = refused_caller {
+                response.extensions_mut().insert(caller);
+            }
+            response
+        }
     }
+}
+
+/// The audit log's name of a console session's user.
+fn session_caller(user: &str, client: SocketAddr) -> Caller {
+    Caller(format!("{user}@{} (console)", client.ip()))
 }
 
 /// Whether the session's user still exists with the password it logged
@@ -309,6 +327,16 @@ pub(super) fn user_unchanged(
         .store()
         .user(&session.user)
         .is_ok_and(|u| u.is_some_and(|u| u.revision == session.user_revision))
+}
+
+/// What only the API token's holder may do: read the pair secret or pair
+/// the node, and make, change or delete console users. A console user is
+/// an operator: everything else (VMs, nodes, maintenance, the logs).
+pub(super) fn administrator_only(request: &Request) -> bool {
+    let path = request.uri().path();
+    path == "/api/pair"
+        || path.starts_with("/api/pair/")
+        || (path.starts_with("/api/users") && mutating(request))
 }
 
 fn mutating(request: &Request) -> bool {

@@ -14,7 +14,8 @@ use crate::model::{ErrorBody, PairInfo, Severity};
 /// node (audited: it carries the secret).
 #[utoipa::path(get, path = "/api/pair", operation_id = "show_pair", tag = "nodes",
     responses((status = 200, description = "What a joining node needs", body = PairInfo),
-              (status = 401, description = "No or a wrong token", body = ErrorBody)),
+              (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(State(state): State<ApiState>) -> Result<Json<PairInfo>, ApiError> {
     let manager = &state.manager;
@@ -38,6 +39,7 @@ pub async fn show(State(state): State<ApiState>) -> Result<Json<PairInfo>, ApiEr
     responses((status = 202, description = "Taken; the daemon restarts", body = NodeAddresses),
               (status = 400, description = "Not JSON", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody),
               (status = 409, description = "This node has another peer", body = ErrorBody),
               (status = 415, description = "Not sent as JSON", body = ErrorBody),
               (status = 422, description = "A field is wrong", body = ErrorBody)),

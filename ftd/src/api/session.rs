@@ -17,8 +17,18 @@ use axum::Json;
 use super::vms::JsonBody;
 use super::{ApiError, ApiState, Caller};
 
-use crate::console::sessions::{clear_cookie, session_cookie, set_cookie};
+use crate::console::sessions::{came_over_https, clear_cookie, session_cookie, set_cookie};
 use crate::model::{ErrorBody, SessionLogin, SessionView};
+
+/// The role of a session opened with the API token or (not) a user's
+/// password: see [`super::administrator_only`].
+fn role_of(by_token: bool) -> &'static str {
+    if by_token {
+        "administrator"
+    } else {
+        "operator"
+    }
+}
 
 /// How long a wrong token or password makes its sender wait (a guess
 /// costs time).
@@ -36,6 +46,7 @@ const WRONG_LOGIN_PAUSE: Duration = Duration::from_millis(300);
 pub async fn log_in(
     State(state): State<ApiState>,
     axum::extract::ConnectInfo(client): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     JsonBody(login): JsonBody<SessionLogin>,
 ) -> Result<Response, ApiError> {
     let (user, by_token, user_revision) = match (login.token, login.user, login.password) {
@@ -89,8 +100,16 @@ pub async fn log_in(
         user: user.clone(),
         node: state.manager.node_name().to_string(),
         expires_in_s: session.ends_in(Instant::now()).as_secs(),
+        role: role_of(by_token).into(),
     };
-    let mut response = ([(header::SET_COOKIE, set_cookie(&id))], Json(view)).into_response();
+    let mut response = (
+        [(
+            header::SET_COOKIE,
+            set_cookie(&id, came_over_https(&headers)),
+        )],
+        Json(view),
+    )
+        .into_response();
     response
         .extensions_mut()
         .insert(Caller(format!("{user}@{} (console login)", client.ip())));
@@ -117,6 +136,7 @@ pub async fn show(State(state): State<ApiState>, headers: HeaderMap) -> Json<Ses
             user: s.user.clone(),
             node,
             expires_in_s: s.ends_in(Instant::now()).as_secs(),
+            role: role_of(s.by_token).into(),
         },
         None => SessionView {
             logged_in: bearer,
@@ -127,6 +147,11 @@ pub async fn show(State(state): State<ApiState>, headers: HeaderMap) -> Json<Ses
             },
             node,
             expires_in_s: 0,
+            role: if bearer {
+                role_of(true).into()
+            } else {
+                String::new()
+            },
         },
     })
 }

@@ -24,6 +24,7 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Vec<UserView>>, 
     responses((status = 200, description = "The user", body = UserView),
               (status = 400, description = "Not JSON", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody),
               (status = 415, description = "Not sent as JSON", body = ErrorBody),
               (status = 422, description = "A bad name or password", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -46,6 +47,7 @@ pub async fn set(
     params(("name" = String, Path, description = "The user's name")),
     responses((status = 204, description = "Deleted"),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody),
               (status = 404, description = "No such user", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(

@@ -4,6 +4,8 @@
 //! the login.
 
 use std::collections::HashMap;
+
+use axum::http::HeaderMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -124,7 +126,7 @@ impl Sessions {
 }
 
 /// The session id in a request's `Cookie` headers, if any.
-pub fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(axum::http::header::COOKIE)
         .iter()
@@ -136,12 +138,31 @@ pub fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// The `Set-Cookie` value that gives the browser session `id`.
-pub fn set_cookie(id: &str) -> String {
+/// The `Set-Cookie` value that gives the browser session `id`; `secure`:
+/// the browser reached the console over HTTPS (a TLS proxy in front of
+/// `ftd` said so), and the cookie must never travel in the clear.
+pub fn set_cookie(id: &str, secure: bool) -> String {
     format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
-        LIFETIME.as_secs()
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        LIFETIME.as_secs(),
+        if secure { "; Secure" } else { "" }
     )
+}
+
+/// Whether the request reached a TLS proxy in front of `ftd` (which says
+/// so with `X-Forwarded-Proto: https`, as nginx and HAProxy are set up to).
+/// `ftd` itself serves plain HTTP.
+pub fn came_over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("https")
+        })
 }
 
 /// The `Set-Cookie` value that removes the session cookie.
@@ -203,6 +224,14 @@ mod tests {
         let mut headers = axum::http::HeaderMap::new();
         headers.append(axum::http::header::COOKIE, "ftd_session=".parse().unwrap());
         assert_eq!(session_cookie(&headers), None);
-        assert!(set_cookie("abc").contains("HttpOnly; SameSite=Strict"));
+        assert!(set_cookie("abc", false).contains("HttpOnly; SameSite=Strict"));
+        assert!(!set_cookie("abc", false).contains("Secure"));
+        assert!(set_cookie("abc", true).ends_with("; Secure"));
+        let mut headers = HeaderMap::new();
+        assert!(!came_over_https(&headers));
+        headers.insert("x-forwarded-proto", "HTTPS, http".parse().unwrap());
+        assert!(came_over_https(&headers));
+        headers.insert("x-forwarded-proto", "http".parse().unwrap());
+        assert!(!came_over_https(&headers));
     }
 }
