@@ -127,14 +127,16 @@ enum LabCommand {
         /// pull: power-cut the primary; partition: cut every path between
         /// the nodes for 1-5 s (the witness stays on the host); mixed: both
         /// at random; freeze-standby / freeze-primary: SIGSTOP that node's
-        /// engine for 0.2-3 s, then SIGCONT.
+        /// engine for 0.2-3 s, then SIGCONT; switchover: a planned
+        /// switchover (at level ha: a live migration).
         #[arg(long, value_enum, default_value = "pull")]
         fault: drill::Fault,
         /// Where the JSON report goes (default: the lab's folder).
         #[arg(long)]
         report: Option<std::path::PathBuf>,
         /// The ledger VM's protection level: ft (resumed on the survivor)
-        /// or ha (rebooted there from its mirror; pull faults only).
+        /// or ha (rebooted there from its mirror; pull and switchover
+        /// faults only).
         #[arg(long, value_enum, default_value = "ft")]
         level: api_commands::ProtectLevelArg,
     },

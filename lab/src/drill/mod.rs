@@ -73,8 +73,17 @@ pub enum DrillError {
         node: NodeId,
         why: String,
     },
-    #[error("a drill of {fault:?} faults at level HA is not built: level HA drills pull the primary (--fault pull)")]
+    #[error("a drill of {fault:?} faults at level HA is not built: level HA drills pull the primary (--fault pull) or move the VM by live migration (--fault switchover)")]
     NotAtHa { fault: Fault },
+    #[error(
+        "{node}'s engine was not a protected primary at level {level} within {secs} s: {last}"
+    )]
+    NotAtLevel {
+        node: NodeId,
+        level: Level,
+        secs: u64,
+        last: String,
+    },
     #[error("drill {round}: the VM booted on {node}, but its console never said how the data disk's check (e2fsck) went within {secs} s")]
     NoFsck { round: u32, node: NodeId, secs: u64 },
     #[error("writing the report {path}: {source}")]
@@ -257,7 +266,7 @@ pub fn run_at(
     level: Level,
     report_path: &PathBuf,
 ) -> Result<DrillReport, DrillError> {
-    if level == Level::Ha && fault != Fault::Pull {
+    if level == Level::Ha && !matches!(fault, Fault::Pull | Fault::Switchover) {
         return Err(DrillError::NotAtHa { fault });
     }
     lab.down()?;
@@ -277,9 +286,11 @@ pub fn run_at(
     )?;
     let mut client = Client::start_with(
         lab,
-        match level {
-            Level::Ft => Reconnect::Never,
-            Level::Ha => Reconnect::AfterReboot,
+        // Only a reboot breaks the client's connection: a live migration
+        // (level HA, switchover rounds) keeps it like an FT failover.
+        match (level, fault) {
+            (Level::Ha, Fault::Pull) => Reconnect::AfterReboot,
+            _ => Reconnect::Never,
         },
     )?;
     let seed = SystemTime::now()
@@ -304,7 +315,9 @@ pub fn run_at(
                 RoundFault::Freeze(node) => {
                     freeze_round(lab, &client, round, primary, node, &mut rng)?
                 }
-                RoundFault::Switchover => switchover_round(lab, &client, round, primary, &mut rng)?,
+                RoundFault::Switchover => {
+                    switchover_round(lab, &client, round, primary, level, &mut rng)?
+                }
                 _ => partition_round(lab, &client, round, primary, this, &mut rng)?,
             };
             progress(format_args!(
@@ -777,11 +790,15 @@ fn freeze_round(
 /// A planned switchover at a random moment: the standby takes over with
 /// nothing lost, the old primary becomes its standby and the pair is
 /// protected again. The round's `failover_ms` is the client-visible pause.
+/// At level HA the VM moves by live migration: the answer comes when the
+/// memory copy begins, and the round waits until the peer runs the VM
+/// (then protected at HA again, so that the next round migrates too).
 fn switchover_round(
     lab: &Lab,
     client: &Client,
     round: u32,
     primary: NodeId,
+    level: Level,
     rng: &mut u64,
 ) -> Result<DrillRound, DrillError> {
     let standby = primary.peer();
@@ -793,6 +810,15 @@ fn switchover_round(
         node: primary,
         source,
     })?;
+    if level == Level::Ha {
+        ft_pair::wait_for(
+            lab,
+            standby,
+            Role::Primary,
+            FtState::Protected,
+            MIGRATED_WITHIN,
+        )?;
+    }
     let answered_at = Instant::now();
     let served = client.first_ack_after(answered_at, Duration::from_secs(60), round)?;
     let pause = client.longest_gap(asked_at, served);
@@ -815,7 +841,36 @@ fn switchover_round(
     r.failover_ms = pause.as_millis() as u64;
     // The VM must have moved.
     r.placed_ok &= r.promoted == standby;
+    if level == Level::Ha {
+        at_level(lab, r.promoted, Level::Ha, REPROTECT_WITHIN)?;
+    }
     Ok(r)
+}
+
+/// How long a live migration may take, from the request to the peer's
+/// copy running protected (the memory copy at the lab A-link's rate).
+const MIGRATED_WITHIN: Duration = Duration::from_secs(180);
+
+/// Waits until `node`'s engine is a protected primary at `level`.
+fn at_level(lab: &Lab, node: NodeId, level: Level, within: Duration) -> Result<(), DrillError> {
+    let start = Instant::now();
+    loop {
+        let status = ft_pair::status(lab, node);
+        if status.as_ref().is_some_and(|s| {
+            s.role == Role::Primary && s.state == FtState::Protected && s.level == level
+        }) {
+            return Ok(());
+        }
+        if start.elapsed() > within {
+            return Err(DrillError::NotAtLevel {
+                node,
+                level,
+                secs: within.as_secs(),
+                last: format!("{status:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The report as a table.
@@ -861,7 +916,14 @@ pub fn print_table(report: &DrillReport) {
             r.resync_disk_unread_bytes as f64 / 1e6
         );
     }
-    if report.level == Level::Ha {
+    let migrations = report.level == Level::Ha && report.fault == Fault::Switchover;
+    if migrations {
+        println!(
+            "level ha: the VM moved by live migration each round (memory copied while it ran, \
+             then a switchover; failover = the longest pause the client saw); one client \
+             connection throughout"
+        );
+    } else if report.level == Level::Ha {
         let fsck: Vec<&str> = report
             .rounds
             .iter()
@@ -891,6 +953,7 @@ pub fn print_table(report: &DrillReport) {
         report.two_active_total,
         match (report.connection_survived, report.level) {
             (false, _) => "BROKE",
+            (true, _) if migrations => "survived every migration",
             (true, Level::Ft) => "survived every fault",
             (true, Level::Ha) => "reconnected after every reboot",
         },
