@@ -29,8 +29,19 @@ use crate::store::{unix_ms, NodeRecord, VmRecord};
 
 /// How often the driver looks when nothing changed.
 pub const STEP_EVERY: Duration = Duration::from_millis(500);
-/// After a switchover of one VM failed, the next try waits this long.
+/// After a switchover of one VM failed, the next try waits this long,
+/// doubled after each further failure up to [`RETRY_AT_MOST_AFTER`] (each
+/// failure raises an alert: a VM that cannot move raises a few, not one
+/// every few seconds).
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+pub const RETRY_AT_MOST_AFTER: Duration = Duration::from_secs(80);
+
+/// The pause after `failures` failed switchovers of one VM in a row.
+pub fn retry_pause(failures: u32) -> Duration {
+    RETRY_AFTER
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(RETRY_AT_MOST_AFTER)
+}
 
 impl Manager {
     /// The maintenance record of `node` (a node of this pair).
@@ -307,8 +318,9 @@ pub async fn run(manager: Manager) {
 struct Driver {
     manager: Manager,
     peer: String,
-    /// When a switchover of each VM was last tried (for the retry pause).
-    tried: HashMap<String, Instant>,
+    /// When a switchover of each VM last failed, and how many failed in a
+    /// row (for the retry pause).
+    tried: HashMap<String, (Instant, u32)>,
 }
 
 impl Driver {
@@ -381,11 +393,10 @@ impl Driver {
             let paused = self
                 .tried
                 .get(&name)
-                .is_some_and(|t| t.elapsed() < RETRY_AFTER);
+                .is_some_and(|(at, failures)| at.elapsed() < retry_pause(*failures));
             if !protected || paused {
                 continue;
             }
-            self.tried.insert(name.clone(), Instant::now());
             let why = match asked.maintenance {
                 Maintenance::Leaving => format!("node {} leaves maintenance", asked.name),
                 _ => format!("node {} enters maintenance", asked.name),
@@ -398,6 +409,9 @@ impl Driver {
             );
             if outcome.is_ok() {
                 self.tried.remove(&name);
+            } else {
+                let failures = self.tried.get(&name).map_or(0, |(_, n)| *n) + 1;
+                self.tried.insert(name.clone(), (Instant::now(), failures));
             }
         }
         Ok(())
@@ -577,5 +591,12 @@ mod tests {
             m.maintenance("node-a").unwrap().maintenance,
             Maintenance::Entering
         );
+    }
+
+    #[test]
+    fn a_vm_that_cannot_move_is_tried_less_and_less_often() {
+        let pauses: Vec<u64> = (1..=7).map(|n| retry_pause(n).as_secs()).collect();
+        assert_eq!(pauses, vec![5, 10, 20, 40, 80, 80, 80]);
+        assert_eq!(retry_pause(u32::MAX), RETRY_AT_MOST_AFTER);
     }
 }
