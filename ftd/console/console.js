@@ -277,6 +277,19 @@ function renderNodes() {
   });
 }
 
+// Why the VM's primary runs where it does (VMs spread by their preferred
+// node; maintenance and faults move them).
+function placement(vm) {
+  const preferred = vm.definition && vm.definition.preferred_node;
+  if (!vm.primary_node || !preferred) return '-';
+  if (vm.primary_node === preferred) return 'its preferred node';
+  const node = state.nodes.find((n) => n.name === preferred);
+  if (node && (node.maintenance === 'entering' || node.maintenance === 'on')) return `${preferred} (preferred) is in maintenance`;
+  if (node && node.maintenance === 'leaving') return `returns to ${preferred} once protected`;
+  if (node && node.state !== 'up') return `${preferred} (preferred) is ${node.state}`;
+  return `prefers ${preferred}; moved by a failover or switchover`;
+}
+
 function standbyState(vm) {
   const role = (vm.roles || []).find((r) => r.role === 'standby');
   return role ? `${role.node} (${role.state})` : '-';
@@ -299,6 +312,7 @@ function renderVms() {
         { class: `state state-${vm.state}`, show: vm.state },
         { class: 'level', show: vm.level },
         { class: 'primary', show: vm.primary_node || '-' },
+        { class: 'placement muted', show: placement(vm) },
         { class: 'standby', show: standbyState(vm) },
         { class: 'generation', show: vm.generation },
         { class: 'epoch', show: vm.epoch ?? '-' },

@@ -191,6 +191,7 @@ const VM_ROW: &str = "#vms tr[data-vm=\"ledger-vm\"]";
 const VM_STATE: &str = "#vms tr[data-vm=\"ledger-vm\"] td.state";
 const VM_PRIMARY: &str = "#vms tr[data-vm=\"ledger-vm\"] td.primary";
 const VM_LEVEL: &str = "#vms tr[data-vm=\"ledger-vm\"] td.level";
+const VM_PLACEMENT: &str = "#vms tr[data-vm=\"ledger-vm\"] td.placement";
 const VM_GENERATION: &str = "#vms tr[data-vm=\"ledger-vm\"] td.generation";
 const NODE_A_ROW: &str = "#nodes tr[data-node=\"node-a\"]";
 
@@ -247,6 +248,9 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     });
     page.until(VM_STATE, "the VM protected", 30, |t| t == "protected");
     assert_eq!(browser.text(VM_PRIMARY).expect("primary"), "node-a");
+    page.until(VM_PLACEMENT, "why the VM runs on a", 10, |t| {
+        t == "its preferred node"
+    });
     browser.screenshot("dashboard").expect("screenshot");
     // Live charts on the VM's page (a few samples), then back.
     browser.click(&format!("{VM_ROW} a")).expect("open the VM");
@@ -350,6 +354,9 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         "-",
         "a node in maintenance keeps no standby"
     );
+    page.until(VM_PLACEMENT, "why the VM runs on b", 10, |t| {
+        t == "node-a (preferred) is in maintenance"
+    });
     browser.screenshot("in-maintenance").expect("screenshot");
     let generation = ft_pair::api(lab.lab(), b)
         .unwrap()
