@@ -390,8 +390,9 @@ const ACTIONS = {
   migrate: (t) => ({
     question: `Move ${t.vm} to its standby by live migration? Its memory is copied while it runs (protected at FT meanwhile), then it switches over and goes back to HA.`,
     request: () => switchover(t.vm),
-    // The answer comes once the copy began: the move shows in the VM's row.
-    track: { vm: t.vm, from: state.vms.find((v) => v.name === t.vm)?.primary_node, underway: 'its memory is being copied' },
+    // The answer comes once the copy began (its view names the node the
+    // VM moves from): the move shows in the VM's row.
+    track: { vm: t.vm, underway: 'its memory is being copied' },
   }),
 };
 
@@ -423,12 +424,15 @@ async function act(action, target) {
     const answer = await request();
     if (track) {
       entry.update(`${question.split('?')[0]}: under way (${track.underway || answer.maintenance})`, 'running');
-      state.tracking.push({ ...track, entry, started: Date.now(), said: new Set() });
+      const lastAlert = Math.max(0, ...state.alerts.map((a) => a.id));
+      state.tracking.push({ ...track, from: answer && answer.primary_node, lastAlert, entry, started: Date.now(), said: new Set() });
     } else {
       entry.update(`${question.split('?')[0]}: done${answer && answer.state ? ` (${answer.name} ${answer.state}, primary ${answer.primary_node || '-'})` : ''}`, 'done');
     }
   } catch (e) {
-    entry.update(`${question.split('?')[0]}: refused: ${e.message}`, 'failed');
+    // 502/504: asked of the other node, which failed or gave no answer.
+    const how = e.status === 504 ? 'outcome unknown' : e.status === 502 ? 'failed' : 'refused';
+    entry.update(`${question.split('?')[0]}: ${how}: ${e.message}`, 'failed');
   }
   refresh();
 }
@@ -440,8 +444,15 @@ const MOVE_SEEN_WITHIN_MS = 10 * 60 * 1000;
 function followMove(t) {
   const vm = state.vms.find((v) => v.name === t.vm);
   const secs = ((Date.now() - t.started) / 1000).toFixed(1);
-  if (vm && vm.primary_node && vm.primary_node !== t.from && vm.state === 'protected') {
-    t.entry.update(`${t.vm} moved to ${vm.primary_node} and is protected (${secs} s)`, 'done');
+  if (vm && vm.primary_node && vm.primary_node !== t.from) {
+    t.entry.update(`${t.vm} moved to ${vm.primary_node} (${secs} s)`, 'done');
+    return false;
+  }
+  // Called off: the VM runs on where it was (its alert says why).
+  const calledOff = state.alerts.find((a) => a.id > t.lastAlert && a.vm === t.vm
+    && (a.message.includes('live migration called off') || a.message.includes('switchover not done')));
+  if (calledOff) {
+    t.entry.update(`${t.vm}: not moved: ${calledOff.message}`, 'failed');
     return false;
   }
   if (Date.now() - t.started > MOVE_SEEN_WITHIN_MS) {

@@ -355,6 +355,11 @@ impl Driver {
             }
             return Ok(());
         }
+        // No step moves VMs now: the next one starts with a clean slate of
+        // failures.
+        if mine.maintenance != Maintenance::Entering && theirs.maintenance != Maintenance::Leaving {
+            self.tried.clear();
+        }
         // This node is entering: its primaries switch over to the peer.
         if mine.maintenance == Maintenance::Entering {
             self.move_primaries(&mine, &peer, |_| true).await?;

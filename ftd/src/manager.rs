@@ -95,6 +95,8 @@ struct PeerView {
     synced: bool,
     /// The roles running on the peer, by VM.
     roles: HashMap<String, RoleReport>,
+    /// The peer's daemon takes VM moves asked through this node's API.
+    takes_moves: bool,
 }
 
 impl Manager {
@@ -242,6 +244,12 @@ impl Manager {
         self.peer_view().connected
     }
 
+    /// Whether the peer's daemon takes VM moves asked through this node's
+    /// API (an older one does not).
+    pub fn peer_takes_moves(&self) -> bool {
+        self.peer_view().takes_moves
+    }
+
     /// This node's state for the peer.
     pub fn pair_state(&self) -> Result<PairState, ManagerError> {
         let roles = self
@@ -260,6 +268,7 @@ impl Manager {
             roles,
             nodes: self.inner.store.node_records()?,
             users: self.inner.store.user_records()?,
+            takes_moves: true,
         })
     }
 
@@ -379,6 +388,7 @@ impl Manager {
         self.inner.store.node_seen(&state.node)?;
         let first = {
             let mut view = self.peer_view();
+            view.takes_moves = state.takes_moves;
             view.roles = state.roles.into_iter().map(|r| (r.vm.clone(), r)).collect();
             let first = !view.synced;
             view.synced = true;

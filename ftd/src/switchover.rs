@@ -23,6 +23,7 @@ use replicator::status::{FtState, Role};
 
 use crate::manager::{Manager, ManagerError};
 use crate::model::{Desired, Severity, VmView};
+use crate::pair::forward::ForwardError;
 use crate::pair::wire::{MoveAnswer, MoveAsk, MoveOutcome};
 use crate::store::StoreError;
 
@@ -55,6 +56,9 @@ impl Manager {
             _ => return self.move_to_peer(name).await,
         }
         let peer = self.config().peer.as_ref().map_or("", |p| p.name.as_str());
+        if self.peer_connected() && !self.peer_takes_moves() {
+            return Err(ForwardError::PeerTooOld { peer: peer.into() }.into());
+        }
         let outcome = self
             .forwards()
             .ask(peer, name, by, FORWARDED_WITHIN)
@@ -147,8 +151,8 @@ impl Manager {
                     .map(|n| format!(" at {}", n.api))
                     .unwrap_or_default();
                 return refuse(format!(
-                    "the primary of VM {name} runs on node {p}: ask that node's API{api} \
-                     (ftctl does)"
+                    "the primary of VM {name} runs on node {p}, not on {me}: ask that node's \
+                     API{api}"
                 ));
             }
             None => return Err(ManagerError::NotRunning(name.to_string())),

@@ -368,7 +368,8 @@ fn console_users_log_in_with_their_password_until_deleted() {
     );
     let id = session_id(&headers);
     // An operator: the VMs, the nodes and the logs, but not the pair
-    // secret nor the users (refused, and audited with who tried).
+    // secret, the users, VM definitions or forced takeovers (refused, and
+    // audited with who tried).
     for (method, path, body) in [
         (
             "PUT",
@@ -378,6 +379,14 @@ fn console_users_log_in_with_their_password_until_deleted() {
         ("DELETE", "/api/users/alice", None),
         ("GET", "/api/pair", None),
         ("POST", "/api/pair/peer", Some(json!({}))),
+        // A definition names host files the daemon reads as root.
+        (
+            "POST",
+            "/api/vms",
+            Some(json!({"name": "x", "kernel": "/etc/shadow"})),
+        ),
+        ("DELETE", "/api/vms/x", None),
+        ("POST", "/api/vms/x/takeover", None),
     ] {
         let (status, _, text) = send(&d, method, path, Some(&id), true, body);
         assert_eq!(status, 403, "{method} {path}: {text}");

@@ -847,8 +847,7 @@ fn a_switchover_asked_on_the_node_without_the_primary_is_asked_of_the_node_with_
             })
         },
     );
-    // Node a refuses what only its own checks can tell: a VM it runs
-    // nowhere yet is refused by b itself (no primary node).
+    // A VM neither node knows is refused by b itself, without asking a.
     let (status, body) = p.b.call(
         "POST",
         "/api/vms/nope/switchover",

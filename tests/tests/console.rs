@@ -119,12 +119,14 @@ impl Page<'_> {
         }
     }
 
-    /// Clicks the button at `selector` and confirms the question it asks.
+    /// Clicks the button at `selector` and confirms the question it asks,
+    /// which must begin with `question` (a click that hit another button
+    /// is not confirmed).
     /// A row whose state changes is drawn again, and its buttons may move
     /// under the pointer between finding one and clicking it: a click that
     /// opened no confirmation is made again on the button found anew
     /// (a click that missed asked nothing).
-    fn act(&mut self, selector: &str) {
+    fn act(&mut self, selector: &str, question: &str) {
         // Nothing covers the button: a user could click it.
         let uncovered = self
             .browser
@@ -155,6 +157,11 @@ impl Page<'_> {
                 Err(_) => {}
             }
         }
+        let asked = self.browser.text("#confirm-text").expect("the question");
+        assert!(
+            asked.starts_with(question),
+            "{selector}: the confirmation asks {asked:?}, not {question:?}"
+        );
         self.browser.click("#confirm-ok").expect("confirm");
     }
 }
@@ -272,14 +279,20 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
 
     // Level HA, then a live migration asked on this node's console while
     // the primary runs on node a: node b passes it to node a.
-    page.act(&format!("{VM_ROW} button[data-action=\"protect_ha\"]"));
+    page.act(
+        &format!("{VM_ROW} button[data-action=\"protect_ha\"]"),
+        "Protect ledger-vm at level HA?",
+    );
     page.until(VM_LEVEL, "level ha", 30, |t| t == "ha");
     let before = page.engine(a, "a's engine at ha", 120, |s| {
         protected_primary(s, Level::Ha)
     });
     page.until(VM_STATE, "protected at ha", 60, |t| t == "protected");
     browser.screenshot("protected-ha").expect("screenshot");
-    page.act(&format!("{VM_ROW} button[data-action=\"migrate\"]"));
+    page.act(
+        &format!("{VM_ROW} button[data-action=\"migrate\"]"),
+        "Move ledger-vm to its standby by live migration?",
+    );
     let migrated = Instant::now();
     page.until(VM_PRIMARY, "the VM migrated to b", 240, |t| t == "node-b");
     let moved = page.engine(b, "b's engine at ha", 240, |s| {
@@ -292,19 +305,25 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     );
     page.until(VM_STATE, "protected at ha on b", 120, |t| t == "protected");
     page.until("#activity", "the migration's answer", 10, |t| {
-        t.contains("ledger-vm moved to node-b and is protected")
+        t.contains("ledger-vm moved to node-b")
     });
     browser.screenshot("migrated").expect("screenshot");
 
     // Back to level FT, and back to node a by a switchover (the primary
     // now runs on this node).
-    page.act(&format!("{VM_ROW} button[data-action=\"protect\"]"));
+    page.act(
+        &format!("{VM_ROW} button[data-action=\"protect\"]"),
+        "Protect ledger-vm at level FT?",
+    );
     page.until(VM_LEVEL, "level ft", 30, |t| t == "ft");
     page.engine(b, "b's engine at ft", 180, |s| {
         protected_primary(s, Level::Ft)
     });
     page.until(VM_STATE, "protected at ft on b", 60, |t| t == "protected");
-    page.act(&format!("{VM_ROW} button[data-action=\"switchover\"]"));
+    page.act(
+        &format!("{VM_ROW} button[data-action=\"switchover\"]"),
+        "Switch ledger-vm over to its standby?",
+    );
     page.until(VM_PRIMARY, "the VM switched back to a", 60, |t| {
         t == "node-a"
     });
@@ -387,7 +406,10 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     lab.lab().up(&[a]).expect("a back");
     page.until(NODE_A_ROW, "node-a up", 120, |t| t.contains("\tup\t"));
     browser.screenshot("node-back").expect("screenshot");
-    page.act("button[data-action=\"exit-maintenance\"][data-node=\"node-a\"]");
+    page.act(
+        "button[data-action=\"exit-maintenance\"][data-node=\"node-a\"]",
+        "Leave maintenance on node-a?",
+    );
     let left = Instant::now();
     page.until(NODE_A_ROW, "node-a back in service", 300, |t| {
         t.contains("\toff")
@@ -417,19 +439,27 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
     let audit = page.until("#audit tbody", "the audit log", 20, |t| {
         t.contains("POST /api/nodes/node-a/maintenance/exit")
     });
-    for action in [
-        "POST /api/vms/ledger-vm/protect?level=ha",
-        "POST /api/vms/ledger-vm/switchover",
-        "POST /api/vms/ledger-vm/protect",
-        "POST /api/nodes/node-a/maintenance/enter",
-        "POST /api/nodes/node-a/maintenance/exit",
-        "POST /api/session",
+    // Each action cell exactly, as often as the page asked it (the
+    // migration and the switchover back are both switchovers).
+    for (action, times) in [
+        ("POST /api/vms/ledger-vm/protect?level=ha", 1),
+        ("POST /api/vms/ledger-vm/switchover", 2),
+        ("POST /api/vms/ledger-vm/protect", 1),
+        ("POST /api/nodes/node-a/maintenance/enter", 1),
+        ("POST /api/nodes/node-a/maintenance/exit", 1),
+        ("POST /api/session", 1),
     ] {
-        assert!(
-            audit
-                .lines()
-                .any(|l| l.contains(action) && l.contains("operator@")),
-            "no audit entry of operator for {action}: {audit}"
+        let by_operator = audit
+            .lines()
+            .filter(|l| {
+                let cells: Vec<&str> = l.split('\t').collect();
+                cells.get(2).is_some_and(|who| who.starts_with("operator@"))
+                    && cells.get(3) == Some(&action)
+            })
+            .count();
+        assert_eq!(
+            by_operator, times,
+            "audit entries of operator for {action}: {audit}"
         );
     }
     browser.screenshot("audit").expect("screenshot");

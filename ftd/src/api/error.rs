@@ -9,6 +9,7 @@ use axum::Json;
 
 use crate::manager::ManagerError;
 use crate::model::{ErrorBody, FieldError};
+use crate::pair::forward::ForwardError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,13 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The other node, asked on the caller's behalf, failed.
+    #[error("{0}")]
+    BadGateway(String),
+    /// The other node, asked on the caller's behalf, gave no answer: the
+    /// outcome is unknown.
+    #[error("{0}")]
+    GatewayTimeout(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -50,6 +58,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,6 +76,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::BadGateway(_) => "bad_gateway",
+            ApiError::GatewayTimeout(_) => "outcome_unknown",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -177,11 +189,16 @@ impl From<ManagerError> for ApiError {
             | ManagerError::NoTakeover(_)
             | ManagerError::NoSwitchover(_)
             | ManagerError::SwitchoverFailed(_)
-            | ManagerError::Forward(_)
+            | ManagerError::Forward(ForwardError::ChannelDown { .. })
+            | ManagerError::Forward(ForwardError::PeerTooOld { .. })
             | ManagerError::PeerRefused { .. }
             | ManagerError::NoMaintenance(_) => ApiError::Conflict(e.to_string()),
+            ManagerError::Forward(ForwardError::Late { .. })
+            | ManagerError::Forward(ForwardError::Unanswered { .. }) => {
+                ApiError::GatewayTimeout(e.to_string())
+            }
             ManagerError::PeerNotFound { .. } => ApiError::NotFound(e.to_string()),
-            ManagerError::PeerFailed { .. } => ApiError::Internal(e.to_string()),
+            ManagerError::PeerFailed { .. } => ApiError::BadGateway(e.to_string()),
             ManagerError::NoSuchUser(_) => ApiError::NotFound(e.to_string()),
             ManagerError::Password(_) => ApiError::Internal(e.to_string()),
         }

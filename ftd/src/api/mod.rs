@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -270,8 +270,9 @@ async fn authenticate(
                 Some(session) if !session.by_token && administrator_only(&request) => {
                     refused_caller = Some(session_caller(&session.user, client));
                     Err(ApiError::Forbidden(format!(
-                        "console user {} is an operator: the pair secret and the console's \
-                         users are for the administrator (the API token)",
+                        "console user {} is an operator: the pair secret, the console's \
+                         users, VM definitions and forced takeovers are for the administrator \
+                         (the API token)",
                         session.user
                     )))
                 }
@@ -329,14 +330,25 @@ pub(super) fn user_unchanged(
         .is_ok_and(|u| u.is_some_and(|u| u.revision == session.user_revision))
 }
 
-/// What only the API token's holder may do: read the pair secret or pair
-/// the node, and make, change or delete console users. A console user is
-/// an operator: everything else (VMs, nodes, maintenance, the logs).
+/// What only the API token's holder (the administrator) may do: read the
+/// pair secret or pair the node; make, change or delete console users;
+/// define or delete a VM (a definition names files on the host, which the
+/// daemon reads as root); force a takeover (which can make two active
+/// copies). A console user is an operator: everything else (running,
+/// protecting and moving the VMs, maintenance, the logs). Decided on the
+/// route that matched, not on the raw path.
 pub(super) fn administrator_only(request: &Request) -> bool {
-    let path = request.uri().path();
-    path == "/api/pair"
-        || path.starts_with("/api/pair/")
-        || (path.starts_with("/api/users") && mutating(request))
+    let Some(route) = request.extensions().get::<MatchedPath>() else {
+        return true;
+    };
+    let method = request.method();
+    match route.as_str() {
+        "/api/pair" | "/api/pair/peer" | "/api/users/{name}" => true,
+        "/api/vms" => method == Method::POST,
+        "/api/vms/{name}" => method == Method::DELETE,
+        "/api/vms/{name}/takeover" => true,
+        _ => false,
+    }
 }
 
 fn mutating(request: &Request) -> bool {

@@ -127,7 +127,9 @@ pub async fn show(State(state): State<ApiState>, headers: HeaderMap) -> Json<Ses
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().strip_prefix("Bearer "))
         .is_some_and(|t| super::same_secret(t.trim().as_bytes(), state.token.as_bytes()));
+    // The token wins over a cookie, as it does for every other request.
     let session = session_cookie(&headers)
+        .filter(|_| !bearer)
         .and_then(|id| state.sessions.touch(&id))
         .filter(|s| s.by_token || super::user_unchanged(&state, s));
     Json(match session {

@@ -26,6 +26,7 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Vec<VmView>>, Ap
     responses((status = 201, description = "Defined", body = VmView),
               (status = 400, description = "Not JSON", body = ErrorBody),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody),
               (status = 409, description = "The name is in use", body = ErrorBody),
               (status = 413, description = "The body is too large", body = ErrorBody),
               (status = 415, description = "Not sent as JSON", body = ErrorBody),
@@ -58,6 +59,7 @@ pub async fn show(
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 204, description = "Deleted"),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
               (status = 409, description = "The VM is running", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -109,6 +111,7 @@ pub async fn stop(
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 202, description = "The standby here takes over", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
+              (status = 403, description = "A console user's session: only the administrator (the API token) may", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
               (status = 409, description = "No standby here waits for the witness's grant", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -134,11 +137,13 @@ pub async fn takeover(
 /// the engine took the request, and the events say when the VM moved.
 #[utoipa::path(post, path = "/api/vms/{name}/switchover", operation_id = "switchover_vm", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
-    responses((status = 200, description = "Switched over: the peer runs the primary", body = VmView),
+    responses((status = 200, description = "Switched over: the standby's node runs the primary", body = VmView),
               (status = 202, description = "An HA VM's live migration began", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
-              (status = 409, description = "Not possible now (not running, not protected, unprotected, a migration under way, the other node, which runs the primary, cannot be reached or did not answer), or called off (the VM runs on where it ran); the reason says which", body = ErrorBody)),
+              (status = 409, description = "Not possible now (not running, not protected, unprotected, a migration under way, the other node, which runs the primary, cannot be reached or runs an older daemon), or called off (the VM runs on where it ran); the reason says which", body = ErrorBody),
+              (status = 502, description = "Asked of the other node, which runs the primary: it failed (its store)", body = ErrorBody),
+              (status = 504, description = "Asked of the other node, which runs the primary: no answer came (the pair channel went down, or too late); the move may have happened: see the VM's events before asking again", body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn switchover(
     State(state): State<ApiState>,

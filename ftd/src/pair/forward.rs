@@ -21,12 +21,18 @@ pub enum ForwardError {
     #[error("the pair channel to {peer} is down")]
     ChannelDown { peer: String },
     #[error(
+        "{peer}'s daemon is an older version that cannot take a move asked here: ask {peer}'s \
+         API (ftctl vm switchover does)"
+    )]
+    PeerTooOld { peer: String },
+    #[error(
         "the pair channel to {peer} went down before it answered: the move may have happened \
-         (see the VM's events)"
+         (see the VM's events before asking again)"
     )]
     Unanswered { peer: String },
     #[error(
-        "{peer} did not answer within {} s: the move may still happen (see the VM's events)",
+        "{peer} did not answer within {} s: the move may still happen (see the VM's events \
+         before asking again)",
         .within.as_secs()
     )]
     Late { peer: String, within: Duration },
@@ -35,14 +41,20 @@ pub enum ForwardError {
 /// An outgoing message and the pair-channel session it belongs to.
 type Outgoing = (u64, PairMessage);
 
+/// The asks awaiting the peer's answer, and the session they belong to.
+#[derive(Default)]
+struct Pending {
+    /// The current session's number; 0 while no session runs.
+    session: u64,
+    asks: HashMap<u64, (u64, oneshot::Sender<MoveOutcome>)>,
+}
+
 /// The asks this node made of its peer and awaits, and the messages they
 /// and this node's answers put on the channel.
 pub struct Forwards {
     next_id: AtomicU64,
-    /// The current session's number; 0 while no session runs.
-    session: AtomicU64,
     sessions: AtomicU64,
-    pending: Mutex<HashMap<u64, (u64, oneshot::Sender<MoveOutcome>)>>,
+    pending: Mutex<Pending>,
     out_tx: mpsc::UnboundedSender<Outgoing>,
     out_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Outgoing>>,
 }
@@ -52,19 +64,36 @@ impl Default for Forwards {
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         Forwards {
             next_id: AtomicU64::new(1),
-            session: AtomicU64::new(0),
             sessions: AtomicU64::new(0),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             out_tx,
             out_rx: tokio::sync::Mutex::new(out_rx),
         }
     }
 }
 
+/// A running pair-channel session: its asks fail when it is dropped,
+/// however the session ends (an error, or its future dropped because the
+/// peer came back on a new connection).
+pub struct Session<'a> {
+    forwards: &'a Forwards,
+    number: u64,
+}
+
+impl Session<'_> {
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.forwards.end(self.number);
+    }
+}
+
 impl Forwards {
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, oneshot::Sender<MoveOutcome>)>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -77,31 +106,34 @@ impl Forwards {
         by: &str,
         within: Duration,
     ) -> Result<MoveOutcome, ForwardError> {
-        let session = self.session.load(Ordering::SeqCst);
-        if session == 0 {
-            return Err(ForwardError::ChannelDown { peer: peer.into() });
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending().insert(id, (session, tx));
         let ask = MoveAsk {
             id,
             vm: vm.into(),
             by: by.into(),
         };
-        if self
-            .out_tx
-            .send((session, PairMessage::MoveAsk(ask)))
-            .is_err()
         {
-            self.pending().remove(&id);
-            return Err(ForwardError::ChannelDown { peer: peer.into() });
+            // The session is read, the ask recorded and queued at once: a
+            // session that ends meanwhile fails it.
+            let mut pending = self.pending();
+            let session = pending.session;
+            if session == 0
+                || self
+                    .out_tx
+                    .send((session, PairMessage::MoveAsk(ask)))
+                    .is_err()
+            {
+                return Err(ForwardError::ChannelDown { peer: peer.into() });
+            }
+            pending.asks.insert(id, (session, tx));
         }
         match tokio::time::timeout(within, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(_)) => Err(ForwardError::Unanswered { peer: peer.into() }),
             Err(_) => {
-                self.pending().remove(&id);
+                // Given up: if it is still queued, it is never sent.
+                self.pending().asks.remove(&id);
                 Err(ForwardError::Late {
                     peer: peer.into(),
                     within,
@@ -113,7 +145,7 @@ impl Forwards {
     /// The peer's answer to one of this node's asks (an answer to none,
     /// or to one given up on, is dropped).
     pub fn answered(&self, answer: MoveAnswer) {
-        let waiting = self.pending().remove(&answer.id);
+        let waiting = self.pending().asks.remove(&answer.id);
         match waiting {
             Some((_, tx)) => {
                 let _ = tx.send(answer.outcome);
@@ -127,7 +159,7 @@ impl Forwards {
 
     /// Puts this node's answer to the peer's ask on the current session.
     pub fn answer(&self, answer: MoveAnswer) {
-        let session = self.session.load(Ordering::SeqCst);
+        let session = self.pending().session;
         if session == 0
             || self
                 .out_tx
@@ -138,30 +170,41 @@ impl Forwards {
         }
     }
 
-    /// A pair-channel session began: its number.
-    pub fn begin(&self) -> u64 {
-        let n = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
-        self.session.store(n, Ordering::SeqCst);
-        n
+    /// A pair-channel session begins; it ends when the guard is dropped.
+    pub fn begin(&self) -> Session<'_> {
+        let number = self.sessions.fetch_add(1, Ordering::SeqCst) + 1;
+        self.pending().session = number;
+        Session {
+            forwards: self,
+            number,
+        }
     }
 
     /// Session `n` ended: its asks fail (their senders are dropped).
-    pub fn end(&self, n: u64) {
-        let _ = self
-            .session
-            .compare_exchange(n, 0, Ordering::SeqCst, Ordering::SeqCst);
-        self.pending().retain(|_, (session, _)| *session != n);
+    fn end(&self, n: u64) {
+        let mut pending = self.pending();
+        if pending.session == n {
+            pending.session = 0;
+        }
+        pending.asks.retain(|_, (session, _)| *session != n);
     }
 
-    /// The next message of session `n` to send (those of other sessions
-    /// are dropped). Only one session runs at a time.
+    /// The next message of session `n` to send: those of other sessions,
+    /// and asks no longer awaited, are dropped. Only one session runs at a
+    /// time.
     pub async fn next_outgoing(&self, n: u64) -> Option<PairMessage> {
         let mut rx = self.out_rx.lock().await;
         loop {
             let (session, message) = rx.recv().await?;
-            if session == n {
-                return Some(message);
+            if session != n {
+                continue;
             }
+            if let PairMessage::MoveAsk(ask) = &message {
+                if !self.pending().asks.contains_key(&ask.id) {
+                    continue;
+                }
+            }
+            return Some(message);
         }
     }
 }
@@ -192,7 +235,8 @@ mod tests {
     #[tokio::test]
     async fn an_ask_is_sent_on_its_session_and_gets_its_answer() {
         let f = std::sync::Arc::new(Forwards::default());
-        let n = f.begin();
+        let session = f.begin();
+        let n = session.number();
         let asker = {
             let f = f.clone();
             tokio::spawn(
@@ -220,15 +264,16 @@ mod tests {
             )
         };
         // Wait until the ask is queued, then end the session unsent.
-        while f.pending().is_empty() {
+        while f.pending().asks.is_empty() {
             tokio::task::yield_now().await;
         }
-        f.end(first);
+        // Dropped, as when the peer's new connection replaces this one.
+        drop(first);
         let e = asker.await.unwrap().unwrap_err();
         assert!(matches!(e, ForwardError::Unanswered { .. }), "{e}");
         let second = f.begin();
         f.answer(answer(9));
-        match f.next_outgoing(second).await {
+        match f.next_outgoing(second.number()).await {
             Some(PairMessage::MoveAnswer(a)) => assert_eq!(a.id, 9),
             other => panic!("the old session's ask came out on the new one: {other:?}"),
         }
@@ -237,12 +282,18 @@ mod tests {
     #[tokio::test]
     async fn an_unanswered_ask_gives_up_after_its_time() {
         let f = Forwards::default();
-        f.begin();
+        let session = f.begin();
         let e = f
             .ask("node-a", "vm", "admin", Duration::from_millis(50))
             .await
             .unwrap_err();
         assert!(matches!(e, ForwardError::Late { .. }), "{e}");
-        assert!(f.pending().is_empty());
+        assert!(f.pending().asks.is_empty());
+        // Still queued (the channel was busy), it is never sent now.
+        f.answer(answer(3));
+        match f.next_outgoing(session.number()).await {
+            Some(PairMessage::MoveAnswer(a)) => assert_eq!(a.id, 3),
+            other => panic!("an ask given up on was sent: {other:?}"),
+        }
     }
 }

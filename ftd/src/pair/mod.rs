@@ -159,7 +159,9 @@ async fn listen(addr: std::net::SocketAddr, config: LinkConfig, links: mpsc::Sen
 async fn session(manager: &Manager, link: Link) -> PairError {
     let (sender, mut receiver) = link.split();
     let forwards = manager.forwards();
-    let number = forwards.begin();
+    // Its asks fail when it ends, however it ends.
+    let this_session = forwards.begin();
+    let number = this_session.number();
     let send_loop = async {
         loop {
             let state = match manager.pair_state() {
@@ -174,12 +176,14 @@ async fn session(manager: &Manager, link: Link) -> PairError {
                 return PairError::Link(e);
             }
             // Asks and answers go out as they come; the state when it
-            // changes, and every second.
+            // changes (a change while one is sent counts too), and every
+            // second.
             let next_state = tokio::time::sleep(STATE_EVERY);
-            tokio::pin!(next_state);
+            let changed = manager.changed();
+            tokio::pin!(next_state, changed);
             loop {
                 tokio::select! {
-                    _ = manager.changed() => break,
+                    _ = &mut changed => break,
                     _ = &mut next_state => break,
                     message = forwards.next_outgoing(number) => {
                         let Some(message) = message else { continue };
@@ -215,6 +219,9 @@ async fn session(manager: &Manager, link: Link) -> PairError {
                     });
                 }
                 Ok(PairMessage::MoveAnswer(answer)) => forwards.answered(answer),
+                Ok(PairMessage::Unknown(code)) => {
+                    tracing::warn!(code, "pair channel: a message this daemon does not know (a newer peer?); skipped")
+                }
                 Err(e) => return PairError::Wire(e),
             }
         }
@@ -223,7 +230,7 @@ async fn session(manager: &Manager, link: Link) -> PairError {
         e = send_loop => e,
         e = recv_loop => e,
     };
-    forwards.end(number);
+    drop(this_session);
     sender.close().await;
     ended
 }

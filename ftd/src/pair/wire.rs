@@ -74,6 +74,10 @@ pub struct PairState {
     /// daemon).
     #[serde(default)]
     pub users: Vec<UserRecord>,
+    /// The sender takes [`MoveAsk`]s (false from an older daemon, which
+    /// would end the channel on one).
+    #[serde(default)]
+    pub takes_moves: bool,
 }
 
 /// A switchover (or an HA VM's live migration) asked through the API of
@@ -114,6 +118,9 @@ pub enum PairMessage {
     State(PairState),
     MoveAsk(MoveAsk),
     MoveAnswer(MoveAnswer),
+    /// A message code this daemon does not know (from a newer peer):
+    /// skipped, the channel goes on.
+    Unknown(u8),
 }
 
 fn frame_of(code: u8, value: &impl Serialize) -> Result<Frame, WireError> {
@@ -134,6 +141,9 @@ impl PairMessage {
             PairMessage::State(s) => frame_of(STATE_CODE, s),
             PairMessage::MoveAsk(a) => frame_of(MOVE_ASK_CODE, a),
             PairMessage::MoveAnswer(a) => frame_of(MOVE_ANSWER_CODE, a),
+            PairMessage::Unknown(code) => {
+                Frame::message(*code, 0, 0, Bytes::new()).map_err(WireError::Frame)
+            }
         }
     }
 
@@ -148,6 +158,7 @@ impl PairMessage {
             }
             FrameKind::Message(MOVE_ASK_CODE) => decode(frame).map(PairMessage::MoveAsk),
             FrameKind::Message(MOVE_ANSWER_CODE) => decode(frame).map(PairMessage::MoveAnswer),
+            FrameKind::Message(code) => Ok(PairMessage::Unknown(code)),
             other => Err(WireError::UnexpectedFrame(other)),
         }
     }
