@@ -640,7 +640,14 @@ fn vm_details(vm: &VmView) -> String {
         .collect::<Vec<_>>();
     fields(&[
         ("name", vm.name.clone()),
-        ("state", vm.state.clone()),
+        (
+            "state",
+            if vm.migrating {
+                format!("{} (migrating to its standby's node)", vm.state)
+            } else {
+                vm.state.clone()
+            },
+        ),
         ("desired", vm.desired.clone()),
         ("level", vm.level.clone()),
         ("primary", or_dash(vm.primary_node.as_deref())),

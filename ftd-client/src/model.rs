@@ -92,6 +92,10 @@ pub struct VmView {
     pub desired: String,
     pub primary_node: Option<String>,
     pub standby_node: Option<String>,
+    /// Moving to its standby's node by live migration (absent from older
+    /// daemons).
+    #[serde(default)]
+    pub migrating: bool,
     pub generation: u64,
     pub epoch: Option<u64>,
     pub message: Option<String>,

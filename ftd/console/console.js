@@ -280,6 +280,7 @@ function renderNodes() {
 // Why the VM's primary runs where it does (VMs spread by their preferred
 // node; maintenance and faults move them).
 function placement(vm) {
+  if (vm.migrating) return `migrating to ${vm.standby_node || 'its standby'}: its memory is being copied`;
   const preferred = vm.definition && vm.definition.preferred_node;
   if (!vm.primary_node || !preferred) return '-';
   if (vm.primary_node === preferred) return 'its preferred node';

@@ -751,6 +751,9 @@ impl Manager {
             }
             _ => None,
         };
+        let migrating = reported
+            .as_ref()
+            .is_some_and(|r| r.role == replicator::status::Role::Primary && r.migrating);
         VmView {
             name: record.definition.name.clone(),
             level: record.definition.level,
@@ -758,6 +761,7 @@ impl Manager {
             desired: record.desired,
             primary_node,
             standby_node,
+            migrating,
             generation: record.generation,
             epoch,
             message,

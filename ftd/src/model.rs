@@ -510,6 +510,10 @@ pub struct VmView {
     pub primary_node: Option<String>,
     /// The node keeping its replica (None when unprotected).
     pub standby_node: Option<String>,
+    /// The VM is moving to its standby's node by live migration (an HA
+    /// VM's switchover: its memory is being copied).
+    #[serde(default)]
+    pub migrating: bool,
     /// Bumped at every change of the active copy (start, failover).
     pub generation: u64,
     /// The last committed checkpoint (epoch), when protected.

@@ -499,6 +499,17 @@ fn bad_requests_get_a_4xx_with_a_reason_and_change_nothing() {
             .is_some_and(|m| m.contains("\"gold\"") && m.contains("ft or ha")),
         "{gold:?}"
     );
+    // A query that does not parse gets the same JSON answer.
+    assert_error(
+        &d.call(
+            "POST",
+            "/api/vms/nope/protect?level=ha&level=ft",
+            "/api/vms/{name}/protect",
+            None,
+        ),
+        400,
+        "bad_request",
+    );
     assert_error(
         &d.call("GET", "/api/events?limit=0", "/api/events", None),
         400,

@@ -453,10 +453,16 @@ fn an_ha_vm_moves_to_its_standby_by_live_migration_without_a_reboot() {
     assert_eq!(vm.level, "ha");
     let start = Instant::now();
     let mut seen_migrating = false;
+    let mut seen_in_api = false;
     loop {
         // The client keeps writing throughout.
         client.append_for(Duration::from_millis(300));
         seen_migrating |= ft_pair::status(l, NodeId::A).is_some_and(|s| s.migrating);
+        // The other node's API says so too (from the pair channel).
+        seen_in_api |= ft_pair::vm(l, NodeId::B)
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.migrating);
         let b = ft_pair::status(l, NodeId::B);
         if b.as_ref().is_some_and(|b| {
             b.role == Role::Primary
@@ -474,6 +480,7 @@ fn an_ha_vm_moves_to_its_standby_by_live_migration_without_a_reboot() {
     let took = start.elapsed();
     client.append_for(Duration::from_secs(1));
     assert!(seen_migrating, "a's engine never said it was migrating");
+    assert!(seen_in_api, "b's API never showed the VM migrating");
     let b = ft_pair::status(l, NodeId::B).expect("b's engine");
     assert!(b.generation > before.generation, "b: {b:?}");
     assert_eq!(

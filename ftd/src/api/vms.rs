@@ -1,9 +1,10 @@
 //! `/api/vms`: define, show, start, stop, protect and delete VMs.
 
-use axum::extract::{FromRequest, Path, Query, State};
+use axum::extract::{FromRequest, Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 
+use super::events::QueryArgs;
 use super::{ApiError, ApiState, Caller};
 use crate::model::{ErrorBody, Level, VmCreate, VmView};
 
@@ -181,7 +182,7 @@ pub struct ProtectQuery {
 pub async fn protect(
     State(state): State<ApiState>,
     Path(name): Path<String>,
-    Query(query): Query<ProtectQuery>,
+    QueryArgs(query): QueryArgs<ProtectQuery>,
 ) -> Result<Json<VmView>, ApiError> {
     let level = match query.level.as_deref() {
         None | Some("ft") => Level::Ft,

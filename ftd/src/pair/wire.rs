@@ -56,6 +56,9 @@ pub struct RoleReport {
     pub sync: Option<replicator::status::SyncProgress>,
     #[serde(default)]
     pub generation: Option<u64>,
+    /// The primary is moving the VM to its peer by live migration.
+    #[serde(default)]
+    pub migrating: bool,
 }
 
 /// One side's state.
