@@ -77,6 +77,27 @@ impl<'a> NodeGuest<'a> {
         )
     }
 
+    /// Waits (at most `timeout`) for the program's line that begins with
+    /// `marker` and ends with a newline, read with the kernel's messages
+    /// taken out (the kernel may print one in the middle of a long line);
+    /// returns what follows the marker.
+    pub fn wait_for_marked_line(&self, timeout: Duration, marker: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let text = without_kernel_messages(&self.console_text());
+            if let Some((_, rest)) = text.split_once(marker) {
+                if let Some((line, _)) = rest.split_once('\n') {
+                    return line.trim_end_matches('\r').to_string();
+                }
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no whole console line after {marker:?} within {timeout:?}; console:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// Waits until a console line satisfies `pred`; returns that line.
     pub fn wait_for_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
         let start = Instant::now();
@@ -184,4 +205,66 @@ pub fn guest_console_after_reset(out: lab::agent::ExecOutput) -> String {
         out.stderr
     );
     out.stdout
+}
+
+/// `text` without the kernel's console messages (`[    5.950316] ...` to
+/// the end of its line): a message printed in the middle of a program's
+/// line is taken out, and the two halves of that line join again.
+pub fn without_kernel_messages(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('[') {
+        let (before, from) = rest.split_at(i);
+        out.push_str(before);
+        match kernel_stamp_len(from) {
+            Some(len) => {
+                let end = from[len..].find('\n').map_or(from.len(), |e| len + e + 1);
+                rest = &from[end..];
+            }
+            None => {
+                out.push('[');
+                rest = &from[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The length of a kernel message's time stamp (`[`, spaces, seconds `.`
+/// microseconds, `]`) at the start of `s`.
+fn kernel_stamp_len(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let digits = |mut i: usize| {
+        let from = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        (i > from).then_some(i)
+    };
+    let mut i = 1;
+    while i < b.len() && b[i] == b' ' {
+        i += 1;
+    }
+    let i = digits(i)?;
+    if b.get(i) != Some(&b'.') {
+        return None;
+    }
+    let i = digits(i + 1)?;
+    (b.get(i) == Some(&b']')).then_some(i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_kernel_messages;
+
+    #[test]
+    fn a_kernel_message_inside_a_line_is_taken_out() {
+        let text = "boot\r\n[    5.950316] kvm: hello\r\nft-dirtier frames 1,23[    9.1] random: crng init done\r\n45,6\n[x] stays\n";
+        assert_eq!(
+            without_kernel_messages(text),
+            "boot\r\nft-dirtier frames 1,2345,6\n[x] stays\n"
+        );
+        assert_eq!(without_kernel_messages("[1.] [ 2] [3.4"), "[1.] [ 2] [3.4");
+    }
 }

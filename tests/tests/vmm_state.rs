@@ -75,16 +75,17 @@ fn the_dirty_harvest_holds_the_pages_the_guest_wrote() {
         256,
         &format!("ftguest.run=/bin/ft-dirtier,known-pages,--pages,{PAGES},--delay-secs,8"),
     );
-    // The console shell's prompt may share the line: look for the marker.
-    let line = guest.wait_for_line(Duration::from_secs(90), |l| {
-        l.contains("ft-dirtier frames ")
-    });
+    // The console shell's prompt may share the line, and the kernel may
+    // print in the middle of it: look for the marker, kernel messages out.
+    let list = guest.wait_for_marked_line(Duration::from_secs(90), "ft-dirtier frames ");
     let seen_at = Instant::now();
-    let (_, list) = line.split_once("ft-dirtier frames ").expect("marker");
     let frames: BTreeSet<u64> = list
         .trim()
         .split(',')
-        .map(|f| f.parse().expect("frame number"))
+        .map(|f| {
+            f.parse()
+                .unwrap_or_else(|e| panic!("frame number {f:?} in {list:?}: {e}"))
+        })
         .collect();
     assert_eq!(frames.len(), PAGES, "the guest's pages are distinct frames");
 
