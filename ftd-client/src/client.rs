@@ -361,9 +361,15 @@ impl ApiClient {
     pub fn switchover_vm<T: DeserializeOwned>(&self, name: &str) -> Result<T, ClientError> {
         let vm: crate::model::VmView = self.vm(name)?;
         let nodes: Vec<crate::model::NodeView> = self.nodes()?;
+        // `from`: asked again after an unknown outcome, a VM that moved
+        // already is refused instead of moved back.
+        let from = vm
+            .primary_node
+            .as_deref()
+            .map_or(String::new(), |p| format!("?from={}", encode_component(p)));
         let action = Action {
             method: Method::POST,
-            path: vm_path(name, "/switchover"),
+            path: vm_path(name, &format!("/switchover{from}")),
         };
         let primary = vm
             .primary_node

@@ -400,7 +400,10 @@ const ACTIONS = {
 // A switchover may be asked of either node: the one without the primary
 // passes it to the one with it.
 function switchover(vm) {
-  return api('POST', `/api/vms/${encodeURIComponent(vm)}/switchover`);
+  // `from`: a VM that moved meanwhile is refused, not moved back.
+  const view = state.vms.find((v) => v.name === vm);
+  const from = view && view.primary_node ? `?from=${encodeURIComponent(view.primary_node)}` : '';
+  return api('POST', `/api/vms/${encodeURIComponent(vm)}/switchover${from}`);
 }
 
 let confirmed = null;

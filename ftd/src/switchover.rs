@@ -48,8 +48,25 @@ pub const FORWARDED_WITHIN: Duration = Duration::from_secs(9);
 impl Manager {
     /// A move asked through this node's API by `by`: done here when the
     /// primary runs here, asked of the peer when it runs there.
-    pub async fn move_asked(&self, name: &str, by: &str) -> Result<(VmView, bool), ManagerError> {
+    /// `from`: the node the caller saw running the primary; a VM that
+    /// runs elsewhere is refused (it moved already: asked again, the move
+    /// would take it back).
+    pub async fn move_asked(
+        &self,
+        name: &str,
+        from: Option<&str>,
+        by: &str,
+    ) -> Result<(VmView, bool), ManagerError> {
         let record = self.store().vm(name)?;
+        if let Some(from) = from {
+            let runs_on = record.primary_node.as_deref().unwrap_or("no node");
+            if runs_on != from {
+                return Err(ManagerError::NoSwitchover(format!(
+                    "VM {name} runs on {runs_on}, not on {from}: it moved already (ask with \
+                     from={runs_on} to move it from there)"
+                )));
+            }
+        }
         let peer = self.config().peer.as_ref().map(|p| p.name.clone());
         match (record.primary_node, peer) {
             (Some(p), Some(peer)) if p == peer => {}

@@ -823,9 +823,24 @@ fn a_switchover_asked_on_the_node_without_the_primary_is_asked_of_the_node_with_
     // Node b passes the request to node a, whose engine is no protected
     // primary here (no guest boots on this host): a's refusal, with a's
     // reason, is b's answer.
+    // Asked to move it from b, where it does not run: refused at once
+    // (it "moved already"; asked again, it would move back).
     let (status, body) = p.b.call(
         "POST",
-        "/api/vms/vm-moved/switchover",
+        "/api/vms/vm-moved/switchover?from=node-b",
+        "/api/vms/{name}/switchover",
+        None,
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("runs on node-a, not on node-b: it moved already")),
+        "{body}"
+    );
+    let (status, body) = p.b.call(
+        "POST",
+        "/api/vms/vm-moved/switchover?from=node-a",
         "/api/vms/{name}/switchover",
         None,
     );

@@ -440,10 +440,12 @@ fn the_console_follows_maintenance_a_pull_and_a_takeover_live() {
         t.contains("POST /api/nodes/node-a/maintenance/exit")
     });
     // Each action cell exactly, as often as the page asked it (the
-    // migration and the switchover back are both switchovers).
+    // migration from a and the switchover back from b are both
+    // switchovers, each naming where the VM ran).
     for (action, times) in [
         ("POST /api/vms/ledger-vm/protect?level=ha", 1),
-        ("POST /api/vms/ledger-vm/switchover", 2),
+        ("POST /api/vms/ledger-vm/switchover?from=node-a", 1),
+        ("POST /api/vms/ledger-vm/switchover?from=node-b", 1),
         ("POST /api/vms/ledger-vm/protect", 1),
         ("POST /api/nodes/node-a/maintenance/enter", 1),
         ("POST /api/nodes/node-a/maintenance/exit", 1),

@@ -137,12 +137,12 @@ pub async fn takeover(
 /// goes back to ha): that takes the copy's time, so the answer is 202 once
 /// the engine took the request, and the events say when the VM moved.
 #[utoipa::path(post, path = "/api/vms/{name}/switchover", operation_id = "switchover_vm", tag = "vms",
-    params(("name" = String, Path, description = "The VM's name")),
+    params(("name" = String, Path, description = "The VM's name"), SwitchoverQuery),
     responses((status = 200, description = "Switched over: the standby's node runs the primary", body = VmView),
               (status = 202, description = "An HA VM's live migration began", body = VmView),
               (status = 401, description = "No or a wrong token", body = ErrorBody),
               (status = 404, description = "No such VM", body = ErrorBody),
-              (status = 409, description = "Not possible now (not running, not protected, unprotected, a migration under way, the other node, which runs the primary, cannot be reached or runs an older daemon), or called off (the VM runs on where it ran); the reason says which", body = ErrorBody),
+              (status = 409, description = "Not possible now (not running, not protected, unprotected, a migration under way, the other node, which runs the primary, cannot be reached or runs an older daemon, the VM runs elsewhere than `from`), or called off (the VM runs on where it ran); the reason says which", body = ErrorBody),
               (status = 502, description = "Asked of the other node, which runs the primary: it failed (its store)", body = ErrorBody),
               (status = 504, description = "Asked of the other node, which runs the primary: no answer came (the pair channel went down, or too late); the move may have happened: see the VM's events before asking again", body = ErrorBody)),
     security(("bearer" = [])))]
@@ -150,14 +150,30 @@ pub async fn switchover(
     State(state): State<ApiState>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
+    QueryArgs(query): QueryArgs<SwitchoverQuery>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
-    let (view, migration) = state.manager.move_asked(&name, &caller.0).await?;
+    let (view, migration) = state
+        .manager
+        .move_asked(&name, query.from.as_deref(), &caller.0)
+        .await?;
     let code = if migration {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
     Ok((code, Json(view)))
+}
+
+/// Where the VM is expected to run.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchoverQuery {
+    /// The node the caller saw running the primary: if the VM runs
+    /// elsewhere (it moved already, e.g. a request asked again after an
+    /// unknown outcome), the switchover is refused instead of moving it
+    /// back. `ftctl` and the console send it.
+    pub from: Option<String>,
 }
 
 /// Which level `protect` sets.
