@@ -820,35 +820,21 @@ fn a_switchover_asked_on_the_node_without_the_primary_is_asked_of_the_node_with_
         "the primary on a, seen by b",
         |v| v["primary_node"] == "node-a",
     );
+    // Asked to move it from b, where it does not run: refused at once
+    // (it "moved already"; asked again, it would move back).
+    switchover_refused(
+        &p.b,
+        "vm-moved?from=node-b",
+        409,
+        "runs on node-a, not on node-b: it moved already",
+    );
     // Node b passes the request to node a, whose engine is no protected
     // primary here (no guest boots on this host): a's refusal, with a's
     // reason, is b's answer.
-    // Asked to move it from b, where it does not run: refused at once
-    // (it "moved already"; asked again, it would move back).
-    let (status, body) = p.b.call(
-        "POST",
-        "/api/vms/vm-moved/switchover?from=node-b",
-        "/api/vms/{name}/switchover",
-        None,
-    );
-    assert_eq!(status, 409, "{body}");
+    let message = switchover_refused(&p.b, "vm-moved?from=node-a", 409, "VM vm-moved");
     assert!(
-        body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("runs on node-a, not on node-b: it moved already")),
-        "{body}"
-    );
-    let (status, body) = p.b.call(
-        "POST",
-        "/api/vms/vm-moved/switchover?from=node-a",
-        "/api/vms/{name}/switchover",
-        None,
-    );
-    let message = body["message"].as_str().unwrap_or_default().to_string();
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        message.starts_with("node-a answered: no switchover: ") && message.contains("VM vm-moved"),
-        "{body}"
+        message.starts_with("node-a answered: no switchover: "),
+        "{message}"
     );
     eventually(
         &p.a,
@@ -863,13 +849,7 @@ fn a_switchover_asked_on_the_node_without_the_primary_is_asked_of_the_node_with_
         },
     );
     // A VM neither node knows is refused by b itself, without asking a.
-    let (status, body) = p.b.call(
-        "POST",
-        "/api/vms/nope/switchover",
-        "/api/vms/{name}/switchover",
-        None,
-    );
-    assert_eq!(status, 404, "{body}");
+    switchover_refused(&p.b, "nope", 404, "nope");
 
     // With a's daemon gone, b says the pair channel is down.
     let mut a = p.a;
@@ -877,17 +857,23 @@ fn a_switchover_asked_on_the_node_without_the_primary_is_asked_of_the_node_with_
     eventually(&p.b, "/api/nodes", "a unreachable", |nodes| {
         nodes.as_array().unwrap().iter().any(|n| n["state"] != "up")
     });
-    let (status, body) = p.b.call(
+    switchover_refused(&p.b, "vm-moved", 409, "the pair channel to node-a is down");
+}
+
+/// `POST /api/vms/{vm_and_query}/switchover` on `d` must be refused with
+/// `status` and a message containing `says`; returns the message.
+fn switchover_refused(d: &Daemon, vm_and_query: &str, status: u16, says: &str) -> String {
+    let (vm, query) = vm_and_query
+        .split_once('?')
+        .map_or((vm_and_query, String::new()), |(v, q)| (v, format!("?{q}")));
+    let (got, body) = d.call(
         "POST",
-        "/api/vms/vm-moved/switchover",
+        &format!("/api/vms/{vm}/switchover{query}"),
         "/api/vms/{name}/switchover",
         None,
     );
-    assert_eq!(status, 409, "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("the pair channel to node-a is down")),
-        "{body}"
-    );
+    let message = body["message"].as_str().unwrap_or_default().to_string();
+    assert_eq!(got, status, "{body}");
+    assert!(message.contains(says), "{says:?} not in {body}");
+    message
 }
