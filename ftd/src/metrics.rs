@@ -305,6 +305,11 @@ impl Metrics {
             "inbound_replayed_frames",
             "Frames a promoted replica was given that its last checkpoint had not received (its peers did not have to send them again)",
         );
+        let inbound_overheard = counter(
+            &mut registry,
+            "inbound_overheard_frames",
+            "Of the frames replayed into a promoted replica, those this node received itself while standing by (the switch flooded them here once the primary's node was gone)",
+        );
         let in_flight = gauge(
             &mut registry,
             "epochs_in_flight",
@@ -469,6 +474,9 @@ impl Metrics {
             inbound_replayed
                 .get_or_create(&labels)
                 .inc_by(c.inbound_replayed);
+            inbound_overheard
+                .get_or_create(&labels)
+                .inc_by(c.inbound_overheard);
             in_flight
                 .get_or_create(&labels)
                 .set(c.epochs_in_flight_now as f64);

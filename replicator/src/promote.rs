@@ -6,9 +6,10 @@
 //! ARP (the first round at once, the repeats from a thread of their own)
 //! so switches and clients find it on this node. The frames the primary's
 //! guest received after the checkpoint (forwarded as they arrived) are
-//! delivered to the promoted guest before anything else, so that requests
-//! it had not answered are answered now, not after the clients' own
-//! retransmission timers.
+//! delivered to the promoted guest before anything else, then the frames
+//! for the guest that reached this node after the primary was lost
+//! ([`crate::standby::overheard`]), so that requests it had not answered
+//! are answered now, not after the clients' own retransmission timers.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use vmm::config::SerialSink;
 use vmm::replication::{Announcer, Backings, ReplicationError};
 use vmm::vm::Vm;
 
+use crate::standby::overheard::OverheardFrames;
 use crate::standby::replica_disk::ReplicaDisk;
 use crate::standby::{Checkpointed, Machine, Replica};
 
@@ -49,8 +51,11 @@ const ANNOUNCE_GAP: Duration = Duration::from_millis(50);
 /// A promoted replica, running.
 pub struct Promoted {
     pub vm: Vm,
-    /// Frames received after the checkpoint, given to the guest again.
+    /// Frames received after the checkpoint, given to the guest again
+    /// (`overheard_frames` included).
     pub replayed_frames: u64,
+    /// Of those, frames this node received itself while standing by.
+    pub overheard_frames: u64,
 }
 
 /// Starts the replica as the VM on this node. `taps`: this node's TAPs for
@@ -77,13 +82,21 @@ pub fn promote(
         state,
         inbound,
         final_output,
+        overheard,
     } = *checkpoint;
     let addresses = state.guest_ipv4;
+    let mut heard = OverheardFrames::default();
     // The TAPs go up on the bridge before the guest runs: a reply whose
     // retransmission timer is overdue (guest time jumped by the gap) leaves
     // at once, and a TAP that is down or off the bridge would lose it.
+    // Frames for the guest overheard on this node are taken just before:
+    // from then on the guest receives them itself. (TAPs that are on a
+    // bridge already may have queued them: then none are taken.)
     let vm = Vm::restore_replica(state.machine, ram, backings, || {
         if let Some(bridge) = bridge {
+            if let Some(overheard) = overheard {
+                heard = overheard.take();
+            }
             for tap in taps {
                 join_bridge(tap, bridge);
             }
@@ -104,11 +117,17 @@ pub fn promote(
                 .send_handed_over(nic, frames.into_iter().map(|f| f.to_vec()))
         })
         .sum();
+    // What the primary's guest received past the checkpoint, then what
+    // reached this node after the primary was lost.
+    let overheard_frames = heard.total();
+    let mut overheard_per_nic = heard.per_nic.into_iter();
     let mut replayed_frames = 0;
     for (nic, frames) in inbound.into_iter().enumerate() {
+        let overheard = overheard_per_nic.next().unwrap_or_default();
         replayed_frames += vm
             .input()
-            .replay(nic, frames.into_iter().map(|f| f.to_vec())) as u64;
+            .replay(nic, frames.into_iter().chain(overheard).map(|f| f.to_vec()))
+            as u64;
     }
     let repeats = std::thread::Builder::new()
         .name("ft-announce".into())
@@ -125,6 +144,7 @@ pub fn promote(
         epoch,
         addresses = ?addresses,
         replayed_frames,
+        overheard_frames,
         handed_over_frames,
         promote_ms = started.elapsed().as_millis() as u64,
         "replica promoted: the VM runs on this node"
@@ -132,6 +152,7 @@ pub fn promote(
     Ok(Promoted {
         vm,
         replayed_frames,
+        overheard_frames,
     })
 }
 

@@ -217,6 +217,11 @@ pub struct FtCounters {
     /// received (the guest's peers did not have to send them again).
     #[serde(default)]
     pub inbound_replayed: u64,
+    /// Of those, frames this node received itself while standing by
+    /// (sent to the guest after the primary was lost, flooded here by the
+    /// switch).
+    #[serde(default)]
+    pub inbound_overheard: u64,
 }
 
 #[cfg(test)]

@@ -71,6 +71,19 @@ pub struct MachineState {
     pub virtio: Vec<VirtioSlotState>,
 }
 
+impl MachineState {
+    /// The MAC of each NIC, in device order.
+    pub fn nic_macs(&self) -> Vec<[u8; 6]> {
+        self.virtio
+            .iter()
+            .filter_map(|slot| match &slot.config {
+                DeviceConfig::Net(net) => Some(net.mac),
+                DeviceConfig::Disk(_) => None,
+            })
+            .collect()
+    }
+}
+
 /// How long each part of a capture took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaptureTimes {

@@ -157,6 +157,9 @@ pub struct DrillRound {
     /// old primary after its last committed checkpoint (0 where no
     /// promotion happened, or nothing arrived after the checkpoint).
     pub replayed_frames: u64,
+    /// Of those, frames the promoted copy's node received itself after the
+    /// old primary's node was gone (flooded to it by the bridge).
+    pub overheard_frames: u64,
     /// Partition: how long the paths were cut; freeze: how long the
     /// process was stopped.
     pub heal_after_ms: u64,
@@ -487,7 +490,7 @@ fn pull_round(
     };
     let took_over = client.first_ack_after(pulled_at, within, round)?;
     let failover_ms = took_over.duration_since(pulled_at).as_millis() as u64;
-    let replayed_frames = replayed_frames(lab, standby);
+    let (replayed_frames, overheard_frames) = replayed_frames(lab, standby);
     let fsck_clean = match fscks_before {
         None => None,
         Some(before) => Some(fsck_after(lab, standby, before, round)?),
@@ -520,6 +523,7 @@ fn pull_round(
         pull_after_ms,
         failover_ms,
         replayed_frames,
+        overheard_frames,
         heal_after_ms: 0,
         committed_epoch,
         acked_before_check,
@@ -649,10 +653,13 @@ fn partition_round(
     )
 }
 
-/// What the engine on `node` replayed into its guest when it promoted (its
-/// counter belongs to the engine process, which a promotion keeps).
-fn replayed_frames(lab: &Lab, node: NodeId) -> u64 {
-    ft_pair::status(lab, node).map_or(0, |s| s.counters.inbound_replayed)
+/// What the engine on `node` replayed into its guest when it promoted, and
+/// how much of it was overheard (its counters belong to the engine
+/// process, which a promotion keeps).
+fn replayed_frames(lab: &Lab, node: NodeId) -> (u64, u64) {
+    ft_pair::status(lab, node).map_or((0, 0), |s| {
+        (s.counters.inbound_replayed, s.counters.inbound_overheard)
+    })
 }
 
 /// A fault that happened and ended (paths healed, process continued).
@@ -682,8 +689,8 @@ fn settle(
     let failover_ms = served.duration_since(f.at).as_millis() as u64;
     let (acked_before_check, memory, disk) = client.check(lab)?;
     let winner = winner(lab, f.round)?;
-    let replayed_frames = if winner == f.primary {
-        0
+    let (replayed_frames, overheard_frames) = if winner == f.primary {
+        (0, 0)
     } else {
         replayed_frames(lab, winner)
     };
@@ -708,6 +715,7 @@ fn settle(
         pull_after_ms: f.pull_after_ms,
         failover_ms,
         replayed_frames,
+        overheard_frames,
         heal_after_ms: f.heal_after_ms,
         committed_epoch: f.committed_epoch,
         acked_before_check,
@@ -876,7 +884,7 @@ fn at_level(lab: &Lab, node: NodeId, level: Level, within: Duration) -> Result<(
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}",
         "drill",
         "fault",
         "from",
@@ -884,6 +892,7 @@ pub fn print_table(report: &DrillReport) {
         "epoch",
         "failover ms",
         "replayed",
+        "overheard",
         "acked",
         "memory",
         "disk",
@@ -897,7 +906,7 @@ pub fn print_table(report: &DrillReport) {
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
@@ -905,6 +914,7 @@ pub fn print_table(report: &DrillReport) {
             r.committed_epoch,
             r.failover_ms,
             r.replayed_frames,
+            r.overheard_frames,
             r.acked_before_check,
             verdict(&r.memory),
             verdict(&r.disk),

@@ -849,7 +849,10 @@ fn standby(
                 SerialSink::File(pair.serial_log.clone()),
             )
             .map(|promoted| {
-                status.update(|s| s.counters.inbound_replayed += promoted.replayed_frames);
+                status.update(|s| {
+                    s.counters.inbound_replayed += promoted.replayed_frames;
+                    s.counters.inbound_overheard += promoted.overheard_frames;
+                });
                 promoted.vm
             }),
             Level::Ft,

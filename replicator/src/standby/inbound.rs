@@ -3,7 +3,8 @@
 //! (per NIC), in order, bounded in memory. A promotion replays them into
 //! the guest; each commit drops those the new checkpoint holds.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -12,6 +13,13 @@ use crate::protocol::InboundBatch;
 /// Bytes of frames kept past the last checkpoint; later frames are dropped
 /// (the guest's peers send those again, as without forwarding).
 pub const INBOUND_KEPT_BYTES_MAX: usize = 32 << 20;
+
+/// How long the digests of forwarded frames are remembered (committed ones
+/// too), so that a frame this node also overheard is not given twice: well
+/// past the window of overheard frames.
+pub const FORWARDED_REMEMBERED: Duration = Duration::from_secs(10);
+/// The most digests remembered (the oldest go first).
+pub const FORWARDED_REMEMBERED_MAX: usize = 1 << 16;
 
 /// The uncommitted inbound frames of a replica.
 pub struct InboundFrames {
@@ -22,6 +30,9 @@ pub struct InboundFrames {
     committed: Option<Vec<u64>>,
     bytes: usize,
     dropped: u64,
+    /// Digests of the frames forwarded lately (see
+    /// [`super::overheard::frame_digest`]), with when each came.
+    recent: VecDeque<(Instant, u32)>,
 }
 
 impl InboundFrames {
@@ -31,13 +42,16 @@ impl InboundFrames {
             committed: None,
             bytes: 0,
             dropped: 0,
+            recent: VecDeque::new(),
         }
     }
 
     /// Keeps the frames of `batch` that the committed checkpoint does not
     /// hold (a frame of a NIC the replica does not have is dropped).
     pub fn add(&mut self, batch: InboundBatch) {
+        let now = Instant::now();
         for record in batch.into_records() {
+            self.remember(now, &record.frame);
             let nic = record.nic as usize;
             let held = self
                 .committed
@@ -78,6 +92,23 @@ impl InboundFrames {
             }
         }
         self.committed = Some(through.to_vec());
+    }
+
+    fn remember(&mut self, now: Instant, frame: &[u8]) {
+        let cutoff = now.checked_sub(FORWARDED_REMEMBERED);
+        while self.recent.front().is_some_and(|&(at, _)| {
+            cutoff.is_some_and(|c| at < c) || self.recent.len() >= FORWARDED_REMEMBERED_MAX
+        }) {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back((now, super::overheard::frame_digest(frame)));
+    }
+
+    /// The digests of the frames forwarded in the last
+    /// [`FORWARDED_REMEMBERED`], committed or not.
+    pub fn forwarded_digests(&self) -> HashSet<u32> {
+        self.recent.iter().map(|&(_, digest)| digest).collect()
     }
 
     fn clear(&mut self) {

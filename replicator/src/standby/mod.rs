@@ -21,6 +21,7 @@
 mod claim;
 mod durable;
 mod inbound;
+pub mod overheard;
 mod paths;
 pub mod replica_disk;
 mod session;
@@ -184,6 +185,9 @@ pub struct Checkpointed {
     /// Per NIC, the frames the primary's guest received after this
     /// checkpoint, in order (replayed into the guest if it is promoted).
     pub inbound: Vec<Vec<bytes::Bytes>>,
+    /// Frames for the guest this node received itself while standing by
+    /// (given after `inbound`, see [`overheard`]).
+    pub overheard: Option<overheard::Overheard>,
     /// Per NIC, output of the committed epoch that the primary handed over
     /// with a switchover instead of sending it (sent when promoted).
     pub final_output: Vec<Vec<bytes::Bytes>>,

@@ -14,6 +14,7 @@ use vmm::replication::ReplicaRam;
 
 use super::durable::Durable;
 use super::inbound::InboundFrames;
+use super::overheard::{Overheard, Overhearing};
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, Fresh, ReplicaDisk};
 use super::{path_margin, Checkpointed, Machine, Replica, StandbyConfig, StandbyError};
@@ -178,6 +179,9 @@ struct Receiving {
     committed: Option<(u64, Option<CheckpointState>)>,
     /// What the primary's guest received past the committed epoch.
     inbound: InboundFrames,
+    /// Frames for the guest that reach this node (level FT, from the
+    /// first committed epoch, where this node can).
+    overhearing: Option<Overhearing>,
     /// A switchover's final output (of the committed epoch), per NIC.
     final_output: Vec<Vec<bytes::Bytes>>,
     final_output_bytes: usize,
@@ -259,6 +263,7 @@ fn begin(
         assembler: EpochAssembler::with_limits(1, StagingLimits::for_guest(plan.mem_mib)),
         committed: None,
         inbound: InboundFrames::new(plan.nics),
+        overhearing: None,
         final_output: vec![Vec::new(); plan.nics],
         final_output_bytes: 0,
         generation: first.generation,
@@ -606,10 +611,15 @@ impl Receiving {
                         "some frames the primary's guest received were not kept"
                     );
                 }
+                let overheard = self.overhearing.map(|hearing| Overheard {
+                    hearing,
+                    forwarded: self.inbound.forwarded_digests(),
+                });
                 Machine::Checkpoint(Box::new(Checkpointed {
                     ram,
                     state,
                     inbound: self.inbound.into_replay(),
+                    overheard,
                     // Sent only by a switchover's takeover: otherwise the
                     // primary may have sent it itself (it took the VM back).
                     final_output: vec![Vec::new(); self.final_output.len()],
@@ -837,6 +847,7 @@ impl Receiving {
             // after the primary is lost.
             if let (Some(ram), Some(state)) = (&mut self.ram, &state) {
                 ram.prepare_vm(state.machine.vcpu_count);
+                self.overhearing = overhear(&state.machine.nic_macs());
             }
             status.set_state(Role::Standby, FtState::StandingBy, None);
         }
@@ -852,6 +863,19 @@ impl Receiving {
         }
         self.committed = Some((complete.epoch, state));
         self.durable.committed(&self.disks);
+    }
+}
+
+/// Starts overhearing the guest's frames on this node; without it (a
+/// node that may not open packet sockets), peers of a promoted guest
+/// retransmit what was lost with the primary, as they would anyway.
+fn overhear(macs: &[[u8; 6]]) -> Option<Overhearing> {
+    match Overhearing::start(macs) {
+        Ok(hearing) => Some(hearing),
+        Err(error) => {
+            warn!(%error, "not overhearing the guest's frames: after a failover its peers resend what the primary lost by their own timers");
+            None
+        }
     }
 }
 
