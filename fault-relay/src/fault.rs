@@ -157,10 +157,11 @@ pub mod kind {
     pub const INBOUND: FrameKind = FrameKind::Message(77);
     pub const SWITCHOVER: FrameKind = FrameKind::Message(78);
     pub const FINAL_OUTPUT: FrameKind = FrameKind::Message(79);
+    pub const EPOCH_OUTPUT: FrameKind = FrameKind::Message(83);
     pub const SYNC_HELD: FrameKind = FrameKind::Message(80);
 
     /// Every named kind, with its name.
-    pub const NAMED: [(&str, FrameKind); 25] = [
+    pub const NAMED: [(&str, FrameKind); 26] = [
         ("Hello", HELLO),
         ("Challenge", CHALLENGE),
         ("Response", RESPONSE),
@@ -185,6 +186,7 @@ pub mod kind {
         ("Inbound", INBOUND),
         ("Switchover", SWITCHOVER),
         ("FinalOutput", FINAL_OUTPUT),
+        ("EpochOutput", EPOCH_OUTPUT),
         ("SyncHeld", SYNC_HELD),
     ];
 }

@@ -107,8 +107,11 @@ pub fn promote(
     // they used to hold up by their gaps).
     let announcer = vm.output().announcer(&addresses);
     announce_round(&announcer);
-    // A switchover's final output leaves from here, after the announcement:
-    // the answers it draws come to this node.
+    // The committed epoch's output leaves from here, after the
+    // announcement (the answers it draws come to this node): a switchover's
+    // final output, or after a failover the copy that came with the epoch,
+    // which the dead primary may not have released (frames it did release
+    // arrive twice, which TCP ignores).
     let handed_over_frames: usize = final_output
         .into_iter()
         .enumerate()

@@ -395,6 +395,83 @@ async fn frames_received_past_the_committed_checkpoint_are_handed_over_in_order(
     assert_eq!(replay, vec![3, 4], "what checkpoint 2 lacks, in order");
 }
 
+fn epoch_output(epoch: u64, fill: u8) -> ft_link::Frame {
+    let frames = [vmm::replication::InboundFrame {
+        nic: 0,
+        seq: 0,
+        frame: vec![fill; 70],
+    }];
+    let mut batches = replicator::protocol::inbound_payloads(frames);
+    Message::EpochOutput(batches.remove(0)).into_frame(epoch, 1)
+}
+
+/// The copy of each epoch's output travels before the epoch; a takeover
+/// hands over the committed epoch's copy (to send: the primary may have
+/// died before releasing it), not the copy of an epoch cut short.
+#[tokio::test]
+async fn a_takeover_hands_over_the_output_of_the_committed_epoch() {
+    let standby = start_standby("output").await;
+    let mut link = synced_primary(standby.addr).await;
+    send(&link, &[epoch_output(1, 0x51)]).await;
+    send(&link, &epoch_through(1, 0x22, 0)).await;
+    expect_ack(&mut link, 1).await;
+    send(&link, &[epoch_output(2, 0x52)]).await;
+    let mut two = epoch_through(2, 0x33, 0);
+    two.pop();
+    send(&link, &two).await;
+    drop(link);
+    let replica = taken_over(standby.task).await;
+    assert_eq!(replica.epoch, 1);
+    let output = &replica.checkpoint().unwrap().final_output;
+    assert_eq!(output.len(), 1, "one NIC");
+    let fills: Vec<u8> = output[0].iter().map(|f| f[0]).collect();
+    assert_eq!(fills, vec![0x51], "epoch 1's output, not epoch 2's");
+}
+
+/// A checkpoint's capture time is restamped on the standby's clock when it
+/// arrives, with the kvmclock's wall-clock stamp moved by as much: a
+/// primary whose clock differs (here: one that says 1970) neither holds
+/// back nor rushes the promoted guest's time by the difference.
+#[tokio::test]
+async fn a_checkpoints_capture_time_is_taken_on_the_standbys_clock() {
+    let standby = start_standby("clock").await;
+    let mut link = synced_primary(standby.addr).await;
+    let mut machine = minimal_machine();
+    machine.captured_unix_ns = 1_000_000_000;
+    machine.vm.clock.realtime = 1_005_000_000;
+    let mut state: serde_json::Value = serde_json::from_slice(&state_payload()).unwrap();
+    state["machine"] = serde_json::to_value(machine).unwrap();
+    let mut stager = replicator::protocol::PageStager::default();
+    vmm::replication::PageSink::page_buffer(&mut stager, 5 * 4096).extend_from_slice(&[1; 4096]);
+    let before = vmm::snapshot::unix_now_ns();
+    send(
+        &link,
+        &replicator::protocol::epoch_frames(
+            1,
+            1,
+            bytes::Bytes::from(serde_json::to_vec(&state).unwrap()),
+            stager.finish(),
+            (Vec::new(), 0),
+        ),
+    )
+    .await;
+    expect_ack(&mut link, 1).await;
+    let after = vmm::snapshot::unix_now_ns();
+    drop(link);
+    let replica = taken_over(standby.task).await;
+    let machine = &replica.checkpoint().unwrap().state.machine;
+    assert!(
+        (before..=after).contains(&machine.captured_unix_ns),
+        "captured at {} on the standby's clock, between {before} and {after}",
+        machine.captured_unix_ns
+    );
+    assert_eq!(
+        machine.vm.clock.realtime - machine.captured_unix_ns,
+        5_000_000,
+        "the kvmclock stamp moved with it"
+    );
+}
+
 /// A planned switchover: once the primary's final epoch is acknowledged,
 /// its word hands the replica over at once, while the link is alive (no
 /// silence to wait for), marked as a switchover.

@@ -72,6 +72,18 @@ pub struct MachineState {
 }
 
 impl MachineState {
+    /// Says when the capture was taken, on the clock of the host that will
+    /// restore it: a snapshot that moved between hosts whose clocks differ
+    /// would otherwise advance the guest's time by the gap plus the clocks'
+    /// difference (the TSC and kvmclock are advanced by the gap on arrival).
+    /// The kvmclock's own wall-clock stamp moves by the same amount.
+    pub fn set_capture_time(&mut self, captured_unix_ns: u64) {
+        let shift = captured_unix_ns as i128 - self.captured_unix_ns as i128;
+        self.captured_unix_ns = captured_unix_ns;
+        let realtime = self.vm.clock.realtime as i128 + shift;
+        self.vm.clock.realtime = realtime.clamp(0, u64::MAX as i128) as u64;
+    }
+
     /// The MAC of each NIC, in device order.
     pub fn nic_macs(&self) -> Vec<[u8; 6]> {
         self.virtio

@@ -15,12 +15,21 @@ use crate::protocol::{
     CHECKPOINT_STATE_VERSION,
 };
 
+/// The most bytes of an epoch's output copied to the standby: request and
+/// reply traffic whole; of a bulk transfer only its start (the rest the
+/// guest's TCP sends again after a takeover, as it would anyway).
+pub const OUTPUT_COPY_MAX: usize = 64 << 10;
+
 /// What checkpoint N captured.
 pub struct Captured {
     pub state: CheckpointState,
     pub pages: StagedPages,
     /// The disk writes packed into batches, and how many records.
     pub writes: (Vec<DiskBatch>, u64),
+    /// A copy of the output sealed as this epoch's batch (per NIC; the
+    /// first [`OUTPUT_COPY_MAX`] bytes), for the standby to send if it
+    /// takes over from this epoch.
+    pub output: Vec<Vec<Vec<u8>>>,
     /// The written maps' clock just before the writes were taken
     /// ([`crate::written`]).
     pub written_mark: u64,
@@ -69,7 +78,7 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
         offset: w.offset,
         data: Bytes::from(w.data),
     });
-    vm.output().seal(epoch);
+    let (_, output) = vm.output().seal_copying(epoch, OUTPUT_COPY_MAX);
     let digest = if verify {
         let digest = oracle::digest(
             vm.guest_bytes(),
@@ -93,6 +102,7 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
         state,
         pages: stager.finish(),
         writes: disk_payloads(writes),
+        output,
         written_mark,
         times: StopTimes {
             pause,

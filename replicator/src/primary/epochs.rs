@@ -19,7 +19,7 @@ use vmm::vm::Vm;
 use super::checkpoint::{capture, Captured};
 use super::in_flight::{InFlight, Pending, BEHIND_CHECK_EVERY};
 use super::lease::GateMode;
-use super::switchover::{hand_over, Outcome};
+use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
 use crate::interval::Schedule;
@@ -291,13 +291,19 @@ async fn send_epoch(
 
 fn encode(epoch: u64, generation: u64, captured: Captured) -> Result<Vec<Frame>, PrimaryError> {
     let state = Bytes::from(captured.state.to_payload()?);
-    Ok(epoch_frames(
+    // The output's copy goes first: the standby holds it once the epoch
+    // commits.
+    let mut frames: Vec<Frame> = output_batches(&captured.output)
+        .map(|batch| Message::EpochOutput(batch).into_frame(epoch, generation))
+        .collect();
+    frames.extend(epoch_frames(
         epoch,
         generation,
         state,
         captured.pages,
         captured.writes,
-    ))
+    ));
+    Ok(frames)
 }
 
 /// Sends the final epoch of a switchover, the guest stopped and nothing

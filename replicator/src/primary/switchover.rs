@@ -136,7 +136,7 @@ pub(super) async fn hand_over(
     let handed_frames: usize = final_output.iter().map(Vec::len).sum();
     let waiting = vm.input().take_waiting();
     let waiting_frames = waiting.len();
-    let mut messages: Vec<_> = final_output_batches(&final_output)
+    let mut messages: Vec<_> = output_batches(&final_output)
         .map(|batch| Message::FinalOutput(batch).into_frame(epoch, generation))
         .collect();
     messages.extend(
@@ -232,8 +232,9 @@ fn give_back(vm: &Vm, waiting: Vec<InboundFrame>) {
     }
 }
 
-/// The final epoch's output (per NIC, in order) as `FinalOutput` payloads.
-fn final_output_batches(
+/// An epoch's output (per NIC, in order) as the payloads of `FinalOutput`
+/// or `EpochOutput` messages.
+pub(super) fn output_batches(
     per_nic: &[Vec<Vec<u8>>],
 ) -> impl Iterator<Item = crate::protocol::InboundBatch> {
     let frames = per_nic.iter().enumerate().flat_map(|(nic, frames)| {

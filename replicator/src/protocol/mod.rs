@@ -21,6 +21,9 @@
 //!                [writes u64][crc32 of the DiskWrites payloads]
 //! Inbound     frames the guest received, as they arrive (see `inbound`):
 //!             replayed by a standby that takes over, past its checkpoint
+//! EpochOutput(N) a copy of the frames the guest sent in epoch N (inbound
+//!             records; bounded): sent by a standby that takes over from
+//!             epoch N, whose primary may have died before releasing them
 //! Stop        the primary's VM stopped on purpose: no takeover
 //! Handover    the primary's VM failed on its host (a vCPU could not go
 //!             on): take over now from the last committed epoch
@@ -170,6 +173,13 @@ pub enum Message {
     /// send: the standby sends it once it runs the VM, from its own port,
     /// so that the guest's peers answer it there.
     FinalOutput(InboundBatch),
+    /// A copy of the output the guest sent in the frame's epoch (inbound
+    /// records, bounded; sent before the epoch): a standby that takes over
+    /// from that epoch sends it, because the primary may have died after
+    /// the standby committed the epoch and before it released the output.
+    /// (A copy the primary did send arrives twice, as the network may
+    /// deliver any frame: the guest's peers drop it.)
+    EpochOutput(InboundBatch),
     /// The standby cannot hold the replica (no space for its disks, a
     /// disk that fails, a plan it cannot match): why, for the primary's
     /// status and the operator. No takeover follows.
@@ -211,6 +221,7 @@ const FINAL_OUTPUT: u8 = 79;
 const SYNC_HELD: u8 = 80;
 const SYNC_PAGES_Z: u8 = 81;
 const SYNC_DISK_Z: u8 = 82;
+const EPOCH_OUTPUT: u8 = 83;
 
 impl Message {
     /// Whether frames of kind `code` carry a compressed copy payload
@@ -237,6 +248,7 @@ impl Message {
             Message::Handover => "Handover",
             Message::Switchover => "Switchover",
             Message::FinalOutput(_) => "FinalOutput",
+            Message::EpochOutput(_) => "EpochOutput",
             Message::Refuse(_) => "Refuse",
             Message::SyncHeld(_) => "SyncHeld",
         }
@@ -260,6 +272,7 @@ impl Message {
             Message::Handover => (HANDOVER, Bytes::new()),
             Message::Switchover => (SWITCHOVER, Bytes::new()),
             Message::FinalOutput(b) => (FINAL_OUTPUT, b.into_bytes()),
+            Message::EpochOutput(b) => (EPOCH_OUTPUT, b.into_bytes()),
             Message::Refuse(reason) => (REFUSE, Bytes::from(truncated(reason))),
             Message::SyncHeld(held) => (SYNC_HELD, held.to_payload()),
         };
@@ -375,6 +388,10 @@ impl Message {
             FINAL_OUTPUT => Message::FinalOutput(
                 InboundBatch::parse(payload)
                     .ok_or(malformed("FinalOutput", "not whole inbound records"))?,
+            ),
+            EPOCH_OUTPUT => Message::EpochOutput(
+                InboundBatch::parse(payload)
+                    .ok_or(malformed("EpochOutput", "not whole inbound records"))?,
             ),
             REFUSE => Message::Refuse(
                 std::str::from_utf8(&payload)
@@ -530,6 +547,14 @@ mod tests {
                 }])
                 .remove(0),
             ),
+            Message::EpochOutput(
+                inbound_payloads([vmm::replication::InboundFrame {
+                    nic: 0,
+                    seq: 1,
+                    frame: vec![4; 80],
+                }])
+                .remove(0),
+            ),
             Message::Refuse("no space for the replica's disks".into()),
             Message::SyncHeld(Held {
                 region: Region::Memory,
@@ -658,6 +683,7 @@ mod tests {
             (ACK, &b"x"[..]),
             (SWITCHOVER, &b"x"[..]),
             (FINAL_OUTPUT, &[0u8; 17][..]),
+            (EPOCH_OUTPUT, &[0u8; 17][..]),
             (REFUSE, &[0xff, 0xfe][..]),
             (SYNC_HELD, &[0, 0, 0, 0, 1, 0][..]),
         ] {

@@ -188,8 +188,9 @@ pub struct Checkpointed {
     /// Frames for the guest this node received itself while standing by
     /// (given after `inbound`, see [`overheard`]).
     pub overheard: Option<overheard::Overheard>,
-    /// Per NIC, output of the committed epoch that the primary handed over
-    /// with a switchover instead of sending it (sent when promoted).
+    /// Per NIC, output of the committed epoch, sent when promoted: what a
+    /// switchover handed over instead of sending it, or the copy that came
+    /// with the epoch (the primary may have died before releasing it).
     pub final_output: Vec<Vec<bytes::Bytes>>,
 }
 

@@ -146,6 +146,7 @@ async fn run(
             Message::SyncEnd(end) => replica.sync_end(end, status)?,
             Message::Inbound(batch) => replica.inbound.add(batch),
             Message::FinalOutput(batch) => replica.final_output(batch, envelope.epoch, status)?,
+            Message::EpochOutput(batch) => replica.epoch_output(batch, envelope.epoch),
             // An epoch over a copy not known to be whole would be promoted
             // with whatever the copy missed.
             other if !replica.synced => {
@@ -185,6 +186,13 @@ struct Receiving {
     /// A switchover's final output (of the committed epoch), per NIC.
     final_output: Vec<Vec<bytes::Bytes>>,
     final_output_bytes: usize,
+    /// The copy of the output of the epoch being received (its number;
+    /// per NIC) and its bytes.
+    epoch_output: Option<(u64, Vec<Vec<bytes::Bytes>>)>,
+    epoch_output_bytes: usize,
+    /// The copy of the committed epoch's output, per NIC: sent by a
+    /// takeover, since the primary may have died before releasing it.
+    committed_output: Vec<Vec<bytes::Bytes>>,
     /// The session's generation (every message carries it).
     generation: u64,
     sync_bytes: u64,
@@ -266,6 +274,9 @@ fn begin(
         overhearing: None,
         final_output: vec![Vec::new(); plan.nics],
         final_output_bytes: 0,
+        epoch_output: None,
+        epoch_output_bytes: 0,
+        committed_output: vec![Vec::new(); plan.nics],
         generation: first.generation,
         sync_bytes: 0,
         tally: EndTally::default(),
@@ -620,9 +631,9 @@ impl Receiving {
                     state,
                     inbound: self.inbound.into_replay(),
                     overheard,
-                    // Sent only by a switchover's takeover: otherwise the
-                    // primary may have sent it itself (it took the VM back).
-                    final_output: vec![Vec::new(); self.final_output.len()],
+                    // The committed epoch's output, which the primary may
+                    // not have released (a switchover hands over its own).
+                    final_output: self.committed_output,
                 }))
             }
             (None, None, Some(boot)) => Machine::Boot(boot),
@@ -671,6 +682,26 @@ impl Receiving {
             }
         }
         Ok(())
+    }
+
+    /// A copy of the output of epoch `epoch` (sent before the epoch):
+    /// kept with it until it commits. Frames past the bound, or of a NIC
+    /// the replica does not have, are left out (the guest's TCP sends them
+    /// again after a takeover, as without the copy).
+    fn epoch_output(&mut self, batch: crate::protocol::InboundBatch, epoch: u64) {
+        let nics = self.final_output.len();
+        if self.epoch_output.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            self.epoch_output = Some((epoch, vec![Vec::new(); nics]));
+            self.epoch_output_bytes = 0;
+        }
+        let (_, frames) = self.epoch_output.as_mut().expect("set above");
+        for record in batch.into_records() {
+            let fits = self.epoch_output_bytes + record.frame.len() <= FINAL_OUTPUT_MAX;
+            if let Some(nic) = frames.get_mut(record.nic as usize).filter(|_| fits) {
+                self.epoch_output_bytes += record.frame.len();
+                nic.push(record.frame);
+            }
+        }
     }
 
     /// Initial copy: memory pages, checked before any is written.
@@ -747,8 +778,16 @@ impl Receiving {
         };
         let state = match &self.ram {
             Some(ram) => {
-                let state = CheckpointState::from_payload(&complete.state)
+                let mut state = CheckpointState::from_payload(&complete.state)
                     .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
+                // The capture time on this node's clock (the nodes' clocks
+                // may differ by more than the gap a promotion advances the
+                // guest's time by: the lab's by 300 ms, and a guest whose
+                // time moves on too little fires its TCP retransmissions
+                // late): the epoch's arrival, later than the capture by its
+                // transfer, so the guest's time moves on by a little less
+                // than the real gap, never by the nodes' skew.
+                state.machine.set_capture_time(vmm::snapshot::unix_now_ns());
                 Durable::note(&self.disks, &complete.writes)
                     .map_err(|e| refused(status, e.into()))?;
                 self.assembler
@@ -861,6 +900,17 @@ impl Receiving {
         if let Some(state) = &state {
             self.inbound.commit(&state.inbound_through);
         }
+        // The epoch's output copy (none if it sent nothing) becomes the
+        // committed one; a copy of a later epoch stays pending.
+        let nics = self.committed_output.len();
+        self.committed_output = match self.epoch_output.take() {
+            Some((e, frames)) if e == complete.epoch => frames,
+            Some((e, frames)) if e > complete.epoch => {
+                self.epoch_output = Some((e, frames));
+                vec![Vec::new(); nics]
+            }
+            _ => vec![Vec::new(); nics],
+        };
         self.committed = Some((complete.epoch, state));
         self.durable.committed(&self.disks);
     }

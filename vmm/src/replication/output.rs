@@ -63,16 +63,34 @@ impl Output {
     /// while the guest is paused, so the cut is exact); the guest's source
     /// addresses are learned from them. Returns how many frames.
     pub fn seal(&self, batch: u64) -> usize {
+        self.seal_copying(batch, 0).0
+    }
+
+    /// [`Output::seal`], also copying the batch's frames (per NIC, in
+    /// order, virtio header included) while the copy stays within
+    /// `copy_max` bytes: a frame that would pass it, and every later one,
+    /// is not copied.
+    pub fn seal_copying(&self, batch: u64, copy_max: usize) -> (usize, Vec<Vec<Vec<u8>>>) {
         let mut addresses = self.addresses.lock().expect("addresses lock");
-        self.gates()
-            .map(|g| {
-                g.seal(batch, |frame| {
-                    if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
-                        remember(&mut addresses, ip);
-                    }
-                })
-            })
-            .sum()
+        let mut copied = 0;
+        let mut full = false;
+        let mut copies = Vec::new();
+        let mut sealed = 0;
+        for gate in self.gates() {
+            let mut nic = Vec::new();
+            sealed += gate.seal(batch, |frame| {
+                if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
+                    remember(&mut addresses, ip);
+                }
+                full = full || copied + frame.len() > copy_max;
+                if !full {
+                    copied += frame.len();
+                    nic.push(frame.to_vec());
+                }
+            });
+            copies.push(nic);
+        }
+        (sealed, copies)
     }
 
     /// Whether frames wait for the next seal.
