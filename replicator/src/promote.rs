@@ -90,8 +90,9 @@ pub fn promote(
     // retransmission timer is overdue (guest time jumped by the gap) leaves
     // at once, and a TAP that is down or off the bridge would lose it.
     // Frames for the guest overheard on this node are taken just before:
-    // from then on the guest receives them itself. (TAPs that are on a
-    // bridge already may have queued them: then none are taken.)
+    // from then on the guest receives them itself. (Without a bridge to
+    // join, the TAPs were wired by whoever made them and may have queued
+    // those frames already: then none are taken.)
     let vm = Vm::restore_replica(state.machine, ram, backings, || {
         if let Some(bridge) = bridge {
             if let Some(overheard) = overheard {

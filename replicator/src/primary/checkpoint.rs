@@ -12,13 +12,8 @@ use super::PrimaryError;
 use crate::oracle;
 use crate::protocol::{
     disk_payloads, CheckpointState, DiskBatch, DiskRecord, PageStager, StagedPages,
-    CHECKPOINT_STATE_VERSION,
+    CHECKPOINT_STATE_VERSION, EPOCH_OUTPUT_MAX,
 };
-
-/// The most bytes of an epoch's output copied to the standby: request and
-/// reply traffic whole; of a bulk transfer only its start (the rest the
-/// guest's TCP sends again after a takeover, as it would anyway).
-pub const OUTPUT_COPY_MAX: usize = 64 << 10;
 
 /// What checkpoint N captured.
 pub struct Captured {
@@ -26,9 +21,9 @@ pub struct Captured {
     pub pages: StagedPages,
     /// The disk writes packed into batches, and how many records.
     pub writes: (Vec<DiskBatch>, u64),
-    /// A copy of the output sealed as this epoch's batch (per NIC; the
-    /// first [`OUTPUT_COPY_MAX`] bytes), for the standby to send if it
-    /// takes over from this epoch.
+    /// A copy of the TCP segments sealed as this epoch's batch (per NIC;
+    /// the first [`EPOCH_OUTPUT_MAX`] bytes), for the standby to send if
+    /// it takes over.
     pub output: Vec<Vec<Vec<u8>>>,
     /// The written maps' clock just before the writes were taken
     /// ([`crate::written`]).
@@ -78,7 +73,7 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
         offset: w.offset,
         data: Bytes::from(w.data),
     });
-    let (_, output) = vm.output().seal_copying(epoch, OUTPUT_COPY_MAX);
+    let (_, output) = vm.output().seal_copying(epoch, EPOCH_OUTPUT_MAX);
     let digest = if verify {
         let digest = oracle::digest(
             vm.guest_bytes(),

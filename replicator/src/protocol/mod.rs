@@ -173,12 +173,14 @@ pub enum Message {
     /// send: the standby sends it once it runs the VM, from its own port,
     /// so that the guest's peers answer it there.
     FinalOutput(InboundBatch),
-    /// A copy of the output the guest sent in the frame's epoch (inbound
-    /// records, bounded; sent before the epoch): a standby that takes over
-    /// from that epoch sends it, because the primary may have died after
-    /// the standby committed the epoch and before it released the output.
-    /// (A copy the primary did send arrives twice, as the network may
-    /// deliver any frame: the guest's peers drop it.)
+    /// A copy of the TCP segments the guest sent in the frame's epoch
+    /// (inbound records, at most [`EPOCH_OUTPUT_MAX`] bytes; sent before
+    /// the epoch): a standby that takes over sends the copies of its last
+    /// committed epochs, because the primary may have died after the
+    /// standby committed them and before it released their output. (A
+    /// segment the primary did send arrives twice, as the network may
+    /// deliver any packet: the peer's TCP drops it. Other traffic is not
+    /// copied: a datagram sent twice might be acted on twice.)
     EpochOutput(InboundBatch),
     /// The standby cannot hold the replica (no space for its disks, a
     /// disk that fails, a plan it cannot match): why, for the primary's
@@ -189,6 +191,12 @@ pub enum Message {
     /// only what differs.
     SyncHeld(Held),
 }
+
+/// The most bytes of one epoch's output copied to the standby
+/// ([`Message::EpochOutput`]): request and reply traffic whole; of a bulk
+/// transfer only its start (the guest's TCP sends the rest again after a
+/// takeover, as it would without the copy).
+pub const EPOCH_OUTPUT_MAX: usize = 64 << 10;
 
 /// The longest reason a [`Message::Refuse`] carries (bytes).
 pub const REFUSE_REASON_MAX: usize = 1024;

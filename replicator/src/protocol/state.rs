@@ -11,8 +11,10 @@ pub const CHECKPOINT_STATE_VERSION: u32 = 1;
 /// (`SyncPagesZ`, `SyncDiskZ`), which a standby of version 3 would take for
 /// malformed frames: it refuses the plan instead; 5 the written maps
 /// (`written`, `next_common`) and the standby's word that chunks are the
-/// same by them (`SyncHeld` kind 2).
-pub const SYNC_PLAN_VERSION: u32 = 5;
+/// same by them (`SyncHeld` kind 2); 6 the copies of the epochs' output
+/// (`EpochOutput`), which a standby of version 5 would take for a
+/// malformed frame after the whole copy.
+pub const SYNC_PLAN_VERSION: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -21,6 +21,7 @@
 mod claim;
 mod durable;
 mod inbound;
+mod output_copies;
 pub mod overheard;
 mod paths;
 pub mod replica_disk;

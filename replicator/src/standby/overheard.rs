@@ -63,6 +63,8 @@ pub enum OverhearError {
     VnetHeader(#[source] std::io::Error),
     #[error("attaching the filter for the guest's MACs failed: {0}")]
     Filter(#[source] std::io::Error),
+    #[error("setting the packet socket up failed: {0}")]
+    Setup(#[source] std::io::Error),
     #[error("starting the overhearing thread failed: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -126,7 +128,8 @@ pub struct OverheardFrames {
     /// Frames left out because another copy was given (the same frame on
     /// two interfaces).
     pub copies: u64,
-    /// Frames left out as too old for the window.
+    /// Frames left out as too old: past the window, or from before the
+    /// primary was lost.
     pub stale: u64,
     /// Frames the capture could not keep (see [`Kept::dropped`]).
     pub dropped: u64,
@@ -142,13 +145,16 @@ impl OverheardFrames {
 /// the A-link forwarded lately.
 pub struct Overheard {
     pub hearing: Overhearing,
+    /// Frames captured before this are left out: the primary was alive
+    /// then, and got them itself (a switch that floods while it lives).
+    pub since: Instant,
     pub forwarded: HashSet<u32>,
 }
 
 impl Overheard {
     /// See [`Overhearing::take`].
     pub fn take(self) -> OverheardFrames {
-        self.hearing.take(&self.forwarded)
+        self.hearing.take(self.since, &self.forwarded)
     }
 }
 
@@ -165,9 +171,10 @@ impl Overhearing {
         socket
             .attach_filter(&filter_for(macs))
             .map_err(OverhearError::Filter)?;
+        drain(&socket).map_err(OverhearError::Setup)?;
         socket
             .set_read_timeout(Some(POLL))
-            .map_err(OverhearError::Socket)?;
+            .map_err(OverhearError::Setup)?;
         let shared = Arc::new(Shared {
             kept: Mutex::default(),
             stop: AtomicBool::new(false),
@@ -188,10 +195,10 @@ impl Overhearing {
         })
     }
 
-    /// Stops overhearing and hands over the frames of the last
-    /// [`OVERHEARD_WINDOW`], leaving out those whose digest (see
-    /// [`frame_digest`]) is in `forwarded` and repeated copies.
-    pub fn take(self, forwarded: &HashSet<u32>) -> OverheardFrames {
+    /// Stops overhearing and hands over the frames captured since `since`
+    /// (and within the last [`OVERHEARD_WINDOW`]), leaving out those whose
+    /// digest (see [`frame_digest`]) is in `forwarded` and repeated copies.
+    pub fn take(self, since: Instant, forwarded: &HashSet<u32>) -> OverheardFrames {
         self.shared.stop.store(true, Ordering::Relaxed);
         let kept = std::mem::take(&mut *self.shared.kept.lock().expect("overheard frames lock"));
         let cutoff = Instant::now().checked_sub(OVERHEARD_WINDOW);
@@ -202,7 +209,7 @@ impl Overhearing {
         };
         let mut given = HashSet::new();
         for heard in kept.frames {
-            if cutoff.is_some_and(|c| heard.at < c) {
+            if cutoff.is_some_and(|c| heard.at < c) || heard.at < since {
                 taken.stale += 1;
             } else if forwarded.contains(&heard.digest) {
                 taken.forwarded += 1;
@@ -239,6 +246,22 @@ impl Drop for Overhearing {
 /// which the guest's peer then sends again, as without overhearing.
 pub fn frame_digest(frame_with_guest_header: &[u8]) -> u32 {
     crc32fast::hash(frame_with_guest_header.get(GUEST_HDR_LEN..).unwrap_or(&[]))
+}
+
+/// Reads away what the socket took before its filter was attached (any
+/// frame at all, outgoing ones too).
+fn drain(socket: &Socket) -> std::io::Result<()> {
+    socket.set_nonblocking(true)?;
+    let mut buf = vec![0u8; SOCKET_HDR_LEN + 65536];
+    loop {
+        match (&*socket).read(&mut buf) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    socket.set_nonblocking(false)
 }
 
 fn enable_vnet_header(socket: &Socket) -> std::io::Result<()> {
@@ -380,7 +403,12 @@ fn complete_checksum(ethernet: &mut [u8], start: usize, offset: usize) -> Option
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    let checksum = !(sum as u16);
+    // A sum of zero is sent as its other form (0 means "no checksum" to
+    // UDP; either form checks the same for TCP).
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
     ethernet[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
     Some(())
 }
@@ -434,7 +462,7 @@ mod tests {
             ],
             2,
         );
-        let taken = hearing.take(&forwarded);
+        let taken = hearing.take(Instant::now() - Duration::from_secs(1), &forwarded);
         assert_eq!(payloads(&taken.per_nic[0]), [&b"first"[..], &b"second"[..]]);
         assert_eq!(payloads(&taken.per_nic[1]), [&b"other nic"[..]]);
         assert_eq!(
@@ -442,6 +470,20 @@ mod tests {
             (0, 1, 1, 3),
             "the frame older than the window was pushed out when a later one came"
         );
+    }
+
+    #[test]
+    fn frames_from_before_the_primary_was_lost_are_left_out() {
+        let hearing = overhearing_of(
+            vec![
+                heard(Duration::from_millis(900), 0, b"while it lived"),
+                heard(Duration::from_millis(100), 0, b"after"),
+            ],
+            1,
+        );
+        let taken = hearing.take(Instant::now() - Duration::from_millis(500), &HashSet::new());
+        assert_eq!(payloads(&taken.per_nic[0]), [&b"after"[..]]);
+        assert_eq!(taken.stale, 1);
     }
 
     #[test]
@@ -455,7 +497,8 @@ mod tests {
             })
             .collect();
         frames.push(heard(Duration::ZERO, 0, b"last"));
-        let taken = overhearing_of(frames, 1).take(&HashSet::new());
+        let taken = overhearing_of(frames, 1)
+            .take(Instant::now() - Duration::from_secs(1), &HashSet::new());
         assert_eq!(taken.dropped, 2, "5 quarters and a bit do not fit: 2 go");
         let firsts: Vec<u8> = taken.per_nic[0]
             .iter()
@@ -592,7 +635,7 @@ mod tests {
         // Anything else the kernel would deliver has been read by now: the
         // frame for the guest was sent after the other one.
         std::thread::sleep(Duration::from_millis(200));
-        let taken = hearing.take(&HashSet::new());
+        let taken = hearing.take(Instant::now() - Duration::from_secs(10), &HashSet::new());
         assert!(taken.per_nic[0].is_empty());
         assert_eq!(taken.per_nic[1].len(), 1, "one copy, the arriving one");
         assert_eq!(taken.copies, 0, "the outgoing copy was filtered out");

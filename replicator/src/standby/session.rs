@@ -5,7 +5,8 @@
 //! count); when the link fails, [`link_lost`] decides between a takeover
 //! and an end without one.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use ft_link::{Link, LinkError};
 use tokio::sync::mpsc;
@@ -14,6 +15,7 @@ use vmm::replication::ReplicaRam;
 
 use super::durable::Durable;
 use super::inbound::InboundFrames;
+use super::output_copies::OutputCopies;
 use super::overheard::{Overheard, Overhearing};
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, Fresh, ReplicaDisk};
@@ -186,13 +188,11 @@ struct Receiving {
     /// A switchover's final output (of the committed epoch), per NIC.
     final_output: Vec<Vec<bytes::Bytes>>,
     final_output_bytes: usize,
-    /// The copy of the output of the epoch being received (its number;
-    /// per NIC) and its bytes.
-    epoch_output: Option<(u64, Vec<Vec<bytes::Bytes>>)>,
-    epoch_output_bytes: usize,
-    /// The copy of the committed epoch's output, per NIC: sent by a
-    /// takeover, since the primary may have died before releasing it.
-    committed_output: Vec<Vec<bytes::Bytes>>,
+    /// The copies of the epochs' output, received and committed.
+    committed_output: OutputCopies,
+    /// The capture clock's offset from this node's, as seen over the
+    /// latest epochs (see `on_epoch_message`).
+    clock_offsets: VecDeque<i128>,
     /// The session's generation (every message carries it).
     generation: u64,
     sync_bytes: u64,
@@ -274,9 +274,8 @@ fn begin(
         overhearing: None,
         final_output: vec![Vec::new(); plan.nics],
         final_output_bytes: 0,
-        epoch_output: None,
-        epoch_output_bytes: 0,
-        committed_output: vec![Vec::new(); plan.nics],
+        committed_output: OutputCopies::new(plan.nics),
+        clock_offsets: VecDeque::new(),
         generation: first.generation,
         sync_bytes: 0,
         tally: EndTally::default(),
@@ -546,7 +545,7 @@ fn link_lost(
         .is_some_and(|b| abrupt || b.heard_primary_after(active_heard + margin))
     {
         let backup = replica.backup.take().expect("checked");
-        return match replica.into_replica() {
+        return match replica.into_replica(Some(active_heard)) {
             Some(kept) => {
                 warn!(%error, last_committed = kept.epoch, "active path lost; the primary is heard on the backup path");
                 Ok(Session::PathLost(Box::new(kept), backup, error))
@@ -554,7 +553,7 @@ fn link_lost(
             None => Err(StandbyError::PathLost(error)),
         };
     }
-    match replica.into_replica() {
+    match replica.into_replica(Some(active_heard)) {
         Some(kept) => {
             warn!(%error, last_committed = kept.epoch, discarded_epoch = ?aborted, "primary lost");
             Ok(Session::Lost(kept))
@@ -568,7 +567,8 @@ fn link_lost(
 /// end (there is nothing to take over).
 fn handed_over(mut replica: Receiving, status: &StatusBoard) -> Result<Session, StandbyError> {
     let aborted = replica.assembler.abort();
-    match replica.into_replica() {
+    // The primary lives: frames for its guest reached it, not this node.
+    match replica.into_replica(None) {
         Some(kept) => {
             warn!(last_committed = kept.epoch, discarded_epoch = ?aborted, "the primary handed its VM over");
             status.update(|s| {
@@ -597,7 +597,7 @@ fn switched_over(
         ));
     }
     let final_output = std::mem::take(&mut replica.final_output);
-    let mut kept = replica.into_replica().expect("an epoch is committed");
+    let mut kept = replica.into_replica(None).expect("an epoch is committed");
     kept.switchover = true;
     if let Machine::Checkpoint(checkpoint) = &mut kept.machine {
         checkpoint.final_output = final_output;
@@ -612,7 +612,10 @@ fn switched_over(
 
 impl Receiving {
     /// The replica as of its last committed epoch (none before the first).
-    fn into_replica(self) -> Option<Replica> {
+    /// `primary_last_heard`: the last arrival from a primary that is gone
+    /// (frames for its guest overheard from a little before then on are
+    /// given to the promoted guest); None while the primary lives.
+    fn into_replica(self, primary_last_heard: Option<Instant>) -> Option<Replica> {
         let (epoch, state) = self.committed?;
         let machine = match (self.ram, state, self.mirror) {
             (Some(ram), Some(state), _) => {
@@ -622,18 +625,22 @@ impl Receiving {
                         "some frames the primary's guest received were not kept"
                     );
                 }
-                let overheard = self.overhearing.map(|hearing| Overheard {
-                    hearing,
-                    forwarded: self.inbound.forwarded_digests(),
-                });
+                let overheard = self
+                    .overhearing
+                    .zip(primary_last_heard)
+                    .map(|(hearing, heard)| Overheard {
+                        hearing,
+                        since: heard.checked_sub(OVERHEARD_BEFORE_SILENCE).unwrap_or(heard),
+                        forwarded: self.inbound.forwarded_digests(),
+                    });
                 Machine::Checkpoint(Box::new(Checkpointed {
                     ram,
                     state,
                     inbound: self.inbound.into_replay(),
                     overheard,
-                    // The committed epoch's output, which the primary may
+                    // The committed epochs' output, which the primary may
                     // not have released (a switchover hands over its own).
-                    final_output: self.committed_output,
+                    final_output: self.committed_output.in_order(),
                 }))
             }
             (None, None, Some(boot)) => Machine::Boot(boot),
@@ -684,24 +691,10 @@ impl Receiving {
         Ok(())
     }
 
-    /// A copy of the output of epoch `epoch` (sent before the epoch):
-    /// kept with it until it commits. Frames past the bound, or of a NIC
-    /// the replica does not have, are left out (the guest's TCP sends them
-    /// again after a takeover, as without the copy).
+    /// A copy of the output of epoch `epoch` (sent before the epoch).
     fn epoch_output(&mut self, batch: crate::protocol::InboundBatch, epoch: u64) {
-        let nics = self.final_output.len();
-        if self.epoch_output.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            self.epoch_output = Some((epoch, vec![Vec::new(); nics]));
-            self.epoch_output_bytes = 0;
-        }
-        let (_, frames) = self.epoch_output.as_mut().expect("set above");
-        for record in batch.into_records() {
-            let fits = self.epoch_output_bytes + record.frame.len() <= FINAL_OUTPUT_MAX;
-            if let Some(nic) = frames.get_mut(record.nic as usize).filter(|_| fits) {
-                self.epoch_output_bytes += record.frame.len();
-                nic.push(record.frame);
-            }
-        }
+        let committed = self.committed.as_ref().map(|(e, _)| *e);
+        self.committed_output.add(batch, epoch, committed);
     }
 
     /// Initial copy: memory pages, checked before any is written.
@@ -780,14 +773,14 @@ impl Receiving {
             Some(ram) => {
                 let mut state = CheckpointState::from_payload(&complete.state)
                     .map_err(|source| refused(status, StandbyError::BadState { epoch, source }))?;
-                // The capture time on this node's clock (the nodes' clocks
+                // The capture time on this node's clock: the nodes' clocks
                 // may differ by more than the gap a promotion advances the
-                // guest's time by: the lab's by 300 ms, and a guest whose
-                // time moves on too little fires its TCP retransmissions
-                // late): the epoch's arrival, later than the capture by its
-                // transfer, so the guest's time moves on by a little less
-                // than the real gap, never by the nodes' skew.
-                state.machine.set_capture_time(vmm::snapshot::unix_now_ns());
+                // guest's time by (the lab's by up to a second), and a guest
+                // whose time moves on too little fires its TCP
+                // retransmissions late.
+                let captured =
+                    capture_time_here(&mut self.clock_offsets, state.machine.captured_unix_ns);
+                state.machine.set_capture_time(captured);
                 Durable::note(&self.disks, &complete.writes)
                     .map_err(|e| refused(status, e.into()))?;
                 self.assembler
@@ -900,17 +893,7 @@ impl Receiving {
         if let Some(state) = &state {
             self.inbound.commit(&state.inbound_through);
         }
-        // The epoch's output copy (none if it sent nothing) becomes the
-        // committed one; a copy of a later epoch stays pending.
-        let nics = self.committed_output.len();
-        self.committed_output = match self.epoch_output.take() {
-            Some((e, frames)) if e == complete.epoch => frames,
-            Some((e, frames)) if e > complete.epoch => {
-                self.epoch_output = Some((e, frames));
-                vec![Vec::new(); nics]
-            }
-            _ => vec![Vec::new(); nics],
-        };
+        self.committed_output.committed(complete.epoch);
         self.committed = Some((complete.epoch, state));
         self.durable.committed(&self.disks);
     }
@@ -928,6 +911,30 @@ fn overhear(macs: &[[u8; 6]]) -> Option<Overhearing> {
         }
     }
 }
+
+/// `captured` (the primary's clock) on this node's clock: shifted by
+/// the smallest difference between an epoch's arrival here and its
+/// capture there over the latest [`CLOCK_OFFSET_EPOCHS`] epochs (the
+/// nodes' skew plus the quickest transfer; an epoch's own arrival
+/// would count its transfer and queueing as guest time that did not
+/// pass).
+fn capture_time_here(offsets: &mut VecDeque<i128>, captured: u64) -> u64 {
+    let offset = i128::from(vmm::snapshot::unix_now_ns()) - i128::from(captured);
+    if offsets.len() == CLOCK_OFFSET_EPOCHS {
+        offsets.pop_front();
+    }
+    offsets.push_back(offset);
+    let least = offsets.iter().min().copied().unwrap_or(offset);
+    (i128::from(captured) + least).clamp(0, i128::from(u64::MAX)) as u64
+}
+
+/// Epochs over which the capture clock's offset is taken.
+const CLOCK_OFFSET_EPOCHS: usize = 64;
+
+/// Frames for the guest overheard this long before the primary's last
+/// arrival are given to the promoted guest too (the primary's port went
+/// down at its death, at most a link's latency before that arrival).
+const OVERHEARD_BEFORE_SILENCE: Duration = Duration::from_millis(20);
 
 /// The most output a switchover hands over (what one NIC's gate holds).
 const FINAL_OUTPUT_MAX: usize = vmm::replication::MAX_HELD_BYTES;

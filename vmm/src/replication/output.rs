@@ -31,6 +31,17 @@ fn ipv4_source(ethernet: &[u8]) -> Option<[u8; 4]> {
     (ip != [0; 4]).then_some(ip)
 }
 
+/// Whether an Ethernet frame (untagged) carries a TCP segment over IPv4,
+/// or over IPv6 with TCP as its first next header.
+fn is_tcp(ethernet: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    match ethernet.get(12..14) {
+        Some([0x08, 0x00]) => ethernet.get(14 + 9) == Some(&TCP),
+        Some([0x86, 0xdd]) => ethernet.get(14 + 6) == Some(&TCP),
+        _ => false,
+    }
+}
+
 fn remember(addresses: &mut Vec<[u8; 4]>, ip: [u8; 4]) {
     if !addresses.contains(&ip) && addresses.len() < MAX_ADDRESSES {
         addresses.push(ip);
@@ -66,10 +77,11 @@ impl Output {
         self.seal_copying(batch, 0).0
     }
 
-    /// [`Output::seal`], also copying the batch's frames (per NIC, in
-    /// order, virtio header included) while the copy stays within
-    /// `copy_max` bytes: a frame that would pass it, and every later one,
-    /// is not copied.
+    /// [`Output::seal`], also copying the batch's TCP segments (per NIC,
+    /// in order, virtio header included) while the copy stays within
+    /// `copy_max` bytes: a segment that would pass it, and every later
+    /// one, is not copied. (Only TCP: a peer drops a segment it gets
+    /// twice; a datagram might be acted on twice.)
     pub fn seal_copying(&self, batch: u64, copy_max: usize) -> (usize, Vec<Vec<Vec<u8>>>) {
         let mut addresses = self.addresses.lock().expect("addresses lock");
         let mut copied = 0;
@@ -81,6 +93,9 @@ impl Output {
             sealed += gate.seal(batch, |frame| {
                 if let Some(ip) = frame.get(VNET_HDR_LEN..).and_then(ipv4_source) {
                     remember(&mut addresses, ip);
+                }
+                if !frame.get(VNET_HDR_LEN..).is_some_and(is_tcp) {
+                    return;
                 }
                 full = full || copied + frame.len() > copy_max;
                 if !full {
@@ -249,5 +264,36 @@ mod tests {
         assert_eq!(output.holding_frames(), 1);
         assert_eq!(output.release_through(1), 1);
         assert_eq!(output.holding_frames(), 0);
+    }
+
+    fn ipv4_frame(protocol: u8, len: usize, mark: u8) -> Vec<u8> {
+        let mut frame = vec![0u8; VNET_HDR_LEN + len];
+        let ethernet = &mut frame[VNET_HDR_LEN..];
+        ethernet[12..14].copy_from_slice(&[0x08, 0x00]);
+        ethernet[14 + 9] = protocol;
+        ethernet[len - 1] = mark;
+        frame
+    }
+
+    #[test]
+    fn a_sealed_batch_copies_its_tcp_segments_within_the_bound() {
+        let tap = Arc::new(Tap::open("ftoutt1").expect("TAP (needs CAP_NET_ADMIN)"));
+        let output = Output::new(vec![(Arc::new(TxGate::new(tap)), [2, 0, 0, 0, 0, 2])]);
+        output.hold();
+        let gate = output.gates().next().unwrap();
+        gate.transmit(&ipv4_frame(6, 100, 1));
+        gate.transmit(&ipv4_frame(17, 100, 2));
+        gate.transmit(&ipv4_frame(6, 100, 3));
+        gate.transmit(&ipv4_frame(6, 100, 4));
+        let bound = 2 * (VNET_HDR_LEN + 100);
+        let (sealed, copies) = output.seal_copying(1, bound);
+        assert_eq!(sealed, 4, "every frame is sealed");
+        let marks: Vec<u8> = copies[0].iter().map(|f| *f.last().unwrap()).collect();
+        assert_eq!(
+            marks,
+            [1, 3],
+            "TCP only (not the UDP datagram), within the bound"
+        );
+        assert_eq!(output.release_through(1), 4, "the copy takes nothing out");
     }
 }
