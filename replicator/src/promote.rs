@@ -110,9 +110,10 @@ pub fn promote(
     announce_round(&announcer);
     // The committed epoch's output leaves from here, after the
     // announcement (the answers it draws come to this node): a switchover's
-    // final output, or after a failover the copy that came with the epoch,
-    // which the dead primary may not have released (frames it did release
-    // arrive twice, which TCP ignores).
+    // final output, or after a failover the copies of their TCP segments
+    // that came with the last committed epochs, which the dead primary may
+    // not have released (segments it did release arrive twice, which TCP
+    // ignores).
     let handed_over_frames: usize = final_output
         .into_iter()
         .enumerate()

@@ -189,9 +189,10 @@ pub struct Checkpointed {
     /// Frames for the guest this node received itself while standing by
     /// (given after `inbound`, see [`overheard`]).
     pub overheard: Option<overheard::Overheard>,
-    /// Per NIC, output of the committed epoch, sent when promoted: what a
-    /// switchover handed over instead of sending it, or the copy that came
-    /// with the epoch (the primary may have died before releasing it).
+    /// Per NIC, output of the committed epochs, sent when promoted: what a
+    /// switchover handed over instead of sending it, or the copies of TCP
+    /// segments that came with the last committed epochs (the primary may
+    /// have died before releasing them).
     pub final_output: Vec<Vec<bytes::Bytes>>,
 }
 

@@ -1,8 +1,11 @@
 //! The copies of the guest's output that come with the epochs
 //! (`EpochOutput`, TCP segments only): kept for the last few committed
-//! epochs, which the primary may not have released when it died (epochs
-//! are pipelined exactly when output waits, so several may be committed
-//! here and unacknowledged there). A takeover sends them, oldest first.
+//! epochs (by epoch number: an idle guest's old copies go too), which the
+//! primary may not have released when it died (epochs are pipelined
+//! exactly when output waits, so several may be committed here and
+//! unacknowledged there; with more than [`COMMITTED_OUTPUT_EPOCHS`] in
+//! flight the older ones are not sent). A takeover sends them, oldest
+//! first.
 
 use std::collections::VecDeque;
 
@@ -11,8 +14,8 @@ use tracing::warn;
 
 use crate::protocol::{InboundBatch, EPOCH_OUTPUT_MAX};
 
-/// Committed epochs whose copies are kept (more than the epochs a primary
-/// keeps in flight by default).
+/// The last committed epochs whose copies are kept (more than the epochs a
+/// primary keeps in flight by default).
 pub const COMMITTED_OUTPUT_EPOCHS: usize = 8;
 
 /// One epoch's copy: per NIC, in order.
@@ -20,6 +23,9 @@ struct Copy {
     epoch: u64,
     per_nic: Vec<Vec<Bytes>>,
     bytes: usize,
+    /// A frame did not fit: later ones are left out too (as the primary
+    /// does), so the copy has no gaps.
+    full: bool,
 }
 
 pub struct OutputCopies {
@@ -60,11 +66,16 @@ impl OutputCopies {
                 epoch,
                 per_nic: vec![Vec::new(); nics],
                 bytes: 0,
+                full: false,
             }),
         };
         for record in batch.into_records() {
-            let fits = copy.bytes + record.frame.len() <= EPOCH_OUTPUT_MAX;
-            if let Some(frames) = copy.per_nic.get_mut(record.nic as usize).filter(|_| fits) {
+            copy.full = copy.full || copy.bytes + record.frame.len() > EPOCH_OUTPUT_MAX;
+            if let Some(frames) = copy
+                .per_nic
+                .get_mut(record.nic as usize)
+                .filter(|_| !copy.full)
+            {
                 copy.bytes += record.frame.len();
                 frames.push(record.frame);
             }
@@ -72,19 +83,24 @@ impl OutputCopies {
     }
 
     /// Epoch `epoch` committed: its copy (if it had output) joins the
-    /// committed ones; the oldest beyond [`COMMITTED_OUTPUT_EPOCHS`] go.
+    /// committed ones; copies of epochs [`COMMITTED_OUTPUT_EPOCHS`] or more
+    /// before it go.
     pub fn committed(&mut self, epoch: u64) {
-        let Some(copy) = self.pending.take() else {
-            return;
-        };
-        if copy.epoch != epoch {
+        match self.pending.take() {
+            Some(copy) if copy.epoch == epoch => self.committed.push_back(copy),
+            // A copy of a later epoch waits for it.
+            Some(copy) if copy.epoch > epoch => self.pending = Some(copy),
             // A copy without its epoch (the primary moved on): never sent.
-            return;
+            _ => {}
         }
-        if self.committed.len() == COMMITTED_OUTPUT_EPOCHS {
+        let window = COMMITTED_OUTPUT_EPOCHS as u64;
+        while self
+            .committed
+            .front()
+            .is_some_and(|c| c.epoch + window <= epoch)
+        {
             self.committed.pop_front();
         }
-        self.committed.push_back(copy);
     }
 
     /// Per NIC, the committed copies' frames, oldest epoch first.
@@ -149,6 +165,22 @@ mod tests {
     }
 
     #[test]
+    fn copies_of_epochs_long_committed_go_even_when_later_ones_had_no_output() {
+        let mut copies = OutputCopies::new(1);
+        copies.add(copy_of(0, &[1], 60), 1, None);
+        copies.committed(1);
+        copies.add(copy_of(0, &[2], 60), 2, Some(1));
+        copies.committed(2);
+        // Epochs 3 to 9 sent nothing.
+        (3..=9).for_each(|epoch| copies.committed(epoch));
+        assert_eq!(
+            marks(&copies.in_order()),
+            vec![vec![2]],
+            "epochs 2 to 9 are the last 8"
+        );
+    }
+
+    #[test]
     fn a_late_copy_and_a_copy_past_the_bound_are_left_out() {
         let mut copies = OutputCopies::new(1);
         copies.add(copy_of(0, &[1], 60), 1, None);
@@ -157,7 +189,9 @@ mod tests {
         let big = EPOCH_OUTPUT_MAX / 2;
         copies.add(copy_of(0, &[2, 3], big), 2, Some(1));
         copies.add(copy_of(0, &[4], big), 2, Some(1));
-        copies.add(copy_of(3, &[5], 60), 2, Some(1));
+        // Small enough to fit, but after one that did not: left out too.
+        copies.add(copy_of(0, &[5], 1), 2, Some(1));
+        copies.add(copy_of(3, &[6], 60), 2, Some(1));
         copies.committed(2);
         assert_eq!(marks(&copies.in_order()), vec![vec![1, 2, 3]]);
     }
