@@ -182,7 +182,7 @@ fn run(socket: UdpSocket, config: PulseConfig, liveness: Liveness, stop: &Atomic
                 match decode(&config.key, peer_side, &buf[..n]) {
                     Some(counter) if counter > newest => {
                         newest = counter;
-                        liveness.mark();
+                        liveness.mark_pulse();
                     }
                     _ => trace!(%from, "pulse dropped"),
                 }

@@ -252,7 +252,7 @@ mod tests {
     fn defaults_fill_what_the_file_leaves_out() {
         let config: Config = toml::from_str(NODE_ONLY).unwrap();
         assert_eq!(config.bridge, "br0");
-        assert_eq!(config.heartbeat_timeout_ms, 300);
+        assert_eq!(config.heartbeat_timeout_ms, 200);
         assert_eq!(config.ram_dir, PathBuf::from("/dev/shm/ftd"));
         assert_eq!(config.copy_compression, 3);
         assert!(config.peer.is_none());

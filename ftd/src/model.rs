@@ -95,7 +95,7 @@ pub struct NicSpec {
 #[serde(deny_unknown_fields)]
 pub struct FtOptions {
     /// The standby takes over after this much silence of its primary
-    /// (ms; default the node's `heartbeat_timeout_ms`, 300).
+    /// (ms; default the node's `heartbeat_timeout_ms`, 200).
     #[serde(default)]
     pub heartbeat_timeout_ms: Option<u64>,
     /// Keep the guest paused until each checkpoint is acknowledged

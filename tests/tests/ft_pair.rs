@@ -1061,7 +1061,14 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
     let lab = LabPair::start("ftrelay");
     ft_pair::wait_paired(lab.lab(), NodeId::A).expect("paired");
     let to = relay_the_alink_on_a(&lab);
-    ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
+    // Pulses do not pass the relay (a TCP relay): silence is judged on the
+    // connection alone, and a heartbeat timeout of 300 ms leaves room for
+    // the 150 ms of lag below.
+    let opts = ftd_client::model::FtOptions {
+        heartbeat_timeout_ms: Some(300),
+        ..Default::default()
+    };
+    ft_pair::protect(lab.lab(), NodeId::A, opts).expect("protected");
     ft_pair::wait_for(
         lab.lab(),
         NodeId::B,
@@ -1085,7 +1092,7 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
     // guest runs at most `max_run_ahead` (100 ms by default) past a
     // checkpoint not yet acknowledged, then waits paused for it; the
     // session goes on. (The added latency stays well under the heartbeat
-    // timeout, 300 ms: the step from none to 150 ms is a gap of 150 ms
+    // timeout, 300 ms here: the step from none to 150 ms is a gap of 150 ms
     // plus a heartbeat interval in what the primary hears. 250 ms made a
     // 310 ms gap: a silence, rightly.)
     // (Before the faults: the first session runs through the relay; after

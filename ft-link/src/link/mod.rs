@@ -30,6 +30,8 @@
 //! The files of this module, one job each:
 //! - `mod.rs`: [`Link`] (connect, establish, send, receive, split into
 //!   halves);
+//! - `arrival.rs`: reading the connection with the kernel's arrival stamps
+//!   (a link with pulses counts bytes as heard when they arrived);
 //! - `config.rs`: [`LinkConfig`], the timeout defaults and
 //!   [`heartbeat_interval_for`], [`send_stall_timeout_for`];
 //! - `error.rs`: [`LinkError`];
@@ -43,6 +45,7 @@
 //! - `tests.rs` (tests only): helpers the tests of every file share, and
 //!   the tests of [`Link`] as a whole.
 
+mod arrival;
 mod config;
 mod error;
 mod handshake;
@@ -161,6 +164,15 @@ impl Link {
             protection = protection.name(),
             "A-link established"
         );
+        // With pulses, bytes count as heard when they arrived (see
+        // `arrival`); without, when read.
+        let stamped = match pulses {
+            Some(_) => arrival::stamp_arrivals(&stream)
+                .map(|()| arrival::ArrivalClock::new())
+                .map_err(|error| warn!(%peer, %error, "no arrival stamps: bytes heard when read"))
+                .ok(),
+            None => None,
+        };
         let (read_half, write_half) = stream.into_split();
         let writer = Arc::new(Mutex::new(Writer {
             half: write_half,
@@ -188,6 +200,9 @@ impl Link {
                 inbound: done.inbound,
                 liveness,
                 silence_timeout: config.heartbeat_timeout,
+                stamped,
+                read_grace: config.heartbeat_interval,
+                last_read: Instant::now(),
                 ended: false,
             },
         })

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 use tracing::warn;
 
+use super::arrival::{self, ArrivalClock};
 use super::handshake::refusal_error;
 use super::stream::Inbound;
 use super::LinkError;
@@ -22,6 +22,8 @@ pub struct Liveness {
     base: Instant,
     /// Microseconds after `base` of the last arrival.
     last_us: Arc<std::sync::atomic::AtomicU64>,
+    /// Microseconds after `base` of the last pulse (0: none yet).
+    last_pulse_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Liveness {
@@ -29,13 +31,33 @@ impl Liveness {
         Liveness {
             base: Instant::now(),
             last_us: Arc::default(),
+            last_pulse_us: Arc::default(),
         }
     }
 
-    /// Something arrived now (a byte on the connection, or a pulse, from
-    /// another thread).
-    pub(crate) fn mark(&self) {
-        let us = self.base.elapsed().as_micros() as u64;
+    /// A pulse arrived now (from the pulse thread).
+    pub(crate) fn mark_pulse(&self) {
+        let us = self.base.elapsed().as_micros().max(1) as u64;
+        self.last_pulse_us
+            .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+        self.last_us
+            .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a pulse arrived within `within` of now.
+    fn pulsed_within(&self, within: Duration) -> bool {
+        match self
+            .last_pulse_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => false,
+            us => (self.base + Duration::from_micros(us)).elapsed() < within,
+        }
+    }
+
+    /// Something arrived at `at` (not earlier than the link's start).
+    pub(crate) fn mark_at(&self, at: Instant) {
+        let us = at.saturating_duration_since(self.base).as_micros() as u64;
         self.last_us
             .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
     }
@@ -58,6 +80,17 @@ pub struct LinkReceiver {
     pub(super) inbound: Inbound,
     pub(super) liveness: Liveness,
     pub(super) silence_timeout: Duration,
+    /// Bytes count as heard when they arrived, not when read (a link with
+    /// pulses, whose kernel stamps arrivals, while its pulses arrive: see
+    /// [`arrival`]).
+    pub(super) stamped: Option<ArrivalClock>,
+    /// The peer is not declared silent within this long of the last read
+    /// that took bytes (the heartbeat interval): a receiver that drained a
+    /// backlog gives its peer, which the backlog may have held back, time
+    /// to send again.
+    pub(super) read_grace: Duration,
+    /// When a read last took bytes.
+    pub(super) last_read: Instant,
     pub(super) ended: bool,
 }
 
@@ -82,6 +115,11 @@ impl LinkReceiver {
         result
     }
 
+    /// When the peer is silent unless something arrives first.
+    fn silence_deadline(&self) -> Instant {
+        (self.liveness.last() + self.silence_timeout).max(self.last_read + self.read_grace)
+    }
+
     async fn next_frame(&mut self) -> Result<Frame, LinkError> {
         let peer = self.peer;
         loop {
@@ -95,19 +133,41 @@ impl LinkReceiver {
             }
             // Silence is judged on bytes and pulses alike (a pulse may
             // have come in while this waited: look again before judging).
-            let deadline = self.liveness.last() + self.silence_timeout;
-            let read = self.reader.read_buf(&mut self.inbound.raw);
-            match tokio::time::timeout_at(deadline, read).await {
-                Err(_) if self.liveness.last() + self.silence_timeout > Instant::now() => {}
-                Err(_) => {
-                    return Err(LinkError::PeerSilent {
-                        peer,
-                        after: self.liveness.last().elapsed(),
-                    })
+            let deadline = self.silence_deadline();
+            let stream = self.reader.as_ref();
+            let read = arrival::read_stamped(stream, &mut self.inbound.raw);
+            let read = match tokio::time::timeout_at(deadline, read).await {
+                Ok(read) => read,
+                // Bytes already there were heard, even if the runtime put
+                // the read off past the deadline.
+                Err(_) => match arrival::try_read_stamped(stream, &mut self.inbound.raw) {
+                    Ok(Some(read)) => Ok(read),
+                    Ok(None) if self.silence_deadline() > Instant::now() => continue,
+                    Ok(None) => {
+                        return Err(LinkError::PeerSilent {
+                            peer,
+                            after: self.liveness.last().elapsed(),
+                        })
+                    }
+                    Err(source) => Err(source),
+                },
+            };
+            match read {
+                Err(source) => return Err(LinkError::Receive { peer, source }),
+                Ok(read) if read.len == 0 => return Err(self.inbound.end_of_stream(peer)),
+                Ok(read) => {
+                    self.last_read = Instant::now();
+                    // A stamp counts while pulses arrive: without them, a
+                    // peer this receiver held back has nothing else to
+                    // show that it lived.
+                    let arrived = match self.stamped.as_mut() {
+                        Some(clock) if self.liveness.pulsed_within(self.silence_timeout) => {
+                            clock.arrival(read.stamp)
+                        }
+                        _ => self.last_read,
+                    };
+                    self.liveness.mark_at(arrived);
                 }
-                Ok(Err(source)) => return Err(LinkError::Receive { peer, source }),
-                Ok(Ok(0)) => return Err(self.inbound.end_of_stream(peer)),
-                Ok(Ok(_)) => self.liveness.mark(),
             }
         }
     }
@@ -116,7 +176,7 @@ impl LinkReceiver {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
     use super::*;

@@ -222,3 +222,72 @@ async fn a_sealed_node_and_a_plaintext_node_refuse_to_pair_and_say_why() {
         }
     }
 }
+
+/// A standby busy applying an epoch when its primary died reads bytes that
+/// arrived before the death: while pulses arrive they count as heard when
+/// they arrived, so the silence (and the primary's last arrival, from which
+/// a promoted standby keeps what it overheard) is not put off by the
+/// backlog. Without pulses, or once they stopped coming (a firewall, a
+/// relay), they count when read: a receiver that fell behind may have held
+/// its peer back, and nothing else shows that the peer lived.
+#[tokio::test]
+async fn bytes_count_as_heard_when_they_arrived_while_pulses_arrive() {
+    for (pulses, pulses_stop) in [(true, false), (true, true), (false, false)] {
+        let (mut a, mut b) = (
+            config("node-a", Role::Primary, SECRET),
+            config("node-b", Role::Standby, SECRET),
+        );
+        (a.pulses, b.pulses) = (pulses, pulses);
+        let (accepted, connected) = pair(a, b).await;
+        let (primary, mut standby) = (accepted.unwrap(), connected.unwrap());
+        assert_eq!(standby.receiver.stamped.is_some(), pulses);
+        // A first frame, and a moment for the kernel to switch its
+        // receive stamps on (it may defer that to a work queue) and for
+        // the first pulses to come.
+        let warm = Frame::message(64, 1, 1, Bytes::new()).unwrap();
+        primary.send(&warm).await.unwrap();
+        assert_eq!(standby.recv().await.unwrap(), warm);
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        if pulses_stop {
+            // The primary's pulses stop; its connection goes on past the
+            // silence timeout (300 ms).
+            lock_pulses(&primary).take();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        // Well within the receive window: all of it arrives at once.
+        let frame = Frame::message(65, 1, 1, vec![7u8; 16_000]).unwrap();
+        primary.send(&frame).await.unwrap();
+        let sent = std::time::Instant::now();
+        // The primary dies: no byte and no pulse after this.
+        drop(primary);
+        // The standby is busy elsewhere meanwhile.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let got = tokio::time::timeout(WITHIN, standby.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let read = std::time::Instant::now();
+        assert_eq!(got, frame);
+        let heard = standby.liveness().last_arrival();
+        if pulses && !pulses_stop {
+            assert!(
+                heard < sent + Duration::from_millis(100),
+                "heard {:?} after the send, read {:?} after it",
+                heard.saturating_duration_since(sent),
+                read - sent
+            );
+        } else {
+            assert!(
+                heard + Duration::from_millis(100) > read,
+                "without pulses (pulses {pulses}, stopped {pulses_stop}) bytes count when \
+                 read: heard {:?} after the send, read {:?} after it",
+                heard.saturating_duration_since(sent),
+                read - sent
+            );
+        }
+    }
+}
+
+fn lock_pulses(link: &Link) -> std::sync::MutexGuard<'_, Option<crate::pulse::Pulses>> {
+    link.sender.pulses.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -272,7 +272,7 @@ async fn send_epoch(
     // The standby's word is heard while sending too: a silence (or any
     // error) the acknowledgement reader found ends the epoch at once,
     // instead of after a send that stalls on a dead peer
-    // (`send_stall_timeout`, four heartbeat timeouts).
+    // (`send_stall_timeout`: four heartbeat timeouts, at least 1.2 s).
     // The guest's run past the oldest checkpoint not acknowledged is
     // watched from the start: on a slow link the send itself takes most of
     // the epoch.

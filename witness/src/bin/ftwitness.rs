@@ -38,7 +38,7 @@ enum Command {
         state_dir: PathBuf,
         /// A standby's claim is granted once the primary was not heard for
         /// this long; a primary's lease is half of it.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = 200)]
         silence_ms: u64,
         /// After a start, no claim is granted for this long (the primaries
         /// reconnect meanwhile).
