@@ -141,6 +141,11 @@ impl OverheardFrames {
     }
 }
 
+/// Frames captured before this are the primary's, heard at `heard`.
+fn cut_for(heard: Instant) -> Instant {
+    heard.checked_sub(OVERHEARD_BEFORE_SILENCE).unwrap_or(heard)
+}
+
 /// Overhearing as a promotion finds it, with the digests of the frames
 /// the A-link forwarded lately.
 pub struct Overheard {
@@ -151,7 +156,28 @@ pub struct Overheard {
     pub forwarded: HashSet<u32>,
 }
 
+/// Frames for the guest overheard this long before the primary's last
+/// arrival are given to the promoted guest too (the primary's port went
+/// down at its death, at most a link's latency before that arrival).
+const OVERHEARD_BEFORE_SILENCE: Duration = Duration::from_millis(20);
+
 impl Overheard {
+    /// What `hearing` kept for a promotion after the primary was last
+    /// heard at `primary_heard`.
+    pub fn new(hearing: Overhearing, primary_heard: Instant, forwarded: HashSet<u32>) -> Overheard {
+        Overheard {
+            hearing,
+            since: cut_for(primary_heard),
+            forwarded,
+        }
+    }
+
+    /// The primary was heard later, at `at` (on its backup path, after the
+    /// active one was lost): frames from before then reached it.
+    pub fn primary_heard_at(&mut self, at: Instant) {
+        self.since = self.since.max(cut_for(at));
+    }
+
     /// See [`Overhearing::take`].
     pub fn take(self) -> OverheardFrames {
         self.hearing.take(self.since, &self.forwarded)
@@ -486,6 +512,35 @@ mod tests {
         assert_eq!(taken.stale, 1);
     }
 
+    /// Review finding (s31): after the active path was lost, the primary
+    /// lived on its backup path; frames from then reached it and are not
+    /// given to the promoted guest.
+    #[test]
+    fn a_primary_heard_later_on_the_backup_path_moves_the_cut() {
+        let now = Instant::now();
+        let frames = || {
+            vec![
+                heard(
+                    Duration::from_millis(900),
+                    0,
+                    b"before the active path was lost",
+                ),
+                heard(Duration::from_millis(400), 0, b"while heard on the backup"),
+                heard(Duration::from_millis(100), 0, b"after"),
+            ]
+        };
+        let active_lost = now - Duration::from_millis(700);
+        let kept = Overheard::new(overhearing_of(frames(), 1), active_lost, HashSet::new());
+        assert_eq!(kept.take().total(), 2, "cut at the active path alone");
+        let mut kept = Overheard::new(overhearing_of(frames(), 1), active_lost, HashSet::new());
+        kept.primary_heard_at(now - Duration::from_millis(250));
+        // An earlier hearing never moves the cut back.
+        kept.primary_heard_at(now - Duration::from_secs(2));
+        let taken = kept.take();
+        assert_eq!(payloads(&taken.per_nic[0]), [&b"after"[..]]);
+        assert_eq!(taken.stale, 2);
+    }
+
     #[test]
     fn the_bound_pushes_out_the_oldest_frames_and_counts_them() {
         let big = vec![7u8; OVERHEARD_BYTES_MAX / 4];
@@ -535,6 +590,21 @@ mod tests {
             complete_checksum(&mut ethernet, 34, 60).is_none(),
             "a field past the frame"
         );
+    }
+
+    /// A sum whose complement is 0 is written as 0xffff: a UDP checksum of
+    /// 0 says "none", and a receiver would take the datagram unchecked.
+    #[test]
+    fn a_checksum_of_zero_is_written_as_its_other_form() {
+        // The covered words sum to 0xffff (the field holding 0): the
+        // complement is 0.
+        let mut region = vec![0x12, 0x34, 0xed, 0xcb, 0, 0];
+        complete_checksum(&mut region, 0, 4).unwrap();
+        assert_eq!(region[4..], [0xff, 0xff]);
+        // Any other sum is its complement.
+        let mut region = vec![0x12, 0x34, 0, 0];
+        complete_checksum(&mut region, 0, 2).unwrap();
+        assert_eq!(region[2..], (!0x1234u16).to_be_bytes());
     }
 
     /// RFC 768's checksum, summed from scratch over the pseudo-header and

@@ -6,7 +6,7 @@
 //! and an end without one.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ft_link::{Link, LinkError};
 use tokio::sync::mpsc;
@@ -628,10 +628,8 @@ impl Receiving {
                 let overheard = self
                     .overhearing
                     .zip(primary_last_heard)
-                    .map(|(hearing, heard)| Overheard {
-                        hearing,
-                        since: heard.checked_sub(OVERHEARD_BEFORE_SILENCE).unwrap_or(heard),
-                        forwarded: self.inbound.forwarded_digests(),
+                    .map(|(hearing, heard)| {
+                        Overheard::new(hearing, heard, self.inbound.forwarded_digests())
                     });
                 Machine::Checkpoint(Box::new(Checkpointed {
                     ram,
@@ -930,11 +928,6 @@ fn capture_time_here(offsets: &mut VecDeque<i128>, captured: u64) -> u64 {
 
 /// Epochs over which the capture clock's offset is taken.
 const CLOCK_OFFSET_EPOCHS: usize = 64;
-
-/// Frames for the guest overheard this long before the primary's last
-/// arrival are given to the promoted guest too (the primary's port went
-/// down at its death, at most a link's latency before that arrival).
-const OVERHEARD_BEFORE_SILENCE: Duration = Duration::from_millis(20);
 
 /// The most output a switchover hands over (what one NIC's gate holds).
 const FINAL_OUTPUT_MAX: usize = vmm::replication::MAX_HELD_BYTES;
