@@ -135,6 +135,15 @@ pub struct VmConfig {
     pub ram_file: Option<std::path::PathBuf>,
 }
 
+/// Whether a VM's vCPUs run as soon as it is made, or wait parked for
+/// [`Vm::resume`] (a promoted replica: its announcement and the output it
+/// hands over leave first, without the guest competing for the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAs {
+    Running,
+    Paused,
+}
+
 /// A running VM. Its parts are the VMM's own; the FT engine drives it
 /// through the methods of `replication`.
 pub struct Vm {
@@ -371,7 +380,8 @@ impl Machine {
         std::mem::take(&mut self.vcpu_fds)
     }
 
-    /// Starts the vCPU threads and hands the machine over as a running VM.
+    /// Starts the vCPU threads (parked until [`Vm::resume`] with
+    /// [`StartAs::Paused`]) and hands the machine over as a VM.
     #[allow(clippy::too_many_arguments)]
     fn start(
         self,
@@ -381,12 +391,14 @@ impl Machine {
         cpuids: Vec<CpuId>,
         msr_indices: Vec<u32>,
         virtio: VirtioDevices,
+        start_as: StartAs,
     ) -> Result<Vm, VmError> {
         let vcpus = Vcpus::start(
             vcpu_fds,
             Arc::clone(&self.buses),
             self.events_tx,
             self.dirty_log.ring().cloned(),
+            start_as == StartAs::Paused,
         )?;
         let macs = config.nets.iter().map(|n| n.mac);
         let output = Output::new(virtio.tx_gates().into_iter().zip(macs).collect());
@@ -460,7 +472,15 @@ impl Vm {
             cpuids.push(table);
         }
         let msr_indices = vcpu_state::saveable_msrs(&machine.kvm, &vcpu_fds[0])?;
-        let vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices, virtio)?;
+        let vm = machine.start(
+            config,
+            started,
+            vcpu_fds,
+            cpuids,
+            msr_indices,
+            virtio,
+            StartAs::Running,
+        )?;
         tracing::info!(
             vcpus = vm.config.vcpus,
             mem_mib = vm.config.mem_mib,
@@ -480,7 +500,7 @@ impl Vm {
         let state = snapshot::read_state(dir)?;
         let ram = memory::create(state.mem_mib)?;
         snapshot::read_memory(dir, &ram.memfd, ram.size)?;
-        let vm = Vm::restore_from(state, ram, None, serial, started, || {})?;
+        let vm = Vm::restore_from(state, ram, None, serial, started, || {}, StartAs::Running)?;
         tracing::info!(dir = %dir.display(), "restored from a capture directory");
         Ok(vm)
     }
@@ -488,7 +508,8 @@ impl Vm {
     /// Continues a VM from its state and its memory as they are (no copy of
     /// memory: a standby promotes its replica this way, through
     /// `Vm::restore_replica`). `before_run` is called once every device
-    /// and its backing (TAPs included) exists, just before the vCPUs start.
+    /// and its backing (TAPs included) exists, just before the vCPUs start
+    /// (or park, with [`StartAs::Paused`]).
     pub(crate) fn restore_from(
         mut state: MachineState,
         ram: GuestRam,
@@ -496,6 +517,7 @@ impl Vm {
         serial: SerialSink,
         started: Instant,
         before_run: impl FnOnce(),
+        start_as: StartAs,
     ) -> Result<Vm, VmError> {
         let config = VmConfig {
             vcpus: state.vcpu_count,
@@ -567,7 +589,15 @@ impl Vm {
         let devices_us = started.elapsed().as_micros() as u64;
         before_run();
         let before_run_us = started.elapsed().as_micros() as u64;
-        let vm = machine.start(config, started, vcpu_fds, cpuids, msr_indices, virtio)?;
+        let vm = machine.start(
+            config,
+            started,
+            vcpu_fds,
+            cpuids,
+            msr_indices,
+            virtio,
+            start_as,
+        )?;
         // Each step's end, from the start of the restore: where a slow
         // promotion spends its time.
         tracing::info!(

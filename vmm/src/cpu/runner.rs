@@ -129,16 +129,22 @@ pub struct Vcpus {
 
 impl Vcpus {
     /// Starts one thread per vCPU; `rings`: the VM's dirty rings, if it
-    /// tracks dirty pages with them.
+    /// tracks dirty pages with them. With `paused`, the threads park before
+    /// their first run, until [`Vcpus::resume`].
     pub fn start(
         vcpus: Vec<VcpuFd>,
         buses: Arc<IoBuses>,
         events: Sender<VmEvent>,
         rings: Option<Arc<RingLog>>,
+        paused: bool,
     ) -> Result<Vcpus, RunnerError> {
         register_signal_handler(kick_signal(), kick_handler).map_err(RunnerError::SignalHandler)?;
         let gate = Arc::new(Gate::default());
-        gate.lock().alive = vcpus.len();
+        {
+            let mut state = gate.lock();
+            state.alive = vcpus.len();
+            state.pause = paused;
+        }
         let mut threads = Vec::new();
         let fds: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         for (index, vcpu) in fds.iter().enumerate() {
@@ -423,29 +429,9 @@ mod tests {
         rounds: u32,
         mut check: impl FnMut(u32, &kvm_bindings::kvm_regs, &Counter),
     ) -> Option<()> {
-        let (kvm, _) = match kvm_host::probe() {
-            Ok(found) => found,
-            Err(KvmHostError::NoDevKvm) => return None,
-            Err(e) => panic!("KVM host check failed: {e}"),
-        };
-        let built = match selftest::real_mode_vm(&kvm, code) {
-            Ok(vm) => vm,
-            Err(SelftestError::Host(KvmHostError::NoDevKvm)) => return None,
-            Err(e) => panic!("building the test VM failed: {e}"),
-        };
-        let (vcpu, vm, ram) = built.into_parts();
-        let counter = Arc::new(Mutex::new(Counter::default()));
-        let buses = Arc::new(IoBuses::default());
-        buses
-            .pio
-            .insert(
-                u64::from(PORT),
-                1,
-                Arc::clone(&counter) as Arc<Mutex<dyn BusDevice>>,
-            )
-            .expect("port free");
+        let (vcpu, vm, ram, counter, buses) = counter_vm(code)?;
         let (events, stopped) = std::sync::mpsc::channel();
-        let vcpus = Vcpus::start(vec![vcpu], buses, events, None).expect("vCPU thread");
+        let vcpus = Vcpus::start(vec![vcpu], buses, events, None, false).expect("vCPU thread");
         // Pauses start once the guest is in its loop.
         let started = Instant::now();
         while {
@@ -476,6 +462,75 @@ mod tests {
         drop(vm);
         drop(ram);
         Some(())
+    }
+
+    /// A VM of `code` on this host's KVM with the [`Counter`] at
+    /// [`PORT`]. `None` when the host has no /dev/kvm.
+    #[allow(clippy::type_complexity)]
+    fn counter_vm(
+        code: &[u8],
+    ) -> Option<(
+        VcpuFd,
+        kvm_ioctls::VmFd,
+        crate::memory::GuestRam,
+        Arc<Mutex<Counter>>,
+        Arc<IoBuses>,
+    )> {
+        let (kvm, _) = match kvm_host::probe() {
+            Ok(found) => found,
+            Err(KvmHostError::NoDevKvm) => return None,
+            Err(e) => panic!("KVM host check failed: {e}"),
+        };
+        let built = match selftest::real_mode_vm(&kvm, code) {
+            Ok(vm) => vm,
+            Err(SelftestError::Host(KvmHostError::NoDevKvm)) => return None,
+            Err(e) => panic!("building the test VM failed: {e}"),
+        };
+        let (vcpu, vm, ram) = built.into_parts();
+        let counter = Arc::new(Mutex::new(Counter::default()));
+        let buses = Arc::new(IoBuses::default());
+        buses
+            .pio
+            .insert(
+                u64::from(PORT),
+                1,
+                Arc::clone(&counter) as Arc<Mutex<dyn BusDevice>>,
+            )
+            .expect("port free");
+        Some((vcpu, vm, ram, counter, buses))
+    }
+
+    /// vCPUs started paused (a promoted replica's, while its announcement
+    /// and handed-over output leave) park before their first run and run
+    /// only once resumed.
+    #[test]
+    fn vcpus_started_paused_run_only_once_resumed() {
+        let (code, ..) = out_loop();
+        let Some((vcpu, vm, ram, counter, buses)) = counter_vm(&code) else {
+            return;
+        };
+        let (events, _stopped) = std::sync::mpsc::channel();
+        let vcpus = Vcpus::start(vec![vcpu], buses, events, None, true).expect("vCPU thread");
+        let writes = || counter.lock().expect("counter").writes;
+        let within = Instant::now() + Duration::from_secs(10);
+        {
+            let mut gate = vcpus.gate.lock();
+            while gate.parked < gate.alive {
+                let wait = within.saturating_duration_since(Instant::now());
+                assert!(!wait.is_zero(), "the vCPU never parked");
+                gate = vcpus.gate.changed.wait_timeout(gate, wait).expect("gate").0;
+            }
+        }
+        assert!(vcpus.is_paused());
+        assert_eq!(writes(), 0, "the guest ran before it was resumed");
+        vcpus.resume();
+        while writes() == 0 {
+            assert!(Instant::now() < within, "the guest never ran once resumed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vcpus.stop();
+        drop(vm);
+        drop(ram);
     }
 
     /// Real mode: `mov dx, PORT; xor ax, ax; l: out dx, al; inc ax; jmp l`.

@@ -186,8 +186,8 @@ impl Guest {
             .insert(u64::from(PHASE_PORT), 1, port)
             .expect("port free");
         let (events_tx, events) = std::sync::mpsc::channel();
-        let vcpus =
-            Vcpus::start(vec![vcpu], buses, events_tx, log.ring().cloned()).expect("vCPU thread");
+        let vcpus = Vcpus::start(vec![vcpu], buses, events_tx, log.ring().cloned(), false)
+            .expect("vCPU thread");
         Some(Guest {
             vcpus,
             events,

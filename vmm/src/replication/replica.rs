@@ -14,7 +14,7 @@ use crate::devices::virtio::DeviceConfig;
 use crate::dirty::DirtyTracking;
 use crate::memory::{self, GuestRam};
 use crate::snapshot::MachineState;
-use crate::vm::{SerialSink, Vm, VmError, VmShell};
+use crate::vm::{SerialSink, StartAs, Vm, VmError, VmShell};
 
 /// The replica's guest RAM (a memfd, zeroed when created, or a RAM file
 /// that may hold an earlier copy's memory), and the KVM VM
@@ -151,7 +151,9 @@ impl Vm {
     /// the checkpoint. `before_run` is called when the TAPs exist and
     /// before the vCPUs start: what the guest's first frames need on this
     /// node (its TAPs up on the bridge) is done there, so that the frames
-    /// an overdue timer sends at once are not lost.
+    /// an overdue timer sends at once are not lost. The VM comes back with
+    /// its vCPUs parked: the caller sends what must leave first (the
+    /// announcement, the output it hands over), then calls [`Vm::resume`].
     pub fn restore_replica(
         mut state: MachineState,
         ram: ReplicaRam,
@@ -167,8 +169,16 @@ impl Vm {
         bind_backings(configs, backings.disks, backings.taps)?;
         let mut ram = ram;
         let shell = ram.take_vm();
-        Vm::restore_from(state, ram.ram, shell, backings.serial, started, before_run)
-            .map_err(|e| ReplicationError::Restore(Box::new(e)))
+        Vm::restore_from(
+            state,
+            ram.ram,
+            shell,
+            backings.serial,
+            started,
+            before_run,
+            StartAs::Paused,
+        )
+        .map_err(|e| ReplicationError::Restore(Box::new(e)))
     }
 }
 
