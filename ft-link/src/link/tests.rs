@@ -291,3 +291,31 @@ async fn bytes_count_as_heard_when_they_arrived_while_pulses_arrive() {
 fn lock_pulses(link: &Link) -> std::sync::MutexGuard<'_, Option<crate::pulse::Pulses>> {
     link.sender.pulses.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// A session may judge its peer silent after longer than the link's
+/// timeout for a while (a standby before its first committed epoch).
+#[tokio::test]
+async fn the_silence_timeout_can_be_lengthened() {
+    let (accepted, connected) = pair(
+        config("node-a", Role::Primary, SECRET),
+        config("node-b", Role::Standby, SECRET),
+    )
+    .await;
+    let (primary, mut standby) = (accepted.unwrap(), connected.unwrap());
+    standby.set_silence_timeout(Duration::from_millis(900));
+    // The primary falls silent (no pulses, no heartbeats) but stays
+    // connected.
+    lock_pulses(&primary).take();
+    primary.sender.heartbeats.abort();
+    let silent_from = std::time::Instant::now();
+    let error = tokio::time::timeout(WITHIN, standby.recv())
+        .await
+        .unwrap()
+        .unwrap_err();
+    let after = silent_from.elapsed();
+    assert!(matches!(error, LinkError::PeerSilent { .. }), "{error}");
+    assert!(
+        after > Duration::from_millis(800),
+        "silent after {after:?}: the link's own 300 ms, not the 900 ms asked"
+    );
+}

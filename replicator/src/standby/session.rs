@@ -6,7 +6,7 @@
 //! and an end without one.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ft_link::{Link, LinkError};
 use tokio::sync::mpsc;
@@ -93,7 +93,18 @@ async fn run(
     });
     let (mut replica, key, kept) = begin(first, config, status)?;
     tell_holdings(link, &replica, &key, &kept, status).await?;
+    // Until the first epoch commits, a silence ends the session without a
+    // takeover, and restarts a copy that may have run for a long while: it
+    // is judged after SYNC_SILENCE at least (the copy is the heaviest load
+    // both nodes see; a lab node was seen stalling past 200 ms in it).
+    let silence = config.link.heartbeat_timeout;
+    link.set_silence_timeout(silence.max(SYNC_SILENCE));
+    let mut standing_by = false;
     loop {
+        if !standing_by && replica.committed.is_some() {
+            standing_by = true;
+            link.set_silence_timeout(silence);
+        }
         let envelope = match next_message(link, arrivals, &mut replica.backup).await {
             Next::Message(envelope) if envelope.generation != replica.generation => {
                 return Err(refused(
@@ -925,6 +936,9 @@ fn capture_time_here(offsets: &mut VecDeque<i128>, captured: u64) -> u64 {
     let least = offsets.iter().min().copied().unwrap_or(offset);
     (i128::from(captured) + least).clamp(0, i128::from(u64::MAX)) as u64
 }
+
+/// The least silence that ends a session before its first committed epoch.
+const SYNC_SILENCE: Duration = Duration::from_secs(1);
 
 /// Epochs over which the capture clock's offset is taken.
 const CLOCK_OFFSET_EPOCHS: usize = 64;
