@@ -135,9 +135,11 @@ pub struct VmConfig {
     pub ram_file: Option<std::path::PathBuf>,
 }
 
-/// Whether a VM's vCPUs run as soon as it is made, or wait parked for
-/// [`Vm::resume`] (a promoted replica: its announcement and the output it
-/// hands over leave first, without the guest competing for the CPU).
+/// Whether a VM's vCPUs run (and its devices take frames in) as soon as it
+/// is made, or wait for [`Vm::resume`] (a promoted replica: its
+/// announcement and the output it hands over leave first, without the
+/// guest competing for the CPU, and the frames replayed into it come
+/// before any from its TAPs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartAs {
     Running,
@@ -585,6 +587,11 @@ impl Vm {
             &machine.buses.mmio,
             &state.virtio,
         )?;
+        if start_as == StartAs::Paused {
+            // Nor do the devices take anything in (frames from a TAP
+            // would reach the guest ahead of those queued for it first).
+            virtio.pause();
+        }
         let msr_indices = state.msr_indices.clone();
         let devices_us = started.elapsed().as_micros() as u64;
         before_run();

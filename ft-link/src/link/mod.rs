@@ -230,7 +230,7 @@ impl Link {
     /// From now on the peer is silent after `timeout` (a session may allow
     /// more while a silence could not lead to a takeover anyway).
     pub fn set_silence_timeout(&mut self, timeout: std::time::Duration) {
-        self.receiver.silence_timeout = timeout;
+        self.receiver.set_silence_timeout(timeout);
     }
 
     pub async fn send(&self, frame: &Frame) -> Result<(), LinkError> {

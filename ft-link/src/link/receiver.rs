@@ -44,14 +44,15 @@ impl Liveness {
             .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether a pulse arrived within `within` of now.
-    fn pulsed_within(&self, within: Duration) -> bool {
+    /// Whether a pulse arrived at most `within` before `at` (or after it):
+    /// pulses were coming when something arrived at `at`.
+    fn pulsed_near(&self, at: Instant, within: Duration) -> bool {
         match self
             .last_pulse_us
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             0 => false,
-            us => (self.base + Duration::from_micros(us)).elapsed() < within,
+            us => self.base + Duration::from_micros(us) + within >= at,
         }
     }
 
@@ -81,8 +82,8 @@ pub struct LinkReceiver {
     pub(super) liveness: Liveness,
     pub(super) silence_timeout: Duration,
     /// Bytes count as heard when they arrived, not when read (a link with
-    /// pulses, whose kernel stamps arrivals, while its pulses arrive: see
-    /// [`arrival`]).
+    /// pulses, whose kernel stamps arrivals, for bytes that arrived while
+    /// its pulses came: see [`arrival`]).
     pub(super) stamped: Option<ArrivalClock>,
     /// The peer is not declared silent within this long of the last read
     /// that took bytes (the heartbeat interval): a receiver that drained a
@@ -113,6 +114,12 @@ impl LinkReceiver {
             self.ended = true;
         }
         result
+    }
+
+    /// From now on the peer is silent after `timeout` (a session may allow
+    /// more while a silence could not lead to a takeover anyway).
+    pub fn set_silence_timeout(&mut self, timeout: Duration) {
+        self.silence_timeout = timeout;
     }
 
     /// When the peer is silent unless something arrives first.
@@ -157,13 +164,12 @@ impl LinkReceiver {
                 Ok(read) if read.len == 0 => return Err(self.inbound.end_of_stream(peer)),
                 Ok(read) => {
                     self.last_read = Instant::now();
-                    // A stamp counts while pulses arrive: without them, a
-                    // peer this receiver held back has nothing else to
-                    // show that it lived.
-                    let arrived = match self.stamped.as_mut() {
-                        Some(clock) if self.liveness.pulsed_within(self.silence_timeout) => {
-                            clock.arrival(read.stamp)
-                        }
+                    // A stamp counts when pulses were coming at the time it
+                    // names (however long ago this receiver got to it):
+                    // without them, a peer this receiver held back has
+                    // nothing else to show that it lived.
+                    let arrived = match self.stamped.as_mut().map(|c| c.arrival(read.stamp)) {
+                        Some(at) if self.liveness.pulsed_near(at, self.silence_timeout) => at,
                         _ => self.last_read,
                     };
                     self.liveness.mark_at(arrived);

@@ -260,8 +260,9 @@ async fn bytes_count_as_heard_when_they_arrived_while_pulses_arrive() {
         let sent = std::time::Instant::now();
         // The primary dies: no byte and no pulse after this.
         drop(primary);
-        // The standby is busy elsewhere meanwhile.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // The standby is busy elsewhere meanwhile, past the silence
+        // timeout (300 ms).
+        tokio::time::sleep(Duration::from_millis(450)).await;
         let got = tokio::time::timeout(WITHIN, standby.recv())
             .await
             .unwrap()

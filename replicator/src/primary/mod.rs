@@ -537,8 +537,13 @@ fn spawn_ack_reader(
     mut rx: ft_link::LinkReceiver,
     generation: u64,
     held: mpsc::UnboundedSender<crate::protocol::Held>,
+    silence: Duration,
 ) -> mpsc::UnboundedReceiver<AckEvent> {
     let (tx, acks) = mpsc::unbounded_channel();
+    // Until the first acknowledgement (the standby committed an epoch), a
+    // silent standby costs the copy, nothing more: see SYNC_SILENCE.
+    rx.set_silence_timeout(silence.max(crate::SYNC_SILENCE));
+    let mut acknowledged = false;
     tokio::spawn(async move {
         loop {
             let event = match rx.recv().await.map(Message::from_frame) {
@@ -573,6 +578,10 @@ fn spawn_ack_reader(
                 Ok(Err(e)) => Err(e.into()),
                 Err(e) => Err(e.into()),
             };
+            if !acknowledged && event.is_ok() {
+                acknowledged = true;
+                rx.set_silence_timeout(silence);
+            }
             let end = event.is_err();
             if tx.send(event).is_err() || end {
                 return;
@@ -635,7 +644,12 @@ async fn protect(
 ) -> PrimaryError {
     let (tx, rx) = link.split();
     let (held_tx, held) = mpsc::unbounded_channel();
-    let mut acks = spawn_ack_reader(rx, session.generation, held_tx);
+    let mut acks = spawn_ack_reader(
+        rx,
+        session.generation,
+        held_tx,
+        config.link.heartbeat_timeout,
+    );
     let mut backup = None;
     let result = async {
         let common = crate::written::random_common().map_err(PrimaryError::CommonPoint)?;

@@ -28,7 +28,7 @@ pub mod replica_disk;
 mod session;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ft_link::{LinkConfig, LinkError, LinkListener};
 use tracing::{info, warn};
@@ -171,20 +171,6 @@ pub struct Replica {
     pub machine: Machine,
 }
 
-impl Replica {
-    /// The primary was last heard at `at` (on the backup path, after the
-    /// replica was kept): frames this node overheard before then reached
-    /// the primary, and are not given to the promoted guest.
-    fn primary_heard_at(mut self, at: Instant) -> Replica {
-        if let Machine::Checkpoint(checkpoint) = &mut self.machine {
-            if let Some(overheard) = checkpoint.overheard.as_mut() {
-                overheard.primary_heard_at(at);
-            }
-        }
-        self
-    }
-}
-
 /// What a replica holds beside its disks.
 pub enum Machine {
     /// Level FT: memory and state of the committed checkpoint.
@@ -273,13 +259,16 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
                         next = Some(*arrival);
                         continue;
                     }
+                    // The replica keeps the overheard frames from the
+                    // active path's loss on: the primary never answered
+                    // those it got later (with a witness, its output
+                    // waited for a confirmation that a granted takeover
+                    // rules out).
                     paths::Watched::Silent => {
                         warn!("the backup path fell silent too: the primary is lost");
-                        replica.primary_heard_at(backup.primary_last_heard())
+                        *replica
                     }
-                    paths::Watched::Closed if config.witness.is_some() => {
-                        replica.primary_heard_at(backup.primary_last_heard())
-                    }
+                    paths::Watched::Closed if config.witness.is_some() => *replica,
                     paths::Watched::Closed => {
                         why_ended = Some("the primary closed its backup path (no takeover)".into());
                         continue;

@@ -172,12 +172,6 @@ impl Overheard {
         }
     }
 
-    /// The primary was heard later, at `at` (on its backup path, after the
-    /// active one was lost): frames from before then reached it.
-    pub fn primary_heard_at(&mut self, at: Instant) {
-        self.since = self.since.max(cut_for(at));
-    }
-
     /// See [`Overhearing::take`].
     pub fn take(self) -> OverheardFrames {
         self.hearing.take(self.since, &self.forwarded)
@@ -510,35 +504,6 @@ mod tests {
         let taken = hearing.take(Instant::now() - Duration::from_millis(500), &HashSet::new());
         assert_eq!(payloads(&taken.per_nic[0]), [&b"after"[..]]);
         assert_eq!(taken.stale, 1);
-    }
-
-    /// Review finding (s31): after the active path was lost, the primary
-    /// lived on its backup path; frames from then reached it and are not
-    /// given to the promoted guest.
-    #[test]
-    fn a_primary_heard_later_on_the_backup_path_moves_the_cut() {
-        let now = Instant::now();
-        let frames = || {
-            vec![
-                heard(
-                    Duration::from_millis(900),
-                    0,
-                    b"before the active path was lost",
-                ),
-                heard(Duration::from_millis(400), 0, b"while heard on the backup"),
-                heard(Duration::from_millis(100), 0, b"after"),
-            ]
-        };
-        let active_lost = now - Duration::from_millis(700);
-        let kept = Overheard::new(overhearing_of(frames(), 1), active_lost, HashSet::new());
-        assert_eq!(kept.take().total(), 2, "cut at the active path alone");
-        let mut kept = Overheard::new(overhearing_of(frames(), 1), active_lost, HashSet::new());
-        kept.primary_heard_at(now - Duration::from_millis(250));
-        // An earlier hearing never moves the cut back.
-        kept.primary_heard_at(now - Duration::from_secs(2));
-        let taken = kept.take();
-        assert_eq!(payloads(&taken.per_nic[0]), [&b"after"[..]]);
-        assert_eq!(taken.stale, 2);
     }
 
     #[test]

@@ -112,14 +112,6 @@ impl BackupPath {
         }
     }
 
-    /// When the primary last showed life on this path (see
-    /// [`BackupPath::heard_primary_after`]).
-    pub(super) fn primary_last_heard(&self) -> Instant {
-        let closed = *self.closed_by_peer_at.lock().expect("backup lock");
-        let heard = self.liveness.last_arrival();
-        closed.map_or(heard, |at| at.max(heard))
-    }
-
     /// Whether the primary showed life on this path after `since`: a frame
     /// or heartbeat arrived, or its side closed or reset the connection (a
     /// host that lost power does neither).

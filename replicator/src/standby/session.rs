@@ -6,7 +6,7 @@
 //! and an end without one.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ft_link::{Link, LinkError};
 use tokio::sync::mpsc;
@@ -95,10 +95,9 @@ async fn run(
     tell_holdings(link, &replica, &key, &kept, status).await?;
     // Until the first epoch commits, a silence ends the session without a
     // takeover, and restarts a copy that may have run for a long while: it
-    // is judged after SYNC_SILENCE at least (the copy is the heaviest load
-    // both nodes see; a lab node was seen stalling past 200 ms in it).
+    // is judged after SYNC_SILENCE at least.
     let silence = config.link.heartbeat_timeout;
-    link.set_silence_timeout(silence.max(SYNC_SILENCE));
+    link.set_silence_timeout(silence.max(crate::SYNC_SILENCE));
     let mut standing_by = false;
     loop {
         if !standing_by && replica.committed.is_some() {
@@ -936,9 +935,6 @@ fn capture_time_here(offsets: &mut VecDeque<i128>, captured: u64) -> u64 {
     let least = offsets.iter().min().copied().unwrap_or(offset);
     (i128::from(captured) + least).clamp(0, i128::from(u64::MAX)) as u64
 }
-
-/// The least silence that ends a session before its first committed epoch.
-const SYNC_SILENCE: Duration = Duration::from_secs(1);
 
 /// Epochs over which the capture clock's offset is taken.
 const CLOCK_OFFSET_EPOCHS: usize = 64;
