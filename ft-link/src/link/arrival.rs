@@ -155,6 +155,8 @@ fn stamp_in(msg: &libc::msghdr) -> Option<SystemTime> {
 /// notices a step of the wall clock (after one, a stamp is not trusted).
 #[derive(Debug)]
 pub(super) struct ArrivalClock {
+    /// Where the monotonic readings below count from.
+    base: Instant,
     /// Wall clock minus monotonic clock at the last read (ns).
     last_offset: Option<i128>,
 }
@@ -162,9 +164,20 @@ pub(super) struct ArrivalClock {
 impl ArrivalClock {
     pub fn new() -> ArrivalClock {
         let wall = SystemTime::now();
-        ArrivalClock {
-            last_offset: offset(wall, Instant::now()),
-        }
+        let base = Instant::now();
+        let mut clock = ArrivalClock {
+            base,
+            last_offset: None,
+        };
+        clock.last_offset = clock.offset(wall, base);
+        clock
+    }
+
+    /// Wall clock minus monotonic clock (ns; None before 1970).
+    fn offset(&self, wall: SystemTime, now: Instant) -> Option<i128> {
+        let wall = wall.duration_since(UNIX_EPOCH).ok()?;
+        let monotonic = now.saturating_duration_since(self.base);
+        Some(wall.as_nanos() as i128 - monotonic.as_nanos() as i128)
     }
 
     /// When bytes stamped `stamp` arrived, at the latest now (now as well
@@ -174,7 +187,7 @@ impl ArrivalClock {
         // the arrival later, never earlier.
         let wall = SystemTime::now();
         let now = Instant::now();
-        let Some(offset) = offset(wall, now) else {
+        let Some(offset) = self.offset(wall, now) else {
             return now;
         };
         let stepped = self
@@ -190,19 +203,6 @@ impl ArrivalClock {
             _ => now,
         }
     }
-}
-
-/// Wall clock minus monotonic clock (ns; None before 1970).
-fn offset(wall: SystemTime, now: Instant) -> Option<i128> {
-    let wall = wall.duration_since(UNIX_EPOCH).ok()?;
-    Some(wall.as_nanos() as i128 - monotonic_ns(now))
-}
-
-/// Nanoseconds of the monotonic clock since this process first asked.
-fn monotonic_ns(at: Instant) -> i128 {
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    at.saturating_duration_since(base).as_nanos() as i128
 }
 
 #[cfg(test)]
