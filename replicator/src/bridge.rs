@@ -62,13 +62,44 @@ pub fn join(tap: &str, bridge: &str) -> Result<(), BridgeError> {
     // Both names are checked before anything is touched.
     request_for(tap)?;
     request_for(bridge)?;
+    let sock = control_socket()?;
+    add_to(&sock, tap, bridge)?;
+    bring_up(&sock, tap)
+}
+
+/// Adds `tap` to `bridge` (already a member is fine) and leaves it as it
+/// is: a TAP that is down takes no part in the bridge until it is up.
+pub fn add(tap: &str, bridge: &str) -> Result<(), BridgeError> {
+    request_for(tap)?;
+    request_for(bridge)?;
+    add_to(&control_socket()?, tap, bridge)
+}
+
+/// Turns IPv6 off on `tap` (a bridge port has no address of its own). A
+/// kernel without IPv6 has nothing to turn off; a failure is logged.
+pub fn without_ipv6(tap: &str) {
+    if request_for(tap).is_err() {
+        return;
+    }
+    let path = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!(tap, %error, "could not turn IPv6 off on the TAP"),
+    }
+}
+
+fn control_socket() -> Result<OwnedFd, BridgeError> {
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(BridgeError::Socket(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a freshly opened descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn add_to(sock: &OwnedFd, tap: &str, bridge: &str) -> Result<(), BridgeError> {
     let cname = CString::new(tap).map_err(|_| BridgeError::BadName(tap.to_string()))?;
     // SAFETY: `cname` is a valid NUL-terminated string for the call.
     let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
@@ -78,18 +109,23 @@ pub fn join(tap: &str, bridge: &str) -> Result<(), BridgeError> {
     let mut req = request_for(bridge)?;
     req.ifr_ifru.ifru_ifindex = index as libc::c_int;
     match ioctl(
-        &sock,
+        sock,
         SIOCBRADDIF,
         &mut req,
         "adding the TAP to the bridge",
         bridge,
     ) {
-        Err(BridgeError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {}
-        other => other?,
+        Err(BridgeError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+            Ok(())
+        }
+        other => other,
     }
+}
+
+fn bring_up(sock: &OwnedFd, tap: &str) -> Result<(), BridgeError> {
     let mut req = request_for(tap)?;
     ioctl(
-        &sock,
+        sock,
         libc::SIOCGIFFLAGS as _,
         &mut req,
         "reading the TAP's flags",
@@ -99,7 +135,7 @@ pub fn join(tap: &str, bridge: &str) -> Result<(), BridgeError> {
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
     ioctl(
-        &sock,
+        sock,
         libc::SIOCSIFFLAGS as _,
         &mut req,
         "bringing the TAP up",
@@ -118,5 +154,69 @@ mod tests {
             join("no-such-tap-x", "br0"),
             Err(BridgeError::NoSuchInterface(_))
         ));
+        assert!(matches!(
+            add("no-such-tap-x", "br0"),
+            Err(BridgeError::NoSuchInterface(_))
+        ));
+    }
+
+    /// A bridge of its own, removed when the test ends.
+    struct TestBridge(&'static str);
+
+    impl TestBridge {
+        fn new(name: &'static str) -> TestBridge {
+            let _ = ip(&["link", "del", name]);
+            assert!(
+                ip(&["link", "add", name, "type", "bridge"]),
+                "bridge (needs CAP_NET_ADMIN)"
+            );
+            assert!(ip(&["link", "set", name, "up"]));
+            TestBridge(name)
+        }
+    }
+
+    impl Drop for TestBridge {
+        fn drop(&mut self) {
+            let _ = ip(&["link", "del", self.0]);
+        }
+    }
+
+    fn ip(args: &[&str]) -> bool {
+        std::process::Command::new("ip")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn sys(tap: &str, what: &str) -> String {
+        std::fs::read_to_string(format!("/sys/class/net/{tap}/{what}"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn a_tap_added_ahead_stays_down_and_out_of_forwarding_until_it_joins() {
+        let bridge = TestBridge::new("ftbrtest0");
+        let _attached =
+            vmm::replication::AttachedTaps::attach(&["ftbrtap0".to_string()]).expect("TAP");
+        without_ipv6("ftbrtap0");
+        add("ftbrtap0", bridge.0).expect("added");
+        let master = std::fs::read_link("/sys/class/net/ftbrtap0/master").expect("on a bridge");
+        assert!(master.ends_with(bridge.0), "{master:?}");
+        // Down: the bridge forwards nothing to it (state 0, disabled).
+        let flags = u32::from_str_radix(sys("ftbrtap0", "flags").trim_start_matches("0x"), 16);
+        assert_eq!(flags.expect("flags") & libc::IFF_UP as u32, 0);
+        assert_eq!(sys("ftbrtap0", "brport/state"), "0");
+        // Added again (a member already): fine, and still down.
+        add("ftbrtap0", bridge.0).expect("added twice");
+        assert_eq!(sys("ftbrtap0", "brport/state"), "0");
+        // Joined: up and forwarding (3) at once, with no STP on the bridge.
+        join("ftbrtap0", bridge.0).expect("joined");
+        assert_eq!(sys("ftbrtap0", "brport/state"), "3");
+        // Up without an IPv6 address of its own.
+        let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        assert!(!inet6.lines().any(|l| l.ends_with(" ftbrtap0")), "{inet6}");
     }
 }

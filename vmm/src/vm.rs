@@ -25,6 +25,7 @@ use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::state::SerialDeviceState;
 use crate::devices::serial::{SerialDevice, SerialError, SerialOutput, SERIAL_LEN};
 use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::net::tap::AttachedTaps;
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::{DeviceConfig, VirtioDevices, VirtioError};
 use crate::dirty::{DirtyLog, DirtyLogError, DirtyMethod, DirtyPages, DirtyTracking};
@@ -188,6 +189,15 @@ pub struct VmShell {
     /// The mapping the VM's memory regions point at, kept alive while the
     /// VM fd is (the field after `vm_fd`: dropped after it).
     _memory: GuestMemoryMmap,
+}
+
+/// What a standby made for its replica while standing by, for the restore
+/// that promotes it to take instead of making it then.
+#[derive(Default)]
+pub(crate) struct MadeAhead {
+    pub shell: Option<VmShell>,
+    /// TAPs attached for the NICs.
+    pub taps: AttachedTaps,
 }
 
 impl VmShell {
@@ -502,7 +512,15 @@ impl Vm {
         let state = snapshot::read_state(dir)?;
         let ram = memory::create(state.mem_mib)?;
         snapshot::read_memory(dir, &ram.memfd, ram.size)?;
-        let vm = Vm::restore_from(state, ram, None, serial, started, || {}, StartAs::Running)?;
+        let vm = Vm::restore_from(
+            state,
+            ram,
+            MadeAhead::default(),
+            serial,
+            started,
+            || {},
+            StartAs::Running,
+        )?;
         tracing::info!(dir = %dir.display(), "restored from a capture directory");
         Ok(vm)
     }
@@ -515,12 +533,16 @@ impl Vm {
     pub(crate) fn restore_from(
         mut state: MachineState,
         ram: GuestRam,
-        shell: Option<VmShell>,
+        ahead: MadeAhead,
         serial: SerialSink,
         started: Instant,
         before_run: impl FnOnce(),
         start_as: StartAs,
     ) -> Result<Vm, VmError> {
+        let MadeAhead {
+            shell,
+            taps: mut attached_taps,
+        } = ahead;
         let config = VmConfig {
             vcpus: state.vcpu_count,
             mem_mib: state.mem_mib,
@@ -586,7 +608,13 @@ impl Vm {
             &machine.ram.memory,
             &machine.buses.mmio,
             &state.virtio,
+            &mut attached_taps,
         )?;
+        let taps_left: Vec<&str> = attached_taps.names().collect();
+        if !taps_left.is_empty() {
+            tracing::warn!(taps = ?taps_left, "TAPs attached ahead that no NIC of the VM uses: closed");
+        }
+        drop(attached_taps);
         if start_as == StartAs::Paused {
             // Nor do the devices take anything in (frames from a TAP
             // would reach the guest ahead of those queued for it first).

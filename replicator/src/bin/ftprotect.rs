@@ -800,6 +800,12 @@ fn standby(
             }
         });
     }
+    // The TAPs are made ready while standing by (level FT promotes onto
+    // them; level HA's boot attaches its own: these are closed first).
+    let attached_taps = match &pair.bridge {
+        Some(bridge) => promote::prepare_taps(&taps, bridge),
+        None => vmm::replication::AttachedTaps::default(),
+    };
     let config = StandbyConfig {
         listen,
         link,
@@ -845,6 +851,7 @@ fn standby(
             promote::promote(
                 replica,
                 &taps,
+                attached_taps,
                 pair.bridge.as_deref(),
                 SerialSink::File(pair.serial_log.clone()),
             )
@@ -857,19 +864,23 @@ fn standby(
             }),
             Level::Ft,
         ),
-        Machine::Boot(_) => (
-            promote::boot_from_mirror(
-                replica,
-                &taps,
-                pair.bridge.as_deref(),
-                promote::BootHere {
-                    serial: SerialSink::File(pair.serial_log.clone()),
-                    cpu_features: pair.cpu_features,
-                    ram_file: pair.ram_file.clone(),
-                },
-            ),
-            Level::Ha,
-        ),
+        Machine::Boot(_) => {
+            // The boot attaches its TAPs itself.
+            drop(attached_taps);
+            (
+                promote::boot_from_mirror(
+                    replica,
+                    &taps,
+                    pair.bridge.as_deref(),
+                    promote::BootHere {
+                        serial: SerialSink::File(pair.serial_log.clone()),
+                        cpu_features: pair.cpu_features,
+                        ram_file: pair.ram_file.clone(),
+                    },
+                ),
+                Level::Ha,
+            )
+        }
     };
     let vm = match taken_over {
         Ok(vm) => vm,

@@ -18,7 +18,8 @@
 //! - Disk writes: [`Vm::disk_writes`] records every disk write, taken per
 //!   epoch ([`DiskWrites`]).
 //! - Takeover: [`Vm::restore_replica`] continues a VM on replica RAM
-//!   ([`ReplicaRam`]) with this node's own backings ([`Backings`]).
+//!   ([`ReplicaRam`]) with this node's own backings ([`Backings`]), its
+//!   TAPs attached ahead where the standby did so ([`AttachedTaps`]).
 //! - Pairing: [`offered_cpu_features`], the CPU feature words this host
 //!   gives a guest of a declared feature set.
 
@@ -41,6 +42,8 @@ pub use self::replica::{Backings, ReplicaRam};
 pub use crate::devices::virtio::block::written_map;
 /// The longest frame (virtio header included) a NIC delivers or replays.
 pub use crate::devices::virtio::net::queues::MAX_FRAME_LEN as MAX_RECEIVED_FRAME_LEN;
+/// TAPs a standby attaches while it stands by, for its promotion.
+pub use crate::devices::virtio::net::tap::{AttachedTaps, TapError};
 pub use crate::devices::virtio::net::tx_gate::MAX_HELD_BYTES;
 use crate::memory::GuestMemoryMmap;
 pub use crate::memory::PAGE_SIZE;

@@ -10,11 +10,12 @@ use std::time::Instant;
 use vm_memory::{Bytes as _, GuestAddress};
 
 use super::{ReplicationError, PAGE_SIZE};
+use crate::devices::virtio::net::tap::AttachedTaps;
 use crate::devices::virtio::DeviceConfig;
 use crate::dirty::DirtyTracking;
 use crate::memory::{self, GuestRam};
 use crate::snapshot::MachineState;
-use crate::vm::{SerialSink, StartAs, Vm, VmError, VmShell};
+use crate::vm::{MadeAhead, SerialSink, StartAs, Vm, VmError, VmShell};
 
 /// The replica's guest RAM (a memfd, zeroed when created, or a RAM file
 /// that may hold an earlier copy's memory), and the KVM VM
@@ -137,11 +138,14 @@ impl ReplicaRam {
 
 /// What a promoted replica runs on, on this node: the guest console, the
 /// replica's disk files and this node's TAPs, in device order.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Backings {
     pub serial: SerialSink,
     pub disks: Vec<PathBuf>,
     pub taps: Vec<String>,
+    /// Of `taps`, those this node attached while standing by
+    /// ([`AttachedTaps::attach`]): the NICs take them as they are.
+    pub attached_taps: AttachedTaps,
 }
 
 impl Vm {
@@ -168,11 +172,14 @@ impl Vm {
             .collect();
         bind_backings(configs, backings.disks, backings.taps)?;
         let mut ram = ram;
-        let shell = ram.take_vm();
+        let ahead = MadeAhead {
+            shell: ram.take_vm(),
+            taps: backings.attached_taps,
+        };
         Vm::restore_from(
             state,
             ram.ram,
-            shell,
+            ahead,
             backings.serial,
             started,
             before_run,

@@ -278,6 +278,7 @@ impl VirtioDevices {
         mem: &GuestMemoryMmap,
         mmio: &Bus,
         saved: &[VirtioSlotState],
+        attached_taps: &mut net::tap::AttachedTaps,
     ) -> Result<VirtioDevices, VirtioError> {
         Self::check_count(saved.len())?;
         let mut devices = VirtioDevices::default();
@@ -289,7 +290,7 @@ impl VirtioDevices {
                     })
                 }
                 (DeviceConfig::Net(net), DeviceState::Net(state)) => {
-                    hooked(Net::from_state(net, state)?, |d| {
+                    hooked(Net::from_state(net, state, attached_taps)?, |d| {
                         DeviceHook::Net(d.tx_gate(), d.rx_log())
                     })
                 }

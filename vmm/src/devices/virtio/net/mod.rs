@@ -27,7 +27,7 @@ use self::queues::{NetBackend, NetQueues};
 use self::rx_log::RxLog;
 use self::rx_thread::RxThread;
 use self::state::{NetState, NET_STATE_VERSION};
-use self::tap::{Tap, TapError};
+use self::tap::{AttachedTaps, Tap, TapError};
 use self::tx_gate::TxGate;
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
@@ -112,7 +112,11 @@ pub struct Net {
 impl Net {
     /// Attaches to the TAP (it must exist or be creatable by this process).
     pub fn open(config: &NetConfig) -> Result<Net, NetError> {
-        let tap = Arc::new(Tap::open(&config.tap)?);
+        Net::on_tap(config, Tap::open(&config.tap)?)
+    }
+
+    fn on_tap(config: &NetConfig, tap: Tap) -> Result<Net, NetError> {
+        let tap = Arc::new(tap);
         Ok(Net {
             mac: config.mac,
             gate: Arc::new(TxGate::new(Arc::clone(&tap))),
@@ -124,17 +128,26 @@ impl Net {
     }
 
     /// The device restored from `state` on the TAP of `config` (the MAC the
-    /// guest knows comes from the state).
-    pub fn from_state(config: &NetConfig, state: &NetState) -> Result<Net, NetError> {
+    /// guest knows comes from the state): the one in `attached` if it is
+    /// there, else attached now.
+    pub fn from_state(
+        config: &NetConfig,
+        state: &NetState,
+        attached: &mut AttachedTaps,
+    ) -> Result<Net, NetError> {
         if state.version != NET_STATE_VERSION {
             return Err(NetError::StateVersion {
                 found: state.version,
             });
         }
-        Net::open(&NetConfig {
+        let config = NetConfig {
             tap: config.tap.clone(),
             mac: state.mac,
-        })
+        };
+        match attached.take(&config.tap) {
+            Some(tap) => Net::on_tap(&config, tap),
+            None => Net::open(&config),
+        }
     }
 
     pub fn state(&self) -> NetState {

@@ -134,6 +134,43 @@ impl Tap {
     }
 }
 
+/// TAPs this process attached ahead of the NICs that will use them (a
+/// standby's, so that its promotion does not wait for the kernel to create
+/// them): a NIC restored onto one of these names takes it instead of
+/// attaching anew. While here, a TAP is whatever its owner made of it
+/// (a standby keeps it down, on its bridge); one left over is closed, and
+/// the kernel removes it as it does any TAP no process holds.
+#[derive(Debug, Default)]
+pub struct AttachedTaps {
+    taps: Vec<Tap>,
+}
+
+impl AttachedTaps {
+    /// Attaches to (creating, where this process may) each TAP of `names`.
+    pub fn attach(names: &[String]) -> Result<AttachedTaps, TapError> {
+        let taps = names
+            .iter()
+            .map(|name| Tap::open(name))
+            .collect::<Result<_, _>>()?;
+        Ok(AttachedTaps { taps })
+    }
+
+    /// The names of the TAPs still here.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.taps.iter().map(Tap::name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.taps.is_empty()
+    }
+
+    /// Takes the TAP called `name`, if it is here.
+    pub fn take(&mut self, name: &str) -> Option<Tap> {
+        let at = self.taps.iter().position(|t| t.name == name)?;
+        Some(self.taps.swap_remove(at))
+    }
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -155,5 +192,29 @@ mod tests {
             Tap::open("a-name-far-too-long"),
             Err(TapError::BadName { .. })
         ));
+    }
+
+    #[test]
+    fn attached_taps_are_taken_once_by_name_and_leave_with_their_holder() {
+        let names = ["ftattach0".to_string(), "ftattach1".to_string()];
+        let mut attached = AttachedTaps::attach(&names).expect("TAPs (needs CAP_NET_ADMIN)");
+        let exists = |name: &str| std::path::Path::new("/sys/class/net").join(name).exists();
+        assert!(exists("ftattach0") && exists("ftattach1"));
+        // Held, a TAP cannot be attached a second time; taken, it is the
+        // same attachment (no second open).
+        assert!(matches!(
+            Tap::open("ftattach1"),
+            Err(TapError::SetIff { .. })
+        ));
+        let tap = attached.take("ftattach1").expect("held");
+        assert_eq!(tap.name(), "ftattach1");
+        assert!(attached.take("ftattach1").is_none());
+        assert!(attached.take("not-held").is_none());
+        assert_eq!(attached.names().collect::<Vec<_>>(), ["ftattach0"]);
+        drop(attached);
+        assert!(!exists("ftattach0"), "a TAP no one holds is removed");
+        assert!(exists("ftattach1"), "the taken TAP lives with its taker");
+        drop(tap);
+        assert!(!exists("ftattach1"));
     }
 }
