@@ -335,6 +335,16 @@ impl Metrics {
             "sync_rate_bytes_per_second",
             "Bytes of the VM the initial synchronisation goes through per second, so far",
         );
+        let takeover_last = gauge_seconds(
+            &mut registry,
+            "takeover_duration_last",
+            "The last takeover on this node: from the lost primary's last bytes heard to the promoted guest running",
+        );
+        let takeover_detect_last = gauge_seconds(
+            &mut registry,
+            "takeover_detect_last",
+            "Of the last takeover on this node, the silence after which the primary was declared lost",
+        );
         let sync_left = gauge_seconds(
             &mut registry,
             "sync_remaining",
@@ -484,6 +494,16 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(status.generation as f64);
             epoch.get_or_create(&labels).set(status.epoch as f64);
+            if let Some(takeover) = &status.last_takeover {
+                if let Some(total) = takeover.total_ms {
+                    takeover_last.get_or_create(&labels).set(total as f64 / 1e3);
+                }
+                if let Some(detect) = takeover.detect_ms {
+                    takeover_detect_last
+                        .get_or_create(&labels)
+                        .set(detect as f64 / 1e3);
+                }
+            }
             if let Some(sync) = &status.sync {
                 sync_done.get_or_create(&labels).set(sync.done_bytes as f64);
                 sync_total
@@ -543,6 +563,17 @@ mod tests {
             for us in [900, 1_500, 30_000] {
                 s.counters.observe_stop(us);
             }
+            // A promoted standby: its takeover's figures.
+            s.last_takeover = Some(replicator::status::TakeoverTimes {
+                at_unix_ms: 1,
+                epoch: 41,
+                switchover: false,
+                detect_ms: Some(201),
+                claim_ms: 12,
+                promote_ms: 80,
+                restore_ms: 60,
+                total_ms: Some(293),
+            });
         });
         let status = board.snapshot();
         runtime.set(
@@ -568,6 +599,14 @@ mod tests {
         );
         assert!(
             open.contains("ftvm_guest_stop_seconds_count{vm=\"vm1\",role=\"primary\"} 3"),
+            "{open}"
+        );
+        assert!(
+            open.contains("ftvm_takeover_duration_last_seconds{vm=\"vm1\",role=\"primary\"} 0.293"),
+            "{open}"
+        );
+        assert!(
+            open.contains("ftvm_takeover_detect_last_seconds{vm=\"vm1\",role=\"primary\"} 0.201"),
             "{open}"
         );
         assert!(

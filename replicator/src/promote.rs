@@ -24,7 +24,8 @@ use vmm::vm::Vm;
 
 use crate::standby::overheard::OverheardFrames;
 use crate::standby::replica_disk::ReplicaDisk;
-use crate::standby::{Checkpointed, Machine, Replica};
+use crate::standby::{Checkpointed, Machine, PrimaryLoss, Replica};
+use crate::status::TakeoverTimes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
@@ -60,6 +61,35 @@ pub struct Promoted {
     pub replayed_frames: u64,
     /// Of those, frames this node received itself while standing by.
     pub overheard_frames: u64,
+    /// How long the restore took (of the whole promotion).
+    pub restore: Duration,
+}
+
+/// Where a takeover's time went: `lost` and `decided` as the replica was
+/// handed back ([`Replica::lost`], [`Replica::decided`]), `promoting` when
+/// the promotion began, `restore` its restore's (or boot's) share, and now
+/// the guest runs.
+pub fn takeover_times(
+    lost: Option<PrimaryLoss>,
+    decided: Option<Instant>,
+    promoting: Instant,
+    restore: Duration,
+    epoch: u64,
+    switchover: bool,
+) -> TakeoverTimes {
+    let running = Instant::now();
+    let ms = |d: Duration| d.as_millis() as u64;
+    let decided = decided.unwrap_or(promoting);
+    TakeoverTimes {
+        at_unix_ms: crate::status::unix_ms(),
+        epoch,
+        switchover,
+        detect_ms: lost.map(|l| ms(l.declared.saturating_duration_since(l.last_heard))),
+        claim_ms: lost.map_or(0, |l| ms(decided.saturating_duration_since(l.declared))),
+        promote_ms: ms(running.saturating_duration_since(decided)),
+        restore_ms: ms(restore),
+        total_ms: lost.map(|l| ms(running.saturating_duration_since(l.last_heard))),
+    }
 }
 
 /// Attaches this node's TAPs for the NICs while it stands by and puts them
@@ -209,6 +239,7 @@ pub fn promote(
         vm,
         replayed_frames,
         overheard_frames,
+        restore: Duration::from_micros(restored_us),
     })
 }
 
@@ -320,4 +351,38 @@ pub fn boot_from_mirror(
         "booted the VM from its mirror (level HA)"
     );
     Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takeover_times_split_from_last_heard_to_running() {
+        let now = Instant::now();
+        let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).expect("uptime");
+        let lost = PrimaryLoss {
+            last_heard: ago(300),
+            declared: ago(100),
+        };
+        let t = takeover_times(
+            Some(lost),
+            Some(ago(88)),
+            ago(87),
+            Duration::from_millis(60),
+            7,
+            false,
+        );
+        assert_eq!(t.detect_ms, Some(200));
+        assert_eq!(t.claim_ms, 12);
+        assert!((88..150).contains(&t.promote_ms), "{t:?}");
+        assert_eq!(t.restore_ms, 60);
+        let total = t.total_ms.expect("after a loss");
+        assert!((300..362).contains(&total), "{t:?}");
+        assert_eq!(total, 200 + 12 + t.promote_ms);
+        // A switchover: no loss, the promotion from the decision.
+        let t = takeover_times(None, Some(ago(50)), ago(49), Duration::ZERO, 7, true);
+        assert_eq!((t.detect_ms, t.claim_ms, t.total_ms), (None, 0, None));
+        assert!(t.switchover && t.promote_ms >= 50, "{t:?}");
+    }
 }

@@ -256,6 +256,36 @@ pub struct SyncProgress {
     pub eta_s: Option<u64>,
 }
 
+/// Where the last takeover on this node spent its time (ms), from the
+/// promoted engine's own clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TakeoverTimes {
+    /// When the promoted guest started running.
+    pub at_unix_ms: u64,
+    /// The committed epoch it resumed from (level FT), or the mirror's.
+    pub epoch: u64,
+    /// A planned switchover (else the primary was lost, or handed its VM
+    /// over).
+    pub switchover: bool,
+    /// From the primary's last bytes heard to its loss being declared:
+    /// the silence (none where the session ended otherwise: a switchover,
+    /// a handover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_ms: Option<u64>,
+    /// From the loss (or the handover) to the takeover being decided: the
+    /// witness's grant; about 0 without a witness.
+    pub claim_ms: u64,
+    /// From then to the promoted guest running: the restore (or boot),
+    /// the TAPs up, the announcement and handed-over output.
+    pub promote_ms: u64,
+    /// Of `promote_ms`, the VM's restore (level FT) or boot (level HA).
+    pub restore_ms: u64,
+    /// From the primary's last bytes heard to the promoted guest running
+    /// (with `detect_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     /// [`STATUS_VERSION`] of the process that made it.
@@ -306,9 +336,12 @@ pub struct Status {
     /// over; the new primary goes back to HA).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub migrating: bool,
+    /// The last takeover this process made (a promoted standby).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_takeover: Option<TakeoverTimes>,
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -343,6 +376,7 @@ impl StatusBoard {
                 level: crate::level::Level::Ft,
                 migrating: false,
                 oracle: None,
+                last_takeover: None,
             })),
         }
     }

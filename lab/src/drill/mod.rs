@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_tools::ledger::{LedgerError, Verdict};
 use replicator::stats::percentile;
-use replicator::status::{FtState, Role};
+use replicator::status::{FtState, Role, TakeoverTimes};
 use serde::Serialize;
 
 use self::client::{Client, Reconnect};
@@ -160,6 +160,9 @@ pub struct DrillRound {
     /// Of those, frames the promoted copy's node received itself after the
     /// old primary's node was gone (flooded to it by the bridge).
     pub overheard_frames: u64,
+    /// Where the promoted engine's takeover spent its time (none where no
+    /// promotion happened).
+    pub takeover: Option<TakeoverTimes>,
     /// Partition: how long the paths were cut; freeze: how long the
     /// process was stopped.
     pub heal_after_ms: u64,
@@ -490,7 +493,7 @@ fn pull_round(
     };
     let took_over = client.first_ack_after(pulled_at, within, round)?;
     let failover_ms = took_over.duration_since(pulled_at).as_millis() as u64;
-    let (replayed_frames, overheard_frames) = replayed_frames(lab, standby);
+    let promoted = promoted_engine(lab, standby);
     let fsck_clean = match fscks_before {
         None => None,
         Some(before) => Some(fsck_after(lab, standby, before, round)?),
@@ -522,8 +525,9 @@ fn pull_round(
         promoted: standby,
         pull_after_ms,
         failover_ms,
-        replayed_frames,
-        overheard_frames,
+        replayed_frames: promoted.replayed_frames,
+        overheard_frames: promoted.overheard_frames,
+        takeover: promoted.takeover,
         heal_after_ms: 0,
         committed_epoch,
         acked_before_check,
@@ -653,12 +657,22 @@ fn partition_round(
     )
 }
 
-/// What the engine on `node` replayed into its guest when it promoted, and
-/// how much of it was overheard (its counters belong to the engine
-/// process, which a promotion keeps).
-fn replayed_frames(lab: &Lab, node: NodeId) -> (u64, u64) {
-    ft_pair::status(lab, node).map_or((0, 0), |s| {
-        (s.counters.inbound_replayed, s.counters.inbound_overheard)
+/// What the engine on a node that promoted tells of its takeover.
+#[derive(Default)]
+struct PromotedEngine {
+    replayed_frames: u64,
+    overheard_frames: u64,
+    takeover: Option<TakeoverTimes>,
+}
+
+/// What the engine on `node` replayed into its guest when it promoted, how
+/// much of it was overheard, and where its takeover's time went (its
+/// status belongs to the engine process, which a promotion keeps).
+fn promoted_engine(lab: &Lab, node: NodeId) -> PromotedEngine {
+    ft_pair::status(lab, node).map_or_else(PromotedEngine::default, |s| PromotedEngine {
+        replayed_frames: s.counters.inbound_replayed,
+        overheard_frames: s.counters.inbound_overheard,
+        takeover: s.last_takeover,
     })
 }
 
@@ -689,10 +703,10 @@ fn settle(
     let failover_ms = served.duration_since(f.at).as_millis() as u64;
     let (acked_before_check, memory, disk) = client.check(lab)?;
     let winner = winner(lab, f.round)?;
-    let (replayed_frames, overheard_frames) = if winner == f.primary {
-        (0, 0)
+    let promoted = if winner == f.primary {
+        PromotedEngine::default()
     } else {
-        replayed_frames(lab, winner)
+        promoted_engine(lab, winner)
     };
     ft_pair::wait_for(
         lab,
@@ -714,8 +728,9 @@ fn settle(
         promoted: winner,
         pull_after_ms: f.pull_after_ms,
         failover_ms,
-        replayed_frames,
-        overheard_frames,
+        replayed_frames: promoted.replayed_frames,
+        overheard_frames: promoted.overheard_frames,
+        takeover: promoted.takeover,
         heal_after_ms: f.heal_after_ms,
         committed_epoch: f.committed_epoch,
         acked_before_check,
@@ -881,16 +896,29 @@ fn at_level(lab: &Lab, node: NodeId, level: Level, within: Duration) -> Result<(
     }
 }
 
+/// A takeover's figures as "detect+claim+promote", where it followed a
+/// silence or a lost connection, else "-".
+fn engine_ms(takeover: Option<&TakeoverTimes>) -> String {
+    match takeover {
+        Some(t) => match t.detect_ms {
+            Some(detect) => format!("{detect}+{}+{}", t.claim_ms, t.promote_ms),
+            None => format!("{}+{}", t.claim_ms, t.promote_ms),
+        },
+        None => "-".into(),
+    }
+}
+
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}",
         "drill",
         "fault",
         "from",
         "to",
         "epoch",
         "failover ms",
+        "engine ms",
         "replayed",
         "overheard",
         "acked",
@@ -906,13 +934,14 @@ pub fn print_table(report: &DrillReport) {
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
             r.promoted.to_string(),
             r.committed_epoch,
             r.failover_ms,
+            engine_ms(r.takeover.as_ref()),
             r.replayed_frames,
             r.overheard_frames,
             r.acked_before_check,

@@ -844,6 +844,8 @@ fn standby(
     let generation = replica.generation;
     let switchover = replica.switchover;
     let first_lease = replica.granted_lease;
+    let (lost, decided, epoch) = (replica.lost, replica.decided, replica.epoch);
+    let promoting = std::time::Instant::now();
     // Level FT resumes the replica's checkpoint; level HA boots the VM
     // from its mirrored disks.
     let (taken_over, level) = match replica.machine {
@@ -860,7 +862,7 @@ fn standby(
                     s.counters.inbound_replayed += promoted.replayed_frames;
                     s.counters.inbound_overheard += promoted.overheard_frames;
                 });
-                promoted.vm
+                (promoted.vm, promoted.restore)
             }),
             Level::Ft,
         ),
@@ -877,13 +879,29 @@ fn standby(
                         cpu_features: pair.cpu_features,
                         ram_file: pair.ram_file.clone(),
                     },
-                ),
+                )
+                .map(|vm| (vm, promoting.elapsed())),
                 Level::Ha,
             )
         }
     };
     let vm = match taken_over {
-        Ok(vm) => vm,
+        Ok((vm, restore)) => {
+            let times =
+                promote::takeover_times(lost, decided, promoting, restore, epoch, switchover);
+            tracing::info!(
+                epoch,
+                switchover,
+                detect_ms = ?times.detect_ms,
+                claim_ms = times.claim_ms,
+                promote_ms = times.promote_ms,
+                restore_ms = times.restore_ms,
+                total_ms = ?times.total_ms,
+                "takeover done: the guest runs on this node"
+            );
+            status.update(|s| s.last_takeover = Some(times));
+            vm
+        }
         Err(e) => {
             eprintln!("ftprotect: {e}");
             status.set_state(Role::Standby, FtState::Failed, Some(e.to_string()));

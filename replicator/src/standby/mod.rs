@@ -166,9 +166,22 @@ pub struct Replica {
     /// The lease the witness gave with its grant of the takeover (the
     /// promoted copy's first).
     pub granted_lease: Option<crate::quorum::GrantedLease>,
+    /// When the primary was last heard and when it was declared lost (a
+    /// takeover after a silence or a lost connection).
+    pub lost: Option<PrimaryLoss>,
+    /// When the takeover was decided (the witness granted it, or there is
+    /// none), once handed back for promotion.
+    pub decided: Option<std::time::Instant>,
     /// How the VM runs here: resumed from the checkpoint (level FT), or
     /// booted from the mirrored disks (level HA).
     pub machine: Machine,
+}
+
+/// When a lost primary was last heard, and when its loss was declared.
+#[derive(Debug, Clone, Copy)]
+pub struct PrimaryLoss {
+    pub last_heard: std::time::Instant,
+    pub declared: std::time::Instant,
 }
 
 /// What a replica holds beside its disks.
@@ -290,6 +303,7 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
         let mut replica = lost;
         let Some(witness) = &config.witness else {
             replica.generation += 1;
+            replica.decided = Some(std::time::Instant::now());
             break replica;
         };
         let force = &config.force_takeover;
@@ -297,6 +311,7 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
             Claimed::Granted(generation, lease) => {
                 replica.generation = generation;
                 replica.granted_lease = lease;
+                replica.decided = Some(std::time::Instant::now());
                 break replica;
             }
             Claimed::Stale { why, generation } => {

@@ -662,6 +662,11 @@ impl Receiving {
             generation: self.generation,
             switchover: false,
             granted_lease: None,
+            lost: primary_last_heard.map(|last_heard| super::PrimaryLoss {
+                last_heard,
+                declared: Instant::now(),
+            }),
+            decided: None,
             machine,
         })
     }
