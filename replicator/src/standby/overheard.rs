@@ -268,18 +268,32 @@ pub fn frame_digest(frame_with_guest_header: &[u8]) -> u32 {
     crc32fast::hash(frame_with_guest_header.get(GUEST_HDR_LEN..).unwrap_or(&[]))
 }
 
+/// The most frames [`drain`] reads away: more than a default receive
+/// buffer holds, so that a link whose guest frames keep coming cannot keep
+/// it reading.
+const DRAIN_MAX: usize = 4096;
+
 /// Reads away what the socket took before its filter was attached (any
-/// frame at all, outgoing ones too).
+/// frame at all, outgoing ones too), up to [`DRAIN_MAX`] frames. What it
+/// leaves is harmless: the capture keeps only frames for the guest's MACs,
+/// and a promotion drops those from before the primary was last heard.
 fn drain(socket: &Socket) -> std::io::Result<()> {
     socket.set_nonblocking(true)?;
     let mut buf = vec![0u8; SOCKET_HDR_LEN + 65536];
-    loop {
+    let mut read = 0;
+    while read < DRAIN_MAX {
         match (&*socket).read(&mut buf) {
-            Ok(_) => continue,
+            Ok(_) => read += 1,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
+    }
+    if read == DRAIN_MAX {
+        debug!(
+            frames = read,
+            "stopped reading away the frames from before the filter"
+        );
     }
     socket.set_nonblocking(false)
 }

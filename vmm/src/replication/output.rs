@@ -31,15 +31,54 @@ fn ipv4_source(ethernet: &[u8]) -> Option<[u8; 4]> {
     (ip != [0; 4]).then_some(ip)
 }
 
-/// Whether an Ethernet frame (untagged) carries a TCP segment over IPv4,
-/// or over IPv6 with TCP as its first next header.
+/// Whether an Ethernet frame carries a TCP segment: over IPv4, or over
+/// IPv6 after any hop-by-hop, routing, fragment or destination options
+/// headers; untagged or behind up to two VLAN tags (802.1Q, 802.1ad).
 fn is_tcp(ethernet: &[u8]) -> bool {
     const TCP: u8 = 6;
-    match ethernet.get(12..14) {
-        Some([0x08, 0x00]) => ethernet.get(14 + 9) == Some(&TCP),
-        Some([0x86, 0xdd]) => ethernet.get(14 + 6) == Some(&TCP),
-        _ => false,
+    let mut at = 12;
+    for _ in 0..3 {
+        match ethernet.get(at..at + 2) {
+            Some([0x81, 0x00] | [0x88, 0xa8]) => at += 4,
+            Some([0x08, 0x00]) => return ethernet.get(at + 2 + 9) == Some(&TCP),
+            Some([0x86, 0xdd]) => return ipv6_carries(ethernet.get(at + 2..), TCP),
+            _ => return false,
+        }
     }
+    false
+}
+
+/// Whether an IPv6 packet's payload is `protocol`, past its extension
+/// headers (at most 8 of them are followed).
+fn ipv6_carries(packet: Option<&[u8]>, protocol: u8) -> bool {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DESTINATION: u8 = 60;
+    let Some(packet) = packet else { return false };
+    let Some(&first) = packet.get(6) else {
+        return false;
+    };
+    let (mut next, mut at) = (first, 40);
+    for _ in 0..8 {
+        if next == protocol {
+            return true;
+        }
+        let len = match next {
+            HOP_BY_HOP | ROUTING | DESTINATION => match packet.get(at + 1) {
+                Some(&units) => 8 + usize::from(units) * 8,
+                None => return false,
+            },
+            FRAGMENT => 8,
+            _ => return false,
+        };
+        match packet.get(at) {
+            Some(&header) => next = header,
+            None => return false,
+        }
+        at += len;
+    }
+    false
 }
 
 fn remember(addresses: &mut Vec<[u8; 4]>, ip: [u8; 4]) {
@@ -235,6 +274,66 @@ pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::devices::virtio::net::tap::Tap;
+
+    /// An Ethernet frame of `ethertype` behind `tags`, then `payload`.
+    fn ethernet(tags: &[[u8; 2]], ethertype: [u8; 2], payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        for tpid in tags {
+            f.extend_from_slice(tpid);
+            f.extend_from_slice(&[0, 7]);
+        }
+        f.extend_from_slice(&ethertype);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn ipv4(protocol: u8) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, protocol];
+        p.resize(40, 0);
+        p
+    }
+
+    /// An IPv6 header whose next header is `first`, then `extensions`.
+    fn ipv6(first: u8, extensions: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0, 0, 20, first, 64];
+        p.resize(40, 0);
+        p.extend_from_slice(extensions);
+        p.resize(p.len() + 20, 0);
+        p
+    }
+
+    #[test]
+    fn tcp_is_found_behind_vlan_tags_and_ipv6_extension_headers() {
+        const V4: [u8; 2] = [0x08, 0x00];
+        const V6: [u8; 2] = [0x86, 0xdd];
+        const Q: [u8; 2] = [0x81, 0x00];
+        const AD: [u8; 2] = [0x88, 0xa8];
+        assert!(is_tcp(&ethernet(&[], V4, &ipv4(6))));
+        assert!(!is_tcp(&ethernet(&[], V4, &ipv4(17))));
+        assert!(is_tcp(&ethernet(&[Q], V4, &ipv4(6))));
+        assert!(is_tcp(&ethernet(&[AD, Q], V4, &ipv4(6))));
+        assert!(!is_tcp(&ethernet(&[AD, Q, Q], V4, &ipv4(6))), "three tags");
+        assert!(!is_tcp(&ethernet(&[Q], V4, &ipv4(17))));
+        assert!(is_tcp(&ethernet(&[], V6, &ipv6(6, &[]))));
+        assert!(!is_tcp(&ethernet(&[], V6, &ipv6(17, &[]))));
+        // Hop-by-hop (8 bytes) then a 16-byte destination options header
+        // then TCP; and a fragment header then TCP.
+        let mut ext = vec![60, 0, 0, 0, 0, 0, 0, 0];
+        ext.extend_from_slice(&[6, 1]);
+        ext.resize(24, 0);
+        assert!(is_tcp(&ethernet(&[Q], V6, &ipv6(0, &ext))));
+        ext[8] = 17;
+        assert!(!is_tcp(&ethernet(&[Q], V6, &ipv6(0, &ext))));
+        assert!(is_tcp(&ethernet(
+            &[],
+            V6,
+            &ipv6(44, &[6, 0, 0, 0, 0, 0, 0, 0])
+        )));
+        // Truncated frames and other ethertypes are not TCP.
+        assert!(!is_tcp(&ethernet(&[], V6, &[0x60, 0, 0, 0, 0, 20])));
+        assert!(!is_tcp(&ethernet(&[], [0x08, 0x06], &ipv4(6))));
+        assert!(!is_tcp(&[0u8; 13]));
+    }
 
     #[test]
     fn addresses_are_learned_from_ipv4_and_arp() {
