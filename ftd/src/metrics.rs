@@ -338,12 +338,12 @@ impl Metrics {
         let takeover_last = gauge_seconds(
             &mut registry,
             "takeover_duration_last",
-            "The last takeover on this node: from the lost primary's last bytes heard to the promoted guest running",
+            "The last takeover by the VM's engine process on this node: from the lost primary's last bytes heard to the promoted guest running (none after a switchover or handover, nor from an engine started since)",
         );
         let takeover_detect_last = gauge_seconds(
             &mut registry,
             "takeover_detect_last",
-            "Of the last takeover on this node, the silence after which the primary was declared lost",
+            "Of the last takeover by the VM's engine process on this node, the silence after which the primary was declared lost",
         );
         let sync_left = gauge_seconds(
             &mut registry,

@@ -67,12 +67,16 @@ pub fn join(tap: &str, bridge: &str) -> Result<(), BridgeError> {
     bring_up(&sock, tap)
 }
 
-/// Adds `tap` to `bridge` (already a member is fine) and leaves it as it
-/// is: a TAP that is down takes no part in the bridge until it is up.
+/// Takes `tap` down and adds it to `bridge` (already a member is fine): a
+/// TAP that is down takes no part in the bridge until [`join`] brings it
+/// up (nothing is forwarded to it, nothing queues in it).
 pub fn add(tap: &str, bridge: &str) -> Result<(), BridgeError> {
     request_for(tap)?;
     request_for(bridge)?;
-    add_to(&control_socket()?, tap, bridge)
+    index_of(tap)?;
+    let sock = control_socket()?;
+    set_up(&sock, tap, false)?;
+    add_to(&sock, tap, bridge)
 }
 
 /// Turns IPv6 off on `tap` (a bridge port has no address of its own). A
@@ -99,13 +103,50 @@ fn control_socket() -> Result<OwnedFd, BridgeError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn add_to(sock: &OwnedFd, tap: &str, bridge: &str) -> Result<(), BridgeError> {
+fn index_of(tap: &str) -> Result<libc::c_uint, BridgeError> {
     let cname = CString::new(tap).map_err(|_| BridgeError::BadName(tap.to_string()))?;
     // SAFETY: `cname` is a valid NUL-terminated string for the call.
-    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if index == 0 {
-        return Err(BridgeError::NoSuchInterface(tap.to_string()));
+    match unsafe { libc::if_nametoindex(cname.as_ptr()) } {
+        0 => Err(BridgeError::NoSuchInterface(tap.to_string())),
+        index => Ok(index),
     }
+}
+
+/// A TAP's own MAC never reaches the guest's peers (the guest's NIC has
+/// its own), but a bridge whose address was not set takes the lowest of
+/// its ports' MACs, down ports included: a TAP's random one could change
+/// the bridge's MAC, and so the node's own address's, as it joins or
+/// leaves. With its first byte 0xfe (locally administered, as libvirt
+/// does) it is never the lowest.
+fn keep_off_bridge_address(sock: &OwnedFd, tap: &str) -> Result<(), BridgeError> {
+    let mut req = request_for(tap)?;
+    ioctl(
+        sock,
+        libc::SIOCGIFHWADDR as _,
+        &mut req,
+        "reading the TAP's MAC",
+        tap,
+    )?;
+    // SAFETY: SIOCGIFHWADDR filled in the hwaddr member of the union.
+    let first = unsafe { &mut req.ifr_ifru.ifru_hwaddr.sa_data[0] };
+    if *first as u8 == 0xfe {
+        return Ok(());
+    }
+    *first = 0xfe_u8 as libc::c_char;
+    ioctl(
+        sock,
+        libc::SIOCSIFHWADDR as _,
+        &mut req,
+        "setting the TAP's MAC",
+        tap,
+    )
+}
+
+fn add_to(sock: &OwnedFd, tap: &str, bridge: &str) -> Result<(), BridgeError> {
+    if let Err(error) = keep_off_bridge_address(sock, tap) {
+        tracing::warn!(tap, bridge, %error, "the TAP keeps its MAC: the bridge's own MAC may change as it joins");
+    }
+    let index = index_of(tap)?;
     let mut req = request_for(bridge)?;
     req.ifr_ifru.ifru_ifindex = index as libc::c_int;
     match ioctl(
@@ -123,6 +164,10 @@ fn add_to(sock: &OwnedFd, tap: &str, bridge: &str) -> Result<(), BridgeError> {
 }
 
 fn bring_up(sock: &OwnedFd, tap: &str) -> Result<(), BridgeError> {
+    set_up(sock, tap, true)
+}
+
+fn set_up(sock: &OwnedFd, tap: &str, up: bool) -> Result<(), BridgeError> {
     let mut req = request_for(tap)?;
     ioctl(
         sock,
@@ -133,12 +178,24 @@ fn bring_up(sock: &OwnedFd, tap: &str) -> Result<(), BridgeError> {
     )?;
     // SAFETY: SIOCGIFFLAGS filled in the flags member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    let wanted = if up {
+        flags | libc::IFF_UP as libc::c_short
+    } else {
+        flags & !(libc::IFF_UP as libc::c_short)
+    };
+    if wanted == flags {
+        return Ok(());
+    }
+    req.ifr_ifru.ifru_flags = wanted;
     ioctl(
         sock,
         libc::SIOCSIFFLAGS as _,
         &mut req,
-        "bringing the TAP up",
+        if up {
+            "bringing the TAP up"
+        } else {
+            "taking the TAP down"
+        },
         tap,
     )
 }
@@ -202,7 +259,15 @@ mod tests {
         let _attached =
             vmm::replication::AttachedTaps::attach(&["ftbrtap0".to_string()]).expect("TAP");
         without_ipv6("ftbrtap0");
+        // Up before (as a network manager might have left it): taken down.
+        assert!(ip(&["link", "set", "ftbrtap0", "up"]));
         add("ftbrtap0", bridge.0).expect("added");
+        // Its MAC is kept above the bridge's.
+        assert!(
+            sys("ftbrtap0", "address").starts_with("fe:"),
+            "{}",
+            sys("ftbrtap0", "address")
+        );
         let master = std::fs::read_link("/sys/class/net/ftbrtap0/master").expect("on a bridge");
         assert!(master.ends_with(bridge.0), "{master:?}");
         // Down: the bridge forwards nothing to it (state 0, disabled).

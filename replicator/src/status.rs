@@ -267,18 +267,21 @@ pub struct TakeoverTimes {
     /// A planned switchover (else the primary was lost, or handed its VM
     /// over).
     pub switchover: bool,
-    /// From the primary's last bytes heard to its loss being declared:
-    /// the silence (none where the session ended otherwise: a switchover,
-    /// a handover).
+    /// From the primary's last bytes heard (on any path) to its loss
+    /// being declared: the silence, or with a backup path the watch of it
+    /// (none where the primary ended the session itself: a switchover, a
+    /// handover).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detect_ms: Option<u64>,
-    /// From the loss (or the handover) to the takeover being decided: the
-    /// witness's grant; about 0 without a witness.
+    /// From the session's end (the loss declared, a switchover, a
+    /// handover) to the takeover being decided: the witness's grant; about
+    /// 0 without a witness.
     pub claim_ms: u64,
     /// From then to the promoted guest running: the restore (or boot),
     /// the TAPs up, the announcement and handed-over output.
     pub promote_ms: u64,
-    /// Of `promote_ms`, the VM's restore (level FT) or boot (level HA).
+    /// Of `promote_ms`, the VM's restore (level FT: its TAPs up and the
+    /// overheard frames taken included) or boot (level HA).
     pub restore_ms: u64,
     /// From the primary's last bytes heard to the promoted guest running
     /// (with `detect_ms`).
@@ -336,7 +339,8 @@ pub struct Status {
     /// over; the new primary goes back to HA).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub migrating: bool,
-    /// The last takeover this process made (a promoted standby).
+    /// The last takeover this engine process made (a promoted standby;
+    /// an engine started afresh has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_takeover: Option<TakeoverTimes>,
 }

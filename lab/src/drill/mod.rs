@@ -493,7 +493,6 @@ fn pull_round(
     };
     let took_over = client.first_ack_after(pulled_at, within, round)?;
     let failover_ms = took_over.duration_since(pulled_at).as_millis() as u64;
-    let promoted = promoted_engine(lab, standby);
     let fsck_clean = match fscks_before {
         None => None,
         Some(before) => Some(fsck_after(lab, standby, before, round)?),
@@ -514,6 +513,10 @@ fn pull_round(
     )?;
     let reprotect_ms = back.elapsed().as_millis() as u64;
     let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
+    // Read once the daemon's view of its engine is that of the promoted
+    // copy (it polls the engine; right after the failover it may still
+    // hold the standby's).
+    let promoted = promoted_engine(lab, standby);
     let resync_bytes = sync_before.since(lab, standby);
     let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
         copy_last(lab, standby, resync_bytes);
@@ -703,11 +706,6 @@ fn settle(
     let failover_ms = served.duration_since(f.at).as_millis() as u64;
     let (acked_before_check, memory, disk) = client.check(lab)?;
     let winner = winner(lab, f.round)?;
-    let promoted = if winner == f.primary {
-        PromotedEngine::default()
-    } else {
-        promoted_engine(lab, winner)
-    };
     ft_pair::wait_for(
         lab,
         winner,
@@ -715,6 +713,12 @@ fn settle(
         FtState::Protected,
         REPROTECT_WITHIN,
     )?;
+    // Read once protected again: see `pull_round`.
+    let promoted = if winner == f.primary {
+        PromotedEngine::default()
+    } else {
+        promoted_engine(lab, winner)
+    };
     let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
     let resync_bytes = f.sync_before.since(lab, winner);
     let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
@@ -902,7 +906,7 @@ fn engine_ms(takeover: Option<&TakeoverTimes>) -> String {
     match takeover {
         Some(t) => match t.detect_ms {
             Some(detect) => format!("{detect}+{}+{}", t.claim_ms, t.promote_ms),
-            None => format!("{}+{}", t.claim_ms, t.promote_ms),
+            None => format!("-+{}+{}", t.claim_ms, t.promote_ms),
         },
         None => "-".into(),
     }

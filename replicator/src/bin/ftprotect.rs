@@ -844,8 +844,9 @@ fn standby(
     let generation = replica.generation;
     let switchover = replica.switchover;
     let first_lease = replica.granted_lease;
-    let (lost, decided, epoch) = (replica.lost, replica.decided, replica.epoch);
     let promoting = std::time::Instant::now();
+    let (ended, epoch) = (replica.ended, replica.epoch);
+    let decided = replica.decided.unwrap_or(promoting);
     // Level FT resumes the replica's checkpoint; level HA boots the VM
     // from its mirrored disks.
     let (taken_over, level) = match replica.machine {
@@ -887,8 +888,15 @@ fn standby(
     };
     let vm = match taken_over {
         Ok((vm, restore)) => {
-            let times =
-                promote::takeover_times(lost, decided, promoting, restore, epoch, switchover);
+            let running = std::time::Instant::now();
+            let times = promote::takeover_times(
+                ended,
+                decided,
+                promoting,
+                restore,
+                running,
+                (epoch, switchover),
+            );
             tracing::info!(
                 epoch,
                 switchover,

@@ -166,9 +166,8 @@ pub struct Replica {
     /// The lease the witness gave with its grant of the takeover (the
     /// promoted copy's first).
     pub granted_lease: Option<crate::quorum::GrantedLease>,
-    /// When the primary was last heard and when it was declared lost (a
-    /// takeover after a silence or a lost connection).
-    pub lost: Option<PrimaryLoss>,
+    /// How the session that built it ended (for the takeover's figures).
+    pub ended: SessionEnd,
     /// When the takeover was decided (the witness granted it, or there is
     /// none), once handed back for promotion.
     pub decided: Option<std::time::Instant>,
@@ -177,11 +176,13 @@ pub struct Replica {
     pub machine: Machine,
 }
 
-/// When a lost primary was last heard, and when its loss was declared.
+/// When a replica's session ended, and when the primary was last heard
+/// where it was lost (after a silence or a lost connection; none after a
+/// switchover or a handover, which the primary itself asked for).
 #[derive(Debug, Clone, Copy)]
-pub struct PrimaryLoss {
-    pub last_heard: std::time::Instant,
-    pub declared: std::time::Instant,
+pub struct SessionEnd {
+    pub at: std::time::Instant,
+    pub last_heard: Option<std::time::Instant>,
 }
 
 /// What a replica holds beside its disks.
@@ -210,6 +211,21 @@ pub struct Checkpointed {
 }
 
 impl Replica {
+    /// The primary is lost now, after its backup path was watched: it was
+    /// last heard on whichever path heard it last.
+    fn lost_after_watching(mut self: Box<Self>, backup: &paths::BackupPath) -> Replica {
+        let heard_on_backup = backup.last_heard();
+        self.ended = SessionEnd {
+            at: std::time::Instant::now(),
+            last_heard: Some(
+                self.ended
+                    .last_heard
+                    .map_or(heard_on_backup, |active| active.max(heard_on_backup)),
+            ),
+        };
+        *self
+    }
+
     /// The checkpoint (level FT), if this replica holds one.
     pub fn checkpoint(&self) -> Option<&Checkpointed> {
         match &self.machine {
@@ -279,9 +295,11 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
                     // rules out).
                     paths::Watched::Silent => {
                         warn!("the backup path fell silent too: the primary is lost");
-                        *replica
+                        replica.lost_after_watching(&backup)
                     }
-                    paths::Watched::Closed if config.witness.is_some() => *replica,
+                    paths::Watched::Closed if config.witness.is_some() => {
+                        replica.lost_after_watching(&backup)
+                    }
                     paths::Watched::Closed => {
                         why_ended = Some("the primary closed its backup path (no takeover)".into());
                         continue;

@@ -115,6 +115,11 @@ impl BackupPath {
     /// Whether the primary showed life on this path after `since`: a frame
     /// or heartbeat arrived, or its side closed or reset the connection (a
     /// host that lost power does neither).
+    /// When the primary was last heard on this path.
+    pub(super) fn last_heard(&self) -> Instant {
+        self.liveness.last_arrival()
+    }
+
     pub(super) fn heard_primary_after(&self, since: Instant) -> bool {
         self.liveness.last_arrival() > since
             || self

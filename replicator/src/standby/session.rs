@@ -662,10 +662,10 @@ impl Receiving {
             generation: self.generation,
             switchover: false,
             granted_lease: None,
-            lost: primary_last_heard.map(|last_heard| super::PrimaryLoss {
-                last_heard,
-                declared: Instant::now(),
-            }),
+            ended: super::SessionEnd {
+                at: Instant::now(),
+                last_heard: primary_last_heard,
+            },
             decided: None,
             machine,
         })

@@ -38,6 +38,10 @@ pub enum TapError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "TAP {name} is attached by another process (a VM, or a standby of one, still running on this node?)"
+    )]
+    InUse { name: String },
     #[error("cannot attach to TAP {name} (TUNSETIFF): {source}")]
     SetIff {
         name: String,
@@ -91,9 +95,13 @@ impl Tap {
         // layout and size (40 bytes) and lives for the call.
         let rc = unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut ifr) };
         if rc < 0 {
+            let source = std::io::Error::last_os_error();
+            if source.raw_os_error() == Some(libc::EBUSY) {
+                return Err(TapError::InUse { name: name.into() });
+            }
             return Err(TapError::SetIff {
                 name: name.into(),
-                source: std::io::Error::last_os_error(),
+                source,
             });
         }
         let hdr_len = VNET_HDR_LEN as c_int;
@@ -204,7 +212,7 @@ mod tests {
         // same attachment (no second open).
         assert!(matches!(
             Tap::open("ftattach1"),
-            Err(TapError::SetIff { .. })
+            Err(TapError::InUse { .. })
         ));
         let tap = attached.take("ftattach1").expect("held");
         assert_eq!(tap.name(), "ftattach1");
