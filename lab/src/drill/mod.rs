@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guest_tools::ledger::{LedgerError, Verdict};
 use replicator::stats::percentile;
-use replicator::status::{FtState, Role, TakeoverTimes};
+use replicator::status::{FtState, Role, Status, TakeoverTimes};
 use serde::Serialize;
 
 use self::client::{Client, Reconnect};
@@ -504,7 +504,10 @@ fn pull_round(
     let boots = lab.up(&[primary])?;
     let node_boot_ms = boots.first().map_or(0, |b| (b.boot_secs * 1000.0) as u64);
     let booted_at = Instant::now();
-    ft_pair::wait_for(
+    // The status read once protected again: the daemon's view of its
+    // engine is then that of the promoted copy (it polls the engine; right
+    // after the failover it may still hold the standby's).
+    let protected = ft_pair::wait_for(
         lab,
         standby,
         Role::Primary,
@@ -513,10 +516,7 @@ fn pull_round(
     )?;
     let reprotect_ms = back.elapsed().as_millis() as u64;
     let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
-    // Read once the daemon's view of its engine is that of the promoted
-    // copy (it polls the engine; right after the failover it may still
-    // hold the standby's).
-    let promoted = promoted_engine(lab, standby);
+    let promoted = PromotedEngine::from(protected);
     let resync_bytes = sync_before.since(lab, standby);
     let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
         copy_last(lab, standby, resync_bytes);
@@ -596,7 +596,7 @@ fn winner(lab: &Lab, round: u32) -> Result<NodeId, DrillError> {
     let within = Duration::from_secs(60);
     loop {
         let statuses = NodeId::ALL.map(|n| watch::engine_status(lab, n));
-        let primary = |s: &Option<replicator::status::Status>| {
+        let primary = |s: &Option<Status>| {
             s.as_ref().is_some_and(|s| {
                 s.role == Role::Primary
                     && matches!(
@@ -668,15 +668,17 @@ struct PromotedEngine {
     takeover: Option<TakeoverTimes>,
 }
 
-/// What the engine on `node` replayed into its guest when it promoted, how
-/// much of it was overheard, and where its takeover's time went (its
-/// status belongs to the engine process, which a promotion keeps).
-fn promoted_engine(lab: &Lab, node: NodeId) -> PromotedEngine {
-    ft_pair::status(lab, node).map_or_else(PromotedEngine::default, |s| PromotedEngine {
-        replayed_frames: s.counters.inbound_replayed,
-        overheard_frames: s.counters.inbound_overheard,
-        takeover: s.last_takeover,
-    })
+/// What the promoted engine replayed into its guest, how much of it was
+/// overheard, and where its takeover's time went, from its status (which
+/// belongs to the engine process, which a promotion keeps).
+impl From<Status> for PromotedEngine {
+    fn from(s: Status) -> PromotedEngine {
+        PromotedEngine {
+            replayed_frames: s.counters.inbound_replayed,
+            overheard_frames: s.counters.inbound_overheard,
+            takeover: s.last_takeover,
+        }
+    }
 }
 
 /// A fault that happened and ended (paths healed, process continued).
@@ -706,18 +708,18 @@ fn settle(
     let failover_ms = served.duration_since(f.at).as_millis() as u64;
     let (acked_before_check, memory, disk) = client.check(lab)?;
     let winner = winner(lab, f.round)?;
-    ft_pair::wait_for(
+    // Read once protected again: see `pull_round`.
+    let protected = ft_pair::wait_for(
         lab,
         winner,
         Role::Primary,
         FtState::Protected,
         REPROTECT_WITHIN,
     )?;
-    // Read once protected again: see `pull_round`.
     let promoted = if winner == f.primary {
         PromotedEngine::default()
     } else {
-        promoted_engine(lab, winner)
+        PromotedEngine::from(protected)
     };
     let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
     let resync_bytes = f.sync_before.since(lab, winner);
@@ -900,8 +902,9 @@ fn at_level(lab: &Lab, node: NodeId, level: Level, within: Duration) -> Result<(
     }
 }
 
-/// A takeover's figures as "detect+claim+promote", where it followed a
-/// silence or a lost connection, else "-".
+/// A takeover's figures as "detect+claim+promote"; detect is "-" where no
+/// silence or lost connection came first (a switchover, a handover), as in
+/// "-+18+53"; "-" alone where the engine told of no takeover.
 fn engine_ms(takeover: Option<&TakeoverTimes>) -> String {
     match takeover {
         Some(t) => match t.detect_ms {

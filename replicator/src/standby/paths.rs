@@ -112,21 +112,22 @@ impl BackupPath {
         }
     }
 
+    /// When the primary last showed life on this path: its last frame or
+    /// heartbeat, or its side closing or resetting the connection, if that
+    /// came later.
+    pub(super) fn last_heard(&self) -> Instant {
+        let arrival = self.liveness.last_arrival();
+        self.closed_by_peer_at
+            .lock()
+            .expect("backup lock")
+            .map_or(arrival, |closed| closed.max(arrival))
+    }
+
     /// Whether the primary showed life on this path after `since`: a frame
     /// or heartbeat arrived, or its side closed or reset the connection (a
     /// host that lost power does neither).
-    /// When the primary was last heard on this path.
-    pub(super) fn last_heard(&self) -> Instant {
-        self.liveness.last_arrival()
-    }
-
     pub(super) fn heard_primary_after(&self, since: Instant) -> bool {
-        self.liveness.last_arrival() > since
-            || self
-                .closed_by_peer_at
-                .lock()
-                .expect("backup lock")
-                .is_some_and(|at| at > since)
+        self.last_heard() > since
     }
 }
 
