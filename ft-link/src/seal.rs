@@ -22,10 +22,9 @@
 //! covers every byte, so a crc would only repeat a stronger check at a
 //! pass over every byte on each side (see [`crate::frame`]).
 
-use std::sync::Arc;
-
-use bytes::BytesMut;
-use snow::{HandshakeState, StatelessTransportState};
+use bytes::{BufMut, BytesMut};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
+use snow::HandshakeState;
 
 use crate::auth::{seal_psk, PairSecret, Side};
 use crate::frame::{header, FrameError, FrameKind, PayloadCheck, HEADER_LEN};
@@ -82,11 +81,7 @@ pub enum SealError {
     #[error("the key exchange ended in a state that carries no keys")]
     NoKeys(#[source] snow::Error),
     #[error("sealing record {nonce} failed")]
-    Seal {
-        nonce: u64,
-        #[source]
-        source: snow::Error,
-    },
+    Seal { nonce: u64 },
     #[error(
         "sealed record {nonce} ({len} bytes) did not open: it was altered, replayed, reordered \
          or forged"
@@ -145,20 +140,34 @@ impl KeyExchange {
 
     /// The keys, once both messages went: a sealer for this side's
     /// direction and an opener for the peer's.
-    pub fn finish(self) -> Result<(Sealer, Opener), SealError> {
-        let transport = Arc::new(
-            self.state
-                .into_stateless_transport_mode()
-                .map_err(SealError::NoKeys)?,
-        );
+    ///
+    /// The records are Noise transport messages, sealed and opened here
+    /// with the split's keys (ring's AES-256-GCM, as snow's own transport
+    /// does: the nonce is four zero bytes and the record's number, big
+    /// endian; no associated data) but in place in the link's buffers:
+    /// snow's transport copies every byte into a zeroed buffer of its own
+    /// first, two passes over every byte on each side that the link does
+    /// not need. The records are the same on the wire (a test seals with
+    /// one and opens with the other, both ways).
+    pub fn finish(mut self) -> Result<(Sealer, Opener), SealError> {
+        if !self.state.is_handshake_finished() {
+            return Err(SealError::NoKeys(snow::Error::State(
+                snow::error::StateProblem::HandshakeNotFinished,
+            )));
+        }
+        let (mut initiator, mut responder) = self.state.dangerously_get_raw_split();
+        let keys = record_key(&initiator).and_then(|i| Ok((i, record_key(&responder)?)));
+        initiator.fill(0);
+        responder.fill(0);
+        let (initiator, responder) = keys?;
+        let (seal, open) = match self.side {
+            Side::Connecting => (initiator, responder),
+            Side::Accepting => (responder, initiator),
+        };
         Ok((
-            Sealer {
-                transport: Arc::clone(&transport),
-                next: 0,
-                scratch: Vec::new(),
-            },
+            Sealer { key: seal, next: 0 },
             Opener {
-                transport,
+                key: open,
                 next: 0,
                 side: self.side,
             },
@@ -166,20 +175,32 @@ impl KeyExchange {
     }
 }
 
+/// One direction's AES-256-GCM key.
+fn record_key(raw: &[u8; 32]) -> Result<LessSafeKey, SealError> {
+    UnboundKey::new(&aead::AES_256_GCM, raw)
+        .map(LessSafeKey::new)
+        .map_err(|_| SealError::NoKeys(snow::Error::Input))
+}
+
+/// The nonce of record `number` (Noise's AESGCM nonce).
+fn nonce(number: u64) -> Nonce {
+    let mut bytes = [0u8; NONCE_LEN];
+    bytes[4..].copy_from_slice(&number.to_be_bytes());
+    Nonce::assume_unique_for_key(bytes)
+}
+
 /// Seals this side's byte stream into records.
 pub struct Sealer {
-    transport: Arc<StatelessTransportState>,
-    /// The next record's nonce.
+    key: LessSafeKey,
+    /// The next record's number (its nonce).
     next: u64,
-    /// A record's plaintext gathered from pieces of several parts.
-    scratch: Vec<u8>,
 }
 
 impl Sealer {
     /// Appends to `out` the records (whole [`FrameKind::Sealed`] frames)
     /// that carry `parts`, one after the other, as one piece of the
-    /// stream. Pieces of a part that fill a record are sealed from where
-    /// they lie; only a record that straddles parts is gathered first.
+    /// stream. Each record's plaintext is gathered where its ciphertext
+    /// goes and sealed there.
     pub fn seal_into(&mut self, parts: &[&[u8]], out: &mut BytesMut) -> Result<(), SealError> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let records = total.div_ceil(RECORD_PLAIN_MAX);
@@ -190,42 +211,42 @@ impl Sealer {
         while left > 0 {
             let size = left.min(RECORD_PLAIN_MAX);
             left -= size;
-            if current.len() >= size {
-                let (piece, rest) = current.split_at(size);
-                self.seal_record(piece, out)?;
-                current = rest;
-            } else {
-                let mut scratch = std::mem::take(&mut self.scratch);
-                scratch.clear();
-                while scratch.len() < size {
-                    if current.is_empty() {
-                        current = pending.next().expect("the parts hold `total` bytes");
-                    }
-                    let take = (size - scratch.len()).min(current.len());
-                    scratch.extend_from_slice(&current[..take]);
-                    current = &current[take..];
+            let start = out.len();
+            out.put_bytes(0, HEADER_LEN);
+            let mut gathered = 0;
+            while gathered < size {
+                if current.is_empty() {
+                    current = pending.next().expect("the parts hold `total` bytes");
                 }
-                let sealed = self.seal_record(&scratch, out);
-                self.scratch = scratch;
-                sealed?;
+                let take = (size - gathered).min(current.len());
+                out.extend_from_slice(&current[..take]);
+                current = &current[take..];
+                gathered += take;
             }
-            if current.is_empty() {
-                current = pending.next().unwrap_or(&[]);
+            if let Err(e) = self.seal_record(out, start) {
+                out.truncate(start);
+                return Err(e);
             }
         }
         Ok(())
     }
 
-    fn seal_record(&mut self, plain: &[u8], out: &mut BytesMut) -> Result<(), SealError> {
-        let nonce = self.next;
-        let start = out.len();
+    /// Seals, in place, the record whose header starts at `start` of `out`
+    /// and whose plaintext runs to its end; appends the tag and fills in
+    /// the header.
+    fn seal_record(&mut self, out: &mut BytesMut, start: usize) -> Result<(), SealError> {
+        let number = self.next;
+        let refused = || SealError::Seal { nonce: number };
+        // Noise ends a transport at the last nonce; no link gets near it.
+        if number == u64::MAX {
+            return Err(refused());
+        }
         let body = start + HEADER_LEN;
-        out.resize(body + plain.len() + TAG_LEN, 0);
-        let n = self
-            .transport
-            .write_message(nonce, plain, &mut out[body..])
-            .map_err(|source| SealError::Seal { nonce, source })?;
-        out.truncate(body + n);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce(number), Aad::empty(), &mut out[body..])
+            .map_err(|_| refused())?;
+        out.extend_from_slice(tag.as_ref());
         let header = header(FrameKind::Sealed, 0, 0, &out[body..], PayloadCheck::Crc32)
             .map_err(SealError::Record)?;
         out[start..body].copy_from_slice(&header);
@@ -236,38 +257,40 @@ impl Sealer {
 
 /// Opens the peer's records, in order.
 pub struct Opener {
-    transport: Arc<StatelessTransportState>,
-    /// The nonce the next record must have been sealed with.
+    key: LessSafeKey,
+    /// The number (nonce) the next record must have been sealed with.
     next: u64,
     side: Side,
 }
 
 impl Opener {
     /// Opens one record (a [`FrameKind::Sealed`] frame's payload) and
-    /// appends its plaintext to `plain`.
+    /// appends its plaintext to `plain` (the record is copied there and
+    /// opened in place).
     pub fn open_into(&mut self, record: &[u8], plain: &mut BytesMut) -> Result<(), SealError> {
-        let nonce = self.next;
+        let number = self.next;
         let refused = SealError::Open {
-            nonce,
+            nonce: number,
             len: record.len(),
         };
         if record.len() < TAG_LEN || record.len() > RECORD_MAX {
             return Err(refused);
         }
         let start = plain.len();
-        plain.resize(start + record.len() - TAG_LEN, 0);
+        plain.extend_from_slice(record);
         match self
-            .transport
-            .read_message(nonce, record, &mut plain[start..])
+            .key
+            .open_in_place(nonce(number), Aad::empty(), &mut plain[start..])
         {
-            Ok(n) => {
-                plain.truncate(start + n);
+            Ok(opened) => {
+                let len = opened.len();
+                plain.truncate(start + len);
                 self.next += 1;
                 Ok(())
             }
             Err(_) => {
                 plain.truncate(start);
-                tracing::debug!(side = %self.side, nonce, "a sealed record did not open");
+                tracing::debug!(side = %self.side, nonce = number, "a sealed record did not open");
                 Err(refused)
             }
         }
@@ -327,6 +350,45 @@ mod tests {
             seal.seal_into(&[a, &[], b], &mut out).unwrap();
             let plain = open_all(&mut open, out).unwrap();
             assert_eq!(&plain[..], &big[..], "cut at {cut}");
+        }
+    }
+
+    /// The records are Noise transport messages: snow's own transport
+    /// opens what the sealer seals, and the opener opens what snow's
+    /// transport seals (so nodes that seal either way pair).
+    #[test]
+    fn records_are_the_noise_transport_messages_of_snow_both_ways() {
+        let mut connecting = KeyExchange::new(&secret(SECRET), Side::Connecting).unwrap();
+        let mut accepting = KeyExchange::new(&secret(SECRET), Side::Accepting).unwrap();
+        accepting.read(&connecting.write().unwrap()).unwrap();
+        connecting.read(&accepting.write().unwrap()).unwrap();
+        let snow_side = connecting.state.into_stateless_transport_mode().unwrap();
+        let (mut seal, mut open) = accepting.finish().unwrap();
+
+        for (n, text) in [&b"from the connecting side"[..], &[7u8; 3000][..]]
+            .into_iter()
+            .enumerate()
+        {
+            let mut record = vec![0u8; text.len() + TAG_LEN];
+            let len = snow_side
+                .write_message(n as u64, text, &mut record)
+                .unwrap();
+            let mut plain = BytesMut::new();
+            open.open_into(&record[..len], &mut plain).unwrap();
+            assert_eq!(&plain[..], text);
+        }
+        for (n, text) in [&b"from the accepting side"[..], &[9u8; 5000][..]]
+            .into_iter()
+            .enumerate()
+        {
+            let mut out = BytesMut::new();
+            seal.seal_into(&[text], &mut out).unwrap();
+            let record = FrameDecoder.decode(&mut out).unwrap().unwrap();
+            let mut plain = vec![0u8; record.payload.len()];
+            let len = snow_side
+                .read_message(n as u64, &record.payload, &mut plain)
+                .unwrap();
+            assert_eq!(&plain[..len], text);
         }
     }
 
