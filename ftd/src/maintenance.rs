@@ -36,11 +36,83 @@ pub const STEP_EVERY: Duration = Duration::from_millis(500);
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
 pub const RETRY_AT_MOST_AFTER: Duration = Duration::from_secs(80);
 
+/// A live migration the engine took shows as under way in the daemon's
+/// view of its engine within this long; a VM still idle here after it
+/// (running, protected, not migrating) was not moved: the migration failed.
+pub const MIGRATION_SHOWS_WITHIN: Duration = Duration::from_secs(5);
+
 /// The pause after `failures` failed switchovers of one VM in a row.
 pub fn retry_pause(failures: u32) -> Duration {
     RETRY_AFTER
         .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
         .min(RETRY_AT_MOST_AFTER)
+}
+
+/// The moves the driver asked of each VM, for the pause between tries.
+/// A switchover's outcome is known when the request returns; a live
+/// migration's request returns once the migration began (HTTP's 202), so
+/// it counts as failed when the VM is later found here again, idle.
+#[derive(Default)]
+struct Attempts {
+    /// When the last move of each VM failed, and how many failed in a row.
+    failed: HashMap<String, (Instant, u32)>,
+    /// Live migrations begun and not yet seen to end, since when.
+    migrations: HashMap<String, Instant>,
+}
+
+impl Attempts {
+    /// Whether a move of `name` may be asked at `now`. `idle_here`: the VM
+    /// runs here, protected, with no migration under way.
+    fn may_try(&mut self, name: &str, idle_here: bool, now: Instant) -> bool {
+        if let Some(&begun) = self.migrations.get(name) {
+            if !idle_here || now.duration_since(begun) < MIGRATION_SHOWS_WITHIN {
+                return false;
+            }
+            self.migrations.remove(name);
+            self.failed_at(name, now);
+        }
+        idle_here
+            && self
+                .failed
+                .get(name)
+                .is_none_or(|(at, failures)| now.duration_since(*at) >= retry_pause(*failures))
+    }
+
+    /// The move asked of `name` at `now` came to `outcome`: a switchover
+    /// done, a live migration begun, or a refusal.
+    fn asked(&mut self, name: &str, outcome: Result<Moved, ()>, now: Instant) {
+        match outcome {
+            Ok(Moved::SwitchedOver) => {
+                self.failed.remove(name);
+            }
+            Ok(Moved::MigrationBegun) => {
+                self.migrations.insert(name.to_string(), now);
+            }
+            Err(()) => self.failed_at(name, now),
+        }
+    }
+
+    fn failed_at(&mut self, name: &str, now: Instant) {
+        let failures = self.failed.get(name).map_or(0, |(_, n)| *n) + 1;
+        self.failed.insert(name.to_string(), (now, failures));
+    }
+
+    /// Failures in a row of `name`'s moves.
+    #[cfg(test)]
+    fn failures(&self, name: &str) -> u32 {
+        self.failed.get(name).map_or(0, |(_, n)| *n)
+    }
+
+    fn clear(&mut self) {
+        self.failed.clear();
+        self.migrations.clear();
+    }
+}
+
+/// What a move that was not refused did.
+enum Moved {
+    SwitchedOver,
+    MigrationBegun,
 }
 
 impl Manager {
@@ -302,7 +374,7 @@ pub async fn run(manager: Manager) {
     let mut driver = Driver {
         manager,
         peer,
-        tried: HashMap::new(),
+        tried: Attempts::default(),
     };
     loop {
         if let Err(e) = driver.step().await {
@@ -318,9 +390,8 @@ pub async fn run(manager: Manager) {
 struct Driver {
     manager: Manager,
     peer: String,
-    /// When a switchover of each VM last failed, and how many failed in a
-    /// row (for the retry pause).
-    tried: HashMap<String, (Instant, u32)>,
+    /// The moves asked of each VM (for the retry pause).
+    tried: Attempts,
 }
 
 impl Driver {
@@ -390,34 +461,30 @@ impl Driver {
             {
                 continue;
             }
-            let protected = self.manager.runtime().get(&name).is_some_and(|l| {
+            let idle_here = self.manager.runtime().get(&name).is_some_and(|l| {
                 l.role == Role::Primary
                     && l.state == FtState::Protected
                     && !l.status.as_ref().is_some_and(|s| s.migrating)
             });
-            let paused = self
-                .tried
-                .get(&name)
-                .is_some_and(|(at, failures)| at.elapsed() < retry_pause(*failures));
-            if !protected || paused {
+            if !self.tried.may_try(&name, idle_here, Instant::now()) {
                 continue;
             }
             let why = match asked.maintenance {
                 Maintenance::Leaving => format!("node {} leaves maintenance", asked.name),
                 _ => format!("node {} enters maintenance", asked.name),
             };
-            let outcome = self.manager.switchover(&name).await;
+            let outcome = self.manager.move_to_peer(&name).await;
+            let (move_name, moved) = match &outcome {
+                Ok((_, true)) => ("live migration", Ok(Moved::MigrationBegun)),
+                Ok((_, false)) => ("switchover", Ok(Moved::SwitchedOver)),
+                Err(_) => ("switchover", Err(())),
+            };
             self.audit(
                 asked,
-                &format!("maintenance: switchover of VM {name} from {me} to {to} ({why})"),
-                &outcome,
+                &format!("maintenance: {move_name} of VM {name} from {me} to {to} ({why})"),
+                &outcome.map(|(view, _)| view),
             );
-            if outcome.is_ok() {
-                self.tried.remove(&name);
-            } else {
-                let failures = self.tried.get(&name).map_or(0, |(_, n)| *n) + 1;
-                self.tried.insert(name.clone(), (Instant::now(), failures));
-            }
+            self.tried.asked(&name, moved, Instant::now());
         }
         Ok(())
     }
@@ -577,7 +644,7 @@ mod tests {
         let mut driver = Driver {
             manager: m.clone(),
             peer: "node-b".into(),
-            tried: HashMap::new(),
+            tried: Attempts::default(),
         };
         driver.step().await.unwrap();
         assert_eq!(
@@ -596,6 +663,39 @@ mod tests {
             m.maintenance("node-a").unwrap().maintenance,
             Maintenance::Entering
         );
+    }
+
+    #[test]
+    fn a_live_migration_that_leaves_the_vm_here_counts_as_failed() {
+        let mut tried = Attempts::default();
+        let t0 = Instant::now();
+        assert!(tried.may_try("vm", true, t0));
+        tried.asked("vm", Ok(Moved::MigrationBegun), t0);
+        // Under way, or not yet shown as under way: not asked again.
+        assert!(!tried.may_try("vm", false, t0 + Duration::from_secs(1)));
+        assert!(!tried.may_try("vm", true, t0 + Duration::from_secs(1)));
+        assert_eq!(tried.failures("vm"), 0);
+        // Idle here once the migration had time to show: it failed, and
+        // the next try waits for the pause.
+        let t1 = t0 + MIGRATION_SHOWS_WITHIN;
+        assert!(!tried.may_try("vm", true, t1));
+        assert_eq!(tried.failures("vm"), 1);
+        assert!(tried.may_try("vm", true, t1 + retry_pause(1)));
+        // A second migration that comes to nothing doubles the pause.
+        tried.asked("vm", Ok(Moved::MigrationBegun), t1 + retry_pause(1));
+        let t2 = t1 + retry_pause(1) + MIGRATION_SHOWS_WITHIN;
+        assert!(!tried.may_try("vm", true, t2));
+        assert_eq!(tried.failures("vm"), 2);
+        assert!(!tried.may_try("vm", true, t2 + retry_pause(1)));
+        assert!(tried.may_try("vm", true, t2 + retry_pause(2)));
+        // A switchover done clears the count; a refusal counts.
+        tried.asked("vm", Ok(Moved::SwitchedOver), t2 + retry_pause(2));
+        assert_eq!(tried.failures("vm"), 0);
+        tried.asked("other", Err(()), t2);
+        assert_eq!(tried.failures("other"), 1);
+        assert!(!tried.may_try("other", true, t2));
+        // Not idle here (not protected, or not here): never asked.
+        assert!(!tried.may_try("third", false, t2));
     }
 
     #[test]
