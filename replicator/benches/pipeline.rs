@@ -14,7 +14,10 @@
 //! the wall clock, the guest's own writes left out). The two kinds of run
 //! alternate, [`RUNS`] times each, with a bare loopback TCP stream of the
 //! same bytes (what the wire here carries, the pipeline's other limit);
-//! each figure printed is the median.
+//! each figure printed is the median. The pipelined run also prints the CPU
+//! time both ends used (one process here) against what the machine's cores
+//! allow in its wall time: near 1, the run is bound by this machine's CPUs,
+//! which carry both nodes' work here.
 //!
 //! Run: `cargo bench -p replicator --bench pipeline`.
 
@@ -84,6 +87,9 @@ struct Figures {
     total: Duration,
     /// The same epochs pipelined: wall time, the guest's writes left out.
     pipelined: Duration,
+    /// The CPU time both ends (this one process) used meanwhile, the
+    /// guest's writes left out.
+    pipelined_cpu: Duration,
 }
 
 impl Figures {
@@ -101,6 +107,7 @@ impl Figures {
             pipelined: self.per_ms(self.pipelined),
             ms_per_epoch: self.total.as_secs_f64() * 1e3 / EPOCHS as f64,
             pipelined_ms_per_epoch: self.pipelined.as_secs_f64() * 1e3 / EPOCHS as f64,
+            pipelined_cpu_ms_per_epoch: self.pipelined_cpu.as_secs_f64() * 1e3 / EPOCHS as f64,
         }
     }
 }
@@ -115,6 +122,7 @@ struct Rates {
     pipelined: f64,
     ms_per_epoch: f64,
     pipelined_ms_per_epoch: f64,
+    pipelined_cpu_ms_per_epoch: f64,
 }
 
 impl Rates {
@@ -129,6 +137,7 @@ impl Rates {
             pipelined: m(|r| r.pipelined),
             ms_per_epoch: m(|r| r.ms_per_epoch),
             pipelined_ms_per_epoch: m(|r| r.pipelined_ms_per_epoch),
+            pipelined_cpu_ms_per_epoch: m(|r| r.pipelined_cpu_ms_per_epoch),
         }
     }
 }
@@ -161,6 +170,7 @@ async fn main() {
         median(tcp),
     );
     let memcpy_per_ms = 1e6 / memcpy_ns_per_page(256);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "pipeline: {EPOCHS} epochs x {PAGES_PER_EPOCH} pages of a {MEM_MIB} MiB memory (populated, as after the initial copy), replica verified equal; medians of {RUNS} runs"
     );
@@ -199,6 +209,12 @@ async fn main() {
             r.pipelined / memcpy_per_ms,
             r.pipelined / tcp,
             r.pipelined_ms_per_epoch
+        );
+        println!(
+            "      CPU, both ends: {:.2} ms per epoch on {cores} cores: the cores allow {:.2} ms per epoch, the rate is {:.2} of that",
+            r.pipelined_cpu_ms_per_epoch,
+            r.pipelined_cpu_ms_per_epoch / cores as f64,
+            r.pipelined_cpu_ms_per_epoch / cores as f64 / r.pipelined_ms_per_epoch
         );
     }
     println!(
@@ -307,16 +323,18 @@ async fn run(protection: Protection) -> Figures {
     // Pipelined: the next epoch captured and sent while earlier ones await
     // their acknowledgements.
     let mut in_flight = std::collections::VecDeque::new();
-    let mut writing = Duration::ZERO;
+    let (mut writing, mut writing_cpu) = (Duration::ZERO, Duration::ZERO);
     let start = Instant::now();
+    let start_cpu = process_cpu();
     for epoch in EPOCHS + 1..=2 * EPOCHS {
         if in_flight.len() >= DEFAULT_EPOCHS_IN_FLIGHT {
             let oldest = in_flight.pop_front();
             assert_eq!(Some(next_ack(&mut rx).await), oldest);
         }
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), process_cpu());
         let dirty = guest_writes(&primary, epoch, total_pages);
         writing += t.elapsed();
+        writing_cpu += process_cpu().saturating_sub(cpu);
         let mut unused = Duration::ZERO;
         let (frames, _) = capture_and_encode(&primary, epoch, dirty, &mut unused);
         for f in &frames {
@@ -328,6 +346,7 @@ async fn run(protection: Protection) -> Figures {
         assert_eq!(next_ack(&mut rx).await, oldest);
     }
     let pipelined = start.elapsed() - writing;
+    let pipelined_cpu = process_cpu().saturating_sub(start_cpu + writing_cpu);
     let replica = standby.await.expect("standby");
 
     // The replica must equal the primary.
@@ -347,7 +366,21 @@ async fn run(protection: Protection) -> Figures {
         round_trip,
         total,
         pipelined,
+        pipelined_cpu,
     }
+}
+
+/// The CPU time this process used so far, user and system, all threads.
+fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a whole `rusage` into the buffer it is
+    // given, which is one; the value is read only when it says it did.
+    let usage = unsafe {
+        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// The epoch the standby acknowledges next.
