@@ -914,12 +914,21 @@ impl Receiving {
 
 /// Starts overhearing the guest's frames on this node; without it (a
 /// node that may not open packet sockets), peers of a promoted guest
-/// retransmit what was lost with the primary, as they would anyway.
+/// retransmit what was lost with the primary, as they would anyway. Said
+/// as a warning once per process (each session tries again, and fails the
+/// same way), then at debug level.
 fn overhear(macs: &[[u8; 6]]) -> Option<Overhearing> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     match Overhearing::start(macs) {
         Ok(hearing) => Some(hearing),
         Err(error) => {
-            warn!(%error, "not overhearing the guest's frames: after a failover its peers resend what the primary lost by their own timers");
+            let why = "not overhearing the guest's frames: after a failover its peers resend \
+                       what the primary lost by their own timers";
+            if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!(%error, "{why}");
+            } else {
+                warn!(%error, "{why}");
+            }
             None
         }
     }
