@@ -25,6 +25,7 @@
 use bytes::{BufMut, BytesMut};
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use snow::HandshakeState;
+use zeroize::Zeroizing;
 
 use crate::auth::{seal_psk, PairSecret, Side};
 use crate::frame::{header, FrameError, FrameKind, PayloadCheck, HEADER_LEN};
@@ -155,11 +156,11 @@ impl KeyExchange {
                 snow::error::StateProblem::HandshakeNotFinished,
             )));
         }
-        let (mut initiator, mut responder) = self.state.dangerously_get_raw_split();
-        let keys = record_key(&initiator).and_then(|i| Ok((i, record_key(&responder)?)));
-        initiator.fill(0);
-        responder.fill(0);
-        let (initiator, responder) = keys?;
+        // The raw keys are wiped when dropped (ring keeps its own
+        // expanded form; snow wipes neither its copies nor those).
+        let (initiator, responder) = self.state.dangerously_get_raw_split();
+        let (initiator, responder) = (Zeroizing::new(initiator), Zeroizing::new(responder));
+        let (initiator, responder) = (record_key(&initiator)?, record_key(&responder)?);
         let (seal, open) = match self.side {
             Side::Connecting => (initiator, responder),
             Side::Accepting => (responder, initiator),
@@ -189,7 +190,8 @@ fn nonce(number: u64) -> Nonce {
     Nonce::assume_unique_for_key(bytes)
 }
 
-/// Seals this side's byte stream into records.
+/// Seals this side's byte stream into records. After an error it is done
+/// with: its stream has a gap (the link ends).
 pub struct Sealer {
     key: LessSafeKey,
     /// The next record's number (its nonce).
@@ -273,7 +275,8 @@ impl Opener {
             nonce: number,
             len: record.len(),
         };
-        if record.len() < TAG_LEN || record.len() > RECORD_MAX {
+        // Noise ends a transport at the last nonce, as the sealer does.
+        if record.len() < TAG_LEN || record.len() > RECORD_MAX || number == u64::MAX {
             return Err(refused);
         }
         let start = plain.len();
@@ -358,14 +361,28 @@ mod tests {
     /// transport seals (so nodes that seal either way pair).
     #[test]
     fn records_are_the_noise_transport_messages_of_snow_both_ways() {
-        let mut connecting = KeyExchange::new(&secret(SECRET), Side::Connecting).unwrap();
-        let mut accepting = KeyExchange::new(&secret(SECRET), Side::Accepting).unwrap();
-        accepting.read(&connecting.write().unwrap()).unwrap();
-        connecting.read(&accepting.write().unwrap()).unwrap();
-        let snow_side = connecting.state.into_stateless_transport_mode().unwrap();
-        let (mut seal, mut open) = accepting.finish().unwrap();
+        for snow_is in [Side::Connecting, Side::Accepting] {
+            let mut connecting = KeyExchange::new(&secret(SECRET), Side::Connecting).unwrap();
+            let mut accepting = KeyExchange::new(&secret(SECRET), Side::Accepting).unwrap();
+            accepting.read(&connecting.write().unwrap()).unwrap();
+            connecting.read(&accepting.write().unwrap()).unwrap();
+            let (snow_side, ours) = match snow_is {
+                Side::Connecting => (connecting, accepting),
+                Side::Accepting => (accepting, connecting),
+            };
+            let snow_side = snow_side.state.into_stateless_transport_mode().unwrap();
+            let (mut seal, mut open) = ours.finish().unwrap();
+            exchange_with_snow(&snow_side, &mut seal, &mut open);
+        }
+    }
 
-        for (n, text) in [&b"from the connecting side"[..], &[7u8; 3000][..]]
+    /// Records both ways between snow's transport and ours.
+    fn exchange_with_snow(
+        snow_side: &snow::StatelessTransportState,
+        seal: &mut Sealer,
+        open: &mut Opener,
+    ) {
+        for (n, text) in [&b"from snow's side"[..], &[7u8; 3000][..]]
             .into_iter()
             .enumerate()
         {
@@ -377,7 +394,7 @@ mod tests {
             open.open_into(&record[..len], &mut plain).unwrap();
             assert_eq!(&plain[..], text);
         }
-        for (n, text) in [&b"from the accepting side"[..], &[9u8; 5000][..]]
+        for (n, text) in [&b"from our side"[..], &[9u8; 5000][..]]
             .into_iter()
             .enumerate()
         {

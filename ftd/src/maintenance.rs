@@ -92,6 +92,13 @@ impl Attempts {
         }
     }
 
+    /// `name` runs elsewhere now: a migration begun has worked, and a
+    /// later move of it starts afresh.
+    fn left(&mut self, name: &str) {
+        self.failed.remove(name);
+        self.migrations.remove(name);
+    }
+
     fn failed_at(&mut self, name: &str, now: Instant) {
         let failures = self.failed.get(name).map_or(0, |(_, n)| *n) + 1;
         self.failed.insert(name.to_string(), (now, failures));
@@ -457,8 +464,12 @@ impl Driver {
         let me = self.manager.node_name().to_string();
         for record in self.manager.store().vms()? {
             let name = record.definition.name.clone();
-            if !runs_on(&record, &me) || !record.definition.level.has_standby() || !wanted(&record)
-            {
+            if !runs_on(&record, &me) {
+                // Moved (or never here): what was tried of it is over.
+                self.tried.left(&name);
+                continue;
+            }
+            if !record.definition.level.has_standby() || !wanted(&record) {
                 continue;
             }
             let idle_here = self.manager.runtime().get(&name).is_some_and(|l| {
@@ -477,6 +488,7 @@ impl Driver {
             let (move_name, moved) = match &outcome {
                 Ok((_, true)) => ("live migration", Ok(Moved::MigrationBegun)),
                 Ok((_, false)) => ("switchover", Ok(Moved::SwitchedOver)),
+                Err(_) if record.definition.level == Level::Ha => ("live migration", Err(())),
                 Err(_) => ("switchover", Err(())),
             };
             self.audit(
@@ -696,6 +708,12 @@ mod tests {
         assert!(!tried.may_try("other", true, t2));
         // Not idle here (not protected, or not here): never asked.
         assert!(!tried.may_try("third", false, t2));
+        // A migration that worked (the VM left) leaves nothing behind: if
+        // the VM comes back, it is tried at once.
+        tried.asked("other", Ok(Moved::MigrationBegun), t2 + retry_pause(1));
+        tried.left("other");
+        assert_eq!(tried.failures("other"), 0);
+        assert!(tried.may_try("other", true, t2 + retry_pause(1)));
     }
 
     #[test]

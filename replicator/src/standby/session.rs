@@ -916,11 +916,14 @@ impl Receiving {
 /// node that may not open packet sockets), peers of a promoted guest
 /// retransmit what was lost with the primary, as they would anyway. Said
 /// as a warning once per process (each session tries again, and fails the
-/// same way), then at debug level.
+/// same way), then at debug level until it works again.
 fn overhear(macs: &[[u8; 6]]) -> Option<Overhearing> {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     match Overhearing::start(macs) {
-        Ok(hearing) => Some(hearing),
+        Ok(hearing) => {
+            WARNED.store(false, std::sync::atomic::Ordering::Relaxed);
+            Some(hearing)
+        }
         Err(error) => {
             let why = "not overhearing the guest's frames: after a failover its peers resend \
                        what the primary lost by their own timers";
