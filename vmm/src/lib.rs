@@ -13,6 +13,7 @@ pub mod control;
 mod cpu;
 mod devices;
 mod dirty;
+mod file_lock;
 pub mod kvm_host;
 mod layout;
 mod memory;

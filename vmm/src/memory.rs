@@ -225,19 +225,13 @@ fn locked_file(path: &Path, size: u64, keep: bool) -> std::io::Result<(File, boo
 fn lock(file: &File, wait: Duration) -> std::io::Result<bool> {
     let until = Instant::now() + wait;
     loop {
-        // SAFETY: flock on a descriptor the caller owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if crate::file_lock::try_lock_exclusive(file)? {
             return Ok(true);
         }
-        let error = std::io::Error::last_os_error();
-        match error.raw_os_error() {
-            Some(libc::EWOULDBLOCK) if Instant::now() < until => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => {}
-            _ => return Err(error),
+        if Instant::now() >= until {
+            return Ok(false);
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

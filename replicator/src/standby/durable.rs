@@ -126,10 +126,13 @@ impl Durable {
         let handles: Result<Vec<_>, _> = disks
             .iter()
             .map(|d| {
+                // The disk's lock goes with them: the sweep writes the
+                // map after the replica may be gone.
                 Ok((
                     d.sync_handle()?,
                     std::sync::Arc::clone(d.map()),
                     d.path.clone(),
+                    d.lock().clone(),
                 ))
             })
             .collect();
@@ -145,7 +148,7 @@ impl Durable {
         let spawned = std::thread::Builder::new()
             .name("written-sweep".into())
             .spawn(move || {
-                for (file, _, path) in &handles {
+                for (file, _, path, _) in &handles {
                     if let Err(error) = file.sync_data() {
                         warn!(path = %path.display(), %error, "written maps: syncing the replica failed; the extents stay set");
                         return;
@@ -155,7 +158,7 @@ impl Durable {
                 if *ended {
                     return;
                 }
-                for (_, map, _) in &handles {
+                for (_, map, _, _) in &handles {
                     if let Err(error) = map.forget_written_before(before) {
                         warn!(%error, "written maps: clearing durable extents failed (they stay set)");
                     }

@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vmm::replication::disk_lock::{DiskLock, DiskLockError, DISK_LOCK_WAIT};
 use vmm::replication::written_map::{WrittenMap, WrittenMapError};
 
 use crate::protocol::DiskRecord;
@@ -71,6 +72,12 @@ pub enum ReplicaDiskError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the replica disk {path}: {source}")]
+    Locked {
+        path: PathBuf,
+        #[source]
+        source: DiskLockError,
+    },
     #[error("the written map of the replica disk {path}: {source}")]
     WrittenMap {
         path: PathBuf,
@@ -94,6 +101,9 @@ pub struct ReplicaDisk {
     pub size: u64,
     file: File,
     map: Arc<WrittenMap>,
+    /// Held while anything of this process may still write the file or
+    /// its map (dropped last).
+    lock: DiskLock,
 }
 
 /// Why a file found at a replica disk's path was not kept.
@@ -107,18 +117,19 @@ pub enum Fresh {
 
 impl ReplicaDisk {
     /// The file at `path` if it is a regular file of `size` bytes (kept,
-    /// its contents to be compared), else a new all-zero one ([`create`])
-    /// and why.
-    ///
-    /// [`create`]: ReplicaDisk::create
+    /// its contents to be compared), else a new all-zero one and why. The
+    /// file is locked against other processes ([`DiskLock`]) before
+    /// anything in it changes: another process still holding it (a copy
+    /// of the VM, or a standby of it, that is stopping) is waited for a
+    /// few seconds, then refused. Blocks for that long: call it off the
+    /// async workers.
     pub fn open_or_create(
         path: &Path,
         size: u64,
     ) -> Result<(ReplicaDisk, Option<Fresh>), ReplicaDiskError> {
-        let fresh = match std::fs::metadata(path) {
-            Ok(m) if m.is_file() && m.len() == size => None,
-            Ok(m) => Some(Fresh::OtherSize { had: m.len() }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Fresh::Absent),
+        let existed = match std::fs::metadata(path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(source) => {
                 return Err(ReplicaDiskError::Create {
                     path: path.to_path_buf(),
@@ -127,31 +138,71 @@ impl ReplicaDisk {
                 })
             }
         };
-        if fresh.is_some() {
-            return Ok((ReplicaDisk::create(path, size)?, fresh));
-        }
         let err = |source| ReplicaDiskError::Create {
             path: path.to_path_buf(),
             size,
             source,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .create(true)
+            .truncate(false)
             .open(path)
             .map_err(err)?;
-        // Blocks for the holes of a sparse file (what it holds stays).
+        let lock = DiskLock::acquire(path, &file, DISK_LOCK_WAIT).map_err(|source| {
+            ReplicaDiskError::Locked {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        // What the file holds now that no other process writes to it.
+        let had = file.metadata().map_err(err)?.len();
+        let fresh = if !existed {
+            Some(Fresh::Absent)
+        } else if had != size {
+            Some(Fresh::OtherSize { had })
+        } else {
+            None
+        };
+        if fresh.is_some() {
+            // Whatever it held is gone: an all-zero file of `size` bytes.
+            file.set_len(0).map_err(err)?;
+            file.set_len(size).map_err(err)?;
+        }
+        // Blocks for the holes of a sparse file (what it holds stays), so
+        // that no write of the session can fail for want of space (a full
+        // disk is found here, at the plan, and refused with the sizes, not
+        // in the middle of an epoch).
         reserve(&file, path, size)?;
         let map = open_map(path, size)?;
+        if fresh.is_some() {
+            // A new disk matches no other copy.
+            map.set_common(None, u64::MAX)
+                .map_err(|source| ReplicaDiskError::WrittenMap {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
         Ok((
             ReplicaDisk {
                 path: path.to_path_buf(),
                 size,
                 file,
                 map,
+                lock,
             },
-            None,
+            fresh,
         ))
+    }
+
+    /// Its hold on the file (for threads that still write it or its map
+    /// after this is dropped).
+    pub fn lock(&self) -> &DiskLock {
+        &self.lock
     }
 
     /// Its written map.
@@ -200,43 +251,6 @@ impl ReplicaDisk {
                 path: self.path.clone(),
                 source,
             }
-        })
-    }
-
-    /// An all-zero file of `size` bytes at `path`, its blocks reserved so
-    /// that no write of the session can fail for want of space (a full
-    /// disk is found here, at the plan, and refused with the sizes, not in
-    /// the middle of an epoch); whatever the file held before is gone.
-    pub fn create(path: &Path, size: u64) -> Result<ReplicaDisk, ReplicaDiskError> {
-        let err = |source| ReplicaDiskError::Create {
-            path: path.to_path_buf(),
-            size,
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(err)?;
-        file.set_len(size).map_err(err)?;
-        reserve(&file, path, size)?;
-        // A new disk matches no other copy.
-        let map = open_map(path, size)?;
-        map.set_common(None, u64::MAX)
-            .map_err(|source| ReplicaDiskError::WrittenMap {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(ReplicaDisk {
-            path: path.to_path_buf(),
-            size,
-            file,
-            map,
         })
     }
 

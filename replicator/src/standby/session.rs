@@ -266,14 +266,18 @@ fn begin(
         }
     };
     status.update(|s| s.level = plan.level);
-    let (disks, fresh): (Vec<_>, Vec<_>) = config
-        .disks
-        .iter()
-        .zip(&plan.disk_bytes)
-        .map(|(path, &size)| ReplicaDisk::open_or_create(path, size))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .unzip();
+    // Waits for another process that still holds a disk (and reserves
+    // the disks' blocks): off the async workers too.
+    let (disks, fresh): (Vec<_>, Vec<_>) = oracle::off_the_workers(|| {
+        config
+            .disks
+            .iter()
+            .zip(&plan.disk_bytes)
+            .map(|(path, &size)| ReplicaDisk::open_or_create(path, size))
+            .collect::<Result<Vec<_>, _>>()
+    })?
+    .into_iter()
+    .unzip();
     let receiving = Receiving {
         ram,
         disks,

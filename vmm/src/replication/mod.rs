@@ -39,6 +39,7 @@ pub use self::disk_writes::{DiskWrite, DiskWrites, WritesThrough};
 pub use self::input::{InboundFrame, Input};
 pub use self::output::{gratuitous_arp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};
+pub use crate::devices::virtio::block::disk_lock;
 pub use crate::devices::virtio::block::written_map;
 /// The longest frame (virtio header included) a NIC delivers or replays.
 pub use crate::devices::virtio::net::queues::MAX_FRAME_LEN as MAX_RECEIVED_FRAME_LEN;

@@ -4,6 +4,7 @@
 //! their completion until the peer has the batch's writes (see
 //! [`write_log`]).
 
+pub mod disk_lock;
 pub mod request;
 pub mod state;
 pub mod write_log;
@@ -68,6 +69,8 @@ pub enum BlockError {
         #[source]
         source: written_map::WrittenMapError,
     },
+    #[error(transparent)]
+    Lock(#[from] disk_lock::DiskLockError),
 }
 
 /// A disk of the VM: `PATH` or `PATH,ro` on the command line.
@@ -125,6 +128,8 @@ pub struct Block {
     active: Option<ActiveQueue>,
     write_log: Arc<WriteLog>,
     pub counters: BlockCounters,
+    /// A disk written is locked against other processes ([`disk_lock`]).
+    _lock: Option<disk_lock::DiskLock>,
 }
 
 impl Block {
@@ -150,6 +155,16 @@ impl Block {
         if capacity_sectors == 0 {
             return Err(BlockError::Empty { path });
         }
+        // Before anything is written to it or to its map.
+        let lock = if config.read_only {
+            None
+        } else {
+            Some(disk_lock::DiskLock::acquire(
+                &path,
+                &file,
+                disk_lock::DISK_LOCK_WAIT,
+            )?)
+        };
         // The serial the guest sees (/sys/block/vdX/serial): the file name.
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let name = path
@@ -181,6 +196,7 @@ impl Block {
             active: None,
             write_log,
             counters: BlockCounters::default(),
+            _lock: lock,
         })
     }
 
