@@ -107,11 +107,14 @@ async fn a_replica_disk_another_process_holds_is_refused_untouched_and_the_stand
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
     std::fs::write(&disk, b"what the other process keeps here").unwrap();
-    // `-o`: only flock(1) holds the lock, not its `sleep`.
+    // flock(1) holds it while its `cat` reads: closing the pipe ends both
+    // (nothing is left running).
     let mut holder = Command::new("flock")
-        .args(["-x", "-o"])
+        .arg("-x")
         .arg(&disk)
-        .args(["sleep", "60"])
+        .arg("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .spawn()
         .expect("flock(1) from util-linux");
     // Until the holder has it.
@@ -141,7 +144,7 @@ async fn a_replica_disk_another_process_holds_is_refused_untouched_and_the_stand
         b"what the other process keeps here",
         "the held disk is not truncated or written"
     );
-    holder.kill().unwrap();
+    drop(holder.stdin.take());
     holder.wait().unwrap();
     // The holder gone, a plan is taken.
     takes_a_plan_then_stops(standby).await;

@@ -72,7 +72,7 @@ pub enum ReplicaDiskError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the replica disk {path}: {source}")]
+    #[error("{source} (its replica disk {path})")]
     Locked {
         path: PathBuf,
         #[source]
@@ -127,6 +127,22 @@ impl ReplicaDisk {
         path: &Path,
         size: u64,
     ) -> Result<(ReplicaDisk, Option<Fresh>), ReplicaDiskError> {
+        ReplicaDisk::open(path, size, true)
+    }
+
+    /// A new all-zero file of `size` bytes at `path` (whatever the file
+    /// held is gone), locked as [`ReplicaDisk::open_or_create`] locks it.
+    pub fn create(path: &Path, size: u64) -> Result<ReplicaDisk, ReplicaDiskError> {
+        ReplicaDisk::open(path, size, false).map(|(disk, _)| disk)
+    }
+
+    /// See [`ReplicaDisk::open_or_create`]; with `keep` false, a file of
+    /// the right size is made new too.
+    fn open(
+        path: &Path,
+        size: u64,
+        keep: bool,
+    ) -> Result<(ReplicaDisk, Option<Fresh>), ReplicaDiskError> {
         let existed = match std::fs::metadata(path) {
             Ok(_) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -163,7 +179,7 @@ impl ReplicaDisk {
         let had = file.metadata().map_err(err)?.len();
         let fresh = if !existed {
             Some(Fresh::Absent)
-        } else if had != size {
+        } else if had != size || !keep {
             Some(Fresh::OtherSize { had })
         } else {
             None

@@ -253,8 +253,21 @@ fn begin(
             len: 0,
             why: "no content key",
         }))?;
+    // Waits for another process that still holds a disk (and reserves
+    // the disks' blocks): off the async workers. First, so that a disk
+    // still held refuses the plan before the RAM file is touched.
+    let (disks, fresh): (Vec<_>, Vec<_>) = oracle::off_the_workers(|| {
+        config
+            .disks
+            .iter()
+            .zip(&plan.disk_bytes)
+            .map(|(path, &size)| ReplicaDisk::open_or_create(path, size))
+            .collect::<Result<Vec<_>, _>>()
+    })?
+    .into_iter()
+    .unzip();
     // Waits for an earlier holder of the RAM file and allocates it:
-    // off the async workers. A mirror (level HA) holds no memory.
+    // off the async workers too. A mirror (level HA) holds no memory.
     let (ram, kept_memory) = match plan.level {
         Level::Ha => (None, false),
         Level::Ft => {
@@ -266,18 +279,6 @@ fn begin(
         }
     };
     status.update(|s| s.level = plan.level);
-    // Waits for another process that still holds a disk (and reserves
-    // the disks' blocks): off the async workers too.
-    let (disks, fresh): (Vec<_>, Vec<_>) = oracle::off_the_workers(|| {
-        config
-            .disks
-            .iter()
-            .zip(&plan.disk_bytes)
-            .map(|(path, &size)| ReplicaDisk::open_or_create(path, size))
-            .collect::<Result<Vec<_>, _>>()
-    })?
-    .into_iter()
-    .unzip();
     let receiving = Receiving {
         ram,
         disks,

@@ -8,16 +8,14 @@
 //! file in the same process would lock each other out; and this process
 //! opens a disk more than once on purpose (a standby's replica disk is
 //! still being synced while the promoted VM opens it). So the lock is one
-//! per file (device and inode) per process, on a descriptor of its own
-//! that is used for nothing else, and shared by every holder in the
+//! per file (device and inode) per process, shared by every holder in the
 //! process; the last holder to let go releases it.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 /// How long a disk's opener waits for another process to let go of it.
@@ -26,9 +24,9 @@ pub const DISK_LOCK_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum DiskLockError {
     #[error(
-        "the disk {path} is in use by another process (held for more than {} s): a copy of \
+        "the disk {path} is in use by another process (still held after {:.1} s): a copy of \
          this VM, or a standby of it, still running on this node?",
-        waited.as_secs()
+        waited.as_secs_f64()
     )]
     Held { path: PathBuf, waited: Duration },
     #[error("cannot lock the disk {path}: {source}")]
@@ -46,21 +44,43 @@ pub struct DiskLock {
     _held: Arc<Held>,
 }
 
-/// The descriptor the lock is on (closing it releases the lock).
+/// The lock's descriptor (a duplicate of the first opener's: it keeps
+/// that open file, and its lock, alive after the opener closes its own),
+/// none on a filesystem without `flock`.
 struct Held {
-    _file: File,
+    key: FileKey,
+    file: Option<File>,
+}
+
+impl Drop for Held {
+    /// Leaves the table and closes the descriptor (releasing the lock)
+    /// under the table's lock, so that an acquire in this process never
+    /// sees the file locked by a holder that is gone.
+    fn drop(&mut self) {
+        let mut table = table();
+        if table.get(&self.key).is_some_and(|h| h.strong_count() == 0) {
+            table.remove(&self.key);
+        }
+        drop(self.file.take());
+    }
 }
 
 /// Device and inode of a file.
 type FileKey = (u64, u64);
 
 /// The disks this process holds, by file.
-static HELD: Mutex<Option<HashMap<FileKey, Weak<Held>>>> = Mutex::new(None);
+static HELD: LazyLock<Mutex<HashMap<FileKey, Weak<Held>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn table() -> MutexGuard<'static, HashMap<FileKey, Weak<Held>>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl DiskLock {
     /// Locks the disk `file` (opened from `path`), waiting up to `wait`
     /// for another process to let go of it; a hold this process has on it
-    /// already is shared.
+    /// already is shared. On a filesystem that has no `flock` (NFS without
+    /// its lock service) it warns and holds nothing.
     pub fn acquire(path: &Path, file: &File, wait: Duration) -> Result<DiskLock, DiskLockError> {
         let lock_err = |source| DiskLockError::Lock {
             path: path.to_path_buf(),
@@ -68,25 +88,35 @@ impl DiskLock {
         };
         let meta = file.metadata().map_err(lock_err)?;
         let key = (meta.dev(), meta.ino());
-        if let Some(held) = held_here(key) {
-            return Ok(DiskLock { _held: held });
-        }
-        // A descriptor of its own for the lock: the caller's (and its
-        // duplicates) may be closed while others still write.
-        let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(lock_err)?;
         let until = Instant::now() + wait;
         loop {
-            if crate::file_lock::try_lock_exclusive(&own).map_err(lock_err)? {
-                let held = Arc::new(Held { _file: own });
-                let mut table = HELD.lock().unwrap_or_else(|e| e.into_inner());
-                let table = table.get_or_insert_with(HashMap::new);
-                table.retain(|_, h| h.strong_count() > 0);
-                table.insert(key, Arc::downgrade(&held));
-                return Ok(DiskLock { _held: held });
-            }
-            // Another thread of this process may have taken it meanwhile.
-            if let Some(held) = held_here(key) {
-                return Ok(DiskLock { _held: held });
+            {
+                // Looked up, locked and entered under the table's lock: a
+                // holder of this process that lets go does so under it too.
+                let mut table = table();
+                if let Some(held) = table.get(&key).and_then(Weak::upgrade) {
+                    return Ok(DiskLock { _held: held });
+                }
+                let own = file.try_clone().map_err(lock_err)?;
+                let locked = match crate::file_lock::try_lock_exclusive(&own) {
+                    Ok(true) => Some(own),
+                    Ok(false) => None,
+                    Err(e) if unsupported(&e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "this filesystem cannot lock the disk: another process could write it too");
+                        return Ok(DiskLock {
+                            _held: Arc::new(Held { key, file: None }),
+                        });
+                    }
+                    Err(e) => return Err(lock_err(e)),
+                };
+                if let Some(own) = locked {
+                    let held = Arc::new(Held {
+                        key,
+                        file: Some(own),
+                    });
+                    table.insert(key, Arc::downgrade(&held));
+                    return Ok(DiskLock { _held: held });
+                }
             }
             if Instant::now() >= until {
                 return Err(DiskLockError::Held {
@@ -99,13 +129,12 @@ impl DiskLock {
     }
 }
 
-/// This process's live hold on the file `key`, if it has one.
-fn held_here(key: FileKey) -> Option<Arc<Held>> {
-    HELD.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .and_then(|table| table.get(&key))
-        .and_then(Weak::upgrade)
+/// A filesystem that has no `flock` (or no lock service).
+fn unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOLCK) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
 }
 
 #[cfg(test)]
@@ -160,11 +189,14 @@ mod tests {
     fn a_disk_another_process_holds_is_refused_after_the_wait() {
         let dir = tempfile::tempdir().unwrap();
         let (path, file) = disk(dir.path());
-        // `-o`: only flock(1) holds the lock, not its `sleep`.
+        // flock(1) holds it while its `cat` reads: closing the pipe ends
+        // both (nothing is left running).
         let mut holder = std::process::Command::new("flock")
-            .args(["-x", "-o"])
+            .arg("-x")
             .arg(&path)
-            .args(["sleep", "30"])
+            .arg("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .spawn()
             .expect("flock(1) from util-linux");
         // Until the holder has it.
@@ -179,7 +211,7 @@ mod tests {
         let error = refused.err().expect("refused while held");
         assert!(matches!(error, DiskLockError::Held { .. }), "{error}");
         assert!(error.to_string().contains("in use by another process"));
-        holder.kill().unwrap();
+        drop(holder.stdin.take());
         holder.wait().unwrap();
         let _held = DiskLock::acquire(&path, &file, Duration::from_secs(5)).unwrap();
         assert!(!free_for_another_process(&path));
