@@ -591,6 +591,18 @@ pub fn request(
     req: &ControlRequest,
     timeout: Duration,
 ) -> Result<ControlResponse, ControlError> {
+    request_answered_by(path, req, timeout).map(|(answer, _)| answer)
+}
+
+/// As [`request`], with the process id of the process that answered (the
+/// socket's peer, as the kernel tells it: `SO_PEERCRED`), when the kernel
+/// tells it. A supervisor that did not start the engine (adopted it) knows
+/// it by this.
+pub fn request_answered_by(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<(ControlResponse, Option<u32>), ControlError> {
     let mut line = serde_json::to_vec(req).map_err(ControlError::Encode)?;
     line.push(b'\n');
     std::thread::scope(|scope| {
@@ -611,7 +623,7 @@ async fn exchange(
     path: &Path,
     line: &[u8],
     timeout: Duration,
-) -> Result<ControlResponse, ControlError> {
+) -> Result<(ControlResponse, Option<u32>), ControlError> {
     let timed_out = || ControlError::Timeout {
         path: path.to_path_buf(),
         timeout,
@@ -619,6 +631,12 @@ async fn exchange(
     let stream = tokio::time::timeout(timeout, connect(path))
         .await
         .map_err(|_| timed_out())??;
+    let pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|cred| cred.pid())
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|&pid| pid > 0);
     let (read, mut write) = stream.into_split();
     tokio::time::timeout(timeout, write.write_all(line))
         .await
@@ -650,10 +668,11 @@ async fn exchange(
             })
         }
     };
-    serde_json::from_slice(&answer).map_err(|source| ControlError::BadAnswer {
+    let answer = serde_json::from_slice(&answer).map_err(|source| ControlError::BadAnswer {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    Ok((answer, pid))
 }
 
 /// Connects, retrying while the server's backlog is full (a non-blocking
@@ -850,13 +869,15 @@ mod tests {
         let mode = std::fs::metadata(&s.path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
         assert!(std::fs::metadata(&s.path).unwrap().file_type().is_socket());
-        let r = request(
+        let (r, pid) = request_answered_by(
             &s.path,
             &ControlRequest::new(ControlCommand::Status),
             WITHIN,
         )
         .unwrap();
         assert!(r.ok, "{r:?}");
+        // The server runs in this process: the kernel names it.
+        assert_eq!(pid, Some(std::process::id()));
         assert_eq!(r.version, CONTROL_VERSION);
         let st = r.status.expect("status");
         assert_eq!(st, s.board.snapshot());

@@ -19,6 +19,7 @@
 //! was away while the VM failed over). An engine the witness superseded
 //! (exit code 3) is handled the same way.
 
+mod engine_handle;
 mod process;
 
 use std::collections::HashMap;

@@ -11,14 +11,17 @@ use replicator::control::{self, ControlCommand, ControlRequest};
 use replicator::status::{FtState, Role, Status};
 use tokio::process::{Child, Command};
 
+use super::engine_handle::EngineHandle;
 use crate::config::{Config, SECRET_FILE};
 use crate::model::VmDefinition;
 
 /// How long a status request may take.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
-/// An adopted process (no child handle) counts as gone after this many
-/// status requests in a row went unanswered.
+/// An adopted process without a pidfd (a kernel older than 5.3) counts as
+/// gone after this many status requests in a row went unanswered.
 const ADOPTED_MISSES: u32 = 6;
+/// How long a killed process may take to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long a stop asked on the control socket may take before the
 /// process is killed (a primary stops its guest, a standby leaves).
 const STOP_GRACE: Duration = Duration::from_secs(15);
@@ -128,6 +131,8 @@ impl Exit {
 pub struct Process {
     pub role: Role,
     child: Option<Child>,
+    /// An adopted process: a handle on it, when the kernel gives one.
+    adopted: Option<EngineHandle>,
     paths: VmPaths,
     last: Option<Status>,
     misses: u32,
@@ -257,6 +262,7 @@ impl Process {
         Ok(Process {
             role,
             child: Some(child),
+            adopted: None,
             paths,
             last: None,
             misses: 0,
@@ -267,14 +273,35 @@ impl Process {
 
     /// A process a previous `ftd` started, found answering on its socket.
     pub async fn adopt(vm: &str, paths: VmPaths) -> Option<Process> {
-        let status = status(&paths.sock).await?;
+        let (status, pid) = status_answered_by(&paths.sock).await?;
         if matches!(status.state, FtState::Stopped | FtState::Failed) {
             return None;
         }
-        tracing::info!(vm, role = ?status.role, "adopting a running VM role");
+        let adopted = match pid.map(EngineHandle::open) {
+            Some(Ok(handle)) => {
+                // The pid was read before the handle was made: the socket
+                // must still be answered by that process, alive.
+                let (_, again) = status_answered_by(&paths.sock).await?;
+                if again != pid || handle.ended().unwrap_or(true) {
+                    tracing::info!(vm, ?pid, "the VM role's process ended while adopted");
+                    return None;
+                }
+                Some(handle)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(vm, error = %e, "no handle on the adopted process: it counts as gone when it stops answering");
+                None
+            }
+            None => {
+                tracing::warn!(vm, "the control socket did not name its process: it counts as gone when it stops answering");
+                None
+            }
+        };
+        tracing::info!(vm, role = ?status.role, ?pid, "adopting a running VM role");
         Some(Process {
             role: status.role,
             child: None,
+            adopted,
             paths,
             last: Some(status),
             misses: 0,
@@ -303,8 +330,14 @@ impl Process {
                 Ok(None) => None,
                 Err(_) => Some(None),
             },
-            None if self.misses >= ADOPTED_MISSES => Some(None),
-            None => None,
+            None => match self.adopted.as_ref().map(EngineHandle::ended) {
+                Some(Ok(ended)) => ended.then_some(None),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot look at an adopted VM role's process");
+                    (self.misses >= ADOPTED_MISSES).then_some(None)
+                }
+                None => (self.misses >= ADOPTED_MISSES).then_some(None),
+            },
         };
         Seen {
             status,
@@ -374,14 +407,33 @@ impl Process {
         self.kill().await;
     }
 
+    /// Kills the process and waits for it to be gone (an adopted one for
+    /// at most [`KILL_WAIT`]).
     async fn kill(&mut self) {
-        match &mut self.child {
-            Some(child) => {
-                let _ = child.kill().await;
+        if let Some(child) = &mut self.child {
+            let _ = child.kill().await;
+            return;
+        }
+        match &self.adopted {
+            Some(handle) => {
+                let gone = match handle.kill() {
+                    Ok(()) => handle.wait_ended(KILL_WAIT).await,
+                    Err(e) => Err(e),
+                };
+                match gone {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        pid = handle.pid(),
+                        "an adopted VM role's process is still there {KILL_WAIT:?} after SIGKILL"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot kill an adopted VM role's process")
+                    }
+                }
             }
             None => {
-                // Adopted: only its pid, from the socket's peer, is
-                // unknown here; ask it to stop instead.
+                // Adopted, with no handle on it (an old kernel): ask it to
+                // stop instead.
                 let sock = self.paths.sock.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     control::request(
@@ -397,12 +449,18 @@ impl Process {
 }
 
 async fn status(sock: &Path) -> Option<Status> {
+    status_answered_by(sock).await.map(|(status, _)| status)
+}
+
+/// The status on `sock`, and the pid of the process that answered (when
+/// the kernel names it).
+async fn status_answered_by(sock: &Path) -> Option<(Status, Option<u32>)> {
     if !sock.exists() {
         return None;
     }
     let sock = sock.to_path_buf();
-    let answer = tokio::task::spawn_blocking(move || {
-        control::request(
+    let (answer, pid) = tokio::task::spawn_blocking(move || {
+        control::request_answered_by(
             &sock,
             &ControlRequest::new(ControlCommand::Status),
             STATUS_TIMEOUT,
@@ -411,7 +469,7 @@ async fn status(sock: &Path) -> Option<Status> {
     .await
     .ok()?
     .ok()?;
-    answer.status
+    Some((answer.status?, pid))
 }
 
 /// The last lines of a log, on one line.
@@ -465,4 +523,146 @@ async fn prepare_disks(vm: &VmDefinition, paths: &VmPaths) -> Result<(), Process
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::sync::Arc;
+
+    use replicator::control::ControlServer;
+    use replicator::status::StatusBoard;
+
+    /// Set for a copy of this test binary that serves a control socket.
+    const SERVE_ENV: &str = "FTD_TEST_ENGINE_SOCKET";
+
+    /// Not a test: the body of an engine stand-in, in its own process (this
+    /// test binary run again with [`SERVE_ENV`] set). It serves a real
+    /// control socket as a standing-by standby and exits 0 when asked to
+    /// stop, as `ftprotect` does. Run plainly, it returns at once.
+    #[test]
+    fn engine_stand_in() {
+        let Some(path) = std::env::var_os(SERVE_ENV) else {
+            return;
+        };
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let board = StatusBoard::new("node-t", Role::Standby);
+            board.set_state(Role::Standby, FtState::StandingBy, None);
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let server = ControlServer::bind(Path::new(&path)).unwrap();
+            let serving = tokio::spawn(server.serve(board, Arc::clone(&stop)));
+            stop.notified().await;
+            // The answer to the stop goes out first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            serving.abort();
+        });
+        std::process::exit(0);
+    }
+
+    /// A child killed when the test ends, passed or not (a stopped one
+    /// would hold the test run's output open).
+    struct Killed(std::process::Child);
+
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Whether process `pid` is stopped (by a signal), as /proc tells.
+    fn stopped(pid: u32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command's name in parentheses: " T ".
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+    }
+
+    /// An engine stand-in this test started, as a previous `ftd` would
+    /// have, and the paths of its VM.
+    fn engine(dir: &Path) -> (Killed, VmPaths) {
+        let sock = dir.join("vm.sock");
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "supervisor::process::tests::engine_stand_in"])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env(SERVE_ENV, &sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let paths = VmPaths {
+            dir: dir.to_path_buf(),
+            sock,
+            log: dir.join("ftprotect.log"),
+            console: dir.join("console.log"),
+            secret: dir.join("secret"),
+            ram: None,
+        };
+        (Killed(child), paths)
+    }
+
+    async fn adopted(vm: &str, paths: &VmPaths) -> Process {
+        for _ in 0..200 {
+            if let Some(p) = Process::adopt(vm, paths.clone()).await {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the engine stand-in never answered on {:?}", paths.sock);
+    }
+
+    #[tokio::test]
+    async fn an_adopted_engine_that_stops_answering_is_not_gone_until_it_is_and_a_stop_waits_for_it(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, paths) = engine(dir.path());
+        let child = &mut child.0;
+        let mut process = adopted("vm-a", &paths).await;
+        assert_eq!(process.role, Role::Standby);
+        let pid = process.adopted.as_ref().map(EngineHandle::pid);
+        assert_eq!(pid, Some(child.id()), "the handle names the engine");
+
+        // Frozen: it answers nothing, yet it runs (and holds its disks).
+        // SAFETY: kill with the pid of our own child, not waited for yet.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) }, 0);
+        let asked = std::time::Instant::now();
+        while !stopped(child.id()) {
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "SIGSTOP not taken"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for poll in 1..=ADOPTED_MISSES + 1 {
+            let seen = process.poll().await;
+            assert!(seen.status.is_none());
+            assert!(
+                seen.exit.is_none(),
+                "poll {poll}: an engine that is still there counted as gone"
+            );
+        }
+        assert!(child.try_wait().unwrap().is_none());
+
+        // A stop it cannot answer ends with it killed, and returns only
+        // once it is gone.
+        let exit = process.stop().await;
+        assert!(exit.is_some());
+        let status = child.try_wait().unwrap().expect("gone when stop returned");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[tokio::test]
+    async fn an_adopted_engine_asked_to_stop_is_seen_gone_when_it_has_exited() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, paths) = engine(dir.path());
+        let child = &mut child.0;
+        let mut process = adopted("vm-b", &paths).await;
+        let seen = process.poll().await;
+        assert!(seen.exit.is_none() && seen.status.is_some(), "{seen:?}");
+        let exit = process.stop().await;
+        assert_eq!(exit.and_then(|e| e.last_state), Some(FtState::StandingBy));
+        let status = child.try_wait().unwrap().expect("gone when stop returned");
+        assert_eq!(status.code(), Some(0), "it stopped by itself: {status:?}");
+    }
 }
