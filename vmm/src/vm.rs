@@ -24,7 +24,7 @@ use crate::devices::bus::{BusError, IoBuses};
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::state::SerialDeviceState;
 use crate::devices::serial::{SerialDevice, SerialError, SerialOutput, SERIAL_LEN};
-use crate::devices::virtio::block::DiskConfig;
+use crate::devices::virtio::block::{self, DiskConfig};
 use crate::devices::virtio::net::tap::AttachedTaps;
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::{DeviceConfig, VirtioDevices, VirtioError};
@@ -442,6 +442,9 @@ impl Vm {
     /// Creates the VM, loads the guest and starts its vCPUs.
     pub fn boot(config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
+        // A copy of this VM still running on this node holds its disks:
+        // refused here, before the RAM file is replaced.
+        let _disks_held = block::lock_disks(&config.disks).map_err(VirtioError::from)?;
         let mut machine = Machine::create(&config, None, None, None)?;
         // Devices that the guest finds through the command line are attached
         // here, before the kernel and its command line are loaded.
@@ -767,5 +770,64 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.vcpus.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::disk_lock::tests::held_by_another_process;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_vm_whose_disk_another_process_holds_is_refused_before_its_ram_file_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk0.img");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        // The RAM file of a copy of this VM still running here (its process
+        // may be in the middle of handing it over).
+        let ram_dir = dir.path().join("ram");
+        std::fs::create_dir(&ram_dir).unwrap();
+        std::fs::set_permissions(
+            &ram_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let ram = ram_dir.join("vm.ram");
+        std::fs::write(&ram, vec![0x5au8; 16 << 20]).unwrap();
+        let inode = std::fs::metadata(&ram).unwrap().ino();
+        let _holder = held_by_another_process(&disk);
+
+        let config = VmConfig {
+            vcpus: 1,
+            mem_mib: 16,
+            boot: BootSource {
+                kernel: dir.path().join("no-kernel"),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            serial: SerialSink::File(dir.path().join("console.log")),
+            disks: vec![DiskConfig {
+                path: disk.clone(),
+                read_only: false,
+                written_map: false,
+            }],
+            nets: Vec::new(),
+            cpu_features: FeatureSet::X86_64V2,
+            dirty_tracking: Default::default(),
+            ram_file: Some(ram.clone()),
+        };
+        let error = Vm::boot(config)
+            .err()
+            .expect("refused while the disk is held");
+        assert!(
+            error.to_string().contains("in use by another process"),
+            "{error}"
+        );
+        // The RAM file is the one that was there, as it was.
+        let meta = std::fs::metadata(&ram).unwrap();
+        assert_eq!(meta.ino(), inode, "the RAM file was replaced");
+        let bytes = std::fs::read(&ram).unwrap();
+        assert!(bytes.len() == 16 << 20 && bytes.iter().all(|&b| b == 0x5a));
     }
 }

@@ -138,7 +138,7 @@ fn unsupported(e: &std::io::Error) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn disk(dir: &Path) -> (PathBuf, File) {
@@ -189,31 +189,51 @@ mod tests {
     fn a_disk_another_process_holds_is_refused_after_the_wait() {
         let dir = tempfile::tempdir().unwrap();
         let (path, file) = disk(dir.path());
-        // flock(1) holds it while its `cat` reads: closing the pipe ends
-        // both (nothing is left running).
-        let mut holder = std::process::Command::new("flock")
-            .arg("-x")
-            .arg(&path)
-            .arg("cat")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("flock(1) from util-linux");
-        // Until the holder has it.
-        let until = Instant::now() + Duration::from_secs(10);
-        while free_for_another_process(&path) {
-            assert!(Instant::now() < until, "flock(1) never took the lock");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let holder = held_by_another_process(&path);
         let started = Instant::now();
         let refused = DiskLock::acquire(&path, &file, Duration::from_millis(300));
         assert!(started.elapsed() >= Duration::from_millis(300));
         let error = refused.err().expect("refused while held");
         assert!(matches!(error, DiskLockError::Held { .. }), "{error}");
         assert!(error.to_string().contains("in use by another process"));
-        drop(holder.stdin.take());
-        holder.wait().unwrap();
+        drop(holder);
         let _held = DiskLock::acquire(&path, &file, Duration::from_secs(5)).unwrap();
         assert!(!free_for_another_process(&path));
+    }
+
+    /// Another process holding a file's lock, for tests: util-linux's `flock`
+    /// holds it while its `cat` reads; dropping this closes the pipe, which
+    /// ends both (nothing is left running).
+    pub(crate) struct OtherHolder(std::process::Child);
+
+    impl Drop for OtherHolder {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `path` locked by another process (returns once that process has it).
+    pub(crate) fn held_by_another_process(path: &Path) -> OtherHolder {
+        let holder = OtherHolder(
+            std::process::Command::new("flock")
+                .arg("-x")
+                .arg(path)
+                .arg("cat")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("flock(1) from util-linux"),
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let file = File::open(path).unwrap();
+            if !crate::file_lock::try_lock_exclusive(&file).unwrap() {
+                return holder;
+            }
+            drop(file);
+            assert!(Instant::now() < until, "flock(1) never took the lock");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

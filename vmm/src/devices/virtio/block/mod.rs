@@ -132,6 +132,33 @@ pub struct Block {
     _lock: Option<disk_lock::DiskLock>,
 }
 
+/// Locks the writable disks among `disks` against other processes
+/// ([`disk_lock`]), as [`Block::open`] does, for a caller that must know
+/// them its own before it touches anything else of the VM (a booting VM,
+/// before it replaces its RAM file). The disks' [`Block`]s share these
+/// holds.
+pub fn lock_disks(disks: &[DiskConfig]) -> Result<Vec<disk_lock::DiskLock>, BlockError> {
+    disks
+        .iter()
+        .filter(|d| !d.read_only)
+        .map(|d| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&d.path)
+                .map_err(|source| BlockError::Open {
+                    path: d.path.clone(),
+                    source,
+                })?;
+            Ok(disk_lock::DiskLock::acquire(
+                &d.path,
+                &file,
+                disk_lock::DISK_LOCK_WAIT,
+            )?)
+        })
+        .collect()
+}
+
 impl Block {
     /// Opens the disk image (read-write unless `read_only`).
     pub fn open(config: &DiskConfig) -> Result<Block, BlockError> {
