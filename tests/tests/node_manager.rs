@@ -198,6 +198,16 @@ fn the_daemons_keep_the_vm_protected_through_a_pull_and_a_restart() {
         engine_pid,
         "the engine was restarted"
     );
+    // Adopted with a handle on that very process (a pidfd): it counts as
+    // gone when it has ended, not when it is slow to answer.
+    let log = lab.sh(
+        a,
+        "grep 'adopting a running VM role' /data/ftd/ftd.log | tail -n 1",
+    );
+    assert!(
+        log.contains(&format!("pid=Some({engine_pid})")),
+        "ftd did not name the adopted engine's process: {log:?}"
+    );
     let status = ft_pair::wait_for(
         lab.lab(),
         a,

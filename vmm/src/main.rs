@@ -183,6 +183,8 @@ fn main() -> ExitCode {
     // Structured logs to stderr; FTVMM_LOG=debug for more.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FTVMM_LOG")
                 .unwrap_or_else(|_| "warn".into()),

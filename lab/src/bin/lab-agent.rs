@@ -42,6 +42,8 @@ fn main() -> ExitCode {
     // Logs go to stderr (the node's console when init starts the agent).
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FTLAB_LOG")
                 .unwrap_or_else(|_| "info".into()),
