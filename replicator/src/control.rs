@@ -594,10 +594,10 @@ pub fn request(
     request_answered_by(path, req, timeout).map(|(answer, _)| answer)
 }
 
-/// As [`request`], with the process id of the process that answered (the
-/// socket's peer, as the kernel tells it: `SO_PEERCRED`), when the kernel
-/// tells it. A supervisor that did not start the engine (adopted it) knows
-/// it by this.
+/// As [`request`], with the id of the process that serves the socket,
+/// when the kernel tells it (`SO_PEERCRED`: the process that made the
+/// socket listen; an engine makes its own and passes it to no other). A
+/// supervisor that did not start the engine (adopted it) knows it by this.
 pub fn request_answered_by(
     path: &Path,
     req: &ControlRequest,

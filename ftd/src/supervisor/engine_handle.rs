@@ -23,6 +23,13 @@ pub enum EngineHandleError {
     Kill { pid: u32, source: io::Error },
 }
 
+impl EngineHandleError {
+    /// The process had ended already (no handle on it could be made).
+    pub fn process_gone(&self) -> bool {
+        matches!(self, EngineHandleError::Open { source, .. } if source.raw_os_error() == Some(libc::ESRCH))
+    }
+}
+
 /// One running process, by a pidfd.
 #[derive(Debug)]
 pub struct EngineHandle {

@@ -20,7 +20,8 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 /// An adopted process without a pidfd (a kernel older than 5.3) counts as
 /// gone after this many status requests in a row went unanswered.
 const ADOPTED_MISSES: u32 = 6;
-/// How long a killed process may take to be gone.
+/// How often a killed adopted process that is not gone yet is said to be
+/// still there.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long a stop asked on the control socket may take before the
 /// process is killed (a primary stops its guest, a standby leaves).
@@ -278,15 +279,35 @@ impl Process {
             return None;
         }
         let adopted = match pid.map(EngineHandle::open) {
+            Some(Ok(handle)) if handle.ended().unwrap_or(false) => {
+                tracing::info!(
+                    vm,
+                    ?pid,
+                    "the VM role's process ended before it was adopted"
+                );
+                return None;
+            }
             Some(Ok(handle)) => {
-                // The pid was read before the handle was made: the socket
-                // must still be answered by that process, alive.
-                let (_, again) = status_answered_by(&paths.sock).await?;
-                if again != pid || handle.ended().unwrap_or(true) {
-                    tracing::info!(vm, ?pid, "the VM role's process ended while adopted");
-                    return None;
+                // The pid was read before the handle was made. Pids are
+                // handed out in turn up to pid_max before any is used
+                // again, so the handle is on the process that answered;
+                // unless another process answers the socket now.
+                match status_answered_by(&paths.sock).await {
+                    Some((_, again)) if again != pid => {
+                        tracing::warn!(vm, ?pid, ?again, "another process answers the control socket now: no handle on it, it counts as gone when it stops answering");
+                        None
+                    }
+                    // That process, or no answer yet (a busy engine): it lives.
+                    _ => Some(handle),
                 }
-                Some(handle)
+            }
+            Some(Err(e)) if e.process_gone() => {
+                tracing::info!(
+                    vm,
+                    ?pid,
+                    "the VM role's process ended before it was adopted"
+                );
+                return None;
             }
             Some(Err(e)) => {
                 tracing::warn!(vm, error = %e, "no handle on the adopted process: it counts as gone when it stops answering");
@@ -407,8 +428,7 @@ impl Process {
         self.kill().await;
     }
 
-    /// Kills the process and waits for it to be gone (an adopted one for
-    /// at most [`KILL_WAIT`]).
+    /// Kills the process and waits for it to be gone.
     async fn kill(&mut self) {
         if let Some(child) = &mut self.child {
             let _ = child.kill().await;
@@ -416,18 +436,23 @@ impl Process {
         }
         match &self.adopted {
             Some(handle) => {
-                let gone = match handle.kill() {
-                    Ok(()) => handle.wait_ended(KILL_WAIT).await,
-                    Err(e) => Err(e),
-                };
-                match gone {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(
-                        pid = handle.pid(),
-                        "an adopted VM role's process is still there {KILL_WAIT:?} after SIGKILL"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot kill an adopted VM role's process")
+                if let Err(e) = handle.kill() {
+                    tracing::warn!(error = %e, "cannot kill an adopted VM role's process");
+                    return;
+                }
+                // As for a child: gone before the next role may start (one
+                // stuck in the kernel is waited for, and said so).
+                loop {
+                    match handle.wait_ended(KILL_WAIT).await {
+                        Ok(true) => break,
+                        Ok(false) => tracing::warn!(
+                            pid = handle.pid(),
+                            "an adopted VM role's process is still there after SIGKILL: waiting for it"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot tell whether an adopted VM role's process is gone");
+                            break;
+                        }
                     }
                 }
             }
@@ -553,7 +578,11 @@ mod tests {
             let stop = Arc::new(tokio::sync::Notify::new());
             let server = ControlServer::bind(Path::new(&path)).unwrap();
             let serving = tokio::spawn(server.serve(board, Arc::clone(&stop)));
-            stop.notified().await;
+            // Or after two minutes: a test killed midway leaves nothing.
+            tokio::select! {
+                () = stop.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(120)) => {}
+            }
             // The answer to the stop goes out first.
             tokio::time::sleep(Duration::from_millis(100)).await;
             serving.abort();
