@@ -285,6 +285,11 @@ impl Metrics {
             "standby_refusals",
             "Sessions the standby refused for a fault of its own (no space for the replica, a failing disk)",
         );
+        let standby_drops = counter(
+            &mut registry,
+            "standby_drops",
+            "Sessions the primary ended because the standby did not acknowledge an epoch within the deadline (its disk or host hung); the VM went on unprotected",
+        );
         let behind_pauses = counter(
             &mut registry,
             "behind_pauses",
@@ -474,6 +479,7 @@ impl Metrics {
             standby_refusals
                 .get_or_create(&labels)
                 .inc_by(c.standby_refusals);
+            standby_drops.get_or_create(&labels).inc_by(c.standby_drops);
             behind_pauses.get_or_create(&labels).inc_by(c.behind_pauses);
             behind_paused
                 .get_or_create(&labels)

@@ -188,6 +188,11 @@ pub struct FtCounters {
     /// the replica's disks, a failing disk); the reason is in `message`.
     #[serde(default)]
     pub standby_refusals: u64,
+    /// Sessions the primary ended because the standby did not acknowledge
+    /// an epoch within the deadline (its disk or host hangs): the VM went
+    /// on unprotected instead of waiting for it.
+    #[serde(default)]
+    pub standby_drops: u64,
     /// Times the guest was paused while an acknowledgement was awaited:
     /// it ran too long past the checkpoint, or its disk writes since then
     /// passed the budget (the standby or the A-link falls behind).

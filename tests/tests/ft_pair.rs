@@ -19,6 +19,9 @@
 //!   standby;
 //! - the witness stopped and restarted while protected: an alert, no
 //!   takeover, nothing lost;
+//! - a standby whose disk hangs (its filesystem frozen) is dropped after
+//!   the acknowledgement deadline: the VM serves on unprotected, and is
+//!   protected again once the disk is back; no takeover, nothing lost;
 //! - faults injected on the real, sealed A-link by `ftrelay` on the
 //!   primary's node (a record rewritten with its CRCs recomputed, a record
 //!   replayed, a reset, a stall): refused, no takeover, the primary starts
@@ -684,6 +687,107 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     eprintln!(
         "[e2e] witness stopped and restarted while protected: no takeover (generation {}), {} operations, none lost",
         after.generation,
+        writer.acked.len()
+    );
+}
+
+/// A standby whose disk hangs (its filesystem frozen: every write to the
+/// replica, and to its log, waits) still answers heartbeats, so it is not
+/// lost; before, the primary waited for it without end, its guest paused
+/// by the throttle (a ledger operation took as long as the disk hung). Now
+/// the primary drops it once an epoch waited past the acknowledgement
+/// deadline (5 s) and the VM goes on serving, unprotected, with an alert;
+/// once the disk is back the standby takes a new session by itself. No
+/// takeover, nothing lost.
+#[test]
+fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
+    use ftd_client::client::EventQuery;
+    use ftd_client::model::{Event, VmView};
+    let lab = LabPair::start("fthang");
+    ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
+    ft_pair::wait_for(
+        lab.lab(),
+        NodeId::B,
+        Role::Standby,
+        FtState::StandingBy,
+        Duration::from_secs(60),
+    )
+    .expect("standby ready");
+    let api = ft_pair::api(lab.lab(), NodeId::A).expect("api");
+    let before: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
+    let mut writer = Appender::new(lab.ledger_client());
+    writer.append_for(Duration::from_secs(2));
+    let drops_before = status(&lab, NodeId::A).expect("a").counters.standby_drops;
+
+    lab.sh(NodeId::B, "fsfreeze --freeze /data");
+    let frozen = Instant::now();
+    let deadline = frozen + Duration::from_secs(60);
+    let dropped = loop {
+        // Each operation is acknowledged (within the client's timeout):
+        // the guest is not held for the hung standby.
+        writer.append_for(Duration::from_millis(500));
+        let a = status(&lab, NodeId::A).expect("a");
+        if a.counters.standby_drops > drops_before {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the primary did not drop the hung standby: {a:?}"
+        );
+    };
+    let dropped_after = frozen.elapsed();
+    assert_ne!(dropped.state, FtState::Protected, "{dropped:?}");
+    let acked_then = writer.acked.len();
+    writer.append_for(Duration::from_secs(3));
+    assert!(
+        writer.acked.len() > acked_then,
+        "no operation acknowledged while the standby's disk hung"
+    );
+    // The reason, in the engine's log and in an alert (the primary has
+    // gone on to look for a standby meanwhile).
+    let log = lab.sh(
+        NodeId::A,
+        "grep 'did not acknowledge epoch' /data/ftd/vms/ledger-vm/ftprotect.log || true",
+    );
+    assert!(log.contains("standby lost"), "{log:?}");
+    let alerts: Vec<Event> = api
+        .events(&EventQuery {
+            alerts: true,
+            limit: Some(100),
+            ..Default::default()
+        })
+        .expect("events");
+    assert!(
+        alerts
+            .iter()
+            .any(|e| e.message.contains("did not acknowledge an epoch in time")),
+        "no alert for the dropped standby: {alerts:?}"
+    );
+
+    lab.sh(NodeId::B, "fsfreeze --unfreeze /data");
+    let thawed = Instant::now();
+    ft_pair::wait_for(
+        lab.lab(),
+        NodeId::A,
+        Role::Primary,
+        FtState::Protected,
+        Duration::from_secs(120),
+    )
+    .expect("protected again by itself");
+    let protected_after = thawed.elapsed();
+    writer.append_for(Duration::from_secs(2));
+    // No takeover: a went on (at a new generation, which the witness
+    // gave when it confirmed a alone), b is its standby again.
+    let after: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
+    assert_eq!(after.primary_node.as_deref(), Some("node-a"), "{after:?}");
+    assert!(after.generation >= before.generation, "{after:?}");
+    let b = status(&lab, NodeId::B).expect("b");
+    assert_eq!((b.role, b.counters.failovers), (Role::Standby, 0), "{b:?}");
+    writer.assert_nothing_lost();
+    eprintln!(
+        "[e2e] standby's disk hung: dropped {:.1} s after the freeze (deadline 5 s), the VM served on unprotected; protected again {:.1} s after the thaw; {} operations, none lost, no takeover",
+        dropped_after.as_secs_f64(),
+        protected_after.as_secs_f64(),
         writer.acked.len()
     );
 }

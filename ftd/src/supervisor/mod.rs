@@ -263,13 +263,25 @@ impl Supervisor {
     async fn reconcile_vm(&mut self, record: VmRecord, me: &str, peer: Option<&str>) {
         let name = record.definition.name.clone();
         if let Some(process) = self.processes.get_mut(&name) {
-            let refusals_before = process.last_status().map(|s| s.counters.standby_refusals);
+            // Refusals by the standby, and standbys the primary dropped
+            // (one that hung): an alert, until protected again.
+            let before = process
+                .last_status()
+                .map(|s| (s.counters.standby_refusals, s.counters.standby_drops));
             let seen = process.poll().await;
             if let Some(status) = &seen.status {
-                let refused_now =
-                    refusals_before.is_some_and(|before| status.counters.standby_refusals > before);
-                if refused_now && self.refused.insert(name.clone()) {
-                    standby_refused(&self.manager, &name, status);
+                let (refused_now, dropped_now) = before.map_or((false, false), |(r, d)| {
+                    (
+                        status.counters.standby_refusals > r,
+                        status.counters.standby_drops > d,
+                    )
+                });
+                if (refused_now || dropped_now) && self.refused.insert(name.clone()) {
+                    if dropped_now {
+                        standby_dropped(&self.manager, &name);
+                    } else {
+                        standby_refused(&self.manager, &name, status);
+                    }
                 }
                 if status.state == FtState::Protected && self.refused.remove(&name) {
                     self.manager.record(
@@ -634,6 +646,19 @@ impl Supervisor {
 /// The standby refused to hold the VM's replica (its own fault: a full
 /// disk, say): the VM runs unprotected until that is mended (said once;
 /// the engine keeps asking).
+/// The primary dropped a standby that did not acknowledge in time.
+fn standby_dropped(manager: &Manager, name: &str) {
+    manager.record(
+        Severity::Critical,
+        true,
+        "vm",
+        Some(name),
+        &format!(
+            "VM {name} is unprotected: its standby did not acknowledge an epoch in time (its disk or its node hangs?) and was dropped; the VM runs on, and is protected again once the standby answers"
+        ),
+    );
+}
+
 fn standby_refused(manager: &Manager, name: &str, status: &replicator::status::Status) {
     let why = status.message.as_deref().unwrap_or("no reason given");
     manager.record(

@@ -34,7 +34,9 @@ use replicator::interval::{
     IntervalLimits, DEFAULT_MAX_INTERVAL, DEFAULT_MAX_RUN_AHEAD, DEFAULT_MIN_INTERVAL,
 };
 use replicator::level::Level;
-use replicator::primary::{self, PrimaryConfig, PrimaryEnd, DEFAULT_EPOCHS_IN_FLIGHT};
+use replicator::primary::{
+    self, PrimaryConfig, PrimaryEnd, DEFAULT_ACK_DEADLINE, DEFAULT_EPOCHS_IN_FLIGHT,
+};
 use replicator::quorum::WitnessConfig;
 use replicator::standby::Machine;
 use replicator::standby::{self, StandbyConfig};
@@ -96,6 +98,12 @@ struct PairOptions {
     /// and the output it holds, when the A-link is slower than the guest.
     #[arg(long, default_value_t = DEFAULT_MAX_RUN_AHEAD.as_millis() as u64)]
     max_run_ahead_ms: u64,
+    /// An epoch (level HA: a batch of disk writes) not acknowledged this
+    /// long after it was sent drops the standby (its disk or its host
+    /// hangs): the VM goes on unprotected, and is protected again once the
+    /// standby answers a new session.
+    #[arg(long, default_value_t = DEFAULT_ACK_DEADLINE.as_millis() as u64, value_parser = clap::value_parser!(u64).range(100..))]
+    ack_deadline_ms: u64,
     /// Keep the guest paused until each epoch is acknowledged (for
     /// comparison with the default speculative mode).
     #[arg(long)]
@@ -394,6 +402,7 @@ fn primary_config(
         precopy_rounds: pair.precopy_rounds,
         copy_compression: pair.copy_compression,
         retry_every: Duration::from_millis(500),
+        ack_deadline: Duration::from_millis(pair.ack_deadline_ms),
         vm_failed: Arc::default(),
         verify_next: Arc::default(),
         generation,

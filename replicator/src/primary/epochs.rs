@@ -252,7 +252,7 @@ async fn wait_until_due(
             _ = config.relevel.asked() => {}
             _ = stop.notified() => return Ok(Wake::Stopped),
             event = acks.recv() => in_flight.acked(event)?,
-            _ = tokio::time::sleep(BEHIND_CHECK_EVERY), if watching => in_flight.check(),
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY), if watching => in_flight.check()?,
         }
     }
 }
@@ -282,7 +282,7 @@ async fn send_epoch(
         tokio::select! {
             sent = &mut send => { sent?; break; }
             event = acks.recv() => in_flight.acked(event)?,
-            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => in_flight.check(),
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => in_flight.check()?,
         }
     }
     in_flight.sent();

@@ -66,6 +66,8 @@ pub(super) struct InFlight<'a> {
     /// The guest is stopped anyway until each acknowledgement.
     synchronous: bool,
     max_run_ahead: Duration,
+    /// [`PrimaryConfig::ack_deadline`].
+    ack_deadline: Duration,
     /// When the guest was paused here, if it is.
     paused_at: Option<Instant>,
     /// When this session's initial synchronisation began (its duration is
@@ -93,6 +95,7 @@ impl<'a> InFlight<'a> {
             },
             synchronous: config.synchronous,
             max_run_ahead: config.interval.max_run_ahead,
+            ack_deadline: config.ack_deadline,
             paused_at: None,
             sync_started: None,
             forgetter: None,
@@ -181,7 +184,7 @@ impl<'a> InFlight<'a> {
         loop {
             tokio::select! {
                 event = acks.recv() => return self.acked(event),
-                _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => self.check(),
+                _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => self.check()?,
             }
         }
     }
@@ -192,7 +195,33 @@ impl<'a> InFlight<'a> {
     /// bounds the next epoch (its pages, its disk writes, so the time it
     /// takes to send) and the output held with it. Said in the status
     /// while it lasts, with a count of pauses and the time spent paused.
-    pub(super) fn check(&mut self) {
+    /// An epoch sent and not acknowledged within the deadline ends the
+    /// session ([`PrimaryError::StandbyUnresponsive`]).
+    pub(super) fn check(&mut self) -> Result<(), PrimaryError> {
+        self.overdue()?;
+        self.throttle();
+        Ok(())
+    }
+
+    /// The oldest epoch waited for its acknowledgement past the deadline
+    /// since its sending ended (a send that stalls is the A-link's to
+    /// judge: its send stall timeout).
+    fn overdue(&self) -> Result<(), PrimaryError> {
+        let Some(oldest) = self.queue.front() else {
+            return Ok(());
+        };
+        match oldest.sent_at {
+            Some(sent_at) if sent_at.elapsed() >= self.ack_deadline => {
+                Err(PrimaryError::StandbyUnresponsive {
+                    epoch: oldest.epoch,
+                    deadline: self.ack_deadline,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn throttle(&mut self) {
         if self.paused_at.is_some() || self.synchronous {
             return;
         }

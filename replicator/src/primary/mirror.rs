@@ -126,6 +126,17 @@ pub(super) async fn mirror(
             // Already at HA: nothing to change.
             config.relevel.take();
         }
+        // A batch not acknowledged within the deadline: the standby hangs,
+        // and the guest's writes wait for it; the session ends (the
+        // mirror turns asynchronous, the writes complete).
+        if let Some(oldest) = in_flight.front() {
+            if oldest.sent_at.elapsed() >= config.ack_deadline {
+                return Err(PrimaryError::StandbyUnresponsive {
+                    epoch: oldest.epoch,
+                    deadline: config.ack_deadline,
+                });
+            }
+        }
         let written_mark = vmm::replication::written_map::mark();
         let (taken, through) = writes.take_numbered();
         // Epoch 1 goes out even without writes: its acknowledgement says

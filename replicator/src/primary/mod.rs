@@ -81,6 +81,12 @@ pub enum PrimaryError {
     AckStreamEnded,
     #[error("the standby refused the session: {reason}")]
     StandbyRefused { reason: String },
+    #[error(
+        "the standby did not acknowledge epoch {epoch} within {} s of its sending (its disk or \
+         its host hangs?): dropped, the VM goes on unprotected",
+        deadline.as_secs_f64()
+    )]
+    StandbyUnresponsive { epoch: u64, deadline: Duration },
     #[error("the VM stopped")]
     VmStopped,
     #[error("the protection level changes to {to}: the session at the old level ended cleanly")]
@@ -172,7 +178,19 @@ pub struct PrimaryConfig {
     /// A promoted copy's first lease: the one the witness gave with its
     /// grant of the takeover.
     pub first_lease: Option<crate::quorum::GrantedLease>,
+    /// How long an epoch (or an HA batch of disk writes) may wait for its
+    /// acknowledgement once sent. Past it the standby is dropped (its disk
+    /// or host hangs while it still answers heartbeats) and the VM goes on
+    /// unprotected, instead of its output, its disk writes or the guest
+    /// itself waiting for that standby without end.
+    pub ack_deadline: Duration,
 }
+
+/// [`PrimaryConfig::ack_deadline`] by default: far above an
+/// acknowledgement's usual time (milliseconds; a second or two for the
+/// largest epochs on a slow A-link), short enough that a hung standby
+/// costs the VM a few seconds, not its service.
+pub const DEFAULT_ACK_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How a primary ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -392,6 +410,9 @@ pub async fn run(
         }
         if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
             status.update(|s| s.counters.silence_ends += 1);
+        }
+        if matches!(error, PrimaryError::StandbyUnresponsive { .. }) {
+            status.update(|s| s.counters.standby_drops += 1);
         }
         let refused = matches!(error, PrimaryError::StandbyRefused { .. });
         if refused {
@@ -633,6 +654,9 @@ async fn send_all(
     Ok(bytes)
 }
 
+/// How long telling a dropped standby so may take.
+const RELEASE_WITHIN: Duration = Duration::from_millis(500);
+
 /// Runs protection over `link` until it fails; returns why.
 async fn protect(
     vm: &Arc<Vm>,
@@ -681,6 +705,19 @@ async fn protect(
         }
     }
     .await;
+    if let Err(PrimaryError::StandbyUnresponsive { epoch, .. }) = &result {
+        // A hung standby goes on reading once it recovers: what it finds
+        // after the epochs is this word (no takeover; it keeps its replica
+        // for the next session), before the link's end. Best effort: a
+        // standby that stopped reading altogether fills the link, and the
+        // word waits in it.
+        let release = Message::Release.into_frame(*epoch, session.generation);
+        match tokio::time::timeout(RELEASE_WITHIN, tx.send(&release)).await {
+            Ok(Ok(())) => info!(epoch, "the standby is told it is dropped"),
+            Ok(Err(error)) => warn!(%error, "could not tell the standby it is dropped"),
+            Err(_) => warn!("could not tell the standby it is dropped within {RELEASE_WITHIN:?} (the A-link is full)"),
+        }
+    }
     if let Some(task) = backup {
         task.abort();
     }

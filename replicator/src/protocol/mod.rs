@@ -25,6 +25,9 @@
 //!             records; bounded): sent by a standby that takes over from
 //!             epoch N, whose primary may have died before releasing them
 //! Stop        the primary's VM stopped on purpose: no takeover
+//! Release     the primary drops this standby (it did not acknowledge in
+//!             time) and goes on unprotected: no takeover; the replica is
+//!             kept for the next session to compare against
 //! Handover    the primary's VM failed on its host (a vCPU could not go
 //!             on): take over now from the last committed epoch
 //! ```
@@ -164,6 +167,10 @@ pub enum Message {
     Ack,
     Stop,
     Handover,
+    /// The primary drops this standby (an epoch not acknowledged within
+    /// its deadline: the standby's disk or host hangs) and goes on
+    /// unprotected. No takeover; a new session follows.
+    Release,
     /// A planned switchover: the epoch just acknowledged is the last one,
     /// the primary's guest stays stopped for good; the standby takes over
     /// from it at once (its frame carries that epoch).
@@ -230,6 +237,7 @@ const SYNC_HELD: u8 = 80;
 const SYNC_PAGES_Z: u8 = 81;
 const SYNC_DISK_Z: u8 = 82;
 const EPOCH_OUTPUT: u8 = 83;
+const RELEASE: u8 = 84;
 
 impl Message {
     /// Whether frames of kind `code` carry a compressed copy payload
@@ -254,6 +262,7 @@ impl Message {
             Message::Ack => "Ack",
             Message::Stop => "Stop",
             Message::Handover => "Handover",
+            Message::Release => "Release",
             Message::Switchover => "Switchover",
             Message::FinalOutput(_) => "FinalOutput",
             Message::EpochOutput(_) => "EpochOutput",
@@ -278,6 +287,7 @@ impl Message {
             Message::Ack => (ACK, Bytes::new()),
             Message::Stop => (STOP, Bytes::new()),
             Message::Handover => (HANDOVER, Bytes::new()),
+            Message::Release => (RELEASE, Bytes::new()),
             Message::Switchover => (SWITCHOVER, Bytes::new()),
             Message::FinalOutput(b) => (FINAL_OUTPUT, b.into_bytes()),
             Message::EpochOutput(b) => (EPOCH_OUTPUT, b.into_bytes()),
@@ -388,6 +398,10 @@ impl Message {
             HANDOVER => {
                 empty("Handover")?;
                 Message::Handover
+            }
+            RELEASE => {
+                empty("Release")?;
+                Message::Release
             }
             SWITCHOVER => {
                 empty("Switchover")?;
@@ -546,6 +560,7 @@ mod tests {
             Message::Ack,
             Message::Stop,
             Message::Handover,
+            Message::Release,
             Message::Switchover,
             Message::FinalOutput(
                 inbound_payloads([vmm::replication::InboundFrame {

@@ -126,6 +126,10 @@ async fn run(
         };
         match envelope.message {
             Message::Stop => return Err(StandbyError::PrimaryStopped),
+            // The primary goes on without this standby (it did not
+            // acknowledge in time): no takeover; the replica stays for the
+            // next session to compare against.
+            Message::Release => return Err(StandbyError::Released),
             // The primary's VM failed on its host: the replica takes over
             // at once (no waiting for silence).
             Message::Handover => return handed_over(replica, status),
