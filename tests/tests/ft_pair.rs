@@ -626,11 +626,15 @@ fn without_a_witness_both_copies_writing_in_a_partition_is_a_split_brain_alert()
     eprintln!("[split] {}", alert.message);
 }
 
-#[test]
-fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
-    use ftd_client::client::EventQuery;
-    use ftd_client::model::{Event, VmView};
-    let lab = LabPair::start("ftwit");
+/// The ledger VM protected (primary a, standby b standing by); a's API,
+/// the VM as it is then, and a ledger client that appended for 2 s.
+fn protected_and_writing(
+    lab: &LabPair,
+) -> (
+    ftd_client::client::ApiClient,
+    ftd_client::model::VmView,
+    Appender,
+) {
     ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
     ft_pair::wait_for(
         lab.lab(),
@@ -641,9 +645,18 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     )
     .expect("standby ready");
     let api = ft_pair::api(lab.lab(), NodeId::A).expect("api");
-    let before: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
+    let before = api.vm(ft_pair::VM_NAME).expect("vm");
     let mut writer = Appender::new(lab.ledger_client());
     writer.append_for(Duration::from_secs(2));
+    (api, before, writer)
+}
+
+#[test]
+fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
+    use ftd_client::client::EventQuery;
+    use ftd_client::model::{Event, VmView};
+    let lab = LabPair::start("ftwit");
+    let (api, before, mut writer) = protected_and_writing(&lab);
     assert!(lab.lab().stop_witness(), "the lab's witness ran");
     // The daemons notice within their 5 s watch and say what it means.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -704,19 +717,7 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
     use ftd_client::client::EventQuery;
     use ftd_client::model::{Event, VmView};
     let lab = LabPair::start("fthang");
-    ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
-    ft_pair::wait_for(
-        lab.lab(),
-        NodeId::B,
-        Role::Standby,
-        FtState::StandingBy,
-        Duration::from_secs(60),
-    )
-    .expect("standby ready");
-    let api = ft_pair::api(lab.lab(), NodeId::A).expect("api");
-    let before: VmView = api.vm(ft_pair::VM_NAME).expect("vm");
-    let mut writer = Appender::new(lab.ledger_client());
-    writer.append_for(Duration::from_secs(2));
+    let (api, before, mut writer) = protected_and_writing(&lab);
     let drops_before = status(&lab, NodeId::A).expect("a").counters.standby_drops;
 
     lab.sh(NodeId::B, "fsfreeze --freeze /data");
