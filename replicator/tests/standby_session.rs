@@ -11,6 +11,8 @@
 //!   takeover while the primary is heard on the backup), and a primary
 //!   silent on both paths is taken over;
 //! - a primary whose VM stopped on purpose says so and is not taken over;
+//! - a standby the primary dropped (`Release`) does not take over and
+//!   waits for the next session;
 //! - a replica disk and memory kept from an earlier session are described
 //!   to the next primary by their digests, and what the copy sends
 //!   replaces them.
@@ -814,4 +816,28 @@ async fn a_kept_disk_whose_map_shares_the_primarys_common_point_is_compared_only
     );
     standby.task.abort();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The primary dropped this standby (it did not acknowledge in time) and
+/// said so: the session ends without a takeover, and the standby waits
+/// for the next one.
+#[tokio::test]
+async fn a_released_standby_does_not_take_over_and_waits_for_the_next_session() {
+    let standby = start_standby("released").await;
+    let link = committed_primary(standby.addr).await;
+    send(&link, &[Message::Release.into_frame(1, 1)]).await;
+    drop(link);
+    until(&standby, "the session ended by Release", |s| {
+        s.message
+            .as_deref()
+            .is_some_and(|m| m.contains("dropped this standby"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!standby.task.is_finished(), "the standby took over");
+    // The next session is taken.
+    let mut next = synced_primary(standby.addr).await;
+    send(&next, &epoch_frames(1, 0x55, b"new")).await;
+    expect_ack(&mut next, 1).await;
+    standby.task.abort();
 }

@@ -723,10 +723,13 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
     lab.sh(NodeId::B, "fsfreeze --freeze /data");
     let frozen = Instant::now();
     let deadline = frozen + Duration::from_secs(60);
+    // The longest a half-second run of appends took: an operation held
+    // for the hung standby would stretch it to the whole freeze.
+    let mut longest = Duration::ZERO;
     let dropped = loop {
-        // Each operation is acknowledged (within the client's timeout):
-        // the guest is not held for the hung standby.
+        let run = Instant::now();
         writer.append_for(Duration::from_millis(500));
+        longest = longest.max(run.elapsed());
         let a = status(&lab, NodeId::A).expect("a");
         if a.counters.standby_drops > drops_before {
             break a;
@@ -765,6 +768,12 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
         "no alert for the dropped standby: {alerts:?}"
     );
 
+    // Bounded by the deadline (5 s) and the witness's confirmation, far
+    // below the freeze this loop would otherwise wait out (60 s).
+    assert!(
+        longest < Duration::from_secs(30),
+        "operations waited {longest:?} for the hung standby"
+    );
     lab.sh(NodeId::B, "fsfreeze --unfreeze /data");
     let thawed = Instant::now();
     ft_pair::wait_for(
@@ -784,10 +793,21 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
     assert!(after.generation >= before.generation, "{after:?}");
     let b = status(&lab, NodeId::B).expect("b");
     assert_eq!((b.role, b.counters.failovers), (Role::Standby, 0), "{b:?}");
+    // The standby knew it was dropped: by the primary's word, or by its
+    // own judgement (it fell behind the deadline).
+    let said = lab.sh(
+        NodeId::B,
+        "grep -E 'dropped this standby|fell behind' /data/ftd/vms/ledger-vm/ftprotect.log || true",
+    );
+    assert!(
+        !said.is_empty(),
+        "the standby's log does not say it was dropped"
+    );
     writer.assert_nothing_lost();
     eprintln!(
-        "[e2e] standby's disk hung: dropped {:.1} s after the freeze (deadline 5 s), the VM served on unprotected; protected again {:.1} s after the thaw; {} operations, none lost, no takeover",
+        "[e2e] standby's disk hung: dropped {:.1} s after the freeze (deadline 5 s), the VM served on unprotected (operations waited {:.1} s at most); protected again {:.1} s after the thaw; {} operations, none lost, no takeover",
         dropped_after.as_secs_f64(),
+        longest.as_secs_f64(),
         protected_after.as_secs_f64(),
         writer.acked.len()
     );

@@ -132,7 +132,8 @@ pub struct Supervisor {
     /// said (once at once, once more as an alert when it lasts).
     waiting_since: HashMap<String, Instant>,
     waiting_said: HashMap<String, u8>,
-    /// VMs whose standby refused the replica, said once until protected.
+    /// VMs whose standby refused the replica or was dropped by the
+    /// primary (it hung): said once, until the VM is protected again.
     refused: std::collections::HashSet<String>,
     /// The quorum witness, if the pair has one.
     witness: Option<WitnessClient>,
@@ -643,9 +644,6 @@ impl Supervisor {
     }
 }
 
-/// The standby refused to hold the VM's replica (its own fault: a full
-/// disk, say): the VM runs unprotected until that is mended (said once;
-/// the engine keeps asking).
 /// The primary dropped a standby that did not acknowledge in time.
 fn standby_dropped(manager: &Manager, name: &str) {
     manager.record(
@@ -659,6 +657,9 @@ fn standby_dropped(manager: &Manager, name: &str) {
     );
 }
 
+/// The standby refused to hold the VM's replica (its own fault: a full
+/// disk, say): the VM runs unprotected until that is mended (said once;
+/// the engine keeps asking).
 fn standby_refused(manager: &Manager, name: &str, status: &replicator::status::Status) {
     let why = status.message.as_deref().unwrap_or("no reason given");
     manager.record(

@@ -149,6 +149,7 @@ pub(super) async fn epochs(
             writes: captured.writes.1,
             written_mark: captured.written_mark,
             late,
+            slow_by_design: epoch == 1 || verify,
         });
         let sent = send_epoch(
             tx,
@@ -252,7 +253,7 @@ async fn wait_until_due(
             _ = config.relevel.asked() => {}
             _ = stop.notified() => return Ok(Wake::Stopped),
             event = acks.recv() => in_flight.acked(event)?,
-            _ = tokio::time::sleep(BEHIND_CHECK_EVERY), if watching => in_flight.check()?,
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY), if watching => in_flight.check(acks)?,
         }
     }
 }
@@ -282,7 +283,7 @@ async fn send_epoch(
         tokio::select! {
             sent = &mut send => { sent?; break; }
             event = acks.recv() => in_flight.acked(event)?,
-            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => in_flight.check()?,
+            _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => in_flight.throttle(),
         }
     }
     in_flight.sent();

@@ -42,6 +42,10 @@ pub(super) struct Pending {
     pub written_mark: u64,
     /// It came later than `max` after it was due.
     pub late: bool,
+    /// Its acknowledgement may take long, by design: the first epoch (the
+    /// standby makes the whole copy durable first) and one the standby
+    /// checks (it digests the whole replica first). No deadline for it.
+    pub slow_by_design: bool,
 }
 
 /// Why a guest was paused while an acknowledgement was awaited.
@@ -68,6 +72,8 @@ pub(super) struct InFlight<'a> {
     max_run_ahead: Duration,
     /// [`PrimaryConfig::ack_deadline`].
     ack_deadline: Duration,
+    /// When the last acknowledgement came.
+    last_ack: Option<Instant>,
     /// When the guest was paused here, if it is.
     paused_at: Option<Instant>,
     /// When this session's initial synchronisation began (its duration is
@@ -96,6 +102,7 @@ impl<'a> InFlight<'a> {
             synchronous: config.synchronous,
             max_run_ahead: config.interval.max_run_ahead,
             ack_deadline: config.ack_deadline,
+            last_ack: None,
             paused_at: None,
             sync_started: None,
             forgetter: None,
@@ -155,6 +162,7 @@ impl<'a> InFlight<'a> {
             });
         }
         let committed = self.queue.pop_front().expect("the oldest is there");
+        self.last_ack = Some(Instant::now());
         if let Some(forgetter) = self.forgetter.as_mut() {
             forgetter.acked(committed.written_mark);
         }
@@ -184,7 +192,7 @@ impl<'a> InFlight<'a> {
         loop {
             tokio::select! {
                 event = acks.recv() => return self.acked(event),
-                _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => self.check()?,
+                _ = tokio::time::sleep(BEHIND_CHECK_EVERY) => self.check(acks)?,
             }
         }
     }
@@ -197,21 +205,35 @@ impl<'a> InFlight<'a> {
     /// while it lasts, with a count of pauses and the time spent paused.
     /// An epoch sent and not acknowledged within the deadline ends the
     /// session ([`PrimaryError::StandbyUnresponsive`]).
-    pub(super) fn check(&mut self) -> Result<(), PrimaryError> {
-        self.overdue()?;
+    pub(super) fn check(
+        &mut self,
+        acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    ) -> Result<(), PrimaryError> {
+        if self.overdue().is_err() {
+            // Acknowledgements already here count first.
+            while let Ok(event) = acks.try_recv() {
+                self.acked(Some(event))?;
+            }
+            self.overdue()?;
+        }
         self.throttle();
         Ok(())
     }
 
     /// The oldest epoch waited for its acknowledgement past the deadline
-    /// since its sending ended (a send that stalls is the A-link's to
-    /// judge: its send stall timeout).
+    /// since its sending ended, or since the epoch before it was
+    /// acknowledged if that came later (the standby works in order: an
+    /// epoch behind a slow one by design waits its turn). A send that
+    /// stalls is the A-link's to judge (its send stall timeout).
     fn overdue(&self) -> Result<(), PrimaryError> {
         let Some(oldest) = self.queue.front() else {
             return Ok(());
         };
-        match oldest.sent_at {
-            Some(sent_at) if sent_at.elapsed() >= self.ack_deadline => {
+        let waiting_since = oldest
+            .sent_at
+            .map(|sent| self.last_ack.map_or(sent, |acked| acked.max(sent)));
+        match waiting_since {
+            Some(since) if !oldest.slow_by_design && since.elapsed() >= self.ack_deadline => {
                 Err(PrimaryError::StandbyUnresponsive {
                     epoch: oldest.epoch,
                     deadline: self.ack_deadline,
@@ -221,7 +243,9 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    fn throttle(&mut self) {
+    /// The throttle alone (while a send is under way: a send is never cut
+    /// in the middle of a frame; the deadline is judged once it ends).
+    pub(super) fn throttle(&mut self) {
         if self.paused_at.is_some() || self.synchronous {
             return;
         }

@@ -35,6 +35,9 @@ struct Pending {
     through: WritesThrough,
     writes: u64,
     sent_at: Instant,
+    /// Its deadline runs from here: its sending, or the acknowledgement of
+    /// the batch before it if that came later (the standby works in order).
+    due_from: Instant,
     /// The written maps' clock before its writes were taken.
     written_mark: u64,
 }
@@ -128,9 +131,22 @@ pub(super) async fn mirror(
         }
         // A batch not acknowledged within the deadline: the standby hangs,
         // and the guest's writes wait for it; the session ends (the
-        // mirror turns asynchronous, the writes complete).
-        if let Some(oldest) = in_flight.front() {
-            if oldest.sent_at.elapsed() >= config.ack_deadline {
+        // mirror turns asynchronous, the writes complete). Acknowledgements
+        // that came during a long send are taken first. The first batch
+        // is exempt: the standby makes the whole copy durable before it
+        // acknowledges it.
+        while let Ok(event) = acks.try_recv() {
+            acked(
+                Some(event),
+                (&mut in_flight, forgetter),
+                vm,
+                status,
+                &mut ack_times,
+                session,
+            )?;
+        }
+        if let Some(oldest) = in_flight.front().filter(|p| p.epoch > 1) {
+            if oldest.due_from.elapsed() >= config.ack_deadline {
                 return Err(PrimaryError::StandbyUnresponsive {
                     epoch: oldest.epoch,
                     deadline: config.ack_deadline,
@@ -150,6 +166,7 @@ pub(super) async fn mirror(
                 through,
                 writes: count,
                 sent_at: Instant::now(),
+                due_from: Instant::now(),
                 written_mark,
             });
             epoch += 1;
@@ -252,6 +269,9 @@ fn acked(
         });
     }
     vm.disk_writes().settle(&oldest.through);
+    if let Some(next) = in_flight.front_mut() {
+        next.due_from = next.due_from.max(Instant::now());
+    }
     forgetter.acked(oldest.written_mark);
     ack_times.push(oldest.sent_at.elapsed());
     status.update(|s| {
