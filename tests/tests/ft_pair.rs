@@ -626,6 +626,16 @@ fn without_a_witness_both_copies_writing_in_a_partition_is_a_split_brain_alert()
     eprintln!("[split] {}", alert.message);
 }
 
+/// The pair's latest 100 alerts, as `api` gives them.
+fn latest_alerts(api: &ftd_client::client::ApiClient) -> Vec<ftd_client::model::Event> {
+    api.events(&ftd_client::client::EventQuery {
+        alerts: true,
+        limit: Some(100),
+        ..Default::default()
+    })
+    .expect("events")
+}
+
 /// The ledger VM protected (primary a, standby b standing by); a's API,
 /// the VM as it is then, and a ledger client that appended for 2 s.
 fn protected_and_writing(
@@ -653,7 +663,6 @@ fn protected_and_writing(
 
 #[test]
 fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
-    use ftd_client::client::EventQuery;
     use ftd_client::model::{Event, VmView};
     let lab = LabPair::start("ftwit");
     let (api, before, mut writer) = protected_and_writing(&lab);
@@ -662,13 +671,7 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         writer.append_for(Duration::from_millis(500));
-        let alerts: Vec<Event> = api
-            .events(&EventQuery {
-                alerts: true,
-                limit: Some(100),
-                ..Default::default()
-            })
-            .expect("events");
+        let alerts: Vec<Event> = latest_alerts(&api);
         if alerts
             .iter()
             .any(|e| e.message.contains("a node lost now is not taken over"))
@@ -714,7 +717,6 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
 /// takeover, nothing lost.
 #[test]
 fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
-    use ftd_client::client::EventQuery;
     use ftd_client::model::{Event, VmView};
     let lab = LabPair::start("fthang");
     let (api, before, mut writer) = protected_and_writing(&lab);
@@ -754,13 +756,7 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
         "grep 'did not acknowledge epoch' /data/ftd/vms/ledger-vm/ftprotect.log || true",
     );
     assert!(log.contains("standby lost"), "{log:?}");
-    let alerts: Vec<Event> = api
-        .events(&EventQuery {
-            alerts: true,
-            limit: Some(100),
-            ..Default::default()
-        })
-        .expect("events");
+    let alerts: Vec<Event> = latest_alerts(&api);
     assert!(
         alerts
             .iter()

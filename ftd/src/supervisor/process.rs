@@ -278,15 +278,21 @@ impl Process {
         if matches!(status.state, FtState::Stopped | FtState::Failed) {
             return None;
         }
-        let adopted = match pid.map(EngineHandle::open) {
-            Some(Ok(handle)) if handle.ended().unwrap_or(false) => {
-                tracing::info!(
-                    vm,
-                    ?pid,
-                    "the VM role's process ended before it was adopted"
-                );
-                return None;
-            }
+        let opened = pid.map(EngineHandle::open);
+        let ended = match &opened {
+            Some(Ok(handle)) => handle.ended().unwrap_or(false),
+            Some(Err(e)) => e.process_gone(),
+            None => false,
+        };
+        if ended {
+            tracing::info!(
+                vm,
+                ?pid,
+                "the VM role's process ended before it was adopted"
+            );
+            return None;
+        }
+        let adopted = match opened {
             Some(Ok(handle)) => {
                 // The pid was read before the handle was made. Pids are
                 // handed out in turn up to pid_max before any is used
@@ -300,14 +306,6 @@ impl Process {
                     // That process, or no answer yet (a busy engine): it lives.
                     _ => Some(handle),
                 }
-            }
-            Some(Err(e)) if e.process_gone() => {
-                tracing::info!(
-                    vm,
-                    ?pid,
-                    "the VM role's process ended before it was adopted"
-                );
-                return None;
             }
             Some(Err(e)) => {
                 tracing::warn!(vm, error = %e, "no handle on the adopted process: it counts as gone when it stops answering");
