@@ -288,7 +288,7 @@ impl Metrics {
         let standby_drops = counter(
             &mut registry,
             "standby_drops",
-            "Sessions the primary ended because the standby did not acknowledge an epoch within the deadline (its disk or host hung); the VM went on unprotected",
+            "Sessions the primary ended because the standby did not acknowledge an epoch within the deadline or stopped reading the A-link (its disk or host hung); the VM went on unprotected",
         );
         let behind_pauses = counter(
             &mut registry,

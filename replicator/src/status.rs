@@ -189,8 +189,8 @@ pub struct FtCounters {
     #[serde(default)]
     pub standby_refusals: u64,
     /// Sessions the primary ended because the standby did not acknowledge
-    /// an epoch within the deadline (its disk or host hangs): the VM went
-    /// on unprotected instead of waiting for it.
+    /// an epoch within the deadline or stopped reading the A-link (its disk
+    /// or host hangs): the VM went on unprotected instead of waiting for it.
     #[serde(default)]
     pub standby_drops: u64,
     /// Times the guest was paused while an acknowledgement was awaited:

@@ -38,7 +38,7 @@ impl HandshakeIo<'_> {
             .await
             .map_err(send)?;
         if let Some(payload) = then {
-            self.stream.write_all(payload).await.map_err(send)?;
+            self.stream.write_all(&payload).await.map_err(send)?;
         }
         Ok(())
     }

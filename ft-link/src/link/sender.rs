@@ -25,45 +25,91 @@ pub(super) struct Writer {
     pub(super) outbound: Outbound,
     /// A write that makes no progress for this long fails.
     pub(super) stall: Duration,
+    /// The frame last encoded, until the socket took all of it.
+    pub(super) unsent: Option<Unsent>,
 }
 
-/// Writes all of `buf`, failing when no byte is taken for `stall`.
-async fn write_all_within(
+/// How much of the frame last encoded the socket took: its head is in the
+/// outbound stream's `tx`, a large plaintext payload follows it.
+pub(super) struct Unsent {
+    head_at: usize,
+    payload: Option<Bytes>,
+    payload_at: usize,
+}
+
+impl Unsent {
+    /// Whether part of the frame went out (the peer waits for the rest).
+    fn started(&self) -> bool {
+        self.head_at > 0 || self.payload_at > 0
+    }
+}
+
+/// Writes part of `buf`; fails when no byte is taken for `stall`.
+/// Cancel-safe: a write that is dropped took nothing.
+async fn write_within(
     half: &mut OwnedWriteHalf,
     buf: &[u8],
     stall: Duration,
     peer: SocketAddr,
-) -> Result<(), LinkError> {
-    let mut pos = 0;
-    while pos < buf.len() {
-        match tokio::time::timeout(stall, half.write(&buf[pos..])).await {
-            Ok(Ok(0)) => {
-                return Err(LinkError::Send {
-                    peer,
-                    source: std::io::ErrorKind::WriteZero.into(),
-                })
-            }
-            Ok(Ok(n)) => pos += n,
-            Ok(Err(source)) => return Err(LinkError::Send { peer, source }),
-            Err(_) => return Err(LinkError::SendStalled { peer, after: stall }),
-        }
+) -> Result<usize, LinkError> {
+    match tokio::time::timeout(stall, half.write(buf)).await {
+        Ok(Ok(0)) => Err(LinkError::Send {
+            peer,
+            source: std::io::ErrorKind::WriteZero.into(),
+        }),
+        Ok(Ok(n)) => Ok(n),
+        Ok(Err(source)) => Err(LinkError::Send { peer, source }),
+        Err(_) => Err(LinkError::SendStalled { peer, after: stall }),
     }
-    Ok(())
 }
 
 impl Writer {
+    /// Writes `frame`. A frame cut in the middle before (a stall, or a
+    /// send whose future was dropped) is finished first, so that the peer
+    /// reads whole frames; one of which nothing went out is dropped.
     async fn write(&mut self, peer: SocketAddr, frame: &Frame) -> Result<(), LinkError> {
-        let then = match self.outbound.encode(peer, frame)? {
+        if self.unsent.as_ref().is_some_and(Unsent::started) {
+            self.write_unsent(peer).await?;
+        }
+        self.unsent = None;
+        let payload = match self.outbound.encode(peer, frame)? {
             Encoded::Buffered => None,
             // Large payloads (page frames) of a plaintext link go out as
             // they are, after the header: no copy into the send buffer.
             Encoded::Then(payload) => Some(payload),
         };
-        write_all_within(&mut self.half, &self.outbound.tx, self.stall, peer).await?;
-        if let Some(payload) = then {
-            write_all_within(&mut self.half, payload, self.stall, peer).await?;
-        }
+        self.unsent = Some(Unsent {
+            head_at: 0,
+            payload,
+            payload_at: 0,
+        });
+        self.write_unsent(peer).await?;
         self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Writes what the socket has not taken of the frame last encoded.
+    async fn write_unsent(&mut self, peer: SocketAddr) -> Result<(), LinkError> {
+        let Some(unsent) = self.unsent.as_mut() else {
+            return Ok(());
+        };
+        let head = &self.outbound.tx;
+        while unsent.head_at < head.len() {
+            unsent.head_at +=
+                write_within(&mut self.half, &head[unsent.head_at..], self.stall, peer).await?;
+        }
+        if let Some(payload) = &unsent.payload {
+            while unsent.payload_at < payload.len() {
+                unsent.payload_at += write_within(
+                    &mut self.half,
+                    &payload[unsent.payload_at..],
+                    self.stall,
+                    peer,
+                )
+                .await?;
+            }
+        }
+        self.unsent = None;
         Ok(())
     }
 }
@@ -99,10 +145,32 @@ pub struct LinkSender {
 }
 
 impl LinkSender {
-    /// Sends one frame. Do not cancel this future: a frame cut in the
-    /// middle corrupts the stream for the peer.
+    /// Sends one frame. A send cut in the middle (a stall, or this future
+    /// dropped) leaves the rest of its frame to go out before the next
+    /// one: the stream stays whole for the peer.
     pub async fn send(&self, frame: &Frame) -> Result<(), LinkError> {
         self.writer.lock().await.write(self.peer, frame).await
+    }
+
+    /// Sends `frame` as this link's last word and closes the sending
+    /// direction; heartbeats and pulses stop. A write may wait `patience`
+    /// for the peer to take a byte, so that a peer which stopped reading
+    /// for a while (a hung disk) finds the word once it reads again. A
+    /// frame an earlier send left cut (a stall) is finished first: the
+    /// peer reads whole frames up to the word.
+    ///
+    /// Keep the receiving half open, reading, until the peer closes its
+    /// side: a socket closed while bytes from the peer are unread, or
+    /// while more arrive, is reset, and a reset throws away what the peer
+    /// has not taken yet, the word included.
+    pub async fn farewell(&self, frame: &Frame, patience: Duration) -> Result<(), LinkError> {
+        self.heartbeats.abort();
+        self.pulses.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut writer = self.writer.lock().await;
+        writer.stall = patience;
+        writer.write(self.peer, frame).await?;
+        let _ = writer.half.shutdown().await;
+        Ok(())
     }
 
     /// Stops heartbeats and closes the sending direction.
@@ -123,7 +191,7 @@ impl Drop for LinkSender {
 mod tests {
     use super::*;
     use crate::hello::Role;
-    use crate::link::tests::{config, pair, SECRET, WITHIN};
+    use crate::link::tests::{config, pair, plaintext, SECRET, WITHIN};
     use crate::link::{Link, LinkListener};
 
     /// Issue 9, defect 2: a peer that stops reading (a stopped process
@@ -160,6 +228,109 @@ mod tests {
         );
         // The buffers filled fast; the failure came one stall timeout later.
         assert!(started.elapsed() < stall + Duration::from_secs(3));
+    }
+
+    /// A link whose standby side is not read yet, and the number of 1 MiB
+    /// frames sent whole before a send stalled (the next one is cut).
+    async fn stalled(sealed: bool) -> (Link, Link, usize, Frame) {
+        let (mut a, mut b) = (
+            config("node-a", Role::Primary, SECRET),
+            config("node-b", Role::Standby, SECRET),
+        );
+        if !sealed {
+            (a, b) = (plaintext(a), plaintext(b));
+        }
+        // The reading side must not count the stall as the peer's silence.
+        b.heartbeat_timeout = Duration::from_secs(60);
+        let (accepted, connected) = pair(b, a).await;
+        let (standby, primary) = (accepted.unwrap(), connected.unwrap());
+        let big = Frame::message(64, 1, 1, Bytes::from(vec![0x5au8; 1 << 20])).unwrap();
+        let mut whole = 0;
+        let error = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match primary.send(&big).await {
+                    Ok(()) => whole += 1,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("the send stalled");
+        assert!(matches!(error, LinkError::SendStalled { .. }), "{error}");
+        (primary, standby, whole, big)
+    }
+
+    /// The frames the standby side reads until the link ends.
+    async fn read_to_the_end(mut standby: Link) -> (Vec<Frame>, LinkError) {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(WITHIN, standby.recv()).await {
+                Ok(Ok(frame)) => frames.push(frame),
+                Ok(Err(end)) => return (frames, end),
+                Err(_) => panic!("the link neither ended nor carried a frame"),
+            }
+        }
+    }
+
+    /// A dropped standby that stopped reading (a hung disk) gets the
+    /// primary's last word once it reads again, after whole frames: the
+    /// frame the stall cut is finished first, and the word waits longer
+    /// than a send's stall timeout. Before, the word's send was cut by a
+    /// timeout, after a cut frame: the standby read a broken stream.
+    #[tokio::test]
+    async fn a_farewell_reaches_a_peer_that_reads_again_after_whole_frames() {
+        for sealed in [true, false] {
+            let (primary, standby, whole, big) = stalled(sealed).await;
+            let word = Frame::message(84, 9, 1, Bytes::new()).unwrap();
+            let said = tokio::spawn(async move {
+                let said = primary
+                    .sender
+                    .farewell(&word, Duration::from_secs(30))
+                    .await;
+                // Kept open (as a caller does) until the test ends.
+                (said, primary)
+            });
+            // Longer than the stall timeout before the standby reads again.
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            let (frames, end) = read_to_the_end(standby).await;
+            let (said, _primary) = said.await.unwrap();
+            said.expect("the word was sent");
+            assert_eq!(frames.len(), whole + 2, "sealed={sealed}: frames read");
+            assert!(
+                frames[..=whole].iter().all(|f| *f == big),
+                "sealed={sealed}"
+            );
+            assert_eq!(frames[whole + 1].kind.code(), 84, "sealed={sealed}");
+            assert!(
+                matches!(end, LinkError::PeerClosed { .. }),
+                "sealed={sealed}: the word is followed by the end of the stream: {end}"
+            );
+        }
+    }
+
+    /// A send whose future is dropped in the middle of a frame (a select
+    /// that took another branch) leaves the rest of the frame to go out
+    /// first: the next frame arrives whole after it.
+    #[tokio::test]
+    async fn a_send_dropped_in_the_middle_of_a_frame_does_not_break_the_stream() {
+        for sealed in [true, false] {
+            let (primary, standby, whole, big) = stalled(sealed).await;
+            // Another frame's send, dropped while it waits on the socket.
+            let dropped =
+                tokio::time::timeout(Duration::from_millis(100), primary.send(&big)).await;
+            assert!(dropped.is_err(), "the send was dropped while waiting");
+            let reader = tokio::spawn(read_to_the_end(standby));
+            let next = Frame::message(65, 2, 1, Bytes::from_static(b"next")).unwrap();
+            primary.send(&next).await.expect("sent after the cut frame");
+            primary.sender.close().await;
+            let (frames, _end) = reader.await.unwrap();
+            assert_eq!(frames.len(), whole + 2, "sealed={sealed}: frames read");
+            assert!(
+                frames[..=whole].iter().all(|f| *f == big),
+                "sealed={sealed}"
+            );
+            assert_eq!(frames[whole + 1], next, "sealed={sealed}");
+        }
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::LinkError;
 use crate::frame::{header, Frame, FrameDecoder, FrameKind, PayloadCheck, MAX_LINK_PAYLOAD};
@@ -19,12 +19,12 @@ pub(super) struct Outbound {
 }
 
 /// How a frame goes on the wire.
-pub(super) enum Encoded<'a> {
+pub(super) enum Encoded {
     /// All of it is in `tx`.
     Buffered,
     /// The header is in `tx`; the payload follows as it is (plaintext
     /// only: no copy of a large payload).
-    Then(&'a [u8]),
+    Then(Bytes),
 }
 
 /// Payloads from this size on are written after their header without
@@ -40,11 +40,7 @@ impl Outbound {
     }
 
     /// Prepares `frame` for the wire: `tx` holds what to write first.
-    pub(super) fn encode<'a>(
-        &mut self,
-        peer: SocketAddr,
-        frame: &'a Frame,
-    ) -> Result<Encoded<'a>, LinkError> {
+    pub(super) fn encode(&mut self, peer: SocketAddr, frame: &Frame) -> Result<Encoded, LinkError> {
         let kind = frame.kind;
         let encode_err = |source| LinkError::Encode { peer, kind, source };
         self.tx.clear();
@@ -54,7 +50,7 @@ impl Outbound {
                 return Ok(Encoded::Buffered);
             }
             frame.encode_header(&mut self.tx).map_err(encode_err)?;
-            return Ok(Encoded::Then(&frame.payload));
+            return Ok(Encoded::Then(frame.payload.clone()));
         };
         let header = header(
             kind,

@@ -644,7 +644,8 @@ impl Supervisor {
     }
 }
 
-/// The primary dropped a standby that did not acknowledge in time.
+/// The primary dropped a standby that did not take or acknowledge what it
+/// was sent in time.
 fn standby_dropped(manager: &Manager, name: &str) {
     manager.record(
         Severity::Critical,
@@ -652,7 +653,7 @@ fn standby_dropped(manager: &Manager, name: &str) {
         "vm",
         Some(name),
         &format!(
-            "VM {name} is unprotected: its standby did not acknowledge an epoch in time (its disk or its node hangs?) and was dropped; the VM runs on, and is protected again once the standby answers"
+            "VM {name} is unprotected: its standby did not take or acknowledge what it was sent in time (its disk or its node hangs?) and was dropped; the VM runs on, and is protected again once the standby answers"
         ),
     );
 }

@@ -38,6 +38,7 @@ mod in_flight;
 mod inbound;
 mod lease;
 mod mirror;
+mod release;
 mod relevel;
 mod switchover;
 mod sync;
@@ -87,6 +88,12 @@ pub enum PrimaryError {
         deadline.as_secs_f64()
     )]
     StandbyUnresponsive { epoch: u64, deadline: Duration },
+    #[error(
+        "the standby stopped reading the A-link (nothing taken for {} s) while it still \
+         answers (its disk or its host hangs?): dropped, the VM goes on unprotected",
+        stalled.as_secs_f64()
+    )]
+    StandbyNotReading { stalled: Duration },
     #[error("the VM stopped")]
     VmStopped,
     #[error("the protection level changes to {to}: the session at the old level ended cleanly")]
@@ -411,7 +418,7 @@ pub async fn run(
         if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
             status.update(|s| s.counters.silence_ends += 1);
         }
-        if matches!(error, PrimaryError::StandbyUnresponsive { .. }) {
+        if release::drops_a_live_standby(&error) {
             status.update(|s| s.counters.standby_drops += 1);
         }
         let refused = matches!(error, PrimaryError::StandbyRefused { .. });
@@ -654,9 +661,6 @@ async fn send_all(
     Ok(bytes)
 }
 
-/// How long telling a dropped standby so may take.
-const RELEASE_WITHIN: Duration = Duration::from_millis(500);
-
 /// Runs protection over `link` until it fails; returns why.
 async fn protect(
     vm: &Arc<Vm>,
@@ -666,6 +670,7 @@ async fn protect(
     status: &StatusBoard,
     stop: &tokio::sync::Notify,
 ) -> PrimaryError {
+    let heard = link.liveness();
     let (tx, rx) = link.split();
     let (held_tx, held) = mpsc::unbounded_channel();
     let mut acks = spawn_ack_reader(
@@ -705,23 +710,28 @@ async fn protect(
         }
     }
     .await;
-    if let Err(PrimaryError::StandbyUnresponsive { epoch, .. }) = &result {
-        // A hung standby goes on reading once it recovers: what it finds
-        // after the epochs is this word (no takeover; it keeps its replica
-        // for the next session), before the link's end. Best effort: a
-        // standby that stopped reading altogether fills the link, and the
-        // word waits in it.
-        let release = Message::Release.into_frame(*epoch, session.generation);
-        match tokio::time::timeout(RELEASE_WITHIN, tx.send(&release)).await {
-            Ok(Ok(())) => info!(epoch, "the standby is told it is dropped"),
-            Ok(Err(error)) => warn!(%error, "could not tell the standby it is dropped"),
-            Err(_) => warn!("could not tell the standby it is dropped within {RELEASE_WITHIN:?} (the A-link is full)"),
-        }
-    }
     if let Some(task) = backup {
         task.abort();
     }
-    tx.close().await;
+    let result = result.map_err(|error| {
+        release::judge_stall(error, heard.last_arrival(), config.link.heartbeat_interval)
+    });
+    match &result {
+        Err(error) if release::tells_release(error) => {
+            // The standby reads the word after what it has not read yet.
+            let epoch = match error {
+                PrimaryError::StandbyUnresponsive { epoch, .. } => *epoch,
+                _ => 0,
+            };
+            release::tell_dropped(
+                tx,
+                acks,
+                (epoch, session.generation),
+                release::RELEASE_PATIENCE,
+            );
+        }
+        _ => tx.close().await,
+    }
     match result {
         Ok(never) => match never {},
         Err(e) => e,

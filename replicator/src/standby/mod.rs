@@ -91,8 +91,8 @@ pub enum StandbyError {
     #[error("the primary's VM stopped on purpose (no takeover)")]
     PrimaryStopped,
     #[error(
-        "the primary dropped this standby: an epoch was not acknowledged in time (is this \
-         node's disk or host hanging?); no takeover, the primary resynchronises it"
+        "the primary dropped this standby: it did not take or acknowledge what it was sent in \
+         time (is this node's disk or host hanging?); no takeover, the primary resynchronises it"
     )]
     Released,
     #[error("the primary handed its failed VM over before the first committed epoch: nothing to take over")]
