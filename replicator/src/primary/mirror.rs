@@ -119,7 +119,7 @@ pub(super) async fn mirror(
                     vm,
                     status,
                     &mut ack_times,
-                    session,
+                    (session, config.ack_deadline),
                 )
                 .await?;
                 tx.send(&Message::Stop.into_frame(epoch, generation))
@@ -145,12 +145,9 @@ pub(super) async fn mirror(
                 session,
             )?;
         }
-        if let Some(oldest) = in_flight.front().filter(|p| p.epoch > 1) {
+        if let Some(oldest) = judged(&in_flight) {
             if oldest.due_from.elapsed() >= config.ack_deadline {
-                return Err(PrimaryError::StandbyUnresponsive {
-                    epoch: oldest.epoch,
-                    deadline: config.ack_deadline,
-                });
+                return Err(unresponsive(oldest, config.ack_deadline));
             }
         }
         let written_mark = vmm::replication::written_map::mark();
@@ -186,7 +183,7 @@ pub(super) async fn mirror(
                 } else {
                     let drained = tokio::time::timeout(
                         DRAIN_AT_STOP,
-                        drain(acks, (&mut in_flight, forgetter), vm, status, &mut ack_times, session),
+                        drain(acks, (&mut in_flight, forgetter), vm, status, &mut ack_times, (session, config.ack_deadline)),
                     )
                     .await;
                     if !matches!(drained, Ok(Ok(()))) {
@@ -222,24 +219,51 @@ pub(crate) fn mirror_frames(
     )
 }
 
-/// Takes the standby's word until every batch in flight is acknowledged.
+/// The oldest batch in flight if it has an acknowledgement deadline. The
+/// first is exempt: the standby makes the whole copy durable before it
+/// acknowledges it.
+fn judged(in_flight: &VecDeque<Pending>) -> Option<&Pending> {
+    in_flight.front().filter(|p| p.epoch > 1)
+}
+
+fn unresponsive(oldest: &Pending, deadline: Duration) -> PrimaryError {
+    PrimaryError::StandbyUnresponsive {
+        epoch: oldest.epoch,
+        deadline,
+    }
+}
+
+/// The standby's next word, waited for until the oldest batch in flight is
+/// past its acknowledgement deadline.
+async fn next_word(
+    acks: &mut mpsc::UnboundedReceiver<AckEvent>,
+    in_flight: &VecDeque<Pending>,
+    deadline: Duration,
+) -> Result<Option<AckEvent>, PrimaryError> {
+    let Some(oldest) = judged(in_flight) else {
+        return Ok(acks.recv().await);
+    };
+    let due = oldest.due_from + deadline;
+    tokio::time::timeout_at(due.into(), acks.recv())
+        .await
+        .map_err(|_| unresponsive(oldest, deadline))
+}
+
+/// Takes the standby's word until every batch in flight is acknowledged
+/// (a level change waits for it, as does a stop), or until one is past the
+/// acknowledgement deadline: a standby that hangs then does not hold the
+/// guest's writes.
 async fn drain(
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     (in_flight, forgetter): (&mut VecDeque<Pending>, &mut Forgetter),
     vm: &Vm,
     status: &StatusBoard,
     ack_times: &mut Samples,
-    session: &Session<'_>,
+    (session, deadline): (&Session<'_>, Duration),
 ) -> Result<(), PrimaryError> {
     while !in_flight.is_empty() {
-        acked(
-            acks.recv().await,
-            (in_flight, forgetter),
-            vm,
-            status,
-            ack_times,
-            session,
-        )?;
+        let word = next_word(acks, in_flight, deadline).await?;
+        acked(word, (in_flight, forgetter), vm, status, ack_times, session)?;
     }
     Ok(())
 }
@@ -292,4 +316,53 @@ fn acked(
         info!("the standby's mirror is whole: disk writes complete once both nodes have them");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(epoch: u64, due_from: Instant) -> VecDeque<Pending> {
+        VecDeque::from([Pending {
+            epoch,
+            through: vec![epoch],
+            writes: 1,
+            sent_at: due_from,
+            due_from,
+            written_mark: 0,
+        }])
+    }
+
+    /// A level change or a stop drains the batches in flight: a standby
+    /// that hangs ends the drain at the deadline instead of holding the
+    /// guest's writes (the drain waited for ever before).
+    #[tokio::test]
+    async fn a_drain_waits_for_the_standby_only_until_the_deadline() {
+        let deadline = Duration::from_millis(200);
+        let (tx, mut acks) = mpsc::unbounded_channel::<AckEvent>();
+        // A batch sent now, never acknowledged: overdue in 200 ms.
+        let started = Instant::now();
+        let word = next_word(&mut acks, &pending(2, started), deadline).await;
+        assert!(
+            matches!(
+                word,
+                Err(PrimaryError::StandbyUnresponsive { epoch: 2, .. })
+            ),
+            "{word:?}"
+        );
+        assert!(started.elapsed() >= deadline);
+        // Already overdue, with its acknowledgement waiting: the word is
+        // taken first.
+        tx.send(Ok(2)).unwrap();
+        let late = pending(2, Instant::now() - Duration::from_secs(1));
+        let word = next_word(&mut acks, &late, deadline).await;
+        assert!(matches!(word, Ok(Some(Ok(2)))), "{word:?}");
+        // The first batch has no deadline.
+        let first = tokio::time::timeout(
+            deadline * 3,
+            next_word(&mut acks, &pending(1, started), deadline),
+        )
+        .await;
+        assert!(first.is_err(), "the first batch was judged: {first:?}");
+    }
 }
