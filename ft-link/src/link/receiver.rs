@@ -116,6 +116,20 @@ impl LinkReceiver {
         result
     }
 
+    /// Reads and throws away whatever arrives until the peer closes or
+    /// resets its side, or `within` passes; silence does not end it. For a
+    /// side that said its last word and must not close first: a socket
+    /// closed while the peer's bytes are unread, or while more arrive, is
+    /// reset, and a reset throws away what the peer has not read yet.
+    pub async fn discard_until_closed(mut self, within: Duration) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 << 10];
+        let _ = tokio::time::timeout(within, async {
+            while let Ok(1..) = self.reader.read(&mut buf).await {}
+        })
+        .await;
+    }
+
     /// From now on the peer is silent after `timeout` (a session may allow
     /// more while a silence could not lead to a takeover anyway).
     pub fn set_silence_timeout(&mut self, timeout: Duration) {

@@ -415,16 +415,23 @@ pub async fn run(
             info!(level = %to, "protection level changed; a new session begins");
             continue;
         }
-        if matches!(error, PrimaryError::Link(LinkError::PeerSilent { .. })) {
-            status.update(|s| s.counters.silence_ends += 1);
-        }
-        if release::drops_a_live_standby(&error) {
-            status.update(|s| s.counters.standby_drops += 1);
-        }
+        // The state first: whoever sees the session's end counted sees
+        // the VM unprotected (the witness may take a moment below).
+        status.set_state(
+            Role::Primary,
+            FtState::Unprotected,
+            Some(format!("standby lost: {error}")),
+        );
         let refused = matches!(error, PrimaryError::StandbyRefused { .. });
-        if refused {
-            status.update(|s| s.counters.standby_refusals += 1);
-        }
+        status.update(|s| {
+            let n = &mut s.counters;
+            n.silence_ends += u64::from(matches!(
+                error,
+                PrimaryError::Link(LinkError::PeerSilent { .. })
+            ));
+            n.standby_drops += u64::from(release::drops_a_live_standby(&error));
+            n.standby_refusals += u64::from(refused);
+        });
         vm.disk_writes().stop();
         vm.input().stop();
         match lease {
@@ -560,19 +567,23 @@ type AckEvent = Result<u64, PrimaryError>;
 
 /// Reads the standby's word: acknowledgements and refusals (returned), and
 /// what it holds of each disk and of memory before the copy (sent to
-/// `held`).
+/// `held`). The reader hands the link's receiving half back when it ends
+/// (the link failed, or the returned receiver is gone).
 fn spawn_ack_reader(
     mut rx: ft_link::LinkReceiver,
     generation: u64,
     held: mpsc::UnboundedSender<crate::protocol::Held>,
     silence: Duration,
-) -> mpsc::UnboundedReceiver<AckEvent> {
+) -> (
+    mpsc::UnboundedReceiver<AckEvent>,
+    tokio::task::JoinHandle<ft_link::LinkReceiver>,
+) {
     let (tx, acks) = mpsc::unbounded_channel();
     // Until the first acknowledgement (the standby committed an epoch), a
     // silent standby costs the copy, nothing more: see SYNC_SILENCE.
     rx.set_silence_timeout(silence.max(crate::SYNC_SILENCE));
     let mut acknowledged = false;
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         loop {
             let event = match rx.recv().await.map(Message::from_frame) {
                 Ok(Ok(envelope)) if envelope.generation != generation => {
@@ -612,11 +623,11 @@ fn spawn_ack_reader(
             }
             let end = event.is_err();
             if tx.send(event).is_err() || end {
-                return;
+                return rx;
             }
         }
     });
-    acks
+    (acks, reader)
 }
 
 /// What the standby's word during the initial copy means.
@@ -673,7 +684,7 @@ async fn protect(
     let heard = link.liveness();
     let (tx, rx) = link.split();
     let (held_tx, held) = mpsc::unbounded_channel();
-    let mut acks = spawn_ack_reader(
+    let (mut acks, reader) = spawn_ack_reader(
         rx,
         session.generation,
         held_tx,
@@ -713,8 +724,15 @@ async fn protect(
     if let Some(task) = backup {
         task.abort();
     }
+    // A stall counts as a drop once the standby protects the VM (during
+    // the copy, a standby busy writing it is slow by design).
+    let protecting = status.snapshot().state == FtState::Protected;
     let result = result.map_err(|error| {
-        release::judge_stall(error, heard.last_arrival(), config.link.heartbeat_interval)
+        release::judge_stall(
+            error,
+            protecting.then(|| heard.last_arrival()),
+            config.link.heartbeat_interval,
+        )
     });
     match &result {
         Err(error) if release::tells_release(error) => {
@@ -725,7 +743,7 @@ async fn protect(
             };
             release::tell_dropped(
                 tx,
-                acks,
+                (acks, reader),
                 (epoch, session.generation),
                 release::RELEASE_PATIENCE,
             );

@@ -10,11 +10,13 @@
 //! connection closed while the standby's bytes arrive is reset, and a reset
 //! throws away whatever the standby has not taken yet, the word included.
 //! Without a witness (and without a backup path to hear this node on), a
-//! standby that misses the word takes the closed link for a lost primary.
+//! standby that misses the word takes the closed link for a lost primary;
+//! it misses it when it hangs longer than the patience, or when this
+//! process ends meanwhile (the task ends with the runtime).
 
 use std::time::Duration;
 
-use ft_link::{LinkError, LinkSender};
+use ft_link::{LinkError, LinkReceiver, LinkSender};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -27,17 +29,18 @@ use crate::protocol::Message;
 /// standby take the closed link as the word (see the module's note).
 pub(super) const RELEASE_PATIENCE: Duration = Duration::from_secs(120);
 
-/// A send that stalled while the standby was heard lately (its heartbeats
-/// come, `last_heard`: it lives but does not read) drops a live standby;
-/// one that stalled while it was silent too is a lost path or standby.
+/// A send that stalled while the standby protected the VM and was heard
+/// lately (`last_heard`, given while it protected the VM: its heartbeats
+/// come; it lives but does not read) drops a live standby; one that
+/// stalled while it was silent too is a lost path or standby.
 pub(super) fn judge_stall(
     error: PrimaryError,
-    last_heard: std::time::Instant,
+    last_heard: Option<std::time::Instant>,
     heartbeat_interval: Duration,
 ) -> PrimaryError {
     match error {
         PrimaryError::Link(LinkError::SendStalled { after, .. })
-            if last_heard.elapsed() <= heartbeat_interval * 3 =>
+            if last_heard.is_some_and(|at| at.elapsed() <= heartbeat_interval * 3) =>
         {
             PrimaryError::StandbyNotReading { stalled: after }
         }
@@ -64,11 +67,13 @@ pub(super) fn tells_release(error: &PrimaryError) -> bool {
 }
 
 /// Tells the standby over `tx` that it is dropped, then keeps the link
-/// until the standby closes it (its acknowledgements, arriving on `acks`,
-/// are read and set aside) or `patience` runs out.
+/// until the standby closes it or `patience` runs out: its words, arriving
+/// on `acks`, are set aside; once their reader ends (the standby closed,
+/// or fell silent), what still arrives is read from the receiving half it
+/// hands back, and thrown away.
 pub(super) fn tell_dropped(
     tx: LinkSender,
-    mut acks: mpsc::UnboundedReceiver<AckEvent>,
+    (mut acks, reader): (mpsc::UnboundedReceiver<AckEvent>, JoinHandle<LinkReceiver>),
     (epoch, generation): (u64, u64),
     patience: Duration,
 ) -> JoinHandle<()> {
@@ -80,21 +85,15 @@ pub(super) fn tell_dropped(
             return;
         }
         info!(epoch, "the dropped standby is told so");
-        // A silent standby may read again later: the connection is kept
-        // for the rest of the patience. Any other end (its side closed,
-        // typically after reading the word) ends the wait.
-        let silent = tokio::time::timeout_at(until, async {
-            loop {
-                match acks.recv().await {
-                    Some(Ok(_)) => {}
-                    Some(Err(PrimaryError::Link(LinkError::PeerSilent { .. }))) => return true,
-                    Some(Err(_)) | None => return false,
-                }
+        let ended =
+            tokio::time::timeout_at(until, async { while acks.recv().await.is_some() {} }).await;
+        // A silent standby may read again later: its side is read until it
+        // closes (at once if it did already).
+        if ended.is_ok() {
+            if let Ok(rx) = reader.await {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                rx.discard_until_closed(left).await;
             }
-        })
-        .await;
-        if silent == Ok(true) {
-            tokio::time::sleep_until(until).await;
         }
         drop(tx);
     })
@@ -151,7 +150,7 @@ mod tests {
         let heard = primary.liveness();
         let (tx, rx) = primary.split();
         let (held_tx, _held) = mpsc::unbounded_channel();
-        let acks = super::super::spawn_ack_reader(rx, 1, held_tx, Duration::from_secs(60));
+        let reading = super::super::spawn_ack_reader(rx, 1, held_tx, Duration::from_secs(60));
         let big = Frame::message(64, 1, 1, Bytes::from(vec![0x5a; 1 << 20])).unwrap();
         let mut whole = 0;
         let stalled = tokio::time::timeout(Duration::from_secs(10), async {
@@ -168,11 +167,11 @@ mod tests {
         // read.
         let error = judge_stall(
             PrimaryError::Link(stalled),
-            heard.last_arrival(),
+            Some(heard.last_arrival()),
             Duration::from_millis(50),
         );
         assert!(drops_a_live_standby(&error), "{error}");
-        let telling = tell_dropped(tx, acks, (0, 1), Duration::from_secs(60));
+        let telling = tell_dropped(tx, reading, (0, 1), Duration::from_secs(60));
         // The standby reads again after longer than a send's stall timeout.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut read = 0;
@@ -219,19 +218,60 @@ mod tests {
         };
         let interval = Duration::from_millis(100);
         let now = std::time::Instant::now();
-        let heard = judge_stall(stall(), now, interval);
+        let heard = judge_stall(stall(), Some(now), interval);
         assert!(
             matches!(heard, PrimaryError::StandbyNotReading { .. }),
             "{heard}"
         );
         assert!(drops_a_live_standby(&heard) && tells_release(&heard));
-        let silent = judge_stall(stall(), now - Duration::from_secs(1), interval);
+        let silent = judge_stall(stall(), Some(now - Duration::from_secs(1)), interval);
         assert!(
             matches!(silent, PrimaryError::Link(LinkError::SendStalled { .. })),
             "{silent}"
         );
         assert!(!drops_a_live_standby(&silent) && tells_release(&silent));
+        // During the copy (the VM not protected yet) a stall is no drop.
+        let copying = judge_stall(stall(), None, interval);
+        assert!(!drops_a_live_standby(&copying) && tells_release(&copying));
         let other = PrimaryError::AckStreamEnded;
-        assert!(!tells_release(&judge_stall(other, now, interval)));
+        assert!(!tells_release(&judge_stall(other, Some(now), interval)));
+    }
+
+    /// A standby that falls silent as well (its whole host hangs) may
+    /// still read again: the primary's side of the link stays open, read,
+    /// until the standby closes its side, and no longer (it slept out its
+    /// whole patience before).
+    #[tokio::test]
+    async fn a_silent_standby_finds_release_and_its_close_ends_the_wait() {
+        let mut standby_config = config(Role::Standby);
+        // It sends nothing: no heartbeats.
+        standby_config.heartbeat_interval = Duration::from_secs(600);
+        let listener = LinkListener::bind("127.0.0.1:0", standby_config)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let primary_config = config(Role::Primary);
+        let (standby, primary) =
+            tokio::join!(listener.accept(), Link::connect(addr, &primary_config));
+        let (mut standby, primary) = (standby.unwrap(), primary.unwrap());
+        let (tx, rx) = primary.split();
+        let (held_tx, _held) = mpsc::unbounded_channel();
+        // Its reader judges the standby silent after a second.
+        let reading = super::super::spawn_ack_reader(rx, 1, held_tx, Duration::from_millis(200));
+        let telling = tell_dropped(tx, reading, (5, 1), Duration::from_secs(120));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let word = tokio::time::timeout(WITHIN, standby.recv())
+            .await
+            .expect("a frame arrived")
+            .expect("the word");
+        let word = Message::from_frame(word).expect("a protocol message");
+        assert_eq!(word.message, Message::Release);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!telling.is_finished(), "the primary closed first");
+        drop(standby);
+        tokio::time::timeout(WITHIN, telling)
+            .await
+            .expect("the primary's side closed once the standby's did")
+            .unwrap();
     }
 }
