@@ -206,6 +206,11 @@ pub struct VmCreateArgs {
     /// default 4; 1: each waits for the last one's acknowledgement).
     #[arg(long, value_name = "N", conflicts_with = "from_json")]
     epochs_in_flight: Option<u32>,
+    /// A checkpoint (level ha: a batch of disk writes) not acknowledged
+    /// this long drops the standby, and the VM goes on unprotected (ms;
+    /// default 5000).
+    #[arg(long, value_name = "MS", conflicts_with = "from_json")]
+    ack_deadline_ms: Option<u64>,
     /// A VmCreate body (JSON) instead of the options; '-' reads stdin.
     #[arg(long, value_name = "FILE")]
     from_json: Option<PathBuf>,
@@ -521,6 +526,7 @@ fn create_body(create: VmCreateArgs) -> Result<CreateBody, CommandError> {
                 max_interval_ms: create.max_interval_ms,
                 epochs_in_flight: create.epochs_in_flight,
                 no_pulses: false,
+                ack_deadline_ms: create.ack_deadline_ms,
             })
             .filter(|ft| *ft != FtOptions::default()),
         })));

@@ -37,6 +37,8 @@ pub struct FtOptions {
     pub epochs_in_flight: Option<u32>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_pulses: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_deadline_ms: Option<u64>,
 }
 
 /// The body of `POST /api/vms`. Fields left out take the daemon's
@@ -81,6 +83,9 @@ pub struct VmDefinition {
     pub nics: Vec<String>,
     pub preferred_node: String,
     pub slot: u64,
+    /// Its tuning of level ft (absent from older daemons).
+    #[serde(default)]
+    pub ft: FtOptions,
 }
 
 /// A VM as `GET /api/vms/{name}` shows it.

@@ -24,25 +24,28 @@ pub fn pair_config() -> Config {
     config
 }
 
+/// VM `name` at level ft, preferring node-a, without disks or NICs.
+pub fn definition(name: &str) -> VmDefinition {
+    VmDefinition {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: "/k".into(),
+        initrd: None,
+        cmdline: String::new(),
+        disks: vec![],
+        nics: vec![],
+        level: Level::Ft,
+        preferred_node: "node-a".into(),
+        ft: Default::default(),
+        slot: 0,
+    }
+}
+
 /// node-a's store in `dir` with vm1 running, its primary on node-a.
 pub fn store_with_vm(dir: &Path) -> Store {
     let store = Store::open(&dir.join("db"), "node-a").unwrap();
-    store
-        .create_vm(&VmDefinition {
-            name: "vm1".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: vec![],
-            nics: vec![],
-            level: Level::Ft,
-            preferred_node: "node-a".into(),
-            ft: Default::default(),
-            slot: 0,
-        })
-        .unwrap();
+    store.create_vm(&definition("vm1")).unwrap();
     store
         .update_vm("vm1", |r| {
             r.desired = Desired::Running;

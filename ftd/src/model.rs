@@ -118,6 +118,14 @@ pub struct FtOptions {
     /// silent).
     #[serde(default)]
     pub no_pulses: bool,
+    /// A checkpoint (at level HA, a batch of disk writes) the standby has
+    /// not acknowledged this long after it was sent drops the standby:
+    /// the VM goes on unprotected instead of waiting for a standby whose
+    /// disk or host hangs, and is protected again once it answers (ms,
+    /// 100-600000; default 5000).
+    #[serde(default)]
+    #[schema(minimum = 100, maximum = 600000)]
+    pub ack_deadline_ms: Option<u64>,
 }
 
 impl FtOptions {
@@ -149,6 +157,14 @@ impl FtOptions {
                 return Err(FieldError::new(
                     "ft.epochs_in_flight",
                     format!("{n} is not in 1..=64"),
+                ));
+            }
+        }
+        if let Some(ms) = self.ack_deadline_ms {
+            if !(100..=600_000).contains(&ms) {
+                return Err(FieldError::new(
+                    "ft.ack_deadline_ms",
+                    format!("{ms} is not in 100..=600000"),
                 ));
             }
         }
@@ -905,6 +921,14 @@ mod tests {
             (
                 Box::new(|c| c.ft.epochs_in_flight = Some(65)),
                 "ft.epochs_in_flight",
+            ),
+            (
+                Box::new(|c| c.ft.ack_deadline_ms = Some(99)),
+                "ft.ack_deadline_ms",
+            ),
+            (
+                Box::new(|c| c.ft.ack_deadline_ms = Some(600_001)),
+                "ft.ack_deadline_ms",
             ),
         ];
         for (change, field) in cases {

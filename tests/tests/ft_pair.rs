@@ -640,12 +640,13 @@ fn latest_alerts(api: &ftd_client::client::ApiClient) -> Vec<ftd_client::model::
 /// the VM as it is then, and a ledger client that appended for 2 s.
 fn protected_and_writing(
     lab: &LabPair,
+    ft: ftd_client::model::FtOptions,
 ) -> (
     ftd_client::client::ApiClient,
     ftd_client::model::VmView,
     Appender,
 ) {
-    ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
+    ft_pair::protect(lab.lab(), NodeId::A, ft).expect("protected");
     ft_pair::wait_for(
         lab.lab(),
         NodeId::B,
@@ -665,7 +666,7 @@ fn protected_and_writing(
 fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
     use ftd_client::model::{Event, VmView};
     let lab = LabPair::start("ftwit");
-    let (api, before, mut writer) = protected_and_writing(&lab);
+    let (api, before, mut writer) = protected_and_writing(&lab, Default::default());
     assert!(lab.lab().stop_witness(), "the lab's witness ran");
     // The daemons notice within their 5 s watch and say what it means.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -719,7 +720,27 @@ fn a_witness_restart_while_protected_is_no_takeover_and_loses_nothing() {
 fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
     use ftd_client::model::{Event, VmView};
     let lab = LabPair::start("fthang");
-    let (api, before, mut writer) = protected_and_writing(&lab);
+    // The VM's own deadline, shorter than the default 5 s.
+    let ft = ftd_client::model::FtOptions {
+        ack_deadline_ms: Some(3000),
+        ..Default::default()
+    };
+    let (api, before, mut writer) = protected_and_writing(&lab, ft);
+    assert_eq!(
+        before.definition.ft.ack_deadline_ms,
+        Some(3000),
+        "{before:?}"
+    );
+    // ... and it reached the engine.
+    let started = lab.sh(
+        NodeId::A,
+        "grep -c '\"--ack-deadline-ms\" \"3000\"' /data/ftd/ftd.log || true",
+    );
+    assert_ne!(
+        started.trim(),
+        "0",
+        "the engine was not given the VM's deadline"
+    );
     let drops_before = status(&lab, NodeId::A).expect("a").counters.standby_drops;
 
     lab.sh(NodeId::B, "fsfreeze --freeze /data");
@@ -742,7 +763,13 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
         );
     };
     let dropped_after = frozen.elapsed();
-    assert_ne!(dropped.state, FtState::Protected, "{dropped:?}");
+    if dropped.state == FtState::Protected {
+        let log = lab.sh(
+            NodeId::A,
+            "tail -n 40 /data/ftd/vms/ledger-vm/ftprotect.log",
+        );
+        panic!("a dropped standby, and the VM still shown protected: {dropped:?}\n{log}");
+    }
     let acked_then = writer.acked.len();
     writer.append_for(Duration::from_secs(3));
     assert!(
@@ -753,7 +780,7 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
     // gone on to look for a standby meanwhile).
     let log = lab.sh(
         NodeId::A,
-        "grep 'did not acknowledge epoch' /data/ftd/vms/ledger-vm/ftprotect.log || true",
+        "grep -E 'did not acknowledge epoch|stopped reading the A-link' /data/ftd/vms/ledger-vm/ftprotect.log || true",
     );
     assert!(log.contains("standby lost"), "{log:?}");
     let alerts: Vec<Event> = latest_alerts(&api);
@@ -764,7 +791,7 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
         "no alert for the dropped standby: {alerts:?}"
     );
 
-    // Bounded by the deadline (5 s) and the witness's confirmation, far
+    // Bounded by the deadline (3 s) and the witness's confirmation, far
     // below the freeze this loop would otherwise wait out (60 s).
     assert!(
         longest < Duration::from_secs(30),
@@ -799,7 +826,7 @@ fn a_standby_whose_disk_hangs_is_dropped_and_the_vm_goes_on_serving() {
     );
     writer.assert_nothing_lost();
     eprintln!(
-        "[e2e] standby's disk hung: dropped {:.1} s after the freeze (deadline 5 s), the VM served on unprotected (operations waited {:.1} s at most); protected again {:.1} s after the thaw; {} operations, none lost, no takeover; the standby: {}",
+        "[e2e] standby's disk hung: dropped {:.1} s after the freeze (deadline 3 s), the VM served on unprotected (operations waited {:.1} s at most); protected again {:.1} s after the thaw; {} operations, none lost, no takeover; the standby: {}",
         dropped_after.as_secs_f64(),
         longest.as_secs_f64(),
         protected_after.as_secs_f64(),

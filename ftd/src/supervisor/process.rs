@@ -94,6 +94,95 @@ fn slot_addresses(addrs: &[SocketAddr], slot: u16) -> String {
         .join(",")
 }
 
+/// The engine's command line for `role` of `vm` (the process's
+/// plumbing, its log and group, aside).
+fn engine_command(
+    config: &Config,
+    vm: &VmDefinition,
+    generation: u64,
+    role: Role,
+    paths: &VmPaths,
+) -> Command {
+    let mut cmd = Command::new(&config.ftprotect);
+    cmd.arg(match role {
+        Role::Primary => "run",
+        Role::Standby => "standby",
+    });
+    cmd.args(["--vm-name", &vm.name, "--node", &config.node.name]);
+    cmd.arg("--secret-file").arg(&paths.secret);
+    if let Some(peer) = &config.peer {
+        cmd.args(["--peer", &slot_addresses(&peer.alink, vm.slot)]);
+        if !config.witness.is_empty() && vm.level.has_standby() {
+            cmd.args(["--witness", &config.witness.join(",")]);
+        }
+    }
+    cmd.args(["--generation", &generation.to_string()]);
+    if vm.level == crate::model::Level::Ha {
+        cmd.args(["--level", "ha"]);
+    }
+    cmd.args(["--bridge", &config.bridge]);
+    cmd.arg("--control-sock").arg(&paths.sock);
+    cmd.arg("--serial-log").arg(&paths.console);
+    if let Some(ram) = &paths.ram {
+        cmd.arg("--ram-file").arg(ram);
+    }
+    let ft = &vm.ft;
+    let heartbeat = ft
+        .heartbeat_timeout_ms
+        .unwrap_or(config.heartbeat_timeout_ms);
+    cmd.args(["--heartbeat-timeout-ms", &heartbeat.to_string()]);
+    if let Some(min) = ft.min_interval_ms {
+        cmd.args(["--min-interval-ms", &min.to_string()]);
+    }
+    if let Some(max) = ft.max_interval_ms {
+        cmd.args(["--max-interval-ms", &max.to_string()]);
+    }
+    if ft.synchronous {
+        cmd.arg("--synchronous");
+    }
+    if let Some(n) = ft.epochs_in_flight {
+        cmd.args(["--epochs-in-flight", &n.to_string()]);
+    }
+    if ft.no_pulses {
+        cmd.arg("--no-pulses");
+    }
+    if let Some(ms) = ft.ack_deadline_ms {
+        cmd.args(["--ack-deadline-ms", &ms.to_string()]);
+    }
+    if config.alink_plaintext {
+        cmd.arg("--alink-plaintext");
+    }
+    // A standby passes it on to the primary it becomes at a takeover.
+    cmd.args(["--copy-compression", &config.copy_compression.to_string()]);
+    match role {
+        Role::Primary => {
+            cmd.args(["--kernel", &vm.kernel]);
+            if let Some(initrd) = &vm.initrd {
+                cmd.args(["--initrd", initrd]);
+            }
+            cmd.args(["--cmdline", &vm.cmdline]);
+            cmd.args(["--vcpus", &vm.vcpus.to_string()]);
+            cmd.args(["--mem-mib", &vm.memory_mib.to_string()]);
+            for i in 0..vm.disks.len() {
+                cmd.arg("--disk").arg(paths.disk(i));
+            }
+            for (i, mac) in vm.nics.iter().enumerate() {
+                cmd.args(["--net", &format!("tap={},mac={mac}", tap_name(vm.slot, i))]);
+            }
+        }
+        Role::Standby => {
+            cmd.args(["--listen", &slot_addresses(&config.node.alink, vm.slot)]);
+            for i in 0..vm.disks.len() {
+                cmd.arg("--disk").arg(paths.disk(i));
+            }
+            for i in 0..vm.nics.len() {
+                cmd.args(["--tap", &tap_name(vm.slot, i)]);
+            }
+        }
+    }
+    cmd
+}
+
 /// What a poll saw.
 #[derive(Debug, Default)]
 pub struct Seen {
@@ -174,80 +263,7 @@ impl Process {
             path: paths.log.clone(),
             source,
         })?;
-        let mut cmd = Command::new(&config.ftprotect);
-        cmd.arg(match role {
-            Role::Primary => "run",
-            Role::Standby => "standby",
-        });
-        cmd.args(["--vm-name", &vm.name, "--node", &config.node.name]);
-        cmd.arg("--secret-file").arg(&paths.secret);
-        if let Some(peer) = &config.peer {
-            cmd.args(["--peer", &slot_addresses(&peer.alink, vm.slot)]);
-            if !config.witness.is_empty() && vm.level.has_standby() {
-                cmd.args(["--witness", &config.witness.join(",")]);
-            }
-        }
-        cmd.args(["--generation", &generation.to_string()]);
-        if vm.level == crate::model::Level::Ha {
-            cmd.args(["--level", "ha"]);
-        }
-        cmd.args(["--bridge", &config.bridge]);
-        cmd.arg("--control-sock").arg(&paths.sock);
-        cmd.arg("--serial-log").arg(&paths.console);
-        if let Some(ram) = &paths.ram {
-            cmd.arg("--ram-file").arg(ram);
-        }
-        let ft = &vm.ft;
-        let heartbeat = ft
-            .heartbeat_timeout_ms
-            .unwrap_or(config.heartbeat_timeout_ms);
-        cmd.args(["--heartbeat-timeout-ms", &heartbeat.to_string()]);
-        if let Some(min) = ft.min_interval_ms {
-            cmd.args(["--min-interval-ms", &min.to_string()]);
-        }
-        if let Some(max) = ft.max_interval_ms {
-            cmd.args(["--max-interval-ms", &max.to_string()]);
-        }
-        if ft.synchronous {
-            cmd.arg("--synchronous");
-        }
-        if let Some(n) = ft.epochs_in_flight {
-            cmd.args(["--epochs-in-flight", &n.to_string()]);
-        }
-        if ft.no_pulses {
-            cmd.arg("--no-pulses");
-        }
-        if config.alink_plaintext {
-            cmd.arg("--alink-plaintext");
-        }
-        // A standby passes it on to the primary it becomes at a takeover.
-        cmd.args(["--copy-compression", &config.copy_compression.to_string()]);
-        match role {
-            Role::Primary => {
-                cmd.args(["--kernel", &vm.kernel]);
-                if let Some(initrd) = &vm.initrd {
-                    cmd.args(["--initrd", initrd]);
-                }
-                cmd.args(["--cmdline", &vm.cmdline]);
-                cmd.args(["--vcpus", &vm.vcpus.to_string()]);
-                cmd.args(["--mem-mib", &vm.memory_mib.to_string()]);
-                for i in 0..vm.disks.len() {
-                    cmd.arg("--disk").arg(paths.disk(i));
-                }
-                for (i, mac) in vm.nics.iter().enumerate() {
-                    cmd.args(["--net", &format!("tap={},mac={mac}", tap_name(vm.slot, i))]);
-                }
-            }
-            Role::Standby => {
-                cmd.args(["--listen", &slot_addresses(&config.node.alink, vm.slot)]);
-                for i in 0..vm.disks.len() {
-                    cmd.arg("--disk").arg(paths.disk(i));
-                }
-                for i in 0..vm.nics.len() {
-                    cmd.args(["--tap", &tap_name(vm.slot, i)]);
-                }
-            }
-        }
+        let mut cmd = engine_command(config, vm, generation, role, &paths);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -691,5 +707,41 @@ mod tests {
         assert_eq!(exit.and_then(|e| e.last_state), Some(FtState::StandingBy));
         let status = child.try_wait().unwrap().expect("gone when stop returned");
         assert_eq!(status.code(), Some(0), "it stopped by itself: {status:?}");
+    }
+
+    /// The arguments of `command` as strings.
+    fn args(command: &Command) -> Vec<String> {
+        command
+            .as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// `flag`'s value in `args`, if the flag is there.
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).map(String::as_str)
+    }
+
+    /// A VM's `ft` options reach its engine on both roles (the
+    /// acknowledgement deadline was an ftprotect flag alone).
+    #[test]
+    fn the_vms_ft_options_reach_its_engine() {
+        let config = crate::fixtures::pair_config();
+        let mut vm = crate::fixtures::definition("vm1");
+        let paths = VmPaths::new(&config, Path::new("/var/lib/ftvm"), "vm1");
+        for role in [Role::Primary, Role::Standby] {
+            let plain = args(&engine_command(&config, &vm, 3, role, &paths));
+            assert_eq!(value_of(&plain, "--ack-deadline-ms"), None, "{plain:?}");
+            assert_eq!(value_of(&plain, "--generation"), Some("3"));
+        }
+        vm.ft.ack_deadline_ms = Some(3000);
+        vm.ft.epochs_in_flight = Some(2);
+        for role in [Role::Primary, Role::Standby] {
+            let set = args(&engine_command(&config, &vm, 3, role, &paths));
+            assert_eq!(value_of(&set, "--ack-deadline-ms"), Some("3000"), "{set:?}");
+            assert_eq!(value_of(&set, "--epochs-in-flight"), Some("2"), "{set:?}");
+        }
     }
 }
