@@ -123,7 +123,10 @@ pub struct FtOptions {
     /// the VM goes on unprotected instead of waiting for a standby whose
     /// disk or host hangs, and is protected again once it answers (ms,
     /// 100-600000; default 5000).
-    #[serde(default)]
+    // Left out when unset: a daemon of an older version, which refuses
+    // fields it does not know, still reads the VM (over the pair channel,
+    // or from the store after a downgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 100, maximum = 600000)]
     pub ack_deadline_ms: Option<u64>,
 }
@@ -850,6 +853,21 @@ mod tests {
         assert_eq!(d.preferred_node, "node-a");
         assert_eq!(d.nics.len(), 1);
         assert!(d.nics[0].starts_with("52:54:00:"));
+    }
+
+    /// A VM that leaves the deadline unset is written as a daemon of the
+    /// version before it wrote it (which refuses unknown fields, over the
+    /// pair channel and in the store); one that sets it round-trips.
+    #[test]
+    fn an_unset_ack_deadline_is_left_out() {
+        let unset = serde_json::to_value(FtOptions::default()).unwrap();
+        assert!(unset.get("ack_deadline_ms").is_none(), "{unset}");
+        let set = FtOptions {
+            ack_deadline_ms: Some(3000),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&set).unwrap();
+        assert_eq!(serde_json::from_str::<FtOptions>(&text).unwrap(), set);
     }
 
     #[test]
