@@ -112,8 +112,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What going on alone came to.
 pub(super) enum Alone {
-    /// Confirmed: the output of the lost session may leave.
-    Confirmed,
+    /// Confirmed: the output of the lost session may leave; with the
+    /// standby, if it answered meanwhile.
+    Confirmed(Option<Box<(ft_link::Link, usize)>>),
     /// A standby answered first: the new session's first acknowledged
     /// epoch releases what is held.
     StandbyAnswered(Box<(ft_link::Link, usize)>),
@@ -293,35 +294,15 @@ impl Lease {
             if self.superseded().is_some() {
                 return Alone::Superseded;
             }
-            let generation = self.generation();
-            let sent = Instant::now();
-            let request = Request::Confirm {
-                vm: self.witness.vm.clone(),
-                generation,
-            };
-            let error = match self.witness.client.ask(&request).await {
-                Ok(Answer::Confirmed {
-                    generation,
-                    lease_ms,
-                }) => {
-                    let lease = Duration::from_millis(lease_ms);
-                    self.standing.renewed(generation, sent + lease, lease);
-                    info!(generation, "the witness confirmed: going on alone");
-                    status.update(|s| {
-                        s.generation = generation;
-                        s.witness = Some(format!("confirmed alone at generation {generation}"));
-                    });
+            let error = match self.confirm(status).await {
+                Ok(Verdict::Confirmed) => {
                     if fenced {
                         vm.resume();
                     }
-                    return Alone::Confirmed;
+                    return Alone::Confirmed(None);
                 }
-                Ok(Answer::Superseded { generation, owner }) => {
-                    self.standing.supersede(generation, owner);
-                    return Alone::Superseded;
-                }
-                Ok(other) => format!("unexpected answer {other:?}"),
-                Err(e) => e.to_string(),
+                Ok(Verdict::Superseded) => return Alone::Superseded,
+                Err(error) => error,
             };
             if !fenced {
                 vm.pause();
@@ -342,11 +323,58 @@ impl Lease {
             if let Ok((link, active)) = super::connect_any(&config.peers, &config.link).await {
                 info!("a standby answered while fenced: resynchronising it");
                 vm.resume();
-                return Alone::StandbyAnswered(Box::new((link, active)));
+                let found = Box::new((link, active));
+                // The witness is often back with it (a cut of every path
+                // heals at once): its confirmation lets the held output
+                // go now, not after the new session's copy (seconds, or
+                // minutes for a large VM).
+                return match self.confirm(status).await {
+                    Ok(Verdict::Confirmed) => Alone::Confirmed(Some(found)),
+                    Ok(Verdict::Superseded) => Alone::Superseded,
+                    Err(_) => Alone::StandbyAnswered(found),
+                };
             }
             tokio::time::sleep(config.retry_every.min(Duration::from_millis(300))).await;
         }
     }
+
+    /// Asks the witness to confirm that this copy goes on alone, at a new
+    /// generation (the lost standby's claim is refused from then on).
+    async fn confirm(&self, status: &StatusBoard) -> Result<Verdict, String> {
+        let generation = self.generation();
+        let sent = Instant::now();
+        let request = Request::Confirm {
+            vm: self.witness.vm.clone(),
+            generation,
+        };
+        match self.witness.client.ask(&request).await {
+            Ok(Answer::Confirmed {
+                generation,
+                lease_ms,
+            }) => {
+                let lease = Duration::from_millis(lease_ms);
+                self.standing.renewed(generation, sent + lease, lease);
+                info!(generation, "the witness confirmed: going on alone");
+                status.update(|s| {
+                    s.generation = generation;
+                    s.witness = Some(format!("confirmed alone at generation {generation}"));
+                });
+                Ok(Verdict::Confirmed)
+            }
+            Ok(Answer::Superseded { generation, owner }) => {
+                self.standing.supersede(generation, owner);
+                Ok(Verdict::Superseded)
+            }
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// The witness's answer to a confirmation.
+enum Verdict {
+    Confirmed,
+    Superseded,
 }
 
 /// Renews the lease until the witness says the generation is over.

@@ -452,7 +452,14 @@ pub async fn run(
                     _ = stop.notified() => return PrimaryEnd::Stopped,
                 };
                 match alone {
-                    Alone::Confirmed => l.set_mode(&vm, GateMode::Lease { fence: true }),
+                    Alone::Confirmed(None) => l.set_mode(&vm, GateMode::Lease { fence: true }),
+                    Alone::Confirmed(Some(found)) => {
+                        // The output held for the lost session left; the
+                        // standby that answered takes the next one.
+                        l.set_mode(&vm, GateMode::Lease { fence: true });
+                        answered = Some(*found);
+                        continue;
+                    }
                     Alone::StandbyAnswered(found) => {
                         // The held output waits for the new session's
                         // first acknowledged epoch.
