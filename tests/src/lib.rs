@@ -238,17 +238,24 @@ impl Appender {
     pub fn try_append_for(&mut self, d: Duration) -> Result<(), String> {
         let until = Instant::now() + d;
         while Instant::now() < until {
-            self.sent += 1;
-            let asked = Instant::now();
-            self.client.append(self.sent).map_err(|e| {
-                format!(
-                    "id {} not acknowledged after {:.1} s: {e}",
-                    self.sent,
-                    asked.elapsed().as_secs_f64()
-                )
-            })?;
-            self.acked.push(self.sent);
+            self.try_append()?;
         }
+        Ok(())
+    }
+
+    /// Appends the next id; fails if the ledger does not acknowledge it in
+    /// time.
+    pub fn try_append(&mut self) -> Result<(), String> {
+        self.sent += 1;
+        let asked = Instant::now();
+        self.client.append(self.sent).map_err(|e| {
+            format!(
+                "id {} not acknowledged after {:.1} s: {e}",
+                self.sent,
+                asked.elapsed().as_secs_f64()
+            )
+        })?;
+        self.acked.push(self.sent);
         Ok(())
     }
 

@@ -849,7 +849,7 @@ fn when_a_cut_of_every_path_heals_the_held_output_leaves_before_the_resynchronis
     use lab::topology::LinkId;
     let lab = LabPair::start("ftcutall");
     let (_api, _, mut writer) = protected_and_writing(&lab, Default::default());
-    let before = status(&lab, NodeId::A).expect("a");
+    let before = drill::watch::engine_status(lab.lab(), NodeId::A).expect("a");
     let cut = |up: bool| {
         lab.lab().set_link(LinkId::Alink, up).expect("A-link");
         lab.lab()
@@ -861,20 +861,26 @@ fn when_a_cut_of_every_path_heals_the_held_output_leaves_before_the_resynchronis
     // was fenced (lost standby 0.2 s in, the witness's answer missed 2-3 s
     // in).
     cut(false);
-    // An operation asked during the cut: answered once the cut heals.
-    let (answered_tx, answered) = mpsc::channel();
-    let asking = std::thread::spawn(move || {
-        let result = writer.try_append_for(Duration::from_millis(1));
-        let _ = answered_tx.send(Instant::now());
-        (writer, result)
-    });
     std::thread::sleep(Duration::from_secs(6));
     cut(true);
     let healed = Instant::now();
-    let answered_at = answered
+    // An operation asked as the cut heals (not during it: the client's
+    // own retransmission timer, backed off over the cut, would decide
+    // when it is answered).
+    let (answered_tx, answered) = mpsc::channel();
+    let asking = std::thread::spawn(move || {
+        let result = writer.try_append();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let _ = answered_tx.send((Instant::now(), unix_ms));
+        (writer, result)
+    });
+    let (answered_at, answered_unix_ms) = answered
         .recv_timeout(Duration::from_secs(120))
         .expect("the operation was answered");
-    let when_answered = status(&lab, NodeId::A).expect("a");
+    // The engine's own word (the API shows what ftd last polled).
+    let when_answered = drill::watch::engine_status(lab.lab(), NodeId::A).expect("a");
     let (mut writer, result) = asking.join().expect("the client thread");
     result.expect("the operation asked during the cut");
     ft_pair::wait_for(
@@ -891,14 +897,19 @@ fn when_a_cut_of_every_path_heals_the_held_output_leaves_before_the_resynchronis
         "grep -c 'state=fenced' /data/ftd/vms/ledger-vm/ftprotect.log || true",
     );
     assert_ne!(fenced.trim(), "0", "the cut did not fence a");
+    let log = lab.sh(
+        NodeId::A,
+        "grep -v 'falls behind\\|keeps up' /data/ftd/vms/ledger-vm/ftprotect.log | tail -n 30",
+    );
     assert_ne!(
         when_answered.state,
         FtState::Protected,
-        "the held output waited for the new session: {when_answered:?}"
+        "the held output waited for the new session: {when_answered:?}\n{log}"
     );
     assert!(
         when_answered.generation > before.generation,
-        "the witness confirmed a new generation: {when_answered:?}"
+        "the witness confirmed a new generation: answered {:?} after the heal (at {answered_unix_ms} ms unix): {when_answered:?}\n{log}",
+        answered_at.saturating_duration_since(healed)
     );
     writer.append_for(Duration::from_secs(2));
     writer.assert_nothing_lost();

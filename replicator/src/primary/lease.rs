@@ -112,9 +112,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// What going on alone came to.
 pub(super) enum Alone {
-    /// Confirmed: the output of the lost session may leave; with the
-    /// standby, if it answered meanwhile.
-    Confirmed(Option<Box<(ft_link::Link, usize)>>),
+    /// Confirmed: the output of the lost session may leave. `standby`: a
+    /// standby answered meanwhile (a new session may begin at once).
+    Confirmed { standby: bool },
     /// A standby answered first: the new session's first acknowledged
     /// epoch releases what is held.
     StandbyAnswered(Box<(ft_link::Link, usize)>),
@@ -299,7 +299,7 @@ impl Lease {
                     if fenced {
                         vm.resume();
                     }
-                    return Alone::Confirmed(None);
+                    return Alone::Confirmed { standby: false };
                 }
                 Ok(Verdict::Superseded) => return Alone::Superseded,
                 Err(error) => error,
@@ -323,15 +323,21 @@ impl Lease {
             if let Ok((link, active)) = super::connect_any(&config.peers, &config.link).await {
                 info!("a standby answered while fenced: resynchronising it");
                 vm.resume();
-                let found = Box::new((link, active));
                 // The witness is often back with it (a cut of every path
                 // heals at once): its confirmation lets the held output
                 // go now, not after the new session's copy (seconds, or
-                // minutes for a large VM).
+                // minutes for a large VM). The session then begins at the
+                // new generation on a link made afresh: this one would sit
+                // idle during the ask, longer than the standby waits for
+                // a session's first word.
                 return match self.confirm(status).await {
-                    Ok(Verdict::Confirmed) => Alone::Confirmed(Some(found)),
+                    Ok(Verdict::Confirmed) => Alone::Confirmed { standby: true },
                     Ok(Verdict::Superseded) => Alone::Superseded,
-                    Err(_) => Alone::StandbyAnswered(found),
+                    Err(error) => {
+                        warn!(%error, "the witness still cannot be reached: the held output waits for the standby's first acknowledged epoch");
+                        status.update(|s| s.witness = Some(format!("unreachable: {error}")));
+                        Alone::StandbyAnswered(Box::new((link, active)))
+                    }
                 };
             }
             tokio::time::sleep(config.retry_every.min(Duration::from_millis(300))).await;

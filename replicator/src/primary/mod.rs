@@ -452,13 +452,13 @@ pub async fn run(
                     _ = stop.notified() => return PrimaryEnd::Stopped,
                 };
                 match alone {
-                    Alone::Confirmed(None) => l.set_mode(&vm, GateMode::Lease { fence: true }),
-                    Alone::Confirmed(Some(found)) => {
-                        // The output held for the lost session left; the
-                        // standby that answered takes the next one.
+                    Alone::Confirmed { standby } => {
                         l.set_mode(&vm, GateMode::Lease { fence: true });
-                        answered = Some(*found);
-                        continue;
+                        if standby {
+                            // The output held for the lost session left;
+                            // the standby that answered is asked at once.
+                            continue;
+                        }
                     }
                     Alone::StandbyAnswered(found) => {
                         // The held output waits for the new session's
