@@ -448,6 +448,21 @@ mod tests {
         );
     }
 
+    /// A confirmation whose answer the primary never got: its next
+    /// renewal at the old generation is answered with the new one (which
+    /// ends its session at the old one: see the primary's lease).
+    #[test]
+    fn a_renewal_at_the_old_generation_names_a_confirmation_whose_answer_was_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = registry(&dir, Instant::now());
+        r.hold("a", "db", 1);
+        r.confirm("a", "db", 1);
+        assert!(matches!(
+            r.hold("a", "db", 1),
+            Answer::Held { generation: 2, .. }
+        ));
+    }
+
     #[test]
     fn a_confirmed_primary_makes_the_lost_standbys_replica_stale() {
         let dir = tempfile::tempdir().unwrap();

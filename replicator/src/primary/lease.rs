@@ -68,6 +68,8 @@ struct Standing {
     lease: Mutex<Duration>,
     superseded: Mutex<Option<(u64, String)>>,
     ended: Notify,
+    /// The generation rose (the witness named a newer one for this copy).
+    moved: Notify,
     /// Whether the keeper renews the lease (not once the VM was released
     /// to the standby). The keeper holds it while it asks, so a release
     /// is never overtaken by a renewal that would take it back.
@@ -91,11 +93,38 @@ impl Standing {
         }
     }
 
+    fn new(generation: u64) -> Standing {
+        Standing {
+            started: Instant::now(),
+            generation: AtomicU64::new(generation),
+            lease_until: Mutex::new(None),
+            lease: Mutex::new(Duration::ZERO),
+            superseded: Mutex::new(None),
+            ended: Notify::new(),
+            moved: Notify::new(),
+            keeping: tokio::sync::Mutex::new(true),
+        }
+    }
+
     fn renewed(&self, generation: u64, until: Instant, lease: Duration) {
-        self.generation.fetch_max(generation, Ordering::SeqCst);
+        let before = self.generation.fetch_max(generation, Ordering::SeqCst);
+        if generation > before {
+            self.moved.notify_waiters();
+        }
         let mut current = lock(&self.lease_until);
         *current = Some(current.map_or(until, |c| c.max(until)));
         *lock(&self.lease) = lease;
+    }
+
+    /// Resolves once the generation is newer than `generation`.
+    async fn moved_past(&self, generation: u64) {
+        loop {
+            let notified = self.moved.notified();
+            if self.generation.load(Ordering::SeqCst) > generation {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn supersede(&self, generation: u64, owner: String) {
@@ -147,15 +176,7 @@ impl Lease {
         status: &StatusBoard,
     ) -> Lease {
         vm.output().hold();
-        let standing = Arc::new(Standing {
-            started: Instant::now(),
-            generation: AtomicU64::new(generation),
-            lease_until: Mutex::new(None),
-            lease: Mutex::new(Duration::ZERO),
-            superseded: Mutex::new(None),
-            ended: Notify::new(),
-            keeping: tokio::sync::Mutex::new(true),
-        });
+        let standing = Arc::new(Standing::new(generation));
         if let Some(first) = first {
             // The grant of the takeover counts as the first renewal: output
             // leaves at once, not after a round trip to the witness.
@@ -188,6 +209,12 @@ impl Lease {
 
     pub(super) fn generation(&self) -> u64 {
         self.standing.generation.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the witness names this copy at a generation newer
+    /// than `generation`.
+    pub(super) async fn moved_past(&self, generation: u64) {
+        self.standing.moved_past(generation).await
     }
 
     /// The witness says another node runs the VM.
@@ -500,5 +527,40 @@ async fn gate_output(
                 ),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A confirmation whose answer was lost leaves the witness a
+    /// generation ahead of the session; the keeper's next renewal names
+    /// it, and the session learns it (it ends, and the standby is taken
+    /// again at the generation the witness knows, or its claim would be
+    /// refused as stale).
+    #[tokio::test]
+    async fn a_session_learns_that_the_witness_moved_this_copys_generation() {
+        let standing = Arc::new(Standing::new(3));
+        let waiting = {
+            let standing = Arc::clone(&standing);
+            tokio::spawn(async move { standing.moved_past(3).await })
+        };
+        let lease = Duration::from_millis(100);
+        // Renewals at the session's generation (or an older answer) move
+        // nothing.
+        standing.renewed(3, Instant::now() + lease, lease);
+        standing.renewed(2, Instant::now() + lease, lease);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished());
+        standing.renewed(4, Instant::now() + lease, lease);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the move was noticed")
+            .unwrap();
+        // Already past: at once.
+        tokio::time::timeout(Duration::from_secs(5), standing.moved_past(3))
+            .await
+            .expect("at once");
     }
 }

@@ -94,6 +94,11 @@ pub enum PrimaryError {
         stalled.as_secs_f64()
     )]
     StandbyNotReading { stalled: Duration },
+    #[error(
+        "the witness names this copy at generation {now}, newer than the session's {session} \
+         (a confirmation whose answer was lost): the standby is taken again at the new one"
+    )]
+    GenerationMoved { session: u64, now: u64 },
     #[error("the VM stopped")]
     VmStopped,
     #[error("the protection level changes to {to}: the session at the old level ended cleanly")]
@@ -238,6 +243,18 @@ fn stop_switched_over(vm: &Vm, epoch: u64, status: &StatusBoard) -> PrimaryEnd {
 async fn superseded(lease: Option<&Lease>) {
     match lease {
         Some(l) => l.ended().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves, with the new generation, once the witness names this copy at
+/// a generation newer than `session`'s (never without a witness).
+async fn generation_moved(lease: Option<&Lease>, session: u64) -> u64 {
+    match lease {
+        Some(l) => {
+            l.moved_past(session).await;
+            l.generation()
+        }
         None => std::future::pending().await,
     }
 }
@@ -440,6 +457,15 @@ pub async fn run(
                 // held for it goes out now.
                 let released = vm.output().open();
                 warn!(%error, released_frames = released, "standby lost: running unprotected");
+            }
+            Some(l) if matches!(error, PrimaryError::GenerationMoved { .. }) => {
+                // The witness already holds this copy at a newer
+                // generation, under a lease just renewed: the standby's
+                // replica (of the older one) can never be promoted, and
+                // what it never acknowledged leaves under the lease.
+                let held = vm.output().merge_held(0);
+                warn!(%error, held_frames = held, "the session's generation is stale: resynchronising the standby");
+                l.set_mode(&vm, GateMode::Lease { fence: true });
             }
             Some(l) if l.mode() == GateMode::Off => {
                 // Epochs began: the lost standby may hold a replica. What
@@ -698,7 +724,7 @@ async fn protect(
         config.link.heartbeat_timeout,
     );
     let mut backup = None;
-    let result = async {
+    let work = async {
         let common = crate::written::random_common().map_err(PrimaryError::CommonPoint)?;
         let forgetter = forget::Forgetter::new(vm.disk_writes().written_maps(), common);
         // The standby speaks during the copy to say what it holds (before
@@ -718,16 +744,35 @@ async fn protect(
             session.generation,
         ));
         if session.level == crate::level::Level::Ha {
-            return mirror::mirror(vm, &tx, &mut acks, (&session, forgetter), config, status, stop)
-                .await;
+            return mirror::mirror(
+                vm,
+                &tx,
+                &mut acks,
+                (&session, forgetter),
+                config,
+                status,
+                stop,
+            )
+            .await;
         }
         // What the guest receives goes to the standby beside the epochs.
         tokio::select! {
             e = epochs::epochs(vm, &tx, &mut acks, (&session, forgetter), config, status, stop) => e,
             e = inbound::forward(vm, &tx, session.generation, status) => Err(e),
         }
-    }
-    .await;
+    };
+    // The session runs at the generation the witness knows this copy by:
+    // a standby's claim from an older one is refused.
+    let result = tokio::select! {
+        result = work => result,
+        now = generation_moved(session.lease, session.generation) => {
+            // The session's work stopped wherever it waited; a guest it
+            // kept stopped (a synchronous epoch, a switchover under way)
+            // runs again (nothing else pauses it during a session).
+            vm.resume();
+            Err(PrimaryError::GenerationMoved { session: session.generation, now })
+        }
+    };
     if let Some(task) = backup {
         task.abort();
     }
