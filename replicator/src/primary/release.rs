@@ -130,6 +130,19 @@ mod tests {
         config
     }
 
+    /// A linked pair over loopback: the standby's side (configured with
+    /// `standby_config`) and the primary's.
+    async fn linked(standby_config: LinkConfig) -> (Link, Link) {
+        let listener = LinkListener::bind("127.0.0.1:0", standby_config)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let primary_config = config(Role::Primary);
+        let (standby, primary) =
+            tokio::join!(listener.accept(), Link::connect(addr, &primary_config));
+        (standby.unwrap(), primary.unwrap())
+    }
+
     /// A standby whose disk hung stops reading its link; the primary drops
     /// it after a stalled send (a frame cut in the middle). Once it reads
     /// again, it finds whole frames and then `Release` (no takeover), and
@@ -138,14 +151,7 @@ mod tests {
     /// the word's send was given up after 500 ms behind a cut frame.
     #[tokio::test]
     async fn a_standby_that_reads_again_finds_release_after_whole_frames() {
-        let listener = LinkListener::bind("127.0.0.1:0", config(Role::Standby))
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let primary_config = config(Role::Primary);
-        let (standby, primary) =
-            tokio::join!(listener.accept(), Link::connect(addr, &primary_config));
-        let (mut standby, primary) = (standby.unwrap(), primary.unwrap());
+        let (mut standby, primary) = linked(config(Role::Standby)).await;
         // The primary reads the standby's side as a session does.
         let heard = primary.liveness();
         let (tx, rx) = primary.split();
@@ -246,14 +252,7 @@ mod tests {
         let mut standby_config = config(Role::Standby);
         // It sends nothing: no heartbeats.
         standby_config.heartbeat_interval = Duration::from_secs(600);
-        let listener = LinkListener::bind("127.0.0.1:0", standby_config)
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let primary_config = config(Role::Primary);
-        let (standby, primary) =
-            tokio::join!(listener.accept(), Link::connect(addr, &primary_config));
-        let (mut standby, primary) = (standby.unwrap(), primary.unwrap());
+        let (mut standby, primary) = linked(standby_config).await;
         let (tx, rx) = primary.split();
         let (held_tx, _held) = mpsc::unbounded_channel();
         // Its reader judges the standby silent after a second.
