@@ -22,6 +22,16 @@ STATIC_DIR="$REPO_DIR/target/static"
 log "building static binaries (lab-agent, ftvmm, ftprotect, ftd, ftwitness, ftrelay, guest tools)"
 (
     cd "$REPO_DIR"
+    # Run from a test, this script inherits the variables cargo sets for the test
+    # process (CARGO_MANIFEST_DIR, CARGO_PKG_NAME, ...). Build scripts that read
+    # them (ring's does) would see them change between a run from the shell and
+    # one from a test, and everything above them would be rebuilt each time
+    # (about three minutes on two cores). Cargo sets its own for each build script.
+    for var in $(compgen -e); do
+        case "$var" in
+            CARGO_MANIFEST_* | CARGO_PKG_* | CARGO_CRATE_NAME | CARGO_BIN_NAME | CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR | OUT_DIR) unset "$var" ;;
+        esac
+    done
     RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$STATIC_DIR" \
         cargo build --release --locked --target "$TARGET" \
         -p lab --bin lab-agent -p vmm --bin ftvmm -p guest-tools --bin ft-dirtier --bin ft-counter --bin ft-ledger -p replicator --bin ftprotect -p ftd --bin ftd -p witness --bin ftwitness -p fault-relay --bin ftrelay >&2
