@@ -110,13 +110,16 @@ pub struct FtOptions {
     /// Checkpoints sent and not yet acknowledged, at most (1-64; default
     /// 4): the next checkpoint may be taken while this many await the
     /// standby. 1 makes each wait for the last one's acknowledgement.
-    #[serde(default)]
+    // Left out when unset, as `ack_deadline_ms` below (and for the same
+    // reason: a daemon older than the field still reads the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 64)]
     pub epochs_in_flight: Option<u32>,
     /// Judge the peer's silence on the connection alone, without pulses
     /// (for comparison: pulses keep a busy node from being declared
     /// silent).
-    #[serde(default)]
+    // Left out when false, as `ack_deadline_ms` below.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_pulses: bool,
     /// A checkpoint (at level HA, a batch of disk writes) the standby has
     /// not acknowledged this long after it was sent drops the standby:
@@ -855,15 +858,19 @@ mod tests {
         assert!(d.nics[0].starts_with("52:54:00:"));
     }
 
-    /// A VM that leaves the deadline unset is written as a daemon of the
-    /// version before it wrote it (which refuses unknown fields, over the
-    /// pair channel and in the store); one that sets it round-trips.
+    /// A VM that leaves the newer options unset is written as a daemon of
+    /// the version before them wrote it (which refuses unknown fields, over
+    /// the pair channel and in the store); one that sets them round-trips.
     #[test]
-    fn an_unset_ack_deadline_is_left_out() {
+    fn unset_newer_options_are_left_out() {
         let unset = serde_json::to_value(FtOptions::default()).unwrap();
-        assert!(unset.get("ack_deadline_ms").is_none(), "{unset}");
+        for field in ["ack_deadline_ms", "epochs_in_flight", "no_pulses"] {
+            assert!(unset.get(field).is_none(), "{field} in {unset}");
+        }
         let set = FtOptions {
             ack_deadline_ms: Some(3000),
+            epochs_in_flight: Some(2),
+            no_pulses: true,
             ..Default::default()
         };
         let text = serde_json::to_string(&set).unwrap();
