@@ -255,6 +255,17 @@ impl Registry {
                 self.released.insert(vm.to_string(), generation);
                 Answer::Released { generation }
             }
+            // The owner itself, at a newer generation than its session
+            // names (a confirmation whose answer it lost): it still runs
+            // the VM, so it is not superseded, but this session's replica
+            // is of the older generation and may not take the VM over.
+            Ok(Some(r)) if r.owner == node && r.generation > generation => Answer::Refused {
+                reason: format!(
+                    "node {node} holds VM {vm:?} at generation {}, not {generation}: a \
+                     switchover needs a standby at the current generation",
+                    r.generation
+                ),
+            },
             Ok(Some(r)) if r.generation >= generation => Self::superseded(&r),
             Ok(Some(r)) => Answer::Refused {
                 reason: format!(
@@ -405,7 +416,8 @@ mod tests {
         r.touch("db", "a", None, after_grace);
         // Only the owner of that generation may release it.
         assert!(matches!(r.release("b", "db", 3), Answer::Superseded { .. }));
-        assert!(matches!(r.release("a", "db", 2), Answer::Superseded { .. }));
+        // Its own older generation: refused, not superseded (see below).
+        assert!(matches!(r.release("a", "db", 2), Answer::Refused { .. }));
         assert!(matches!(r.release("a", "db", 9), Answer::Refused { .. }));
         assert!(matches!(r.release("a", "nope", 3), Answer::Refused { .. }));
         // Released, then taken back by a hold: the claim waits again.
@@ -460,6 +472,36 @@ mod tests {
         assert!(matches!(
             r.hold("a", "db", 1),
             Answer::Held { generation: 2, .. }
+        ));
+    }
+
+    /// A switchover asked by a session older than its node's confirmed
+    /// generation is refused, not answered "superseded" (which stops the
+    /// only copy): the session ends at the next renewal instead.
+    #[test]
+    fn a_release_at_a_generation_the_owner_has_moved_past_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = registry(&dir, Instant::now());
+        r.hold("a", "db", 1);
+        r.confirm("a", "db", 1);
+        assert!(
+            matches!(r.release("a", "db", 1), Answer::Refused { .. }),
+            "{:?}",
+            r.release("a", "db", 1)
+        );
+        // Nothing was handed over: the owner holds on at its generation,
+        // and another node releasing it is still told who owns it.
+        assert!(matches!(
+            r.hold("a", "db", 2),
+            Answer::Held { generation: 2, .. }
+        ));
+        assert!(matches!(
+            r.release("b", "db", 2),
+            Answer::Superseded { generation: 2, .. }
+        ));
+        assert!(matches!(
+            r.release("a", "db", 2),
+            Answer::Released { generation: 2 }
         ));
     }
 
