@@ -349,20 +349,26 @@ impl Lease {
             // A standby that answers ends the fence too.
             if let Ok((link, active)) = super::connect_any(&config.peers, &config.link).await {
                 info!("a standby answered while fenced: resynchronising it");
-                vm.resume();
                 // The witness is often back with it (a cut of every path
                 // heals at once): its confirmation lets the held output
                 // go now, not after the new session's copy (seconds, or
                 // minutes for a large VM). The session then begins at the
                 // new generation on a link made afresh: this one would sit
                 // idle during the ask, longer than the standby waits for
-                // a session's first word.
+                // a session's first word. The guest stays paused through
+                // the ask (at most WITNESS_WITHIN): should the witness
+                // say another node runs the VM, this copy never ran
+                // beside it.
                 return match self.confirm(status).await {
-                    Ok(Verdict::Confirmed) => Alone::Confirmed { standby: true },
+                    Ok(Verdict::Confirmed) => {
+                        vm.resume();
+                        Alone::Confirmed { standby: true }
+                    }
                     Ok(Verdict::Superseded) => Alone::Superseded,
                     Err(error) => {
                         warn!(%error, "the witness still cannot be reached: the held output waits for the standby's first acknowledged epoch");
                         status.update(|s| s.witness = Some(format!("unreachable: {error}")));
+                        vm.resume();
                         Alone::StandbyAnswered(Box::new((link, active)))
                     }
                 };
