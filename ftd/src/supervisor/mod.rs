@@ -21,6 +21,7 @@
 
 mod engine_handle;
 mod process;
+mod standby_alerts;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -36,6 +37,7 @@ use crate::store::VmRecord;
 
 use process::{Exit, Process};
 pub use process::{ProcessError, VmPaths};
+use standby_alerts::{StandbyAlerts, Trouble};
 
 /// How often the supervisor looks when nothing changed.
 pub const RECONCILE_EVERY: Duration = Duration::from_millis(500);
@@ -132,9 +134,9 @@ pub struct Supervisor {
     /// said (once at once, once more as an alert when it lasts).
     waiting_since: HashMap<String, Instant>,
     waiting_said: HashMap<String, u8>,
-    /// VMs whose standby refused the replica or was dropped by the
-    /// primary (it hung): said once, until the VM is protected again.
-    refused: std::collections::HashSet<String>,
+    /// What was said of each VM's standby (a refusal, a drop): each once,
+    /// until the VM is protected again.
+    standby_alerts: StandbyAlerts,
     /// The quorum witness, if the pair has one.
     witness: Option<WitnessClient>,
 }
@@ -153,7 +155,7 @@ impl Supervisor {
             failed_at: HashMap::new(),
             waiting_since: HashMap::new(),
             waiting_said: HashMap::new(),
-            refused: Default::default(),
+            standby_alerts: StandbyAlerts::default(),
             witness,
         }
     }
@@ -277,14 +279,13 @@ impl Supervisor {
                         status.counters.standby_drops > d,
                     )
                 });
-                if (refused_now || dropped_now) && self.refused.insert(name.clone()) {
-                    if dropped_now {
-                        standby_dropped(&self.manager, &name);
-                    } else {
-                        standby_refused(&self.manager, &name, status);
-                    }
+                if refused_now && self.standby_alerts.raise(&name, Trouble::Refused) {
+                    standby_refused(&self.manager, &name, status);
                 }
-                if status.state == FtState::Protected && self.refused.remove(&name) {
+                if dropped_now && self.standby_alerts.raise(&name, Trouble::Dropped) {
+                    standby_dropped(&self.manager, &name);
+                }
+                if status.state == FtState::Protected && self.standby_alerts.protected(&name) {
                     self.manager.record(
                         Severity::Info,
                         false,
