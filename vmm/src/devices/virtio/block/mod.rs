@@ -138,39 +138,42 @@ pub struct Block {
 /// before it replaces its RAM file). The disks' [`Block`]s share these
 /// holds.
 pub fn lock_disks(disks: &[DiskConfig]) -> Result<Vec<disk_lock::DiskLock>, BlockError> {
-    disks
-        .iter()
-        .filter(|d| !d.read_only)
-        .map(|d| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&d.path)
-                .map_err(|source| BlockError::Open {
-                    path: d.path.clone(),
-                    source,
-                })?;
-            Ok(disk_lock::DiskLock::acquire(
-                &d.path,
-                &file,
-                disk_lock::DISK_LOCK_WAIT,
-            )?)
-        })
-        .collect()
+    let mut locks = Vec::new();
+    for disk in disks.iter().filter(|d| !d.read_only) {
+        locks.extend(open_locked(disk)?.1);
+    }
+    Ok(locks)
+}
+
+/// Opens a disk image (read-write unless `read_only`) and, when it is
+/// writable, locks it against other processes ([`disk_lock`]) before
+/// anything reads or writes it.
+fn open_locked(config: &DiskConfig) -> Result<(File, Option<disk_lock::DiskLock>), BlockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .open(&config.path)
+        .map_err(|source| BlockError::Open {
+            path: config.path.clone(),
+            source,
+        })?;
+    let lock = if config.read_only {
+        None
+    } else {
+        Some(disk_lock::DiskLock::acquire(
+            &config.path,
+            &file,
+            disk_lock::DISK_LOCK_WAIT,
+        )?)
+    };
+    Ok((file, lock))
 }
 
 impl Block {
     /// Opens the disk image (read-write unless `read_only`).
     pub fn open(config: &DiskConfig) -> Result<Block, BlockError> {
         let path = config.path.clone();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let (file, lock) = open_locked(config)?;
         let bytes = file
             .metadata()
             .map_err(|source| BlockError::Size {
@@ -182,16 +185,6 @@ impl Block {
         if capacity_sectors == 0 {
             return Err(BlockError::Empty { path });
         }
-        // Before anything is written to it or to its map.
-        let lock = if config.read_only {
-            None
-        } else {
-            Some(disk_lock::DiskLock::acquire(
-                &path,
-                &file,
-                disk_lock::DISK_LOCK_WAIT,
-            )?)
-        };
         // The serial the guest sees (/sys/block/vdX/serial): the file name.
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let name = path
