@@ -484,6 +484,19 @@ impl Manager {
         Ok(self.view(record))
     }
 
+    /// The FT engine's status of the VM's role on this node, asked of the
+    /// engine now; the supervisor's last poll when the engine does not
+    /// answer at once (a busy engine; that poll may be seconds old). None:
+    /// no role of the VM runs here, or it has not reported yet.
+    pub async fn engine_status(&self, name: &str) -> Option<replicator::status::Status> {
+        let polled = self.runtime().get(name)?;
+        let sock = crate::supervisor::VmPaths::new(&self.inner.config, self.state_dir(), name).sock;
+        match crate::supervisor::engine_status(&sock).await {
+            Some(now) => Some(now),
+            None => polled.status,
+        }
+    }
+
     pub fn vm(&self, name: &str) -> Result<VmView, ManagerError> {
         Ok(self.view(self.inner.store.vm(name)?))
     }
@@ -942,5 +955,56 @@ fn vm_state(role: replicator::status::Role, state: replicator::status::FtState) 
             (_, FtState::Failed) => VmState::Failed,
             (Role::Primary, FtState::StandingBy | FtState::Waiting) => VmState::Starting,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use replicator::control::ControlServer;
+    use replicator::status::{FtState, Role, StatusBoard};
+
+    use super::*;
+    use crate::supervisor::{LocalRole, Runtime};
+
+    /// The API's engine view is the engine's word when asked (the
+    /// supervisor's poll can be seconds old after a partition), and that
+    /// last poll when the engine does not answer.
+    #[tokio::test]
+    async fn the_engine_view_is_asked_of_the_engine_and_else_is_the_last_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::fixtures::store_with_vm(dir.path());
+        let mut config = crate::fixtures::pair_config();
+        config.run_dir = dir.path().join("run");
+        std::fs::create_dir_all(&config.run_dir).unwrap();
+        let polled = StatusBoard::new("node-a", Role::Primary);
+        polled.set_state(Role::Primary, FtState::Syncing, None);
+        let runtime = Runtime::default();
+        runtime.set(
+            "vm1",
+            Some(LocalRole {
+                role: Role::Primary,
+                state: FtState::Syncing,
+                epoch: None,
+                message: None,
+                status: Some(polled.snapshot()),
+            }),
+        );
+        let manager = Manager::new(config.clone(), dir.path(), store, runtime);
+        assert!(manager.engine_status("vm2").await.is_none(), "no role");
+        let seen = manager.engine_status("vm1").await.expect("the last poll");
+        assert_eq!(seen.state, FtState::Syncing, "no engine answers");
+
+        let engine = StatusBoard::new("node-a", Role::Primary);
+        engine.set_state(Role::Primary, FtState::Protected, None);
+        let server = ControlServer::bind(&config.run_dir.join("vm1.sock")).unwrap();
+        let serving = tokio::spawn(server.serve(engine, Arc::new(tokio::sync::Notify::new())));
+        let seen = manager
+            .engine_status("vm1")
+            .await
+            .expect("the engine's word");
+        assert_eq!(seen.state, FtState::Protected, "the engine answers");
+        serving.abort();
     }
 }

@@ -228,6 +228,9 @@ pub async fn unprotect(
 
 /// The FT engine's own status of the VM's role on this node (counters,
 /// sync progress; the replicator's status format, version 1).
+///
+/// Asked of the engine when the request comes; the daemon's last poll of
+/// it when the engine does not answer within a second.
 #[utoipa::path(get, path = "/api/vms/{name}/engine", operation_id = "vm_engine_status", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "The engine's status", body = Object),
@@ -241,9 +244,8 @@ pub async fn engine(
     state.manager.vm(&name)?;
     state
         .manager
-        .runtime()
-        .get(&name)
-        .and_then(|r| r.status)
+        .engine_status(&name)
+        .await
         .map(Json)
         .ok_or_else(|| {
             ApiError::NotFound(format!(

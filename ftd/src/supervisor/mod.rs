@@ -35,6 +35,7 @@ use crate::manager::Manager;
 use crate::model::{Desired, Maintenance, Severity};
 use crate::store::VmRecord;
 
+pub(crate) use process::status as engine_status;
 use process::{Exit, Process};
 pub use process::{ProcessError, VmPaths};
 use standby_alerts::{StandbyAlerts, Trouble};

@@ -487,7 +487,9 @@ impl Process {
     }
 }
 
-async fn status(sock: &Path) -> Option<Status> {
+/// The status the engine serving `sock` gives now (none: no engine
+/// there, or it did not answer within a second).
+pub(crate) async fn status(sock: &Path) -> Option<Status> {
     status_answered_by(sock).await.map(|(status, _)| status)
 }
 
