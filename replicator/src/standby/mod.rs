@@ -19,6 +19,7 @@
 //! - [`replica_disk`]: the replica's disk files.
 
 mod claim;
+mod copy_writeback;
 mod durable;
 mod inbound;
 mod output_copies;

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vmm::replication::ReplicaRam;
 
+use super::copy_writeback::CopyWriteback;
 use super::durable::Durable;
 use super::inbound::InboundFrames;
 use super::output_copies::OutputCopies;
@@ -218,6 +219,8 @@ struct Receiving {
     backup: Option<BackupPath>,
     /// The written maps' side of the session.
     durable: Durable,
+    /// The copy's writes, sent on to the disks' storage as they come.
+    writeback: CopyWriteback,
 }
 
 /// What `begin` kept of an earlier replica on this node.
@@ -306,6 +309,7 @@ fn begin(
                 .as_deref()
                 .and_then(written::common_from_hex),
         ),
+        writeback: CopyWriteback::new(plan.disk_bytes.len()),
     };
     let kept = Kept {
         disks: fresh,
@@ -765,7 +769,16 @@ impl Receiving {
             replica_disk::check(&self.disks, r)?;
         }
         for r in batch.records() {
-            self.disks[r.disk as usize].write(r.offset, &r.data)?;
+            let disk = &self.disks[r.disk as usize];
+            disk.write(r.offset, &r.data)?;
+            let wrote = self
+                .writeback
+                .wrote(r.disk as usize, r.offset, r.data.len() as u64);
+            if let Some(step) = wrote {
+                // Waits for the chunk before (a slow disk: off the async
+                // workers, as the heartbeats go on).
+                oracle::off_the_workers(|| disk.write_back(step.wait, step.start))?;
+            }
         }
         self.sync_bytes += batch.bytes().len() as u64;
         Ok(())
