@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
+use super::deadline;
 use super::in_flight::{InFlight, Pending, BEHIND_CHECK_EVERY};
 use super::lease::GateMode;
 use super::switchover::{hand_over, output_batches, Outcome};
@@ -43,6 +44,9 @@ pub(super) async fn epochs(
         .on_held_output(Arc::new(move || wake.notify_one()));
     let mut schedule = Schedule::new(config.interval);
     let mut in_flight = InFlight::new(vm, status, config);
+    // What the initial copy carried: the standby makes it durable before
+    // it acknowledges epoch 1.
+    let copied = status.snapshot().counters.sync_uncompressed_bytes_last;
     in_flight.sync_started = Some(session.sync_started);
     in_flight.forgetter = Some(forgetter);
     // A switchover asked before this session is not for it; a live
@@ -149,7 +153,7 @@ pub(super) async fn epochs(
             writes: captured.writes.1,
             written_mark: captured.written_mark,
             late,
-            slow_by_design: epoch == 1 || verify,
+            deadline: (!verify).then(|| deadline::ack_deadline(config.ack_deadline, epoch, copied)),
         });
         let sent = send_epoch(
             tx,

@@ -42,10 +42,10 @@ pub(super) struct Pending {
     pub written_mark: u64,
     /// It came later than `max` after it was due.
     pub late: bool,
-    /// Its acknowledgement may take long, by design: the first epoch (the
-    /// standby makes the whole copy durable first) and one the standby
-    /// checks (it digests the whole replica first). No deadline for it.
-    pub slow_by_design: bool,
+    /// How long its acknowledgement may take once it was sent
+    /// ([`super::deadline`]); none for an epoch the standby checks (it
+    /// digests the whole replica first, for as long as that takes).
+    pub deadline: Option<Duration>,
 }
 
 /// Why a guest was paused while an acknowledgement was awaited.
@@ -70,8 +70,6 @@ pub(super) struct InFlight<'a> {
     /// The guest is stopped anyway until each acknowledgement.
     synchronous: bool,
     max_run_ahead: Duration,
-    /// [`PrimaryConfig::ack_deadline`].
-    ack_deadline: Duration,
     /// When the last acknowledgement came.
     last_ack: Option<Instant>,
     /// When the guest was paused here, if it is.
@@ -101,7 +99,6 @@ impl<'a> InFlight<'a> {
             },
             synchronous: config.synchronous,
             max_run_ahead: config.interval.max_run_ahead,
-            ack_deadline: config.ack_deadline,
             last_ack: None,
             paused_at: None,
             sync_started: None,
@@ -232,11 +229,11 @@ impl<'a> InFlight<'a> {
         let waiting_since = oldest
             .sent_at
             .map(|sent| self.last_ack.map_or(sent, |acked| acked.max(sent)));
-        match waiting_since {
-            Some(since) if !oldest.slow_by_design && since.elapsed() >= self.ack_deadline => {
+        match (waiting_since, oldest.deadline) {
+            (Some(since), Some(deadline)) if since.elapsed() >= deadline => {
                 Err(PrimaryError::StandbyUnresponsive {
                     epoch: oldest.epoch,
-                    deadline: self.ack_deadline,
+                    deadline,
                 })
             }
             _ => Ok(()),

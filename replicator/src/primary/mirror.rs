@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use vmm::replication::WritesThrough;
 use vmm::vm::Vm;
 
+use super::deadline;
 use super::forget::Forgetter;
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session, DRAIN_AT_STOP};
 use crate::protocol::{disk_payloads, epoch_frames, DiskRecord, Message, StagedPages};
@@ -38,6 +39,9 @@ struct Pending {
     /// Its deadline runs from here: its sending, or the acknowledgement of
     /// the batch before it if that came later (the standby works in order).
     due_from: Instant,
+    /// How long its acknowledgement may take from `due_from`
+    /// ([`super::deadline`]).
+    deadline: Duration,
     /// The written maps' clock before its writes were taken.
     written_mark: u64,
 }
@@ -108,6 +112,9 @@ pub(super) async fn mirror(
     let mut in_flight: VecDeque<Pending> = VecDeque::new();
     let mut ack_times = Samples::default();
     let mut epoch = 1u64;
+    // What the initial copy carried: the standby makes it durable before
+    // it acknowledges epoch 1.
+    let copied = status.snapshot().counters.sync_uncompressed_bytes_last;
     loop {
         if let Some(to) = config.relevel.pending() {
             if to != crate::level::Level::Ha {
@@ -119,7 +126,7 @@ pub(super) async fn mirror(
                     vm,
                     status,
                     &mut ack_times,
-                    (session, config.ack_deadline),
+                    session,
                 )
                 .await?;
                 tx.send(&Message::Stop.into_frame(epoch, generation))
@@ -129,12 +136,12 @@ pub(super) async fn mirror(
             // Already at HA: nothing to change.
             config.relevel.take();
         }
-        // A batch not acknowledged within the deadline: the standby hangs,
+        // A batch not acknowledged within its deadline: the standby hangs,
         // and the guest's writes wait for it; the session ends (the
         // mirror turns asynchronous, the writes complete). Acknowledgements
         // that came during a long send are taken first. The first batch
-        // is exempt: the standby makes the whole copy durable before it
-        // acknowledges it.
+        // has a longer deadline: the standby makes the whole copy durable
+        // before it acknowledges it.
         while let Ok(event) = acks.try_recv() {
             acked(
                 Some(event),
@@ -145,9 +152,9 @@ pub(super) async fn mirror(
                 session,
             )?;
         }
-        if let Some(oldest) = judged(&in_flight) {
-            if oldest.due_from.elapsed() >= config.ack_deadline {
-                return Err(unresponsive(oldest, config.ack_deadline));
+        if let Some(oldest) = in_flight.front() {
+            if oldest.due_from.elapsed() >= oldest.deadline {
+                return Err(unresponsive(oldest));
             }
         }
         let written_mark = vmm::replication::written_map::mark();
@@ -164,6 +171,7 @@ pub(super) async fn mirror(
                 writes: count,
                 sent_at: Instant::now(),
                 due_from: Instant::now(),
+                deadline: deadline::ack_deadline(config.ack_deadline, epoch, copied),
                 written_mark,
             });
             epoch += 1;
@@ -183,7 +191,7 @@ pub(super) async fn mirror(
                 } else {
                     let drained = tokio::time::timeout(
                         DRAIN_AT_STOP,
-                        drain(acks, (&mut in_flight, forgetter), vm, status, &mut ack_times, (session, config.ack_deadline)),
+                        drain(acks, (&mut in_flight, forgetter), vm, status, &mut ack_times, session),
                     )
                     .await;
                     if !matches!(drained, Ok(Ok(()))) {
@@ -219,17 +227,10 @@ pub(crate) fn mirror_frames(
     )
 }
 
-/// The oldest batch in flight if it has an acknowledgement deadline. The
-/// first is exempt: the standby makes the whole copy durable before it
-/// acknowledges it.
-fn judged(in_flight: &VecDeque<Pending>) -> Option<&Pending> {
-    in_flight.front().filter(|p| p.epoch > 1)
-}
-
-fn unresponsive(oldest: &Pending, deadline: Duration) -> PrimaryError {
+fn unresponsive(oldest: &Pending) -> PrimaryError {
     PrimaryError::StandbyUnresponsive {
         epoch: oldest.epoch,
-        deadline,
+        deadline: oldest.deadline,
     }
 }
 
@@ -238,15 +239,14 @@ fn unresponsive(oldest: &Pending, deadline: Duration) -> PrimaryError {
 async fn next_word(
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     in_flight: &VecDeque<Pending>,
-    deadline: Duration,
 ) -> Result<Option<AckEvent>, PrimaryError> {
-    let Some(oldest) = judged(in_flight) else {
+    let Some(oldest) = in_flight.front() else {
         return Ok(acks.recv().await);
     };
-    let due = oldest.due_from + deadline;
+    let due = oldest.due_from + oldest.deadline;
     tokio::time::timeout_at(due.into(), acks.recv())
         .await
-        .map_err(|_| unresponsive(oldest, deadline))
+        .map_err(|_| unresponsive(oldest))
 }
 
 /// Takes the standby's word until every batch in flight is acknowledged
@@ -259,10 +259,10 @@ async fn drain(
     vm: &Vm,
     status: &StatusBoard,
     ack_times: &mut Samples,
-    (session, deadline): (&Session<'_>, Duration),
+    session: &Session<'_>,
 ) -> Result<(), PrimaryError> {
     while !in_flight.is_empty() {
-        let word = next_word(acks, in_flight, deadline).await?;
+        let word = next_word(acks, in_flight).await?;
         acked(word, (in_flight, forgetter), vm, status, ack_times, session)?;
     }
     Ok(())
@@ -322,13 +322,14 @@ fn acked(
 mod tests {
     use super::*;
 
-    fn pending(epoch: u64, due_from: Instant) -> VecDeque<Pending> {
+    fn pending(epoch: u64, due_from: Instant, deadline: Duration) -> VecDeque<Pending> {
         VecDeque::from([Pending {
             epoch,
             through: vec![epoch],
             writes: 1,
             sent_at: due_from,
             due_from,
+            deadline,
             written_mark: 0,
         }])
     }
@@ -342,7 +343,7 @@ mod tests {
         let (tx, mut acks) = mpsc::unbounded_channel::<AckEvent>();
         // A batch sent now, never acknowledged: overdue in 200 ms.
         let started = Instant::now();
-        let word = next_word(&mut acks, &pending(2, started), deadline).await;
+        let word = next_word(&mut acks, &pending(2, started, deadline)).await;
         assert!(
             matches!(
                 word,
@@ -354,15 +355,31 @@ mod tests {
         // Already overdue, with its acknowledgement waiting: the word is
         // taken first.
         tx.send(Ok(2)).unwrap();
-        let late = pending(2, Instant::now() - Duration::from_secs(1));
-        let word = next_word(&mut acks, &late, deadline).await;
+        let late = pending(2, Instant::now() - Duration::from_secs(1), deadline);
+        let word = next_word(&mut acks, &late).await;
         assert!(matches!(word, Ok(Some(Ok(2)))), "{word:?}");
-        // The first batch has no deadline.
+        // The first batch is judged by its own, longer deadline: not at
+        // the others' (it waited for ever before)...
+        let first_deadline = deadline::ack_deadline(deadline, 1, 0);
+        let started = Instant::now();
         let first = tokio::time::timeout(
             deadline * 3,
-            next_word(&mut acks, &pending(1, started), deadline),
+            next_word(&mut acks, &pending(1, started, first_deadline)),
         )
         .await;
-        assert!(first.is_err(), "the first batch was judged: {first:?}");
+        assert!(
+            first.is_err(),
+            "the first batch was judged early: {first:?}"
+        );
+        // ... but at its own.
+        let overdue = pending(1, started - first_deadline, first_deadline);
+        let word = next_word(&mut acks, &overdue).await;
+        assert!(
+            matches!(
+                word,
+                Err(PrimaryError::StandbyUnresponsive { epoch: 1, deadline }) if deadline == first_deadline
+            ),
+            "{word:?}"
+        );
     }
 }

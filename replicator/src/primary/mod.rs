@@ -32,6 +32,7 @@
 //!    superseded stops, its held output dropped.
 
 pub mod checkpoint;
+mod deadline;
 mod epochs;
 mod forget;
 mod in_flight;
