@@ -1,54 +1,56 @@
-//! The initial copy's writes, sent on to the replica disks' storage as
-//! they come. Left in the page cache, a large copy (up to a fifth of the
-//! node's memory, the kernel's dirty limit) would all be written at the
-//! first epoch's sync, while the primary holds the guest's output (and,
-//! past its run-ahead bound, the guest itself) for that epoch's
-//! acknowledgement; and afterwards the kernel would slow every epoch's
-//! writes while it caught up. Instead, each [`CHUNK`] a disk gathers is
-//! handed to writeback at once, and the chunk before it is waited for, so
-//! that about two chunks per disk are left unwritten at any time.
+//! The initial copy's writes, handed to the replica disks' writeback as
+//! they come. Left to the kernel, a large copy sits in the page cache (up
+//! to its dirty limit, a fifth of the node's memory) until background
+//! writeback starts, and what is left is written by the first epoch's
+//! sync, while the primary holds the guest's output (and, past its
+//! run-ahead bound, the guest itself) for that epoch's acknowledgement.
+//! Instead, each [`CHUNK`] a disk gathers is handed to writeback at once
+//! (`sync_file_range`, data only), on a thread of its own: the call may
+//! block while the disk's queue is full, and the session, the A-link's
+//! only reader, must not (the primary takes a link that makes no progress
+//! for 1.2 s for a lost standby). When the thread is still busy, a chunk
+//! is left to the kernel. On a disk at least as fast as the A-link, about
+//! a chunk per disk is left for the first epoch's sync.
 
+use std::fs::File;
 use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+
+use tracing::{debug, warn};
+
+use super::replica_disk::ReplicaDisk;
 
 /// How much of a disk's copy is gathered before it is handed to
-/// writeback (and the chunk before it waited for): small enough that the
-/// wait is short on a slow disk (under a second at 32 MiB/s, well inside
-/// the primary's send stall bound), large enough to keep writes large.
-pub(super) const CHUNK: u64 = 16 << 20;
+/// writeback: large writes, and little left unwritten.
+pub(super) const CHUNK: u64 = 8 << 20;
 
-/// What to do on one disk now: wait until `wait` (a range handed to
-/// writeback before) is written, then hand `start` to writeback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Step {
-    pub disk: usize,
-    pub wait: Option<Range<u64>>,
-    pub start: Range<u64>,
-}
+/// Chunks waiting for the thread, at most (beyond: left to the kernel).
+const QUEUED_AT_MOST: usize = 4;
 
 #[derive(Debug, Default)]
 struct DiskCopy {
-    /// The span of the writes since the last step, and their bytes.
+    /// The span of the writes since the last chunk, and their bytes.
     gathering: Option<Range<u64>>,
     gathered: u64,
-    /// Handed to writeback at the last step, not yet waited for.
-    started: Option<Range<u64>>,
 }
 
+/// Which spans of the disks to hand to writeback, as the copy writes.
 #[derive(Debug)]
-pub(super) struct CopyWriteback {
+pub(super) struct Chunks {
     disks: Vec<DiskCopy>,
 }
 
-impl CopyWriteback {
-    pub(super) fn new(disks: usize) -> CopyWriteback {
-        CopyWriteback {
+impl Chunks {
+    pub(super) fn new(disks: usize) -> Chunks {
+        Chunks {
             disks: (0..disks).map(|_| DiskCopy::default()).collect(),
         }
     }
 
-    /// Notes a write of the copy (`len` bytes at `offset` of `disk`); a
-    /// step when that disk gathered a chunk's worth.
-    pub(super) fn wrote(&mut self, disk: usize, offset: u64, len: u64) -> Option<Step> {
+    /// Notes a write of the copy (`len` bytes at `offset` of `disk`); the
+    /// span of the chunk when that disk gathered a chunk's worth.
+    pub(super) fn wrote(&mut self, disk: usize, offset: u64, len: u64) -> Option<Range<u64>> {
         let d = self.disks.get_mut(disk)?;
         let end = offset.saturating_add(len);
         d.gathering = Some(match d.gathering.take() {
@@ -59,13 +61,88 @@ impl CopyWriteback {
         if d.gathered < CHUNK {
             return None;
         }
-        let start = d.gathering.take()?;
         d.gathered = 0;
-        Some(Step {
-            disk,
-            wait: d.started.replace(start.clone()),
-            start,
-        })
+        d.gathering.take()
+    }
+}
+
+/// The copy's writeback: [`Chunks`] and the thread that hands them on.
+pub(super) struct CopyWriteback {
+    chunks: Chunks,
+    /// None: no thread (the kernel writes the copy back by itself).
+    thread: Option<SyncSender<(usize, Range<u64>)>>,
+}
+
+impl CopyWriteback {
+    /// The thread ends once this is dropped (the copy ended), after the
+    /// call under way and those queued.
+    pub(super) fn start(disks: &[ReplicaDisk]) -> CopyWriteback {
+        let chunks = Chunks::new(disks.len());
+        // Opened anew, read-only: not the replica's own open file, which
+        // holds the disk's lock (a promoted VM takes that lock once the
+        // replica lets go, and must not wait for this thread).
+        let handles: std::io::Result<Vec<(File, PathBuf)>> = disks
+            .iter()
+            .map(|d| Ok((File::open(&d.path)?, d.path.clone())))
+            .collect();
+        let handles = match handles {
+            Ok(h) => h,
+            Err(error) => {
+                warn!(%error, "the copy is left to the kernel's writeback");
+                return CopyWriteback {
+                    chunks,
+                    thread: None,
+                };
+            }
+        };
+        let (tx, rx) = sync_channel::<(usize, Range<u64>)>(QUEUED_AT_MOST);
+        let spawned = std::thread::Builder::new()
+            .name("copy-writeback".into())
+            .spawn(move || {
+                for (disk, span) in rx {
+                    let Some((file, path)) = handles.get(disk) else {
+                        continue;
+                    };
+                    if let Err(error) = super::replica_disk::start_writeback(file, span) {
+                        // The sync at the first epoch says it too, and ends
+                        // the session if the disk failed.
+                        warn!(path = %path.display(), %error, "handing the copy to writeback failed");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => CopyWriteback {
+                chunks,
+                thread: Some(tx),
+            },
+            Err(error) => {
+                warn!(%error, "no copy writeback thread: the copy is left to the kernel");
+                CopyWriteback {
+                    chunks,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Notes a write of the copy; hands a whole chunk to the thread, or
+    /// leaves it to the kernel when the thread is behind. Never blocks.
+    pub(super) fn wrote(&mut self, disk: usize, offset: u64, len: u64) {
+        let Some(span) = self.chunks.wrote(disk, offset, len) else {
+            return;
+        };
+        if let Some(thread) = &self.thread {
+            match thread.try_send((disk, span)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    debug!(
+                        disk,
+                        "the copy's writeback is behind: a chunk left to the kernel"
+                    );
+                }
+                Err(TrySendError::Disconnected(_)) => self.thread = None,
+            }
+        }
     }
 }
 
@@ -74,43 +151,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_chunk_is_handed_to_writeback_and_the_one_before_waited_for() {
-        let mut copy = CopyWriteback::new(2);
+    fn each_chunk_a_disk_gathers_is_handed_on_with_its_span() {
+        let mut chunks = Chunks::new(2);
         let half = CHUNK / 2;
         // Under a chunk: nothing yet.
-        assert_eq!(copy.wrote(0, 0, half), None);
-        // The chunk is whole: writeback begins, nothing to wait for.
-        assert_eq!(
-            copy.wrote(0, half, half),
-            Some(Step {
-                disk: 0,
-                wait: None,
-                start: 0..CHUNK
-            })
-        );
+        assert_eq!(chunks.wrote(0, 0, half), None);
+        assert_eq!(chunks.wrote(0, half, half), Some(0..CHUNK));
         // Another disk counts on its own.
-        assert_eq!(copy.wrote(1, 0, half), None);
-        // The next chunk (out of order, with a gap): its span; the first
-        // is waited for.
-        assert_eq!(copy.wrote(0, 3 * CHUNK, half), None);
+        assert_eq!(chunks.wrote(1, 0, half), None);
+        // Out of order, with a gap: the whole span.
+        assert_eq!(chunks.wrote(0, 3 * CHUNK, half), None);
         assert_eq!(
-            copy.wrote(0, 2 * CHUNK, half),
-            Some(Step {
-                disk: 0,
-                wait: Some(0..CHUNK),
-                start: 2 * CHUNK..3 * CHUNK + half
-            })
+            chunks.wrote(0, 2 * CHUNK, half),
+            Some(2 * CHUNK..3 * CHUNK + half)
         );
-        // A single large write is a chunk by itself.
-        assert_eq!(
-            copy.wrote(1, CHUNK, 2 * CHUNK),
-            Some(Step {
-                disk: 1,
-                wait: None,
-                start: 0..3 * CHUNK
-            })
-        );
+        // A large write completes disk 1's chunk (with its earlier half).
+        assert_eq!(chunks.wrote(1, CHUNK, 2 * CHUNK), Some(0..3 * CHUNK));
         // A disk the replica does not have is not this tracker's to judge.
-        assert_eq!(copy.wrote(7, 0, CHUNK), None);
+        assert_eq!(chunks.wrote(7, 0, CHUNK), None);
     }
 }

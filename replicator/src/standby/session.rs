@@ -219,8 +219,9 @@ struct Receiving {
     backup: Option<BackupPath>,
     /// The written maps' side of the session.
     durable: Durable,
-    /// The copy's writes, sent on to the disks' storage as they come.
-    writeback: CopyWriteback,
+    /// The copy's writes, handed to the disks' writeback as they come
+    /// (none once the copy ended).
+    writeback: Option<CopyWriteback>,
 }
 
 /// What `begin` kept of an earlier replica on this node.
@@ -286,6 +287,7 @@ fn begin(
         }
     };
     status.update(|s| s.level = plan.level);
+    let writeback = CopyWriteback::start(&disks);
     let receiving = Receiving {
         ram,
         disks,
@@ -309,7 +311,7 @@ fn begin(
                 .as_deref()
                 .and_then(written::common_from_hex),
         ),
-        writeback: CopyWriteback::new(plan.disk_bytes.len()),
+        writeback: Some(writeback),
     };
     let kept = Kept {
         disks: fresh,
@@ -754,6 +756,9 @@ impl Receiving {
             ));
         }
         self.synced = true;
+        // The copy is over: its writeback thread ends (what it did not
+        // hand on, the first epoch's sync writes).
+        self.writeback = None;
         info!(
             pages = sent.pages,
             disk_records = sent.writes,
@@ -769,15 +774,9 @@ impl Receiving {
             replica_disk::check(&self.disks, r)?;
         }
         for r in batch.records() {
-            let disk = &self.disks[r.disk as usize];
-            disk.write(r.offset, &r.data)?;
-            let wrote = self
-                .writeback
-                .wrote(r.disk as usize, r.offset, r.data.len() as u64);
-            if let Some(step) = wrote {
-                // Waits for the chunk before (a slow disk: off the async
-                // workers, as the heartbeats go on).
-                oracle::off_the_workers(|| disk.write_back(step.wait, step.start))?;
+            self.disks[r.disk as usize].write(r.offset, &r.data)?;
+            if let Some(writeback) = &mut self.writeback {
+                writeback.wrote(r.disk as usize, r.offset, r.data.len() as u64);
             }
         }
         self.sync_bytes += batch.bytes().len() as u64;
