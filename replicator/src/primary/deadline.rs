@@ -14,14 +14,18 @@ pub(super) const FIRST_EPOCH_GRACE: Duration = Duration::from_secs(30);
 
 /// The slowest rate at which a standby's disks are assumed to take what
 /// the copy left in its page cache before the first epoch's sync. A
-/// standby of this version writes the copy back as it comes (a few MiB
-/// are left); one of an older version leaves it all to that sync.
+/// standby of this version hands the copy to writeback as it comes (on a
+/// disk at least as fast as the A-link little is left); one of an older
+/// version leaves it to the kernel. A standby dropped for a slower disk
+/// kept its replica: the next session sends only what differs, and its
+/// first epoch has less to wait for.
 pub(super) const FLUSH_FLOOR_BYTES_PER_SEC: u64 = 16 << 20;
 
 /// The deadline of `epoch`'s acknowledgement, `copied` the bytes the
-/// session's initial copy carried. Before, the first epoch had none: a
-/// standby whose disk hung in that sync held the guest's output (at
-/// level HA, its disk writes) for as long as it hung.
+/// session's initial copy wrote to the standby's disks (memory is not
+/// synced). Before, the first epoch had none: a standby whose disk hung
+/// in that sync held the guest's output (at level HA, its disk writes)
+/// for as long as it hung.
 pub(super) fn ack_deadline(deadline: Duration, epoch: u64, copied: u64) -> Duration {
     if epoch > 1 {
         return deadline;

@@ -31,7 +31,9 @@ pub(super) async fn epochs(
     vm: &Arc<Vm>,
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    (session, forgetter): (&Session<'_>, super::forget::Forgetter),
+    // `copied`: the disk bytes of the initial copy, which the standby
+    // makes durable before it acknowledges epoch 1.
+    (session, forgetter, copied): (&Session<'_>, super::forget::Forgetter, u64),
     config: &PrimaryConfig,
     status: &StatusBoard,
     stop: &Notify,
@@ -44,9 +46,6 @@ pub(super) async fn epochs(
         .on_held_output(Arc::new(move || wake.notify_one()));
     let mut schedule = Schedule::new(config.interval);
     let mut in_flight = InFlight::new(vm, status, config);
-    // What the initial copy carried: the standby makes it durable before
-    // it acknowledges epoch 1.
-    let copied = status.snapshot().counters.sync_uncompressed_bytes_last;
     in_flight.sync_started = Some(session.sync_started);
     in_flight.forgetter = Some(forgetter);
     // A switchover asked before this session is not for it; a live

@@ -91,7 +91,9 @@ pub(super) async fn mirror(
     vm: &Arc<Vm>,
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    (session, mut forgetter): (&Session<'_>, Forgetter),
+    // `copied`: the disk bytes of the initial copy, which the standby
+    // makes durable before it acknowledges batch 1.
+    (session, mut forgetter, copied): (&Session<'_>, Forgetter, u64),
     config: &PrimaryConfig,
     status: &StatusBoard,
     stop: &Notify,
@@ -112,9 +114,6 @@ pub(super) async fn mirror(
     let mut in_flight: VecDeque<Pending> = VecDeque::new();
     let mut ack_times = Samples::default();
     let mut epoch = 1u64;
-    // What the initial copy carried: the standby makes it durable before
-    // it acknowledges epoch 1.
-    let copied = status.snapshot().counters.sync_uncompressed_bytes_last;
     loop {
         if let Some(to) = config.relevel.pending() {
             if to != crate::level::Level::Ha {
@@ -372,7 +371,10 @@ mod tests {
             "the first batch was judged early: {first:?}"
         );
         // ... but at its own.
-        let overdue = pending(1, started - first_deadline, first_deadline);
+        let long_ago = started
+            .checked_sub(first_deadline)
+            .expect("the machine is up longer than the first deadline");
+        let overdue = pending(1, long_ago, first_deadline);
         let word = next_word(&mut acks, &overdue).await;
         assert!(
             matches!(

@@ -735,9 +735,10 @@ async fn protect(
             synced = sync::initial_sync(vm, (&tx, held), config, status, (session.generation, session.level), &forgetter) => synced,
             event = acks.recv() => Err(during_sync(event)),
         };
-        if let Err(error) = synced {
-            return Err(refusal_behind(error, &mut acks).await);
-        }
+        let copied = match synced {
+            Ok(disk_bytes) => disk_bytes,
+            Err(error) => return Err(refusal_behind(error, &mut acks).await),
+        };
         // The session exists on the standby now: add the backup path.
         backup = Some(spawn_backup_path(
             config,
@@ -749,7 +750,7 @@ async fn protect(
                 vm,
                 &tx,
                 &mut acks,
-                (&session, forgetter),
+                (&session, forgetter, copied),
                 config,
                 status,
                 stop,
@@ -758,7 +759,7 @@ async fn protect(
         }
         // What the guest receives goes to the standby beside the epochs.
         tokio::select! {
-            e = epochs::epochs(vm, &tx, &mut acks, (&session, forgetter), config, status, stop) => e,
+            e = epochs::epochs(vm, &tx, &mut acks, (&session, forgetter, copied), config, status, stop) => e,
             e = inbound::forward(vm, &tx, session.generation, status) => Err(e),
         }
     };

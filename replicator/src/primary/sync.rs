@@ -46,7 +46,7 @@ pub(super) async fn initial_sync(
     status: &StatusBoard,
     (generation, level): (u64, Level),
     forgetter: &super::forget::Forgetter,
-) -> Result<(), PrimaryError> {
+) -> Result<u64, PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
     let key = ContentKey::random().map_err(PrimaryError::ContentKey)?;
@@ -159,7 +159,9 @@ pub(super) async fn initial_sync(
         took_ms = started.elapsed().as_millis() as u64,
         "initial synchronisation sent"
     );
-    Ok(())
+    // What the standby writes to its disks (the copy and the writes
+    // recorded during it): the rest is memory.
+    Ok(raw.saturating_sub(sent_pages * PAGE_SIZE as u64))
 }
 
 /// Where the copy stands (and the generation its frames carry).
