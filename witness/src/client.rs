@@ -46,6 +46,8 @@ impl Drop for Connection {
 /// A node's handle on the witness (cheap to share behind an `Arc`).
 pub struct WitnessClient {
     addrs: Vec<String>,
+    /// The node this client speaks for.
+    node: String,
     link: LinkConfig,
     answer_within: Duration,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
@@ -68,6 +70,7 @@ impl WitnessClient {
             LinkConfig::new(secret, client_hello(node)).with_heartbeat_timeout(CONNECTION_TIMEOUT);
         WitnessClient {
             addrs,
+            node: node.to_string(),
             link,
             answer_within,
             connection: tokio::sync::Mutex::new(None),
@@ -77,6 +80,11 @@ impl WitnessClient {
 
     pub fn addrs(&self) -> &[String] {
         &self.addrs
+    }
+
+    /// The node this client speaks for.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// Opens the connection ahead of the first request (a standby does, so

@@ -265,6 +265,19 @@ impl Lease {
                     info!(generation, "the witness lets the standby take over at once");
                     return Ok(());
                 }
+                // This node itself, at a newer generation than the
+                // session's (a confirmation whose answer was lost; a
+                // witness older than its refusal of this case says so):
+                // not superseded. The keeper's next renewal ends the
+                // session at the old generation.
+                Ok(Ok(Answer::Superseded { generation, owner }))
+                    if owner == self.witness.client.node() =>
+                {
+                    format!(
+                        "the witness holds this node at generation {generation}, newer than the \
+                         session's: its standby is taken again first"
+                    )
+                }
                 Ok(Ok(Answer::Superseded { generation, owner })) => {
                     self.standing.supersede(generation, owner.clone());
                     format!("node {owner} runs the VM at generation {generation}")
@@ -359,7 +372,13 @@ impl Lease {
                 // the ask (at most WITNESS_WITHIN): should the witness
                 // say another node runs the VM, this copy never ran
                 // beside it.
-                return match self.confirm(status).await {
+                let asked = tokio::time::timeout(WITNESS_WITHIN, self.confirm(status)).await;
+                let verdict = asked.unwrap_or_else(|_| {
+                    Err(format!(
+                        "the witness did not answer within {WITNESS_WITHIN:?}"
+                    ))
+                });
+                return match verdict {
                     Ok(Verdict::Confirmed) => {
                         vm.resume();
                         Alone::Confirmed { standby: true }
