@@ -84,7 +84,14 @@ struct Inner {
     witness_reachable: Mutex<Option<bool>>,
     /// VM moves asked of the peer over the pair channel.
     forwards: crate::pair::forward::Forwards,
+    /// The API's live asks of the engines, at most [`ENGINE_ASKS`] at once:
+    /// an engine serves a few control clients at a time, and the
+    /// supervisor's own poll must find room.
+    engine_asks: tokio::sync::Semaphore,
 }
+
+/// See [`Inner::engine_asks`].
+const ENGINE_ASKS: usize = 2;
 
 /// What this node knows of its peer from the pair channel.
 #[derive(Debug, Default)]
@@ -114,6 +121,7 @@ impl Manager {
                 started: Instant::now(),
                 witness_reachable: Mutex::new(None),
                 forwards: Default::default(),
+                engine_asks: tokio::sync::Semaphore::new(ENGINE_ASKS),
             }),
         }
     }
@@ -485,11 +493,15 @@ impl Manager {
     }
 
     /// The FT engine's status of the VM's role on this node, asked of the
-    /// engine now; the supervisor's last poll when the engine does not
-    /// answer at once (a busy engine; that poll may be seconds old). None:
-    /// no role of the VM runs here, or it has not reported yet.
+    /// engine now; the supervisor's last poll (which may be seconds old)
+    /// when the engine does not answer within a second, or when other API
+    /// requests are asking engines already. None: the supervisor has not
+    /// seen a role of the VM run here.
     pub async fn engine_status(&self, name: &str) -> Option<replicator::status::Status> {
         let polled = self.runtime().get(name)?;
+        let Ok(_asking) = self.inner.engine_asks.try_acquire() else {
+            return polled.status;
+        };
         let sock = crate::supervisor::VmPaths::new(&self.inner.config, self.state_dir(), name).sock;
         match crate::supervisor::engine_status(&sock).await {
             Some(now) => Some(now),
