@@ -496,7 +496,8 @@ impl Manager {
     /// engine now; the supervisor's last poll (which may be seconds old)
     /// when the engine does not answer within a second, or when other API
     /// requests are asking engines already. None: the supervisor has not
-    /// seen a role of the VM run here.
+    /// seen a role of the VM run here, or (that role has not reported yet)
+    /// the engine did not answer.
     pub async fn engine_status(&self, name: &str) -> Option<replicator::status::Status> {
         let polled = self.runtime().get(name)?;
         let Ok(_asking) = self.inner.engine_asks.try_acquire() else {

@@ -739,6 +739,11 @@ async fn protect(
             Ok(disk_bytes) => disk_bytes,
             Err(error) => return Err(refusal_behind(error, &mut acks).await),
         };
+        info!(
+            disk_bytes = copied,
+            deadline_ms = deadline::ack_deadline(config.ack_deadline, 1, copied).as_millis() as u64,
+            "the first epoch's acknowledgement may take this long (the standby makes the copy durable first)"
+        );
         // The session exists on the standby now: add the backup path.
         backup = Some(spawn_backup_path(
             config,

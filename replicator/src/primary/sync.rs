@@ -95,6 +95,7 @@ pub(super) async fn initial_sync(
         tally: Default::default(),
         compressor: std::sync::Mutex::new(Compressor::new(config.copy_compression)),
         copied_bytes: Default::default(),
+        disk_bytes: Default::default(),
         status,
         generation,
         total: disk_bytes.iter().sum::<u64>()
@@ -159,9 +160,11 @@ pub(super) async fn initial_sync(
         took_ms = started.elapsed().as_millis() as u64,
         "initial synchronisation sent"
     );
-    // What the standby writes to its disks (the copy and the writes
-    // recorded during it): the rest is memory.
-    Ok(raw.saturating_sub(sent_pages * PAGE_SIZE as u64))
+    // What the standby writes to its disks (its first epoch's deadline
+    // allows for making it durable).
+    Ok(progress
+        .disk_bytes
+        .load(std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Where the copy stands (and the generation its frames carry).
@@ -175,6 +178,9 @@ struct Progress<'a> {
     /// Payload bytes of the copy's page and disk frames before
     /// compression.
     copied_bytes: std::sync::atomic::AtomicU64,
+    /// Payload bytes of its disk frames: what the standby writes to its
+    /// disks (the copy, and the writes recorded during it).
+    disk_bytes: std::sync::atomic::AtomicU64,
     status: &'a StatusBoard,
     generation: u64,
     total: u64,
@@ -608,6 +614,9 @@ async fn send_disk(
         .map(|b| {
             progress.tally().add_disk(&b);
             let len = b.bytes().len();
+            progress
+                .disk_bytes
+                .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             progress.frame(Message::SyncDisk(b), len)
         })
         .collect();

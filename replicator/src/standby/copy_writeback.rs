@@ -10,7 +10,10 @@
 //! only reader, must not (the primary takes a link that makes no progress
 //! for 1.2 s for a lost standby). When the thread is still busy, a chunk
 //! is left to the kernel. On a disk at least as fast as the A-link, about
-//! a chunk per disk is left for the first epoch's sync.
+//! a chunk per disk is left for the first epoch's sync. On a slower disk
+//! the backlog grows up to the kernel's dirty limit as before (the
+//! session's own writes are then slowed by the kernel), and the first
+//! epoch's deadline allows for it at a floor rate.
 
 use std::fs::File;
 use std::ops::Range;

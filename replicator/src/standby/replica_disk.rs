@@ -307,7 +307,8 @@ fn sync_file_range(
     flags: libc::c_uint,
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(len)) = (
+    // A length of 0 would mean "to the end of the file".
+    let (Ok(offset), Ok(len @ 1..)) = (
         libc::off64_t::try_from(range.start),
         libc::off64_t::try_from(range.end.saturating_sub(range.start)),
     ) else {
@@ -426,14 +427,15 @@ mod tests {
         let size = 8 << 20;
         let disk = ReplicaDisk::create(&dir.path().join("disk0.img"), size).unwrap();
         let half = size / 2;
-        let file = disk.sync_handle().unwrap();
+        // Opened read-only, as the copy's writeback thread opens it.
+        let file = File::open(dir.path().join("disk0.img")).unwrap();
         disk.write(0, &vec![0xa5; half as usize]).unwrap();
         start_writeback(&file, 0..half).unwrap();
         disk.write(half, &vec![0x5a; half as usize]).unwrap();
         start_writeback(&file, half..size).unwrap();
-        // The whole file at once, and an empty span.
+        // The whole file, waited for; an empty span is nothing.
         sync_file_range(&file, 0..size, libc::SYNC_FILE_RANGE_WAIT_BEFORE).unwrap();
-        start_writeback(&file, 0..0).unwrap();
+        start_writeback(&file, size..size).unwrap();
         disk.sync().unwrap();
         let bytes = std::fs::read(dir.path().join("disk0.img")).unwrap();
         assert_eq!(bytes.len() as u64, size);
