@@ -173,4 +173,33 @@ mod tests {
         // A disk the replica does not have is not this tracker's to judge.
         assert_eq!(chunks.wrote(7, 0, CHUNK), None);
     }
+
+    /// The session never waits for the thread: chunks beyond the queue
+    /// are left to the kernel, and a thread that ended is let go.
+    #[test]
+    fn a_writeback_thread_behind_or_gone_never_blocks_the_copy() {
+        let (tx, rx) = sync_channel(QUEUED_AT_MOST);
+        let mut writeback = CopyWriteback {
+            chunks: Chunks::new(1),
+            thread: Some(tx),
+        };
+        // Nobody takes from the queue (a thread stuck on a hung disk).
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..(QUEUED_AT_MOST as u64 + 3) {
+                writeback.wrote(0, i * CHUNK, CHUNK);
+            }
+            done_tx.send(writeback).unwrap();
+        });
+        let mut writeback = done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the copy waited for its writeback thread");
+        let queued: Vec<_> = rx.try_iter().collect();
+        assert_eq!(queued.len(), QUEUED_AT_MOST, "the rest left to the kernel");
+        assert_eq!(queued[0], (0, 0..CHUNK));
+        // The thread is gone: the next chunk lets it go.
+        drop(rx);
+        writeback.wrote(0, 10 * CHUNK, CHUNK);
+        assert!(writeback.thread.is_none());
+    }
 }
