@@ -259,14 +259,20 @@ pub fn status(lab: &Lab, node: NodeId) -> Option<Status> {
 
 /// The tails of `node`'s daemon log and of its ledger VM role's log.
 pub fn log_tail(lab: &Lab, node: NodeId) -> String {
+    log_tails(lab, node, 15, 20)
+}
+
+/// The last `daemon` lines of `node`'s daemon log and the last `engine`
+/// lines of its ledger VM role's log.
+pub fn log_tails(lab: &Lab, node: NodeId, daemon: usize, engine: usize) -> String {
     lab.exec(
         node,
         &[
             "sh",
             "-c",
             &format!(
-                "echo '--- ftd'; tail -n 15 /data/ftd/ftd.log; \
-                 echo '--- {VM_NAME}'; tail -n 20 /data/ftd/vms/{VM_NAME}/ftprotect.log"
+                "echo '--- ftd'; tail -n {daemon} /data/ftd/ftd.log; \
+                 echo '--- {VM_NAME}'; tail -n {engine} /data/ftd/vms/{VM_NAME}/ftprotect.log"
             ),
         ],
         EXEC_TIMEOUT,

@@ -200,6 +200,13 @@ impl Drop for LabPair {
                     "[e2e] console of node {node}:\n{}",
                     self.console_tail(node, 40)
                 );
+                // The logs live on the node's disk, which goes with the lab.
+                if self.is_running(node) {
+                    eprintln!(
+                        "[e2e] logs of node {node}:\n{}",
+                        lab::ft_pair::log_tails(&self.lab, node, 40, 120)
+                    );
+                }
             }
         }
         if let Err(e) = self.lab.down() {
