@@ -504,10 +504,9 @@ impl Manager {
             return polled.status;
         };
         let sock = crate::supervisor::VmPaths::new(&self.inner.config, self.state_dir(), name).sock;
-        match crate::supervisor::engine_status(&sock).await {
-            Some(now) => Some(now),
-            None => polled.status,
-        }
+        crate::supervisor::engine_status(&sock)
+            .await
+            .or(polled.status)
     }
 
     pub fn vm(&self, name: &str) -> Result<VmView, ManagerError> {

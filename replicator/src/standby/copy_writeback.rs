@@ -80,51 +80,12 @@ impl CopyWriteback {
     /// The thread ends once this is dropped (the copy ended), after the
     /// call under way and those queued.
     pub(super) fn start(disks: &[ReplicaDisk]) -> CopyWriteback {
-        let chunks = Chunks::new(disks.len());
-        // Opened anew, read-only: not the replica's own open file, which
-        // holds the disk's lock (a promoted VM takes that lock once the
-        // replica lets go, and must not wait for this thread).
-        let handles: std::io::Result<Vec<(File, PathBuf)>> = disks
-            .iter()
-            .map(|d| Ok((File::open(&d.path)?, d.path.clone())))
-            .collect();
-        let handles = match handles {
-            Ok(h) => h,
-            Err(error) => {
-                warn!(%error, "the copy is left to the kernel's writeback");
-                return CopyWriteback {
-                    chunks,
-                    thread: None,
-                };
-            }
-        };
-        let (tx, rx) = sync_channel::<(usize, Range<u64>)>(QUEUED_AT_MOST);
-        let spawned = std::thread::Builder::new()
-            .name("copy-writeback".into())
-            .spawn(move || {
-                for (disk, span) in rx {
-                    let Some((file, path)) = handles.get(disk) else {
-                        continue;
-                    };
-                    if let Err(error) = super::replica_disk::start_writeback(file, span) {
-                        // The sync at the first epoch says it too, and ends
-                        // the session if the disk failed.
-                        warn!(path = %path.display(), %error, "handing the copy to writeback failed");
-                    }
-                }
-            });
-        match spawned {
-            Ok(_) => CopyWriteback {
-                chunks,
-                thread: Some(tx),
-            },
-            Err(error) => {
-                warn!(%error, "no copy writeback thread: the copy is left to the kernel");
-                CopyWriteback {
-                    chunks,
-                    thread: None,
-                }
-            }
+        let thread = spawn_thread(disks)
+            .inspect_err(|error| warn!(%error, "the copy is left to the kernel's writeback"))
+            .ok();
+        CopyWriteback {
+            chunks: Chunks::new(disks.len()),
+            thread,
         }
     }
 
@@ -147,6 +108,33 @@ impl CopyWriteback {
             }
         }
     }
+}
+
+/// The thread that hands the chunks of `disks` to writeback, and its queue.
+fn spawn_thread(disks: &[ReplicaDisk]) -> std::io::Result<SyncSender<(usize, Range<u64>)>> {
+    // Opened anew, read-only: not the replica's own open file, which
+    // holds the disk's lock (a promoted VM takes that lock once the
+    // replica lets go, and must not wait for this thread).
+    let handles = disks
+        .iter()
+        .map(|d| Ok((File::open(&d.path)?, d.path.clone())))
+        .collect::<std::io::Result<Vec<(File, PathBuf)>>>()?;
+    let (tx, rx) = sync_channel::<(usize, Range<u64>)>(QUEUED_AT_MOST);
+    std::thread::Builder::new()
+        .name("copy-writeback".into())
+        .spawn(move || {
+            for (disk, span) in rx {
+                let Some((file, path)) = handles.get(disk) else {
+                    continue;
+                };
+                if let Err(error) = super::replica_disk::start_writeback(file, span) {
+                    // The sync at the first epoch says it too, and ends
+                    // the session if the disk failed.
+                    warn!(path = %path.display(), %error, "handing the copy to writeback failed");
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 #[cfg(test)]
