@@ -4,7 +4,7 @@
 //! addresses tried in order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,38 @@ struct Connection {
     tx: LinkSender,
     pending: Pending,
     reader: tokio::task::JoinHandle<()>,
+    /// Set when a request on it went unanswered (a dead connection as far
+    /// as this client can tell): the next request opens a new one.
+    failed: AtomicBool,
+}
+
+impl Connection {
+    fn usable(&self) -> bool {
+        !self.reader.is_finished() && !self.failed.load(Ordering::Acquire)
+    }
+}
+
+/// One request waiting for its answer. Dropped before the answer came (its
+/// caller gave up, a timeout around `ask` included), it forgets the request
+/// and, unless it was a claim (a slow answer to a claim is normal), marks
+/// the connection failed, as an answer timeout inside `ask` does.
+struct Asking<'a> {
+    connection: &'a Connection,
+    id: u64,
+    claim: bool,
+    answered: bool,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        lock(&self.connection.pending).remove(&self.id);
+        if !self.claim {
+            self.connection.failed.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl Drop for Connection {
@@ -94,32 +126,39 @@ impl WitnessClient {
         self.connected().await.map(|_| ())
     }
 
-    /// Asks `request` and waits for its answer.
+    /// Asks `request` and waits for its answer. Cancel-safe: dropped while
+    /// it waits, it leaves the connection to be replaced by the next request
+    /// (unless the request was a claim), so that request does not wait on a
+    /// connection that already failed to answer.
     pub async fn ask(&self, request: &Request) -> Result<Answer, WitnessError> {
         let connection = self.connected().await?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let (answer_tx, answer_rx) = oneshot::channel();
         lock(&connection.pending).insert(id, answer_tx);
+        let mut asking = Asking {
+            connection: &connection,
+            id,
+            claim: matches!(request, Request::Claim { .. }),
+            answered: false,
+        };
         let sent = connection.tx.send(&request.to_frame(id)?).await;
         if let Err(error) = sent {
+            drop(asking);
             self.drop_connection(&connection).await;
             return Err(WitnessError::Lost(error.to_string()));
         }
-        match tokio::time::timeout(self.answer_within, answer_rx).await {
+        let answer = tokio::time::timeout(self.answer_within, answer_rx).await;
+        asking.answered = matches!(answer, Ok(Ok(_)));
+        // Unanswered: the guard forgets the request and, but for a claim,
+        // marks the connection failed.
+        drop(asking);
+        match answer {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) => {
                 self.drop_connection(&connection).await;
                 Err(WitnessError::Lost("the connection ended".into()))
             }
-            Err(_) => {
-                lock(&connection.pending).remove(&id);
-                // A slow answer to a claim is normal; to anything else it
-                // means a dead connection.
-                if !matches!(request, Request::Claim { .. }) {
-                    self.drop_connection(&connection).await;
-                }
-                Err(WitnessError::NoAnswer(self.answer_within))
-            }
+            Err(_) => Err(WitnessError::NoAnswer(self.answer_within)),
         }
     }
 
@@ -133,7 +172,7 @@ impl WitnessClient {
     async fn connected(&self) -> Result<Arc<Connection>, WitnessError> {
         let mut current = self.connection.lock().await;
         if let Some(c) = current.as_ref() {
-            if !c.reader.is_finished() {
+            if c.usable() {
                 return Ok(Arc::clone(c));
             }
         }
@@ -194,5 +233,6 @@ fn start(link: Link) -> Connection {
         tx,
         pending,
         reader,
+        failed: AtomicBool::new(false),
     }
 }

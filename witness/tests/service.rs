@@ -2,11 +2,13 @@
 //! meet them, its records across a restart, and bad input.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ft_link::{Frame, Link, LinkConfig, PairSecret};
-use witness::protocol::{client_hello, REQUEST_CODE};
+use ft_link::{Frame, Link, LinkConfig, LinkListener, PairSecret};
+use witness::protocol::{client_hello, witness_hello, REQUEST_CODE};
 use witness::registry::Timing;
 use witness::server::{Server, ServerConfig};
 use witness::{Answer, Request, WitnessClient, WitnessError};
@@ -246,4 +248,54 @@ async fn a_waiting_claim_does_not_hold_up_another_nodes_requests() {
         "a claim's grant is the new owner's first lease (half the silence)"
     );
     server.abort();
+}
+
+/// A witness that completes the handshake and then never answers; counts
+/// the connections it accepted.
+async fn mute_witness() -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let config = LinkConfig::new(secret(), witness_hello("mute"));
+    let listener = LinkListener::bind("127.0.0.1:0", config).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    let task = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok(link) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            open.push(link);
+        }
+    });
+    (addr, accepted, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_given_up_by_its_caller_leaves_the_next_ask_a_new_connection() {
+    let (addr, accepted, witness) = mute_witness().await;
+    let node = WitnessClient::new(vec![addr], secret(), "a", Duration::from_secs(30));
+    // The caller's own bound (as the primary's fenced re-ask has) gives up
+    // long before the client's answer time.
+    let given_up = tokio::time::timeout(Duration::from_millis(200), node.ask(&hold("db", 1))).await;
+    assert!(given_up.is_err(), "a mute witness answered: {given_up:?}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // The next ask must not wait out the 30 s answer time on the connection
+    // that already failed to answer: it opens a new one.
+    let again = tokio::time::timeout(Duration::from_millis(200), node.ask(&hold("db", 1))).await;
+    assert!(again.is_err(), "a mute witness answered: {again:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the second ask reused the connection its predecessor gave up on"
+    );
+    // A claim given up is different: a slow answer to a claim is normal, so
+    // its connection is kept.
+    let claim_given_up =
+        tokio::time::timeout(Duration::from_millis(200), node.ask(&claim("db", 1))).await;
+    assert!(claim_given_up.is_err());
+    let _ = tokio::time::timeout(Duration::from_millis(200), node.ask(&claim("db", 1))).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "a given-up claim must keep its connection"
+    );
+    witness.abort();
 }
