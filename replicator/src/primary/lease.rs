@@ -588,4 +588,77 @@ mod tests {
             .await
             .expect("at once");
     }
+
+    /// A witness over a real link that answers every request with
+    /// `answer`.
+    async fn scripted_witness(answer: Answer) -> (String, tokio::task::JoinHandle<()>) {
+        let secret = ft_link::PairSecret::new(b"lease-test-secret-0123456789xx".to_vec()).unwrap();
+        let config = ft_link::LinkConfig::new(secret, witness::protocol::witness_hello("w"));
+        let listener = ft_link::LinkListener::bind("127.0.0.1:0", config)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            while let Ok(mut link) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    while let Ok(frame) = link.recv().await {
+                        let (id, _) = Request::from_frame(&frame).unwrap();
+                        if link.send(&answer.to_frame(id).unwrap()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    /// A lease of node "a" at `generation`, without its keeper and gate.
+    fn lease_of_a(addr: String, generation: u64) -> Lease {
+        let secret = ft_link::PairSecret::new(b"lease-test-secret-0123456789xx".to_vec()).unwrap();
+        let client = witness::WitnessClient::new(vec![addr], secret, "a", Duration::from_secs(5));
+        Lease {
+            witness: WitnessConfig {
+                client: Arc::new(client),
+                vm: "db".into(),
+            },
+            standing: Arc::new(Standing::new(generation)),
+            gate: Arc::new(Mutex::new(GateState {
+                mode: GateMode::Off,
+                paused: false,
+            })),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// A witness older than its refusal of a stale release names this very
+    /// node as the newer generation's owner: the switchover is called off,
+    /// and this copy is not ended (it is the only copy running). Another
+    /// node named ends it.
+    #[tokio::test]
+    async fn a_release_superseded_by_this_node_itself_calls_the_switchover_off() {
+        let (addr, witness) = scripted_witness(Answer::Superseded {
+            generation: 4,
+            owner: "a".into(),
+        })
+        .await;
+        let lease = lease_of_a(addr, 3);
+        let why = lease.release().await.expect_err("nothing was handed over");
+        assert!(why.contains("holds this node at generation 4"), "{why}");
+        assert_eq!(lease.superseded(), None, "this copy must not end itself");
+        assert!(*lease.standing.keeping.lock().await, "renewing goes on");
+        witness.abort();
+
+        let (addr, witness) = scripted_witness(Answer::Superseded {
+            generation: 4,
+            owner: "b".into(),
+        })
+        .await;
+        let lease = lease_of_a(addr, 3);
+        let why = lease.release().await.expect_err("nothing was handed over");
+        assert!(why.contains("node b runs the VM"), "{why}");
+        assert_eq!(lease.superseded(), Some((4, "b".into())));
+        witness.abort();
+    }
 }
