@@ -84,10 +84,12 @@ struct Inner {
     witness_reachable: Mutex<Option<bool>>,
     /// VM moves asked of the peer over the pair channel.
     forwards: crate::pair::forward::Forwards,
-    /// The API's live asks of the engines, at most [`ENGINE_ASKS`] at once:
-    /// an engine serves a few control clients at a time, and the
-    /// supervisor's own poll must find room.
-    engine_asks: tokio::sync::Semaphore,
+    /// The API's live asks of each engine (by VM), at most [`ENGINE_ASKS`]
+    /// at once per engine: an engine serves a few control clients at a
+    /// time, and the supervisor's own poll must find room. A permit is
+    /// held until the engine's request ends, even when the HTTP client
+    /// went away before.
+    engine_asks: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// See [`Inner::engine_asks`].
@@ -121,7 +123,7 @@ impl Manager {
                 started: Instant::now(),
                 witness_reachable: Mutex::new(None),
                 forwards: Default::default(),
-                engine_asks: tokio::sync::Semaphore::new(ENGINE_ASKS),
+                engine_asks: Mutex::default(),
             }),
         }
     }
@@ -495,16 +497,30 @@ impl Manager {
     /// The FT engine's status of the VM's role on this node, asked of the
     /// engine now; the supervisor's last poll (which may be seconds old)
     /// when the engine does not answer within a second, or when other API
-    /// requests are asking engines already. None: the supervisor has not
-    /// seen a role of the VM run here, or (that role has not reported yet)
-    /// the engine did not answer.
+    /// requests are asking that engine already. None: the supervisor has
+    /// not seen a role of the VM run here, or (that role has not reported
+    /// yet) the engine did not answer.
     pub async fn engine_status(&self, name: &str) -> Option<replicator::status::Status> {
         let polled = self.runtime().get(name)?;
-        let Ok(_asking) = self.inner.engine_asks.try_acquire() else {
+        let asks = {
+            let mut asks = self
+                .inner
+                .engine_asks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            // Only engines with asks out need their permits kept: the map
+            // stays as small as the asks under way.
+            asks.retain(|vm, permits| vm == name || permits.available_permits() < ENGINE_ASKS);
+            Arc::clone(
+                asks.entry(name.to_string())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(ENGINE_ASKS))),
+            )
+        };
+        let Ok(asking) = asks.try_acquire_owned() else {
             return polled.status;
         };
         let sock = crate::supervisor::VmPaths::new(&self.inner.config, self.state_dir(), name).sock;
-        crate::supervisor::engine_status(&sock)
+        crate::supervisor::engine_status_holding(&sock, asking)
             .await
             .or(polled.status)
     }
@@ -1017,6 +1033,114 @@ mod tests {
             .await
             .expect("the engine's word");
         assert_eq!(seen.state, FtState::Protected, "the engine answers");
+        serving.abort();
+    }
+
+    /// The live asks are limited per engine: two asks held up by a silent
+    /// engine leave the other engines' views live. A permit stays taken
+    /// until the engine's request ends, even when the API client stopped
+    /// waiting: an ask given up on does not make room for another request
+    /// to an engine that is not answering.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_asks_are_limited_per_engine_and_held_until_the_engine_request_ends() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::fixtures::store_with_vm(dir.path());
+        let mut config = crate::fixtures::pair_config();
+        config.run_dir = dir.path().join("run");
+        std::fs::create_dir_all(&config.run_dir).unwrap();
+        let polled = StatusBoard::new("node-a", Role::Primary);
+        polled.set_state(Role::Primary, FtState::Syncing, None);
+        let runtime = Runtime::default();
+        for vm in ["vm1", "vm2"] {
+            runtime.set(
+                vm,
+                Some(LocalRole {
+                    role: Role::Primary,
+                    state: FtState::Syncing,
+                    epoch: None,
+                    message: None,
+                    status: Some(polled.snapshot()),
+                }),
+            );
+        }
+        // vm1's engine accepts no connection and answers nothing (a hung
+        // engine: connections wait in the socket's backlog).
+        let silent =
+            std::os::unix::net::UnixListener::bind(config.run_dir.join("vm1.sock")).unwrap();
+        silent.set_nonblocking(true).unwrap();
+        let backlog = |listener: &std::os::unix::net::UnixListener| {
+            std::iter::from_fn(|| listener.accept().ok()).count()
+        };
+        let engine = StatusBoard::new("node-a", Role::Primary);
+        engine.set_state(Role::Primary, FtState::Protected, None);
+        let server = ControlServer::bind(&config.run_dir.join("vm2.sock")).unwrap();
+        let serving = tokio::spawn(server.serve(engine, Arc::new(tokio::sync::Notify::new())));
+        let manager = Manager::new(config.clone(), dir.path(), store, runtime);
+        let state = |s: Option<replicator::status::Status>| s.expect("a view").state;
+
+        // Polled in this order: the first two take vm1's permits, the third
+        // finds none, and vm2's engine is still asked.
+        let (first, second, third, other) = tokio::join!(
+            manager.engine_status("vm1"),
+            manager.engine_status("vm1"),
+            manager.engine_status("vm1"),
+            manager.engine_status("vm2"),
+        );
+        assert_eq!(state(first), FtState::Syncing, "vm1's engine is silent");
+        assert_eq!(state(second), FtState::Syncing);
+        assert_eq!(state(third), FtState::Syncing);
+        assert_eq!(
+            state(other),
+            FtState::Protected,
+            "vm2's engine must be asked while vm1's holds its own permits"
+        );
+        assert_eq!(
+            backlog(&silent),
+            2,
+            "the third ask must not have reached vm1's engine"
+        );
+
+        // Two asks given up on at once (a client that went away) keep their
+        // permits while their requests wait on the silent engine.
+        let began = Instant::now();
+        for _ in 0..2 {
+            let given_up =
+                tokio::time::timeout(Duration::from_millis(50), manager.engine_status("vm1")).await;
+            assert!(given_up.is_err(), "a silent engine answered");
+        }
+        let third_asked_within = began.elapsed();
+        let third = manager.engine_status("vm1").await;
+        assert_eq!(state(third), FtState::Syncing);
+        // Wait for the two requests to end (their permits come back).
+        let permits = Arc::clone(
+            manager
+                .inner
+                .engine_asks
+                .lock()
+                .unwrap()
+                .get("vm1")
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while permits.available_permits() < ENGINE_ASKS {
+            assert!(
+                Instant::now() < deadline,
+                "the given-up requests never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Meaningful only while the two were surely still waiting on the
+        // engine when the third was asked (each waits a second).
+        if third_asked_within < Duration::from_millis(900) {
+            assert_eq!(
+                backlog(&silent),
+                2,
+                "an ask given up on released its permit before its request ended"
+            );
+        } else {
+            eprintln!("the machine stalled ({third_asked_within:?}): permit check skipped");
+        }
         serving.abort();
     }
 }

@@ -230,8 +230,8 @@ pub async fn unprotect(
 /// sync progress; the replicator's status format, version 1).
 ///
 /// Asked of the engine when the request comes; the daemon's last poll of
-/// it when the engine does not answer within a second, or while other
-/// requests are asking the engines.
+/// it when the engine does not answer within a second, or while two other
+/// requests are asking that engine.
 #[utoipa::path(get, path = "/api/vms/{name}/engine", operation_id = "vm_engine_status", tag = "vms",
     params(("name" = String, Path, description = "The VM's name")),
     responses((status = 200, description = "The engine's status", body = Object),

@@ -35,7 +35,7 @@ use crate::manager::Manager;
 use crate::model::{Desired, Maintenance, Severity};
 use crate::store::VmRecord;
 
-pub(crate) use process::status as engine_status;
+pub(crate) use process::status_holding as engine_status_holding;
 use process::{Exit, Process};
 pub use process::{ProcessError, VmPaths};
 use standby_alerts::{StandbyAlerts, Trouble};

@@ -290,7 +290,7 @@ impl Process {
 
     /// A process a previous `ftd` started, found answering on its socket.
     pub async fn adopt(vm: &str, paths: VmPaths) -> Option<Process> {
-        let (status, pid) = status_answered_by(&paths.sock).await?;
+        let (status, pid) = status_answered_by(&paths.sock, ()).await?;
         if matches!(status.state, FtState::Stopped | FtState::Failed) {
             return None;
         }
@@ -314,7 +314,7 @@ impl Process {
                 // handed out in turn up to pid_max before any is used
                 // again, so the handle is on the process that answered;
                 // unless another process answers the socket now.
-                match status_answered_by(&paths.sock).await {
+                match status_answered_by(&paths.sock, ()).await {
                     Some((_, again)) if again != pid => {
                         tracing::warn!(vm, ?pid, ?again, "another process answers the control socket now: no handle on it, it counts as gone when it stops answering");
                         None
@@ -489,23 +489,37 @@ impl Process {
 
 /// The status the engine serving `sock` gives now (none: no engine
 /// there, or it did not answer within a second).
-pub(crate) async fn status(sock: &Path) -> Option<Status> {
-    status_answered_by(sock).await.map(|(status, _)| status)
+async fn status(sock: &Path) -> Option<Status> {
+    status_answered_by(sock, ()).await.map(|(status, _)| status)
+}
+
+/// [`status`], `held` kept until the request to the engine has ended, even
+/// when the caller stops waiting for it first (a limit on the requests an
+/// engine is asked at once: a permit).
+pub(crate) async fn status_holding<T: Send + 'static>(sock: &Path, held: T) -> Option<Status> {
+    status_answered_by(sock, held)
+        .await
+        .map(|(status, _)| status)
 }
 
 /// The status on `sock`, and the pid of the process that answered (when
-/// the kernel names it).
-async fn status_answered_by(sock: &Path) -> Option<(Status, Option<u32>)> {
+/// the kernel names it); `held` is dropped when the request has ended.
+async fn status_answered_by<T: Send + 'static>(
+    sock: &Path,
+    held: T,
+) -> Option<(Status, Option<u32>)> {
     if !sock.exists() {
         return None;
     }
     let sock = sock.to_path_buf();
     let (answer, pid) = tokio::task::spawn_blocking(move || {
-        control::request_answered_by(
+        let answered = control::request_answered_by(
             &sock,
             &ControlRequest::new(ControlCommand::Status),
             STATUS_TIMEOUT,
-        )
+        );
+        drop(held);
+        answered
     })
     .await
     .ok()?
