@@ -5,7 +5,7 @@
 //! sync, while the primary holds the guest's output (and, past its
 //! run-ahead bound, the guest itself) for that epoch's acknowledgement.
 //! Instead, each [`CHUNK`] a disk gathers is handed to writeback at once
-//! (`sync_file_range`, data only), on a thread of its own: the call may
+//! (`sync_file_range`, data only), on a thread of the disk's own: the call may
 //! block while the disk's queue is full, and the session, the A-link's
 //! only reader, must not (the primary takes a link that makes no progress
 //! for 1.2 s for a lost standby). When the thread is still busy, a chunk
@@ -69,34 +69,55 @@ impl Chunks {
     }
 }
 
-/// The copy's writeback: [`Chunks`] and the thread that hands them on.
+/// A disk's writeback thread: its queue.
+type Thread = SyncSender<Range<u64>>;
+
+/// The copy's writeback: [`Chunks`] and, per disk, the thread that hands
+/// them on (one per disk: a disk whose writeback hangs leaves the others'
+/// going).
 pub(super) struct CopyWriteback {
     chunks: Chunks,
-    /// None: no thread (the kernel writes the copy back by itself).
-    thread: Option<SyncSender<(usize, Range<u64>)>>,
+    /// Per disk; None: no thread (the kernel writes that disk's copy back
+    /// by itself).
+    threads: Vec<Option<Thread>>,
 }
 
 impl CopyWriteback {
-    /// The thread ends once this is dropped (the copy ended), after the
-    /// call under way and those queued.
+    /// The threads end once this is dropped (the copy ended), each after
+    /// the call under way and those queued.
     pub(super) fn start(disks: &[ReplicaDisk]) -> CopyWriteback {
-        let thread = spawn_thread(disks)
-            .inspect_err(|error| warn!(%error, "the copy is left to the kernel's writeback"))
-            .ok();
+        let threads = disks
+            .iter()
+            .map(|disk| {
+                spawn_thread(disk)
+                    .inspect_err(|error| {
+                        warn!(
+                            path = %disk.path.display(),
+                            %error,
+                            "the disk's copy is left to the kernel's writeback"
+                        )
+                    })
+                    .ok()
+            })
+            .collect();
         CopyWriteback {
             chunks: Chunks::new(disks.len()),
-            thread,
+            threads,
         }
     }
 
-    /// Notes a write of the copy; hands a whole chunk to the thread, or
-    /// leaves it to the kernel when the thread is behind. Never blocks.
+    /// Notes a write of the copy; hands a whole chunk to its disk's
+    /// thread, or leaves it to the kernel when that thread is behind.
+    /// Never blocks.
     pub(super) fn wrote(&mut self, disk: usize, offset: u64, len: u64) {
         let Some(span) = self.chunks.wrote(disk, offset, len) else {
             return;
         };
-        if let Some(thread) = &self.thread {
-            match thread.try_send((disk, span)) {
+        let Some(slot) = self.threads.get_mut(disk) else {
+            return;
+        };
+        if let Some(thread) = slot {
+            match thread.try_send(span) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     debug!(
@@ -104,30 +125,25 @@ impl CopyWriteback {
                         "the copy's writeback is behind: a chunk left to the kernel"
                     );
                 }
-                Err(TrySendError::Disconnected(_)) => self.thread = None,
+                Err(TrySendError::Disconnected(_)) => *slot = None,
             }
         }
     }
 }
 
-/// The thread that hands the chunks of `disks` to writeback, and its queue.
-fn spawn_thread(disks: &[ReplicaDisk]) -> std::io::Result<SyncSender<(usize, Range<u64>)>> {
+/// The thread that hands the chunks of `disk` to writeback, and its queue.
+fn spawn_thread(disk: &ReplicaDisk) -> std::io::Result<Thread> {
     // Opened anew, read-only: not the replica's own open file, which
     // holds the disk's lock (a promoted VM takes that lock once the
     // replica lets go, and must not wait for this thread).
-    let handles = disks
-        .iter()
-        .map(|d| Ok((File::open(&d.path)?, d.path.clone())))
-        .collect::<std::io::Result<Vec<(File, PathBuf)>>>()?;
-    let (tx, rx) = sync_channel::<(usize, Range<u64>)>(QUEUED_AT_MOST);
+    let file = File::open(&disk.path)?;
+    let path: PathBuf = disk.path.clone();
+    let (tx, rx) = sync_channel::<Range<u64>>(QUEUED_AT_MOST);
     std::thread::Builder::new()
         .name("copy-writeback".into())
         .spawn(move || {
-            for (disk, span) in rx {
-                let Some((file, path)) = handles.get(disk) else {
-                    continue;
-                };
-                if let Err(error) = super::replica_disk::start_writeback(file, span) {
+            for span in rx {
+                if let Err(error) = super::replica_disk::start_writeback(&file, span) {
                     // The sync at the first epoch says it too, and ends
                     // the session if the disk failed.
                     warn!(path = %path.display(), %error, "handing the copy to writeback failed");
@@ -162,32 +178,42 @@ mod tests {
         assert_eq!(chunks.wrote(7, 0, CHUNK), None);
     }
 
-    /// The session never waits for the thread: chunks beyond the queue
-    /// are left to the kernel, and a thread that ended is let go.
+    /// The session never waits for a thread: chunks beyond a disk's queue
+    /// are left to the kernel, one disk's thread behind leaves the others'
+    /// queues taking chunks, and a thread that ended is let go.
     #[test]
     fn a_writeback_thread_behind_or_gone_never_blocks_the_copy() {
-        let (tx, rx) = sync_channel(QUEUED_AT_MOST);
+        let (stuck_tx, stuck_rx) = sync_channel(QUEUED_AT_MOST);
+        let (other_tx, other_rx) = sync_channel(QUEUED_AT_MOST);
         let mut writeback = CopyWriteback {
-            chunks: Chunks::new(1),
-            thread: Some(tx),
+            chunks: Chunks::new(2),
+            threads: vec![Some(stuck_tx), Some(other_tx)],
         };
-        // Nobody takes from the queue (a thread stuck on a hung disk).
+        // Nobody takes from disk 0's queue (a thread stuck on a hung disk).
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for i in 0..(QUEUED_AT_MOST as u64 + 3) {
                 writeback.wrote(0, i * CHUNK, CHUNK);
             }
+            writeback.wrote(1, 0, CHUNK);
             done_tx.send(writeback).unwrap();
         });
         let mut writeback = done_rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("the copy waited for its writeback thread");
-        let queued: Vec<_> = rx.try_iter().collect();
+        let queued: Vec<_> = stuck_rx.try_iter().collect();
         assert_eq!(queued.len(), QUEUED_AT_MOST, "the rest left to the kernel");
-        assert_eq!(queued[0], (0, 0..CHUNK));
-        // The thread is gone: the next chunk lets it go.
-        drop(rx);
+        assert_eq!(queued[0], 0..CHUNK);
+        assert_eq!(
+            other_rx.try_iter().collect::<Vec<_>>(),
+            vec![0..CHUNK],
+            "disk 1's chunk must reach its own thread while disk 0's is stuck"
+        );
+        // Disk 0's thread is gone: its next chunk lets it go, disk 1's
+        // thread stays.
+        drop(stuck_rx);
         writeback.wrote(0, 10 * CHUNK, CHUNK);
-        assert!(writeback.thread.is_none());
+        assert!(writeback.threads[0].is_none());
+        assert!(writeback.threads[1].is_some());
     }
 }
