@@ -133,15 +133,19 @@ impl WitnessClient {
     pub async fn ask(&self, request: &Request) -> Result<Answer, WitnessError> {
         let connection = self.connected().await?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        // Encoded first: a request that cannot be encoded says nothing of
+        // the connection.
+        let frame = request.to_frame(id)?;
+        let claim = matches!(request, Request::Claim { .. });
         let (answer_tx, answer_rx) = oneshot::channel();
         lock(&connection.pending).insert(id, answer_tx);
         let mut asking = Asking {
             connection: &connection,
             id,
-            claim: matches!(request, Request::Claim { .. }),
+            claim,
             answered: false,
         };
-        let sent = connection.tx.send(&request.to_frame(id)?).await;
+        let sent = connection.tx.send(&frame).await;
         if let Err(error) = sent {
             drop(asking);
             self.drop_connection(&connection).await;
@@ -158,7 +162,14 @@ impl WitnessClient {
                 self.drop_connection(&connection).await;
                 Err(WitnessError::Lost("the connection ended".into()))
             }
-            Err(_) => Err(WitnessError::NoAnswer(self.answer_within)),
+            Err(_) => {
+                // A slow answer to a claim is normal; to anything else it
+                // means a dead connection.
+                if !claim {
+                    self.drop_connection(&connection).await;
+                }
+                Err(WitnessError::NoAnswer(self.answer_within))
+            }
         }
     }
 

@@ -28,7 +28,8 @@ use super::replica_disk::ReplicaDisk;
 /// writeback: large writes, and little left unwritten.
 pub(super) const CHUNK: u64 = 8 << 20;
 
-/// Chunks waiting for the thread, at most (beyond: left to the kernel).
+/// Chunks waiting for a disk's thread, at most (beyond: left to the
+/// kernel).
 const QUEUED_AT_MOST: usize = 4;
 
 #[derive(Debug, Default)]
@@ -88,8 +89,9 @@ impl CopyWriteback {
     pub(super) fn start(disks: &[ReplicaDisk]) -> CopyWriteback {
         let threads = disks
             .iter()
-            .map(|disk| {
-                spawn_thread(disk)
+            .enumerate()
+            .map(|(i, disk)| {
+                spawn_thread(i, disk)
                     .inspect_err(|error| {
                         warn!(
                             path = %disk.path.display(),
@@ -132,7 +134,7 @@ impl CopyWriteback {
 }
 
 /// The thread that hands the chunks of `disk` to writeback, and its queue.
-fn spawn_thread(disk: &ReplicaDisk) -> std::io::Result<Thread> {
+fn spawn_thread(index: usize, disk: &ReplicaDisk) -> std::io::Result<Thread> {
     // Opened anew, read-only: not the replica's own open file, which
     // holds the disk's lock (a promoted VM takes that lock once the
     // replica lets go, and must not wait for this thread).
@@ -140,7 +142,7 @@ fn spawn_thread(disk: &ReplicaDisk) -> std::io::Result<Thread> {
     let path: PathBuf = disk.path.clone();
     let (tx, rx) = sync_channel::<Range<u64>>(QUEUED_AT_MOST);
     std::thread::Builder::new()
-        .name("copy-writeback".into())
+        .name(format!("copy-writeback-{index}"))
         .spawn(move || {
             for span in rx {
                 if let Err(error) = super::replica_disk::start_writeback(&file, span) {
