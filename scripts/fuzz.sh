@@ -54,18 +54,43 @@ if [[ $# -gt 0 ]]; then
 else
     mapfile -t targets < <(cargo fuzz list)
 fi
-build=(--sanitizer "$sanitizer" --target-dir "$target_dir")
-echo "building ${#targets[@]} fuzz targets (sanitizer: $sanitizer, into $target_dir)"
-cargo fuzz build "${build[@]}"
-echo "built in $((SECONDS - start))s"
-
+# One run at a time per target folder: runs share its binaries, corpus and
+# logs (a second run's build would replace the binaries the first runs).
 mkdir -p "$target_dir/logs"
-# One run at a time per target folder: runs share its corpus and logs.
 exec 9>"$target_dir/.lock"
 if ! flock -n 9; then
     echo "another fuzz run uses $target_dir; waiting for it"
     flock 9
 fi
+triple=$(rustc -vV | sed -n 's/^host: //p')
+build=(--sanitizer "$sanitizer" --target-dir "$target_dir" --target "$triple")
+echo "building ${#targets[@]} fuzz targets (sanitizer: $sanitizer, into $target_dir)"
+cargo fuzz build "${build[@]}"
+echo "built in $((SECONDS - start))s"
+# The runs below use these binaries as built now: a source edited during a
+# long run changes nothing in it (cargo fuzz run would rebuild whenever a
+# source changed).
+bin_dir="$target_dir/$triple/release"
+# Runs target $1's binary with the other arguments (libFuzzer flags and
+# corpus folders); a failing input goes to fuzz/artifacts/$1/, as with
+# cargo fuzz run.
+run_target() {
+    local t=$1
+    shift
+    mkdir -p "artifacts/$t"
+    "$bin_dir/$t" -artifact_prefix="artifacts/$t/" "$@"
+}
+if [[ $sanitizer == address ]]; then
+    # What cargo fuzz run adds for ASan (the binaries are run directly).
+    export ASAN_OPTIONS="$ASAN_OPTIONS:detect_odr_violation=0"
+fi
+for t in "${targets[@]}"; do
+    if [[ ! -x $bin_dir/$t ]]; then
+        echo "no fuzz target binary at $bin_dir/$t after the build" >&2
+        exit 1
+    fi
+done
+
 summary=()
 failed=()
 for t in "${targets[@]}"; do
@@ -75,7 +100,7 @@ for t in "${targets[@]}"; do
     echo "==> $t: ${secs}s"
     # New inputs go to the run's own corpus (kept across runs in the
     # cache); the committed seeds are read from fuzz/corpus.
-    if cargo fuzz run "${build[@]}" "$t" "$work" "corpus/$t" -- \
+    if run_target "$t" "$work" "corpus/$t" \
         -max_total_time="$secs" -timeout=5 -rss_limit_mb=512 -malloc_limit_mb=512 \
         -max_len="$(max_len "$t")" -print_final_stats=1 >"$log" 2>&1; then
         status=ok
@@ -84,7 +109,7 @@ for t in "${targets[@]}"; do
         failed+=("$t")
         tail -n 40 "$log"
         echo "(whole log: $log; the input that failed is under fuzz/artifacts/$t/;"
-        echo " run it again: RUSTC_BOOTSTRAP=1 cargo fuzz run $t fuzz/artifacts/$t/<file>)"
+        echo " run it again: (cd fuzz && $bin_dir/$t artifacts/$t/<file>))"
     fi
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
@@ -97,7 +122,7 @@ for t in "${targets[@]}"; do
     if [[ $status == ok ]]; then
         # The run's corpus, minimised (it is kept for the next run).
         kept=$(mktemp -d "$target_dir/corpus/.kept.XXXXXX")
-        cargo fuzz run "${build[@]}" "$t" "$kept" "$work" -- \
+        run_target "$t" "$kept" "$work" \
             -merge=1 -max_len="$(max_len "$t")" >>"$log" 2>&1
         rm -rf "$work"
         mv "$kept" "$work"
@@ -106,7 +131,7 @@ for t in "${targets[@]}"; do
         # The fewest inputs that reach every edge the committed corpus and
         # the run's reach (edges only, not hit counts: a small corpus).
         merged=$(mktemp -d "$target_dir/corpus/.merged.XXXXXX")
-        cargo fuzz run "${build[@]}" "$t" "$merged" "corpus/$t" "$work" -- \
+        run_target "$t" "$merged" "corpus/$t" "$work" \
             -merge=1 -use_counters=0 -max_len="$(max_len "$t")" >>"$log" 2>&1
         rm -f "corpus/$t"/*
         mv "$merged"/* "corpus/$t"/
