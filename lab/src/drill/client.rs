@@ -48,8 +48,13 @@ pub struct Client {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// How long the ledger VM may take to serve once protected: the guest
+/// boots under FT (from the protection on), which on a slow TCG lab node
+/// took over a minute (the standby falling behind pauses the guest).
+const SERVING_WITHIN: Duration = Duration::from_secs(180);
+
 impl Client {
-    /// Connects (retrying until the ledger serves, up to a minute) and
+    /// Connects (retrying until the ledger serves, up to [`SERVING_WITHIN`]) and
     /// starts appending; connects again after a failure if `reconnect`
     /// says so.
     pub fn start_with(lab: &Lab, reconnect: Reconnect) -> Result<Client, DrillError> {
@@ -58,7 +63,7 @@ impl Client {
             Reconnect::Never => Duration::from_secs(90),
             Reconnect::AfterReboot => HA_ANSWER_WITHIN,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + SERVING_WITHIN;
         let mut ledger = loop {
             match LedgerClient::connect(addr, answer_within) {
                 Ok(c) => break c,
