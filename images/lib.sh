@@ -20,13 +20,33 @@ hash_inputs() {
       printf '%s' "${HASH_EXTRA:-}"; } | sha256sum | cut -c1-16
 }
 
+# missing_pkgs PKG... : prints those of the Debian packages PKG that are
+# not installed, one a line.
+missing_pkgs() {
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+    done
+}
+
 # need_pkgs PKG... : installs the Debian packages that are not installed yet.
 need_pkgs() {
-    local missing=()
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
+    local missing
+    mapfile -t missing < <(missing_pkgs "$@")
     [ ${#missing[@]} -eq 0 ] && return 0
+    install_pkgs "${missing[@]}"
+    # Installing can remove a package asked for here that conflicts with a
+    # new one (a backported qemu-utils, with Debian's qemu-system-x86):
+    # once more for those, at versions that go together.
+    mapfile -t missing < <(missing_pkgs "$@")
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing again what that install removed: ${missing[*]}"
+    install_pkgs "${missing[@]}"
+}
+
+# install_pkgs PKG... : apt-get install (root only), the lists updated first
+# when needed.
+install_pkgs() {
+    local missing=("$@")
     [ "$(id -u)" -eq 0 ] || die "packages missing (${missing[*]}) and not root: install them or run as root"
     log "installing Debian packages: ${missing[*]}"
     # Lock against parallel builds (apt takes its own lock, but fails instead of waiting).
