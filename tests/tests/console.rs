@@ -127,6 +127,15 @@ impl Page<'_> {
     /// opened no confirmation is made again on the button found anew
     /// (a click that missed asked nothing).
     fn act(&mut self, selector: &str, question: &str) {
+        // The button is drawn with its row's state, which the next update
+        // may draw again: a state the page just showed can be undone by a
+        // later update for a moment (seen once: the Migrate button gone
+        // right after the row showed "protected" at level HA), and the
+        // button comes back with the state. A user waits for it too.
+        if let Err(e) = self.browser.wait_for(selector, Duration::from_secs(30)) {
+            let _ = self.browser.screenshot("button-missing");
+            panic!("{selector}: never drawn: {e}");
+        }
         // Nothing covers the button: a user could click it.
         let uncovered = self
             .browser
