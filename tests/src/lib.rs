@@ -93,10 +93,11 @@ impl LabPair {
     }
 
     /// A client of the ledger VM (the protected lab VM), retried until the
-    /// guest serves it (it starts with the guest) or 90 s pass.
+    /// guest serves it (it starts with the guest) or 180 s pass: the guest
+    /// boots under FT, which on a slow TCG lab node took over 90 s.
     pub fn ledger_client(&self) -> guest_tools::ledger::LedgerClient {
         let addr = lab::ft_pair::ledger_addr(&self.lab);
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
         loop {
             match guest_tools::ledger::LedgerClient::connect(addr, Duration::from_secs(120)) {
                 Ok(c) => return c,
