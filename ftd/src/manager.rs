@@ -999,29 +999,41 @@ mod tests {
     use super::*;
     use crate::supervisor::{LocalRole, Runtime};
 
+    /// A store with a VM, a config whose run folder exists, and a runtime
+    /// in which each of `vms` has a primary whose last poll said syncing.
+    fn engine_view_setup(
+        dir: &std::path::Path,
+        vms: &[&str],
+    ) -> (crate::store::Store, crate::config::Config, Runtime) {
+        let store = crate::fixtures::store_with_vm(dir);
+        let mut config = crate::fixtures::pair_config();
+        config.run_dir = dir.join("run");
+        std::fs::create_dir_all(&config.run_dir).unwrap();
+        let polled = StatusBoard::new("node-a", Role::Primary);
+        polled.set_state(Role::Primary, FtState::Syncing, None);
+        let runtime = Runtime::default();
+        for vm in vms {
+            runtime.set(
+                vm,
+                Some(LocalRole {
+                    role: Role::Primary,
+                    state: FtState::Syncing,
+                    epoch: None,
+                    message: None,
+                    status: Some(polled.snapshot()),
+                }),
+            );
+        }
+        (store, config, runtime)
+    }
+
     /// The API's engine view is the engine's word when asked (the
     /// supervisor's poll can be seconds old after a partition), and that
     /// last poll when the engine does not answer.
     #[tokio::test]
     async fn the_engine_view_is_asked_of_the_engine_and_else_is_the_last_poll() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::fixtures::store_with_vm(dir.path());
-        let mut config = crate::fixtures::pair_config();
-        config.run_dir = dir.path().join("run");
-        std::fs::create_dir_all(&config.run_dir).unwrap();
-        let polled = StatusBoard::new("node-a", Role::Primary);
-        polled.set_state(Role::Primary, FtState::Syncing, None);
-        let runtime = Runtime::default();
-        runtime.set(
-            "vm1",
-            Some(LocalRole {
-                role: Role::Primary,
-                state: FtState::Syncing,
-                epoch: None,
-                message: None,
-                status: Some(polled.snapshot()),
-            }),
-        );
+        let (store, config, runtime) = engine_view_setup(dir.path(), &["vm1"]);
         let manager = Manager::new(config.clone(), dir.path(), store, runtime);
         assert!(manager.engine_status("vm2").await.is_none(), "no role");
         let seen = manager.engine_status("vm1").await.expect("the last poll");
@@ -1048,25 +1060,7 @@ mod tests {
     async fn engine_asks_are_limited_per_engine_and_held_until_the_engine_request_ends() {
         use std::time::Duration;
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::fixtures::store_with_vm(dir.path());
-        let mut config = crate::fixtures::pair_config();
-        config.run_dir = dir.path().join("run");
-        std::fs::create_dir_all(&config.run_dir).unwrap();
-        let polled = StatusBoard::new("node-a", Role::Primary);
-        polled.set_state(Role::Primary, FtState::Syncing, None);
-        let runtime = Runtime::default();
-        for vm in ["vm1", "vm2"] {
-            runtime.set(
-                vm,
-                Some(LocalRole {
-                    role: Role::Primary,
-                    state: FtState::Syncing,
-                    epoch: None,
-                    message: None,
-                    status: Some(polled.snapshot()),
-                }),
-            );
-        }
+        let (store, config, runtime) = engine_view_setup(dir.path(), &["vm1", "vm2"]);
         // vm1's engine accepts no connection and answers nothing (a hung
         // engine: connections wait in the socket's backlog).
         let silent =
