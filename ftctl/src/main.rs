@@ -99,8 +99,9 @@ enum LabCommand {
     /// Stop or start the lab's quorum witness (ftwitness on this host).
     Witness { action: WitnessAction },
     /// Start the pair (if needed), then through node a's API define the
-    /// ledger VM at level FT (afresh), start it (primary on node a; node
-    /// b's daemon starts the standby) and wait until it is protected.
+    /// ledger VM (afresh), start it on node a, and once its guest serves,
+    /// protect it at the level (node b's daemon starts the standby) and
+    /// wait until it is protected.
     Protect {
         /// ft: checkpoints (the standby resumes the VM); ha: the disks
         /// mirrored (the standby reboots the VM from its mirror).

@@ -232,22 +232,67 @@ pub fn protect(lab: &Lab, primary: NodeId, ft: FtOptions) -> Result<Status, FtPa
     protect_at(lab, primary, "ft", ft)
 }
 
+/// How long the ledger VM's guest may take to boot and serve, unprotected.
+/// It serves in about 13 s on a slow TCG lab node.
+pub const BOOT_WITHIN: Duration = Duration::from_secs(120);
+
 /// [`protect`] at `level` (`ft` or `ha`: at ha, "protected" means the
 /// standby's mirror is whole).
+///
+/// The VM is defined (with `ft`'s options) and started unprotected; once
+/// its guest serves the ledger it is protected at `level` (the product's
+/// level change of a running VM: node b's daemon starts the standby, which
+/// synchronises with the booted guest). A guest that boots under FT runs
+/// a few times slower on a TCG lab node (every epoch stops it, and the
+/// standby falling behind pauses it): over a minute against 13 s.
+/// [`define_and_start`] at `ft` keeps the guest protected from its first
+/// instruction.
 pub fn protect_at(
     lab: &Lab,
     primary: NodeId,
     level: &str,
     ft: FtOptions,
 ) -> Result<Status, FtPairError> {
-    define_and_start(lab, primary, level, ft)?;
-    wait_for(
+    define_and_start(lab, primary, "unprotected", ft)?;
+    crate::lab::progress(format_args!(
+        "the ledger VM runs unprotected on node {primary}: waiting for its guest to serve"
+    ));
+    wait_serving(lab, primary, BOOT_WITHIN)?;
+    crate::lab::progress(format_args!(
+        "the guest serves: protecting it at level {level}"
+    ));
+    api(lab, primary)?
+        .protect_vm::<VmView>(VM_NAME, level)
+        .map_err(api_err(primary))?;
+    wait_for_level(
         lab,
         primary,
-        Role::Primary,
-        FtState::Protected,
+        (Role::Primary, FtState::Protected, level),
         Duration::from_secs(240),
     )
+}
+
+/// Waits until the ledger VM's guest accepts a connection on the ledger's
+/// port (`primary` runs it: its log tail goes in the error).
+pub fn wait_serving(lab: &Lab, primary: NodeId, within: Duration) -> Result<(), FtPairError> {
+    let addr = ledger_addr(lab);
+    let start = Instant::now();
+    loop {
+        let error = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if start.elapsed() > within {
+            return Err(FtPairError::Timeout {
+                node: primary,
+                what: format!("its guest serving the ledger at {addr}"),
+                secs: within.as_secs(),
+                last: error.to_string(),
+                log: log_tail(lab, primary),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// The engine status of the ledger VM's role on `node`, from that node's
@@ -307,11 +352,32 @@ pub fn wait_for(
     state: FtState,
     timeout: Duration,
 ) -> Result<Status, FtPairError> {
+    wait_until(lab, node, (role, state, None), timeout)
+}
+
+/// [`wait_for`] at protection level `level` (`ft`, `ha`): a level change
+/// is only done once the engine reports the new level.
+pub fn wait_for_level(
+    lab: &Lab,
+    node: NodeId,
+    (role, state, level): (Role, FtState, &str),
+    timeout: Duration,
+) -> Result<Status, FtPairError> {
+    wait_until(lab, node, (role, state, Some(level)), timeout)
+}
+
+fn wait_until(
+    lab: &Lab,
+    node: NodeId,
+    (role, state, level): (Role, FtState, Option<&str>),
+    timeout: Duration,
+) -> Result<Status, FtPairError> {
     let start = Instant::now();
     let mut last = "none".to_string();
     loop {
         if let Some(s) = status(lab, node) {
-            if s.role == role && s.state == state {
+            let at_level = level.is_none_or(|l| s.level.as_str() == l);
+            if s.role == role && s.state == state && at_level {
                 return Ok(s);
             }
             last = serde_json::to_string(&s).unwrap_or_else(|e| e.to_string());
@@ -319,7 +385,10 @@ pub fn wait_for(
         if start.elapsed() > timeout {
             return Err(FtPairError::Timeout {
                 node,
-                what: format!("{role} {state}"),
+                what: match level {
+                    Some(level) => format!("{role} {state} at level {level}"),
+                    None => format!("{role} {state}"),
+                },
                 secs: timeout.as_secs(),
                 last,
                 log: log_tail(lab, node),

@@ -31,7 +31,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ft_tests::{Appender, LabPair};
-use guest_tools::ledger::LedgerClient;
 use lab::drill;
 use lab::ft_pair;
 use lab::NodeId;
@@ -60,17 +59,7 @@ fn output_is_held_until_acknowledged_and_a_lost_standby_leaves_the_primary_unpro
         Duration::from_secs(60),
     )
     .expect("standby ready");
-    let addr = ft_pair::ledger_addr(lab.lab());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut client = loop {
-        match LedgerClient::connect(addr, Duration::from_secs(60)) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "ledger never served: {e}");
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-    };
+    let mut client = lab.ledger_client();
     for id in 1..=5 {
         client.append(id).expect("append while protected");
     }
