@@ -112,8 +112,13 @@ fn engine_command(
     cmd.arg("--secret-file").arg(&paths.secret);
     if let Some(peer) = &config.peer {
         cmd.args(["--peer", &slot_addresses(&peer.alink, vm.slot)]);
-        if !config.witness.is_empty() && vm.level.has_standby() {
+        if !config.witness.is_empty() {
             cmd.args(["--witness", &config.witness.join(",")]);
+            // Its level may change to ft or ha while it runs: the engine
+            // then takes the witness's lease when the standby connects.
+            if !vm.level.has_standby() {
+                cmd.arg("--lease-when-protected");
+            }
         }
     }
     cmd.args(["--generation", &generation.to_string()]);
@@ -759,5 +764,44 @@ mod tests {
             assert_eq!(value_of(&set, "--ack-deadline-ms"), Some("3000"), "{set:?}");
             assert_eq!(value_of(&set, "--epochs-in-flight"), Some("2"), "{set:?}");
         }
+    }
+
+    /// A VM started unprotected gets the pair's witness too, to take its
+    /// lease once a standby connects: its level may change to ft or ha
+    /// while it runs, and a protected copy without the witness's lease
+    /// could run beside a standby the witness let take over (two active
+    /// copies). A VM started protected holds its lease from the start.
+    #[test]
+    fn every_primary_gets_the_witness_and_one_started_unprotected_leases_once_protected() {
+        let mut config = crate::fixtures::pair_config();
+        config.witness = vec!["10.0.0.9:7300".into()];
+        let mut vm = crate::fixtures::definition("vm1");
+        let paths = VmPaths::new(&config, Path::new("/var/lib/ftvm"), "vm1");
+        for (level, deferred) in [
+            (crate::model::Level::Ft, false),
+            (crate::model::Level::Ha, false),
+            (crate::model::Level::Unprotected, true),
+        ] {
+            vm.level = level;
+            let args = args(&engine_command(&config, &vm, 3, Role::Primary, &paths));
+            assert_eq!(
+                value_of(&args, "--witness"),
+                Some("10.0.0.9:7300"),
+                "{level:?}: {args:?}"
+            );
+            assert_eq!(
+                args.iter().any(|a| a == "--lease-when-protected"),
+                deferred,
+                "{level:?}: {args:?}"
+            );
+        }
+        config.witness.clear();
+        let args = args(&engine_command(&config, &vm, 3, Role::Primary, &paths));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.contains("witness") || a == "--lease-when-protected"),
+            "no witness configured: {args:?}"
+        );
     }
 }

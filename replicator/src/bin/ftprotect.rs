@@ -154,6 +154,12 @@ struct PairOptions {
     /// addresses are tried in order. Authenticated with the pair secret.
     #[arg(long, value_delimiter = ',')]
     witness: Vec<String>,
+    /// A primary started unprotected (no standby is started for it): it
+    /// takes the witness's lease only once a standby first connects (the
+    /// VM protected by a later level change). Until then its output never
+    /// waits for the witness and it is never fenced for want of it.
+    #[arg(long, requires = "witness")]
+    lease_when_protected: bool,
     /// The generation of the active copy this node knows (the primary runs
     /// it; a standby refuses a primary of an older one).
     #[arg(long, default_value_t = 1)]
@@ -407,6 +413,7 @@ fn primary_config(
         verify_next: Arc::default(),
         generation,
         witness,
+        lease_when_protected: pair.lease_when_protected,
         switchover: Arc::default(),
         first_lease: None,
     }

@@ -185,6 +185,10 @@ pub struct PrimaryConfig {
     pub generation: u64,
     /// The quorum witness, if the pair has one.
     pub witness: Option<WitnessConfig>,
+    /// The VM was started unprotected: the witness's lease is taken when
+    /// a standby first connects, not at the start (a copy with no standby
+    /// to take it over neither waits for the witness nor is fenced).
+    pub lease_when_protected: bool,
     /// Asked by the control socket's `switchover`: the VM moves to the
     /// standby at the next checkpoint ([`switchover`]).
     pub switchover: Arc<SwitchoverRequest>,
@@ -314,11 +318,19 @@ pub async fn run(
     status: StatusBoard,
     stop: Arc<tokio::sync::Notify>,
 ) -> PrimaryEnd {
-    let lease = config
-        .witness
-        .clone()
-        .map(|w| Lease::start(&vm, w, config.generation, config.first_lease, &status));
-    let lease = lease.as_ref();
+    // A promoted copy holds its lease from the start (its grant is the
+    // first one), whatever it was started with.
+    let deferred = config.lease_when_protected && config.first_lease.is_none();
+    let mut held_lease = match &config.witness {
+        Some(w) if !deferred => Some(Lease::start(
+            &vm,
+            w.clone(),
+            config.generation,
+            config.first_lease,
+            &status,
+        )),
+        _ => None,
+    };
     let mut level = config.level;
     status.update(|s| {
         s.generation = config.generation;
@@ -328,6 +340,7 @@ pub async fn run(
     status.set_state(Role::Primary, FtState::Unprotected, None);
     let mut answered = None;
     loop {
+        let lease = held_lease.as_ref();
         let found = match answered.take() {
             Some(found) => found,
             None => {
@@ -359,6 +372,23 @@ pub async fn run(
         };
         let (link, active) = found;
         last_refusal.clear();
+        if held_lease.is_none() {
+            if let Some(w) = &config.witness {
+                // The VM started unprotected has a standby now: from here
+                // on it runs under the witness's lease as any protected
+                // copy (a takeover needs the witness's grant, and this
+                // copy goes on alone only with its word).
+                info!("a standby connected to a VM started unprotected: the witness's lease from now on");
+                held_lease = Some(Lease::start(
+                    &vm,
+                    w.clone(),
+                    config.generation,
+                    None,
+                    &status,
+                ));
+            }
+        }
+        let lease = held_lease.as_ref();
         status.update(|s| {
             s.peer = Some(link.peer_addr().to_string());
             s.alink = Some(link.protection().describe().to_string());
