@@ -774,6 +774,21 @@ impl Manager {
             {
                 (VmState::SwitchingOver, r.epoch, r.message.clone())
             }
+            // A level change under way: the engine still runs the old
+            // level's session (its "protected" is not the new level's,
+            // which resynchronises first).
+            (Some(r), Desired::Running)
+                if vm_state(r.role, r.state) == VmState::Protected
+                    && r.level.is_some()
+                    && record.definition.level.engine_level().is_some()
+                    && r.level != record.definition.level.engine_level() =>
+            {
+                let message = format!(
+                    "changing the protection level to {}: resynchronising",
+                    record.definition.level.as_str()
+                );
+                (VmState::Syncing, r.epoch, Some(message))
+            }
             (Some(r), _) => (vm_state(r.role, r.state), r.epoch, r.message.clone()),
             (None, Desired::Stopped) => (VmState::Stopped, None, None),
             (None, Desired::Running) if primary_here => (VmState::Starting, None, None),
@@ -1025,6 +1040,53 @@ mod tests {
             );
         }
         (store, config, runtime)
+    }
+
+    /// After a level change the engine runs the old level's session until
+    /// it resynchronises: its "protected" is not the new level's, and the
+    /// view says syncing (the console offers no button of the new level,
+    /// Migrate at HA, on a copy not yet protected at it).
+    #[test]
+    fn a_protected_session_of_the_old_level_is_shown_syncing_after_a_level_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, config, runtime) = engine_view_setup(dir.path(), &[]);
+        let engine = StatusBoard::new("node-a", Role::Primary);
+        engine.set_state(Role::Primary, FtState::Protected, None);
+        let protected_at = |level| {
+            let mut status = engine.snapshot();
+            status.level = level;
+            runtime.set(
+                "vm1",
+                Some(LocalRole {
+                    role: Role::Primary,
+                    state: FtState::Protected,
+                    epoch: Some(7),
+                    message: None,
+                    status: Some(status),
+                }),
+            );
+        };
+        let manager = Manager::new(config, dir.path(), store.clone(), runtime.clone());
+        let at = |level| {
+            store
+                .update_vm("vm1", |r| r.definition.level = level)
+                .unwrap();
+            manager.view(store.vm("vm1").unwrap())
+        };
+
+        protected_at(replicator::level::Level::Ft);
+        assert_eq!(at(Level::Ft).state, VmState::Protected, "the same level");
+        let changing = at(Level::Ha);
+        assert_eq!(changing.state, VmState::Syncing, "ft's session, ha stored");
+        assert!(
+            changing.message.as_deref().unwrap_or("").contains("to ha"),
+            "{:?}",
+            changing.message
+        );
+        protected_at(replicator::level::Level::Ha);
+        assert_eq!(at(Level::Ha).state, VmState::Protected, "ha's session");
+        // Unprotect: the standby stops; nothing to resynchronise.
+        assert_eq!(at(Level::Unprotected).state, VmState::Protected);
     }
 
     /// The API's engine view is the engine's word when asked (the

@@ -59,6 +59,11 @@ pub struct RoleReport {
     /// The primary is moving the VM to its peer by live migration.
     #[serde(default)]
     pub migrating: bool,
+    /// The level the engine runs the VM at (none from a daemon before
+    /// this field): after a level change, it says whether the state is
+    /// already the new level's.
+    #[serde(default)]
+    pub level: Option<replicator::level::Level>,
 }
 
 /// One side's state.

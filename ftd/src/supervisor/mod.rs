@@ -71,6 +71,7 @@ impl LocalRole {
             sync: self.status.as_ref().and_then(|s| s.sync.clone()),
             generation: self.status.as_ref().map(|s| s.generation),
             migrating: self.status.as_ref().is_some_and(|s| s.migrating),
+            level: self.status.as_ref().map(|s| s.level),
         }
     }
 }
