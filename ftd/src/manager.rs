@@ -776,9 +776,11 @@ impl Manager {
             }
             // A level change under way: the engine still runs the old
             // level's session (its "protected" is not the new level's,
-            // which resynchronises first).
+            // which resynchronises first). A live migration runs an HA
+            // VM's move at ft on purpose: the view says migrating.
             (Some(r), Desired::Running)
                 if vm_state(r.role, r.state) == VmState::Protected
+                    && !r.migrating
                     && r.level.is_some()
                     && record.definition.level.engine_level().is_some()
                     && r.level != record.definition.level.engine_level() =>

@@ -48,9 +48,11 @@ pub struct Client {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How long the ledger VM may take to serve once protected: the guest
-/// boots under FT (from the protection on), which on a slow TCG lab node
-/// took over a minute (the standby falling behind pauses the guest).
+/// How long the ledger VM may take to serve once protected. The lab
+/// protects it once it serves ([`ft_pair::protect_at`]), so it serves at
+/// once then; a guest that boots under FT (a VM started at level ft) took
+/// over a minute on a slow TCG lab node (the standby falling behind pauses
+/// the guest).
 const SERVING_WITHIN: Duration = Duration::from_secs(180);
 
 impl Client {

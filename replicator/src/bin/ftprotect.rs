@@ -154,10 +154,12 @@ struct PairOptions {
     /// addresses are tried in order. Authenticated with the pair secret.
     #[arg(long, value_delimiter = ',')]
     witness: Vec<String>,
-    /// A primary started unprotected (no standby is started for it): it
-    /// takes the witness's lease only once a standby first connects (the
-    /// VM protected by a later level change). Until then its output never
-    /// waits for the witness and it is never fenced for want of it.
+    /// `run` only: a primary started unprotected (no standby is started
+    /// for it) takes the witness's lease only once a standby first
+    /// connects (the VM protected by a later level change). Until then its
+    /// output does not wait for the witness and it is not fenced for want
+    /// of it; from then on it is held to the lease as any protected copy
+    /// (also if it is unprotected again later).
     #[arg(long, requires = "witness")]
     lease_when_protected: bool,
     /// The generation of the active copy this node knows (the primary runs
@@ -711,7 +713,14 @@ fn main() -> ExitCode {
             listen,
             disks,
             taps,
-        } => with_runtime(|runtime| standby(runtime, &pair, listen, disks, taps)),
+        } => {
+            if pair.lease_when_protected {
+                // A copy it promotes must hold its lease from the start.
+                eprintln!("ftprotect: --lease-when-protected is for `run` (a primary started unprotected), not for a standby");
+                return ExitCode::from(2);
+            }
+            with_runtime(|runtime| standby(runtime, &pair, listen, disks, taps))
+        }
     }
 }
 

@@ -207,6 +207,21 @@ impl Lease {
         }
     }
 
+    /// Waits until the witness first answered (the lease holds, naming
+    /// the generation it knows this copy by, or this copy is superseded),
+    /// up to the time a first lease may take; a lease started when a
+    /// standby connects is so known before its session begins.
+    pub(super) async fn first_answer(&self) {
+        let until = self.standing.started + FIRST_LEASE_WITHIN;
+        loop {
+            let now = Instant::now();
+            if now >= until || self.standing.lease_valid(now) || self.superseded().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub(super) fn generation(&self) -> u64 {
         self.standing.generation.load(Ordering::SeqCst)
     }

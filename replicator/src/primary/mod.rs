@@ -329,7 +329,11 @@ pub async fn run(
             config.first_lease,
             &status,
         )),
-        _ => None,
+        Some(_) => {
+            status.update(|s| s.witness = Some("lease taken when a standby connects".into()));
+            None
+        }
+        None => None,
     };
     let mut level = config.level;
     status.update(|s| {
@@ -379,13 +383,13 @@ pub async fn run(
                 // copy (a takeover needs the witness's grant, and this
                 // copy goes on alone only with its word).
                 info!("a standby connected to a VM started unprotected: the witness's lease from now on");
-                held_lease = Some(Lease::start(
-                    &vm,
-                    w.clone(),
-                    config.generation,
-                    None,
-                    &status,
-                ));
+                let started = Lease::start(&vm, w.clone(), config.generation, None, &status);
+                // The session runs at the generation the witness names.
+                tokio::select! {
+                    _ = started.first_answer() => {}
+                    _ = stop.notified() => return PrimaryEnd::Stopped,
+                }
+                held_lease = Some(started);
             }
         }
         let lease = held_lease.as_ref();
