@@ -781,9 +781,10 @@ impl Manager {
             (Some(r), Desired::Running)
                 if vm_state(r.role, r.state) == VmState::Protected
                     && !r.migrating
-                    && r.level.is_some()
-                    && record.definition.level.engine_level().is_some()
-                    && r.level != record.definition.level.engine_level() =>
+                    && matches!(
+                        (r.level, record.definition.level.engine_level()),
+                        (Some(running), Some(stored)) if running != stored
+                    ) =>
             {
                 let message = format!(
                     "changing the protection level to {}: resynchronising",
