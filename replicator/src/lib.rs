@@ -60,6 +60,7 @@ pub mod sequence;
 pub mod standby;
 pub mod stats;
 pub mod status;
+mod workers;
 pub mod written;
 
 /// The least silence that ends a session before its first committed epoch

@@ -55,18 +55,6 @@ pub struct Verdict {
     pub shape: Option<String>,
 }
 
-/// Runs `f`, which blocks for long (a digest reads the whole VM), without
-/// holding up the async tasks of a multi-threaded runtime (the link's
-/// heartbeats and readers); on any other runtime, or none, it just runs.
-pub(crate) fn off_the_workers<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
 /// Digests memory of `bytes` bytes through `read` (gpa, buffer) and the
 /// files at `disks`.
 pub fn digest(

@@ -130,7 +130,7 @@ pub(super) async fn epochs(
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         let captured = if verify {
             // A digest reads the whole VM: off the async workers.
-            crate::oracle::off_the_workers(|| capture(vm, epoch, true))
+            crate::workers::off_the_workers(|| capture(vm, epoch, true))
         } else {
             capture(vm, epoch, false)
         };

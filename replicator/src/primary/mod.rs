@@ -117,6 +117,10 @@ pub enum PrimaryError {
         #[source]
         source: vmm::vm::VmError,
     },
+    #[error("digesting the guest's memory for the standby's copy failed: {0}")]
+    DigestMemory(#[source] ReplicationError),
+    #[error("the task digesting the guest's memory for the copy ended abnormally: {0}")]
+    DigestMemoryTask(String),
     #[error("checkpoint {epoch}: staging pages failed: {source}")]
     Stage {
         epoch: u64,

@@ -3,7 +3,9 @@
 //! disk ([`crate::content`]), disk writes recorded from then on, the disks
 //! copied (only the chunks the standby does not hold: all-zero ones for a
 //! new file, those whose digest differs for a kept one), then memory
-//! (non-zero pages, then pre-copy rounds of the pages dirtied meanwhile).
+//! (non-zero pages, or against kept memory the pages whose digest differs
+//! from the one this node made while the standby made its own; then
+//! pre-copy rounds of the pages dirtied meanwhile).
 //! Whatever the copy misses is in the first epoch. Pages and disk chunks
 //! go zstd-compressed unless the level is 0 ([`crate::protocol::compressed`]).
 
@@ -16,10 +18,13 @@ use ft_link::LinkSender;
 use tokio::sync::mpsc;
 use tracing::info;
 use vmm::replication::written_map::{extents_of, Extents};
+use vmm::replication::ReplicationError;
 use vmm::vm::Vm;
 
 use super::{send_all, PrimaryConfig, PrimaryError};
-use crate::content::{disk_chunks, missing_ranges, ContentKey, Holding, MappedChunk, DISK_CHUNK};
+use crate::content::{
+    disk_chunks, missing_ranges, ChunkDigest, ContentKey, Holding, MappedChunk, DISK_CHUNK,
+};
 use crate::level::Level;
 use crate::protocol::compressed::Compressor;
 use crate::protocol::{
@@ -109,7 +114,15 @@ pub(super) async fn initial_sync(
     progress.report("standby comparing what it kept", 0);
     // Level HA copies no memory, and the standby says nothing of it.
     let pages = (!ha).then(|| vm.guest_pages());
+    // Meanwhile this node digests its own memory under the same key.
+    let own = match pages {
+        Some(_) => Some(OwnDigests::start(vm, key)?),
+        None => None,
+    };
     let mut held = receive_holdings(&mut held, &disk_bytes, pages).await?;
+    // A new standby holds zeros: its digests are not needed (dropped, the
+    // digesting stops).
+    let own = own.filter(|_| matches!(held.memory, Some(Holding::Kept(_))));
     check_mapped(&held.disks, &disk_bytes, &own_written)?;
     // Record from before the copy: every write the copy might miss is
     // replayed by the first epoch.
@@ -122,7 +135,7 @@ pub(super) async fn initial_sync(
     let copied = copy_disks(&disks, &disk_bytes, &held.disks, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
     let (sent_pages, rounds) = match &held.memory {
-        Some(memory) => copy_memory(vm, tx, config, &progress, done, (memory, &key)).await?,
+        Some(memory) => copy_memory(vm, tx, config, &progress, done, (memory, &key), own).await?,
         None => (0, Vec::new()),
     };
     drain_writes(vm, tx, &progress, 0).await?;
@@ -467,13 +480,15 @@ async fn copy_disks(
                 continue;
             }
             let read_at = Instant::now();
-            file.read_exact_at(&mut buf[..n], offset)
+            crate::workers::off_the_workers(|| file.read_exact_at(&mut buf[..n], offset))
                 .map_err(read_err)?;
             let wait = share.after_read(progress.vm.disk_writes().rings(), read_at.elapsed());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let missing = missing_ranges(&holdings[index], key, offset, &buf[..n]);
+            let missing = crate::workers::off_the_workers(|| {
+                missing_ranges(&holdings[index], key, offset, &buf[..n])
+            });
             let missing_bytes: usize = missing.iter().map(|(s, e)| e - s).sum();
             held += (n - missing_bytes) as u64;
             if !missing.is_empty() {
@@ -549,16 +564,35 @@ async fn copy_memory(
     progress: &Progress<'_>,
     mut done: u64,
     (held, key): (&Holding, &ContentKey),
+    own: Option<OwnDigests>,
 ) -> Result<(u64, Vec<u64>), PrimaryError> {
     let stage_err = |source| PrimaryError::Stage { epoch: 0, source };
-    vm.clear_dirty().map_err(stage_err)?;
+    // Against kept memory, the digests this node made while the standby
+    // made its own (the pages written since are sent by the pre-copy
+    // rounds); otherwise (a new standby holds zeros) each page is looked
+    // at as it is read, and the pre-copy starts from here.
+    let own = match (held, own) {
+        (Holding::Kept(_), Some(own)) => Some(own.finish().await?),
+        _ => {
+            vm.clear_dirty().map_err(stage_err)?;
+            None
+        }
+    };
     let total_pages = vm.guest_pages();
     let mut stager = PageStager::default();
     let mut first = 0;
     while first < total_pages {
         let end = (first + SCAN_PAGES).min(total_pages);
-        vm.stage_pages_where(first..end, &mut stager, |n, page| !held.holds(key, n, page))
-            .map_err(stage_err)?;
+        // Reading and digesting a batch of pages takes long on a slow
+        // CPU, and nothing here awaits meanwhile.
+        crate::workers::off_the_workers(|| match (&own, held) {
+            (Some(own), Holding::Kept(kept)) => {
+                let differ = (first..end).filter(|&n| kept.get(n as usize) != own.get(n as usize));
+                vm.stage_listed_pages(differ, &mut stager)
+            }
+            _ => vm.stage_pages_where(first..end, &mut stager, |n, page| !held.holds(key, n, page)),
+        })
+        .map_err(stage_err)?;
         send_pages(tx, stager.take_full(), progress).await?;
         drain_writes(vm, tx, progress, DRAIN_WRITES_AT).await?;
         done += (end - first) * PAGE_SIZE as u64;
@@ -579,6 +613,62 @@ async fn copy_memory(
         }
     }
     Ok((first_pass, rounds))
+}
+
+/// This node's digest of each page of guest memory under the session's
+/// key, made on a thread of its own while the standby digests the memory
+/// it kept: both read the whole of it, at once instead of one after the
+/// other. The dirty log is cleared first, so a page written after its
+/// digest was made is sent by the pre-copy rounds whatever its digest
+/// says. Dropped unfinished (a new standby, or a failed copy), it stops.
+struct OwnDigests {
+    task: tokio::task::JoinHandle<Result<Option<Vec<ChunkDigest>>, ReplicationError>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl OwnDigests {
+    fn start(vm: &Arc<Vm>, key: ContentKey) -> Result<OwnDigests, PrimaryError> {
+        vm.clear_dirty()
+            .map_err(|source| PrimaryError::Stage { epoch: 0, source })?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (vm, stopped) = (Arc::clone(vm), Arc::clone(&stop));
+        let task = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut page = [0u8; PAGE_SIZE];
+            let pages = vm.guest_pages();
+            let mut digests = Vec::with_capacity(pages as usize);
+            for n in 0..pages {
+                if n % SCAN_PAGES == 0 && stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                vm.read_memory(n * PAGE_SIZE as u64, &mut page)?;
+                digests.push(key.digest(&page));
+            }
+            info!(
+                pages,
+                took_ms = started.elapsed().as_millis() as u64,
+                "this node's memory digested for the copy"
+            );
+            Ok(Some(digests))
+        });
+        Ok(OwnDigests { task, stop })
+    }
+
+    /// The digests, once all are made.
+    async fn finish(mut self) -> Result<Vec<ChunkDigest>, PrimaryError> {
+        match (&mut self.task).await {
+            Ok(Ok(Some(digests))) => Ok(digests),
+            Ok(Ok(None)) => Err(PrimaryError::DigestMemoryTask("stopped".into())),
+            Ok(Err(e)) => Err(PrimaryError::DigestMemory(e)),
+            Err(e) => Err(PrimaryError::DigestMemoryTask(e.to_string())),
+        }
+    }
+}
+
+impl Drop for OwnDigests {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Sends the disk writes recorded so far once they hold `at_least` bytes;

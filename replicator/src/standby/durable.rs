@@ -62,7 +62,7 @@ impl Durable {
         }
         // One sync per disk at most, none when every extent is set
         // already; off the async workers (it may wait for the disk).
-        crate::oracle::off_the_workers(|| {
+        crate::workers::off_the_workers(|| {
             for (index, disk) in disks.iter().enumerate() {
                 let of_disk: Vec<(u64, u64)> = writes
                     .iter()
@@ -87,7 +87,7 @@ impl Durable {
             // The copy and the first epoch are durable, then the maps
             // name the common point (with nothing set: this disk is the
             // primary's as of that checkpoint).
-            let named = crate::oracle::off_the_workers(|| -> Result<(), ReplicaDiskError> {
+            let named = crate::workers::off_the_workers(|| -> Result<(), ReplicaDiskError> {
                 let now = mark();
                 for disk in disks {
                     disk.sync()?;

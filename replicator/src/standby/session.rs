@@ -24,13 +24,13 @@ use super::{path_margin, Checkpointed, Machine, Replica, StandbyConfig, StandbyE
 use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::content::ContentKey;
 use crate::level::Level;
-use crate::oracle;
 use crate::protocol::{
     BootPlan, CheckpointState, DiskBatch, EndTally, Envelope, EpochEnd, Held, HeldPart, Message,
     PageBatch, ProtocolError, Region, SyncPlan, WrittenPlan,
 };
 use crate::status::{FtState, Role, StatusBoard};
 use crate::written;
+use crate::{oracle, workers};
 use vmm::replication::written_map::extents_of;
 
 /// How a session ended (moved once per session: its size does not matter).
@@ -264,7 +264,7 @@ fn begin(
     // Waits for another process that still holds a disk (and reserves
     // the disks' blocks): off the async workers. First, so that a disk
     // still held refuses the plan before the RAM file is touched.
-    let (disks, fresh): (Vec<_>, Vec<_>) = oracle::off_the_workers(|| {
+    let (disks, fresh): (Vec<_>, Vec<_>) = workers::off_the_workers(|| {
         config
             .disks
             .iter()
@@ -279,7 +279,7 @@ fn begin(
     let (ram, kept_memory) = match plan.level {
         Level::Ha => (None, false),
         Level::Ft => {
-            let (ram, kept) = oracle::off_the_workers(|| match &config.ram_file {
+            let (ram, kept) = workers::off_the_workers(|| match &config.ram_file {
                 Some(path) => ReplicaRam::open_file(path, plan.mem_mib),
                 None => ReplicaRam::create(plan.mem_mib).map(|ram| (ram, false)),
             })?;
@@ -351,7 +351,7 @@ async fn tell_holdings(
                     Ok(union) => {
                         // Whatever the copy brings lies in these extents:
                         // they stay set until the new common point.
-                        oracle::off_the_workers(|| disk.map().note_extents(&union))
+                        workers::off_the_workers(|| disk.map().note_extents(&union))
                             .map_err(|e| disk.map_err(e))?;
                         let chunks = written::chunks_of(&union, disk.size);
                         let read: u64 = chunks.iter().map(|c| c.end - c.start).sum();
@@ -362,7 +362,7 @@ async fn tell_holdings(
                             "kept replica disk compared by the written maps: only the extents either node wrote are read"
                         );
                         kept_bytes += (read * crate::content::DISK_CHUNK as u64).min(disk.size);
-                        oracle::off_the_workers(|| mapped_holdings(region, disk, key, &chunks))?
+                        workers::off_the_workers(|| mapped_holdings(region, disk, key, &chunks))?
                     }
                     Err(why) => {
                         info!(disk = %disk.path.display(), %why, "kept replica disk compared whole");
@@ -377,7 +377,7 @@ async fn tell_holdings(
                                 disk.path.display()
                             ))
                         });
-                        let digests = oracle::off_the_workers(|| disk.digests(key))?;
+                        let digests = workers::off_the_workers(|| disk.digests(key))?;
                         kept_bytes += disk.size;
                         Held::kept(region, &digests)
                     }
@@ -390,7 +390,7 @@ async fn tell_holdings(
         (None, _) => Vec::new(),
         (Some(ram), true) => {
             let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
-            let digests = oracle::off_the_workers(|| {
+            let digests = workers::off_the_workers(|| {
                 crate::content::digest_pages(pages, key, |gpa, page| ram.read_page(gpa, page))
             })?;
             kept_bytes += ram.bytes();
@@ -822,7 +822,7 @@ impl Receiving {
                     .map_err(|e| refused(status, e.into()))?;
                 if let Some(digest) = &state.digest {
                     // Seconds of reading on a large VM: off the async workers.
-                    oracle::off_the_workers(|| self.verify(ram, epoch, digest, status));
+                    workers::off_the_workers(|| self.verify(ram, epoch, digest, status));
                 }
                 Some(state)
             }
@@ -837,7 +837,7 @@ impl Receiving {
                     .map_err(|e| refused(status, e.into()))?;
                 let disks = &self.disks;
                 let assembler = &mut self.assembler;
-                oracle::off_the_workers(|| assembler.apply_writes(&complete, disks))
+                workers::off_the_workers(|| assembler.apply_writes(&complete, disks))
                     .map_err(|e| refused(status, e.into()))?;
                 None
             }

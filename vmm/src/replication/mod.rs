@@ -116,6 +116,16 @@ impl Vm {
             .map_err(|e| ReplicationError::Harvest(Box::new(e)))
     }
 
+    /// Copies the pages numbered `pages` (in the order given) into
+    /// `sink`; returns how many.
+    pub fn stage_listed_pages(
+        &self,
+        pages: impl IntoIterator<Item = u64>,
+        sink: &mut impl PageSink,
+    ) -> Result<u64, ReplicationError> {
+        self.stage_pages(pages, sink)
+    }
+
     fn stage_pages(
         &self,
         pages: impl IntoIterator<Item = u64>,
