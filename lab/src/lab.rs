@@ -227,9 +227,12 @@ impl Lab {
         host_net::require_root()?;
         std::fs::create_dir_all(&self.topo.dir).map_err(file_err(&self.topo.dir))?;
         let state = self.load_state()?;
-        let (images, took) = images::build()?;
+        let (images, took) = images::build_once()?;
         images.check()?;
-        progress(format_args!("images ready ({:.1}s)", took.as_secs_f64()));
+        match took {
+            Some(took) => progress(format_args!("images ready ({:.1}s)", took.as_secs_f64())),
+            None => progress("images ready (built earlier by this process)"),
+        }
         let secrets = self.secrets()?;
         let bridge = self.topo.bridge();
         host_net::ensure_bridge(&bridge, &format!("{}/24", self.topo.host_biz_ip()))?;
@@ -357,7 +360,7 @@ impl Lab {
     /// Starts the lab's witness (on the host) unless it runs; its pid.
     pub fn start_witness(&self) -> Result<u32, LabError> {
         host_net::require_root()?;
-        let (images, _) = images::build()?;
+        let (images, _) = images::build_once()?;
         Ok(crate::witness::start(&self.topo, &images.static_bin_dir)?)
     }
 
