@@ -15,14 +15,21 @@ fn counts(console: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Capture/kill/restore rounds of a test: `FT_RESTORE_LOOPS`, or 8 (the
+/// suite's short run: each round costs 4-7 s on a lab node; a long run sets
+/// more).
+fn restore_loops() -> u32 {
+    std::env::var("FT_RESTORE_LOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
 /// Capture, kill the VMM, restore in a new process, many times over: the
 /// guest's counter continues where the capture left it, never restarts.
 #[test]
 fn a_captured_guest_continues_in_a_new_process_every_time() {
-    let loops: u32 = std::env::var("FT_RESTORE_LOOPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let loops = restore_loops();
     let lab = LabPair::start_nodes("e2e", &[NodeId::A]);
     let mut guest = NodeGuest::boot(&lab, NodeId::A, 1, 128, "ftguest.run=/bin/ft-counter");
     guest.wait_for_line(Duration::from_secs(90), |l| l.starts_with("ft-counter 5"));
@@ -147,10 +154,7 @@ fn tcp_connection_and_disk_survive_capture_kill_restore() {
     use std::net::{SocketAddr, TcpListener};
     use std::sync::{Arc, Mutex};
 
-    let loops: u32 = std::env::var("FT_RESTORE_LOOPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let loops = restore_loops();
     let lab = LabPair::start_nodes("e2e", &[NodeId::A]);
     let topo = &lab.lab().topo;
     let (host_ip, node_ip) = (topo.host_biz_ip(), topo.biz_ip(NodeId::A));
