@@ -328,6 +328,21 @@ impl Supervisor {
             }
             if let Some(status) = &seen.status {
                 follow_level(&self.manager, process, status, &record).await;
+                if unwitnessed(process, status, !self.manager.config().witness.is_empty()) {
+                    self.manager.record(
+                        Severity::Critical,
+                        true,
+                        "vm",
+                        Some(&name),
+                        &format!(
+                            "VM {name}: its primary on this node runs without the pair's \
+                             witness (its engine was started before the witness was \
+                             configured, or by an older ftd, and adopted): a partition could \
+                             leave two active copies. Stop and start the VM, or switch it \
+                             over, to run it under the witness"
+                        ),
+                    );
+                }
             }
             // The primary here went on alone: the witness gave it a new
             // generation (the lost standby's replica is stale for good).
@@ -731,6 +746,33 @@ async fn follow_level(
     }
 }
 
+/// Whether to say now that this primary runs a standby session (syncing
+/// or protected) without the witness the pair has: its standby, started
+/// with the witness, may be granted a takeover this copy never hears of.
+/// An engine ftd starts now always gets the witness; one adopted across an
+/// upgrade or a change of `ftd.toml` may not. Once per process.
+fn unwitnessed(process: &mut Process, status: &Status, pair_has_witness: bool) -> bool {
+    let said = &mut process.said_unwitnessed;
+    say_once(said, exposed(process.role, status, pair_has_witness))
+}
+
+/// Whether this node's `role`, whose engine said `status`, is exposed
+/// (see [`unwitnessed`]).
+fn exposed(role: Role, status: &Status, pair_has_witness: bool) -> bool {
+    pair_has_witness
+        && role == Role::Primary
+        && status.role == Role::Primary
+        && matches!(status.state, FtState::Syncing | FtState::Protected)
+        && status.witness.is_none()
+}
+
+/// True the first time `now` holds (`said` remembers it).
+fn say_once(said: &mut bool, now: bool) -> bool {
+    let first = now && !*said;
+    *said |= now;
+    first
+}
+
 /// Whether stopping this node's `role` of a VM ends a split brain: a
 /// primary still active here (its engine's last word) while the store
 /// names another node the primary at a newer generation, which that node
@@ -868,5 +910,53 @@ mod tests {
             split_brain(Role::Primary, Some(&alone), &record, "node-b"),
             None
         );
+    }
+
+    /// A primary adopted from before the witness (no `witness` in its
+    /// status) running a standby session is said once; not when it holds
+    /// the lease (or defers it), has no session yet, or the pair has no
+    /// witness.
+    #[test]
+    fn a_primary_without_the_pairs_witness_in_a_standby_session_is_said_once() {
+        let engine = |state: FtState, witness: Option<&str>| {
+            let board = StatusBoard::new("node-a", Role::Primary);
+            board.set_state(Role::Primary, state, None);
+            board.update(|s| s.witness = witness.map(str::to_string));
+            board.snapshot()
+        };
+        let adopted = engine(FtState::Protected, None);
+        assert!(exposed(Role::Primary, &adopted, true));
+        assert!(exposed(
+            Role::Primary,
+            &engine(FtState::Syncing, None),
+            true
+        ));
+        assert!(
+            !exposed(Role::Primary, &adopted, false),
+            "no witness in the pair"
+        );
+        assert!(
+            !exposed(Role::Standby, &adopted, true),
+            "this node's role is the standby"
+        );
+        assert!(!exposed(
+            Role::Primary,
+            &engine(FtState::Unprotected, None),
+            true
+        ));
+        for held in [
+            "lease held at generation 1",
+            "lease taken when a standby connects",
+        ] {
+            assert!(!exposed(
+                Role::Primary,
+                &engine(FtState::Protected, Some(held)),
+                true
+            ));
+        }
+        let mut said = false;
+        assert!(say_once(&mut said, true));
+        assert!(!say_once(&mut said, true), "said once");
+        assert!(!say_once(&mut said, false));
     }
 }

@@ -236,6 +236,9 @@ pub struct Process {
     pub level_asked: Option<replicator::level::Level>,
     /// Its engine said a live migration was under way, last it was read.
     pub was_migrating: bool,
+    /// Said already: this primary runs a standby session without the
+    /// pair's witness ([`super::unwitnessed`]).
+    pub said_unwitnessed: bool,
 }
 
 impl Process {
@@ -290,6 +293,7 @@ impl Process {
             misses: 0,
             level_asked: None,
             was_migrating: false,
+            said_unwitnessed: false,
         })
     }
 
@@ -347,6 +351,7 @@ impl Process {
             misses: 0,
             level_asked: None,
             was_migrating: false,
+            said_unwitnessed: false,
         })
     }
 
