@@ -119,7 +119,7 @@ pub(super) async fn initial_sync(
         Some(_) => Some(OwnDigests::start(vm, key)?),
         None => None,
     };
-    let mut held = receive_holdings(&mut held, &disk_bytes, pages).await?;
+    let mut held = receive_holdings(&mut held, &disk_bytes, pages, own.as_ref()).await?;
     // A new standby holds zeros: its digests are not needed (dropped, the
     // digesting stops).
     let own = own.filter(|_| matches!(held.memory, Some(Holding::Kept(_))));
@@ -267,6 +267,7 @@ async fn receive_holdings(
     held: &mut mpsc::UnboundedReceiver<Held>,
     disk_sizes: &[u64],
     pages: Option<u64>,
+    own: Option<&OwnDigests>,
 ) -> Result<Holdings, PrimaryError> {
     // Chunks per region: the disks, then memory.
     let chunks: Vec<u64> = disk_sizes
@@ -298,7 +299,13 @@ async fn receive_holdings(
         };
         let holding = &mut holdings[index];
         match (holding.as_mut(), part) {
-            (None, HeldPart::Zeroed) => *holding = Some(Holding::Zeroed),
+            (None, HeldPart::Zeroed) => {
+                if region == Region::Memory {
+                    // Nothing to compare this node's digests with.
+                    own.inspect(|own| own.stop());
+                }
+                *holding = Some(Holding::Zeroed)
+            }
             (
                 None,
                 HeldPart::Digests {
@@ -479,16 +486,22 @@ async fn copy_disks(
                 done += n as u64;
                 continue;
             }
-            let read_at = Instant::now();
-            crate::workers::off_the_workers(|| file.read_exact_at(&mut buf[..n], offset))
-                .map_err(read_err)?;
-            let wait = share.after_read(progress.vm.disk_writes().rings(), read_at.elapsed());
+            // Read and compared in one go off the workers (long on a slow
+            // CPU, and nothing here awaits meanwhile).
+            let (read, missing) = crate::workers::off_the_workers(|| {
+                let read_at = Instant::now();
+                file.read_exact_at(&mut buf[..n], offset)?;
+                let read = read_at.elapsed();
+                Ok((
+                    read,
+                    missing_ranges(&holdings[index], key, offset, &buf[..n]),
+                ))
+            })
+            .map_err(read_err)?;
+            let wait = share.after_read(progress.vm.disk_writes().rings(), read);
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let missing = crate::workers::off_the_workers(|| {
-                missing_ranges(&holdings[index], key, offset, &buf[..n])
-            });
             let missing_bytes: usize = missing.iter().map(|(s, e)| e - s).sum();
             held += (n - missing_bytes) as u64;
             if !missing.is_empty() {
@@ -658,6 +671,8 @@ impl OwnDigests {
     async fn finish(mut self) -> Result<Vec<ChunkDigest>, PrimaryError> {
         match (&mut self.task).await {
             Ok(Ok(Some(digests))) => Ok(digests),
+            // (Only a memory said new stops it, and then it is not
+            // awaited: not seen.)
             Ok(Ok(None)) => Err(PrimaryError::DigestMemoryTask("stopped".into())),
             Ok(Err(e)) => Err(PrimaryError::DigestMemory(e)),
             Err(e) => Err(PrimaryError::DigestMemoryTask(e.to_string())),
@@ -665,9 +680,16 @@ impl OwnDigests {
     }
 }
 
+impl OwnDigests {
+    /// Stops the digesting (within a batch of pages).
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Drop for OwnDigests {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop();
     }
 }
 
@@ -752,7 +774,7 @@ mod tests {
             tx.send(m).unwrap();
         }
         drop(tx);
-        receive_holdings(&mut rx, sizes, Some(pages)).await
+        receive_holdings(&mut rx, sizes, Some(pages), None).await
     }
 
     fn held(region: Region, part: HeldPart) -> Held {
@@ -806,11 +828,11 @@ mod tests {
     async fn at_level_ha_holdings_are_of_the_disks_alone() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         tx.send(held(Region::Disk(0), HeldPart::Zeroed)).unwrap();
-        let got = receive_holdings(&mut rx, &[5], None).await.unwrap();
+        let got = receive_holdings(&mut rx, &[5], None, None).await.unwrap();
         assert_eq!((got.disks, got.memory), (vec![Holding::Zeroed], None));
         tx.send(held(Region::Memory, HeldPart::Zeroed)).unwrap();
         tx.send(held(Region::Disk(0), HeldPart::Zeroed)).unwrap();
-        match receive_holdings(&mut rx, &[5], None).await {
+        match receive_holdings(&mut rx, &[5], None, None).await {
             Err(PrimaryError::BadHolding { why, .. }) => {
                 assert!(why.contains("level HA"), "{why}")
             }

@@ -334,6 +334,16 @@ async fn tell_holdings(
 ) -> Result<(), StandbyError> {
     let started = Instant::now();
     let mut kept_bytes = 0u64;
+    // New memory is said first, before the kept disks are read: the
+    // primary, digesting its own memory meanwhile for a comparison, stops.
+    if replica.ram.is_some() && !kept.memory {
+        let zeroed = Held {
+            region: Region::Memory,
+            part: HeldPart::Zeroed,
+        };
+        link.send(&Message::SyncHeld(zeroed).into_frame(0, replica.generation))
+            .await?;
+    }
     let mut messages = Vec::new();
     for (index, (disk, fresh)) in replica.disks.iter().zip(&kept.disks).enumerate() {
         let region = Region::Disk(index as u32);
@@ -385,9 +395,10 @@ async fn tell_holdings(
             }
         });
     }
-    // A mirror (level HA) holds no memory and says nothing of it.
+    // A mirror (level HA) holds no memory and says nothing of it; new
+    // memory was said above.
     messages.extend(match (&replica.ram, kept.memory) {
-        (None, _) => Vec::new(),
+        (None, _) | (Some(_), false) => Vec::new(),
         (Some(ram), true) => {
             let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
             let digests = workers::off_the_workers(|| {
@@ -396,10 +407,6 @@ async fn tell_holdings(
             kept_bytes += ram.bytes();
             Held::kept(Region::Memory, &digests)
         }
-        (Some(_), false) => vec![Held {
-            region: Region::Memory,
-            part: HeldPart::Zeroed,
-        }],
     });
     for held in messages {
         link.send(&Message::SyncHeld(held).into_frame(0, replica.generation))

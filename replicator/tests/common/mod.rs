@@ -349,17 +349,27 @@ pub fn test_key() -> replicator::content::ContentKey {
 }
 
 /// The standby's word on what it holds of the (one) disk and of memory,
-/// which follows the plan.
+/// which follows the plan: new memory first (before the disk is read, so
+/// the primary stops digesting its own), kept memory after the disk.
 pub async fn expect_held(
     link: &mut Link,
 ) -> (
     replicator::protocol::HeldPart,
     replicator::protocol::HeldPart,
 ) {
-    use replicator::protocol::Region;
-    let disk = next_held(link).await;
+    use replicator::protocol::{HeldPart, Region};
+    let first = next_held(link).await;
+    let (disk, memory) = if first.region == Region::Memory {
+        (next_held(link).await, first)
+    } else {
+        let memory = next_held(link).await;
+        assert!(
+            memory.part != HeldPart::Zeroed,
+            "new memory was said after the disk"
+        );
+        (first, memory)
+    };
     assert_eq!(disk.region, Region::Disk(0));
-    let memory = next_held(link).await;
     assert_eq!(memory.region, Region::Memory);
     (disk.part, memory.part)
 }
