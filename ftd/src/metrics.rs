@@ -215,6 +215,11 @@ impl Metrics {
             "sync_disk_unread_bytes_last",
             "Disk bytes the last initial synchronisation did not read: the same on both nodes by their written maps",
         );
+        let sync_memory_unread_last = gauge(
+            &mut registry,
+            "sync_memory_unread_bytes_last",
+            "Guest memory the last initial synchronisation did not read: the standby's memory was brought forward from a checkpoint it held",
+        );
         let sync_yielded_last = gauge_seconds(
             &mut registry,
             "sync_disk_yielded_last",
@@ -457,6 +462,9 @@ impl Metrics {
             sync_unread_last
                 .get_or_create(&labels)
                 .set(c.sync_disk_unread_bytes_last as f64);
+            sync_memory_unread_last
+                .get_or_create(&labels)
+                .set(c.sync_memory_unread_bytes_last as f64);
             sync_yielded_last
                 .get_or_create(&labels)
                 .set(c.sync_yielded_ms_last as f64 / 1e3);

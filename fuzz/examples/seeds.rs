@@ -43,6 +43,8 @@ fn plan() -> SyncPlan {
         boot: None,
         written: Vec::new(),
         next_common: None,
+        memory_lineage: None,
+        memory_since: None,
     }
 }
 
@@ -218,7 +220,7 @@ fn frame_decoder() {
                 .unwrap(),
         ),
     ];
-    let mut session = vec![Message::SyncBegin(plan()).into_frame(0, 1)];
+    let mut session = vec![Message::SyncBegin(Box::new(plan())).into_frame(0, 1)];
     session.extend(an_epoch(1, Bytes::from_static(b"{}")));
     session.push(Message::Ack.into_frame(1, 1));
     for (i, (chunking, frames)) in [
@@ -436,7 +438,7 @@ fn protocol_message() {
     }]);
     let pages = PageBatch::new(pages_payload(&[(4096, 3)])).unwrap();
     let mut messages = vec![
-        Message::SyncBegin(plan()),
+        Message::SyncBegin(Box::new(plan())),
         Message::SyncPages(pages.clone()),
         Message::SyncDisk(disks[0].clone()),
         Message::Backup,

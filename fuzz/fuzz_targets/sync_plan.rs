@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(plan.version, SYNC_PLAN_VERSION);
     let again = SyncPlan::from_payload(&plan.to_payload()).expect("an encoded plan decodes");
     assert_eq!(again, plan);
-    let message = Message::SyncBegin(plan);
+    let message = Message::SyncBegin(Box::new(plan));
     let back = Message::from_frame(message.clone().into_frame(0, 1)).expect("decodes");
     assert_eq!(back.message, message);
 });

@@ -122,6 +122,10 @@ pub enum Holding {
     /// A kept disk compared by the written maps ([`crate::written`]): what
     /// the standby said of each chunk.
     Mapped(Vec<MappedChunk>),
+    /// Kept memory labelled as checkpoint `.0` of the session the plan
+    /// offered ([`crate::memory_point`]): it lacks only the pages written
+    /// since.
+    Since(u64),
 }
 
 /// A chunk of a disk compared by the written maps.
@@ -141,6 +145,8 @@ impl Holding {
     pub fn holds(&self, key: &ContentKey, index: u64, data: &[u8]) -> bool {
         match self {
             Holding::Zeroed => data.iter().all(|&b| b == 0),
+            // Known by the pages written since, not by content.
+            Holding::Since(_) => false,
             Holding::Kept(digests) => digests
                 .get(index as usize)
                 .is_some_and(|d| *d == key.digest(data)),
@@ -184,7 +190,7 @@ impl Holding {
     /// How many chunks it says something of.
     pub fn chunks_said(&self) -> Option<u64> {
         match self {
-            Holding::Zeroed => None,
+            Holding::Zeroed | Holding::Since(_) => None,
             Holding::Kept(d) => Some(d.len() as u64),
             Holding::Mapped(d) => Some(d.len() as u64),
         }

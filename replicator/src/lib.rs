@@ -21,7 +21,9 @@
 //! - [`content`]: keyed digests of disk chunks and memory pages, so that a
 //!   resynchronisation moves only what a returning standby does not
 //!   already hold; [`written`]: the written maps that let it compare only
-//!   the extents either node wrote since the two last matched.
+//!   the extents either node wrote since the two last matched;
+//!   [`memory_point`]: the label that lets it bring a returning standby's
+//!   memory forward by the pages written since its last checkpoint.
 //! - [`stats`]: percentiles (nearest rank) of recent samples.
 //! - [`checkpoint_bench`]: the checkpoint stop-time benchmark.
 //! - [`heap`]: the allocator kept from faulting in fresh pages for every
@@ -50,6 +52,7 @@ pub mod control;
 pub mod heap;
 pub mod interval;
 pub mod level;
+pub mod memory_point;
 pub mod oracle;
 pub mod pairing;
 pub mod primary;

@@ -142,6 +142,11 @@ pub struct FtCounters {
     /// the same on both nodes by the written maps ([`crate::written`]).
     #[serde(default)]
     pub sync_disk_unread_bytes_last: u64,
+    /// Guest memory the last initial synchronisation did not read: the
+    /// standby's RAM was labelled with a checkpoint this primary could
+    /// bring forward by the pages written since ([`crate::memory_point`]).
+    #[serde(default)]
+    pub sync_memory_unread_bytes_last: u64,
     /// How long the last initial synchronisation's disk reads waited for
     /// the guest's writes (it yields half the disk to a writing guest).
     #[serde(default)]

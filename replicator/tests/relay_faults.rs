@@ -40,6 +40,8 @@ fn the_relays_kind_names_are_the_replication_codes() {
         boot: None,
         written: Vec::new(),
         next_common: None,
+        memory_lineage: None,
+        memory_since: None,
     };
     let page = PageBatch::new(Bytes::from(vec![0u8; 8 + PAGE_SIZE])).unwrap();
     let (mut writes, _) = disk_payloads([DiskRecord {
@@ -48,7 +50,7 @@ fn the_relays_kind_names_are_the_replication_codes() {
         data: Bytes::from_static(b"x"),
     }]);
     let every = [
-        Message::SyncBegin(plan),
+        Message::SyncBegin(Box::new(plan)),
         Message::SyncPages(page.clone()),
         Message::SyncDisk(writes[0].clone()),
         Message::SyncEnd(EpochEnd::default()),

@@ -85,6 +85,8 @@ fn a_plan_at_level_ha_needs_its_boot_plan() {
         boot: None,
         written: Vec::new(),
         next_common: None,
+        memory_lineage: None,
+        memory_since: None,
     };
     assert!(matches!(
         replicator::protocol::SyncPlan::from_payload(&plan.to_payload()),

@@ -16,6 +16,8 @@
 //! - a replica disk and memory kept from an earlier session are described
 //!   to the next primary by their digests, and what the copy sends
 //!   replaces them.
+//! - kept memory labelled with a checkpoint the next primary offers is
+//!   said to be that checkpoint, not digested; any other is digested.
 
 mod common;
 
@@ -839,5 +841,76 @@ async fn a_released_standby_does_not_take_over_and_waits_for_the_next_session() 
     let mut next = synced_primary(standby.addr).await;
     send(&next, &epoch_frames(1, 0x55, b"new")).await;
     expect_ack(&mut next, 1).await;
+    standby.task.abort();
+}
+
+/// Memory common points: a standby that applied epochs of a session whose
+/// plan named a memory lineage labels its RAM file with the last one. The
+/// next primary that offers to bring memory forward from that lineage's
+/// checkpoints is told "checkpoint E" (said first, not digested); one
+/// that offers another lineage, or checkpoints that do not include E, is
+/// given the digests. Every session takes the label (a copy may overwrite
+/// the memory): a session that commits nothing leaves none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_memory_labelled_with_an_offered_checkpoint_is_not_compared() {
+    use replicator::protocol::{HeldPart, MemorySince};
+    let standby = start_standby("labelled-memory").await;
+    let lineage = |n: u8| format!("{n:02x}").repeat(16);
+    let offer = |n: u8, from: u64, through: u64| MemorySince {
+        lineage: lineage(n),
+        from,
+        through,
+    };
+    // A session of lineage `n`, offering `since`: what the standby said of
+    // memory; with `epochs`, the copy ends and those epochs commit.
+    let session = |n: u8, since: Option<MemorySince>, epochs: u64| {
+        let addr = standby.addr;
+        async move {
+            let plan = replicator::protocol::SyncPlan {
+                memory_lineage: Some(lineage(n)),
+                memory_since: since,
+                ..test_plan(DISK_BYTES, None, (Vec::new(), None))
+            };
+            let mut link = primary_with_plan(addr, 1, plan).await;
+            let (_, memory) = expect_held(&mut link).await;
+            if epochs > 0 {
+                send(&link, &[sync_end(&[]).into_frame(0, 1)]).await;
+                for epoch in 1..=epochs {
+                    send(&link, &epoch_frames(epoch, epoch as u8, b"e")).await;
+                    expect_ack(&mut link, epoch).await;
+                }
+            }
+            (link, memory)
+        }
+    };
+    let (old, memory) = session(1, None, 3).await;
+    assert_eq!(memory, HeldPart::Zeroed, "a new RAM file");
+    // Labelled "checkpoint 3 of lineage 1": offered, so not compared.
+    let (next, memory) = session(2, Some(offer(1, 0, 7)), 2).await;
+    drop(old);
+    assert_eq!(memory, HeldPart::Since { epoch: 3 });
+    // Now "checkpoint 2 of lineage 2": an offer of lineage 1 does not fit.
+    let (third, memory) = session(3, Some(offer(1, 0, 7)), 1).await;
+    drop(next);
+    assert!(
+        matches!(memory, HeldPart::Digests { .. }),
+        "another lineage's offer: {memory:?}"
+    );
+    // "Checkpoint 1 of lineage 3": an offer of its checkpoints 2..=5 does
+    // not include it.
+    let (fourth, memory) = session(4, Some(offer(3, 2, 5)), 0).await;
+    drop(third);
+    assert!(
+        matches!(memory, HeldPart::Digests { .. }),
+        "an offer without the checkpoint: {memory:?}"
+    );
+    // The fourth session took the label and committed nothing: even an
+    // offer of lineage 3 finds none.
+    let (_fifth, memory) = session(5, Some(offer(3, 0, 5)), 0).await;
+    drop(fourth);
+    assert!(
+        matches!(memory, HeldPart::Digests { .. }),
+        "a label taken by a session that committed nothing: {memory:?}"
+    );
     standby.task.abort();
 }

@@ -1399,19 +1399,29 @@ fn faults_on_the_real_a_link_are_caught_without_a_takeover_and_lose_nothing() {
         let b = status(&lab, NodeId::B).expect("b");
         assert_eq!(b.role, Role::Standby, "{b:?}");
         assert_eq!(b.counters.failovers, 0, "{fault}: b took over: {b:?}");
+        // b's RAM file is labelled with its last checkpoint: the copy
+        // brought memory forward from it instead of comparing it.
+        let unread = a.counters.sync_memory_unread_bytes_last;
+        assert!(
+            unread > 0,
+            "{fault}: the copy compared the memory b kept instead of bringing it forward: {a:?}"
+        );
         eprintln!(
             "[relay] {fault}: caught, a protected again in a new session {:.1} s after the \
-             fault (generation {}; b: {} epochs applied, {} rejected)",
+             fault (generation {}; b: {} epochs applied, {} rejected; {} MiB of memory \
+             brought forward, not read)",
             injected.elapsed().as_secs_f64(),
             a.generation,
             b.counters.epochs_applied,
-            b.counters.epochs_rejected
+            b.counters.epochs_rejected,
+            unread >> 20
         );
     }
     writer.append_for(Duration::from_secs(2));
     writer.assert_nothing_lost();
     // Each new session copied against the memory and disk the standby
-    // kept (digests compared, written maps): the replica is the primary.
+    // kept (memory brought forward from its checkpoint, written maps):
+    // the replica is the primary.
     let verdict = replica_check(&lab, NodeId::A, NodeId::B);
     assert!(
         verdict.equal,

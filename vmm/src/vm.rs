@@ -311,7 +311,14 @@ impl Machine {
             }
             Some(ram) => ram,
             None => match &config.ram_file {
-                Some(path) => memory::open_file(path, config.mem_mib, false)?.0,
+                Some(path) => {
+                    let ram = memory::open_file(path, config.mem_mib, false)?.0;
+                    // The guest runs on it: no label may say what it holds.
+                    if let Err(error) = crate::replication::ram_label::RamLabel::take(path) {
+                        tracing::warn!(%error, "the RAM file's label could not be cleared");
+                    }
+                    ram
+                }
                 None => memory::create(config.mem_mib)?,
             },
         };

@@ -24,7 +24,7 @@ use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
 use crate::interval::Schedule;
-use crate::protocol::{epoch_frames, Message};
+use crate::protocol::{epoch_frames, Message, PAGE_SIZE};
 use crate::status::StatusBoard;
 
 pub(super) async fn epochs(
@@ -138,6 +138,17 @@ pub(super) async fn epochs(
             vm.resume();
         }
         let captured = captured?;
+        // Kept for the next copy: what a standby left at an earlier
+        // checkpoint of this session lacks.
+        session.history.record(
+            epoch,
+            captured
+                .pages
+                .batches
+                .iter()
+                .flat_map(|batch| batch.records().map(|(gpa, _)| gpa / PAGE_SIZE as u64)),
+            vm.guest_pages() as usize,
+        );
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
         if let Some(stopped) = stopped {
             plan_next(&mut schedule, stopped, vm, status);

@@ -35,6 +35,7 @@ pub mod checkpoint;
 mod deadline;
 mod epochs;
 mod forget;
+mod history;
 mod in_flight;
 mod inbound;
 mod lease;
@@ -139,6 +140,8 @@ pub enum PrimaryError {
     ContentKey(#[source] getrandom::Error),
     #[error("no random common point for the session's written maps: {0}")]
     CommonPoint(#[source] getrandom::Error),
+    #[error("no random memory lineage for the session: {0}")]
+    MemoryLineage(#[source] getrandom::Error),
     #[error("the standby's word on what it holds of {region} is wrong: {why}")]
     BadHolding { region: String, why: String },
     #[error("reading disk {path} for the initial copy failed: {source}")]
@@ -347,6 +350,7 @@ pub async fn run(
     let mut last_refusal = String::new();
     status.set_state(Role::Primary, FtState::Unprotected, None);
     let mut answered = None;
+    let history = history::MemoryHistory::default();
     loop {
         let lease = held_lease.as_ref();
         let found = match answered.take() {
@@ -420,6 +424,7 @@ pub async fn run(
             sync_started: std::time::Instant::now(),
             lease,
             active,
+            history: &history,
         };
         let error = tokio::select! {
             e = protect(&vm, link, session, &config, &status, &stop) => e,
@@ -568,6 +573,8 @@ struct Session<'a> {
     lease: Option<&'a Lease>,
     /// The index of the peer address the session runs on.
     active: usize,
+    /// The pages of each epoch of the latest session at level FT.
+    history: &'a history::MemoryHistory,
 }
 
 /// How long one connection attempt may take (a cut path must not hold up
@@ -770,7 +777,7 @@ async fn protect(
         // anything is copied) or to refuse it; its reason outranks the
         // closed link that follows. `held` ends with the copy.
         let synced = tokio::select! {
-            synced = sync::initial_sync(vm, (&tx, held), config, status, (session.generation, session.level), &forgetter) => synced,
+            synced = sync::initial_sync(vm, (&tx, held), config, status, (session.generation, session.level), (&forgetter, session.history)) => synced,
             event = acks.recv() => Err(during_sync(event)),
         };
         let copied = match synced {

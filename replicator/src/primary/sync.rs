@@ -21,6 +21,7 @@ use vmm::replication::written_map::{extents_of, Extents};
 use vmm::replication::ReplicationError;
 use vmm::vm::Vm;
 
+use super::history::{Line, MemoryHistory, PageSet};
 use super::{send_all, PrimaryConfig, PrimaryError};
 use crate::content::{
     disk_chunks, missing_ranges, ChunkDigest, ContentKey, Holding, MappedChunk, DISK_CHUNK,
@@ -50,7 +51,7 @@ pub(super) async fn initial_sync(
     config: &PrimaryConfig,
     status: &StatusBoard,
     (generation, level): (u64, Level),
-    forgetter: &super::forget::Forgetter,
+    (forgetter, history): (&super::forget::Forgetter, &MemoryHistory),
 ) -> Result<u64, PrimaryError> {
     let started = Instant::now();
     status.set_state(Role::Primary, FtState::Syncing, None);
@@ -68,6 +69,16 @@ pub(super) async fn initial_sync(
     }
     let ha = level == Level::Ha;
     let (written, next_common) = forgetter.plan();
+    // Level FT: a new memory lineage, the line before it what a standby
+    // labelled with one of its checkpoints is brought forward from.
+    // Level HA copies no memory and leaves the line alone.
+    let (lineage, earlier) = if ha {
+        (None, None)
+    } else {
+        let lineage = crate::written::random_common().map_err(PrimaryError::MemoryLineage)?;
+        (Some(lineage), history.begin(lineage))
+    };
+    let offered = earlier.as_ref().filter(|line| line.since().is_some());
     // The extents the primary's maps name now (for the disks whose map
     // names a common point): a standby that says a chunk of them is the
     // same by the maps, or says so of another disk, is wrong.
@@ -90,9 +101,11 @@ pub(super) async fn initial_sync(
         boot: ha.then(|| boot_plan(vm)),
         written,
         next_common: Some(next_common),
+        memory_lineage: lineage.map(crate::written::common_to_hex),
+        memory_since: offered.and_then(Line::since),
     };
     let sent_before = status.snapshot().counters.alink_bytes_sent;
-    tx.send(&Message::SyncBegin(plan).into_frame(0, generation))
+    tx.send(&Message::SyncBegin(Box::new(plan)).into_frame(0, generation))
         .await?;
     let progress = Progress {
         vm,
@@ -114,12 +127,21 @@ pub(super) async fn initial_sync(
     progress.report("standby comparing what it kept", 0);
     // Level HA copies no memory, and the standby says nothing of it.
     let pages = (!ha).then(|| vm.guest_pages());
-    // Meanwhile this node digests its own memory under the same key.
-    let own = match pages {
-        Some(_) => Some(OwnDigests::start(vm, key)?),
+    // The pages written since the line's last checkpoint (nothing
+    // harvests between sessions); the log starts afresh for the copy.
+    let dirtied = match pages {
+        Some(_) => {
+            let dirty = vm.harvest_dirty().map_err(|e| PrimaryError::Stage {
+                epoch: 0,
+                source: ReplicationError::Harvest(Box::new(e)),
+            })?;
+            offered.map(|_| dirty.page_numbers().collect::<Vec<u64>>())
+        }
         None => None,
     };
-    let mut held = receive_holdings(&mut held, &disk_bytes, pages, own.as_ref()).await?;
+    // Meanwhile this node digests its own memory under the same key.
+    let own = pages.map(|_| OwnDigests::start(vm, key));
+    let mut held = receive_holdings(&mut held, &disk_bytes, (pages, offered), own.as_ref()).await?;
     // A new standby holds zeros: its digests are not needed (dropped, the
     // digesting stops).
     let own = own.filter(|_| matches!(held.memory, Some(Holding::Kept(_))));
@@ -134,9 +156,16 @@ pub(super) async fn initial_sync(
     send_what_the_plan_missed(forgetter.maps(), &mut held.disks, &disk_bytes);
     let copied = copy_disks(&disks, &disk_bytes, &held.disks, &key, tx, &progress).await?;
     let done = disk_bytes.iter().sum::<u64>();
-    let (sent_pages, rounds) = match &held.memory {
-        Some(memory) => copy_memory(vm, tx, config, &progress, done, (memory, &key), own).await?,
-        None => (0, Vec::new()),
+    let (sent_pages, rounds, memory_unread) = match &held.memory {
+        Some(memory) => {
+            let known = Known {
+                own,
+                earlier: offered,
+                dirtied,
+            };
+            copy_memory(vm, tx, config, &progress, done, (memory, &key), known).await?
+        }
+        None => (0, Vec::new(), 0),
     };
     drain_writes(vm, tx, &progress, 0).await?;
     // The end record: the standby checks it held every batch, once and in
@@ -155,6 +184,7 @@ pub(super) async fn initial_sync(
         s.counters.sync_sent_bytes_total += sent;
         s.counters.sync_uncompressed_bytes_last = raw;
         s.counters.sync_disk_unread_bytes_last = copied.unread;
+        s.counters.sync_memory_unread_bytes_last = memory_unread;
         s.counters.sync_yielded_ms_last = copied.yielded.as_millis() as u64;
     });
     info!(
@@ -166,7 +196,12 @@ pub(super) async fn initial_sync(
         kept_disks = held.disks.iter().filter(|h| !matches!(h, Holding::Zeroed)).count(),
         mapped_disks = held.disks.iter().filter(|h| matches!(h, Holding::Mapped(_))).count(),
         disk_bytes_unread = copied.unread,
+        memory_bytes_unread = memory_unread,
         kept_memory = matches!(held.memory, Some(Holding::Kept(_))),
+        memory_since = ?held.memory.as_ref().and_then(|m| match m {
+            Holding::Since(epoch) => Some(*epoch),
+            _ => None,
+        }),
         level = %level,
         pages_sent = sent_pages,
         precopy_rounds = ?rounds,
@@ -241,6 +276,7 @@ fn rate_and_time_left(done: u64, total: u64, took: std::time::Duration) -> (u64,
 }
 
 /// What the standby holds before the copy.
+#[derive(Debug)]
 struct Holdings {
     disks: Vec<Holding>,
     /// None at level HA (memory is not copied).
@@ -266,7 +302,7 @@ fn boot_plan(vm: &Vm) -> BootPlan {
 async fn receive_holdings(
     held: &mut mpsc::UnboundedReceiver<Held>,
     disk_sizes: &[u64],
-    pages: Option<u64>,
+    (pages, offered): (Option<u64>, Option<&Line>),
     own: Option<&OwnDigests>,
 ) -> Result<Holdings, PrimaryError> {
     // Chunks per region: the disks, then memory.
@@ -278,7 +314,7 @@ async fn receive_holdings(
     let mut holdings: Vec<Option<Holding>> = vec![None; chunks.len()];
     let complete = |h: &[Option<Holding>]| {
         h.iter().zip(&chunks).all(|(h, &count)| match h {
-            Some(Holding::Zeroed) => true,
+            Some(Holding::Zeroed | Holding::Since(_)) => true,
             Some(h) => h.chunks_said() == Some(count),
             None => false,
         })
@@ -366,6 +402,18 @@ async fn receive_holdings(
             }
             (Some(_), HeldPart::Zeroed) => {
                 return Err(bad("all zeros, after it said what it holds".into()))
+            }
+            (None, HeldPart::Since { epoch })
+                if region == Region::Memory && offered.is_some_and(|l| l.covers(epoch)) =>
+            {
+                // Nothing to compare: the pages written since are known.
+                own.inspect(|own| own.stop());
+                *holding = Some(Holding::Since(epoch))
+            }
+            (_, HeldPart::Since { epoch }) => {
+                return Err(bad(format!(
+                    "checkpoint {epoch} of a session this primary did not offer, or said late"
+                )))
             }
             (_, HeldPart::Digests { first_chunk, .. } | HeldPart::Same { first_chunk, .. }) => {
                 return Err(bad(format!(
@@ -569,7 +617,8 @@ impl DiskShare {
 /// Memory: the dirty log cleared, every page the standby does not hold
 /// (non-zero, or whose digest differs from what it kept) copied while the
 /// guest runs, then the pages it dirtied meanwhile in pre-copy rounds.
-/// Returns the pages sent by the first pass and the size of each round.
+/// Returns the pages sent by the first pass, the size of each round, and
+/// the bytes of memory not read (brought forward from a checkpoint).
 async fn copy_memory(
     vm: &Vm,
     tx: &LinkSender,
@@ -577,9 +626,47 @@ async fn copy_memory(
     progress: &Progress<'_>,
     mut done: u64,
     (held, key): (&Holding, &ContentKey),
-    own: Option<OwnDigests>,
-) -> Result<(u64, Vec<u64>), PrimaryError> {
+    known: Known<'_>,
+) -> Result<(u64, Vec<u64>, u64), PrimaryError> {
     let stage_err = |source| PrimaryError::Stage { epoch: 0, source };
+    let total_pages = vm.guest_pages();
+    if let Holding::Since(epoch) = held {
+        // The pages written after the standby's checkpoint: by the
+        // line's later epochs, and since the last of them (the log
+        // harvested when the copy began; what the guest writes from then
+        // on, the pre-copy rounds send).
+        let line = known.earlier.expect("a checkpoint only of a line offered");
+        let mut set = PageSet::new(total_pages);
+        line.mark_after(*epoch, &mut set);
+        for &page in known.dirtied.iter().flatten() {
+            set.insert(page);
+        }
+        let listed = set.to_vec();
+        info!(
+            checkpoint = epoch,
+            pages = listed.len(),
+            "the standby's memory is brought forward from its checkpoint: only the pages written since are sent"
+        );
+        let mut stager = PageStager::default();
+        for (i, batch) in listed.chunks(SCAN_PAGES as usize).enumerate() {
+            crate::workers::off_the_workers(|| {
+                vm.stage_listed_pages(batch.iter().copied(), &mut stager)
+            })
+            .map_err(stage_err)?;
+            send_pages(tx, stager.take_full(), progress).await?;
+            drain_writes(vm, tx, progress, DRAIN_WRITES_AT).await?;
+            // Shown as a share of the guest's memory.
+            let sent = ((i + 1) * SCAN_PAGES as usize).min(listed.len()) as u64;
+            let share = total_pages * sent / listed.len() as u64;
+            progress.report("memory", done + share * PAGE_SIZE as u64);
+        }
+        let first_pass = stager.count();
+        send_pages(tx, stager.finish().batches, progress).await?;
+        let rounds = precopy_rounds(vm, tx, config, progress).await?;
+        let unread = (total_pages - listed.len() as u64) * PAGE_SIZE as u64;
+        return Ok((first_pass, rounds, unread));
+    }
+    let own = known.own;
     // Against kept memory, the digests this node made while the standby
     // made its own (the pages written since are sent by the pre-copy
     // rounds); otherwise (a new standby holds zeros) each page is looked
@@ -591,7 +678,6 @@ async fn copy_memory(
             None
         }
     };
-    let total_pages = vm.guest_pages();
     let mut stager = PageStager::default();
     let mut first = 0;
     while first < total_pages {
@@ -614,6 +700,29 @@ async fn copy_memory(
     }
     let first_pass = stager.count();
     send_pages(tx, stager.finish().batches, progress).await?;
+    let rounds = precopy_rounds(vm, tx, config, progress).await?;
+    Ok((first_pass, rounds, 0))
+}
+
+/// What the copy of memory knows besides the standby's word.
+struct Known<'a> {
+    /// This node's digests in the making (against kept memory).
+    own: Option<OwnDigests>,
+    /// The line a labelled standby is brought forward from.
+    earlier: Option<&'a Line>,
+    /// The pages written since that line's last checkpoint.
+    dirtied: Option<Vec<u64>>,
+}
+
+/// Pre-copy rounds: the pages the guest dirtied during the copy, until a
+/// round is small; returns the size of each.
+async fn precopy_rounds(
+    vm: &Vm,
+    tx: &LinkSender,
+    config: &PrimaryConfig,
+    progress: &Progress<'_>,
+) -> Result<Vec<u64>, PrimaryError> {
+    let stage_err = |source| PrimaryError::Stage { epoch: 0, source };
     let mut rounds = Vec::new();
     for _ in 0..config.precopy_rounds {
         let mut stager = PageStager::default();
@@ -625,24 +734,23 @@ async fn copy_memory(
             break;
         }
     }
-    Ok((first_pass, rounds))
+    Ok(rounds)
 }
 
 /// This node's digest of each page of guest memory under the session's
 /// key, made on a thread of its own while the standby digests the memory
 /// it kept: both read the whole of it, at once instead of one after the
-/// other. The dirty log is cleared first, so a page written after its
-/// digest was made is sent by the pre-copy rounds whatever its digest
-/// says. Dropped unfinished (a new standby, or a failed copy), it stops.
+/// other. The dirty log is harvested before it starts (see
+/// `initial_sync`), so a page written after its digest was made is sent
+/// by the pre-copy rounds whatever its digest says. Dropped unfinished (a
+/// new standby, a labelled one, or a failed copy), it stops.
 struct OwnDigests {
     task: tokio::task::JoinHandle<Result<Option<Vec<ChunkDigest>>, ReplicationError>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl OwnDigests {
-    fn start(vm: &Arc<Vm>, key: ContentKey) -> Result<OwnDigests, PrimaryError> {
-        vm.clear_dirty()
-            .map_err(|source| PrimaryError::Stage { epoch: 0, source })?;
+    fn start(vm: &Arc<Vm>, key: ContentKey) -> OwnDigests {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (vm, stopped) = (Arc::clone(vm), Arc::clone(&stop));
         let task = tokio::task::spawn_blocking(move || {
@@ -664,7 +772,7 @@ impl OwnDigests {
             );
             Ok(Some(digests))
         });
-        Ok(OwnDigests { task, stop })
+        OwnDigests { task, stop }
     }
 
     /// The digests, once all are made.
@@ -774,7 +882,7 @@ mod tests {
             tx.send(m).unwrap();
         }
         drop(tx);
-        receive_holdings(&mut rx, sizes, Some(pages), None).await
+        receive_holdings(&mut rx, sizes, (Some(pages), None), None).await
     }
 
     fn held(region: Region, part: HeldPart) -> Held {
@@ -822,17 +930,68 @@ mod tests {
         assert_eq!(got.memory, Some(Holding::Kept(vec![[1; 16]; 4])));
     }
 
+    /// Memory labelled with a checkpoint the primary offered is held
+    /// "since" that checkpoint; one it did not offer (or a disk said so)
+    /// breaks the protocol.
+    #[tokio::test]
+    async fn a_checkpoint_is_accepted_only_where_offered() {
+        let history = super::super::history::MemoryHistory::default();
+        history.begin([1; 16]);
+        history.record(1, [3], 100);
+        history.record(2, [4], 100);
+        let line = history.begin([2; 16]).unwrap();
+        let since = |epoch| held(Region::Memory, HeldPart::Since { epoch });
+        let zeroed = held(Region::Disk(0), HeldPart::Zeroed);
+        let run = |offered: Option<&Line>, messages: Vec<Held>| {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            for m in messages {
+                tx.send(m).unwrap();
+            }
+            drop(tx);
+            let offered = offered.cloned();
+            async move { receive_holdings(&mut rx, &[5], (Some(8), offered.as_ref()), None).await }
+        };
+        let got = run(Some(&line), vec![since(1), zeroed.clone()])
+            .await
+            .unwrap();
+        assert_eq!(got.memory, Some(Holding::Since(1)));
+        for (offered, messages, expected) in [
+            (None, vec![since(1)], "did not offer"),
+            (Some(&line), vec![since(3)], "did not offer"),
+            (
+                Some(&line),
+                vec![held(Region::Disk(0), HeldPart::Since { epoch: 1 })],
+                "did not offer",
+            ),
+            (
+                Some(&line),
+                vec![held(Region::Memory, digests(8)), since(1)],
+                "late",
+            ),
+        ] {
+            match run(offered, messages).await {
+                Err(PrimaryError::BadHolding { why, .. }) => {
+                    assert!(why.contains(expected), "{why}")
+                }
+                Err(other) => panic!("another error: {other}"),
+                Ok(got) => panic!("accepted: {got:?}"),
+            }
+        }
+    }
+
     /// Level HA: the standby says what it holds of its disks alone; a word
     /// on memory breaks the protocol.
     #[tokio::test]
     async fn at_level_ha_holdings_are_of_the_disks_alone() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         tx.send(held(Region::Disk(0), HeldPart::Zeroed)).unwrap();
-        let got = receive_holdings(&mut rx, &[5], None, None).await.unwrap();
+        let got = receive_holdings(&mut rx, &[5], (None, None), None)
+            .await
+            .unwrap();
         assert_eq!((got.disks, got.memory), (vec![Holding::Zeroed], None));
         tx.send(held(Region::Memory, HeldPart::Zeroed)).unwrap();
         tx.send(held(Region::Disk(0), HeldPart::Zeroed)).unwrap();
-        match receive_holdings(&mut rx, &[5], None, None).await {
+        match receive_holdings(&mut rx, &[5], (None, None), None).await {
             Err(PrimaryError::BadHolding { why, .. }) => {
                 assert!(why.contains("level HA"), "{why}")
             }

@@ -5,8 +5,9 @@
 //! of consecutive chunks from the first (64 KiB of a disk, a 4 KiB page of
 //! memory); kind 0 (new, all zeros) has nothing more; kind 2 (a disk's
 //! chunks the same as the primary's by the written maps, not read)
-//! `[first chunk: u64 LE][count: u64 LE]`. A large region's digests take
-//! several messages, in order.
+//! `[first chunk: u64 LE][count: u64 LE]`; kind 3 (memory as checkpoint E
+//! of the session the plan's `memory_since` names) `[E: u64 LE]`. A large
+//! region's digests take several messages, in order.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -18,6 +19,7 @@ pub const DIGESTS_PER_FRAME: usize = 1 << 20;
 const ZEROED: u8 = 0;
 const DIGESTS: u8 = 1;
 const SAME: u8 = 2;
+const SINCE: u8 = 3;
 const MEMORY: u32 = u32::MAX;
 
 /// What a holding is of.
@@ -73,6 +75,9 @@ pub enum HeldPart {
     /// Chunks `first_chunk..first_chunk + count` of a kept disk are the
     /// same as the primary's: neither written map names them.
     Same { first_chunk: u64, count: u64 },
+    /// Memory: what checkpoint `epoch` of the session the plan's
+    /// `memory_since` names left (the RAM file's label says so).
+    Since { epoch: u64 },
 }
 
 impl Held {
@@ -122,6 +127,10 @@ impl Held {
                 b.put_u64_le(*first_chunk);
                 b.put_u64_le(*count);
             }
+            HeldPart::Since { epoch } => {
+                b.put_u8(SINCE);
+                b.put_u64_le(*epoch);
+            }
         }
         b.freeze()
     }
@@ -151,6 +160,9 @@ impl Held {
             SAME if p.len() == 21 => HeldPart::Same {
                 first_chunk: u64::from_le_bytes(p.get(5..13)?.try_into().ok()?),
                 count: u64::from_le_bytes(p.get(13..21)?.try_into().ok()?),
+            },
+            SINCE if p.len() == 13 => HeldPart::Since {
+                epoch: u64::from_le_bytes(p.get(5..13)?.try_into().ok()?),
             },
             _ => return None,
         };
@@ -194,6 +206,11 @@ mod tests {
             },
         };
         assert_eq!(Held::from_payload(&same.to_payload()), Some(same));
+        let since = Held {
+            region: Region::Memory,
+            part: HeldPart::Since { epoch: 41 },
+        };
+        assert_eq!(Held::from_payload(&since.to_payload()), Some(since));
     }
 
     #[test]
@@ -208,6 +225,9 @@ mod tests {
             &[0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 7][..],
             &[0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0][..],
             &[0, 0, 0, 0, 3][..],
+            &[0, 0, 0, 0, 3, 1, 0, 0, 0, 0, 0, 0][..],
+            &[0, 0, 0, 0, 3, 1, 0, 0, 0, 0, 0, 0, 0, 0][..],
+            &[0, 0, 0, 0, 4][..],
         ] {
             assert_eq!(Held::from_payload(bad), None, "{bad:?}");
         }

@@ -51,8 +51,8 @@ pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
-    BootPlan, CheckpointState, StateError, SyncPlan, WrittenPlan, CHECKPOINT_STATE_VERSION,
-    SYNC_PLAN_VERSION,
+    BootPlan, CheckpointState, MemorySince, StateError, SyncPlan, WrittenPlan,
+    CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
 };
 pub use vmm::replication::PAGE_SIZE;
 
@@ -147,7 +147,7 @@ impl EndTally {
 /// One message of the replication protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
-    SyncBegin(SyncPlan),
+    SyncBegin(Box<SyncPlan>),
     SyncPages(PageBatch),
     SyncDisk(DiskBatch),
     /// The end of the initial copy: how many page and disk records it
@@ -347,10 +347,10 @@ impl Message {
             })
         };
         let message = match code {
-            SYNC_BEGIN => Message::SyncBegin(
+            SYNC_BEGIN => Message::SyncBegin(Box::new(
                 SyncPlan::from_payload(&payload)
                     .map_err(|_| malformed("SyncBegin", "not a synchronisation plan"))?,
-            ),
+            )),
             SYNC_PAGES => Message::SyncPages(
                 PageBatch::new(payload).ok_or(malformed("SyncPages", "not whole page records"))?,
             ),
@@ -524,6 +524,12 @@ mod tests {
                 extents: vec![(0, 2), (7, 8)],
             })],
             next_common: Some("cd".repeat(16)),
+            memory_lineage: Some("ef".repeat(16)),
+            memory_since: Some(MemorySince {
+                lineage: "12".repeat(16),
+                from: 3,
+                through: 40,
+            }),
         };
         let mut page = vec![0u8; PAGE_RECORD];
         page[..8].copy_from_slice(&4096u64.to_le_bytes());
@@ -540,7 +546,7 @@ mod tests {
             writes_crc: 4,
         };
         for m in [
-            Message::SyncBegin(plan),
+            Message::SyncBegin(Box::new(plan)),
             Message::SyncPages(pages.clone()),
             Message::SyncDisk(disks[0].clone()),
             Message::SyncEnd(end),

@@ -80,6 +80,27 @@ pub struct SyncPlan {
     /// the standby (32 hex digits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_common: Option<String>,
+    /// Level FT: this session's memory lineage (32 hex digits). The
+    /// standby labels its RAM file with it and the last epoch it applied
+    /// ([`crate::memory_point`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_lineage: Option<String>,
+    /// The checkpoints of an earlier session from which this primary can
+    /// bring a standby's memory forward by the pages written since, with
+    /// no comparison: a standby whose RAM is labelled with one of them
+    /// says so instead of sending its digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_since: Option<MemorySince>,
+}
+
+/// Checkpoints `from..=through` of the session of memory lineage
+/// `lineage` (32 hex digits); `from` may be 0 where the primary holds
+/// every epoch's pages since the session's first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemorySince {
+    pub lineage: String,
+    pub from: u64,
+    pub through: u64,
 }
 
 /// The primary's written map of one disk, in a plan.

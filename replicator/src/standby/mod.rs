@@ -359,6 +359,8 @@ pub async fn stand_by(config: &StandbyConfig, status: &StatusBoard) -> Result<Re
 /// Removes the replica's RAM file, if it has one.
 pub fn forget_ram(config: &StandbyConfig) {
     if let Some(path) = &config.ram_file {
+        // Its label first: a label never outlives what it describes.
+        let _ = std::fs::remove_file(vmm::replication::ram_label::label_path(path));
         match std::fs::remove_file(path) {
             Ok(()) => info!(path = %path.display(), "the replica's RAM file is removed"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

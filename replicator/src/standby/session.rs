@@ -222,6 +222,9 @@ struct Receiving {
     /// The copy's writes, handed to the disks' writeback as they come
     /// (none once the copy ended).
     writeback: Option<CopyWriteback>,
+    /// The session's memory lineage: the RAM file is labelled with it and
+    /// each epoch applied ([`crate::memory_point`]).
+    lineage: Option<crate::memory_point::Lineage>,
 }
 
 /// What `begin` kept of an earlier replica on this node.
@@ -229,6 +232,9 @@ struct Kept {
     /// Per disk: why it was made new, if it was.
     disks: Vec<Option<Fresh>>,
     memory: bool,
+    /// Kept memory whose label names a checkpoint the primary offers to
+    /// bring forward from.
+    memory_since: Option<u64>,
     /// The primary's written maps, per disk, from its plan.
     written: Vec<Option<WrittenPlan>>,
 }
@@ -312,13 +318,31 @@ fn begin(
                 .and_then(written::common_from_hex),
         ),
         writeback: Some(writeback),
+        lineage: plan
+            .memory_lineage
+            .as_deref()
+            .and_then(crate::written::common_from_hex),
     };
+    let memory_since = receiving
+        .ram
+        .as_ref()
+        .filter(|_| kept_memory)
+        .and_then(|ram| labelled_since(ram.taken_label()?, plan.memory_since.as_ref()?));
     let kept = Kept {
         disks: fresh,
         memory: kept_memory,
+        memory_since,
         written: plan.written.clone(),
     };
     Ok((receiving, key, kept))
+}
+
+/// The checkpoint a RAM file's label names, if the primary offers to
+/// bring memory forward from it.
+fn labelled_since(label: &[u8], offer: &crate::protocol::MemorySince) -> Option<u64> {
+    let (lineage, epoch) = crate::memory_point::from_label(label)?;
+    let offered = crate::written::common_from_hex(&offer.lineage)?;
+    (lineage == offered && (offer.from..=offer.through).contains(&epoch)).then_some(epoch)
 }
 
 /// Tells the primary what the replica holds of each disk and of memory:
@@ -334,14 +358,27 @@ async fn tell_holdings(
 ) -> Result<(), StandbyError> {
     let started = Instant::now();
     let mut kept_bytes = 0u64;
-    // New memory is said first, before the kept disks are read: the
+    // New memory, or memory labelled with a checkpoint the primary can
+    // bring forward, is said first, before the kept disks are read: the
     // primary, digesting its own memory meanwhile for a comparison, stops.
-    if replica.ram.is_some() && !kept.memory {
-        let zeroed = Held {
+    let said_first = match (&replica.ram, kept.memory, kept.memory_since) {
+        (None, _, _) => None,
+        (Some(_), false, _) => Some(HeldPart::Zeroed),
+        (Some(_), true, Some(epoch)) => {
+            info!(
+                checkpoint = epoch,
+                "kept replica memory is labelled with a checkpoint the primary offers: not compared, brought forward"
+            );
+            Some(HeldPart::Since { epoch })
+        }
+        (Some(_), true, None) => None,
+    };
+    if let Some(part) = said_first {
+        let held = Held {
             region: Region::Memory,
-            part: HeldPart::Zeroed,
+            part,
         };
-        link.send(&Message::SyncHeld(zeroed).into_frame(0, replica.generation))
+        link.send(&Message::SyncHeld(held).into_frame(0, replica.generation))
             .await?;
     }
     let mut messages = Vec::new();
@@ -397,17 +434,19 @@ async fn tell_holdings(
     }
     // A mirror (level HA) holds no memory and says nothing of it; new
     // memory was said above.
-    messages.extend(match (&replica.ram, kept.memory) {
-        (None, _) | (Some(_), false) => Vec::new(),
-        (Some(ram), true) => {
-            let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
-            let digests = workers::off_the_workers(|| {
-                crate::content::digest_pages(pages, key, |gpa, page| ram.read_page(gpa, page))
-            })?;
-            kept_bytes += ram.bytes();
-            Held::kept(Region::Memory, &digests)
-        }
-    });
+    messages.extend(
+        match (&replica.ram, kept.memory && kept.memory_since.is_none()) {
+            (None, _) | (Some(_), false) => Vec::new(),
+            (Some(ram), true) => {
+                let pages = ram.bytes() / crate::protocol::PAGE_SIZE as u64;
+                let digests = workers::off_the_workers(|| {
+                    crate::content::digest_pages(pages, key, |gpa, page| ram.read_page(gpa, page))
+                })?;
+                kept_bytes += ram.bytes();
+                Held::kept(Region::Memory, &digests)
+            }
+        },
+    );
     for held in messages {
         link.send(&Message::SyncHeld(held).into_frame(0, replica.generation))
             .await?;
@@ -827,6 +866,14 @@ impl Receiving {
                 self.assembler
                     .apply(&complete, ram, &self.disks)
                     .map_err(|e| refused(status, e.into()))?;
+                // The RAM now holds this checkpoint of the session (a
+                // label left behind names an earlier one of it: still
+                // true of what a later copy would bring).
+                if let Some(lineage) = &self.lineage {
+                    if let Err(error) = ram.set_label(&crate::memory_point::label(lineage, epoch)) {
+                        warn!(epoch, %error, "the RAM file's label could not be written");
+                    }
+                }
                 if let Some(digest) = &state.digest {
                     // Seconds of reading on a large VM: off the async workers.
                     workers::off_the_workers(|| self.verify(ram, epoch, digest, status));

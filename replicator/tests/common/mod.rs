@@ -320,11 +320,33 @@ pub async fn primary_planning_mapped(
     boot: Option<replicator::protocol::BootPlan>,
     (written, next_common): PlanMaps,
 ) -> Link {
+    let plan = test_plan(disk_bytes, boot, (written, next_common));
+    primary_with_plan(addr, generation, plan).await
+}
+
+/// Connects as the primary and begins a session at `generation` with
+/// `plan`.
+pub async fn primary_with_plan(addr: SocketAddr, generation: u64, plan: SyncPlan) -> Link {
     let link = tokio::time::timeout(WITHIN, Link::connect(addr, &link_config(Role::Primary)))
         .await
         .expect("connect in time")
         .expect("handshake");
-    let plan = SyncPlan {
+    send(
+        &link,
+        &[Message::SyncBegin(Box::new(plan)).into_frame(0, generation)],
+    )
+    .await;
+    link
+}
+
+/// The test primaries' plan (level HA when `boot` is given), with no
+/// memory lineage.
+pub fn test_plan(
+    disk_bytes: u64,
+    boot: Option<replicator::protocol::BootPlan>,
+    (written, next_common): PlanMaps,
+) -> SyncPlan {
+    SyncPlan {
         version: SYNC_PLAN_VERSION,
         mem_mib: MEM_MIB,
         disk_bytes: vec![disk_bytes],
@@ -338,9 +360,9 @@ pub async fn primary_planning_mapped(
         boot,
         written,
         next_common,
-    };
-    send(&link, &[Message::SyncBegin(plan).into_frame(0, generation)]).await;
-    link
+        memory_lineage: None,
+        memory_since: None,
+    }
 }
 
 /// The content key of the test primaries' sessions.

@@ -27,6 +27,7 @@ mod cpu;
 mod disk_writes;
 mod input;
 mod output;
+pub mod ram_label;
 mod replica;
 
 use std::ops::Range;

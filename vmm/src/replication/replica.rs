@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes as _, GuestAddress};
 
+use super::ram_label::{self, RamLabel};
 use super::{ReplicationError, PAGE_SIZE};
 use crate::devices::virtio::net::tap::AttachedTaps;
 use crate::devices::virtio::DeviceConfig;
@@ -23,6 +24,10 @@ use crate::vm::{MadeAhead, SerialSink, StartAs, Vm, VmError, VmShell};
 pub struct ReplicaRam {
     vm: Option<JoinHandle<Result<VmShell, VmError>>>,
     ram: GuestRam,
+    /// The label beside a RAM file ([`RamLabel`]), and what it said when
+    /// the file was opened (only for a kept file).
+    label: Option<RamLabel>,
+    taken_label: Option<Vec<u8>>,
 }
 
 impl ReplicaRam {
@@ -31,12 +36,18 @@ impl ReplicaRam {
             mib: mem_mib,
             source,
         })?;
-        Ok(ReplicaRam { vm: None, ram })
+        Ok(ReplicaRam {
+            vm: None,
+            ram,
+            label: None,
+            taken_label: None,
+        })
     }
 
     /// The replica's RAM in the file at `path` ([`memory::open_file`]):
     /// what an earlier copy of the VM on this node left there is kept when
-    /// the file fits (returns true: compare it before trusting any of it).
+    /// the file fits (returns true: compare it before trusting any of it,
+    /// or trust its label, [`ReplicaRam::taken_label`]).
     pub fn open_file(
         path: &std::path::Path,
         mem_mib: u64,
@@ -47,7 +58,51 @@ impl ReplicaRam {
                 source,
             }
         })?;
-        Ok((ReplicaRam { vm: None, ram }, kept))
+        // Taken after the file's lock: no other holder writes it now.
+        let (label, taken_label) = match RamLabel::take(path) {
+            Ok((label, said)) => (Some(label), said.filter(|_| kept)),
+            Err(error) => {
+                tracing::warn!(
+                    path = %ram_label::label_path(path).display(),
+                    %error,
+                    "the RAM file's label cannot be used: kept memory is compared page by page"
+                );
+                (None, None)
+            }
+        };
+        Ok((
+            ReplicaRam {
+                vm: None,
+                ram,
+                label,
+                taken_label,
+            },
+            kept,
+        ))
+    }
+
+    /// What the RAM file's label said when it was opened (kept files
+    /// only; the label is cleared by then).
+    pub fn taken_label(&self) -> Option<&[u8]> {
+        self.taken_label.as_deref()
+    }
+
+    /// Labels the RAM file's memory as it is now (its owner vouches that
+    /// every later write to it is one the label's reader learns of).
+    /// Without a RAM file, nothing.
+    pub fn set_label(&self, label: &[u8]) -> std::io::Result<()> {
+        match &self.label {
+            Some(l) => l.set(label),
+            None => Ok(()),
+        }
+    }
+
+    /// Clears the RAM file's label.
+    pub fn clear_label(&self) -> std::io::Result<()> {
+        match &self.label {
+            Some(l) => l.clear(),
+            None => Ok(()),
+        }
     }
 
     /// Starts making, on a thread of its own, the KVM VM this RAM would
@@ -172,6 +227,11 @@ impl Vm {
             .collect();
         bind_backings(configs, backings.disks, backings.taps)?;
         let mut ram = ram;
+        // The memory runs as a guest from here on: it no longer is what
+        // any label says.
+        if let Err(error) = ram.clear_label() {
+            tracing::warn!(%error, "the RAM file's label could not be cleared");
+        }
         let ahead = MadeAhead {
             shell: ram.take_vm(),
             taps: backings.attached_taps,

@@ -1,0 +1,192 @@
+//! A label beside a replica's RAM file (`<file>.label`): what its owner
+//! says the memory holds (for the replicator, "checkpoint E of session
+//! S"), so that a later copy brings only what changed since instead of
+//! comparing every page.
+//!
+//! A label is taken (read and cleared) when the RAM file is opened, and
+//! cleared before the memory runs as a guest: whatever writes the memory
+//! after that makes any earlier label wrong. It is only good for the boot
+//! it was written in: neither file is made durable, so after a crash of
+//! the node the RAM file's pages may be older than the label says.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 6] = b"FTRL1\n";
+/// `/proc/sys/kernel/random/boot_id`: 36 characters.
+const BOOT_ID_LEN: usize = 36;
+/// The longest label kept.
+pub const MAX_LABEL: usize = 256;
+
+/// The label file of one RAM file, open for as long as its owner holds
+/// the RAM.
+#[derive(Debug)]
+pub struct RamLabel {
+    file: File,
+    path: PathBuf,
+    boot: [u8; BOOT_ID_LEN],
+}
+
+/// Where the label of the RAM file at `ram` lives.
+pub fn label_path(ram: &Path) -> PathBuf {
+    let mut name = ram.as_os_str().to_owned();
+    name.push(".label");
+    PathBuf::from(name)
+}
+
+/// This boot's identity.
+fn boot_id() -> io::Result<[u8; BOOT_ID_LEN]> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    text.trim()
+        .as_bytes()
+        .try_into()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "unexpected boot id"))
+}
+
+impl RamLabel {
+    /// Opens the label of the RAM file at `ram` (made if missing, mode
+    /// 0600), returns what it said if it was written whole in this boot,
+    /// and clears it.
+    pub fn take(ram: &Path) -> io::Result<(RamLabel, Option<Vec<u8>>)> {
+        let path = label_path(ram);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        let label = RamLabel {
+            file,
+            path,
+            boot: boot_id()?,
+        };
+        let said = label.read()?;
+        label.clear()?;
+        Ok((label, said))
+    }
+
+    /// Where it lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read(&self) -> io::Result<Option<Vec<u8>>> {
+        let len = self.file.metadata()?.len();
+        if len > (MAGIC.len() + BOOT_ID_LEN + 2 + MAX_LABEL + 4) as u64 {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, 0)?;
+        Ok(decode(&buf, &self.boot))
+    }
+
+    /// Says `label` (at most [`MAX_LABEL`] bytes) from now on.
+    pub fn set(&self, label: &[u8]) -> io::Result<()> {
+        if label.len() > MAX_LABEL {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a label of {} bytes (at most {MAX_LABEL})", label.len()),
+            ));
+        }
+        let record = encode(label, &self.boot);
+        // One write of a whole record; a shorter earlier one is longer
+        // than none, and a record is checked whole when read.
+        self.file.write_all_at(&record, 0)?;
+        if self.file.metadata()?.len() != record.len() as u64 {
+            self.file.set_len(record.len() as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Says nothing from now on.
+    pub fn clear(&self) -> io::Result<()> {
+        self.file.set_len(0)
+    }
+}
+
+fn encode(label: &[u8], boot: &[u8; BOOT_ID_LEN]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(MAGIC.len() + BOOT_ID_LEN + 2 + label.len() + 4);
+    record.extend_from_slice(MAGIC);
+    record.extend_from_slice(boot);
+    record.extend_from_slice(&(label.len() as u16).to_le_bytes());
+    record.extend_from_slice(label);
+    let crc = crc32fast::hash(&record);
+    record.extend_from_slice(&crc.to_le_bytes());
+    record
+}
+
+/// The label in `record` if it is whole and of boot `boot`.
+fn decode(record: &[u8], boot: &[u8; BOOT_ID_LEN]) -> Option<Vec<u8>> {
+    let body_len = record.len().checked_sub(4)?;
+    let (body, crc) = record.split_at(body_len);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC)?;
+    let rest = rest.strip_prefix(&boot[..])?;
+    let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let label = rest.get(2..)?;
+    (label.len() == len).then(|| label.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ft-ram-label-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("guest.ram")
+    }
+
+    #[test]
+    fn a_label_is_taken_once_and_only_what_was_set_last() {
+        let ram = ram_path("once");
+        let (label, said) = RamLabel::take(&ram).unwrap();
+        assert_eq!(said, None, "a new label says nothing");
+        label.set(b"a longer label, first").unwrap();
+        label.set(b"second").unwrap();
+        drop(label);
+        let (label, said) = RamLabel::take(&ram).unwrap();
+        assert_eq!(said.as_deref(), Some(&b"second"[..]));
+        drop(label);
+        let (_, said) = RamLabel::take(&ram).unwrap();
+        assert_eq!(said, None, "taking it cleared it");
+        let _ = std::fs::remove_dir_all(ram.parent().unwrap());
+    }
+
+    #[test]
+    fn a_label_of_another_boot_or_damaged_says_nothing() {
+        let boot = [b'a'; BOOT_ID_LEN];
+        let record = encode(b"checkpoint 7", &boot);
+        assert_eq!(
+            decode(&record, &boot).as_deref(),
+            Some(&b"checkpoint 7"[..])
+        );
+        assert_eq!(decode(&record, &[b'b'; BOOT_ID_LEN]), None, "another boot");
+        for at in [
+            0,
+            10,
+            MAGIC.len() + BOOT_ID_LEN,
+            record.len() - 6,
+            record.len() - 1,
+        ] {
+            let mut damaged = record.clone();
+            damaged[at] ^= 0x40;
+            assert_eq!(decode(&damaged, &boot), None, "byte {at} damaged");
+        }
+        assert_eq!(
+            decode(&record[..record.len() - 1], &boot),
+            None,
+            "cut short"
+        );
+        assert_eq!(decode(&[], &boot), None);
+        let ram = ram_path("long");
+        let (label, _) = RamLabel::take(&ram).unwrap();
+        assert!(label.set(&[0; MAX_LABEL + 1]).is_err());
+        let _ = std::fs::remove_dir_all(ram.parent().unwrap());
+    }
+}
