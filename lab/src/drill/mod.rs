@@ -185,6 +185,11 @@ pub struct DrillRound {
     /// written maps (the engine's `sync_disk_unread_bytes_last`).
     #[serde(default)]
     pub resync_disk_unread_bytes: u64,
+    /// Guest memory that copy did not read: the returning standby's RAM
+    /// was brought forward from the checkpoint it held (the engine's
+    /// `sync_memory_unread_bytes_last`).
+    #[serde(default)]
+    pub resync_memory_unread_bytes: u64,
     /// Pull only: the pulled node's boot (start -> its agent answers).
     pub node_boot_ms: u64,
     /// Node booted or paths healed -> protected again, with no command
@@ -420,16 +425,17 @@ fn before_fault(
 }
 
 /// What `node`'s last initial synchronisation held before compression,
-/// and the disk bytes it did not read, if the round made one
+/// and the disk and memory bytes it did not read, if the round made one
 /// (`resync_bytes` > 0).
-fn copy_last(lab: &Lab, node: NodeId, resync_bytes: u64) -> (u64, u64) {
+fn copy_last(lab: &Lab, node: NodeId, resync_bytes: u64) -> (u64, u64, u64) {
     if resync_bytes == 0 {
-        return (0, 0);
+        return (0, 0, 0);
     }
-    ft_pair::status(lab, node).map_or((0, 0), |s| {
+    ft_pair::status(lab, node).map_or((0, 0, 0), |s| {
         (
             s.counters.sync_uncompressed_bytes_last,
             s.counters.sync_disk_unread_bytes_last,
+            s.counters.sync_memory_unread_bytes_last,
         )
     })
 }
@@ -518,7 +524,7 @@ fn pull_round(
     let boot_to_protected_ms = booted_at.elapsed().as_millis() as u64;
     let promoted = PromotedEngine::from(protected);
     let resync_bytes = sync_before.since(lab, standby);
-    let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
+    let (resync_uncompressed_bytes, resync_disk_unread_bytes, resync_memory_unread_bytes) =
         copy_last(lab, standby, resync_bytes);
     let (placed_ok, generation) = placement(lab, standby, standby)?;
     Ok(DrillRound {
@@ -540,6 +546,7 @@ fn pull_round(
         resync_bytes,
         resync_uncompressed_bytes,
         resync_disk_unread_bytes,
+        resync_memory_unread_bytes,
         node_boot_ms,
         boot_to_protected_ms,
         generation,
@@ -723,7 +730,7 @@ fn settle(
     };
     let reprotect_ms = f.ended_at.elapsed().as_millis() as u64;
     let resync_bytes = f.sync_before.since(lab, winner);
-    let (resync_uncompressed_bytes, resync_disk_unread_bytes) =
+    let (resync_uncompressed_bytes, resync_disk_unread_bytes, resync_memory_unread_bytes) =
         copy_last(lab, winner, resync_bytes);
     let seen = watch.finish();
     let (placed_ok, generation) = placement(lab, winner, winner)?;
@@ -746,6 +753,7 @@ fn settle(
         resync_bytes,
         resync_uncompressed_bytes,
         resync_disk_unread_bytes,
+        resync_memory_unread_bytes,
         node_boot_ms: 0,
         boot_to_protected_ms: reprotect_ms,
         generation,
@@ -918,7 +926,7 @@ fn engine_ms(takeover: Option<&TakeoverTimes>) -> String {
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}  {:>13}",
         "drill",
         "fault",
         "from",
@@ -936,12 +944,13 @@ pub fn print_table(report: &DrillReport) {
         "back->protect ms",
         "resync MB",
         "uncompressed MB",
-        "unread MB"
+        "unread MB",
+        "mem unread MB"
     );
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}  {:>13.1}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
@@ -959,7 +968,8 @@ pub fn print_table(report: &DrillReport) {
             r.boot_to_protected_ms,
             r.resync_bytes as f64 / 1e6,
             r.resync_uncompressed_bytes as f64 / 1e6,
-            r.resync_disk_unread_bytes as f64 / 1e6
+            r.resync_disk_unread_bytes as f64 / 1e6,
+            r.resync_memory_unread_bytes as f64 / 1e6
         );
     }
     let migrations = report.level == Level::Ha && report.fault == Fault::Switchover;

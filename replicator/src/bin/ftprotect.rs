@@ -551,6 +551,8 @@ fn run_primary(
 /// can use what it held).
 fn forget_ram(pair: &PairOptions) {
     if let Some(path) = &pair.ram_file {
+        // Its label first: a label never outlives what it describes.
+        let _ = std::fs::remove_file(vmm::replication::ram_label::label_path(path));
         if let Err(error) = std::fs::remove_file(path) {
             tracing::warn!(path = %path.display(), %error, "the stopped VM's RAM file could not be removed");
         }

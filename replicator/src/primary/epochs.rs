@@ -24,7 +24,7 @@ use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
 use crate::interval::Schedule;
-use crate::protocol::{epoch_frames, Message, PAGE_SIZE};
+use crate::protocol::{epoch_frames, Message};
 use crate::status::StatusBoard;
 
 pub(super) async fn epochs(
@@ -65,7 +65,7 @@ pub(super) async fn epochs(
         if wake == Wake::Switchover && epoch > 1 {
             // The final checkpoint follows every epoch acknowledged.
             in_flight.drain(acks).await?;
-            let outcome = hand_over(vm, tx, acks, epoch, generation, session.lease, status).await?;
+            let outcome = hand_over(vm, tx, acks, (epoch, generation), session, status).await?;
             match outcome {
                 Outcome::HandedOver { epoch } => return Err(PrimaryError::SwitchedOver { epoch }),
                 Outcome::CalledOff(why) => {
@@ -137,18 +137,12 @@ pub(super) async fn epochs(
         if captured.is_err() || !config.synchronous {
             vm.resume();
         }
-        let captured = captured?;
         // Kept for the next copy: what a standby left at an earlier
         // checkpoint of this session lacks.
-        session.history.record(
-            epoch,
-            captured
-                .pages
-                .batches
-                .iter()
-                .flat_map(|batch| batch.records().map(|(gpa, _)| gpa / PAGE_SIZE as u64)),
-            vm.guest_pages() as usize,
-        );
+        session
+            .history
+            .note_capture(epoch, captured.as_ref().ok(), vm.guest_pages());
+        let captured = captured?;
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
         if let Some(stopped) = stopped {
             plan_next(&mut schedule, stopped, vm, status);

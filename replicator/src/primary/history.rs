@@ -13,8 +13,9 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use super::checkpoint::Captured;
 use crate::memory_point::Lineage;
-use crate::protocol::MemorySince;
+use crate::protocol::{MemorySince, PAGE_SIZE};
 use crate::written::common_to_hex;
 
 /// The pages of the epochs of one session.
@@ -45,18 +46,19 @@ impl Line {
     }
 
     /// The checkpoints a standby may be brought forward from, for the
-    /// plan; none before the first epoch.
+    /// plan; none before the first epoch (checkpoint 0, the copy, is never
+    /// a standby's).
     pub fn since(&self) -> Option<MemorySince> {
-        (!self.epochs.is_empty()).then(|| MemorySince {
+        (self.last() >= 1).then(|| MemorySince {
             lineage: common_to_hex(self.lineage),
-            from: self.first - 1,
+            from: (self.first - 1).max(1),
             through: self.last(),
         })
     }
 
     /// Whether checkpoint `epoch` can be brought forward.
     pub fn covers(&self, epoch: u64) -> bool {
-        !self.epochs.is_empty() && epoch + 1 >= self.first && epoch <= self.last()
+        epoch >= 1 && epoch + 1 >= self.first && epoch <= self.last()
     }
 
     /// Marks in `set` every page written by the epochs after `epoch`
@@ -86,6 +88,25 @@ impl MemoryHistory {
     /// before it.
     pub fn begin(&self, lineage: Lineage) -> Option<Line> {
         self.lock().replace(Line::new(lineage))
+    }
+
+    /// The capture of epoch `epoch`, or its failure (`None`): every
+    /// capture harvests the dirty log, so one whose pages are not kept
+    /// ends the line (a standby's earlier checkpoint could no longer be
+    /// brought forward whole).
+    pub fn note_capture(&self, epoch: u64, captured: Option<&Captured>, guest_pages: u64) {
+        match captured {
+            Some(captured) => self.record(
+                epoch,
+                captured
+                    .pages
+                    .batches
+                    .iter()
+                    .flat_map(|batch| batch.records().map(|(gpa, _)| gpa / PAGE_SIZE as u64)),
+                guest_pages as usize,
+            ),
+            None => *self.lock() = None,
+        }
     }
 
     /// Epoch `epoch` of the current line wrote `pages` (numbers); at most
@@ -182,12 +203,15 @@ mod tests {
         let line = history.begin([2; 16]).expect("the line before");
         assert_eq!(line.lineage, [1; 16]);
         let since = line.since().unwrap();
-        assert_eq!((since.from, since.through), (0, 3));
+        assert_eq!((since.from, since.through), (1, 3));
         assert_eq!(since.lineage, "01".repeat(16));
-        assert_eq!(union_after(&line, 0), [3, 5, 9, 700]);
         assert_eq!(union_after(&line, 1), [3, 9, 700]);
         assert_eq!(union_after(&line, 3), Vec::<u64>::new());
-        assert!(line.covers(0) && line.covers(3));
+        assert!(line.covers(1) && line.covers(3));
+        assert!(
+            !line.covers(0),
+            "checkpoint 0 (the copy) is never a standby's"
+        );
         assert!(!line.covers(4), "a checkpoint the primary never took");
         // The new line has no epoch yet: nothing to offer.
         assert!(history.begin([3; 16]).unwrap().since().is_none());
@@ -209,6 +233,13 @@ mod tests {
         assert!(
             history.begin([3; 16]).is_none(),
             "epoch 2 was never recorded"
+        );
+        // A capture that failed harvested pages no list holds.
+        history.record(1, [1], 10);
+        history.note_capture(2, None, 10);
+        assert!(
+            history.begin([4; 16]).is_none(),
+            "a failed capture ends the line"
         );
     }
 

@@ -37,8 +37,7 @@ use vmm::vm::Vm;
 
 use super::checkpoint::capture;
 use super::epochs::send_final_epoch;
-use super::lease::Lease;
-use super::{send_all, AckEvent, PrimaryError};
+use super::{send_all, AckEvent, PrimaryError, Session};
 use crate::protocol::{inbound_payloads, Message};
 use crate::status::StatusBoard;
 use vmm::replication::InboundFrame;
@@ -101,15 +100,20 @@ pub(super) async fn hand_over(
     vm: &Arc<Vm>,
     tx: &ft_link::LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    epoch: u64,
-    generation: u64,
-    lease: Option<&Lease>,
+    (epoch, generation): (u64, u64),
+    session: &Session<'_>,
     status: &StatusBoard,
 ) -> Result<Outcome, PrimaryError> {
+    let lease = session.lease;
     info!(epoch, "planned switchover: taking the final checkpoint");
     status.update(|s| s.message = Some(format!("switchover: final checkpoint {epoch}")));
     let stopped_at = Instant::now();
-    let captured = match capture(vm, epoch, false) {
+    let captured = capture(vm, epoch, false);
+    // As any epoch's: a copy after a failed hand-over needs its pages.
+    session
+        .history
+        .note_capture(epoch, captured.as_ref().ok(), vm.guest_pages());
+    let captured = match captured {
         Ok(c) => c,
         Err(e) => {
             vm.resume();

@@ -6,8 +6,10 @@
 //! A label is taken (read and cleared) when the RAM file is opened, and
 //! cleared before the memory runs as a guest: whatever writes the memory
 //! after that makes any earlier label wrong. It is only good for the boot
-//! it was written in: neither file is made durable, so after a crash of
-//! the node the RAM file's pages may be older than the label says.
+//! it was written in, and for the RAM file it was written beside (its
+//! device and inode): neither file is made durable, so after a crash of
+//! the node the RAM file's pages may be older than the label says, and a
+//! RAM file made anew holds nothing a label said.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -26,7 +28,22 @@ pub const MAX_LABEL: usize = 256;
 pub struct RamLabel {
     file: File,
     path: PathBuf,
-    boot: [u8; BOOT_ID_LEN],
+    owner: Owner,
+}
+
+/// Whose a label is: this boot's identity, then the RAM file's device and
+/// inode.
+type Owner = [u8; BOOT_ID_LEN + 16];
+
+/// This boot and the RAM file at `ram`.
+fn owner(ram: &Path) -> io::Result<Owner> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(ram)?;
+    let mut owner = [0u8; BOOT_ID_LEN + 16];
+    owner[..BOOT_ID_LEN].copy_from_slice(&boot_id()?);
+    owner[BOOT_ID_LEN..BOOT_ID_LEN + 8].copy_from_slice(&meta.dev().to_le_bytes());
+    owner[BOOT_ID_LEN + 8..].copy_from_slice(&meta.ino().to_le_bytes());
+    Ok(owner)
 }
 
 /// Where the label of the RAM file at `ram` lives.
@@ -47,8 +64,8 @@ fn boot_id() -> io::Result<[u8; BOOT_ID_LEN]> {
 
 impl RamLabel {
     /// Opens the label of the RAM file at `ram` (made if missing, mode
-    /// 0600), returns what it said if it was written whole in this boot,
-    /// and clears it.
+    /// 0600), returns what it said if it was written whole in this boot
+    /// beside this very file, and clears it.
     pub fn take(ram: &Path) -> io::Result<(RamLabel, Option<Vec<u8>>)> {
         let path = label_path(ram);
         let file = OpenOptions::new()
@@ -61,7 +78,7 @@ impl RamLabel {
         let label = RamLabel {
             file,
             path,
-            boot: boot_id()?,
+            owner: owner(ram)?,
         };
         let said = label.read()?;
         label.clear()?;
@@ -75,12 +92,12 @@ impl RamLabel {
 
     fn read(&self) -> io::Result<Option<Vec<u8>>> {
         let len = self.file.metadata()?.len();
-        if len > (MAGIC.len() + BOOT_ID_LEN + 2 + MAX_LABEL + 4) as u64 {
+        if len > (MAGIC.len() + BOOT_ID_LEN + 16 + 2 + MAX_LABEL + 4) as u64 {
             return Ok(None);
         }
         let mut buf = vec![0u8; len as usize];
         self.file.read_exact_at(&mut buf, 0)?;
-        Ok(decode(&buf, &self.boot))
+        Ok(decode(&buf, &self.owner))
     }
 
     /// Says `label` (at most [`MAX_LABEL`] bytes) from now on.
@@ -91,7 +108,7 @@ impl RamLabel {
                 format!("a label of {} bytes (at most {MAX_LABEL})", label.len()),
             ));
         }
-        let record = encode(label, &self.boot);
+        let record = encode(label, &self.owner);
         // One write of a whole record; a shorter earlier one is longer
         // than none, and a record is checked whole when read.
         self.file.write_all_at(&record, 0)?;
@@ -107,10 +124,10 @@ impl RamLabel {
     }
 }
 
-fn encode(label: &[u8], boot: &[u8; BOOT_ID_LEN]) -> Vec<u8> {
-    let mut record = Vec::with_capacity(MAGIC.len() + BOOT_ID_LEN + 2 + label.len() + 4);
+fn encode(label: &[u8], owner: &Owner) -> Vec<u8> {
+    let mut record = Vec::with_capacity(MAGIC.len() + owner.len() + 2 + label.len() + 4);
     record.extend_from_slice(MAGIC);
-    record.extend_from_slice(boot);
+    record.extend_from_slice(owner);
     record.extend_from_slice(&(label.len() as u16).to_le_bytes());
     record.extend_from_slice(label);
     let crc = crc32fast::hash(&record);
@@ -118,15 +135,15 @@ fn encode(label: &[u8], boot: &[u8; BOOT_ID_LEN]) -> Vec<u8> {
     record
 }
 
-/// The label in `record` if it is whole and of boot `boot`.
-fn decode(record: &[u8], boot: &[u8; BOOT_ID_LEN]) -> Option<Vec<u8>> {
+/// The label in `record` if it is whole and `owner`'s.
+fn decode(record: &[u8], owner: &Owner) -> Option<Vec<u8>> {
     let body_len = record.len().checked_sub(4)?;
     let (body, crc) = record.split_at(body_len);
     if crc32fast::hash(body).to_le_bytes() != crc {
         return None;
     }
     let rest = body.strip_prefix(MAGIC)?;
-    let rest = rest.strip_prefix(&boot[..])?;
+    let rest = rest.strip_prefix(&owner[..])?;
     let len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
     let label = rest.get(2..)?;
     (label.len() == len).then(|| label.to_vec())
@@ -139,7 +156,9 @@ mod tests {
     fn ram_path(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("ft-ram-label-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join("guest.ram")
+        let ram = dir.join("guest.ram");
+        std::fs::write(&ram, b"ram").unwrap();
+        ram
     }
 
     #[test]
@@ -153,37 +172,50 @@ mod tests {
         let (label, said) = RamLabel::take(&ram).unwrap();
         assert_eq!(said.as_deref(), Some(&b"second"[..]));
         drop(label);
-        let (_, said) = RamLabel::take(&ram).unwrap();
+        let (label, said) = RamLabel::take(&ram).unwrap();
         assert_eq!(said, None, "taking it cleared it");
+        label.set(b"third").unwrap();
+        drop(label);
+        // A RAM file made anew (another inode) holds nothing it said.
+        let other = ram.with_extension("other");
+        std::fs::write(&other, b"new").unwrap();
+        std::fs::rename(&other, &ram).unwrap();
+        let (_, said) = RamLabel::take(&ram).unwrap();
+        assert_eq!(said, None, "a label of the file replaced");
         let _ = std::fs::remove_dir_all(ram.parent().unwrap());
     }
 
     #[test]
-    fn a_label_of_another_boot_or_damaged_says_nothing() {
-        let boot = [b'a'; BOOT_ID_LEN];
-        let record = encode(b"checkpoint 7", &boot);
+    fn a_label_of_another_boot_or_file_or_damaged_says_nothing() {
+        let owner = [b'a'; BOOT_ID_LEN + 16];
+        let record = encode(b"checkpoint 7", &owner);
         assert_eq!(
-            decode(&record, &boot).as_deref(),
+            decode(&record, &owner).as_deref(),
             Some(&b"checkpoint 7"[..])
         );
-        assert_eq!(decode(&record, &[b'b'; BOOT_ID_LEN]), None, "another boot");
+        let mut other = owner;
+        other[0] = b'b';
+        assert_eq!(decode(&record, &other), None, "another boot");
+        let mut other = owner;
+        other[BOOT_ID_LEN + 9] ^= 1;
+        assert_eq!(decode(&record, &other), None, "another RAM file");
         for at in [
             0,
             10,
-            MAGIC.len() + BOOT_ID_LEN,
+            MAGIC.len() + owner.len(),
             record.len() - 6,
             record.len() - 1,
         ] {
             let mut damaged = record.clone();
             damaged[at] ^= 0x40;
-            assert_eq!(decode(&damaged, &boot), None, "byte {at} damaged");
+            assert_eq!(decode(&damaged, &owner), None, "byte {at} damaged");
         }
         assert_eq!(
-            decode(&record[..record.len() - 1], &boot),
+            decode(&record[..record.len() - 1], &owner),
             None,
             "cut short"
         );
-        assert_eq!(decode(&[], &boot), None);
+        assert_eq!(decode(&[], &owner), None);
         let ram = ram_path("long");
         let (label, _) = RamLabel::take(&ram).unwrap();
         assert!(label.set(&[0; MAX_LABEL + 1]).is_err());
