@@ -585,6 +585,16 @@ impl Vm {
             ram_file: None,
         };
         let mut machine = Machine::create(&config, Some(&state.serial), Some(ram), shell)?;
+        // The memory is the checkpoint's: the dirty log counts from here,
+        // before the restore itself writes any of it (KVM writes the
+        // guest's wall clock when its MSR is restored; the NICs take
+        // frames in once activated), not "every page" as a new VM's first
+        // harvest does, nor what was written to the memory before (a
+        // replica's epochs). What differs from the checkpoint is known.
+        machine
+            .dirty_log
+            .harvest(&machine.vm_fd, &machine.ram.memory)
+            .map_err(VmError::DirtyLog)?;
         let created_us = started.elapsed().as_micros() as u64;
         let made_ahead = machine.made_ahead;
         let gap =

@@ -418,6 +418,8 @@ fn primary_config(
         lease_when_protected: pair.lease_when_protected,
         switchover: Arc::default(),
         first_lease: None,
+        ram_file: pair.ram_file.clone(),
+        memory_base: None,
     }
 }
 
@@ -439,7 +441,8 @@ enum Ended {
 /// Protects `vm` as the primary. `witness`: the witness as this node
 /// already asks it (a promoted standby hands on its connection, so that
 /// the first lease, which holds the guest's output, needs no new one);
-/// `first_lease`: the lease the witness gave with its grant of a takeover.
+/// `promoted`: the lease the witness gave with its grant of a takeover,
+/// and the checkpoint the memory was restored from.
 #[allow(clippy::too_many_arguments)]
 fn run_primary(
     runtime: &tokio::runtime::Runtime,
@@ -449,7 +452,7 @@ fn run_primary(
     node: &str,
     generation: u64,
     witness: Option<WitnessConfig>,
-    first_lease: Option<replicator::quorum::GrantedLease>,
+    promoted: Promoted,
     status: &StatusBoard,
     control: &Control,
 ) -> ExitCode {
@@ -461,7 +464,8 @@ fn run_primary(
         }
     };
     let mut config = primary_config(pair, link, generation, witness, level);
-    config.first_lease = first_lease;
+    config.first_lease = promoted.first_lease;
+    config.memory_base = promoted.memory_base;
     config.verify_next = Arc::clone(&control.verify);
     config.switchover = Arc::clone(&control.switchover);
     config.relevel = Arc::clone(&control.relevel);
@@ -783,10 +787,20 @@ fn run(runtime: &tokio::runtime::Runtime, pair: &PairOptions, config: VmConfig) 
         &node,
         pair.generation,
         witness,
-        None,
+        Promoted::default(),
         &status,
         &control,
     )
+}
+
+/// What a promoted copy starts from (nothing for one started as the
+/// primary).
+#[derive(Default)]
+struct Promoted {
+    /// The lease the witness gave with its grant of the takeover.
+    first_lease: Option<replicator::quorum::GrantedLease>,
+    /// The checkpoint its memory was restored from (level FT).
+    memory_base: Option<(replicator::memory_point::Lineage, u64)>,
 }
 
 /// `ftprotect standby`: keeps the replica; promotes it when the primary is
@@ -873,6 +887,7 @@ fn standby(
     let generation = replica.generation;
     let switchover = replica.switchover;
     let first_lease = replica.granted_lease;
+    let memory_base = replica.memory_point;
     let promoting = std::time::Instant::now();
     let (ended, epoch) = (replica.ended, replica.epoch);
     let decided = replica.decided.unwrap_or(promoting);
@@ -960,7 +975,10 @@ fn standby(
         &node,
         generation,
         witness,
-        first_lease,
+        Promoted {
+            first_lease,
+            memory_base,
+        },
         &status,
         &control,
     )

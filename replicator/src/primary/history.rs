@@ -80,6 +80,23 @@ pub(super) struct MemoryHistory {
 }
 
 impl MemoryHistory {
+    /// A copy whose memory is checkpoint `base.1` of lineage `base.0` (a
+    /// promoted one) starts from that checkpoint, with no epoch of its
+    /// own yet.
+    pub fn new(base: Option<(Lineage, u64)>) -> MemoryHistory {
+        MemoryHistory {
+            line: Mutex::new(base.map(|(lineage, epoch)| Line {
+                first: epoch + 1,
+                ..Line::new(lineage)
+            })),
+        }
+    }
+
+    /// The current line's lineage.
+    pub fn lineage(&self) -> Option<Lineage> {
+        self.lock().as_ref().map(|line| line.lineage)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Line>> {
         self.line.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -241,6 +258,20 @@ mod tests {
             history.begin([4; 16]).is_none(),
             "a failed capture ends the line"
         );
+    }
+
+    /// A promoted copy starts from the checkpoint it was restored from: a
+    /// standby at that checkpoint lacks only what was written since.
+    #[test]
+    fn a_promoted_copy_offers_the_checkpoint_it_was_restored_from() {
+        let history = MemoryHistory::new(Some(([4; 16], 9)));
+        assert_eq!(history.lineage(), Some([4; 16]));
+        let line = history.begin([5; 16]).unwrap();
+        let since = line.since().unwrap();
+        assert_eq!((since.from, since.through), (9, 9));
+        assert!(line.covers(9) && !line.covers(8) && !line.covers(10));
+        assert_eq!(union_after(&line, 9), Vec::<u64>::new());
+        assert!(MemoryHistory::new(None).lineage().is_none());
     }
 
     #[test]

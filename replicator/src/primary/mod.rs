@@ -208,6 +208,14 @@ pub struct PrimaryConfig {
     /// unprotected, instead of its output, its disk writes or the guest
     /// itself waiting for that standby without end.
     pub ack_deadline: Duration,
+    /// The file the guest's memory lives in, if any: a copy that hands
+    /// its VM over labels it with the final checkpoint, which its next
+    /// standby then needs not compare ([`crate::memory_point`]).
+    pub ram_file: Option<std::path::PathBuf>,
+    /// A promoted copy: the checkpoint its memory was restored from (the
+    /// session's memory lineage and epoch). A standby whose RAM file is
+    /// labelled with it is brought forward by the pages written since.
+    pub memory_base: Option<(crate::memory_point::Lineage, u64)>,
 }
 
 /// [`PrimaryConfig::ack_deadline`] by default: far above an
@@ -231,9 +239,25 @@ pub enum PrimaryEnd {
 
 /// Stops a copy that handed its VM to the standby: its guest has been
 /// stopped since the final checkpoint, and all its output left with it.
-fn stop_switched_over(vm: &Vm, epoch: u64, status: &StatusBoard) -> PrimaryEnd {
+fn stop_switched_over(
+    vm: &Vm,
+    (epoch, lineage): (u64, Option<crate::memory_point::Lineage>),
+    ram_file: Option<&std::path::Path>,
+    status: &StatusBoard,
+) -> PrimaryEnd {
     let dropped = vm.output().discard_held();
     vm.stop();
+    // The guest has not run since the final checkpoint, which the new
+    // primary resumed: this node's memory is that checkpoint, and its next
+    // standby (on this node, on the same RAM file) is brought forward from
+    // it by what the new primary's guest writes.
+    if let (Some(path), Some(lineage)) = (ram_file, lineage) {
+        let labelled = vmm::replication::ram_label::RamLabel::take(path)
+            .and_then(|(label, _)| label.set(&crate::memory_point::label(&lineage, epoch)));
+        if let Err(error) = labelled {
+            warn!(path = %path.display(), %error, "the RAM file could not be labelled with the final checkpoint: the next copy compares it");
+        }
+    }
     info!(
         epoch,
         dropped_frames = dropped,
@@ -350,7 +374,7 @@ pub async fn run(
     let mut last_refusal = String::new();
     status.set_state(Role::Primary, FtState::Unprotected, None);
     let mut answered = None;
-    let history = history::MemoryHistory::default();
+    let history = history::MemoryHistory::new(config.memory_base);
     loop {
         let lease = held_lease.as_ref();
         let found = match answered.take() {
@@ -434,7 +458,8 @@ pub async fn run(
             return PrimaryEnd::Stopped;
         }
         if let PrimaryError::SwitchedOver { epoch } = error {
-            return stop_switched_over(&vm, epoch, &status);
+            let lineage = history.lineage();
+            return stop_switched_over(&vm, (epoch, lineage), config.ram_file.as_deref(), &status);
         }
         // A live migration goes on only from the HA session into the FT
         // one it asked for; anything else ends it (the VM stays here, and

@@ -180,6 +180,9 @@ pub struct Replica {
     /// How the VM runs here: resumed from the checkpoint (level FT), or
     /// booted from the mirrored disks (level HA).
     pub machine: Machine,
+    /// Level FT: the checkpoint its memory holds, as the session's memory
+    /// lineage and epoch ([`crate::memory_point`]).
+    pub memory_point: Option<(crate::memory_point::Lineage, u64)>,
 }
 
 /// When a replica's session ended, and when the primary was last heard

@@ -728,6 +728,10 @@ impl Receiving {
                 last_heard: primary_last_heard,
             },
             decided: None,
+            memory_point: self
+                .lineage
+                .filter(|_| matches!(machine, Machine::Checkpoint(_)))
+                .map(|lineage| (lineage, epoch)),
             machine,
         })
     }
