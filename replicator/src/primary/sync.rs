@@ -614,9 +614,10 @@ impl DiskShare {
     }
 }
 
-/// Memory: the dirty log cleared, every page the standby does not hold
-/// (non-zero, or whose digest differs from what it kept) copied while the
-/// guest runs, then the pages it dirtied meanwhile in pre-copy rounds.
+/// Memory, while the guest runs: against a labelled standby the pages
+/// written since its checkpoint; otherwise every page it does not hold
+/// (non-zero, or whose digest differs from what it kept). Then the pages
+/// dirtied meanwhile, in pre-copy rounds.
 /// Returns the pages sent by the first pass, the size of each round, and
 /// the bytes of memory not read (brought forward from a checkpoint).
 async fn copy_memory(

@@ -27,7 +27,6 @@ pub const MAX_LABEL: usize = 256;
 #[derive(Debug)]
 pub struct RamLabel {
     file: File,
-    path: PathBuf,
     owner: Owner,
 }
 
@@ -77,17 +76,11 @@ impl RamLabel {
             .open(&path)?;
         let label = RamLabel {
             file,
-            path,
             owner: owner(ram)?,
         };
         let said = label.read()?;
         label.clear()?;
         Ok((label, said))
-    }
-
-    /// Where it lives.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn read(&self) -> io::Result<Option<Vec<u8>>> {
