@@ -192,7 +192,7 @@ fn open_private(path: &Path, exclusive: bool) -> std::io::Result<File> {
 
 /// Whether `file` is still the file at `path` (not unlinked or replaced
 /// since it was opened).
-fn is_at(file: &File, path: &Path) -> std::io::Result<bool> {
+pub(crate) fn is_at(file: &File, path: &Path) -> std::io::Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let (open, named) = (file.metadata()?, std::fs::symlink_metadata(path)?);
     Ok(open.dev() == named.dev() && open.ino() == named.ino())

@@ -314,7 +314,9 @@ impl Machine {
                 Some(path) => {
                     let ram = memory::open_file(path, config.mem_mib, false)?.0;
                     // The guest runs on it: no label may say what it holds.
-                    if let Err(error) = crate::replication::ram_label::RamLabel::take(path) {
+                    if let Err(error) =
+                        crate::replication::ram_label::RamLabel::take(path, &ram.memfd)
+                    {
                         tracing::warn!(%error, "the RAM file's label could not be cleared");
                     }
                     ram

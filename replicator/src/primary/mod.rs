@@ -252,10 +252,8 @@ fn stop_switched_over(
     // standby (on this node, on the same RAM file) is brought forward from
     // it by what the new primary's guest writes.
     if let (Some(path), Some(lineage)) = (ram_file, lineage) {
-        let labelled = vmm::replication::ram_label::RamLabel::take(path)
-            .and_then(|(label, _)| label.set(&crate::memory_point::label(&lineage, epoch)));
-        if let Err(error) = labelled {
-            warn!(path = %path.display(), %error, "the RAM file could not be labelled with the final checkpoint: the next copy compares it");
+        if let Err(error) = vm.label_memory(path, &crate::memory_point::label(&lineage, epoch)) {
+            warn!(%error, "the RAM file is not labelled with the final checkpoint: the next copy compares it");
         }
     }
     info!(

@@ -89,6 +89,14 @@ pub enum ReplicationError {
     Restore(#[source] Box<VmError>),
     #[error("probing this host's KVM for its CPU features failed: {0}")]
     Host(String),
+    #[error("labelling the RAM file {path} failed: {source}")]
+    LabelMemory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} no longer holds this VM's memory (replaced while the VM ran): not labelled")]
+    LabelMemoryElsewhere { path: PathBuf },
 }
 
 /// Where a harvest or a copy puts pages: for each page the sink hands out
@@ -161,6 +169,28 @@ impl Vm {
 
     /// Reads guest memory at `gpa` into `buf` (for checks made while the
     /// guest is paused).
+    /// Labels the RAM file at `path` with what its memory holds now
+    /// ([`ram_label`]): only if this VM's memory is that very file (the
+    /// label's owner is the file the guest ran on either way). The caller
+    /// vouches that the guest does not run again on this memory.
+    pub fn label_memory(
+        &self,
+        path: &std::path::Path,
+        label: &[u8],
+    ) -> Result<(), ReplicationError> {
+        let failed = |source| ReplicationError::LabelMemory {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !crate::memory::is_at(&self.ram.memfd, path).map_err(failed)? {
+            return Err(ReplicationError::LabelMemoryElsewhere {
+                path: path.to_path_buf(),
+            });
+        }
+        let (file, _) = ram_label::RamLabel::take(path, &self.ram.memfd).map_err(failed)?;
+        file.set(label).map_err(failed)
+    }
+
     pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReplicationError> {
         self.ram
             .memory

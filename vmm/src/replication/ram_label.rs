@@ -6,8 +6,9 @@
 //! A label is taken (read and cleared) when the RAM file is opened, and
 //! cleared before the memory runs as a guest: whatever writes the memory
 //! after that makes any earlier label wrong. It is only good for the boot
-//! it was written in, and for the RAM file it was written beside (its
-//! device and inode): neither file is made durable, so after a crash of
+//! it was written in, and for the RAM file it was written for (the device
+//! and inode of the file its owner's memory is in, not whatever the path
+//! names now): neither file is made durable, so after a crash of
 //! the node the RAM file's pages may be older than the label says, and a
 //! RAM file made anew holds nothing a label said.
 
@@ -34,10 +35,11 @@ pub struct RamLabel {
 /// inode.
 type Owner = [u8; BOOT_ID_LEN + 16];
 
-/// This boot and the RAM file at `ram`.
-fn owner(ram: &Path) -> io::Result<Owner> {
+/// This boot and the RAM file `ram` (the open file, wherever its path
+/// points now).
+fn owner(ram: &File) -> io::Result<Owner> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(ram)?;
+    let meta = ram.metadata()?;
     let mut owner = [0u8; BOOT_ID_LEN + 16];
     owner[..BOOT_ID_LEN].copy_from_slice(&boot_id()?);
     owner[BOOT_ID_LEN..BOOT_ID_LEN + 8].copy_from_slice(&meta.dev().to_le_bytes());
@@ -62,10 +64,11 @@ fn boot_id() -> io::Result<[u8; BOOT_ID_LEN]> {
 }
 
 impl RamLabel {
-    /// Opens the label of the RAM file at `ram` (made if missing, mode
-    /// 0600), returns what it said if it was written whole in this boot
-    /// beside this very file, and clears it.
-    pub fn take(ram: &Path) -> io::Result<(RamLabel, Option<Vec<u8>>)> {
+    /// Opens the label beside the RAM file at `ram` (made if missing, mode
+    /// 0600) for the memory in `memory`, the file its owner opened there;
+    /// returns what the label said if it was written whole in this boot
+    /// for that very file, and clears it.
+    pub fn take(ram: &Path, memory: &File) -> io::Result<(RamLabel, Option<Vec<u8>>)> {
         let path = label_path(ram);
         let file = OpenOptions::new()
             .read(true)
@@ -76,7 +79,7 @@ impl RamLabel {
             .open(&path)?;
         let label = RamLabel {
             file,
-            owner: owner(ram)?,
+            owner: owner(memory)?,
         };
         let said = label.read()?;
         label.clear()?;
@@ -154,18 +157,23 @@ mod tests {
         ram
     }
 
+    /// Takes the label beside `ram` for the file there now.
+    fn take(ram: &Path) -> (RamLabel, Option<Vec<u8>>) {
+        RamLabel::take(ram, &File::open(ram).unwrap()).unwrap()
+    }
+
     #[test]
     fn a_label_is_taken_once_and_only_what_was_set_last() {
         let ram = ram_path("once");
-        let (label, said) = RamLabel::take(&ram).unwrap();
+        let (label, said) = take(&ram);
         assert_eq!(said, None, "a new label says nothing");
         label.set(b"a longer label, first").unwrap();
         label.set(b"second").unwrap();
         drop(label);
-        let (label, said) = RamLabel::take(&ram).unwrap();
+        let (label, said) = take(&ram);
         assert_eq!(said.as_deref(), Some(&b"second"[..]));
         drop(label);
-        let (label, said) = RamLabel::take(&ram).unwrap();
+        let (label, said) = take(&ram);
         assert_eq!(said, None, "taking it cleared it");
         label.set(b"third").unwrap();
         drop(label);
@@ -173,8 +181,25 @@ mod tests {
         let other = ram.with_extension("other");
         std::fs::write(&other, b"new").unwrap();
         std::fs::rename(&other, &ram).unwrap();
-        let (_, said) = RamLabel::take(&ram).unwrap();
+        let (_, said) = take(&ram);
         assert_eq!(said, None, "a label of the file replaced");
+        let _ = std::fs::remove_dir_all(ram.parent().unwrap());
+    }
+
+    #[test]
+    fn a_label_is_for_the_file_its_owner_holds_not_the_one_at_the_path_now() {
+        let ram = ram_path("held");
+        let held = File::open(&ram).unwrap();
+        // Another process replaces the path while the owner holds the
+        // file it opened; the owner then labels its own memory.
+        let other = ram.with_extension("other");
+        std::fs::write(&other, b"new").unwrap();
+        std::fs::rename(&other, &ram).unwrap();
+        let (label, _) = RamLabel::take(&ram, &held).unwrap();
+        label.set(b"checkpoint 9").unwrap();
+        drop(label);
+        let (_, said) = take(&ram);
+        assert_eq!(said, None, "the file at the path now was never labelled");
         let _ = std::fs::remove_dir_all(ram.parent().unwrap());
     }
 
@@ -210,7 +235,7 @@ mod tests {
         );
         assert_eq!(decode(&[], &owner), None);
         let ram = ram_path("long");
-        let (label, _) = RamLabel::take(&ram).unwrap();
+        let (label, _) = take(&ram);
         assert!(label.set(&[0; MAX_LABEL + 1]).is_err());
         let _ = std::fs::remove_dir_all(ram.parent().unwrap());
     }

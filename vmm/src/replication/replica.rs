@@ -59,7 +59,7 @@ impl ReplicaRam {
             }
         })?;
         // Taken after the file's lock: no other holder writes it now.
-        let (label, taken_label) = match RamLabel::take(path) {
+        let (label, taken_label) = match RamLabel::take(path, &ram.memfd) {
             Ok((label, said)) => (Some(label), said.filter(|_| kept)),
             Err(error) => {
                 tracing::warn!(
