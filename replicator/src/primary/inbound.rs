@@ -7,6 +7,12 @@
 //! primary's guest received after its last checkpoint is answered at once
 //! instead of after the client's retransmission timer (0.2-1.4 s). A
 //! frame that cannot be forwarded is only a frame the peer sends again.
+//!
+//! Forwarding never ends a session: the epochs do, where they stand (a
+//! guest they keep stopped, for a synchronous epoch or a switchover's
+//! hand-over, runs again or is handed over). A failed send stops the
+//! forwarding; the link's failure reaches the epochs through their own
+//! sends and acknowledgements.
 
 use std::sync::Arc;
 
@@ -19,13 +25,13 @@ use crate::protocol::{inbound_payloads, Message};
 use crate::status::StatusBoard;
 
 /// Sends the guest's received frames to the standby as they are
-/// delivered, until sending fails (the session's end).
+/// delivered, until sending fails; then waits for the session's end.
 pub(super) async fn forward(
     vm: &Vm,
     tx: &LinkSender,
     generation: u64,
     status: &StatusBoard,
-) -> PrimaryError {
+) -> std::convert::Infallible {
     let ready = Arc::new(Notify::new());
     let wake = Arc::clone(&ready);
     vm.input().on_recorded(Arc::new(move || wake.notify_one()));
@@ -38,7 +44,8 @@ pub(super) async fn forward(
             .map(|batch| Message::Inbound(batch).into_frame(0, generation))
             .collect();
         if let Err(error) = send_all(tx, &messages, status).await {
-            return error;
+            stopped(&error);
+            return std::future::pending().await;
         }
         let dropped = vm.input().dropped();
         status.update(|s| {
@@ -46,4 +53,12 @@ pub(super) async fn forward(
             s.counters.inbound_dropped = dropped;
         });
     }
+}
+
+/// Forwarding stopped for the rest of the session after `error`.
+fn stopped(error: &PrimaryError) {
+    tracing::warn!(
+        %error,
+        "the guest's received frames are no longer forwarded to the standby this session"
+    );
 }

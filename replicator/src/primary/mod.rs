@@ -833,7 +833,7 @@ async fn protect(
         // What the guest receives goes to the standby beside the epochs.
         tokio::select! {
             e = epochs::epochs(vm, &tx, &mut acks, (&session, forgetter, copied), config, status, stop) => e,
-            e = inbound::forward(vm, &tx, session.generation, status) => Err(e),
+            never = inbound::forward(vm, &tx, session.generation, status) => match never {},
         }
     };
     // The session runs at the generation the witness knows this copy by:
