@@ -280,6 +280,45 @@ impl FrameDecoder {
         cap: u32,
         check: PayloadCheck,
     ) -> Result<Option<Frame>, FrameError> {
+        let Some((kind, total)) = self.peek(buf, cap)? else {
+            return Ok(None);
+        };
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        let epoch = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
+        let generation = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
+        let len = total - HEADER_LEN;
+        if check.crc32(kind) {
+            let carried = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+            let computed = crc32fast::hash(&buf[HEADER_LEN..total]);
+            if carried != computed {
+                return Err(FrameError::Checksum {
+                    epoch,
+                    carried,
+                    computed,
+                });
+            }
+        }
+        buf.advance(HEADER_LEN);
+        let payload = buf.split_to(len).freeze();
+        Ok(Some(Frame {
+            kind,
+            epoch,
+            generation,
+            payload,
+        }))
+    }
+
+    /// The kind and whole length (header and payload) of the frame that
+    /// begins `buf`, once its header is there (checked, and its length
+    /// within `cap` and its kind's maximum); the payload is not looked at.
+    pub(crate) fn peek(
+        &self,
+        buf: &[u8],
+        cap: u32,
+    ) -> Result<Option<(FrameKind, usize)>, FrameError> {
         if buf.len() < 4 {
             return Ok(None);
         }
@@ -299,37 +338,12 @@ impl FrameDecoder {
             return Err(FrameError::HeaderChecksum { carried, computed });
         }
         let kind = FrameKind::try_from(buf[3])?;
-        let epoch = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-        let generation = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
         let max = kind.max_payload().min(cap);
         if len > max {
             return Err(FrameError::TooLong { kind, len, max });
         }
-        let total = HEADER_LEN + len as usize;
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
-            return Ok(None);
-        }
-        if check.crc32(kind) {
-            let carried = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
-            let computed = crc32fast::hash(&buf[HEADER_LEN..total]);
-            if carried != computed {
-                return Err(FrameError::Checksum {
-                    epoch,
-                    carried,
-                    computed,
-                });
-            }
-        }
-        buf.advance(HEADER_LEN);
-        let payload = buf.split_to(len as usize).freeze();
-        Ok(Some(Frame {
-            kind,
-            epoch,
-            generation,
-            payload,
-        }))
+        Ok(Some((kind, HEADER_LEN + len as usize)))
     }
 
     /// Called at the end of the stream: leftover bytes are a torn frame.

@@ -38,6 +38,8 @@ const PROLOGUE: &[u8] = b"ft-link A-link v1 sealed";
 /// A Noise message is at most 65535 bytes, its tag included.
 const RECORD_MAX: usize = 65535;
 const TAG_LEN: usize = 16;
+/// What a record adds to its plaintext besides its frame header.
+pub const RECORD_OVERHEAD: usize = TAG_LEN;
 /// The most plaintext one record carries.
 pub const RECORD_PLAIN_MAX: usize = RECORD_MAX - TAG_LEN;
 
@@ -270,29 +272,39 @@ impl Opener {
     /// appends its plaintext to `plain` (the record is copied there and
     /// opened in place).
     pub fn open_into(&mut self, record: &[u8], plain: &mut BytesMut) -> Result<(), SealError> {
-        let number = self.next;
-        let refused = SealError::Open {
-            nonce: number,
-            len: record.len(),
-        };
-        // Noise ends a transport at the last nonce, as the sealer does.
-        if record.len() < TAG_LEN || record.len() > RECORD_MAX || number == u64::MAX {
-            return Err(refused);
-        }
         let start = plain.len();
         plain.extend_from_slice(record);
-        match self
-            .key
-            .open_in_place(nonce(number), Aad::empty(), &mut plain[start..])
-        {
-            Ok(opened) => {
-                let len = opened.len();
+        match self.open_within(&mut plain[start..], 0) {
+            Ok(len) => {
                 plain.truncate(start + len);
-                self.next += 1;
                 Ok(())
             }
-            Err(_) => {
+            Err(error) => {
                 plain.truncate(start);
+                Err(error)
+            }
+        }
+    }
+
+    /// Opens the record whose ciphertext and tag fill `buf[at..]`, its
+    /// plaintext written from the start of `buf` as it is decrypted (no
+    /// copy of its own); returns the plaintext's length. On a refusal the
+    /// bytes of `buf` are unspecified, and nothing of them may be used.
+    pub fn open_within(&mut self, buf: &mut [u8], at: usize) -> Result<usize, SealError> {
+        let number = self.next;
+        let len = buf.len().saturating_sub(at);
+        let refused = SealError::Open { nonce: number, len };
+        // Noise ends a transport at the last nonce, as the sealer does.
+        if at > buf.len() || !(TAG_LEN..=RECORD_MAX).contains(&len) || number == u64::MAX {
+            return Err(refused);
+        }
+        match self.key.open_within(nonce(number), Aad::empty(), buf, at..) {
+            Ok(opened) => {
+                let len = opened.len();
+                self.next += 1;
+                Ok(len)
+            }
+            Err(_) => {
                 tracing::debug!(side = %self.side, nonce = number, "a sealed record did not open");
                 Err(refused)
             }

@@ -4,11 +4,16 @@
 
 use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::LinkError;
-use crate::frame::{header, Frame, FrameDecoder, FrameKind, PayloadCheck, MAX_LINK_PAYLOAD};
-use crate::seal::{Opener, Sealer};
+use crate::frame::{
+    header, Frame, FrameDecoder, FrameKind, PayloadCheck, HEADER_LEN, MAX_LINK_PAYLOAD,
+};
+use crate::seal::{Opener, Sealer, RECORD_OVERHEAD, RECORD_PLAIN_MAX};
+
+/// Room kept for what follows the frame being opened (a few page frames).
+const READ_AHEAD: usize = 1 << 20;
 
 /// What this side sends, as the bytes that go on the connection.
 pub(super) struct Outbound {
@@ -68,13 +73,24 @@ impl Outbound {
 }
 
 /// What arrived from the peer, and what it opened to.
+///
+/// On a sealed link each record is opened where it lies in `raw`, its
+/// plaintext moved (as it is decrypted) to right after the plaintext
+/// opened before it: `raw` holds the opened bytes not yet taken as
+/// frames, then a gap (the headers and tags of the records they came
+/// from), then the records not yet opened. A frame never spans two
+/// frames' records (each frame is sealed on its own), so the gap closes
+/// whenever the opened bytes are all taken.
 pub(super) struct Inbound {
     /// None on a plaintext link (and during a key exchange).
     pub opener: Option<Opener>,
-    /// Bytes as read from the connection.
+    /// Bytes as read from the connection (on a sealed link, opened in
+    /// place, see above).
     pub raw: BytesMut,
-    /// The opened stream (sealed links).
-    pub plain: BytesMut,
+    /// Opened bytes at the front of `raw` (sealed links).
+    opened: usize,
+    /// Bytes after those that were records' headers and tags.
+    gap: usize,
     decoder: FrameDecoder,
 }
 
@@ -83,7 +99,8 @@ impl Inbound {
         Inbound {
             opener: None,
             raw,
-            plain: BytesMut::new(),
+            opened: 0,
+            gap: 0,
             decoder: FrameDecoder,
         }
     }
@@ -105,44 +122,202 @@ impl Inbound {
                 .map_err(corrupt);
         };
         loop {
-            if let Some(frame) = self
+            // A whole frame among the opened bytes.
+            let frame = self
                 .decoder
-                .decode_checked(&mut self.plain, cap, PayloadCheck::Sealed)
-                .map_err(corrupt)?
-            {
-                return Ok(Some(frame));
+                .peek(&self.raw[..self.opened], cap)
+                .map_err(corrupt)?;
+            if let Some((_, total)) = frame {
+                if total <= self.opened {
+                    let mut whole = self.raw.split_to(total);
+                    self.opened -= total;
+                    if self.opened == 0 {
+                        self.raw.advance(self.gap);
+                        self.gap = 0;
+                    }
+                    let frame = self
+                        .decoder
+                        .decode_checked(&mut whole, cap, PayloadCheck::Sealed)
+                        .map_err(corrupt)?
+                        .expect("the frame is whole");
+                    return Ok(Some(frame));
+                }
             }
-            let Some(record) = self
+            // The next record, opened where it lies.
+            let at = self.opened + self.gap;
+            let have = self.raw.len() - at;
+            let frame_left = frame.map_or(0, |(_, total)| total - self.opened);
+            let Some((kind, total)) = self
                 .decoder
-                .decode_within(&mut self.raw, MAX_LINK_PAYLOAD)
+                .peek(&self.raw[at..], MAX_LINK_PAYLOAD)
                 .map_err(corrupt)?
             else {
+                self.make_room(frame_left, have, HEADER_LEN);
                 return Ok(None);
             };
-            if record.kind != FrameKind::Sealed {
-                return Err(LinkError::NotSealed {
-                    peer,
-                    kind: record.kind,
-                });
+            if kind != FrameKind::Sealed {
+                return Err(LinkError::NotSealed { peer, kind });
             }
-            opener
-                .open_into(&record.payload, &mut self.plain)
+            if have < total {
+                self.make_room(frame_left, have, total);
+                return Ok(None);
+            }
+            let opened = opener
+                .open_within(
+                    &mut self.raw[self.opened..at + total],
+                    self.gap + HEADER_LEN,
+                )
                 .map_err(|source| LinkError::Unsealed { peer, source })?;
+            self.gap += total - opened;
+            self.opened += opened;
         }
+    }
+
+    /// Makes room in `raw`, once, for the rest of the frame being opened
+    /// (`frame_left` plaintext bytes, in records) or at least of the
+    /// record whose first `have` of `record` bytes are there, and some
+    /// more: the opened part of a frame is copied whenever `raw` moves to
+    /// a larger buffer (its frames still use the old one), so it should
+    /// move between frames rather than once a read.
+    fn make_room(&mut self, frame_left: usize, have: usize, record: usize) {
+        let records = frame_left.div_ceil(RECORD_PLAIN_MAX) * (HEADER_LEN + RECORD_OVERHEAD);
+        let wanted = (frame_left + records).max(record).saturating_sub(have);
+        self.raw.reserve(wanted + READ_AHEAD);
     }
 
     /// Why the stream ended where it did: cleanly between frames, or
     /// inside one.
     pub(super) fn end_of_stream(&self, peer: SocketAddr) -> LinkError {
-        let cut = self.decoder.finish(&self.raw).is_err()
-            || (self.opener.is_some() && self.decoder.finish(&self.plain).is_err());
-        if cut {
+        if self.decoder.finish(&self.raw).is_err() {
             LinkError::Truncated {
                 peer,
-                received: self.raw.len() + self.plain.len(),
+                received: self.raw.len() - self.gap,
             }
         } else {
             LinkError::PeerClosed { peer }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::*;
+    use crate::auth::{PairSecret, Side};
+    use crate::seal::KeyExchange;
+
+    pub fn peer() -> SocketAddr {
+        "192.0.2.1:7000".parse().unwrap()
+    }
+
+    /// A sealer and the peer's opener for it.
+    pub fn keys() -> (Sealer, Opener) {
+        let secret = || PairSecret::new(b"pair-secret-0123456789-abcdefgh".to_vec()).unwrap();
+        let mut connecting = KeyExchange::new(&secret(), Side::Connecting).unwrap();
+        let mut accepting = KeyExchange::new(&secret(), Side::Accepting).unwrap();
+        accepting.read(&connecting.write().unwrap()).unwrap();
+        connecting.read(&accepting.write().unwrap()).unwrap();
+        let ((sealer, _), (_, opener)) =
+            (connecting.finish().unwrap(), accepting.finish().unwrap());
+        (sealer, opener)
+    }
+
+    /// Frames whose records end on, just past and far from their
+    /// frames' ends (a record holds `RECORD_PLAIN_MAX` bytes).
+    pub fn frames() -> Vec<Frame> {
+        let one_record = RECORD_PLAIN_MAX - HEADER_LEN;
+        [0, 16, one_record, one_record + 1, 256 << 10, 3]
+            .iter()
+            .enumerate()
+            .map(|(n, &len)| {
+                let payload: Vec<u8> = (0..len).map(|i| (i * 7 + n) as u8).collect();
+                Frame::message(64 + n as u8, n as u64, 1, payload).unwrap()
+            })
+            .collect()
+    }
+
+    /// The bytes a sealed link puts on the wire for `frames`.
+    pub fn sealed(sealer: Sealer, frames: &[Frame]) -> Vec<u8> {
+        let mut out = Outbound::new(0);
+        out.sealer = Some(sealer);
+        let mut wire = Vec::new();
+        for frame in frames {
+            match out.encode(peer(), frame).unwrap() {
+                Encoded::Buffered => wire.extend_from_slice(&out.tx),
+                Encoded::Then(_) => panic!("a sealed link buffers every frame"),
+            }
+        }
+        wire
+    }
+
+    /// Feeds `wire` to a sealed inbound stream `piece` bytes at a time;
+    /// returns the frames it gave and how it ended.
+    pub fn feed(opener: Opener, wire: &[u8], piece: usize) -> (Vec<Frame>, Result<(), LinkError>) {
+        let mut inbound = Inbound::new(BytesMut::new());
+        inbound.opener = Some(opener);
+        let mut got = Vec::new();
+        for chunk in wire.chunks(piece) {
+            inbound.raw.extend_from_slice(chunk);
+            loop {
+                match inbound.next_frame(peer(), u32::MAX) {
+                    Ok(Some(frame)) => got.push(frame),
+                    Ok(None) => break,
+                    Err(error) => return (got, Err(error)),
+                }
+            }
+        }
+        (got, Err(inbound.end_of_stream(peer())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+
+    #[test]
+    fn sealed_frames_come_out_whole_and_in_order_however_the_bytes_arrive() {
+        for piece in [1, 7, 4096, RECORD_PLAIN_MAX + 1, usize::MAX] {
+            let (sealer, opener) = keys();
+            let frames = frames();
+            let wire = sealed(sealer, &frames);
+            let (got, end) = feed(opener, &wire, piece.min(wire.len()));
+            assert_eq!(got, frames, "fed {piece} bytes at a time");
+            assert!(
+                matches!(end, Err(LinkError::PeerClosed { .. })),
+                "a clean end, fed {piece} bytes at a time: {end:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_altered_record_ends_the_stream_and_nothing_of_its_frame_comes_out() {
+        let frames = frames();
+        let first_frame_end = sealed(keys().0, &frames[..1]).len();
+        let big_frame_start = sealed(keys().0, &frames[..4]).len();
+        // Within the first frame's record, and within the second record of
+        // the 256 KiB frame (its first record opened fine).
+        for at in [
+            first_frame_end - 1,
+            big_frame_start + HEADER_LEN + RECORD_PLAIN_MAX + 100,
+        ] {
+            let (sealer, opener) = keys();
+            let mut wire = sealed(sealer, &frames);
+            wire[at] ^= 0x01;
+            let (got, end) = feed(opener, &wire, 4096);
+            assert!(
+                matches!(end, Err(LinkError::Unsealed { .. })),
+                "byte {at} altered: {end:?}"
+            );
+            let whole_before = frames.iter().take(got.len()).cloned().collect::<Vec<_>>();
+            assert_eq!(got, whole_before, "byte {at} altered");
+            let altered_frame = if at < first_frame_end { 0 } else { 4 };
+            assert_eq!(got.len(), altered_frame, "byte {at} altered");
+        }
+        // Cut short inside a frame: what came before it, then a torn end.
+        let (sealer, opener) = keys();
+        let wire = sealed(sealer, &frames);
+        let (got, end) = feed(opener, &wire[..wire.len() - 10], 4096);
+        assert_eq!(got, frames[..frames.len() - 1]);
+        assert!(matches!(end, Err(LinkError::Truncated { .. })), "{end:?}");
     }
 }
