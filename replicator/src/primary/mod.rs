@@ -251,8 +251,20 @@ fn stop_switched_over(
     // primary resumed: this node's memory is that checkpoint, and its next
     // standby (on this node, on the same RAM file) is brought forward from
     // it by what the new primary's guest writes.
+    // It is labelled so only if nothing wrote the memory since that
+    // checkpoint's harvest (the dirty log says so, whatever did it).
     if let (Some(path), Some(lineage)) = (ram_file, lineage) {
-        if let Err(error) = vm.label_memory(path, &crate::memory_point::label(&lineage, epoch)) {
+        let labelled = match vm.harvest_dirty() {
+            Ok(written) if written.count() == 0 => vm
+                .label_memory(path, &crate::memory_point::label(&lineage, epoch))
+                .map_err(|e| e.to_string()),
+            Ok(written) => Err(format!(
+                "{} pages were written after the final checkpoint",
+                written.count()
+            )),
+            Err(error) => Err(format!("the dirty log could not be read: {error}")),
+        };
+        if let Err(error) = labelled {
             warn!(%error, "the RAM file is not labelled with the final checkpoint: the next copy compares it");
         }
     }
