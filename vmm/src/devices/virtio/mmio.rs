@@ -65,6 +65,14 @@ pub enum MmioError {
     },
     #[error("activating the restored device failed: {0}")]
     Activate(#[source] ActivateError),
+    #[error(
+        "raising the restored device's pending interrupt (status {status:#x}) failed: {source}"
+    )]
+    RaisePending {
+        status: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A virtio device behind its virtio-mmio registers.
@@ -174,6 +182,15 @@ impl MmioTransport {
         {
             transport.activate().map_err(MmioError::Activate)?;
         }
+        // After the interrupt controllers' state (restored first): an
+        // interrupt the capture may have missed reaches the guest.
+        transport
+            .interrupt
+            .raise_pending()
+            .map_err(|source| MmioError::RaisePending {
+                status: state.interrupt_status,
+                source,
+            })?;
         Ok(transport)
     }
 
@@ -613,9 +630,15 @@ mod tests {
         assert_eq!(saved.acked_features, VIRTIO_F_VERSION_1 | 1 << 3);
 
         // Restored elsewhere, the device goes on from the saved positions.
+        let restored_irq = interrupt();
         let mut restored =
-            MmioTransport::from_state(echo(), mem.clone(), interrupt(), &saved).expect("restore");
+            MmioTransport::from_state(echo(), mem.clone(), restored_irq.clone(), &saved)
+                .expect("restore");
         assert!(restored.is_active());
+        assert!(
+            restored_irq.irqfd().read().is_err(),
+            "nothing pending, nothing raised"
+        );
         mem.write_slice(b"again", GuestAddress(0x22000)).unwrap();
         q.add_chain(&mem, &[(0x22000, 5, false), (0x23000, 16, true)]);
         notify(&mut restored, 0);
@@ -637,6 +660,34 @@ mod tests {
                 device: 42
             })
         ));
+    }
+
+    /// A buffer used just before a capture: its interrupt was raised (the
+    /// irqfd written) but the capture's interrupt controllers may not hold
+    /// it yet. The restored transport raises it again, once.
+    #[test]
+    fn an_interrupt_pending_at_capture_is_raised_again_on_restore() {
+        let mem = test_memory();
+        let irq = interrupt();
+        let mut t = MmioTransport::new(echo(), mem.clone(), irq.clone());
+        let q = TestQueue::new(&mem, 0x10000, 8);
+        bring_up(&mut t, VIRTIO_F_VERSION_1 | 1 << 3, &[&q]);
+        q.add_chain(&mem, &[(0x20000, 5, false), (0x21000, 16, true)]);
+        notify(&mut t, 0);
+        assert_eq!(irq.irqfd().read().unwrap(), 1);
+        let saved = t.state();
+        assert_eq!(
+            saved.interrupt_status, INTERRUPT_USED_BUFFER,
+            "not acknowledged"
+        );
+
+        let restored_irq = interrupt();
+        let mut restored =
+            MmioTransport::from_state(echo(), mem.clone(), restored_irq.clone(), &saved)
+                .expect("restore");
+        assert_eq!(restored_irq.irqfd().read().unwrap(), 1, "raised again");
+        assert!(restored_irq.irqfd().read().is_err(), "once");
+        assert_eq!(ack_interrupt(&mut restored), INTERRUPT_USED_BUFFER);
     }
 
     #[test]

@@ -80,6 +80,20 @@ impl VirtioInterrupt {
         self.status.store(bits, Ordering::SeqCst);
     }
 
+    /// A restored InterruptStatus the driver had not acknowledged: its
+    /// interrupt is raised again. KVM injects an irqfd's interrupt into
+    /// the IOAPIC from a worker of its own, so one raised just before a
+    /// capture may be in no interrupt controller state the capture saw;
+    /// the restored guest would then never look at the buffers it was
+    /// for (a disk request that never completes). An extra interrupt for
+    /// a status already seen is one the driver finds nothing for.
+    pub(crate) fn raise_pending(&self) -> std::io::Result<()> {
+        if self.status() != 0 {
+            self.irqfd.write(1)?;
+        }
+        Ok(())
+    }
+
     /// The eventfd behind the interrupt (tests read it).
     #[cfg(test)]
     pub fn irqfd(&self) -> &EventFd {
