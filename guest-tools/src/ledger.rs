@@ -92,6 +92,11 @@ impl LedgerClient {
         self.stream.local_addr().ok()
     }
 
+    /// The ledger's address.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+
     pub fn append(&mut self, id: u64) -> Result<u64, LedgerError> {
         let line = self.request("APPEND", &format!("APPEND {id}"))?;
         let mut w = line.split_ascii_whitespace();

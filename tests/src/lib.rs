@@ -258,13 +258,46 @@ impl Appender {
         let asked = Instant::now();
         self.client.append(self.sent).map_err(|e| {
             format!(
-                "id {} not acknowledged after {:.1} s: {e}",
+                "id {} not acknowledged after {:.1} s: {e}; {}",
                 self.sent,
-                asked.elapsed().as_secs_f64()
+                asked.elapsed().as_secs_f64(),
+                self.probe()
             )
         })?;
         self.acked.push(self.sent);
         Ok(())
+    }
+
+    /// What a second connection learns of a ledger that did not answer:
+    /// whether the guest serves at all (PING takes no lock), and whether
+    /// the unanswered id reached the ledger's memory (DUMP waits for the
+    /// ledger's lock, which an append stuck on the disk holds).
+    fn probe(&self) -> String {
+        let Some(addr) = self.client.peer_addr() else {
+            return "no address to probe".into();
+        };
+        let within = Duration::from_secs(5);
+        let mut probe = match guest_tools::ledger::LedgerClient::connect(addr, within) {
+            Ok(p) => p,
+            Err(e) => return format!("a second connection failed: {e}"),
+        };
+        let ping = match probe.ping() {
+            Ok(took) => format!("PING answered in {} ms", took.as_millis()),
+            Err(e) => return format!("PING on a second connection failed: {e}"),
+        };
+        match probe.dump() {
+            Ok(ids) => format!(
+                "{ping}; the ledger's memory {} id {} ({} ids)",
+                if ids.contains(&self.sent) {
+                    "holds"
+                } else {
+                    "lacks"
+                },
+                self.sent,
+                ids.len()
+            ),
+            Err(e) => format!("{ping}; DUMP failed (the ledger's lock held?): {e}"),
+        }
     }
 
     /// The ledger's memory holds every acknowledged id once.
