@@ -109,13 +109,17 @@ impl WriteLog {
     }
 
     /// Records every write from now on (anything recorded before is
-    /// dropped, and the numbering starts again).
+    /// dropped, and the numbering starts again). Completions no longer
+    /// wait for settlement until [`WriteLog::set_synchronous`] says so
+    /// again: a write waiting under the old numbering completes.
     pub fn start(&self) {
         let mut record = self.lock();
         record.writes = Some(Vec::new());
         record.recorded = 0;
         record.settled = 0;
+        record.synchronous = false;
         self.held.store(0, Ordering::Relaxed);
+        self.settled.notify_all();
     }
 
     /// Stops recording and drops what was recorded; writes waiting for
@@ -307,6 +311,34 @@ mod tests {
             }))
         })
         .unwrap();
+    }
+
+    /// A record started again (a new session) while a write waits for
+    /// the old one's settlement: the write completes (its number means
+    /// nothing in the new numbering), and completions wait again only
+    /// once the new mirror says so.
+    #[test]
+    fn a_write_waiting_when_the_record_starts_again_completes() {
+        let log = Arc::new(WriteLog::default());
+        log.start();
+        log.set_synchronous(true);
+        record(&log, 1);
+        record(&log, 2);
+        let (done_tx, done) = mpsc::channel();
+        let waiter = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.wait_settled();
+                done_tx.send(()).unwrap();
+            })
+        };
+        assert!(done.recv_timeout(Duration::from_millis(200)).is_err());
+        log.start();
+        done.recv_timeout(Duration::from_secs(5))
+            .expect("completed once the record started again");
+        waiter.join().unwrap();
+        record(&log, 3);
+        log.wait_settled();
     }
 
     /// Level HA: a synchronous mirror holds a write's completion until it
