@@ -631,17 +631,13 @@ impl Vm {
             &machine.buses.mmio,
             &state.virtio,
             &mut attached_taps,
+            start_as == StartAs::Paused,
         )?;
         let taps_left: Vec<&str> = attached_taps.names().collect();
         if !taps_left.is_empty() {
             tracing::warn!(taps = ?taps_left, "TAPs attached ahead that no NIC of the VM uses: closed");
         }
         drop(attached_taps);
-        if start_as == StartAs::Paused {
-            // Nor do the devices take anything in (frames from a TAP
-            // would reach the guest ahead of those queued for it first).
-            virtio.pause();
-        }
         let msr_indices = state.msr_indices.clone();
         let devices_us = started.elapsed().as_micros() as u64;
         before_run();

@@ -293,11 +293,12 @@ impl VirtioDevices {
         mmio: &Bus,
         saved: &[VirtioSlotState],
         attached_taps: &mut net::tap::AttachedTaps,
+        paused: bool,
     ) -> Result<VirtioDevices, VirtioError> {
         Self::check_count(saved.len())?;
         let mut devices = VirtioDevices::default();
         for (index, slot) in saved.iter().enumerate() {
-            let (device, hook) = match (&slot.config, &slot.device) {
+            let (mut device, hook) = match (&slot.config, &slot.device) {
                 (DeviceConfig::Disk(disk), DeviceState::Block(state)) => {
                     hooked(Block::from_state(disk, state)?, |d| {
                         DeviceHook::Disk(d.write_log())
@@ -321,6 +322,12 @@ impl VirtioDevices {
                     })
                 }
             };
+            if paused {
+                // Before it is activated: a NIC's receive work starts
+                // paused, so nothing from its TAP reaches the guest ahead
+                // of what is queued for it first.
+                device.pause();
+            }
             devices.add_slot(vm_fd, mmio, index, slot.config.clone(), hook, |interrupt| {
                 MmioTransport::from_state(device, mem.clone(), interrupt, &slot.transport)
                     .map_err(|source| VirtioError::RestoreTransport { index, source })
