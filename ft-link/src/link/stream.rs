@@ -14,6 +14,9 @@ use crate::seal::{Opener, Sealer, RECORD_OVERHEAD, RECORD_PLAIN_MAX};
 
 /// Room kept for what follows the frame being opened (a few page frames).
 const READ_AHEAD: usize = 1 << 20;
+/// The most the records' headers and tags may take between opened bytes
+/// and the records still to open before the opened bytes are moved.
+const GAP_MAX: usize = 64 << 10;
 
 /// What this side sends, as the bytes that go on the connection.
 pub(super) struct Outbound {
@@ -115,13 +118,14 @@ impl Inbound {
         cap: u32,
     ) -> Result<Option<Frame>, LinkError> {
         let corrupt = |source| LinkError::Corrupt { peer, source };
-        let Some(opener) = self.opener.as_mut() else {
+        if self.opener.is_none() {
             return self
                 .decoder
                 .decode_within(&mut self.raw, cap)
                 .map_err(corrupt);
-        };
+        }
         loop {
+            self.close_gap();
             // A whole frame among the opened bytes.
             let frame = self
                 .decoder
@@ -131,10 +135,7 @@ impl Inbound {
                 if total <= self.opened {
                     let mut whole = self.raw.split_to(total);
                     self.opened -= total;
-                    if self.opened == 0 {
-                        self.raw.advance(self.gap);
-                        self.gap = 0;
-                    }
+                    self.close_gap();
                     let frame = self
                         .decoder
                         .decode_checked(&mut whole, cap, PayloadCheck::Sealed)
@@ -162,6 +163,7 @@ impl Inbound {
                 self.make_room(frame_left, have, total);
                 return Ok(None);
             }
+            let opener = self.opener.as_mut().expect("a sealed link");
             let opened = opener
                 .open_within(
                     &mut self.raw[self.opened..at + total],
@@ -171,6 +173,24 @@ impl Inbound {
             self.gap += total - opened;
             self.opened += opened;
         }
+    }
+
+    /// Drops the gap once no opened bytes precede it; and if it grew past
+    /// [`GAP_MAX`] (records that end inside frames: not what this side's
+    /// sealer makes, but a peer's stream is its own), moves the opened
+    /// bytes up to the records instead.
+    fn close_gap(&mut self) {
+        if self.gap == 0 {
+            return;
+        }
+        if self.opened > 0 && self.gap <= GAP_MAX {
+            return;
+        }
+        if self.opened > 0 {
+            self.raw.copy_within(..self.opened, self.gap);
+        }
+        self.raw.advance(self.gap);
+        self.gap = 0;
     }
 
     /// Makes room in `raw`, once, for the rest of the frame being opened
@@ -287,6 +307,53 @@ mod tests {
                 "a clean end, fed {piece} bytes at a time: {end:?}"
             );
         }
+    }
+
+    /// A peer that cuts its stream into records anywhere (inside frames,
+    /// several frames in one, empty records): the frames still come out
+    /// whole and in order, and the gap left by the records stays bounded.
+    #[test]
+    fn frames_cut_into_records_anywhere_come_out_whole() {
+        let (mut sealer, opener) = keys();
+        let frames = frames();
+        // Encoded as sealed frames' plaintext: the opened stream checks
+        // frames by the records' tags, with a zero crc field.
+        let mut stream = BytesMut::new();
+        for frame in &frames {
+            let head = header(
+                frame.kind,
+                frame.epoch,
+                frame.generation,
+                &frame.payload,
+                PayloadCheck::Sealed,
+            )
+            .unwrap();
+            stream.extend_from_slice(&head);
+            stream.extend_from_slice(&frame.payload);
+        }
+        let mut wire = BytesMut::new();
+        let mut at = 0;
+        let mut cut = 0usize;
+        let mut records = 0;
+        while at < stream.len() {
+            // Mostly small records, some large: the gap passes GAP_MAX.
+            cut = if records % 1000 == 999 {
+                RECORD_PLAIN_MAX
+            } else {
+                (cut * 7 + 31) % 200 + 1
+            };
+            records += 1;
+            let end = (at + cut).min(stream.len());
+            sealer.seal_into(&[&stream[at..end]], &mut wire).unwrap();
+            at = end;
+        }
+        assert!(
+            records * (HEADER_LEN + RECORD_OVERHEAD) > 2 * GAP_MAX,
+            "{records} records"
+        );
+        let (got, end) = feed(opener, &wire, 4096);
+        assert_eq!(got, frames);
+        assert!(matches!(end, Err(LinkError::PeerClosed { .. })), "{end:?}");
     }
 
     #[test]

@@ -167,8 +167,6 @@ impl Vm {
         Ok(count)
     }
 
-    /// Reads guest memory at `gpa` into `buf` (for checks made while the
-    /// guest is paused).
     /// Labels the RAM file at `path` with what its memory holds now
     /// ([`ram_label`]): only if this VM's memory is that very file (the
     /// label's owner is the file the guest ran on either way). The caller
@@ -191,6 +189,8 @@ impl Vm {
         file.set(label).map_err(failed)
     }
 
+    /// Reads guest memory at `gpa` into `buf` (for checks made while the
+    /// guest is paused).
     pub fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ReplicationError> {
         self.ram
             .memory
