@@ -325,6 +325,16 @@ impl Metrics {
             "epochs_in_flight",
             "Epochs the primary sent that the standby has not acknowledged yet (their output is held)",
         );
+        let backlog = gauge(
+            &mut registry,
+            "epoch_backlog_bytes",
+            "Bytes of the epochs in flight: what the A-link and the standby have yet to get through",
+        );
+        let service_rate = gauge(
+            &mut registry,
+            "epoch_service_bytes_per_second",
+            "The rate the A-link and the standby get epochs through (bytes over the time from when an epoch could be served to its acknowledgement, smoothed; 0 until measured)",
+        );
         let generation = gauge(
             &mut registry,
             "generation",
@@ -504,6 +514,12 @@ impl Metrics {
             in_flight
                 .get_or_create(&labels)
                 .set(c.epochs_in_flight_now as f64);
+            backlog
+                .get_or_create(&labels)
+                .set(c.epoch_backlog_bytes_now as f64);
+            service_rate
+                .get_or_create(&labels)
+                .set(c.epoch_service_bytes_per_s as f64);
             generation
                 .get_or_create(&labels)
                 .set(status.generation as f64);

@@ -211,6 +211,15 @@ pub struct FtCounters {
     pub epochs_in_flight_now: u64,
     #[serde(default)]
     pub epochs_in_flight_max: u64,
+    /// Bytes of the epochs in flight: what the A-link and the standby
+    /// have yet to get through.
+    #[serde(default)]
+    pub epoch_backlog_bytes_now: u64,
+    /// The rate the A-link and the standby get epochs through (each
+    /// epoch's bytes over the time from when it could be served to its
+    /// acknowledgement, smoothed); 0 until one is measured.
+    #[serde(default)]
+    pub epoch_service_bytes_per_s: u64,
     /// Consistency checks the standby made (`verify`), and those that found
     /// the replica different from the primary (must stay 0).
     #[serde(default)]

@@ -36,6 +36,10 @@ pub(super) struct Pending {
     pub stop_start: Instant,
     /// When its last frame was handed to the A-link.
     pub sent_at: Option<Instant>,
+    /// When its frames began to go to the A-link, and their bytes (from
+    /// its encoding on).
+    pub send_from: Option<Instant>,
+    pub bytes: u64,
     pub dirty: u64,
     pub writes: u64,
     /// The written maps' clock before its writes were taken.
@@ -84,6 +88,50 @@ pub(super) struct InFlight<'a> {
     streak: u64,
     stops: Samples,
     ack_times: Samples,
+    /// What the A-link and the standby together get through.
+    rate: ServiceRate,
+}
+
+/// The rate at which the A-link and the standby get epochs through: each
+/// acknowledged epoch's bytes over its service time, from when it could
+/// first be served (its sending began, or the epoch before it was
+/// acknowledged, whichever came later) to its acknowledgement; smoothed.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ServiceRate {
+    bytes_per_s: Option<f64>,
+}
+
+/// The weight of the newest epoch in [`ServiceRate`].
+const RATE_WEIGHT: f64 = 0.2;
+/// Epochs smaller than this say more of the round trip than of the rate.
+const RATE_MIN_BYTES: u64 = 64 << 10;
+
+impl ServiceRate {
+    /// Epoch of `bytes`, whose sending began at `from`, acknowledged at
+    /// `acked`; the epoch before it was acknowledged at `previous`.
+    pub(super) fn observe(
+        &mut self,
+        bytes: u64,
+        from: Instant,
+        previous: Option<Instant>,
+        acked: Instant,
+    ) {
+        let start = previous.map_or(from, |p| p.max(from));
+        let took = acked.saturating_duration_since(start).as_secs_f64();
+        if bytes < RATE_MIN_BYTES || took <= 0.0 {
+            return;
+        }
+        let sample = bytes as f64 / took;
+        self.bytes_per_s = Some(match self.bytes_per_s {
+            Some(rate) => rate + RATE_WEIGHT * (sample - rate),
+            None => sample,
+        });
+    }
+
+    /// Bytes per second, once an epoch large enough was acknowledged.
+    pub(super) fn bytes_per_s(&self) -> Option<u64> {
+        self.bytes_per_s.map(|r| r as u64)
+    }
 }
 
 impl<'a> InFlight<'a> {
@@ -106,7 +154,24 @@ impl<'a> InFlight<'a> {
             streak: 0,
             stops: Samples::default(),
             ack_times: Samples::default(),
+            rate: ServiceRate::default(),
         }
+    }
+
+    /// Bytes of the epochs in flight (those encoded).
+    fn backlog_bytes(&self) -> u64 {
+        self.queue.iter().map(|p| p.bytes).sum()
+    }
+
+    /// The newest epoch is encoded into `bytes` and goes to the A-link now.
+    pub(super) fn sending(&mut self, bytes: u64) {
+        if let Some(last) = self.queue.back_mut() {
+            last.bytes = bytes;
+            last.send_from = Some(Instant::now());
+        }
+        let backlog = self.backlog_bytes();
+        self.status
+            .update(|s| s.counters.epoch_backlog_bytes_now = backlog);
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -159,7 +224,11 @@ impl<'a> InFlight<'a> {
             });
         }
         let committed = self.queue.pop_front().expect("the oldest is there");
-        self.last_ack = Some(Instant::now());
+        let now = Instant::now();
+        if let Some(from) = committed.send_from {
+            self.rate.observe(committed.bytes, from, self.last_ack, now);
+        }
+        self.last_ack = Some(now);
         if let Some(forgetter) = self.forgetter.as_mut() {
             forgetter.acked(committed.written_mark);
         }
@@ -331,6 +400,8 @@ impl<'a> InFlight<'a> {
         let ack_time = ack_time.unwrap_or_default();
         let held_now = self.vm.output().holding_frames();
         let in_flight = self.queue.len() as u64;
+        let backlog = self.backlog_bytes();
+        let rate = self.rate.bytes_per_s();
         let (stops, ack_times) = (&self.stops, &self.ack_times);
         self.status.update(|s| {
             let n = &mut s.counters;
@@ -348,6 +419,10 @@ impl<'a> InFlight<'a> {
             n.output_frames_released += released as u64;
             n.output_frames_held_now = held_now;
             n.epochs_in_flight_now = in_flight;
+            n.epoch_backlog_bytes_now = backlog;
+            if let Some(rate) = rate {
+                n.epoch_service_bytes_per_s = rate;
+            }
             if c.late {
                 n.throttled += 1;
             }
@@ -376,12 +451,41 @@ impl Drop for InFlight<'_> {
     /// The session ended: nothing is in flight any more, and a guest
     /// paused here runs again.
     fn drop(&mut self) {
-        self.status.update(|s| s.counters.epochs_in_flight_now = 0);
+        self.status.update(|s| {
+            s.counters.epochs_in_flight_now = 0;
+            s.counters.epoch_backlog_bytes_now = 0;
+        });
         if let Some(paused_at) = self.paused_at.take() {
             self.vm.resume();
             let paused_ms = paused_at.elapsed().as_millis() as u64;
             self.status
                 .update(|s| s.counters.behind_paused_ms += paused_ms);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_rate_counts_from_when_an_epoch_could_be_served() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut rate = ServiceRate::default();
+        assert_eq!(rate.bytes_per_s(), None);
+        // Too small to say anything of the rate.
+        rate.observe(4096, t0, None, t0 + ms(10));
+        assert_eq!(rate.bytes_per_s(), None);
+        // 1 MB sent from t0, acknowledged at 100 ms: 10 MB/s.
+        rate.observe(1_000_000, t0, None, t0 + ms(100));
+        assert_eq!(rate.bytes_per_s(), Some(10_000_000));
+        // The next one was sent at 20 ms but waited behind the first until
+        // 100 ms; acknowledged at 150 ms: 1 MB in 50 ms, 20 MB/s, smoothed.
+        rate.observe(1_000_000, t0 + ms(20), Some(t0 + ms(100)), t0 + ms(150));
+        assert_eq!(rate.bytes_per_s(), Some(12_000_000));
+        // Sent after the one before was acknowledged: from its sending.
+        rate.observe(2_000_000, t0 + ms(300), Some(t0 + ms(150)), t0 + ms(400));
+        assert_eq!(rate.bytes_per_s(), Some(13_600_000));
     }
 }
