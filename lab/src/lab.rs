@@ -221,6 +221,12 @@ impl Lab {
         self.topo.console_log(node)
     }
 
+    /// Where the images a node booted from are noted (a running node keeps
+    /// the binaries it booted with).
+    fn booted_images(&self, node: NodeId) -> PathBuf {
+        self.topo.dir.join(format!("node-{node}.images"))
+    }
+
     /// Starts the given nodes (those not running yet), building images and
     /// setting up the host side of the networks first.
     pub fn up(&self, nodes: &[NodeId]) -> Result<Vec<NodeBoot>, LabError> {
@@ -252,6 +258,15 @@ impl Lab {
         for &node in nodes {
             if let Some(pid) = self.pid(node) {
                 progress(format_args!("node {node} is already running (pid {pid})"));
+                let booted = std::fs::read_to_string(self.booted_images(node)).ok();
+                let current = images.node_images_disk.display().to_string();
+                if booted.as_deref().map(str::trim) != Some(current.as_str()) {
+                    progress(format_args!(
+                        "node {node} runs the binaries of another build ({}); \
+                         `ftctl lab down` first to run this one",
+                        booted.as_deref().map_or("unknown", str::trim)
+                    ));
+                }
                 boots.push(NodeBoot {
                     node,
                     pid,
@@ -264,6 +279,9 @@ impl Lab {
             host_net::ensure_tap(&self.topo.tap(node), &bridge)?;
             self.ensure_disk(node)?;
             let pid = qemu::start(&self.topo, &images, node, &secrets)?;
+            let booted = self.booted_images(node);
+            std::fs::write(&booted, images.node_images_disk.display().to_string())
+                .map_err(file_err(&booted))?;
             progress(format_args!(
                 "node {node} starting (pid {pid}, console {})",
                 self.console_log(node).display()
