@@ -171,6 +171,11 @@ fn header_checksum(header: &[u8]) -> u32 {
 }
 
 impl Frame {
+    /// Its bytes on a plaintext link: header and payload.
+    pub fn wire_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
     /// A frame of the link itself (generation 0).
     pub fn new(kind: FrameKind, epoch: u64, payload: impl Into<Bytes>) -> Frame {
         Frame {

@@ -280,12 +280,7 @@ async fn send_epoch(
     in_flight: &mut InFlight<'_>,
 ) -> Result<(), PrimaryError> {
     let frames = encode(epoch, generation, captured)?;
-    in_flight.sending(
-        frames
-            .iter()
-            .map(|f| (f.payload.len() + ft_link::frame::HEADER_LEN) as u64)
-            .sum(),
-    );
+    in_flight.sending(frames.iter().map(|f| f.wire_len() as u64).sum());
     // The standby's word is heard while sending too: a silence (or any
     // error) the acknowledgement reader found ends the epoch at once,
     // instead of after a send that stalls on a dead peer

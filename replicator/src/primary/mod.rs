@@ -780,7 +780,7 @@ async fn send_all(
     let mut bytes = 0u64;
     for frame in frames {
         tx.send(frame).await?;
-        bytes += (ft_link::frame::HEADER_LEN + frame.payload.len()) as u64;
+        bytes += frame.wire_len() as u64;
     }
     status.update(|s| s.counters.alink_bytes_sent += bytes);
     Ok(bytes)

@@ -303,6 +303,19 @@ mod tests {
         assert_eq!(log.held_bytes(), 0);
     }
 
+    /// A device thread completing its requests: waits for settlement,
+    /// then says so on `done`.
+    fn wait_settled_on_a_thread(
+        log: &Arc<WriteLog>,
+        done: mpsc::Sender<()>,
+    ) -> std::thread::JoinHandle<()> {
+        let log = Arc::clone(log);
+        std::thread::spawn(move || {
+            log.wait_settled();
+            done.send(()).unwrap();
+        })
+    }
+
     fn record(log: &WriteLog, at: u64) {
         log.write_with((at, 1), |recording| {
             Ok::<_, WrittenMapError>(recording.then(|| DiskWrite {
@@ -325,13 +338,7 @@ mod tests {
         record(&log, 1);
         record(&log, 2);
         let (done_tx, done) = mpsc::channel();
-        let waiter = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                log.wait_settled();
-                done_tx.send(()).unwrap();
-            })
-        };
+        let waiter = wait_settled_on_a_thread(&log, done_tx);
         assert!(done.recv_timeout(Duration::from_millis(200)).is_err());
         log.start();
         done.recv_timeout(Duration::from_secs(5))
@@ -355,13 +362,7 @@ mod tests {
         record(&log, 1);
         assert_eq!(doorbell.wait_past(0, Duration::from_secs(5)), 1, "rung");
         let (done_tx, done) = mpsc::channel();
-        let waiter = {
-            let (log, done_tx) = (Arc::clone(&log), done_tx.clone());
-            std::thread::spawn(move || {
-                log.wait_settled();
-                done_tx.send(()).unwrap();
-            })
-        };
+        let waiter = wait_settled_on_a_thread(&log, done_tx.clone());
         assert!(
             done.recv_timeout(Duration::from_millis(200)).is_err(),
             "completed before the peer had the write"
@@ -374,13 +375,7 @@ mod tests {
         waiter.join().unwrap();
         // A second write, then the mirror fails: the record stops.
         record(&log, 2);
-        let waiter = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                log.wait_settled();
-                done_tx.send(()).unwrap();
-            })
-        };
+        let waiter = wait_settled_on_a_thread(&log, done_tx);
         assert!(done.recv_timeout(Duration::from_millis(200)).is_err());
         log.stop();
         done.recv_timeout(Duration::from_secs(5))
