@@ -114,6 +114,16 @@ impl WriteLog {
     /// again: a write waiting under the old numbering completes.
     pub fn start(&self) {
         let mut record = self.lock();
+        if record.synchronous {
+            // The mirror turns the wait off before it starts again; a
+            // caller that did not leaves HA writes asynchronous until the
+            // mirror turns it on again, which the log says.
+            tracing::warn!(
+                recorded = record.recorded,
+                settled = record.settled,
+                "disk write log restarted while writes waited for the mirror: they complete without it until it is synchronous again"
+            );
+        }
         record.writes = Some(Vec::new());
         record.recorded = 0;
         record.settled = 0;
