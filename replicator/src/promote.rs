@@ -155,37 +155,44 @@ pub fn promote(
     } = *checkpoint;
     let addresses = state.guest_ipv4;
     let mut heard = OverheardFrames::default();
+    let mut announcer = None;
+    let mut announced_us = 0;
     // The TAPs go up on the bridge before the guest runs: a reply whose
     // retransmission timer is overdue (guest time jumped by the gap) leaves
-    // at once, and a TAP that is down or off the bridge would lose it.
-    // Frames for the guest overheard on this node are taken just before
-    // (a TAP attached and on the bridge ahead is down until here, so
-    // nothing reached it). The guest then receives such frames itself once
-    // the first announcement below has taught this node's bridge that its
-    // MACs are on the TAPs; a unicast frame for it in between (~20 ms in
-    // a lab node) is lost, which its sender's retransmission covers: taking
-    // the overheard frames after the announcement instead could give the
-    // guest a frame twice (from the capture and from its TAP), which a
-    // datagram must not be. (Without a bridge to join, the TAPs were wired
-    // by whoever made them and may have queued those frames already: then
-    // none are taken.)
-    let vm = Vm::restore_replica(state.machine, ram, backings, || {
+    // at once, and a TAP that is down or off the bridge would lose it. The
+    // first announcement goes right after: this node's bridge may still
+    // place the guest's MACs on its uplink (learned from the primary's
+    // broadcasts), where it drops a unicast frame for them that comes in
+    // on that very port; the announcement teaches it that they are on the
+    // TAPs, which queue such frames from then on until the guest runs.
+    // Frames for the guest overheard on this node are taken only then, so
+    // none is lost in between (~15 ms in a lab node: a peer's
+    // retransmission lost there waited for its next one, a failover of
+    // ~650 ms instead of ~330). Those caught from when the TAPs began to
+    // come up may have reached the guest through them too, so of those
+    // only TCP segments are given (see `overheard`). (Without a bridge to
+    // join, the TAPs were wired by whoever made them and may have queued
+    // those frames already: then none are taken.)
+    let vm = Vm::restore_replica(state.machine, ram, backings, |output| {
+        let taps_up_from = Instant::now();
         if let Some(bridge) = bridge {
-            if let Some(overheard) = overheard {
-                heard = overheard.take();
-            }
             for tap in taps {
                 join_bridge(tap, bridge);
             }
         }
+        let first = output.announcer(&addresses);
+        announce_round(&first);
+        announced_us = started.elapsed().as_micros() as u64;
+        announcer = Some(first);
+        if bridge.is_some() {
+            if let Some(overheard) = overheard {
+                heard = overheard.take(taps_up_from);
+            }
+        }
     })
     .map_err(|source| PromoteError::Restore { epoch, source })?;
-    // The first announcement now, the repeats apart from promotion (which
-    // they used to hold up by their gaps).
     let restored_us = started.elapsed().as_micros() as u64;
-    let announcer = vm.output().announcer(&addresses);
-    announce_round(&announcer);
-    let announced_us = started.elapsed().as_micros() as u64;
+    let announcer = announcer.unwrap_or_else(|| vm.output().announcer(&addresses));
     // The committed epoch's output leaves from here, after the
     // announcement (the answers it draws come to this node): a switchover's
     // final output, or after a failover the copies of their TCP segments

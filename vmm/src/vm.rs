@@ -401,6 +401,14 @@ impl Machine {
         std::mem::take(&mut self.vcpu_fds)
     }
 
+    /// The gates of the VM's NICs (its output), each with its MAC: made
+    /// before the vCPUs start, so that a restore can announce the guest on
+    /// this node before it runs.
+    fn output_of(config: &VmConfig, virtio: &VirtioDevices) -> Output {
+        let macs = config.nets.iter().map(|n| n.mac);
+        Output::new(virtio.tx_gates().into_iter().zip(macs).collect())
+    }
+
     /// Starts the vCPU threads (parked until [`Vm::resume`] with
     /// [`StartAs::Paused`]) and hands the machine over as a VM.
     #[allow(clippy::too_many_arguments)]
@@ -412,6 +420,7 @@ impl Machine {
         cpuids: Vec<CpuId>,
         msr_indices: Vec<u32>,
         virtio: VirtioDevices,
+        output: Output,
         start_as: StartAs,
     ) -> Result<Vm, VmError> {
         let vcpus = Vcpus::start(
@@ -421,8 +430,6 @@ impl Machine {
             self.dirty_log.ring().cloned(),
             start_as == StartAs::Paused,
         )?;
-        let macs = config.nets.iter().map(|n| n.mac);
-        let output = Output::new(virtio.tx_gates().into_iter().zip(macs).collect());
         let taps = virtio.tx_gates().iter().map(|g| g.tap()).collect();
         let input = Input::new(virtio.rx_logs(), taps);
         let disk_writes = DiskWrites::new(virtio.write_logs());
@@ -496,6 +503,7 @@ impl Vm {
             cpuids.push(table);
         }
         let msr_indices = vcpu_state::saveable_msrs(&machine.kvm, &vcpu_fds[0])?;
+        let output = Machine::output_of(&config, &virtio);
         let vm = machine.start(
             config,
             started,
@@ -503,6 +511,7 @@ impl Vm {
             cpuids,
             msr_indices,
             virtio,
+            output,
             StartAs::Running,
         )?;
         tracing::info!(
@@ -530,7 +539,7 @@ impl Vm {
             MadeAhead::default(),
             serial,
             started,
-            || {},
+            |_| {},
             StartAs::Running,
         )?;
         tracing::info!(dir = %dir.display(), "restored from a capture directory");
@@ -541,14 +550,16 @@ impl Vm {
     /// memory: a standby promotes its replica this way, through
     /// `Vm::restore_replica`). `before_run` is called once every device
     /// and its backing (TAPs included) exists, just before the vCPUs start
-    /// (or park, with [`StartAs::Paused`]).
+    /// (or park, with [`StartAs::Paused`]), with the VM's output (its NICs'
+    /// gates: frames of the host's own, such as an announcement, can leave
+    /// from there).
     pub(crate) fn restore_from(
         mut state: MachineState,
         ram: GuestRam,
         ahead: MadeAhead,
         serial: SerialSink,
         started: Instant,
-        before_run: impl FnOnce(),
+        before_run: impl FnOnce(&Output),
         start_as: StartAs,
     ) -> Result<Vm, VmError> {
         let MadeAhead {
@@ -640,7 +651,8 @@ impl Vm {
         drop(attached_taps);
         let msr_indices = state.msr_indices.clone();
         let devices_us = started.elapsed().as_micros() as u64;
-        before_run();
+        let output = Machine::output_of(&config, &virtio);
+        before_run(&output);
         let before_run_us = started.elapsed().as_micros() as u64;
         let vm = machine.start(
             config,
@@ -649,6 +661,7 @@ impl Vm {
             cpuids,
             msr_indices,
             virtio,
+            output,
             start_as,
         )?;
         // Each step's end, from the start of the restore: where a slow

@@ -38,7 +38,7 @@ use vm_memory::{Bytes as _, GuestAddress};
 pub use self::cpu::offered_cpu_features;
 pub use self::disk_writes::{DiskWrite, DiskWrites, WritesThrough};
 pub use self::input::{InboundFrame, Input};
-pub use self::output::{gratuitous_arp, Announcer, Output};
+pub use self::output::{gratuitous_arp, is_tcp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};
 pub use crate::devices::virtio::block::disk_lock;
 pub use crate::devices::virtio::block::written_map;

@@ -34,7 +34,7 @@ fn ipv4_source(ethernet: &[u8]) -> Option<[u8; 4]> {
 /// Whether an Ethernet frame carries a TCP segment: over IPv4, or over
 /// IPv6 after any hop-by-hop, routing, fragment or destination options
 /// headers; untagged or behind up to two VLAN tags (802.1Q, 802.1ad).
-fn is_tcp(ethernet: &[u8]) -> bool {
+pub fn is_tcp(ethernet: &[u8]) -> bool {
     const TCP: u8 = 6;
     let mut at = 12;
     for _ in 0..3 {

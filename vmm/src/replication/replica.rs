@@ -10,7 +10,7 @@ use std::time::Instant;
 use vm_memory::{Bytes as _, GuestAddress};
 
 use super::ram_label::{self, RamLabel};
-use super::{ReplicationError, PAGE_SIZE};
+use super::{Output, ReplicationError, PAGE_SIZE};
 use crate::devices::virtio::net::tap::AttachedTaps;
 use crate::devices::virtio::DeviceConfig;
 use crate::dirty::DirtyTracking;
@@ -208,16 +208,17 @@ impl Vm {
     /// its disks and NICs backed by `backings` (counts must match the
     /// checkpoint's devices); guest time advances by the real gap since
     /// the checkpoint. `before_run` is called when the TAPs exist and
-    /// before the vCPUs start: what the guest's first frames need on this
-    /// node (its TAPs up on the bridge) is done there, so that the frames
-    /// an overdue timer sends at once are not lost. The VM comes back with
+    /// before the vCPUs start, with the VM's output: what the guest's first
+    /// frames need on this node (its TAPs up on the bridge, the guest
+    /// announced there) is done there, so that the frames an overdue timer
+    /// sends at once, and those its peers send, are not lost. The VM comes back with
     /// its vCPUs parked: the caller sends what must leave first (the
     /// announcement, the output it hands over), then calls [`Vm::resume`].
     pub fn restore_replica(
         mut state: MachineState,
         ram: ReplicaRam,
         backings: Backings,
-        before_run: impl FnOnce(),
+        before_run: impl FnOnce(&Output),
     ) -> Result<Vm, ReplicationError> {
         let started = Instant::now();
         let configs = state
