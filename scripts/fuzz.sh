@@ -45,6 +45,7 @@ max_len() {
     sync_plan) echo 1024 ;;
     disk_records | checkpoint_state) echo 8192 ;;
     page_records) echo 16448 ;; # four page records
+    page_delta) echo 8200 ;;    # a seed and a delta of a page, twice over
     *) echo 65536 ;;
     esac
 }

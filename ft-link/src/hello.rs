@@ -6,8 +6,11 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// The handshake protocol this node speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol this node speaks (the handshake and the messages it
+/// carries): a peer of another version is refused at the Hello, with both
+/// versions said, instead of failing later on a message it does not know.
+/// 2: epochs may carry pages as deltas (`PageDeltas`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -286,14 +289,14 @@ mod tests {
         ));
 
         let mut b = hello("b", Role::Standby);
-        b.protocol_version = 2;
+        b.protocol_version = PROTOCOL_VERSION + 1;
         assert!(matches!(
             a.check_pairs_with(&b).map_err(|m| *m),
             Err(Mismatch::ProtocolVersion {
-                local: 1,
-                peer: 2,
+                local: PROTOCOL_VERSION,
+                peer,
                 ..
-            })
+            }) if peer == PROTOCOL_VERSION + 1
         ));
     }
 }

@@ -478,6 +478,15 @@ fn protocol_message() {
             .map(|f| Message::from_frame(f).unwrap().message),
     );
     messages.push(mapped);
+    // Appended too: pages as deltas (a word changed, a run of three).
+    let mut deltas = replicator::protocol::PageDeltaStager::default();
+    let old = vec![1u8; PAGE_SIZE];
+    let mut new = old.clone();
+    new[16] = 2;
+    deltas.add(0, &old, &new);
+    new[1000..1024].fill(3);
+    deltas.add(8192, &old, &new);
+    messages.push(Message::PageDeltas(deltas.finish().remove(0)));
     for (i, m) in messages.into_iter().enumerate() {
         let f = m.into_frame(2 + i as u64, 1);
         let mut input = vec![f.kind.code()];
@@ -512,7 +521,33 @@ fn protocol_message() {
     write("protocol_message", "link-frame", &link);
 }
 
+/// Seeds for `page_delta`: a seed of the old page, then deltas the
+/// encoder made (a word changed, three runs, a whole page) and an empty one.
+fn page_delta() {
+    use replicator::protocol::delta::encode;
+    let old = vec![0x5au8; PAGE_SIZE];
+    let seed = 7u64.to_le_bytes();
+    let mut changed = old.clone();
+    changed[8] = 1;
+    let mut runs = old.clone();
+    runs[..16].fill(2);
+    runs[800..880].fill(3);
+    runs[PAGE_SIZE - 8..].fill(4);
+    let whole = vec![0xa5u8; PAGE_SIZE];
+    for (name, new) in [
+        ("empty", &old),
+        ("word", &changed),
+        ("runs", &runs),
+        ("whole", &whole),
+    ] {
+        let mut input = seed.to_vec();
+        encode(&old, new, PAGE_SIZE * 2, &mut input).unwrap();
+        write("page_delta", name, &input);
+    }
+}
+
 fn main() {
+    page_delta();
     frame_decoder();
     epoch_assembler();
     page_records();

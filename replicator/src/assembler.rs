@@ -7,7 +7,10 @@
 use bytes::Bytes;
 use vmm::replication::ReplicaRam;
 
-use crate::protocol::{DiskRecord, Envelope, EpochEnd, Message, PageBatch, ProtocolError};
+use crate::protocol::delta;
+use crate::protocol::{
+    DiskRecord, Envelope, EpochEnd, Message, PageBatch, PageDeltaBatch, ProtocolError, PAGE_SIZE,
+};
 use crate::sequence::{EpochSequencer, SequenceError};
 use crate::standby::replica_disk::{ReplicaDisk, ReplicaDiskError};
 
@@ -48,6 +51,13 @@ pub enum AssemblerError {
         epoch: u64,
         #[source]
         source: ProtocolError,
+    },
+    #[error("epoch {epoch}: the delta of page {gpa:#x} does not apply: {source}")]
+    Delta {
+        epoch: u64,
+        gpa: u64,
+        #[source]
+        source: crate::protocol::delta::DeltaError,
     },
     #[error("applying epoch {epoch} failed: {source}")]
     Apply {
@@ -108,6 +118,7 @@ struct Staging {
     epoch: u64,
     state: Bytes,
     pages: Vec<PageBatch>,
+    deltas: Vec<PageDeltaBatch>,
     page_count: u64,
     crc: crc32fast::Hasher,
     writes: Vec<DiskRecord>,
@@ -122,6 +133,10 @@ pub struct CompleteEpoch {
     /// The encoded checkpoint state.
     pub state: Bytes,
     pub pages: Vec<PageBatch>,
+    /// Pages as deltas from the replica's version (none of them is also
+    /// among `pages`: an epoch holds each dirty page once).
+    pub deltas: Vec<PageDeltaBatch>,
+    /// Pages in all, whole and as deltas.
     pub page_count: u64,
     /// Disk writes in the order the primary executed them.
     pub writes: Vec<DiskRecord>,
@@ -188,6 +203,7 @@ impl EpochAssembler {
                     epoch,
                     state,
                     pages: Vec::new(),
+                    deltas: Vec::new(),
                     page_count: 0,
                     crc: crc32fast::Hasher::new(),
                     writes: Vec::new(),
@@ -197,18 +213,15 @@ impl EpochAssembler {
                 Ok(None)
             }
             Message::Pages(batch) => {
-                let limit = self.limits.pages;
-                let s = self.staged("Pages", epoch)?;
-                if s.page_count + batch.len() as u64 > limit {
-                    return Err(AssemblerError::TooLarge {
-                        epoch,
-                        what: "pages",
-                        limit,
-                    });
-                }
+                let s = self.staged_pages("Pages", epoch, batch.len())?;
                 batch.hash_addresses(&mut s.crc);
-                s.page_count += batch.len() as u64;
                 s.pages.push(batch);
+                Ok(None)
+            }
+            Message::PageDeltas(batch) => {
+                let s = self.staged_pages("PageDeltas", epoch, batch.len())?;
+                batch.hash_addresses(&mut s.crc);
+                s.deltas.push(batch);
                 Ok(None)
             }
             Message::DiskWrites(batch) => {
@@ -233,6 +246,27 @@ impl EpochAssembler {
             }
             other => Err(AssemblerError::Unexpected(other.name())),
         }
+    }
+
+    /// The staged epoch, counting `pages` more pages in it (whole or as
+    /// deltas) within the limit.
+    fn staged_pages(
+        &mut self,
+        kind: &'static str,
+        epoch: u64,
+        pages: usize,
+    ) -> Result<&mut Staging, AssemblerError> {
+        let limit = self.limits.pages;
+        let s = self.staged(kind, epoch)?;
+        if s.page_count + pages as u64 > limit {
+            return Err(AssemblerError::TooLarge {
+                epoch,
+                what: "pages",
+                limit,
+            });
+        }
+        s.page_count += pages as u64;
+        Ok(s)
     }
 
     fn staged(&mut self, kind: &'static str, epoch: u64) -> Result<&mut Staging, AssemblerError> {
@@ -263,9 +297,30 @@ impl EpochAssembler {
                 .check_within(ram.bytes())
                 .map_err(|source| AssemblerError::Page { epoch, source })?;
         }
+        for batch in &complete.deltas {
+            batch
+                .check_within(ram.bytes())
+                .map_err(|source| AssemblerError::Page { epoch, source })?;
+        }
         for batch in &complete.pages {
             for (gpa, data) in batch.records() {
                 ram.write_page(gpa, data)
+                    .map_err(|source| AssemblerError::Apply { epoch, source })?;
+            }
+        }
+        // Each delta was checked whole when its frame was decoded, and its
+        // page is inside memory: patching cannot fail half-way.
+        let mut page = vec![0u8; PAGE_SIZE];
+        for batch in &complete.deltas {
+            for (gpa, d) in batch.records() {
+                ram.read_page(gpa, &mut page)
+                    .map_err(|source| AssemblerError::Apply { epoch, source })?;
+                delta::apply(&mut page, d).map_err(|source| AssemblerError::Delta {
+                    epoch,
+                    gpa,
+                    source,
+                })?;
+                ram.write_page(gpa, &page)
                     .map_err(|source| AssemblerError::Apply { epoch, source })?;
             }
         }
@@ -349,6 +404,7 @@ fn check_end(epoch: u64, end: &EpochEnd, s: Staging) -> Result<CompleteEpoch, As
         epoch,
         state: s.state,
         pages: s.pages,
+        deltas: s.deltas,
         page_count: s.page_count,
         writes: s.writes,
     })
@@ -407,6 +463,76 @@ mod tests {
         a.apply(&done, &ram, &[]).unwrap();
         assert_eq!(read(&ram, 129 * 4096 + 17), 130);
         assert_eq!(a.expected(), 2);
+    }
+
+    /// The frames of epoch `epoch` as the primary's delta cache makes
+    /// them from `pages` (whole the first time it sees a page).
+    fn delta_frames(
+        cache: &mut crate::primary::delta_cache::DeltaCache,
+        epoch: u64,
+        pages: &[(u64, Vec<u8>)],
+    ) -> Vec<Frame> {
+        let mut stager = crate::protocol::PageStager::default();
+        for (gpa, data) in pages {
+            vmm::replication::PageSink::page_buffer(&mut stager, *gpa).extend_from_slice(data);
+        }
+        let (staged, _) = cache.encode(stager.finish());
+        crate::protocol::epoch_frames(
+            epoch,
+            0,
+            Bytes::from_static(b"state"),
+            staged,
+            (Vec::new(), 0),
+        )
+    }
+
+    #[test]
+    fn pages_sent_as_deltas_land_on_the_replica_as_the_primary_had_them() {
+        let ram = ReplicaRam::create(16).unwrap();
+        let mut cache = crate::primary::delta_cache::DeltaCache::new(1 << 20).unwrap();
+        let mut a = EpochAssembler::new(1);
+        let mut memory: Vec<(u64, Vec<u8>)> =
+            (0..100u64).map(|i| (i * 4096, page(i as u8))).collect();
+        let first = feed(&mut a, delta_frames(&mut cache, 1, &memory))
+            .unwrap()
+            .unwrap();
+        assert!(first.deltas.is_empty(), "all new to the cache: whole");
+        a.apply(&first, &ram, &[]).unwrap();
+        for (i, (_, data)) in memory.iter_mut().enumerate().step_by(3) {
+            data[i * 7 % PAGE_SIZE] = 0xee;
+        }
+        let dirty: Vec<_> = memory.iter().step_by(3).cloned().collect();
+        let second = feed(&mut a, delta_frames(&mut cache, 2, &dirty))
+            .unwrap()
+            .unwrap();
+        assert_eq!(second.page_count, dirty.len() as u64);
+        assert!(second.pages.is_empty(), "every page as a delta");
+        assert_eq!(
+            second.deltas.iter().map(PageDeltaBatch::len).sum::<usize>(),
+            dirty.len()
+        );
+        a.apply(&second, &ram, &[]).unwrap();
+        let mut got = page(0);
+        for (gpa, data) in &memory {
+            ram.read_page(*gpa, &mut got).unwrap();
+            assert_eq!(&got, data, "page {gpa:#x}");
+        }
+        // A delta frame lost: the end record's count says so.
+        let mut frames = delta_frames(&mut cache, 3, &dirty);
+        let lost = frames
+            .iter()
+            .position(|f| {
+                matches!(
+                    Message::from_frame(f.clone()).unwrap().message,
+                    Message::PageDeltas(_)
+                )
+            })
+            .unwrap();
+        frames.remove(lost);
+        assert!(matches!(
+            feed(&mut a, frames),
+            Err(AssemblerError::Torn { epoch: 3, .. })
+        ));
     }
 
     #[test]

@@ -220,6 +220,13 @@ pub struct FtCounters {
     /// acknowledgement, smoothed); 0 until one is measured.
     #[serde(default)]
     pub epoch_service_bytes_per_s: u64,
+    /// Dirty pages sent as deltas from the replica's version (the rest of
+    /// `dirty_pages_total` went whole), and the bytes those deltas took
+    /// (against 4096 per page whole).
+    #[serde(default)]
+    pub delta_pages_total: u64,
+    #[serde(default)]
+    pub delta_bytes_total: u64,
     /// Consistency checks the standby made (`verify`), and those that found
     /// the replica different from the primary (must stay 0).
     #[serde(default)]

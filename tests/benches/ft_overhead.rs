@@ -38,6 +38,9 @@ struct Figures {
     stop_p50_us: u64,
     stop_p99_us: u64,
     dirty_per_epoch: f64,
+    /// Of the dirty pages, the share sent as deltas, and their mean size.
+    delta_share: f64,
+    delta_bytes_per_page: f64,
     alink_mb_per_s: f64,
     rtt_p50_ms: f64,
     rtt_p99_ms: f64,
@@ -102,7 +105,19 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
     let after = counters(lab);
     let faults = delta(write_faults(lab), faults_before);
     let checkpoints = delta(after.checkpoints, before.checkpoints);
+    let dirty = delta(after.dirty_pages_total, before.dirty_pages_total);
+    let delta_pages = delta(after.delta_pages_total, before.delta_pages_total);
     Figures {
+        delta_share: if dirty > 0.0 {
+            delta_pages / dirty
+        } else {
+            0.0
+        },
+        delta_bytes_per_page: if delta_pages > 0.0 {
+            delta(after.delta_bytes_total, before.delta_bytes_total) / delta_pages
+        } else {
+            0.0
+        },
         checkpoints_per_s: checkpoints / secs,
         stop_p50_us: after.stop_us_p50,
         stop_p99_us: after.stop_us_p99,
@@ -217,6 +232,12 @@ fn main() {
     });
     row("dirty pages per epoch", &|x| {
         format!("{:.0}", x.dirty_per_epoch)
+    });
+    row("pages sent as deltas (share)", &|x| {
+        format!("{:.2}", x.delta_share)
+    });
+    row("bytes per delta (4096 whole)", &|x| {
+        format!("{:.0}", x.delta_bytes_per_page)
     });
     row("A-link MB/s", &|x| format!("{:.2}", x.alink_mb_per_s));
     row("round trip p50 ms", &|x| format!("{:.2}", x.rtt_p50_ms));

@@ -1091,10 +1091,24 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
             logs()
         );
     }
+    // The dirtier changes one byte of each page it writes: once a page
+    // went whole, the next epochs send it as a delta from the replica's
+    // version, which the checks above found right.
+    let c = &primary.counters;
+    assert!(
+        c.delta_pages_total > 0,
+        "no page went as a delta in {} dirty pages: {c:?}",
+        c.dirty_pages_total
+    );
     eprintln!(
         "[oracle] {checks} checks in a row, all equal, at epochs {epochs:?} ({restarts} sessions \
-         started over meanwhile); standby digest {:?} ms; disk writes in epochs {}",
-        digest_ms, primary.counters.disk_writes_total
+         started over meanwhile); standby digest {:?} ms; disk writes in epochs {}; \
+         {} of {} dirty pages as deltas ({} bytes)",
+        digest_ms,
+        c.disk_writes_total,
+        c.delta_pages_total,
+        c.dirty_pages_total,
+        c.delta_bytes_total
     );
 }
 

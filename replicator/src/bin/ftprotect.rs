@@ -131,6 +131,11 @@ struct PairOptions {
     #[arg(long, default_value_t = replicator::protocol::compressed::DEFAULT_LEVEL,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     copy_compression: i32,
+    /// MiB of pages the primary keeps as its standby has them, to send a
+    /// page the guest changed in a few places as those changes instead of
+    /// whole (0: every page whole).
+    #[arg(long, default_value_t = replicator::primary::delta_cache::DEFAULT_DELTA_CACHE_MIB)]
+    delta_cache_mib: u64,
     /// Put the VM's TAPs on this bridge.
     #[arg(long)]
     bridge: Option<String>,
@@ -409,6 +414,7 @@ fn primary_config(
         epochs_in_flight: pair.epochs_in_flight,
         precopy_rounds: pair.precopy_rounds,
         copy_compression: pair.copy_compression,
+        delta_cache_bytes: pair.delta_cache_mib.saturating_mul(1 << 20),
         retry_every: Duration::from_millis(500),
         ack_deadline: Duration::from_millis(pair.ack_deadline_ms),
         vm_failed: Arc::default(),

@@ -18,6 +18,7 @@ use vmm::vm::Vm;
 
 use super::checkpoint::{capture, Captured};
 use super::deadline;
+use super::delta_cache::DeltaCache;
 use super::in_flight::{InFlight, Pending, BEHIND_CHECK_EVERY};
 use super::lease::GateMode;
 use super::switchover::{hand_over, output_batches, Outcome};
@@ -46,6 +47,8 @@ pub(super) async fn epochs(
         .on_held_output(Arc::new(move || wake.notify_one()));
     let mut schedule = Schedule::new(config.interval);
     let mut in_flight = InFlight::new(vm, status, config);
+    // This session's: what its epochs gave the standby's replica.
+    let mut delta_cache = DeltaCache::new(config.delta_cache_bytes);
     in_flight.sync_started = Some(session.sync_started);
     in_flight.forgetter = Some(forgetter);
     // A switchover asked before this session is not for it; a live
@@ -63,8 +66,14 @@ pub(super) async fn epochs(
             wait_until_due(vm, &schedule, &output, stop, config, acks, &mut in_flight).await?;
         // Not before the first epoch: the standby holds nothing to run yet.
         if wake == Wake::Switchover && epoch > 1 {
-            // The final checkpoint follows every epoch acknowledged.
+            // The final checkpoint follows every epoch acknowledged. Its
+            // pages go whole, past the delta cache: should the switchover
+            // be called off, the cache no longer knows what the replica
+            // holds, and starts over.
             in_flight.drain(acks).await?;
+            if let Some(cache) = delta_cache.as_mut() {
+                cache.clear();
+            }
             let outcome = hand_over(vm, tx, acks, (epoch, generation), session, status).await?;
             match outcome {
                 Outcome::HandedOver { epoch } => return Err(PrimaryError::SwitchedOver { epoch }),
@@ -164,9 +173,9 @@ pub(super) async fn epochs(
         let sent = send_epoch(
             tx,
             acks,
-            epoch,
-            generation,
+            (epoch, generation),
             captured,
+            delta_cache.as_mut(),
             status,
             &mut in_flight,
         )
@@ -268,17 +277,26 @@ async fn wait_until_due(
     }
 }
 
-/// Encodes epoch `epoch` (the guest runs again, unless synchronous) and
-/// sends it; acknowledgements of earlier epochs are taken meanwhile.
+/// Encodes epoch `epoch` (the guest runs again, unless synchronous), its
+/// pages as deltas where `deltas` holds them, and sends it;
+/// acknowledgements of earlier epochs are taken meanwhile.
 async fn send_epoch(
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
-    epoch: u64,
-    generation: u64,
-    captured: Captured,
+    (epoch, generation): (u64, u64),
+    mut captured: Captured,
+    deltas: Option<&mut DeltaCache>,
     status: &StatusBoard,
     in_flight: &mut InFlight<'_>,
 ) -> Result<(), PrimaryError> {
+    if let Some(cache) = deltas {
+        let (pages, figures) = cache.encode(std::mem::take(&mut captured.pages));
+        captured.pages = pages;
+        status.update(|s| {
+            s.counters.delta_pages_total += figures.pages;
+            s.counters.delta_bytes_total += figures.bytes;
+        });
+    }
     let frames = encode(epoch, generation, captured)?;
     in_flight.sending(frames.iter().map(|f| f.wire_len() as u64).sum());
     // The standby's word is heard while sending too: a silence (or any

@@ -33,6 +33,7 @@
 
 pub mod checkpoint;
 mod deadline;
+pub mod delta_cache;
 mod epochs;
 mod forget;
 mod history;
@@ -178,6 +179,10 @@ pub struct PrimaryConfig {
     pub precopy_rounds: u32,
     /// zstd level of the initial copy's frames (0: uncompressed).
     pub copy_compression: i32,
+    /// Bytes of pages the primary keeps as the standby has them, to send
+    /// the next epochs' pages as deltas (0: every page whole; see
+    /// [`delta_cache`]).
+    pub delta_cache_bytes: u64,
     /// Wait between attempts to reach a standby.
     pub retry_every: Duration,
     /// Set (before the stop is notified) when the VM ended by a host

@@ -16,8 +16,11 @@
 //! Backup      first message of a second path (heartbeats only)
 //! EpochBegin(N)  the checkpoint's state (see `state`)
 //! Pages(N)       dirty pages: [gpa u64 LE][4096 bytes] ... (see `pages`)
+//! PageDeltas(N)  dirty pages as what changed since the replica's version:
+//!                [gpa u64 LE][len u16 LE][delta] ... (see `page_deltas`)
 //! DiskWrites(N)  [disk u32][offset u64][len u32][bytes] ... (see `disk`)
-//! EpochEnd(N)    [pages u64][crc32 of the page addresses, in order]
+//! EpochEnd(N)    [pages u64][crc32 of the page addresses, in order: those
+//!                of Pages and PageDeltas frames as the frames came]
 //!                [writes u64][crc32 of the DiskWrites payloads]
 //! Inbound     frames the guest received, as they arrive (see `inbound`):
 //!             replayed by a standby that takes over, past its checkpoint
@@ -37,9 +40,11 @@
 //! frames (the address sequence would differ) at 8 bytes per page.
 
 pub mod compressed;
+pub mod delta;
 mod disk;
 mod held;
 mod inbound;
+pub mod page_deltas;
 mod pages;
 mod state;
 
@@ -49,6 +54,7 @@ use ft_link::{Frame, FrameKind};
 pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
 pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
+pub use self::page_deltas::{PageDeltaBatch, PageDeltaStager, DELTA_MAX};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
     BootPlan, CheckpointState, MemorySince, StateError, SyncPlan, WrittenPlan,
@@ -159,6 +165,9 @@ pub enum Message {
     /// complete (a torn epoch costs no decode).
     EpochBegin(Bytes),
     Pages(PageBatch),
+    /// Pages of the epoch as deltas from the version the standby's
+    /// replica holds (the primary's delta cache knows it).
+    PageDeltas(PageDeltaBatch),
     DiskWrites(DiskBatch),
     EpochEnd(EpochEnd),
     /// Frames the guest received, forwarded as they arrive (the frame's
@@ -238,6 +247,7 @@ const SYNC_PAGES_Z: u8 = 81;
 const SYNC_DISK_Z: u8 = 82;
 const EPOCH_OUTPUT: u8 = 83;
 const RELEASE: u8 = 84;
+const PAGE_DELTAS: u8 = 85;
 
 impl Message {
     /// Whether frames of kind `code` carry a compressed copy payload
@@ -256,6 +266,7 @@ impl Message {
             Message::Backup => "Backup",
             Message::EpochBegin(_) => "EpochBegin",
             Message::Pages(_) => "Pages",
+            Message::PageDeltas(_) => "PageDeltas",
             Message::DiskWrites(_) => "DiskWrites",
             Message::EpochEnd(_) => "EpochEnd",
             Message::Inbound(_) => "Inbound",
@@ -281,6 +292,7 @@ impl Message {
             Message::Backup => (BACKUP, Bytes::new()),
             Message::EpochBegin(state) => (EPOCH_BEGIN, state),
             Message::Pages(b) => (PAGES, b.into_bytes()),
+            Message::PageDeltas(b) => (PAGE_DELTAS, b.into_bytes()),
             Message::DiskWrites(b) => (DISK_WRITES, b.into_bytes()),
             Message::EpochEnd(end) => (EPOCH_END, end.to_payload()),
             Message::Inbound(b) => (INBOUND, b.into_bytes()),
@@ -376,6 +388,10 @@ impl Message {
             PAGES => Message::Pages(
                 PageBatch::new(payload).ok_or(malformed("Pages", "not whole page records"))?,
             ),
+            PAGE_DELTAS => Message::PageDeltas(PageDeltaBatch::parse(payload).ok_or(malformed(
+                "PageDeltas",
+                "not whole, well-formed page delta records",
+            ))?),
             DISK_WRITES => Message::DiskWrites(
                 DiskBatch::parse(payload)
                     .ok_or(malformed("DiskWrites", "not whole disk records"))?,
@@ -460,7 +476,7 @@ pub fn epoch_frames(
     pages: StagedPages,
     writes: (Vec<DiskBatch>, u64),
 ) -> Vec<Frame> {
-    let mut out = Vec::with_capacity(pages.batches.len() + writes.0.len() + 2);
+    let mut out = Vec::with_capacity(pages.batches.len() + pages.deltas.len() + writes.0.len() + 2);
     out.push(Message::EpochBegin(state).into_frame(epoch, generation));
     let mut end = EpochEnd {
         pages: pages.count,
@@ -471,6 +487,10 @@ pub fn epoch_frames(
     for batch in pages.batches {
         batch.hash_addresses(&mut crc);
         out.push(Message::Pages(batch).into_frame(epoch, generation));
+    }
+    for batch in pages.deltas {
+        batch.hash_addresses(&mut crc);
+        out.push(Message::PageDeltas(batch).into_frame(epoch, generation));
     }
     end.pages_crc = crc.finalize();
     let mut crc = crc32fast::Hasher::new();

@@ -23,10 +23,13 @@ pub struct PageStager {
     count: u64,
 }
 
-/// What a stager holds when it is finished.
+/// What a stager holds when it is finished: the epoch's pages, whole
+/// (and, once the primary's delta cache went over them, some as deltas).
 #[derive(Debug, Default)]
 pub struct StagedPages {
     pub batches: Vec<PageBatch>,
+    pub deltas: Vec<super::PageDeltaBatch>,
+    /// Pages in all, whole and as deltas.
     pub count: u64,
 }
 
@@ -63,6 +66,7 @@ impl PageStager {
         }
         StagedPages {
             batches: self.full,
+            deltas: Vec::new(),
             count: self.count,
         }
     }
@@ -119,16 +123,21 @@ impl PageBatch {
     /// `ram_bytes` of memory: the one check of page ranges, made before
     /// anything is written.
     pub fn check_within(&self, ram_bytes: u64) -> Result<(), ProtocolError> {
-        for (gpa, _) in self.records() {
-            let inside = gpa.is_multiple_of(PAGE_SIZE as u64)
-                && gpa
-                    .checked_add(PAGE_SIZE as u64)
-                    .is_some_and(|end| end <= ram_bytes);
-            if !inside {
-                return Err(ProtocolError::PageOutside { gpa, ram_bytes });
-            }
-        }
+        self.records()
+            .try_for_each(|(gpa, _)| check_page_within(gpa, ram_bytes))
+    }
+}
+
+/// That `gpa` is an aligned page inside `ram_bytes` of memory.
+pub(super) fn check_page_within(gpa: u64, ram_bytes: u64) -> Result<(), ProtocolError> {
+    let inside = gpa.is_multiple_of(PAGE_SIZE as u64)
+        && gpa
+            .checked_add(PAGE_SIZE as u64)
+            .is_some_and(|end| end <= ram_bytes);
+    if inside {
         Ok(())
+    } else {
+        Err(ProtocolError::PageOutside { gpa, ram_bytes })
     }
 }
 

@@ -1,0 +1,211 @@
+//! The primary's delta cache: the content of each page as it last went to
+//! the standby in this session, so that the next epoch can send the page
+//! as a delta from it (see [`crate::protocol::delta`]) instead of whole.
+//!
+//! What makes a delta right is that the page it was made against is the
+//! one the standby's replica holds when it applies it. The standby applies
+//! epochs whole and in order, and a session that breaks takes its cache
+//! with it (a cache lives in one session's epoch loop), so the cache holds
+//! for each page what the epoch that last carried it gave the replica:
+//! provided that every page an epoch carries goes through the cache. An
+//! epoch sent without it (a switchover's final epoch) must be followed by
+//! [`DeltaCache::clear`].
+//!
+//! The cache is bounded: past its size a page new to it pushes out the
+//! page that came in first (a page written every epoch stays).
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::protocol::{PageDeltaStager, PageStager, StagedPages, PAGE_SIZE};
+use vmm::replication::PageSink;
+
+/// The cache's size by default (`ftprotect --delta-cache-mib`).
+pub const DEFAULT_DELTA_CACHE_MIB: u64 = 64;
+
+/// What one epoch's pass over the cache gave.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaFigures {
+    /// Pages sent as deltas.
+    pub pages: u64,
+    /// Bytes those deltas took (records included), against
+    /// `pages * 4096` whole.
+    pub bytes: u64,
+}
+
+pub struct DeltaCache {
+    pages: HashMap<u64, Box<[u8]>>,
+    /// Pages in the order they came in (the first to go when full).
+    order: VecDeque<u64>,
+    max_pages: usize,
+}
+
+impl DeltaCache {
+    /// A cache of `bytes` of pages; `None` for a size under one page
+    /// (deltas off: every page goes whole).
+    pub fn new(bytes: u64) -> Option<DeltaCache> {
+        let max_pages = usize::try_from(bytes / PAGE_SIZE as u64).unwrap_or(usize::MAX);
+        (max_pages > 0).then(|| DeltaCache {
+            pages: HashMap::new(),
+            order: VecDeque::new(),
+            max_pages,
+        })
+    }
+
+    /// Forgets every page (the standby got pages that did not go through
+    /// the cache).
+    pub fn clear(&mut self) {
+        self.pages.clear();
+        self.order.clear();
+    }
+
+    /// Pages held.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    /// `staged` with each page the cache holds sent as a delta where that
+    /// is short, the rest whole; the cache then holds every page as
+    /// `staged` has it.
+    pub fn encode(&mut self, staged: StagedPages) -> (StagedPages, DeltaFigures) {
+        let count = staged.count;
+        let mut whole = PageStager::default();
+        let mut deltas = PageDeltaStager::default();
+        for batch in &staged.batches {
+            for (gpa, data) in batch.records() {
+                let sent_as_delta = match self.pages.get_mut(&gpa) {
+                    Some(old) => {
+                        let delta = deltas.add(gpa, old, data);
+                        old.copy_from_slice(data);
+                        delta
+                    }
+                    None => {
+                        self.insert(gpa, data);
+                        false
+                    }
+                };
+                if !sent_as_delta {
+                    whole.page_buffer(gpa).extend_from_slice(data);
+                }
+            }
+        }
+        let figures = DeltaFigures {
+            pages: deltas.count(),
+            bytes: deltas.bytes(),
+        };
+        let mut out = whole.finish();
+        out.deltas = deltas.finish();
+        out.deltas.extend(staged.deltas);
+        out.count = count;
+        (out, figures)
+    }
+
+    fn insert(&mut self, gpa: u64, data: &[u8]) {
+        if self.pages.len() >= self.max_pages {
+            if let Some(first) = self.order.pop_front() {
+                self.pages.remove(&first);
+            }
+        }
+        self.pages.insert(gpa, data.into());
+        self.order.push_back(gpa);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::delta;
+
+    fn staged(pages: &[(u64, Vec<u8>)]) -> StagedPages {
+        let mut stager = PageStager::default();
+        for (gpa, data) in pages {
+            stager.page_buffer(*gpa).extend_from_slice(data);
+        }
+        stager.finish()
+    }
+
+    /// What a replica holds after `staged` is applied to `replica`.
+    fn apply(replica: &mut HashMap<u64, Vec<u8>>, staged: &StagedPages) {
+        for batch in &staged.batches {
+            for (gpa, data) in batch.records() {
+                replica.insert(gpa, data.to_vec());
+            }
+        }
+        for batch in &staged.deltas {
+            for (gpa, d) in batch.records() {
+                let page = replica
+                    .get_mut(&gpa)
+                    .expect("a delta of a page the replica holds");
+                delta::apply(page, d).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn pages_seen_before_go_as_deltas_and_the_replica_follows() {
+        let mut cache = DeltaCache::new(1 << 20).unwrap();
+        let mut replica = HashMap::new();
+        let mut memory: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n; PAGE_SIZE]).collect();
+        let all = |memory: &Vec<Vec<u8>>| -> Vec<(u64, Vec<u8>)> {
+            memory
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64 * 4096, p.clone()))
+                .collect()
+        };
+        let (first, figures) = cache.encode(staged(&all(&memory)));
+        assert_eq!(
+            figures,
+            DeltaFigures::default(),
+            "nothing seen yet: all whole"
+        );
+        assert_eq!(first.count, 8);
+        apply(&mut replica, &first);
+        for round in 1..5u8 {
+            memory[1][round as usize] = round;
+            memory[5][100 + round as usize] = round;
+            memory[7].fill(round.wrapping_mul(37));
+            let dirty: Vec<_> = [1usize, 5, 7]
+                .iter()
+                .map(|&i| (i as u64 * 4096, memory[i].clone()))
+                .collect();
+            let (out, figures) = cache.encode(staged(&dirty));
+            assert_eq!(out.count, 3);
+            assert_eq!(figures.pages, 2, "pages 1 and 5 as deltas, 7 changed whole");
+            assert!(figures.bytes < 64, "{} bytes", figures.bytes);
+            assert_eq!(out.batches.iter().map(|b| b.len()).sum::<usize>(), 1);
+            apply(&mut replica, &out);
+            for (i, page) in memory.iter().enumerate() {
+                assert_eq!(
+                    &replica[&(i as u64 * 4096)],
+                    page,
+                    "page {i} after round {round}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_cache_pushes_out_its_oldest_page_and_a_cleared_one_starts_over() {
+        let mut cache = DeltaCache::new(2 * PAGE_SIZE as u64).unwrap();
+        let page = vec![1u8; PAGE_SIZE];
+        cache.encode(staged(&[(0, page.clone()), (4096, page.clone())]));
+        cache.encode(staged(&[(8192, page.clone())]));
+        assert_eq!(cache.len(), 2);
+        let (_, figures) = cache.encode(staged(&[(0, page.clone())]));
+        assert_eq!(figures.pages, 0, "page 0 was pushed out: whole");
+        let (_, figures) = cache.encode(staged(&[(8192, page.clone())]));
+        assert_eq!(figures.pages, 1, "page 8192 stayed: a delta (empty)");
+        cache.clear();
+        assert!(cache.is_empty());
+        let (_, figures) = cache.encode(staged(&[(8192, page)]));
+        assert_eq!(figures.pages, 0);
+        assert!(
+            DeltaCache::new(PAGE_SIZE as u64 - 1).is_none(),
+            "under a page: off"
+        );
+    }
+}
