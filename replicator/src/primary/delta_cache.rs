@@ -67,14 +67,34 @@ impl DeltaCache {
         self.pages.is_empty()
     }
 
-    /// `staged` with each page the cache holds sent as a delta where that
-    /// is short, the rest whole; the cache then holds every page as
-    /// `staged` has it.
+    /// `staged` (whole pages, as the capture stages them) with each page
+    /// the cache holds sent as a delta where that is short, the rest
+    /// whole; the cache then holds every page as `staged` has it. A batch
+    /// none of whose pages the cache held goes on as it is (no copy).
     pub fn encode(&mut self, staged: StagedPages) -> (StagedPages, DeltaFigures) {
-        let count = staged.count;
+        let StagedPages {
+            batches,
+            deltas: none,
+            count,
+        } = staged;
+        assert!(
+            none.is_empty(),
+            "every page an epoch carries goes through the cache"
+        );
+        let mut kept = Vec::new();
         let mut whole = PageStager::default();
         let mut deltas = PageDeltaStager::default();
-        for batch in &staged.batches {
+        for batch in batches {
+            if batch
+                .records()
+                .all(|(gpa, _)| !self.pages.contains_key(&gpa))
+            {
+                for (gpa, data) in batch.records() {
+                    self.insert(gpa, data);
+                }
+                kept.push(batch);
+                continue;
+            }
             for (gpa, data) in batch.records() {
                 let sent_as_delta = match self.pages.get_mut(&gpa) {
                     Some(old) => {
@@ -97,8 +117,9 @@ impl DeltaCache {
             bytes: deltas.bytes(),
         };
         let mut out = whole.finish();
+        kept.append(&mut out.batches);
+        out.batches = kept;
         out.deltas = deltas.finish();
-        out.deltas.extend(staged.deltas);
         out.count = count;
         (out, figures)
     }
