@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 /// The protocol this node speaks (the handshake and the messages it
 /// carries): a peer of another version is refused at the Hello, with both
 /// versions said, instead of failing later on a message it does not know.
-/// 2: epochs may carry pages as deltas (`PageDeltas`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 2: epochs may carry pages as deltas (`PageDeltas`); 3: an epoch's
+/// checkpoint state is encoded compactly (postcard), not as JSON.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -90,8 +90,9 @@ fn checkpoint_state(with_devices: bool) -> Vec<u8> {
         json!([])
     };
     let value = json!({
-        "version": 1,
+        "version": replicator::protocol::CHECKPOINT_STATE_VERSION,
         "guest_ipv4": [[10, 77, 0, 100]],
+        "inbound_through": [],
         "machine": {
             "version": 1, "captured_unix_ns": 1_700_000_000_000_000_000u64,
             "vcpu_count": 1, "mem_mib": 128, "msr_indices": [0x10, 0xc000_0080u32],
@@ -106,16 +107,15 @@ fn checkpoint_state(with_devices: bool) -> Vec<u8> {
             "virtio": virtio,
         },
     });
-    let compact = serde_json::to_vec(&value).unwrap();
-    let state = CheckpointState::from_payload(&compact).expect("a valid state");
-    if with_devices {
-        // As written: the vCPU's KVM structs short (zero-filled when
-        // decoded), so that the seed fits the target's 8 KiB inputs.
-        compact
-    } else {
-        // Decoded and encoded again: what the primary sends.
-        state.to_payload().unwrap()
-    }
+    // Decoded from JSON (the KVM structs' short arrays zero-filled), then
+    // encoded as the primary sends it.
+    let state: CheckpointState = serde_json::from_value(value).expect("a valid state");
+    let payload = state.to_payload().unwrap();
+    assert!(
+        payload.len() <= 8192,
+        "the target's inputs are at most 8 KiB"
+    );
+    payload
 }
 
 fn pages_payload(pages: &[(u64, u8)]) -> Bytes {

@@ -1,5 +1,5 @@
 //! The checkpoint state an `EpochBegin` carries (`CheckpointState`: the
-//! VM's vCPUs, interrupt controllers, devices; JSON), as the standby
+//! VM's vCPUs, interrupt controllers, devices; postcard), as the standby
 //! decodes it once the epoch is complete.
 //!
 //! Input: a payload. Checks: a state that decodes has the supported

@@ -357,14 +357,14 @@ fn inbound(seqs: &[u64]) -> ft_link::Frame {
 /// Epoch `n` (page 5 = `fill`) whose checkpoint holds the first `through`
 /// frames its guest received.
 fn epoch_through(n: u64, fill: u8, through: u64) -> Vec<ft_link::Frame> {
-    let mut state: serde_json::Value = serde_json::from_slice(&state_payload()).unwrap();
-    state["inbound_through"] = serde_json::json!([through]);
+    let mut state = checkpoint_state();
+    state.inbound_through = vec![through];
     let mut stager = replicator::protocol::PageStager::default();
     vmm::replication::PageSink::page_buffer(&mut stager, 5 * 4096).extend_from_slice(&[fill; 4096]);
     replicator::protocol::epoch_frames(
         n,
         1,
-        bytes::Bytes::from(serde_json::to_vec(&state).unwrap()),
+        bytes::Bytes::from(state.to_payload().unwrap()),
         stager.finish(),
         (Vec::new(), 0),
     )
@@ -443,8 +443,8 @@ async fn a_checkpoints_capture_time_is_taken_on_the_standbys_clock() {
     let mut machine = minimal_machine();
     machine.captured_unix_ns = 1_000_000_000;
     machine.vm.clock.realtime = 1_005_000_000;
-    let mut state: serde_json::Value = serde_json::from_slice(&state_payload()).unwrap();
-    state["machine"] = serde_json::to_value(machine).unwrap();
+    let mut state = checkpoint_state();
+    state.machine = machine;
     let mut stager = replicator::protocol::PageStager::default();
     vmm::replication::PageSink::page_buffer(&mut stager, 5 * 4096).extend_from_slice(&[1; 4096]);
     let before = vmm::snapshot::unix_now_ns();
@@ -453,7 +453,7 @@ async fn a_checkpoints_capture_time_is_taken_on_the_standbys_clock() {
         &replicator::protocol::epoch_frames(
             1,
             1,
-            bytes::Bytes::from(serde_json::to_vec(&state).unwrap()),
+            bytes::Bytes::from(state.to_payload().unwrap()),
             stager.finish(),
             (Vec::new(), 0),
         ),

@@ -1,11 +1,20 @@
 //! What a checkpoint's `EpochBegin` message and the `SyncBegin` message
-//! carry (JSON, versioned): the VM's state, the addresses to announce after a
+//! carry (versioned): the VM's state, the addresses to announce after a
 //! takeover, and the geometry a standby needs before the first copy.
+//!
+//! The checkpoint state goes with every epoch, so it is encoded compactly
+//! (postcard: the KVM structs as their bytes, integers as varints). JSON
+//! wrote each of those bytes as a decimal number: 27 KB an epoch for a
+//! 1-vCPU guest, against ~9 KB, all of it sealed, sent, opened and parsed
+//! again 50-100 times a second. The plan goes once a session and stays
+//! JSON.
 
 use serde::{Deserialize, Serialize};
 use vmm::snapshot::MachineState;
 
-pub const CHECKPOINT_STATE_VERSION: u32 = 1;
+/// 2: postcard instead of JSON (a state of version 1 starts with `{`,
+/// which reads as version 123 and is refused as such).
+pub const CHECKPOINT_STATE_VERSION: u32 = 2;
 /// The plan's version, raised whenever what follows a plan changes: 3 the
 /// level and boot plan (HA); 4 the copy's frames may come compressed
 /// (`SyncPagesZ`, `SyncDiskZ`), which a standby of version 3 would take for
@@ -19,9 +28,17 @@ pub const SYNC_PLAN_VERSION: u32 = 6;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("encoding the checkpoint state failed: {0}")]
-    Encode(#[source] serde_json::Error),
+    Encode(#[source] postcard::Error),
     #[error("the checkpoint state ({len} bytes) is not valid: {source}")]
     Decode {
+        len: usize,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("the checkpoint state ({len} bytes) has {extra} bytes after its end")]
+    Trailing { len: usize, extra: usize },
+    #[error("the synchronisation plan ({len} bytes) is not valid: {source}")]
+    DecodePlan {
         len: usize,
         #[source]
         source: serde_json::Error,
@@ -34,7 +51,8 @@ pub enum StateError {
     Version { found: u32, expected: u32 },
 }
 
-/// The state half of a checkpoint (memory travels as pages).
+/// The state half of a checkpoint (memory travels as pages). Every field
+/// is always encoded (postcard has no field names to leave one out by).
 #[derive(Serialize, Deserialize)]
 pub struct CheckpointState {
     pub version: u32,
@@ -43,12 +61,10 @@ pub struct CheckpointState {
     pub guest_ipv4: Vec<[u8; 4]>,
     /// The VM digested at this checkpoint (asked for by `verify`): the
     /// standby compares its replica with it once the epoch is applied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<crate::oracle::Digest>,
     /// Per NIC, the frames the guest had received at this checkpoint
     /// (inbound frames numbered from here on are not in it). Empty from a
     /// primary that does not forward what its guest receives.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound_through: Vec<u64>,
 }
 
@@ -127,8 +143,8 @@ pub struct BootPlan {
     pub macs: Vec<[u8; 6]>,
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, StateError> {
-    serde_json::from_slice(payload).map_err(|source| StateError::Decode {
+fn decode_plan(payload: &[u8]) -> Result<SyncPlan, StateError> {
+    serde_json::from_slice(payload).map_err(|source| StateError::DecodePlan {
         len: payload.len(),
         source,
     })
@@ -144,12 +160,26 @@ fn check_version(found: u32, expected: u32) -> Result<(), StateError> {
 
 impl CheckpointState {
     pub fn to_payload(&self) -> Result<Vec<u8>, StateError> {
-        serde_json::to_vec(self).map_err(StateError::Encode)
+        postcard::to_stdvec(self).map_err(StateError::Encode)
     }
 
+    /// The version is read and checked first (it leads the encoding), so a
+    /// state of another version is refused as such, not as garbage.
     pub fn from_payload(payload: &[u8]) -> Result<CheckpointState, StateError> {
-        let state: CheckpointState = decode(payload)?;
-        check_version(state.version, CHECKPOINT_STATE_VERSION)?;
+        let decode_error = |source| StateError::Decode {
+            len: payload.len(),
+            source,
+        };
+        let (version, _) = postcard::take_from_bytes::<u32>(payload).map_err(decode_error)?;
+        check_version(version, CHECKPOINT_STATE_VERSION)?;
+        let (state, rest) =
+            postcard::take_from_bytes::<CheckpointState>(payload).map_err(decode_error)?;
+        if !rest.is_empty() {
+            return Err(StateError::Trailing {
+                len: payload.len(),
+                extra: rest.len(),
+            });
+        }
         Ok(state)
     }
 }
@@ -165,7 +195,7 @@ impl SyncPlan {
     }
 
     pub fn from_payload(payload: &[u8]) -> Result<SyncPlan, StateError> {
-        let plan: SyncPlan = decode(payload)?;
+        let plan = decode_plan(payload)?;
         check_version(plan.version, SYNC_PLAN_VERSION)?;
         if plan.key().is_none() {
             return Err(StateError::ContentKey);
@@ -174,5 +204,93 @@ impl SyncPlan {
             return Err(StateError::NoBootPlan);
         }
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A machine of one vCPU and no devices, from JSON (the KVM structs'
+    /// short byte arrays are zero-filled when decoded).
+    fn machine() -> MachineState {
+        let vcpu = json!({
+            "version": 1, "index": 0, "cpuid": [[0, 0, 0, 0, 0, 0, 0, 0, 0x0d]],
+            "mp_state": [], "regs": [0x10, 0, 0, 0], "sregs": [], "xsave": [0x7f, 3],
+            "xcrs": [1], "debug_regs": [], "lapic": vec![0xfe_u8; 64], "msrs": [[0x10, 0, 0, 0]],
+            "events": [], "tsc_khz": 2_000_000,
+        });
+        serde_json::from_value(json!({
+            "version": 1, "captured_unix_ns": 1_700_000_000_000_000_000u64,
+            "vcpu_count": 1, "mem_mib": 128, "msr_indices": [0x10, 0xc000_0080u32],
+            "cpu_features": "host", "vcpus": [vcpu],
+            "vm": {"version": 1, "pic_master": [], "pic_slave": [1], "ioapic": [2],
+                   "pit": [], "clock": [9, 9]},
+            "serial": {"version": 1, "baud_divisor_low": 1, "baud_divisor_high": 0,
+                       "interrupt_enable": 0, "interrupt_identification": 1,
+                       "line_control": 3, "line_status": 0x60, "modem_control": 8,
+                       "modem_status": 0xb0, "scratch": 0, "in_buffer": [104, 105]},
+            "virtio": [],
+        }))
+        .expect("a machine state")
+    }
+
+    fn state() -> CheckpointState {
+        CheckpointState {
+            version: CHECKPOINT_STATE_VERSION,
+            machine: machine(),
+            guest_ipv4: vec![[10, 77, 0, 100]],
+            digest: None,
+            inbound_through: vec![3],
+        }
+    }
+
+    #[test]
+    fn a_state_goes_and_comes_back_the_same_and_smaller_than_as_json() {
+        let payload = state().to_payload().unwrap();
+        let back = CheckpointState::from_payload(&payload).unwrap();
+        assert_eq!(back.to_payload().unwrap(), payload);
+        assert_eq!(back.guest_ipv4, vec![[10, 77, 0, 100]]);
+        assert_eq!(back.inbound_through, vec![3]);
+        assert_eq!(back.machine.vcpus[0].regs.rax, 0x10);
+        assert_eq!(back.machine.serial.in_buffer, vec![104, 105]);
+        // What the JSON encoding (version 1) made of the same machine.
+        let json = serde_json::to_vec(&back.machine).unwrap();
+        assert!(
+            payload.len() * 2 < json.len(),
+            "{} bytes encoded, {} as JSON",
+            payload.len(),
+            json.len()
+        );
+    }
+
+    #[test]
+    fn a_state_of_another_version_a_cut_one_and_one_with_more_after_it_are_refused() {
+        // A version 1 state (JSON) reads as version 123 ('{').
+        let json = serde_json::to_vec(&json!({"version": 1})).unwrap();
+        assert!(matches!(
+            CheckpointState::from_payload(&json),
+            Err(StateError::Version {
+                found: 123,
+                expected: CHECKPOINT_STATE_VERSION
+            })
+        ));
+        let payload = state().to_payload().unwrap();
+        for cut in [0, 1, payload.len() / 2, payload.len() - 1] {
+            assert!(
+                matches!(
+                    CheckpointState::from_payload(&payload[..cut]),
+                    Err(StateError::Decode { .. })
+                ),
+                "cut at {cut}"
+            );
+        }
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(matches!(
+            CheckpointState::from_payload(&longer),
+            Err(StateError::Trailing { extra: 1, .. })
+        ));
     }
 }

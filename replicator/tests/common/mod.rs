@@ -60,15 +60,20 @@ pub fn link_config(role: Role) -> LinkConfig {
     c
 }
 
-/// A machine state that decodes (no vCPUs: the standby never runs it here).
+/// A checkpoint state (no vCPUs: the standby never runs it here).
+pub fn checkpoint_state() -> CheckpointState {
+    CheckpointState {
+        version: CHECKPOINT_STATE_VERSION,
+        machine: minimal_machine(),
+        guest_ipv4: vec![[10, 77, 0, 100]],
+        digest: None,
+        inbound_through: vec![],
+    }
+}
+
+/// [`checkpoint_state`] encoded, as an `EpochBegin` carries it.
 pub fn state_payload() -> Bytes {
-    let json = serde_json::json!({
-        "version": CHECKPOINT_STATE_VERSION,
-        "guest_ipv4": [[10, 77, 0, 100]],
-        "machine": serde_json::to_value(minimal_machine()).unwrap(),
-    });
-    let state: CheckpointState = serde_json::from_value(json).expect("a valid checkpoint state");
-    Bytes::from(state.to_payload().unwrap())
+    Bytes::from(checkpoint_state().to_payload().unwrap())
 }
 
 pub fn minimal_machine() -> vmm::snapshot::MachineState {
