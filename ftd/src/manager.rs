@@ -867,6 +867,8 @@ impl Manager {
             stop_us_p99: counters.stop_us_p99,
             dirty_pages_total: counters.dirty_pages_total,
             dirty_pages_last: counters.dirty_pages_last,
+            delta_pages_total: counters.delta_pages_total,
+            delta_bytes_total: counters.delta_bytes_total,
             alink_bytes_sent: counters.alink_bytes_sent,
             ack_us_p50: counters.ack_us_p50,
             ack_us_p99: counters.ack_us_p99,

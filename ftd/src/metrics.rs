@@ -195,6 +195,16 @@ impl Metrics {
             "dirty_pages_last",
             "Dirty pages of the last checkpoint",
         );
+        let delta_pages = counter(
+            &mut registry,
+            "delta_pages",
+            "Of the dirty pages sent in checkpoints, those sent as the words that changed (page deltas)",
+        );
+        let delta_bytes = counter(
+            &mut registry,
+            "delta_bytes",
+            "Bytes of the page deltas sent in checkpoints (against 4096 a page sent whole)",
+        );
         let alink_bytes = counter(
             &mut registry,
             "alink_sent_bytes",
@@ -454,6 +464,12 @@ impl Metrics {
                 );
             }
             dirty.get_or_create(&labels).inc_by(c.dirty_pages_total);
+            delta_pages
+                .get_or_create(&labels)
+                .inc_by(c.delta_pages_total);
+            delta_bytes
+                .get_or_create(&labels)
+                .inc_by(c.delta_bytes_total);
             dirty_last
                 .get_or_create(&labels)
                 .set(c.dirty_pages_last as f64);

@@ -787,6 +787,13 @@ pub struct VmSample {
     pub stop_us_p99: u64,
     pub dirty_pages_total: u64,
     pub dirty_pages_last: u64,
+    /// Of `dirty_pages_total`, the pages sent as the words that changed
+    /// (page deltas).
+    #[serde(default)]
+    pub delta_pages_total: u64,
+    /// The bytes of those page deltas (a page sent whole is 4096).
+    #[serde(default)]
+    pub delta_bytes_total: u64,
     pub alink_bytes_sent: u64,
     pub ack_us_p50: u64,
     pub ack_us_p99: u64,

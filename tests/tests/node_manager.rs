@@ -49,13 +49,18 @@ fn eventually(
     }
 }
 
-fn checkpoints(metrics: &str) -> u64 {
+/// The ledger VM's primary's value of counter `name` (none: not there).
+fn primary_counter(metrics: &str, name: &str) -> Option<u64> {
+    let series = format!("{name}{{vm=\"ledger-vm\",role=\"primary\"}} ");
     metrics
         .lines()
-        .find(|l| l.starts_with("ftvm_checkpoints_total{vm=\"ledger-vm\",role=\"primary\"}"))
+        .find(|l| l.starts_with(&series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+}
+
+fn checkpoints(metrics: &str) -> u64 {
+    primary_counter(metrics, "ftvm_checkpoints_total").unwrap_or(0)
 }
 
 fn promtool_check(text: &str) {
@@ -105,6 +110,14 @@ fn the_daemons_keep_the_vm_protected_through_a_pull_and_a_restart() {
             "ftvm_guest_stop_seconds_bucket{le=\"+Inf\",vm=\"ledger-vm\",role=\"primary\"}"
         ),
         "no guest stop histogram:\n{second}"
+    );
+    // Page deltas: counted, and a share of the dirty pages.
+    let dirty = primary_counter(&second, "ftvm_dirty_pages_total").expect("dirty pages");
+    let deltas = primary_counter(&second, "ftvm_delta_pages_total").expect("delta pages");
+    let delta_bytes = primary_counter(&second, "ftvm_delta_bytes_total").expect("delta bytes");
+    assert!(
+        deltas <= dirty && delta_bytes <= deltas * 1024,
+        "{deltas} delta pages ({delta_bytes} bytes) of {dirty} dirty pages"
     );
 
     // A mutating request on b, for b's audit log.
