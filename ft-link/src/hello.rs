@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 /// carries): a peer of another version is refused at the Hello, with both
 /// versions said, instead of failing later on a message it does not know.
 /// 2: epochs may carry pages as deltas (`PageDeltas`); 3: an epoch's
-/// checkpoint state is encoded compactly (postcard), not as JSON.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// checkpoint state is encoded compactly (postcard), not as JSON; 4: it
+/// may go as what changed since the epoch before's (`EpochStateDelta`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

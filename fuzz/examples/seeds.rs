@@ -487,6 +487,15 @@ fn protocol_message() {
     new[1000..1024].fill(3);
     deltas.add(8192, &old, &new);
     messages.push(Message::PageDeltas(deltas.finish().remove(0)));
+    // Appended too: a state as what changed since the one before (two
+    // chunks, one word changed in the second).
+    let old_state = vec![5u8; PAGE_SIZE + 100];
+    let mut new_state = old_state.clone();
+    new_state[PAGE_SIZE + 40] = 6;
+    messages.push(Message::EpochStateDelta(
+        replicator::protocol::StateDelta::encode(&old_state, &new_state, 1000)
+            .expect("a state delta"),
+    ));
     for (i, m) in messages.into_iter().enumerate() {
         let f = m.into_frame(2 + i as u64, 1);
         let mut input = vec![f.kind.code()];

@@ -59,6 +59,12 @@ pub enum AssemblerError {
         #[source]
         source: crate::protocol::delta::DeltaError,
     },
+    #[error("epoch {epoch}: its state delta does not apply: {source}")]
+    StateDelta {
+        epoch: u64,
+        #[source]
+        source: crate::protocol::StateDeltaError,
+    },
     #[error("applying epoch {epoch} failed: {source}")]
     Apply {
         epoch: u64,
@@ -148,6 +154,9 @@ pub struct EpochAssembler {
     sequencer: EpochSequencer,
     staging: Option<Staging>,
     limits: StagingLimits,
+    /// The state of the last epoch assembled whole: the base of the next
+    /// epoch's state delta.
+    last_state: Option<Bytes>,
 }
 
 impl EpochAssembler {
@@ -162,6 +171,7 @@ impl EpochAssembler {
             sequencer: EpochSequencer::new(first_epoch),
             staging: None,
             limits,
+            last_state: None,
         }
     }
 
@@ -191,27 +201,11 @@ impl EpochAssembler {
     fn stage(&mut self, envelope: Envelope) -> Result<Option<CompleteEpoch>, AssemblerError> {
         let epoch = envelope.epoch;
         match envelope.message {
-            Message::EpochBegin(state) => {
-                if let Some(s) = &self.staging {
-                    return Err(AssemblerError::NeverEnded {
-                        epoch: s.epoch,
-                        next: epoch,
-                    });
-                }
-                self.sequencer.check(epoch)?;
-                self.staging = Some(Staging {
-                    epoch,
-                    state,
-                    pages: Vec::new(),
-                    deltas: Vec::new(),
-                    page_count: 0,
-                    crc: crc32fast::Hasher::new(),
-                    writes: Vec::new(),
-                    write_bytes: 0,
-                    writes_crc: crc32fast::Hasher::new(),
-                });
-                Ok(None)
-            }
+            Message::EpochBegin(state) => self.begin(epoch, |_| Ok(state)),
+            Message::EpochStateDelta(delta) => self.begin(epoch, |base| {
+                let base = base.ok_or(crate::protocol::StateDeltaError::NoBase)?;
+                delta.apply(base)
+            }),
             Message::Pages(batch) => {
                 let s = self.staged_pages("Pages", epoch, batch.len())?;
                 batch.hash_addresses(&mut s.crc);
@@ -242,10 +236,42 @@ impl EpochAssembler {
             Message::EpochEnd(end) => {
                 self.staged("EpochEnd", epoch)?;
                 let s = self.staging.take().expect("checked above");
-                check_end(epoch, &end, s).map(Some)
+                let complete = check_end(epoch, &end, s)?;
+                self.last_state = Some(complete.state.clone());
+                Ok(Some(complete))
             }
             other => Err(AssemblerError::Unexpected(other.name())),
         }
+    }
+
+    /// Begins staging epoch `epoch`, whose state `state` gives from the
+    /// state of the epoch before (if any).
+    fn begin(
+        &mut self,
+        epoch: u64,
+        state: impl FnOnce(Option<&[u8]>) -> Result<Bytes, crate::protocol::StateDeltaError>,
+    ) -> Result<Option<CompleteEpoch>, AssemblerError> {
+        if let Some(s) = &self.staging {
+            return Err(AssemblerError::NeverEnded {
+                epoch: s.epoch,
+                next: epoch,
+            });
+        }
+        self.sequencer.check(epoch)?;
+        let state = state(self.last_state.as_deref())
+            .map_err(|source| AssemblerError::StateDelta { epoch, source })?;
+        self.staging = Some(Staging {
+            epoch,
+            state,
+            pages: Vec::new(),
+            deltas: Vec::new(),
+            page_count: 0,
+            crc: crc32fast::Hasher::new(),
+            writes: Vec::new(),
+            write_bytes: 0,
+            writes_crc: crc32fast::Hasher::new(),
+        });
+        Ok(None)
     }
 
     /// The staged epoch, counting `pages` more pages in it (whole or as
@@ -484,6 +510,82 @@ mod tests {
             staged,
             (Vec::new(), 0),
         )
+    }
+
+    /// Epoch `epoch` of state `state` and one page, begun as the cache
+    /// begins it.
+    fn state_frames(
+        cache: &mut crate::primary::delta_cache::DeltaCache,
+        epoch: u64,
+        state: &[u8],
+    ) -> Vec<Frame> {
+        let mut stager = crate::protocol::PageStager::default();
+        vmm::replication::PageSink::page_buffer(&mut stager, 0).extend_from_slice(&page(1));
+        let begin = cache.begin(Bytes::copy_from_slice(state));
+        crate::protocol::epoch_frames_from(begin, (epoch, 0), stager.finish(), (Vec::new(), 0))
+    }
+
+    fn begins_with_a_state_delta(frames: &[Frame]) -> bool {
+        matches!(
+            Message::from_frame(frames[0].clone()).unwrap().message,
+            Message::EpochStateDelta(_)
+        )
+    }
+
+    #[test]
+    fn states_sent_as_deltas_come_out_as_the_primary_had_them() {
+        let ram = ReplicaRam::create(16).unwrap();
+        let mut cache = crate::primary::delta_cache::DeltaCache::new(1 << 20).unwrap();
+        let mut a = EpochAssembler::new(1);
+        // Assembled and applied: the state it carried.
+        let take = |a: &mut EpochAssembler, frames| {
+            let done = feed(a, frames).unwrap().unwrap();
+            a.apply(&done, &ram, &[]).unwrap();
+            done.state
+        };
+        let mut state: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
+        let first = state_frames(&mut cache, 1, &state);
+        assert!(!begins_with_a_state_delta(&first), "nothing before: whole");
+        assert_eq!(&take(&mut a, first)[..], &state[..]);
+        for epoch in 2..5 {
+            state[epoch as usize * 1000] ^= 0x5a;
+            let frames = state_frames(&mut cache, epoch, &state);
+            assert!(begins_with_a_state_delta(&frames), "epoch {epoch}");
+            assert_eq!(&take(&mut a, frames)[..], &state[..], "epoch {epoch}");
+        }
+        // Another length: whole again.
+        state.push(7);
+        let frames = state_frames(&mut cache, 5, &state);
+        assert!(!begins_with_a_state_delta(&frames));
+        assert_eq!(&take(&mut a, frames)[..], &state[..]);
+        // A torn epoch: the next one's delta (made against the torn one's
+        // state) is refused, whatever else would let it through.
+        state[0] ^= 1;
+        let mut torn = state_frames(&mut cache, 6, &state);
+        torn.pop();
+        assert!(feed(&mut a, torn).unwrap().is_none());
+        let mut b = EpochAssembler::new(7);
+        b.last_state = a.last_state.clone();
+        state[100] ^= 1; // another word than the torn epoch changed
+        let next = state_frames(&mut cache, 7, &state);
+        assert!(begins_with_a_state_delta(&next));
+        assert!(matches!(
+            feed(&mut b, next),
+            Err(AssemblerError::StateDelta {
+                epoch: 7,
+                source: crate::protocol::StateDeltaError::Crc { .. }
+            })
+        ));
+        // A new assembler (a new session) holds no base.
+        let mut fresh = EpochAssembler::new(8);
+        state[2] ^= 1;
+        assert!(matches!(
+            feed(&mut fresh, state_frames(&mut cache, 8, &state)),
+            Err(AssemblerError::StateDelta {
+                epoch: 8,
+                source: crate::protocol::StateDeltaError::NoBase
+            })
+        ));
     }
 
     #[test]

@@ -227,6 +227,10 @@ pub struct FtCounters {
     pub delta_pages_total: u64,
     #[serde(default)]
     pub delta_bytes_total: u64,
+    /// Epochs whose checkpoint state went as what changed since the
+    /// epoch before's (`EpochStateDelta`), not whole.
+    #[serde(default)]
+    pub state_deltas_total: u64,
     /// Consistency checks the standby made (`verify`), and those that found
     /// the replica different from the primary (must stay 0).
     #[serde(default)]

@@ -41,6 +41,8 @@ struct Figures {
     /// Of the dirty pages, the share sent as deltas, and their mean size.
     delta_share: f64,
     delta_bytes_per_page: f64,
+    /// Of the checkpoints, the share whose state went as a delta.
+    state_delta_share: f64,
     alink_mb_per_s: f64,
     rtt_p50_ms: f64,
     rtt_p99_ms: f64,
@@ -115,6 +117,11 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         },
         delta_bytes_per_page: if delta_pages > 0.0 {
             delta(after.delta_bytes_total, before.delta_bytes_total) / delta_pages
+        } else {
+            0.0
+        },
+        state_delta_share: if checkpoints > 0.0 {
+            delta(after.state_deltas_total, before.state_deltas_total) / checkpoints
         } else {
             0.0
         },
@@ -238,6 +245,9 @@ fn main() {
     });
     row("bytes per delta (4096 whole)", &|x| {
         format!("{:.0}", x.delta_bytes_per_page)
+    });
+    row("states sent as deltas (share)", &|x| {
+        format!("{:.2}", x.state_delta_share)
     });
     row("A-link MB/s", &|x| format!("{:.2}", x.alink_mb_per_s));
     row("round trip p50 ms", &|x| format!("{:.2}", x.rtt_p50_ms));

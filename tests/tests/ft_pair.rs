@@ -1100,15 +1100,24 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
         "no page went as a delta in {} dirty pages: {c:?}",
         c.dirty_pages_total
     );
+    // Likewise the VM's state: the standby rebuilt it from the epoch
+    // before's, and checked the result's CRC.
+    assert!(
+        c.state_deltas_total > 0,
+        "no state went as a delta in {} checkpoints: {c:?}",
+        c.checkpoints
+    );
     eprintln!(
         "[oracle] {checks} checks in a row, all equal, at epochs {epochs:?} ({restarts} sessions \
          started over meanwhile); standby digest {:?} ms; disk writes in epochs {}; \
-         {} of {} dirty pages as deltas ({} bytes)",
+         {} of {} dirty pages as deltas ({} bytes); {} of {} states as deltas",
         digest_ms,
         c.disk_writes_total,
         c.delta_pages_total,
         c.dirty_pages_total,
-        c.delta_bytes_total
+        c.delta_bytes_total,
+        c.state_deltas_total,
+        c.checkpoints
     );
 }
 

@@ -13,10 +13,16 @@
 //!
 //! The cache is bounded: past its size a page new to it pushes out the
 //! page that came in first (a page written every epoch stays).
+//!
+//! It also keeps the last epoch's encoded checkpoint state, so that the
+//! next epoch's can go as what changed since ([`DeltaCache::begin`]): the
+//! standby holds that state once it assembled the epoch before.
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::protocol::{PageDeltaStager, PageStager, StagedPages, PAGE_SIZE};
+use bytes::Bytes;
+
+use crate::protocol::{Message, PageDeltaStager, PageStager, StagedPages, StateDelta, PAGE_SIZE};
 use vmm::replication::PageSink;
 
 /// The cache's size by default (`ftprotect --delta-cache-mib`).
@@ -37,6 +43,8 @@ pub struct DeltaCache {
     /// Pages in the order they came in (the first to go when full).
     order: VecDeque<u64>,
     max_pages: usize,
+    /// The state the last epoch carried.
+    state: Option<Bytes>,
 }
 
 impl DeltaCache {
@@ -48,6 +56,7 @@ impl DeltaCache {
             pages: HashMap::new(),
             order: VecDeque::new(),
             max_pages,
+            state: None,
         })
     }
 
@@ -56,6 +65,22 @@ impl DeltaCache {
     pub fn clear(&mut self) {
         self.pages.clear();
         self.order.clear();
+        self.state = None;
+    }
+
+    /// The message that begins an epoch of state `state`: what changed
+    /// since the last epoch's state where that is under half of it, else
+    /// the state whole. Every epoch sent with the cache goes through here.
+    pub fn begin(&mut self, state: Bytes) -> Message {
+        let delta = self
+            .state
+            .as_ref()
+            .and_then(|old| StateDelta::encode(old, &state, state.len() / 2));
+        self.state = Some(state.clone());
+        match delta {
+            Some(delta) => Message::EpochStateDelta(delta),
+            None => Message::EpochBegin(state),
+        }
     }
 
     /// Pages held.
@@ -228,5 +253,27 @@ mod tests {
             DeltaCache::new(PAGE_SIZE as u64 - 1).is_none(),
             "under a page: off"
         );
+    }
+
+    #[test]
+    fn a_state_goes_whole_first_and_after_a_clear_and_as_a_delta_between() {
+        let mut cache = DeltaCache::new(1 << 20).unwrap();
+        let is_delta = |m: &Message| matches!(m, Message::EpochStateDelta(_));
+        let mut state = vec![3u8; 6000];
+        assert!(!is_delta(&cache.begin(Bytes::from(state.clone()))));
+        state[10] = 4;
+        let second = cache.begin(Bytes::from(state.clone()));
+        assert!(is_delta(&second));
+        let Message::EpochStateDelta(d) = second else {
+            unreachable!()
+        };
+        assert_eq!(
+            d.apply(&vec![3u8; 6000]).unwrap(),
+            Bytes::from(state.clone())
+        );
+        cache.clear();
+        assert!(!is_delta(&cache.begin(Bytes::from(state.clone()))));
+        // Changed in most of its words: whole.
+        assert!(!is_delta(&cache.begin(Bytes::from(vec![9u8; 6000]))));
     }
 }

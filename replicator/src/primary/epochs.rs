@@ -25,7 +25,7 @@ use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
 use crate::interval::Schedule;
-use crate::protocol::{epoch_frames, Message};
+use crate::protocol::{epoch_frames_from, Message};
 use crate::status::StatusBoard;
 
 pub(super) async fn epochs(
@@ -285,11 +285,11 @@ async fn send_epoch(
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     (epoch, generation): (u64, u64),
     mut captured: Captured,
-    deltas: Option<&mut DeltaCache>,
+    mut deltas: Option<&mut DeltaCache>,
     status: &StatusBoard,
     in_flight: &mut InFlight<'_>,
 ) -> Result<(), PrimaryError> {
-    if let Some(cache) = deltas {
+    if let Some(cache) = deltas.as_deref_mut() {
         let (pages, figures) = cache.encode(std::mem::take(&mut captured.pages));
         captured.pages = pages;
         status.update(|s| {
@@ -297,7 +297,7 @@ async fn send_epoch(
             s.counters.delta_bytes_total += figures.bytes;
         });
     }
-    let frames = encode(epoch, generation, captured)?;
+    let frames = encode((epoch, generation), captured, deltas, status)?;
     in_flight.sending(frames.iter().map(|f| f.wire_len() as u64).sum());
     // The standby's word is heard while sending too: a silence (or any
     // error) the acknowledgement reader found ends the epoch at once,
@@ -319,17 +319,30 @@ async fn send_epoch(
     Ok(())
 }
 
-fn encode(epoch: u64, generation: u64, captured: Captured) -> Result<Vec<Frame>, PrimaryError> {
+/// The frames of epoch `epoch`; its state as a delta from the last
+/// epoch's where `deltas` allows.
+fn encode(
+    (epoch, generation): (u64, u64),
+    captured: Captured,
+    deltas: Option<&mut DeltaCache>,
+    status: &StatusBoard,
+) -> Result<Vec<Frame>, PrimaryError> {
     let state = Bytes::from(captured.state.to_payload()?);
+    let begin = match deltas {
+        Some(cache) => cache.begin(state),
+        None => Message::EpochBegin(state),
+    };
+    if matches!(begin, Message::EpochStateDelta(_)) {
+        status.update(|s| s.counters.state_deltas_total += 1);
+    }
     // The output's copy goes first: the standby holds it once the epoch
     // commits.
     let mut frames: Vec<Frame> = output_batches(&captured.output)
         .map(|batch| Message::EpochOutput(batch).into_frame(epoch, generation))
         .collect();
-    frames.extend(epoch_frames(
-        epoch,
-        generation,
-        state,
+    frames.extend(epoch_frames_from(
+        begin,
+        (epoch, generation),
         captured.pages,
         captured.writes,
     ));
@@ -346,7 +359,8 @@ pub(super) async fn send_final_epoch(
     captured: Captured,
     status: &StatusBoard,
 ) -> Result<(), PrimaryError> {
-    let frames = encode(epoch, generation, captured)?;
+    // Whole: it goes past the delta cache (see `epochs`).
+    let frames = encode((epoch, generation), captured, None, status)?;
     let send = send_all(tx, &frames, status);
     tokio::pin!(send);
     tokio::select! {

@@ -15,6 +15,8 @@
 //!             [disk records u64][crc32 of the SyncDisk payloads]
 //! Backup      first message of a second path (heartbeats only)
 //! EpochBegin(N)  the checkpoint's state (see `state`)
+//! EpochStateDelta(N)  in its place: the state as what changed since
+//!                epoch N-1's (see `state_delta`)
 //! Pages(N)       dirty pages: [gpa u64 LE][4096 bytes] ... (see `pages`)
 //! PageDeltas(N)  dirty pages as what changed since the replica's version:
 //!                [gpa u64 LE][len u16 LE][delta] ... (see `page_deltas`)
@@ -47,6 +49,7 @@ mod inbound;
 pub mod page_deltas;
 mod pages;
 mod state;
+pub mod state_delta;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ft_link::{Frame, FrameKind};
@@ -60,6 +63,7 @@ pub use self::state::{
     BootPlan, CheckpointState, MemorySince, StateError, SyncPlan, WrittenPlan,
     CHECKPOINT_STATE_VERSION, SYNC_PLAN_VERSION,
 };
+pub use self::state_delta::{StateDelta, StateDeltaError};
 pub use vmm::replication::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -164,6 +168,10 @@ pub enum Message {
     /// The encoded [`CheckpointState`]: decoded only once its epoch is
     /// complete (a torn epoch costs no decode).
     EpochBegin(Bytes),
+    /// In place of `EpochBegin`: the state as what changed since the
+    /// previous epoch's (checked whole when decoded; applied, and its
+    /// result's CRC checked, when the epoch begins on the standby).
+    EpochStateDelta(StateDelta),
     Pages(PageBatch),
     /// Pages of the epoch as deltas from the version the standby's
     /// replica holds (the primary's delta cache knows it).
@@ -248,6 +256,7 @@ const SYNC_DISK_Z: u8 = 82;
 const EPOCH_OUTPUT: u8 = 83;
 const RELEASE: u8 = 84;
 const PAGE_DELTAS: u8 = 85;
+const EPOCH_STATE_DELTA: u8 = 86;
 
 impl Message {
     /// Whether frames of kind `code` carry a compressed copy payload
@@ -265,6 +274,7 @@ impl Message {
             Message::SyncEnd(_) => "SyncEnd",
             Message::Backup => "Backup",
             Message::EpochBegin(_) => "EpochBegin",
+            Message::EpochStateDelta(_) => "EpochStateDelta",
             Message::Pages(_) => "Pages",
             Message::PageDeltas(_) => "PageDeltas",
             Message::DiskWrites(_) => "DiskWrites",
@@ -291,6 +301,7 @@ impl Message {
             Message::SyncEnd(end) => (SYNC_END, end.to_payload()),
             Message::Backup => (BACKUP, Bytes::new()),
             Message::EpochBegin(state) => (EPOCH_BEGIN, state),
+            Message::EpochStateDelta(d) => (EPOCH_STATE_DELTA, d.into_bytes()),
             Message::Pages(b) => (PAGES, b.into_bytes()),
             Message::PageDeltas(b) => (PAGE_DELTAS, b.into_bytes()),
             Message::DiskWrites(b) => (DISK_WRITES, b.into_bytes()),
@@ -385,6 +396,9 @@ impl Message {
                 Message::Backup
             }
             EPOCH_BEGIN => Message::EpochBegin(payload),
+            EPOCH_STATE_DELTA => Message::EpochStateDelta(StateDelta::parse(payload).ok_or(
+                malformed("EpochStateDelta", "not a well-formed state delta"),
+            )?),
             PAGES => Message::Pages(
                 PageBatch::new(payload).ok_or(malformed("Pages", "not whole page records"))?,
             ),
@@ -476,8 +490,28 @@ pub fn epoch_frames(
     pages: StagedPages,
     writes: (Vec<DiskBatch>, u64),
 ) -> Vec<Frame> {
+    epoch_frames_from(
+        Message::EpochBegin(state),
+        (epoch, generation),
+        pages,
+        writes,
+    )
+}
+
+/// [`epoch_frames`] beginning with `begin`: `EpochBegin` or
+/// `EpochStateDelta`.
+pub fn epoch_frames_from(
+    begin: Message,
+    (epoch, generation): (u64, u64),
+    pages: StagedPages,
+    writes: (Vec<DiskBatch>, u64),
+) -> Vec<Frame> {
+    debug_assert!(matches!(
+        begin,
+        Message::EpochBegin(_) | Message::EpochStateDelta(_)
+    ));
     let mut out = Vec::with_capacity(pages.batches.len() + pages.deltas.len() + writes.0.len() + 2);
-    out.push(Message::EpochBegin(state).into_frame(epoch, generation));
+    out.push(begin.into_frame(epoch, generation));
     let mut end = EpochEnd {
         pages: pages.count,
         writes: writes.1,
@@ -572,6 +606,9 @@ mod tests {
             Message::SyncEnd(end),
             Message::Backup,
             Message::EpochBegin(Bytes::from_static(b"{}")),
+            Message::EpochStateDelta(
+                StateDelta::encode(&[1; 5000], &[2; 5000], 10_000).expect("a state delta"),
+            ),
             Message::Pages(pages),
             Message::DiskWrites(disks[0].clone()),
             Message::EpochEnd(end),
