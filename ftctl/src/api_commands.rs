@@ -211,6 +211,10 @@ pub struct VmCreateArgs {
     /// default 5000).
     #[arg(long, value_name = "MS", conflicts_with = "from_json")]
     ack_deadline_ms: Option<u64>,
+    /// Level ft: the primary's delta cache (MiB; default 64; 0 sends every
+    /// dirty page and the VM's state whole).
+    #[arg(long, value_name = "MIB", conflicts_with = "from_json")]
+    delta_cache_mib: Option<u64>,
     /// A VmCreate body (JSON) instead of the options; '-' reads stdin.
     #[arg(long, value_name = "FILE")]
     from_json: Option<PathBuf>,
@@ -527,6 +531,7 @@ fn create_body(create: VmCreateArgs) -> Result<CreateBody, CommandError> {
                 epochs_in_flight: create.epochs_in_flight,
                 no_pulses: false,
                 ack_deadline_ms: create.ack_deadline_ms,
+                delta_cache_mib: create.delta_cache_mib,
             })
             .filter(|ft| *ft != FtOptions::default()),
         })));

@@ -140,6 +140,10 @@ enum LabCommand {
         /// faults only).
         #[arg(long, value_enum, default_value = "ft")]
         level: api_commands::ProtectLevelArg,
+        /// Level ft: the primary's delta cache (MiB; default 64; 0 sends
+        /// every dirty page and the VM's state whole).
+        #[arg(long, value_name = "MIB")]
+        delta_cache_mib: Option<u64>,
     },
     /// Boot a node, check kvm_amd in it, run a ring-0 test guest, report.
     Smoke {
@@ -313,13 +317,18 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             fault,
             report,
             level,
+            delta_cache_mib,
         } => {
             let path = report.unwrap_or_else(|| lab.topo.dir.join("drill-report.json"));
             let level = match level {
                 api_commands::ProtectLevelArg::Ft => drill::Level::Ft,
                 api_commands::ProtectLevelArg::Ha => drill::Level::Ha,
             };
-            match drill::run_at(lab, count, fault, level, &path) {
+            let ft = ftd_client::model::FtOptions {
+                delta_cache_mib,
+                ..Default::default()
+            };
+            match drill::run_with(lab, (count, fault), level, ft, &path) {
                 Ok(report) => {
                     drill::print_table(&report);
                     println!("report: {}", path.display());

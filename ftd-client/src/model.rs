@@ -39,6 +39,8 @@ pub struct FtOptions {
     pub no_pulses: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack_deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_cache_mib: Option<u64>,
 }
 
 /// The body of `POST /api/vms`. Fields left out take the daemon's

@@ -132,6 +132,14 @@ pub struct FtOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 100, maximum = 600000)]
     pub ack_deadline_ms: Option<u64>,
+    /// The primary's delta cache (MiB, 0-65536; default 64; 0 turns
+    /// deltas off): each page as it last went to the standby, so that a
+    /// page changed in a few places goes as those changes, and the VM's
+    /// state as what changed since the checkpoint before.
+    // Left out when unset, as `ack_deadline_ms` above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 65536)]
+    pub delta_cache_mib: Option<u64>,
 }
 
 impl FtOptions {
@@ -171,6 +179,14 @@ impl FtOptions {
                 return Err(FieldError::new(
                     "ft.ack_deadline_ms",
                     format!("{ms} is not in 100..=600000"),
+                ));
+            }
+        }
+        if let Some(mib) = self.delta_cache_mib {
+            if mib > 65_536 {
+                return Err(FieldError::new(
+                    "ft.delta_cache_mib",
+                    format!("{mib} is not in 0..=65536"),
                 ));
             }
         }
@@ -871,13 +887,19 @@ mod tests {
     #[test]
     fn unset_newer_options_are_left_out() {
         let unset = serde_json::to_value(FtOptions::default()).unwrap();
-        for field in ["ack_deadline_ms", "epochs_in_flight", "no_pulses"] {
+        for field in [
+            "ack_deadline_ms",
+            "epochs_in_flight",
+            "no_pulses",
+            "delta_cache_mib",
+        ] {
             assert!(unset.get(field).is_none(), "{field} in {unset}");
         }
         let set = FtOptions {
             ack_deadline_ms: Some(3000),
             epochs_in_flight: Some(2),
             no_pulses: true,
+            delta_cache_mib: Some(0),
             ..Default::default()
         };
         let text = serde_json::to_string(&set).unwrap();
@@ -961,6 +983,10 @@ mod tests {
             (
                 Box::new(|c| c.ft.ack_deadline_ms = Some(600_001)),
                 "ft.ack_deadline_ms",
+            ),
+            (
+                Box::new(|c| c.ft.delta_cache_mib = Some(65_537)),
+                "ft.delta_cache_mib",
             ),
         ];
         for (change, field) in cases {

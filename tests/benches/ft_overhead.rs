@@ -1,6 +1,7 @@
 //! Benchmark in the lab: the ledger VM unprotected, then protected at level
 //! FT (speculative with pipelined epochs, the default; speculative with one
-//! epoch in flight; synchronous mode) on the default sealed A-link, then
+//! epoch in flight; synchronous mode; every page and state sent whole, the
+//! delta cache off) on the default sealed A-link, then
 //! FT on a lab whose A-link runs in plaintext (what sealing costs, where AES
 //! runs emulated under TCG), side by side. For each: checkpoints
 //! per second, guest stop time per checkpoint p50/p99, dirty pages per epoch,
@@ -12,7 +13,7 @@
 //! lab's nested TCG most of FT's overhead).
 //!
 //! Run: `cargo bench -p ft-tests --bench ft_overhead` (needs the lab, about
-//! 6 minutes). Nested virtualization under TCG: absolute figures are far
+//! 7 minutes). Nested virtualization under TCG: absolute figures are far
 //! below hardware; the ratios are the point.
 
 use std::time::{Duration, Instant};
@@ -200,6 +201,11 @@ fn main() {
         ..Default::default()
     };
     let (_, sync, _) = run_mode(&lab, synchronous);
+    let deltas_off = FtOptions {
+        delta_cache_mib: Some(0),
+        ..Default::default()
+    };
+    let (_, whole, _) = run_mode(&lab, deltas_off);
     drop(lab);
     let plain_lab =
         LabPair::start_configured("ftbench", &NodeId::ALL, |topo| topo.alink_plaintext = true);
@@ -214,17 +220,24 @@ fn main() {
         ft_pair::GUEST_MEM_MIB
     );
     println!(
-        "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14}",
-        "", "unprotected", "FT", "FT 1 in flight", "FT synchronous", "FT plaintext"
+        "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+        "",
+        "unprotected",
+        "FT",
+        "FT 1 in flight",
+        "FT synchronous",
+        "FT deltas off",
+        "FT plaintext"
     );
     let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
         println!(
-            "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14}",
+            "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
             name,
             f(&unprotected),
             f(&ft),
             f(&one),
             f(&sync),
+            f(&whole),
             f(&plaintext)
         );
     };

@@ -154,6 +154,9 @@ fn engine_command(
     if let Some(ms) = ft.ack_deadline_ms {
         cmd.args(["--ack-deadline-ms", &ms.to_string()]);
     }
+    if let Some(mib) = ft.delta_cache_mib {
+        cmd.args(["--delta-cache-mib", &mib.to_string()]);
+    }
     if config.alink_plaintext {
         cmd.arg("--alink-plaintext");
     }
@@ -760,14 +763,18 @@ mod tests {
         for role in [Role::Primary, Role::Standby] {
             let plain = args(&engine_command(&config, &vm, 3, role, &paths));
             assert_eq!(value_of(&plain, "--ack-deadline-ms"), None, "{plain:?}");
+            assert_eq!(value_of(&plain, "--delta-cache-mib"), None, "{plain:?}");
             assert_eq!(value_of(&plain, "--generation"), Some("3"));
         }
         vm.ft.ack_deadline_ms = Some(3000);
         vm.ft.epochs_in_flight = Some(2);
+        vm.ft.delta_cache_mib = Some(0);
         for role in [Role::Primary, Role::Standby] {
             let set = args(&engine_command(&config, &vm, 3, role, &paths));
             assert_eq!(value_of(&set, "--ack-deadline-ms"), Some("3000"), "{set:?}");
             assert_eq!(value_of(&set, "--epochs-in-flight"), Some("2"), "{set:?}");
+            // A standby passes it on to the primary it becomes.
+            assert_eq!(value_of(&set, "--delta-cache-mib"), Some("0"), "{set:?}");
         }
     }
 

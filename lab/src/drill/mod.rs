@@ -277,6 +277,18 @@ pub fn run_at(
     level: Level,
     report_path: &PathBuf,
 ) -> Result<DrillReport, DrillError> {
+    run_with(lab, (count, fault), level, Default::default(), report_path)
+}
+
+/// [`run_at`] with the ledger VM's level-ft tuning `ft` (its delta cache,
+/// epochs in flight, ...), which its re-protections keep.
+pub fn run_with(
+    lab: &Lab,
+    (count, fault): (u32, Fault),
+    level: Level,
+    ft: ftd_client::model::FtOptions,
+    report_path: &PathBuf,
+) -> Result<DrillReport, DrillError> {
     if level == Level::Ha && !matches!(fault, Fault::Pull | Fault::Switchover) {
         return Err(DrillError::NotAtHa { fault });
     }
@@ -287,7 +299,7 @@ pub fn run_at(
     progress(format_args!(
         "drill: protecting the ledger VM at level {level} (initial synchronisation)"
     ));
-    ft_pair::protect_at(lab, primary, level.as_str(), Default::default())?;
+    ft_pair::protect_at(lab, primary, level.as_str(), ft)?;
     ft_pair::wait_for(
         lab,
         primary.peer(),

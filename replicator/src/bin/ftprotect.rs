@@ -133,7 +133,7 @@ struct PairOptions {
     copy_compression: i32,
     /// MiB of pages the primary keeps as its standby has them, to send a
     /// page the guest changed in a few places as those changes instead of
-    /// whole (0: every page whole).
+    /// whole (0: every page and the VM's state whole).
     #[arg(long, default_value_t = replicator::primary::delta_cache::DEFAULT_DELTA_CACHE_MIB)]
     delta_cache_mib: u64,
     /// Put the VM's TAPs on this bridge.
