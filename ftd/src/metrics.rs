@@ -270,6 +270,16 @@ impl Metrics {
             "epochs_rejected",
             "Checkpoints the standby refused (torn, corrupt, replayed)",
         );
+        let audit_pages = counter(
+            &mut registry,
+            "audit_pages",
+            "Pages the standby checked against the primary's page audit of each checkpoint",
+        );
+        let audit_mismatches = counter(
+            &mut registry,
+            "audit_mismatches",
+            "Checkpoints refused because the replica differed from the primary at an audited page (must stay 0)",
+        );
         let failovers = counter(
             &mut registry,
             "failovers",
@@ -503,6 +513,12 @@ impl Metrics {
                 .set(c.output_frames_held_now as f64);
             throttled.get_or_create(&labels).inc_by(c.throttled);
             rejected.get_or_create(&labels).inc_by(c.epochs_rejected);
+            audit_pages
+                .get_or_create(&labels)
+                .inc_by(c.audit_pages_total);
+            audit_mismatches
+                .get_or_create(&labels)
+                .inc_by(c.audit_mismatches);
             failovers.get_or_create(&labels).inc_by(c.failovers);
             switchovers.get_or_create(&labels).inc_by(c.switchovers);
             fences.get_or_create(&labels).inc_by(c.fences);

@@ -496,6 +496,15 @@ fn protocol_message() {
         replicator::protocol::StateDelta::encode(&old_state, &new_state, 1000)
             .expect("a state delta"),
     ));
+    // Appended too: an epoch's page audit of two pages.
+    let mut audit = replicator::protocol::PageAudit::default();
+    audit.add(
+        4096,
+        replicator::protocol::Picked::Recent,
+        &[1u8; PAGE_SIZE],
+    );
+    audit.add(8192, replicator::protocol::Picked::Delta, &[2u8; PAGE_SIZE]);
+    messages.push(Message::EpochAudit(audit));
     for (i, m) in messages.into_iter().enumerate() {
         let f = m.into_frame(2 + i as u64, 1);
         let mut input = vec![f.kind.code()];

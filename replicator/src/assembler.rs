@@ -9,7 +9,8 @@ use vmm::replication::ReplicaRam;
 
 use crate::protocol::delta;
 use crate::protocol::{
-    DiskRecord, Envelope, EpochEnd, Message, PageBatch, PageDeltaBatch, ProtocolError, PAGE_SIZE,
+    audit, DiskRecord, Envelope, EpochEnd, Message, PageAudit, PageBatch, PageDeltaBatch, Picked,
+    ProtocolError, PAGE_SIZE,
 };
 use crate::sequence::{EpochSequencer, SequenceError};
 use crate::standby::replica_disk::{ReplicaDisk, ReplicaDiskError};
@@ -51,6 +52,16 @@ pub enum AssemblerError {
         epoch: u64,
         #[source]
         source: ProtocolError,
+    },
+    #[error("epoch {epoch} carries a second page audit")]
+    AuditTwice { epoch: u64 },
+    #[error("epoch {epoch}: its page audit names page {gpa:#x}, outside the guest's memory")]
+    AuditOutside { epoch: u64, gpa: u64 },
+    #[error("epoch {epoch}: the replica DIFFERS from the primary in {} of {audited} audited pages (first: {})", .differ.len(), .differ.first().map(AuditMiss::to_string).unwrap_or_default())]
+    AuditMismatch {
+        epoch: u64,
+        audited: usize,
+        differ: Vec<AuditMiss>,
     },
     #[error("epoch {epoch}: the delta of page {gpa:#x} does not apply: {source}")]
     Delta {
@@ -119,10 +130,36 @@ impl Default for StagingLimits {
     }
 }
 
+/// An audited page the replica holds otherwise than the primary did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditMiss {
+    pub gpa: u64,
+    pub picked: Picked,
+    /// Whether the epoch carried the page (whole or as a delta).
+    pub in_epoch: bool,
+}
+
+impl std::fmt::Display for AuditMiss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "page {:#x}, picked as {}, {}",
+            self.gpa,
+            self.picked.name(),
+            if self.in_epoch {
+                "carried by the epoch"
+            } else {
+                "not in the epoch"
+            }
+        )
+    }
+}
+
 /// An epoch being received.
 struct Staging {
     epoch: u64,
     state: Bytes,
+    audit: Option<PageAudit>,
     pages: Vec<PageBatch>,
     deltas: Vec<PageDeltaBatch>,
     page_count: u64,
@@ -146,6 +183,8 @@ pub struct CompleteEpoch {
     pub page_count: u64,
     /// Disk writes in the order the primary executed them.
     pub writes: Vec<DiskRecord>,
+    /// Pages the replica must hold as summed once the epoch is applied.
+    pub audit: PageAudit,
 }
 
 /// Turns the message stream into complete epochs and applies them in
@@ -233,6 +272,14 @@ impl EpochAssembler {
                 s.writes.extend(batch.into_records());
                 Ok(None)
             }
+            Message::EpochAudit(audit) => {
+                let s = self.staged("EpochAudit", epoch)?;
+                if s.audit.is_some() {
+                    return Err(AssemblerError::AuditTwice { epoch });
+                }
+                s.audit = Some(audit);
+                Ok(None)
+            }
             Message::EpochEnd(end) => {
                 self.staged("EpochEnd", epoch)?;
                 let s = self.staging.take().expect("checked above");
@@ -263,6 +310,7 @@ impl EpochAssembler {
         self.staging = Some(Staging {
             epoch,
             state,
+            audit: None,
             pages: Vec::new(),
             deltas: Vec::new(),
             page_count: 0,
@@ -328,6 +376,14 @@ impl EpochAssembler {
                 .check_within(ram.bytes())
                 .map_err(|source| AssemblerError::Page { epoch, source })?;
         }
+        if let Some(r) = complete
+            .audit
+            .records()
+            .iter()
+            .find(|r| r.gpa.saturating_add(PAGE_SIZE as u64) > ram.bytes())
+        {
+            return Err(AssemblerError::AuditOutside { epoch, gpa: r.gpa });
+        }
         for batch in &complete.pages {
             for (gpa, data) in batch.records() {
                 ram.write_page(gpa, data)
@@ -350,6 +406,7 @@ impl EpochAssembler {
                     .map_err(|source| AssemblerError::Apply { epoch, source })?;
             }
         }
+        audit_memory(complete, ram, &mut page)?;
         write_all(complete, disks)?;
         self.sequencer.applied(epoch);
         Ok(())
@@ -380,6 +437,49 @@ impl EpochAssembler {
         self.sequencer.applied(epoch);
         Ok(())
     }
+}
+
+/// Each page `complete`'s audit names, as the replica holds it now
+/// (`page`: a page's buffer), against the primary's sum.
+fn audit_memory(
+    complete: &CompleteEpoch,
+    ram: &ReplicaRam,
+    page: &mut [u8],
+) -> Result<(), AssemblerError> {
+    let epoch = complete.epoch;
+    let mut differ = Vec::new();
+    for r in complete.audit.records() {
+        ram.read_page(r.gpa, page)
+            .map_err(|source| AssemblerError::Apply { epoch, source })?;
+        if audit::page_sum(page) != r.sum {
+            differ.push(AuditMiss {
+                gpa: r.gpa,
+                picked: r.picked,
+                in_epoch: carries(complete, r.gpa),
+            });
+        }
+    }
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(AssemblerError::AuditMismatch {
+            epoch,
+            audited: complete.audit.len(),
+            differ,
+        })
+    }
+}
+
+/// Whether `complete` carries page `gpa` (whole or as a delta).
+fn carries(complete: &CompleteEpoch, gpa: u64) -> bool {
+    complete
+        .pages
+        .iter()
+        .any(|b| b.records().any(|(g, _)| g == gpa))
+        || complete
+            .deltas
+            .iter()
+            .any(|b| b.records().any(|(g, _)| g == gpa))
 }
 
 /// Every write of `complete` within its disk (before any is applied).
@@ -433,6 +533,7 @@ fn check_end(epoch: u64, end: &EpochEnd, s: Staging) -> Result<CompleteEpoch, As
         deltas: s.deltas,
         page_count: s.page_count,
         writes: s.writes,
+        audit: s.audit.unwrap_or_default(),
     })
 }
 
@@ -491,6 +592,101 @@ mod tests {
         assert_eq!(a.expected(), 2);
     }
 
+    /// `frames` with an audit of `pages` (address, contents expected,
+    /// why) before the end record.
+    fn audited(mut frames: Vec<Frame>, epoch: u64, pages: &[(u64, &[u8], Picked)]) -> Vec<Frame> {
+        let mut audit = PageAudit::default();
+        for (gpa, data, picked) in pages {
+            assert!(audit.add(*gpa, *picked, data));
+        }
+        let end = frames.pop().unwrap();
+        frames.push(Message::EpochAudit(audit).into_frame(epoch, 0));
+        frames.push(end);
+        frames
+    }
+
+    #[test]
+    fn an_audit_that_matches_lets_the_epoch_commit() {
+        let ram = ReplicaRam::create(16).unwrap();
+        let mut a = EpochAssembler::new(1);
+        let pages: Vec<_> = (0..4u64).map(|i| (i * 4096, page(i as u8 + 1))).collect();
+        let frames = audited(
+            epoch_frames(1, &pages),
+            1,
+            &[
+                (4096, &page(2), Picked::Delta),
+                // Not in the epoch: zero, as a new replica holds it.
+                (40 * 4096, &page(0), Picked::Random),
+            ],
+        );
+        let done = feed(&mut a, frames).unwrap().expect("complete");
+        assert_eq!(done.audit.len(), 2);
+        a.apply(&done, &ram, &[]).unwrap();
+        assert_eq!(a.expected(), 2);
+    }
+
+    #[test]
+    fn a_replica_that_drifted_is_refused_at_the_first_audit_that_shows_it() {
+        let ram = ReplicaRam::create(16).unwrap();
+        let mut a = EpochAssembler::new(1);
+        let first = vec![(0, page(1)), (4096, page(2))];
+        let done = feed(&mut a, epoch_frames(1, &first)).unwrap().unwrap();
+        a.apply(&done, &ram, &[]).unwrap();
+        // The primary's guest wrote page 1 again in epoch 2, and the write
+        // was missed: epoch 2 carries page 0 alone, and the audit names
+        // page 1 as the primary holds it.
+        let frames = audited(
+            epoch_frames(2, &[(0, page(3))]),
+            2,
+            &[
+                (4096, &page(9), Picked::Recent),
+                (0, &page(3), Picked::Random),
+            ],
+        );
+        let done = feed(&mut a, frames).unwrap().unwrap();
+        match a.apply(&done, &ram, &[]) {
+            Err(AssemblerError::AuditMismatch {
+                epoch: 2,
+                audited: 2,
+                differ,
+            }) => assert_eq!(
+                differ,
+                [AuditMiss {
+                    gpa: 4096,
+                    picked: Picked::Recent,
+                    in_epoch: false
+                }]
+            ),
+            other => panic!("not refused for the drift: {other:?}"),
+        }
+        assert_eq!(a.expected(), 2, "the epoch did not commit");
+    }
+
+    #[test]
+    fn a_second_audit_or_one_outside_memory_is_refused() {
+        let ram = ReplicaRam::create(16).unwrap();
+        let mut a = EpochAssembler::new(1);
+        let pages = vec![(0, page(1))];
+        let once = audited(epoch_frames(1, &pages), 1, &[(0, &page(1), Picked::Delta)]);
+        let twice = audited(once, 1, &[(0, &page(1), Picked::Delta)]);
+        assert!(matches!(
+            feed(&mut a, twice),
+            Err(AssemblerError::AuditTwice { epoch: 1 })
+        ));
+        let mut a = EpochAssembler::new(1);
+        let outside = audited(
+            epoch_frames(1, &pages),
+            1,
+            &[(16 << 20, &page(0), Picked::Random)],
+        );
+        let done = feed(&mut a, outside).unwrap().unwrap();
+        assert!(matches!(
+            a.apply(&done, &ram, &[]),
+            Err(AssemblerError::AuditOutside { epoch: 1, gpa }) if gpa == 16 << 20
+        ));
+        assert_eq!(read(&ram, 0), 0, "nothing applied");
+    }
+
     /// The frames of epoch `epoch` as the primary's delta cache makes
     /// them from `pages` (whole the first time it sees a page).
     fn delta_frames(
@@ -502,7 +698,10 @@ mod tests {
         for (gpa, data) in pages {
             vmm::replication::PageSink::page_buffer(&mut stager, *gpa).extend_from_slice(data);
         }
-        let (staged, _) = cache.encode(stager.finish());
+        let (staged, _) = cache.encode(
+            stager.finish(),
+            (&mut crate::protocol::PageAudit::default(), 0),
+        );
         crate::protocol::epoch_frames(
             epoch,
             0,

@@ -61,6 +61,8 @@ pub fn run(vm: &Vm, rounds: u32, interval: Duration) -> Result<BenchReport, Prim
     let (mut wo, mut pause, mut state, mut pages, mut total) =
         (vec![], vec![], vec![], vec![], vec![]);
     let (mut dirty_total, mut pages_ns) = (0u64, 0f64);
+    // As the epochs do: a few pages summed for the page audit.
+    let mut audit = crate::primary::audit::AuditPicker::new();
     // The first harvest reports every page: start from a clean slate.
     vm.pause();
     let cleared = vm.clear_dirty();
@@ -68,7 +70,7 @@ pub fn run(vm: &Vm, rounds: u32, interval: Duration) -> Result<BenchReport, Prim
     cleared.map_err(|source| PrimaryError::Stage { epoch: 0, source })?;
     for epoch in 1..=u64::from(rounds) {
         std::thread::sleep(interval);
-        let captured = capture(vm, epoch, false);
+        let captured = capture(vm, epoch, false, Some(&mut audit));
         let resumed_at = Instant::now();
         vm.resume();
         let captured = captured?;

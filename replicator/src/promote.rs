@@ -154,6 +154,16 @@ pub fn promote(
         overheard,
     } = *checkpoint;
     let addresses = state.guest_ipv4;
+    // Where the guest resumes: with a guest that does not run again, the
+    // first thing to know.
+    let cpu0 = state.machine.vcpus.first().map(|v| {
+        (
+            format!("{:#x}", v.regs.rip),
+            format!("{:#x}", v.regs.rflags),
+            v.events.interrupt.injected,
+            v.events.interrupt.nr,
+        )
+    });
     let mut heard = OverheardFrames::default();
     let mut announcer = None;
     let mut announced_us = 0;
@@ -249,6 +259,7 @@ pub fn promote(
         replayed_us,
         resumed_us,
         promote_ms = started.elapsed().as_millis() as u64,
+        vcpu0 = ?cpu0,
         "replica promoted: the VM runs on this node"
     );
     Ok(Promoted {

@@ -237,6 +237,13 @@ pub struct FtCounters {
     pub oracle_checks: u64,
     #[serde(default)]
     pub oracle_mismatches: u64,
+    /// Pages the standby checked against the primary's page audit of
+    /// each epoch, and epochs refused because a page differed (must stay
+    /// 0: each is a replica that drifted from its primary).
+    #[serde(default)]
+    pub audit_pages_total: u64,
+    #[serde(default)]
+    pub audit_mismatches: u64,
     /// Frames the guest received that the primary forwarded to the
     /// standby, and copies it dropped because the A-link fell behind.
     #[serde(default)]

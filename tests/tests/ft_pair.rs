@@ -1072,6 +1072,19 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
     }
     let standby = drill::watch::engine_status(lab.lab(), NodeId::B).expect("standby status");
     assert_eq!(standby.counters.oracle_mismatches, 0);
+    // Between the checks, every epoch's page audit: each one matched (a
+    // mismatch refuses its epoch and ends the session).
+    assert!(
+        standby.counters.audit_pages_total > 0,
+        "the standby checked no audited page: {:?}",
+        standby.counters
+    );
+    assert_eq!(
+        standby.counters.audit_mismatches,
+        0,
+        "the page audit found the replica drifted\n{}",
+        logs()
+    );
     let primary = status(&lab, NodeId::A).expect("primary status");
     if primary.counters.disk_writes_total == 0 {
         let console = lab
@@ -1110,14 +1123,16 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
     eprintln!(
         "[oracle] {checks} checks in a row, all equal, at epochs {epochs:?} ({restarts} sessions \
          started over meanwhile); standby digest {:?} ms; disk writes in epochs {}; \
-         {} of {} dirty pages as deltas ({} bytes); {} of {} states as deltas",
+         {} of {} dirty pages as deltas ({} bytes); {} of {} states as deltas; {} pages audited \
+         by the standby",
         digest_ms,
         c.disk_writes_total,
         c.delta_pages_total,
         c.dirty_pages_total,
         c.delta_bytes_total,
         c.state_deltas_total,
-        c.checkpoints
+        c.checkpoints,
+        standby.counters.audit_pages_total
     );
 }
 

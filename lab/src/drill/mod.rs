@@ -163,6 +163,11 @@ pub struct DrillRound {
     /// Where the promoted engine's takeover spent its time (none where no
     /// promotion happened).
     pub takeover: Option<TakeoverTimes>,
+    /// Pages the promoted engine checked against the primary's page audit
+    /// while it stood by, and checkpoints it refused for a page that
+    /// differed (must be 0).
+    pub audited_pages: u64,
+    pub audit_mismatches: u64,
     /// Partition: how long the paths were cut; freeze: how long the
     /// process was stopped.
     pub heal_after_ms: u64,
@@ -219,6 +224,7 @@ impl DrillRound {
             && self.placed_ok
             && !self.two_active_seen
             && self.fsck_clean != Some(false)
+            && self.audit_mismatches == 0
     }
 }
 
@@ -549,6 +555,8 @@ fn pull_round(
         replayed_frames: promoted.replayed_frames,
         overheard_frames: promoted.overheard_frames,
         takeover: promoted.takeover,
+        audited_pages: promoted.audited_pages,
+        audit_mismatches: promoted.audit_mismatches,
         heal_after_ms: 0,
         committed_epoch,
         acked_before_check,
@@ -685,6 +693,8 @@ struct PromotedEngine {
     replayed_frames: u64,
     overheard_frames: u64,
     takeover: Option<TakeoverTimes>,
+    audited_pages: u64,
+    audit_mismatches: u64,
 }
 
 /// What the promoted engine replayed into its guest, how much of it was
@@ -696,6 +706,8 @@ impl From<Status> for PromotedEngine {
             replayed_frames: s.counters.inbound_replayed,
             overheard_frames: s.counters.inbound_overheard,
             takeover: s.last_takeover,
+            audited_pages: s.counters.audit_pages_total,
+            audit_mismatches: s.counters.audit_mismatches,
         }
     }
 }
@@ -756,6 +768,8 @@ fn settle(
         replayed_frames: promoted.replayed_frames,
         overheard_frames: promoted.overheard_frames,
         takeover: promoted.takeover,
+        audited_pages: promoted.audited_pages,
+        audit_mismatches: promoted.audit_mismatches,
         heal_after_ms: f.heal_after_ms,
         committed_epoch: f.committed_epoch,
         acked_before_check,
@@ -938,7 +952,7 @@ fn engine_ms(takeover: Option<&TakeoverTimes>) -> String {
 /// The report as a table.
 pub fn print_table(report: &DrillReport) {
     println!(
-        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}  {:>13}",
+        "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}  {:>13}  {:>13}",
         "drill",
         "fault",
         "from",
@@ -957,12 +971,13 @@ pub fn print_table(report: &DrillReport) {
         "resync MB",
         "uncompressed MB",
         "unread MB",
-        "mem unread MB"
+        "mem unread MB",
+        "audited pages"
     );
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
         println!(
-            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}  {:>13.1}",
+            "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}  {:>13.1}  {:>13}",
             r.round,
             r.fault.to_string(),
             r.pulled.to_string(),
@@ -981,7 +996,12 @@ pub fn print_table(report: &DrillReport) {
             r.resync_bytes as f64 / 1e6,
             r.resync_uncompressed_bytes as f64 / 1e6,
             r.resync_disk_unread_bytes as f64 / 1e6,
-            r.resync_memory_unread_bytes as f64 / 1e6
+            r.resync_memory_unread_bytes as f64 / 1e6,
+            if r.audit_mismatches > 0 {
+                format!("{} DIFFER", r.audit_mismatches)
+            } else {
+                r.audited_pages.to_string()
+            }
         );
     }
     let migrations = report.level == Level::Ha && report.fault == Fault::Switchover;

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use vmm::vm::Vm;
 
+use super::audit::AuditPicker;
 use super::PrimaryError;
 use crate::oracle;
 use crate::protocol::{
-    disk_payloads, CheckpointState, DiskBatch, DiskRecord, PageStager, StagedPages,
+    disk_payloads, CheckpointState, DiskBatch, DiskRecord, PageAudit, PageStager, StagedPages,
     CHECKPOINT_STATE_VERSION, EPOCH_OUTPUT_MAX,
 };
 
@@ -28,6 +29,10 @@ pub struct Captured {
     /// The written maps' clock just before the writes were taken
     /// ([`crate::written`]).
     pub written_mark: u64,
+    /// Pages the standby checks its replica against once the epoch is
+    /// applied ([`crate::protocol::audit`]); delta pages join when the
+    /// deltas are made.
+    pub audit: PageAudit,
     pub times: StopTimes,
 }
 
@@ -48,7 +53,13 @@ pub struct StopTimes {
 /// paused (the caller resumes it, also on error). Output is held from
 /// epoch 1 on. With `verify`, the VM's memory and disks are digested while
 /// the guest is paused (the consistency oracle: a slow stop, on request).
-pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryError> {
+/// With `audit`, a few pages are summed for the standby to check.
+pub fn capture(
+    vm: &Vm,
+    epoch: u64,
+    verify: bool,
+    audit: Option<&mut AuditPicker>,
+) -> Result<Captured, PrimaryError> {
     let start = Instant::now();
     let pause = vm.pause();
     if epoch == 1 {
@@ -66,6 +77,10 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
     let mut stager = PageStager::default();
     vm.harvest_dirty_into(&mut stager)
         .map_err(|source| PrimaryError::Stage { epoch, source })?;
+    let pages = stager.finish();
+    let audit = audit
+        .map(|picker| picker.pick(vm, &pages))
+        .unwrap_or_default();
     let pages_took = t.elapsed();
     let written_mark = vmm::replication::written_map::mark();
     let writes = vm.disk_writes().take().into_iter().map(|w| DiskRecord {
@@ -95,10 +110,11 @@ pub fn capture(vm: &Vm, epoch: u64, verify: bool) -> Result<Captured, PrimaryErr
     };
     Ok(Captured {
         state,
-        pages: stager.finish(),
+        pages,
         writes: disk_payloads(writes),
         output,
         written_mark,
+        audit,
         times: StopTimes {
             pause,
             state: state_took,

@@ -22,7 +22,10 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::protocol::{Message, PageDeltaStager, PageStager, StagedPages, StateDelta, PAGE_SIZE};
+use super::audit::DELTAS;
+use crate::protocol::{
+    Message, PageAudit, PageDeltaStager, PageStager, Picked, StagedPages, StateDelta, PAGE_SIZE,
+};
 use vmm::replication::PageSink;
 
 /// The cache's size by default (`ftprotect --delta-cache-mib`).
@@ -96,7 +99,13 @@ impl DeltaCache {
     /// the cache holds sent as a delta where that is short, the rest
     /// whole; the cache then holds every page as `staged` has it. A batch
     /// none of whose pages the cache held goes on as it is (no copy).
-    pub fn encode(&mut self, staged: StagedPages) -> (StagedPages, DeltaFigures) {
+    /// Up to [`DELTAS`] pages sent as deltas, from address `pivot` on,
+    /// join `audit` (`(audit, pivot)`).
+    pub fn encode(
+        &mut self,
+        staged: StagedPages,
+        (audit, pivot): (&mut PageAudit, u64),
+    ) -> (StagedPages, DeltaFigures) {
         let StagedPages {
             batches,
             deltas: none,
@@ -109,6 +118,7 @@ impl DeltaCache {
         let mut kept = Vec::new();
         let mut whole = PageStager::default();
         let mut deltas = PageDeltaStager::default();
+        let mut audited = 0;
         for batch in batches {
             if batch
                 .records()
@@ -134,6 +144,8 @@ impl DeltaCache {
                 };
                 if !sent_as_delta {
                     whole.page_buffer(gpa).extend_from_slice(data);
+                } else if audited < DELTAS && gpa >= pivot && audit.add(gpa, Picked::Delta, data) {
+                    audited += 1;
                 }
             }
         }
@@ -202,7 +214,7 @@ mod tests {
                 .map(|(i, p)| (i as u64 * 4096, p.clone()))
                 .collect()
         };
-        let (first, figures) = cache.encode(staged(&all(&memory)));
+        let (first, figures) = cache.encode(staged(&all(&memory)), (&mut PageAudit::default(), 0));
         assert_eq!(
             figures,
             DeltaFigures::default(),
@@ -218,12 +230,23 @@ mod tests {
                 .iter()
                 .map(|&i| (i as u64 * 4096, memory[i].clone()))
                 .collect();
-            let (out, figures) = cache.encode(staged(&dirty));
+            let mut audit = PageAudit::default();
+            // Page 1's delta is below the pivot: only page 5's is audited.
+            let (out, figures) = cache.encode(staged(&dirty), (&mut audit, 2 * 4096));
             assert_eq!(out.count, 3);
+            let audited: Vec<_> = audit.records().iter().map(|r| (r.gpa, r.picked)).collect();
+            assert_eq!(audited, [(5 * 4096, Picked::Delta)]);
             assert_eq!(figures.pages, 2, "pages 1 and 5 as deltas, 7 changed whole");
             assert!(figures.bytes < 64, "{} bytes", figures.bytes);
             assert_eq!(out.batches.iter().map(|b| b.len()).sum::<usize>(), 1);
             apply(&mut replica, &out);
+            for r in audit.records() {
+                assert_eq!(
+                    crate::protocol::audit::page_sum(&replica[&r.gpa]),
+                    r.sum,
+                    "the audit sums the page as the replica holds it"
+                );
+            }
             for (i, page) in memory.iter().enumerate() {
                 assert_eq!(
                     &replica[&(i as u64 * 4096)],
@@ -238,16 +261,26 @@ mod tests {
     fn a_full_cache_pushes_out_its_oldest_page_and_a_cleared_one_starts_over() {
         let mut cache = DeltaCache::new(2 * PAGE_SIZE as u64).unwrap();
         let page = vec![1u8; PAGE_SIZE];
-        cache.encode(staged(&[(0, page.clone()), (4096, page.clone())]));
-        cache.encode(staged(&[(8192, page.clone())]));
+        cache.encode(
+            staged(&[(0, page.clone()), (4096, page.clone())]),
+            (&mut PageAudit::default(), 0),
+        );
+        cache.encode(
+            staged(&[(8192, page.clone())]),
+            (&mut PageAudit::default(), 0),
+        );
         assert_eq!(cache.len(), 2);
-        let (_, figures) = cache.encode(staged(&[(0, page.clone())]));
+        let (_, figures) =
+            cache.encode(staged(&[(0, page.clone())]), (&mut PageAudit::default(), 0));
         assert_eq!(figures.pages, 0, "page 0 was pushed out: whole");
-        let (_, figures) = cache.encode(staged(&[(8192, page.clone())]));
+        let (_, figures) = cache.encode(
+            staged(&[(8192, page.clone())]),
+            (&mut PageAudit::default(), 0),
+        );
         assert_eq!(figures.pages, 1, "page 8192 stayed: a delta (empty)");
         cache.clear();
         assert!(cache.is_empty());
-        let (_, figures) = cache.encode(staged(&[(8192, page)]));
+        let (_, figures) = cache.encode(staged(&[(8192, page)]), (&mut PageAudit::default(), 0));
         assert_eq!(figures.pages, 0);
         assert!(
             DeltaCache::new(PAGE_SIZE as u64 - 1).is_none(),

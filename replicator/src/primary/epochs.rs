@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 use vmm::vm::Vm;
 
+use super::audit::AuditPicker;
 use super::checkpoint::{capture, Captured};
 use super::deadline;
 use super::delta_cache::DeltaCache;
@@ -49,6 +50,7 @@ pub(super) async fn epochs(
     let mut in_flight = InFlight::new(vm, status, config);
     // This session's: what its epochs gave the standby's replica.
     let mut delta_cache = DeltaCache::new(config.delta_cache_bytes);
+    let mut audit = AuditPicker::new();
     in_flight.sync_started = Some(session.sync_started);
     in_flight.forgetter = Some(forgetter);
     // A switchover asked before this session is not for it; a live
@@ -139,9 +141,9 @@ pub(super) async fn epochs(
             .swap(false, std::sync::atomic::Ordering::SeqCst);
         let captured = if verify {
             // A digest reads the whole VM: off the async workers.
-            crate::workers::off_the_workers(|| capture(vm, epoch, true))
+            crate::workers::off_the_workers(|| capture(vm, epoch, true, Some(&mut audit)))
         } else {
-            capture(vm, epoch, false)
+            capture(vm, epoch, false, Some(&mut audit))
         };
         if captured.is_err() || !config.synchronous {
             vm.resume();
@@ -175,7 +177,9 @@ pub(super) async fn epochs(
             acks,
             (epoch, generation),
             captured,
-            delta_cache.as_mut(),
+            delta_cache
+                .as_mut()
+                .map(|cache| (cache, audit.delta_pivot(vm.guest_bytes()))),
             status,
             &mut in_flight,
         )
@@ -278,26 +282,35 @@ async fn wait_until_due(
 }
 
 /// Encodes epoch `epoch` (the guest runs again, unless synchronous), its
-/// pages as deltas where `deltas` holds them, and sends it;
-/// acknowledgements of earlier epochs are taken meanwhile.
+/// pages as deltas where `deltas` holds them (those from the address
+/// given on audited too), and sends it; acknowledgements of earlier
+/// epochs are taken meanwhile.
 async fn send_epoch(
     tx: &LinkSender,
     acks: &mut mpsc::UnboundedReceiver<AckEvent>,
     (epoch, generation): (u64, u64),
     mut captured: Captured,
-    mut deltas: Option<&mut DeltaCache>,
+    mut deltas: Option<(&mut DeltaCache, u64)>,
     status: &StatusBoard,
     in_flight: &mut InFlight<'_>,
 ) -> Result<(), PrimaryError> {
-    if let Some(cache) = deltas.as_deref_mut() {
-        let (pages, figures) = cache.encode(std::mem::take(&mut captured.pages));
+    if let Some((cache, pivot)) = deltas.as_mut() {
+        let (pages, figures) = cache.encode(
+            std::mem::take(&mut captured.pages),
+            (&mut captured.audit, *pivot),
+        );
         captured.pages = pages;
         status.update(|s| {
             s.counters.delta_pages_total += figures.pages;
             s.counters.delta_bytes_total += figures.bytes;
         });
     }
-    let frames = encode((epoch, generation), captured, deltas, status)?;
+    let frames = encode(
+        (epoch, generation),
+        captured,
+        deltas.map(|(cache, _)| cache),
+        status,
+    )?;
     in_flight.sending(frames.iter().map(|f| f.wire_len() as u64).sum());
     // The standby's word is heard while sending too: a silence (or any
     // error) the acknowledgement reader found ends the epoch at once,
@@ -346,6 +359,13 @@ fn encode(
         captured.pages,
         captured.writes,
     ));
+    if !captured.audit.is_empty() {
+        // Before the end record: the standby checks it once the epoch it
+        // closes is applied.
+        let end = frames.pop().expect("an epoch ends with its end record");
+        frames.push(Message::EpochAudit(captured.audit).into_frame(epoch, generation));
+        frames.push(end);
+    }
     Ok(frames)
 }
 

@@ -31,6 +31,7 @@
 //!    leaves only under the witness's lease; a copy the witness says is
 //!    superseded stops, its held output dropped.
 
+pub mod audit;
 pub mod checkpoint;
 mod deadline;
 pub mod delta_cache;

@@ -108,7 +108,7 @@ pub(super) async fn hand_over(
     info!(epoch, "planned switchover: taking the final checkpoint");
     status.update(|s| s.message = Some(format!("switchover: final checkpoint {epoch}")));
     let stopped_at = Instant::now();
-    let captured = capture(vm, epoch, false);
+    let captured = capture(vm, epoch, false, None);
     // As any epoch's: a copy after a failed hand-over needs its pages.
     session
         .history

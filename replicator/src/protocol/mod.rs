@@ -21,6 +21,9 @@
 //! PageDeltas(N)  dirty pages as what changed since the replica's version:
 //!                [gpa u64 LE][len u16 LE][delta] ... (see `page_deltas`)
 //! DiskWrites(N)  [disk u32][offset u64][len u32][bytes] ... (see `disk`)
+//! EpochAudit(N)  a few pages' sums as the replica must hold them once
+//!                epoch N is applied: [gpa|why u64][sum u64] ... (see
+//!                `audit`)
 //! EpochEnd(N)    [pages u64][crc32 of the page addresses, in order: those
 //!                of Pages and PageDeltas frames as the frames came]
 //!                [writes u64][crc32 of the DiskWrites payloads]
@@ -41,6 +44,7 @@
 //! complete epoch from a torn one and catches lost or reordered page
 //! frames (the address sequence would differ) at 8 bytes per page.
 
+pub mod audit;
 pub mod compressed;
 pub mod delta;
 mod disk;
@@ -53,6 +57,8 @@ pub mod state_delta;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use ft_link::{Frame, FrameKind};
+
+pub use self::audit::{AuditRecord, PageAudit, Picked, AUDIT_MAX};
 
 pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
 pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
@@ -177,6 +183,8 @@ pub enum Message {
     /// replica holds (the primary's delta cache knows it).
     PageDeltas(PageDeltaBatch),
     DiskWrites(DiskBatch),
+    /// Sums of pages as the replica must hold them after the epoch.
+    EpochAudit(PageAudit),
     EpochEnd(EpochEnd),
     /// Frames the guest received, forwarded as they arrive (the frame's
     /// epoch means nothing).
@@ -257,6 +265,7 @@ const EPOCH_OUTPUT: u8 = 83;
 const RELEASE: u8 = 84;
 const PAGE_DELTAS: u8 = 85;
 const EPOCH_STATE_DELTA: u8 = 86;
+const EPOCH_AUDIT: u8 = 87;
 
 impl Message {
     /// Whether frames of kind `code` carry a compressed copy payload
@@ -278,6 +287,7 @@ impl Message {
             Message::Pages(_) => "Pages",
             Message::PageDeltas(_) => "PageDeltas",
             Message::DiskWrites(_) => "DiskWrites",
+            Message::EpochAudit(_) => "EpochAudit",
             Message::EpochEnd(_) => "EpochEnd",
             Message::Inbound(_) => "Inbound",
             Message::Ack => "Ack",
@@ -305,6 +315,7 @@ impl Message {
             Message::Pages(b) => (PAGES, b.into_bytes()),
             Message::PageDeltas(b) => (PAGE_DELTAS, b.into_bytes()),
             Message::DiskWrites(b) => (DISK_WRITES, b.into_bytes()),
+            Message::EpochAudit(a) => (EPOCH_AUDIT, a.to_payload()),
             Message::EpochEnd(end) => (EPOCH_END, end.to_payload()),
             Message::Inbound(b) => (INBOUND, b.into_bytes()),
             Message::Ack => (ACK, Bytes::new()),
@@ -410,6 +421,10 @@ impl Message {
                 DiskBatch::parse(payload)
                     .ok_or(malformed("DiskWrites", "not whole disk records"))?,
             ),
+            EPOCH_AUDIT => Message::EpochAudit(PageAudit::parse(&payload).ok_or(malformed(
+                "EpochAudit",
+                "not whole audit records of known reasons, at most 256",
+            ))?),
             EPOCH_END => Message::EpochEnd(
                 EpochEnd::from_payload(&payload).ok_or(malformed("EpochEnd", "not 24 bytes"))?,
             ),
@@ -611,6 +626,11 @@ mod tests {
             ),
             Message::Pages(pages),
             Message::DiskWrites(disks[0].clone()),
+            Message::EpochAudit({
+                let mut audit = PageAudit::default();
+                audit.add(0x3000, Picked::Recent, &[5; PAGE_SIZE]);
+                audit
+            }),
             Message::EpochEnd(end),
             Message::Inbound(
                 inbound_payloads([vmm::replication::InboundFrame {

@@ -21,7 +21,7 @@ use super::overheard::{Overheard, Overhearing};
 use super::paths::{Arrival, BackupPath};
 use super::replica_disk::{self, Fresh, ReplicaDisk};
 use super::{path_margin, Checkpointed, Machine, Replica, StandbyConfig, StandbyError};
-use crate::assembler::{CompleteEpoch, EpochAssembler, StagingLimits};
+use crate::assembler::{AssemblerError, CompleteEpoch, EpochAssembler, StagingLimits};
 use crate::content::ContentKey;
 use crate::level::Level;
 use crate::protocol::{
@@ -867,9 +867,19 @@ impl Receiving {
                 state.machine.set_capture_time(captured);
                 Durable::note(&self.disks, &complete.writes)
                     .map_err(|e| refused(status, e.into()))?;
-                self.assembler
-                    .apply(&complete, ram, &self.disks)
-                    .map_err(|e| refused(status, e.into()))?;
+                if let Err(error) = self.assembler.apply(&complete, ram, &self.disks) {
+                    if let AssemblerError::AuditMismatch { differ, .. } = &error {
+                        // The replica is not its primary's: no later
+                        // session may bring it forward from its label.
+                        if let Err(e) = ram.clear_label() {
+                            warn!(epoch, error = %e, "the RAM file's label could not be cleared");
+                        }
+                        warn!(epoch, differ = ?differ, "page audit: the replica drifted from the primary; it is dropped");
+                        status.update(|s| s.counters.audit_mismatches += 1);
+                    }
+                    return Err(refused(status, error.into()));
+                }
+
                 // The RAM now holds this checkpoint of the session (a
                 // label left behind names an earlier one of it: still
                 // true of what a later copy would bring).
@@ -981,6 +991,7 @@ impl Receiving {
             s.counters.dirty_pages_last = complete.page_count;
             s.counters.dirty_pages_total += complete.page_count;
             s.counters.disk_writes_total += complete.writes.len() as u64;
+            s.counters.audit_pages_total += complete.audit.len() as u64;
         });
         if let Some(state) = &state {
             self.inbound.commit(&state.inbound_through);
