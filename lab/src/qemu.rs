@@ -30,8 +30,15 @@ pub fn command(topo: &Topology, images: &Images, node: NodeId, secrets: &LabSecr
     // The lab's secret and token travel on the kernel command line: the
     // node reads them once to set up its daemon (a lab is a test bed; on
     // real servers `ftd join` copies them).
+    // `mitigations=off`: the node's CPU is emulated (TCG), which does not
+    // speculate, so the speculation mitigations its kernel would pick for
+    // the EPYC model it sees defend nothing here; under emulation they
+    // multiply the cost of every VM exit its KVM takes (a return thunk on
+    // each return, the return-stack fill at each exit), which in the lab
+    // is most of what a protected guest pays. A real server keeps its
+    // kernel's defaults.
     let mut append = format!(
-        "console=ttyS0 quiet panic=-1 ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24 \
+        "console=ttyS0 quiet panic=-1 mitigations=off ftlab.node={node} ftlab.alink={}/24 ftlab.biz={}/24 \
          ftlab.peer={peer} ftlab.peer_alink={} ftlab.peer_biz={} ftlab.secret={} ftlab.token={}",
         topo.alink_ip(node),
         topo.biz_ip(node),
