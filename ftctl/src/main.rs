@@ -144,6 +144,10 @@ enum LabCommand {
         /// every dirty page and the VM's state whole).
         #[arg(long, value_name = "MIB")]
         delta_cache_mib: Option<u64>,
+        /// Bring the lab down when the drill ends (otherwise it stays up,
+        /// the VM protected, for a look at what the drill left).
+        #[arg(long)]
+        down: bool,
     },
     /// Boot a node, check kvm_amd in it, run a ring-0 test guest, report.
     Smoke {
@@ -318,6 +322,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             report,
             level,
             delta_cache_mib,
+            down,
         } => {
             let path = report.unwrap_or_else(|| lab.topo.dir.join("drill-report.json"));
             let level = match level {
@@ -328,7 +333,19 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
                 delta_cache_mib,
                 ..Default::default()
             };
-            match drill::run_with(lab, (count, fault), level, ft, &path) {
+            let outcome = drill::run_with(lab, (count, fault), level, ft, &path);
+            if down {
+                if let Err(e) = lab.down() {
+                    eprintln!("ftctl: bringing the lab down after the drill failed: {e}");
+                }
+            } else {
+                // A lab left running loads this host: a benchmark started
+                // next would measure against it.
+                eprintln!(
+                    "ftctl: the lab stays up with the VM protected; `ftctl lab down` when done"
+                );
+            }
+            match outcome {
                 Ok(report) => {
                     drill::print_table(&report);
                     println!("report: {}", path.display());

@@ -124,6 +124,11 @@ pub struct FtCounters {
     pub interval_us_last: u64,
     pub dirty_pages_total: u64,
     pub dirty_pages_last: u64,
+    /// Of the dirty pages, those the epoch before carried too (primary):
+    /// pages the guest writes at every checkpoint, each a write fault per
+    /// epoch once its page is protected again.
+    #[serde(default)]
+    pub dirty_repeat_pages_total: u64,
     pub disk_writes_total: u64,
     pub alink_bytes_sent: u64,
     /// Bytes the primary's initial synchronisations sent (the copy that

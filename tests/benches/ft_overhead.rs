@@ -39,6 +39,8 @@ struct Figures {
     stop_p50_us: u64,
     stop_p99_us: u64,
     dirty_per_epoch: f64,
+    /// Of the dirty pages, the share the epoch before carried too.
+    repeat_share: f64,
     /// Of the dirty pages, the share sent as deltas, and their mean size.
     delta_share: f64,
     delta_bytes_per_page: f64,
@@ -111,6 +113,14 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
     let dirty = delta(after.dirty_pages_total, before.dirty_pages_total);
     let delta_pages = delta(after.delta_pages_total, before.delta_pages_total);
     Figures {
+        repeat_share: if dirty > 0.0 {
+            delta(
+                after.dirty_repeat_pages_total,
+                before.dirty_repeat_pages_total,
+            ) / dirty
+        } else {
+            0.0
+        },
         delta_share: if dirty > 0.0 {
             delta_pages / dirty
         } else {
@@ -252,6 +262,9 @@ fn main() {
     });
     row("dirty pages per epoch", &|x| {
         format!("{:.0}", x.dirty_per_epoch)
+    });
+    row("dirty in the epoch before too (share)", &|x| {
+        format!("{:.2}", x.repeat_share)
     });
     row("pages sent as deltas (share)", &|x| {
         format!("{:.2}", x.delta_share)

@@ -53,10 +53,11 @@ impl AuditPicker {
         (self.next() % pages) * PAGE_SIZE as u64
     }
 
-    /// The audit of the checkpoint whose pages are `staged`; the guest
-    /// must be stopped (its memory is read as the checkpoint has it).
-    /// A page that cannot be read is left out.
-    pub fn pick(&mut self, vm: &Vm, staged: &StagedPages) -> PageAudit {
+    /// The audit of the checkpoint whose pages are `staged`, and how many
+    /// of those pages the checkpoint before carried too; the guest must be
+    /// stopped (its memory is read as the checkpoint has it). A page that
+    /// cannot be read is left out.
+    pub fn pick(&mut self, vm: &Vm, staged: &StagedPages) -> (PageAudit, u64) {
         let mut carried: Vec<u64> = staged
             .batches
             .iter()
@@ -68,6 +69,7 @@ impl AuditPicker {
         let mut audit = PageAudit::default();
         let mut page = vec![0u8; PAGE_SIZE];
         let recent = not_in(&self.last, &carried);
+        let repeats = (self.last.len() - recent.len()) as u64;
         if !recent.is_empty() {
             // Spread over the candidates, from a random start.
             let step = recent.len().div_ceil(RECENT).max(1);
@@ -89,7 +91,7 @@ impl AuditPicker {
             }
         }
         self.last = carried;
-        audit
+        (audit, repeats)
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Captured {
     /// applied ([`crate::protocol::audit`]); delta pages join when the
     /// deltas are made.
     pub audit: PageAudit,
+    /// Of the dirty pages, those the checkpoint before carried too (known
+    /// where the audit is taken; else 0).
+    pub repeat_pages: u64,
     pub times: StopTimes,
 }
 
@@ -78,7 +81,7 @@ pub fn capture(
     vm.harvest_dirty_into(&mut stager)
         .map_err(|source| PrimaryError::Stage { epoch, source })?;
     let pages = stager.finish();
-    let audit = audit
+    let (audit, repeat_pages) = audit
         .map(|picker| picker.pick(vm, &pages))
         .unwrap_or_default();
     let pages_took = t.elapsed();
@@ -115,6 +118,7 @@ pub fn capture(
         output,
         written_mark,
         audit,
+        repeat_pages,
         times: StopTimes {
             pause,
             state: state_took,

@@ -167,6 +167,7 @@ pub(super) async fn epochs(
             send_from: None,
             bytes: 0,
             dirty: captured.pages.count,
+            repeats: captured.repeat_pages,
             writes: captured.writes.1,
             written_mark: captured.written_mark,
             late,

@@ -41,6 +41,8 @@ pub(super) struct Pending {
     pub send_from: Option<Instant>,
     pub bytes: u64,
     pub dirty: u64,
+    /// Of those, pages the epoch before carried too.
+    pub repeats: u64,
     pub writes: u64,
     /// The written maps' clock before its writes were taken.
     pub written_mark: u64,
@@ -415,6 +417,7 @@ impl<'a> InFlight<'a> {
             n.ack_us_p99 = ack_times.percentile_us(99.0);
             n.dirty_pages_total += c.dirty;
             n.dirty_pages_last = c.dirty;
+            n.dirty_repeat_pages_total += c.repeats;
             n.disk_writes_total += c.writes;
             n.output_frames_released += released as u64;
             n.output_frames_held_now = held_now;
