@@ -721,7 +721,13 @@ mod tests {
         let mut stager = crate::protocol::PageStager::default();
         vmm::replication::PageSink::page_buffer(&mut stager, 0).extend_from_slice(&page(1));
         let begin = cache.begin(Bytes::copy_from_slice(state));
-        crate::protocol::epoch_frames_from(begin, (epoch, 0), stager.finish(), (Vec::new(), 0))
+        crate::protocol::epoch_frames_from(
+            begin,
+            (epoch, 0),
+            stager.finish(),
+            (Vec::new(), 0),
+            PageAudit::default(),
+        )
     }
 
     fn begins_with_a_state_delta(frames: &[Frame]) -> bool {

@@ -12,7 +12,7 @@
 
 use vmm::vm::Vm;
 
-use crate::protocol::{PageAudit, Picked, StagedPages, PAGE_SIZE};
+use crate::protocol::{PageAudit, Picked, PAGE_SIZE};
 
 /// Pages of each kind an epoch's audit names, at most.
 const RECENT: usize = 16;
@@ -21,7 +21,7 @@ pub const DELTAS: usize = 16;
 
 /// Picks and sums each epoch's audited pages.
 pub struct AuditPicker {
-    /// The pages the epoch before carried (ascending addresses).
+    /// The pages the epoch before carried (ascending page numbers).
     last: Vec<u64>,
     rng: u64,
 }
@@ -53,19 +53,12 @@ impl AuditPicker {
         (self.next() % pages) * PAGE_SIZE as u64
     }
 
-    /// The audit of the checkpoint whose pages are `staged`, and how many
-    /// of those pages the checkpoint before carried too; the guest must be
-    /// stopped (its memory is read as the checkpoint has it). A page that
-    /// cannot be read is left out.
-    pub fn pick(&mut self, vm: &Vm, staged: &StagedPages) -> (PageAudit, u64) {
-        let mut carried: Vec<u64> = staged
-            .batches
-            .iter()
-            .flat_map(|b| b.records().map(|(gpa, _)| gpa))
-            .collect();
-        if !carried.is_sorted() {
-            carried.sort_unstable();
-        }
+    /// The audit of the checkpoint that carries the pages numbered
+    /// `carried` (the harvest's, ascending), and how many of those pages
+    /// the checkpoint before carried too; the guest must be stopped (its
+    /// memory is read as the checkpoint has it). A page that cannot be
+    /// read is left out.
+    pub fn pick(&mut self, vm: &Vm, carried: Vec<u64>) -> (PageAudit, u64) {
         let mut audit = PageAudit::default();
         let mut page = vec![0u8; PAGE_SIZE];
         let recent = not_in(&self.last, &carried);
@@ -74,7 +67,8 @@ impl AuditPicker {
             // Spread over the candidates, from a random start.
             let step = recent.len().div_ceil(RECENT).max(1);
             let start = (self.next() % step as u64) as usize;
-            for &gpa in recent.iter().skip(start).step_by(step).take(RECENT) {
+            for &n in recent.iter().skip(start).step_by(step).take(RECENT) {
+                let gpa = n * PAGE_SIZE as u64;
                 if vm.read_memory(gpa, &mut page).is_ok() {
                     audit.add(gpa, Picked::Recent, &page);
                 }
@@ -101,7 +95,7 @@ impl Default for AuditPicker {
     }
 }
 
-/// The addresses of `a` not in `b` (both ascending).
+/// The entries of `a` not in `b` (both ascending).
 fn not_in(a: &[u64], b: &[u64]) -> Vec<u64> {
     let mut out = Vec::new();
     let mut j = 0;

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use vmm::replication::ReplicationError;
 use vmm::vm::Vm;
 
 use super::audit::AuditPicker;
@@ -77,12 +78,16 @@ pub fn capture(
         .map_err(|source| PrimaryError::Capture { epoch, source })?;
     let state_took = t.elapsed();
     let t = Instant::now();
+    let stage_err = |source| PrimaryError::Stage { epoch, source };
+    let dirty = vm
+        .harvest_dirty()
+        .map_err(|e| stage_err(ReplicationError::Harvest(Box::new(e))))?;
     let mut stager = PageStager::default();
-    vm.harvest_dirty_into(&mut stager)
-        .map_err(|source| PrimaryError::Stage { epoch, source })?;
+    vm.stage_listed_pages(dirty.page_numbers(), &mut stager)
+        .map_err(stage_err)?;
     let pages = stager.finish();
     let (audit, repeat_pages) = audit
-        .map(|picker| picker.pick(vm, &pages))
+        .map(|picker| picker.pick(vm, dirty.page_numbers().collect()))
         .unwrap_or_default();
     let pages_took = t.elapsed();
     let written_mark = vmm::replication::written_map::mark();

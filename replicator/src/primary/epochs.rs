@@ -359,14 +359,8 @@ fn encode(
         (epoch, generation),
         captured.pages,
         captured.writes,
+        captured.audit,
     ));
-    if !captured.audit.is_empty() {
-        // Before the end record: the standby checks it once the epoch it
-        // closes is applied.
-        let end = frames.pop().expect("an epoch ends with its end record");
-        frames.push(Message::EpochAudit(captured.audit).into_frame(epoch, generation));
-        frames.push(end);
-    }
     Ok(frames)
 }
 

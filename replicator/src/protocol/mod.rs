@@ -510,16 +510,19 @@ pub fn epoch_frames(
         (epoch, generation),
         pages,
         writes,
+        PageAudit::default(),
     )
 }
 
-/// [`epoch_frames`] beginning with `begin`: `EpochBegin` or
-/// `EpochStateDelta`.
+/// [`epoch_frames`] beginning with `begin` (`EpochBegin` or
+/// `EpochStateDelta`), with `audit` (if it names any page) before the end
+/// record: the standby checks it once the epoch is applied.
 pub fn epoch_frames_from(
     begin: Message,
     (epoch, generation): (u64, u64),
     pages: StagedPages,
     writes: (Vec<DiskBatch>, u64),
+    audit: PageAudit,
 ) -> Vec<Frame> {
     debug_assert!(matches!(
         begin,
@@ -548,6 +551,9 @@ pub fn epoch_frames_from(
         out.push(Message::DiskWrites(batch).into_frame(epoch, generation));
     }
     end.writes_crc = crc.finalize();
+    if !audit.is_empty() {
+        out.push(Message::EpochAudit(audit).into_frame(epoch, generation));
+    }
     out.push(Message::EpochEnd(end).into_frame(epoch, generation));
     out
 }
