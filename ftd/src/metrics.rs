@@ -195,6 +195,11 @@ impl Metrics {
             "dirty_pages_last",
             "Dirty pages of the last checkpoint",
         );
+        let hot_pages = counter(
+            &mut registry,
+            "hot_pages",
+            "Dirty pages left writable at their checkpoint (hot: written in two checkpoints in a row; no write fault in the next)",
+        );
         let delta_pages = counter(
             &mut registry,
             "delta_pages",
@@ -516,6 +521,7 @@ impl Metrics {
             audit_pages
                 .get_or_create(&labels)
                 .inc_by(c.audit_pages_total);
+            hot_pages.get_or_create(&labels).inc_by(c.hot_pages_total);
             audit_mismatches
                 .get_or_create(&labels)
                 .inc_by(c.audit_mismatches);

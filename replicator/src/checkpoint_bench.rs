@@ -49,6 +49,9 @@ pub struct BenchReport {
     /// Pause to resume, everything included.
     pub stop_total: Percentiles,
     pub dirty_pages_mean: f64,
+    /// Of them, those left writable (hot), per round.
+    #[serde(default)]
+    pub hot_pages_mean: f64,
     /// Harvest + staging cost per dirty page, and memcpy per 4 KiB page in
     /// this process.
     pub pages_ns_per_page: f64,
@@ -60,7 +63,7 @@ pub fn run(vm: &Vm, rounds: u32, interval: Duration) -> Result<BenchReport, Prim
     let rounds = rounds.max(1);
     let (mut wo, mut pause, mut state, mut pages, mut total) =
         (vec![], vec![], vec![], vec![], vec![]);
-    let (mut dirty_total, mut pages_ns) = (0u64, 0f64);
+    let (mut dirty_total, mut hot_total, mut pages_ns) = (0u64, 0u64, 0f64);
     // As the epochs do: a few pages summed for the page audit.
     let mut audit = crate::primary::audit::AuditPicker::new();
     // The first harvest reports every page: start from a clean slate.
@@ -83,6 +86,7 @@ pub fn run(vm: &Vm, rounds: u32, interval: Duration) -> Result<BenchReport, Prim
         pages.push(t.pages);
         total.push(t.total + resumed_at.elapsed());
         dirty_total += captured.pages.count;
+        hot_total += captured.hot_pages;
         pages_ns += t.pages.as_nanos() as f64;
     }
     vm.output().open();
@@ -96,6 +100,7 @@ pub fn run(vm: &Vm, rounds: u32, interval: Duration) -> Result<BenchReport, Prim
         pages: Percentiles::of(&pages),
         stop_total: Percentiles::of(&total),
         dirty_pages_mean: dirty_total as f64 / f64::from(rounds),
+        hot_pages_mean: hot_total as f64 / f64::from(rounds),
         pages_ns_per_page: if dirty_total == 0 {
             0.0
         } else {

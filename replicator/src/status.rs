@@ -129,6 +129,14 @@ pub struct FtCounters {
     /// epoch once its page is protected again.
     #[serde(default)]
     pub dirty_repeat_pages_total: u64,
+    /// Of the dirty pages, those the harvest left writable: hot pages (the
+    /// guest wrote them in two epochs in a row), which take no write fault
+    /// in the next epoch and go with it whether written or not (dirty
+    /// bitmap only; 0 with the dirty ring).
+    #[serde(default)]
+    pub hot_pages_total: u64,
+    #[serde(default)]
+    pub hot_pages_last: u64,
     pub disk_writes_total: u64,
     pub alink_bytes_sent: u64,
     /// Bytes the primary's initial synchronisations sent (the copy that

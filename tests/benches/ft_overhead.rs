@@ -41,6 +41,8 @@ struct Figures {
     dirty_per_epoch: f64,
     /// Of the dirty pages, the share the epoch before carried too.
     repeat_share: f64,
+    /// Of the dirty pages, the share left writable (hot).
+    hot_share: f64,
     /// Of the dirty pages, the share sent as deltas, and their mean size.
     delta_share: f64,
     delta_bytes_per_page: f64,
@@ -121,6 +123,11 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         } else {
             0.0
         },
+        hot_share: if dirty > 0.0 {
+            delta(after.hot_pages_total, before.hot_pages_total) / dirty
+        } else {
+            0.0
+        },
         delta_share: if dirty > 0.0 {
             delta_pages / dirty
         } else {
@@ -185,11 +192,12 @@ fn run_mode(lab: &LabPair, ft: FtOptions) -> (Figures, Figures, String) {
     )
     .expect("protected");
     std::thread::sleep(Duration::from_secs(2));
-    let alink = ft_pair::status(lab.lab(), NodeId::A)
-        .expect("status")
-        .alink
-        .unwrap_or_default();
-    eprintln!("[bench] A-link: {alink}");
+    let status = ft_pair::status(lab.lab(), NodeId::A).expect("status");
+    let alink = status.alink.unwrap_or_default();
+    eprintln!(
+        "[bench] A-link: {alink}; dirty pages from KVM's {}",
+        status.dirty_tracking.as_deref().unwrap_or("(not reported)")
+    );
     let protected = measure(lab, &mut client);
     (unprotected, protected, alink)
 }
@@ -265,6 +273,9 @@ fn main() {
     });
     row("dirty in the epoch before too (share)", &|x| {
         format!("{:.2}", x.repeat_share)
+    });
+    row("left writable, hot (share)", &|x| {
+        format!("{:.2}", x.hot_share)
     });
     row("pages sent as deltas (share)", &|x| {
         format!("{:.2}", x.delta_share)

@@ -22,11 +22,12 @@ fn main() {
         .unwrap_or(300);
     let lab = LabPair::start_nodes("bench", &[NodeId::A]);
     println!(
-        "{:>23} | {:>21} | {:>21} | {:>9} | {:>13} | {:>10} | {:>5}",
+        "{:>23} | {:>21} | {:>21} | {:>9} | {:>7} | {:>13} | {:>10} | {:>5}",
         "guest",
         "pause+state us",
         "harvest+stage us",
         "pages/rd",
+        "hot/rd",
         "stage ns/page",
         "memcpy ns",
         "ratio"
@@ -59,13 +60,14 @@ fn main() {
         let p = |k: &str, q: &str| r[k][q].as_f64().unwrap_or(f64::NAN);
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:>4} MiB {load:<7} {tracking:<6} | p50 {:>6.0} p99 {:>7.0} | p50 {:>6.0} p99 {:>7.0} | {:>9.1} | {:>13.0} | {:>10.0} | {:>5.2}",
+            "{:>4} MiB {load:<7} {tracking:<6} | p50 {:>6.0} p99 {:>7.0} | p50 {:>6.0} p99 {:>7.0} | {:>9.1} | {:>7.1} | {:>13.0} | {:>10.0} | {:>5.2}",
             mem_mib,
             p("stop_without_memory", "p50_us"),
             p("stop_without_memory", "p99_us"),
             p("pages", "p50_us"),
             p("pages", "p99_us"),
             f("dirty_pages_mean"),
+            f("hot_pages_mean"),
             f("pages_ns_per_page"),
             f("memcpy_ns_per_page"),
             f("pages_ns_per_page") / f("memcpy_ns_per_page"),

@@ -37,6 +37,9 @@ pub struct Captured {
     /// Of the dirty pages, those the checkpoint before carried too (known
     /// where the audit is taken; else 0).
     pub repeat_pages: u64,
+    /// Of the dirty pages, those the harvest left writable (hot: the guest
+    /// takes no write fault for them in the next epoch).
+    pub hot_pages: u64,
     pub times: StopTimes,
 }
 
@@ -124,6 +127,7 @@ pub fn capture(
         written_mark,
         audit,
         repeat_pages,
+        hot_pages: dirty.hot,
         times: StopTimes {
             pause,
             state: state_took,

@@ -168,6 +168,7 @@ pub(super) async fn epochs(
             bytes: 0,
             dirty: captured.pages.count,
             repeats: captured.repeat_pages,
+            hot: captured.hot_pages,
             writes: captured.writes.1,
             written_mark: captured.written_mark,
             late,

@@ -43,6 +43,8 @@ pub(super) struct Pending {
     pub dirty: u64,
     /// Of those, pages the epoch before carried too.
     pub repeats: u64,
+    /// Of them, those left writable (hot).
+    pub hot: u64,
     pub writes: u64,
     /// The written maps' clock before its writes were taken.
     pub written_mark: u64,
@@ -418,6 +420,8 @@ impl<'a> InFlight<'a> {
             n.dirty_pages_total += c.dirty;
             n.dirty_pages_last = c.dirty;
             n.dirty_repeat_pages_total += c.repeats;
+            n.hot_pages_total += c.hot;
+            n.hot_pages_last = c.hot;
             n.disk_writes_total += c.writes;
             n.output_frames_released += released as u64;
             n.output_frames_held_now = held_now;

@@ -3,11 +3,25 @@
 //! re-protecting the pages are separate steps (`KVM_CLEAR_DIRTY_LOG`).
 //! Every harvest reads one bit per page of every slot, so its cost grows
 //! with the guest's memory; the fallback where KVM has no dirty ring.
+//!
+//! With manual protect, a page the guest writes in two harvests in a row
+//! is left writable (its bit is not cleared, so every harvest reports it)
+//! for up to [`HOT_HARVESTS`] harvests: the guest does not take a write
+//! fault for it at each epoch. Kernel stacks, timer and scheduler data are
+//! written at every epoch; under nested virtualisation each fault is two
+//! world switches. A harvest then reports a superset of the pages written:
+//! a hot page that was not written again is copied for nothing (and goes
+//! as an empty delta). The hot pages of one word in every
+//! [`HOT_HARVESTS`] are re-protected at each harvest, so a page that has
+//! gone cold stops being reported, and one still hot becomes hot again
+//! after its next write.
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_enable_cap, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
+use std::sync::Mutex;
+
 use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
@@ -36,32 +50,106 @@ pub enum BitmapError {
     },
 }
 
+/// What manual protect is turned on with.
+const MANUAL_PROTECT_FLAGS: u32 = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+
+/// How many harvests a hot page stays writable at most (the default).
+pub const HOT_HARVESTS: u32 = 16;
+
 /// KVM's dirty bitmap of a VM.
 #[derive(Debug)]
 pub(super) struct BitmapLog {
     /// Whether KVM's manual protect mode is on (otherwise GET also clears).
     manual_protect: bool,
+    /// How many harvests a hot page stays writable at most; 0 re-protects
+    /// every reported page at each harvest (the log is then exact).
+    hot_harvests: u32,
+    hot: Mutex<HotPages>,
+}
+
+/// The pages left writable, by slot (in the order of the harvest's slots).
+#[derive(Debug, Default)]
+struct HotPages {
+    harvests: u64,
+    slots: Vec<SlotBits>,
+}
+
+/// One slot's bits, a word per 64 pages.
+#[derive(Debug, Default)]
+struct SlotBits {
+    /// What the previous harvest reported.
+    reported: Vec<u64>,
+    /// Pages left writable (their bits still set in KVM's log).
+    hot: Vec<u64>,
+    /// Scratch: the pages this harvest re-protects.
+    clear: Vec<u64>,
+}
+
+impl SlotBits {
+    /// Chooses, from the pages `now` reports, those to re-protect (left in
+    /// `self.clear`) and those to leave writable, at harvest `harvest`.
+    fn choose(&mut self, now: &[u64], harvest: u64, hot_harvests: u32) {
+        let words = now.len();
+        for v in [&mut self.reported, &mut self.hot, &mut self.clear] {
+            v.resize(words, 0);
+        }
+        for (w, &now) in now.iter().enumerate() {
+            let keep = if hot_harvests == 0
+                || w as u64 % u64::from(hot_harvests) == harvest % u64::from(hot_harvests)
+            {
+                // This word's turn to retire its hot pages (or no pages
+                // are kept at all).
+                0
+            } else {
+                // Still hot, or written in this harvest and the one before.
+                (self.hot[w] | (now & self.reported[w])) & now
+            };
+            self.clear[w] = now & !keep;
+            self.hot[w] = keep;
+            // The first harvest reports every page (KVM's log starts all
+            // set): none of them was written twice.
+            self.reported[w] = if harvest == 0 { 0 } else { now };
+        }
+    }
+
+    /// How many pages are left writable.
+    fn hot_pages(&self) -> u64 {
+        self.hot.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
 }
 
 impl BitmapLog {
     /// Turns on manual protect with every page initially dirty, where KVM
     /// has it (before the slots are created).
-    pub(super) fn enable(vm: &VmFd) -> Result<BitmapLog, BitmapError> {
-        // The capability reports the set of flags it supports.
-        let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
-        let supported =
-            vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-        let manual_protect = supported > 0 && (supported as u32) & wanted == wanted;
+    pub(super) fn enable(vm: &VmFd, hot_harvests: u32) -> Result<BitmapLog, BitmapError> {
+        let manual_protect = Self::has_manual_protect(vm);
         if manual_protect {
             let mut cap = kvm_enable_cap {
                 cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
                 ..Default::default()
             };
-            cap.args[0] = u64::from(wanted);
+            cap.args[0] = u64::from(MANUAL_PROTECT_FLAGS);
             vm.enable_cap(&cap)
                 .map_err(BitmapError::EnableManualProtect)?;
         }
-        Ok(BitmapLog { manual_protect })
+        Ok(BitmapLog {
+            manual_protect,
+            hot_harvests: if manual_protect { hot_harvests } else { 0 },
+            hot: Mutex::new(HotPages::default()),
+        })
+    }
+
+    /// Whether this KVM has manual protect with every page initially
+    /// dirty (the capability reports the set of flags it supports).
+    pub(super) fn has_manual_protect(vm: &VmFd) -> bool {
+        let supported =
+            vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+        supported > 0 && (supported as u32) & MANUAL_PROTECT_FLAGS == MANUAL_PROTECT_FLAGS
+    }
+
+    /// How many harvests a hot page stays writable at most (0: none is).
+    pub(super) fn hot_harvests(&self) -> u32 {
+        self.hot_harvests
     }
 
     pub(super) fn manual_protect(&self) -> bool {
@@ -69,42 +157,58 @@ impl BitmapLog {
     }
 
     /// Reads and re-arms the log of every slot; appends the dirty pages
-    /// (ascending, as `slots` are).
+    /// (ascending, as `slots` are). Returns how many of them it left
+    /// writable (hot).
     pub(super) fn harvest(
         &self,
         vm: &VmFd,
         slots: &[Slot],
         out: &mut Vec<u64>,
-    ) -> Result<(), BitmapError> {
-        for s in slots {
+    ) -> Result<u64, BitmapError> {
+        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        let harvest = hot.harvests;
+        hot.harvests += 1;
+        hot.slots.resize_with(slots.len(), SlotBits::default);
+        for (s, bits) in slots.iter().zip(hot.slots.iter_mut()) {
             let bytes = s.pages as usize * PAGE_SIZE;
-            let mut bits = vm
+            let now = vm
                 .get_dirty_log(s.slot, bytes)
                 .map_err(|source| BitmapError::Get {
                     slot: s.slot,
                     source,
                 })?;
             if self.manual_protect {
-                clear(vm, s, &mut bits)?;
+                bits.choose(&now, harvest, self.hot_harvests);
+                clear(vm, s, &mut bits.clear)?;
             }
-            push_set_bits(s.first_page(), &bits, out);
+            push_set_bits(s.first_page(), &now, out);
         }
-        Ok(())
+        Ok(hot.slots.iter().map(SlotBits::hot_pages).sum())
     }
 }
 
-/// Write-protects again the pages reported in `bits`.
+/// Write-protects again the pages set in `bits` (a word per 64 pages of
+/// the slot); one call over the words from the first to the last that has
+/// a page set, none when no page is.
 fn clear(vm: &VmFd, s: &Slot, bits: &mut [u64]) -> Result<(), BitmapError> {
+    let Some(first) = bits.iter().position(|&w| w != 0) else {
+        return Ok(());
+    };
+    let last = bits.iter().rposition(|&w| w != 0).unwrap_or(first);
+    let first_page = first as u64 * 64;
+    // KVM takes a multiple of 64 pages, or a span to the slot's end.
+    let end_page = ((last as u64 + 1) * 64).min(s.pages);
+    let words = &mut bits[first..=last];
     let clear = kvm_clear_dirty_log {
         slot: s.slot,
-        num_pages: s.pages as u32,
-        first_page: 0,
+        num_pages: (end_page - first_page) as u32,
+        first_page,
         __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
-            dirty_bitmap: bits.as_mut_ptr().cast(),
+            dirty_bitmap: words.as_mut_ptr().cast(),
         },
     };
-    // SAFETY: `clear` points at a bitmap of at least `num_pages` bits
-    // (KVM_GET_DIRTY_LOG sized it for this slot), alive for the call.
+    // SAFETY: `clear` points at `words`, one bit for each of its
+    // `num_pages` pages (a word per 64, rounded up), alive for the call.
     let rc = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
     if rc < 0 {
         return Err(BitmapError::Clear {
@@ -113,4 +217,94 @@ fn clear(vm: &VmFd, s: &Slot, bits: &mut [u64]) -> Result<(), BitmapError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What KVM's log holds at each harvest: the pages written since the
+    /// last clear, and the pages left writable (never cleared).
+    struct Kvm {
+        bits: Vec<u64>,
+    }
+
+    impl Kvm {
+        fn harvest(&mut self, slot: &mut SlotBits, written: u64, harvest: u64, hot: u32) -> u64 {
+            self.bits[1] |= written;
+            let now = self.bits.clone();
+            slot.choose(&now, harvest, hot);
+            for (bit, clear) in self.bits.iter_mut().zip(&slot.clear) {
+                *bit &= !clear;
+            }
+            now[1]
+        }
+    }
+
+    #[test]
+    fn without_hot_pages_every_reported_page_is_protected_again() {
+        let mut slot = SlotBits::default();
+        let mut kvm = Kvm { bits: vec![0; 4] };
+        for harvest in 0..6 {
+            assert_eq!(kvm.harvest(&mut slot, 0b11, harvest, 0), 0b11);
+            assert_eq!(slot.clear[1], 0b11);
+            assert_eq!(slot.hot_pages(), 0);
+        }
+        assert_eq!(kvm.harvest(&mut slot, 0, 6, 0), 0, "exact: nothing written");
+    }
+
+    #[test]
+    fn a_page_written_twice_in_a_row_stays_writable_until_its_word_retires() {
+        const HOT: u32 = 4;
+        let mut slot = SlotBits::default();
+        let mut kvm = Kvm { bits: vec![0; 4] };
+        // Word 1 retires at harvests 1, 5, 9, ...
+        assert_eq!(kvm.harvest(&mut slot, 0b1, 2, HOT), 0b1);
+        assert_eq!(slot.clear[1], 0b1, "written once: protected again");
+        assert_eq!(kvm.harvest(&mut slot, 0b11, 3, HOT), 0b11);
+        assert_eq!(
+            slot.clear[1], 0b10,
+            "page 0 written twice in a row: left writable"
+        );
+        assert_eq!(slot.hot_pages(), 1);
+        // Not written again: still reported (its bit stays set) until word
+        // 1's turn to retire.
+        assert_eq!(kvm.harvest(&mut slot, 0, 4, HOT), 0b1);
+        assert_eq!(slot.clear[1], 0);
+        assert_eq!(kvm.harvest(&mut slot, 0, 5, HOT), 0b1);
+        assert_eq!(slot.clear[1], 0b1, "retired");
+        assert_eq!(slot.hot_pages(), 0);
+        assert_eq!(
+            kvm.harvest(&mut slot, 0, 6, HOT),
+            0,
+            "gone cold: not reported"
+        );
+        // Written again twice: hot again.
+        kvm.harvest(&mut slot, 0b1, 7, HOT);
+        kvm.harvest(&mut slot, 0b1, 8, HOT);
+        assert_eq!(slot.hot_pages(), 1);
+        // A retired page that is written right after its retirement comes
+        // back at once (it was reported at the retiring harvest).
+        assert_eq!(kvm.harvest(&mut slot, 0b1, 9, HOT), 0b1);
+        assert_eq!(slot.hot_pages(), 0);
+        assert_eq!(kvm.harvest(&mut slot, 0b1, 10, HOT), 0b1);
+        assert_eq!(slot.hot_pages(), 1);
+    }
+
+    #[test]
+    fn a_hot_page_is_never_left_out_of_a_harvest() {
+        const HOT: u32 = 3;
+        let mut slot = SlotBits::default();
+        let mut kvm = Kvm { bits: vec![0; 2] };
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for harvest in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let written = x & 0xffff;
+            let reported = kvm.harvest(&mut slot, written, harvest, HOT);
+            assert_eq!(reported & written, written, "harvest {harvest}");
+            assert_eq!(slot.hot[1] & !reported, 0);
+        }
+    }
 }

@@ -9,8 +9,11 @@
 //! - [`ring`]: `KVM_CAP_DIRTY_LOG_RING`, one ring of written pages per
 //!   vCPU: a harvest costs in proportion to the pages written (issue 14).
 //!
-//! The ring is used when KVM has it, unless the VM's configuration says
-//! otherwise ([`DirtyTracking`]); both report the same set.
+//! Which one a VM uses follows its configuration ([`DirtyTracking`]): by
+//! default the bitmap for guests of up to [`AUTO_BITMAP_MAX_BYTES`] (its
+//! hot pages save the guest write faults), the ring for larger ones. The
+//! ring reports exactly the pages written; the bitmap, with hot pages, a
+//! superset.
 
 mod bitmap;
 mod ring;
@@ -25,6 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::{GuestMemoryMmap, PAGE_SIZE};
 
+pub use self::bitmap::HOT_HARVESTS;
 use self::bitmap::{BitmapError, BitmapLog};
 pub(crate) use self::ring::RingLog;
 use self::ring::{RingError, RING_ENTRIES};
@@ -42,17 +46,40 @@ pub enum DirtyLogError {
     NoRegion { base: u64, slot: u32 },
 }
 
+/// Up to this much guest memory, [`DirtyTracking::Auto`] takes the bitmap
+/// with hot pages (where KVM has manual protect): reading a bitmap of 4 GiB
+/// (128 KiB) costs a harvest less than the write faults hot pages save the
+/// guest (a few dozen per epoch, 1-2 us each on hardware, ~100 us nested).
+/// Above it, the ring: a harvest that grows with the pages written only.
+pub const AUTO_BITMAP_MAX_BYTES: u64 = 4 << 30;
+
 /// How a VM's dirty pages are to be tracked (its configuration).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum DirtyTracking {
-    /// The dirty ring when KVM has it, else the bitmap.
+    /// Up to [`AUTO_BITMAP_MAX_BYTES`] of guest memory, the bitmap with hot
+    /// pages where KVM has manual protect; else the dirty ring where KVM
+    /// has it; else the bitmap.
     #[default]
     Auto,
-    /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG`), even where the ring exists.
+    /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG`), even where the ring exists;
+    /// with manual protect, pages the guest keeps writing are left
+    /// writable (hot).
     Bitmap,
     /// The dirty ring; the VM does not start without it.
     Ring,
+}
+
+impl DirtyTracking {
+    /// Whether to take the bitmap before trying the ring, for a guest of
+    /// `bytes`, on a KVM with manual protect or not.
+    fn prefers_bitmap(self, bytes: u64, manual_protect: bool) -> bool {
+        match self {
+            DirtyTracking::Bitmap => true,
+            DirtyTracking::Ring => false,
+            DirtyTracking::Auto => manual_protect && bytes <= AUTO_BITMAP_MAX_BYTES,
+        }
+    }
 }
 
 /// How a VM's dirty pages are tracked (what [`DirtyTracking`] came to).
@@ -108,6 +135,9 @@ pub struct DirtyPages {
     /// both did).
     pub by_guest: u64,
     pub by_vmm: u64,
+    /// How many of the pages were left writable, hot (reported again by
+    /// the next harvest whether written or not; bitmap only).
+    pub hot: u64,
 }
 
 impl DirtyPages {
@@ -152,6 +182,7 @@ impl DirtyPages {
             pages,
             by_guest,
             by_vmm,
+            hot: 0,
         }
     }
 
@@ -206,16 +237,19 @@ impl DirtyLog {
         slots: &[(u32, u64, u64)],
         tracking: DirtyTracking,
     ) -> Result<DirtyLog, DirtyLogError> {
-        Self::enable_sized(vm, slots, tracking, RING_ENTRIES)
+        Self::enable_sized(vm, slots, tracking, RING_ENTRIES, HOT_HARVESTS)
     }
 
     /// [`DirtyLog::enable`] with rings of `ring_entries` (a power of two;
-    /// tests use small rings to fill them).
+    /// tests use small rings to fill them) and, with the bitmap, hot pages
+    /// left writable for up to `hot_harvests` harvests (0: none; tests of
+    /// exact sets use that).
     pub(crate) fn enable_sized(
         vm: &VmFd,
         slots: &[(u32, u64, u64)],
         tracking: DirtyTracking,
         ring_entries: u32,
+        hot_harvests: u32,
     ) -> Result<DirtyLog, DirtyLogError> {
         let mut slots: Vec<Slot> = slots
             .iter()
@@ -228,14 +262,16 @@ impl DirtyLog {
         // Harvests walk the slots in this order and must yield ascending
         // page numbers.
         slots.sort_by_key(|s| s.base);
-        let ring = match tracking {
-            DirtyTracking::Bitmap => None,
-            DirtyTracking::Auto | DirtyTracking::Ring => RingLog::enable(vm, &slots, ring_entries)?,
+        let bytes: u64 = slots.iter().map(|s| s.pages * PAGE_SIZE as u64).sum();
+        let ring = if tracking.prefers_bitmap(bytes, BitmapLog::has_manual_protect(vm)) {
+            None
+        } else {
+            RingLog::enable(vm, &slots, ring_entries)?
         };
         let method = match (ring, tracking) {
             (Some(ring), _) => Method::Ring(Arc::new(ring)),
             (None, DirtyTracking::Ring) => return Err(DirtyLogError::NoRing),
-            (None, _) => Method::Bitmap(BitmapLog::enable(vm)?),
+            (None, _) => Method::Bitmap(BitmapLog::enable(vm, hot_harvests)?),
         };
         let log = DirtyLog { slots, method };
         tracing::info!(
@@ -243,6 +279,7 @@ impl DirtyLog {
             asked = ?tracking,
             ring_entries = log.ring().map(|r| r.entries()),
             manual_dirty_protect = log.manual_protect(),
+            hot_harvests = log.hot_harvests(),
             "dirty page tracking"
         );
         Ok(log)
@@ -285,20 +322,36 @@ impl DirtyLog {
         }
     }
 
+    /// How many harvests a page the guest keeps writing stays writable
+    /// (bitmap with manual protect; 0 otherwise).
+    pub fn hot_harvests(&self) -> u32 {
+        match &self.method {
+            Method::Bitmap(log) => log.hot_harvests(),
+            Method::Ring(_) => 0,
+        }
+    }
+
     /// Takes the pages written since the previous harvest (by the guest's
     /// CPUs or the VMM) and re-arms tracking. Exact when the vCPUs are
-    /// paused.
+    /// paused, but for hot pages (see [`DirtyLog::hot_harvests`]), which
+    /// are reported whether written again or not.
     pub fn harvest(&self, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<DirtyPages, DirtyLogError> {
         let mut guest = Vec::new();
-        match &self.method {
+        let hot = match &self.method {
             Method::Bitmap(log) => log.harvest(vm, &self.slots, &mut guest)?,
-            Method::Ring(ring) => guest = ring.harvest()?,
-        }
+            Method::Ring(ring) => {
+                guest = ring.harvest()?;
+                0
+            }
+        };
         let mut vmm = Vec::new();
         for s in &self.slots {
             take_vmm_pages(mem, s, &mut vmm)?;
         }
-        Ok(DirtyPages::merge(&guest, &vmm))
+        Ok(DirtyPages {
+            hot,
+            ..DirtyPages::merge(&guest, &vmm)
+        })
     }
 }
 

@@ -136,6 +136,7 @@ fn tracked_vm(
     mem_mib: u64,
     tracking: DirtyTracking,
     ring_entries: u32,
+    hot_harvests: u32,
 ) -> Option<(VcpuFd, DirtyLog, VmFd, GuestRam)> {
     let kvm = match kvm_host::probe() {
         Ok((kvm, _)) => kvm,
@@ -147,7 +148,13 @@ fn tracked_vm(
     ram.memory
         .write_slice(code, GuestAddress(CODE_GPA))
         .expect("code fits");
-    let log = match DirtyLog::enable_sized(&vm, &[(0, 0, ram.size)], tracking, ring_entries) {
+    let log = match DirtyLog::enable_sized(
+        &vm,
+        &[(0, 0, ram.size)],
+        tracking,
+        ring_entries,
+        hot_harvests,
+    ) {
         Ok(log) => log,
         Err(DirtyLogError::NoRing) => {
             eprintln!("this KVM has no dirty ring: test skipped");
@@ -176,7 +183,18 @@ impl Guest {
     /// Starts `code` with dirty tracking `tracking`; the first harvest
     /// (every page) is taken, so the next reports only what is written.
     fn start(code: &[u8], tracking: DirtyTracking, ring_entries: u32) -> Option<Guest> {
-        let (vcpu, log, vm, ram) = tracked_vm(code, 16, tracking, ring_entries)?;
+        Self::start_hot(code, tracking, ring_entries, 0)
+    }
+
+    /// [`Guest::start`] with hot pages left writable for up to
+    /// `hot_harvests` harvests (bitmap only).
+    fn start_hot(
+        code: &[u8],
+        tracking: DirtyTracking,
+        ring_entries: u32,
+        hot_harvests: u32,
+    ) -> Option<Guest> {
+        let (vcpu, log, vm, ram) = tracked_vm(code, 16, tracking, ring_entries, hot_harvests)?;
         log.harvest(&vm, &ram.memory).expect("first harvest");
         let phases = Arc::new(Phases::default());
         let buses = Arc::new(IoBuses::default());
@@ -245,28 +263,45 @@ fn numbers(pages: &DirtyPages) -> Vec<u64> {
 }
 
 #[test]
-fn auto_takes_the_ring_where_kvm_has_one() {
-    let Some((_vcpu, log, vm, _ram)) = tracked_vm(&[0xf4], 16, DirtyTracking::Auto, RING_ENTRIES)
+fn auto_prefers_the_bitmap_for_guests_up_to_its_bound_with_manual_protect() {
+    let bound = AUTO_BITMAP_MAX_BYTES;
+    assert!(DirtyTracking::Auto.prefers_bitmap(128 << 20, true));
+    assert!(DirtyTracking::Auto.prefers_bitmap(bound, true));
+    assert!(!DirtyTracking::Auto.prefers_bitmap(bound + 4096, true));
+    assert!(!DirtyTracking::Auto.prefers_bitmap(128 << 20, false));
+    assert!(DirtyTracking::Bitmap.prefers_bitmap(bound * 2, false));
+    assert!(!DirtyTracking::Ring.prefers_bitmap(4096, true));
+}
+
+/// Auto on this KVM, for a small guest: the bitmap with hot pages where
+/// KVM has manual protect, else the ring where it has one.
+#[test]
+fn auto_takes_the_bitmap_with_hot_pages_for_a_small_guest() {
+    let Some((_vcpu, log, vm, _ram)) =
+        tracked_vm(&[0xf4], 16, DirtyTracking::Auto, RING_ENTRIES, HOT_HARVESTS)
     else {
         return;
     };
     let has_ring =
         vm.check_extension_raw(libc::c_ulong::from(kvm_bindings::KVM_CAP_DIRTY_LOG_RING)) > 0;
-    let expected = if has_ring {
-        DirtyMethod::Ring
-    } else {
+    let has_manual_protect = BitmapLog::has_manual_protect(&vm);
+    let expected = if has_manual_protect || !has_ring {
         DirtyMethod::Bitmap
+    } else {
+        DirtyMethod::Ring
     };
     assert_eq!(log.method(), expected);
-    if let Some(ring) = log.ring() {
-        assert_eq!(ring.entries(), RING_ENTRIES);
+    match log.ring() {
+        Some(ring) => assert_eq!(ring.entries(), RING_ENTRIES),
+        None if has_manual_protect => assert_eq!(log.hot_harvests(), HOT_HARVESTS),
+        None => assert_eq!(log.hot_harvests(), 0),
     }
 }
 
 #[test]
 fn the_first_harvest_reports_every_page_by_either_method() {
     for tracking in [DirtyTracking::Bitmap, DirtyTracking::Ring] {
-        let Some((_vcpu, log, vm, ram)) = tracked_vm(&[0xf4], 16, tracking, RING_ENTRIES) else {
+        let Some((_vcpu, log, vm, ram)) = tracked_vm(&[0xf4], 16, tracking, RING_ENTRIES, 0) else {
             continue;
         };
         let first = log.harvest(&vm, &ram.memory).unwrap();
@@ -337,6 +372,41 @@ fn a_second_harvest_sees_only_pages_written_after_the_first() {
     }
 }
 
+/// With the bitmap, pages the guest wrote in two epochs in a row stay
+/// writable and are reported at each harvest, written or not, until their
+/// word's turn to be protected again; then they are no longer reported.
+#[test]
+fn hot_pages_stay_reported_until_retired() {
+    const HOT: u32 = 4;
+    let hot = [0x20..0x30];
+    let code = program(&[&hot, &hot], false);
+    let Some(guest) = Guest::start_hot(&code, DirtyTracking::Bitmap, RING_ENTRIES, HOT) else {
+        return;
+    };
+    if !guest.log.manual_protect() {
+        eprintln!("this KVM has no manual dirty protect: test skipped");
+        return;
+    }
+    assert_eq!(guest.log.hot_harvests(), HOT);
+    // Harvest 0 was the first (every page). Word 0 (pages 0-63) retires
+    // its hot pages at harvests 4, 8, ...
+    guest.run_phase(1);
+    let first = guest.harvest();
+    assert_eq!(numbers(&first), pages(&hot), "harvest 1");
+    assert_eq!(first.hot, 0, "written once: protected again");
+    guest.run_phase(2);
+    let second = guest.harvest();
+    assert_eq!(numbers(&second), pages(&hot), "harvest 2");
+    assert_eq!(second.hot, 16, "written twice in a row: hot");
+    let third = guest.harvest();
+    assert_eq!(numbers(&third), pages(&hot), "harvest 3: not written, hot");
+    assert_eq!(third.hot, 16);
+    let fourth = guest.harvest();
+    assert_eq!(numbers(&fourth), pages(&hot), "harvest 4: retired");
+    assert_eq!(fourth.hot, 0);
+    assert_eq!(guest.harvest().count(), 0, "harvest 5: cold, protected");
+}
+
 /// 240 pages into a ring of 256 entries (KVM stops the vCPU at 192): the
 /// vCPU thread empties its ring and runs on, and no page is lost, twice
 /// over (the second fill reuses the entries the first one recycled).
@@ -399,7 +469,8 @@ fn harvest_time_by_memory_size_and_method() {
     let mut results = Vec::new();
     for mem_mib in [128, 1024] {
         for tracking in [DirtyTracking::Bitmap, DirtyTracking::Ring] {
-            let Some((mut vcpu, log, vm, ram)) = tracked_vm(&code, mem_mib, tracking, RING_ENTRIES)
+            let Some((mut vcpu, log, vm, ram)) =
+                tracked_vm(&code, mem_mib, tracking, RING_ENTRIES, 0)
             else {
                 return;
             };
