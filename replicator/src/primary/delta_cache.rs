@@ -132,11 +132,15 @@ impl DeltaCache {
             }
             for (gpa, data) in batch.records() {
                 let sent_as_delta = match self.pages.get_mut(&gpa) {
-                    Some(old) => {
-                        let delta = deltas.add(gpa, old, data);
-                        old.copy_from_slice(data);
-                        delta
-                    }
+                    Some(old) => match deltas.add(gpa, old, data) {
+                        // Unchanged (a hot page not written again): the
+                        // cache holds it already.
+                        Some(0) => true,
+                        delta => {
+                            old.copy_from_slice(data);
+                            delta.is_some()
+                        }
+                    },
                     None => {
                         self.insert(gpa, data);
                         false

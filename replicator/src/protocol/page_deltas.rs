@@ -119,15 +119,16 @@ pub struct PageDeltaStager {
 
 impl PageDeltaStager {
     /// Adds the delta of the page at `gpa` from `old` to `new` and returns
-    /// true, or returns false (adding nothing) where it would be longer
-    /// than [`DELTA_MAX`]: the page then goes whole.
-    pub fn add(&mut self, gpa: u64, old: &[u8], new: &[u8]) -> bool {
+    /// its length (0: the page did not change), or returns `None` (adding
+    /// nothing) where it would be longer than [`DELTA_MAX`]: the page then
+    /// goes whole.
+    pub fn add(&mut self, gpa: u64, old: &[u8], new: &[u8]) -> Option<usize> {
         let start = self.chunk.len();
         self.chunk.extend_from_slice(&gpa.to_le_bytes());
         self.chunk.extend_from_slice(&[0, 0]);
         let Some(len) = encode(old, new, DELTA_MAX, &mut self.chunk) else {
             self.chunk.truncate(start);
-            return false;
+            return None;
         };
         let len16 = u16::try_from(len).expect("at most DELTA_MAX");
         self.chunk[start + 8..start + HEADER].copy_from_slice(&len16.to_le_bytes());
@@ -137,7 +138,7 @@ impl PageDeltaStager {
         if self.chunk.len() >= DELTA_FRAME_BYTES {
             self.close_chunk();
         }
-        true
+        Some(len)
     }
 
     fn close_chunk(&mut self) {
@@ -178,11 +179,14 @@ mod tests {
         for n in 0..100u64 {
             let mut new = old.clone();
             new[(n as usize * 40) % PAGE_SIZE] = n as u8;
-            assert!(stager.add(n * 4096, &old, &new));
+            assert!(stager.add(n * 4096, &old, &new).is_some());
             news.push(new);
         }
         let whole = vec![0x55u8; PAGE_SIZE];
-        assert!(!stager.add(1 << 20, &old, &whole), "too long: goes whole");
+        assert!(
+            stager.add(1 << 20, &old, &whole).is_none(),
+            "too long: goes whole"
+        );
         assert_eq!(stager.count(), 100);
         let batches = stager.finish();
         assert_eq!(batches.len(), 1);
@@ -211,7 +215,7 @@ mod tests {
         new[..DELTA_MAX - 16].fill(1);
         let mut stager = PageDeltaStager::default();
         for n in 0..600u64 {
-            assert!(stager.add(n * 4096, &old, &new));
+            assert!(stager.add(n * 4096, &old, &new).is_some());
         }
         let batches = stager.finish();
         assert!(batches.len() >= 2, "{} frames", batches.len());
