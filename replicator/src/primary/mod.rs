@@ -260,13 +260,16 @@ fn stop_switched_over(
     // It is labelled so only if nothing wrote the memory since that
     // checkpoint's harvest (the dirty log says so, whatever did it).
     if let (Some(path), Some(lineage)) = (ram_file, lineage) {
+        // Hot pages (left writable, reported whether written or not) do
+        // not count: the guest has not run since, and all else that
+        // writes guest memory is tracked exactly.
         let labelled = match vm.harvest_dirty() {
-            Ok(written) if written.count() == 0 => vm
+            Ok(dirty) if dirty.written == 0 => vm
                 .label_memory(path, &crate::memory_point::label(&lineage, epoch))
                 .map_err(|e| e.to_string()),
-            Ok(written) => Err(format!(
+            Ok(dirty) => Err(format!(
                 "{} pages were written after the final checkpoint",
-                written.count()
+                dirty.written
             )),
             Err(error) => Err(format!("the dirty log could not be read: {error}")),
         };

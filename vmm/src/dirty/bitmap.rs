@@ -128,6 +128,7 @@ impl SlotBits {
                 continue;
             }
             for (w, &now) in now.iter().enumerate().take(end).skip(run) {
+                let was_hot = self.hot[w];
                 let keep = if now == 0 || period == 0 || w % period == retiring {
                     // Nothing reported, this word's turn to retire its hot
                     // pages, or no pages are kept at all.
@@ -135,7 +136,7 @@ impl SlotBits {
                 } else {
                     // Still hot, or written in this harvest and the one
                     // before.
-                    (self.hot[w] | (now & self.reported[w])) & now
+                    (was_hot | (now & self.reported[w])) & now
                 };
                 let clear = now & !keep;
                 self.clear[w] = clear;
@@ -147,6 +148,7 @@ impl SlotBits {
                     chosen.clear = Some(chosen.clear.map_or((w, w), |(first, _)| (first, w)));
                 }
                 chosen.hot += u64::from(keep.count_ones());
+                chosen.written += u64::from((now & !was_hot).count_ones());
                 push_set_bits(first_page + w as u64 * 64, &[now], out);
             }
         }
@@ -161,6 +163,9 @@ struct Chosen {
     clear: Option<(usize, usize)>,
     /// How many pages stay writable.
     hot: u64,
+    /// How many reported pages were protected since the last harvest, so
+    /// written for certain (the others were hot: written or not).
+    written: u64,
 }
 
 impl BitmapLog {
@@ -203,18 +208,19 @@ impl BitmapLog {
 
     /// Reads and re-arms the log of every slot; appends the dirty pages
     /// (ascending, as `slots` are). Returns how many of them it left
-    /// writable (hot).
+    /// writable (hot), and how many were written for certain (the others
+    /// were hot before: writable, so written again or not).
     pub(super) fn harvest(
         &self,
         vm: &VmFd,
         slots: &[Slot],
         out: &mut Vec<u64>,
-    ) -> Result<u64, BitmapError> {
+    ) -> Result<(u64, u64), BitmapError> {
         let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
         let harvest = hot.harvests;
         hot.harvests += 1;
         hot.slots.resize_with(slots.len(), SlotBits::default);
-        let mut hot_pages = 0;
+        let (mut hot_pages, mut written) = (0, 0);
         for (s, bits) in slots.iter().zip(hot.slots.iter_mut()) {
             let bytes = s.pages as usize * PAGE_SIZE;
             let now = vm
@@ -230,11 +236,14 @@ impl BitmapLog {
                     bits.clear[first..=last].fill(0);
                 }
                 hot_pages += chosen.hot;
+                written += chosen.written;
             } else {
+                let before = out.len();
                 push_set_bits(s.first_page(), &now, out);
+                written += (out.len() - before) as u64;
             }
         }
-        Ok(hot_pages)
+        Ok((hot_pages, written))
     }
 }
 
@@ -414,6 +423,7 @@ mod tests {
                 kvm.fill(u64::MAX);
             }
             let now = kvm.clone();
+            let hot_before = hot.clone();
             let mut out = Vec::new();
             let chosen = slot.choose(&now, harvest, HOT, (4096, &mut out));
             let mut expected = Vec::new();
@@ -437,6 +447,15 @@ mod tests {
                 kvm[w] &= !slot.clear[w];
             }
             assert_eq!(chosen.hot, hot_count, "harvest {harvest}");
+            let written: u64 = now
+                .iter()
+                .zip(&hot_before)
+                .map(|(n, h)| u64::from((n & !h).count_ones()))
+                .sum();
+            assert_eq!(
+                chosen.written, written,
+                "harvest {harvest}: written for certain"
+            );
             slot.clear.fill(0);
         }
     }

@@ -138,6 +138,11 @@ pub struct DirtyPages {
     /// How many of the pages were left writable, hot (reported again by
     /// the next harvest whether written or not; bitmap only).
     pub hot: u64,
+    /// How many of the pages were written for certain: all but those that
+    /// were hot since the harvest before (written again or not). A page
+    /// both the guest and the VMM wrote may count twice: a bound, and 0
+    /// only when nothing is known to have written memory.
+    pub written: u64,
 }
 
 impl DirtyPages {
@@ -178,11 +183,13 @@ impl DirtyPages {
             };
             pages.push(next);
         }
+        let written = pages.len() as u64;
         DirtyPages {
             pages,
             by_guest,
             by_vmm,
             hot: 0,
+            written,
         }
     }
 
@@ -337,19 +344,21 @@ impl DirtyLog {
     /// are reported whether written again or not.
     pub fn harvest(&self, vm: &VmFd, mem: &GuestMemoryMmap) -> Result<DirtyPages, DirtyLogError> {
         let mut guest = Vec::new();
-        let hot = match &self.method {
+        let (hot, guest_written) = match &self.method {
             Method::Bitmap(log) => log.harvest(vm, &self.slots, &mut guest)?,
             Method::Ring(ring) => {
                 guest = ring.harvest()?;
-                0
+                (0, guest.len() as u64)
             }
         };
         let mut vmm = Vec::new();
         for s in &self.slots {
             take_vmm_pages(mem, s, &mut vmm)?;
         }
+        let written = guest_written + vmm.len() as u64;
         Ok(DirtyPages {
             hot,
+            written,
             ..DirtyPages::merge(&guest, &vmm)
         })
     }

@@ -398,9 +398,11 @@ fn hot_pages_stay_reported_until_retired() {
     let second = guest.harvest();
     assert_eq!(numbers(&second), pages(&hot), "harvest 2");
     assert_eq!(second.hot, 16, "written twice in a row: hot");
+    assert_eq!(second.written, 16, "each was protected, and written");
     let third = guest.harvest();
     assert_eq!(numbers(&third), pages(&hot), "harvest 3: not written, hot");
     assert_eq!(third.hot, 16);
+    assert_eq!(third.written, 0, "hot: not known to be written");
     let fourth = guest.harvest();
     assert_eq!(numbers(&fourth), pages(&hot), "harvest 4: retired");
     assert_eq!(fourth.hot, 0);
