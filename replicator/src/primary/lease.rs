@@ -30,10 +30,7 @@ use crate::quorum::{GrantedLease, WitnessConfig};
 use crate::status::{FtState, Role, StatusBoard};
 
 /// How often the gate looks at held output (the extra latency output
-/// has without a standby, with a witness). While epochs decide (a standby
-/// is there), the gate sleeps until its mode changes or the copy is
-/// superseded: a timer 200 times a second costs a node's CPU under
-/// emulation for nothing.
+/// has without a standby, with a witness).
 const GATE_TICK: Duration = Duration::from_millis(5);
 
 /// How long a switchover waits for the witness's answer.
@@ -73,8 +70,6 @@ struct Standing {
     ended: Notify,
     /// The generation rose (the witness named a newer one for this copy).
     moved: Notify,
-    /// Wakes the gate: its mode changed, or this copy was superseded.
-    gate_wake: Notify,
     /// Whether the keeper renews the lease (not once the VM was released
     /// to the standby). The keeper holds it while it asks, so a release
     /// is never overtaken by a renewal that would take it back.
@@ -107,7 +102,6 @@ impl Standing {
             superseded: Mutex::new(None),
             ended: Notify::new(),
             moved: Notify::new(),
-            gate_wake: Notify::new(),
             keeping: tokio::sync::Mutex::new(true),
         }
     }
@@ -138,7 +132,6 @@ impl Standing {
         *lock(&self.lease_until) = None;
         self.ended.notify_waiters();
         self.ended.notify_one();
-        self.gate_wake.notify_one();
     }
 }
 
@@ -268,7 +261,6 @@ impl Lease {
             vm.resume();
             gate.paused = false;
         }
-        self.standing.gate_wake.notify_one();
     }
 
     /// A planned switchover: stops renewing and tells the witness this
@@ -514,15 +506,6 @@ async fn keep(witness: WitnessConfig, standing: Arc<Standing>, status: StatusBoa
     }
 }
 
-/// Returns once the gate has work: its mode is not [`GateMode::Off`], or
-/// this copy was superseded (held output is then discarded).
-async fn wait_while_idle(gate: &Mutex<GateState>, standing: &Standing) {
-    while lock(gate).mode == GateMode::Off && lock(&standing.superseded).is_none() {
-        // A change after the look above left a permit: no wake is lost.
-        standing.gate_wake.notified().await;
-    }
-}
-
 /// Releases held output under the lease; fences a copy whose lease stays
 /// out.
 async fn gate_output(
@@ -534,7 +517,6 @@ async fn gate_output(
     let mut tick = tokio::time::interval(GATE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        wait_while_idle(&gate, &standing).await;
         tick.tick().await;
         let now = Instant::now();
         let mut gate = lock(&gate);
@@ -620,37 +602,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), standing.moved_past(3))
             .await
             .expect("at once");
-    }
-
-    /// While epochs decide output, the gate sleeps (no timer); a mode
-    /// change or a supersede wakes it, even one made before it waits.
-    #[tokio::test]
-    async fn the_gate_sleeps_while_off_and_wakes_on_a_change() {
-        let standing = Arc::new(Standing::new(1));
-        let gate = Arc::new(Mutex::new(GateState {
-            mode: GateMode::Off,
-            paused: false,
-        }));
-        let waiter = |gate: &Arc<Mutex<GateState>>, standing: &Arc<Standing>| {
-            let (gate, standing) = (Arc::clone(gate), Arc::clone(standing));
-            tokio::spawn(async move { wait_while_idle(&gate, &standing).await })
-        };
-        let waiting = waiter(&gate, &standing);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "off: nothing to do");
-        lock(&gate).mode = GateMode::Lease { fence: true };
-        standing.gate_wake.notify_one();
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken by the mode change")
-            .unwrap();
-        // Off again, then superseded before the gate looks.
-        lock(&gate).mode = GateMode::Off;
-        standing.supersede(2, "b".into());
-        tokio::time::timeout(Duration::from_secs(5), waiter(&gate, &standing))
-            .await
-            .expect("a superseded copy's gate does not sleep")
-            .unwrap();
     }
 
     /// A witness over a real link that answers every request with
