@@ -292,6 +292,13 @@ mod tests {
     }
 
     impl Kvm {
+        fn new(words: usize) -> Kvm {
+            Kvm {
+                bits: vec![0; words],
+                cleared: Vec::new(),
+            }
+        }
+
         fn harvest(&mut self, slot: &mut SlotBits, written: u64, harvest: u64, hot: u32) -> u64 {
             self.bits[1] |= written;
             let now = self.bits.clone();
@@ -324,10 +331,7 @@ mod tests {
     #[test]
     fn without_hot_pages_every_reported_page_is_protected_again() {
         let mut slot = SlotBits::default();
-        let mut kvm = Kvm {
-            bits: vec![0; 4],
-            cleared: Vec::new(),
-        };
+        let mut kvm = Kvm::new(4);
         for harvest in 0..6 {
             assert_eq!(kvm.harvest(&mut slot, 0b11, harvest, 0), 0b11);
             assert_eq!(kvm.cleared[1], 0b11);
@@ -340,10 +344,7 @@ mod tests {
     fn a_page_written_twice_in_a_row_stays_writable_until_its_word_retires() {
         const HOT: u32 = 4;
         let mut slot = SlotBits::default();
-        let mut kvm = Kvm {
-            bits: vec![0; 4],
-            cleared: Vec::new(),
-        };
+        let mut kvm = Kvm::new(4);
         // Word 1 retires at harvests 1, 5, 9, ...
         assert_eq!(kvm.harvest(&mut slot, 0b1, 2, HOT), 0b1);
         assert_eq!(kvm.cleared[1], 0b1, "written once: protected again");
@@ -381,10 +382,7 @@ mod tests {
     fn a_hot_page_is_never_left_out_of_a_harvest() {
         const HOT: u32 = 3;
         let mut slot = SlotBits::default();
-        let mut kvm = Kvm {
-            bits: vec![0; 2],
-            cleared: Vec::new(),
-        };
+        let mut kvm = Kvm::new(2);
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
         for harvest in 0..200 {
             x ^= x << 13;
