@@ -247,9 +247,52 @@ impl BitmapLog {
     }
 }
 
+/// At most this many words (64 pages each: 16 MiB of guest) are
+/// re-protected in one `KVM_CLEAR_DIRTY_LOG`. KVM holds its MMU lock for
+/// the whole of a call, without yielding the CPU: on one CPU, a call over
+/// a whole large guest (the first harvest, every page reported) would
+/// keep the A-link's heartbeat thread off it long enough to look like a
+/// silence. Between calls the scheduler may run it.
+const CLEAR_WORDS_PER_CALL: usize = 64;
+
+/// A re-protection slower than this is logged.
+const SLOW_CLEAR: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Write-protects again the pages set in `bits` (a word per 64 pages of
-/// the slot) from word `first` to word `last`, in one call.
+/// the slot) from word `first` to word `last`, [`CLEAR_WORDS_PER_CALL`]
+/// words a call.
 fn clear(
+    vm: &VmFd,
+    s: &Slot,
+    bits: &mut [u64],
+    (first, last): (usize, usize),
+) -> Result<(), BitmapError> {
+    let started = std::time::Instant::now();
+    let mut calls = 0u32;
+    let mut word = first;
+    while word <= last {
+        let end = (word + CLEAR_WORDS_PER_CALL - 1).min(last);
+        if bits[word..=end].iter().any(|&w| w != 0) {
+            clear_span(vm, s, bits, (word, end))?;
+            calls += 1;
+        }
+        word = end + 1;
+    }
+    let took = started.elapsed();
+    if took > SLOW_CLEAR {
+        tracing::info!(
+            slot = s.slot,
+            words = last + 1 - first,
+            calls,
+            took_ms = took.as_millis() as u64,
+            "re-protecting dirty pages took long"
+        );
+    }
+    Ok(())
+}
+
+/// One `KVM_CLEAR_DIRTY_LOG`: the pages set in words `first..=last`.
+fn clear_span(
     vm: &VmFd,
     s: &Slot,
     bits: &mut [u64],
