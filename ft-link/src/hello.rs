@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 /// 2: epochs may carry pages as deltas (`PageDeltas`); 3: an epoch's
 /// checkpoint state is encoded compactly (postcard), not as JSON; 4: it
 /// may go as what changed since the epoch before's (`EpochStateDelta`);
-/// 5: an epoch may carry a page audit (`EpochAudit`).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 5: an epoch may carry a page audit (`EpochAudit`); 6: a page delta may
+/// be from a page of zeros.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

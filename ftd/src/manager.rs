@@ -869,6 +869,7 @@ impl Manager {
             dirty_pages_last: counters.dirty_pages_last,
             delta_pages_total: counters.delta_pages_total,
             delta_bytes_total: counters.delta_bytes_total,
+            zero_delta_pages_total: counters.zero_delta_pages_total,
             alink_bytes_sent: counters.alink_bytes_sent,
             ack_us_p50: counters.ack_us_p50,
             ack_us_p99: counters.ack_us_p99,

@@ -210,6 +210,11 @@ impl Metrics {
             "delta_bytes",
             "Bytes of the page deltas sent in checkpoints (against 4096 a page sent whole)",
         );
+        let zero_delta_pages = counter(
+            &mut registry,
+            "zero_delta_pages",
+            "Of the page deltas, those from a page of zeros (mostly-zero pages new to the primary's delta cache)",
+        );
         let alink_bytes = counter(
             &mut registry,
             "alink_sent_bytes",
@@ -485,6 +490,9 @@ impl Metrics {
             delta_bytes
                 .get_or_create(&labels)
                 .inc_by(c.delta_bytes_total);
+            zero_delta_pages
+                .get_or_create(&labels)
+                .inc_by(c.zero_delta_pages_total);
             dirty_last
                 .get_or_create(&labels)
                 .set(c.dirty_pages_last as f64);

@@ -810,6 +810,10 @@ pub struct VmSample {
     /// The bytes of those page deltas (a page sent whole is 4096).
     #[serde(default)]
     pub delta_bytes_total: u64,
+    /// Of `delta_pages_total`, pages sent as a delta from a page of zeros
+    /// (mostly-zero pages the primary had not sent before this session).
+    #[serde(default)]
+    pub zero_delta_pages_total: u64,
     pub alink_bytes_sent: u64,
     pub ack_us_p50: u64,
     pub ack_us_p99: u64,

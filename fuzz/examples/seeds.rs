@@ -478,7 +478,8 @@ fn protocol_message() {
             .map(|f| Message::from_frame(f).unwrap().message),
     );
     messages.push(mapped);
-    // Appended too: pages as deltas (a word changed, a run of three).
+    // Appended too: pages as deltas (a word changed, a run of three, a
+    // mostly-zero page).
     let mut deltas = replicator::protocol::PageDeltaStager::default();
     let old = vec![1u8; PAGE_SIZE];
     let mut new = old.clone();
@@ -486,6 +487,10 @@ fn protocol_message() {
     deltas.add(0, &old, &new);
     new[1000..1024].fill(3);
     deltas.add(8192, &old, &new);
+    // And a mostly-zero page, from a page of zeros.
+    let mut sparse = vec![0u8; PAGE_SIZE];
+    sparse[24] = 9;
+    deltas.add_from_zero(12288, &sparse);
     messages.push(Message::PageDeltas(deltas.finish().remove(0)));
     // Appended too: a state as what changed since the one before (two
     // chunks, one word changed in the second).

@@ -9,8 +9,8 @@ use vmm::replication::ReplicaRam;
 
 use crate::protocol::delta;
 use crate::protocol::{
-    audit, DiskRecord, Envelope, EpochEnd, Message, PageAudit, PageBatch, PageDeltaBatch, Picked,
-    ProtocolError, PAGE_SIZE,
+    audit, DeltaBase, DeltaRecord, DiskRecord, Envelope, EpochEnd, Message, PageAudit, PageBatch,
+    PageDeltaBatch, Picked, ProtocolError, PAGE_SIZE,
 };
 use crate::sequence::{EpochSequencer, SequenceError};
 use crate::standby::replica_disk::{ReplicaDisk, ReplicaDiskError};
@@ -394,10 +394,14 @@ impl EpochAssembler {
         // page is inside memory: patching cannot fail half-way.
         let mut page = vec![0u8; PAGE_SIZE];
         for batch in &complete.deltas {
-            for (gpa, d) in batch.records() {
-                ram.read_page(gpa, &mut page)
-                    .map_err(|source| AssemblerError::Apply { epoch, source })?;
-                delta::apply(&mut page, d).map_err(|source| AssemblerError::Delta {
+            for DeltaRecord { gpa, base, delta } in batch.records() {
+                match base {
+                    DeltaBase::Replica => ram
+                        .read_page(gpa, &mut page)
+                        .map_err(|source| AssemblerError::Apply { epoch, source })?,
+                    DeltaBase::Zero => page.fill(0),
+                }
+                delta::apply(&mut page, delta).map_err(|source| AssemblerError::Delta {
                     epoch,
                     gpa,
                     source,
@@ -479,7 +483,7 @@ fn carries(complete: &CompleteEpoch, gpa: u64) -> bool {
         || complete
             .deltas
             .iter()
-            .any(|b| b.records().any(|(g, _)| g == gpa))
+            .any(|b| b.records().any(|r| r.gpa == gpa))
 }
 
 /// Every write of `complete` within its disk (before any is applied).
@@ -800,10 +804,19 @@ mod tests {
         let mut a = EpochAssembler::new(1);
         let mut memory: Vec<(u64, Vec<u8>)> =
             (0..100u64).map(|i| (i * 4096, page(i as u8))).collect();
+        // Page 0, mostly zeros, goes as a delta from zeros: whatever the
+        // replica held there before is overwritten.
+        memory[0].1[8] = 1;
+        ram.write_page(0, &page(0xab)).unwrap();
         let first = feed(&mut a, delta_frames(&mut cache, 1, &memory))
             .unwrap()
             .unwrap();
-        assert!(first.deltas.is_empty(), "all new to the cache: whole");
+        let bases: Vec<_> = first
+            .deltas
+            .iter()
+            .flat_map(|b| b.records().map(|r| (r.gpa, r.base)))
+            .collect();
+        assert_eq!(bases, [(0, DeltaBase::Zero)], "the rest, new, whole");
         a.apply(&first, &ram, &[]).unwrap();
         for (i, (_, data)) in memory.iter_mut().enumerate().step_by(3) {
             data[i * 7 % PAGE_SIZE] = 0xee;

@@ -240,6 +240,11 @@ pub struct FtCounters {
     pub delta_pages_total: u64,
     #[serde(default)]
     pub delta_bytes_total: u64,
+    /// Of `delta_pages_total`, pages new to the delta cache sent as a
+    /// delta from a page of zeros (mostly zeros: memory the guest just
+    /// cleared).
+    #[serde(default)]
+    pub zero_delta_pages_total: u64,
     /// Epochs whose checkpoint state went as what changed since the
     /// epoch before's (`EpochStateDelta`), not whole.
     #[serde(default)]

@@ -45,6 +45,8 @@ struct Figures {
     hot_share: f64,
     /// Of the dirty pages, the share sent as deltas, and their mean size.
     delta_share: f64,
+    /// Of the dirty pages, the share sent as deltas from a zero page.
+    zero_delta_share: f64,
     delta_bytes_per_page: f64,
     /// Of the checkpoints, the share whose state went as a delta.
     state_delta_share: f64,
@@ -130,6 +132,11 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         },
         delta_share: if dirty > 0.0 {
             delta_pages / dirty
+        } else {
+            0.0
+        },
+        zero_delta_share: if dirty > 0.0 {
+            delta(after.zero_delta_pages_total, before.zero_delta_pages_total) / dirty
         } else {
             0.0
         },
@@ -279,6 +286,9 @@ fn main() {
     });
     row("pages sent as deltas (share)", &|x| {
         format!("{:.2}", x.delta_share)
+    });
+    row("pages sent as deltas from zeros (share)", &|x| {
+        format!("{:.2}", x.zero_delta_share)
     });
     row("bytes per delta (4096 whole)", &|x| {
         format!("{:.0}", x.delta_bytes_per_page)

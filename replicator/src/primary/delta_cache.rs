@@ -39,6 +39,9 @@ pub struct DeltaFigures {
     /// Bytes those deltas took (records included), against
     /// `pages * 4096` whole.
     pub bytes: u64,
+    /// Of `pages`, those new to the cache sent as a delta from a page of
+    /// zeros (mostly zeros: memory the guest just cleared).
+    pub from_zero: u64,
 }
 
 pub struct DeltaCache {
@@ -96,9 +99,11 @@ impl DeltaCache {
     }
 
     /// `staged` (whole pages, as the capture stages them) with each page
-    /// the cache holds sent as a delta where that is short, the rest
+    /// the cache holds sent as a delta where that is short, each page new
+    /// to it that is mostly zeros as a delta from a page of zeros, the rest
     /// whole; the cache then holds every page as `staged` has it. A batch
-    /// none of whose pages the cache held goes on as it is (no copy).
+    /// none of whose pages the cache held and none mostly zeros goes on as
+    /// it is (no copy).
     /// Up to [`DELTAS`] pages sent as deltas, from address `pivot` on,
     /// join `audit` (`(audit, pivot)`).
     pub fn encode(
@@ -119,15 +124,26 @@ impl DeltaCache {
         let mut whole = PageStager::default();
         let mut deltas = PageDeltaStager::default();
         let mut audited = 0;
+        let mut sparse = Vec::new();
         for batch in batches {
             if batch
                 .records()
                 .all(|(gpa, _)| !self.pages.contains_key(&gpa))
             {
+                sparse.clear();
                 for (gpa, data) in batch.records() {
                     self.insert(gpa, data);
+                    sparse.push(deltas.add_from_zero(gpa, data).is_some());
                 }
-                kept.push(batch);
+                if !sparse.contains(&true) {
+                    kept.push(batch);
+                    continue;
+                }
+                for ((gpa, data), &sparse) in batch.records().zip(&sparse) {
+                    if !sparse {
+                        whole.page_buffer(gpa).extend_from_slice(data);
+                    }
+                }
                 continue;
             }
             for (gpa, data) in batch.records() {
@@ -143,7 +159,7 @@ impl DeltaCache {
                     },
                     None => {
                         self.insert(gpa, data);
-                        false
+                        deltas.add_from_zero(gpa, data).is_some()
                     }
                 };
                 if !sent_as_delta {
@@ -156,6 +172,7 @@ impl DeltaCache {
         let figures = DeltaFigures {
             pages: deltas.count(),
             bytes: deltas.bytes(),
+            from_zero: deltas.from_zero(),
         };
         let mut out = whole.finish();
         kept.append(&mut out.batches);
@@ -179,7 +196,7 @@ impl DeltaCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::delta;
+    use crate::protocol::{delta, DeltaBase};
 
     fn staged(pages: &[(u64, Vec<u8>)]) -> StagedPages {
         let mut stager = PageStager::default();
@@ -197,11 +214,18 @@ mod tests {
             }
         }
         for batch in &staged.deltas {
-            for (gpa, d) in batch.records() {
-                let page = replica
-                    .get_mut(&gpa)
-                    .expect("a delta of a page the replica holds");
-                delta::apply(page, d).unwrap();
+            for r in batch.records() {
+                let page = match r.base {
+                    DeltaBase::Replica => replica
+                        .get_mut(&r.gpa)
+                        .expect("a delta of a page the replica holds"),
+                    DeltaBase::Zero => {
+                        let page = replica.entry(r.gpa).or_default();
+                        *page = vec![0; PAGE_SIZE];
+                        page
+                    }
+                };
+                delta::apply(page, r.delta).unwrap();
             }
         }
     }
@@ -210,7 +234,7 @@ mod tests {
     fn pages_seen_before_go_as_deltas_and_the_replica_follows() {
         let mut cache = DeltaCache::new(1 << 20).unwrap();
         let mut replica = HashMap::new();
-        let mut memory: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n; PAGE_SIZE]).collect();
+        let mut memory: Vec<Vec<u8>> = (1..9u8).map(|n| vec![n; PAGE_SIZE]).collect();
         let all = |memory: &Vec<Vec<u8>>| -> Vec<(u64, Vec<u8>)> {
             memory
                 .iter()
@@ -259,6 +283,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn new_mostly_zero_pages_go_from_a_zero_page_and_the_replica_follows() {
+        let mut cache = DeltaCache::new(1 << 20).unwrap();
+        // The replica holds other contents than the guest's new pages.
+        let mut replica: HashMap<u64, Vec<u8>> = (0..6u64)
+            .map(|i| (i * 4096, vec![0xee; PAGE_SIZE]))
+            .collect();
+        let mut cleared = vec![0u8; PAGE_SIZE];
+        cleared[64] = 1;
+        let dense = vec![5u8; PAGE_SIZE];
+        // A batch of new pages only, some mostly zeros; then one with a
+        // page the cache holds and a new mostly-zero one.
+        let first = [
+            (0, cleared.clone()),
+            (4096, dense.clone()),
+            (8192, vec![0; PAGE_SIZE]),
+        ];
+        let (out, figures) = cache.encode(staged(&first), (&mut PageAudit::default(), 0));
+        assert_eq!((figures.pages, figures.from_zero), (2, 2));
+        assert_eq!(out.batches.iter().map(|b| b.len()).sum::<usize>(), 1);
+        apply(&mut replica, &out);
+        let mut written = dense.clone();
+        written[0] = 6;
+        let second = [(4096, written.clone()), (12288, cleared.clone())];
+        let (out, figures) = cache.encode(staged(&second), (&mut PageAudit::default(), 0));
+        assert_eq!((figures.pages, figures.from_zero), (2, 1));
+        assert!(out.batches.is_empty(), "nothing whole");
+        apply(&mut replica, &out);
+        assert_eq!(replica[&0], cleared);
+        assert_eq!(replica[&4096], written);
+        assert_eq!(replica[&8192], vec![0; PAGE_SIZE]);
+        assert_eq!(replica[&12288], cleared);
+        // A batch of new dense pages goes on whole, as it came.
+        let (out, figures) = cache.encode(
+            staged(&[(16384, dense.clone()), (20480, dense)]),
+            (&mut PageAudit::default(), 0),
+        );
+        assert_eq!(figures, DeltaFigures::default());
+        assert_eq!(out.batches.len(), 1);
     }
 
     #[test]

@@ -305,6 +305,7 @@ async fn send_epoch(
         status.update(|s| {
             s.counters.delta_pages_total += figures.pages;
             s.counters.delta_bytes_total += figures.bytes;
+            s.counters.zero_delta_pages_total += figures.from_zero;
         });
     }
     let frames = encode(

@@ -18,7 +18,8 @@
 //! EpochStateDelta(N)  in its place: the state as what changed since
 //!                epoch N-1's (see `state_delta`)
 //! Pages(N)       dirty pages: [gpa u64 LE][4096 bytes] ... (see `pages`)
-//! PageDeltas(N)  dirty pages as what changed since the replica's version:
+//! PageDeltas(N)  dirty pages as what changed since the replica's version
+//!                (or since a page of zeros: len's top bit set):
 //!                [gpa u64 LE][len u16 LE][delta] ... (see `page_deltas`)
 //! DiskWrites(N)  [disk u32][offset u64][len u32][bytes] ... (see `disk`)
 //! EpochAudit(N)  a few pages' sums as the replica must hold them once
@@ -63,7 +64,9 @@ pub use self::audit::{AuditRecord, PageAudit, Picked, AUDIT_MAX};
 pub use self::disk::{disk_payloads, DiskBatch, DiskRecord, DISK_BYTES_PER_FRAME};
 pub use self::held::{Held, HeldPart, Region, DIGESTS_PER_FRAME};
 pub use self::inbound::{inbound_payloads, InboundBatch, InboundRecord, INBOUND_BYTES_PER_FRAME};
-pub use self::page_deltas::{PageDeltaBatch, PageDeltaStager, DELTA_MAX};
+pub use self::page_deltas::{
+    DeltaBase, DeltaRecord, PageDeltaBatch, PageDeltaStager, DELTA_MAX, ZERO_PAGE,
+};
 pub use self::pages::{PageBatch, PageStager, StagedPages, PAGES_PER_FRAME, PAGE_RECORD};
 pub use self::state::{
     BootPlan, CheckpointState, MemorySince, StateError, SyncPlan, WrittenPlan,

@@ -1,7 +1,10 @@
-//! Page delta records: `[guest physical address: u64 LE][length: u16 LE]
-//! [delta]` (see [`super::delta`]), packed up to [`DELTA_FRAME_BYTES`] to a
-//! `PageDeltas` frame: pages of an epoch given as what changed since the
-//! version the standby's replica holds. A batch is checked whole when it
+//! Page delta records: `[guest physical address: u64 LE][base and length:
+//! u16 LE][delta]` (see [`super::delta`]), packed up to
+//! [`DELTA_FRAME_BYTES`] to a `PageDeltas` frame: pages of an epoch given
+//! as what changed since the version the standby's replica holds, or,
+//! with the top bit of the length set ([`DeltaBase::Zero`]), since a page
+//! of zeros: a mostly-zero page (memory the guest just cleared and began
+//! to fill) the primary had no version of. A batch is checked whole when it
 //! is decoded (every record complete, every delta well formed); its
 //! addresses are checked against memory before the first byte reaches the
 //! replica, as a page batch's are.
@@ -16,6 +19,30 @@ use super::{ProtocolError, PAGE_SIZE};
 pub const DELTA_MAX: usize = PAGE_SIZE / 4;
 /// What a record adds to its delta.
 const HEADER: usize = 8 + 2;
+/// The bit of a record's length field that says its base is a zero page.
+const ZERO_BASE: u16 = 0x8000;
+const _: () = assert!(DELTA_MAX < ZERO_BASE as usize);
+
+/// What a delta was made against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaBase {
+    /// The page as the standby's replica holds it.
+    Replica,
+    /// A page of zeros: the delta gives the whole page, whatever the
+    /// replica holds.
+    Zero,
+}
+
+/// One record of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaRecord<'a> {
+    pub gpa: u64,
+    pub base: DeltaBase,
+    pub delta: &'a [u8],
+}
+
+/// A page of zeros, the base of [`DeltaBase::Zero`] deltas.
+pub static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 /// Delta bytes (records included) per frame, at most about.
 pub const DELTA_FRAME_BYTES: usize = 256 << 10;
 
@@ -26,9 +53,9 @@ pub struct PageDeltaBatch {
     count: usize,
 }
 
-/// Each record of `payload`: (address, delta), or `None` at the first
-/// record that is cut short.
-fn split(payload: &[u8]) -> impl Iterator<Item = Option<(u64, &[u8])>> + '_ {
+/// Each record of `payload`, or `None` at the first record that is cut
+/// short.
+fn split(payload: &[u8]) -> impl Iterator<Item = Option<DeltaRecord<'_>>> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
         if at == payload.len() {
@@ -39,13 +66,19 @@ fn split(payload: &[u8]) -> impl Iterator<Item = Option<(u64, &[u8])>> + '_ {
             return Some(None);
         };
         let gpa = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
-        let len = usize::from(u16::from_le_bytes(header[8..].try_into().expect("2 bytes")));
+        let field = u16::from_le_bytes(header[8..].try_into().expect("2 bytes"));
+        let base = if field & ZERO_BASE != 0 {
+            DeltaBase::Zero
+        } else {
+            DeltaBase::Replica
+        };
+        let len = usize::from(field & !ZERO_BASE);
         let Some(delta) = payload.get(at + HEADER..at + HEADER + len) else {
             at = payload.len();
             return Some(None);
         };
         at += HEADER + len;
-        Some(Some((gpa, delta)))
+        Some(Some(DeltaRecord { gpa, base, delta }))
     })
 }
 
@@ -55,7 +88,7 @@ impl PageDeltaBatch {
     pub fn parse(payload: Bytes) -> Option<PageDeltaBatch> {
         let mut count = 0;
         for record in split(&payload) {
-            let (_, d) = record?;
+            let d = record?.delta;
             if d.len() > DELTA_MAX || delta::check(d).is_err() {
                 return None;
             }
@@ -85,8 +118,9 @@ impl PageDeltaBatch {
         self.count == 0
     }
 
-    /// Each record's guest physical address and delta.
-    pub fn records(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+    /// Each record: its page's guest physical address, its base and its
+    /// delta.
+    pub fn records(&self) -> impl Iterator<Item = DeltaRecord<'_>> + '_ {
         split(&self.bytes).map(|r| r.expect("checked whole when parsed or built"))
     }
 
@@ -94,8 +128,8 @@ impl PageDeltaBatch {
     /// [`super::PageBatch::hash_addresses`]: the end record checks pages
     /// and deltas together, in the order their frames came).
     pub fn hash_addresses(&self, crc: &mut crc32fast::Hasher) {
-        for (gpa, _) in self.records() {
-            crc.update(&gpa.to_le_bytes());
+        for r in self.records() {
+            crc.update(&r.gpa.to_le_bytes());
         }
     }
 
@@ -103,7 +137,7 @@ impl PageDeltaBatch {
     /// of memory (its delta was checked when the batch was decoded).
     pub fn check_within(&self, ram_bytes: u64) -> Result<(), ProtocolError> {
         self.records()
-            .try_for_each(|(gpa, _)| super::pages::check_page_within(gpa, ram_bytes))
+            .try_for_each(|r| super::pages::check_page_within(r.gpa, ram_bytes))
     }
 }
 
@@ -114,6 +148,7 @@ pub struct PageDeltaStager {
     chunk: Vec<u8>,
     in_chunk: usize,
     count: u64,
+    from_zero: u64,
     bytes: u64,
 }
 
@@ -123,6 +158,17 @@ impl PageDeltaStager {
     /// nothing) where it would be longer than [`DELTA_MAX`]: the page then
     /// goes whole.
     pub fn add(&mut self, gpa: u64, old: &[u8], new: &[u8]) -> Option<usize> {
+        self.add_from(gpa, DeltaBase::Replica, old, new)
+    }
+
+    /// Adds the page at `gpa` as a delta from a page of zeros, and
+    /// returns its length, or returns `None` (adding nothing) where it
+    /// would be longer than [`DELTA_MAX`] (the page is not mostly zeros).
+    pub fn add_from_zero(&mut self, gpa: u64, new: &[u8]) -> Option<usize> {
+        self.add_from(gpa, DeltaBase::Zero, &ZERO_PAGE, new)
+    }
+
+    fn add_from(&mut self, gpa: u64, base: DeltaBase, old: &[u8], new: &[u8]) -> Option<usize> {
         let start = self.chunk.len();
         self.chunk.extend_from_slice(&gpa.to_le_bytes());
         self.chunk.extend_from_slice(&[0, 0]);
@@ -130,8 +176,12 @@ impl PageDeltaStager {
             self.chunk.truncate(start);
             return None;
         };
-        let len16 = u16::try_from(len).expect("at most DELTA_MAX");
-        self.chunk[start + 8..start + HEADER].copy_from_slice(&len16.to_le_bytes());
+        let mut field = u16::try_from(len).expect("at most DELTA_MAX");
+        if base == DeltaBase::Zero {
+            field |= ZERO_BASE;
+            self.from_zero += 1;
+        }
+        self.chunk[start + 8..start + HEADER].copy_from_slice(&field.to_le_bytes());
         self.in_chunk += 1;
         self.count += 1;
         self.bytes += (HEADER + len) as u64;
@@ -154,6 +204,11 @@ impl PageDeltaStager {
     /// Deltas added so far.
     pub fn count(&self) -> u64 {
         self.count
+    }
+
+    /// Of the deltas added so far, those from a page of zeros.
+    pub fn from_zero(&self) -> u64 {
+        self.from_zero
     }
 
     /// Bytes of the records added so far.
@@ -193,10 +248,11 @@ mod tests {
         let batch = PageDeltaBatch::parse(batches[0].clone().into_bytes()).expect("decodes");
         assert_eq!(batch, batches[0]);
         assert_eq!(batch.len(), 100);
-        for ((gpa, d), new) in batch.records().zip(&news) {
+        for (r, new) in batch.records().zip(&news) {
+            assert_eq!(r.base, DeltaBase::Replica);
             let mut page = old.clone();
-            delta::apply(&mut page, d).unwrap();
-            assert_eq!(&page, new, "page {gpa:#x}");
+            delta::apply(&mut page, r.delta).unwrap();
+            assert_eq!(&page, new, "page {:#x}", r.gpa);
         }
         assert!(batch.check_within(100 * 4096).is_ok());
         assert_eq!(
@@ -223,6 +279,45 @@ mod tests {
             .iter()
             .all(|b| b.bytes().len() < DELTA_FRAME_BYTES + HEADER + DELTA_MAX));
         assert_eq!(batches.iter().map(PageDeltaBatch::len).sum::<usize>(), 600);
+    }
+
+    #[test]
+    fn mostly_zero_pages_go_from_a_zero_page_whatever_the_replica_holds() {
+        let mut sparse = vec![0u8; PAGE_SIZE];
+        sparse[0] = 7;
+        sparse[2048..2056].fill(3);
+        let mut dense = vec![0u8; PAGE_SIZE];
+        dense[..DELTA_MAX + 8].fill(1);
+        let mut stager = PageDeltaStager::default();
+        let old = vec![0x44u8; PAGE_SIZE];
+        let mut changed = old.clone();
+        changed[9] = 1;
+        assert!(stager.add(0, &old, &changed).is_some());
+        let len = stager.add_from_zero(4096, &sparse).expect("mostly zeros");
+        assert!(len < 32, "{len} bytes for two words");
+        assert_eq!(stager.add_from_zero(8192, &ZERO_PAGE), Some(0), "zeros");
+        assert_eq!(stager.add_from_zero(12288, &dense), None, "not sparse");
+        assert_eq!((stager.count(), stager.from_zero()), (3, 2));
+        let batch = PageDeltaBatch::parse(stager.finish().remove(0).into_bytes()).unwrap();
+        let bases: Vec<_> = batch.records().map(|r| (r.gpa, r.base)).collect();
+        assert_eq!(
+            bases,
+            [
+                (0, DeltaBase::Replica),
+                (4096, DeltaBase::Zero),
+                (8192, DeltaBase::Zero)
+            ]
+        );
+        // Applied to a zero page: the page, whatever the replica held.
+        let r = batch.records().nth(1).unwrap();
+        let mut page = ZERO_PAGE.to_vec();
+        delta::apply(&mut page, r.delta).unwrap();
+        assert_eq!(page, sparse);
+        // The base bit does not lift the length limit.
+        let mut long = 0u64.to_le_bytes().to_vec();
+        long.extend_from_slice(&(ZERO_BASE | (DELTA_MAX as u16 + 1)).to_le_bytes());
+        long.extend_from_slice(&vec![0u8; DELTA_MAX + 1]);
+        assert!(PageDeltaBatch::parse(Bytes::from(long)).is_none());
     }
 
     #[test]
