@@ -986,15 +986,15 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
         Duration::from_secs(300),
     )
     .expect("protected");
-    // The lab nodes' kvm_amd (Linux 6.1) has the dirty ring, which `auto`
-    // takes (hot pages are not the default yet:
-    // `vmm::dirty::AUTO_PREFERS_HOT_PAGES`): the checks below are of that
-    // path.
+    // The lab nodes' kvm_amd (Linux 6.1) has manual dirty protect, and the
+    // ledger VM is small: its dirty pages come from KVM's bitmap, hot
+    // pages left writable. The checks below are of that path: a hot page
+    // goes with every epoch, written or not, until it is protected again.
     let primary = drill::watch::engine_status(lab.lab(), NodeId::A).expect("a's status");
     assert_eq!(
         primary.dirty_tracking.as_deref(),
-        Some("ring"),
-        "the primary does not take dirty pages from KVM's dirty ring: {primary:?}"
+        Some("bitmap"),
+        "the primary does not take dirty pages from KVM's bitmap: {primary:?}"
     );
     // The guest's init starts the dirtier just before the ledger: once the
     // ledger serves, memory and disk are being written. A guest booting
@@ -1122,10 +1122,12 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
         "no state went as a delta in {} checkpoints: {c:?}",
         c.checkpoints
     );
-    // The ring leaves no page writable.
-    assert_eq!(
-        c.hot_pages_total, 0,
-        "pages were left writable (hot) with the dirty ring: {c:?}"
+    // The dirtier rewrites its pages at every epoch: they went hot, left
+    // writable between the checks that found the replica equal.
+    assert!(
+        c.hot_pages_total > 0,
+        "no dirty page was left writable (hot) in {} dirty pages: {c:?}",
+        c.dirty_pages_total
     );
     eprintln!(
         "[oracle] {checks} checks in a row, all equal, at epochs {epochs:?} ({restarts} sessions \
