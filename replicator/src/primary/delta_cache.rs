@@ -139,8 +139,8 @@ impl DeltaCache {
                     kept.push(batch);
                     continue;
                 }
-                for ((gpa, data), &sparse) in batch.records().zip(&sparse) {
-                    if !sparse {
+                for ((gpa, data), &from_zero) in batch.records().zip(&sparse) {
+                    if !from_zero {
                         whole.page_buffer(gpa).extend_from_slice(data);
                     }
                 }
@@ -154,7 +154,10 @@ impl DeltaCache {
                         Some(0) => true,
                         delta => {
                             old.copy_from_slice(data);
-                            delta.is_some()
+                            // Changed in most of its words: whole, unless
+                            // it is mostly zeros now (memory the guest
+                            // cleared for reuse).
+                            delta.is_some() || deltas.add_from_zero(gpa, data).is_some()
                         }
                     },
                     None => {
@@ -317,6 +320,15 @@ mod tests {
         assert_eq!(replica[&4096], written);
         assert_eq!(replica[&8192], vec![0; PAGE_SIZE]);
         assert_eq!(replica[&12288], cleared);
+        // A page the cache holds, cleared by the guest: a delta from the
+        // replica's version would be long, one from zeros is not.
+        let (out, figures) = cache.encode(
+            staged(&[(4096, cleared.clone())]),
+            (&mut PageAudit::default(), 0),
+        );
+        assert_eq!((figures.pages, figures.from_zero), (1, 1));
+        apply(&mut replica, &out);
+        assert_eq!(replica[&4096], cleared);
         // A batch of new dense pages goes on whole, as it came.
         let (out, figures) = cache.encode(
             staged(&[(16384, dense.clone()), (20480, dense)]),

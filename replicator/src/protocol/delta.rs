@@ -99,8 +99,15 @@ pub fn encode(old: &[u8], new: &[u8], limit: usize, out: &mut Vec<u8>) -> Option
             continue;
         }
         let first = i;
+        // A page that changed in most of its words (a dense page against
+        // zeros) gives up here, before its run is copied.
+        let room = limit.saturating_sub(out.len() - start);
         while i < WORDS && word(old, i) != word(new, i) {
             i += 1;
+            if (i - first) * WORD > room {
+                out.truncate(start);
+                return None;
+            }
         }
         put_count(out, first - unchanged_from);
         put_count(out, i - first);
