@@ -55,9 +55,10 @@ pub const AUTO_BITMAP_MAX_BYTES: u64 = 4 << 30;
 
 /// Whether [`DirtyTracking::Auto`] takes the bitmap with hot pages at all
 /// (else the ring, one `--dirty-tracking bitmap` from it). On: in the lab
-/// it cuts FT's added round trip by about a fifth and the guest's write
-/// faults by about 40%. Lab drills with it failed 2 rounds in 38 in one
-/// session (a false silence on the primary's node, cause not found),
+/// it cuts the guest's write faults by about 40% and an fsync'd ledger
+/// APPEND's time under FT by a fifth to a third (a ping's round trip by
+/// 0-20%, within the noise). Lab drills with it failed 2 rounds in 38 in
+/// one session (a false silence on the primary's node, cause not found),
 /// then passed 60 in 60 once the first harvest's re-protection went in
 /// chunks (`bitmap::CLEAR_WORDS_PER_CALL`); turn it off here should such
 /// a round come back.
