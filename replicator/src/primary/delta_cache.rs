@@ -132,8 +132,7 @@ impl DeltaCache {
             {
                 sparse.clear();
                 for (gpa, data) in batch.records() {
-                    self.insert(gpa, data);
-                    sparse.push(deltas.add_from_zero(gpa, data).is_some());
+                    sparse.push(self.take_new(gpa, data, &mut deltas));
                 }
                 if !sparse.contains(&true) {
                     kept.push(batch);
@@ -160,10 +159,7 @@ impl DeltaCache {
                             delta.is_some() || deltas.add_from_zero(gpa, data).is_some()
                         }
                     },
-                    None => {
-                        self.insert(gpa, data);
-                        deltas.add_from_zero(gpa, data).is_some()
-                    }
+                    None => self.take_new(gpa, data, &mut deltas),
                 };
                 if !sent_as_delta {
                     whole.page_buffer(gpa).extend_from_slice(data);
@@ -183,6 +179,14 @@ impl DeltaCache {
         out.deltas = deltas.finish();
         out.count = count;
         (out, figures)
+    }
+
+    /// Takes page `gpa`, new to the cache, in; returns whether it went to
+    /// `deltas` as a delta from a page of zeros (mostly zeros), else it
+    /// goes whole.
+    fn take_new(&mut self, gpa: u64, data: &[u8], deltas: &mut PageDeltaStager) -> bool {
+        self.insert(gpa, data);
+        deltas.add_from_zero(gpa, data).is_some()
     }
 
     fn insert(&mut self, gpa: u64, data: &[u8]) {
