@@ -334,9 +334,7 @@ async fn run(protection: Protection) -> Figures {
         let (frames, count) = capture_and_encode(&primary, epoch, dirty, &mut encode_time);
         capture += t.elapsed();
         let t = Instant::now();
-        for f in &frames {
-            tx.send(f).await.expect("send");
-        }
+        tx.send_all(&frames).await.expect("send");
         assert_eq!(next_ack(&mut rx).await, epoch);
         round_trip += t.elapsed();
         pages_sent += count;
@@ -360,9 +358,7 @@ async fn run(protection: Protection) -> Figures {
         writing += t.elapsed();
         let mut unused = Duration::ZERO;
         let (frames, _) = capture_and_encode(&primary, epoch, dirty, &mut unused);
-        for f in &frames {
-            tx.send(f).await.expect("send");
-        }
+        tx.send_all(&frames).await.expect("send");
         in_flight.push_back(epoch);
     }
     while let Some(oldest) = in_flight.pop_front() {

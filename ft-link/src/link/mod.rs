@@ -179,7 +179,7 @@ impl Link {
             last_sent: Instant::now(),
             outbound: done.outbound,
             stall: config.send_stall_timeout,
-            unsent: None,
+            unsent: Default::default(),
         }));
         let heartbeats = tokio::spawn(send_heartbeats(
             writer.clone(),

@@ -1,6 +1,7 @@
 //! [`LinkSender`], the sending half of a link: frames written with a bound
 //! on stalls, and the heartbeat task.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{trace, warn};
 
-use super::stream::{Encoded, Outbound};
+use super::stream::{Outbound, Run};
 use super::LinkError;
 use crate::frame::{Frame, FrameKind};
 use crate::pulse::Pulses;
@@ -25,27 +26,49 @@ pub(super) struct Writer {
     pub(super) outbound: Outbound,
     /// A write that makes no progress for this long fails.
     pub(super) stall: Duration,
-    /// The frame last encoded, until the socket took all of it.
-    pub(super) unsent: Option<Unsent>,
+    /// What the socket has not taken yet of the frames last encoded.
+    pub(super) unsent: Unsent,
 }
 
-/// How much of the frame last encoded the socket took: its head is in the
-/// outbound stream's `tx`, a large plaintext payload follows it.
+/// The runs of the frames last encoded (see [`Outbound::encode_all`]) and
+/// how far the socket took them.
+#[derive(Default)]
 pub(super) struct Unsent {
-    head_at: usize,
-    payload: Option<Bytes>,
-    payload_at: usize,
+    runs: Vec<Run>,
+    /// The run being written, and the bytes of it written.
+    run: usize,
+    at: usize,
 }
 
-/// Writes part of `buf`; fails when no byte is taken for `stall`.
-/// Cancel-safe: a write that is dropped took nothing.
+/// At most this many runs go to one `writev`.
+const RUNS_PER_WRITE: usize = 64;
+
+/// How many bytes of frames' payloads are encoded (and sealed) for one
+/// write at most, unless one frame holds more: an epoch's small frames go
+/// as one write, while a large frame goes as soon as it is encoded (the
+/// kernel sends it while the next one is).
+pub const WRITE_BATCH_BYTES: usize = 64 << 10;
+
+/// Writes part of what `unsent` holds; fails when no byte is taken for
+/// `stall`. Cancel-safe: a write that is dropped took nothing.
 async fn write_within(
     half: &mut OwnedWriteHalf,
-    buf: &[u8],
+    (outbound, unsent): (&Outbound, &Unsent),
     stall: Duration,
     peer: SocketAddr,
 ) -> Result<usize, LinkError> {
-    match tokio::time::timeout(stall, half.write(buf)).await {
+    let mut slices = [IoSlice::new(&[]); RUNS_PER_WRITE];
+    let mut count = 0;
+    for (i, run) in unsent.runs[unsent.run..]
+        .iter()
+        .take(RUNS_PER_WRITE)
+        .enumerate()
+    {
+        let bytes = outbound.bytes(run);
+        slices[i] = IoSlice::new(if i == 0 { &bytes[unsent.at..] } else { bytes });
+        count += 1;
+    }
+    match tokio::time::timeout(stall, half.write_vectored(&slices[..count])).await {
         Ok(Ok(0)) => Err(LinkError::Send {
             peer,
             source: std::io::ErrorKind::WriteZero.into(),
@@ -57,51 +80,53 @@ async fn write_within(
 }
 
 impl Writer {
-    /// Writes `frame`. A frame whose write was cut before (a stall, or a
-    /// send whose future was dropped) goes out first, whole, so that the
-    /// peer reads whole frames; even one of which nothing went out yet: a
-    /// sealed stream counts every record it sealed, and the peer opens
-    /// the next only after it.
-    async fn write(&mut self, peer: SocketAddr, frame: &Frame) -> Result<(), LinkError> {
+    /// Writes `frames`, in as few writes as the socket takes them. Frames
+    /// whose write was cut before (a stall, or a send whose future was
+    /// dropped) go out first, whole, so that the peer reads whole frames;
+    /// even those of which nothing went out yet: a sealed stream counts
+    /// every record it sealed, and the peer opens the next only after it.
+    async fn write(&mut self, peer: SocketAddr, frames: &[Frame]) -> Result<(), LinkError> {
         self.write_unsent(peer).await?;
-        let payload = match self.outbound.encode(peer, frame)? {
-            Encoded::Buffered => None,
-            // Large payloads (page frames) of a plaintext link go out as
-            // they are, after the header: no copy into the send buffer.
-            Encoded::Then(payload) => Some(payload),
-        };
-        self.unsent = Some(Unsent {
-            head_at: 0,
-            payload,
-            payload_at: 0,
-        });
+        let encoded = self
+            .outbound
+            .encode_all(peer, frames, &mut self.unsent.runs);
         self.write_unsent(peer).await?;
+        encoded?;
         self.last_sent = Instant::now();
         Ok(())
     }
 
-    /// Writes what the socket has not taken of the frame last encoded.
+    /// Writes what the socket has not taken of the frames last encoded.
     async fn write_unsent(&mut self, peer: SocketAddr) -> Result<(), LinkError> {
-        let Some(unsent) = self.unsent.as_mut() else {
-            return Ok(());
-        };
-        let head = &self.outbound.tx;
-        while unsent.head_at < head.len() {
-            unsent.head_at +=
-                write_within(&mut self.half, &head[unsent.head_at..], self.stall, peer).await?;
-        }
-        if let Some(payload) = &unsent.payload {
-            while unsent.payload_at < payload.len() {
-                unsent.payload_at += write_within(
-                    &mut self.half,
-                    &payload[unsent.payload_at..],
-                    self.stall,
-                    peer,
-                )
-                .await?;
+        while self.unsent.run < self.unsent.runs.len() {
+            let len = |w: &Writer| w.outbound.bytes(&w.unsent.runs[w.unsent.run]).len();
+            if len(self) == self.unsent.at {
+                self.unsent.run += 1;
+                self.unsent.at = 0;
+                continue;
+            }
+            let mut taken = write_within(
+                &mut self.half,
+                (&self.outbound, &self.unsent),
+                self.stall,
+                peer,
+            )
+            .await?;
+            // Past the runs taken whole, into the one taken in part.
+            while taken > 0 {
+                let left = len(self) - self.unsent.at;
+                if taken < left {
+                    self.unsent.at += taken;
+                    break;
+                }
+                taken -= left;
+                self.unsent.run += 1;
+                self.unsent.at = 0;
             }
         }
-        self.unsent = None;
+        self.unsent.runs.clear();
+        self.unsent.run = 0;
+        self.unsent.at = 0;
         Ok(())
     }
 }
@@ -119,7 +144,7 @@ pub(super) async fn send_heartbeats(
         if writer.last_sent + interval > Instant::now() {
             continue;
         }
-        if let Err(error) = writer.write(peer, &heartbeat).await {
+        if let Err(error) = writer.write(peer, std::slice::from_ref(&heartbeat)).await {
             warn!(%peer, %error, "heartbeats stopped");
             return;
         }
@@ -141,7 +166,31 @@ impl LinkSender {
     /// dropped once the frame was encoded) leaves the rest of its frame to
     /// go out before the next one: the stream stays whole for the peer.
     pub async fn send(&self, frame: &Frame) -> Result<(), LinkError> {
-        self.writer.lock().await.write(self.peer, frame).await
+        self.send_all(std::slice::from_ref(frame)).await
+    }
+
+    /// Sends `frames`, in order, in as few writes as the socket takes them
+    /// (up to [`WRITE_BATCH_BYTES`] of payload encoded for each): an
+    /// epoch's frames go as one TCP write, not one each. Cut like
+    /// [`LinkSender::send`]: the frames encoded go out whole before the
+    /// next send, those not yet encoded do not.
+    pub async fn send_all(&self, frames: &[Frame]) -> Result<(), LinkError> {
+        let mut rest = frames;
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let count = rest
+                .iter()
+                .take_while(|frame| {
+                    let first = bytes == 0;
+                    bytes += frame.payload.len().max(1);
+                    first || bytes <= WRITE_BATCH_BYTES
+                })
+                .count();
+            let (batch, after) = rest.split_at(count);
+            self.writer.lock().await.write(self.peer, batch).await?;
+            rest = after;
+        }
+        Ok(())
     }
 
     /// Sends `frame` as this link's last word and closes the sending
@@ -160,7 +209,7 @@ impl LinkSender {
         self.pulses.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut writer = self.writer.lock().await;
         writer.stall = patience;
-        writer.write(self.peer, frame).await?;
+        writer.write(self.peer, std::slice::from_ref(frame)).await?;
         let _ = writer.half.shutdown().await;
         Ok(())
     }
@@ -327,6 +376,73 @@ mod tests {
                 "sealed={sealed}"
             );
             assert_eq!(frames[whole + 1], next, "sealed={sealed}");
+        }
+    }
+
+    /// An epoch's frames go in few writes: small ones together, a large
+    /// plaintext payload uncopied between them, a batch split where its
+    /// payloads pass [`WRITE_BATCH_BYTES`]. They arrive whole, in order;
+    /// and a batch whose send is dropped while the socket is full goes
+    /// out whole before the next send's frames.
+    #[tokio::test]
+    async fn frames_sent_together_arrive_whole_and_in_order() {
+        let sizes = [3, 100_000, 7, 0, 20_000, 1, 300_000, 2, 40_000, 40_000];
+        let frames: Vec<Frame> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let payload: Vec<u8> = (0..len).map(|b| (b * 7 + i) as u8).collect();
+                Frame::message(64 + i as u8, i as u64, 1, payload).unwrap()
+            })
+            .collect();
+        for sealed in [true, false] {
+            let (mut a, mut b) = (
+                config("node-a", Role::Primary, SECRET),
+                config("node-b", Role::Standby, SECRET),
+            );
+            if !sealed {
+                (a, b) = (plaintext(a), plaintext(b));
+            }
+            let (accepted, connected) = pair(b, a).await;
+            let (mut standby, primary) = (accepted.unwrap(), connected.unwrap());
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..2 * sizes.len() {
+                    got.push(
+                        tokio::time::timeout(WITHIN, standby.recv())
+                            .await
+                            .unwrap()
+                            .unwrap(),
+                    );
+                }
+                got
+            });
+            primary.sender.send_all(&frames).await.unwrap();
+            primary.sender.send_all(&frames).await.unwrap();
+            let got = reader.await.unwrap();
+            assert_eq!(got[..sizes.len()], frames[..], "sealed={sealed}");
+            assert_eq!(got[sizes.len()..], frames[..], "sealed={sealed}");
+        }
+        for sealed in [true, false] {
+            let (primary, standby, whole, big) = stalled(sealed, 1 << 20).await;
+            // A batch's send, dropped while it waits on the full socket.
+            let dropped =
+                tokio::time::timeout(Duration::from_millis(100), primary.sender.send_all(&frames))
+                    .await;
+            assert!(dropped.is_err(), "the send was dropped while waiting");
+            let reader = tokio::spawn(read_to_the_end(standby));
+            let next = Frame::message(99, 2, 1, Bytes::from_static(b"next")).unwrap();
+            primary.send(&next).await.expect("sent after the cut batch");
+            primary.sender.close().await;
+            let (got, _end) = reader.await.unwrap();
+            // The stalled frame whole, then those of the batch encoded
+            // before the drop (none if it still waited on the stalled
+            // one), whole and in order, then the next.
+            assert!(got[..=whole].iter().all(|f| *f == big), "sealed={sealed}");
+            let batch = &got[whole + 1..got.len() - 1];
+            assert!(batch.len() <= frames.len(), "sealed={sealed}");
+            assert_eq!(batch, &frames[..batch.len()], "sealed={sealed}");
+            assert_eq!(got.last(), Some(&next), "sealed={sealed}");
         }
     }
 

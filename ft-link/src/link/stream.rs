@@ -49,9 +49,14 @@ impl Outbound {
 
     /// Prepares `frame` for the wire: `tx` holds what to write first.
     pub(super) fn encode(&mut self, peer: SocketAddr, frame: &Frame) -> Result<Encoded, LinkError> {
+        self.tx.clear();
+        self.encode_appending(peer, frame)
+    }
+
+    /// [`Outbound::encode`], after what `tx` holds already.
+    fn encode_appending(&mut self, peer: SocketAddr, frame: &Frame) -> Result<Encoded, LinkError> {
         let kind = frame.kind;
         let encode_err = |source| LinkError::Encode { peer, kind, source };
-        self.tx.clear();
         let Some(sealer) = self.sealer.as_mut() else {
             if frame.payload.len() < LARGE_PAYLOAD {
                 frame.encode(&mut self.tx).map_err(encode_err)?;
@@ -73,6 +78,63 @@ impl Outbound {
             .map_err(|source| LinkError::Seal { peer, source })?;
         Ok(Encoded::Buffered)
     }
+
+    /// Prepares `frames` for the wire as one write: `tx` holds them,
+    /// `runs` says what to write in order (runs of `tx`, and on a
+    /// plaintext link large payloads as they are, uncopied). On an error
+    /// the frames before the failing one are in `runs` still: a sealed
+    /// stream counts the records it sealed, so they must go out all the
+    /// same.
+    pub(super) fn encode_all(
+        &mut self,
+        peer: SocketAddr,
+        frames: &[Frame],
+        runs: &mut Vec<Run>,
+    ) -> Result<(), LinkError> {
+        self.tx.clear();
+        let mut from = 0;
+        let mut result = Ok(());
+        for frame in frames {
+            let at = self.tx.len();
+            match self.encode_appending(peer, frame) {
+                Ok(Encoded::Buffered) => {}
+                Ok(Encoded::Then(payload)) => {
+                    runs.push(Run::Buffered(from..self.tx.len()));
+                    runs.push(Run::Payload(payload));
+                    from = self.tx.len();
+                }
+                Err(error) => {
+                    // A frame that failed took no nonce unless a record of
+                    // it was sealed; those stay (see above).
+                    if self.sealer.is_none() {
+                        self.tx.truncate(at);
+                    }
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        if from < self.tx.len() {
+            runs.push(Run::Buffered(from..self.tx.len()));
+        }
+        result
+    }
+
+    /// The bytes `run` stands for.
+    pub(super) fn bytes<'a>(&'a self, run: &'a Run) -> &'a [u8] {
+        match run {
+            Run::Buffered(range) => &self.tx[range.clone()],
+            Run::Payload(payload) => payload,
+        }
+    }
+}
+
+/// A piece of what [`Outbound::encode_all`] prepared.
+pub(super) enum Run {
+    /// These bytes of the send buffer.
+    Buffered(std::ops::Range<usize>),
+    /// A large plaintext payload, after its header.
+    Payload(Bytes),
 }
 
 /// What arrived from the peer, and what it opened to.
