@@ -736,25 +736,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// How many async workers the FT roles run: two, or one where the
-/// machine has a single CPU. There a second worker only adds wakeups (it
-/// is woken to steal work that the first would run next anyway), and
-/// each wakeup preempts the guest's vCPU: under the ledger's CPU-bound
-/// load on a one-CPU lab node the guest got ~6% more done with one (SPIN
-/// 15 s, three runs each: 33.5-34.1e9 turns against 30.6-32.5e9, 48
-/// checkpoints/s both). Heavy work leaves the workers either way
-/// (`workers::off_the_workers`).
-fn async_workers() -> usize {
-    match std::thread::available_parallelism() {
-        Ok(cpus) if cpus.get() == 1 => 1,
-        _ => 2,
-    }
-}
-
 /// Runs `f` with the async runtime of the FT roles.
 fn with_runtime(f: impl FnOnce(&tokio::runtime::Runtime) -> ExitCode) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(async_workers())
+        .worker_threads(2)
         .enable_all()
         .build()
     {
