@@ -47,7 +47,7 @@ const RUNS_PER_WRITE: usize = 64;
 /// write at most, unless one frame holds more: an epoch's small frames go
 /// as one write, while a large frame goes as soon as it is encoded (the
 /// kernel sends it while the next one is).
-pub const WRITE_BATCH_BYTES: usize = 64 << 10;
+pub(super) const WRITE_BATCH_BYTES: usize = 64 << 10;
 
 /// Writes part of what `unsent` holds; fails when no byte is taken for
 /// `stall`. Cancel-safe: a write that is dropped took nothing.
@@ -170,7 +170,7 @@ impl LinkSender {
     }
 
     /// Sends `frames`, in order, in as few writes as the socket takes them
-    /// (up to [`WRITE_BATCH_BYTES`] of payload encoded for each): an
+    /// (up to `WRITE_BATCH_BYTES`, 64 KiB, of payload encoded for each): an
     /// epoch's frames go as one TCP write, not one each. Cut like
     /// [`LinkSender::send`]: the frames encoded go out whole before the
     /// next send, those not yet encoded do not.
@@ -382,8 +382,8 @@ mod tests {
     /// An epoch's frames go in few writes: small ones together, a large
     /// plaintext payload uncopied between them, a batch split where its
     /// payloads pass [`WRITE_BATCH_BYTES`]. They arrive whole, in order;
-    /// and a batch whose send is dropped while the socket is full goes
-    /// out whole before the next send's frames.
+    /// and a batch whose send is dropped while the socket is full (after
+    /// it was encoded) goes out whole before the next send's frames.
     #[tokio::test]
     async fn frames_sent_together_arrive_whole_and_in_order() {
         let sizes = [3, 100_000, 7, 0, 20_000, 1, 300_000, 2, 40_000, 40_000];
@@ -423,11 +423,25 @@ mod tests {
             assert_eq!(got[..sizes.len()], frames[..], "sealed={sealed}");
             assert_eq!(got[sizes.len()..], frames[..], "sealed={sealed}");
         }
+        // A batch cut after it was encoded: 20 KB frames, three to a
+        // write, far more than the socket buffers hold while the standby
+        // does not read; the send is dropped while a write waits.
+        let many: Vec<Frame> = (0..1000u64)
+            .map(|i| Frame::message(70, i, 1, Bytes::from(vec![i as u8; 20_000])).unwrap())
+            .collect();
         for sealed in [true, false] {
-            let (primary, standby, whole, big) = stalled(sealed, 1 << 20).await;
-            // A batch's send, dropped while it waits on the full socket.
+            let (mut a, mut b) = (
+                config("node-a", Role::Primary, SECRET),
+                config("node-b", Role::Standby, SECRET),
+            );
+            if !sealed {
+                (a, b) = (plaintext(a), plaintext(b));
+            }
+            b.heartbeat_timeout = Duration::from_secs(60);
+            let (accepted, connected) = pair(b, a).await;
+            let (standby, primary) = (accepted.unwrap(), connected.unwrap());
             let dropped =
-                tokio::time::timeout(Duration::from_millis(100), primary.sender.send_all(&frames))
+                tokio::time::timeout(Duration::from_millis(300), primary.sender.send_all(&many))
                     .await;
             assert!(dropped.is_err(), "the send was dropped while waiting");
             let reader = tokio::spawn(read_to_the_end(standby));
@@ -435,13 +449,15 @@ mod tests {
             primary.send(&next).await.expect("sent after the cut batch");
             primary.sender.close().await;
             let (got, _end) = reader.await.unwrap();
-            // The stalled frame whole, then those of the batch encoded
-            // before the drop (none if it still waited on the stalled
-            // one), whole and in order, then the next.
-            assert!(got[..=whole].iter().all(|f| *f == big), "sealed={sealed}");
-            let batch = &got[whole + 1..got.len() - 1];
-            assert!(batch.len() <= frames.len(), "sealed={sealed}");
-            assert_eq!(batch, &frames[..batch.len()], "sealed={sealed}");
+            // The frames encoded before the drop, whole and in order (the
+            // cut batch's included), then the next.
+            let before = &got[..got.len() - 1];
+            assert!(
+                !before.is_empty() && before.len() < many.len(),
+                "sealed={sealed}: {} frames before the next",
+                before.len()
+            );
+            assert_eq!(before, &many[..before.len()], "sealed={sealed}");
             assert_eq!(got.last(), Some(&next), "sealed={sealed}");
         }
     }

@@ -22,7 +22,9 @@ const GAP_MAX: usize = 64 << 10;
 pub(super) struct Outbound {
     /// None on a plaintext link (and during a key exchange).
     pub sealer: Option<Sealer>,
-    /// The bytes to write for the frame last encoded.
+    /// The bytes to write for the frames last encoded (see
+    /// [`Outbound::encode_all`]: what it prepared is written before it
+    /// encodes again).
     pub tx: BytesMut,
 }
 
