@@ -271,10 +271,10 @@ mod tests {
         assert!(started.elapsed() < stall + Duration::from_secs(3));
     }
 
-    /// A link whose standby side is not read yet, and the number of frames
-    /// of `len` bytes sent whole before a send stalled (the next one is
-    /// cut, or not begun: either way sealed).
-    async fn stalled(sealed: bool, len: usize) -> (Link, Link, usize, Frame) {
+    /// A connected link, sealed or plaintext, as (primary, standby); the
+    /// standby does not count a stall of the primary's sends as its
+    /// silence (a test may leave it unread for a while).
+    async fn linked(sealed: bool) -> (Link, Link) {
         let (mut a, mut b) = (
             config("node-a", Role::Primary, SECRET),
             config("node-b", Role::Standby, SECRET),
@@ -282,10 +282,16 @@ mod tests {
         if !sealed {
             (a, b) = (plaintext(a), plaintext(b));
         }
-        // The reading side must not count the stall as the peer's silence.
         b.heartbeat_timeout = Duration::from_secs(60);
         let (accepted, connected) = pair(b, a).await;
-        let (standby, primary) = (accepted.unwrap(), connected.unwrap());
+        (connected.unwrap(), accepted.unwrap())
+    }
+
+    /// A link whose standby side is not read yet, and the number of frames
+    /// of `len` bytes sent whole before a send stalled (the next one is
+    /// cut, or not begun: either way sealed).
+    async fn stalled(sealed: bool, len: usize) -> (Link, Link, usize, Frame) {
+        let (primary, standby) = linked(sealed).await;
         let big = Frame::message(64, 1, 1, Bytes::from(vec![0x5au8; len])).unwrap();
         let mut whole = 0;
         let error = tokio::time::timeout(Duration::from_secs(10), async {
@@ -396,15 +402,7 @@ mod tests {
             })
             .collect();
         for sealed in [true, false] {
-            let (mut a, mut b) = (
-                config("node-a", Role::Primary, SECRET),
-                config("node-b", Role::Standby, SECRET),
-            );
-            if !sealed {
-                (a, b) = (plaintext(a), plaintext(b));
-            }
-            let (accepted, connected) = pair(b, a).await;
-            let (mut standby, primary) = (accepted.unwrap(), connected.unwrap());
+            let (primary, mut standby) = linked(sealed).await;
             let reader = tokio::spawn(async move {
                 let mut got = Vec::new();
                 for _ in 0..2 * sizes.len() {
@@ -430,16 +428,7 @@ mod tests {
             .map(|i| Frame::message(70, i, 1, Bytes::from(vec![i as u8; 20_000])).unwrap())
             .collect();
         for sealed in [true, false] {
-            let (mut a, mut b) = (
-                config("node-a", Role::Primary, SECRET),
-                config("node-b", Role::Standby, SECRET),
-            );
-            if !sealed {
-                (a, b) = (plaintext(a), plaintext(b));
-            }
-            b.heartbeat_timeout = Duration::from_secs(60);
-            let (accepted, connected) = pair(b, a).await;
-            let (standby, primary) = (accepted.unwrap(), connected.unwrap());
+            let (primary, standby) = linked(sealed).await;
             let dropped =
                 tokio::time::timeout(Duration::from_millis(300), primary.sender.send_all(&many))
                     .await;
