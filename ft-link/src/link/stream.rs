@@ -142,7 +142,7 @@ pub(super) enum Run {
 /// What arrived from the peer, and what it opened to.
 ///
 /// On a sealed link each record is opened where it lies in `raw`, its
-/// plaintext moved (as it is decrypted) to right after the plaintext
+/// plaintext moved (once decrypted) to right after the plaintext
 /// opened before it: `raw` holds the opened bytes not yet taken as
 /// frames, then a gap (the headers and tags of the records they came
 /// from), then the records not yet opened. A frame never spans two
