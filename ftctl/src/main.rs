@@ -7,6 +7,7 @@
 
 mod api_commands;
 mod maintenance;
+mod output;
 mod user_commands;
 
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use lab::topology::DEFAULT_LAB;
 use lab::{drill, ft_pair, images, smoke, Lab, LabError, LinkId, NodeId};
+use output::outln;
 
 #[derive(Parser)]
 #[command(name = "ftctl", about = "Control a fault-tolerant VM pair and its lab")]
@@ -186,6 +188,7 @@ fn main() -> ExitCode {
 fn api(args: &api_commands::ApiArgs, command: api_commands::ApiCommand) -> ExitCode {
     match api_commands::run(args, command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(api_commands::CommandError::Output(e)) => output::exit_on(&e),
         Err(e) => {
             eprintln!("ftctl: error: {e}");
             ExitCode::from(e.exit_code())
@@ -195,7 +198,7 @@ fn api(args: &api_commands::ApiArgs, command: api_commands::ApiCommand) -> ExitC
 
 fn build_images() -> Result<ExitCode, LabError> {
     let (images, took) = images::build()?;
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&images).expect("serialisable")
     );
@@ -216,7 +219,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
         }
         LabCommand::Down => {
             lab.down()?;
-            println!("lab {} is down", lab.topo.name);
+            outln!("lab {} is down", lab.topo.name);
         }
         LabCommand::Status => print_status(lab)?,
         LabCommand::Env { node } => print_env(lab, node),
@@ -226,7 +229,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             argv,
         } => {
             let out = lab.exec(node, &argv, Duration::from_secs(timeout))?;
-            print!("{}", out.stdout);
+            output::out(format_args!("{}", out.stdout));
             eprint!("{}", out.stderr);
             if out.timed_out {
                 eprintln!("ftctl: command killed after {timeout}s");
@@ -235,44 +238,44 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
         }
         LabCommand::Pull { node } => {
             lab.pull(node)?;
-            println!("node {node} pulled (power cut)");
+            outln!("node {node} pulled (power cut)");
         }
         LabCommand::Cut { link, node: None } => {
             lab.set_link(link, false)?;
-            println!("link {link} cut");
+            outln!("link {link} cut");
         }
         LabCommand::Cut {
             link,
             node: Some(node),
         } => {
             lab.set_node_link(node, link, false)?;
-            println!("link {link} cut on node {node}");
+            outln!("link {link} cut on node {node}");
         }
         LabCommand::Heal { link, node: None } => {
             lab.set_link(link, true)?;
-            println!("link {link} healed");
+            outln!("link {link} healed");
         }
         LabCommand::Heal {
             link,
             node: Some(node),
         } => {
             lab.set_node_link(node, link, true)?;
-            println!("link {link} healed on node {node}");
+            outln!("link {link} healed on node {node}");
         }
         LabCommand::Witness {
             action: WitnessAction::Stop,
         } => {
             if lab.stop_witness() {
-                println!("witness stopped");
+                outln!("witness stopped");
             } else {
-                println!("the witness was not running");
+                outln!("the witness was not running");
             }
         }
         LabCommand::Witness {
             action: WitnessAction::Start,
         } => {
             let pid = lab.start_witness()?;
-            println!("witness running (pid {pid})");
+            outln!("witness running (pid {pid})");
         }
         LabCommand::Protect {
             level,
@@ -288,8 +291,8 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             let started = std::time::Instant::now();
             match ft_pair::protect_at(lab, NodeId::A, level.as_str(), ft) {
                 Ok(status) => {
-                    println!("{}", serde_json::to_string_pretty(&status).expect("json"));
-                    println!(
+                    outln!("{}", serde_json::to_string_pretty(&status).expect("json"));
+                    outln!(
                         "ledger VM protected at level {} in {:.1} s: primary a, standby b; ledger at {}\n\
                          the API: eval \"$(ftctl lab env)\"; ftctl vm show {}; \
                          `ftctl lab pull a` to fail it over, `ftctl lab up --node a` to bring \
@@ -310,7 +313,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             for node in NodeId::ALL {
                 // `null` when no ftprotect answers on the node's control socket.
                 let status = ft_pair::status(lab, node);
-                println!(
+                outln!(
                     "node {node}: {}",
                     serde_json::to_string_pretty(&status).expect("json")
                 );
@@ -348,7 +351,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             match outcome {
                 Ok(report) => {
                     drill::print_table(&report);
-                    println!("report: {}", path.display());
+                    outln!("report: {}", path.display());
                     if !report.passed {
                         return Ok(ExitCode::FAILURE);
                     }
@@ -361,12 +364,12 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
         }
         LabCommand::Smoke { iterations } => {
             let report = smoke::run(iterations)?;
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&report).expect("serialisable")
             );
             let selftest = report.selftest.as_ref();
-            println!(
+            outln!(
                 "smoke: node booted in {:.1}s (kernel uptime {:.1}s), kvm module {}, nested paging {}, \
                  ring-0 guest {} ({} ns/iteration)",
                 report.boot_secs,
@@ -396,8 +399,8 @@ fn print_env(lab: &Lab, node: NodeId) {
         lab.topo.api_url(node),
         lab.topo.api_url(node.peer())
     );
-    println!("export FTCTL_API={}", shell_quote(&apis));
-    println!(
+    outln!("export FTCTL_API={}", shell_quote(&apis));
+    outln!(
         "export FTCTL_TOKEN_FILE={}",
         shell_quote(&token.to_string_lossy())
     );
@@ -425,20 +428,20 @@ fn print_status(lab: &Lab) -> Result<(), LabError> {
     let status = lab.status()?;
     let topo = &lab.topo;
     if !status.dir.exists() {
-        println!(
+        outln!(
             "lab {} is not up (start it with `ftctl lab up`)",
             status.name
         );
         return Ok(());
     }
-    println!("lab {} (files in {})", status.name, status.dir.display());
+    outln!("lab {} (files in {})", status.name, status.dir.display());
     for n in &status.nodes {
         let state = match (n.pid, &n.agent) {
             (Some(pid), Some(agent)) => format!("running, pid {pid}, agent answers ({agent})"),
             (Some(pid), None) => format!("running, pid {pid}, agent not answering"),
             (None, _) => "down".into(),
         };
-        println!(
+        outln!(
             "node {}: {state}; business {} A-link {}; console {}",
             n.node,
             topo.biz_ip(n.node),
@@ -455,7 +458,7 @@ fn print_status(lab: &Lab) -> Result<(), LabError> {
                 topo.host_biz_ip()
             ),
         };
-        println!("link {link}: {} ({detail})", if *up { "up" } else { "CUT" });
+        outln!("link {link}: {} ({detail})", if *up { "up" } else { "CUT" });
     }
     Ok(())
 }
