@@ -22,7 +22,7 @@
 //! On a sealed link the payload crc32 is left out (0, and not checked) in
 //! two places where the AEAD tag already covers every byte: a
 //! [`FrameKind::Sealed`] record's payload (its ciphertext and tag), and
-//! the frames inside the opened stream ([`PayloadCheck::Sealed`]). A crc
+//! the frames inside the opened stream (`PayloadCheck::Sealed` inside this crate). A crc
 //! there would only repeat a stronger check, at a pass over every byte on
 //! each side.
 //!
