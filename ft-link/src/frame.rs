@@ -22,9 +22,9 @@
 //! On a sealed link the payload crc32 is left out (0, and not checked) in
 //! two places where the AEAD tag already covers every byte: a
 //! [`FrameKind::Sealed`] record's payload (its ciphertext and tag), and
-//! the frames inside the opened stream (`PayloadCheck::Sealed` inside this crate). A crc
-//! there would only repeat a stronger check, at a pass over every byte on
-//! each side.
+//! the frames inside the opened stream (`PayloadCheck::Sealed`,
+//! crate-private). A crc there would only repeat a stronger check, at a
+//! pass over every byte on each side.
 //!
 //! The link's own frames (handshake, heartbeats, refusals) have kinds below
 //! [`MESSAGE_KIND_FIRST`]; every kind from there up is a message of the

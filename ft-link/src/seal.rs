@@ -161,7 +161,8 @@ impl KeyExchange {
             )));
         }
         // The raw keys are wiped when dropped (AWS-LC keeps its own
-        // expanded form; snow wipes neither its copies nor those).
+        // expanded form, which it zeroes when it frees it; snow does not
+        // wipe its copies).
         let (initiator, responder) = self.state.dangerously_get_raw_split();
         let (initiator, responder) = (Zeroizing::new(initiator), Zeroizing::new(responder));
         let (initiator, responder) = (record_key(&initiator)?, record_key(&responder)?);

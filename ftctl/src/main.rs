@@ -175,6 +175,8 @@ fn main() -> ExitCode {
         Command::Lab { lab, command } => Lab::open(&lab).and_then(|lab| lab_command(&lab, command)),
     };
     match result {
+        // The command did its work, but its output was lost.
+        Ok(_) if output::failed() => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             eprintln!("ftctl: {e}");
@@ -188,7 +190,8 @@ fn main() -> ExitCode {
 fn api(args: &api_commands::ApiArgs, command: api_commands::ApiCommand) -> ExitCode {
     match api_commands::run(args, command) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(api_commands::CommandError::Output(e)) => output::exit_on(&e),
+        // The reader went away: the rest of the output was not wanted.
+        Err(api_commands::CommandError::Output(e)) if output::reader_gone(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ftctl: error: {e}");
             ExitCode::from(e.exit_code())
@@ -350,7 +353,7 @@ fn lab_command(lab: &Lab, command: LabCommand) -> Result<ExitCode, LabError> {
             }
             match outcome {
                 Ok(report) => {
-                    drill::print_table(&report);
+                    output::out(format_args!("{}", drill::table(&report)));
                     outln!("report: {}", path.display());
                     if !report.passed {
                         return Ok(ExitCode::FAILURE);

@@ -1,11 +1,13 @@
 //! What `ftctl` prints on stdout for a person or a pipeline. A reader that
-//! stops reading (`ftctl lab ft-status | head -5`) ends `ftctl` quietly, as
-//! the other tools of a pipeline end, instead of with a panic (what Rust's
-//! `println!` does when the pipe is closed).
+//! stops reading (`ftctl lab ft-status | head -5`) does not end the
+//! command: the rest of its output is dropped, and it runs to its end and
+//! its exit status as it would with its output discarded (Rust's
+//! `println!` panics there). Another failure to write (a full disk) is told
+//! on stderr, and fails the command.
 
 use std::fmt;
 use std::io::{self, Write};
-use std::process;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Prints a line on stdout ([`out`]).
 macro_rules! outln {
@@ -15,26 +17,43 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
-/// Writes `text` on stdout and flushes it. A closed stdout (the reader went
-/// away) ends the process with status 0: nothing failed here, the rest of
-/// the output was not wanted. Any other write error ends it with status 1.
+/// Stdout takes what is written.
+const OPEN: u8 = 0;
+/// Its reader went away: nothing more is written.
+const CLOSED: u8 = 1;
+/// A write failed otherwise: nothing more is written, and ftctl fails.
+const FAILED: u8 = 2;
+
+static STDOUT: AtomicU8 = AtomicU8::new(OPEN);
+
+/// Writes `text` on stdout and flushes it, unless an earlier write failed.
 pub(crate) fn out(text: fmt::Arguments<'_>) {
+    if STDOUT.load(Ordering::Relaxed) != OPEN {
+        return;
+    }
     let mut stdout = io::stdout().lock();
     if let Err(error) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
-        exit_on(&error);
+        write_failed(&error);
     }
 }
 
-/// Ends the process after a failed write on stdout (see [`out`]).
-pub(crate) fn exit_on(error: &io::Error) -> ! {
-    if is_closed(error) {
-        process::exit(0);
+/// After a failed write on stdout: nothing more is written; a failure
+/// other than a reader that went away is told on stderr (once).
+pub(crate) fn write_failed(error: &io::Error) {
+    if reader_gone(error) {
+        STDOUT.store(CLOSED, Ordering::Relaxed);
+    } else if STDOUT.swap(FAILED, Ordering::Relaxed) != FAILED {
+        eprintln!("ftctl: cannot write the output: {error}");
     }
-    eprintln!("ftctl: cannot write the output: {error}");
-    process::exit(1);
 }
 
 /// Whether a write failed because the reader closed its end.
-pub(crate) fn is_closed(error: &io::Error) -> bool {
+pub(crate) fn reader_gone(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::BrokenPipe
+}
+
+/// Whether writing the output failed (for another reason than a reader
+/// that went away).
+pub(crate) fn failed() -> bool {
+    STDOUT.load(Ordering::Relaxed) == FAILED
 }

@@ -246,7 +246,7 @@ async fn main() {
     }
     let wire_share = tcp / memcpy_per_ms;
     println!(
-        "  goal: the whole pipeline sealed at {PIPELINE_GOAL:.1} of memcpy; sealed pipelined here {:.2}, at {:.2} of what one loopback TCP stream carries{}",
+        "  goal: sealed, pipelined, at {PIPELINE_GOAL:.1} of memcpy; here {:.2}, {:.2} of what one loopback TCP stream carries{}",
         sealed.pipelined / memcpy_per_ms,
         sealed.pipelined / tcp,
         if wire_share < PIPELINE_GOAL {

@@ -949,9 +949,12 @@ fn engine_ms(takeover: Option<&TakeoverTimes>) -> String {
     }
 }
 
-/// The report as a table.
-pub fn print_table(report: &DrillReport) {
-    println!(
+/// The report as a table (lines of text).
+pub fn table(report: &DrillReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    writeln!(
+        out,
         "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9}  {:>15}  {:>9}  {:>13}  {:>13}",
         "drill",
         "fault",
@@ -973,10 +976,12 @@ pub fn print_table(report: &DrillReport) {
         "unread MB",
         "mem unread MB",
         "audited pages"
-    );
+    )
+    .expect("a String takes any text");
     for r in &report.rounds {
         let verdict = |v: &Verdict| if v.ok() { "ok" } else { "WRONG" };
-        println!(
+        writeln!(
+        out,
             "{:>5}  {:>10}  {:>7}  {:>5}  {:>8}  {:>11}  {:>15}  {:>8}  {:>9}  {:>7}  {:>7}  {:>7}  {:>10}  {:>12}  {:>17}  {:>9.2}  {:>15.1}  {:>9.1}  {:>13.1}  {:>13}",
             r.round,
             r.fault.to_string(),
@@ -1002,15 +1007,18 @@ pub fn print_table(report: &DrillReport) {
             } else {
                 r.audited_pages.to_string()
             }
-        );
+        )
+        .expect("a String takes any text");
     }
     let migrations = report.level == Level::Ha && report.fault == Fault::Switchover;
     if migrations {
-        println!(
+        writeln!(
+            out,
             "level ha: the VM moved by live migration each round (memory copied while it ran, \
              then a switchover; failover = the longest pause the client saw); one client \
              connection throughout"
-        );
+        )
+        .expect("a String takes any text");
     } else if report.level == Level::Ha {
         let fsck: Vec<&str> = report
             .rounds
@@ -1021,15 +1029,18 @@ pub fn print_table(report: &DrillReport) {
                 None => "-",
             })
             .collect();
-        println!(
+        writeln!(
+            out,
             "level ha: the VM rebooted on the survivor each round (failover = pull -> first \
              operation acknowledged by the rebooted VM); data disk e2fsck per round: {}; \
              client reconnected {} times",
             fsck.join(", "),
             report.reconnects
-        );
+        )
+        .expect("a String takes any text");
     }
-    println!(
+    writeln!(
+        out,
         "{} drills ({:?}, level {}), {} operations acknowledged, {} lost, {} duplicated, two active copies in {} rounds, \
          client connection {}; failover p50 {} ms, p99 {} ms, max {} ms: {}",
         report.rounds.len(),
@@ -1049,5 +1060,12 @@ pub fn print_table(report: &DrillReport) {
         report.failover_ms_p99,
         report.failover_ms_max,
         if report.passed { "PASSED" } else { "FAILED" }
-    );
+    )
+    .expect("a String takes any text");
+    out
+}
+
+/// Prints the report as a table on stdout ([`table`]).
+pub fn print_table(report: &DrillReport) {
+    print!("{}", table(report));
 }
