@@ -125,8 +125,9 @@ pub struct FtCounters {
     pub dirty_pages_total: u64,
     pub dirty_pages_last: u64,
     /// Of the dirty pages, those the epoch before carried too (primary):
-    /// pages the guest writes at every checkpoint, each a write fault per
-    /// epoch once its page is protected again.
+    /// the hot pages (below), which go with every epoch whether written or
+    /// not, and pages the guest writes at every checkpoint, each a write
+    /// fault per epoch once its page is protected again.
     #[serde(default)]
     pub dirty_repeat_pages_total: u64,
     /// Of the dirty pages, those the harvest left writable: hot pages (the

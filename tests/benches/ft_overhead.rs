@@ -278,9 +278,10 @@ fn main() {
     row("dirty pages per epoch", &|x| {
         format!("{:.0}", x.dirty_per_epoch)
     });
-    row("dirty in the epoch before too (share)", &|x| {
-        format!("{:.2}", x.repeat_share)
-    });
+    row(
+        "dirty in the epoch before too, hot included (share)",
+        &|x| format!("{:.2}", x.repeat_share),
+    );
     row("left writable, hot (share)", &|x| {
         format!("{:.2}", x.hot_share)
     });
