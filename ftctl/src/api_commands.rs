@@ -3,7 +3,7 @@
 //! the API's JSON as it answered, for scripts.
 
 use std::collections::BTreeSet;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -1022,12 +1022,10 @@ pub(crate) fn print_json(value: &Value) -> Result<(), CommandError> {
     emit(&format!("{text}\n"))
 }
 
-/// Writes to stdout at once (and flushes, for --follow).
+/// Writes to stdout at once (and flushes, for --follow); a failure ends
+/// the command (`main` ends it quietly when the reader went away).
 pub(crate) fn emit(text: &str) -> Result<(), CommandError> {
-    let mut out = io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(CommandError::Output)
+    crate::output::write(format_args!("{text}")).map_err(CommandError::Output)
 }
 
 #[cfg(test)]

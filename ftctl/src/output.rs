@@ -31,15 +31,21 @@ pub(crate) fn out(text: fmt::Arguments<'_>) {
     if STDOUT.load(Ordering::Relaxed) != OPEN {
         return;
     }
-    let mut stdout = io::stdout().lock();
-    if let Err(error) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+    if let Err(error) = write(text) {
         write_failed(&error);
     }
 }
 
+/// Writes `text` on stdout and flushes it (at once: `events --follow`
+/// prints as events come); the caller decides what a failure means.
+pub(crate) fn write(text: fmt::Arguments<'_>) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_fmt(text).and_then(|()| stdout.flush())
+}
+
 /// After a failed write on stdout: nothing more is written; a failure
 /// other than a reader that went away is told on stderr (once).
-pub(crate) fn write_failed(error: &io::Error) {
+fn write_failed(error: &io::Error) {
     if reader_gone(error) {
         STDOUT.store(CLOSED, Ordering::Relaxed);
     } else if STDOUT.swap(FAILED, Ordering::Relaxed) != FAILED {

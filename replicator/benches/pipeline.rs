@@ -197,13 +197,14 @@ async fn main() {
     );
     let memcpy_per_ms = 1e6 / memcpy_ns_per_page(256);
     let cores = cores();
+    let wire_share = tcp / memcpy_per_ms;
     println!(
         "pipeline: {EPOCHS} epochs x {PAGES_PER_EPOCH} pages of a {MEM_MIB} MiB memory (populated, as after the initial copy), replica verified equal; medians of {RUNS} runs"
     );
     println!("  memcpy (same run)            {memcpy_per_ms:>10.0} pages/ms");
     println!(
         "  one loopback TCP stream (same run, bytes only) {tcp:>10.0} pages/ms  ({:.2} of memcpy)",
-        tcp / memcpy_per_ms
+        wire_share
     );
     for (name, r) in [("sealed", &sealed), ("plaintext", &plaintext)] {
         println!("  A-link {name}:");
@@ -244,7 +245,6 @@ async fn main() {
             r.cpu_share
         );
     }
-    let wire_share = tcp / memcpy_per_ms;
     println!(
         "  goal: sealed, pipelined, at {PIPELINE_GOAL:.1} of memcpy; here {:.2}, {:.2} of what one loopback TCP stream carries{}",
         sealed.pipelined / memcpy_per_ms,
