@@ -335,6 +335,11 @@ impl Metrics {
             "behind_paused",
             "Time the guest spent paused because the standby or the A-link fell behind",
         );
+        let vcpu_waited = counter_seconds(
+            &mut registry,
+            "vcpu_waited",
+            "Time the guest's vCPUs (on average) were ready to run but waited for a CPU while the FT engine worked: what checkpointing costs the guest beyond its stops where they share too few cores",
+        );
         let inbound_forwarded = counter(
             &mut registry,
             "inbound_forwarded_frames",
@@ -548,6 +553,9 @@ impl Metrics {
             behind_paused
                 .get_or_create(&labels)
                 .inc_by(c.behind_paused_ms as f64 / 1000.0);
+            vcpu_waited
+                .get_or_create(&labels)
+                .inc_by(us(c.vcpu_waited_us_total));
             inbound_forwarded
                 .get_or_create(&labels)
                 .inc_by(c.inbound_forwarded);

@@ -122,6 +122,13 @@ pub struct FtCounters {
     /// The interval planned after the last checkpoint, by its cost (output
     /// that waits brings the next checkpoint forward to `min` after it).
     pub interval_us_last: u64,
+    /// How long the guest's vCPUs (on average) were ready to run but
+    /// waited for a CPU while the engine's process worked, summed over the
+    /// epochs (primary): what checkpointing costs the guest beyond its
+    /// stops where the engine and the vCPUs share too few cores; it
+    /// lengthens the interval as stop time does.
+    #[serde(default)]
+    pub vcpu_waited_us_total: u64,
     pub dirty_pages_total: u64,
     pub dirty_pages_last: u64,
     /// Of the dirty pages, those the epoch before carried too (primary):

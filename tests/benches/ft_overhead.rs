@@ -8,9 +8,11 @@
 //! A-link bytes per second, round-trip latency to the guest (and what FT
 //! adds), the latency of a ledger APPEND (written and fsync'd in the guest
 //! before it answers), and the throughput of a CPU-bound and of a memory-bound workload
-//! timed inside the guest, as ratios to unprotected, and the guest's write
+//! timed inside the guest, as ratios to unprotected, the guest's write
 //! faults per second (what harvesting dirty pages costs it: under the
-//! lab's nested TCG most of FT's overhead).
+//! lab's nested TCG most of FT's overhead) and the share of the time its
+//! vCPU waited for the node's one CPU while the engine worked (which
+//! lengthens the interval when no output waits, as stop time does).
 //!
 //! Run: `cargo bench -p ft-tests --bench ft_overhead` (needs the lab, about
 //! 7 minutes). Nested virtualization under TCG: absolute figures are far
@@ -58,6 +60,9 @@ struct Figures {
     cpu_turns_per_s: f64,
     mem_pages_per_s: f64,
     write_faults_per_s: f64,
+    /// Of the measured time, the share the guest's vCPU was ready to run
+    /// but waited for the CPU while the engine worked (a lab node has one).
+    vcpu_waited_share: f64,
 }
 
 /// The primary's counters (zeros when it does not answer).
@@ -166,6 +171,8 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         cpu_turns_per_s: cpu as f64 / (WORK_MS as f64 / 1000.0),
         mem_pages_per_s: mem as f64 / (WORK_MS as f64 / 1000.0),
         write_faults_per_s: faults / secs,
+        vcpu_waited_share: delta(after.vcpu_waited_us_total, before.vcpu_waited_us_total)
+            / (secs * 1e6),
     }
 }
 
@@ -326,6 +333,9 @@ fn main() {
     });
     row("guest write faults/s (KVM pf_fast)", &|x| {
         format!("{:.0}", x.write_faults_per_s)
+    });
+    row("vCPU waited for the engine (share of time)", &|x| {
+        format!("{:.3}", x.vcpu_waited_share)
     });
     println!(
         "QEMU COLO (Debian's 7.2) in the same kind of lab (DESIGN.md: two TCG nodes, idle \

@@ -768,6 +768,13 @@ impl Vm {
         self.vcpus.resume();
     }
 
+    /// How long the vCPU threads ran and waited for a CPU, summed over
+    /// them, since they started (see [`crate::cpu::schedstat`]); None
+    /// where the kernel does not tell.
+    pub fn vcpu_cpu_times(&self) -> Option<crate::cpu::schedstat::CpuTimes> {
+        self.vcpus.cpu_times()
+    }
+
     /// How this VM's dirty pages are tracked.
     pub fn dirty_tracking(&self) -> DirtyMethod {
         self.dirty_log.method()

@@ -18,6 +18,7 @@ use vmm::vm::Vm;
 
 use super::audit::AuditPicker;
 use super::checkpoint::{capture, Captured};
+use super::cpu_wait::CpuWait;
 use super::deadline;
 use super::delta_cache::DeltaCache;
 use super::in_flight::{InFlight, Pending, BEHIND_CHECK_EVERY};
@@ -25,7 +26,7 @@ use super::lease::GateMode;
 use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
-use crate::interval::Schedule;
+use crate::interval::{GuestLoss, Schedule};
 use crate::protocol::{epoch_frames_from, Message};
 use crate::status::StatusBoard;
 
@@ -47,6 +48,7 @@ pub(super) async fn epochs(
     vm.output()
         .on_held_output(Arc::new(move || wake.notify_one()));
     let mut schedule = Schedule::new(config.interval);
+    let mut cpu_wait = CpuWait::new(vm);
     let mut in_flight = InFlight::new(vm, status, config);
     // This session's: what its epochs gave the standby's replica.
     let mut delta_cache = DeltaCache::new(config.delta_cache_bytes);
@@ -155,8 +157,10 @@ pub(super) async fn epochs(
             .note_capture(epoch, captured.as_ref().ok(), vm.guest_pages());
         let captured = captured?;
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
+        let waited = cpu_wait.since_last(vm);
         if let Some(stopped) = stopped {
-            plan_next(&mut schedule, stopped, vm, status);
+            let loss = GuestLoss { stopped, waited };
+            plan_next(&mut schedule, stop_start, loss, vm, status);
         }
         in_flight.push(Pending {
             epoch,
@@ -196,7 +200,9 @@ pub(super) async fn epochs(
             };
             vm.resume();
             acked?;
-            plan_next(&mut schedule, stop_start.elapsed(), vm, status);
+            let stopped = stop_start.elapsed();
+            let loss = GuestLoss { stopped, waited };
+            plan_next(&mut schedule, stop_start, loss, vm, status);
         } else {
             sent?;
         }
@@ -211,11 +217,20 @@ pub(super) async fn epochs(
 /// standby would take over a VM stopped on purpose).
 pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 
-/// After a checkpoint that stopped the guest `stopped`: when the next one
-/// is due.
-fn plan_next(schedule: &mut Schedule, stopped: Duration, vm: &Vm, status: &StatusBoard) {
-    let interval = schedule.plan_next(stopped, vm.output().has_unsealed());
-    status.update(|s| s.counters.interval_us_last = interval.as_micros() as u64);
+/// After a checkpoint that began at `stop_start` and cost the guest
+/// `loss`: when the next one is due.
+fn plan_next(
+    schedule: &mut Schedule,
+    stop_start: Instant,
+    loss: GuestLoss,
+    vm: &Vm,
+    status: &StatusBoard,
+) {
+    let interval = schedule.plan_next(stop_start, loss, vm.output().has_unsealed());
+    status.update(|s| {
+        s.counters.interval_us_last = interval.as_micros() as u64;
+        s.counters.vcpu_waited_us_total += loss.waited.as_micros() as u64;
+    });
 }
 
 /// What ends the wait for the next checkpoint.

@@ -33,6 +33,7 @@
 
 pub mod audit;
 pub mod checkpoint;
+mod cpu_wait;
 mod deadline;
 pub mod delta_cache;
 mod epochs;

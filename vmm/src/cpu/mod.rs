@@ -4,4 +4,5 @@ pub mod boot_regs;
 pub mod cpuid;
 pub mod features;
 pub mod runner;
+pub mod schedstat;
 pub mod state;

@@ -15,6 +15,7 @@ use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::schedstat::{CpuTimes, ThreadClock};
 use crate::devices::bus::IoBuses;
 use crate::dirty::RingLog;
 use crate::vm_event::VmEvent;
@@ -125,6 +126,9 @@ pub struct Vcpus {
     threads: Mutex<Vec<JoinHandle<()>>>,
     fds: Vec<SharedVcpu>,
     gate: Arc<Gate>,
+    /// Each vCPU thread's scheduler clock, as the thread opened it (none
+    /// where the kernel keeps no such statistics).
+    clocks: Arc<Mutex<Vec<ThreadClock>>>,
 }
 
 impl Vcpus {
@@ -147,10 +151,12 @@ impl Vcpus {
         }
         let mut threads = Vec::new();
         let fds: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+        let clocks = Arc::new(Mutex::new(Vec::new()));
         for (index, vcpu) in fds.iter().enumerate() {
             let index = index as u8;
             let vcpu = Arc::clone(vcpu);
             let (gate, events) = (Arc::clone(&gate), events.clone());
+            let clocks = Arc::clone(&clocks);
             let exits = Exits {
                 index,
                 buses: Arc::clone(&buses),
@@ -159,6 +165,12 @@ impl Vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    match ThreadClock::current() {
+                        Ok(clock) => clocks.lock().expect("vCPU clocks lock").push(clock),
+                        Err(error) => {
+                            tracing::debug!(index, %error, "no scheduler statistics for this vCPU")
+                        }
+                    }
                     run_vcpu(&exits, vcpu, &gate, &events);
                     gate.thread_exited();
                 })
@@ -169,6 +181,24 @@ impl Vcpus {
             threads: Mutex::new(threads),
             fds,
             gate,
+            clocks,
+        })
+    }
+
+    /// The vCPU threads' scheduler times, summed; None unless every
+    /// vCPU thread has its clock (the kernel keeps no such statistics, or
+    /// a thread has not started yet) and each reads.
+    pub fn cpu_times(&self) -> Option<CpuTimes> {
+        let clocks = self.clocks.lock().expect("vCPU clocks lock");
+        if clocks.len() != self.fds.len() {
+            return None;
+        }
+        clocks.iter().try_fold(CpuTimes::default(), |sum, clock| {
+            clock
+                .read()
+                .map(|times| sum + times)
+                .map_err(|error| tracing::debug!(%error, "a vCPU's scheduler times"))
+                .ok()
         })
     }
 

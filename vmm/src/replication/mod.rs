@@ -22,6 +22,10 @@
 //!   TAPs attached ahead where the standby did so ([`AttachedTaps`]).
 //! - Pairing: [`offered_cpu_features`], the CPU feature words this host
 //!   gives a guest of a declared feature set.
+//! - CPU: [`Vm::vcpu_cpu_times`], how long the vCPU threads ran and waited
+//!   for a CPU ([`CpuTimes`]), and [`process_cpu_time`], what the whole
+//!   process used: what the engine's own work costs the guest where they
+//!   share cores.
 
 mod cpu;
 mod disk_writes;
@@ -40,6 +44,7 @@ pub use self::disk_writes::{DiskWrite, DiskWrites, WritesThrough};
 pub use self::input::{InboundFrame, Input};
 pub use self::output::{gratuitous_arp, is_tcp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};
+pub use crate::cpu::schedstat::{process_cpu_time, CpuTimes, SchedstatError};
 pub use crate::devices::virtio::block::disk_lock;
 pub use crate::devices::virtio::block::written_map;
 /// The longest frame (virtio header included) a NIC delivers or replays.

@@ -1,0 +1,102 @@
+//! What the engine's own work costs the guest beyond its stops: how long
+//! the vCPUs were ready to run but waited for a CPU while the rest of the
+//! process (the engine's encoding and sending, its heartbeats, the VM's
+//! device threads) ran. On a node whose cores the vCPUs share with the
+//! engine (a one-CPU lab node; a small server) this is what the guest
+//! loses after each resume; with cores to spare it is near zero. The
+//! checkpoint interval counts it ([`crate::interval::GuestLoss`]).
+
+use std::time::Duration;
+
+use vmm::replication::{process_cpu_time, CpuTimes};
+use vmm::vm::Vm;
+
+/// The times at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reading {
+    /// The vCPU threads', summed.
+    vcpus: CpuTimes,
+    /// The whole process's CPU time (the vCPU threads' included).
+    process: Duration,
+}
+
+/// Measures, from one checkpoint to the next, how long the vCPUs waited
+/// for the rest of the process.
+pub(super) struct CpuWait {
+    vcpus: u32,
+    last: Option<Reading>,
+}
+
+impl CpuWait {
+    pub(super) fn new(vm: &Vm) -> CpuWait {
+        CpuWait {
+            vcpus: u32::from(vm.config().vcpus).max(1),
+            last: reading(vm),
+        }
+    }
+
+    /// Since the last call: how long a vCPU waited on average, at most
+    /// the CPU time the rest of the process used meanwhile (a wait for
+    /// other programs of the node is not the engine's cost). Zero where
+    /// the kernel does not tell.
+    pub(super) fn since_last(&mut self, vm: &Vm) -> Duration {
+        let now = reading(vm);
+        let waited = match (self.last, now) {
+            (Some(before), Some(after)) => waited(before, after, self.vcpus),
+            _ => Duration::ZERO,
+        };
+        self.last = now;
+        waited
+    }
+}
+
+fn reading(vm: &Vm) -> Option<Reading> {
+    Some(Reading {
+        vcpus: vm.vcpu_cpu_times()?,
+        process: process_cpu_time()
+            .map_err(|error| tracing::debug!(%error, "the process's CPU time"))
+            .ok()?,
+    })
+}
+
+/// The mean wait of `vcpus` vCPUs from `before` to `after`, at most what
+/// the process used besides them.
+fn waited(before: Reading, after: Reading, vcpus: u32) -> Duration {
+    let waiting = after.vcpus.waiting.saturating_sub(before.vcpus.waiting) / vcpus;
+    let process = after.process.saturating_sub(before.process);
+    let in_vcpus = after.vcpus.on_cpu.saturating_sub(before.vcpus.on_cpu);
+    waiting.min(process.saturating_sub(in_vcpus))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(on_cpu_ms: u64, waiting_ms: u64, process_ms: u64) -> Reading {
+        Reading {
+            vcpus: CpuTimes {
+                on_cpu: Duration::from_millis(on_cpu_ms),
+                waiting: Duration::from_millis(waiting_ms),
+            },
+            process: Duration::from_millis(process_ms),
+        }
+    }
+
+    #[test]
+    fn the_wait_counts_up_to_what_the_rest_of_the_process_used() {
+        let ms = Duration::from_millis;
+        let before = at(100, 10, 150);
+        // vCPUs ran 8 ms, waited 3; the process used 11: the engine 3.
+        assert_eq!(waited(before, at(108, 13, 161), 1), ms(3));
+        // They waited 5 ms while the engine used 1: other programs held
+        // the CPU for the rest, not the engine's cost.
+        assert_eq!(waited(before, at(108, 15, 159), 1), ms(1));
+        // Two vCPUs waited 6 ms between them: 3 each on average.
+        assert_eq!(waited(before, at(116, 16, 176), 2), ms(3));
+        // With cores to spare nobody waits, however busy the engine.
+        assert_eq!(waited(before, at(108, 10, 190), 1), ms(0));
+        // Clocks that went back (a reading from another thread set) count
+        // nothing.
+        assert_eq!(waited(at(108, 13, 161), before, 1), ms(0));
+    }
+}
