@@ -88,9 +88,13 @@ struct PairOptions {
     /// every path (heartbeats go out at a fifth of it).
     #[arg(long, default_value_t = ft_link::DEFAULT_HEARTBEAT_TIMEOUT.as_millis() as u64)]
     heartbeat_timeout_ms: u64,
-    /// Shortest and longest epoch (checkpoint interval).
+    /// Shortest epoch: the guest runs at least this long after each
+    /// checkpoint.
     #[arg(long, default_value_t = DEFAULT_MIN_INTERVAL.as_millis() as u64)]
     min_interval_ms: u64,
+    /// Longest epoch: from one checkpoint's start to the next's, the stop
+    /// included (20: 50 checkpoints a second at the least, when the
+    /// standby keeps up).
     #[arg(long, default_value_t = DEFAULT_MAX_INTERVAL.as_millis() as u64)]
     max_interval_ms: u64,
     /// The guest is paused once it has run this long past a checkpoint
