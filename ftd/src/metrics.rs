@@ -338,7 +338,7 @@ impl Metrics {
         let vcpu_waited = counter_seconds(
             &mut registry,
             "vcpu_waited",
-            "Time the guest's vCPUs (on average) were ready to run but waited for a CPU while the FT engine worked: what checkpointing costs the guest beyond its stops where they share too few cores",
+            "Time the guest's vCPUs (on average) were ready to run but waited for a CPU while the rest of the FT engine's process (the engine, the VM's device threads) ran: what the guest loses beyond its stops where they share too few cores",
         );
         let inbound_forwarded = counter(
             &mut registry,

@@ -64,8 +64,8 @@ impl GuestLoss {
 }
 
 /// The guest runs at least this many times as long as it lost to a
-/// checkpoint.
-const RUN_TO_STOP: u32 = 9;
+/// checkpoint (within the limits).
+const RUN_TO_LOSS: u32 = 9;
 
 impl IntervalLimits {
     /// How long after the last checkpoint's resume the next one is due.
@@ -73,7 +73,7 @@ impl IntervalLimits {
     /// whether the guest transmitted since then (then the next one comes
     /// at `min`, or once the guest ran as long as it was stopped).
     pub fn next(&self, loss: GuestLoss, output_waiting: bool) -> Duration {
-        let by_cost = (loss.stopped + loss.waited) * RUN_TO_STOP;
+        let by_cost = (loss.stopped + loss.waited) * RUN_TO_LOSS;
         let wanted = if output_waiting {
             by_cost.min(self.min.max(loss.stopped))
         } else {
@@ -86,8 +86,9 @@ impl IntervalLimits {
 /// When the next checkpoint is due: [`IntervalLimits::next`] after the
 /// last one's resume, brought forward to `min` after it when guest output
 /// waits. `max` bounds the time from one checkpoint's start to the next's,
-/// the stop included: `max` 20 ms means 50 checkpoints a second at the
-/// least (when the standby keeps up), however long each stops the guest.
+/// the stop included (`max` 20 ms: 50 checkpoints a second when the
+/// standby keeps up and stops are short), but the guest runs at least as
+/// long as it was last stopped, and `min` at the least.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
     limits: IntervalLimits,
@@ -110,8 +111,7 @@ impl Schedule {
     /// When the checkpoint is due, given whether output waits for it.
     pub fn due_at(&self, output_waiting: bool) -> Instant {
         if output_waiting {
-            // Never after `next_due` (see `plan_next`).
-            self.resumed + self.limits.min
+            (self.resumed + self.limits.min).min(self.next_due)
         } else {
             self.next_due
         }
@@ -132,13 +132,28 @@ impl Schedule {
         loss: GuestLoss,
         output_waiting: bool,
     ) -> Duration {
-        let now = Instant::now();
+        self.plan_next_at(Instant::now(), stop_start, loss, output_waiting)
+    }
+
+    /// [`Schedule::plan_next`] with the guest resumed at `now`.
+    fn plan_next_at(
+        &mut self,
+        now: Instant,
+        stop_start: Instant,
+        loss: GuestLoss,
+        output_waiting: bool,
+    ) -> Duration {
         let wanted = now + self.limits.next(loss, output_waiting);
-        // `min` after the resume at the least, whatever the stop took.
-        let period_end = (stop_start + self.limits.max).max(now + self.limits.min);
+        // From the stop's start, but the guest runs at least as long as it
+        // was stopped (a long stop, or a synchronous checkpoint's wait for
+        // its acknowledgement, is not followed by a short run).
+        let floor = now + self.limits.min.max(loss.stopped);
+        let period_end = stop_start
+            .checked_add(self.limits.max)
+            .map_or(wanted, |end| end.max(floor));
         self.resumed = now;
         self.next_due = wanted.min(period_end);
-        self.next_due - now
+        self.next_due.saturating_duration_since(now)
     }
 }
 
@@ -194,7 +209,10 @@ mod tests {
         let l = IntervalLimits::default();
         let ms = Duration::from_millis;
         let mut s = Schedule::new(l);
-        let chosen = s.plan_next(Instant::now(), GuestLoss::stopped(ms(2)), false);
+        // The first checkpoint: at once, output or not.
+        assert_eq!(s.due_at(true), s.due_at(false));
+        let now = Instant::now();
+        let chosen = s.plan_next_at(now, now, GuestLoss::stopped(ms(2)), false);
         assert_eq!(chosen, ms(18));
         let quiet = s.due_at(false);
         let busy = s.due_at(true);
@@ -208,16 +226,21 @@ mod tests {
         let l = IntervalLimits::default();
         let ms = Duration::from_millis;
         let mut s = Schedule::new(l);
-        // A checkpoint that began 5 ms ago and cost enough for `max`: the
-        // next is due 20 ms after it began, 15 ms from now.
-        let began = Instant::now() - ms(5);
-        let chosen = s.plan_next(began, GuestLoss::stopped(ms(5)), false);
-        assert!(chosen <= ms(15), "{chosen:?}");
+        let began = Instant::now();
+        // A checkpoint that stopped the guest 5 ms and cost enough for
+        // `max`: the next is due 20 ms after it began, 15 ms after the
+        // resume.
+        let chosen = s.plan_next_at(began + ms(5), began, GuestLoss::stopped(ms(5)), false);
+        assert_eq!(chosen, ms(15));
         assert_eq!(s.due_at(false), began + ms(20));
-        // One that stopped the guest longer than `max`: still `min` of
-        // running after it.
-        let chosen = s.plan_next(Instant::now() - ms(30), GuestLoss::stopped(ms(30)), false);
-        assert_eq!(chosen, ms(2));
-        assert_eq!(s.due_at(true), s.due_at(false));
+        // Stopped 12 ms: the guest runs as long (not 8 ms).
+        let chosen = s.plan_next_at(began + ms(12), began, GuestLoss::stopped(ms(12)), false);
+        assert_eq!(chosen, ms(12));
+        // Stopped 30 ms (a synchronous checkpoint's wait): `max` from the
+        // resume, as the cost asks.
+        let chosen = s.plan_next_at(began + ms(30), began, GuestLoss::stopped(ms(30)), false);
+        assert_eq!(chosen, ms(20));
+        // Output waiting after it: `min` after the resume.
+        assert_eq!(s.due_at(true), began + ms(32));
     }
 }

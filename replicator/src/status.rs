@@ -119,14 +119,15 @@ pub struct FtCounters {
     /// The sum of all guest stop times (µs).
     #[serde(default)]
     pub stop_us_sum: u64,
-    /// The interval planned after the last checkpoint, by its cost (output
+    /// The interval planned after the last checkpoint, from its resume, by
+    /// its cost to the guest and `max` from the checkpoint's start (output
     /// that waits brings the next checkpoint forward to `min` after it).
     pub interval_us_last: u64,
     /// How long the guest's vCPUs (on average) were ready to run but
-    /// waited for a CPU while the engine's process worked, summed over the
-    /// epochs (primary): what checkpointing costs the guest beyond its
-    /// stops where the engine and the vCPUs share too few cores; it
-    /// lengthens the interval as stop time does.
+    /// waited for a CPU while the rest of the engine's process (the
+    /// engine, the VM's device threads) ran, summed over the epochs
+    /// (primary): what the guest loses beyond its stops where they share
+    /// too few cores; it lengthens the interval as stop time does.
     #[serde(default)]
     pub vcpu_waited_us_total: u64,
     pub dirty_pages_total: u64,

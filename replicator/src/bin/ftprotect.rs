@@ -90,12 +90,14 @@ struct PairOptions {
     heartbeat_timeout_ms: u64,
     /// Shortest epoch: the guest runs at least this long after each
     /// checkpoint.
-    #[arg(long, default_value_t = DEFAULT_MIN_INTERVAL.as_millis() as u64)]
+    #[arg(long, default_value_t = DEFAULT_MIN_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
     min_interval_ms: u64,
     /// Longest epoch: from one checkpoint's start to the next's, the stop
-    /// included (20: 50 checkpoints a second at the least, when the
-    /// standby keeps up).
-    #[arg(long, default_value_t = DEFAULT_MAX_INTERVAL.as_millis() as u64)]
+    /// included (20: 50 checkpoints a second when the standby keeps up and
+    /// stops are short; after a longer stop the guest runs as long).
+    #[arg(long, default_value_t = DEFAULT_MAX_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
     max_interval_ms: u64,
     /// The guest is paused once it has run this long past a checkpoint
     /// that is not acknowledged yet, until it is: bounds the next epoch,

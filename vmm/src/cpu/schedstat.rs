@@ -141,30 +141,42 @@ mod tests {
     #[test]
     fn another_thread_reads_the_opening_threads_time() {
         let (clock_tx, clock_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (before_tx, before_rx) = std::sync::mpsc::channel::<CpuTimes>();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let worker = std::thread::spawn(move || {
+            let clock = ThreadClock::current().unwrap();
             clock_tx.send(ThreadClock::current().unwrap()).unwrap();
-            go_rx.recv().unwrap();
+            let before = before_rx.recv().unwrap();
+            // Spins until its own reading shows 30 ms more on a CPU (5 s at
+            // most: a clock that counted another thread would not move).
             let start = Instant::now();
             let mut x = 0u64;
-            while start.elapsed() < Duration::from_millis(50) {
-                x = std::hint::black_box(x.wrapping_add(1));
+            let mut seen = clock.read().unwrap();
+            while seen.on_cpu < before.on_cpu + Duration::from_millis(30)
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                seen = clock.read().unwrap();
             }
-            done_tx.send(()).unwrap();
+            done_tx.send(seen).unwrap();
         });
         let clock = clock_rx.recv().unwrap();
         let before = clock.read().unwrap();
-        go_tx.send(()).unwrap();
-        done_rx.recv().unwrap();
+        before_tx.send(before).unwrap();
+        let seen_by_worker = done_rx.recv().unwrap();
+        // The reader only waited meanwhile; its reading of the worker's
+        // clock has the worker's time.
         let after = clock.read().unwrap();
         worker.join().unwrap();
-        // The worker spun 50 ms, on a CPU or waiting for one; the reader
-        // only slept meanwhile.
-        let spent = (after.on_cpu + after.waiting) - (before.on_cpu + before.waiting);
         assert!(
-            spent >= Duration::from_millis(45),
-            "{before:?} -> {after:?}"
+            seen_by_worker.on_cpu >= before.on_cpu + Duration::from_millis(30),
+            "the worker's clock did not count its spinning: {before:?} -> {seen_by_worker:?}"
+        );
+        assert!(
+            after.on_cpu >= seen_by_worker.on_cpu,
+            "{seen_by_worker:?} -> {after:?}"
         );
     }
 }

@@ -22,10 +22,10 @@
 //!   TAPs attached ahead where the standby did so ([`AttachedTaps`]).
 //! - Pairing: [`offered_cpu_features`], the CPU feature words this host
 //!   gives a guest of a declared feature set.
-//! - CPU: [`Vm::vcpu_cpu_times`], how long the vCPU threads ran and waited
-//!   for a CPU ([`CpuTimes`]), and [`process_cpu_time`], what the whole
-//!   process used: what the engine's own work costs the guest where they
-//!   share cores.
+//! - CPU: [`Vm::vcpu_cpu_times`] (`vm.rs`), how long the vCPU threads ran
+//!   and waited for a CPU ([`CpuTimes`]), and [`process_cpu_time`], what
+//!   the whole process used: what the rest of the process (the engine
+//!   among it) costs the guest where they share cores.
 
 mod cpu;
 mod disk_writes;
@@ -44,7 +44,7 @@ pub use self::disk_writes::{DiskWrite, DiskWrites, WritesThrough};
 pub use self::input::{InboundFrame, Input};
 pub use self::output::{gratuitous_arp, is_tcp, Announcer, Output};
 pub use self::replica::{Backings, ReplicaRam};
-pub use crate::cpu::schedstat::{process_cpu_time, CpuTimes, SchedstatError};
+pub use crate::cpu::schedstat::{process_cpu_time, CpuTimes};
 pub use crate::devices::virtio::block::disk_lock;
 pub use crate::devices::virtio::block::written_map;
 /// The longest frame (virtio header included) a NIC delivers or replays.
