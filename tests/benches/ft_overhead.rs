@@ -4,7 +4,9 @@
 //! delta cache off) on the default sealed A-link, then
 //! FT on a lab whose A-link runs in plaintext (what sealing costs, where AES
 //! runs emulated under TCG), side by side. For each: checkpoints
-//! per second, guest stop time per checkpoint p50/p99, dirty pages per epoch,
+//! per second, guest stop time per checkpoint p50/p99 (the engine's, over
+//! its last 4096 checkpoints with the session's first ones, and the
+//! stop-time histogram's bucket for the measure's own), dirty pages per epoch,
 //! A-link bytes per second, round-trip latency to the guest (and what FT
 //! adds), the latency of a ledger APPEND (written and fsync'd in the guest
 //! before it answers), and the throughput of a CPU-bound and of a memory-bound workload
@@ -26,7 +28,7 @@ use guest_tools::ledger::LedgerClient;
 use lab::ft_pair;
 use lab::NodeId;
 use replicator::stats::percentile;
-use replicator::status::{FtCounters, FtState, Role};
+use replicator::status::{FtCounters, FtState, Role, STOP_BUCKETS_US};
 
 const WORK_MS: u64 = 4000;
 const DIRTY_MIB: usize = 32;
@@ -40,6 +42,11 @@ struct Figures {
     checkpoints_per_s: f64,
     stop_p50_us: u64,
     stop_p99_us: u64,
+    /// The bucket bounds (µs) under which 50% and 99% of the measure's
+    /// own stops fall (the percentiles above are the engine's over its
+    /// last 4096 checkpoints, the session's first ones included).
+    measured_stop_p50_bound_us: Option<u64>,
+    measured_stop_p99_bound_us: Option<u64>,
     dirty_per_epoch: f64,
     /// Of the dirty pages, the share the epoch before carried too.
     repeat_share: f64,
@@ -85,6 +92,30 @@ fn write_faults(lab: &LabPair) -> u64 {
         .ok()
         .and_then(|o| o.stdout.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The bound of the stop-time bucket (µs) under which the share `p` of the
+/// checkpoints between `before` and `after` fall; None above the last
+/// bound, or with no checkpoint.
+fn stop_bound(before: &FtCounters, after: &FtCounters, p: f64) -> Option<u64> {
+    let counts: Vec<u64> = after
+        .stop_us_buckets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.saturating_sub(before.stop_us_buckets.get(i).copied().unwrap_or(0)))
+        .collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut seen = 0;
+    for (i, n) in counts.iter().enumerate() {
+        seen += n;
+        if seen as f64 >= p * total as f64 {
+            return STOP_BUCKETS_US.get(i).copied();
+        }
+    }
+    None
 }
 
 /// `after - before` of a counter, as a float.
@@ -158,6 +189,8 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         checkpoints_per_s: checkpoints / secs,
         stop_p50_us: after.stop_us_p50,
         stop_p99_us: after.stop_us_p99,
+        measured_stop_p50_bound_us: stop_bound(&before, &after, 0.50),
+        measured_stop_p99_bound_us: stop_bound(&before, &after, 0.99),
         dirty_per_epoch: if checkpoints > 0.0 {
             delta(after.dirty_pages_total, before.dirty_pages_total) / checkpoints
         } else {
@@ -281,6 +314,13 @@ fn main() {
     });
     row("guest stop per checkpoint p99 us", &|x| {
         x.stop_p99_us.to_string()
+    });
+    let bound = |b: Option<u64>| b.map_or("-".to_string(), |us| format!("<= {us}"));
+    row("  measure's own stops p50 us (bucket)", &|x| {
+        bound(x.measured_stop_p50_bound_us)
+    });
+    row("  measure's own stops p99 us (bucket)", &|x| {
+        bound(x.measured_stop_p99_bound_us)
     });
     row("dirty pages per epoch", &|x| {
         format!("{:.0}", x.dirty_per_epoch)
