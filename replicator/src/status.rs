@@ -120,14 +120,14 @@ pub struct FtCounters {
     #[serde(default)]
     pub stop_us_sum: u64,
     /// The interval planned after the last checkpoint, from its resume, by
-    /// its cost to the guest and `max` from the checkpoint's start (output
-    /// that waits brings the next checkpoint forward to `min` after it).
+    /// its stop and `max` from the checkpoint's start (output that waits
+    /// brings the next checkpoint forward to `min` after it).
     pub interval_us_last: u64,
     /// How long the guest's vCPUs (on average) were ready to run but
     /// waited for a CPU while the rest of the engine's process (the
     /// engine, the VM's device threads) ran, summed over the epochs
     /// (primary): what the guest loses beyond its stops where they share
-    /// too few cores; it lengthens the interval as stop time does.
+    /// too few cores.
     #[serde(default)]
     pub vcpu_waited_us_total: u64,
     pub dirty_pages_total: u64,

@@ -13,8 +13,7 @@
 //! timed inside the guest, as ratios to unprotected, the guest's write
 //! faults per second (what harvesting dirty pages costs it: under the
 //! lab's nested TCG most of FT's overhead) and the share of the time its
-//! vCPU waited for the node's one CPU while the engine worked (which
-//! lengthens the interval when no output waits, as stop time does).
+//! vCPU waited for the node's one CPU while the engine worked.
 //!
 //! Run: `cargo bench -p ft-tests --bench ft_overhead` (needs the lab, about
 //! 7 minutes). Nested virtualization under TCG: absolute figures are far

@@ -4,7 +4,8 @@
 //! device threads) ran. On a node whose cores the vCPUs share with the
 //! engine (a one-CPU lab node; a small server) this is what the guest
 //! loses after each resume; with cores to spare it is near zero. The
-//! checkpoint interval counts it ([`crate::interval::GuestLoss`]).
+//! status counts it (`vcpu_waited_us_total`); the interval does not (see
+//! [`crate::interval`]).
 
 use std::time::Duration;
 

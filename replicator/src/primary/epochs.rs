@@ -26,7 +26,7 @@ use super::lease::GateMode;
 use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
-use crate::interval::{GuestLoss, Schedule};
+use crate::interval::Schedule;
 use crate::protocol::{epoch_frames_from, Message};
 use crate::status::StatusBoard;
 
@@ -159,8 +159,7 @@ pub(super) async fn epochs(
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
         let waited = cpu_wait.since_last(vm);
         if let Some(stopped) = stopped {
-            let loss = GuestLoss { stopped, waited };
-            plan_next(&mut schedule, stop_start, loss, vm, status);
+            plan_next(&mut schedule, (stop_start, stopped), waited, vm, status);
         }
         in_flight.push(Pending {
             epoch,
@@ -201,8 +200,7 @@ pub(super) async fn epochs(
             vm.resume();
             acked?;
             let stopped = stop_start.elapsed();
-            let loss = GuestLoss { stopped, waited };
-            plan_next(&mut schedule, stop_start, loss, vm, status);
+            plan_next(&mut schedule, (stop_start, stopped), waited, vm, status);
         } else {
             sent?;
         }
@@ -217,19 +215,21 @@ pub(super) async fn epochs(
 /// standby would take over a VM stopped on purpose).
 pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 
-/// After a checkpoint that began at `stop_start` and cost the guest
-/// `loss`: when the next one is due.
+/// After a checkpoint that began at `stop_start` and stopped the guest
+/// `stopped`: when the next one is due; `waited`, how long the vCPUs
+/// waited for the rest of the process over the epoch before it, is
+/// counted in the status.
 fn plan_next(
     schedule: &mut Schedule,
-    stop_start: Instant,
-    loss: GuestLoss,
+    (stop_start, stopped): (Instant, Duration),
+    waited: Duration,
     vm: &Vm,
     status: &StatusBoard,
 ) {
-    let interval = schedule.plan_next(stop_start, loss, vm.output().has_unsealed());
+    let interval = schedule.plan_next(stop_start, stopped, vm.output().has_unsealed());
     status.update(|s| {
         s.counters.interval_us_last = interval.as_micros() as u64;
-        s.counters.vcpu_waited_us_total += loss.waited.as_micros() as u64;
+        s.counters.vcpu_waited_us_total += waited.as_micros() as u64;
     });
 }
 
