@@ -143,6 +143,9 @@ mod tests {
         let (clock_tx, clock_rx) = std::sync::mpsc::channel();
         let (before_tx, before_rx) = std::sync::mpsc::channel::<CpuTimes>();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // The worker lives until the reader is done: a clock whose thread
+        // exited reads as an error (ESRCH).
+        let (finish_tx, finish_rx) = std::sync::mpsc::channel::<()>();
         let worker = std::thread::spawn(move || {
             let clock = ThreadClock::current().unwrap();
             clock_tx.send(ThreadClock::current().unwrap()).unwrap();
@@ -161,6 +164,7 @@ mod tests {
                 seen = clock.read().unwrap();
             }
             done_tx.send(seen).unwrap();
+            let _ = finish_rx.recv();
         });
         let clock = clock_rx.recv().unwrap();
         let before = clock.read().unwrap();
@@ -169,6 +173,7 @@ mod tests {
         // The reader only waited meanwhile; its reading of the worker's
         // clock has the worker's time.
         let after = clock.read().unwrap();
+        finish_tx.send(()).unwrap();
         worker.join().unwrap();
         assert!(
             seen_by_worker.on_cpu >= before.on_cpu + Duration::from_millis(30),
