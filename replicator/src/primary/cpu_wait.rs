@@ -5,9 +5,12 @@
 //! engine (a one-CPU lab node; a small server) this is what the guest
 //! loses after each resume; with cores to spare it is near zero. The
 //! status counts it (`vcpu_waited_us_total`); the interval does not (see
-//! [`crate::interval`]).
+//! [`crate::interval`]). The clocks are read at most every
+//! [`READ_EVERY`], after the checkpoint's send, while the guest runs: the
+//! counter is a sum, so reading less often changes nothing but its
+//! freshness.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::replication::{process_cpu_time, CpuTimes};
 use vmm::vm::Vm;
@@ -26,28 +29,39 @@ struct Reading {
 pub(super) struct CpuWait {
     vcpus: u32,
     last: Option<Reading>,
+    read_at: Instant,
 }
+
+/// How often the clocks are read (one `pread` per vCPU and one
+/// `clock_gettime`): a few times a second, not at each of the 50-500
+/// checkpoints.
+pub(super) const READ_EVERY: Duration = Duration::from_millis(250);
 
 impl CpuWait {
     pub(super) fn new(vm: &Vm) -> CpuWait {
         CpuWait {
             vcpus: u32::from(vm.config().vcpus).max(1),
             last: reading(vm),
+            read_at: Instant::now(),
         }
     }
 
-    /// Since the last call: how long a vCPU waited on average, at most
-    /// the CPU time the rest of the process used meanwhile (a wait for
-    /// other programs of the node is not the engine's cost). Zero where
-    /// the kernel does not tell.
-    pub(super) fn since_last(&mut self, vm: &Vm) -> Duration {
-        let now = reading(vm);
-        let waited = match (self.last, now) {
+    /// Since the last reading, once [`READ_EVERY`] passed (before, None):
+    /// how long a vCPU waited on average, at most the CPU time the rest of
+    /// the process used meanwhile (a wait for other programs of the node
+    /// is not the engine's cost). Zero where the kernel does not tell.
+    pub(super) fn since_last(&mut self, vm: &Vm, now: Instant) -> Option<Duration> {
+        if now.saturating_duration_since(self.read_at) < READ_EVERY {
+            return None;
+        }
+        let reading = reading(vm);
+        let waited = match (self.last, reading) {
             (Some(before), Some(after)) => waited(before, after, self.vcpus),
             _ => Duration::ZERO,
         };
-        self.last = now;
-        waited
+        self.last = reading;
+        self.read_at = now;
+        Some(waited)
     }
 }
 

@@ -157,9 +157,8 @@ pub(super) async fn epochs(
             .note_capture(epoch, captured.as_ref().ok(), vm.guest_pages());
         let captured = captured?;
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
-        let waited = cpu_wait.since_last(vm);
         if let Some(stopped) = stopped {
-            plan_next(&mut schedule, (stop_start, stopped), waited, vm, status);
+            plan_next(&mut schedule, (stop_start, stopped), vm, status);
         }
         in_flight.push(Pending {
             epoch,
@@ -200,9 +199,14 @@ pub(super) async fn epochs(
             vm.resume();
             acked?;
             let stopped = stop_start.elapsed();
-            plan_next(&mut schedule, (stop_start, stopped), waited, vm, status);
+            plan_next(&mut schedule, (stop_start, stopped), vm, status);
         } else {
             sent?;
+        }
+        // The guest runs: how long its vCPUs waited for the rest of the
+        // process since the last reading.
+        if let Some(waited) = cpu_wait.since_last(vm, Instant::now()) {
+            status.update(|s| s.counters.vcpu_waited_us_total += waited.as_micros() as u64);
         }
     }
     unreachable!("epochs run until the link fails")
@@ -216,21 +220,15 @@ pub(super) async fn epochs(
 pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 
 /// After a checkpoint that began at `stop_start` and stopped the guest
-/// `stopped`: when the next one is due; `waited`, how long the vCPUs
-/// waited for the rest of the process over the epoch before it, is
-/// counted in the status.
+/// `stopped`: when the next one is due.
 fn plan_next(
     schedule: &mut Schedule,
     (stop_start, stopped): (Instant, Duration),
-    waited: Duration,
     vm: &Vm,
     status: &StatusBoard,
 ) {
     let interval = schedule.plan_next(stop_start, stopped, vm.output().has_unsealed());
-    status.update(|s| {
-        s.counters.interval_us_last = interval.as_micros() as u64;
-        s.counters.vcpu_waited_us_total += waited.as_micros() as u64;
-    });
+    status.update(|s| s.counters.interval_us_last = interval.as_micros() as u64);
 }
 
 /// What ends the wait for the next checkpoint.
