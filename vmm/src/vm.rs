@@ -157,6 +157,10 @@ pub struct Vm {
     pub(crate) cpuids: Vec<CpuId>,
     /// The MSRs captured with each vCPU.
     pub(crate) msr_indices: Vec<u32>,
+    /// Each vCPU's TSC rate (kHz; 0 where KVM does not tell), read once at
+    /// the start: only this process sets it, and the captures of 50-500
+    /// checkpoints a second need not ask KVM again.
+    pub(crate) tsc_khz: Vec<u32>,
     vcpus: Vcpus,
     events: Mutex<Receiver<VmEvent>>,
     pub(crate) counters: VmCounters,
@@ -423,6 +427,10 @@ impl Machine {
         output: Output,
         start_as: StartAs,
     ) -> Result<Vm, VmError> {
+        let tsc_khz = vcpu_fds
+            .iter()
+            .map(|fd| fd.get_tsc_khz().unwrap_or(0))
+            .collect();
         let vcpus = Vcpus::start(
             vcpu_fds,
             Arc::clone(&self.buses),
@@ -439,6 +447,7 @@ impl Machine {
             serial: self.serial,
             cpuids,
             msr_indices,
+            tsc_khz,
             vcpus,
             events: Mutex::new(self.events),
             counters: VmCounters::default(),
@@ -682,7 +691,13 @@ impl Vm {
     /// Captures everything but memory; the vCPUs must be paused.
     pub fn capture_state(&self) -> Result<MachineState, VmError> {
         let vcpus = self.vcpus().with_paused(|index, fd| {
-            vcpu_state::capture(fd, index, &self.cpuids[index as usize], &self.msr_indices)
+            vcpu_state::capture(
+                fd,
+                index,
+                &self.cpuids[index as usize],
+                &self.msr_indices,
+                self.tsc_khz[index as usize],
+            )
         })?;
         Ok(MachineState {
             version: snapshot::MACHINE_STATE_VERSION,

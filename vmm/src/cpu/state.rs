@@ -106,12 +106,14 @@ fn kvm(index: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuS
     }
 }
 
-/// Captures vCPU `index`. The vCPU must not be running.
+/// Captures vCPU `index`, whose TSC runs at `tsc_khz` (as KVM told when
+/// the vCPU started; 0 for unknown). The vCPU must not be running.
 pub fn capture(
     vcpu: &VcpuFd,
     index: u8,
     cpuid: &CpuId,
     msr_indices: &[u32],
+    tsc_khz: u32,
 ) -> Result<VcpuState, VcpuStateError> {
     let mp_state = vcpu
         .get_mp_state()
@@ -146,7 +148,6 @@ pub fn capture(
     let events = vcpu
         .get_vcpu_events()
         .map_err(kvm(index, "KVM_GET_VCPU_EVENTS"))?;
-    let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
     Ok(VcpuState {
         version: VCPU_STATE_VERSION,
         index,
