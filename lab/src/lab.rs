@@ -207,6 +207,39 @@ impl Lab {
         qemu::running_pid(&self.topo, node)
     }
 
+    /// The nodes of other labs running on this host (lab, node, QEMU pid):
+    /// two TCG nodes fill two cores, so a lab beside another runs slower
+    /// and its timings say little.
+    pub fn others_running(&self) -> Vec<(String, NodeId, u32)> {
+        let Some(root) = self.topo.dir.parent() else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| *name != self.topo.name)
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let mut topo = Topology::new(&name).ok()?;
+                topo.dir = root.join(&name);
+                Some(topo)
+            })
+            .flat_map(|topo| {
+                NodeId::ALL
+                    .into_iter()
+                    .filter_map(|node| {
+                        Some((topo.name.clone(), node, qemu::running_pid(&topo, node)?))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The node's agent over its management NIC (independent of lab links).
     pub fn agent(&self, node: NodeId) -> AgentClient {
         AgentClient::new(self.topo.mgmt_addr(node))
@@ -231,6 +264,13 @@ impl Lab {
     /// setting up the host side of the networks first.
     pub fn up(&self, nodes: &[NodeId]) -> Result<Vec<NodeBoot>, LabError> {
         host_net::require_root()?;
+        for (other, node, pid) in self.others_running() {
+            progress(format_args!(
+                "warning: lab '{other}' runs beside this one (node {node}, QEMU pid {pid}): both \
+                 share this host's cores, so both run slower (`ftctl lab down --lab {other}` \
+                 stops it)"
+            ));
+        }
         std::fs::create_dir_all(&self.topo.dir).map_err(file_err(&self.topo.dir))?;
         let state = self.load_state()?;
         let (images, took) = images::build_once()?;
@@ -465,5 +505,61 @@ impl Lab {
         };
         let mut qmp = Qmp::connect(&self.topo.qmp_socket(node)).map_err(qmp_err)?;
         qmp.set_link(link.device_id(), up).map_err(qmp_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process whose command line names it node `node` of lab `name`,
+    /// as a lab's QEMU's does (`-name ftlab-<lab>-<node>`).
+    fn fake_node(name: &str, node: NodeId) -> std::process::Child {
+        // It waits on its stdin (a pipe) until killed: nothing outlives it.
+        std::process::Command::new("sh")
+            .args(["-c", "read line", &format!("ftlab-{name}-{node}")])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh")
+    }
+
+    #[test]
+    fn other_labs_running_are_found_and_stopped_ones_are_not() {
+        let root = std::env::temp_dir().join(format!("ftlab-others-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let open = |name: &str| {
+            let mut lab = Lab::open(name).expect("lab name");
+            lab.topo.dir = root.join(name);
+            std::fs::create_dir_all(&lab.topo.dir).expect("lab folder");
+            lab
+        };
+        let mine = open("mine");
+        let other = open("other");
+        let stale = open("stale");
+        std::fs::create_dir_all(root.join("Not A Lab")).expect("folder");
+        // Node b of "other" runs; "stale"'s pid file names a process that
+        // is not its node (this test's own).
+        let mut running = fake_node("other", NodeId::B);
+        std::fs::write(other.topo.pid_file(NodeId::B), running.id().to_string()).expect("pid");
+        std::fs::write(
+            stale.topo.pid_file(NodeId::A),
+            std::process::id().to_string(),
+        )
+        .expect("pid");
+        // This lab's own nodes do not count.
+        let mut own = fake_node("mine", NodeId::A);
+        std::fs::write(mine.topo.pid_file(NodeId::A), own.id().to_string()).expect("pid");
+
+        let found = mine.others_running();
+        let _ = running.kill();
+        let _ = own.kill();
+        let _ = running.wait();
+        let _ = own.wait();
+        assert_eq!(found, vec![("other".to_string(), NodeId::B, running.id())]);
+        assert!(
+            mine.others_running().is_empty(),
+            "a node that ended still counted"
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

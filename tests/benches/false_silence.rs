@@ -63,7 +63,7 @@ fn main() {
             .unwrap_or(600),
     );
     let pulses = std::env::var("FT_SOAK_PULSES").map_or(true, |v| v != "0");
-    let lab = LabPair::start("ftsoak");
+    let lab = LabPair::start_alone("ftsoak");
     let load = LedgerLoad {
         vcpus: Some(2),
         also: Some(DIRTIER.into()),

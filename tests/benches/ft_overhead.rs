@@ -9,8 +9,10 @@
 //! stop-time histogram's bucket for the measure's own), dirty pages per epoch,
 //! A-link bytes per second, round-trip latency to the guest (and what FT
 //! adds), the latency of a ledger APPEND (written and fsync'd in the guest
-//! before it answers), and the throughput of a CPU-bound and of a memory-bound workload
-//! timed inside the guest, as ratios to unprotected, the guest's write
+//! before it answers), and the throughput of a CPU-bound (the median of
+//! three runs) and of a memory-bound workload timed inside the guest, as
+//! ratios to the same VM unprotected just before that column's protection
+//! (the lab's own rate drifts over minutes), the guest's write
 //! faults per second (what harvesting dirty pages costs it: under the
 //! lab's nested TCG most of FT's overhead) and the share of the time its
 //! vCPU waited for the node's one CPU while the engine worked.
@@ -30,6 +32,10 @@ use replicator::stats::percentile;
 use replicator::status::{FtCounters, FtState, Role, STOP_BUCKETS_US};
 
 const WORK_MS: u64 = 4000;
+/// The CPU-bound loop runs this many times for `WORK_MS` / `SPIN_RUNS`
+/// each; its figure is their median (a lab node's one CPU makes single
+/// runs vary by a tenth and more).
+const SPIN_RUNS: u64 = 3;
 const DIRTY_MIB: usize = 32;
 const PINGS: usize = 100;
 const APPENDS: usize = 50;
@@ -141,7 +147,14 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
             sent.elapsed()
         })
         .collect();
-    let cpu = client.workload(&format!("SPIN {WORK_MS}")).expect("spin");
+    let spin_ms = WORK_MS / SPIN_RUNS;
+    let mut spins: Vec<f64> = (0..SPIN_RUNS)
+        .map(|_| {
+            let turns = client.workload(&format!("SPIN {spin_ms}")).expect("spin");
+            turns as f64 / (spin_ms as f64 / 1000.0)
+        })
+        .collect();
+    spins.sort_by(f64::total_cmp);
     let mem = client
         .workload(&format!("DIRTY {WORK_MS} {DIRTY_MIB}"))
         .expect("dirty");
@@ -200,7 +213,7 @@ fn measure(lab: &LabPair, client: &mut LedgerClient) -> Figures {
         rtt_p99_ms: percentile_ms(&rtts, 99.0),
         append_p50_ms: percentile_ms(&appends, 50.0),
         append_p99_ms: percentile_ms(&appends, 99.0),
-        cpu_turns_per_s: cpu as f64 / (WORK_MS as f64 / 1000.0),
+        cpu_turns_per_s: spins[spins.len() / 2],
         mem_pages_per_s: mem as f64 / (WORK_MS as f64 / 1000.0),
         write_faults_per_s: faults / secs,
         vcpu_waited_share: delta(after.vcpu_waited_us_total, before.vcpu_waited_us_total)
@@ -249,7 +262,7 @@ fn run_mode(lab: &LabPair, ft: FtOptions) -> (Figures, Figures, String) {
 }
 
 fn main() {
-    let lab = LabPair::start("ftbench");
+    let lab = LabPair::start_alone("ftbench");
     let (unprotected, ft, sealed) = run_mode(&lab, FtOptions::default());
     assert!(
         sealed.starts_with("sealed"),
@@ -259,21 +272,22 @@ fn main() {
         epochs_in_flight: Some(1),
         ..Default::default()
     };
-    let (_, one, _) = run_mode(&lab, one_in_flight);
+    let (one_base, one, _) = run_mode(&lab, one_in_flight);
     let synchronous = FtOptions {
         synchronous: true,
         ..Default::default()
     };
-    let (_, sync, _) = run_mode(&lab, synchronous);
+    let (sync_base, sync, _) = run_mode(&lab, synchronous);
     let deltas_off = FtOptions {
         delta_cache_mib: Some(0),
         ..Default::default()
     };
-    let (_, whole, _) = run_mode(&lab, deltas_off);
+    let (whole_base, whole, _) = run_mode(&lab, deltas_off);
     drop(lab);
-    let plain_lab =
-        LabPair::start_configured("ftbench", &NodeId::ALL, |topo| topo.alink_plaintext = true);
-    let (_, plaintext, plain) = run_mode(&plain_lab, FtOptions::default());
+    let plain_lab = LabPair::start_alone_configured("ftbench", &NodeId::ALL, |topo| {
+        topo.alink_plaintext = true
+    });
+    let (plain_base, plaintext, plain) = run_mode(&plain_lab, FtOptions::default());
     assert!(
         plain.starts_with("plaintext"),
         "the lab set up with a plaintext A-link runs it {plain:?}"
@@ -293,18 +307,27 @@ fn main() {
         "FT deltas off",
         "FT plaintext"
     );
-    let row = |name: &str, f: &dyn Fn(&Figures) -> String| {
-        println!(
-            "{:<34} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
-            name,
-            f(&unprotected),
-            f(&ft),
-            f(&one),
-            f(&sync),
-            f(&whole),
-            f(&plaintext)
-        );
+    // Each FT column against the unprotected VM measured just before it
+    // was protected (the same run of the guest; the first column's is the
+    // unprotected one): minutes apart the lab's rate drifts.
+    let bases = [
+        &unprotected,
+        &unprotected,
+        &one_base,
+        &sync_base,
+        &whole_base,
+        &plain_base,
+    ];
+    let columns = [&unprotected, &ft, &one, &sync, &whole, &plaintext];
+    let row_against_base = |name: &str, f: &dyn Fn(&Figures, &Figures) -> String| {
+        let cells: Vec<String> = columns
+            .iter()
+            .zip(bases.iter())
+            .map(|(x, base)| format!("{:>14}", f(x, base)))
+            .collect();
+        println!("{:<34} {}", name, cells.join(" "));
     };
+    let row = |name: &str, f: &dyn Fn(&Figures) -> String| row_against_base(name, &|x, _| f(x));
     row("checkpoints per second", &|x| {
         format!("{:.1}", x.checkpoints_per_s)
     });
@@ -346,8 +369,8 @@ fn main() {
     row("A-link MB/s", &|x| format!("{:.2}", x.alink_mb_per_s));
     row("round trip p50 ms", &|x| format!("{:.2}", x.rtt_p50_ms));
     row("round trip p99 ms", &|x| format!("{:.2}", x.rtt_p99_ms));
-    row("added round trip p50 ms", &|x| {
-        format!("{:.2}", x.rtt_p50_ms - unprotected.rtt_p50_ms)
+    row_against_base("added round trip p50 ms", &|x, base| {
+        format!("{:.2}", x.rtt_p50_ms - base.rtt_p50_ms)
     });
     row("APPEND (fsync'd) p50 ms", &|x| {
         format!("{:.2}", x.append_p50_ms)
@@ -355,20 +378,24 @@ fn main() {
     row("APPEND (fsync'd) p99 ms", &|x| {
         format!("{:.2}", x.append_p99_ms)
     });
-    row("added APPEND p50 ms", &|x| {
-        format!("{:.2}", x.append_p50_ms - unprotected.append_p50_ms)
+    row_against_base("added APPEND p50 ms", &|x, base| {
+        format!("{:.2}", x.append_p50_ms - base.append_p50_ms)
     });
-    row("CPU-bound loop turns/s", &|x| {
-        format!("{:.3e}", x.cpu_turns_per_s)
+    row(
+        &format!("CPU-bound loop turns/s (median of {SPIN_RUNS})"),
+        &|x| format!("{:.3e}", x.cpu_turns_per_s),
+    );
+    row_against_base("  unprotected, just before", &|_, base| {
+        format!("{:.3e}", base.cpu_turns_per_s)
     });
-    row("CPU-bound ratio to unprotected", &|x| {
-        ratio(x.cpu_turns_per_s, unprotected.cpu_turns_per_s)
+    row_against_base("CPU-bound ratio to unprotected", &|x, base| {
+        ratio(x.cpu_turns_per_s, base.cpu_turns_per_s)
     });
     row("memory-bound pages/s", &|x| {
         format!("{:.0}", x.mem_pages_per_s)
     });
-    row("memory-bound ratio to unprotected", &|x| {
-        ratio(x.mem_pages_per_s, unprotected.mem_pages_per_s)
+    row_against_base("memory-bound ratio to unprotected", &|x, base| {
+        ratio(x.mem_pages_per_s, base.mem_pages_per_s)
     });
     row("guest write faults/s (KVM pf_fast)", &|x| {
         format!("{:.0}", x.write_faults_per_s)

@@ -102,7 +102,7 @@ fn wait(lab: &LabPair, state: FtState) -> replicator::status::Status {
 }
 
 fn main() {
-    let lab = LabPair::start("ftbenchha");
+    let lab = LabPair::start_alone("ftbenchha");
     let alink_mb_per_s = alink_throughput(&lab);
     eprintln!("[bench] A-link plain TCP: {alink_mb_per_s:.1} MB/s");
     // Unprotected first.

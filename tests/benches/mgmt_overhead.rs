@@ -56,7 +56,7 @@ fn pollers(
 }
 
 fn main() {
-    let lab = LabPair::start("ftmgmt");
+    let lab = LabPair::start_alone("ftmgmt");
     ft_pair::protect(lab.lab(), NodeId::A, Default::default()).expect("protected");
     let mut client = lab.ledger_client();
     client.ping().expect("warm-up");

@@ -20,7 +20,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let lab = LabPair::start_nodes("bench", &[NodeId::A]);
+    let lab = LabPair::start_alone_configured("bench", &[NodeId::A], |_| {});
     println!(
         "{:>23} | {:>21} | {:>21} | {:>9} | {:>7} | {:>13} | {:>10} | {:>5}",
         "guest",

@@ -88,6 +88,31 @@ impl LabPair {
         pair
     }
 
+    /// Starts both nodes of lab `name` for a benchmark: refuses (panics,
+    /// saying which) while another lab runs on this host, whose nodes
+    /// would take the cores the figures are measured on.
+    pub fn start_alone(name: &str) -> LabPair {
+        Self::start_alone_configured(name, &NodeId::ALL, |_| {})
+    }
+
+    /// [`LabPair::start_alone`] for `nodes`, the topology changed by
+    /// `configure` first.
+    pub fn start_alone_configured(
+        name: &str,
+        nodes: &[NodeId],
+        configure: impl FnOnce(&mut lab::topology::Topology),
+    ) -> LabPair {
+        let others = Lab::open(name).expect("lab name").others_running();
+        if let Some((other, node, pid)) = others.first() {
+            panic!(
+                "lab '{other}' runs on this host (node {node}, QEMU pid {pid}): its nodes would \
+                 take the cores this benchmark measures on; stop it first with \
+                 `ftctl lab down --lab {other}`"
+            );
+        }
+        Self::start_configured(name, nodes, configure)
+    }
+
     pub fn lab(&self) -> &Lab {
         &self.lab
     }
