@@ -264,8 +264,16 @@ mod tests {
         let text = include_str!("../dist/ftd.toml.example");
         let config: Config = toml::from_str(text).unwrap();
         config.check().unwrap();
-        assert_eq!(config.peer.unwrap().name, "node-b");
-        assert_eq!(config.bridge, "br0");
+        let peer = config.peer.clone().unwrap();
+        assert_eq!(peer.name, "node-b");
+        // "Every key but [node] has the default shown": the example with
+        // its own node and peer is what a file of them alone gives.
+        let mut defaults = Config::new(config.node.clone());
+        defaults.peer = Some(peer);
+        assert_eq!(
+            config, defaults,
+            "ftd.toml.example shows a default that is not"
+        );
     }
 
     #[test]

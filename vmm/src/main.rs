@@ -54,8 +54,10 @@ enum Command {
         /// host lacking one refuses to restore it).
         #[arg(long, value_enum, default_value = "x86-64-v2")]
         cpu_features: FeatureSet,
-        /// How dirty pages are tracked: KVM's dirty ring where it has one
-        /// (auto), or always the dirty bitmap or the ring (to compare).
+        /// How dirty pages are tracked: auto takes the dirty bitmap with
+        /// hot pages up to 4 GiB of guest memory (where KVM has manual
+        /// protect) and the dirty ring above it (where KVM has one); or
+        /// always the bitmap or the ring (to compare).
         #[arg(long, value_enum, default_value = "auto")]
         dirty_tracking: DirtyTracking,
     },

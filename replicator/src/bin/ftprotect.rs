@@ -231,8 +231,10 @@ enum Command {
         /// Guest run time between checkpoints.
         #[arg(long, default_value_t = 10)]
         interval_ms: u64,
-        /// Dirty page tracking: KVM's dirty ring where it has one (auto),
-        /// or always the bitmap or the ring (to compare their stop times).
+        /// Dirty page tracking: auto takes the dirty bitmap with hot pages
+        /// up to 4 GiB of guest memory (where KVM has manual protect) and
+        /// the dirty ring above it (where KVM has one); or always the
+        /// bitmap or the ring (to compare their stop times).
         #[arg(long, value_enum, default_value = "auto")]
         dirty_tracking: DirtyTracking,
     },

@@ -30,7 +30,8 @@ enum Command {
         /// Where to listen (both nodes must reach it).
         #[arg(long, default_value = "0.0.0.0:7300")]
         listen: String,
-        /// The pair's secret (the same file as the nodes' `pair.secret`).
+        /// The pair's secret (a copy of the nodes' `pair-secret`, in their
+        /// state directory).
         #[arg(long)]
         secret_file: PathBuf,
         /// Where the records are kept (`witness.sqlite`).
