@@ -744,10 +744,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The async runtime's workers: two, or one where the process may use
+/// one CPU only (a small node, a lab node): there a second worker only
+/// adds the wake-ups of two threads taking work from each other (a futex
+/// and an epoll round per hand-over) to the CPU the guest's vCPUs need.
+/// The long work of a task runs off the workers either way
+/// ([`replicator`]'s `off_the_workers`), and the pulses that keep the
+/// peer's liveness have a thread of their own.
+fn runtime_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(2))
+}
+
 /// Runs `f` with the async runtime of the FT roles.
 fn with_runtime(f: impl FnOnce(&tokio::runtime::Runtime) -> ExitCode) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(runtime_workers())
         .enable_all()
         .build()
     {
