@@ -1,6 +1,7 @@
 //! Long CPU or disk work inside the engine's async tasks.
 //!
-//! The engine runs on a small multi-threaded runtime (two workers) that
+//! The engine runs on a small multi-threaded runtime (two workers, one
+//! where the process may use one CPU) that
 //! also carries the A-link's heartbeats and readers and the witness's
 //! lease. A task that digests or reads for long without an `.await`
 //! holds its worker, and with it the tasks queued there: on a node with
