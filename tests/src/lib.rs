@@ -73,8 +73,28 @@ impl LabPair {
         nodes: &[NodeId],
         configure: impl FnOnce(&mut lab::topology::Topology),
     ) -> LabPair {
+        Self::start_locked(name, nodes, configure, false)
+    }
+
+    /// Takes the host-wide lab lock, then (`alone`: refusing while another
+    /// lab's nodes run) starts `nodes` of lab `name` from a clean state.
+    fn start_locked(
+        name: &str,
+        nodes: &[NodeId],
+        configure: impl FnOnce(&mut lab::topology::Topology),
+        alone: bool,
+    ) -> LabPair {
         let lock = LabLock::acquire();
         let mut lab = Lab::open(name).expect("lab name");
+        if alone {
+            if let Some((other, node, pid)) = lab.others_running().first() {
+                panic!(
+                    "lab '{other}' runs on this host (node {node}, QEMU pid {pid}): its nodes \
+                     would take the cores this benchmark measures on; stop it first with \
+                     `ftctl lab down --lab {other}`"
+                );
+            }
+        }
         configure(&mut lab.topo);
         lab.down().expect("remove what an earlier run left");
         let pair = LabPair { lab, _lock: lock };
@@ -102,15 +122,7 @@ impl LabPair {
         nodes: &[NodeId],
         configure: impl FnOnce(&mut lab::topology::Topology),
     ) -> LabPair {
-        let others = Lab::open(name).expect("lab name").others_running();
-        if let Some((other, node, pid)) = others.first() {
-            panic!(
-                "lab '{other}' runs on this host (node {node}, QEMU pid {pid}): its nodes would \
-                 take the cores this benchmark measures on; stop it first with \
-                 `ftctl lab down --lab {other}`"
-            );
-        }
-        Self::start_configured(name, nodes, configure)
+        Self::start_locked(name, nodes, configure, true)
     }
 
     pub fn lab(&self) -> &Lab {

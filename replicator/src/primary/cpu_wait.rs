@@ -6,9 +6,13 @@
 //! loses after each resume; with cores to spare it is near zero. The
 //! status counts it (`vcpu_waited_us_total`); the interval does not (see
 //! [`crate::interval`]). The clocks are read at most every
-//! [`READ_EVERY`], after the checkpoint's send, while the guest runs: the
-//! counter is a sum, so reading less often changes nothing but its
-//! freshness.
+//! [`READ_EVERY`], after the checkpoint's send, while the guest runs, and
+//! the bound (the rest of the process's CPU time) holds over each such
+//! window: where the vCPUs wait for other programs while the engine runs
+//! on another core, a window can count some of that wait which readings
+//! at every checkpoint would not (a sum of minimums is at most the
+//! minimum of the sums). Where the engine and the vCPUs share one CPU, as
+//! in a lab node, the two agree.
 
 use std::time::{Duration, Instant};
 
