@@ -19,12 +19,24 @@ pub struct Daemon {
     pub seen: std::cell::RefCell<Vec<(String, String, u16)>>,
 }
 
+/// A loopback port nothing listens on now, never one handed out before in
+/// this test process: ports are taken before the daemons bind them, and
+/// the kernel can give a port it just took back to the next `bind(0)` (an
+/// API and a pair channel once got the same port, and the daemon could
+/// not listen on its pair channel).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 impl Daemon {
