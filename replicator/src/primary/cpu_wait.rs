@@ -39,7 +39,7 @@ pub(super) struct CpuWait {
 /// How often the clocks are read (one `pread` per vCPU and one
 /// `clock_gettime`): a few times a second, not at each of the 50-500
 /// checkpoints.
-pub(super) const READ_EVERY: Duration = Duration::from_millis(250);
+const READ_EVERY: Duration = Duration::from_millis(250);
 
 impl CpuWait {
     pub(super) fn new(vm: &Vm) -> CpuWait {

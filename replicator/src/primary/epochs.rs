@@ -158,7 +158,7 @@ pub(super) async fn epochs(
         let captured = captured?;
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
         if let Some(stopped) = stopped {
-            plan_next(&mut schedule, (stop_start, stopped), vm, status);
+            plan_next(&mut schedule, stop_start, stopped, vm, status);
         }
         in_flight.push(Pending {
             epoch,
@@ -199,7 +199,7 @@ pub(super) async fn epochs(
             vm.resume();
             acked?;
             let stopped = stop_start.elapsed();
-            plan_next(&mut schedule, (stop_start, stopped), vm, status);
+            plan_next(&mut schedule, stop_start, stopped, vm, status);
         } else {
             sent?;
         }
@@ -223,7 +223,8 @@ pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 /// `stopped`: when the next one is due.
 fn plan_next(
     schedule: &mut Schedule,
-    (stop_start, stopped): (Instant, Duration),
+    stop_start: Instant,
+    stopped: Duration,
     vm: &Vm,
     status: &StatusBoard,
 ) {
