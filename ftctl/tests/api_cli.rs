@@ -49,12 +49,22 @@ fn ftd_binary() -> &'static Path {
     })
 }
 
+/// A port free a moment ago, never the same one twice in this test process
+/// (the kernel may hand a port let go back out at once: a daemon and a
+/// "closed" port of two tests running together must not share one).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A port nothing listens on (bound, then let go).
