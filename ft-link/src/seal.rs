@@ -274,12 +274,12 @@ impl Opener {
     /// Opens one record (a [`FrameKind::Sealed`] frame's payload) and
     /// appends its plaintext to `plain` (the record is copied there and
     /// opened in place). The link opens records where they lie
-    /// ([`Opener::open_within`]); this is the tests' way.
+    /// ([`Opener::open_in_place`]); this is the tests' way.
     #[cfg(test)]
     pub fn open_into(&mut self, record: &[u8], plain: &mut BytesMut) -> Result<(), SealError> {
         let start = plain.len();
         plain.extend_from_slice(record);
-        match self.open_within(&mut plain[start..], 0) {
+        match self.open_in_place(&mut plain[start..]) {
             Ok(len) => {
                 plain.truncate(start + len);
                 Ok(())
@@ -291,20 +291,24 @@ impl Opener {
         }
     }
 
-    /// Opens the record whose ciphertext and tag fill `buf[at..]`, its
-    /// plaintext moved to the start of `buf` (decrypted in place, then
-    /// moved while it is still in the CPU's cache); returns the
-    /// plaintext's length. On a refusal the
-    /// bytes of `buf` are unspecified, and nothing of them may be used.
-    pub fn open_within(&mut self, buf: &mut [u8], at: usize) -> Result<usize, SealError> {
+    /// Opens the record whose ciphertext and tag fill `record` (a
+    /// [`FrameKind::Sealed`] frame's payload) where it lies: its plaintext
+    /// is then the start of `record`; returns the plaintext's length. On a
+    /// refusal the bytes of `record` are unspecified, and nothing of them
+    /// may be used.
+    pub fn open_in_place(&mut self, record: &mut [u8]) -> Result<usize, SealError> {
         let number = self.next;
-        let len = buf.len().saturating_sub(at);
+        let len = record.len();
         let refused = SealError::Open { nonce: number, len };
         // Noise ends a transport at the last nonce, as the sealer does.
-        if at > buf.len() || !(TAG_LEN..=RECORD_MAX).contains(&len) || number == u64::MAX {
+        if !(TAG_LEN..=RECORD_MAX).contains(&len) || number == u64::MAX {
             return Err(refused);
         }
-        match self.key.open_within(nonce(number), Aad::empty(), buf, at..) {
+        let (ciphertext, tag) = record.split_at_mut(len - TAG_LEN);
+        match self
+            .key
+            .open_in_place_separate_tag(nonce(number), Aad::empty(), tag, ciphertext)
+        {
             Ok(opened) => {
                 let len = opened.len();
                 self.next += 1;

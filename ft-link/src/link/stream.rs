@@ -10,13 +10,11 @@ use super::LinkError;
 use crate::frame::{
     header, Frame, FrameDecoder, FrameKind, PayloadCheck, HEADER_LEN, MAX_LINK_PAYLOAD,
 };
-use crate::seal::{Opener, Sealer, RECORD_OVERHEAD, RECORD_PLAIN_MAX};
+use crate::seal::{Opener, Sealer};
 
-/// Room kept for what follows the frame being opened (a few page frames).
+/// Room made for what arrives next when a sealed link's records run out
+/// (a few page frames' records).
 const READ_AHEAD: usize = 1 << 20;
-/// The most the records' headers and tags may take between opened bytes
-/// and the records still to open before the opened bytes are moved.
-const GAP_MAX: usize = 64 << 10;
 
 /// What this side sends, as the bytes that go on the connection.
 pub(super) struct Outbound {
@@ -141,23 +139,22 @@ pub(super) enum Run {
 
 /// What arrived from the peer, and what it opened to.
 ///
-/// On a sealed link each record is opened where it lies in `raw`, its
-/// plaintext moved (once decrypted) to right after the plaintext
-/// opened before it: `raw` holds the opened bytes not yet taken as
-/// frames, then a gap (the headers and tags of the records they came
-/// from), then the records not yet opened. A frame never spans two
-/// frames' records (each frame is sealed on its own), so the gap closes
-/// whenever the opened bytes are all taken.
+/// On a sealed link `raw` holds the records not yet opened. Each is opened
+/// where it lies and its plaintext appended to `plain`, the opened stream,
+/// from which the frames are taken. `raw` is never shared (no frame points
+/// into it), so it keeps its memory: only the part of a record that ends
+/// it is moved, to its front, when it runs out of room. A frame's room in
+/// `plain` is made once, when its first record is opened (a frame begins a
+/// record, as this side's sealer cuts them), so that its opened bytes are
+/// not moved again while it grows.
 pub(super) struct Inbound {
     /// None on a plaintext link (and during a key exchange).
     pub opener: Option<Opener>,
-    /// Bytes as read from the connection (on a sealed link, opened in
-    /// place, see above).
+    /// Bytes as read from the connection: the frames of a plaintext link,
+    /// the records of a sealed one.
     pub raw: BytesMut,
-    /// Opened bytes at the front of `raw` (sealed links).
-    opened: usize,
-    /// Bytes after those that were records' headers and tags.
-    gap: usize,
+    /// Sealed links: opened bytes not yet taken as frames.
+    plain: BytesMut,
     decoder: FrameDecoder,
 }
 
@@ -166,8 +163,7 @@ impl Inbound {
         Inbound {
             opener: None,
             raw,
-            opened: 0,
-            gap: 0,
+            plain: BytesMut::new(),
             decoder: FrameDecoder,
         }
     }
@@ -182,24 +178,17 @@ impl Inbound {
         cap: u32,
     ) -> Result<Option<Frame>, LinkError> {
         let corrupt = |source| LinkError::Corrupt { peer, source };
-        if self.opener.is_none() {
+        let Some(opener) = self.opener.as_mut() else {
             return self
                 .decoder
                 .decode_within(&mut self.raw, cap)
                 .map_err(corrupt);
-        }
+        };
         loop {
-            self.close_gap();
             // A whole frame among the opened bytes.
-            let frame = self
-                .decoder
-                .peek(&self.raw[..self.opened], cap)
-                .map_err(corrupt)?;
-            if let Some((_, total)) = frame {
-                if total <= self.opened {
-                    let mut whole = self.raw.split_to(total);
-                    self.opened -= total;
-                    self.close_gap();
+            if let Some((_, total)) = self.decoder.peek(&self.plain, cap).map_err(corrupt)? {
+                if total <= self.plain.len() {
+                    let mut whole = self.plain.split_to(total);
                     let frame = self
                         .decoder
                         .decode_checked(&mut whole, cap, PayloadCheck::Sealed)
@@ -209,74 +198,42 @@ impl Inbound {
                 }
             }
             // The next record, opened where it lies.
-            let at = self.opened + self.gap;
-            let have = self.raw.len() - at;
-            let frame_left = frame.map_or(0, |(_, total)| total - self.opened);
+            let have = self.raw.len();
             let Some((kind, total)) = self
                 .decoder
-                .peek(&self.raw[at..], MAX_LINK_PAYLOAD)
+                .peek(&self.raw, MAX_LINK_PAYLOAD)
                 .map_err(corrupt)?
             else {
-                self.make_room(frame_left, have, HEADER_LEN);
+                self.raw.reserve(READ_AHEAD);
                 return Ok(None);
             };
             if kind != FrameKind::Sealed {
                 return Err(LinkError::NotSealed { peer, kind });
             }
             if have < total {
-                self.make_room(frame_left, have, total);
+                self.raw.reserve((total - have).max(READ_AHEAD));
                 return Ok(None);
             }
-            let opener = self.opener.as_mut().expect("a sealed link");
-            let opened = opener
-                .open_within(
-                    &mut self.raw[self.opened..at + total],
-                    self.gap + HEADER_LEN,
-                )
+            let len = opener
+                .open_in_place(&mut self.raw[HEADER_LEN..total])
                 .map_err(|source| LinkError::Unsealed { peer, source })?;
-            self.gap += total - opened;
-            self.opened += opened;
+            let opened = &self.raw[HEADER_LEN..HEADER_LEN + len];
+            if self.plain.is_empty() {
+                let frame = self.decoder.peek(opened, cap).map_err(corrupt)?;
+                self.plain
+                    .reserve(frame.map_or(0, |(_, total)| total).max(len));
+            }
+            self.plain.extend_from_slice(opened);
+            self.raw.advance(total);
         }
-    }
-
-    /// Drops the gap once no opened bytes precede it; and if it grew past
-    /// [`GAP_MAX`] (records that end inside frames: not what this side's
-    /// sealer makes, but a peer's stream is its own), moves the opened
-    /// bytes up to the records instead.
-    fn close_gap(&mut self) {
-        if self.gap == 0 {
-            return;
-        }
-        if self.opened > 0 && self.gap <= GAP_MAX {
-            return;
-        }
-        if self.opened > 0 {
-            self.raw.copy_within(..self.opened, self.gap);
-        }
-        self.raw.advance(self.gap);
-        self.gap = 0;
-    }
-
-    /// Makes room in `raw`, once, for the rest of the frame being opened
-    /// (`frame_left` plaintext bytes, in records) or at least of the
-    /// record whose first `have` of `record` bytes are there, and some
-    /// more: the opened part of a frame is copied whenever `raw` moves to
-    /// a larger buffer (its frames still use the old one), so it should
-    /// move between frames rather than once a read.
-    fn make_room(&mut self, frame_left: usize, have: usize, record: usize) {
-        let records = frame_left.div_ceil(RECORD_PLAIN_MAX) * (HEADER_LEN + RECORD_OVERHEAD);
-        let wanted = (frame_left + records).max(record).saturating_sub(have);
-        self.raw.reserve(wanted + READ_AHEAD);
     }
 
     /// Why the stream ended where it did: cleanly between frames, or
     /// inside one.
     pub(super) fn end_of_stream(&self, peer: SocketAddr) -> LinkError {
-        if self.decoder.finish(&self.raw).is_err() {
-            LinkError::Truncated {
-                peer,
-                received: self.raw.len() - self.gap,
-            }
+        let received = self.plain.len() + self.raw.len();
+        if received > 0 {
+            LinkError::Truncated { peer, received }
         } else {
             LinkError::PeerClosed { peer }
         }
@@ -288,6 +245,7 @@ mod tests_support {
     use super::*;
     use crate::auth::{PairSecret, Side};
     use crate::seal::KeyExchange;
+    pub use crate::seal::RECORD_PLAIN_MAX;
 
     pub fn peer() -> SocketAddr {
         "192.0.2.1:7000".parse().unwrap()
@@ -374,8 +332,8 @@ mod tests {
     }
 
     /// A peer that cuts its stream into records anywhere (inside frames,
-    /// several frames in one, empty records): the frames still come out
-    /// whole and in order, and the gap left by the records stays bounded.
+    /// frame headers included, several frames in one): the frames still
+    /// come out whole and in order.
     #[test]
     fn frames_cut_into_records_anywhere_come_out_whole() {
         let (mut sealer, opener) = keys();
@@ -400,7 +358,7 @@ mod tests {
         let mut cut = 0usize;
         let mut records = 0;
         while at < stream.len() {
-            // Mostly small records, some large: the gap passes GAP_MAX.
+            // Mostly small records, some large.
             cut = if records % 1000 == 999 {
                 RECORD_PLAIN_MAX
             } else {
@@ -411,10 +369,7 @@ mod tests {
             sealer.seal_into(&[&stream[at..end]], &mut wire).unwrap();
             at = end;
         }
-        assert!(
-            records * (HEADER_LEN + RECORD_OVERHEAD) > 2 * GAP_MAX,
-            "{records} records"
-        );
+        assert!(records > 1000, "{records} records");
         let (got, end) = feed(opener, &wire, 4096);
         assert_eq!(got, frames);
         assert!(matches!(end, Err(LinkError::PeerClosed { .. })), "{end:?}");
