@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::model::{
     Desired, Event, FieldError, Level, NodeState, NodeView, Severity, VmCreate, VmState, VmView,
 };
-use crate::pair::wire::{PairState, RoleReport, PAIR_VERSION};
+use crate::pair::wire::{LogExchange, PairState, RoleReport, LOG_BATCH, PAIR_VERSION};
 use crate::store::{unix_ms, EventFilter, Merged, Store, StoreError, VmRecord};
 use crate::supervisor::Runtime;
 
@@ -279,7 +279,55 @@ impl Manager {
             nodes: self.inner.store.node_records()?,
             users: self.inner.store.user_records()?,
             takes_moves: true,
+            logs: None,
         })
+    }
+
+    /// What this node's next state carries of the logs: their identity,
+    /// how far this node holds the peer's (`peer_log`: the identity of
+    /// the peer's logs, once heard), and (once the peer said how far it
+    /// holds this node's) this node's own entries after `sent`, which then
+    /// moves past them.
+    pub fn log_exchange(
+        &self,
+        peer_log: Option<&str>,
+        sent: &mut Option<(u64, u64)>,
+    ) -> Result<LogExchange, ManagerError> {
+        let store = &self.inner.store;
+        let held = peer_log.map(|log| store.held_of(log)).transpose()?;
+        let (mut events, mut audit) = (Vec::new(), Vec::new());
+        if let Some((events_sent, audit_sent)) = sent {
+            events = store.own_events_after(*events_sent, LOG_BATCH)?;
+            audit = store.own_audit_after(*audit_sent, LOG_BATCH)?;
+            *events_sent = events.last().map_or(*events_sent, |e| e.id);
+            *audit_sent = audit.last().map_or(*audit_sent, |a| a.id);
+        }
+        Ok(LogExchange {
+            log: store.log_id().to_string(),
+            held,
+            events,
+            audit,
+        })
+    }
+
+    /// Keeps the peer's log entries that came with its state (this node's
+    /// API and live stream show both nodes' events and audit logs).
+    pub fn take_peer_logs(&self, logs: &LogExchange) -> Result<(), ManagerError> {
+        let store = &self.inner.store;
+        if logs.log == store.log_id() {
+            // Two nodes made from one copied database: the peer's entries
+            // cannot be told from this node's own.
+            tracing::warn!(
+                log = %logs.log,
+                "the peer's logs have this node's identity (a copied database?): its entries are not kept here"
+            );
+            return Ok(());
+        }
+        for event in store.take_peer_entries(&logs.log, &logs.events, &logs.audit)? {
+            // No subscriber is not an error.
+            let _ = self.inner.events.send(event);
+        }
+        Ok(())
     }
 
     /// The pair channel came up or went down.

@@ -684,10 +684,14 @@ impl Severity {
 }
 
 /// One entry of the event log: a change of state, an alert, or (kind
-/// `audit`) a mutating API request.
+/// `audit`) a mutating API request. Each node's log holds both nodes'
+/// events (the peer's come over the pair channel).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
+    /// Its number in the log of the node that answers, in the order that
+    /// node learned of it (`after=` pages by it).
     pub id: u64,
+    /// When the node that recorded it did, by that node's clock.
     pub unix_ms: u64,
     /// The node that recorded it.
     pub node: String,
@@ -700,11 +704,14 @@ pub struct Event {
     pub message: String,
 }
 
-/// A mutating API request as the audit log keeps it.
+/// A mutating API request as the audit log keeps it. Each node's audit
+/// log holds both nodes' entries (the peer's come over the pair channel).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {
+    /// Its number in the log of the node that answers.
     pub id: u64,
     pub unix_ms: u64,
+    /// The node whose API took the request.
     pub node: String,
     /// Who asked: the token's holder and the client's address.
     pub who: String,

@@ -8,12 +8,12 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Daemon;
+use common::{Daemon, EventStream};
 use serde_json::{json, Value};
 
 /// A file that exists, to stand for a kernel in definitions (nothing
@@ -606,22 +606,7 @@ fn the_store_survives_a_restart() {
 #[test]
 fn the_event_stream_delivers_new_events() {
     let d = Daemon::init();
-    let addr = d.url.trim_start_matches("http://").to_string();
-    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    use std::io::Write;
-    write!(
-        stream,
-        "GET /api/events/stream HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
-        d.token
-    )
-    .unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
-    assert!(status_line.contains("200"), "{status_line}");
+    let mut stream = EventStream::open(&d);
     assert_eq!(
         d.call(
             "POST",
@@ -632,20 +617,8 @@ fn the_event_stream_delivers_new_events() {
         .0,
         201
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if let Some(data) = line.trim_end().strip_prefix("data: ") {
-            let event: Value = serde_json::from_str(data).unwrap();
-            if event["vm"] == "streamed" {
-                assert!(event["message"].as_str().unwrap().contains("defined"));
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "no event for the new VM");
-    }
+    let event = stream.next_where(Duration::from_secs(10), |e| e["vm"] == "streamed");
+    assert!(event["message"].as_str().unwrap().contains("defined"));
 }
 
 #[test]

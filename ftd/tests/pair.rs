@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, Daemon};
+use common::{free_port, Daemon, EventStream};
 use serde_json::{json, Value};
 
 struct Pair {
@@ -168,6 +168,97 @@ fn definitions_reach_both_nodes_and_a_returning_node_catches_up() {
         .unwrap()
         .iter()
         .any(|e| e["message"].as_str().unwrap().contains("deleted on node-a")));
+}
+
+/// The entries of `list` (events or audit) that `node` logged, as they
+/// were logged there (numbers aside: each node numbers its own list).
+fn logged_by(list: &Value, node: &str) -> Vec<Value> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["node"] == node)
+        .map(|e| {
+            let mut e = e.clone();
+            e.as_object_mut().unwrap().remove("id");
+            e
+        })
+        .collect()
+}
+
+/// Waits until `on` holds every entry `origin` logged (`path`: its events
+/// or audit log), each once and in order.
+fn holds_all_of(on: &Daemon, origin: &Daemon, node: &str, path: &str) {
+    let start = Instant::now();
+    loop {
+        let want = logged_by(&origin.call("GET", path, "-", None).1, node);
+        let have = logged_by(&on.call("GET", path, "-", None).1, node);
+        if !want.is_empty() && have == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{path}: {node} logged {want:#?}\nthe other node holds {have:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Either node's API shows both nodes' events and audit logs: what the
+/// peer logged comes over the pair channel (live on the event stream
+/// too), and a node that was away, or whose peer restarted, catches up
+/// without taking anything twice.
+#[test]
+fn either_node_shows_both_nodes_events_and_audit_log_each_entry_once() {
+    let mut p = pair();
+    for d in [&p.a, &p.b] {
+        eventually(d, "/api/nodes", "the peer is up", |nodes| {
+            nodes.as_array().unwrap().iter().all(|n| n["state"] == "up")
+        });
+    }
+    let mut a_stream = EventStream::open(&p.a);
+    let k = kernel(&p.a);
+    create(&p.b, "made-on-b", &k);
+    let streamed = a_stream.next_where(Duration::from_secs(10), |e| {
+        e["node"] == "node-b" && e["vm"] == "made-on-b"
+    });
+    assert!(
+        streamed["message"].as_str().unwrap().contains("defined"),
+        "{streamed}"
+    );
+    const EVENTS: &str = "/api/events?limit=1000";
+    const AUDIT: &str = "/api/audit?limit=1000";
+    holds_all_of(&p.a, &p.b, "node-b", EVENTS);
+    holds_all_of(&p.a, &p.b, "node-b", AUDIT);
+    holds_all_of(&p.b, &p.a, "node-a", EVENTS);
+    let audit_on_a = p.a.call("GET", AUDIT, "-", None).1;
+    assert!(
+        logged_by(&audit_on_a, "node-b")
+            .iter()
+            .any(|e| e["action"] == "POST /api/vms" && e["status"] == 201),
+        "{audit_on_a}"
+    );
+
+    // a goes away while b logs on; a returns and catches up.
+    p.a.stop();
+    create(&p.b, "made-while-a-was-away", &k);
+    p.a.start();
+    holds_all_of(&p.a, &p.b, "node-b", EVENTS);
+    holds_all_of(&p.a, &p.b, "node-b", AUDIT);
+    // b restarts (its session with a starts over, from what a holds).
+    p.b.stop();
+    p.b.start();
+    create(&p.a, "made-on-a", &k);
+    for (on, origin, node) in [(&p.a, &p.b, "node-b"), (&p.b, &p.a, "node-a")] {
+        holds_all_of(on, origin, node, EVENTS);
+        holds_all_of(on, origin, node, AUDIT);
+    }
+    let events_on_a = p.a.call("GET", EVENTS, "-", None).1;
+    assert!(
+        logged_by(&events_on_a, "node-b")
+            .iter()
+            .any(|e| e["vm"] == "made-while-a-was-away"),
+        "{events_on_a}"
+    );
 }
 
 #[test]

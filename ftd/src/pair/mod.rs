@@ -7,6 +7,11 @@
 //! and accepts the same VMs, and a node that was away catches up on its
 //! first exchange.
 //!
+//! The states also carry the event and audit logs' entries the other node
+//! lacks, so that either node's API and console show both nodes' events,
+//! alerts and audit log (each entry once, however often it comes: see
+//! [`crate::store::LogMark`]).
+//!
 //! A VM move asked through the API of the node that does not run the VM's
 //! primary goes over the channel to the node that does ([`forward`]).
 //!
@@ -155,16 +160,58 @@ async fn listen(addr: std::net::SocketAddr, config: LinkConfig, links: mpsc::Sen
     }
 }
 
+/// What one session knows of the logs' exchange.
+#[derive(Default)]
+struct LogSession {
+    /// The identity of the peer's logs, from its last state.
+    peer_log: Option<String>,
+    /// This node's own entries (events, audit) up to these numbers went
+    /// to the peer, or it said it holds them; none until it said how far
+    /// it holds this node's logs.
+    sent: Option<(u64, u64)>,
+}
+
+impl LogSession {
+    /// The peer's state said which its logs are and how far it holds
+    /// this node's (`mine`: this node's log identity).
+    fn heard(&mut self, logs: &wire::LogExchange, mine: &str) {
+        self.peer_log = Some(logs.log.clone());
+        let Some(held) = &logs.held else { return };
+        // A mark of another log of this node's (a database made anew)
+        // holds nothing of this one.
+        let mark = if held.log == mine {
+            (held.events, held.audit)
+        } else {
+            (0, 0)
+        };
+        // Never back behind what this session sent already (the peer's
+        // word may predate it).
+        self.sent = Some(self.sent.map_or(mark, |(events, audit)| {
+            (events.max(mark.0), audit.max(mark.1))
+        }));
+    }
+}
+
 /// Runs one session until the link fails; returns why it ended.
 async fn session(manager: &Manager, link: Link) -> PairError {
     let (sender, mut receiver) = link.split();
+    let logs = std::sync::Mutex::new(LogSession::default());
+    let logs_of = || logs.lock().unwrap_or_else(|e| e.into_inner());
     let forwards = manager.forwards();
     // Its asks fail when it ends, however it ends.
     let this_session = forwards.begin();
     let number = this_session.number();
     let send_loop = async {
         loop {
-            let state = match manager.pair_state() {
+            let state = manager.pair_state().and_then(|mut state| {
+                let mut session = logs_of();
+                let session = &mut *session;
+                state.logs = Some(Box::new(
+                    manager.log_exchange(session.peer_log.as_deref(), &mut session.sent)?,
+                ));
+                Ok(state)
+            });
+            let state = match state {
                 Ok(s) => s,
                 Err(e) => return PairError::Merge(e),
             };
@@ -206,9 +253,16 @@ async fn session(manager: &Manager, link: Link) -> PairError {
                 Err(e) => return PairError::Link(e),
             };
             match PairMessage::from_frame(&frame) {
-                Ok(PairMessage::State(state)) => {
+                Ok(PairMessage::State(mut state)) => {
+                    let peer_logs = state.logs.take();
                     if let Err(e) = manager.merge_peer(state) {
                         return PairError::Merge(e);
+                    }
+                    if let Some(peer_logs) = peer_logs {
+                        if let Err(e) = manager.take_peer_logs(&peer_logs) {
+                            return PairError::Merge(e);
+                        }
+                        logs_of().heard(&peer_logs, manager.store().log_id());
                     }
                 }
                 Ok(PairMessage::MoveAsk(ask)) => {
@@ -233,4 +287,48 @@ async fn session(manager: &Manager, link: Link) -> PairError {
     drop(this_session);
     sender.close().await;
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LogMark;
+
+    fn exchange(log: &str, held: Option<(&str, u64, u64)>) -> wire::LogExchange {
+        wire::LogExchange {
+            log: log.into(),
+            held: held.map(|(log, events, audit)| LogMark {
+                log: log.into(),
+                events,
+                audit,
+            }),
+            events: vec![],
+            audit: vec![],
+        }
+    }
+
+    #[test]
+    fn a_session_sends_from_the_peers_mark_and_never_back() {
+        let mut session = LogSession::default();
+        // The peer's identity, but no word yet on this node's logs:
+        // nothing to send from.
+        session.heard(&exchange("peer", None), "mine");
+        assert_eq!(session.peer_log.as_deref(), Some("peer"));
+        assert_eq!(session.sent, None);
+        // It holds this node's logs up to (5, 2).
+        session.heard(&exchange("peer", Some(("mine", 5, 2))), "mine");
+        assert_eq!(session.sent, Some((5, 2)));
+        // This session sent up to (9, 4); an older word does not send
+        // them again, a newer one moves on.
+        session.sent = Some((9, 4));
+        session.heard(&exchange("peer", Some(("mine", 6, 2))), "mine");
+        assert_eq!(session.sent, Some((9, 4)));
+        session.heard(&exchange("peer", Some(("mine", 12, 4))), "mine");
+        assert_eq!(session.sent, Some((12, 4)));
+        // A mark of another log of this node's (made anew) holds nothing
+        // of this one: a new session sends it all.
+        let mut fresh = LogSession::default();
+        fresh.heard(&exchange("peer", Some(("old", 40, 7))), "mine");
+        assert_eq!(fresh.sent, Some((0, 0)));
+    }
 }

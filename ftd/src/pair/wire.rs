@@ -1,17 +1,17 @@
 //! What the two daemons tell each other on the pair channel: each side's
 //! whole state (VM records, tombstones, the roles running on it, the
-//! nodes' maintenance), sent
-//! when it changes and every second; and a VM move asked through one
-//! node's API of the node that runs its primary, with that node's answer.
-//! JSON in A-link message frames.
+//! nodes' maintenance) with the entries of its event and audit logs the
+//! other lacks, sent when it changes and every second; and a VM move
+//! asked through one node's API of the node that runs its primary, with
+//! that node's answer. JSON in A-link message frames.
 
 use bytes::Bytes;
 use ft_link::{Frame, FrameKind};
 use replicator::status::{FtState, Role};
 use serde::{Deserialize, Serialize};
 
-use crate::model::VmView;
-use crate::store::{NodeRecord, Tombstone, UserRecord, VmRecord};
+use crate::model::{AuditEntry, Event, VmView};
+use crate::store::{LogMark, NodeRecord, Tombstone, UserRecord, VmRecord};
 
 /// The pair channel's protocol version.
 pub const PAIR_VERSION: u32 = 1;
@@ -86,7 +86,29 @@ pub struct PairState {
     /// would end the channel on one).
     #[serde(default)]
     pub takes_moves: bool,
+    /// The sender's event and audit logs (absent from an older daemon,
+    /// whose logs stay its own).
+    #[serde(default)]
+    pub logs: Option<Box<LogExchange>>,
 }
+
+/// What a [`PairState`] carries of the two nodes' logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogExchange {
+    /// The identity of the sender's own logs.
+    pub log: String,
+    /// How far the sender holds the receiver's logs (none until the
+    /// sender has heard which they are).
+    pub held: Option<LogMark>,
+    /// The sender's own events that the receiver lacks, oldest first (at
+    /// most [`LOG_BATCH`]; the rest come with the next states).
+    pub events: Vec<Event>,
+    /// The same of the sender's audit log.
+    pub audit: Vec<AuditEntry>,
+}
+
+/// The most entries of each log one [`PairState`] carries.
+pub const LOG_BATCH: usize = 500;
 
 /// A switchover (or an HA VM's live migration) asked through the API of
 /// the node that does not run the VM's primary, of the node that does.

@@ -8,10 +8,12 @@
 //! filters, and `sqlite3` at hand for an operator who wants to look
 //! inside. Every write is one transaction; readers never see half a change.
 
+mod logs;
 mod nodes;
 mod schema;
 mod users;
 
+pub use logs::LogMark;
 pub use nodes::NodeRecord;
 pub use users::UserRecord;
 
@@ -21,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::model::{AuditEntry, Desired, Event, Severity, VmDefinition};
+use crate::model::{Desired, VmDefinition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -135,6 +137,8 @@ pub struct EventFilter {
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
     node: String,
+    /// See [`Store::log_id`].
+    log_id: String,
 }
 
 impl Store {
@@ -155,9 +159,15 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         migrate(&mut conn, path)?;
+        let log_id = conn
+            .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |row| {
+                row.get(0)
+            })
+            .map_err(open_err)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             node: node.to_string(),
+            log_id,
         })
     }
 
@@ -432,133 +442,6 @@ impl Store {
         Ok(record)
     }
 
-    /// Appends an event; returns it with its id.
-    pub fn add_event(
-        &self,
-        severity: Severity,
-        alert: bool,
-        kind: &str,
-        vm: Option<&str>,
-        message: &str,
-    ) -> Result<Event, StoreError> {
-        let now = unix_ms();
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO events (unix_ms, node, severity, alert, kind, vm, message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                now as i64,
-                self.node,
-                severity.as_str(),
-                alert,
-                kind,
-                vm,
-                message
-            ],
-        )
-        .map_err(query("add event"))?;
-        Ok(Event {
-            id: conn.last_insert_rowid() as u64,
-            unix_ms: now,
-            node: self.node.clone(),
-            severity,
-            alert,
-            kind: kind.to_string(),
-            vm: vm.map(str::to_string),
-            message: message.to_string(),
-        })
-    }
-
-    /// Events matching `filter`, newest last.
-    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, unix_ms, node, severity, alert, kind, vm, message FROM (
-                     SELECT * FROM events
-                     WHERE (?1 IS NULL OR vm = ?1) AND (?2 = 0 OR alert = 1) AND id > ?3
-                     ORDER BY id DESC LIMIT ?4)
-                 ORDER BY id",
-            )
-            .map_err(query("list events"))?;
-        let rows = stmt
-            .query_map(
-                params![
-                    filter.vm,
-                    filter.alerts_only,
-                    filter.after.unwrap_or(0) as i64,
-                    filter.limit as i64
-                ],
-                |row| {
-                    let severity: String = row.get(3)?;
-                    Ok(Event {
-                        id: row.get::<_, i64>(0)? as u64,
-                        unix_ms: row.get::<_, i64>(1)? as u64,
-                        node: row.get(2)?,
-                        severity: Severity::parse(&severity).unwrap_or(Severity::Warning),
-                        alert: row.get(4)?,
-                        kind: row.get(5)?,
-                        vm: row.get(6)?,
-                        message: row.get(7)?,
-                    })
-                },
-            )
-            .map_err(query("list events"))?;
-        rows.collect::<Result<_, _>>().map_err(query("list events"))
-    }
-
-    /// Appends an entry to the audit log.
-    pub fn add_audit(
-        &self,
-        who: &str,
-        action: &str,
-        status: u16,
-        result: &str,
-    ) -> Result<AuditEntry, StoreError> {
-        let now = unix_ms();
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO audit (unix_ms, node, who, action, status, result)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![now as i64, self.node, who, action, status, result],
-        )
-        .map_err(query("add audit entry"))?;
-        Ok(AuditEntry {
-            id: conn.last_insert_rowid() as u64,
-            unix_ms: now,
-            node: self.node.clone(),
-            who: who.to_string(),
-            action: action.to_string(),
-            status,
-            result: result.to_string(),
-        })
-    }
-
-    /// The last `limit` audit entries, oldest first.
-    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, unix_ms, node, who, action, status, result FROM (
-                     SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
-            )
-            .map_err(query("list audit"))?;
-        let rows = stmt
-            .query_map(params![limit as i64], |row| {
-                Ok(AuditEntry {
-                    id: row.get::<_, i64>(0)? as u64,
-                    unix_ms: row.get::<_, i64>(1)? as u64,
-                    node: row.get(2)?,
-                    who: row.get(3)?,
-                    action: row.get(4)?,
-                    status: row.get(5)?,
-                    result: row.get(6)?,
-                })
-            })
-            .map_err(query("list audit"))?;
-        rows.collect::<Result<_, _>>().map_err(query("list audit"))
-    }
-
     /// Records that `node`'s daemon was heard now.
     pub fn node_seen(&self, node: &str) -> Result<(), StoreError> {
         self.conn()
@@ -698,7 +581,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DiskSpec, Level};
+    use crate::model::{DiskSpec, Event, Level, Severity};
 
     fn definition(name: &str) -> VmDefinition {
         VmDefinition {

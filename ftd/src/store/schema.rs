@@ -72,4 +72,18 @@ pub const MIGRATIONS: &[&str] = &[
         updated_unix_ms INTEGER NOT NULL
     );
     "#,
+    // 5: each node's event and audit logs hold both nodes' entries. An
+    // entry from the peer keeps the identity of the log that made it (the
+    // peer's `log_id`, made here with each database) and its number there,
+    // so that it is stored once however often it comes; this node's own
+    // entries have neither.
+    r#"
+    INSERT INTO meta (key, value) VALUES ('log_id', lower(hex(randomblob(16))));
+    ALTER TABLE events ADD COLUMN origin_log TEXT;
+    ALTER TABLE events ADD COLUMN origin_id INTEGER;
+    CREATE UNIQUE INDEX events_origin ON events (origin_log, origin_id);
+    ALTER TABLE audit ADD COLUMN origin_log TEXT;
+    ALTER TABLE audit ADD COLUMN origin_id INTEGER;
+    CREATE UNIQUE INDEX audit_origin ON audit (origin_log, origin_id);
+    "#,
 ];

@@ -211,3 +211,51 @@ impl Drop for Daemon {
         self.stop();
     }
 }
+
+/// A daemon's live event stream (`GET /api/events/stream`), read as a
+/// client reads it.
+pub struct EventStream {
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl EventStream {
+    /// Subscribes to `d`'s stream (the answer's status line read).
+    pub fn open(d: &Daemon) -> EventStream {
+        use std::io::{BufRead, Write};
+        let addr = d.url.trim_start_matches("http://").to_string();
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            stream,
+            "GET /api/events/stream HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+            d.token
+        )
+        .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).unwrap();
+        assert!(status_line.contains("200"), "{status_line}");
+        EventStream { reader }
+    }
+
+    /// The first event streamed from now on for which `want` holds,
+    /// within `within`.
+    pub fn next_where(&mut self, within: Duration, want: impl Fn(&Value) -> bool) -> Value {
+        use std::io::BufRead;
+        let deadline = Instant::now() + within;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).unwrap();
+            if let Some(data) = line.trim_end().strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(data).unwrap();
+                if want(&event) {
+                    return event;
+                }
+            }
+            assert!(Instant::now() < deadline, "no such event in {within:?}");
+        }
+    }
+}

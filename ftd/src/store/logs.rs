@@ -1,0 +1,382 @@
+//! The event log and the audit log. Each node keeps both nodes' entries:
+//! its own, and its peer's, which come over the pair channel
+//! ([`Store::take_peer_entries`]) with the identity of the log that made
+//! them (that node's [`Store::log_id`], made with its database) and their
+//! number there. So an entry is stored once however often it comes, and a
+//! rebuilt peer's new log is told apart from the one it replaced. Every
+//! entry also has a number here, in the order this node learned of it: the
+//! API's paging and the live stream's catch-up go by that one.
+
+use rusqlite::params;
+
+use super::{query, unix_ms, EventFilter, Store, StoreError};
+use crate::model::{AuditEntry, Event, Severity};
+
+/// How far a node holds another node's logs: that log's identity and the
+/// newest entry of each kind held (by its number there).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogMark {
+    pub log: String,
+    pub events: u64,
+    pub audit: u64,
+}
+
+const EVENT_COLUMNS: &str = "id, unix_ms, node, severity, alert, kind, vm, message";
+const AUDIT_COLUMNS: &str = "id, unix_ms, node, who, action, status, result";
+
+fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let severity: String = row.get(3)?;
+    Ok(Event {
+        id: row.get::<_, i64>(0)? as u64,
+        unix_ms: row.get::<_, i64>(1)? as u64,
+        node: row.get(2)?,
+        severity: Severity::parse(&severity).unwrap_or(Severity::Warning),
+        alert: row.get(4)?,
+        kind: row.get(5)?,
+        vm: row.get(6)?,
+        message: row.get(7)?,
+    })
+}
+
+fn row_to_audit(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        id: row.get::<_, i64>(0)? as u64,
+        unix_ms: row.get::<_, i64>(1)? as u64,
+        node: row.get(2)?,
+        who: row.get(3)?,
+        action: row.get(4)?,
+        status: row.get(5)?,
+        result: row.get(6)?,
+    })
+}
+
+impl Store {
+    /// The identity of this node's own logs (made with its database).
+    pub fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    /// Appends an event; returns it with its id.
+    pub fn add_event(
+        &self,
+        severity: Severity,
+        alert: bool,
+        kind: &str,
+        vm: Option<&str>,
+        message: &str,
+    ) -> Result<Event, StoreError> {
+        let now = unix_ms();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO events (unix_ms, node, severity, alert, kind, vm, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                now as i64,
+                self.node,
+                severity.as_str(),
+                alert,
+                kind,
+                vm,
+                message
+            ],
+        )
+        .map_err(query("add event"))?;
+        Ok(Event {
+            id: conn.last_insert_rowid() as u64,
+            unix_ms: now,
+            node: self.node.clone(),
+            severity,
+            alert,
+            kind: kind.to_string(),
+            vm: vm.map(str::to_string),
+            message: message.to_string(),
+        })
+    }
+
+    /// Events matching `filter`, newest last.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, unix_ms, node, severity, alert, kind, vm, message FROM (
+                     SELECT * FROM events
+                     WHERE (?1 IS NULL OR vm = ?1) AND (?2 = 0 OR alert = 1) AND id > ?3
+                     ORDER BY id DESC LIMIT ?4)
+                 ORDER BY id",
+            )
+            .map_err(query("list events"))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    filter.vm,
+                    filter.alerts_only,
+                    filter.after.unwrap_or(0) as i64,
+                    filter.limit as i64
+                ],
+                row_to_event,
+            )
+            .map_err(query("list events"))?;
+        rows.collect::<Result<_, _>>().map_err(query("list events"))
+    }
+
+    /// Appends an entry to the audit log.
+    pub fn add_audit(
+        &self,
+        who: &str,
+        action: &str,
+        status: u16,
+        result: &str,
+    ) -> Result<AuditEntry, StoreError> {
+        let now = unix_ms();
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO audit (unix_ms, node, who, action, status, result)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now as i64, self.node, who, action, status, result],
+        )
+        .map_err(query("add audit entry"))?;
+        Ok(AuditEntry {
+            id: conn.last_insert_rowid() as u64,
+            unix_ms: now,
+            node: self.node.clone(),
+            who: who.to_string(),
+            action: action.to_string(),
+            status,
+            result: result.to_string(),
+        })
+    }
+
+    /// The last `limit` audit entries, oldest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, unix_ms, node, who, action, status, result FROM (
+                     SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            )
+            .map_err(query("list audit"))?;
+        let rows = stmt
+            .query_map(params![limit as i64], row_to_audit)
+            .map_err(query("list audit"))?;
+        rows.collect::<Result<_, _>>().map_err(query("list audit"))
+    }
+
+    /// This node's own events after its number `after`, oldest first, at
+    /// most `limit`.
+    pub fn own_events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.own_after("events", EVENT_COLUMNS, row_to_event, (after, limit))
+    }
+
+    /// This node's own audit entries after its number `after`, oldest
+    /// first, at most `limit`.
+    pub fn own_audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.own_after("audit", AUDIT_COLUMNS, row_to_audit, (after, limit))
+    }
+
+    /// The rows of `table` this node logged itself, after number `after`.
+    fn own_after<T>(
+        &self,
+        table: &str,
+        columns: &str,
+        row_to: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        (after, limit): (u64, usize),
+    ) -> Result<Vec<T>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {columns} FROM {table}
+                 WHERE origin_log IS NULL AND id > ?1 ORDER BY id LIMIT ?2"
+            ))
+            .map_err(query("list this node's own log entries"))?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], row_to)
+            .map_err(query("list this node's own log entries"))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(query("list this node's own log entries"))
+    }
+
+    /// How far this node holds the logs whose identity is `log` (its
+    /// peer's).
+    pub fn held_of(&self, log: &str) -> Result<LogMark, StoreError> {
+        let conn = self.conn();
+        let newest = |table: &str| {
+            conn.query_row(
+                &format!("SELECT COALESCE(MAX(origin_id), 0) FROM {table} WHERE origin_log = ?1"),
+                params![log],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(query("read the peer's log mark"))
+        };
+        Ok(LogMark {
+            log: log.to_string(),
+            events: newest("events")?,
+            audit: newest("audit")?,
+        })
+    }
+
+    /// Stores the entries of the logs `log` (the peer's) that this node
+    /// does not hold yet, each with its number there (`id`); returns the
+    /// events stored, with their numbers here, for the live stream.
+    pub fn take_peer_entries(
+        &self,
+        log: &str,
+        events: &[Event],
+        audit: &[AuditEntry],
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(query("begin taking the peer's entries"))?;
+        let mut stored = Vec::new();
+        for e in events {
+            let added = tx
+                .execute(
+                    "INSERT INTO events (unix_ms, node, severity, alert, kind, vm, message, origin_log, origin_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (origin_log, origin_id) DO NOTHING",
+                    params![
+                        e.unix_ms as i64,
+                        e.node,
+                        e.severity.as_str(),
+                        e.alert,
+                        e.kind,
+                        e.vm,
+                        e.message,
+                        log,
+                        e.id as i64
+                    ],
+                )
+                .map_err(query("add the peer's event"))?;
+            if added == 1 {
+                stored.push(Event {
+                    id: tx.last_insert_rowid() as u64,
+                    ..e.clone()
+                });
+            }
+        }
+        for a in audit {
+            tx.execute(
+                "INSERT INTO audit (unix_ms, node, who, action, status, result, origin_log, origin_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (origin_log, origin_id) DO NOTHING",
+                params![
+                    a.unix_ms as i64,
+                    a.node,
+                    a.who,
+                    a.action,
+                    a.status,
+                    a.result,
+                    log,
+                    a.id as i64
+                ],
+            )
+            .map_err(query("add the peer's audit entry"))?;
+        }
+        tx.commit().map_err(query("commit the peer's entries"))?;
+        Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &tempfile::TempDir, name: &str) -> Store {
+        Store::open(&dir.path().join(name), name).unwrap()
+    }
+
+    /// Every event `store` holds, as (node, message).
+    fn all_events(store: &Store) -> Vec<(String, String)> {
+        let all = EventFilter {
+            limit: 1000,
+            ..Default::default()
+        };
+        store
+            .events(&all)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.node, e.message))
+            .collect()
+    }
+
+    #[test]
+    fn the_peers_entries_are_kept_once_and_its_own_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (open(&dir, "node-a"), open(&dir, "node-b"));
+        assert_ne!(a.log_id(), b.log_id(), "each database has a log of its own");
+        a.add_event(Severity::Info, false, "vm", None, "a1")
+            .unwrap();
+        for n in 1..=3 {
+            b.add_event(
+                Severity::Warning,
+                n == 3,
+                "vm",
+                Some("vm1"),
+                &format!("b{n}"),
+            )
+            .unwrap();
+            b.add_audit("admin@b", "POST /api/vms", 201, "made")
+                .unwrap();
+        }
+        let events = b.own_events_after(0, 100).unwrap();
+        let audit = b.own_audit_after(0, 100).unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(audit.len(), 3);
+        // Taken twice (a state sent again): kept once.
+        let stored = a.take_peer_entries(b.log_id(), &events, &audit).unwrap();
+        assert_eq!(stored.len(), 3);
+        assert!(a
+            .take_peer_entries(b.log_id(), &events, &audit)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            all_events(&a),
+            [
+                ("node-a", "a1"),
+                ("node-b", "b1"),
+                ("node-b", "b2"),
+                ("node-b", "b3")
+            ]
+            .map(|(n, m)| (n.to_string(), m.to_string()))
+        );
+        // The stored events have a's numbers; the alert stays an alert.
+        assert_eq!(stored[0].id, 2);
+        assert!(stored[2].alert && stored[2].severity == Severity::Warning);
+        assert_eq!(a.audit(100).unwrap().len(), 3);
+        // How far a holds b's logs, by b's numbers; a's own entries only
+        // are a's to send.
+        let held = a.held_of(b.log_id()).unwrap();
+        assert_eq!((held.events, held.audit), (3, 3));
+        assert_eq!(a.held_of(a.log_id()).unwrap().events, 0);
+        assert_eq!(
+            a.own_events_after(0, 100)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.message)
+                .collect::<Vec<_>>(),
+            ["a1"]
+        );
+        assert!(a.own_audit_after(0, 100).unwrap().is_empty());
+        // b rebuilt (a new database, numbers from 1 again): its entries
+        // are new ones, not taken for those of its old log.
+        let rebuilt = Store::open(&dir.path().join("node-b-rebuilt"), "node-b").unwrap();
+        rebuilt
+            .add_event(Severity::Info, false, "node", None, "b again")
+            .unwrap();
+        let again = rebuilt.own_events_after(0, 100).unwrap();
+        assert_eq!(again[0].id, 1);
+        let stored = a.take_peer_entries(rebuilt.log_id(), &again, &[]).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(all_events(&a).len(), 5);
+        assert_eq!(a.held_of(rebuilt.log_id()).unwrap().events, 1);
+    }
+
+    #[test]
+    fn a_database_keeps_its_log_identity_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(&dir, "node-a").log_id().to_string();
+        assert_eq!(first.len(), 32, "{first}");
+        assert_eq!(open(&dir, "node-a").log_id(), first);
+    }
+}
