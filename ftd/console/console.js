@@ -324,7 +324,9 @@ function renderVms() {
 }
 
 function renderAlerts() {
-  const alerts = state.alerts.slice(-20).reverse();
+  // The newest 20 by when they were raised: the peer's come a moment later
+  // than this node's, or, after the two nodes lost each other, much later.
+  const alerts = [...state.alerts].sort((a, b) => a.unix_ms - b.unix_ms || a.id - b.id).slice(-20).reverse();
   const items = alerts.map((a) =>
     el(
       'li',

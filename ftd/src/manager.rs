@@ -74,6 +74,10 @@ struct Inner {
     state_dir: PathBuf,
     store: Store,
     events: broadcast::Sender<Event>,
+    /// Held while an event is stored and streamed, so that the live
+    /// stream gives them in the order of their numbers (a client that
+    /// reconnects asks for those after the last it saw).
+    log_order: Mutex<()>,
     runtime: Runtime,
     /// Wakes the supervisor when the store changed.
     changed: Notify,
@@ -117,6 +121,7 @@ impl Manager {
                 state_dir: state_dir.to_path_buf(),
                 store,
                 events,
+                log_order: Mutex::new(()),
                 runtime,
                 changed: Notify::new(),
                 peer: Mutex::new(PeerView::default()),
@@ -204,6 +209,11 @@ impl Manager {
             Severity::Warning => tracing::warn!(kind, vm, alert, "{message}"),
             Severity::Critical => tracing::error!(kind, vm, alert, "{message}"),
         }
+        let _order = self
+            .inner
+            .log_order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         match self
             .inner
             .store
@@ -312,33 +322,55 @@ impl Manager {
 
     /// Keeps the peer's log entries that came with its state (this node's
     /// API and live stream show both nodes' events and audit logs).
-    pub fn take_peer_logs(&self, logs: &LogExchange) -> Result<(), ManagerError> {
+    /// Returns false, keeping nothing, when the peer's logs have this
+    /// node's identity (two nodes made from one copied database: the
+    /// peer's entries cannot be told from this node's own).
+    pub fn take_peer_logs(&self, logs: &LogExchange) -> Result<bool, ManagerError> {
         let store = &self.inner.store;
         if logs.log == store.log_id() {
-            // Two nodes made from one copied database: the peer's entries
-            // cannot be told from this node's own.
-            tracing::warn!(
-                log = %logs.log,
-                "the peer's logs have this node's identity (a copied database?): its entries are not kept here"
-            );
-            return Ok(());
+            return Ok(false);
         }
+        if let Some(held) = &logs.held {
+            if store.number_own_entries_past(held)? {
+                let peer = self.peer_name();
+                self.record(
+                    Severity::Warning,
+                    true,
+                    "node",
+                    None,
+                    &format!(
+                        "this node's database is older than what {peer} holds of its logs (restored \
+                         from a copy?): its new events and audit entries are numbered past those; \
+                         what it logged since it started may be missing from {peer}'s logs"
+                    ),
+                );
+            }
+        }
+        let _order = self
+            .inner
+            .log_order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for event in store.take_peer_entries(&logs.log, &logs.events, &logs.audit)? {
             // No subscriber is not an error.
             let _ = self.inner.events.send(event);
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// The pair channel came up or went down.
-    pub fn set_peer_connected(&self, connected: bool, detail: &str) {
-        let peer = self
-            .inner
+    /// The peer's name, or "the peer".
+    fn peer_name(&self) -> String {
+        self.inner
             .config
             .peer
             .as_ref()
             .map_or("the peer", |p| p.name.as_str())
-            .to_string();
+            .to_string()
+    }
+
+    /// The pair channel came up or went down.
+    pub fn set_peer_connected(&self, connected: bool, detail: &str) {
+        let peer = self.peer_name();
         {
             let mut view = self.peer_view();
             if view.connected == connected {

@@ -711,7 +711,8 @@ pub struct AuditEntry {
     /// Its number in the log of the node that answers.
     pub id: u64,
     pub unix_ms: u64,
-    /// The node whose API took the request.
+    /// The node that logged it: the one whose API took the request, or
+    /// whose daemon acted on someone's behalf (`who`: `ftd@NODE for ...`).
     pub node: String,
     /// Who asked: the token's holder and the client's address.
     pub who: String,

@@ -10,7 +10,7 @@
 //! The states also carry the event and audit logs' entries the other node
 //! lacks, so that either node's API and console show both nodes' events,
 //! alerts and audit log (each entry once, however often it comes: see
-//! [`crate::store::LogMark`]).
+//! `store/logs.rs`).
 //!
 //! A VM move asked through the API of the node that does not run the VM's
 //! primary goes over the channel to the node that does ([`forward`]).
@@ -169,6 +169,9 @@ struct LogSession {
     /// to the peer, or it said it holds them; none until it said how far
     /// it holds this node's logs.
     sent: Option<(u64, u64)>,
+    /// The alert that the peer's logs have this node's identity was
+    /// raised.
+    same_log_said: bool,
 }
 
 impl LogSession {
@@ -259,8 +262,23 @@ async fn session(manager: &Manager, link: Link) -> PairError {
                         return PairError::Merge(e);
                     }
                     if let Some(peer_logs) = peer_logs {
-                        if let Err(e) = manager.take_peer_logs(&peer_logs) {
-                            return PairError::Merge(e);
+                        match manager.take_peer_logs(&peer_logs) {
+                            Ok(true) => {}
+                            // Said once a session.
+                            Ok(false) if logs_of().same_log_said => {}
+                            Ok(false) => {
+                                logs_of().same_log_said = true;
+                                manager.record(
+                                    crate::model::Severity::Warning,
+                                    true,
+                                    "pair",
+                                    None,
+                                    "the peer's event and audit logs have this node's identity \
+                                     (the two nodes' databases are copies of one): its entries are \
+                                     not shown here; make the peer anew with `ftd join`",
+                                );
+                            }
+                            Err(e) => return PairError::Merge(e),
                         }
                         logs_of().heard(&peer_logs, manager.store().log_id());
                     }

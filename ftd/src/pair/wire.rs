@@ -87,8 +87,10 @@ pub struct PairState {
     #[serde(default)]
     pub takes_moves: bool,
     /// The sender's event and audit logs (absent from an older daemon,
-    /// whose logs stay its own).
-    #[serde(default)]
+    /// whose logs stay its own). Read leniently: logs this daemon cannot
+    /// read (a newer peer's) must not stop the pair channel, which carries
+    /// the VMs.
+    #[serde(default, deserialize_with = "lenient")]
     pub logs: Option<Box<LogExchange>>,
 }
 
@@ -101,10 +103,49 @@ pub struct LogExchange {
     /// sender has heard which they are).
     pub held: Option<LogMark>,
     /// The sender's own events that the receiver lacks, oldest first (at
-    /// most [`LOG_BATCH`]; the rest come with the next states).
+    /// most [`LOG_BATCH`]; the rest come with the next states). An entry
+    /// this daemon cannot read (a newer peer's) is left out.
+    #[serde(deserialize_with = "readable_entries")]
     pub events: Vec<Event>,
     /// The same of the sender's audit log.
+    #[serde(deserialize_with = "readable_entries")]
     pub audit: Vec<AuditEntry>,
+}
+
+/// `T` if the value reads as one, else none (said in the log).
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    if value.is_null() {
+        return Ok(None);
+    }
+    Ok(serde_json::from_value(value)
+        .map_err(|error| tracing::warn!(%error, "pair channel: the peer's logs are not readable here (a newer peer?); left out"))
+        .ok())
+}
+
+/// The entries that read as `T` (how many did not is said in the log).
+fn readable_entries<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let values = Vec::<serde_json::Value>::deserialize(deserializer)?;
+    let sent = values.len();
+    let read: Vec<T> = values
+        .into_iter()
+        .filter_map(|value| serde_json::from_value(value).ok())
+        .collect();
+    if read.len() < sent {
+        tracing::warn!(
+            left_out = sent - read.len(),
+            "pair channel: log entries not readable here (a newer peer?) left out"
+        );
+    }
+    Ok(read)
 }
 
 /// The most entries of each log one [`PairState`] carries.
@@ -191,5 +232,48 @@ impl PairMessage {
             FrameKind::Message(code) => Ok(PairMessage::Unknown(code)),
             other => Err(WireError::UnexpectedFrame(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state as JSON, with `logs` as given.
+    fn state_with_logs(logs: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "version": PAIR_VERSION, "node": "node-b", "unix_ms": 1, "vms": [],
+            "tombstones": [], "roles": [], "logs": logs
+        })
+    }
+
+    fn event(id: u64, severity: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id, "unix_ms": 5, "node": "node-b", "severity": severity, "alert": false,
+            "kind": "vm", "vm": null, "message": "m"
+        })
+    }
+
+    #[test]
+    fn logs_a_daemon_cannot_read_do_not_stop_the_state() {
+        // An entry of a kind this daemon does not know is left out.
+        let state: PairState = serde_json::from_value(state_with_logs(serde_json::json!({
+            "log": "b", "held": null, "audit": [],
+            "events": [event(1, "info"), event(2, "catastrophic"), event(3, "warning")]
+        })))
+        .unwrap();
+        let logs = state.logs.expect("the logs");
+        assert_eq!(logs.events.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 3]);
+        // Logs whose shape changed: none, and the state still reads.
+        let state: PairState =
+            serde_json::from_value(state_with_logs(serde_json::json!({"log": 7}))).unwrap();
+        assert!(state.logs.is_none());
+        // An older daemon's state (no logs).
+        let mut old = state_with_logs(serde_json::Value::Null);
+        old.as_object_mut().unwrap().remove("logs");
+        assert!(serde_json::from_value::<PairState>(old)
+            .unwrap()
+            .logs
+            .is_none());
     }
 }

@@ -164,12 +164,14 @@ impl Store {
     /// This node's own events after its number `after`, oldest first, at
     /// most `limit`.
     pub fn own_events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let after = after.max(self.shared_after.0);
         self.own_after("events", EVENT_COLUMNS, row_to_event, (after, limit))
     }
 
     /// This node's own audit entries after its number `after`, oldest
     /// first, at most `limit`.
     pub fn own_audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let after = after.max(self.shared_after.1);
         self.own_after("audit", AUDIT_COLUMNS, row_to_audit, (after, limit))
     }
 
@@ -213,6 +215,51 @@ impl Store {
             events: newest("events")?,
             audit: newest("audit")?,
         })
+    }
+
+    /// Numbers this node's next own entries past `mark` (how far its peer
+    /// holds this node's logs, by this node's numbers) when this node's
+    /// numbering is behind it: its database went back to an older copy
+    /// (restored from a backup or a snapshot), and entries numbered again
+    /// at or below the mark would never reach the peer. Returns whether it
+    /// was behind.
+    pub fn number_own_entries_past(&self, mark: &LogMark) -> Result<bool, StoreError> {
+        if mark.log != self.log_id {
+            return Ok(false);
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(query("begin renumbering this node's entries"))?;
+        let mut behind = false;
+        for (table, past) in [("events", mark.events), ("audit", mark.audit)] {
+            // AUTOINCREMENT numbers after the largest number this table
+            // ever had (`sqlite_sequence`, a row once the table had one).
+            let next_after: u64 =
+                tx.query_row(
+                    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0)",
+                    params![table],
+                    |row| row.get::<_, i64>(0),
+                )
+                .map_err(query("read this node's numbering"))? as u64;
+            if next_after >= past {
+                continue;
+            }
+            behind = true;
+            tx.execute(
+                "DELETE FROM sqlite_sequence WHERE name = ?1",
+                params![table],
+            )
+            .map_err(query("renumber this node's entries"))?;
+            tx.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES (?1, ?2)",
+                params![table, past as i64],
+            )
+            .map_err(query("renumber this node's entries"))?;
+        }
+        tx.commit()
+            .map_err(query("commit renumbering this node's entries"))?;
+        Ok(behind)
     }
 
     /// Stores the entries of the logs `log` (the peer's) that this node
@@ -370,6 +417,92 @@ mod tests {
         assert_eq!(stored.len(), 1);
         assert_eq!(all_events(&a).len(), 5);
         assert_eq!(a.held_of(rebuilt.log_id()).unwrap().events, 1);
+    }
+
+    #[test]
+    fn a_database_behind_its_peers_mark_numbers_its_new_entries_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(&dir, "node-a");
+        for n in 0..3 {
+            a.add_event(Severity::Info, false, "vm", None, &format!("e{n}"))
+                .unwrap();
+        }
+        a.add_audit("admin@x", "POST /api/vms", 201, "made")
+            .unwrap();
+        // The peer held entries up to 10 and 4 of this log (numbered
+        // before a's database went back to an older copy).
+        let mark = LogMark {
+            log: a.log_id().to_string(),
+            events: 10,
+            audit: 4,
+        };
+        assert!(a.number_own_entries_past(&mark).unwrap());
+        assert!(!a.number_own_entries_past(&mark).unwrap(), "once");
+        let next = a
+            .add_event(Severity::Info, false, "vm", None, "new")
+            .unwrap();
+        assert_eq!(next.id, 11);
+        assert_eq!(
+            a.add_audit("admin@x", "DELETE /api/vms/x", 204, "")
+                .unwrap()
+                .id,
+            5
+        );
+        assert_eq!(
+            a.own_events_after(mark.events, 10).unwrap()[0].message,
+            "new",
+            "sent on from the peer's mark"
+        );
+        // A mark of another log, or one not ahead: nothing changes.
+        let other = LogMark {
+            log: "another".into(),
+            events: 100,
+            audit: 100,
+        };
+        assert!(!a.number_own_entries_past(&other).unwrap());
+        assert!(!a.number_own_entries_past(&mark).unwrap());
+    }
+
+    #[test]
+    fn what_a_node_logged_before_the_logs_were_shared_stays_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            // A database of the version before (schema 4), with entries.
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            for (i, sql) in super::super::schema::MIGRATIONS[..4].iter().enumerate() {
+                let tx = conn.transaction().unwrap();
+                tx.execute_batch(sql).unwrap();
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .unwrap();
+                tx.commit().unwrap();
+            }
+            conn.execute(
+                "INSERT INTO events (unix_ms, node, severity, alert, kind, vm, message)
+                 VALUES (1, 'node-a', 'info', 0, 'vm', NULL, 'old')",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO audit (unix_ms, node, who, action, status, result)
+                 VALUES (1, 'node-a', 'admin@x', 'POST /api/vms', 201, '')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, "node-a").unwrap();
+        assert!(store.own_events_after(0, 10).unwrap().is_empty());
+        assert!(store.own_audit_after(0, 10).unwrap().is_empty());
+        store
+            .add_event(Severity::Info, false, "vm", None, "new")
+            .unwrap();
+        let own = store.own_events_after(0, 10).unwrap();
+        assert_eq!(
+            own.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            ["new"]
+        );
+        // Both stay in its own log.
+        assert_eq!(all_events(&store).len(), 2);
     }
 
     #[test]

@@ -139,6 +139,9 @@ pub struct Store {
     node: String,
     /// See [`Store::log_id`].
     log_id: String,
+    /// This node's own entries (events, audit) up to these numbers were
+    /// logged before the logs were shared, and stay its own.
+    shared_after: (u64, u64),
 }
 
 impl Store {
@@ -159,15 +162,22 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         migrate(&mut conn, path)?;
-        let log_id = conn
-            .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |row| {
-                row.get(0)
+        let meta = |key: &str| {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                row.get::<_, String>(0)
             })
-            .map_err(open_err)?;
+        };
+        let number = |key: &str| meta(key).map(|v| v.parse::<u64>().unwrap_or(0));
+        let log_id = meta("log_id").map_err(open_err)?;
+        let shared_after = (
+            number("events_shared_after").map_err(open_err)?,
+            number("audit_shared_after").map_err(open_err)?,
+        );
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
             node: node.to_string(),
             log_id,
+            shared_after,
         })
     }
 

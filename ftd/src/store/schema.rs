@@ -76,9 +76,13 @@ pub const MIGRATIONS: &[&str] = &[
     // entry from the peer keeps the identity of the log that made it (the
     // peer's `log_id`, made here with each database) and its number there,
     // so that it is stored once however often it comes; this node's own
-    // entries have neither.
+    // entries have neither. What a node logged before this version stays
+    // its own (`*_shared_after`): the peer is not flooded with a history
+    // as if it were new.
     r#"
     INSERT INTO meta (key, value) VALUES ('log_id', lower(hex(randomblob(16))));
+    INSERT INTO meta (key, value) SELECT 'events_shared_after', COALESCE(MAX(id), 0) FROM events;
+    INSERT INTO meta (key, value) SELECT 'audit_shared_after', COALESCE(MAX(id), 0) FROM audit;
     ALTER TABLE events ADD COLUMN origin_log TEXT;
     ALTER TABLE events ADD COLUMN origin_id INTEGER;
     CREATE UNIQUE INDEX events_origin ON events (origin_log, origin_id);
