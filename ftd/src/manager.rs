@@ -296,8 +296,8 @@ impl Manager {
     /// What this node's next state carries of the logs: their identity,
     /// how far this node holds the peer's (`peer_log`: the identity of
     /// the peer's logs, once heard), and (once the peer said how far it
-    /// holds this node's) this node's own entries after `sent`, which then
-    /// moves past them.
+    /// holds this node's) this node's own entries after `sent` (none from
+    /// before the logs were shared), which then moves past them.
     pub fn log_exchange(
         &self,
         peer_log: Option<&str>,

@@ -704,7 +704,8 @@ pub struct Event {
     pub message: String,
 }
 
-/// A mutating API request as the audit log keeps it. Each node's audit
+/// A mutating API request (or `GET /api/pair`, or what a daemon did on
+/// someone's behalf) as the audit log keeps it. Each node's audit
 /// log holds both nodes' entries (the peer's come over the pair channel).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {

@@ -256,7 +256,7 @@ async fn main() {
         sealed.pipelined / tcp,
         if wire_share < PIPELINE_GOAL {
             format!(
-                " (that stream alone, bytes only, used the better of the two ways, carries {wire_share:.2} of memcpy on this machine: below the goal, which no pipeline over one TCP stream reaches here)"
+                " (that stream alone, bytes only, used the better of the two ways, carries {wire_share:.2} of memcpy on this machine: below the goal, which neither way of using one stream reaches here)"
             )
         } else {
             String::new()
@@ -283,7 +283,10 @@ impl StreamUse {
         let buffers = self
             .socket_buffers
             .map_or("the kernel's socket buffers".to_string(), |b| {
-                format!("{} MiB socket buffers", b >> 20)
+                format!(
+                    "{} MiB socket buffers asked (the kernel caps them at net.core.[rw]mem_max)",
+                    b >> 20
+                )
             });
         format!("{} KiB writes, {buffers}", self.write >> 10)
     }

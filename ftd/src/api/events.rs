@@ -103,7 +103,9 @@ pub struct AuditQuery {
     limit: Option<usize>,
 }
 
-/// The audit log: every mutating request, oldest first.
+/// The audit log, both nodes': every mutating request to either node's API
+/// (and `GET /api/pair`), and what a daemon did on someone's behalf, in the
+/// order this node learned of them.
 #[utoipa::path(get, path = "/api/audit", operation_id = "list_audit", tag = "events", params(AuditQuery),
     responses((status = 200, description = "Audit entries", body = [crate::model::AuditEntry]),
               (status = 400, description = "A bad query", body = ErrorBody),

@@ -112,37 +112,64 @@ pub struct LogExchange {
     pub audit: Vec<AuditEntry>,
 }
 
+/// Says `what` in the log once in this daemon's life (a newer peer sends
+/// the same every second).
+fn warn_once(said: &std::sync::atomic::AtomicBool, what: std::fmt::Arguments<'_>) {
+    if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!("pair channel: {what} (said once)");
+    }
+}
+
 /// `T` if the value reads as one, else none (said in the log).
 fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: serde::de::DeserializeOwned,
 {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let value = serde_json::Value::deserialize(deserializer)?;
     if value.is_null() {
         return Ok(None);
     }
     Ok(serde_json::from_value(value)
-        .map_err(|error| tracing::warn!(%error, "pair channel: the peer's logs are not readable here (a newer peer?); left out"))
+        .map_err(|error| {
+            warn_once(
+                &SAID,
+                format_args!("the peer's logs are not readable here (a newer peer?): {error}"),
+            )
+        })
         .ok())
 }
 
-/// The entries that read as `T` (how many did not is said in the log).
+/// The entries that read as `T`; an entry whose severity this daemon does
+/// not know (a newer peer's) reads as a warning, as the store reads one;
+/// the rest are left out (said in the log): the receiver's mark moves past
+/// them, so they would not come again.
 fn readable_entries<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: serde::de::DeserializeOwned,
 {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let values = Vec::<serde_json::Value>::deserialize(deserializer)?;
     let sent = values.len();
     let read: Vec<T> = values
         .into_iter()
-        .filter_map(|value| serde_json::from_value(value).ok())
+        .filter_map(|mut value| {
+            serde_json::from_value(value.clone()).ok().or_else(|| {
+                let severity = value.get_mut("severity")?;
+                *severity = serde_json::Value::from("warning");
+                serde_json::from_value(value).ok()
+            })
+        })
         .collect();
     if read.len() < sent {
-        tracing::warn!(
-            left_out = sent - read.len(),
-            "pair channel: log entries not readable here (a newer peer?) left out"
+        warn_once(
+            &SAID,
+            format_args!(
+                "{} log entries not readable here (a newer peer?) left out",
+                sent - read.len()
+            ),
         );
     }
     Ok(read)
@@ -256,14 +283,21 @@ mod tests {
 
     #[test]
     fn logs_a_daemon_cannot_read_do_not_stop_the_state() {
-        // An entry of a kind this daemon does not know is left out.
+        // A severity this daemon does not know reads as a warning; an
+        // entry that does not read at all is left out.
+        let mut unreadable = event(4, "info");
+        unreadable.as_object_mut().unwrap().remove("message");
         let state: PairState = serde_json::from_value(state_with_logs(serde_json::json!({
             "log": "b", "held": null, "audit": [],
-            "events": [event(1, "info"), event(2, "catastrophic"), event(3, "warning")]
+            "events": [event(1, "info"), event(2, "catastrophic"), event(3, "warning"), unreadable]
         })))
         .unwrap();
         let logs = state.logs.expect("the logs");
-        assert_eq!(logs.events.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(
+            logs.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_eq!(logs.events[1].severity, crate::model::Severity::Warning);
         // Logs whose shape changed: none, and the state still reads.
         let state: PairState =
             serde_json::from_value(state_with_logs(serde_json::json!({"log": 7}))).unwrap();

@@ -162,14 +162,15 @@ impl Store {
     }
 
     /// This node's own events after its number `after`, oldest first, at
-    /// most `limit`.
+    /// most `limit`; none logged before the logs were shared (migration
+    /// 5), which stay its own.
     pub fn own_events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         let after = after.max(self.shared_after.0);
         self.own_after("events", EVENT_COLUMNS, row_to_event, (after, limit))
     }
 
     /// This node's own audit entries after its number `after`, oldest
-    /// first, at most `limit`.
+    /// first, at most `limit`; none logged before the logs were shared.
     pub fn own_audit_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let after = after.max(self.shared_after.1);
         self.own_after("audit", AUDIT_COLUMNS, row_to_audit, (after, limit))
@@ -224,7 +225,9 @@ impl Store {
     /// at or below the mark would never reach the peer. Returns whether it
     /// was behind.
     pub fn number_own_entries_past(&self, mark: &LogMark) -> Result<bool, StoreError> {
-        if mark.log != self.log_id {
+        // A mark no log reaches (a faulty peer) would leave no numbers.
+        const MARK_MAX: u64 = 1 << 48;
+        if mark.log != self.log_id || mark.events.max(mark.audit) > MARK_MAX {
             return Ok(false);
         }
         let mut conn = self.conn();
@@ -461,6 +464,18 @@ mod tests {
         };
         assert!(!a.number_own_entries_past(&other).unwrap());
         assert!(!a.number_own_entries_past(&mark).unwrap());
+        // A mark no log reaches (a faulty peer) is ignored.
+        let faulty = LogMark {
+            events: u64::MAX,
+            ..mark.clone()
+        };
+        assert!(!a.number_own_entries_past(&faulty).unwrap());
+        assert_eq!(
+            a.add_event(Severity::Info, false, "vm", None, "n")
+                .unwrap()
+                .id,
+            12
+        );
     }
 
     #[test]
@@ -503,6 +518,22 @@ mod tests {
         );
         // Both stay in its own log.
         assert_eq!(all_events(&store).len(), 2);
+    }
+
+    #[test]
+    fn a_database_without_the_shared_after_keys_opens_and_shares_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, "node-a");
+        store
+            .add_event(Severity::Info, false, "vm", None, "e1")
+            .unwrap();
+        store
+            .conn()
+            .execute("DELETE FROM meta WHERE key LIKE '%_shared_after'", [])
+            .unwrap();
+        drop(store);
+        let store = open(&dir, "node-a");
+        assert_eq!(store.own_events_after(0, 10).unwrap().len(), 1);
     }
 
     #[test]

@@ -167,7 +167,12 @@ impl Store {
                 row.get::<_, String>(0)
             })
         };
-        let number = |key: &str| meta(key).map(|v| v.parse::<u64>().unwrap_or(0));
+        // None (a database from before these keys): nothing held back.
+        let number = |key: &str| {
+            meta(key)
+                .optional()
+                .map(|v| v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+        };
         let log_id = meta("log_id").map_err(open_err)?;
         let shared_after = (
             number("events_shared_after").map_err(open_err)?,
