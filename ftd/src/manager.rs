@@ -209,11 +209,7 @@ impl Manager {
             Severity::Warning => tracing::warn!(kind, vm, alert, "{message}"),
             Severity::Critical => tracing::error!(kind, vm, alert, "{message}"),
         }
-        let _order = self
-            .inner
-            .log_order
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _order = self.log_order();
         match self
             .inner
             .store
@@ -346,16 +342,20 @@ impl Manager {
                 );
             }
         }
-        let _order = self
-            .inner
-            .log_order
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _order = self.log_order();
         for event in store.take_peer_entries(&logs.log, &logs.events, &logs.audit)? {
             // No subscriber is not an error.
             let _ = self.inner.events.send(event);
         }
         Ok(true)
+    }
+
+    /// See [`Inner::log_order`].
+    fn log_order(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .log_order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The peer's name, or "the peer".

@@ -21,7 +21,9 @@ pub struct LogMark {
     pub audit: u64,
 }
 
+/// The columns [`row_to_event`] reads, in its order.
 const EVENT_COLUMNS: &str = "id, unix_ms, node, severity, alert, kind, vm, message";
+/// The columns [`row_to_audit`] reads, in its order.
 const AUDIT_COLUMNS: &str = "id, unix_ms, node, who, action, status, result";
 
 fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
@@ -97,13 +99,13 @@ impl Store {
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT id, unix_ms, node, severity, alert, kind, vm, message FROM (
+            .prepare(&format!(
+                "SELECT {EVENT_COLUMNS} FROM (
                      SELECT * FROM events
                      WHERE (?1 IS NULL OR vm = ?1) AND (?2 = 0 OR alert = 1) AND id > ?3
                      ORDER BY id DESC LIMIT ?4)
-                 ORDER BY id",
-            )
+                 ORDER BY id"
+            ))
             .map_err(query("list events"))?;
         let rows = stmt
             .query_map(
@@ -150,10 +152,10 @@ impl Store {
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT id, unix_ms, node, who, action, status, result FROM (
-                     SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
-            )
+            .prepare(&format!(
+                "SELECT {AUDIT_COLUMNS} FROM (
+                     SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id"
+            ))
             .map_err(query("list audit"))?;
         let rows = stmt
             .query_map(params![limit as i64], row_to_audit)
