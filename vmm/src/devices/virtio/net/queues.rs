@@ -63,6 +63,11 @@ pub struct NetQueues {
     pub rx_log: Arc<RxLog>,
     /// While set, nothing is received (see `Net::pause`).
     pub paused: bool,
+    /// A receive pass stopped for the pause (frames may wait): the
+    /// receive thread is kicked at the resume only then, not at every
+    /// checkpoint's (a wakeup that, where the engine and the vCPUs share
+    /// one CPU, preempts the engine and the guest for nothing).
+    pub stopped_by_pause: bool,
     pub counters: NetCounters,
     rx_frame: Vec<u8>,
     tx_frame: Vec<u8>,
@@ -95,6 +100,8 @@ impl NetQueues {
             gate,
             rx_log,
             paused,
+            // Created paused: whatever came meanwhile is looked at on resume.
+            stopped_by_pause: paused,
             counters: NetCounters::default(),
             rx_frame: vec![0; MAX_FRAME_LEN],
             tx_frame: Vec::with_capacity(MAX_FRAME_LEN),
@@ -159,6 +166,7 @@ impl NetQueues {
         let mut used = false;
         let stop = loop {
             if self.paused {
+                self.stopped_by_pause = true;
                 break RxStop::Paused;
             }
             // A buffer first: a frame is read from the TAP only when there
