@@ -120,8 +120,10 @@ pub struct FtCounters {
     #[serde(default)]
     pub stop_us_sum: u64,
     /// The interval planned after the last checkpoint, from its resume, by
-    /// its stop and `max` from the checkpoint's start (output that waits
-    /// brings the next checkpoint forward to `min` after it).
+    /// its cost to the guest (its stop, and the vCPUs' wait for the
+    /// engine per checkpoint of late) and `max` from the checkpoint's
+    /// start (output that waits brings the next checkpoint forward to
+    /// `min` after it).
     pub interval_us_last: u64,
     /// How long the guest's vCPUs (on average) were ready to run but
     /// waited for a CPU while the rest of the engine's process (the

@@ -4,7 +4,8 @@
 //! device threads) ran. On a node whose cores the vCPUs share with the
 //! engine (a one-CPU lab node; a small server) this is what the guest
 //! loses after each resume; with cores to spare it is near zero. The
-//! status counts it (`vcpu_waited_us_total`); the interval does not (see
+//! status counts it (`vcpu_waited_us_total`), and the interval counts its
+//! mean per checkpoint as part of a checkpoint's cost (see
 //! [`crate::interval`]). The clocks are read at most every
 //! [`READ_EVERY`], after the checkpoint's send, while the guest runs, and
 //! the bound (the rest of the process's CPU time) holds over each such
@@ -34,6 +35,10 @@ pub(super) struct CpuWait {
     vcpus: u32,
     last: Option<Reading>,
     read_at: Instant,
+    /// Checkpoints since the last reading.
+    checkpoints: u32,
+    /// The mean wait per checkpoint between the last two readings.
+    per_checkpoint: Duration,
 }
 
 /// How often the clocks are read (one `pread` per vCPU and one
@@ -47,14 +52,24 @@ impl CpuWait {
             vcpus: u32::from(vm.config().vcpus).max(1),
             last: reading(vm),
             read_at: Instant::now(),
+            checkpoints: 0,
+            per_checkpoint: Duration::ZERO,
         }
     }
 
-    /// Since the last reading, once [`READ_EVERY`] passed (before, None):
-    /// how long a vCPU waited on average, at most the CPU time the rest of
-    /// the process used meanwhile (a wait for other programs of the node
-    /// is not the engine's cost). Zero where the kernel does not tell.
+    /// How long the vCPUs waited per checkpoint (on average) between the
+    /// last two readings; zero before the second.
+    pub(super) fn per_checkpoint(&self) -> Duration {
+        self.per_checkpoint
+    }
+
+    /// Called once per checkpoint. Since the last reading, once
+    /// [`READ_EVERY`] passed (before, None): how long a vCPU waited on
+    /// average, at most the CPU time the rest of the process used
+    /// meanwhile (a wait for other programs of the node is not the
+    /// engine's cost). Zero where the kernel does not tell.
     pub(super) fn since_last(&mut self, vm: &Vm, now: Instant) -> Option<Duration> {
+        self.checkpoints += 1;
         if now.saturating_duration_since(self.read_at) < READ_EVERY {
             return None;
         }
@@ -65,6 +80,7 @@ impl CpuWait {
         };
         self.last = reading;
         self.read_at = now;
+        self.per_checkpoint = waited / std::mem::take(&mut self.checkpoints);
         Some(waited)
     }
 }

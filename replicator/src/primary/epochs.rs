@@ -26,7 +26,7 @@ use super::lease::GateMode;
 use super::switchover::{hand_over, output_batches, Outcome};
 use super::{send_all, AckEvent, PrimaryConfig, PrimaryError, Session};
 use crate::assembler::EPOCH_DISK_BYTES_MAX;
-use crate::interval::Schedule;
+use crate::interval::{GuestLoss, Schedule};
 use crate::protocol::{epoch_frames_from, Message};
 use crate::status::StatusBoard;
 
@@ -158,7 +158,11 @@ pub(super) async fn epochs(
         let captured = captured?;
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
         if let Some(stopped) = stopped {
-            plan_next(&mut schedule, stop_start, stopped, vm, status);
+            let loss = GuestLoss {
+                stopped,
+                waited: cpu_wait.per_checkpoint(),
+            };
+            plan_next(&mut schedule, stop_start, loss, vm, status);
         }
         in_flight.push(Pending {
             epoch,
@@ -198,8 +202,11 @@ pub(super) async fn epochs(
             };
             vm.resume();
             acked?;
-            let stopped = stop_start.elapsed();
-            plan_next(&mut schedule, stop_start, stopped, vm, status);
+            let loss = GuestLoss {
+                stopped: stop_start.elapsed(),
+                waited: cpu_wait.per_checkpoint(),
+            };
+            plan_next(&mut schedule, stop_start, loss, vm, status);
         } else {
             sent?;
         }
@@ -219,16 +226,16 @@ pub(super) async fn epochs(
 /// standby would take over a VM stopped on purpose).
 pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 
-/// After a checkpoint that began at `stop_start` and stopped the guest
-/// `stopped`: when the next one is due.
+/// After a checkpoint that began at `stop_start` and cost the guest
+/// `loss`: when the next one is due.
 fn plan_next(
     schedule: &mut Schedule,
     stop_start: Instant,
-    stopped: Duration,
+    loss: GuestLoss,
     vm: &Vm,
     status: &StatusBoard,
 ) {
-    let interval = schedule.plan_next(stop_start, stopped, vm.output().has_unsealed());
+    let interval = schedule.plan_next(stop_start, loss, vm.output().has_unsealed());
     status.update(|s| s.counters.interval_us_last = interval.as_micros() as u64);
 }
 
