@@ -1,19 +1,24 @@
 //! When the next checkpoint is due. Between `min` and `max` (2 and 20 ms by
 //! default): as soon as `min` allows while guest output waits for a
 //! checkpoint (held output is latency a client sees), otherwise later the
-//! more a checkpoint costs the guest, so that it loses at most about a
-//! tenth of its time to them: the time it was stopped, and the time its
-//! vCPUs waited for a CPU while the engine worked after the resume.
+//! more a checkpoint costs the guest, so that, below `max`, it loses about
+//! a tenth of its time to them at most: the time it was stopped, and the
+//! time its vCPUs waited for a CPU while the engine's process worked.
 //!
 //! Where the engine shares the guest's cores (a one-CPU lab node; a small
-//! server) that wait is most of a checkpoint's cost: a lab node's engine
-//! costs its guest about 2 ms of CPU per checkpoint, a few pages or none,
-//! against a stop of about 0.6 ms. Counted, a CPU-bound guest there is
-//! checkpointed about 50 times a second instead of about 90 and keeps 0.74
-//! of its unprotected speed instead of 0.60 (session 53, `SPIN` in the
-//! ledger VM, alternated runs). On a server with cores to spare the vCPUs
-//! do not wait and the stop alone counts. Output still brings the next
-//! checkpoint to `min`, whatever the cost.
+//! server) that wait is most of a checkpoint's cost: on a lab node about
+//! 1.5-2 ms per checkpoint, a few pages or none, besides a stop of about
+//! 0.6 ms. Counted, a CPU-bound guest there is checkpointed about 50 times
+//! a second instead of about 90 and keeps 0.74 of its unprotected speed
+//! instead of 0.60 (session 53, `SPIN` in the ledger VM, alternated runs).
+//! The wait is a mean per checkpoint over the last reading window (a
+//! quarter of a second, [`crate::primary`]'s `CpuWait`), so work that does
+//! not grow with the checkpoints (the device threads, the heartbeats)
+//! counts too, the more the fewer checkpoints there are: where the rest of
+//! the process keeps a shared CPU busy, the interval sits at `max`. On a
+//! server with cores to spare the vCPUs do not wait and the stop alone
+//! counts. Output still brings the next checkpoint to `min`, whatever the
+//! cost.
 
 use std::time::{Duration, Instant};
 
@@ -192,8 +197,8 @@ mod tests {
         let ms = Duration::from_millis;
         let us = Duration::from_micros;
         let loss = |stopped, waited| GuestLoss { stopped, waited };
-        // A lab node: a 0.6 ms stop, 1.4 ms waited after it: nine times
-        // the 2 ms the guest lost, not nine times the stop.
+        // A 0.6 ms stop and 1.4 ms waited: nine times the 2 ms the guest
+        // lost, not nine times the stop.
         assert_eq!(l.next(loss(us(600), us(1400)), false), ms(18));
         assert_eq!(l.next(loss(us(600), ms(3)), false), ms(20));
         // Cores to spare: nothing waited, the stop alone counts.
