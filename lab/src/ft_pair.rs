@@ -302,13 +302,19 @@ pub fn status(lab: &Lab, node: NodeId) -> Option<Status> {
     client.vm_engine::<Status>(VM_NAME).ok()
 }
 
-/// The tails of `node`'s daemon log and of its ledger VM role's log.
+/// The tails of `node`'s daemon log, of its ledger VM role's log and of
+/// the guest's console.
 pub fn log_tail(lab: &Lab, node: NodeId) -> String {
     log_tails(lab, node, 15, 20)
 }
 
-/// The last `daemon` lines of `node`'s daemon log and the last `engine`
-/// lines of its ledger VM role's log.
+/// The guest console's last lines [`log_tails`] shows: a guest that
+/// panicked and rebooted says why there (the engine only sees the reset).
+const GUEST_CONSOLE_LINES: usize = 20;
+
+/// The last `daemon` lines of `node`'s daemon log, the last `engine`
+/// lines of its ledger VM role's log and the last lines of the ledger
+/// guest's console there (appended to boot after boot).
 pub fn log_tails(lab: &Lab, node: NodeId, daemon: usize, engine: usize) -> String {
     lab.exec(
         node,
@@ -317,7 +323,9 @@ pub fn log_tails(lab: &Lab, node: NodeId, daemon: usize, engine: usize) -> Strin
             "-c",
             &format!(
                 "echo '--- ftd'; tail -n {daemon} /data/ftd/ftd.log; \
-                 echo '--- {VM_NAME}'; tail -n {engine} /data/ftd/vms/{VM_NAME}/ftprotect.log"
+                 echo '--- {VM_NAME}'; tail -n {engine} /data/ftd/vms/{VM_NAME}/ftprotect.log; \
+                 echo '--- {VM_NAME} guest console'; \
+                 tail -n {GUEST_CONSOLE_LINES} /data/ftd/vms/{VM_NAME}/console.log"
             ),
         ],
         EXEC_TIMEOUT,
