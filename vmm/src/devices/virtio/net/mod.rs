@@ -280,28 +280,33 @@ impl VirtioDevice for Net {
 mod tests {
     use super::*;
 
-    /// Frames to replay reach the guest's receive buffers in order, before
-    /// anything else, and are numbered and copied like frames from the TAP.
-    #[test]
-    fn replayed_frames_are_delivered_numbered_and_recorded() {
-        use std::time::{Duration, Instant};
+    use std::time::{Duration, Instant};
 
-        use vm_memory::{Bytes, GuestAddress};
+    use crate::memory::GuestMemoryMmap;
+
+    use super::rx_log::RxLog;
+    use super::tap::VNET_HDR_LEN;
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::test_queue::TestQueue;
+
+    /// A net device on a new TAP named `tap`, brought up by a driver: its
+    /// transport, the guest memory, its receive queue and its receive log.
+    fn active_net(
+        tap: &str,
+        mac_last: u8,
+    ) -> (MmioTransport, GuestMemoryMmap, TestQueue, Arc<RxLog>) {
         use vmm_sys_util::eventfd::EventFd;
 
-        use super::tap::VNET_HDR_LEN;
         use crate::devices::virtio::mmio::driver::bring_up;
-        use crate::devices::virtio::mmio::MmioTransport;
-        use crate::devices::virtio::test_queue::{test_memory, TestQueue};
+        use crate::devices::virtio::test_queue::test_memory;
         use crate::devices::virtio::VirtioInterrupt;
 
         let net = Net::open(&NetConfig {
-            tap: "ftrxlogt0".into(),
-            mac: [2, 0, 0, 0, 0, 1],
+            tap: tap.into(),
+            mac: [2, 0, 0, 0, 0, mac_last],
         })
         .expect("TAP (needs CAP_NET_ADMIN)");
         let log = net.rx_log();
-        log.start();
         let mem = test_memory();
         let irq = Arc::new(VirtioInterrupt::new(
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -312,6 +317,17 @@ mod tests {
         let features = transport.device().features();
         bring_up(&mut transport, features, &[&rx, &tx]);
         assert!(transport.is_active());
+        (transport, mem, rx, log)
+    }
+
+    /// Frames to replay reach the guest's receive buffers in order, before
+    /// anything else, and are numbered and copied like frames from the TAP.
+    #[test]
+    fn replayed_frames_are_delivered_numbered_and_recorded() {
+        use vm_memory::{Bytes, GuestAddress};
+
+        let (mut transport, mem, rx, log) = active_net("ftrxlogt0", 1);
+        log.start();
         let frame = |n: u8| {
             let mut f = vec![0u8; VNET_HDR_LEN + 60];
             f[VNET_HDR_LEN..].fill(n);
@@ -355,31 +371,7 @@ mod tests {
     /// nothing.
     #[test]
     fn frames_that_came_while_paused_are_delivered_after_the_resume() {
-        use std::time::{Duration, Instant};
-
-        use vmm_sys_util::eventfd::EventFd;
-
-        use super::tap::VNET_HDR_LEN;
-        use crate::devices::virtio::mmio::driver::bring_up;
-        use crate::devices::virtio::mmio::MmioTransport;
-        use crate::devices::virtio::test_queue::{test_memory, TestQueue};
-        use crate::devices::virtio::VirtioInterrupt;
-
-        let net = Net::open(&NetConfig {
-            tap: "ftrxpause0".into(),
-            mac: [2, 0, 0, 0, 0, 2],
-        })
-        .expect("TAP (needs CAP_NET_ADMIN)");
-        let log = net.rx_log();
-        let mem = test_memory();
-        let irq = Arc::new(VirtioInterrupt::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        ));
-        let mut transport = MmioTransport::new(Box::new(net), mem.clone(), irq);
-        let rx = TestQueue::new(&mem, 0x1_0000, 16);
-        let tx = TestQueue::new(&mem, 0x2_0000, 16);
-        let features = transport.device().features();
-        bring_up(&mut transport, features, &[&rx, &tx]);
+        let (mut transport, mem, rx, log) = active_net("ftrxpause0", 2);
         for i in 0..4u64 {
             rx.add_chain(&mem, &[(0x30_0000 + i * 0x1000, 2048, true)]);
         }
