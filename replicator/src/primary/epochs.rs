@@ -158,11 +158,7 @@ pub(super) async fn epochs(
         let captured = captured?;
         let stopped = (!config.synchronous).then(|| stop_start.elapsed());
         if let Some(stopped) = stopped {
-            let loss = GuestLoss {
-                stopped,
-                waited: cpu_wait.per_checkpoint(),
-            };
-            plan_next(&mut schedule, stop_start, loss, vm, status);
+            plan_next(&mut schedule, (stop_start, stopped), &cpu_wait, vm, status);
         }
         in_flight.push(Pending {
             epoch,
@@ -202,11 +198,8 @@ pub(super) async fn epochs(
             };
             vm.resume();
             acked?;
-            let loss = GuestLoss {
-                stopped: stop_start.elapsed(),
-                waited: cpu_wait.per_checkpoint(),
-            };
-            plan_next(&mut schedule, stop_start, loss, vm, status);
+            let stopped = stop_start.elapsed();
+            plan_next(&mut schedule, (stop_start, stopped), &cpu_wait, vm, status);
         } else {
             sent?;
         }
@@ -226,15 +219,20 @@ pub(super) async fn epochs(
 /// standby would take over a VM stopped on purpose).
 pub const DRAIN_AT_STOP: Duration = Duration::from_millis(500);
 
-/// After a checkpoint that began at `stop_start` and cost the guest
-/// `loss`: when the next one is due.
+/// After a checkpoint that began at `stop_start` and stopped the guest
+/// `stopped`: when the next one is due, by what it cost the guest (the
+/// stop, and the vCPUs' wait for the engine per checkpoint of late).
 fn plan_next(
     schedule: &mut Schedule,
-    stop_start: Instant,
-    loss: GuestLoss,
+    (stop_start, stopped): (Instant, Duration),
+    cpu_wait: &CpuWait,
     vm: &Vm,
     status: &StatusBoard,
 ) {
+    let loss = GuestLoss {
+        stopped,
+        waited: cpu_wait.per_checkpoint(),
+    };
     let interval = schedule.plan_next(stop_start, loss, vm.output().has_unsealed());
     status.update(|s| s.counters.interval_us_last = interval.as_micros() as u64);
 }
