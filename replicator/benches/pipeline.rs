@@ -27,11 +27,12 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use ft_link::auth::PairSecret;
+use bytes::{Bytes, BytesMut};
+use ft_link::auth::{PairSecret, Side};
+use ft_link::frame::HEADER_LEN;
 use ft_link::hello::{CpuFeatureSummary, Hello, Role};
 use ft_link::link::{Link, LinkConfig, LinkListener};
-use ft_link::seal::Protection;
+use ft_link::seal::{KeyExchange, Protection, RECORD_OVERHEAD, RECORD_PLAIN_MAX};
 use replicator::assembler::EpochAssembler;
 use replicator::checkpoint_bench::memcpy_ns_per_page;
 use replicator::primary::DEFAULT_EPOCHS_IN_FLIGHT;
@@ -180,7 +181,7 @@ async fn main() {
         "the allocator's settings"
     );
     let (mut sealed, mut plaintext) = (Vec::new(), Vec::new());
-    let (mut tcp_default, mut tcp_tuned) = (Vec::new(), Vec::new());
+    let (mut tcp_default, mut tcp_tuned, mut seal_open) = (Vec::new(), Vec::new(), Vec::new());
     // A B B A ...: neither kind always runs first (on a colder machine).
     for i in 0..RUNS {
         if i % 2 == 0 {
@@ -190,27 +191,56 @@ async fn main() {
             plaintext.push(run(Protection::Plaintext).await.rates());
             sealed.push(run(Protection::Sealed).await.rates());
         }
-        tcp_default.push(loopback_tcp_pages_per_ms(DEFAULT_STREAM));
-        tcp_tuned.push(loopback_tcp_pages_per_ms(TUNED_STREAM));
+        tcp_default.push(loopback_tcp(DEFAULT_STREAM));
+        tcp_tuned.push(loopback_tcp(TUNED_STREAM));
+        seal_open.push(seal_open_ns_per_page());
     }
     let (sealed, plaintext) = (Rates::median(&sealed), Rates::median(&plaintext));
-    let (tcp_default, tcp_tuned) = (median(tcp_default), median(tcp_tuned));
+    let (tcp_default, tcp_tuned) = (
+        StreamFigures::median(&tcp_default),
+        StreamFigures::median(&tcp_tuned),
+    );
+    let seal_open_ns = median(seal_open);
     // What one stream carries here: the better of the two ways to use it.
-    let tcp = tcp_default.max(tcp_tuned);
-    let memcpy_per_ms = 1e6 / memcpy_ns_per_page(256);
+    let tcp = tcp_default.pages_per_ms.max(tcp_tuned.pages_per_ms);
+    let memcpy_ns = memcpy_ns_per_page(256);
+    let memcpy_per_ms = 1e6 / memcpy_ns;
     let cores = cores();
     let wire_share = tcp / memcpy_per_ms;
+    let limit = MachineLimit::new(
+        tcp_default.cpu_ns_per_page.min(tcp_tuned.cpu_ns_per_page),
+        memcpy_ns,
+        seal_open_ns,
+        cores,
+        tcp,
+    );
     println!(
         "pipeline: {EPOCHS} epochs x {PAGES_PER_EPOCH} pages of a {MEM_MIB} MiB memory (populated, as after the initial copy), replica verified equal; medians of {RUNS} runs"
     );
     println!("  memcpy (same run)            {memcpy_per_ms:>10.0} pages/ms");
-    for (stream, rate) in [(DEFAULT_STREAM, tcp_default), (TUNED_STREAM, tcp_tuned)] {
+    for (stream, figures) in [(DEFAULT_STREAM, tcp_default), (TUNED_STREAM, tcp_tuned)] {
         println!(
-            "  one loopback TCP stream (same run, bytes only; {}) {rate:>10.0} pages/ms  ({:.2} of memcpy)",
+            "  one loopback TCP stream (same run, bytes only; {}) {:>10.0} pages/ms  ({:.2} of memcpy), CPU {:.0} ns per page (both ends)",
             stream.describe(),
-            rate / memcpy_per_ms
+            figures.pages_per_ms,
+            figures.pages_per_ms / memcpy_per_ms,
+            figures.cpu_ns_per_page
         );
     }
+    println!(
+        "  sealing and opening (same run, AES-256-GCM, the link's own code) {:>10.0} pages/ms on one core ({:.0} ns per page)",
+        1e6 / seal_open_ns,
+        seal_open_ns
+    );
+    println!(
+        "  this machine's limit for a sealed pipeline: {:.0} pages/ms ({:.2} of memcpy): the work no pipeline can leave out, each part costed alone in this run ({:.0} ns of CPU per page: the stream's {:.0}, two copies (capture, apply) {:.0}, sealing and opening {:.0}), spread over all {cores} cores, and no faster than the stream",
+        limit.pages_per_ms,
+        limit.pages_per_ms / memcpy_per_ms,
+        limit.cpu_ns_per_page(),
+        limit.stream_cpu_ns,
+        2.0 * limit.memcpy_ns,
+        limit.seal_open_ns
+    );
     for (name, r) in [("sealed", &sealed), ("plaintext", &plaintext)] {
         println!("  A-link {name}:");
         println!(
@@ -236,10 +266,11 @@ async fn main() {
             r.ms_per_epoch
         );
         println!(
-            "    whole pipeline, pipelined ({DEFAULT_EPOCHS_IN_FLIGHT} in flight) {:>10.0} pages/ms  ({:.2} of memcpy, {:.2} of loopback TCP), {:.2} ms per epoch; {:.0} pages/ms ({:.2} of memcpy) with the guest's writes' time counted",
+            "    whole pipeline, pipelined ({DEFAULT_EPOCHS_IN_FLIGHT} in flight) {:>10.0} pages/ms  ({:.2} of memcpy, {:.2} of loopback TCP, {:.2} of the machine's limit), {:.2} ms per epoch; {:.0} pages/ms ({:.2} of memcpy) with the guest's writes' time counted",
             r.pipelined,
             r.pipelined / memcpy_per_ms,
             r.pipelined / tcp,
+            r.pipelined / limit.pages_per_ms,
             r.pipelined_ms_per_epoch,
             r.pipelined_with_writes,
             r.pipelined_with_writes / memcpy_per_ms
@@ -251,12 +282,19 @@ async fn main() {
         );
     }
     println!(
-        "  goal: sealed, pipelined, at {PIPELINE_GOAL:.1} of memcpy; here {:.2}, {:.2} of what one loopback TCP stream carries{}",
+        "  goal: sealed, pipelined, at {PIPELINE_GOAL:.1} of memcpy; here {:.2}, {:.2} of what one loopback TCP stream carries, {:.2} of this machine's limit{}",
         sealed.pipelined / memcpy_per_ms,
         sealed.pipelined / tcp,
-        if wire_share < PIPELINE_GOAL {
+        sealed.pipelined / limit.pages_per_ms,
+        if limit.pages_per_ms / memcpy_per_ms < PIPELINE_GOAL {
             format!(
-                " (that stream alone, bytes only, used the better of the two ways, carries {wire_share:.2} of memcpy on this machine: below the goal, which neither way of using one stream reaches here)"
+                " (the goal is beyond this machine: its limit is {:.2} of memcpy{})",
+                limit.pages_per_ms / memcpy_per_ms,
+                if wire_share < PIPELINE_GOAL {
+                    format!("; one stream alone, bytes only, carries {wire_share:.2}")
+                } else {
+                    String::new()
+                }
             )
         } else {
             String::new()
@@ -268,6 +306,43 @@ async fn main() {
         (1.0 - sealed.pipelined / plaintext.pipelined) * 100.0,
         Protection::Sealed.describe()
     );
+}
+
+/// The fastest a sealed pipeline could run here: the work it cannot
+/// leave out (the stream's bytes through the kernel, both ends; the
+/// capture's copy out of the guest's memory and the apply's copy into the
+/// replica's; sealing and opening), each part's CPU time measured alone,
+/// spread perfectly over the machine's cores, and no faster than the
+/// stream carries bytes alone. Both nodes share these cores here, as a
+/// lab's two nodes share the host's. An estimate (the parts may cost a
+/// little more or less together than alone), not a proof.
+struct MachineLimit {
+    stream_cpu_ns: f64,
+    memcpy_ns: f64,
+    seal_open_ns: f64,
+    pages_per_ms: f64,
+}
+
+impl MachineLimit {
+    fn new(
+        stream_cpu_ns: f64,
+        memcpy_ns: f64,
+        seal_open_ns: f64,
+        cores: usize,
+        stream_pages_per_ms: f64,
+    ) -> MachineLimit {
+        let cpu_ns = stream_cpu_ns + 2.0 * memcpy_ns + seal_open_ns;
+        MachineLimit {
+            stream_cpu_ns,
+            memcpy_ns,
+            seal_open_ns,
+            pages_per_ms: (cores as f64 * 1e6 / cpu_ns).min(stream_pages_per_ms),
+        }
+    }
+
+    fn cpu_ns_per_page(&self) -> f64 {
+        self.stream_cpu_ns + 2.0 * self.memcpy_ns + self.seal_open_ns
+    }
 }
 
 /// How a bare TCP stream is used: the size of each write, and the socket
@@ -307,11 +382,30 @@ const TUNED_STREAM: StreamUse = StreamUse {
     socket_buffers: Some(4 << 20),
 };
 
+/// What a bare stream did.
+#[derive(Clone, Copy)]
+struct StreamFigures {
+    pages_per_ms: f64,
+    /// The CPU time the process took per page's bytes, both ends (their
+    /// system time holds the kernel's work for them, but not what the
+    /// kernel's own threads did: if anything, an underestimate).
+    cpu_ns_per_page: f64,
+}
+
+impl StreamFigures {
+    fn median(runs: &[StreamFigures]) -> StreamFigures {
+        StreamFigures {
+            pages_per_ms: median(runs.iter().map(|r| r.pages_per_ms).collect()),
+            cpu_ns_per_page: median(runs.iter().map(|r| r.cpu_ns_per_page).collect()),
+        }
+    }
+}
+
 /// What one TCP stream over loopback carries on this machine, used as
-/// `how`, in pages per millisecond: as many bytes as the pipeline sends,
+/// `how`, and the CPU time it takes: as many bytes as the pipeline sends,
 /// written and read (in 1 MiB reads) by two threads, nothing done with
 /// them.
-fn loopback_tcp_pages_per_ms(how: StreamUse) -> f64 {
+fn loopback_tcp(how: StreamUse) -> StreamFigures {
     use std::io::{Read, Write};
     let bytes = EPOCHS as usize * PAGES_PER_EPOCH * PAGE_SIZE;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -341,6 +435,7 @@ fn loopback_tcp_pages_per_ms(how: StreamUse) -> f64 {
     buffers(&stream);
     let piece = vec![0x5au8; how.write];
     let start = Instant::now();
+    let start_cpu = process_cpu();
     let mut written = 0;
     while written < bytes {
         let n = piece.len().min(bytes - written);
@@ -348,7 +443,50 @@ fn loopback_tcp_pages_per_ms(how: StreamUse) -> f64 {
         written += n;
     }
     let done = reader.join().expect("reader");
-    (EPOCHS as usize * PAGES_PER_EPOCH) as f64 / (done.duration_since(start).as_secs_f64() * 1e3)
+    let cpu = process_cpu().saturating_sub(start_cpu);
+    let pages = (EPOCHS as usize * PAGES_PER_EPOCH) as f64;
+    StreamFigures {
+        pages_per_ms: pages / (done.duration_since(start).as_secs_f64() * 1e3),
+        cpu_ns_per_page: cpu.as_nanos() as f64 / pages,
+    }
+}
+
+/// The CPU time sealing and opening one page's bytes takes here, with the
+/// link's own sealer and opener on keys from a real key exchange, a page
+/// frame's payload (64 pages) at a time, cut into records as the link cuts
+/// them (the sealer's gather of the plaintext into the record included).
+fn seal_open_ns_per_page() -> f64 {
+    const FRAME_PAGES: usize = 64;
+    const ROUNDS: usize = 256;
+    let secret = PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret");
+    let mut connecting = KeyExchange::new(&secret, Side::Connecting).expect("key exchange");
+    let mut accepting = KeyExchange::new(&secret, Side::Accepting).expect("key exchange");
+    accepting
+        .read(&connecting.write().expect("first message"))
+        .expect("first message read");
+    connecting
+        .read(&accepting.write().expect("answer"))
+        .expect("answer read");
+    let (mut sealer, _) = connecting.finish().expect("keys");
+    let (_, mut opener) = accepting.finish().expect("keys");
+    let payload = vec![0x5au8; FRAME_PAGES * PAGE_SIZE];
+    let mut records = BytesMut::new();
+    let start = Instant::now();
+    for _ in 0..ROUNDS {
+        records.clear();
+        sealer.seal_into(&[&payload], &mut records).expect("seal");
+        let (mut at, mut left) = (0, payload.len());
+        while left > 0 {
+            let plain = left.min(RECORD_PLAIN_MAX);
+            let body = at + HEADER_LEN..at + HEADER_LEN + plain + RECORD_OVERHEAD;
+            at = body.end;
+            let opened = opener.open_in_place(&mut records[body]).expect("open");
+            assert_eq!(opened, plain);
+            left -= plain;
+        }
+        assert_eq!(at, records.len(), "the records end where the payload does");
+    }
+    start.elapsed().as_nanos() as f64 / (ROUNDS * FRAME_PAGES) as f64
 }
 
 async fn run(protection: Protection) -> Figures {
