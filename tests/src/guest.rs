@@ -173,6 +173,19 @@ pub fn run_to_reboot(
     cmdline: &str,
     extra_args: &[&str],
 ) -> String {
+    guest_console_after_reset(run_ftvmm(lab, node, kernel, vcpus, cmdline, extra_args))
+}
+
+/// Runs ftvmm in the foreground in `node` as [`run_to_reboot`] does;
+/// returns how it ended.
+pub fn run_ftvmm(
+    lab: &LabPair,
+    node: NodeId,
+    kernel: &str,
+    vcpus: u8,
+    cmdline: &str,
+    extra_args: &[&str],
+) -> lab::agent::ExecOutput {
     let vcpus = vcpus.to_string();
     let mut argv = vec![
         "timeout",
@@ -191,14 +204,18 @@ pub fn run_to_reboot(
         cmdline,
     ];
     argv.extend_from_slice(extra_args);
-    guest_console_after_reset(lab.exec(node, &argv))
+    lab.exec(node, &argv)
 }
 
 /// The guest console of a foreground ftvmm run, after checking that ftvmm
-/// exited 0 because the guest reset.
+/// exited 0 because the guest reset itself (a reboot through the keyboard
+/// controller, as `reboot=k` does: not a triple fault).
 pub fn guest_console_after_reset(out: lab::agent::ExecOutput) -> String {
     assert!(
-        out.success() && out.stderr.contains("guest stopped (Reset)"),
+        out.success()
+            && out.stderr.contains(
+                "guest stopped (reset: the guest reset itself through the keyboard controller"
+            ),
         "ftvmm exited with {}:\n{}\n{}",
         out.exit_code(),
         out.stdout,

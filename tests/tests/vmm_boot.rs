@@ -1,7 +1,8 @@
 //! ftvmm boots the project's guest kernel to its init inside a lab node (real
-//! kvm_amd), with 1 and with 2 vCPUs, and the guest runs a command.
+//! kvm_amd), with 1 and with 2 vCPUs, and the guest runs a command; a guest
+//! that resets by triple fault is told apart from one that reboots.
 
-use ft_tests::guest::run_to_reboot;
+use ft_tests::guest::{run_ftvmm, run_to_reboot};
 use ft_tests::{LabPair, NodeId};
 
 /// Boots the guest with `vcpus` vCPUs running `program`, then rebooting;
@@ -53,5 +54,27 @@ fn guest_boots_from_a_bzimage() {
     eprintln!(
         "[e2e] bzImage: init reached after {:.2}s",
         init_uptime(&console)
+    );
+}
+
+/// A guest that reboots by triple fault (Linux's `reboot=t`: an empty
+/// interrupt table, then `int3`) is reported as a triple fault, not as the
+/// reset through the keyboard controller that the other tests' `reboot=k`
+/// takes (`run_to_reboot` checks that one), so that a guest's CPU failing
+/// can be told from a guest that rebooted or panicked.
+#[test]
+fn a_triple_fault_is_told_apart_from_a_reboot() {
+    let lab = LabPair::start_nodes("e2e", &[NodeId::A]);
+    let cmdline = "console=ttyS0 reboot=t panic=1 quiet ftguest.run=/bin/true ftguest.then=reboot";
+    let out = run_ftvmm(&lab, NodeId::A, "/images/vmlinux", 1, cmdline, &[]);
+    assert!(
+        out.success()
+            && out
+                .stderr
+                .contains("guest stopped (reset: triple fault on vCPU 0"),
+        "ftvmm exited with {}:\n{}\n{}",
+        out.exit_code(),
+        out.stdout,
+        out.stderr
     );
 }

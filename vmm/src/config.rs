@@ -8,4 +8,4 @@ pub use crate::devices::virtio::block::DiskConfig;
 pub use crate::devices::virtio::net::NetConfig;
 pub use crate::dirty::{DirtyMethod, DirtyTracking};
 pub use crate::vm::{SerialSink, VmConfig};
-pub use crate::vm_event::VmEvent;
+pub use crate::vm_event::{ResetCause, VmEvent};

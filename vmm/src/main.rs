@@ -170,8 +170,8 @@ fn run_until_stopped(vm: Vm, control: Option<Control>) -> ExitCode {
     // Stops serving and removes the socket (if it is still ours).
     drop(server);
     match event {
-        VmEvent::Reset | VmEvent::Shutdown => {
-            eprintln!("ftvmm: guest stopped ({event:?}) after {secs:.3}s");
+        VmEvent::Reset(_) | VmEvent::Shutdown => {
+            eprintln!("ftvmm: guest stopped ({event}) after {secs:.3}s");
             ExitCode::SUCCESS
         }
         VmEvent::VcpuFailed { index, reason } => {

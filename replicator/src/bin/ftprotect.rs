@@ -550,12 +550,12 @@ fn run_primary(
     status.set_state(
         Role::Primary,
         FtState::Stopped,
-        Some(format!("guest stopped: {event:?}")),
+        Some(format!("guest stopped: {event}")),
     );
     match event {
-        VmEvent::Reset | VmEvent::Shutdown => {
+        VmEvent::Reset(_) | VmEvent::Shutdown => {
             forget_ram(pair);
-            eprintln!("ftprotect: guest stopped ({event:?})");
+            eprintln!("ftprotect: guest stopped ({event})");
             ExitCode::SUCCESS
         }
         VmEvent::VcpuFailed { index, reason } => {

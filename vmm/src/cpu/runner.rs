@@ -18,7 +18,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::schedstat::{CpuTimes, ThreadClock};
 use crate::devices::bus::IoBuses;
 use crate::dirty::RingLog;
-use crate::vm_event::VmEvent;
+use crate::vm_event::{ResetCause, VmEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -376,10 +376,18 @@ impl Exits {
             VcpuExit::MmioRead(addr, data) => buses.mmio.read(addr, data),
             VcpuExit::MmioWrite(addr, data) => buses.mmio.write(addr, data),
             VcpuExit::Hlt => {}
-            VcpuExit::Shutdown => return Some(VmEvent::Reset),
+            VcpuExit::Shutdown => {
+                tracing::warn!(
+                    vcpu = index,
+                    "triple fault: the guest's CPU met an exception it could not deliver"
+                );
+                return Some(VmEvent::Reset(ResetCause::TripleFault { vcpu: index }));
+            }
             VcpuExit::SystemEvent(kind, _) => {
                 return Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        VmEvent::Reset(ResetCause::SystemEvent { vcpu: index })
+                    }
                     _ => VmEvent::Shutdown,
                 })
             }

@@ -5,7 +5,7 @@
 use std::sync::mpsc::Sender;
 
 use crate::devices::bus::BusDevice;
-use crate::vm_event::VmEvent;
+use crate::vm_event::{ResetCause, VmEvent};
 
 /// Ports 0x60 (data) to 0x64 (command/status).
 pub const I8042_BASE: u64 = 0x60;
@@ -30,7 +30,9 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
-            let _ = self.events.send(VmEvent::Reset);
+            let _ = self
+                .events
+                .send(VmEvent::Reset(ResetCause::KeyboardController));
         }
     }
 }
@@ -47,6 +49,9 @@ mod tests {
         dev.write(COMMAND_OFFSET, &[0xaa]);
         assert!(rx.try_recv().is_err());
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
-        assert_eq!(rx.try_recv(), Ok(VmEvent::Reset));
+        assert_eq!(
+            rx.try_recv(),
+            Ok(VmEvent::Reset(ResetCause::KeyboardController))
+        );
     }
 }
