@@ -94,6 +94,10 @@ struct Inner {
     /// held until the engine's request ends, even when the HTTP client
     /// went away before.
     engine_asks: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// The peer's mark of this node's logs (events, audit) at which this
+    /// node's own entries were last found to differ from the peer's copy
+    /// ([`Store::own_entries_differ`]): said once a mark.
+    log_divergence_said: Mutex<Option<(u64, u64)>>,
 }
 
 /// See [`Inner::engine_asks`].
@@ -129,6 +133,7 @@ impl Manager {
                 witness_reachable: Mutex::new(None),
                 forwards: Default::default(),
                 engine_asks: Mutex::default(),
+                log_divergence_said: Mutex::new(None),
             }),
         }
     }
@@ -340,6 +345,22 @@ impl Manager {
                          what it logged since it started may be missing from {peer}'s logs"
                     ),
                 );
+            } else if store.own_entries_differ(held)? && self.first_word_of_divergence(held) {
+                let peer = self.peer_name();
+                self.record(
+                    Severity::Warning,
+                    true,
+                    "node",
+                    None,
+                    &format!(
+                        "this node's database went back to an older copy (restored from a \
+                         backup?) and numbered new events or audit entries again where {peer} \
+                         holds others: what it logged since the copy was made, up to event {} and \
+                         audit entry {}, is missing from {peer}'s logs (this node's own logs have \
+                         it; {peer} shows the older entries under those numbers)",
+                        held.events, held.audit
+                    ),
+                );
             }
         }
         let _order = self.log_order();
@@ -348,6 +369,22 @@ impl Manager {
             let _ = self.inner.events.send(event);
         }
         Ok(true)
+    }
+
+    /// Whether the divergence of this node's logs from the peer's copy at
+    /// `mark` is new (see [`Inner::log_divergence_said`]).
+    fn first_word_of_divergence(&self, mark: &crate::store::LogMark) -> bool {
+        let mut said = self
+            .inner
+            .log_divergence_said
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let at = (mark.events, mark.audit);
+        if *said == Some(at) {
+            return false;
+        }
+        *said = Some(at);
+        true
     }
 
     /// See [`Inner::log_order`].
@@ -1126,6 +1163,60 @@ mod tests {
             );
         }
         (store, config, runtime)
+    }
+
+    /// A peer's mark of this node's logs whose entry differs from this
+    /// node's own of that number (this node's database went back to an
+    /// older copy and numbered past the mark) raises one alert a mark,
+    /// not one per state the peer sends; a matching mark raises none.
+    #[test]
+    fn logs_that_differ_from_the_peers_copy_are_said_once_a_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, config, runtime) = engine_view_setup(dir.path(), &[]);
+        let manager = Manager::new(config, dir.path(), store.clone(), runtime);
+        for n in 0..3 {
+            store
+                .add_event(Severity::Info, false, "vm", None, &format!("e{n}"))
+                .unwrap();
+        }
+        let peer = crate::store::Store::open(&dir.path().join("peer-db"), "node-b").unwrap();
+        let exchange = |held| crate::pair::wire::LogExchange {
+            log: peer.log_id().to_string(),
+            held: Some(held),
+            events: vec![],
+            audit: vec![],
+        };
+        let alerts = || {
+            store
+                .own_events_after(0, 100)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.alert && e.message.contains("went back to an older copy"))
+                .count()
+        };
+        // The peer holds this node's entries as they are.
+        peer.take_peer_entries(store.log_id(), &store.own_events_after(0, 2).unwrap(), &[])
+            .unwrap();
+        let same = peer.held_of(store.log_id()).unwrap();
+        assert_eq!(same.events, 2);
+        assert!(manager.take_peer_logs(&exchange(same.clone())).unwrap());
+        assert_eq!(alerts(), 0);
+        // It holds another entry under number 2.
+        let other = crate::store::LogMark {
+            events_fingerprint: same.events_fingerprint.map(|f| f ^ 1),
+            ..same.clone()
+        };
+        for _ in 0..3 {
+            assert!(manager.take_peer_logs(&exchange(other.clone())).unwrap());
+        }
+        assert_eq!(alerts(), 1, "once for this mark");
+        let later = crate::store::LogMark {
+            events: 3,
+            events_fingerprint: Some(0),
+            ..other
+        };
+        assert!(manager.take_peer_logs(&exchange(later)).unwrap());
+        assert_eq!(alerts(), 2, "again at another mark");
     }
 
     /// After a level change the engine runs the old level's session until

@@ -315,11 +315,7 @@ mod tests {
     fn exchange(log: &str, held: Option<(&str, u64, u64)>) -> wire::LogExchange {
         wire::LogExchange {
             log: log.into(),
-            held: held.map(|(log, events, audit)| LogMark {
-                log: log.into(),
-                events,
-                audit,
-            }),
+            held: held.map(|(log, events, audit)| LogMark::new(log, events, audit)),
             events: vec![],
             audit: vec![],
         }

@@ -7,18 +7,82 @@
 //! entry also has a number here, in the order this node learned of it: the
 //! API's paging and the live stream's catch-up go by that one.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::{query, unix_ms, EventFilter, Store, StoreError};
 use crate::model::{AuditEntry, Event, Severity};
 
 /// How far a node holds another node's logs: that log's identity and the
-/// newest entry of each kind held (by its number there).
+/// newest entry of each kind held (by its number there), with a
+/// fingerprint of each of those two entries as the holder has them.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LogMark {
     pub log: String,
     pub events: u64,
     pub audit: u64,
+    /// [`Fingerprint`] of the event numbered `events` as the holder has
+    /// it: none with nothing held, and from a daemon before them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_fingerprint: Option<u32>,
+    /// The same of the audit entry numbered `audit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_fingerprint: Option<u32>,
+}
+
+impl LogMark {
+    /// A mark without fingerprints.
+    pub fn new(log: &str, events: u64, audit: u64) -> LogMark {
+        LogMark {
+            log: log.to_string(),
+            events,
+            audit,
+            events_fingerprint: None,
+            audit_fingerprint: None,
+        }
+    }
+}
+
+/// A checksum (crc32) of what makes a log entry the one it is, the same on
+/// both nodes for one entry (each column as stored: the peer stores what
+/// the owner sent of its row) and across builds: the log's owner compares
+/// a mark's with its own entry of that number to notice that its database
+/// went back to an older copy and numbered new entries again where the
+/// peer holds older ones ([`Store::own_entries_differ`]).
+struct Fingerprint;
+
+impl Fingerprint {
+    /// The columns a fingerprint covers, by table.
+    fn columns(table: &str) -> &'static str {
+        if table == "events" {
+            "unix_ms, node, kind, message"
+        } else {
+            "unix_ms, node, who, action, status, result"
+        }
+    }
+
+    /// The fingerprint of the row `row` holds ([`Fingerprint::columns`]).
+    fn of(row: &rusqlite::Row<'_>) -> rusqlite::Result<u32> {
+        let mut crc = crc32fast::Hasher::new();
+        for i in 0..row.as_ref().column_count() {
+            match row.get_ref(i)? {
+                rusqlite::types::ValueRef::Integer(n) => {
+                    crc.update(b"i");
+                    crc.update(&n.to_le_bytes());
+                }
+                rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                    crc.update(b"t");
+                    crc.update(&(t.len() as u64).to_le_bytes());
+                    crc.update(t);
+                }
+                rusqlite::types::ValueRef::Real(r) => {
+                    crc.update(b"r");
+                    crc.update(&r.to_le_bytes());
+                }
+                rusqlite::types::ValueRef::Null => crc.update(b"n"),
+            }
+        }
+        Ok(crc.finalize())
+    }
 }
 
 /// The columns [`row_to_event`] reads, in its order.
@@ -201,23 +265,80 @@ impl Store {
     }
 
     /// How far this node holds the logs whose identity is `log` (its
-    /// peer's).
+    /// peer's), with the fingerprints of the newest entries held.
     pub fn held_of(&self, log: &str) -> Result<LogMark, StoreError> {
         let conn = self.conn();
-        let newest = |table: &str| {
-            conn.query_row(
-                &format!("SELECT COALESCE(MAX(origin_id), 0) FROM {table} WHERE origin_log = ?1"),
-                params![log],
-                |row| row.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(query("read the peer's log mark"))
+        let newest = |table: &str| -> Result<(u64, Option<u32>), StoreError> {
+            let newest = conn
+                .query_row(
+                    &format!(
+                        "SELECT COALESCE(MAX(origin_id), 0) FROM {table} WHERE origin_log = ?1"
+                    ),
+                    params![log],
+                    |row| row.get::<_, i64>(0),
+                )
+                .map_err(query("read the peer's log mark"))? as u64;
+            let fingerprint = conn
+                .query_row(
+                    &format!(
+                        "SELECT {} FROM {table} WHERE origin_log = ?1 AND origin_id = ?2",
+                        Fingerprint::columns(table)
+                    ),
+                    params![log, newest as i64],
+                    Fingerprint::of,
+                )
+                .optional()
+                .map_err(query("read the peer's log mark"))?;
+            Ok((newest, fingerprint))
         };
+        let (events, events_fingerprint) = newest("events")?;
+        let (audit, audit_fingerprint) = newest("audit")?;
         Ok(LogMark {
             log: log.to_string(),
-            events: newest("events")?,
-            audit: newest("audit")?,
+            events,
+            audit,
+            events_fingerprint,
+            audit_fingerprint,
         })
+    }
+
+    /// Whether this node's own entry of a number `mark` (how far its peer
+    /// holds this node's logs) fingerprints is not the one the peer holds
+    /// under that number: this node's database went back to an older copy
+    /// and numbered new entries again where the peer holds others, which
+    /// then never reach it. [`Store::number_own_entries_past`] notices
+    /// the same while this node's numbering is still behind the mark;
+    /// this, once it has passed it. An entry this node no longer has, or a
+    /// mark without fingerprints (a daemon before them), says nothing.
+    pub fn own_entries_differ(&self, mark: &LogMark) -> Result<bool, StoreError> {
+        if mark.log != self.log_id {
+            return Ok(false);
+        }
+        let conn = self.conn();
+        for (table, number, theirs) in [
+            ("events", mark.events, mark.events_fingerprint),
+            ("audit", mark.audit, mark.audit_fingerprint),
+        ] {
+            let Some(theirs) = theirs else { continue };
+            let Ok(number) = i64::try_from(number) else {
+                continue;
+            };
+            let ours = conn
+                .query_row(
+                    &format!(
+                        "SELECT {} FROM {table} WHERE origin_log IS NULL AND id = ?1",
+                        Fingerprint::columns(table)
+                    ),
+                    params![number],
+                    Fingerprint::of,
+                )
+                .optional()
+                .map_err(query("read this node's entry at the peer's mark"))?;
+            if ours.is_some_and(|ours| ours != theirs) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Numbers this node's next own entries past `mark` (how far its peer
@@ -436,11 +557,7 @@ mod tests {
             .unwrap();
         // The peer held entries up to 10 and 4 of this log (numbered
         // before a's database went back to an older copy).
-        let mark = LogMark {
-            log: a.log_id().to_string(),
-            events: 10,
-            audit: 4,
-        };
+        let mark = LogMark::new(a.log_id(), 10, 4);
         assert!(a.number_own_entries_past(&mark).unwrap());
         assert!(!a.number_own_entries_past(&mark).unwrap(), "once");
         let next = a
@@ -459,11 +576,7 @@ mod tests {
             "sent on from the peer's mark"
         );
         // A mark of another log, or one not ahead: nothing changes.
-        let other = LogMark {
-            log: "another".into(),
-            events: 100,
-            audit: 100,
-        };
+        let other = LogMark::new("another", 100, 100);
         assert!(!a.number_own_entries_past(&other).unwrap());
         assert!(!a.number_own_entries_past(&mark).unwrap());
         // A mark no log reaches (a faulty peer) is ignored.
@@ -478,6 +591,81 @@ mod tests {
                 .id,
             12
         );
+    }
+
+    #[test]
+    fn a_database_gone_back_and_numbered_past_its_peers_mark_is_noticed_by_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(&dir, "node-a");
+        let b = open(&dir, "node-b");
+        // b holds a's entries as a has them: nothing differs.
+        a.add_event(Severity::Info, false, "vm", None, "first")
+            .unwrap();
+        a.add_audit("admin@x", "POST /api/vms", 201, "made")
+            .unwrap();
+        let (events, audit) = (
+            a.own_events_after(0, 10).unwrap(),
+            a.own_audit_after(0, 10).unwrap(),
+        );
+        b.take_peer_entries(a.log_id(), &events, &audit).unwrap();
+        let mark = b.held_of(a.log_id()).unwrap();
+        assert_eq!((mark.events, mark.audit), (1, 1));
+        assert!(mark.events_fingerprint.is_some() && mark.audit_fingerprint.is_some());
+        assert!(!a.own_entries_differ(&mark).unwrap());
+
+        // c's database goes back to a copy from before its entries that
+        // b holds (here: to none), and it logs more than b holds before
+        // it hears from b again: its numbering is not behind b's mark,
+        // but its entries of those numbers are others.
+        let c = open(&dir, "node-c");
+        let before = open(&dir, "node-c-before");
+        for n in 0..3 {
+            before
+                .add_event(Severity::Info, false, "vm", None, &format!("before {n}"))
+                .unwrap();
+        }
+        before
+            .add_audit("admin@x", "POST /api/vms", 201, "made")
+            .unwrap();
+        let (events, audit) = (
+            before.own_events_after(0, 10).unwrap(),
+            before.own_audit_after(0, 10).unwrap(),
+        );
+        b.take_peer_entries(c.log_id(), &events, &audit).unwrap();
+        let mark = b.held_of(c.log_id()).unwrap();
+        assert_eq!((mark.events, mark.audit), (3, 1));
+        for n in 0..4 {
+            c.add_event(Severity::Info, false, "vm", None, &format!("after {n}"))
+                .unwrap();
+        }
+        c.add_audit("admin@x", "POST /api/vms", 201, "made")
+            .unwrap();
+        assert!(!c.number_own_entries_past(&mark).unwrap());
+        assert!(c.own_entries_differ(&mark).unwrap());
+        // The audit entry alone (the same action, at another time).
+        let audit_only = LogMark {
+            events_fingerprint: None,
+            ..mark.clone()
+        };
+        assert!(c.own_entries_differ(&audit_only).unwrap());
+        // Without fingerprints (a daemon before them), of another log, or
+        // at a number c does not have: nothing is said.
+        assert!(!c
+            .own_entries_differ(&LogMark::new(c.log_id(), 3, 1))
+            .unwrap());
+        assert!(!c
+            .own_entries_differ(&LogMark {
+                log: "another".into(),
+                ..mark.clone()
+            })
+            .unwrap());
+        assert!(!c
+            .own_entries_differ(&LogMark {
+                events: 9,
+                audit: 9,
+                ..mark.clone()
+            })
+            .unwrap());
     }
 
     #[test]
