@@ -21,7 +21,9 @@
 //! also prints the CPU time the process used (both ends and the guest's
 //! writes) as a share of what the machine's cores had in its wall time:
 //! near 1, the run is bound by this machine's CPUs, which carry both
-//! nodes' work here.
+//! nodes' work here. Beside the rates: sealing and opening timed alone,
+//! and this machine's limit for a sealed pipeline by an estimate from the
+//! same run ([`MachineLimit`]), with each pipelined rate as a share of it.
 //!
 //! Run: `cargo bench -p replicator --bench pipeline`.
 
@@ -36,7 +38,9 @@ use ft_link::seal::{KeyExchange, Protection, RECORD_OVERHEAD, RECORD_PLAIN_MAX};
 use replicator::assembler::EpochAssembler;
 use replicator::checkpoint_bench::memcpy_ns_per_page;
 use replicator::primary::DEFAULT_EPOCHS_IN_FLIGHT;
-use replicator::protocol::{epoch_frames, Message, PageStager, PAGE_SIZE};
+use replicator::protocol::{
+    epoch_frames, Message, PageStager, PAGES_PER_FRAME, PAGE_RECORD, PAGE_SIZE,
+};
 use vmm::replication::ReplicaRam;
 
 const MEM_MIB: u64 = 256;
@@ -181,7 +185,7 @@ async fn main() {
         "the allocator's settings"
     );
     let (mut sealed, mut plaintext) = (Vec::new(), Vec::new());
-    let (mut tcp_default, mut tcp_tuned, mut seal_open) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tcp_default, mut tcp_tuned, mut seal_costs) = (Vec::new(), Vec::new(), Vec::new());
     // A B B A ...: neither kind always runs first (on a colder machine).
     for i in 0..RUNS {
         if i % 2 == 0 {
@@ -193,14 +197,14 @@ async fn main() {
         }
         tcp_default.push(loopback_tcp(DEFAULT_STREAM));
         tcp_tuned.push(loopback_tcp(TUNED_STREAM));
-        seal_open.push(seal_open_ns_per_page());
+        seal_costs.push(SealCost::measure());
     }
     let (sealed, plaintext) = (Rates::median(&sealed), Rates::median(&plaintext));
     let (tcp_default, tcp_tuned) = (
         StreamFigures::median(&tcp_default),
         StreamFigures::median(&tcp_tuned),
     );
-    let seal_open_ns = median(seal_open);
+    let seal = SealCost::median(&seal_costs);
     // What one stream carries here: the better of the two ways to use it.
     let tcp = tcp_default.pages_per_ms.max(tcp_tuned.pages_per_ms);
     let memcpy_ns = memcpy_ns_per_page(256);
@@ -210,7 +214,7 @@ async fn main() {
     let limit = MachineLimit::new(
         tcp_default.cpu_ns_per_page.min(tcp_tuned.cpu_ns_per_page),
         memcpy_ns,
-        seal_open_ns,
+        seal,
         cores,
         tcp,
     );
@@ -228,18 +232,20 @@ async fn main() {
         );
     }
     println!(
-        "  sealing and opening (same run, AES-256-GCM, the link's own code) {:>10.0} pages/ms on one core ({:.0} ns per page)",
-        1e6 / seal_open_ns,
-        seal_open_ns
+        "  sealing and opening (same run, AES-256-GCM, the link's own code, one thread) {:>10.0} pages/ms ({:.0} ns per page sealing, {:.0} opening)",
+        1e6 / (seal.seal_ns + seal.open_ns),
+        seal.seal_ns,
+        seal.open_ns
     );
     println!(
-        "  this machine's limit for a sealed pipeline: {:.0} pages/ms ({:.2} of memcpy): the work no pipeline can leave out, each part costed alone in this run ({:.0} ns of CPU per page: the stream's {:.0}, two copies (capture, apply) {:.0}, sealing and opening {:.0}), spread over all {cores} cores, and no faster than the stream",
+        "  this machine's limit for a sealed pipeline, by an estimate from this run: {:.0} pages/ms ({:.2} of memcpy), bound by {}: the work no pipeline can leave out, each part's CPU time measured alone ({:.0} ns per page: the stream's {:.0}, two copies (capture, apply) {:.0}, sealing and opening {:.0}), spread perfectly over all {cores} CPUs, no faster than the stream, nor than one thread seals or opens (optimistic: nothing else counted)",
         limit.pages_per_ms,
         limit.pages_per_ms / memcpy_per_ms,
-        limit.cpu_ns_per_page(),
+        limit.binding,
+        limit.cpu_ns,
         limit.stream_cpu_ns,
         2.0 * limit.memcpy_ns,
-        limit.seal_open_ns
+        limit.seal.seal_ns + limit.seal.open_ns
     );
     for (name, r) in [("sealed", &sealed), ("plaintext", &plaintext)] {
         println!("  A-link {name}:");
@@ -288,9 +294,10 @@ async fn main() {
         sealed.pipelined / limit.pages_per_ms,
         if limit.pages_per_ms / memcpy_per_ms < PIPELINE_GOAL {
             format!(
-                " (the goal is beyond this machine: its limit is {:.2} of memcpy{})",
+                " (the goal is beyond this machine by the estimate: its limit is {:.2} of memcpy, bound by {}{})",
                 limit.pages_per_ms / memcpy_per_ms,
-                if wire_share < PIPELINE_GOAL {
+                limit.binding,
+                if wire_share < PIPELINE_GOAL && limit.binding != "the stream" {
                     format!("; one stream alone, bytes only, carries {wire_share:.2}")
                 } else {
                     String::new()
@@ -308,40 +315,54 @@ async fn main() {
     );
 }
 
-/// The fastest a sealed pipeline could run here: the work it cannot
-/// leave out (the stream's bytes through the kernel, both ends; the
-/// capture's copy out of the guest's memory and the apply's copy into the
-/// replica's; sealing and opening), each part's CPU time measured alone,
-/// spread perfectly over the machine's cores, and no faster than the
-/// stream carries bytes alone. Both nodes share these cores here, as a
-/// lab's two nodes share the host's. An estimate (the parts may cost a
-/// little more or less together than alone), not a proof.
+/// The fastest a sealed pipeline could run here, by an estimate from the
+/// same run: the work it cannot leave out (the stream's bytes through the
+/// kernel, both ends; the capture's copy out of the guest's memory and the
+/// apply's copy into the replica's; sealing and opening), each part's CPU
+/// time measured alone, spread perfectly over the machine's CPUs (logical
+/// ones; copies share one memory), no faster than the stream carries
+/// bytes alone, and no faster than one thread seals or opens (a link has
+/// one sealer and one opener). Optimistic: the parts may cost more
+/// together than alone, and nothing else is counted.
 struct MachineLimit {
     stream_cpu_ns: f64,
     memcpy_ns: f64,
-    seal_open_ns: f64,
+    seal: SealCost,
+    cpu_ns: f64,
     pages_per_ms: f64,
+    /// Which of the three bounds binds.
+    binding: &'static str,
 }
 
 impl MachineLimit {
     fn new(
         stream_cpu_ns: f64,
         memcpy_ns: f64,
-        seal_open_ns: f64,
+        seal: SealCost,
         cores: usize,
         stream_pages_per_ms: f64,
     ) -> MachineLimit {
-        let cpu_ns = stream_cpu_ns + 2.0 * memcpy_ns + seal_open_ns;
+        let cpu_ns = stream_cpu_ns + 2.0 * memcpy_ns + seal.seal_ns + seal.open_ns;
+        let bounds = [
+            (cores as f64 * 1e6 / cpu_ns, "the CPUs"),
+            (stream_pages_per_ms, "the stream"),
+            (
+                1e6 / seal.seal_ns.max(seal.open_ns),
+                "one sealing or opening thread",
+            ),
+        ];
+        let (pages_per_ms, binding) = bounds
+            .into_iter()
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .expect("three bounds");
         MachineLimit {
             stream_cpu_ns,
             memcpy_ns,
-            seal_open_ns,
-            pages_per_ms: (cores as f64 * 1e6 / cpu_ns).min(stream_pages_per_ms),
+            seal,
+            cpu_ns,
+            pages_per_ms,
+            binding,
         }
-    }
-
-    fn cpu_ns_per_page(&self) -> f64 {
-        self.stream_cpu_ns + 2.0 * self.memcpy_ns + self.seal_open_ns
     }
 }
 
@@ -386,9 +407,9 @@ const TUNED_STREAM: StreamUse = StreamUse {
 #[derive(Clone, Copy)]
 struct StreamFigures {
     pages_per_ms: f64,
-    /// The CPU time the process took per page's bytes, both ends (their
-    /// system time holds the kernel's work for them, but not what the
-    /// kernel's own threads did: if anything, an underestimate).
+    /// The CPU time the writing and the reading thread took per page's
+    /// bytes (their system time holds the kernel's work for them, but not
+    /// what the kernel's own threads did: if anything, an underestimate).
     cpu_ns_per_page: f64,
 }
 
@@ -421,6 +442,7 @@ fn loopback_tcp(how: StreamUse) -> StreamFigures {
         let (mut stream, _) = listener.accept().expect("accept");
         buffers(&stream);
         let mut buf = vec![0u8; 1 << 20];
+        let start_cpu = cpu_used(libc::RUSAGE_THREAD);
         let mut read = 0;
         while read < bytes {
             match stream.read(&mut buf).expect("read") {
@@ -428,22 +450,23 @@ fn loopback_tcp(how: StreamUse) -> StreamFigures {
                 n => read += n,
             }
         }
-        Instant::now()
+        (Instant::now(), cpu_used(libc::RUSAGE_THREAD) - start_cpu)
     });
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream.set_nodelay(true).expect("nodelay");
     buffers(&stream);
     let piece = vec![0x5au8; how.write];
     let start = Instant::now();
-    let start_cpu = process_cpu();
+    let start_cpu = cpu_used(libc::RUSAGE_THREAD);
     let mut written = 0;
     while written < bytes {
         let n = piece.len().min(bytes - written);
         stream.write_all(&piece[..n]).expect("write");
         written += n;
     }
-    let done = reader.join().expect("reader");
-    let cpu = process_cpu().saturating_sub(start_cpu);
+    let writer_cpu = cpu_used(libc::RUSAGE_THREAD) - start_cpu;
+    let (done, reader_cpu) = reader.join().expect("reader");
+    let cpu = writer_cpu + reader_cpu;
     let pages = (EPOCHS as usize * PAGES_PER_EPOCH) as f64;
     StreamFigures {
         pages_per_ms: pages / (done.duration_since(start).as_secs_f64() * 1e3),
@@ -451,42 +474,74 @@ fn loopback_tcp(how: StreamUse) -> StreamFigures {
     }
 }
 
-/// The CPU time sealing and opening one page's bytes takes here, with the
-/// link's own sealer and opener on keys from a real key exchange, a page
-/// frame's payload (64 pages) at a time, cut into records as the link cuts
+/// What sealing and opening one page's bytes takes here (ns, on one
+/// thread, CPU-bound: its wall time), with the link's own sealer and
+/// opener on keys from a real key exchange, a page frame's payload at a
+/// time (as the protocol lays it out), cut into records as the link cuts
 /// them (the sealer's gather of the plaintext into the record included).
-fn seal_open_ns_per_page() -> f64 {
-    const FRAME_PAGES: usize = 64;
-    const ROUNDS: usize = 256;
-    let secret = PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret");
-    let mut connecting = KeyExchange::new(&secret, Side::Connecting).expect("key exchange");
-    let mut accepting = KeyExchange::new(&secret, Side::Accepting).expect("key exchange");
-    accepting
-        .read(&connecting.write().expect("first message"))
-        .expect("first message read");
-    connecting
-        .read(&accepting.write().expect("answer"))
-        .expect("answer read");
-    let (mut sealer, _) = connecting.finish().expect("keys");
-    let (_, mut opener) = accepting.finish().expect("keys");
-    let payload = vec![0x5au8; FRAME_PAGES * PAGE_SIZE];
-    let mut records = BytesMut::new();
-    let start = Instant::now();
-    for _ in 0..ROUNDS {
-        records.clear();
-        sealer.seal_into(&[&payload], &mut records).expect("seal");
-        let (mut at, mut left) = (0, payload.len());
-        while left > 0 {
-            let plain = left.min(RECORD_PLAIN_MAX);
-            let body = at + HEADER_LEN..at + HEADER_LEN + plain + RECORD_OVERHEAD;
-            at = body.end;
-            let opened = opener.open_in_place(&mut records[body]).expect("open");
-            assert_eq!(opened, plain);
-            left -= plain;
+#[derive(Clone, Copy)]
+struct SealCost {
+    seal_ns: f64,
+    open_ns: f64,
+}
+
+impl SealCost {
+    fn measure() -> SealCost {
+        const ROUNDS: usize = 256;
+        let secret = PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret");
+        let mut connecting = KeyExchange::new(&secret, Side::Connecting).expect("key exchange");
+        let mut accepting = KeyExchange::new(&secret, Side::Accepting).expect("key exchange");
+        accepting
+            .read(&connecting.write().expect("first message"))
+            .expect("first message read");
+        connecting
+            .read(&accepting.write().expect("answer"))
+            .expect("answer read");
+        let (mut sealer, _) = connecting.finish().expect("keys");
+        let (_, mut opener) = accepting.finish().expect("keys");
+        let header = [0x11u8; HEADER_LEN];
+        let payload = vec![0x5au8; PAGES_PER_FRAME * PAGE_RECORD];
+        let plain_len = header.len() + payload.len();
+        let mut records = BytesMut::new();
+        let (mut seal, mut open) = (Duration::ZERO, Duration::ZERO);
+        // The first round warms up (not timed).
+        for round in 0..=ROUNDS {
+            records.clear();
+            let t = Instant::now();
+            sealer
+                .seal_into(&[&header, &payload], &mut records)
+                .expect("seal");
+            let sealed = t.elapsed();
+            let t = Instant::now();
+            let (mut at, mut left) = (0, plain_len);
+            while left > 0 {
+                let plain = left.min(RECORD_PLAIN_MAX);
+                let body = at + HEADER_LEN..at + HEADER_LEN + plain + RECORD_OVERHEAD;
+                at = body.end;
+                let opened = opener.open_in_place(&mut records[body]).expect("open");
+                assert_eq!(opened, plain);
+                left -= plain;
+            }
+            let opened = t.elapsed();
+            assert_eq!(at, records.len(), "the records end where the frame does");
+            if round > 0 {
+                seal += sealed;
+                open += opened;
+            }
         }
-        assert_eq!(at, records.len(), "the records end where the payload does");
+        let pages = (ROUNDS * PAGES_PER_FRAME) as f64;
+        SealCost {
+            seal_ns: seal.as_nanos() as f64 / pages,
+            open_ns: open.as_nanos() as f64 / pages,
+        }
     }
-    start.elapsed().as_nanos() as f64 / (ROUNDS * FRAME_PAGES) as f64
+
+    fn median(runs: &[SealCost]) -> SealCost {
+        SealCost {
+            seal_ns: median(runs.iter().map(|r| r.seal_ns).collect()),
+            open_ns: median(runs.iter().map(|r| r.open_ns).collect()),
+        }
+    }
 }
 
 async fn run(protection: Protection) -> Figures {
@@ -602,11 +657,17 @@ fn cores() -> usize {
 
 /// The CPU time this process used so far, user and system, all threads.
 fn process_cpu() -> Duration {
+    cpu_used(libc::RUSAGE_SELF)
+}
+
+/// The CPU time, user and system, `who` (`RUSAGE_SELF`: this process;
+/// `RUSAGE_THREAD`: the calling thread) used so far.
+fn cpu_used(who: libc::c_int) -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
     // SAFETY: getrusage writes a whole `rusage` into the buffer it is
     // given, which is one; the value is read only when it says it did.
     let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
+        assert_eq!(libc::getrusage(who, usage.as_mut_ptr()), 0);
         usage.assume_init()
     };
     let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
