@@ -213,9 +213,9 @@ pub fn run_ftvmm(
 pub fn guest_console_after_reset(out: lab::agent::ExecOutput) -> String {
     assert!(
         out.success()
-            && out.stderr.contains(
-                "guest stopped (reset: the guest reset itself through the keyboard controller"
-            ),
+            && out
+                .stderr
+                .contains("guest stopped (reset through the keyboard controller"),
         "ftvmm exited with {}:\n{}\n{}",
         out.exit_code(),
         out.stdout,

@@ -67,11 +67,13 @@ fn a_triple_fault_is_told_apart_from_a_reboot() {
     let lab = LabPair::start_nodes("e2e", &[NodeId::A]);
     let cmdline = "console=ttyS0 reboot=t panic=1 quiet ftguest.run=/bin/true ftguest.then=reboot";
     let out = run_ftvmm(&lab, NodeId::A, "/images/vmlinux", 1, cmdline, &[]);
+    // It booted and rebooted as asked (not a fault on the way).
     assert!(
         out.success()
+            && out.stdout.contains("ftguest: init reached after ")
             && out
                 .stderr
-                .contains("guest stopped (reset: triple fault on vCPU 0"),
+                .contains("guest stopped (reset by a triple fault on vCPU 0"),
         "ftvmm exited with {}:\n{}\n{}",
         out.exit_code(),
         out.stdout,

@@ -16,8 +16,9 @@ pub enum VmEvent {
 /// How a guest came to reset: one that asked (a reboot, or a kernel
 /// panic with `panic=N`) or one whose CPU could not go on (a triple
 /// fault). Told apart for whoever reads why a VM stopped: the first is the
-/// guest's own doing and its console says why; the second leaves nothing
-/// on the console (and on AMD, KVM resets the vCPU's registers at it, so
+/// guest's own doing and its console says why; the second is too when the
+/// guest reboots that way (Linux's `reboot=t`), and else leaves nothing on
+/// the console (and on AMD, KVM resets the vCPU's registers at it, so
 /// they say nothing either).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResetCause {
@@ -27,14 +28,15 @@ pub enum ResetCause {
     /// A triple fault (`KVM_EXIT_SHUTDOWN`) on this vCPU: it met an
     /// exception it could not deliver.
     TripleFault { vcpu: u8 },
-    /// KVM reported a reset system event on this vCPU.
+    /// The guest asked KVM for a reset on this vCPU (a reset system
+    /// event; on x86, Hyper-V's reset register).
     SystemEvent { vcpu: u8 },
 }
 
 impl fmt::Display for VmEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VmEvent::Reset(cause) => write!(f, "reset: {cause}"),
+            VmEvent::Reset(cause) => write!(f, "reset {cause}"),
             VmEvent::Shutdown => write!(f, "powered off"),
             VmEvent::VcpuFailed { index, reason } => write!(f, "vCPU {index} failed: {reason}"),
         }
@@ -46,16 +48,19 @@ impl fmt::Display for ResetCause {
         match self {
             ResetCause::KeyboardController => write!(
                 f,
-                "the guest reset itself through the keyboard controller (a reboot, or a \
-                 panic with panic=N: its console says which)"
+                "through the keyboard controller: the guest rebooted, or panicked with \
+                 panic=N (its console says which)"
             ),
             ResetCause::TripleFault { vcpu } => write!(
                 f,
-                "triple fault on vCPU {vcpu} (it met an exception it could not deliver; \
-                 nothing on the console says why)"
+                "by a triple fault on vCPU {vcpu}: a guest rebooting with reboot=t ends so; \
+                 otherwise its CPU met an exception it could not deliver"
             ),
             ResetCause::SystemEvent { vcpu } => {
-                write!(f, "KVM reported a reset system event on vCPU {vcpu}")
+                write!(
+                    f,
+                    "asked of KVM by the guest on vCPU {vcpu} (a reset system event)"
+                )
             }
         }
     }
@@ -69,13 +74,12 @@ mod tests {
     fn a_reset_says_how_it_came() {
         let said = |cause| VmEvent::Reset(cause).to_string();
         assert!(said(ResetCause::KeyboardController)
-            .starts_with("reset: the guest reset itself through the keyboard controller"));
-        assert!(
-            said(ResetCause::TripleFault { vcpu: 1 }).starts_with("reset: triple fault on vCPU 1")
-        );
+            .starts_with("reset through the keyboard controller: the guest rebooted"));
+        assert!(said(ResetCause::TripleFault { vcpu: 1 })
+            .starts_with("reset by a triple fault on vCPU 1:"));
         assert_eq!(
             said(ResetCause::SystemEvent { vcpu: 0 }),
-            "reset: KVM reported a reset system event on vCPU 0"
+            "reset asked of KVM by the guest on vCPU 0 (a reset system event)"
         );
     }
 }
