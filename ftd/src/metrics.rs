@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use replicator::status::{Role, Status};
+
 use crate::manager::Manager;
 use crate::model::{Maintenance, NodeState};
 
@@ -114,40 +116,368 @@ pub fn classic_text(openmetrics: &str) -> String {
 #[derive(Default)]
 pub struct Metrics {}
 
-fn counter(registry: &mut Registry, name: &str, help: &str) -> Family<VmLabels, Counter> {
-    let family = Family::<VmLabels, Counter>::default();
-    registry.register(name, help, family.clone());
-    family
+/// How one of a VM's metrics is read from its engine's status, and so
+/// what kind of metric it is.
+enum Read {
+    /// A counter (events, pages, bytes).
+    Count(fn(&Status) -> u64),
+    /// A counter of seconds.
+    Seconds(fn(&Status) -> f64),
+    /// A gauge; none: no sample.
+    Level(fn(&Status) -> Option<f64>),
+    /// A gauge of seconds; none: no sample.
+    LevelSeconds(fn(&Status) -> Option<f64>),
+    /// The engine's stop-time histogram.
+    StopHistogram,
 }
 
-fn gauge(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<VmLabels, Gauge<f64, std::sync::atomic::AtomicU64>> {
-    let family = Family::<VmLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    registry.register(name, help, family.clone());
-    family
+/// One of each VM's metrics: its name (after `ftvm_`), its help, and how
+/// it is read.
+struct VmMetric {
+    name: &'static str,
+    help: &'static str,
+    read: Read,
 }
 
-fn counter_seconds(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<VmLabels, Counter<f64, std::sync::atomic::AtomicU64>> {
-    let family = Family::<VmLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
-    registry.register_with_unit(name, help, Unit::Seconds, family.clone());
-    family
+/// Microseconds as seconds.
+fn us(v: u64) -> f64 {
+    v as f64 / 1e6
 }
 
-fn gauge_seconds(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-) -> Family<VmLabels, Gauge<f64, std::sync::atomic::AtomicU64>> {
-    let family = Family::<VmLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    registry.register_with_unit(name, help, Unit::Seconds, family.clone());
-    family
+/// Milliseconds as seconds.
+fn ms(v: u64) -> f64 {
+    v as f64 / 1e3
+}
+
+/// Each VM's metrics, in the order they are exposed.
+const VM_METRICS: &[VmMetric] = &[
+    VmMetric {
+        name: "checkpoints",
+        help: "Checkpoints committed on the standby (primary) or applied (standby)",
+        read: Read::Count(|s| match s.role {
+            Role::Primary => s.counters.checkpoints,
+            Role::Standby => s.counters.epochs_applied,
+        }),
+    },
+    VmMetric {
+        name: "guest_stop_p50",
+        help: "Guest stop time per checkpoint, median of the recent checkpoints",
+        read: Read::LevelSeconds(|s| Some(us(s.counters.stop_us_p50))),
+    },
+    VmMetric {
+        name: "guest_stop_p99",
+        help: "Guest stop time per checkpoint, 99th percentile of the recent checkpoints",
+        read: Read::LevelSeconds(|s| Some(us(s.counters.stop_us_p99))),
+    },
+    VmMetric {
+        name: "guest_stop",
+        help: "Guest stop time per checkpoint",
+        read: Read::StopHistogram,
+    },
+    VmMetric {
+        name: "guest_stop_max",
+        help: "Longest guest stop of a checkpoint",
+        read: Read::LevelSeconds(|s| Some(us(s.counters.stop_us_max))),
+    },
+    VmMetric {
+        name: "dirty_pages",
+        help: "Dirty pages sent in checkpoints",
+        read: Read::Count(|s| s.counters.dirty_pages_total),
+    },
+    VmMetric {
+        name: "dirty_pages_last",
+        help: "Dirty pages of the last checkpoint",
+        read: Read::Level(|s| Some(s.counters.dirty_pages_last as f64)),
+    },
+    VmMetric {
+        name: "hot_pages",
+        help: "Dirty pages left writable at their checkpoint (hot: written in two checkpoints in a row; no write fault in the next)",
+        read: Read::Count(|s| s.counters.hot_pages_total),
+    },
+    VmMetric {
+        name: "delta_pages",
+        help: "Of the dirty pages sent in checkpoints, those sent as the words that changed (page deltas)",
+        read: Read::Count(|s| s.counters.delta_pages_total),
+    },
+    VmMetric {
+        name: "delta_bytes",
+        help: "Bytes of the page deltas sent in checkpoints (against 4096 a page sent whole)",
+        read: Read::Count(|s| s.counters.delta_bytes_total),
+    },
+    VmMetric {
+        name: "zero_delta_pages",
+        help: "Of the page deltas, those from a page of zeros (mostly-zero pages new to the primary's delta cache)",
+        read: Read::Count(|s| s.counters.zero_delta_pages_total),
+    },
+    VmMetric {
+        name: "alink_sent_bytes",
+        help: "Bytes sent on the A-link",
+        read: Read::Count(|s| s.counters.alink_bytes_sent),
+    },
+    VmMetric {
+        name: "sync_sent_bytes",
+        help: "Bytes the initial synchronisations sent on the A-link (the copies that protect a VM again)",
+        read: Read::Count(|s| s.counters.sync_sent_bytes_total),
+    },
+    VmMetric {
+        name: "sync_uncompressed_bytes_last",
+        help: "What the last initial synchronisation's memory and disk frames held before compression (against the bytes it sent: the compression ratio)",
+        read: Read::Level(|s| Some(s.counters.sync_uncompressed_bytes_last as f64)),
+    },
+    VmMetric {
+        name: "sync_disk_unread_bytes_last",
+        help: "Disk bytes the last initial synchronisation did not read: the same on both nodes by their written maps",
+        read: Read::Level(|s| Some(s.counters.sync_disk_unread_bytes_last as f64)),
+    },
+    VmMetric {
+        name: "sync_memory_unread_bytes_last",
+        help: "Guest memory the last initial synchronisation did not read: the standby's memory was brought forward from a checkpoint it held",
+        read: Read::Level(|s| Some(s.counters.sync_memory_unread_bytes_last as f64)),
+    },
+    VmMetric {
+        name: "sync_disk_yielded_last",
+        help: "How long the last initial synchronisation's disk reads waited for the guest's writes (the copy yields half the disk to a writing guest)",
+        read: Read::LevelSeconds(|s| Some(ms(s.counters.sync_yielded_ms_last))),
+    },
+    VmMetric {
+        name: "sync_duration_last",
+        help: "How long the last initial synchronisation took (its rate: the bytes it sent over this)",
+        read: Read::LevelSeconds(|s| Some(ms(s.counters.sync_ms_last))),
+    },
+    VmMetric {
+        name: "ack_latency_p50",
+        help: "From the end of sending a checkpoint to its acknowledgement, median",
+        read: Read::LevelSeconds(|s| Some(us(s.counters.ack_us_p50))),
+    },
+    VmMetric {
+        name: "ack_latency_p99",
+        help: "From the end of sending a checkpoint to its acknowledgement, 99th percentile",
+        read: Read::LevelSeconds(|s| Some(us(s.counters.ack_us_p99))),
+    },
+    VmMetric {
+        name: "output_frames_released",
+        help: "Network frames released to the world after their checkpoint committed",
+        read: Read::Count(|s| s.counters.output_frames_released),
+    },
+    VmMetric {
+        name: "output_frames_held",
+        help: "Network frames held now, waiting for their checkpoint",
+        read: Read::Level(|s| Some(s.counters.output_frames_held_now as f64)),
+    },
+    VmMetric {
+        name: "throttled_checkpoints",
+        help: "Checkpoints delayed because the standby had not acknowledged the previous one",
+        read: Read::Count(|s| s.counters.throttled),
+    },
+    VmMetric {
+        name: "epochs_rejected",
+        help: "Checkpoints the standby refused (torn, corrupt, replayed)",
+        read: Read::Count(|s| s.counters.epochs_rejected),
+    },
+    VmMetric {
+        name: "audit_pages",
+        help: "Pages the standby checked against the primary's page audit of each checkpoint",
+        read: Read::Count(|s| s.counters.audit_pages_total),
+    },
+    VmMetric {
+        name: "audit_mismatches",
+        help: "Checkpoints refused because the replica differed from the primary at an audited page (must stay 0)",
+        read: Read::Count(|s| s.counters.audit_mismatches),
+    },
+    VmMetric {
+        name: "failovers",
+        help: "Takeovers by this node's standby",
+        read: Read::Count(|s| s.counters.failovers),
+    },
+    VmMetric {
+        name: "switchovers",
+        help: "Planned switchovers: the VM handed to the standby (on the primary) or taken over that way",
+        read: Read::Count(|s| s.counters.switchovers),
+    },
+    VmMetric {
+        name: "fences",
+        help: "Times the primary paused its guest and held its output: neither standby nor witness answered",
+        read: Read::Count(|s| s.counters.fences),
+    },
+    VmMetric {
+        name: "claims_refused",
+        help: "Takeovers the witness held back because it still heard the primary",
+        read: Read::Count(|s| s.counters.claims_refused),
+    },
+    VmMetric {
+        name: "silence_ends",
+        help: "Sessions ended because the peer fell silent (false ones, between live nodes, should be none)",
+        read: Read::Count(|s| s.counters.silence_ends),
+    },
+    VmMetric {
+        name: "standby_refusals",
+        help: "Sessions the standby refused for a fault of its own (no space for the replica, a failing disk)",
+        read: Read::Count(|s| s.counters.standby_refusals),
+    },
+    VmMetric {
+        name: "standby_drops",
+        help: "Sessions the primary ended because the standby did not acknowledge an epoch within the deadline or stopped reading the A-link (its disk or host hung); the VM went on unprotected",
+        read: Read::Count(|s| s.counters.standby_drops),
+    },
+    VmMetric {
+        name: "behind_pauses",
+        help: "Times the guest was paused because the standby or the A-link fell behind (it ran too long past an unacknowledged checkpoint, or wrote too much to disk since)",
+        read: Read::Count(|s| s.counters.behind_pauses),
+    },
+    VmMetric {
+        name: "behind_paused",
+        help: "Time the guest spent paused because the standby or the A-link fell behind",
+        read: Read::Seconds(|s| ms(s.counters.behind_paused_ms)),
+    },
+    VmMetric {
+        name: "vcpu_waited",
+        help: "Time the guest's vCPUs (on average) were ready to run but waited for a CPU while the rest of the FT engine's process (the engine, the VM's device threads) ran: what the guest loses beyond its stops where they share too few cores",
+        read: Read::Seconds(|s| us(s.counters.vcpu_waited_us_total)),
+    },
+    VmMetric {
+        name: "inbound_forwarded_frames",
+        help: "Frames the guest received that the primary forwarded to the standby as they arrived (replayed into the guest if the standby takes over past its last checkpoint)",
+        read: Read::Count(|s| s.counters.inbound_forwarded),
+    },
+    VmMetric {
+        name: "inbound_replayed_frames",
+        help: "Frames a promoted replica was given that its last checkpoint had not received (its peers did not have to send them again)",
+        read: Read::Count(|s| s.counters.inbound_replayed),
+    },
+    VmMetric {
+        name: "inbound_overheard_frames",
+        help: "Of the frames replayed into a promoted replica, those this node received itself while standing by (the switch flooded them here once the primary's node was gone)",
+        read: Read::Count(|s| s.counters.inbound_overheard),
+    },
+    VmMetric {
+        name: "epochs_in_flight",
+        help: "Epochs the primary sent that the standby has not acknowledged yet (their output is held)",
+        read: Read::Level(|s| Some(s.counters.epochs_in_flight_now as f64)),
+    },
+    VmMetric {
+        name: "epoch_backlog_bytes",
+        help: "Bytes of the epochs in flight: what the A-link and the standby have yet to get through",
+        read: Read::Level(|s| Some(s.counters.epoch_backlog_bytes_now as f64)),
+    },
+    VmMetric {
+        name: "epoch_service_bytes_per_second",
+        help: "The rate the A-link and the standby get epochs through (bytes over the time from when an epoch could be served to its acknowledgement, smoothed; 0 until measured)",
+        read: Read::Level(|s| Some(s.counters.epoch_service_bytes_per_s as f64)),
+    },
+    VmMetric {
+        name: "generation",
+        help: "The generation of the VM's active copy this node's engine knows",
+        read: Read::Level(|s| Some(s.generation as f64)),
+    },
+    VmMetric {
+        name: "sync_done_bytes",
+        help: "Bytes of the initial synchronisation done",
+        read: Read::Level(|s| s.sync.as_ref().map(|p| p.done_bytes as f64)),
+    },
+    VmMetric {
+        name: "sync_total_bytes",
+        help: "Bytes of the initial synchronisation in all",
+        read: Read::Level(|s| s.sync.as_ref().map(|p| p.total_bytes as f64)),
+    },
+    VmMetric {
+        name: "sync_rate_bytes_per_second",
+        help: "Bytes of the VM the initial synchronisation goes through per second, so far",
+        read: Read::Level(|s| s.sync.as_ref().map(|p| p.rate_bytes_per_s as f64)),
+    },
+    VmMetric {
+        name: "takeover_duration_last",
+        help: "The last takeover by the VM's engine process on this node: from the lost primary's last bytes heard to the promoted guest running (none after a switchover or handover, nor from an engine started since)",
+        read: Read::LevelSeconds(|s| s.last_takeover.as_ref()?.total_ms.map(ms)),
+    },
+    VmMetric {
+        name: "takeover_detect_last",
+        help: "Of the last takeover by the VM's engine process on this node, the silence after which the primary was declared lost",
+        read: Read::LevelSeconds(|s| s.last_takeover.as_ref()?.detect_ms.map(ms)),
+    },
+    VmMetric {
+        name: "sync_remaining",
+        help: "Time the initial synchronisation needs at its rate so far",
+        read: Read::LevelSeconds(|s| s.sync.as_ref()?.eta_s.map(|eta| eta as f64)),
+    },
+    VmMetric {
+        name: "epoch",
+        help: "The last checkpoint (epoch) committed",
+        read: Read::Level(|s| Some(s.epoch as f64)),
+    },
+];
+
+/// A float gauge or counter's value (the families below).
+type F64 = std::sync::atomic::AtomicU64;
+
+/// A [`VmMetric`] registered for one rendering, with how it is read.
+enum Registered {
+    Count(Family<VmLabels, Counter>, fn(&Status) -> u64),
+    Seconds(Family<VmLabels, Counter<f64, F64>>, fn(&Status) -> f64),
+    Level(
+        Family<VmLabels, Gauge<f64, F64>>,
+        fn(&Status) -> Option<f64>,
+    ),
+    StopHistogram(Family<VmLabels, EngineHistogram>),
+}
+
+impl Registered {
+    fn new(registry: &mut Registry, metric: &VmMetric) -> Registered {
+        let (name, help) = (metric.name, metric.help);
+        match metric.read {
+            Read::Count(read) => {
+                let family = Family::default();
+                registry.register(name, help, family.clone());
+                Registered::Count(family, read)
+            }
+            Read::Seconds(read) => {
+                let family = Family::default();
+                registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+                Registered::Seconds(family, read)
+            }
+            Read::Level(read) => {
+                let family = Family::default();
+                registry.register(name, help, family.clone());
+                Registered::Level(family, read)
+            }
+            Read::LevelSeconds(read) => {
+                let family = Family::default();
+                registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+                Registered::Level(family, read)
+            }
+            Read::StopHistogram => {
+                let family = Family::default();
+                registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+                Registered::StopHistogram(family)
+            }
+        }
+    }
+
+    /// Sets the sample of the VM `labels` names from its engine's status.
+    fn record(&self, labels: &VmLabels, status: &Status) {
+        match self {
+            Registered::Count(family, read) => {
+                family.get_or_create(labels).inc_by(read(status));
+            }
+            Registered::Seconds(family, read) => {
+                family.get_or_create(labels).inc_by(read(status));
+            }
+            Registered::Level(family, read) => {
+                if let Some(value) = read(status) {
+                    family.get_or_create(labels).set(value);
+                }
+            }
+            Registered::StopHistogram(family) => {
+                let c = &status.counters;
+                if !c.stop_us_buckets.is_empty() {
+                    family.get_or_create(labels).set(
+                        &replicator::status::STOP_BUCKETS_US,
+                        &c.stop_us_buckets,
+                        c.stop_us_sum,
+                    );
+                }
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -158,258 +488,10 @@ impl Metrics {
     /// The exposition text of this node's metrics now.
     pub fn render(&self, manager: &Manager) -> Result<String, MetricsError> {
         let mut registry = Registry::with_prefix("ftvm");
-        let checkpoints = counter(
-            &mut registry,
-            "checkpoints",
-            "Checkpoints committed on the standby (primary) or applied (standby)",
-        );
-        let stop_p50 = gauge_seconds(
-            &mut registry,
-            "guest_stop_p50",
-            "Guest stop time per checkpoint, median of the recent checkpoints",
-        );
-        let stop_p99 = gauge_seconds(
-            &mut registry,
-            "guest_stop_p99",
-            "Guest stop time per checkpoint, 99th percentile of the recent checkpoints",
-        );
-        let stop_histogram = Family::<VmLabels, EngineHistogram>::default();
-        registry.register_with_unit(
-            "guest_stop",
-            "Guest stop time per checkpoint",
-            Unit::Seconds,
-            stop_histogram.clone(),
-        );
-        let stop_max = gauge_seconds(
-            &mut registry,
-            "guest_stop_max",
-            "Longest guest stop of a checkpoint",
-        );
-        let dirty = counter(
-            &mut registry,
-            "dirty_pages",
-            "Dirty pages sent in checkpoints",
-        );
-        let dirty_last = gauge(
-            &mut registry,
-            "dirty_pages_last",
-            "Dirty pages of the last checkpoint",
-        );
-        let hot_pages = counter(
-            &mut registry,
-            "hot_pages",
-            "Dirty pages left writable at their checkpoint (hot: written in two checkpoints in a row; no write fault in the next)",
-        );
-        let delta_pages = counter(
-            &mut registry,
-            "delta_pages",
-            "Of the dirty pages sent in checkpoints, those sent as the words that changed (page deltas)",
-        );
-        let delta_bytes = counter(
-            &mut registry,
-            "delta_bytes",
-            "Bytes of the page deltas sent in checkpoints (against 4096 a page sent whole)",
-        );
-        let zero_delta_pages = counter(
-            &mut registry,
-            "zero_delta_pages",
-            "Of the page deltas, those from a page of zeros (mostly-zero pages new to the primary's delta cache)",
-        );
-        let alink_bytes = counter(
-            &mut registry,
-            "alink_sent_bytes",
-            "Bytes sent on the A-link",
-        );
-        let sync_sent = counter(
-            &mut registry,
-            "sync_sent_bytes",
-            "Bytes the initial synchronisations sent on the A-link (the copies that protect a VM again)",
-        );
-        let sync_uncompressed_last = gauge(
-            &mut registry,
-            "sync_uncompressed_bytes_last",
-            "What the last initial synchronisation's memory and disk frames held before compression (against the bytes it sent: the compression ratio)",
-        );
-        let sync_unread_last = gauge(
-            &mut registry,
-            "sync_disk_unread_bytes_last",
-            "Disk bytes the last initial synchronisation did not read: the same on both nodes by their written maps",
-        );
-        let sync_memory_unread_last = gauge(
-            &mut registry,
-            "sync_memory_unread_bytes_last",
-            "Guest memory the last initial synchronisation did not read: the standby's memory was brought forward from a checkpoint it held",
-        );
-        let sync_yielded_last = gauge_seconds(
-            &mut registry,
-            "sync_disk_yielded_last",
-            "How long the last initial synchronisation's disk reads waited for the guest's writes (the copy yields half the disk to a writing guest)",
-        );
-        let sync_last = gauge_seconds(
-            &mut registry,
-            "sync_duration_last",
-            "How long the last initial synchronisation took (its rate: the bytes it sent over this)",
-        );
-        let ack_p50 = gauge_seconds(
-            &mut registry,
-            "ack_latency_p50",
-            "From the end of sending a checkpoint to its acknowledgement, median",
-        );
-        let ack_p99 = gauge_seconds(
-            &mut registry,
-            "ack_latency_p99",
-            "From the end of sending a checkpoint to its acknowledgement, 99th percentile",
-        );
-        let released = counter(
-            &mut registry,
-            "output_frames_released",
-            "Network frames released to the world after their checkpoint committed",
-        );
-        let held = gauge(
-            &mut registry,
-            "output_frames_held",
-            "Network frames held now, waiting for their checkpoint",
-        );
-        let throttled = counter(
-            &mut registry,
-            "throttled_checkpoints",
-            "Checkpoints delayed because the standby had not acknowledged the previous one",
-        );
-        let rejected = counter(
-            &mut registry,
-            "epochs_rejected",
-            "Checkpoints the standby refused (torn, corrupt, replayed)",
-        );
-        let audit_pages = counter(
-            &mut registry,
-            "audit_pages",
-            "Pages the standby checked against the primary's page audit of each checkpoint",
-        );
-        let audit_mismatches = counter(
-            &mut registry,
-            "audit_mismatches",
-            "Checkpoints refused because the replica differed from the primary at an audited page (must stay 0)",
-        );
-        let failovers = counter(
-            &mut registry,
-            "failovers",
-            "Takeovers by this node's standby",
-        );
-        let switchovers = counter(
-            &mut registry,
-            "switchovers",
-            "Planned switchovers: the VM handed to the standby (on the primary) or taken over that way",
-        );
-        let fences = counter(
-            &mut registry,
-            "fences",
-            "Times the primary paused its guest and held its output: neither standby nor witness answered",
-        );
-        let claims_refused = counter(
-            &mut registry,
-            "claims_refused",
-            "Takeovers the witness held back because it still heard the primary",
-        );
-        let silence_ends = counter(
-            &mut registry,
-            "silence_ends",
-            "Sessions ended because the peer fell silent (false ones, between live nodes, should be none)",
-        );
-        let standby_refusals = counter(
-            &mut registry,
-            "standby_refusals",
-            "Sessions the standby refused for a fault of its own (no space for the replica, a failing disk)",
-        );
-        let standby_drops = counter(
-            &mut registry,
-            "standby_drops",
-            "Sessions the primary ended because the standby did not acknowledge an epoch within the deadline or stopped reading the A-link (its disk or host hung); the VM went on unprotected",
-        );
-        let behind_pauses = counter(
-            &mut registry,
-            "behind_pauses",
-            "Times the guest was paused because the standby or the A-link fell behind (it ran too long past an unacknowledged checkpoint, or wrote too much to disk since)",
-        );
-        let behind_paused = counter_seconds(
-            &mut registry,
-            "behind_paused",
-            "Time the guest spent paused because the standby or the A-link fell behind",
-        );
-        let vcpu_waited = counter_seconds(
-            &mut registry,
-            "vcpu_waited",
-            "Time the guest's vCPUs (on average) were ready to run but waited for a CPU while the rest of the FT engine's process (the engine, the VM's device threads) ran: what the guest loses beyond its stops where they share too few cores",
-        );
-        let inbound_forwarded = counter(
-            &mut registry,
-            "inbound_forwarded_frames",
-            "Frames the guest received that the primary forwarded to the standby as they arrived (replayed into the guest if the standby takes over past its last checkpoint)",
-        );
-        let inbound_replayed = counter(
-            &mut registry,
-            "inbound_replayed_frames",
-            "Frames a promoted replica was given that its last checkpoint had not received (its peers did not have to send them again)",
-        );
-        let inbound_overheard = counter(
-            &mut registry,
-            "inbound_overheard_frames",
-            "Of the frames replayed into a promoted replica, those this node received itself while standing by (the switch flooded them here once the primary's node was gone)",
-        );
-        let in_flight = gauge(
-            &mut registry,
-            "epochs_in_flight",
-            "Epochs the primary sent that the standby has not acknowledged yet (their output is held)",
-        );
-        let backlog = gauge(
-            &mut registry,
-            "epoch_backlog_bytes",
-            "Bytes of the epochs in flight: what the A-link and the standby have yet to get through",
-        );
-        let service_rate = gauge(
-            &mut registry,
-            "epoch_service_bytes_per_second",
-            "The rate the A-link and the standby get epochs through (bytes over the time from when an epoch could be served to its acknowledgement, smoothed; 0 until measured)",
-        );
-        let generation = gauge(
-            &mut registry,
-            "generation",
-            "The generation of the VM's active copy this node's engine knows",
-        );
-        let sync_done = gauge(
-            &mut registry,
-            "sync_done_bytes",
-            "Bytes of the initial synchronisation done",
-        );
-        let sync_total = gauge(
-            &mut registry,
-            "sync_total_bytes",
-            "Bytes of the initial synchronisation in all",
-        );
-        let sync_rate = gauge(
-            &mut registry,
-            "sync_rate_bytes_per_second",
-            "Bytes of the VM the initial synchronisation goes through per second, so far",
-        );
-        let takeover_last = gauge_seconds(
-            &mut registry,
-            "takeover_duration_last",
-            "The last takeover by the VM's engine process on this node: from the lost primary's last bytes heard to the promoted guest running (none after a switchover or handover, nor from an engine started since)",
-        );
-        let takeover_detect_last = gauge_seconds(
-            &mut registry,
-            "takeover_detect_last",
-            "Of the last takeover by the VM's engine process on this node, the silence after which the primary was declared lost",
-        );
-        let sync_left = gauge_seconds(
-            &mut registry,
-            "sync_remaining",
-            "Time the initial synchronisation needs at its rate so far",
-        );
-        let epoch = gauge(
-            &mut registry,
-            "epoch",
-            "The last checkpoint (epoch) committed",
-        );
+        let vm_metrics: Vec<Registered> = VM_METRICS
+            .iter()
+            .map(|metric| Registered::new(&mut registry, metric))
+            .collect();
         let state = Family::<VmStateLabels, Gauge>::default();
         registry.register(
             "vm_state",
@@ -471,134 +553,8 @@ impl Metrics {
                 vm: view.name.clone(),
                 role: status.role.to_string(),
             };
-            let c = &status.counters;
-            let n = match status.role {
-                replicator::status::Role::Primary => c.checkpoints,
-                replicator::status::Role::Standby => c.epochs_applied,
-            };
-            checkpoints.get_or_create(&labels).inc_by(n);
-            let us = |v: u64| v as f64 / 1e6;
-            stop_p50.get_or_create(&labels).set(us(c.stop_us_p50));
-            stop_p99.get_or_create(&labels).set(us(c.stop_us_p99));
-            stop_max.get_or_create(&labels).set(us(c.stop_us_max));
-            if !c.stop_us_buckets.is_empty() {
-                stop_histogram.get_or_create(&labels).set(
-                    &replicator::status::STOP_BUCKETS_US,
-                    &c.stop_us_buckets,
-                    c.stop_us_sum,
-                );
-            }
-            dirty.get_or_create(&labels).inc_by(c.dirty_pages_total);
-            delta_pages
-                .get_or_create(&labels)
-                .inc_by(c.delta_pages_total);
-            delta_bytes
-                .get_or_create(&labels)
-                .inc_by(c.delta_bytes_total);
-            zero_delta_pages
-                .get_or_create(&labels)
-                .inc_by(c.zero_delta_pages_total);
-            dirty_last
-                .get_or_create(&labels)
-                .set(c.dirty_pages_last as f64);
-            alink_bytes
-                .get_or_create(&labels)
-                .inc_by(c.alink_bytes_sent);
-            sync_sent
-                .get_or_create(&labels)
-                .inc_by(c.sync_sent_bytes_total);
-            sync_last
-                .get_or_create(&labels)
-                .set(c.sync_ms_last as f64 / 1e3);
-            sync_uncompressed_last
-                .get_or_create(&labels)
-                .set(c.sync_uncompressed_bytes_last as f64);
-            sync_unread_last
-                .get_or_create(&labels)
-                .set(c.sync_disk_unread_bytes_last as f64);
-            sync_memory_unread_last
-                .get_or_create(&labels)
-                .set(c.sync_memory_unread_bytes_last as f64);
-            sync_yielded_last
-                .get_or_create(&labels)
-                .set(c.sync_yielded_ms_last as f64 / 1e3);
-            ack_p50.get_or_create(&labels).set(us(c.ack_us_p50));
-            ack_p99.get_or_create(&labels).set(us(c.ack_us_p99));
-            released
-                .get_or_create(&labels)
-                .inc_by(c.output_frames_released);
-            held.get_or_create(&labels)
-                .set(c.output_frames_held_now as f64);
-            throttled.get_or_create(&labels).inc_by(c.throttled);
-            rejected.get_or_create(&labels).inc_by(c.epochs_rejected);
-            audit_pages
-                .get_or_create(&labels)
-                .inc_by(c.audit_pages_total);
-            hot_pages.get_or_create(&labels).inc_by(c.hot_pages_total);
-            audit_mismatches
-                .get_or_create(&labels)
-                .inc_by(c.audit_mismatches);
-            failovers.get_or_create(&labels).inc_by(c.failovers);
-            switchovers.get_or_create(&labels).inc_by(c.switchovers);
-            fences.get_or_create(&labels).inc_by(c.fences);
-            claims_refused
-                .get_or_create(&labels)
-                .inc_by(c.claims_refused);
-            silence_ends.get_or_create(&labels).inc_by(c.silence_ends);
-            standby_refusals
-                .get_or_create(&labels)
-                .inc_by(c.standby_refusals);
-            standby_drops.get_or_create(&labels).inc_by(c.standby_drops);
-            behind_pauses.get_or_create(&labels).inc_by(c.behind_pauses);
-            behind_paused
-                .get_or_create(&labels)
-                .inc_by(c.behind_paused_ms as f64 / 1000.0);
-            vcpu_waited
-                .get_or_create(&labels)
-                .inc_by(us(c.vcpu_waited_us_total));
-            inbound_forwarded
-                .get_or_create(&labels)
-                .inc_by(c.inbound_forwarded);
-            inbound_replayed
-                .get_or_create(&labels)
-                .inc_by(c.inbound_replayed);
-            inbound_overheard
-                .get_or_create(&labels)
-                .inc_by(c.inbound_overheard);
-            in_flight
-                .get_or_create(&labels)
-                .set(c.epochs_in_flight_now as f64);
-            backlog
-                .get_or_create(&labels)
-                .set(c.epoch_backlog_bytes_now as f64);
-            service_rate
-                .get_or_create(&labels)
-                .set(c.epoch_service_bytes_per_s as f64);
-            generation
-                .get_or_create(&labels)
-                .set(status.generation as f64);
-            epoch.get_or_create(&labels).set(status.epoch as f64);
-            if let Some(takeover) = &status.last_takeover {
-                if let Some(total) = takeover.total_ms {
-                    takeover_last.get_or_create(&labels).set(total as f64 / 1e3);
-                }
-                if let Some(detect) = takeover.detect_ms {
-                    takeover_detect_last
-                        .get_or_create(&labels)
-                        .set(detect as f64 / 1e3);
-                }
-            }
-            if let Some(sync) = &status.sync {
-                sync_done.get_or_create(&labels).set(sync.done_bytes as f64);
-                sync_total
-                    .get_or_create(&labels)
-                    .set(sync.total_bytes as f64);
-                sync_rate
-                    .get_or_create(&labels)
-                    .set(sync.rate_bytes_per_s as f64);
-                if let Some(eta) = sync.eta_s {
-                    sync_left.get_or_create(&labels).set(eta as f64);
-                }
+            for metric in &vm_metrics {
+                metric.record(&labels, &status);
             }
         }
         for node in manager.nodes()? {
