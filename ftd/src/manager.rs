@@ -332,35 +332,27 @@ impl Manager {
             return Ok(false);
         }
         if let Some(held) = &logs.held {
-            if store.number_own_entries_past(held)? {
-                let peer = self.peer_name();
-                self.record(
-                    Severity::Warning,
-                    true,
-                    "node",
-                    None,
-                    &format!(
-                        "this node's database is older than what {peer} holds of its logs (restored \
-                         from a copy?): its new events and audit entries are numbered past those; \
-                         what it logged since it started may be missing from {peer}'s logs"
-                    ),
-                );
+            let peer = self.peer_name();
+            let restored = if store.number_own_entries_past(held)? {
+                Some(format!(
+                    "this node's database is older than what {peer} holds of its logs (restored \
+                     from a copy?): its new events and audit entries are numbered past those; \
+                     what it logged since it started may be missing from {peer}'s logs"
+                ))
             } else if store.own_entries_differ(held)? && self.first_word_of_divergence(held) {
-                let peer = self.peer_name();
-                self.record(
-                    Severity::Warning,
-                    true,
-                    "node",
-                    None,
-                    &format!(
-                        "this node's database went back to an older copy (restored from a \
-                         backup?) and numbered new events or audit entries again where {peer} \
-                         holds others: what it logged since the copy was made, up to event {} and \
-                         audit entry {}, is missing from {peer}'s logs (this node's own logs have \
-                         it; {peer} shows the older entries under those numbers)",
-                        held.events, held.audit
-                    ),
-                );
+                Some(format!(
+                    "this node's database went back to an older copy (restored from a \
+                     backup?) and numbered new events or audit entries again where {peer} \
+                     holds others: what it logged since the copy was made, up to event {} and \
+                     audit entry {}, is missing from {peer}'s logs (this node's own logs have \
+                     it; {peer} shows the older entries under those numbers)",
+                    held.events, held.audit
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = restored {
+                self.record(Severity::Warning, true, "node", None, &message);
             }
         }
         let _order = self.log_order();

@@ -422,32 +422,40 @@ enum Registered {
 
 impl Registered {
     fn new(registry: &mut Registry, metric: &VmMetric) -> Registered {
-        let (name, help) = (metric.name, metric.help);
+        /// `family`, registered as `metric` (of seconds or not).
+        fn add<M: prometheus_client::registry::Metric + Clone>(
+            registry: &mut Registry,
+            metric: &VmMetric,
+            seconds: bool,
+            family: M,
+        ) -> M {
+            if seconds {
+                registry.register_with_unit(
+                    metric.name,
+                    metric.help,
+                    Unit::Seconds,
+                    family.clone(),
+                );
+            } else {
+                registry.register(metric.name, metric.help, family.clone());
+            }
+            family
+        }
         match metric.read {
             Read::Count(read) => {
-                let family = Family::default();
-                registry.register(name, help, family.clone());
-                Registered::Count(family, read)
+                Registered::Count(add(registry, metric, false, Family::default()), read)
             }
             Read::Seconds(read) => {
-                let family = Family::default();
-                registry.register_with_unit(name, help, Unit::Seconds, family.clone());
-                Registered::Seconds(family, read)
+                Registered::Seconds(add(registry, metric, true, Family::default()), read)
             }
             Read::Level(read) => {
-                let family = Family::default();
-                registry.register(name, help, family.clone());
-                Registered::Level(family, read)
+                Registered::Level(add(registry, metric, false, Family::default()), read)
             }
             Read::LevelSeconds(read) => {
-                let family = Family::default();
-                registry.register_with_unit(name, help, Unit::Seconds, family.clone());
-                Registered::Level(family, read)
+                Registered::Level(add(registry, metric, true, Family::default()), read)
             }
             Read::StopHistogram => {
-                let family = Family::default();
-                registry.register_with_unit(name, help, Unit::Seconds, family.clone());
-                Registered::StopHistogram(family)
+                Registered::StopHistogram(add(registry, metric, true, Family::default()))
             }
         }
     }

@@ -47,6 +47,11 @@ const MEM_MIB: u64 = 256;
 const EPOCHS: u64 = 60;
 const PAGES_PER_EPOCH: usize = 2000;
 
+/// The pair secret both ends of the bench's links share.
+fn pair_secret() -> PairSecret {
+    PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret")
+}
+
 fn config(role: Role, protection: Protection) -> LinkConfig {
     let hello = Hello::new(
         format!("bench-{role}"),
@@ -57,10 +62,7 @@ fn config(role: Role, protection: Protection) -> LinkConfig {
         },
         "bench-vm",
     );
-    let mut config = LinkConfig::new(
-        PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret"),
-        hello,
-    );
+    let mut config = LinkConfig::new(pair_secret(), hello);
     config.protection = protection;
     config
 }
@@ -488,7 +490,7 @@ struct SealCost {
 impl SealCost {
     fn measure() -> SealCost {
         const ROUNDS: usize = 256;
-        let secret = PairSecret::new(b"pipeline-benchmark-pair-secret!!".to_vec()).expect("secret");
+        let secret = pair_secret();
         let mut connecting = KeyExchange::new(&secret, Side::Connecting).expect("key exchange");
         let mut accepting = KeyExchange::new(&secret, Side::Accepting).expect("key exchange");
         accepting
@@ -608,7 +610,7 @@ async fn run(protection: Protection) -> Figures {
     let mut in_flight = std::collections::VecDeque::new();
     let mut writing = Duration::ZERO;
     let start = Instant::now();
-    let start_cpu = process_cpu();
+    let start_cpu = cpu_used(libc::RUSAGE_SELF);
     for epoch in EPOCHS + 1..=2 * EPOCHS {
         if in_flight.len() >= DEFAULT_EPOCHS_IN_FLIGHT {
             let oldest = in_flight.pop_front();
@@ -626,7 +628,7 @@ async fn run(protection: Protection) -> Figures {
         assert_eq!(next_ack(&mut rx).await, oldest);
     }
     let pipelined_wall = start.elapsed();
-    let pipelined_cpu = process_cpu().saturating_sub(start_cpu);
+    let pipelined_cpu = cpu_used(libc::RUSAGE_SELF).saturating_sub(start_cpu);
     let replica = standby.await.expect("standby");
 
     // The replica must equal the primary.
@@ -653,11 +655,6 @@ async fn run(protection: Protection) -> Figures {
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// The CPU time this process used so far, user and system, all threads.
-fn process_cpu() -> Duration {
-    cpu_used(libc::RUSAGE_SELF)
 }
 
 /// The CPU time, user and system, `who` (`RUSAGE_SELF`: this process;

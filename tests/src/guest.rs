@@ -163,21 +163,9 @@ impl<'a> NodeGuest<'a> {
 
 /// Runs ftvmm in the foreground in `node` with `kernel`, the guest
 /// initramfs, 256 MiB, `vcpus` and `cmdline` (plus `extra_args`), for at
-/// most 100 s; returns the guest console (ftvmm's stdout) after checking
-/// that ftvmm exited 0 because the guest reset (its `ftguest.then=reboot`).
-pub fn run_to_reboot(
-    lab: &LabPair,
-    node: NodeId,
-    kernel: &str,
-    vcpus: u8,
-    cmdline: &str,
-    extra_args: &[&str],
-) -> String {
-    guest_console_after_reset(run_ftvmm(lab, node, kernel, vcpus, cmdline, extra_args))
-}
-
-/// Runs ftvmm in the foreground in `node` as [`run_to_reboot`] does;
-/// returns how it ended.
+/// most 100 s; returns how it ended ([`guest_console_after_reset`] checks
+/// that the guest reset, as its `ftguest.then=reboot` does, and gives its
+/// console).
 pub fn run_ftvmm(
     lab: &LabPair,
     node: NodeId,

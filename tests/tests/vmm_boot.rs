@@ -2,7 +2,7 @@
 //! kvm_amd), with 1 and with 2 vCPUs, and the guest runs a command; a guest
 //! that resets by triple fault is told apart from one that reboots.
 
-use ft_tests::guest::{run_ftvmm, run_to_reboot};
+use ft_tests::guest::{guest_console_after_reset, run_ftvmm};
 use ft_tests::{LabPair, NodeId};
 
 /// Boots the guest with `vcpus` vCPUs running `program`, then rebooting;
@@ -10,7 +10,7 @@ use ft_tests::{LabPair, NodeId};
 fn boot_guest(lab: &LabPair, kernel: &str, vcpus: u8, program: &str) -> String {
     let cmdline =
         format!("console=ttyS0 reboot=k panic=1 quiet ftguest.run={program} ftguest.then=reboot");
-    run_to_reboot(lab, NodeId::A, kernel, vcpus, &cmdline, &[])
+    guest_console_after_reset(run_ftvmm(lab, NodeId::A, kernel, vcpus, &cmdline, &[]))
 }
 
 /// The guest's own uptime when its init started (printed by the init).
@@ -60,7 +60,7 @@ fn guest_boots_from_a_bzimage() {
 /// A guest that reboots by triple fault (Linux's `reboot=t`: an empty
 /// interrupt table, then `int3`) is reported as a triple fault, not as the
 /// reset through the keyboard controller that the other tests' `reboot=k`
-/// takes (`run_to_reboot` checks that one), so that a guest's CPU failing
+/// takes (`guest_console_after_reset` checks that one), so that a guest's CPU failing
 /// can be told from a guest that rebooted or panicked.
 #[test]
 fn a_triple_fault_is_told_apart_from_a_reboot() {

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use ft_tests::guest::{guest_console_after_reset, run_to_reboot};
+use ft_tests::guest::{guest_console_after_reset, run_ftvmm};
 use ft_tests::{LabPair, NodeId};
 
 const SCRIPT_DISK: &str = "/data/script.img";
@@ -38,7 +38,14 @@ fn run_guest(lab: &LabPair, vcpus: u8, cmdline_extra: &str, extra_args: &[&str])
     let script_disk = format!("{SCRIPT_DISK},ro");
     let mut args = vec!["--disk", script_disk.as_str()];
     args.extend_from_slice(extra_args);
-    run_to_reboot(lab, NodeId::A, "/images/vmlinux", vcpus, &cmdline, &args)
+    guest_console_after_reset(run_ftvmm(
+        lab,
+        NodeId::A,
+        "/images/vmlinux",
+        vcpus,
+        &cmdline,
+        &args,
+    ))
 }
 
 /// Like `run_guest` with one NIC on TAP `tap`, which ftvmm creates and

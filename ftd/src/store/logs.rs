@@ -60,10 +60,17 @@ impl Fingerprint {
         }
     }
 
-    /// The fingerprint of the row `row` holds ([`Fingerprint::columns`]).
-    fn of(row: &rusqlite::Row<'_>) -> rusqlite::Result<u32> {
+    /// How many columns [`Fingerprint::columns`] names for `table`.
+    fn count(table: &str) -> usize {
+        Fingerprint::columns(table).split(',').count()
+    }
+
+    /// The fingerprint of an entry of `table` that `row` holds in its
+    /// first columns ([`Fingerprint::columns`]; any after them are not
+    /// covered).
+    fn of(table: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<u32> {
         let mut crc = crc32fast::Hasher::new();
-        for i in 0..row.as_ref().column_count() {
+        for i in 0..Fingerprint::count(table) {
             match row.get_ref(i)? {
                 rusqlite::types::ValueRef::Integer(n) => {
                     crc.update(b"i");
@@ -272,24 +279,19 @@ impl Store {
             let newest = conn
                 .query_row(
                     &format!(
-                        "SELECT COALESCE(MAX(origin_id), 0) FROM {table} WHERE origin_log = ?1"
-                    ),
-                    params![log],
-                    |row| row.get::<_, i64>(0),
-                )
-                .map_err(query("read the peer's log mark"))? as u64;
-            let fingerprint = conn
-                .query_row(
-                    &format!(
-                        "SELECT {} FROM {table} WHERE origin_log = ?1 AND origin_id = ?2",
+                        "SELECT {}, origin_id FROM {table} WHERE origin_log = ?1
+                         ORDER BY origin_id DESC LIMIT 1",
                         Fingerprint::columns(table)
                     ),
-                    params![log, newest as i64],
-                    Fingerprint::of,
+                    params![log],
+                    |row| {
+                        let number = row.get::<_, i64>(Fingerprint::count(table))?;
+                        Ok((number as u64, Fingerprint::of(table, row)?))
+                    },
                 )
                 .optional()
                 .map_err(query("read the peer's log mark"))?;
-            Ok((newest, fingerprint))
+            Ok(newest.map_or((0, None), |(number, print)| (number, Some(print))))
         };
         let (events, events_fingerprint) = newest("events")?;
         let (audit, audit_fingerprint) = newest("audit")?;
@@ -330,7 +332,7 @@ impl Store {
                         Fingerprint::columns(table)
                     ),
                     params![number],
-                    Fingerprint::of,
+                    |row| Fingerprint::of(table, row),
                 )
                 .optional()
                 .map_err(query("read this node's entry at the peer's mark"))?;
