@@ -131,20 +131,120 @@ impl LabPair {
 
     /// A client of the ledger VM (the protected lab VM), retried until the
     /// guest serves it (it starts with the guest) or 180 s pass: the guest
-    /// boots under FT, which on a slow TCG lab node took over 90 s.
+    /// boots under FT, which on a slow TCG lab node took over 90 s. A
+    /// failed try is said once per kind of error and then every 20 s; if
+    /// the guest never serves, the panic ends with what each node's engine
+    /// and the guest's console say (the end of a long failure is what a
+    /// CI report keeps).
     pub fn ledger_client(&self) -> guest_tools::ledger::LedgerClient {
+        const SAY_AGAIN: Duration = Duration::from_secs(20);
         let addr = lab::ft_pair::ledger_addr(&self.lab);
-        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(180);
+        let mut said: Option<(String, Instant)> = None;
+        let mut failures = 0u32;
         loop {
             match guest_tools::ledger::LedgerClient::connect(addr, Duration::from_secs(120)) {
-                Ok(c) => return c,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    eprintln!("[e2e] the ledger at {addr} is not serving yet: {e}");
+                Ok(c) => {
+                    if failures > 0 {
+                        eprintln!(
+                            "[e2e] the ledger serves after {failures} failed tries ({:.1} s)",
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                    return c;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    failures += 1;
+                    let text = e.to_string();
+                    if said
+                        .as_ref()
+                        .is_none_or(|(t, at)| *t != text || at.elapsed() >= SAY_AGAIN)
+                    {
+                        eprintln!(
+                            "[e2e] the ledger at {addr} is not serving yet ({failures} tries in \
+                             {:.0} s): {text}",
+                            started.elapsed().as_secs_f64()
+                        );
+                        said = Some((text, Instant::now()));
+                    }
                     std::thread::sleep(Duration::from_millis(500))
                 }
-                Err(e) => panic!("the ledger at {addr} is not serving: {e}"),
+                Err(e) => panic!(
+                    "the ledger at {addr} is not serving after {:.0} s and {failures} tries: {e}\n{}",
+                    started.elapsed().as_secs_f64(),
+                    self.ledger_unreachable_report()
+                ),
             }
         }
+    }
+
+    /// Why the ledger may not answer, shortest and most telling last:
+    /// each node's daemon and engine log tails, then per node the engine's
+    /// state and output counters (held output that never leaves, or a
+    /// guest that stopped), the host's neighbour entry for the guest (no
+    /// ARP answer: "FAILED"/"INCOMPLETE") and the guest console's last
+    /// lines on the node running it (a guest that never reached its init,
+    /// or panicked).
+    pub fn ledger_unreachable_report(&self) -> String {
+        use lab::ft_pair::{log_tails, status, VM_NAME};
+        let mut report = String::new();
+        for node in NodeId::ALL {
+            report += &format!("--- node {node}:\n{}", log_tails(&self.lab, node, 10, 10));
+        }
+        let mut console_on = None;
+        for node in NodeId::ALL {
+            let line = match status(&self.lab, node) {
+                Some(s) => {
+                    let c = &s.counters;
+                    if s.role == replicator::status::Role::Primary {
+                        console_on = Some(node);
+                    }
+                    format!(
+                        "{} {} at epoch {} ({}); checkpoints {}, frames received {}, output \
+                         released {} held now {}, behind pauses {} ({} ms), interval {} us",
+                        s.role,
+                        s.state.as_str(),
+                        s.epoch,
+                        s.message.as_deref().unwrap_or("no message"),
+                        c.checkpoints,
+                        c.inbound_forwarded,
+                        c.output_frames_released,
+                        c.output_frames_held_now,
+                        c.behind_pauses,
+                        c.behind_paused_ms,
+                        c.interval_us_last
+                    )
+                }
+                None => "no engine status".into(),
+            };
+            report += &format!("node {node}: {line}\n");
+        }
+        let guest = lab::ft_pair::ledger_addr(&self.lab).ip();
+        let neighbour = std::process::Command::new("ip")
+            .args(["neigh", "show", &guest.to_string()])
+            .output()
+            .map_or_else(
+                |e| format!("`ip neigh` failed: {e}"),
+                |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            );
+        report += &format!("host's neighbour entry for {guest}: {neighbour:?}\n");
+        let node = console_on.unwrap_or(NodeId::A);
+        let console = self
+            .lab
+            .exec(
+                node,
+                &[
+                    "sh",
+                    "-c",
+                    &format!(
+                        "tail -n 8 /data/ftd/vms/{VM_NAME}/console.log | tr -cd '[:print:]\\n'"
+                    ),
+                ],
+                Duration::from_secs(30),
+            )
+            .map_or_else(|e| e.to_string(), |o| o.stdout);
+        report + &format!("guest console on node {node} (last lines):\n{console}")
     }
 
     /// Runs `argv` in `node`.
