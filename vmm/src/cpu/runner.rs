@@ -6,6 +6,7 @@
 //! and runs on.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -74,31 +75,94 @@ enum GateAction {
 }
 
 /// Where vCPU threads park while paused.
-#[derive(Default)]
 struct Gate {
     state: Mutex<GateState>,
     changed: Condvar,
+    /// What each vCPU thread is doing, for a pause that waits long.
+    places: Box<[Place]>,
+    /// When the gate was made: [`Place`] times count from it.
+    made: Instant,
 }
 
 impl Gate {
+    fn new(vcpus: usize, paused: bool) -> Gate {
+        Gate {
+            state: Mutex::new(GateState {
+                alive: vcpus,
+                pause: paused,
+                ..GateState::default()
+            }),
+            changed: Condvar::new(),
+            places: (0..vcpus).map(|_| Place::default()).collect(),
+            made: Instant::now(),
+        }
+    }
+
+    /// The state; a thread that panicked holding it left counters that
+    /// are still right (each is changed in one step), so a poisoned lock
+    /// is taken as it is: a dead vCPU thread must not stop every later
+    /// pause.
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().expect("vCPU gate poisoned")
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes what vCPU `index` does now (two relaxed stores: cheap enough
+    /// for every exit).
+    fn note(&self, index: u8, doing: Doing) {
+        if let Some(place) = self.places.get(usize::from(index)) {
+            place.doing.store(doing.code(), Ordering::Relaxed);
+            place
+                .since_us
+                .store(self.made.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if let Doing::Exit(_, addr) = doing {
+                place.addr.store(addr, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// What the vCPUs not parked are doing, in words ("vCPU 1: handling
+    /// an MMIO write at 0xd0000000 for 2.1 s").
+    fn describe_unparked(&self) -> String {
+        let now_us = self.made.elapsed().as_micros() as u64;
+        self.places
+            .iter()
+            .enumerate()
+            .filter_map(|(i, place)| {
+                let doing = Doing::from_code(place.doing.load(Ordering::Relaxed));
+                if doing == Doing::Parked || doing == Doing::Exited {
+                    return None;
+                }
+                let for_s =
+                    now_us.saturating_sub(place.since_us.load(Ordering::Relaxed)) as f64 / 1e6;
+                let what = match doing {
+                    Doing::Exit(kind, _) => format!(
+                        "handling {} at {:#x}",
+                        kind.words(),
+                        place.addr.load(Ordering::Relaxed)
+                    ),
+                    other => other.words().to_string(),
+                };
+                Some(format!("vCPU {i}: {what} for {for_s:.1} s"))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// Called by a vCPU thread between runs: parks while a pause is asked
     /// for. A thread whose last exit still has I/O to complete is told to
     /// complete it first (it must not park or stop with an instruction half
     /// done); it comes back here afterwards.
-    fn checkpoint(&self, io_pending: bool) -> GateAction {
+    fn checkpoint(&self, index: u8, io_pending: bool) -> GateAction {
         let mut s = self.lock();
         if io_pending && (s.pause || s.stop) {
             return GateAction::CompleteIo;
         }
         if s.pause && !s.stop {
             s.parked += 1;
+            self.note(index, Doing::Parked);
             self.changed.notify_all();
             while s.pause && !s.stop {
-                s = self.changed.wait(s).expect("vCPU gate poisoned");
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.parked -= 1;
             self.changed.notify_all();
@@ -110,10 +174,142 @@ impl Gate {
         }
     }
 
-    fn thread_exited(&self) {
+    fn thread_exited(&self, index: u8) {
         let mut s = self.lock();
         s.alive -= 1;
+        self.note(index, Doing::Exited);
         self.changed.notify_all();
+    }
+}
+
+/// What one vCPU thread last said it does, and since when.
+#[derive(Default)]
+struct Place {
+    doing: AtomicU8,
+    /// Microseconds from the gate's making.
+    since_us: AtomicU64,
+    /// The port or address of the exit being handled.
+    addr: AtomicU64,
+}
+
+/// What a vCPU thread does (for the words of a pause that waits long).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doing {
+    Starting,
+    InGuest,
+    Exit(ExitKind, u64),
+    CompletingIo,
+    Parked,
+    Exited,
+}
+
+/// The exits a vCPU thread handles itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExitKind {
+    PortIn,
+    PortOut,
+    MmioRead,
+    MmioWrite,
+    DirtyRingFull,
+    Other,
+}
+
+impl ExitKind {
+    const ALL: [ExitKind; 6] = [
+        ExitKind::PortIn,
+        ExitKind::PortOut,
+        ExitKind::MmioRead,
+        ExitKind::MmioWrite,
+        ExitKind::DirtyRingFull,
+        ExitKind::Other,
+    ];
+
+    fn of(exit: &VcpuExit<'_>) -> (ExitKind, u64) {
+        match exit {
+            VcpuExit::IoIn(port, _) => (ExitKind::PortIn, u64::from(*port)),
+            VcpuExit::IoOut(port, _) => (ExitKind::PortOut, u64::from(*port)),
+            VcpuExit::MmioRead(addr, _) => (ExitKind::MmioRead, *addr),
+            VcpuExit::MmioWrite(addr, _) => (ExitKind::MmioWrite, *addr),
+            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => (ExitKind::DirtyRingFull, 0),
+            _ => (ExitKind::Other, 0),
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            ExitKind::PortIn => "a port read",
+            ExitKind::PortOut => "a port write",
+            ExitKind::MmioRead => "an MMIO read",
+            ExitKind::MmioWrite => "an MMIO write",
+            ExitKind::DirtyRingFull => "a full dirty ring",
+            ExitKind::Other => "an exit",
+        }
+    }
+}
+
+impl Doing {
+    fn code(self) -> u8 {
+        match self {
+            Doing::Starting => 0,
+            Doing::InGuest => 1,
+            Doing::CompletingIo => 2,
+            Doing::Parked => 3,
+            Doing::Exited => 4,
+            Doing::Exit(kind, _) => {
+                16 + ExitKind::ALL.iter().position(|k| *k == kind).unwrap_or(0) as u8
+            }
+        }
+    }
+
+    /// The address is not in the code: [`Place::addr`] holds it.
+    fn from_code(code: u8) -> Doing {
+        match code {
+            1 => Doing::InGuest,
+            2 => Doing::CompletingIo,
+            3 => Doing::Parked,
+            4 => Doing::Exited,
+            c if c >= 16 => Doing::Exit(
+                ExitKind::ALL
+                    .get(usize::from(c - 16))
+                    .copied()
+                    .unwrap_or(ExitKind::Other),
+                0,
+            ),
+            _ => Doing::Starting,
+        }
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            Doing::Starting => "starting",
+            Doing::InGuest => "in the guest (KVM_RUN), not yet out for the kick",
+            Doing::CompletingIo => "completing an I/O instruction",
+            Doing::Parked => "parked",
+            Doing::Exited => "exited",
+            Doing::Exit(kind, _) => kind.words(),
+        }
+    }
+}
+
+/// Counts a vCPU thread out of the gate when it ends, by a panic too (a
+/// dead thread counted as running would hold every later pause for
+/// ever), and says a panic as the vCPU's failure (the panic's message is
+/// on standard error, the process's log).
+struct ThreadExit<'a> {
+    index: u8,
+    gate: &'a Gate,
+    events: &'a Sender<VmEvent>,
+}
+
+impl Drop for ThreadExit<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.events.send(VmEvent::VcpuFailed {
+                index: self.index,
+                reason: "its thread panicked (the message is in the log)".into(),
+            });
+        }
+        self.gate.thread_exited(self.index);
     }
 }
 
@@ -143,12 +339,7 @@ impl Vcpus {
         paused: bool,
     ) -> Result<Vcpus, RunnerError> {
         register_signal_handler(kick_signal(), kick_handler).map_err(RunnerError::SignalHandler)?;
-        let gate = Arc::new(Gate::default());
-        {
-            let mut state = gate.lock();
-            state.alive = vcpus.len();
-            state.pause = paused;
-        }
+        let gate = Arc::new(Gate::new(vcpus.len(), paused));
         let mut threads = Vec::new();
         let fds: Vec<SharedVcpu> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let clocks = Arc::new(Mutex::new(Vec::new()));
@@ -171,8 +362,12 @@ impl Vcpus {
                             tracing::debug!(index, %error, "no scheduler statistics for this vCPU")
                         }
                     }
+                    let _exit = ThreadExit {
+                        index,
+                        gate: &gate,
+                        events: &events,
+                    };
                     run_vcpu(&exits, vcpu, &gate, &events);
-                    gate.thread_exited();
                 })
                 .map_err(|source| RunnerError::Spawn { index, source })?;
             threads.push(thread);
@@ -224,11 +419,15 @@ impl Vcpus {
     }
 
     /// Stops every vCPU between two guest instructions and returns how long
-    /// that took. The guest stays stopped until [`Vcpus::resume`].
+    /// that took. The guest stays stopped until [`Vcpus::resume`]. A pause
+    /// that waits over [`PAUSE_SAY_AFTER`] says which vCPUs it waits for
+    /// and what they do (then every [`PAUSE_SAY_AGAIN`]): a vCPU stuck in
+    /// a device, or in KVM, would otherwise hold the caller silently.
     pub fn pause(&self) -> Duration {
         let start = Instant::now();
         self.gate.lock().pause = true;
         self.kick_all();
+        let mut say_at = PAUSE_SAY_AFTER;
         let mut s = self.gate.lock();
         while s.parked < s.alive {
             // Re-kick now and then: a signal can race with a thread that
@@ -237,10 +436,22 @@ impl Vcpus {
                 .gate
                 .changed
                 .wait_timeout(s, Duration::from_millis(5))
-                .expect("vCPU gate poisoned");
+                .unwrap_or_else(|e| e.into_inner());
             s = guard;
             if timeout.timed_out() && s.parked < s.alive {
+                let (parked, alive) = (s.parked, s.alive);
                 drop(s);
+                let waited = start.elapsed();
+                if waited >= say_at {
+                    tracing::warn!(
+                        waited_s = waited.as_secs(),
+                        parked,
+                        alive,
+                        waiting_for = %self.gate.describe_unparked(),
+                        "a pause waits for vCPUs that do not stop"
+                    );
+                    say_at = waited + PAUSE_SAY_AGAIN;
+                }
                 self.kick_all();
                 s = self.gate.lock();
             }
@@ -270,6 +481,11 @@ impl Vcpus {
     }
 }
 
+/// A pause that waited this long says what it waits for.
+const PAUSE_SAY_AFTER: Duration = Duration::from_secs(2);
+/// ... and says it again this often while it waits.
+const PAUSE_SAY_AGAIN: Duration = Duration::from_secs(10);
+
 /// What a vCPU thread needs to handle its exits.
 struct Exits {
     index: u8,
@@ -287,10 +503,11 @@ fn run_vcpu(exits: &Exits, shared: SharedVcpu, gate: &Gate, events: &Sender<VmEv
     // registers, instruction pointer past it) only on the next KVM_RUN.
     let mut io_pending = false;
     loop {
-        match gate.checkpoint(io_pending) {
+        match gate.checkpoint(index, io_pending) {
             GateAction::Stop => break,
             GateAction::CompleteIo => {
                 io_pending = false;
+                gate.note(index, Doing::CompletingIo);
                 let mut vcpu = shared.lock().expect("vCPU lock");
                 if let Some(event) = complete_pending_io(exits, &mut vcpu) {
                     let _ = events.send(event);
@@ -302,8 +519,11 @@ fn run_vcpu(exits: &Exits, shared: SharedVcpu, gate: &Gate, events: &Sender<VmEv
         }
         // Held while in the guest; released while parked in the gate.
         let mut vcpu = shared.lock().expect("vCPU lock");
+        gate.note(index, Doing::InGuest);
         match vcpu.run() {
             Ok(exit) => {
+                let (kind, addr) = ExitKind::of(&exit);
+                gate.note(index, Doing::Exit(kind, addr));
                 io_pending = completes_on_next_run(&exit);
                 if let Some(event) = exits.handle(exit) {
                     let _ = events.send(event);
@@ -536,6 +756,74 @@ mod tests {
             )
             .expect("port free");
         Some((vcpu, vm, ram, counter, buses))
+    }
+
+    /// A vCPU thread that panics is counted out of the gate (so later
+    /// pauses do not wait for it for ever) and said as the vCPU's failure,
+    /// also when it panicked holding the gate's lock.
+    #[test]
+    fn a_vcpu_thread_that_panics_is_counted_out_and_said() {
+        let gate = Arc::new(Gate::new(2, false));
+        let (events, said) = std::sync::mpsc::channel();
+        let thread = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || {
+                let _exit = ThreadExit {
+                    index: 1,
+                    gate: &gate,
+                    events: &events,
+                };
+                let _held = gate.lock();
+                panic!("a device failed");
+            })
+        };
+        assert!(thread.join().is_err(), "the thread panicked");
+        assert!(gate.state.is_poisoned(), "it panicked holding the lock");
+        assert_eq!(gate.lock().alive, 1, "counted out");
+        match said.try_recv() {
+            Ok(VmEvent::VcpuFailed { index: 1, reason }) => {
+                assert!(reason.contains("panicked"), "{reason}")
+            }
+            other => panic!("no failure said: {other:?}"),
+        }
+        // A thread that ends without a panic is counted out, unsaid.
+        let (events, said) = std::sync::mpsc::channel();
+        drop(ThreadExit {
+            index: 0,
+            gate: &gate,
+            events: &events,
+        });
+        assert_eq!(gate.lock().alive, 0);
+        assert!(said.try_recv().is_err());
+    }
+
+    /// A pause that waits long says what each vCPU not parked does.
+    #[test]
+    fn the_vcpus_a_pause_waits_for_are_described() {
+        let gate = Gate::new(3, false);
+        gate.note(0, Doing::Parked);
+        gate.note(1, Doing::Exit(ExitKind::MmioWrite, 0xd000_0000));
+        gate.note(2, Doing::InGuest);
+        let words = gate.describe_unparked();
+        assert!(!words.contains("vCPU 0"), "{words}");
+        assert!(
+            words.contains("vCPU 1: handling an MMIO write at 0xd0000000 for "),
+            "{words}"
+        );
+        assert!(words.contains("vCPU 2: in the guest (KVM_RUN)"), "{words}");
+        for kind in ExitKind::ALL {
+            let doing = Doing::Exit(kind, 0);
+            assert_eq!(Doing::from_code(doing.code()), doing);
+        }
+        for doing in [
+            Doing::Starting,
+            Doing::InGuest,
+            Doing::CompletingIo,
+            Doing::Parked,
+            Doing::Exited,
+        ] {
+            assert_eq!(Doing::from_code(doing.code()), doing);
+        }
     }
 
     /// vCPUs started paused (a promoted replica's, while its announcement

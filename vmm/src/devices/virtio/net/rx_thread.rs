@@ -104,7 +104,10 @@ fn run(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // epoll_wait on a valid epoll fd fails only for bad arguments.
-            Err(_) => return,
+            Err(error) => {
+                tracing::error!(%error, "the receive thread's wait failed: this NIC receives nothing more");
+                return;
+            }
         };
         for event in &events[..n] {
             match event.data() {
@@ -119,8 +122,14 @@ fn run(
             }
         }
         let stop_reason = queues.lock().expect("net queues lock").receive();
-        if let RxStop::TapError(_) = stop_reason {
-            // The TAP went away (interface deleted): wait for a stop.
+        if let RxStop::TapError(kind) = stop_reason {
+            // The TAP went away (interface deleted): wait for a stop. Said,
+            // since the guest receives nothing more on this NIC.
+            tracing::warn!(
+                thread = std::thread::current().name().unwrap_or("net-rx"),
+                error = %kind,
+                "a read from the TAP failed: this NIC receives nothing more"
+            );
             let _ = epoll.ctl(
                 ControlOperation::Delete,
                 queues.lock().expect("net queues lock").tap.as_raw_fd(),
