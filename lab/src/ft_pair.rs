@@ -334,6 +334,31 @@ pub fn log_tails(lab: &Lab, node: NodeId, daemon: usize, engine: usize) -> Strin
     .unwrap_or_default()
 }
 
+/// The last `lines` lines of the ledger guest's console on `node`, as
+/// printable text (a console holds terminal control bytes; the node's
+/// busybox `tr` knows no character classes), or why they cannot be read.
+pub fn guest_console(lab: &Lab, node: NodeId, lines: usize) -> String {
+    lab.exec(
+        node,
+        &[
+            "tail",
+            "-n",
+            &lines.to_string(),
+            &format!("/data/ftd/vms/{VM_NAME}/console.log"),
+        ],
+        EXEC_TIMEOUT,
+    )
+    .map_or_else(
+        |e| e.to_string(),
+        |o| {
+            format!("{}{}", o.stdout, o.stderr)
+                .chars()
+                .filter(|c| !c.is_control() || *c == '\n')
+                .collect()
+        },
+    )
+}
+
 /// The ledger VM's console lines on `node` that say how its data disk's
 /// check went at each boot (`ftguest.fsck`: "ftguest: e2fsck DEV: clean"
 /// or "... NOT clean"); the console log is appended to, boot after boot.

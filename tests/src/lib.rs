@@ -187,7 +187,7 @@ impl LabPair {
     /// lines on the node running it (a guest that never reached its init,
     /// or panicked).
     pub fn ledger_unreachable_report(&self) -> String {
-        use lab::ft_pair::{log_tails, status, VM_NAME};
+        use lab::ft_pair::{guest_console, log_tails, status};
         let mut report = String::new();
         for node in NodeId::ALL {
             report += &format!("--- node {node}:\n{}", log_tails(&self.lab, node, 10, 10));
@@ -230,20 +230,7 @@ impl LabPair {
             );
         report += &format!("host's neighbour entry for {guest}: {neighbour:?}\n");
         let node = console_on.unwrap_or(NodeId::A);
-        let console = self
-            .lab
-            .exec(
-                node,
-                &[
-                    "sh",
-                    "-c",
-                    &format!(
-                        "tail -n 8 /data/ftd/vms/{VM_NAME}/console.log | tr -cd '[:print:]\\n'"
-                    ),
-                ],
-                Duration::from_secs(30),
-            )
-            .map_or_else(|e| e.to_string(), |o| o.stdout);
+        let console = guest_console(&self.lab, node, 8);
         report + &format!("guest console on node {node} (last lines):\n{console}")
     }
 

@@ -1090,18 +1090,7 @@ fn the_replica_equals_the_primary_at_checked_checkpoints_under_memory_and_disk_l
     );
     let primary = status(&lab, NodeId::A).expect("primary status");
     if primary.counters.disk_writes_total == 0 {
-        let console = lab
-            .lab()
-            .exec(
-                NodeId::A,
-                &[
-                    "sh",
-                    "-c",
-                    "tail -n 40 /data/ftd/vms/ledger-vm/console.log | tr -cd '[:print:]\\n'",
-                ],
-                Duration::from_secs(10),
-            )
-            .map_or_else(|e| e.to_string(), |o| format!("{}{}", o.stdout, o.stderr));
+        let console = ft_pair::guest_console(lab.lab(), NodeId::A, 40);
         panic!(
             "the guest wrote no disk block during epochs; primary {primary:?}\nits console:\n{console}\n{}",
             logs()
