@@ -80,8 +80,6 @@ struct Gate {
     changed: Condvar,
     /// What each vCPU thread is doing, for a pause that waits long.
     places: Box<[Place]>,
-    /// When the gate was made: [`Place`] times count from it.
-    made: Instant,
 }
 
 impl Gate {
@@ -94,7 +92,6 @@ impl Gate {
             }),
             changed: Condvar::new(),
             places: (0..vcpus).map(|_| Place::default()).collect(),
-            made: Instant::now(),
         }
     }
 
@@ -106,14 +103,12 @@ impl Gate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes what vCPU `index` does now (two relaxed stores: cheap enough
-    /// for every exit).
+    /// Notes what vCPU `index` does now: relaxed stores, no clock read
+    /// (this runs at every exit; in a lab node a clock read is itself
+    /// emulated).
     fn note(&self, index: u8, doing: Doing) {
         if let Some(place) = self.places.get(usize::from(index)) {
             place.doing.store(doing.code(), Ordering::Relaxed);
-            place
-                .since_us
-                .store(self.made.elapsed().as_micros() as u64, Ordering::Relaxed);
             if let Doing::Exit(_, addr) = doing {
                 place.addr.store(addr, Ordering::Relaxed);
             }
@@ -121,9 +116,8 @@ impl Gate {
     }
 
     /// What the vCPUs not parked are doing, in words ("vCPU 1: handling
-    /// an MMIO write at 0xd0000000 for 2.1 s").
+    /// an MMIO write at 0xd0000000").
     fn describe_unparked(&self) -> String {
-        let now_us = self.made.elapsed().as_micros() as u64;
         self.places
             .iter()
             .enumerate()
@@ -132,8 +126,6 @@ impl Gate {
                 if doing == Doing::Parked || doing == Doing::Exited {
                     return None;
                 }
-                let for_s =
-                    now_us.saturating_sub(place.since_us.load(Ordering::Relaxed)) as f64 / 1e6;
                 let what = match doing {
                     Doing::Exit(kind, _) => format!(
                         "handling {} at {:#x}",
@@ -142,7 +134,7 @@ impl Gate {
                     ),
                     other => other.words().to_string(),
                 };
-                Some(format!("vCPU {i}: {what} for {for_s:.1} s"))
+                Some(format!("vCPU {i}: {what}"))
             })
             .collect::<Vec<_>>()
             .join("; ")
@@ -182,12 +174,10 @@ impl Gate {
     }
 }
 
-/// What one vCPU thread last said it does, and since when.
+/// What one vCPU thread last said it does.
 #[derive(Default)]
 struct Place {
     doing: AtomicU8,
-    /// Microseconds from the gate's making.
-    since_us: AtomicU64,
     /// The port or address of the exit being handled.
     addr: AtomicU64,
 }
@@ -807,7 +797,7 @@ mod tests {
         let words = gate.describe_unparked();
         assert!(!words.contains("vCPU 0"), "{words}");
         assert!(
-            words.contains("vCPU 1: handling an MMIO write at 0xd0000000 for "),
+            words.contains("vCPU 1: handling an MMIO write at 0xd0000000"),
             "{words}"
         );
         assert!(words.contains("vCPU 2: in the guest (KVM_RUN)"), "{words}");
