@@ -19,6 +19,7 @@
 //! was away while the VM failed over). An engine the witness superseded
 //! (exit code 3) is handled the same way.
 
+mod checkpoint_watch;
 mod engine_handle;
 mod process;
 mod standby_alerts;
@@ -35,6 +36,7 @@ use crate::manager::Manager;
 use crate::model::{Desired, Maintenance, Severity};
 use crate::store::VmRecord;
 
+use checkpoint_watch::{Change, CheckpointWatch};
 pub(crate) use process::status_holding as engine_status_holding;
 use process::{Exit, Process};
 pub use process::{ProcessError, VmPaths};
@@ -139,6 +141,7 @@ pub struct Supervisor {
     /// What was said of each VM's standby (a refusal, a drop): each once,
     /// until the VM is protected again.
     standby_alerts: StandbyAlerts,
+    checkpoint_watch: CheckpointWatch,
     /// The quorum witness, if the pair has one.
     witness: Option<WitnessClient>,
 }
@@ -158,6 +161,7 @@ impl Supervisor {
             waiting_since: HashMap::new(),
             waiting_said: HashMap::new(),
             standby_alerts: StandbyAlerts::default(),
+            checkpoint_watch: CheckpointWatch::default(),
             witness,
         }
     }
@@ -286,6 +290,11 @@ impl Supervisor {
                 }
                 if dropped_now && self.standby_alerts.raise(&name, Trouble::Dropped) {
                     standby_dropped(&self.manager, &name);
+                }
+                // A standby whose epoch stands still while standing by:
+                // the primary's engine stopped checkpointing.
+                if let Some(change) = self.checkpoint_watch.observe(&name, status, Instant::now()) {
+                    checkpoints_changed(&self.manager, &name, change);
                 }
                 if status.state == FtState::Protected && self.standby_alerts.protected(&name) {
                     self.manager.record(
@@ -674,6 +683,30 @@ fn standby_dropped(manager: &Manager, name: &str) {
             "VM {name} is unprotected: its standby did not take or acknowledge what it was sent in time (its disk or its node hangs?) and was dropped; the VM runs on, and is protected again once the standby answers"
         ),
     );
+}
+
+/// Checkpoints from the VM's primary stopped coming to its standby here
+/// while the primary is heard (an alert: the guest's output is held), or
+/// came again.
+fn checkpoints_changed(manager: &Manager, name: &str, change: Change) {
+    match change {
+        Change::Stalled { epoch, for_s } => manager.record(
+            Severity::Critical,
+            true,
+            "vm",
+            Some(name),
+            &format!(
+                "VM {name}: no checkpoint from its primary for {for_s} s (the standby here stands at epoch {epoch}) while the primary is still heard: its FT engine no longer checkpoints, so the guest's output is held (or the guest paused) on the other node; see that node's engine log for the VM"
+            ),
+        ),
+        Change::Resumed { epoch } => manager.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(name),
+            &format!("VM {name}: checkpoints from its primary come again (epoch {epoch})"),
+        ),
+    }
 }
 
 /// The standby refused to hold the VM's replica (its own fault: a full
