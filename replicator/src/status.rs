@@ -246,7 +246,8 @@ pub struct FtCounters {
     pub epoch_service_bytes_per_s: u64,
     /// Dirty pages sent as deltas from the replica's version (the rest of
     /// `dirty_pages_total` went whole), and the bytes those deltas took
-    /// (against 4096 per page whole).
+    /// (against 4096 per page whole); counted like `dirty_pages_total`,
+    /// when the epoch is acknowledged.
     #[serde(default)]
     pub delta_pages_total: u64,
     #[serde(default)]

@@ -175,6 +175,7 @@ pub(super) async fn epochs(
             written_mark: captured.written_mark,
             late,
             deadline: (!verify).then(|| deadline::ack_deadline(config.ack_deadline, epoch, copied)),
+            deltas: Default::default(),
         });
         let sent = send_epoch(
             tx,
@@ -321,11 +322,8 @@ async fn send_epoch(
             (&mut captured.audit, *pivot),
         );
         captured.pages = pages;
-        status.update(|s| {
-            s.counters.delta_pages_total += figures.pages;
-            s.counters.delta_bytes_total += figures.bytes;
-            s.counters.zero_delta_pages_total += figures.from_zero;
-        });
+        // Counted with its dirty pages, once it is acknowledged.
+        in_flight.encoded(figures);
     }
     let frames = encode(
         (epoch, generation),

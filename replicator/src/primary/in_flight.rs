@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use vmm::vm::Vm;
 
+use super::delta_cache::DeltaFigures;
 use super::epochs::PAUSE_WRITES_AT;
 use super::{AckEvent, PrimaryConfig, PrimaryError};
 use crate::status::{FtState, Role, Samples, StatusBoard};
@@ -54,6 +55,10 @@ pub(super) struct Pending {
     /// ([`super::deadline`]); none for an epoch the standby checks (it
     /// digests the whole replica first, for as long as that takes).
     pub deadline: Option<Duration>,
+    /// Its pages sent as deltas: counted in the status with its dirty
+    /// pages, at its acknowledgement (counted at the send, a status read
+    /// between the two showed more delta pages than dirty pages).
+    pub deltas: DeltaFigures,
 }
 
 /// Why a guest was paused while an acknowledgement was awaited.
@@ -176,6 +181,13 @@ impl<'a> InFlight<'a> {
         let backlog = self.backlog_bytes();
         self.status
             .update(|s| s.counters.epoch_backlog_bytes_now = backlog);
+    }
+
+    /// The newest epoch's pages went through the delta cache.
+    pub(super) fn encoded(&mut self, figures: DeltaFigures) {
+        if let Some(last) = self.queue.back_mut() {
+            last.deltas = figures;
+        }
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -419,6 +431,9 @@ impl<'a> InFlight<'a> {
             n.ack_us_p99 = ack_times.percentile_us(99.0);
             n.dirty_pages_total += c.dirty;
             n.dirty_pages_last = c.dirty;
+            n.delta_pages_total += c.deltas.pages;
+            n.delta_bytes_total += c.deltas.bytes;
+            n.zero_delta_pages_total += c.deltas.from_zero;
             n.dirty_repeat_pages_total += c.repeats;
             n.hot_pages_total += c.hot;
             n.hot_pages_last = c.hot;
