@@ -316,22 +316,25 @@ const GUEST_CONSOLE_LINES: usize = 20;
 /// lines of its ledger VM role's log and the last lines of the ledger
 /// guest's console there (appended to boot after boot).
 pub fn log_tails(lab: &Lab, node: NodeId, daemon: usize, engine: usize) -> String {
-    lab.exec(
-        node,
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "echo '--- ftd'; tail -n {daemon} /data/ftd/ftd.log; \
-                 echo '--- {VM_NAME}'; tail -n {engine} /data/ftd/vms/{VM_NAME}/ftprotect.log; \
-                 echo '--- {VM_NAME} guest console'; \
-                 tail -n {GUEST_CONSOLE_LINES} /data/ftd/vms/{VM_NAME}/console.log"
-            ),
-        ],
-        EXEC_TIMEOUT,
+    let logs = lab
+        .exec(
+            node,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "echo '--- ftd'; tail -n {daemon} /data/ftd/ftd.log; \
+                     echo '--- {VM_NAME}'; tail -n {engine} /data/ftd/vms/{VM_NAME}/ftprotect.log"
+                ),
+            ],
+            EXEC_TIMEOUT,
+        )
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    format!(
+        "{logs}--- {VM_NAME} guest console\n{}",
+        guest_console(lab, node, GUEST_CONSOLE_LINES)
     )
-    .map(|o| o.stdout)
-    .unwrap_or_default()
 }
 
 /// The last `lines` lines of the ledger guest's console on `node`, as

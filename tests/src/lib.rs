@@ -132,7 +132,8 @@ impl LabPair {
     /// A client of the ledger VM (the protected lab VM), retried until the
     /// guest serves it (it starts with the guest) or 180 s pass: the guest
     /// boots under FT, which on a slow TCG lab node took over 90 s. A
-    /// failed try is said once per kind of error and then every 20 s; if
+    /// failed try is said when its error differs from the last one said,
+    /// and at least every 20 s; if
     /// the guest never serves, the panic ends with what each node's engine
     /// and the guest's console say (the end of a long failure is what a
     /// CI report keeps).
@@ -201,13 +202,15 @@ impl LabPair {
                         console_on = Some(node);
                     }
                     format!(
-                        "{} {} at epoch {} ({}); checkpoints {}, frames received {}, output \
-                         released {} held now {}, behind pauses {} ({} ms), interval {} us",
+                        "{} {} at epoch {} ({}); checkpoints {} (a standby: epochs applied {}), \
+                         received frames forwarded {}, output released {} held now {}, behind \
+                         pauses {} ({} ms), interval {} us",
                         s.role,
                         s.state.as_str(),
                         s.epoch,
                         s.message.as_deref().unwrap_or("no message"),
                         c.checkpoints,
+                        c.epochs_applied,
                         c.inbound_forwarded,
                         c.output_frames_released,
                         c.output_frames_held_now,

@@ -1,10 +1,12 @@
-//! A standby whose checkpoints stopped coming: at level FT a healthy
-//! primary sends one at least every longest interval, busy guest or idle,
-//! so a standby standing by at the same epoch for [`STALLED_AFTER`] means
-//! the primary's engine no longer checkpoints. Its A-link may still carry
-//! heartbeats (they have a thread of their own), so no takeover comes;
-//! meanwhile the guest's output stays held, or the guest stays paused.
-//! Said once, on the standby's node, and its end too.
+//! A standby whose checkpoints stopped: at level FT a healthy primary
+//! sends one at least every longest interval, busy guest or idle, and the
+//! standby commits it, so a standby standing by at the same epoch for
+//! [`STALLED_AFTER`] means either the primary's engine no longer
+//! checkpoints (its A-link may still carry heartbeats, which have a thread
+//! of their own, so no takeover comes, while the guest's output stays
+//! held or the guest paused) or this standby cannot commit what it is sent
+//! (its disk hangs, say). Said once, on the standby's node, and its end
+//! too.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,6 +27,9 @@ pub(super) enum Change {
     Stalled { epoch: u64, for_s: u64 },
     /// Checkpoints come again (the last at `epoch`).
     Resumed { epoch: u64 },
+    /// A standby said stalled left standing-by (`now`: its state): a
+    /// session's end, a takeover or a level change says the rest.
+    Left { now: FtState },
 }
 
 #[derive(Debug)]
@@ -49,8 +54,8 @@ impl CheckpointWatch {
             && status.state == FtState::StandingBy
             && status.level == Level::Ft;
         if !watched {
-            self.0.remove(vm);
-            return None;
+            let said = self.0.remove(vm).is_some_and(|seen| seen.said);
+            return said.then_some(Change::Left { now: status.state });
         }
         let seen = self.0.entry(vm.to_string()).or_insert(Seen {
             epoch: status.epoch,
@@ -157,6 +162,16 @@ mod tests {
         assert!(watch
             .observe("vm1", &standby(5), later + STALLED_AFTER)
             .is_some());
+        // Said stalled, then no longer standing by: its end is said once.
+        let mut claiming = standby(5);
+        claiming.state = FtState::Claiming;
+        assert_eq!(
+            watch.observe("vm1", &claiming, later + STALLED_AFTER),
+            Some(Change::Left {
+                now: FtState::Claiming
+            })
+        );
+        assert_eq!(watch.observe("vm1", &claiming, later + STALLED_AFTER), None);
         // A long heartbeat timeout: three of them pass first.
         let mut patient = standby(7);
         patient.heartbeat_timeout_ms = 20_000;

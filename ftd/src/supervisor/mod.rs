@@ -685,9 +685,10 @@ fn standby_dropped(manager: &Manager, name: &str) {
     );
 }
 
-/// Checkpoints from the VM's primary stopped coming to its standby here
-/// while the primary is heard (an alert: the guest's output is held), or
-/// came again.
+/// The VM's standby here committed no checkpoint for a while (an alert:
+/// the primary's engine stopped checkpointing, the guest's output held
+/// there, or this standby cannot commit), or commits again, or left
+/// standing by.
 fn checkpoints_changed(manager: &Manager, name: &str, change: Change) {
     match change {
         Change::Stalled { epoch, for_s } => manager.record(
@@ -696,7 +697,7 @@ fn checkpoints_changed(manager: &Manager, name: &str, change: Change) {
             "vm",
             Some(name),
             &format!(
-                "VM {name}: no checkpoint from its primary for {for_s} s (the standby here stands at epoch {epoch}) while the primary is still heard: its FT engine no longer checkpoints, so the guest's output is held (or the guest paused) on the other node; see that node's engine log for the VM"
+                "VM {name}: its standby here committed no checkpoint for {for_s} s (standing by at epoch {epoch}, its primary still heard): either the primary's FT engine no longer checkpoints (the guest's output is then held, or the guest paused, on the other node: see that node's engine log for the VM) or this standby cannot commit what it is sent (its disk hangs?)"
             ),
         ),
         Change::Resumed { epoch } => manager.record(
@@ -704,7 +705,17 @@ fn checkpoints_changed(manager: &Manager, name: &str, change: Change) {
             false,
             "vm",
             Some(name),
-            &format!("VM {name}: checkpoints from its primary come again (epoch {epoch})"),
+            &format!("VM {name}: its standby here commits checkpoints again (epoch {epoch})"),
+        ),
+        Change::Left { now } => manager.record(
+            Severity::Info,
+            false,
+            "vm",
+            Some(name),
+            &format!(
+                "VM {name}: its standby here is no longer standing by ({}): its stalled checkpoints are no longer watched",
+                now.as_str()
+            ),
         ),
     }
 }

@@ -6,7 +6,7 @@
 //! and runs on.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -79,7 +79,7 @@ struct Gate {
     state: Mutex<GateState>,
     changed: Condvar,
     /// What each vCPU thread is doing, for a pause that waits long.
-    places: Box<[Place]>,
+    activities: Box<[VcpuActivity]>,
 }
 
 impl Gate {
@@ -91,7 +91,7 @@ impl Gate {
                 ..GateState::default()
             }),
             changed: Condvar::new(),
-            places: (0..vcpus).map(|_| Place::default()).collect(),
+            activities: (0..vcpus).map(|_| VcpuActivity::default()).collect(),
         }
     }
 
@@ -103,41 +103,38 @@ impl Gate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes what vCPU `index` does now: relaxed stores, no clock read
-    /// (this runs at every exit; in a lab node a clock read is itself
+    /// Notes what vCPU `index` does now: one relaxed store, no clock
+    /// read (this runs at every exit; in a lab node a clock read is itself
     /// emulated).
-    fn note(&self, index: u8, doing: Doing) {
-        if let Some(place) = self.places.get(usize::from(index)) {
-            place.doing.store(doing.code(), Ordering::Relaxed);
-            if let Doing::Exit(_, addr) = doing {
-                place.addr.store(addr, Ordering::Relaxed);
-            }
+    fn note(&self, index: u8, activity: Activity) {
+        if let Some(cell) = self.activities.get(usize::from(index)) {
+            cell.store(activity);
         }
     }
 
     /// What the vCPUs not parked are doing, in words ("vCPU 1: handling
     /// an MMIO write at 0xd0000000").
     fn describe_unparked(&self) -> String {
-        self.places
+        let busy: Vec<String> = self
+            .activities
             .iter()
             .enumerate()
-            .filter_map(|(i, place)| {
-                let doing = Doing::from_code(place.doing.load(Ordering::Relaxed));
-                if doing == Doing::Parked || doing == Doing::Exited {
-                    return None;
-                }
-                let what = match doing {
-                    Doing::Exit(kind, _) => format!(
-                        "handling {} at {:#x}",
-                        kind.words(),
-                        place.addr.load(Ordering::Relaxed)
-                    ),
+            .filter_map(|(i, cell)| {
+                let (activity, addr) = cell.load();
+                let what = match activity {
+                    Activity::Parked | Activity::Exited => return None,
+                    Activity::Exit(kind, _) => format!("handling {} at {addr:#x}", kind.words()),
                     other => other.words().to_string(),
                 };
                 Some(format!("vCPU {i}: {what}"))
             })
-            .collect::<Vec<_>>()
-            .join("; ")
+            .collect();
+        if busy.is_empty() {
+            // A thread between the gate and its next note.
+            "no vCPU noted busy (one is leaving the gate)".into()
+        } else {
+            busy.join("; ")
+        }
     }
 
     /// Called by a vCPU thread between runs: parks while a pause is asked
@@ -151,7 +148,7 @@ impl Gate {
         }
         if s.pause && !s.stop {
             s.parked += 1;
-            self.note(index, Doing::Parked);
+            self.note(index, Activity::Parked);
             self.changed.notify_all();
             while s.pause && !s.stop {
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
@@ -169,22 +166,47 @@ impl Gate {
     fn thread_exited(&self, index: u8) {
         let mut s = self.lock();
         s.alive -= 1;
-        self.note(index, Doing::Exited);
+        self.note(index, Activity::Exited);
         self.changed.notify_all();
     }
 }
 
-/// What one vCPU thread last said it does.
+/// What one vCPU thread last said it does: the activity's code in the top
+/// byte, the exit's port or address below, in one word (one store, never
+/// half of one exit and half of another), alone on its cache line (vCPUs
+/// on other cores do not share it).
 #[derive(Default)]
-struct Place {
-    doing: AtomicU8,
-    /// The port or address of the exit being handled.
-    addr: AtomicU64,
+#[repr(align(64))]
+struct VcpuActivity(AtomicU64);
+
+impl VcpuActivity {
+    const ADDR_BITS: u32 = 56;
+    const ADDR_MASK: u64 = (1 << Self::ADDR_BITS) - 1;
+
+    fn store(&self, activity: Activity) {
+        let addr = match activity {
+            Activity::Exit(_, addr) => addr & Self::ADDR_MASK,
+            _ => 0,
+        };
+        self.0.store(
+            u64::from(activity.code()) << Self::ADDR_BITS | addr,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The activity and the exit's port or address.
+    fn load(&self) -> (Activity, u64) {
+        let word = self.0.load(Ordering::Relaxed);
+        (
+            Activity::from_code((word >> Self::ADDR_BITS) as u8),
+            word & Self::ADDR_MASK,
+        )
+    }
 }
 
 /// What a vCPU thread does (for the words of a pause that waits long).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Doing {
+enum Activity {
     Starting,
     InGuest,
     Exit(ExitKind, u64),
@@ -237,46 +259,46 @@ impl ExitKind {
     }
 }
 
-impl Doing {
+impl Activity {
     fn code(self) -> u8 {
         match self {
-            Doing::Starting => 0,
-            Doing::InGuest => 1,
-            Doing::CompletingIo => 2,
-            Doing::Parked => 3,
-            Doing::Exited => 4,
-            Doing::Exit(kind, _) => {
+            Activity::Starting => 0,
+            Activity::InGuest => 1,
+            Activity::CompletingIo => 2,
+            Activity::Parked => 3,
+            Activity::Exited => 4,
+            Activity::Exit(kind, _) => {
                 16 + ExitKind::ALL.iter().position(|k| *k == kind).unwrap_or(0) as u8
             }
         }
     }
 
-    /// The address is not in the code: [`Place::addr`] holds it.
-    fn from_code(code: u8) -> Doing {
+    /// The address is not in the code: [`VcpuActivity`] holds it beside.
+    fn from_code(code: u8) -> Activity {
         match code {
-            1 => Doing::InGuest,
-            2 => Doing::CompletingIo,
-            3 => Doing::Parked,
-            4 => Doing::Exited,
-            c if c >= 16 => Doing::Exit(
+            1 => Activity::InGuest,
+            2 => Activity::CompletingIo,
+            3 => Activity::Parked,
+            4 => Activity::Exited,
+            c if c >= 16 => Activity::Exit(
                 ExitKind::ALL
                     .get(usize::from(c - 16))
                     .copied()
                     .unwrap_or(ExitKind::Other),
                 0,
             ),
-            _ => Doing::Starting,
+            _ => Activity::Starting,
         }
     }
 
     fn words(self) -> &'static str {
         match self {
-            Doing::Starting => "starting",
-            Doing::InGuest => "in the guest (KVM_RUN), not yet out for the kick",
-            Doing::CompletingIo => "completing an I/O instruction",
-            Doing::Parked => "parked",
-            Doing::Exited => "exited",
-            Doing::Exit(kind, _) => kind.words(),
+            Activity::Starting => "starting",
+            Activity::InGuest => "in the guest (KVM_RUN), not yet out for the kick",
+            Activity::CompletingIo => "completing an I/O instruction",
+            Activity::Parked => "parked",
+            Activity::Exited => "exited",
+            Activity::Exit(kind, _) => kind.words(),
         }
     }
 }
@@ -346,17 +368,17 @@ impl Vcpus {
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    let _exit = ThreadExit {
+                        index,
+                        gate: &gate,
+                        events: &events,
+                    };
                     match ThreadClock::current() {
                         Ok(clock) => clocks.lock().expect("vCPU clocks lock").push(clock),
                         Err(error) => {
                             tracing::debug!(index, %error, "no scheduler statistics for this vCPU")
                         }
                     }
-                    let _exit = ThreadExit {
-                        index,
-                        gate: &gate,
-                        events: &events,
-                    };
                     run_vcpu(&exits, vcpu, &gate, &events);
                 })
                 .map_err(|source| RunnerError::Spawn { index, source })?;
@@ -497,7 +519,7 @@ fn run_vcpu(exits: &Exits, shared: SharedVcpu, gate: &Gate, events: &Sender<VmEv
             GateAction::Stop => break,
             GateAction::CompleteIo => {
                 io_pending = false;
-                gate.note(index, Doing::CompletingIo);
+                gate.note(index, Activity::CompletingIo);
                 let mut vcpu = shared.lock().expect("vCPU lock");
                 if let Some(event) = complete_pending_io(exits, &mut vcpu) {
                     let _ = events.send(event);
@@ -509,11 +531,11 @@ fn run_vcpu(exits: &Exits, shared: SharedVcpu, gate: &Gate, events: &Sender<VmEv
         }
         // Held while in the guest; released while parked in the gate.
         let mut vcpu = shared.lock().expect("vCPU lock");
-        gate.note(index, Doing::InGuest);
+        gate.note(index, Activity::InGuest);
         match vcpu.run() {
             Ok(exit) => {
                 let (kind, addr) = ExitKind::of(&exit);
-                gate.note(index, Doing::Exit(kind, addr));
+                gate.note(index, Activity::Exit(kind, addr));
                 io_pending = completes_on_next_run(&exit);
                 if let Some(event) = exits.handle(exit) {
                     let _ = events.send(event);
@@ -791,9 +813,9 @@ mod tests {
     #[test]
     fn the_vcpus_a_pause_waits_for_are_described() {
         let gate = Gate::new(3, false);
-        gate.note(0, Doing::Parked);
-        gate.note(1, Doing::Exit(ExitKind::MmioWrite, 0xd000_0000));
-        gate.note(2, Doing::InGuest);
+        gate.note(0, Activity::Parked);
+        gate.note(1, Activity::Exit(ExitKind::MmioWrite, 0xd000_0000));
+        gate.note(2, Activity::InGuest);
         let words = gate.describe_unparked();
         assert!(!words.contains("vCPU 0"), "{words}");
         assert!(
@@ -801,18 +823,26 @@ mod tests {
             "{words}"
         );
         assert!(words.contains("vCPU 2: in the guest (KVM_RUN)"), "{words}");
+        // None busy: said so, not an empty list.
+        gate.note(1, Activity::Parked);
+        gate.note(2, Activity::Exited);
+        assert!(gate.describe_unparked().contains("no vCPU noted busy"));
+        // An address above the word's 56 bits is cut, the code kept.
+        let cell = VcpuActivity::default();
+        cell.store(Activity::Exit(ExitKind::PortOut, 0x3f8));
+        assert_eq!(cell.load(), (Activity::Exit(ExitKind::PortOut, 0), 0x3f8));
         for kind in ExitKind::ALL {
-            let doing = Doing::Exit(kind, 0);
-            assert_eq!(Doing::from_code(doing.code()), doing);
+            let doing = Activity::Exit(kind, 0);
+            assert_eq!(Activity::from_code(doing.code()), doing);
         }
         for doing in [
-            Doing::Starting,
-            Doing::InGuest,
-            Doing::CompletingIo,
-            Doing::Parked,
-            Doing::Exited,
+            Activity::Starting,
+            Activity::InGuest,
+            Activity::CompletingIo,
+            Activity::Parked,
+            Activity::Exited,
         ] {
-            assert_eq!(Doing::from_code(doing.code()), doing);
+            assert_eq!(Activity::from_code(doing.code()), doing);
         }
     }
 

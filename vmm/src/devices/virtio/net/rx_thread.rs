@@ -65,7 +65,10 @@ impl RxThread {
         let thread_kick = Arc::clone(&kick);
         let handle = std::thread::Builder::new()
             .name(format!("net-rx-{name}"))
-            .spawn(move || run(epoll, queues, thread_kick, rx_log, stop_fd))
+            .spawn({
+                let tap = name.to_string();
+                move || run(epoll, queues, thread_kick, rx_log, stop_fd, &tap)
+            })
             .map_err(ActivateError::SpawnThread)?;
         Ok(RxThread {
             kick,
@@ -97,15 +100,21 @@ fn run(
     kick: Arc<EventFd>,
     rx_log: Arc<RxLog>,
     _stop: EventFd,
+    tap: &str,
 ) {
     let mut events = [EpollEvent::default(); 4];
+    let mut tap_failed = false;
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             // epoll_wait on a valid epoll fd fails only for bad arguments.
             Err(error) => {
-                tracing::error!(%error, "the receive thread's wait failed: this NIC receives nothing more");
+                tracing::error!(
+                    tap,
+                    %error,
+                    "the receive thread's wait failed: this NIC receives nothing more"
+                );
                 return;
             }
         };
@@ -122,13 +131,15 @@ fn run(
             }
         }
         let stop_reason = queues.lock().expect("net queues lock").receive();
-        if let RxStop::TapError(kind) = stop_reason {
-            // The TAP went away (interface deleted): wait for a stop. Said,
-            // since the guest receives nothing more on this NIC.
+        if let (RxStop::TapError(kind), false) = (stop_reason, tap_failed) {
+            // The TAP went away (interface deleted): its arrivals are no
+            // longer watched (a kick still reads it). Said once: the guest
+            // receives nothing on this NIC but what a kick finds.
+            tap_failed = true;
             tracing::warn!(
-                thread = std::thread::current().name().unwrap_or("net-rx"),
+                tap,
                 error = %kind,
-                "a read from the TAP failed: this NIC receives nothing more"
+                "a read from the TAP failed: its arrivals are no longer watched"
             );
             let _ = epoll.ctl(
                 ControlOperation::Delete,
