@@ -133,10 +133,9 @@ impl LabPair {
     /// guest serves it (it starts with the guest) or 180 s pass: the guest
     /// boots under FT, which on a slow TCG lab node took over 90 s. A
     /// failed try is said when its error differs from the last one said,
-    /// and at least every 20 s; if
-    /// the guest never serves, the panic ends with what each node's engine
-    /// and the guest's console say (the end of a long failure is what a
-    /// CI report keeps).
+    /// and at least every 20 s; if the guest never serves, the panic ends
+    /// with what each node's engine and the guest's console say (the end
+    /// of a long failure is what a CI report keeps).
     pub fn ledger_client(&self) -> guest_tools::ledger::LedgerClient {
         const SAY_AGAIN: Duration = Duration::from_secs(20);
         let addr = lab::ft_pair::ledger_addr(&self.lab);

@@ -292,7 +292,8 @@ impl Supervisor {
                     standby_dropped(&self.manager, &name);
                 }
                 // A standby whose epoch stands still while standing by:
-                // the primary's engine stopped checkpointing.
+                // the primary stopped checkpointing, or this standby
+                // cannot commit.
                 if let Some(change) = self.checkpoint_watch.observe(&name, status, Instant::now()) {
                     checkpoints_changed(&self.manager, &name, change);
                 }
